@@ -1,0 +1,3 @@
+// CLI commands of this area (placeholder until the area's commands land).
+import type { Command } from 'commander';
+export function registerTrainCommands(_program: Command): void {}
