@@ -5,6 +5,7 @@ import { registerEngineCommands } from '../engine/cli.ts';
 import { registerTrainCommands } from '../engine/train/cli.ts';
 import { registerNodeCommands } from '../node/cli.ts';
 import { registerCoordinatorCommands } from '../coordinator/cli.ts';
+import { registerDemoCommand } from '../coordinator/demo/cli.ts';
 
 const program = new Command();
 program
@@ -14,5 +15,6 @@ program
 registerEngineCommands(program);     // eval, generate, quantize, merge
 registerTrainCommands(program);      // train, plan
 registerNodeCommands(program);       // join
-registerCoordinatorCommands(program); // launch, status, pull, demo
+registerCoordinatorCommands(program); // launch, status, pull
+registerDemoCommand(program);        // demo
 await program.parseAsync(process.argv);
