@@ -1,0 +1,47 @@
+// Protocol ids, size limits and timeouts shared by the coordinator and volunteers.
+
+export const PROTOCOL_VERSION = '1.0.0';
+export const SOFTWARE_VERSION = '0.1.0';
+
+function pid(name: string): string {
+  return `/swarmtune/${name}/${PROTOCOL_VERSION}`;
+}
+
+/** One protocol id per stream kind; every stream is one request frame and one response frame. */
+export const PROTOCOLS = {
+  join: pid('join'),
+  weights: pid('weights'),
+  forward: pid('forward'),
+  backward: pid('backward'),
+  commit: pid('commit'),
+  aggregate: pid('aggregate'),
+  adapter: pid('adapter'),
+  status: pid('status'),
+  heartbeat: pid('heartbeat'),
+  finish: pid('finish'),
+} as const;
+export type ProtocolName = keyof typeof PROTOCOLS;
+
+/** Hard cap on one frame. Activations of a 4096-hidden model at 8 x 512 tokens are 64 MiB in f32,
+ *  so 128 MiB leaves room for headers while still bounding what a hostile peer can make us buffer. */
+export const MAX_FRAME_BYTES = 128 * 1024 * 1024;
+/** Blobs travel in chunks far below the frame cap so a slow link still makes visible progress. */
+export const BLOB_CHUNK_BYTES = 8 * 1024 * 1024;
+/** Tensors are bounded by element count as well, so a small frame cannot claim a huge shape. */
+export const MAX_TENSOR_ELEMENTS = 32 * 1024 * 1024;
+export const MAX_TENSOR_RANK = 4;
+/** Elements per absmax block of the int8 wire codec. */
+export const INT8_BLOCK = 64;
+export const MAX_STRING_LENGTH = 4096;
+export const MAX_ARRAY_LENGTH = 100_000;
+
+export const HEARTBEAT_INTERVAL_MS = 1000;
+/** A peer that misses heartbeats this long is dropped from routes. */
+export const HEARTBEAT_TIMEOUT_MS = 5000;
+/** A heartbeat must be answered within this, even by a peer in the middle of a large stage. */
+export const HEARTBEAT_REPLY_MS = 200;
+export const DIAL_TIMEOUT_MS = 10_000;
+/** Default per-request timeout for compute requests (forward/backward on a large CPU stage can be slow). */
+export const COMPUTE_TIMEOUT_MS = 600_000;
+export const CONTROL_TIMEOUT_MS = 30_000;
+export const BLOB_TIMEOUT_MS = 120_000;

@@ -1,0 +1,286 @@
+// Message schemas of every stream (request and response), as validators plus their TypeScript types.
+import { arr, bool, bytes, int, nullable, num, obj, oneOf, opt, str } from './schema.ts';
+import type { Validator } from './schema.ts';
+import { wireTensor } from './tensor.ts';
+import { BLOB_CHUNK_BYTES, MAX_STRING_LENGTH } from './constants.ts';
+
+const I32 = 2 ** 31 - 1;
+const SAFE = Number.MAX_SAFE_INTEGER;
+const peerIdStr = str({ max: 128, pattern: /^[1-9A-HJ-NP-Za-km-z]+$/ });
+const sha256Hex = str({ max: 64, pattern: /^[0-9a-f]{64}$/ });
+const multiaddrStr = str({ max: 512, pattern: /^\// });
+const runIdStr = str({ max: 64, pattern: /^[0-9a-zA-Z_-]+$/ });
+const bigString = str({ max: 4 * 1024 * 1024 });
+
+// ---- join: volunteer → coordinator; answered when the volunteer has an assignment (or never will)
+
+export const capabilities = obj({
+  backend: oneOf(['cpu', 'cuda'] as const),
+  deviceName: str({ max: 256 }),
+  /** memory the volunteer offers for its stage (its --max-memory, or device memory) */
+  memoryBytes: int(0, SAFE),
+  memoryTotalBytes: int(0, SAFE),
+  memoryFreeBytes: int(0, SAFE),
+  hostMemoryBytes: int(0, SAFE),
+  cores: int(1, 4096),
+  /** measured with a short backend.gemm */
+  gemmGflops: num({ min: 0, max: 1e7 }),
+  computeCapability: nullable(str({ max: 16 })),
+  memoryBandwidthGBs: nullable(num({ min: 0, max: 1e6 })),
+  softwareVersion: str({ max: 64 }),
+});
+export type Capabilities = ReturnType<typeof capabilities>;
+
+export const joinRequest = obj({
+  token: nullable(str({ max: 256 })),
+  capabilities,
+  /** addresses other peers can fetch blobs from */
+  listenAddrs: arr(multiaddrStr, 32),
+  /** the run this peer was part of before a restart, so it can resume its stage */
+  previousRunId: nullable(runIdStr),
+});
+export type JoinRequest = ReturnType<typeof joinRequest>;
+
+export const blobRef = obj({
+  name: str({ max: 256 }),
+  sha256: sha256Hex,
+  sizeBytes: int(0, SAFE),
+  /** multiaddrs (with /p2p/ id) of peers that serve this blob, coordinator first */
+  providers: arr(multiaddrStr, 64),
+});
+export type BlobRef = ReturnType<typeof blobRef>;
+
+export const loraSpec = obj({
+  r: int(1, 4096),
+  loraAlpha: num({ min: 0 }),
+  loraDropout: num({ min: 0, max: 1 }),
+  targetModules: arr(oneOf(['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const), 7),
+  useRslora: bool,
+  initLoraWeights: oneOf(['kaiming', 'gaussian'] as const),
+});
+export type LoraSpec = ReturnType<typeof loraSpec>;
+
+export const optimSpec = obj({
+  optim: oneOf(['adamw_torch', 'paged_adamw_32bit', 'adamw_8bit', 'paged_adamw_8bit'] as const),
+  adamBeta1: num({ min: 0, max: 1 }),
+  adamBeta2: num({ min: 0, max: 1 }),
+  adamEpsilon: num({ min: 0 }),
+  weightDecay: num({ min: 0 }),
+  /** resident budget for paged optimizer state on the volunteer (bytes; 0 = unlimited) */
+  residentBytes: int(0, SAFE),
+});
+export type OptimSpec = ReturnType<typeof optimSpec>;
+
+export const assignment = obj({
+  runId: runIdStr,
+  peerId: peerIdStr,
+  stageIndex: int(0, 4096),
+  numStages: int(1, 4096),
+  layerStart: int(0, 100_000),
+  layerEnd: int(1, 100_000),
+  /** the HF config.json text of the base model */
+  modelConfigJson: bigString,
+  lora: loraSpec,
+  optim: optimSpec,
+  seed: int(0, I32),
+  gradientCheckpointing: bool,
+  wireCodec: oneOf(['f32', 'bf16', 'int8'] as const),
+  /** frozen shard weights for this stage */
+  blobs: arr(blobRef, 4096),
+  /** the stage's current LoRA tensors (safetensors bytes), absent for a fresh init from the seed */
+  adapterBlob: nullable(blobRef),
+  /** optimizer state of this stage at `step` (restart/reassignment), absent at step 0 */
+  optimizerBlob: nullable(blobRef),
+  /** optimizer steps already committed */
+  step: int(0, I32),
+  totalSteps: int(0, I32),
+});
+export type Assignment = ReturnType<typeof assignment>;
+
+export const joinResponse = obj({
+  status: oneOf(['assigned', 'rejected'] as const),
+  /** human-readable reason when rejected (too little memory, bad token, run finished) */
+  reason: nullable(str({ max: MAX_STRING_LENGTH })),
+  assignment: nullable(assignment),
+});
+export type JoinResponse = ReturnType<typeof joinResponse>;
+
+// ---- weights: anyone → a peer holding the blob
+
+export const weightsRequest = obj({
+  sha256: sha256Hex,
+  offset: int(0, SAFE),
+  length: int(1, BLOB_CHUNK_BYTES),
+});
+export type WeightsRequest = ReturnType<typeof weightsRequest>;
+export const weightsResponse = obj({
+  sizeBytes: int(0, SAFE),
+  bytes: bytes(BLOB_CHUNK_BYTES),
+});
+export type WeightsResponse = ReturnType<typeof weightsResponse>;
+
+// ---- forward / backward / commit: coordinator → stage peer, one micro-batch attempt each
+
+const mbKey = {
+  runId: runIdStr,
+  step: int(0, I32),
+  mb: int(0, I32),
+  attempt: int(0, I32),
+};
+
+export const forwardRequest = obj({
+  ...mbKey,
+  stageIndex: int(0, 4096),
+  /** one peer id per stage: the route this attempt takes */
+  route: arr(peerIdStr, 4096),
+  batch: int(1, 1 << 20),
+  seqLen: int(1, 1 << 20),
+  ids: opt(wireTensor),
+  hidden: opt(wireTensor),
+  labels: opt(wireTensor),
+  dropoutSeed: int(0, I32),
+  train: bool,
+});
+export type ForwardRequest = ReturnType<typeof forwardRequest>;
+export const forwardResponse = obj({
+  hidden: opt(wireTensor),
+  lossSum: opt(num()),
+  tokens: opt(int(0, I32)),
+});
+export type ForwardResponse = ReturnType<typeof forwardResponse>;
+
+export const backwardRequest = obj({
+  ...mbKey,
+  stageIndex: int(0, 4096),
+  gradOut: opt(wireTensor),
+  lossScale: opt(num()),
+});
+export type BackwardRequest = ReturnType<typeof backwardRequest>;
+export const backwardResponse = obj({
+  gradIn: opt(wireTensor),
+});
+export type BackwardResponse = ReturnType<typeof backwardResponse>;
+
+export const commitRequest = obj({
+  ...mbKey,
+  /** true: fold this attempt's LoRA gradient into the step sum; false: discard it */
+  commit: bool,
+});
+export type CommitRequest = ReturnType<typeof commitRequest>;
+export const ackResponse = obj({ ok: bool });
+export type AckResponse = ReturnType<typeof ackResponse>;
+
+// ---- aggregate: coordinator ↔ stage peer at the end of a step
+
+export const aggregateRequest = obj({
+  runId: runIdStr,
+  step: int(0, I32),
+  /** collect: send the step's summed gradient for params [from, from+count);
+   *  apply: take the final (normalized, clipped) gradient for those params and, on the last page,
+   *  run the optimizer step with `lr` */
+  phase: oneOf(['collect', 'apply'] as const),
+  from: int(0, 1 << 20),
+  count: int(0, 1 << 20),
+  grads: opt(arr(wireTensor, 1 << 16)),
+  lr: opt(num({ min: 0 })),
+  last: opt(bool),
+});
+export type AggregateRequest = ReturnType<typeof aggregateRequest>;
+export const aggregateResponse = obj({
+  /** total number of params of the stage */
+  total: int(0, 1 << 20),
+  grads: opt(arr(wireTensor, 1 << 16)),
+  /** number of committed micro-batches folded in (collect) */
+  microBatches: opt(int(0, I32)),
+});
+export type AggregateResponse = ReturnType<typeof aggregateResponse>;
+
+// ---- adapter: coordinator → stage peer (upload its shard's LoRA tensors), and anyone → coordinator (pull)
+
+export const adapterRequest = obj({
+  runId: opt(runIdStr),
+  /** a committed step to pull (coordinator only); absent = latest */
+  step: opt(int(0, I32)),
+  from: int(0, 1 << 20),
+  count: int(1, 1 << 16),
+});
+export type AdapterRequest = ReturnType<typeof adapterRequest>;
+export const namedWireTensor = obj({ name: str({ max: 256 }), tensor: wireTensor });
+export const adapterResponse = obj({
+  step: int(0, I32),
+  total: int(0, 1 << 20),
+  /** adapter_config.json text (coordinator pulls only) */
+  adapterConfigJson: nullable(bigString),
+  tensors: arr(namedWireTensor, 1 << 16),
+});
+export type AdapterResponse = ReturnType<typeof adapterResponse>;
+
+// ---- status: anyone → coordinator
+
+export const peerStatus = obj({
+  peerId: peerIdStr,
+  stageIndex: nullable(int(0, 4096)),
+  layerStart: nullable(int(0, 100_000)),
+  layerEnd: nullable(int(0, 100_000)),
+  device: str({ max: 256 }),
+  memoryBytes: int(0, SAFE),
+  gemmGflops: num({ min: 0 }),
+  /** measured tokens/s through this peer's stage */
+  tokensPerSecond: num({ min: 0 }),
+  health: oneOf(['ok', 'slow', 'dead', 'banned', 'spare'] as const),
+  lastSeenMs: int(0, SAFE),
+});
+export type PeerStatus = ReturnType<typeof peerStatus>;
+
+export const statusRequest = obj({});
+export const statusResponse = obj({
+  runId: runIdStr,
+  state: oneOf(['waiting', 'training', 'finished', 'failed'] as const),
+  step: int(0, I32),
+  totalSteps: int(0, I32),
+  loss: nullable(num()),
+  lr: nullable(num()),
+  tokensPerSecond: nullable(num({ min: 0 })),
+  numStages: int(0, 4096),
+  peers: arr(peerStatus, 4096),
+  committedSteps: arr(int(0, I32), 1 << 20),
+  retries: int(0, SAFE),
+  reassignments: int(0, SAFE),
+});
+export type StatusResponse = ReturnType<typeof statusResponse>;
+
+// ---- heartbeat: coordinator → peer
+
+export const heartbeatRequest = obj({ runId: runIdStr, step: int(0, I32), sentAtMs: int(0, SAFE) });
+export type HeartbeatRequest = ReturnType<typeof heartbeatRequest>;
+export const heartbeatResponse = obj({
+  runId: runIdStr,
+  inflight: int(0, I32),
+  busy: bool,
+  memoryRssBytes: int(0, SAFE),
+});
+export type HeartbeatResponse = ReturnType<typeof heartbeatResponse>;
+
+// ---- finish: coordinator → peer, the run is over (or the peer is released)
+
+export const finishRequest = obj({ runId: runIdStr, reason: str({ max: MAX_STRING_LENGTH }) });
+export type FinishRequest = ReturnType<typeof finishRequest>;
+
+/** Error frame, sent instead of a response when a request fails. */
+export const errorFrame = obj({ error: obj({ name: str({ max: 64 }), message: str({ max: MAX_STRING_LENGTH }) }) });
+
+export const SCHEMAS = {
+  join: { req: joinRequest, res: joinResponse },
+  weights: { req: weightsRequest, res: weightsResponse },
+  forward: { req: forwardRequest, res: forwardResponse },
+  backward: { req: backwardRequest, res: backwardResponse },
+  commit: { req: commitRequest, res: ackResponse },
+  aggregate: { req: aggregateRequest, res: aggregateResponse },
+  adapter: { req: adapterRequest, res: adapterResponse },
+  status: { req: statusRequest, res: statusResponse },
+  heartbeat: { req: heartbeatRequest, res: heartbeatResponse },
+  finish: { req: finishRequest, res: ackResponse },
+} as const satisfies Record<string, { req: Validator<unknown>; res: Validator<unknown> }>;
+export type Schemas = typeof SCHEMAS;
+export type Req<P extends keyof Schemas> = ReturnType<Schemas[P]['req']>;
+export type Res<P extends keyof Schemas> = ReturnType<Schemas[P]['res']>;

@@ -1,0 +1,156 @@
+// libp2p plumbing: a TCP+Noise+Yamux node with a persisted identity, and one-frame request/response RPCs.
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import path from 'node:path';
+import { createLibp2p } from 'libp2p';
+import type { Libp2p } from 'libp2p';
+import { tcp } from '@libp2p/tcp';
+import { noise } from '@chainsafe/libp2p-noise';
+import { yamux } from '@chainsafe/libp2p-yamux';
+import { generateKeyPairFromSeed } from '@libp2p/crypto/keys';
+import { multiaddr } from '@multiformats/multiaddr';
+import type { Multiaddr } from '@multiformats/multiaddr';
+import type { PeerId, Stream, Connection } from '@libp2p/interface';
+import { PROTOCOLS, CONTROL_TIMEOUT_MS, MAX_FRAME_BYTES } from './constants.ts';
+import { encodeFrame, FrameReader } from './frame.ts';
+import { SCHEMAS, errorFrame } from './messages.ts';
+import type { Req, Res, Schemas } from './messages.ts';
+import { errorFromWire, FrameTooLargeError, SchemaError, SwarmError, TimeoutError } from './errors.ts';
+
+export type SwarmNode = Libp2p;
+export type { Multiaddr, PeerId };
+
+/** Load the node's Ed25519 identity seed from `<dataDir>/identity.key`, creating it on first use,
+ *  so a peer keeps its id across restarts (the coordinator's multiaddr stays valid too). */
+export async function loadIdentity(dataDir: string) {
+  await mkdir(dataDir, { recursive: true });
+  const file = path.join(dataDir, 'identity.key');
+  let seed: Uint8Array;
+  try {
+    seed = new Uint8Array(await readFile(file));
+    if (seed.length !== 32) throw new Error(`${file}: identity seed must be 32 bytes, got ${seed.length}`);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    seed = new Uint8Array(randomBytes(32));
+    await writeFile(file, seed, { mode: 0o600 });
+  }
+  return generateKeyPairFromSeed('Ed25519', seed);
+}
+
+export interface SwarmNodeInit {
+  dataDir: string;
+  /** listen multiaddrs, default /ip4/127.0.0.1/tcp/0 */
+  listen?: string[];
+}
+
+export async function createSwarmNode(init: SwarmNodeInit): Promise<SwarmNode> {
+  const privateKey = await loadIdentity(init.dataDir);
+  const node = await createLibp2p({
+    privateKey,
+    addresses: { listen: init.listen ?? ['/ip4/127.0.0.1/tcp/0'] },
+    transports: [tcp()],
+    connectionEncrypters: [noise()],
+    streamMuxers: [yamux()],
+    // the swarm's own heartbeats decide liveness; no discovery or DHT traffic on a training run
+    connectionManager: { maxConnections: 1024 },
+  });
+  await node.start();
+  return node;
+}
+
+/** A dialable address: the listen address with /p2p/<id>, preferring non-wildcard ones. */
+export function dialableAddrs(node: SwarmNode): string[] {
+  return node.getMultiaddrs().map((m) => m.toString());
+}
+
+export function parseMultiaddr(s: string): Multiaddr {
+  try {
+    return multiaddr(s);
+  } catch (e) {
+    throw new SchemaError(`not a multiaddr: "${s}" (${(e as Error).message})`);
+  }
+}
+
+async function sendFrame(stream: Stream, msg: unknown): Promise<void> {
+  const buf = encodeFrame(msg);
+  if (!stream.send(buf)) await stream.onDrain();
+}
+
+export type DialTarget = PeerId | Multiaddr | Multiaddr[];
+export type ProtoName = keyof Schemas;
+
+export interface RequestOptions {
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+/** Open a stream, send one request frame, read and validate one response frame. Remote failures
+ *  come back as the typed error named in the error frame. */
+export async function request<P extends ProtoName>(node: SwarmNode, target: DialTarget, proto: P, msg: Req<P>, opts: RequestOptions = {}): Promise<Res<P>> {
+  const timeoutMs = opts.timeoutMs ?? CONTROL_TIMEOUT_MS;
+  const signal = opts.signal !== undefined ? AbortSignal.any([opts.signal, AbortSignal.timeout(timeoutMs)]) : AbortSignal.timeout(timeoutMs);
+  let stream: Stream | undefined;
+  const onAbort = () => stream?.abort(new TimeoutError(`${proto} request timed out after ${timeoutMs} ms`));
+  signal.addEventListener('abort', onAbort, { once: true });
+  try {
+    stream = await node.dialProtocol(target, PROTOCOLS[proto], { signal });
+    await sendFrame(stream, msg);
+    await stream.close({ signal });
+    const reader = new FrameReader(stream, MAX_FRAME_BYTES);
+    const raw = await reader.read();
+    if (raw === undefined) throw new SwarmError(`${proto}: remote closed the stream without a response`);
+    if (raw !== null && typeof raw === 'object' && 'error' in raw) {
+      const e = errorFrame(raw, `${proto}.error`);
+      throw errorFromWire(e.error.name, e.error.message);
+    }
+    return SCHEMAS[proto].res(raw, `${proto} response`) as Res<P>;
+  } catch (e) {
+    if (signal.aborted && !(e instanceof SwarmError && e.name !== 'SwarmError')) {
+      throw new TimeoutError(`${proto} request timed out after ${timeoutMs} ms: ${(e as Error).message}`);
+    }
+    throw e;
+  } finally {
+    signal.removeEventListener('abort', onAbort);
+    if (stream !== undefined && stream.status === 'open') stream.abort(new Error('request done'));
+  }
+}
+
+export interface HandlerContext {
+  /** remote peer id (authenticated by Noise) */
+  peerId: string;
+  connection: Connection;
+}
+export type Handler<P extends ProtoName> = (req: Req<P>, ctx: HandlerContext) => Promise<Res<P>>;
+
+/** Called for every request that failed validation or threw, so callers can count it against the peer. */
+export type ViolationHook = (peerId: string, proto: string, err: Error) => void;
+
+/** Register a handler: read one request frame (capped), validate it against the schema, run the
+ *  handler, answer with the response or an error frame naming the failure. */
+export async function serve<P extends ProtoName>(node: SwarmNode, proto: P, handler: Handler<P>, onError?: ViolationHook): Promise<void> {
+  await node.handle(PROTOCOLS[proto], async (stream: Stream, connection: Connection) => {
+    const peerId = connection.remotePeer.toString();
+    try {
+      const reader = new FrameReader(stream, MAX_FRAME_BYTES);
+      const raw = await reader.read();
+      if (raw === undefined) throw new SchemaError(`${proto}: empty request stream`);
+      const req = SCHEMAS[proto].req(raw, `${proto} request`) as Req<P>;
+      const res = await handler(req, { peerId, connection });
+      await sendFrame(stream, res);
+      await stream.close();
+    } catch (e) {
+      const err = e as Error;
+      onError?.(peerId, proto, err);
+      if (err instanceof FrameTooLargeError) {
+        stream.abort(err);
+        return;
+      }
+      try {
+        await sendFrame(stream, { error: { name: err.name ?? 'Error', message: String(err.message).slice(0, 4000) } });
+        await stream.close();
+      } catch {
+        stream.abort(err);
+      }
+    }
+  }, { maxInboundStreams: 256, maxOutboundStreams: 256 });
+}
