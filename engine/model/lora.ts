@@ -1,0 +1,193 @@
+// LoRA on an NF4 frozen linear: PEFT naming, scaling and init, seeded dropout masks, forward and backward.
+//
+// y = x·Wᵀ (+ bias) + s · (drop(x)·Aᵀ)·Bᵀ, with W frozen NF4 [out, in], A [r, in], B [out, r].
+// Parameter gradients accumulate (+=); the input gradient is assigned or accumulated as the caller asks.
+import type { Backend, NF4Weight } from '../backend.ts';
+import type { LoraConfig, LoraTarget, NamedTensor } from '../types.ts';
+import { LORA_TARGETS } from '../types.ts';
+import { Rng } from './rng.ts';
+
+/** attention projections live under self_attn, the MLP ones under mlp (HF Llama module tree) */
+export function moduleGroup(module: LoraTarget): 'self_attn' | 'mlp' {
+  return module === 'gate_proj' || module === 'up_proj' || module === 'down_proj' ? 'mlp' : 'self_attn';
+}
+
+/** HF base weight name prefix, e.g. "model.layers.3.self_attn.q_proj" */
+export function baseModuleName(layer: number, module: LoraTarget): string {
+  return `model.layers.${layer}.${moduleGroup(module)}.${module}`;
+}
+
+/** PEFT key of a LoRA tensor, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" */
+export function loraParamName(layer: number, module: LoraTarget, which: 'A' | 'B'): string {
+  return `base_model.model.${baseModuleName(layer, module)}.lora_${which}.weight`;
+}
+
+/** alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT) */
+export function loraScaling(cfg: LoraConfig): number {
+  return cfg.useRslora ? cfg.loraAlpha / Math.sqrt(cfg.r) : cfg.loraAlpha / cfg.r;
+}
+
+/** Throws a RangeError naming the offending field when a LoraConfig is unusable. */
+export function validateLoraConfig(cfg: LoraConfig): void {
+  if (!Number.isInteger(cfg.r) || cfg.r <= 0) throw new RangeError(`lora: r must be a positive integer, got ${cfg.r}`);
+  if (!Number.isFinite(cfg.loraAlpha)) throw new RangeError(`lora: lora_alpha must be finite, got ${cfg.loraAlpha}`);
+  if (!(cfg.loraDropout >= 0 && cfg.loraDropout < 1)) {
+    throw new RangeError(`lora: lora_dropout must be in [0, 1), got ${cfg.loraDropout}`);
+  }
+  for (const m of cfg.targetModules) {
+    if (!(LORA_TARGETS as readonly string[]).includes(m)) {
+      throw new RangeError(`lora: unknown target module "${m}" (expected one of ${LORA_TARGETS.join(', ')})`);
+    }
+  }
+  if (cfg.initLoraWeights !== true && cfg.initLoraWeights !== 'gaussian') {
+    throw new RangeError(`lora: init_lora_weights must be true or "gaussian", got ${JSON.stringify(cfg.initLoraWeights)}`);
+  }
+}
+
+/** Targets in the fixed canonical order (LORA_TARGETS), independent of the user's list order, so every
+ *  replica orders params identically. */
+export function orderedTargets(cfg: LoraConfig): LoraTarget[] {
+  const set = new Set(cfg.targetModules);
+  return LORA_TARGETS.filter((m) => set.has(m));
+}
+
+/** PEFT init of lora_A [r, in] keyed by (seed, layer, module) so any stage split inits identically.
+ *  true: kaiming_uniform_(a=√5) ⇒ U(±1/√in); "gaussian": N(0, (1/r)²). lora_B stays zero. */
+export function initLoraA(out: Float32Array, r: number, inFeatures: number, init: true | 'gaussian', seed: number,
+  layer: number, module: LoraTarget): void {
+  if (out.length !== r * inFeatures) throw new RangeError(`initLoraA: buffer length ${out.length} != r*in = ${r * inFeatures}`);
+  const rng = new Rng(seed, 0x4c6f5241 /* "LoRA" */, layer, LORA_TARGETS.indexOf(module));
+  if (init === 'gaussian') rng.fillNormal(out, 0, 1 / r);
+  else {
+    const bound = 1 / Math.sqrt(inFeatures);
+    rng.fillUniform(out, -bound, bound);
+  }
+}
+
+/** Dropout keep-mask [n] (1 = keep) from a PRNG keyed by (dropoutSeed, layer, module): the recompute in
+ *  backward regenerates the very same mask. */
+export function dropoutMask(n: number, p: number, dropoutSeed: number, layer: number, module: LoraTarget): Uint8Array {
+  const rng = new Rng(dropoutSeed, 0x44726f70 /* "Drop" */, layer, LORA_TARGETS.indexOf(module));
+  const mask = new Uint8Array(n);
+  for (let i = 0; i < n; i++) mask[i] = rng.nextFloat() >= p ? 1 : 0;
+  return mask;
+}
+
+/** What a LoRA linear keeps from forward for its backward. */
+export interface LinearSaved {
+  /** input of the LoRA branch after dropout [T, in] (the layer input itself without dropout) */
+  xd: Float32Array | null;
+  /** keep-mask of the dropout [T, in], null without dropout */
+  mask: Uint8Array | null;
+  /** xd · Aᵀ [T, r] */
+  ax: Float32Array | null;
+}
+
+export interface LinearContext {
+  /** apply LoRA dropout (training forward) */
+  train: boolean;
+  dropoutSeed: number;
+}
+
+export interface LoraAdapterSlot {
+  A: NamedTensor;
+  B: NamedTensor;
+  /** indices of A and B in the stage's params / grads arrays */
+  aIndex: number;
+  bIndex: number;
+  r: number;
+  scaling: number;
+  dropout: number;
+}
+
+/** One frozen NF4 linear of layer `layer`, with an optional LoRA adapter and optional frozen bias. */
+export class LoraLinear {
+  readonly layer: number;
+  readonly module: LoraTarget;
+  readonly weight: NF4Weight;
+  readonly bias: Float32Array | null;
+  readonly lora: LoraAdapterSlot | null;
+  readonly inFeatures: number;
+  readonly outFeatures: number;
+
+  constructor(layer: number, module: LoraTarget, weight: NF4Weight, bias: Float32Array | null, lora: LoraAdapterSlot | null) {
+    this.layer = layer;
+    this.module = module;
+    this.weight = weight;
+    this.bias = bias;
+    this.lora = lora;
+    this.inFeatures = weight.cols;
+    this.outFeatures = weight.rows;
+    if (bias && bias.length !== weight.rows) {
+      throw new RangeError(`${baseModuleName(layer, module)}.bias: expected length ${weight.rows}, got ${bias.length}`);
+    }
+  }
+
+  /** y[T, out] = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ. Reads the LoRA tensors' .data at call time. */
+  async forward(backend: Backend, x: Float32Array, T: number, ctx: LinearContext): Promise<{ y: Float32Array; saved: LinearSaved }> {
+    const out = this.outFeatures, inF = this.inFeatures;
+    const y = new Float32Array(T * out);
+    await backend.gemmNF4(T, x, this.weight, 0, y);
+    if (this.bias) {
+      const b = this.bias;
+      for (let t = 0; t < T; t++) {
+        const row = t * out;
+        for (let j = 0; j < out; j++) y[row + j] += b[j];
+      }
+    }
+    const saved: LinearSaved = { xd: null, mask: null, ax: null };
+    const lora = this.lora;
+    if (lora === null) return { y, saved };
+    const { r, scaling } = lora;
+    const A = lora.A.data, B = lora.B.data;
+    let xd = x;
+    let mask: Uint8Array | null = null;
+    if (ctx.train && lora.dropout > 0) {
+      mask = dropoutMask(T * inF, lora.dropout, ctx.dropoutSeed, this.layer, this.module);
+      const keepScale = 1 / (1 - lora.dropout);
+      xd = new Float32Array(T * inF);
+      for (let i = 0; i < xd.length; i++) xd[i] = mask[i] ? x[i] * keepScale : 0;
+    }
+    const ax = new Float32Array(T * r); // (T, r)
+    await backend.gemm(false, true, T, r, inF, 1, xd, A, 0, ax);
+    await backend.gemm(false, true, T, out, r, scaling, ax, B, 1, y);
+    saved.xd = xd;
+    saved.mask = mask;
+    saved.ax = ax;
+    return { y, saved };
+  }
+
+  /** dA, dB += (into grads at the slot indices); dX (if given) gets x-gradient, assigned when
+   *  accumulate=false and added otherwise. dX=null skips the input gradient (first layer of stage 0). */
+  async backward(backend: Backend, dY: Float32Array, saved: LinearSaved, T: number, grads: Float32Array[],
+    dX: Float32Array | null, accumulate: boolean): Promise<void> {
+    const out = this.outFeatures, inF = this.inFeatures;
+    if (dX) await backend.gemmNF4T(T, dY, this.weight, accumulate ? 1 : 0, dX);
+    const lora = this.lora;
+    if (lora === null) return;
+    if (!saved.xd || !saved.ax) throw new Error(`${baseModuleName(this.layer, this.module)}: backward without saved LoRA activations`);
+    const { r, scaling } = lora;
+    const A = lora.A.data, B = lora.B.data;
+    const dA = grads[lora.aIndex], dB = grads[lora.bIndex];
+    if (!dA || dA.length !== r * inF) throw new RangeError(`grads[${lora.aIndex}] (${lora.A.name}): expected length ${r * inF}, got ${dA?.length}`);
+    if (!dB || dB.length !== out * r) throw new RangeError(`grads[${lora.bIndex}] (${lora.B.name}): expected length ${out * r}, got ${dB?.length}`);
+    // dB[out, r] += s · dYᵀ · ax
+    await backend.gemm(true, false, out, r, T, scaling, dY, saved.ax, 1, dB);
+    // dax[T, r] = s · dY · B
+    const dax = new Float32Array(T * r);
+    await backend.gemm(false, false, T, r, out, scaling, dY, B, 0, dax);
+    // dA[r, in] += daxᵀ · xd
+    await backend.gemm(true, false, r, inF, T, 1, dax, saved.xd, 1, dA);
+    if (!dX) return;
+    if (saved.mask === null) {
+      // no dropout: dX += dax · A
+      await backend.gemm(false, false, T, inF, r, 1, dax, A, 1, dX);
+    } else {
+      const dxd = new Float32Array(T * inF);
+      await backend.gemm(false, false, T, inF, r, 1, dax, A, 0, dxd);
+      const keepScale = 1 / (1 - lora.dropout);
+      const mask = saved.mask;
+      for (let i = 0; i < dxd.length; i++) if (mask[i]) dX[i] += dxd[i] * keepScale;
+    }
+  }
+}

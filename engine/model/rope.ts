@@ -1,0 +1,116 @@
+// Rotary position embedding tables with Hugging Face semantics (default, linear, llama3, dynamic-within-context).
+//
+// HF computes inv_freq, the angles and cos/sin in float32; we round at the same points (Math.fround) so the
+// tables match what the model was trained with, which matters at large positions where a float32 angle
+// differs from the float64 one by ~1e-3 rad.
+import type { LlamaConfig } from '../types.ts';
+
+/** inverse frequencies [D/2] (float32-rounded values) for the config's rope_theta and rope_scaling */
+export function ropeInvFreq(cfg: Pick<LlamaConfig, 'headDim' | 'ropeTheta' | 'ropeScaling'>): Float64Array {
+  const dim = cfg.headDim;
+  if (!Number.isInteger(dim) || dim <= 0 || dim % 2 !== 0) {
+    throw new RangeError(`rope: head_dim must be a positive even integer, got ${dim}`);
+  }
+  if (!(cfg.ropeTheta > 0)) throw new RangeError(`rope: rope_theta must be > 0, got ${cfg.ropeTheta}`);
+  const half = dim / 2;
+  const inv = new Float64Array(half);
+  for (let i = 0; i < half; i++) {
+    // 1 / base^(arange(0, dim, 2) / dim), every step in float32 as torch does
+    const exponent = Math.fround((2 * i) / dim);
+    inv[i] = Math.fround(1 / Math.fround(Math.pow(cfg.ropeTheta, exponent)));
+  }
+  const sc = cfg.ropeScaling;
+  if (sc === null) return inv;
+  const type = sc.ropeType;
+  if (type === 'default') return inv;
+  if (type === 'linear') {
+    checkFactor(sc.factor, type);
+    for (let i = 0; i < half; i++) inv[i] = Math.fround(inv[i] / sc.factor);
+    return inv;
+  }
+  if (type === 'dynamic') {
+    // Dynamic NTK only changes inv_freq for sequences longer than max_position_embeddings; the stage
+    // refuses such positions (see ropeMaxPositions), so within context it is the default rotation.
+    checkFactor(sc.factor, type);
+    return inv;
+  }
+  if (type === 'llama3') {
+    checkFactor(sc.factor, type);
+    const low = sc.lowFreqFactor, high = sc.highFreqFactor, oldCtx = sc.originalMaxPositionEmbeddings;
+    if (low === undefined || high === undefined || oldCtx === undefined) {
+      throw new RangeError('rope: llama3 rope_scaling needs low_freq_factor, high_freq_factor and original_max_position_embeddings');
+    }
+    if (!(high > low)) throw new RangeError(`rope: llama3 needs high_freq_factor > low_freq_factor, got ${high} <= ${low}`);
+    const lowFreqWavelen = oldCtx / low;
+    const highFreqWavelen = oldCtx / high;
+    for (let i = 0; i < half; i++) {
+      const f = inv[i];
+      const wavelen = (2 * Math.PI) / f;
+      if (wavelen > lowFreqWavelen) {
+        inv[i] = Math.fround(f / sc.factor);
+      } else if (wavelen < highFreqWavelen) {
+        inv[i] = f;
+      } else {
+        const smooth = (oldCtx / wavelen - low) / (high - low);
+        inv[i] = Math.fround((1 - smooth) * f / sc.factor + smooth * f);
+      }
+    }
+    return inv;
+  }
+  throw new RangeError(`rope: unsupported rope_scaling type "${type}" (supported: default, linear, llama3, dynamic)`);
+}
+
+function checkFactor(factor: number, type: string): void {
+  if (!(factor >= 1)) throw new RangeError(`rope: ${type} rope_scaling factor must be >= 1, got ${factor}`);
+}
+
+/** cos/sin tables [maxPos, D/2] for positions 0..maxPos-1 */
+export function ropeTables(invFreq: Float64Array, maxPos: number): { cos: Float32Array; sin: Float32Array } {
+  const half = invFreq.length;
+  const cos = new Float32Array(maxPos * half);
+  const sin = new Float32Array(maxPos * half);
+  for (let p = 0; p < maxPos; p++) {
+    for (let i = 0; i < half; i++) {
+      const angle = Math.fround(p * invFreq[i]);
+      cos[p * half + i] = Math.cos(angle);
+      sin[p * half + i] = Math.sin(angle);
+    }
+  }
+  return { cos, sin };
+}
+
+/** Positions a config allows: dynamic scaling would change the tables beyond max_position_embeddings. */
+export function ropeMaxPositions(cfg: Pick<LlamaConfig, 'ropeScaling' | 'maxPositionEmbeddings'>): number {
+  if (cfg.ropeScaling?.ropeType === 'dynamic') return cfg.maxPositionEmbeddings;
+  return Number.MAX_SAFE_INTEGER;
+}
+
+/** Tables grown on demand (doubling) so a 128k-context model does not allocate 64 MB up front.
+ *  Returned arrays are never mutated afterwards, so callers in flight keep valid views. */
+export class RopeCache {
+  readonly invFreq: Float64Array;
+  private readonly limit: number;
+  private cos: Float32Array = new Float32Array(0);
+  private sin: Float32Array = new Float32Array(0);
+  private size = 0;
+
+  constructor(cfg: Pick<LlamaConfig, 'headDim' | 'ropeTheta' | 'ropeScaling' | 'maxPositionEmbeddings'>) {
+    this.invFreq = ropeInvFreq(cfg);
+    this.limit = ropeMaxPositions(cfg);
+  }
+
+  /** tables covering at least positions [0, maxPos) */
+  get(maxPos: number): { cos: Float32Array; sin: Float32Array } {
+    if (maxPos > this.limit) {
+      throw new RangeError(`rope: position ${maxPos - 1} exceeds max_position_embeddings ${this.limit} of dynamic rope scaling`);
+    }
+    if (maxPos > this.size) {
+      const n = Math.min(this.limit, Math.max(maxPos, 2 * this.size, 256));
+      const t = ropeTables(this.invFreq, n);
+      this.cos = t.cos;
+      this.sin = t.sin;
+      this.size = n;
+    }
+    return { cos: this.cos, sin: this.sin };
+  }
+}
