@@ -1,0 +1,87 @@
+// Autoregressive generation over a whole-model stage with a KV cache: greedy, temperature and top-p sampling.
+import type { Stage } from '../types.ts';
+import { Rng } from './rng.ts';
+import { createDecoder } from './stage.ts';
+
+export interface GenerateOptions {
+  maxNewTokens: number;
+  /** 0 = greedy (argmax); default 1 */
+  temperature?: number;
+  /** nucleus sampling mass in (0, 1]; default 1 (off) */
+  topP?: number;
+  /** sampling seed (same seed ⇒ same text on any machine); default 0 */
+  seed?: number;
+  /** generation stops after emitting one of these (the eos token is included in the output) */
+  eosTokenIds?: number[];
+  /** called with each new token as soon as it is chosen */
+  onToken?: (id: number) => void;
+  signal?: AbortSignal;
+}
+
+/** index of the largest logit (lowest index on ties, as torch.argmax) */
+export function argmax(logits: ArrayLike<number>): number {
+  let best = 0;
+  for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+  return best;
+}
+
+/** Sample one token id from logits with HF semantics: softmax(logits / temperature), then keep the
+ *  smallest set of most likely tokens whose mass reaches topP (always at least one). */
+export function sampleToken(logits: ArrayLike<number>, temperature: number, topP: number, rng: Rng): number {
+  if (!(temperature >= 0)) throw new RangeError(`temperature must be >= 0, got ${temperature}`);
+  if (!(topP > 0 && topP <= 1)) throw new RangeError(`top_p must be in (0, 1], got ${topP}`);
+  if (temperature === 0) return argmax(logits);
+  const n = logits.length;
+  let mx = -Infinity;
+  for (let i = 0; i < n; i++) if (logits[i] > mx) mx = logits[i];
+  const p = new Float64Array(n);
+  let sum = 0;
+  for (let i = 0; i < n; i++) { p[i] = Math.exp((logits[i] - mx) / temperature); sum += p[i]; }
+  for (let i = 0; i < n; i++) p[i] /= sum;
+  let candidates: number[];
+  if (topP < 1) {
+    const order = Array.from({ length: n }, (_, i) => i).sort((a, b) => p[b] - p[a] || a - b);
+    candidates = [];
+    let mass = 0;
+    for (const i of order) {
+      candidates.push(i);
+      mass += p[i];
+      if (mass >= topP) break;
+    }
+  } else {
+    candidates = Array.from({ length: n }, (_, i) => i);
+  }
+  let total = 0;
+  for (const i of candidates) total += p[i];
+  const u = rng.nextFloat() * total;
+  let acc = 0;
+  for (const i of candidates) {
+    acc += p[i];
+    if (u < acc) return i;
+  }
+  return candidates[candidates.length - 1];
+}
+
+/** Generate up to maxNewTokens tokens after promptIds; returns only the new tokens. */
+export async function generate(stage: Stage, promptIds: ArrayLike<number>, opts: GenerateOptions): Promise<number[]> {
+  const { maxNewTokens } = opts;
+  if (!Number.isInteger(maxNewTokens) || maxNewTokens < 0) throw new RangeError(`maxNewTokens must be a non-negative integer, got ${maxNewTokens}`);
+  if (promptIds.length === 0) throw new RangeError('generate: the prompt has no tokens');
+  const temperature = opts.temperature ?? 1;
+  const topP = opts.topP ?? 1;
+  const eos = new Set(opts.eosTokenIds ?? []);
+  const rng = new Rng(opts.seed ?? 0, 0x47656e /* "Gen" */);
+  const out: number[] = [];
+  if (maxNewTokens === 0) return out;
+  const decoder = createDecoder(stage, promptIds.length + maxNewTokens);
+  let logits = await decoder.append(promptIds);
+  for (;;) {
+    opts.signal?.throwIfAborted();
+    const id = sampleToken(logits, temperature, topP, rng);
+    out.push(id);
+    opts.onToken?.(id);
+    if (eos.has(id) || out.length >= maxNewTokens) break;
+    logits = await decoder.append([id]);
+  }
+  return out;
+}
