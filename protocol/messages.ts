@@ -254,7 +254,12 @@ export type StatusResponse = ReturnType<typeof statusResponse>;
 export const heartbeatRequest = obj({ runId: runIdStr, step: int(0, I32), sentAtMs: int(0, SAFE) });
 export type HeartbeatRequest = ReturnType<typeof heartbeatRequest>;
 export const heartbeatResponse = obj({
-  runId: runIdStr,
+  runId: nullable(runIdStr),
+  /** the stage is loaded and serving (false while it still fetches weights) */
+  ready: bool,
+  /** optimizer steps applied on this peer */
+  step: int(0, I32),
+  tokensPerSecond: num({ min: 0 }),
   inflight: int(0, I32),
   busy: bool,
   memoryRssBytes: int(0, SAFE),

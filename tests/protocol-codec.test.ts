@@ -66,7 +66,7 @@ test('schemas reject unknown fields, missing fields, wrong types and out-of-boun
   assert.throws(() => SCHEMAS.weights.req({ ...ok, offset: 1.5 }, 'w'), { name: 'SchemaError' });
   assert.throws(() => SCHEMAS.weights.req({ ...ok, sha256: 'ZZ' }, 'w'), { name: 'SchemaError' });
   assert.throws(() => SCHEMAS.weights.req([1, 2], 'w'), { name: 'SchemaError' });
-  assert.throws(() => SCHEMAS.heartbeat.res({ runId: 'r', inflight: 0, busy: 'yes', memoryRssBytes: 0 }, 'h'), { name: 'SchemaError' });
+  assert.throws(() => SCHEMAS.heartbeat.res({ runId: 'r', ready: true, step: 0, tokensPerSecond: 0, inflight: 0, busy: 'yes', memoryRssBytes: 0 }, 'h'), { name: 'SchemaError' });
   // a frame decoded from the wire goes through the same validator
   const body = new Packr({ useRecords: false }).pack({ ...ok, __proto__x: 1 });
   assert.throws(() => SCHEMAS.weights.req(decodeBody(body), 'w'), { name: 'SchemaError' });

@@ -32,11 +32,11 @@ test('two nodes talk: request/response, typed remote errors, schema violations, 
   await serve(a, 'heartbeat', async (req, ctx) => {
     assert.equal(ctx.peerId, b.peerId.toString());
     if (req.step < 0 || req.step === 99) throw new StaleError(`step ${req.step} is stale`);
-    return { runId: req.runId, inflight: req.step * 2, busy: false, memoryRssBytes: 1 };
+    return { runId: req.runId, ready: true, step: req.step, tokensPerSecond: 0, inflight: req.step * 2, busy: false, memoryRssBytes: 1 };
   }, (peer, proto, err) => seen.push(`${proto}:${err.name}`));
   const addr = parseMultiaddr(dialableAddrs(a)[0]!);
   const res = await request(b, addr, 'heartbeat', { runId: 'run1', step: 21, sentAtMs: Date.now() });
-  assert.deepEqual(res, { runId: 'run1', inflight: 42, busy: false, memoryRssBytes: 1 });
+  assert.deepEqual(res, { runId: 'run1', ready: true, step: 21, tokensPerSecond: 0, inflight: 42, busy: false, memoryRssBytes: 1 });
   await assert.rejects(request(b, addr, 'heartbeat', { runId: 'run1', step: 99, sentAtMs: 0 }), { name: 'StaleError', message: /step 99 is stale/ });
 
   // a hand-made request with an unknown field is refused with a SchemaError frame

@@ -1,0 +1,234 @@
+// The shard host: serves forward/backward for one stage, keeps each uncommitted attempt's LoRA
+// gradient apart, folds committed ones into the step sum, and applies the aggregated optimizer step.
+import type { Stage } from '../engine/types.ts';
+import type {
+  AggregateRequest, AggregateResponse, AdapterRequest, AdapterResponse, Assignment, BackwardRequest,
+  BackwardResponse, CommitRequest, ForwardRequest, ForwardResponse,
+} from '../protocol/messages.ts';
+import { decodeFloat, decodeInt, encodeTensor } from '../protocol/tensor.ts';
+import type { FloatCodec } from '../protocol/tensor.ts';
+import { SchemaError, StaleError, TensorError } from '../protocol/errors.ts';
+
+/** The optimizer a stage applies to its own LoRA tensors (the trainer's optimizers implement it). */
+export interface ShardOptimizer {
+  step(grads: Float32Array[], lr: number): Promise<void> | void;
+}
+
+/** Runs one job at a time, backward before forward: a backward frees a kept input, a forward adds one. */
+class PriorityRunner {
+  private readonly queues: Array<Array<() => Promise<void>>> = [[], []];
+  private running = false;
+  get busy(): boolean { return this.running; }
+  get queued(): number { return this.queues[0]!.length + this.queues[1]!.length; }
+
+  run<T>(priority: 0 | 1, fn: () => Promise<T>): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.queues[priority]!.push(async () => { try { resolve(await fn()); } catch (e) { reject(e as Error); } });
+      void this.pump();
+    });
+  }
+
+  private async pump(): Promise<void> {
+    if (this.running) return;
+    this.running = true;
+    try {
+      for (;;) {
+        const job = this.queues[0]!.shift() ?? this.queues[1]!.shift();
+        if (job === undefined) break;
+        await job();
+      }
+    } finally {
+      this.running = false;
+    }
+  }
+}
+
+interface Attempt { mb: number; attempt: number; forwardDone: boolean; grads: Float32Array[] | null; batch: number; seqLen: number }
+
+export class StageHost {
+  readonly stage: Stage;
+  readonly runId: string;
+  readonly stageIndex: number;
+  readonly wireCodec: FloatCodec;
+  /** optimizer steps applied so far = the step currently being trained */
+  step: number;
+  private readonly optimizer: ShardOptimizer;
+  private readonly runner = new PriorityRunner();
+  private readonly attempts = new Map<string, Attempt>();
+  /** committed micro-batch gradients of the current step, folded in micro-batch order at collect */
+  private readonly committed = new Map<number, Float32Array[]>();
+  private stepSum: Float32Array[] | null = null;
+  private finalGrads: Float32Array[] | null = null;
+  /** tokens/s through this stage, measured over forward+backward compute */
+  private computeMs = 0;
+  private computeTokens = 0;
+
+  constructor(stage: Stage, a: Assignment, optimizer: ShardOptimizer) {
+    this.stage = stage;
+    this.runId = a.runId;
+    this.stageIndex = a.stageIndex;
+    this.wireCodec = a.wireCodec;
+    this.step = a.step;
+    this.optimizer = optimizer;
+  }
+
+  get inflight(): number { return this.attempts.size; }
+  get busy(): boolean { return this.runner.busy; }
+  get tokensPerSecond(): number { return this.computeMs > 0 ? this.computeTokens / (this.computeMs / 1000) : 0; }
+
+  private check(req: { runId: string; step: number; stageIndex?: number }, what: string): void {
+    if (req.runId !== this.runId) throw new StaleError(`${what}: run ${req.runId} is not this peer's run ${this.runId}`);
+    if (req.step !== this.step) throw new StaleError(`${what}: step ${req.step} is not the current step ${this.step}`);
+    if (req.stageIndex !== undefined && req.stageIndex !== this.stageIndex) {
+      throw new SchemaError(`${what}: addressed to stage ${req.stageIndex}, this peer holds stage ${this.stageIndex}`);
+    }
+  }
+
+  private key(step: number, mb: number, attempt: number): string {
+    return `${step}:${mb}:${attempt}`;
+  }
+
+  async forward(req: ForwardRequest): Promise<ForwardResponse> {
+    this.check(req, 'forward');
+    const C = this.stage.config.hiddenSize;
+    const T = req.batch * req.seqLen;
+    const key = this.key(req.step, req.mb, req.attempt);
+    for (const [k, a] of this.attempts) {
+      if (a.mb !== req.mb) continue;
+      if (a.attempt >= req.attempt) throw new StaleError(`forward: micro-batch ${req.mb} attempt ${req.attempt} is superseded by attempt ${a.attempt}`);
+      this.stage.release(k); // an older attempt that never committed: its route was abandoned
+      this.attempts.delete(k);
+    }
+    const input: Parameters<Stage['forward']>[0] = { key, batch: req.batch, seqLen: req.seqLen, dropoutSeed: req.dropoutSeed };
+    if (this.stage.isFirst) {
+      if (req.ids === undefined) throw new SchemaError('forward: the first stage needs token ids');
+      input.ids = decodeInt(req.ids, 'forward.ids', [T]);
+      const V = this.stage.config.vocabSize;
+      for (let i = 0; i < T; i++) if (input.ids[i]! < 0 || input.ids[i]! >= V) throw new TensorError(`forward.ids: token ${input.ids[i]} at ${i} is outside the vocabulary [0, ${V})`);
+    } else {
+      if (req.hidden === undefined) throw new SchemaError(`forward: stage ${this.stageIndex} needs hidden states`);
+      input.hidden = decodeFloat(req.hidden, 'forward.hidden', [T, C]);
+    }
+    if (this.stage.isLast) {
+      if (req.labels === undefined) throw new SchemaError('forward: the last stage needs labels');
+      input.labels = decodeInt(req.labels, 'forward.labels', [T]);
+    }
+    const a: Attempt = { mb: req.mb, attempt: req.attempt, forwardDone: false, grads: null, batch: req.batch, seqLen: req.seqLen };
+    if (req.train) this.attempts.set(key, a);
+    const out = await this.runner.run(1, async () => {
+      const t0 = performance.now();
+      const r = await this.stage.forward(input, { train: req.train });
+      this.computeMs += performance.now() - t0;
+      this.computeTokens += T;
+      return r;
+    });
+    a.forwardDone = true;
+    if (!req.train) this.stage.release(key);
+    if (this.stage.isLast) return { lossSum: out.lossSum ?? 0, tokens: out.tokens ?? 0 };
+    if (out.hidden === undefined) throw new Error(`stage ${this.stageIndex} forward returned no hidden state`);
+    return { hidden: encodeTensor(out.hidden, [T, C], this.wireCodec, 'forward.hidden') };
+  }
+
+  async backward(req: BackwardRequest): Promise<BackwardResponse> {
+    this.check(req, 'backward');
+    const key = this.key(req.step, req.mb, req.attempt);
+    const a = this.attempts.get(key);
+    if (a === undefined || !a.forwardDone) throw new StaleError(`backward: no forward kept for micro-batch ${req.mb} attempt ${req.attempt} of step ${req.step}`);
+    if (a.grads !== null) throw new StaleError(`backward: micro-batch ${req.mb} attempt ${req.attempt} already ran backward`);
+    const C = this.stage.config.hiddenSize;
+    const T = a.batch * a.seqLen;
+    const args: { gradOut?: Float32Array; lossScale?: number } = {};
+    if (this.stage.isLast) {
+      if (req.lossScale === undefined) throw new SchemaError('backward: the last stage needs lossScale');
+      args.lossScale = req.lossScale;
+    } else {
+      if (req.gradOut === undefined) throw new SchemaError(`backward: stage ${this.stageIndex} needs gradOut`);
+      args.gradOut = decodeFloat(req.gradOut, 'backward.gradOut', [T, C]);
+    }
+    // a separate gradient per attempt: it only joins the step sum when the coordinator commits it
+    const grads = this.stage.newGrads();
+    a.grads = grads;
+    const { gradIn } = await this.runner.run(0, async () => {
+      const t0 = performance.now();
+      const r = await this.stage.backward(key, grads, args);
+      this.computeMs += performance.now() - t0;
+      return r;
+    });
+    if (this.stage.isFirst) return {};
+    if (gradIn === undefined) throw new Error(`stage ${this.stageIndex} backward returned no input gradient`);
+    return { gradIn: encodeTensor(gradIn, [T, C], this.wireCodec, 'backward.gradIn') };
+  }
+
+  commit(req: CommitRequest): void {
+    this.check(req, 'commit');
+    const key = this.key(req.step, req.mb, req.attempt);
+    const a = this.attempts.get(key);
+    if (!req.commit) {
+      if (a !== undefined) { this.stage.release(key); this.attempts.delete(key); }
+      return;
+    }
+    if (a === undefined || a.grads === null) throw new StaleError(`commit: micro-batch ${req.mb} attempt ${req.attempt} has no gradient here`);
+    if (this.committed.has(req.mb)) throw new StaleError(`commit: micro-batch ${req.mb} of step ${req.step} was already committed`);
+    this.committed.set(req.mb, a.grads);
+    this.attempts.delete(key);
+  }
+
+  /** Sum of committed micro-batch gradients, folded in micro-batch order so the sum is deterministic. */
+  private foldStepSum(): Float32Array[] {
+    if (this.stepSum !== null) return this.stepSum;
+    const sum = this.stage.newGrads();
+    for (const mb of [...this.committed.keys()].sort((x, y) => x - y)) {
+      const g = this.committed.get(mb)!;
+      for (let i = 0; i < sum.length; i++) {
+        const s = sum[i]!, gi = g[i]!;
+        for (let j = 0; j < s.length; j++) s[j]! += gi[j]!;
+      }
+    }
+    this.stepSum = sum;
+    return sum;
+  }
+
+  async aggregate(req: AggregateRequest): Promise<AggregateResponse> {
+    this.check(req, 'aggregate');
+    const params = this.stage.params;
+    const total = params.length;
+    if (req.from + req.count > total) throw new SchemaError(`aggregate: params [${req.from}, ${req.from + req.count}) outside [0, ${total})`);
+    if (req.phase === 'collect') {
+      const sum = this.foldStepSum();
+      const grads = [];
+      for (let i = req.from; i < req.from + req.count; i++) {
+        // the step sum always travels in f32: it is small and clipping needs its exact norm
+        grads.push(encodeTensor(sum[i]!, params[i]!.shape, 'f32', `grad ${params[i]!.name}`));
+      }
+      return { total, grads, microBatches: this.committed.size };
+    }
+    if (req.grads === undefined || req.grads.length !== req.count) throw new SchemaError(`aggregate apply: expected ${req.count} gradients, got ${req.grads?.length ?? 0}`);
+    if (this.finalGrads === null) this.finalGrads = this.stage.newGrads();
+    for (let k = 0; k < req.count; k++) {
+      const i = req.from + k;
+      this.finalGrads[i]!.set(decodeFloat(req.grads[k]!, `final grad ${params[i]!.name}`, params[i]!.shape));
+    }
+    if (req.last === true) {
+      if (req.lr === undefined) throw new SchemaError('aggregate apply: the last page needs lr');
+      const g = this.finalGrads;
+      await this.runner.run(0, async () => { await this.optimizer.step(g, req.lr!); });
+      this.finalGrads = null;
+      this.stepSum = null;
+      this.committed.clear();
+      for (const k of this.attempts.keys()) this.stage.release(k);
+      this.attempts.clear();
+      this.step += 1;
+    }
+    return { total };
+  }
+
+  adapter(req: AdapterRequest): AdapterResponse {
+    const params = this.stage.params;
+    const end = Math.min(params.length, req.from + req.count);
+    const tensors = [];
+    for (let i = req.from; i < end; i++) {
+      tensors.push({ name: params[i]!.name, tensor: encodeTensor(params[i]!.data, params[i]!.shape, 'f32', params[i]!.name) });
+    }
+    return { step: this.step, total: params.length, adapterConfigJson: null, tensors };
+  }
+}
