@@ -1,4 +1,5 @@
 // Step aggregation: replica sums in a fixed order, global gradient norm over all shards, clipping.
+import { clipCoefficient, gradSquaredSum, scaleGrads } from '../engine/train/clip.ts';
 
 /** Sum replica gradients of one stage in the given (fixed) order into a fresh array per param. */
 export function sumReplicas(replicaGrads: Float32Array[][]): Float32Array[] {
@@ -16,19 +17,19 @@ export function sumReplicas(replicaGrads: Float32Array[][]): Float32Array[] {
   return out;
 }
 
-/** sqrt(Σ g²) over every tensor of every stage (torch clip_grad_norm_ total norm, L2). */
+/** sqrt(Σ g²) over every tensor of every stage: per-stage float64 partial sums added together,
+ *  which is torch clip_grad_norm_'s total norm up to float64 rounding order. */
 export function globalGradNorm(stages: Float32Array[][]): number {
   let ss = 0;
-  for (const grads of stages) for (const g of grads) for (let j = 0; j < g.length; j++) ss += g[j]! * g[j]!;
+  for (const grads of stages) ss += gradSquaredSum(grads);
   return Math.sqrt(ss);
 }
 
-/** torch clip_grad_norm_: coef = max / (norm + 1e-6), applied only when < 1. Returns the coef used. */
+/** Clip every stage's gradient with the trainer's clip_grad_norm_ rule; returns the coefficient. */
 export function clipInPlace(stages: Float32Array[][], norm: number, maxGradNorm: number): number {
   if (!(maxGradNorm > 0)) return 1;
-  const coef = maxGradNorm / (norm + 1e-6);
-  if (coef >= 1) return 1;
-  const c = Math.fround(coef);
-  for (const grads of stages) for (const g of grads) for (let j = 0; j < g.length; j++) g[j]! *= c;
+  const coef = clipCoefficient(norm, maxGradNorm);
+  if (!Number.isFinite(coef)) throw new Error(`the step's gradient norm is ${norm}: refusing to apply a non-finite update`);
+  for (const grads of stages) scaleGrads(grads, coef);
   return coef;
 }

@@ -56,7 +56,7 @@ export class StageHost {
   private readonly runner = new PriorityRunner();
   private readonly attempts = new Map<string, Attempt>();
   /** committed micro-batch gradients of the current step, folded in micro-batch order at collect */
-  private readonly committed = new Map<number, Float32Array[]>();
+  private readonly committed = new Map<number, { attempt: number; grads: Float32Array[] }>();
   private stepSum: Float32Array[] | null = null;
   private finalGrads: Float32Array[] | null = null;
   /** tokens/s through this stage, measured over forward+backward compute */
@@ -164,12 +164,18 @@ export class StageHost {
     const key = this.key(req.step, req.mb, req.attempt);
     const a = this.attempts.get(key);
     if (!req.commit) {
+      // discard an abandoned attempt, or take back a committed one whose partner stage lost it
       if (a !== undefined) { this.stage.release(key); this.attempts.delete(key); }
+      const c = this.committed.get(req.mb);
+      if (c !== undefined && c.attempt === req.attempt) {
+        if (this.stepSum !== null) throw new StaleError(`commit: micro-batch ${req.mb} of step ${req.step} is already in the collected sum`);
+        this.committed.delete(req.mb);
+      }
       return;
     }
     if (a === undefined || a.grads === null) throw new StaleError(`commit: micro-batch ${req.mb} attempt ${req.attempt} has no gradient here`);
     if (this.committed.has(req.mb)) throw new StaleError(`commit: micro-batch ${req.mb} of step ${req.step} was already committed`);
-    this.committed.set(req.mb, a.grads);
+    this.committed.set(req.mb, { attempt: req.attempt, grads: a.grads });
     this.attempts.delete(key);
   }
 
@@ -178,7 +184,7 @@ export class StageHost {
     if (this.stepSum !== null) return this.stepSum;
     const sum = this.stage.newGrads();
     for (const mb of [...this.committed.keys()].sort((x, y) => x - y)) {
-      const g = this.committed.get(mb)!;
+      const g = this.committed.get(mb)!.grads;
       for (let i = 0; i < sum.length; i++) {
         const s = sum[i]!, gi = g[i]!;
         for (let j = 0; j < s.length; j++) s[j]! += gi[j]!;
@@ -229,6 +235,6 @@ export class StageHost {
     for (let i = req.from; i < end; i++) {
       tensors.push({ name: params[i]!.name, tensor: encodeTensor(params[i]!.data, params[i]!.shape, 'f32', params[i]!.name) });
     }
-    return { step: this.step, total: params.length, adapterConfigJson: null, tensors };
+    return { step: this.step, total: params.length, adapterSpecJson: null, tensors };
   }
 }

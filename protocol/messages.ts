@@ -209,8 +209,8 @@ export const namedWireTensor = obj({ name: str({ max: 256 }), tensor: wireTensor
 export const adapterResponse = obj({
   step: int(0, I32),
   total: int(0, 1 << 20),
-  /** adapter_config.json text (coordinator pulls only) */
-  adapterConfigJson: nullable(bigString),
+  /** JSON {"lora": LoraConfig, "baseModel": string} for writing a PEFT dir (coordinator pulls only) */
+  adapterSpecJson: nullable(bigString),
   tensors: arr(namedWireTensor, 1 << 16),
 });
 export type AdapterResponse = ReturnType<typeof adapterResponse>;

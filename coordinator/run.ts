@@ -1,0 +1,615 @@
+// The run: admission, planning, routing micro-batches through stage peers, step aggregation,
+// atomic commits to LevelDB, heartbeats, and serving status/pull/blobs.
+import type { LlamaConfig, LoraConfig, NamedTensor, WeightSource } from '../engine/types.ts';
+import type { TrainConfig } from '../engine/train/config.ts';
+import { learningRateAt, warmupStepsFor } from '../engine/train/schedule.ts';
+import type { SwarmNode } from '../protocol/net.ts';
+import { request, serve, parseMultiaddr } from '../protocol/net.ts';
+import type { Multiaddr } from '../protocol/net.ts';
+import { BlobStore } from '../protocol/blobs.ts';
+import { encodeShard, decodeShard, shardKindOf, shardTensorNames, stageShardNames } from '../protocol/shard.ts';
+import type { ShardTensors } from '../protocol/shard.ts';
+import type {
+  Assignment, BlobRef, Capabilities, JoinRequest, JoinResponse, StatusResponse, AdapterResponse,
+} from '../protocol/messages.ts';
+import { decodeFloat, encodeTensor } from '../protocol/tensor.ts';
+import type { FloatCodec, WireTensor } from '../protocol/tensor.ts';
+import { AuthError, StaleError, SwarmError } from '../protocol/errors.ts';
+import {
+  COMPUTE_TIMEOUT_MS, CONTROL_TIMEOUT_MS, HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS,
+} from '../protocol/constants.ts';
+import { planStages } from './planner.ts';
+import type { Plan, StageMemoryFn } from './planner.ts';
+import { clipInPlace, globalGradNorm, sumReplicas } from './aggregate.ts';
+import type { RunStore, StepRecord } from './store.ts';
+import type { DashboardEvent, DashboardState, PeerHealth } from './dashboard/state.ts';
+
+/** One micro-batch as the data pipeline hands it over (labels already shifted, -100 ignored). */
+export interface MicroBatch { ids: Int32Array; labels: Int32Array; batch: number; seqLen: number }
+
+export interface RunData {
+  totalSteps: number;
+  /** the micro-batches of optimizer step `step` (0-based), in order */
+  microBatchesForStep(step: number): Promise<MicroBatch[]>;
+  /** data cursor after `step` steps (for the commit record) */
+  cursorAfter(step: number): number;
+}
+
+export type RunEvent = Record<string, unknown> & { event: string };
+
+export interface CoordinatorOptions {
+  node: SwarmNode;
+  store: RunStore;
+  blobs: BlobStore;
+  runId: string;
+  modelName: string;
+  llama: LlamaConfig;
+  modelConfigJson: string;
+  weights: WeightSource;
+  train: TrainConfig;
+  lora: LoraConfig;
+  data: RunData;
+  memory: StageMemoryFn;
+  minPeers: number;
+  pipelineStages?: number;
+  wireCodec: FloatCodec;
+  token: string | null;
+  /** initial LoRA tensors (--init-adapter), by PEFT name */
+  initAdapter: Map<string, NamedTensor> | null;
+  /** committed step to resume from (coordinator restart), with its adapter */
+  resume: { step: number; adapter: Map<string, NamedTensor> } | null;
+  emit: (e: RunEvent) => void;
+  log: (msg: string) => void;
+}
+
+interface PeerState {
+  peerId: string;
+  caps: Capabilities;
+  addrs: Multiaddr[];
+  stageIndex: number | null;
+  health: PeerHealth;
+  ready: boolean;
+  lastSeenMs: number;
+  tokensPerSecond: number;
+  failures: number;
+}
+
+interface PendingJoin { peerId: string; resolve: (r: JoinResponse) => void }
+
+const MAX_ATTEMPTS = 4;
+/** gradient/adapter pages stay far below the frame cap */
+const PAGE_BYTES = 32 * 1024 * 1024;
+
+function pages(sizes: number[]): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  let from = 0;
+  while (from < sizes.length) {
+    let bytes = 0, count = 0;
+    while (from + count < sizes.length && (count === 0 || bytes + sizes[from + count]! * 4 <= PAGE_BYTES)) {
+      bytes += sizes[from + count]! * 4;
+      count++;
+    }
+    out.push([from, count]);
+    from += count;
+  }
+  return out;
+}
+
+export class Coordinator {
+  private readonly o: CoordinatorOptions;
+  private state: DashboardState['state'] = 'waiting';
+  private readonly peers = new Map<string, PeerState>();
+  private pending: PendingJoin[] = [];
+  private plan: Plan | null = null;
+  private shardRefs = new Map<string, { sha256: string; sizeBytes: number }>();
+  /** stage index → LoRA tensor names/shapes in stage param order (learned from the first upload) */
+  private adapter = new Map<string, NamedTensor>();
+  private stageParamNames: string[][] = [];
+  private step = 0;
+  private history: StepRecord[] = [];
+  private events: DashboardEvent[] = [];
+  private retries = 0;
+  private reassignments = 0;
+  private bans = 0;
+  private tokensTotal = 0;
+  private heartbeatTimer: NodeJS.Timeout | null = null;
+  private finishedResolve!: () => void;
+  readonly finished: Promise<void> = new Promise((r) => { this.finishedResolve = r; });
+  private stopping = false;
+
+  constructor(o: CoordinatorOptions) {
+    this.o = o;
+    if (o.resume !== null) {
+      this.step = o.resume.step;
+      this.adapter = o.resume.adapter;
+    } else if (o.initAdapter !== null) {
+      this.adapter = o.initAdapter;
+    }
+  }
+
+  private event(kind: DashboardEvent['kind'], message: string): void {
+    this.events.push({ timeMs: Date.now(), kind, message });
+    if (this.events.length > 200) this.events.shift();
+    this.o.log(message);
+  }
+
+  /** Quantize the base model once into content-addressed shard blobs and keep their refs. */
+  async publishShards(): Promise<void> {
+    const cfg = this.o.llama;
+    const names = ['embed', ...Array.from({ length: cfg.numHiddenLayers }, (_, l) => `layer.${l}`), 'head'];
+    for (const name of names) {
+      const spec = shardTensorNames(cfg, shardKindOf(name));
+      const t: ShardTensors = { nf4: new Map(), float: new Map() };
+      for (const n of spec.nf4) t.nf4.set(n, await this.o.weights.getNF4(n));
+      for (const n of [...spec.float, ...spec.optionalFloat.filter((x) => this.o.weights.has(x))]) {
+        const data = await this.o.weights.getFloat(n);
+        t.float.set(n, { shape: [data.length], data });
+      }
+      const bytes = encodeShard(t);
+      const sha256 = await this.o.blobs.put(bytes);
+      this.shardRefs.set(name, { sha256, sizeBytes: bytes.length });
+    }
+    this.o.log(`published ${names.length} shard blobs`);
+  }
+
+  private providers(): string[] {
+    return this.o.node.getMultiaddrs().map((m) => m.toString());
+  }
+
+  private blobRef(name: string, ref: { sha256: string; sizeBytes: number }, extraProviders: string[] = []): BlobRef {
+    return { name, sha256: ref.sha256, sizeBytes: ref.sizeBytes, providers: [...this.providers(), ...extraProviders].slice(0, 64) };
+  }
+
+  async start(): Promise<void> {
+    const n = this.o.node;
+    const onViolation = (peerId: string, proto: string, err: Error) => {
+      if (err.name === 'SchemaError' || err.name === 'DecodeError' || err.name === 'FrameTooLargeError' || err.name === 'TensorError') {
+        const p = this.peers.get(peerId);
+        if (p !== undefined) p.failures++;
+        this.o.log(`peer ${peerId} sent a bad ${proto} request: ${err.name}: ${err.message}`);
+      }
+    };
+    await serve(n, 'join', (req, ctx) => this.onJoin(req, ctx.peerId), onViolation);
+    await serve(n, 'weights', (req) => this.o.blobs.serveChunk(req), onViolation);
+    await serve(n, 'status', async () => this.statusResponse(), onViolation);
+    await serve(n, 'adapter', (req) => this.onPull(req.step, req.from, req.count), onViolation);
+    this.heartbeatTimer = setInterval(() => { void this.heartbeatAll(); }, HEARTBEAT_INTERVAL_MS);
+    this.heartbeatTimer.unref();
+  }
+
+  async stop(): Promise<void> {
+    this.stopping = true;
+    if (this.heartbeatTimer !== null) clearInterval(this.heartbeatTimer);
+    for (const p of this.pending) p.resolve({ status: 'rejected', reason: 'the coordinator is shutting down', assignment: null });
+    this.pending = [];
+  }
+
+  // ---- admission and planning
+
+  private async onJoin(req: JoinRequest, peerId: string): Promise<JoinResponse> {
+    if (this.o.token !== null && req.token !== this.o.token) throw new AuthError('this run is private: a valid --token is required to join');
+    if (this.state === 'finished' || this.state === 'failed') return { status: 'rejected', reason: `the run is ${this.state}`, assignment: null };
+    if (this.plan !== null) {
+      return { status: 'rejected', reason: 'the run has already been planned and started; joining a running run (spares, late joiners) is not supported yet', assignment: null };
+    }
+    const addrs = req.listenAddrs.map((a) => parseMultiaddr(a.includes('/p2p/') ? a : `${a}/p2p/${peerId}`));
+    this.peers.set(peerId, {
+      peerId, caps: req.capabilities, addrs, stageIndex: null, health: 'spare', ready: false,
+      lastSeenMs: Date.now(), tokensPerSecond: 0, failures: 0,
+    });
+    this.event('join', `peer ${peerId} joined: ${req.capabilities.deviceName}, ${(req.capabilities.memoryBytes / 2 ** 30).toFixed(2)} GiB offered, ${req.capabilities.gemmGflops.toFixed(1)} GFLOP/s`);
+    const answer = new Promise<JoinResponse>((resolve) => {
+      this.pending = this.pending.filter((p) => p.peerId !== peerId);
+      this.pending.push({ peerId, resolve });
+    });
+    this.o.emit({ event: 'peer_joined', peer_id: peerId, peers: this.pending.length, min_peers: this.o.minPeers });
+    if (this.pending.length >= this.o.minPeers) void this.makePlan().catch((e: Error) => this.fail(e));
+    return answer;
+  }
+
+  private async makePlan(): Promise<void> {
+    const joined = this.pending;
+    this.pending = [];
+    let plan: Plan;
+    try {
+      plan = planStages(this.o.llama.numHiddenLayers,
+        joined.map((j) => { const p = this.peers.get(j.peerId)!; return { peerId: p.peerId, memoryBytes: p.caps.memoryBytes, gemmGflops: p.caps.gemmGflops }; }),
+        this.o.memory, this.o.pipelineStages);
+    } catch (e) {
+      // nobody fits a stage: tell every waiting peer why, and keep waiting for bigger ones
+      for (const j of joined) { j.resolve({ status: 'rejected', reason: (e as Error).message, assignment: null }); this.peers.delete(j.peerId); }
+      this.event('error', `planning failed: ${(e as Error).message}`);
+      return;
+    }
+    this.plan = plan;
+    this.stageParamNames = plan.stages.map(() => []);
+    for (const j of joined) {
+      const reason = plan.rejected.get(j.peerId);
+      if (reason !== undefined) {
+        j.resolve({ status: 'rejected', reason, assignment: null });
+        this.peers.delete(j.peerId);
+        this.event('plan', `peer ${j.peerId} rejected: ${reason}`);
+        continue;
+      }
+      const s = plan.replicas.findIndex((r) => r.includes(j.peerId));
+      const p = this.peers.get(j.peerId)!;
+      p.stageIndex = s;
+      p.health = 'ok';
+      j.resolve({ status: 'assigned', reason: null, assignment: await this.assignmentFor(j.peerId, s) });
+    }
+    const desc = plan.stages.map((st, i) => `stage ${i} layers [${st.layerStart}, ${st.layerEnd}) on ${plan.replicas[i]!.length} peer(s)`).join('; ');
+    this.event('plan', `planned ${plan.stages.length} stage(s): ${desc}`);
+    this.o.emit({ event: 'plan', stages: plan.stages.map((st, i) => ({ ...st, replicas: plan.replicas[i] })) });
+    void this.train().catch((e: Error) => this.fail(e));
+  }
+
+  private async assignmentFor(peerId: string, s: number): Promise<Assignment> {
+    const plan = this.plan!;
+    const st = plan.stages[s]!;
+    const cfg = this.o.llama;
+    const t = this.o.train;
+    const stageBlobs = stageShardNames(cfg, st.layerStart, st.layerEnd).map((n) => this.blobRef(n, this.shardRefs.get(n)!));
+    // the stage's slice of the current adapter (init adapter or resumed step), as a blob
+    let adapterBlob: BlobRef | null = null;
+    const mine = [...this.adapter.values()].filter((t) => {
+      const m = /\.layers\.(\d+)\./.exec(t.name);
+      return m !== null && Number(m[1]) >= st.layerStart && Number(m[1]) < st.layerEnd;
+    });
+    if (mine.length > 0) {
+      const bytes = encodeShard({ nf4: new Map(), float: new Map(mine.map((x) => [x.name, { shape: x.shape, data: x.data }])) });
+      const sha256 = await this.o.blobs.put(bytes);
+      adapterBlob = this.blobRef(`adapter.stage${s}.step${this.step}`, { sha256, sizeBytes: bytes.length });
+    }
+    return {
+      runId: this.o.runId, peerId, stageIndex: s, numStages: plan.stages.length,
+      layerStart: st.layerStart, layerEnd: st.layerEnd,
+      modelConfigJson: this.o.modelConfigJson,
+      lora: {
+        r: this.o.lora.r, loraAlpha: this.o.lora.loraAlpha, loraDropout: this.o.lora.loraDropout,
+        targetModules: [...this.o.lora.targetModules], useRslora: this.o.lora.useRslora,
+        initLoraWeights: this.o.lora.initLoraWeights === 'gaussian' ? 'gaussian' : 'kaiming',
+      },
+      optim: {
+        optim: t.optim, adamBeta1: t.adam_beta1, adamBeta2: t.adam_beta2, adamEpsilon: t.adam_epsilon,
+        weightDecay: t.weight_decay, residentBytes: t.optim_resident_bytes ?? 0,
+      },
+      seed: t.seed, gradientCheckpointing: t.gradient_checkpointing, wireCodec: this.o.wireCodec,
+      blobs: stageBlobs, adapterBlob, optimizerBlob: null,
+      step: this.step, totalSteps: this.o.data.totalSteps,
+    };
+  }
+
+  // ---- heartbeats
+
+  private async heartbeatAll(): Promise<void> {
+    if (this.stopping) return;
+    await Promise.all([...this.peers.values()].filter((p) => p.stageIndex !== null && p.health !== 'dead').map(async (p) => {
+      try {
+        const r = await request(this.o.node, p.addrs, 'heartbeat', { runId: this.o.runId, step: this.step, sentAtMs: Date.now() }, { timeoutMs: HEARTBEAT_TIMEOUT_MS });
+        p.lastSeenMs = Date.now();
+        p.ready = r.ready;
+        p.tokensPerSecond = r.tokensPerSecond;
+        if (p.health === 'slow') p.health = 'ok';
+      } catch {
+        const silentMs = Date.now() - p.lastSeenMs;
+        if (silentMs > HEARTBEAT_TIMEOUT_MS) this.markDead(p, `no heartbeat for ${silentMs} ms`);
+        else p.health = 'slow';
+      }
+    }));
+  }
+
+  private markDead(p: PeerState, why: string): void {
+    if (p.health === 'dead') return;
+    p.health = 'dead';
+    this.event('drop', `peer ${p.peerId} (stage ${p.stageIndex}) dropped from routes: ${why}`);
+    this.o.emit({ event: 'peer_dropped', peer_id: p.peerId, reason: why });
+  }
+
+  private liveReplicas(s: number): string[] {
+    return this.plan!.replicas[s]!.filter((id) => this.peers.get(id)?.health !== 'dead');
+  }
+
+  private async waitReady(): Promise<void> {
+    const deadline = Date.now() + 30 * 60_000;
+    for (;;) {
+      const assigned = [...this.peers.values()].filter((p) => p.stageIndex !== null && p.health !== 'dead');
+      if (assigned.length > 0 && assigned.every((p) => p.ready)) return;
+      if (Date.now() > deadline) throw new SwarmError('peers did not become ready within 30 minutes');
+      for (let s = 0; s < this.plan!.stages.length; s++) {
+        if (this.liveReplicas(s).length === 0) throw new SwarmError(`stage ${s} lost all its peers before training started`);
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+
+  // ---- training
+
+  private peerAddrs(id: string): Multiaddr[] {
+    return this.peers.get(id)!.addrs;
+  }
+
+  private async train(): Promise<void> {
+    await this.waitReady();
+    await this.captureInitialAdapter();
+    this.state = 'training';
+    this.o.emit({ event: 'training', step: this.step, total_steps: this.o.data.totalSteps });
+    const t = this.o.train;
+    const total = this.o.data.totalSteps;
+    const warmup = warmupStepsFor(total, t.warmup_steps, t.warmup_ratio);
+    while (this.step < total && !this.stopping) {
+      await this.runStep(this.step, learningRateAt(t.learning_rate, t.lr_scheduler_type, this.step, warmup, total));
+    }
+    if (!this.stopping) await this.finish();
+  }
+
+  private async runStep(step: number, lr: number): Promise<void> {
+    const t0 = performance.now();
+    const mbs = await this.o.data.microBatchesForStep(step);
+    let labelTokens = 0, seqTokens = 0;
+    for (const mb of mbs) {
+      for (let i = 0; i < mb.labels.length; i++) if (mb.labels[i]! !== -100) labelTokens++;
+      seqTokens += mb.batch * mb.seqLen;
+    }
+    if (labelTokens === 0) throw new SwarmError(`step ${step} has no label tokens`);
+    const lossScale = 1 / labelTokens;
+    const S = this.plan!.stages.length;
+    const lossSums = new Float64Array(mbs.length);
+    const attempts = new Int32Array(mbs.length);
+    /** per micro-batch: the route (one peer per stage) whose attempt committed */
+    const committedRoute: Array<string[] | null> = mbs.map(() => null);
+
+    const runMb = async (mb: number, route: string[]): Promise<void> => {
+      const attempt = attempts[mb]!;
+      const m = mbs[mb]!;
+      const T = m.batch * m.seqLen;
+      const base = { runId: this.o.runId, step, mb, attempt };
+      const reached: string[] = [];
+      try {
+        let hidden: WireTensor | undefined;
+        for (let s = 0; s < S; s++) {
+          reached.push(route[s]!);
+          const res = await request(this.o.node, this.peerAddrs(route[s]!), 'forward', {
+            ...base, stageIndex: s, route, batch: m.batch, seqLen: m.seqLen,
+            ids: s === 0 ? encodeTensor(m.ids, [T], 'i32', 'ids') : undefined,
+            hidden: s > 0 ? hidden : undefined,
+            labels: s === S - 1 ? encodeTensor(m.labels, [T], 'i32', 'labels') : undefined,
+            dropoutSeed: (this.o.train.seed * 1_000_003 + step * 10_007 + mb) % 2147483647,
+            train: true,
+          }, { timeoutMs: COMPUTE_TIMEOUT_MS });
+          if (s === S - 1) {
+            if (res.lossSum === undefined) throw new SwarmError(`last stage peer ${route[s]} returned no loss`);
+            lossSums[mb] = res.lossSum;
+          } else {
+            if (res.hidden === undefined) throw new SwarmError(`stage ${s} peer ${route[s]} returned no hidden state`);
+            hidden = res.hidden;
+          }
+        }
+        let grad: WireTensor | undefined;
+        for (let s = S - 1; s >= 0; s--) {
+          const res = await request(this.o.node, this.peerAddrs(route[s]!), 'backward', {
+            ...base, stageIndex: s,
+            gradOut: s < S - 1 ? grad : undefined,
+            lossScale: s === S - 1 ? lossScale : undefined,
+          }, { timeoutMs: COMPUTE_TIMEOUT_MS });
+          grad = res.gradIn;
+        }
+        // the micro-batch is done on every stage: its gradients count now, exactly once
+        await Promise.all(route.map((id) => request(this.o.node, this.peerAddrs(id), 'commit', { ...base, commit: true })));
+        committedRoute[mb] = route;
+      } catch (e) {
+        await Promise.allSettled(reached.map((id) => request(this.o.node, this.peerAddrs(id), 'commit', { ...base, commit: false }, { timeoutMs: 5000 })));
+        throw e;
+      }
+    };
+
+    const routeFor = (k: number): string[] => {
+      const r: string[] = [];
+      for (let s = 0; s < S; s++) {
+        const live = this.liveReplicas(s);
+        if (live.length === 0) throw new SwarmError(`stage ${s} has no live peer left (reassignment of lost stages is not implemented yet)`);
+        r.push(live[k % live.length]!);
+      }
+      return r;
+    };
+
+    // routes work in parallel; a faster route simply pulls more micro-batches off the queue
+    const todo = mbs.map((_, i) => i);
+    const worker = async (k: number): Promise<void> => {
+      for (;;) {
+        const mb = todo.shift();
+        if (mb === undefined) return;
+        for (;;) {
+          const route = routeFor(k + attempts[mb]!);
+          try {
+            await runMb(mb, route);
+            break;
+          } catch (e) {
+            attempts[mb]! += 1;
+            this.retries++;
+            const err = e as Error;
+            this.event('retry', `step ${step} micro-batch ${mb} attempt ${attempts[mb]! - 1} failed (${err.name}: ${err.message}); retrying`);
+            for (const id of route) {
+              const p = this.peers.get(id)!;
+              if (err.name === 'TimeoutError' || /closed|reset|dial|ECONNREFUSED|abort/i.test(err.message)) {
+                if (Date.now() - p.lastSeenMs > HEARTBEAT_TIMEOUT_MS) this.markDead(p, err.message);
+              }
+            }
+            if (attempts[mb]! >= MAX_ATTEMPTS) throw new SwarmError(`step ${step} micro-batch ${mb} failed ${MAX_ATTEMPTS} times: ${err.message}`);
+            await new Promise((r) => setTimeout(r, 200 * attempts[mb]!));
+          }
+        }
+      }
+    };
+    const R = Math.max(...this.plan!.stages.map((_, s) => this.liveReplicas(s).length));
+    await Promise.all(Array.from({ length: Math.min(R, mbs.length) }, (_, k) => worker(k)));
+
+    // collect the step's gradient from every live replica, summed in replica (peer id) order
+    const stageGrads: Float32Array[][] = [];
+    for (let s = 0; s < S; s++) {
+      const replicaGrads: Float32Array[][] = [];
+      for (const id of this.liveReplicas(s)) replicaGrads.push(await this.collect(id, s, step));
+      stageGrads.push(sumReplicas(replicaGrads));
+    }
+    const norm = globalGradNorm(stageGrads);
+    clipInPlace(stageGrads, norm, this.o.train.max_grad_norm);
+    for (let s = 0; s < S; s++) {
+      const names = this.stageParamNames[s]!;
+      const sizes = stageGrads[s]!.map((g) => g.length);
+      await Promise.all(this.liveReplicas(s).map(async (id) => {
+        const pg = pages(sizes);
+        for (let i = 0; i < pg.length; i++) {
+          const [from, count] = pg[i]!;
+          const grads = stageGrads[s]!.slice(from, from + count).map((g, k) => encodeTensor(g, this.adapter.get(names[from + k]!)?.shape ?? [g.length], 'f32', names[from + k]!));
+          await request(this.o.node, this.peerAddrs(id), 'aggregate', {
+            runId: this.o.runId, step, phase: 'apply', from, count, grads, lr, last: i === pg.length - 1,
+          }, { timeoutMs: COMPUTE_TIMEOUT_MS });
+        }
+      }));
+    }
+    // v_{t+1} from one replica per stage; every replica applied the same update
+    for (let s = 0; s < S; s++) await this.uploadAdapter(this.liveReplicas(s)[0]!);
+    const loss = [...lossSums].reduce((a, b) => a + b, 0) / labelTokens;
+    const seconds = (performance.now() - t0) / 1000;
+    const rec: StepRecord = {
+      step: step + 1, loss, lr, gradNorm: norm, tokens: seqTokens, tokensPerSecond: seqTokens / seconds,
+      timeMs: Date.now(), cursor: this.o.data.cursorAfter(step + 1),
+    };
+    // durable before announced: the adapter of step+1 and the cursor land in one atomic batch
+    await this.o.store.commitStep(rec, this.adapterBytes());
+    this.step = step + 1;
+    this.tokensTotal += seqTokens;
+    this.history.push(rec);
+    this.o.emit({ event: 'step', step: rec.step, loss: rec.loss, lr: rec.lr, grad_norm: rec.gradNorm, tokens_per_s: rec.tokensPerSecond, total_steps: this.o.data.totalSteps });
+  }
+
+  private async collect(peerId: string, s: number, step: number): Promise<Float32Array[]> {
+    const out: Float32Array[] = [];
+    let total = Infinity, from = 0;
+    const names = this.stageParamNames[s]!;
+    while (from < total) {
+      // pages of 16 tensors; a LoRA tensor of an 8B model is at most ~1 MB
+      const res = await request(this.o.node, this.peerAddrs(peerId), 'aggregate', {
+        runId: this.o.runId, step, phase: 'collect', from, count: Math.min(16, total === Infinity ? 16 : total - from),
+      }, { timeoutMs: COMPUTE_TIMEOUT_MS });
+      total = res.total;
+      const gs = res.grads ?? [];
+      if (gs.length === 0 && from < total) throw new SwarmError(`peer ${peerId} sent an empty gradient page`);
+      for (const g of gs) {
+        const i = out.length;
+        const known = names[i] !== undefined ? this.adapter.get(names[i]!) : undefined;
+        out.push(decodeFloat(g, `step ${step} stage ${s} grad ${i} from ${peerId}`, known?.shape));
+      }
+      from += gs.length;
+    }
+    return out;
+  }
+
+  private async uploadAdapter(peerId: string): Promise<void> {
+    const p = this.peers.get(peerId)!;
+    const s = p.stageIndex!;
+    const names: string[] = [];
+    let total = Infinity, from = 0;
+    while (from < total) {
+      const res = await request(this.o.node, p.addrs, 'adapter', { runId: this.o.runId, from, count: 16 });
+      total = res.total;
+      if (res.tensors.length === 0 && from < total) throw new SwarmError(`peer ${peerId} sent an empty adapter page`);
+      for (const { name, tensor } of res.tensors) {
+        const data = decodeFloat(tensor, `adapter ${name} from ${peerId}`);
+        this.adapter.set(name, { name, shape: tensor.shape, data });
+        names.push(name);
+      }
+      from += res.tensors.length;
+    }
+    this.stageParamNames[s] = names;
+  }
+
+  /** The full adapter in stage order, as shard-format bytes. */
+  private adapterBytes(): Uint8Array {
+    const float = new Map<string, { shape: number[]; data: Float32Array }>();
+    for (const t of this.orderedAdapter()) float.set(t.name, { shape: t.shape, data: t.data });
+    return encodeShard({ nf4: new Map(), float });
+  }
+
+  private orderedAdapter(): NamedTensor[] {
+    const names = this.stageParamNames.flat();
+    const known = names.length > 0 ? names : [...this.adapter.keys()];
+    return known.map((n) => this.adapter.get(n)!).filter((x) => x !== undefined);
+  }
+
+  /** Ask one replica per stage for its initial LoRA tensors so step 0 is pullable and the
+   *  coordinator knows each stage's parameter order. */
+  private async captureInitialAdapter(): Promise<void> {
+    for (let s = 0; s < this.plan!.stages.length; s++) await this.uploadAdapter(this.liveReplicas(s)[0]!);
+    if (this.step === 0) await this.o.store.putInitialAdapter(this.adapterBytes());
+  }
+
+  private async finish(): Promise<void> {
+    this.state = 'finished';
+    this.event('finish', `run finished after ${this.step} steps`);
+    await Promise.allSettled([...this.peers.values()].filter((p) => p.stageIndex !== null && p.health !== 'dead').map((p) =>
+      request(this.o.node, p.addrs, 'finish', { runId: this.o.runId, reason: 'the run finished' }, { timeoutMs: 5000 })));
+    this.finishedResolve();
+  }
+
+  private fail(e: Error): void {
+    this.state = 'failed';
+    this.event('error', `run failed: ${e.name}: ${e.message}`);
+    this.o.emit({ event: 'error', message: e.message });
+    this.finishedResolve();
+  }
+
+  get runState(): DashboardState['state'] { return this.state; }
+  get committedStep(): number { return this.step; }
+  /** the latest adapter tensors in stage order (for writing the PEFT dir) */
+  currentAdapter(): NamedTensor[] { return this.orderedAdapter(); }
+
+  // ---- status and pull
+
+  private statusResponse(): StatusResponse {
+    const last = this.history[this.history.length - 1];
+    return {
+      runId: this.o.runId, state: this.state, step: this.step, totalSteps: this.o.data.totalSteps,
+      loss: last?.loss ?? null, lr: last?.lr ?? null, tokensPerSecond: last?.tokensPerSecond ?? null,
+      numStages: this.plan?.stages.length ?? 0,
+      peers: [...this.peers.values()].map((p) => ({
+        peerId: p.peerId, stageIndex: p.stageIndex,
+        layerStart: p.stageIndex !== null ? this.plan!.stages[p.stageIndex]!.layerStart : null,
+        layerEnd: p.stageIndex !== null ? this.plan!.stages[p.stageIndex]!.layerEnd : null,
+        device: p.caps.deviceName, memoryBytes: p.caps.memoryBytes, gemmGflops: p.caps.gemmGflops,
+        tokensPerSecond: p.tokensPerSecond, health: p.health, lastSeenMs: p.lastSeenMs,
+      })),
+      committedSteps: this.history.map((h) => h.step),
+      retries: this.retries, reassignments: this.reassignments,
+    };
+  }
+
+  dashboardState(): DashboardState {
+    const st = this.statusResponse();
+    return {
+      runId: this.o.runId, state: this.state, model: this.o.modelName, step: this.step, totalSteps: this.o.data.totalSteps,
+      minPeers: this.o.minPeers,
+      peers: st.peers.map((p) => ({ ...p })),
+      stages: (this.plan?.stages ?? []).map((s, i) => ({ index: i, ...s, replicas: [...this.plan!.replicas[i]!] })),
+      history: this.history.map((h) => ({ step: h.step, loss: h.loss, lr: h.lr, gradNorm: h.gradNorm, tokensPerSecond: h.tokensPerSecond, timeMs: h.timeMs })),
+      totals: { retries: this.retries, reassignments: this.reassignments, bans: this.bans, tokens: this.tokensTotal },
+      events: [...this.events],
+    };
+  }
+
+  private async onPull(step: number | undefined, from: number, count: number): Promise<AdapterResponse> {
+    const want = step ?? this.step;
+    const bytes = await this.o.store.adapter(want);
+    if (bytes === null) throw new StaleError(`no committed adapter for step ${want}; committed steps: ${(await this.o.store.committedSteps()).join(', ') || 'none yet'}`);
+    const t = decodeShard(bytes, `adapter of step ${want}`);
+    const names = [...t.float.keys()];
+    // shard encoding sorts by name; pulls list tensors in that same (stable) order
+    const tensors = names.slice(from, from + count).map((name) => {
+      const x = t.float.get(name)!;
+      return { name, tensor: encodeTensor(x.data, x.shape, 'f32', name) };
+    });
+    return {
+      step: want, total: names.length, tensors,
+      adapterSpecJson: JSON.stringify({ lora: this.o.lora, baseModel: this.o.modelName }),
+    };
+  }
+}

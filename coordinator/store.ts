@@ -1,0 +1,100 @@
+// The coordinator's durable run state in LevelDB: run meta, committed steps with their adapter and
+// data cursor (written in one atomic batch before a step is announced), optimizer checkpoints.
+import { Level } from 'level';
+
+export interface StepRecord {
+  step: number;
+  loss: number;
+  lr: number;
+  gradNorm: number;
+  tokens: number;
+  tokensPerSecond: number;
+  timeMs: number;
+  /** position in the data stream after this step (micro-batches consumed) */
+  cursor: number;
+}
+
+export interface RunMeta {
+  runId: string;
+  model: string;
+  totalSteps: number;
+  createdMs: number;
+  /** the resolved training config, snake_case as in run.json */
+  config: Record<string, unknown>;
+  numStages: number;
+  stages: Array<{ layerStart: number; layerEnd: number }>;
+}
+
+const pad = (n: number) => String(n).padStart(10, '0');
+
+export class RunStore {
+  private readonly db: Level<string, Uint8Array>;
+
+  private constructor(db: Level<string, Uint8Array>) {
+    this.db = db;
+  }
+
+  static async open(dir: string): Promise<RunStore> {
+    const db = new Level<string, Uint8Array>(dir, { valueEncoding: 'view' });
+    await db.open();
+    return new RunStore(db);
+  }
+
+  async close(): Promise<void> {
+    await this.db.close();
+  }
+
+  private async getJson<T>(key: string): Promise<T | null> {
+    const v = await this.db.get(key);
+    return v === undefined ? null : JSON.parse(Buffer.from(v).toString('utf8')) as T;
+  }
+
+  private json(v: unknown): Uint8Array {
+    return new Uint8Array(Buffer.from(JSON.stringify(v), 'utf8'));
+  }
+
+  getMeta(): Promise<RunMeta | null> { return this.getJson<RunMeta>('meta'); }
+  async putMeta(m: RunMeta): Promise<void> { await this.db.put('meta', this.json(m)); }
+
+  /** the latest committed step record, null before the first commit */
+  latest(): Promise<StepRecord | null> { return this.getJson<StepRecord>('latest'); }
+
+  /** Commit a step: its record, the full adapter (shard-format bytes) and the cursor, atomically. */
+  async commitStep(rec: StepRecord, adapterBytes: Uint8Array): Promise<void> {
+    await this.db.batch([
+      { type: 'put', key: `adapter:${pad(rec.step)}`, value: adapterBytes },
+      { type: 'put', key: `history:${pad(rec.step)}`, value: this.json(rec) },
+      { type: 'put', key: 'latest', value: this.json(rec) },
+    ]);
+  }
+
+  /** The initial adapter (step 0) is stored the same way so pulls and restarts before step 1 work. */
+  async putInitialAdapter(adapterBytes: Uint8Array): Promise<void> {
+    await this.db.put(`adapter:${pad(0)}`, adapterBytes);
+  }
+
+  async adapter(step: number): Promise<Uint8Array | null> {
+    return (await this.db.get(`adapter:${pad(step)}`)) ?? null;
+  }
+
+  async history(): Promise<StepRecord[]> {
+    const out: StepRecord[] = [];
+    for await (const [, v] of this.db.iterator({ gte: 'history:', lt: 'history;' })) out.push(JSON.parse(Buffer.from(v).toString('utf8')));
+    return out;
+  }
+
+  async committedSteps(): Promise<number[]> {
+    const out: number[] = [];
+    for await (const k of this.db.keys({ gte: 'adapter:', lt: 'adapter;' })) out.push(Number(k.slice('adapter:'.length)));
+    return out;
+  }
+
+  /** Optimizer state of one stage at a step (opaque bytes from the stage's replica). */
+  async putOptimizerState(step: number, stageIndex: number, bytes: Uint8Array): Promise<void> {
+    await this.db.put(`optim:${pad(step)}:${pad(stageIndex)}`, bytes);
+  }
+
+  async optimizerState(step: number, stageIndex: number): Promise<Uint8Array | null> {
+    return (await this.db.get(`optim:${pad(step)}:${pad(stageIndex)}`)) ?? null;
+  }
+}
