@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Builds libswarmtune_cuda.so (nvcc, sm_75..sm_90 + compute_90 PTX) and the N-API addon into cuda/build/.
+set -euo pipefail
+cd "$(dirname "$0")"
+NVCC="${NVCC:-$(command -v nvcc || true)}"
+[ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ] && NVCC=/usr/local/cuda/bin/nvcc
+if [ -z "$NVCC" ]; then
+  echo "build:cuda: nvcc not found; skipping the CUDA build (the CPU backend is unaffected)" >&2
+  exit 0
+fi
+OUT=build
+mkdir -p "$OUT/obj"
+# Override with CUDA_ARCHS="80 90" for a quicker local build.
+ARCHS="${CUDA_ARCHS:-75 80 86 89 90}"
+PTX_ARCH="${CUDA_PTX_ARCH:-90}"
+GENCODE=()
+for a in $ARCHS; do
+  echo "build:cuda: target sm_$a (SASS)"
+  GENCODE+=("-gencode" "arch=compute_$a,code=sm_$a")
+done
+echo "build:cuda: target compute_$PTX_ARCH (PTX, JIT-compiled on newer GPUs)"
+GENCODE+=("-gencode" "arch=compute_$PTX_ARCH,code=compute_$PTX_ARCH")
+JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
+NVFLAGS=(-O3 -std=c++17 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden --expt-relaxed-constexpr "${GENCODE[@]}")
+start=$(date +%s)
+export NVCC OUT
+printf '%s\n' "${NVFLAGS[@]}" > "$OUT/obj/nvflags"
+# One nvcc per source file, JOBS at a time; the slowest file (attention) bounds the wall time.
+ls src/*.cu | xargs -P "$JOBS" -I{} bash -c '
+  f="{}"; o="$OUT/obj/$(basename "${f%.cu}").o"
+  mapfile -t FL < "$OUT/obj/nvflags"
+  echo "build:cuda: nvcc $f"
+  "$NVCC" "${FL[@]}" -c "$f" -o "$o"
+'
+"$NVCC" -shared -Xcompiler -fPIC "${GENCODE[@]}" -o "$OUT/libswarmtune_cuda.so" "$OUT"/obj/*.o
+echo "build:cuda: linked $OUT/libswarmtune_cuda.so"
+
+# N-API addon: N-API is ABI-stable, so any Node >= 18 headers work; prefer the running Node's.
+NODE_BIN="${NODE_BIN:-../node_modules/.bin/node}"
+[ -x "$NODE_BIN" ] || NODE_BIN=node
+NODE_INC=""
+for d in "$("$NODE_BIN" -p 'require("path").resolve(process.execPath, "../../include/node")' 2>/dev/null || true)" \
+         /usr/include/node /usr/local/include/node "$HOME/.cache/node-gyp/$("$NODE_BIN" -p process.versions.node 2>/dev/null)/include/node"; do
+  if [ -n "$d" ] && [ -f "$d/node_api.h" ]; then NODE_INC="$d"; break; fi
+done
+if [ -z "$NODE_INC" ]; then
+  echo "build:cuda: node_api.h not found (looked next to node and in /usr/include/node); cannot build the addon" >&2
+  exit 1
+fi
+NAPI_INC="$("$NODE_BIN" -p 'require("path").dirname(require.resolve("node-addon-api/package.json"))')"
+CXX="${CXX:-g++}"
+"$CXX" -O2 -std=c++17 -shared -fPIC -fvisibility=hidden -DNAPI_VERSION=8 -DNAPI_DISABLE_CPP_EXCEPTIONS \
+  -I"$NODE_INC" -I"$NAPI_INC" addon/addon.cc -o "$OUT/swarmtune_cuda.node" \
+  -L"$OUT" -lswarmtune_cuda -Wl,-rpath,'$ORIGIN'
+echo "build:cuda: built $OUT/swarmtune_cuda.node (node headers: $NODE_INC)"
+echo "build:cuda: done in $(( $(date +%s) - start ))s"

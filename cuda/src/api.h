@@ -1,0 +1,119 @@
+// C ABI of libswarmtune_cuda.so: every Backend op on host buffers, plus optimizers, paging and the probe.
+//
+// Every function returns 0 on success or a nonzero status (a cudaError_t value, or one of the
+// STC_E_* codes below); the message for the last failure on the calling thread is stc_last_error().
+// Nothing here exits or aborts. Host pointers are plain row-major arrays; device memory is managed
+// inside the library (a caching pool per context), so callers never see device pointers.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define STC_API __attribute__((visibility("default")))
+
+enum {
+  STC_OK = 0,
+  STC_E_INVALID = 10001,     // bad argument (dimension, unsupported head dim, ...)
+  STC_E_NO_DEVICE = 10002,   // no driver / no GPU / bad device index
+  STC_E_BUDGET = 10003,      // a paged-optimizer device budget too small for one page
+  STC_E_HOST_ALLOC = 10004,  // pinned host allocation failed
+};
+
+typedef struct stc_ctx stc_ctx;
+typedef struct stc_paged_opt stc_paged_opt;
+
+typedef struct stc_device_info {
+  char name[256];
+  int64_t total_memory_bytes;
+  int64_t free_memory_bytes;
+  int cc_major;
+  int cc_minor;
+  int sm_count;
+} stc_device_info;
+
+typedef struct stc_adamw_hparams {
+  float lr, beta1, beta2, eps, weight_decay;
+  int32_t step;  // 1-based optimizer step t (bias corrections use beta^t)
+} stc_adamw_hparams;
+
+STC_API const char* stc_last_error(void);
+STC_API const char* stc_version(void);
+/** number of CUDA devices; fails with the driver's reason when none can be used */
+STC_API int stc_device_count(int* count);
+STC_API int stc_device_info_get(int device, stc_device_info* out);
+
+/** precision: 0 = bf16 tensor cores (sm_80+, fp32 SIMT below), 1 = fp32 SIMT everywhere */
+STC_API int stc_open(int device, int gemm_precision, stc_ctx** out);
+STC_API void stc_close(stc_ctx* ctx);
+/** bytes the context's pool holds right now and at most since open */
+STC_API int stc_memory_stats(stc_ctx* ctx, int64_t* pool_bytes, int64_t* peak_bytes);
+
+STC_API int stc_gemm(stc_ctx* ctx, int transA, int transB, int M, int N, int K, float alpha,
+                     const float* A, const float* B, float beta, float* C);
+STC_API int stc_gemm_nf4(stc_ctx* ctx, int M, const float* X, const uint8_t* packed, const float* absmax,
+                         int rows, int cols, int blocksize, float beta, float* Y);
+STC_API int stc_gemm_nf4t(stc_ctx* ctx, int M, const float* DY, const uint8_t* packed, const float* absmax,
+                          int rows, int cols, int blocksize, float beta, float* DX);
+STC_API int stc_dequant_nf4(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int rows, int cols,
+                            int blocksize, float* out);
+
+STC_API int stc_rmsnorm_forward(stc_ctx* ctx, float* out, float* rstd, const float* x, const float* w,
+                                int T, int C, float eps);
+STC_API int stc_rmsnorm_backward(stc_ctx* ctx, float* dx, float* dw /* nullable */, const float* dout,
+                                 const float* x, const float* w, const float* rstd, int T, int C);
+STC_API int stc_rope(stc_ctx* ctx, float* x, const float* cos_t, const float* sin_t, int max_pos,
+                     const int32_t* positions, int T, int n_heads, int D, int inverse);
+STC_API int stc_attention_forward(stc_ctx* ctx, float* out, float* lse, const float* q, const float* k,
+                                  const float* v, int B, int S, int H, int KV, int D);
+STC_API int stc_attention_backward(stc_ctx* ctx, float* dq, float* dk, float* dv, const float* dout,
+                                   const float* q, const float* k, const float* v, const float* out,
+                                   const float* lse, int B, int S, int H, int KV, int D);
+STC_API int stc_swiglu_forward(stc_ctx* ctx, float* out, const float* gate, const float* up, int64_t n);
+STC_API int stc_swiglu_backward(stc_ctx* ctx, float* dgate, float* dup, const float* dout, const float* gate,
+                                const float* up, int64_t n);
+STC_API int stc_embedding_forward(stc_ctx* ctx, float* out, const int32_t* ids, const float* table, int T,
+                                  int C, int V);
+STC_API int stc_cross_entropy_chunk_forward(stc_ctx* ctx, const float* logits, const int32_t* labels, int v0,
+                                            int T, int Vc, float* m, float* s, float* picked);
+STC_API int stc_cross_entropy_chunk_backward(stc_ctx* ctx, float* logits, const int32_t* labels, int v0, int T,
+                                             int Vc, const float* lse, const float* scale);
+
+/** bitsandbytes 32-bit AdamW on host arrays (state m, v updated in place) */
+STC_API int stc_adamw32(stc_ctx* ctx, float* p, const float* g, float* m, float* v, int64_t n,
+                        const stc_adamw_hparams* hp);
+/** bitsandbytes 8-bit blockwise AdamW (blocksize 256, dynamic maps) on host arrays */
+STC_API int stc_adamw8bit(stc_ctx* ctx, float* p, const float* g, uint8_t* s1, uint8_t* s2, float* absmax1,
+                          float* absmax2, int64_t n, const stc_adamw_hparams* hp);
+
+/** Paged AdamW: state in pinned host pages of page_elems elements (multiple of 256), streamed
+ *  through `slots` device staging slots; slots * stc_paged_slot_bytes must fit device_budget_bytes. */
+STC_API int64_t stc_paged_slot_bytes(int bits, int64_t page_elems);
+STC_API int stc_paged_create(stc_ctx* ctx, int bits, int64_t page_elems, int slots, int64_t device_budget_bytes,
+                             stc_paged_opt** out);
+/** registers a tensor of n elements; states start at zero. 8-bit mode keeps fp32 state for
+ *  n < 4096 (bitsandbytes min_8bit_size). */
+STC_API int stc_paged_add(stc_paged_opt* opt, int64_t n, int* tensor_id);
+STC_API int stc_paged_step(stc_paged_opt* opt, int tensor_id, float* p, const float* g,
+                           const stc_adamw_hparams* hp);
+/** copy the state out / in (checkpointing). 32-bit: a=m, b=v as float; 8-bit: a=s1|s2 bytes
+ *  (2n), b=absmax1|absmax2 floats. *is8bit tells which layout the tensor uses. */
+STC_API int stc_paged_state_info(stc_paged_opt* opt, int tensor_id, int* is8bit, int64_t* a_bytes, int64_t* b_bytes);
+STC_API int stc_paged_state_read(stc_paged_opt* opt, int tensor_id, void* a, void* b);
+STC_API int stc_paged_state_write(stc_paged_opt* opt, int tensor_id, const void* a, const void* b);
+STC_API int stc_paged_stats(stc_paged_opt* opt, int64_t* host_pinned_bytes, int64_t* device_bytes);
+STC_API void stc_paged_destroy(stc_paged_opt* opt);
+
+/** short measurements: bf16 tensor-core GEMM TFLOP/s (fp32 SIMT below sm_80) and device copy GB/s */
+STC_API int stc_probe(stc_ctx* ctx, double* gemm_tflops, double* bandwidth_gbs);
+
+/** Pure launch math exposed for host-side tests (no device needed). */
+STC_API int stc_gemm_grid(int M, int N, int use_tensor_cores, int* grid_x, int* grid_y, int* threads);
+STC_API int stc_attention_grid(int B, int S, int H, int* grid_x, int* grid_y, int* grid_z, int* threads,
+                               int D, int* dims_per_thread);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,397 @@
+// GEMM kernels: bf16 tensor-core (WMMA, sm_80+) and fp32 SIMT paths, with NF4 dequantization fused
+// into the B-operand tile load; plus NF4 dequantization and the capability probe.
+#include "common.cuh"
+#include <cuda_bf16.h>
+#include <mma.h>
+
+using namespace nvcuda;
+
+namespace stc {
+
+// bitsandbytes NF4 code table (facts §1), index = 4-bit code.
+__constant__ float kNF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// B-operand loaders: element (r, c) of a row-major stored matrix with leading dimension ld.
+struct LoadF32 {
+  const float* __restrict__ p;
+  int64_t ld;
+  __device__ __forceinline__ float operator()(int64_t r, int64_t c, const float*) const { return __ldg(p + r * ld + c); }
+};
+
+// NF4 weight in bitsandbytes layout: flat element 2j in the high nibble, 2j+1 in the low nibble,
+// absmax per `1 << log2bs` consecutive flat elements.
+struct LoadNF4 {
+  const uint8_t* __restrict__ packed;
+  const float* __restrict__ absmax;
+  int64_t ld;
+  int log2bs;
+  __device__ __forceinline__ float operator()(int64_t r, int64_t c, const float* lut) const {
+    int64_t f = r * ld + c;
+    unsigned b = __ldg(packed + (f >> 1));
+    unsigned code = (f & 1) ? (b & 0xFu) : (b >> 4);
+    return lut[code] * __ldg(absmax + (f >> log2bs));
+  }
+};
+
+// ---- tensor-core path: 128x128 block tile, BK 32, 8 warps each owning 64x32 ----
+constexpr int TC_BM = 128, TC_BN = 128, TC_BK = 32, TC_THREADS = 256;
+constexpr int TC_ALD = TC_BK + 8;   // +8 bf16 padding keeps rows 16-byte aligned and spreads banks
+constexpr int TC_BLD = TC_BN + 8;
+
+template <int TA, int TB, class LB>
+__global__ void __launch_bounds__(TC_THREADS)
+gemm_tc_kernel(int M, int N, int K, float alpha, const float* __restrict__ A, LB lb, float beta,
+               float* __restrict__ C) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __shared__ __align__(128) __nv_bfloat16 As[TC_BM * TC_ALD];  // (BM, BK) row-major
+  __shared__ __align__(128) __nv_bfloat16 Bs[TC_BK * TC_BLD];  // (BK, BN) row-major
+  __shared__ __align__(128) float Cs[TC_THREADS / 32][16 * 16];
+  __shared__ float lut[16];
+  const int tid = threadIdx.x;
+  if (tid < 16) lut[tid] = kNF4[tid];
+  const int m0 = blockIdx.y * TC_BM, n0 = blockIdx.x * TC_BN;
+  const int warp = tid >> 5, lane = tid & 31;
+  const int wm = warp >> 2, wn = warp & 3;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+#pragma unroll
+    for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  float ra[16], rb[16];
+  __syncthreads();  // lut visible before the first NF4 load
+
+  // Thread-to-element maps follow the stored layout so global reads coalesce.
+  auto a_idx = [&](int i, int& m, int& k) {
+    if (TA) { m = tid & 127; k = (tid >> 7) + 2 * i; }
+    else { k = tid & 31; m = (tid >> 5) + 8 * i; }
+  };
+  auto b_idx = [&](int i, int& k, int& n) {
+    if (TB) { k = tid & 31; n = (tid >> 5) + 8 * i; }
+    else { n = tid & 127; k = (tid >> 7) + 2 * i; }
+  };
+  auto load = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+      int m, k;
+      a_idx(i, m, k);
+      int gm = m0 + m, gk = k0 + k;
+      ra[i] = (gm < M && gk < K) ? (TA ? __ldg(A + (int64_t)gk * M + gm) : __ldg(A + (int64_t)gm * K + gk)) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+      int k, n;
+      b_idx(i, k, n);
+      int gk = k0 + k, gn = n0 + n;
+      rb[i] = (gk < K && gn < N) ? (TB ? lb(gn, gk, lut) : lb(gk, gn, lut)) : 0.0f;
+    }
+  };
+  auto store = [&]() {
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+      int m, k;
+      a_idx(i, m, k);
+      As[m * TC_ALD + k] = __float2bfloat16_rn(ra[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+      int k, n;
+      b_idx(i, k, n);
+      Bs[k * TC_BLD + n] = __float2bfloat16_rn(rb[i]);
+    }
+  };
+
+  const int nk = (K + TC_BK - 1) / TC_BK;
+  if (nk > 0) load(0);
+  for (int t = 0; t < nk; t++) {
+    store();
+    __syncthreads();
+    if (t + 1 < nk) load((t + 1) * TC_BK);  // global loads of the next tile overlap this tile's MMAs
+#pragma unroll
+    for (int kk = 0; kk < TC_BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 4; i++) wmma::load_matrix_sync(fa[i], As + (wm * 64 + i * 16) * TC_ALD + kk, TC_ALD);
+#pragma unroll
+      for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], Bs + kk * TC_BLD + wn * 32 + j * 16, TC_BLD);
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+  float* cs = Cs[warp];
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      wmma::store_matrix_sync(cs, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        int gm = m0 + wm * 64 + i * 16 + (e >> 4), gn = n0 + wn * 32 + j * 16 + (e & 15);
+        if (gm < M && gn < N) {
+          int64_t idx = (int64_t)gm * N + gn;
+          float v = alpha * cs[e];
+          C[idx] = beta == 0.0f ? v : v + beta * C[idx];  // beta 0 must ignore NaN in C
+        }
+      }
+      __syncwarp();
+    }
+  }
+#endif
+}
+
+// ---- fp32 SIMT path (sm_75, and precision=fp32): 64x64 tile, BK 16, 4x4 outputs per thread ----
+constexpr int SG_BM = 64, SG_BN = 64, SG_BK = 16, SG_THREADS = 256;
+
+template <int TA, int TB, class LB>
+__global__ void __launch_bounds__(SG_THREADS)
+gemm_simt_kernel(int M, int N, int K, float alpha, const float* __restrict__ A, LB lb, float beta,
+                 float* __restrict__ C) {
+  __shared__ float As[SG_BK][SG_BM + 4];  // k-major so the inner loop reads rows of m
+  __shared__ float Bs[SG_BK][SG_BN + 4];
+  __shared__ float lut[16];
+  const int tid = threadIdx.x;
+  if (tid < 16) lut[tid] = kNF4[tid];
+  const int m0 = blockIdx.y * SG_BM, n0 = blockIdx.x * SG_BN;
+  const int tx = tid & 15, ty = tid >> 4;
+  float acc[4][4] = {};
+  __syncthreads();
+  for (int k0 = 0; k0 < K; k0 += SG_BK) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      int m, k;
+      if (TA) { m = tid & 63; k = (tid >> 6) + 4 * i; }
+      else { k = tid & 15; m = (tid >> 4) + 16 * i; }
+      int gm = m0 + m, gk = k0 + k;
+      As[k][m] = (gm < M && gk < K) ? (TA ? A[(int64_t)gk * M + gm] : A[(int64_t)gm * K + gk]) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      int k, n;
+      if (TB) { k = tid & 15; n = (tid >> 4) + 16 * i; }
+      else { n = tid & 63; k = (tid >> 6) + 4 * i; }
+      int gk = k0 + k, gn = n0 + n;
+      Bs[k][n] = (gk < K && gn < N) ? (TB ? lb(gn, gk, lut) : lb(gk, gn, lut)) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < SG_BK; k++) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; i++) a[i] = As[k][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; j++) b[j] = Bs[k][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      int gm = m0 + ty + 16 * i, gn = n0 + tx + 16 * j;
+      if (gm < M && gn < N) {
+        int64_t idx = (int64_t)gm * N + gn;
+        float v = alpha * acc[i][j];
+        C[idx] = beta == 0.0f ? v : v + beta * C[idx];
+      }
+    }
+}
+
+template <int TA, int TB, class LB>
+static int launch_gemm(stc_ctx* ctx, int M, int N, int K, float alpha, const float* A, LB lb, float beta, float* C,
+                       bool tc) {
+  int gx, gy, threads;
+  stc_gemm_grid(M, N, tc ? 1 : 0, &gx, &gy, &threads);
+  STC_REQUIRE(gy <= 65535, "gemm: M=%d needs %d row tiles, more than the 65535 grid limit", M, gy);
+  if (tc)
+    gemm_tc_kernel<TA, TB, LB><<<dim3(gx, gy), threads, 0, ctx->stream>>>(M, N, K, alpha, A, lb, beta, C);
+  else
+    gemm_simt_kernel<TA, TB, LB><<<dim3(gx, gy), threads, 0, ctx->stream>>>(M, N, K, alpha, A, lb, beta, C);
+  STC_LAUNCHED(ctx->stream);
+  return 0;
+}
+
+int gemm_dev(stc_ctx* ctx, int transA, int transB, int M, int N, int K, float alpha, const float* A, const float* B,
+             float beta, float* C, bool tc) {
+  LoadF32 lb{B, transB ? (int64_t)K : (int64_t)N};
+  if (!transA && !transB) return launch_gemm<0, 0>(ctx, M, N, K, alpha, A, lb, beta, C, tc);
+  if (!transA && transB) return launch_gemm<0, 1>(ctx, M, N, K, alpha, A, lb, beta, C, tc);
+  if (transA && !transB) return launch_gemm<1, 0>(ctx, M, N, K, alpha, A, lb, beta, C, tc);
+  return launch_gemm<1, 1>(ctx, M, N, K, alpha, A, lb, beta, C, tc);
+}
+
+__global__ void dequant_nf4_kernel(float* __restrict__ out, const uint8_t* __restrict__ packed,
+                                   const float* __restrict__ absmax, int64_t n, int log2bs) {
+  __shared__ float lut[16];
+  if (threadIdx.x < 16) lut[threadIdx.x] = kNF4[threadIdx.x];
+  __syncthreads();
+  for (int64_t f = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; f < n; f += (int64_t)gridDim.x * blockDim.x) {
+    unsigned b = packed[f >> 1];
+    unsigned code = (f & 1) ? (b & 0xFu) : (b >> 4);
+    out[f] = lut[code] * absmax[f >> log2bs];
+  }
+}
+
+__global__ void copy_kernel(float4* __restrict__ dst, const float4* __restrict__ src, int64_t n4) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x)
+    dst[i] = src[i];
+}
+
+static int log2_exact(int v) {
+  int l = 0;
+  while ((1 << l) < v) l++;
+  return (1 << l) == v ? l : -1;
+}
+
+// Validates an NF4 weight's geometry and uploads it; returns log2(blocksize) through log2bs.
+static int upload_nf4(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int rows, int cols, int blocksize,
+                      DevBuf& dP, DevBuf& dS, int* log2bs) {
+  STC_REQUIRE(rows > 0 && cols > 0, "NF4 weight: rows=%d cols=%d must be positive", rows, cols);
+  *log2bs = log2_exact(blocksize);
+  STC_REQUIRE(*log2bs >= 1, "NF4 weight: blocksize %d is not a power of two >= 2", blocksize);
+  int64_t n = (int64_t)rows * cols;
+  STC_TRY(dP.upload(ctx, packed, (size_t)((n + 1) / 2)));
+  STC_TRY(dS.upload(ctx, absmax, sizeof(float) * (size_t)((n + blocksize - 1) / blocksize)));
+  return 0;
+}
+
+}  // namespace stc
+
+using namespace stc;
+
+extern "C" {
+
+int stc_gemm_grid(int M, int N, int use_tensor_cores, int* grid_x, int* grid_y, int* threads) {
+  int bm = use_tensor_cores ? TC_BM : SG_BM, bn = use_tensor_cores ? TC_BN : SG_BN;
+  *grid_x = (N + bn - 1) / bn;
+  *grid_y = (M + bm - 1) / bm;
+  *threads = use_tensor_cores ? TC_THREADS : SG_THREADS;
+  return 0;
+}
+
+int stc_gemm(stc_ctx* ctx, int transA, int transB, int M, int N, int K, float alpha, const float* A, const float* B,
+             float beta, float* C) {
+  std::lock_guard<std::mutex> lock(ctx->mu);
+  STC_TRY(enter(ctx));
+  STC_REQUIRE(M >= 0 && N >= 0 && K >= 0, "gemm: negative dimension M=%d N=%d K=%d", M, N, K);
+  if (M == 0 || N == 0) return 0;
+  DevBuf dA, dB, dC;
+  STC_TRY(dA.upload(ctx, A, sizeof(float) * (size_t)M * K));
+  STC_TRY(dB.upload(ctx, B, sizeof(float) * (size_t)K * N));
+  if (beta != 0.0f) STC_TRY(dC.upload(ctx, C, sizeof(float) * (size_t)M * N));
+  else STC_TRY(dC.alloc(ctx, sizeof(float) * (size_t)M * N));
+  STC_TRY(gemm_dev(ctx, transA, transB, M, N, K, alpha, dA.as<float>(), dB.as<float>(), beta, dC.as<float>(),
+                   ctx->tensor_cores()));
+  return dC.download(C, sizeof(float) * (size_t)M * N);
+}
+
+int stc_gemm_nf4(stc_ctx* ctx, int M, const float* X, const uint8_t* packed, const float* absmax, int rows, int cols,
+                 int blocksize, float beta, float* Y) {
+  std::lock_guard<std::mutex> lock(ctx->mu);
+  STC_TRY(enter(ctx));
+  STC_REQUIRE(M >= 0, "gemmNF4: negative M=%d", M);
+  DevBuf dP, dS, dX, dY;
+  int log2bs;
+  STC_TRY(upload_nf4(ctx, packed, absmax, rows, cols, blocksize, dP, dS, &log2bs));
+  if (M == 0) return 0;
+  const int N = rows, K = cols;
+  STC_TRY(dX.upload(ctx, X, sizeof(float) * (size_t)M * K));
+  if (beta != 0.0f) STC_TRY(dY.upload(ctx, Y, sizeof(float) * (size_t)M * N));
+  else STC_TRY(dY.alloc(ctx, sizeof(float) * (size_t)M * N));
+  // Y = X · Wᵀ: op(B)(k, n) = W[n, k], W stored [N, K].
+  LoadNF4 lb{dP.as<uint8_t>(), dS.as<float>(), (int64_t)K, log2bs};
+  STC_TRY((launch_gemm<0, 1>(ctx, M, N, K, 1.0f, dX.as<float>(), lb, beta, dY.as<float>(), ctx->tensor_cores())));
+  return dY.download(Y, sizeof(float) * (size_t)M * N);
+}
+
+int stc_gemm_nf4t(stc_ctx* ctx, int M, const float* DY, const uint8_t* packed, const float* absmax, int rows,
+                  int cols, int blocksize, float beta, float* DX) {
+  std::lock_guard<std::mutex> lock(ctx->mu);
+  STC_TRY(enter(ctx));
+  STC_REQUIRE(M >= 0, "gemmNF4T: negative M=%d", M);
+  DevBuf dP, dS, dDY, dDX;
+  int log2bs;
+  STC_TRY(upload_nf4(ctx, packed, absmax, rows, cols, blocksize, dP, dS, &log2bs));
+  if (M == 0) return 0;
+  const int Kin = rows, Nout = cols;
+  STC_TRY(dDY.upload(ctx, DY, sizeof(float) * (size_t)M * Kin));
+  if (beta != 0.0f) STC_TRY(dDX.upload(ctx, DX, sizeof(float) * (size_t)M * Nout));
+  else STC_TRY(dDX.alloc(ctx, sizeof(float) * (size_t)M * Nout));
+  // DX = DY · W: op(B)(k, n) = W[k, n], W stored [rows, cols].
+  LoadNF4 lb{dP.as<uint8_t>(), dS.as<float>(), (int64_t)cols, log2bs};
+  STC_TRY((launch_gemm<0, 0>(ctx, M, Nout, Kin, 1.0f, dDY.as<float>(), lb, beta, dDX.as<float>(),
+                             ctx->tensor_cores())));
+  return dDX.download(DX, sizeof(float) * (size_t)M * Nout);
+}
+
+int stc_dequant_nf4(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int rows, int cols, int blocksize,
+                    float* out) {
+  std::lock_guard<std::mutex> lock(ctx->mu);
+  STC_TRY(enter(ctx));
+  DevBuf dP, dS, dO;
+  int log2bs;
+  STC_TRY(upload_nf4(ctx, packed, absmax, rows, cols, blocksize, dP, dS, &log2bs));
+  int64_t n = (int64_t)rows * cols;
+  STC_TRY(dO.alloc(ctx, sizeof(float) * (size_t)n));
+  dequant_nf4_kernel<<<blocks_for(n, 256) > 65535 ? 65535 : blocks_for(n, 256), 256, 0, ctx->stream>>>(
+      dO.as<float>(), dP.as<uint8_t>(), dS.as<float>(), n, log2bs);
+  STC_LAUNCHED(ctx->stream);
+  return dO.download(out, sizeof(float) * (size_t)n);
+}
+
+int stc_probe(stc_ctx* ctx, double* gemm_tflops, double* bandwidth_gbs) {
+  std::lock_guard<std::mutex> lock(ctx->mu);
+  STC_TRY(enter(ctx));
+  // 4096^3 is large enough to saturate any current GPU and takes ~1 ms on an H100.
+  const int S = 4096;
+  const size_t bytes = sizeof(float) * (size_t)S * S;
+  DevBuf a, b, c;
+  STC_TRY(a.alloc(ctx, bytes));
+  STC_TRY(b.alloc(ctx, bytes));
+  STC_TRY(c.alloc(ctx, bytes));
+  STC_TRY(a.zero());
+  STC_TRY(b.zero());
+  cudaEvent_t e0, e1;
+  STC_CK(cudaEventCreate(&e0));
+  STC_CK(cudaEventCreate(&e1));
+  bool tc = ctx->cc_major >= 8;
+  STC_TRY(gemm_dev(ctx, 0, 1, S, S, S, 1.0f, a.as<float>(), b.as<float>(), 0.0f, c.as<float>(), tc));  // warm-up
+  const int iters = 5;
+  float ms = 0;
+  STC_CK(cudaEventRecord(e0, ctx->stream));
+  for (int i = 0; i < iters; i++)
+    STC_TRY(gemm_dev(ctx, 0, 1, S, S, S, 1.0f, a.as<float>(), b.as<float>(), 0.0f, c.as<float>(), tc));
+  STC_CK(cudaEventRecord(e1, ctx->stream));
+  STC_CK(cudaEventSynchronize(e1));
+  STC_CK(cudaEventElapsedTime(&ms, e0, e1));
+  // gemm_dev synchronizes after each launch, which adds a few microseconds per iteration: negligible at this size.
+  *gemm_tflops = 2.0 * S * S * (double)S * iters / (ms * 1e-3) / 1e12;
+  int64_t n4 = (int64_t)bytes / 16;
+  copy_kernel<<<ctx->sm_count * 8, 256, 0, ctx->stream>>>(b.as<float4>(), a.as<float4>(), n4);
+  STC_LAUNCHED(ctx->stream);
+  STC_CK(cudaEventRecord(e0, ctx->stream));
+  for (int i = 0; i < iters; i++) copy_kernel<<<ctx->sm_count * 8, 256, 0, ctx->stream>>>(b.as<float4>(), a.as<float4>(), n4);
+  STC_CK(cudaEventRecord(e1, ctx->stream));
+  STC_CK(cudaGetLastError());
+  STC_CK(cudaEventSynchronize(e1));
+  STC_CK(cudaEventElapsedTime(&ms, e0, e1));
+  *bandwidth_gbs = 2.0 * bytes * iters / (ms * 1e-3) / 1e9;  // read + write
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return 0;
+}
+
+}  // extern "C"
