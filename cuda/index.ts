@@ -1,0 +1,584 @@
+// CUDA backend loader: wraps cuda/build/swarmtune_cuda.node behind the engine's Backend interface, plus optimizers and the probe.
+//
+// Every op copies its host Float32Arrays to the device, runs, and copies the results back (the
+// library keeps a caching device pool, so repeated shapes do not re-allocate). Ops run on libuv worker
+// threads, one at a time per backend. Library failures reject with CudaError; argument mistakes throw
+// CudaArgumentError before anything reaches the device.
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { dirname, join } from 'node:path';
+import type { Backend, NF4Weight } from '../engine/backend.ts';
+import { planPagedOptimizer, type OptimizerBits, type PagedPlan } from './paging.ts';
+
+/** A failure reported by the CUDA library (driver, launch, out-of-memory, ...). `status` is the
+ *  cudaError_t value or one of the library's own codes (10001 invalid argument, 10002 no device,
+ *  10003 budget, 10004 pinned host allocation). */
+export class CudaError extends Error {
+  override name = 'CudaError';
+  readonly status: number;
+  readonly op: string;
+  constructor(message: string, status: number, op: string) {
+    super(message);
+    this.status = status;
+    this.op = op;
+  }
+}
+
+/** An op was called with arguments that do not fit its contract (checked before any device work). */
+export class CudaArgumentError extends Error {
+  override name = 'CudaArgumentError';
+}
+
+export interface CudaDeviceInfo {
+  name: string;
+  totalMemoryBytes: number;
+  freeMemoryBytes: number;
+  /** "major.minor", e.g. "9.0" */
+  computeCapability: string;
+  smCount: number;
+}
+
+export interface CudaProbe extends CudaDeviceInfo {
+  /** measured with the library's own 4096³ GEMM: bf16 tensor cores on sm_80+, fp32 SIMT on sm_75 */
+  bf16GemmTflops: number;
+  /** device-to-device copy kernel, read + write bytes per second */
+  memoryBandwidthGBs: number;
+}
+
+export interface AdamWHyper {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  /** 1-based optimizer step (bias corrections use beta^step) */
+  step: number;
+}
+
+/** 8-bit blockwise AdamW state of one tensor (bitsandbytes layout: blocks of 256). */
+export interface AdamW8bitState {
+  state1: Uint8Array;   // [n] codes into the signed dynamic map
+  state2: Uint8Array;   // [n] codes into the unsigned dynamic map
+  absmax1: Float32Array; // [ceil(n/256)]
+  absmax2: Float32Array;
+}
+
+type Ctx = object;
+type OptHandle = object;
+
+// Shape of the N-API module (cuda/addon/addon.cc).
+interface NativeCuda {
+  version(): string;
+  deviceCount(): { count: number; reason: string | null };
+  deviceInfo(device: number): CudaDeviceInfo;
+  open(device: number, precision: number): Ctx;
+  close(ctx: Ctx): void;
+  memoryStats(ctx: Ctx): { poolBytes: number; peakPoolBytes: number };
+  gemm(ctx: Ctx, tA: boolean, tB: boolean, M: number, N: number, K: number, alpha: number, A: Float32Array,
+    B: Float32Array, beta: number, C: Float32Array): Promise<void>;
+  gemmNF4(ctx: Ctx, M: number, X: Float32Array, packed: Uint8Array, absmax: Float32Array, rows: number,
+    cols: number, blocksize: number, beta: number, Y: Float32Array): Promise<void>;
+  gemmNF4T(ctx: Ctx, M: number, DY: Float32Array, packed: Uint8Array, absmax: Float32Array, rows: number,
+    cols: number, blocksize: number, beta: number, DX: Float32Array): Promise<void>;
+  dequantNF4(ctx: Ctx, packed: Uint8Array, absmax: Float32Array, rows: number, cols: number, blocksize: number,
+    out: Float32Array): Promise<void>;
+  rmsnormForward(ctx: Ctx, out: Float32Array, rstd: Float32Array, x: Float32Array, w: Float32Array, T: number,
+    C: number, eps: number): Promise<void>;
+  rmsnormBackward(ctx: Ctx, dx: Float32Array, dw: Float32Array | null, dout: Float32Array, x: Float32Array,
+    w: Float32Array, rstd: Float32Array, T: number, C: number): Promise<void>;
+  rope(ctx: Ctx, x: Float32Array, cos: Float32Array, sin: Float32Array, maxPos: number, positions: Int32Array,
+    T: number, nHeads: number, D: number, inverse: boolean): Promise<void>;
+  attentionForward(ctx: Ctx, out: Float32Array, lse: Float32Array, q: Float32Array, k: Float32Array,
+    v: Float32Array, B: number, S: number, H: number, KV: number, D: number): Promise<void>;
+  attentionBackward(ctx: Ctx, dq: Float32Array, dk: Float32Array, dv: Float32Array, dout: Float32Array,
+    q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array, B: number, S: number,
+    H: number, KV: number, D: number): Promise<void>;
+  swigluForward(ctx: Ctx, out: Float32Array, gate: Float32Array, up: Float32Array, n: number): Promise<void>;
+  swigluBackward(ctx: Ctx, dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array,
+    up: Float32Array, n: number): Promise<void>;
+  embeddingForward(ctx: Ctx, out: Float32Array, ids: Int32Array, table: Float32Array, T: number, C: number,
+    V: number): Promise<void>;
+  crossEntropyChunkForward(ctx: Ctx, logits: Float32Array, labels: Int32Array, v0: number, T: number, Vc: number,
+    m: Float32Array, s: Float32Array, picked: Float32Array): Promise<void>;
+  crossEntropyChunkBackward(ctx: Ctx, logits: Float32Array, labels: Int32Array, v0: number, T: number,
+    Vc: number, lse: Float32Array, scale: Float32Array): Promise<void>;
+  adamw32(ctx: Ctx, p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, n: number, lr: number,
+    b1: number, b2: number, eps: number, wd: number, step: number): Promise<void>;
+  adamw8bit(ctx: Ctx, p: Float32Array, g: Float32Array, s1: Uint8Array, s2: Uint8Array, a1: Float32Array,
+    a2: Float32Array, n: number, lr: number, b1: number, b2: number, eps: number, wd: number,
+    step: number): Promise<void>;
+  pagedSlotBytes(bits: number, pageElems: number): number;
+  pagedCreate(ctx: Ctx, bits: number, pageElems: number, slots: number, budgetBytes: number): OptHandle;
+  pagedAdd(opt: OptHandle, n: number): number;
+  pagedStep(opt: OptHandle, id: number, p: Float32Array, g: Float32Array, lr: number, b1: number, b2: number,
+    eps: number, wd: number, step: number): Promise<void>;
+  pagedStateInfo(opt: OptHandle, id: number): { is8bit: boolean; aBytes: number; bBytes: number };
+  pagedStateRead(opt: OptHandle, id: number, a: Uint8Array, b: Uint8Array): void;
+  pagedStateWrite(opt: OptHandle, id: number, a: Uint8Array, b: Uint8Array): void;
+  pagedStats(opt: OptHandle): { hostPinnedBytes: number; deviceBytes: number };
+  pagedDestroy(opt: OptHandle): void;
+  probe(ctx: Ctx, out: Float64Array): Promise<void>;
+  gemmGrid(M: number, N: number, tensorCores: boolean): { gridX: number; gridY: number; threads: number };
+  attentionGrid(B: number, S: number, H: number, D: number): {
+    gridX: number; gridY: number; gridZ: number; threads: number; dimsPerThread: number; supported: boolean;
+  };
+}
+
+const here = dirname(fileURLToPath(import.meta.url));
+/** Where build.sh puts the addon; SWARMTUNE_CUDA_ADDON overrides it. */
+export const CUDA_ADDON_PATH = process.env.SWARMTUNE_CUDA_ADDON ?? join(here, 'build', 'swarmtune_cuda.node');
+
+let lastReason: string | null = null;
+
+/** Why the last loadCudaBackend/probeCuda returned null (null after a success). */
+export function cudaUnavailableReason(): string | null {
+  return lastReason;
+}
+
+/** Loads the N-API module without touching a device; null (with cudaUnavailableReason set) when the
+ *  library was not built or cannot be loaded. Exposed for tests and tools. */
+export function loadCudaAddon(): NativeCuda | null {
+  if (!existsSync(CUDA_ADDON_PATH)) {
+    lastReason = `CUDA library not built: ${CUDA_ADDON_PATH} is missing (run \`npm run build:cuda\` on a machine with nvcc)`;
+    return null;
+  }
+  try {
+    const require = createRequire(import.meta.url);
+    return require(CUDA_ADDON_PATH) as NativeCuda;
+  } catch (e) {
+    lastReason = `CUDA library at ${CUDA_ADDON_PATH} failed to load: ${(e as Error).message}`;
+    return null;
+  }
+}
+
+function toCudaError(e: unknown, op: string): Error {
+  if (e instanceof Error && typeof (e as { cudaStatus?: unknown }).cudaStatus === 'number') {
+    return new CudaError(`${op}: ${e.message}`, (e as unknown as { cudaStatus: number }).cudaStatus, op);
+  }
+  return e instanceof Error ? e : new Error(String(e));
+}
+
+function openDevice(native: NativeCuda, device: number, precision: number): { ctx: Ctx; info: CudaDeviceInfo } | null {
+  const { count, reason } = native.deviceCount();
+  if (count === 0) {
+    lastReason = `no usable CUDA device: ${reason ?? 'none found'}`;
+    return null;
+  }
+  if (!Number.isInteger(device) || device < 0 || device >= count) {
+    lastReason = `CUDA device ${device} requested but only ${count} present`;
+    return null;
+  }
+  try {
+    const info = native.deviceInfo(device);
+    const ctx = native.open(device, precision);
+    return { ctx, info };
+  } catch (e) {
+    lastReason = `CUDA device ${device} could not be opened: ${(e as Error).message}`;
+    return null;
+  }
+}
+
+export interface LoadCudaOptions {
+  device?: number;
+  /** GEMM arithmetic: 'bf16' tensor cores with fp32 accumulation (default; fp32 SIMT below sm_80)
+   *  or 'fp32' SIMT everywhere (slower, matches the CPU reference more tightly). */
+  gemmPrecision?: 'bf16' | 'fp32';
+}
+
+/** The CUDA backend, or null when the library is not built or no GPU/driver is usable
+ *  (cudaUnavailableReason() says why). */
+export async function loadCudaBackend(opts?: LoadCudaOptions): Promise<CudaBackend | null> {
+  const native = loadCudaAddon();
+  if (!native) return null;
+  const precision = (opts?.gemmPrecision ?? 'bf16') === 'fp32' ? 1 : 0;
+  const opened = openDevice(native, opts?.device ?? 0, precision);
+  if (!opened) return null;
+  lastReason = null;
+  return new CudaBackend(native, opened.ctx, opened.info, precision === 1 ? 'fp32' : 'bf16');
+}
+
+/** Device facts plus a short GEMM and copy measurement (~0.1 s of device time); null without a GPU. */
+export async function probeCuda(opts?: { device?: number }): Promise<CudaProbe | null> {
+  const native = loadCudaAddon();
+  if (!native) return null;
+  const opened = openDevice(native, opts?.device ?? 0, 0);
+  if (!opened) return null;
+  try {
+    const out = new Float64Array(2);
+    await native.probe(opened.ctx, out).catch((e: unknown) => { throw toCudaError(e, 'probe'); });
+    const info = native.deviceInfo(opts?.device ?? 0);  // free memory after the probe released its buffers
+    lastReason = null;
+    return { ...info, bf16GemmTflops: out[0], memoryBandwidthGBs: out[1] };
+  } finally {
+    native.close(opened.ctx);
+  }
+}
+
+function need(op: string, what: string, arr: { length: number }, n: number): void {
+  if (!Number.isSafeInteger(n) || n < 0) throw new CudaArgumentError(`CudaBackend.${op}: size of ${what} is ${n}, not a valid element count`);
+  if (arr.length < n) throw new CudaArgumentError(`CudaBackend.${op}: ${what} has length ${arr.length}, expected at least ${n}`);
+}
+
+function dims(op: string, d: Record<string, number>): void {
+  for (const [k, v] of Object.entries(d)) {
+    // the library takes 32-bit dimensions
+    if (!Number.isInteger(v) || v < 0 || v > 0x7fffffff) throw new CudaArgumentError(`CudaBackend.${op}: ${k}=${v} must be an integer in [0, 2^31)`);
+  }
+}
+
+function checkNF4(op: string, W: NF4Weight): number {
+  dims(op, { 'W.rows': W.rows, 'W.cols': W.cols });
+  const bs = W.blocksize;
+  if (!Number.isInteger(bs) || bs < 32 || bs > 4096 || (bs & (bs - 1)) !== 0) {
+    throw new CudaArgumentError(`CudaBackend.${op}: W.blocksize=${bs} must be a power of two in 32..4096`);
+  }
+  const n = W.rows * W.cols;
+  need(op, `W.packed of [${W.rows},${W.cols}]`, W.packed, Math.ceil(n / 2));
+  need(op, `W.absmax of [${W.rows},${W.cols}] blocksize ${bs}`, W.absmax, Math.ceil(n / bs));
+  return n;
+}
+
+function checkHyper(op: string, hp: AdamWHyper): void {
+  if (!Number.isInteger(hp.step) || hp.step < 1) throw new CudaArgumentError(`CudaBackend.${op}: step=${hp.step} must be an integer >= 1`);
+  for (const k of ['lr', 'beta1', 'beta2', 'eps', 'weightDecay'] as const) {
+    if (!Number.isFinite(hp[k])) throw new CudaArgumentError(`CudaBackend.${op}: ${k}=${hp[k]} must be finite`);
+  }
+}
+
+export class CudaBackend implements Backend {
+  readonly name = 'cuda';
+  readonly threads = 1;
+  readonly device: CudaDeviceInfo;
+  readonly gemmPrecision: 'bf16' | 'fp32';
+  #native: NativeCuda;
+  #ctx: Ctx | null;
+  #inFlight = 0;
+  #closeWhenIdle = false;
+  #optimizers = new Set<CudaPagedAdamW>();
+
+  constructor(native: NativeCuda, ctx: Ctx, device: CudaDeviceInfo, gemmPrecision: 'bf16' | 'fp32') {
+    this.#native = native;
+    this.#ctx = ctx;
+    this.device = device;
+    this.gemmPrecision = gemmPrecision;
+  }
+
+  #ctxOrThrow(op: string): Ctx {
+    if (!this.#ctx || this.#closeWhenIdle) throw new CudaArgumentError(`CudaBackend.${op}: backend already disposed`);
+    return this.#ctx;
+  }
+
+  // Counts in-flight work so dispose() never frees the context under a running worker.
+  async #run(op: string, fn: (native: NativeCuda, ctx: Ctx) => Promise<void>): Promise<void> {
+    const ctx = this.#ctxOrThrow(op);
+    this.#inFlight++;
+    try {
+      await fn(this.#native, ctx);
+    } catch (e) {
+      throw toCudaError(e, op);
+    } finally {
+      this.#inFlight--;
+      if (this.#inFlight === 0 && this.#closeWhenIdle) this.#closeNow();
+    }
+  }
+
+  async gemm(transA: boolean, transB: boolean, M: number, N: number, K: number,
+    alpha: number, A: Float32Array, B: Float32Array, beta: number, C: Float32Array): Promise<void> {
+    dims('gemm', { M, N, K });
+    need('gemm', 'A', A, M * K); need('gemm', 'B', B, K * N); need('gemm', 'C', C, M * N);
+    await this.#run('gemm', (n, c) => n.gemm(c, transA, transB, M, N, K, alpha, A, B, beta, C));
+  }
+
+  async gemmNF4(M: number, X: Float32Array, W: NF4Weight, beta: number, Y: Float32Array): Promise<void> {
+    checkNF4('gemmNF4', W);
+    dims('gemmNF4', { M });
+    need('gemmNF4', 'X', X, M * W.cols); need('gemmNF4', 'Y', Y, M * W.rows);
+    await this.#run('gemmNF4', (n, c) => n.gemmNF4(c, M, X, W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, Y));
+  }
+
+  async gemmNF4T(M: number, DY: Float32Array, W: NF4Weight, beta: number, DX: Float32Array): Promise<void> {
+    checkNF4('gemmNF4T', W);
+    dims('gemmNF4T', { M });
+    need('gemmNF4T', 'DY', DY, M * W.rows); need('gemmNF4T', 'DX', DX, M * W.cols);
+    await this.#run('gemmNF4T', (n, c) => n.gemmNF4T(c, M, DY, W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, DX));
+  }
+
+  async dequantNF4(W: NF4Weight, out: Float32Array): Promise<void> {
+    const n = checkNF4('dequantNF4', W);
+    need('dequantNF4', 'out', out, n);
+    await this.#run('dequantNF4', (nat, c) => nat.dequantNF4(c, W.packed, W.absmax, W.rows, W.cols, W.blocksize, out));
+  }
+
+  async rmsnormForward(out: Float32Array, rstd: Float32Array, x: Float32Array, w: Float32Array,
+    T: number, C: number, eps: number): Promise<void> {
+    dims('rmsnormForward', { T, C });
+    need('rmsnormForward', 'out', out, T * C); need('rmsnormForward', 'x', x, T * C);
+    need('rmsnormForward', 'rstd', rstd, T); need('rmsnormForward', 'w', w, C);
+    if (T === 0) return;
+    await this.#run('rmsnormForward', (n, c) => n.rmsnormForward(c, out, rstd, x, w, T, C, eps));
+  }
+
+  async rmsnormBackward(dx: Float32Array, dw: Float32Array | null, dout: Float32Array, x: Float32Array,
+    w: Float32Array, rstd: Float32Array, T: number, C: number): Promise<void> {
+    dims('rmsnormBackward', { T, C });
+    need('rmsnormBackward', 'dx', dx, T * C); need('rmsnormBackward', 'dout', dout, T * C);
+    need('rmsnormBackward', 'x', x, T * C); need('rmsnormBackward', 'w', w, C);
+    need('rmsnormBackward', 'rstd', rstd, T);
+    if (dw) need('rmsnormBackward', 'dw', dw, C);
+    if (T === 0) return;
+    await this.#run('rmsnormBackward', (n, c) => n.rmsnormBackward(c, dx, dw, dout, x, w, rstd, T, C));
+  }
+
+  async rope(x: Float32Array, cos: Float32Array, sin: Float32Array, positions: Int32Array,
+    T: number, nHeads: number, D: number, inverse: boolean): Promise<void> {
+    dims('rope', { T, nHeads, D });
+    if (D % 2 !== 0 || D === 0) throw new CudaArgumentError(`CudaBackend.rope: head dim D=${D} must be even and positive`);
+    need('rope', 'x', x, T * nHeads * D); need('rope', 'positions', positions, T);
+    if (cos.length !== sin.length) throw new CudaArgumentError(`CudaBackend.rope: cos has length ${cos.length} but sin has ${sin.length}`);
+    const maxPos = Math.floor(cos.length / (D / 2));
+    for (let t = 0; t < T; t++) {
+      const p = positions[t];
+      if (p < 0 || p >= maxPos) throw new CudaArgumentError(`CudaBackend.rope: positions[${t}]=${p} outside the cos/sin table of ${maxPos} rows`);
+    }
+    if (T === 0 || nHeads === 0) return;
+    await this.#run('rope', (n, c) => n.rope(c, x, cos, sin, maxPos, positions, T, nHeads, D, inverse));
+  }
+
+  #checkAttention(op: string, B: number, S: number, H: number, KV: number, D: number): void {
+    dims(op, { B, S, H, KV, D });
+    if (KV === 0 || H % KV !== 0) throw new CudaArgumentError(`CudaBackend.${op}: H=${H} must be a positive multiple of KV=${KV}`);
+    if (D === 0 || D > 256) throw new CudaArgumentError(`CudaBackend.${op}: head dim D=${D} unsupported (1..256)`);
+  }
+
+  async attentionForward(out: Float32Array, lse: Float32Array, q: Float32Array, k: Float32Array,
+    v: Float32Array, B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    this.#checkAttention('attentionForward', B, S, H, KV, D);
+    const T = B * S;
+    need('attentionForward', 'out', out, T * H * D); need('attentionForward', 'q', q, T * H * D);
+    need('attentionForward', 'k', k, T * KV * D); need('attentionForward', 'v', v, T * KV * D);
+    need('attentionForward', 'lse', lse, B * H * S);
+    if (T === 0) return;
+    await this.#run('attentionForward', (n, c) => n.attentionForward(c, out, lse, q, k, v, B, S, H, KV, D));
+  }
+
+  async attentionBackward(dq: Float32Array, dk: Float32Array, dv: Float32Array, dout: Float32Array,
+    q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array,
+    B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    this.#checkAttention('attentionBackward', B, S, H, KV, D);
+    const T = B * S;
+    for (const [name, a, n] of [['dq', dq, T * H * D], ['dout', dout, T * H * D], ['q', q, T * H * D],
+      ['out', out, T * H * D], ['dk', dk, T * KV * D], ['dv', dv, T * KV * D], ['k', k, T * KV * D],
+      ['v', v, T * KV * D], ['lse', lse, B * H * S]] as const) need('attentionBackward', name, a, n);
+    if (T === 0) return;
+    await this.#run('attentionBackward', (n, c) => n.attentionBackward(c, dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D));
+  }
+
+  async swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): Promise<void> {
+    dims('swigluForward', { n });
+    need('swigluForward', 'out', out, n); need('swigluForward', 'gate', gate, n); need('swigluForward', 'up', up, n);
+    if (n === 0) return;
+    await this.#run('swigluForward', (nat, c) => nat.swigluForward(c, out, gate, up, n));
+  }
+
+  async swigluBackward(dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array,
+    up: Float32Array, n: number): Promise<void> {
+    dims('swigluBackward', { n });
+    for (const [name, a] of [['dgate', dgate], ['dup', dup], ['dout', dout], ['gate', gate], ['up', up]] as const) {
+      need('swigluBackward', name, a, n);
+    }
+    if (n === 0) return;
+    await this.#run('swigluBackward', (nat, c) => nat.swigluBackward(c, dgate, dup, dout, gate, up, n));
+  }
+
+  async embeddingForward(out: Float32Array, ids: Int32Array, table: Float32Array, T: number, C: number,
+    V: number): Promise<void> {
+    dims('embeddingForward', { T, C, V });
+    need('embeddingForward', 'out', out, T * C); need('embeddingForward', 'ids', ids, T);
+    need('embeddingForward', 'table', table, V * C);
+    for (let t = 0; t < T; t++) {
+      const id = ids[t];
+      if (id < 0 || id >= V) throw new CudaArgumentError(`CudaBackend.embeddingForward: ids[${t}]=${id} outside vocabulary [0, ${V})`);
+    }
+    if (T === 0 || C === 0) return;
+    await this.#run('embeddingForward', (n, c) => n.embeddingForward(c, out, ids, table, T, C, V));
+  }
+
+  async crossEntropyChunkForward(logits: Float32Array, labels: Int32Array, v0: number, T: number,
+    Vc: number, m: Float32Array, s: Float32Array, picked: Float32Array): Promise<void> {
+    dims('crossEntropyChunkForward', { v0, T, Vc });
+    need('crossEntropyChunkForward', 'logits', logits, T * Vc); need('crossEntropyChunkForward', 'labels', labels, T);
+    need('crossEntropyChunkForward', 'm', m, T); need('crossEntropyChunkForward', 's', s, T);
+    need('crossEntropyChunkForward', 'picked', picked, T);
+    if (T === 0 || Vc === 0) return;
+    await this.#run('crossEntropyChunkForward', (n, c) => n.crossEntropyChunkForward(c, logits, labels, v0, T, Vc, m, s, picked));
+  }
+
+  async crossEntropyChunkBackward(logits: Float32Array, labels: Int32Array, v0: number, T: number,
+    Vc: number, lse: Float32Array, scale: Float32Array): Promise<void> {
+    dims('crossEntropyChunkBackward', { v0, T, Vc });
+    need('crossEntropyChunkBackward', 'logits', logits, T * Vc); need('crossEntropyChunkBackward', 'labels', labels, T);
+    need('crossEntropyChunkBackward', 'lse', lse, T); need('crossEntropyChunkBackward', 'scale', scale, T);
+    if (T === 0 || Vc === 0) return;
+    await this.#run('crossEntropyChunkBackward', (n, c) => n.crossEntropyChunkBackward(c, logits, labels, v0, T, Vc, lse, scale));
+  }
+
+  /** bitsandbytes 32-bit AdamW (decay applied after the Adam step) on host arrays; m, v updated in place. */
+  async adamw32Step(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, hp: AdamWHyper): Promise<void> {
+    checkHyper('adamw32Step', hp);
+    const n = p.length;
+    need('adamw32Step', 'g', g, n); need('adamw32Step', 'm', m, n); need('adamw32Step', 'v', v, n);
+    if (n === 0) return;
+    await this.#run('adamw32Step', (nat, c) => nat.adamw32(c, p, g, m, v, n, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weightDecay, hp.step));
+  }
+
+  /** bitsandbytes 8-bit blockwise AdamW (facts §3) on host arrays; the state is updated in place. */
+  async adamw8bitStep(p: Float32Array, g: Float32Array, st: AdamW8bitState, hp: AdamWHyper): Promise<void> {
+    checkHyper('adamw8bitStep', hp);
+    const n = p.length, nb = Math.ceil(n / 256);
+    need('adamw8bitStep', 'g', g, n);
+    need('adamw8bitStep', 'state1', st.state1, n); need('adamw8bitStep', 'state2', st.state2, n);
+    need('adamw8bitStep', 'absmax1', st.absmax1, nb); need('adamw8bitStep', 'absmax2', st.absmax2, nb);
+    if (n === 0) return;
+    await this.#run('adamw8bitStep', (nat, c) => nat.adamw8bit(c, p, g, st.state1, st.state2, st.absmax1, st.absmax2, n,
+      hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weightDecay, hp.step));
+  }
+
+  /** Paged AdamW: optimizer state in pinned host memory, streamed through device staging slots that
+   *  together stay within deviceBudgetBytes (default 256 MiB). */
+  createPagedAdamW(opts: { bits: OptimizerBits; deviceBudgetBytes?: number; pageElems?: number; maxSlots?: number }): CudaPagedAdamW {
+    const ctx = this.#ctxOrThrow('createPagedAdamW');
+    const plan = planPagedOptimizer({ bits: opts.bits, deviceBudgetBytes: opts.deviceBudgetBytes ?? 256 * 2 ** 20,
+      pageElems: opts.pageElems, maxSlots: opts.maxSlots });
+    let handle: OptHandle;
+    try {
+      handle = this.#native.pagedCreate(ctx, opts.bits, plan.pageElems, plan.slots, plan.deviceBytes);
+    } catch (e) {
+      throw toCudaError(e, 'createPagedAdamW');
+    }
+    const opt = new CudaPagedAdamW(this.#native, handle, plan, opts.bits, (op, fn) => this.#run(op, () => fn()),
+      () => this.#optimizers.delete(opt));
+    this.#optimizers.add(opt);
+    return opt;
+  }
+
+  /** bytes the device pool holds now and at its peak (activations of the biggest op so far) */
+  memoryStats(): { poolBytes: number; peakPoolBytes: number } {
+    return this.#native.memoryStats(this.#ctxOrThrow('memoryStats'));
+  }
+
+  #closeNow(): void {
+    for (const o of [...this.#optimizers]) o.destroy();
+    if (this.#ctx) this.#native.close(this.#ctx);
+    this.#ctx = null;
+  }
+
+  dispose(): void {
+    if (!this.#ctx) return;
+    this.#closeWhenIdle = true;
+    if (this.#inFlight === 0) this.#closeNow();
+  }
+}
+
+/** One paged AdamW instance: register tensors, then step each with its gradient. */
+export class CudaPagedAdamW {
+  readonly plan: PagedPlan;
+  readonly bits: OptimizerBits;
+  #native: NativeCuda;
+  #handle: OptHandle | null;
+  #sizes: number[] = [];
+  #run: (op: string, fn: () => Promise<void>) => Promise<void>;
+  #onDestroy: () => void;
+
+  constructor(native: NativeCuda, handle: OptHandle, plan: PagedPlan, bits: OptimizerBits,
+    run: (op: string, fn: () => Promise<void>) => Promise<void>, onDestroy: () => void) {
+    this.#native = native;
+    this.#handle = handle;
+    this.plan = plan;
+    this.bits = bits;
+    this.#run = run;
+    this.#onDestroy = onDestroy;
+  }
+
+  #h(op: string): OptHandle {
+    if (!this.#handle) throw new CudaArgumentError(`CudaPagedAdamW.${op}: optimizer already destroyed`);
+    return this.#handle;
+  }
+
+  /** Registers a tensor of n elements (zero state); returns its id. */
+  add(n: number): number {
+    const h = this.#h('add');
+    if (!Number.isSafeInteger(n) || n <= 0) throw new CudaArgumentError(`CudaPagedAdamW.add: n=${n} must be a positive integer`);
+    try {
+      const id = this.#native.pagedAdd(h, n);
+      this.#sizes[id] = n;
+      return id;
+    } catch (e) {
+      throw toCudaError(e, 'CudaPagedAdamW.add');
+    }
+  }
+
+  #size(op: string, id: number): number {
+    const n = this.#sizes[id];
+    if (n === undefined) throw new CudaArgumentError(`CudaPagedAdamW.${op}: unknown tensor id ${id}`);
+    return n;
+  }
+
+  async step(id: number, p: Float32Array, g: Float32Array, hp: AdamWHyper): Promise<void> {
+    const h = this.#h('step');
+    const n = this.#size('step', id);
+    checkHyper('CudaPagedAdamW.step', hp);
+    if (p.length !== n || g.length !== n) {
+      throw new CudaArgumentError(`CudaPagedAdamW.step: tensor ${id} has ${n} elements but p has ${p.length} and g has ${g.length}`);
+    }
+    await this.#run('CudaPagedAdamW.step', () => this.#native.pagedStep(h, id, p, g, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weightDecay, hp.step));
+  }
+
+  /** Copy of a tensor's state: 32-bit → {m, v}; 8-bit → {state1, state2, absmax1, absmax2}. */
+  readState(id: number): { m: Float32Array; v: Float32Array } | AdamW8bitState {
+    const h = this.#h('readState');
+    const n = this.#size('readState', id);
+    const info = this.#native.pagedStateInfo(h, id);
+    const a = new Uint8Array(info.aBytes), b = new Uint8Array(info.bBytes);
+    this.#native.pagedStateRead(h, id, a, b);
+    if (!info.is8bit) return { m: new Float32Array(a.buffer), v: new Float32Array(b.buffer) };
+    const nb = info.bBytes / 8;
+    return { state1: a.subarray(0, n), state2: a.subarray(n), absmax1: new Float32Array(b.buffer, 0, nb),
+      absmax2: new Float32Array(b.buffer, nb * 4, nb) };
+  }
+
+  /** Restores a tensor's state (checkpoint resume); layout as readState returns it. */
+  writeState(id: number, st: { m: Float32Array; v: Float32Array } | AdamW8bitState): void {
+    const h = this.#h('writeState');
+    const n = this.#size('writeState', id);
+    const info = this.#native.pagedStateInfo(h, id);
+    const a = new Uint8Array(info.aBytes), b = new Uint8Array(info.bBytes);
+    if ('m' in st) {
+      if (info.is8bit) throw new CudaArgumentError(`CudaPagedAdamW.writeState: tensor ${id} keeps 8-bit state, got fp32 m/v`);
+      need('writeState', 'm', st.m, n); need('writeState', 'v', st.v, n);
+      a.set(new Uint8Array(st.m.buffer, st.m.byteOffset, n * 4));
+      b.set(new Uint8Array(st.v.buffer, st.v.byteOffset, n * 4));
+    } else {
+      if (!info.is8bit) throw new CudaArgumentError(`CudaPagedAdamW.writeState: tensor ${id} keeps fp32 state, got 8-bit codes`);
+      const nb = info.bBytes / 8;
+      need('writeState', 'state1', st.state1, n); need('writeState', 'state2', st.state2, n);
+      need('writeState', 'absmax1', st.absmax1, nb); need('writeState', 'absmax2', st.absmax2, nb);
+      a.set(st.state1.subarray(0, n));
+      a.set(st.state2.subarray(0, n), n);
+      b.set(new Uint8Array(st.absmax1.buffer, st.absmax1.byteOffset, nb * 4));
+      b.set(new Uint8Array(st.absmax2.buffer, st.absmax2.byteOffset, nb * 4), nb * 4);
+    }
+    this.#native.pagedStateWrite(h, id, a, b);
+  }
+
+  stats(): { hostPinnedBytes: number; deviceBytes: number } {
+    return this.#native.pagedStats(this.#h('stats'));
+  }
+
+  destroy(): void {
+    if (!this.#handle) return;
+    this.#native.pagedDestroy(this.#handle);
+    this.#handle = null;
+    this.#onDestroy();
+  }
+}
