@@ -198,16 +198,17 @@ export class StageHost {
     this.check(req, 'aggregate');
     const params = this.stage.params;
     const total = params.length;
-    if (req.from + req.count > total) throw new SchemaError(`aggregate: params [${req.from}, ${req.from + req.count}) outside [0, ${total})`);
     if (req.phase === 'collect') {
+      if (req.from > total) throw new SchemaError(`aggregate collect: page starts at ${req.from}, the stage has ${total} params`);
       const sum = this.foldStepSum();
       const grads = [];
-      for (let i = req.from; i < req.from + req.count; i++) {
+      for (let i = req.from; i < Math.min(total, req.from + req.count); i++) {
         // the step sum always travels in f32: it is small and clipping needs its exact norm
         grads.push(encodeTensor(sum[i]!, params[i]!.shape, 'f32', `grad ${params[i]!.name}`));
       }
       return { total, grads, microBatches: this.committed.size };
     }
+    if (req.from + req.count > total) throw new SchemaError(`aggregate apply: params [${req.from}, ${req.from + req.count}) outside [0, ${total})`);
     if (req.grads === undefined || req.grads.length !== req.count) throw new SchemaError(`aggregate apply: expected ${req.count} gradients, got ${req.grads?.length ?? 0}`);
     if (this.finalGrads === null) this.finalGrads = this.stage.newGrads();
     for (let k = 0; k < req.count; k++) {
