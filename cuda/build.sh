@@ -34,6 +34,10 @@ ls src/*.cu | xargs -P "$JOBS" -I{} bash -c '
 '
 "$NVCC" -shared -Xcompiler -fPIC "${GENCODE[@]}" -o "$OUT/libswarmtune_cuda.so" "$OUT"/obj/*.o
 echo "build:cuda: linked $OUT/libswarmtune_cuda.so"
+# What was built, for tests/cuda-build.test.ts to check against the embedded fatbin.
+sass_json=$(printf '%s,' $ARCHS); sass_json="[${sass_json%,}]"
+is_default=$([ -z "${CUDA_ARCHS:-}" ] && [ -z "${CUDA_PTX_ARCH:-}" ] && echo true || echo false)
+printf '{"sass":%s,"ptx":[%s],"default":%s}\n' "$sass_json" "$PTX_ARCH" "$is_default" > "$OUT/targets.json"
 
 # N-API addon: N-API is ABI-stable, so any Node >= 18 headers work; prefer the running Node's.
 NODE_BIN="${NODE_BIN:-../node_modules/.bin/node}"

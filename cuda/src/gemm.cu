@@ -39,8 +39,9 @@ struct LoadNF4 {
 
 // ---- tensor-core path: 128x128 block tile, BK 32, 8 warps each owning 64x32 ----
 constexpr int TC_BM = 128, TC_BN = 128, TC_BK = 32, TC_THREADS = 256;
-constexpr int TC_ALD = TC_BK + 8;   // +8 bf16 padding keeps rows 16-byte aligned and spreads banks
-constexpr int TC_BLD = TC_BN + 8;
+// +8 bf16 padding keeps rows 16-byte aligned and spreads banks ([[maybe_unused]]: sm_75 compiles the body out)
+[[maybe_unused]] constexpr int TC_ALD = TC_BK + 8;
+[[maybe_unused]] constexpr int TC_BLD = TC_BN + 8;
 
 template <int TA, int TB, class LB>
 __global__ void __launch_bounds__(TC_THREADS)
