@@ -180,7 +180,7 @@ export class StageHost {
   }
 
   /** Sum of committed micro-batch gradients, folded in micro-batch order so the sum is deterministic. */
-  private foldStepSum(): Float32Array[] {
+  private async foldStepSum(): Promise<Float32Array[]> {
     if (this.stepSum !== null) return this.stepSum;
     const sum = this.stage.newGrads();
     for (const mb of [...this.committed.keys()].sort((x, y) => x - y)) {
@@ -189,6 +189,8 @@ export class StageHost {
         const s = sum[i]!, gi = g[i]!;
         for (let j = 0; j < s.length; j++) s[j]! += gi[j]!;
       }
+      // yield between micro-batches: a large stage's sum must not hold heartbeats back
+      await new Promise((r) => setImmediate(r));
     }
     this.stepSum = sum;
     return sum;
@@ -200,7 +202,7 @@ export class StageHost {
     const total = params.length;
     if (req.phase === 'collect') {
       if (req.from > total) throw new SchemaError(`aggregate collect: page starts at ${req.from}, the stage has ${total} params`);
-      const sum = this.foldStepSum();
+      const sum = await this.foldStepSum();
       const grads = [];
       for (let i = req.from; i < Math.min(total, req.from + req.count); i++) {
         // the step sum always travels in f32: it is small and clipping needs its exact norm
