@@ -1,0 +1,185 @@
+// The volunteer process: probe, join, fetch and verify shard blobs, load the stage, serve it, exit cleanly.
+import path from 'node:path';
+import type { Backend } from '../engine/backend.ts';
+import { loadStage } from '../engine/model/stage.ts';
+import { parseLlamaConfig } from '../engine/formats/config.ts';
+import type { LoraConfig } from '../engine/types.ts';
+import { createSwarmNode, request, serve, parseMultiaddr } from '../protocol/net.ts';
+import type { SwarmNode } from '../protocol/net.ts';
+import { BlobStore } from '../protocol/blobs.ts';
+import type { BlobEvent } from '../protocol/blobs.ts';
+import { decodeShard } from '../protocol/shard.ts';
+import type { Assignment } from '../protocol/messages.ts';
+import { StaleError, SwarmError } from '../protocol/errors.ts';
+import { probeCapabilities } from './probe.ts';
+import { BlobWeightSource } from './weights.ts';
+import { StageHost } from './stage-host.ts';
+import type { ShardOptimizer } from './stage-host.ts';
+import type { NamedTensor } from '../engine/types.ts';
+import type { OptimSpec } from '../protocol/messages.ts';
+
+/** Joining waits for the coordinator to reach --min-peers and plan; an hour covers slow organizers. */
+const JOIN_TIMEOUT_MS = 60 * 60_000;
+/** Without a coordinator heartbeat for this long, the volunteer gives up on the run. */
+const COORDINATOR_LOST_MS = 120_000;
+
+export interface VolunteerOptions {
+  coordinator: string;
+  token: string | null;
+  device: string;
+  maxMemoryBytes?: number;
+  dataDir: string;
+  json: boolean;
+  /** listen multiaddr for serving blobs and stage requests */
+  listen?: string;
+}
+
+export const EXIT_OK = 0;
+export const EXIT_REJECTED = 2;
+export const EXIT_FAILED = 1;
+
+function backendKind(device: string): 'auto' | 'cpu' | 'ref' | 'cuda' {
+  if (device === 'auto' || device === 'cpu' || device === 'ref') return device;
+  if (/^cuda(:\d+)?$/.test(device)) return 'cuda';
+  throw new SwarmError(`--device must be auto, cpu, ref or cuda:N, got "${device}"`);
+}
+
+/** The backend factory and the optimizer adapter, loaded when first needed so an in-process
+ *  volunteer with injected deps does not load the native addon. */
+async function engineModules(): Promise<{ createBackend(kind: 'auto' | 'cpu' | 'ref' | 'cuda'): Promise<Backend>; createShardOptimizer: OptimizerFactory }> {
+  const backends = await import(new URL('../engine/backends/index.ts', import.meta.url).href) as { createBackend(kind: string): Promise<Backend> };
+  const optim = await import(new URL('./optimizer.ts', import.meta.url).href) as { createShardOptimizer: OptimizerFactory };
+  return { createBackend: (k) => backends.createBackend(k), createShardOptimizer: optim.createShardOptimizer };
+}
+
+export type OptimizerFactory = (spec: OptimSpec, params: NamedTensor[], opts: { spillDir: string; state: Uint8Array | null }) => Promise<ShardOptimizer>;
+
+/** Injected pieces (tests run a volunteer in-process with a chosen backend). */
+export interface VolunteerDeps {
+  backend?: Backend;
+  createOptimizer?: OptimizerFactory;
+}
+
+export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps = {}): Promise<number> {
+  const say = (event: string, fields: Record<string, unknown>, human: string) => {
+    if (opts.json) process.stdout.write(JSON.stringify({ event, ...fields }) + '\n');
+    else process.stderr.write(`[swarmtune join] ${human}\n`);
+  };
+  const dataDir = path.resolve(opts.dataDir);
+  const backend: Backend = deps.backend ?? await (await engineModules()).createBackend(backendKind(opts.device));
+  const createOptimizer: OptimizerFactory = deps.createOptimizer ?? (await engineModules()).createShardOptimizer;
+  let node: SwarmNode | null = null;
+  let host: StageHost | null = null;
+  let runId: string | null = null;
+  let lastCoordinatorMs = Date.now();
+  let done!: (code: number) => void;
+  const finished = new Promise<number>((r) => { done = r; });
+
+  const onSignal = () => { say('stopping', { reason: 'signal' }, 'stopping on signal'); done(EXIT_OK); };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+
+  try {
+    node = await createSwarmNode({ dataDir, listen: [opts.listen ?? '/ip4/127.0.0.1/tcp/0'] });
+    const blobs = new BlobStore(dataDir);
+    blobs.onEvent = (e: BlobEvent) => {
+      const human = e.kind === 'cache-hit' ? `blob ${e.name} ${e.sha256.slice(0, 12)} verified from cache`
+        : e.kind === 'fetched' ? `blob ${e.name} ${e.sha256.slice(0, 12)} fetched (${e.sizeBytes} bytes) from ${e.from}`
+          : e.kind === 'corrupt-cache' ? `cached blob ${e.name} ${e.sha256.slice(0, 12)} is corrupt (hashes to ${e.got.slice(0, 12)}); refused, fetching again`
+            : `provider ${e.from} failed for blob ${e.name}: ${e.error}`;
+      say('blob', { ...e }, human);
+    };
+    const notReady = async (): Promise<never> => { throw new StaleError('this peer has no stage loaded yet'); };
+    await serve(node, 'weights', (req) => blobs.serveChunk(req));
+    await serve(node, 'heartbeat', async (req) => {
+      lastCoordinatorMs = Date.now();
+      return {
+        runId, ready: host !== null, step: host?.step ?? 0, tokensPerSecond: host?.tokensPerSecond ?? 0,
+        inflight: host?.inflight ?? 0, busy: host?.busy ?? false, memoryRssBytes: process.memoryUsage.rss(),
+      };
+    });
+    await serve(node, 'forward', (req) => (host === null ? notReady() : host.forward(req)));
+    await serve(node, 'backward', (req) => (host === null ? notReady() : host.backward(req)));
+    await serve(node, 'commit', async (req) => { if (host === null) return notReady(); host.commit(req); return { ok: true }; });
+    await serve(node, 'aggregate', (req) => (host === null ? notReady() : host.aggregate(req)));
+    await serve(node, 'adapter', async (req) => (host === null ? notReady() : host.adapter(req)));
+    await serve(node, 'finish', async (req) => {
+      if (req.runId !== runId) throw new StaleError(`finish for run ${req.runId}, this peer is in run ${runId}`);
+      say('finished', { run_id: runId, reason: req.reason }, `run finished: ${req.reason}`);
+      setImmediate(() => done(EXIT_OK));
+      return { ok: true };
+    });
+
+    const caps = await probeCapabilities(backend, { device: opts.device, maxMemoryBytes: opts.maxMemoryBytes });
+    say('probe', { capabilities: caps }, `${caps.deviceName}, ${caps.cores} cores, offering ${(caps.memoryBytes / 2 ** 30).toFixed(2)} GiB, ${caps.gemmGflops.toFixed(1)} GFLOP/s`);
+    const coord = parseMultiaddr(opts.coordinator);
+    const listenAddrs = node.getMultiaddrs().map((m) => m.toString());
+    say('joining', { coordinator: opts.coordinator, peer_id: node.peerId.toString() }, `joining ${opts.coordinator} as ${node.peerId.toString()}`);
+    const joinP = request(node, coord, 'join', { token: opts.token, capabilities: caps, listenAddrs, previousRunId: null }, { timeoutMs: JOIN_TIMEOUT_MS });
+    const res = await Promise.race([joinP, finished.then(() => null)]);
+    if (res === null) return await finished;
+    if (res.status === 'rejected' || res.assignment === null) {
+      say('rejected', { reason: res.reason }, `the coordinator did not give this peer a stage: ${res.reason ?? 'no reason given'}`);
+      return EXIT_REJECTED;
+    }
+    const a: Assignment = res.assignment;
+    runId = a.runId;
+    lastCoordinatorMs = Date.now();
+    say('assigned', { run_id: a.runId, stage: a.stageIndex, layer_start: a.layerStart, layer_end: a.layerEnd, num_stages: a.numStages },
+      `assigned stage ${a.stageIndex + 1}/${a.numStages}: layers [${a.layerStart}, ${a.layerEnd})`);
+
+    host = await loadAssignment(node, blobs, backend, a, dataDir, createOptimizer);
+    say('ready', { stage: a.stageIndex, params: host.stage.params.length }, `stage loaded (${host.stage.params.length} LoRA tensors); serving`);
+
+    const watchdog = setInterval(() => {
+      if (Date.now() - lastCoordinatorMs > COORDINATOR_LOST_MS) {
+        say('coordinator_lost', {}, `no heartbeat from the coordinator for ${COORDINATOR_LOST_MS / 1000} s; leaving the run`);
+        done(EXIT_FAILED);
+      }
+    }, 1000);
+    watchdog.unref();
+    const code = await finished;
+    clearInterval(watchdog);
+    return code;
+  } catch (e) {
+    const err = e as Error;
+    say('error', { name: err.name, message: err.message }, `error: ${err.name}: ${err.message}`);
+    return EXIT_FAILED;
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    host?.stage.dispose();
+    if (node !== null) { try { await node.stop(); } catch { /* already stopped */ } }
+    if (deps.backend === undefined) backend.dispose();
+  }
+}
+
+/** Fetch, verify and decode the stage's shard blobs, load the stage, apply the run's current adapter. */
+async function loadAssignment(node: SwarmNode, blobs: BlobStore, backend: Backend, a: Assignment, dataDir: string, createOptimizer: OptimizerFactory): Promise<StageHost> {
+  const config = parseLlamaConfig(JSON.parse(a.modelConfigJson), `run ${a.runId} model config`);
+  const shards = [];
+  for (const ref of a.blobs) shards.push(decodeShard(await blobs.get(node, ref), `shard ${ref.name}`));
+  const source = new BlobWeightSource(config, shards);
+  const lora: LoraConfig = {
+    r: a.lora.r, loraAlpha: a.lora.loraAlpha, loraDropout: a.lora.loraDropout, targetModules: [...a.lora.targetModules],
+    useRslora: a.lora.useRslora, initLoraWeights: a.lora.initLoraWeights === 'gaussian' ? 'gaussian' : true,
+  };
+  const stage = await loadStage(source, backend, {
+    layerStart: a.layerStart, layerEnd: a.layerEnd, lora, seed: a.seed, gradientCheckpointing: a.gradientCheckpointing,
+  });
+  source.clear();
+  if (a.adapterBlob !== null) {
+    const t = decodeShard(await blobs.get(node, a.adapterBlob), `adapter ${a.adapterBlob.name}`);
+    for (const p of stage.params) {
+      const x = t.float.get(p.name);
+      if (x === undefined) throw new SwarmError(`adapter blob ${a.adapterBlob.name} lacks ${p.name}`);
+      if (x.data.length !== p.data.length) throw new SwarmError(`adapter ${p.name}: ${x.data.length} elements, the stage expects ${p.data.length} [${p.shape}]`);
+      p.data.set(x.data);
+    }
+  }
+  const optimizer = await createOptimizer(a.optim, stage.params, {
+    spillDir: path.join(dataDir, "optimizer"),
+    state: a.optimizerBlob !== null ? await blobs.get(node, a.optimizerBlob) : null,
+  });
+  return new StageHost(stage, a, optimizer);
+}
