@@ -57,7 +57,7 @@ export interface CoordinatorOptions {
   /** initial LoRA tensors (--init-adapter), by PEFT name */
   initAdapter: Map<string, NamedTensor> | null;
   /** committed step to resume from (coordinator restart), with its adapter */
-  resume: { step: number; adapter: Map<string, NamedTensor> } | null;
+  resume: { step: number; adapter: Map<string, NamedTensor>; optimizerStates: Uint8Array[] | null } | null;
   emit: (e: RunEvent) => void;
   log: (msg: string) => void;
 }
@@ -116,12 +116,14 @@ export class Coordinator {
   private finishedResolve!: () => void;
   readonly finished: Promise<void> = new Promise((r) => { this.finishedResolve = r; });
   private stopping = false;
+  private resumeStates: Uint8Array[] | null = null;
 
   constructor(o: CoordinatorOptions) {
     this.o = o;
     if (o.resume !== null) {
       this.step = o.resume.step;
       this.adapter = o.resume.adapter;
+      this.resumeStates = o.resume.optimizerStates;
     } else if (o.initAdapter !== null) {
       this.adapter = o.initAdapter;
     }
@@ -237,6 +239,8 @@ export class Coordinator {
       p.health = 'ok';
       j.resolve({ status: 'assigned', reason: null, assignment: await this.assignmentFor(j.peerId, s) });
     }
+    const meta = await this.o.store.getMeta();
+    if (meta !== null) await this.o.store.putMeta({ ...meta, numStages: plan.stages.length, stages: plan.stages });
     const desc = plan.stages.map((st, i) => `stage ${i} layers [${st.layerStart}, ${st.layerEnd}) on ${plan.replicas[i]!.length} peer(s)`).join('; ');
     this.event('plan', `planned ${plan.stages.length} stage(s): ${desc}`);
     this.o.emit({ event: 'plan', stages: plan.stages.map((st, i) => ({ ...st, replicas: plan.replicas[i] })) });
@@ -274,9 +278,16 @@ export class Coordinator {
         weightDecay: t.weight_decay, residentBytes: t.optim_resident_bytes ?? 0,
       },
       seed: t.seed, gradientCheckpointing: t.gradient_checkpointing, wireCodec: this.o.wireCodec,
-      blobs: stageBlobs, adapterBlob, optimizerBlob: null,
+      blobs: stageBlobs, adapterBlob, optimizerBlob: await this.optimizerBlobFor(s),
       step: this.step, totalSteps: this.o.data.totalSteps,
     };
+  }
+
+  private async optimizerBlobFor(s: number): Promise<BlobRef | null> {
+    const bytes = this.resumeStates?.[s];
+    if (bytes === undefined) return null;
+    const sha256 = await this.o.blobs.put(bytes);
+    return this.blobRef(`optimizer.stage${s}.step${this.step}`, { sha256, sizeBytes: bytes.length });
   }
 
   // ---- heartbeats
@@ -474,8 +485,13 @@ export class Coordinator {
       step: step + 1, loss, lr, gradNorm: norm, tokens: seqTokens, tokensPerSecond: seqTokens / seconds,
       timeMs: Date.now(), cursor: this.o.data.cursorAfter(step + 1),
     };
-    // durable before announced: the adapter of step+1 and the cursor land in one atomic batch
-    await this.o.store.commitStep(rec, this.adapterBytes());
+    const t = this.o.train;
+    const checkpoint = rec.step === this.o.data.totalSteps || (t.save_strategy === 'steps' && rec.step % t.save_steps === 0);
+    const states = checkpoint ? await Promise.all(this.plan!.stages.map((_, s) => this.fetchOptimizerState(this.liveReplicas(s)[0]!, rec.step))) : null;
+    // durable before announced: the adapter of step+1, the cursor (and at checkpoints every stage's
+    // optimizer state) land in one atomic batch
+    await this.o.store.commitStep(rec, this.adapterBytes(), states);
+    if (states !== null) this.event('checkpoint', `checkpointed optimizer state of ${states.length} stage(s) at step ${rec.step}`);
     this.step = step + 1;
     this.tokensTotal += seqTokens;
     this.history.push(rec);
@@ -502,6 +518,20 @@ export class Coordinator {
       from += gs.length;
     }
     return out;
+  }
+
+  private async fetchOptimizerState(peerId: string, step: number): Promise<Uint8Array> {
+    const chunks: Uint8Array[] = [];
+    let size = Infinity, off = 0;
+    while (off < size) {
+      const res = await request(this.o.node, this.peerAddrs(peerId), 'optimizer', { runId: this.o.runId, step, offset: off, length: 8 * 1024 * 1024 }, { timeoutMs: COMPUTE_TIMEOUT_MS });
+      size = res.sizeBytes;
+      if (res.bytes.length === 0 && off < size) throw new SwarmError(`peer ${peerId} sent an empty optimizer-state chunk`);
+      chunks.push(res.bytes);
+      off += res.bytes.length;
+      if (size === 0) break;
+    }
+    return new Uint8Array(Buffer.concat(chunks));
   }
 
   private async uploadAdapter(peerId: string): Promise<void> {

@@ -60,12 +60,26 @@ export class RunStore {
   latest(): Promise<StepRecord | null> { return this.getJson<StepRecord>('latest'); }
 
   /** Commit a step: its record, the full adapter (shard-format bytes) and the cursor, atomically. */
-  async commitStep(rec: StepRecord, adapterBytes: Uint8Array): Promise<void> {
-    await this.db.batch([
+  async commitStep(rec: StepRecord, adapterBytes: Uint8Array, optimizerStates: Uint8Array[] | null = null): Promise<void> {
+    const ops: Array<{ type: 'put'; key: string; value: Uint8Array }> = [
       { type: 'put', key: `adapter:${pad(rec.step)}`, value: adapterBytes },
       { type: 'put', key: `history:${pad(rec.step)}`, value: this.json(rec) },
       { type: 'put', key: 'latest', value: this.json(rec) },
-    ]);
+    ];
+    if (optimizerStates !== null) {
+      optimizerStates.forEach((b, s) => ops.push({ type: 'put', key: `optim:${pad(rec.step)}:${pad(s)}`, value: b }));
+      ops.push({ type: 'put', key: `ckpt:${pad(rec.step)}`, value: this.json({ stages: optimizerStates.length }) });
+    }
+    await this.db.batch(ops);
+  }
+
+  /** The latest step with a complete optimizer checkpoint (adapter + every stage's state), or null. */
+  async latestCheckpoint(): Promise<{ step: number; stages: number } | null> {
+    let last: { step: number; stages: number } | null = null;
+    for await (const [k, v] of this.db.iterator({ gte: 'ckpt:', lt: 'ckpt;' })) {
+      last = { step: Number(k.slice('ckpt:'.length)), stages: (JSON.parse(Buffer.from(v).toString('utf8')) as { stages: number }).stages };
+    }
+    return last;
   }
 
   /** The initial adapter (step 0) is stored the same way so pulls and restarts before step 1 work. */
@@ -89,11 +103,7 @@ export class RunStore {
     return out;
   }
 
-  /** Optimizer state of one stage at a step (opaque bytes from the stage's replica). */
-  async putOptimizerState(step: number, stageIndex: number, bytes: Uint8Array): Promise<void> {
-    await this.db.put(`optim:${pad(step)}:${pad(stageIndex)}`, bytes);
-  }
-
+  /** Optimizer state of one stage at a checkpointed step (opaque bytes from the stage's replica). */
   async optimizerState(step: number, stageIndex: number): Promise<Uint8Array | null> {
     return (await this.db.get(`optim:${pad(step)}:${pad(stageIndex)}`)) ?? null;
   }

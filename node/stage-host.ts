@@ -3,7 +3,7 @@
 import type { Stage } from '../engine/types.ts';
 import type {
   AggregateRequest, AggregateResponse, AdapterRequest, AdapterResponse, Assignment, BackwardRequest,
-  BackwardResponse, CommitRequest, ForwardRequest, ForwardResponse,
+  BackwardResponse, CommitRequest, ForwardRequest, ForwardResponse, OptimizerRequest, WeightsResponse,
 } from '../protocol/messages.ts';
 import { decodeFloat, decodeInt, encodeTensor } from '../protocol/tensor.ts';
 import type { FloatCodec } from '../protocol/tensor.ts';
@@ -12,6 +12,8 @@ import { SchemaError, StaleError, TensorError } from '../protocol/errors.ts';
 /** The optimizer a stage applies to its own LoRA tensors (the trainer's optimizers implement it). */
 export interface ShardOptimizer {
   step(grads: Float32Array[], lr: number): Promise<void> | void;
+  /** the full optimizer state (moments, step count) in the trainer's checkpoint format */
+  saveState(): Promise<Uint8Array> | Uint8Array;
 }
 
 /** Runs one job at a time, backward before forward: a backward frees a kept input, a forward adds one. */
@@ -229,6 +231,20 @@ export class StageHost {
       this.step += 1;
     }
     return { total };
+  }
+
+  private optimSnapshot: { step: number; bytes: Uint8Array } | null = null;
+
+  /** A chunk of the optimizer state as of the current step (snapshotted on the first chunk so a
+   *  paged transfer is consistent). */
+  async optimizerChunk(req: OptimizerRequest): Promise<WeightsResponse> {
+    this.check(req, 'optimizer');
+    if (this.optimSnapshot === null || this.optimSnapshot.step !== this.step) {
+      this.optimSnapshot = { step: this.step, bytes: await this.runner.run(0, async () => this.optimizer.saveState()) };
+    }
+    const b = this.optimSnapshot.bytes;
+    if (req.offset > b.length) throw new SchemaError(`optimizer: offset ${req.offset} past the state's ${b.length} bytes`);
+    return { sizeBytes: b.length, bytes: b.subarray(req.offset, Math.min(b.length, req.offset + req.length)) };
   }
 
   adapter(req: AdapterRequest): AdapterResponse {

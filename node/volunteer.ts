@@ -103,6 +103,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     await serve(node, 'commit', async (req) => { if (host === null) return notReady(); host.commit(req); return { ok: true }; });
     await serve(node, 'aggregate', (req) => (host === null ? notReady() : host.aggregate(req)));
     await serve(node, 'adapter', async (req) => (host === null ? notReady() : host.adapter(req)));
+    await serve(node, 'optimizer', (req) => (host === null ? notReady() : host.optimizerChunk(req)));
     await serve(node, 'finish', async (req) => {
       if (req.runId !== runId) throw new StaleError(`finish for run ${req.runId}, this peer is in run ${runId}`);
       say('finished', { run_id: runId, reason: req.reason }, `run finished: ${req.reason}`);

@@ -19,6 +19,7 @@ export const PROTOCOLS = {
   status: pid('status'),
   heartbeat: pid('heartbeat'),
   finish: pid('finish'),
+  optimizer: pid('optimizer'),
 } as const;
 export type ProtocolName = keyof typeof PROTOCOLS;
 

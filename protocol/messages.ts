@@ -271,6 +271,17 @@ export type HeartbeatResponse = ReturnType<typeof heartbeatResponse>;
 export const finishRequest = obj({ runId: runIdStr, reason: str({ max: MAX_STRING_LENGTH }) });
 export type FinishRequest = ReturnType<typeof finishRequest>;
 
+// ---- optimizer: coordinator → stage peer, a chunk of the stage's optimizer state after `step` steps
+// (checkpoints every save_steps; the bytes are the trainer optimizer's own state format)
+
+export const optimizerRequest = obj({
+  runId: runIdStr,
+  step: int(0, I32),
+  offset: int(0, SAFE),
+  length: int(1, BLOB_CHUNK_BYTES),
+});
+export type OptimizerRequest = ReturnType<typeof optimizerRequest>;
+
 /** Error frame, sent instead of a response when a request fails. */
 export const errorFrame = obj({ error: obj({ name: str({ max: 64 }), message: str({ max: MAX_STRING_LENGTH }) }) });
 
@@ -285,6 +296,7 @@ export const SCHEMAS = {
   status: { req: statusRequest, res: statusResponse },
   heartbeat: { req: heartbeatRequest, res: heartbeatResponse },
   finish: { req: finishRequest, res: ackResponse },
+  optimizer: { req: optimizerRequest, res: weightsResponse },
 } as const satisfies Record<string, { req: Validator<unknown>; res: Validator<unknown> }>;
 export type Schemas = typeof SCHEMAS;
 export type Req<P extends keyof Schemas> = ReturnType<Schemas[P]['req']>;
