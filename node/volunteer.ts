@@ -14,6 +14,7 @@ import { StaleError, SwarmError } from '../protocol/errors.ts';
 import { probeCapabilities } from './probe.ts';
 import { BlobWeightSource } from './weights.ts';
 import { StageHost } from './stage-host.ts';
+import { createShardOptimizer } from './optimizer.ts';
 import type { ShardOptimizer } from './stage-host.ts';
 import type { NamedTensor } from '../engine/types.ts';
 import type { OptimSpec } from '../protocol/messages.ts';
@@ -44,12 +45,11 @@ function backendKind(device: string): 'auto' | 'cpu' | 'ref' | 'cuda' {
   throw new SwarmError(`--device must be auto, cpu, ref or cuda:N, got "${device}"`);
 }
 
-/** The backend factory and the optimizer adapter, loaded when first needed so an in-process
- *  volunteer with injected deps does not load the native addon. */
-async function engineModules(): Promise<{ createBackend(kind: 'auto' | 'cpu' | 'ref' | 'cuda'): Promise<Backend>; createShardOptimizer: OptimizerFactory }> {
+/** The backend factory, loaded when first needed so an in-process volunteer with an injected
+ *  backend does not load the native addon. */
+async function loadCreateBackend(): Promise<(kind: 'auto' | 'cpu' | 'ref' | 'cuda') => Promise<Backend>> {
   const backends = await import(new URL('../engine/backends/index.ts', import.meta.url).href) as { createBackend(kind: string): Promise<Backend> };
-  const optim = await import(new URL('./optimizer.ts', import.meta.url).href) as { createShardOptimizer: OptimizerFactory };
-  return { createBackend: (k) => backends.createBackend(k), createShardOptimizer: optim.createShardOptimizer };
+  return (k) => backends.createBackend(k);
 }
 
 export type OptimizerFactory = (spec: OptimSpec, params: NamedTensor[], opts: { spillDir: string; state: Uint8Array | null }) => Promise<ShardOptimizer>;
@@ -66,8 +66,8 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     else process.stderr.write(`[swarmtune join] ${human}\n`);
   };
   const dataDir = path.resolve(opts.dataDir);
-  const backend: Backend = deps.backend ?? await (await engineModules()).createBackend(backendKind(opts.device));
-  const createOptimizer: OptimizerFactory = deps.createOptimizer ?? (await engineModules()).createShardOptimizer;
+  const backend: Backend = deps.backend ?? await (await loadCreateBackend())(backendKind(opts.device));
+  const createOptimizer: OptimizerFactory = deps.createOptimizer ?? createShardOptimizer;
   let node: SwarmNode | null = null;
   let host: StageHost | null = null;
   let runId: string | null = null;
