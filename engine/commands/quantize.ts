@@ -1,3 +1,117 @@
-// Placeholder until this command lands.
+// `swarmtune quantize`: writes a bitsandbytes-format NF4 checkpoint dir from a full-precision HF model dir.
+import { copyFile, readdir, mkdir } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
-export function registerQuantize(_program: Command): void {}
+import { readConfig, writeConfig } from '../formats/config.ts';
+import { openSafetensorsDir, SpoolingSafetensorsWriter } from '../formats/safetensors.ts';
+import { quantizeNF4, checkBlocksize } from '../formats/nf4.ts';
+import { bnbTensors, bnbQuantizationConfig, isQuantizableLinear, isBnbQuantized, torchDtypeName } from '../formats/bnb.ts';
+
+/** Files besides config.json and weights that make the output dir usable on its own. */
+const COPY_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json',
+  'chat_template.jinja', 'tokenizer.model'];
+
+export interface QuantizeOptions {
+  doubleQuant?: boolean;
+  blocksize?: number;
+  maxShardBytes?: number;
+  /** called after each tensor (for progress) */
+  onTensor?: (name: string, index: number, total: number) => void;
+}
+
+export interface QuantizeResult {
+  quantized: number;
+  copied: number;
+  files: string[];
+  inputBytes: number;
+  outputBytes: number;
+}
+
+/** Quantize every linear weight of model.layers.* to NF4 (one tensor in memory at a time) and copy the
+ *  rest (embeddings, norms, lm_head, biases) unchanged in their source dtype. */
+export async function quantizeModelDir(modelDir: string, outDir: string, opts: QuantizeOptions = {}): Promise<QuantizeResult> {
+  const blocksize = opts.blocksize ?? 64;
+  checkBlocksize(blocksize, '--blocksize');
+  const doubleQuant = opts.doubleQuant ?? true;
+  if (resolve(modelDir) === resolve(outDir)) throw new Error(`--out must differ from --model (${modelDir})`);
+  const config = await readConfig(modelDir);
+  const src = await openSafetensorsDir(modelDir);
+  if (!src) throw new Error(`${modelDir}: no model.safetensors or model.safetensors.index.json`);
+  const writer = await SpoolingSafetensorsWriter.create(outDir, {
+    metadata: { format: 'pt' },
+    maxShardBytes: opts.maxShardBytes,
+    // keep a quantized module's parts in one shard
+    groupOf: (n) => n.replace(/\.weight\..*$/, '.weight'),
+  });
+  let quantized = 0, copied = 0, inputBytes = 0, outputBytes = 0;
+  try {
+    const names = src.names().sort();
+    for (let i = 0; i < names.length; i++) {
+      const name = names[i];
+      const info = src.info(name);
+      inputBytes += info.dataOffsets[1] - info.dataOffsets[0];
+      if (isBnbQuantized(src, name)) throw new Error(`${modelDir}: ${name} is already bitsandbytes-quantized`);
+      if (isQuantizableLinear(name, info.shape)) {
+        const [rows, cols] = info.shape;
+        const W = quantizeNF4(await src.readFloat32(name), rows, cols, blocksize);
+        for (const t of bnbTensors(name, W, { doubleQuant, dtype: torchDtypeName(info.dtype) })) {
+          await writer.add(t.name, t.dtype, t.shape, t.data);
+          outputBytes += t.data.byteLength;
+        }
+        quantized++;
+      } else {
+        const raw = await src.readRaw(name);
+        await writer.add(name, info.dtype, info.shape, raw);
+        outputBytes += raw.byteLength;
+        copied++;
+      }
+      opts.onTensor?.(name, i, names.length);
+    }
+    if (quantized === 0) throw new Error(`${modelDir}: found no model.layers.N.{self_attn,mlp}.*_proj.weight linear weights to quantize`);
+  } catch (e) {
+    await writer.abort();
+    await src.close();
+    throw e;
+  }
+  await src.close();
+  const files = await writer.finish();
+  const computeDtype = typeof config.raw.torch_dtype === 'string' && config.raw.torch_dtype !== 'float32' ? config.raw.torch_dtype : 'bfloat16';
+  await writeConfig(outDir, config, { quantization_config: bnbQuantizationConfig({ doubleQuant, computeDtype }) });
+  await mkdir(outDir, { recursive: true });
+  const present = new Set(await readdir(modelDir));
+  for (const f of COPY_FILES) if (present.has(f)) await copyFile(join(modelDir, f), join(outDir, f));
+  return { quantized, copied, files, inputBytes, outputBytes };
+}
+
+export function registerQuantize(program: Command): void {
+  program
+    .command('quantize')
+    .description('write a bitsandbytes NF4 (4-bit) checkpoint of a Hugging Face model dir')
+    .requiredOption('--model <dir>', 'full-precision HF model directory (config.json + safetensors)')
+    .requiredOption('--out <dir>', 'output directory')
+    .option('--no-double-quant', 'keep float32 absmax (bnb_4bit_use_double_quant=false)')
+    .option('--blocksize <n>', 'NF4 block size (power of two, 32..4096)', '64')
+    .option('--max-shard-size <bytes>', 'split the output into shards of at most this many bytes', '5000000000')
+    .action(async (o: { model: string; out: string; doubleQuant: boolean; blocksize: string; maxShardSize: string }) => {
+      if (!existsSync(o.model)) throw new Error(`--model ${o.model}: no such directory`);
+      const blocksize = Number(o.blocksize);
+      const maxShardBytes = Number(o.maxShardSize);
+      if (!Number.isFinite(maxShardBytes) || maxShardBytes <= 0) throw new Error(`--max-shard-size must be a positive number of bytes, got ${o.maxShardSize}`);
+      const startMs = Date.now();
+      let lastLogMs = 0;
+      const r = await quantizeModelDir(o.model, o.out, {
+        blocksize, doubleQuant: o.doubleQuant, maxShardBytes,
+        onTensor: (name, i, total) => {
+          const now = Date.now();
+          if (now - lastLogMs > 2000 || i === total - 1) {
+            lastLogMs = now;
+            process.stderr.write(`quantize: ${i + 1}/${total} ${name}\n`);
+          }
+        },
+      });
+      const gb = (b: number) => (b / 1e9).toFixed(2);
+      console.log(`quantized ${r.quantized} linear weights, copied ${r.copied} tensors: ${gb(r.inputBytes)} GB → ${gb(r.outputBytes)} GB in ${((Date.now() - startMs) / 1000).toFixed(1)} s`);
+      console.log(`wrote ${o.out}: ${r.files.join(', ')}, config.json`);
+    });
+}

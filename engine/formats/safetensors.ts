@@ -1,7 +1,7 @@
 // safetensors reader (lazy: header only at open, tensors read from disk on demand), sharded index, streaming writer.
-import { open, readFile, mkdir, writeFile } from 'node:fs/promises';
+import { open, readFile, mkdir, writeFile, rm } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
-import { join, dirname } from 'node:path';
+import { join, dirname, basename } from 'node:path';
 import { existsSync } from 'node:fs';
 
 /** Every dtype of safetensors' tensor.rs Dtype, in enum order (= ascending alignment; the writer sorts
@@ -631,12 +631,16 @@ export async function writeSafetensors(path: string, tensors: readonly TensorDat
  *  given order, keeping tensors with the same group key (e.g. one bnb module's parts) in one shard. */
 export class ShardedSafetensorsWriter {
   private readonly writers: SafetensorsWriter[];
+  /** the data files, then the index file when sharded */
+  readonly fileNames: string[];
   private readonly route: Map<string, SafetensorsWriter>;
   private readonly indexPath: string | null;
   private readonly indexJson: string | null;
 
   private constructor(writers: SafetensorsWriter[], route: Map<string, SafetensorsWriter>, indexPath: string | null, indexJson: string | null) {
     this.writers = writers;
+    this.fileNames = writers.map((w) => basename(w.path));
+    if (indexPath) this.fileNames.push(basename(indexPath));
     this.route = route;
     this.indexPath = indexPath;
     this.indexJson = indexJson;
@@ -700,5 +704,82 @@ export class ShardedSafetensorsWriter {
     for (const w of this.writers) await w.close().catch((e: unknown) => errors.push(e));
     if (errors.length) throw errors[0];
     if (this.indexPath && this.indexJson) await writeFile(this.indexPath, this.indexJson);
+  }
+}
+
+/** Writer for producers that learn tensor sizes only as they go (e.g. a bnb quant state's JSON length
+ *  depends on its offset's digits): tensors are appended to a spool file as they come, then finish()
+ *  lays out the final file(s) in safetensors order and copies each tensor once. Memory stays at one tensor. */
+export class SpoolingSafetensorsWriter {
+  readonly dir: string;
+  private readonly spoolPath: string;
+  private fh: FileHandle | null;
+  private readonly entries: Array<TensorSpec & { spoolOffset: number; bytes: number }> = [];
+  private readonly names = new Set<string>();
+  private spoolBytes = 0;
+  private readonly opts: { metadata?: Record<string, string> | null; maxShardBytes: number; baseName: string; groupOf: (name: string) => string };
+
+  private constructor(dir: string, spoolPath: string, fh: FileHandle, opts: SpoolingSafetensorsWriter['opts']) {
+    this.dir = dir;
+    this.spoolPath = spoolPath;
+    this.fh = fh;
+    this.opts = opts;
+  }
+
+  static async create(dir: string, opts: {
+    metadata?: Record<string, string> | null; maxShardBytes?: number; baseName?: string; groupOf?: (name: string) => string;
+  } = {}): Promise<SpoolingSafetensorsWriter> {
+    await mkdir(dir, { recursive: true });
+    const baseName = opts.baseName ?? 'model';
+    const spoolPath = join(dir, `.${baseName}.safetensors.spool`);
+    const fh = await open(spoolPath, 'w+');
+    return new SpoolingSafetensorsWriter(dir, spoolPath, fh, {
+      metadata: opts.metadata, maxShardBytes: opts.maxShardBytes ?? 5e9, baseName, groupOf: opts.groupOf ?? ((n) => n),
+    });
+  }
+
+  async add(name: string, dtype: Dtype, shape: number[], data: Uint8Array | Float32Array): Promise<void> {
+    if (!this.fh) throw new SafetensorsError(`${this.dir}: writer already finished (adding ${JSON.stringify(name)})`);
+    if (this.names.has(name)) throw new SafetensorsError(`${this.dir}: duplicate tensor name ${JSON.stringify(name)}`);
+    if (!isDtype(dtype)) throw new SafetensorsError(`${this.dir}: tensor ${JSON.stringify(name)}: unknown dtype ${JSON.stringify(dtype)}`);
+    const size = byteSizeOf(dtype, shape, `${this.dir}: tensor ${JSON.stringify(name)}: `);
+    const bytes = data instanceof Float32Array
+      ? (dtype === 'F32' ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength) : encodeFromFloat32(dtype, data))
+      : data;
+    if (bytes.byteLength !== size) throw new SafetensorsError(`${this.dir}: tensor ${JSON.stringify(name)} (${dtype} [${shape.join(', ')}]) needs ${size} bytes, got ${bytes.byteLength}`);
+    let done = 0;
+    while (done < size) {
+      const { bytesWritten } = await this.fh.write(bytes, done, Math.min(READ_CHUNK_BYTES, size - done), this.spoolBytes + done);
+      done += bytesWritten;
+    }
+    this.entries.push({ name, dtype, shape: [...shape], spoolOffset: this.spoolBytes, bytes: size });
+    this.names.add(name);
+    this.spoolBytes += size;
+  }
+
+  /** Writes the final file(s) (+ index when sharded) and removes the spool. Returns the file names. */
+  async finish(): Promise<string[]> {
+    const spool = this.fh;
+    if (!spool) throw new SafetensorsError(`${this.dir}: writer already finished`);
+    this.fh = null;
+    try {
+      const w = await ShardedSafetensorsWriter.create(this.dir, this.entries, {
+        metadata: this.opts.metadata, maxShardBytes: this.opts.maxShardBytes, baseName: this.opts.baseName, groupOf: this.opts.groupOf,
+      });
+      for (const e of this.entries) await w.write(e.name, await readAt(spool, e.spoolOffset, e.bytes, this.spoolPath));
+      await w.close();
+      return w.fileNames;
+    } finally {
+      await spool.close();
+      await rm(this.spoolPath, { force: true });
+    }
+  }
+
+  /** Drop everything written so far (on error). */
+  async abort(): Promise<void> {
+    const fh = this.fh;
+    this.fh = null;
+    if (fh) await fh.close();
+    await rm(this.spoolPath, { force: true });
   }
 }
