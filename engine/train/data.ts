@@ -1,0 +1,359 @@
+// Training data pipeline with TRL SFT semantics (facts §9): JSONL records → rendered text → token ids with a
+// loss mask → shifted labels → right-padded micro-batches, plus the deterministic epoch order and data cursor
+// that the local trainer and the swarm coordinator share.
+import { readFileSync } from 'node:fs';
+import { Rng } from '../model/rng.ts';
+
+export const IGNORE_INDEX = -100;
+
+export interface ChatMessage {
+  role: string;
+  content: string;
+}
+
+/** What the pipeline needs from a tokenizer (engine/formats' tokenizer provides it; tests may adapt
+ *  @huggingface/tokenizers directly). */
+export interface SftTokenizer {
+  /** ids of `text`; addSpecialTokens applies the tokenizer's post-processor (e.g. a BOS) exactly as HF does */
+  encode(text: string, opts: { addSpecialTokens: boolean }): ArrayLike<number>;
+  /** render messages with the tokenizer's chat template */
+  applyChatTemplate(messages: ChatMessage[], opts: { addGenerationPrompt: boolean }): string;
+  readonly eosToken: string | null;
+  readonly eosTokenId: number | null;
+  readonly padTokenId: number | null;
+}
+
+export type DataRecord =
+  | { kind: 'text'; text: string }
+  | { kind: 'qa'; question: string; answer: string }
+  | { kind: 'messages'; messages: ChatMessage[] }
+  | { kind: 'prompt_completion'; prompt: string; completion: string };
+
+export class DataError extends Error {
+  override readonly name = 'DataError';
+}
+
+export interface SkippedLine {
+  line: number;
+  reason: string;
+}
+
+export interface DataOptions {
+  maxSeqLength: number;
+  systemPrompt: string;
+  /** train on completion/assistant tokens only (text records always train on every token) */
+  completionOnlyLoss: boolean;
+}
+
+export interface TokenizedExample {
+  /** input ids, truncated to maxSeqLength */
+  ids: Int32Array;
+  /** shifted targets: labels[i] = ids[i+1] where that token is trained, else -100 */
+  labels: Int32Array;
+  /** non-ignored labels */
+  labelTokens: number;
+  /** 1-based line in the source file */
+  line: number;
+}
+
+export interface Dataset {
+  file: string;
+  examples: TokenizedExample[];
+  skipped: SkippedLine[];
+  /** examples cut at maxSeqLength */
+  truncated: number;
+}
+
+function isString(x: unknown): x is string {
+  return typeof x === 'string';
+}
+
+/** Validate one parsed JSON value into a record; throws a plain message (the caller adds file:line). */
+export function recordFromJson(obj: unknown): DataRecord {
+  if (typeof obj !== 'object' || obj === null || Array.isArray(obj)) {
+    throw new Error(`expected a JSON object, got ${Array.isArray(obj) ? 'an array' : obj === null ? 'null' : typeof obj}`);
+  }
+  const o = obj as Record<string, unknown>;
+  const families = [
+    'messages' in o ? 'messages' : null,
+    'prompt' in o || 'completion' in o ? 'prompt/completion' : null,
+    'question' in o || 'answer' in o ? 'question/answer' : null,
+    'text' in o ? 'text' : null,
+  ].filter((f): f is string => f !== null);
+  if (families.length === 0) {
+    throw new Error(`no known fields; expected {"text"}, {"question","answer"}, {"prompt","completion"} or {"messages"}, got keys ${JSON.stringify(Object.keys(o))}`);
+  }
+  if (families.length > 1) throw new Error(`ambiguous record: has fields of ${families.join(' and ')}`);
+  switch (families[0]) {
+    case 'text':
+      if (!isString(o.text)) throw new Error(`"text" must be a string, got ${typeof o.text}`);
+      if (o.text.length === 0) throw new Error('"text" is empty');
+      return { kind: 'text', text: o.text };
+    case 'question/answer':
+      if (!isString(o.question)) throw new Error(`"question" must be a string, got ${o.question === undefined ? 'nothing' : typeof o.question}`);
+      if (!isString(o.answer)) throw new Error(`"answer" must be a string, got ${o.answer === undefined ? 'nothing' : typeof o.answer}`);
+      return { kind: 'qa', question: o.question, answer: o.answer };
+    case 'prompt/completion':
+      if (!isString(o.prompt)) throw new Error(`"prompt" must be a string, got ${o.prompt === undefined ? 'nothing' : typeof o.prompt}`);
+      if (!isString(o.completion)) throw new Error(`"completion" must be a string, got ${o.completion === undefined ? 'nothing' : typeof o.completion}`);
+      return { kind: 'prompt_completion', prompt: o.prompt, completion: o.completion };
+    default: {
+      const m = o.messages;
+      if (!Array.isArray(m) || m.length === 0) throw new Error('"messages" must be a non-empty array');
+      const messages: ChatMessage[] = m.map((x, i) => {
+        if (typeof x !== 'object' || x === null || !isString((x as ChatMessage).role) || !isString((x as ChatMessage).content)) {
+          throw new Error(`messages[${i}] must be {"role": string, "content": string}`);
+        }
+        return { role: (x as ChatMessage).role, content: (x as ChatMessage).content };
+      });
+      return { kind: 'messages', messages };
+    }
+  }
+}
+
+/** Parse JSONL text. Blank lines are ignored; a bad line throws DataError "file:line: what" unless skipBadLines. */
+export function parseJsonl(text: string, file: string, skipBadLines: boolean): { records: { line: number; record: DataRecord }[]; skipped: SkippedLine[] } {
+  const records: { line: number; record: DataRecord }[] = [];
+  const skipped: SkippedLine[] = [];
+  const lines = text.split('\n');
+  for (let i = 0; i < lines.length; i++) {
+    const raw = lines[i].trim();
+    if (raw === '') continue;
+    try {
+      let obj: unknown;
+      try {
+        obj = JSON.parse(raw);
+      } catch (e) {
+        throw new Error(`invalid JSON (${(e as Error).message})`);
+      }
+      records.push({ line: i + 1, record: recordFromJson(obj) });
+    } catch (e) {
+      const reason = (e as Error).message;
+      if (!skipBadLines) throw new DataError(`${file}:${i + 1}: ${reason}`);
+      skipped.push({ line: i + 1, reason });
+    }
+  }
+  return { records, skipped };
+}
+
+function toArray(ids: ArrayLike<number>): number[] {
+  return Array.from(ids);
+}
+
+/** Token ids and a per-token "trained" mask for one record (before truncation). */
+export function renderRecord(rec: DataRecord, tok: SftTokenizer, opts: DataOptions): { ids: number[]; mask: Uint8Array } {
+  const eos = tok.eosToken;
+  const withEos = (s: string): string => (eos && !s.endsWith(eos) ? s + eos : s);
+  const completionMask = (promptLen: number, ids: number[]): Uint8Array => {
+    const mask = new Uint8Array(ids.length);
+    mask.fill(opts.completionOnlyLoss ? 0 : 1, 0, Math.min(promptLen, ids.length));
+    mask.fill(1, Math.min(promptLen, ids.length));
+    return mask;
+  };
+  switch (rec.kind) {
+    case 'text': {
+      const ids = toArray(tok.encode(withEos(rec.text), { addSpecialTokens: true }));
+      return { ids, mask: new Uint8Array(ids.length).fill(1) };
+    }
+    case 'prompt_completion': {
+      // TRL: tokenize the prompt and prompt+completion separately; the completion is what lies past the prompt
+      const promptIds = toArray(tok.encode(rec.prompt, { addSpecialTokens: true }));
+      const ids = toArray(tok.encode(rec.prompt + withEos(rec.completion), { addSpecialTokens: true }));
+      return { ids, mask: completionMask(promptIds.length, ids) };
+    }
+    case 'qa': {
+      const prompt: ChatMessage[] = [{ role: 'system', content: opts.systemPrompt }, { role: 'user', content: rec.question }];
+      const all = [...prompt, { role: 'assistant', content: rec.answer }];
+      // the chat template writes its own special tokens, so the post-processor must not add more
+      const promptIds = toArray(tok.encode(tok.applyChatTemplate(prompt, { addGenerationPrompt: true }), { addSpecialTokens: false }));
+      const ids = toArray(tok.encode(tok.applyChatTemplate(all, { addGenerationPrompt: false }), { addSpecialTokens: false }));
+      return { ids, mask: completionMask(promptIds.length, ids) };
+    }
+    case 'messages': {
+      const msgs = rec.messages;
+      const ids = toArray(tok.encode(tok.applyChatTemplate(msgs, { addGenerationPrompt: false }), { addSpecialTokens: false }));
+      const mask = new Uint8Array(ids.length);
+      if (!opts.completionOnlyLoss) return { ids, mask: mask.fill(1) };
+      let assistants = 0;
+      for (let i = 0; i < msgs.length; i++) {
+        if (msgs[i].role !== 'assistant') continue;
+        assistants++;
+        // an assistant turn's tokens are those between the prefix rendered with the generation prompt
+        // and the prefix including the turn (its end-of-turn token included, so the model learns to stop)
+        const before = tok.encode(tok.applyChatTemplate(msgs.slice(0, i), { addGenerationPrompt: true }), { addSpecialTokens: false }).length;
+        const after = tok.encode(tok.applyChatTemplate(msgs.slice(0, i + 1), { addGenerationPrompt: false }), { addSpecialTokens: false }).length;
+        mask.fill(1, Math.min(before, ids.length), Math.min(after, ids.length));
+      }
+      if (assistants === 0) throw new Error('"messages" has no assistant message to train on (completion_only_loss is on)');
+      return { ids, mask };
+    }
+  }
+}
+
+/** Truncate to maxSeqLength and shift: label of position i is token i+1 when that token is trained. */
+export function toExample(ids: number[], mask: Uint8Array, maxSeqLength: number, line: number): TokenizedExample {
+  const n = Math.min(ids.length, maxSeqLength);
+  const out = Int32Array.from(ids.slice(0, n));
+  const labels = new Int32Array(n).fill(IGNORE_INDEX);
+  let labelTokens = 0;
+  for (let i = 0; i + 1 < n; i++) {
+    if (mask[i + 1]) {
+      labels[i] = out[i + 1];
+      labelTokens++;
+    }
+  }
+  return { ids: out, labels, labelTokens, line };
+}
+
+/** Load and tokenize a JSONL file. */
+export function loadDataset(file: string, tok: SftTokenizer, opts: DataOptions & { skipBadLines: boolean }): Dataset {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new DataError(`${file}: cannot read training data (${(e as Error).message})`);
+  }
+  return tokenizeJsonl(text, file, tok, opts);
+}
+
+export function tokenizeJsonl(text: string, file: string, tok: SftTokenizer, opts: DataOptions & { skipBadLines: boolean }): Dataset {
+  if (!Number.isInteger(opts.maxSeqLength) || opts.maxSeqLength < 2) throw new DataError(`max_seq_length must be an integer >= 2, got ${opts.maxSeqLength}`);
+  const { records, skipped } = parseJsonl(text, file, opts.skipBadLines);
+  const examples: TokenizedExample[] = [];
+  let truncated = 0;
+  for (const { line, record } of records) {
+    try {
+      const { ids, mask } = renderRecord(record, tok, opts);
+      if (ids.length === 0) throw new Error('tokenizes to no tokens');
+      if (ids.length > opts.maxSeqLength) truncated++;
+      examples.push(toExample(ids, mask, opts.maxSeqLength, line));
+    } catch (e) {
+      const reason = (e as Error).message;
+      if (!opts.skipBadLines) throw new DataError(`${file}:${line}: ${reason}`);
+      skipped.push({ line, reason });
+    }
+  }
+  if (examples.length === 0) throw new DataError(`${file}: no usable training examples${skipped.length ? ` (${skipped.length} bad lines skipped)` : ''}`);
+  return { file, examples, skipped, truncated };
+}
+
+export interface MicroBatch {
+  batch: number;
+  seqLen: number;
+  /** [batch*seqLen] right padded */
+  ids: Int32Array;
+  /** [batch*seqLen] shifted targets, -100 on padding and untrained positions */
+  labels: Int32Array;
+  /** non-ignored labels in this micro-batch */
+  labelTokens: number;
+  /** positions that are real tokens (not padding) */
+  inputTokens: number;
+}
+
+/** Pad to the longest example of the micro-batch (HF DataCollator with padding=longest, right side). */
+export function collate(examples: readonly TokenizedExample[], padId: number): MicroBatch {
+  if (examples.length === 0) throw new DataError('collate: empty micro-batch');
+  const B = examples.length;
+  const S = Math.max(...examples.map((e) => e.ids.length));
+  const ids = new Int32Array(B * S).fill(padId);
+  const labels = new Int32Array(B * S).fill(IGNORE_INDEX);
+  let labelTokens = 0, inputTokens = 0;
+  examples.forEach((e, b) => {
+    ids.set(e.ids, b * S);
+    labels.set(e.labels, b * S);
+    labelTokens += e.labelTokens;
+    inputTokens += e.ids.length;
+  });
+  return { batch: B, seqLen: S, ids, labels, labelTokens, inputTokens };
+}
+
+/** Example order of an epoch: Fisher–Yates from Rng(seed, epoch) so any epoch is reproducible without
+ *  replaying earlier ones (what lets a resumed or restarted coordinator pick up mid-epoch). */
+export function epochOrder(n: number, seed: number, epoch: number, shuffle: boolean): Uint32Array {
+  const order = new Uint32Array(n);
+  for (let i = 0; i < n; i++) order[i] = i;
+  if (!shuffle) return order;
+  const rng = new Rng(seed, 0x5eed, epoch);
+  for (let i = n - 1; i > 0; i--) {
+    const j = rng.nextU32() % (i + 1);
+    const t = order[i];
+    order[i] = order[j];
+    order[j] = t;
+  }
+  return order;
+}
+
+/** Position in the data stream: the next micro-batch to consume. Serializable as JSON. */
+export interface DataCursor {
+  epoch: number;
+  microBatch: number;
+}
+
+export interface StepPlan {
+  microBatchesPerEpoch: number;
+  stepsPerEpoch: number;
+  totalSteps: number;
+}
+
+/** HF Trainer step arithmetic: a dataloader of ceil(N/B) micro-batches (last one partial), ceil(len/accum)
+ *  optimizer steps per epoch (the last may have fewer micro-batches), max_steps > 0 overrides epochs. */
+export function planSteps(numExamples: number, batchSize: number, accumulation: number, numTrainEpochs: number, maxSteps: number): StepPlan {
+  const microBatchesPerEpoch = Math.ceil(numExamples / batchSize);
+  const stepsPerEpoch = Math.max(1, Math.ceil(microBatchesPerEpoch / accumulation));
+  const totalSteps = maxSteps > 0 ? maxSteps : Math.ceil(numTrainEpochs * stepsPerEpoch);
+  return { microBatchesPerEpoch, stepsPerEpoch, totalSteps };
+}
+
+/** Micro-batches of optimizer steps over a dataset: deterministic from (seed, step), so the data position
+ *  of any step is known without replaying the stream. */
+export class DataLoader {
+  readonly examples: readonly TokenizedExample[];
+  readonly batchSize: number;
+  readonly accumulation: number;
+  readonly seed: number;
+  readonly shuffle: boolean;
+  readonly padId: number;
+  readonly microBatchesPerEpoch: number;
+  readonly stepsPerEpoch: number;
+  private cachedEpoch = -1;
+  private cachedOrder: Uint32Array = new Uint32Array(0);
+
+  constructor(examples: readonly TokenizedExample[], opts: { batchSize: number; accumulation: number; seed: number; shuffle: boolean; padId: number }) {
+    if (examples.length === 0) throw new DataError('DataLoader: no examples');
+    this.examples = examples;
+    this.batchSize = opts.batchSize;
+    this.accumulation = opts.accumulation;
+    this.seed = opts.seed;
+    this.shuffle = opts.shuffle;
+    this.padId = opts.padId;
+    const plan = planSteps(examples.length, opts.batchSize, opts.accumulation, 1, -1);
+    this.microBatchesPerEpoch = plan.microBatchesPerEpoch;
+    this.stepsPerEpoch = plan.stepsPerEpoch;
+  }
+
+  /** Cursor at the start of optimizer step `step` (0-based). */
+  cursorAt(step: number): DataCursor {
+    const epoch = Math.floor(step / this.stepsPerEpoch);
+    return { epoch, microBatch: (step % this.stepsPerEpoch) * this.accumulation };
+  }
+
+  /** The micro-batches of optimizer step `step`. */
+  stepMicroBatches(step: number): MicroBatch[] {
+    const { epoch, microBatch } = this.cursorAt(step);
+    const end = Math.min(microBatch + this.accumulation, this.microBatchesPerEpoch);
+    const out: MicroBatch[] = [];
+    for (let k = microBatch; k < end; k++) out.push(this.microBatch(epoch, k));
+    return out;
+  }
+
+  microBatch(epoch: number, index: number): MicroBatch {
+    if (epoch !== this.cachedEpoch) {
+      this.cachedOrder = epochOrder(this.examples.length, this.seed, epoch, this.shuffle);
+      this.cachedEpoch = epoch;
+    }
+    const start = index * this.batchSize;
+    if (index < 0 || start >= this.examples.length) throw new RangeError(`DataLoader: micro-batch ${index} out of range (epoch has ${this.microBatchesPerEpoch})`);
+    const idx = this.cachedOrder.subarray(start, Math.min(start + this.batchSize, this.examples.length));
+    return collate(Array.from(idx, (i) => this.examples[i]), this.padId);
+  }
+}
