@@ -71,7 +71,7 @@ test('dashboard HTTP: state JSON, self-contained page, 404/405, port in use', as
     assert.match(st.headers.get('content-type') ?? '', /application\/json/);
     assert.deepEqual(await st.json(), JSON.parse(JSON.stringify(run.state())));
     run.advance(2);
-    assert.equal((await (await fetch(new URL('api/state', d.url))).json()).step, 5, 'state is read on every request');
+    assert.equal(((await (await fetch(new URL('api/state', d.url))).json()) as DashboardState).step, 5, 'state is read on every request');
 
     const page = await fetch(d.url);
     assert.equal(page.status, 200);
@@ -94,7 +94,7 @@ test('dashboard HTTP: state JSON, self-contained page, 404/405, port in use', as
   try {
     const r = await fetch(new URL('api/state', bad.url));
     assert.equal(r.status, 500);
-    assert.match((await r.json()).error, /coordinator gone/);
+    assert.match(((await r.json()) as { error: string }).error, /coordinator gone/);
     assert.equal((await fetch(bad.url)).status, 200);
   } finally {
     await bad.close();
@@ -120,8 +120,9 @@ test('dashboard page in headless Chromium shows peers, pipeline and live-updatin
     // 150 ms polling keeps the test short; the default is 1 s
     await page.goto(`${d.url}?pollMs=150`);
 
-    await page.waitForFunction(() => document.querySelectorAll('#peers-body tr[data-peer]').length === 3);
-    const peerRows = await page.$$eval('#peers-body tr[data-peer]', (rows) => rows.map((r) => (r as HTMLElement).innerText));
+    // page-side code is given as strings: the project's TypeScript config has no DOM types
+    await page.waitForFunction("document.querySelectorAll('#peers-body tr[data-peer]').length === 3");
+    const peerRows = await page.$$eval('#peers-body tr[data-peer]', (rows) => rows.map((r) => (r as unknown as { innerText: string }).innerText));
     assert.ok(peerRows.some((t) => t.includes('NVIDIA H200') && t.includes('2480')), peerRows.join('\n'));
     assert.ok(peerRows.some((t) => t.includes('<img src=x') && t.includes('slow')), 'untrusted device text shown literally');
     assert.equal(await page.$$eval('#peers-body img', (x) => x.length), 0);
@@ -138,14 +139,14 @@ test('dashboard page in headless Chromium shows peers, pipeline and live-updatin
     const before = await lossPoints();
     assert.equal(before.split(' ').length, 20);
     run.advance(15);
-    await page.waitForFunction(() => document.querySelector('#loss-chart')?.getAttribute('data-n') === '35');
+    await page.waitForFunction("document.querySelector('#loss-chart')?.getAttribute('data-n') === '35'");
     const after = await lossPoints();
     assert.equal(after.split(' ').length, 35);
     assert.notEqual(after, before);
     assert.equal(await page.$eval('#lr-chart', (s) => s.getAttribute('data-n')), '35');
     assert.equal(await page.textContent('#step-text'), '35 / 60');
     // the last plotted loss is the newest step's (its y is lower on screen = larger number than the first point's y)
-    const ys = after.split(' ').map((p) => Number(p.split(',')[1]));
+    const ys = after.split(' ').map((p: string) => Number(p.split(',')[1]));
     assert.ok(ys[ys.length - 1] > ys[0], 'falling loss is drawn falling');
 
     assert.deepEqual(foreign, [], 'the page fetched nothing outside the dashboard');
