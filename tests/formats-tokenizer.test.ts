@@ -1,0 +1,84 @@
+// Tokenizer wrapper and chat template on a small hand-built Metaspace BPE tokenizer.json with a BOS-adding post-processor.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, writeFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Tokenizer } from '../engine/formats/tokenizer.ts';
+
+const special = (id: number, content: string) => ({ id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true });
+const VOCAB = ['<unk>', '<s>', '</s>', '▁', 'h', 'e', 'l', 'o', 'w', 'r', 'd', '▁h', '▁he', 'll', '▁hell', '▁hello', '▁w', '▁wo', 'rl', '▁worl', '▁world', '<|user|>', '<|assistant|>'];
+const id = (t: string) => VOCAB.indexOf(t);
+const TOKENIZER_JSON = {
+  version: '1.0', truncation: null, padding: null,
+  added_tokens: [special(0, '<unk>'), special(1, '<s>'), special(2, '</s>'), special(21, '<|user|>'), special(22, '<|assistant|>')],
+  normalizer: null,
+  pre_tokenizer: { type: 'Metaspace', replacement: '▁', prepend_scheme: 'always', split: true },
+  post_processor: {
+    type: 'TemplateProcessing',
+    single: [{ SpecialToken: { id: '<s>', type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }],
+    pair: [{ SpecialToken: { id: '<s>', type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }, { Sequence: { id: 'B', type_id: 1 } }],
+    special_tokens: { '<s>': { id: '<s>', ids: [1], tokens: ['<s>'] } },
+  },
+  decoder: { type: 'Metaspace', replacement: '▁', prepend_scheme: 'always', split: true },
+  model: {
+    type: 'BPE', dropout: null, unk_token: '<unk>', continuing_subword_prefix: null, end_of_word_suffix: null,
+    fuse_unk: false, byte_fallback: false, ignore_merges: false,
+    vocab: Object.fromEntries(VOCAB.map((t, i) => [t, i])),
+    merges: ['▁ h', '▁h e', 'l l', '▁he ll', '▁hell o', '▁ w', '▁w o', 'r l', '▁wo rl', '▁worl d'],
+  },
+};
+const TEMPLATE = "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}" +
+  "{{ raise_exception('Only user and assistant roles are supported, got ' + m['role']) }}{% endif %}" +
+  "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+const TOKENIZER_CONFIG = {
+  bos_token: { content: '<s>', lstrip: false, normalized: false, rstrip: false, single_word: false, __type: 'AddedToken' },
+  eos_token: '</s>', pad_token: null, unk_token: '<unk>', chat_template: TEMPLATE, clean_up_tokenization_spaces: false,
+};
+
+test('encode adds BOS only through the post-processor; BPE merges applied in rank order', () => {
+  const t = new Tokenizer(TOKENIZER_JSON, TOKENIZER_CONFIG);
+  assert.deepEqual(t.encode('hello world'), [1, id('▁hello'), id('▁world')]);
+  assert.deepEqual(t.encode('hello world', { addSpecialTokens: false }), [id('▁hello'), id('▁world')]);
+  // "hold": ▁ h → ▁h, ▁h... no "▁h o" merge → [▁h, o, l, d]
+  assert.deepEqual(t.encode('hold', { addSpecialTokens: false }), [id('▁h'), id('o'), id('l'), id('d')]);
+  assert.deepEqual(t.encode('hez', { addSpecialTokens: false }), [id('▁he'), 0]); // unknown char → <unk>
+  assert.equal(t.bosTokenId, 1);
+  assert.equal(t.eosTokenId, 2);
+  assert.equal(t.padTokenId, null);
+  assert.equal(t.vocabSize, VOCAB.length);
+});
+
+test('decode with and without special tokens', () => {
+  const t = new Tokenizer(TOKENIZER_JSON, TOKENIZER_CONFIG);
+  const ids = [1, id('▁hello'), id('▁world'), 2];
+  assert.equal(t.decode(ids, true), 'hello world');
+  assert.equal(t.decode(ids, false), '<s> hello world</s>');
+});
+
+test('chat template renders with bos/eos, generation prompt, raise_exception', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'tok-test-'));
+  try {
+    await writeFile(join(dir, 'tokenizer.json'), JSON.stringify(TOKENIZER_JSON));
+    await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify(TOKENIZER_CONFIG));
+    const t = await Tokenizer.fromDir(dir);
+    assert.ok(t);
+    const msgs = [{ role: 'user', content: 'hello' }, { role: 'assistant', content: 'world' }];
+    assert.equal(t.applyChatTemplate(msgs), '<s><|user|>hello</s><|assistant|>world</s>');
+    assert.equal(t.applyChatTemplate(msgs.slice(0, 1), { addGenerationPrompt: true }), '<s><|user|>hello</s><|assistant|>');
+    assert.throws(() => t.applyChatTemplate([{ role: 'system', content: 'x' }]), /Only user and assistant roles are supported, got system/);
+    // rendered text already holds <s>: tokenizing without special tokens keeps exactly one BOS
+    const ids = t.encode(t.applyChatTemplate(msgs.slice(0, 1), { addGenerationPrompt: true }), { addSpecialTokens: false });
+    assert.deepEqual(ids, [1, 21, id('▁hello'), 2, 22]);
+    // a chat_template.jinja file overrides tokenizer_config.json
+    await writeFile(join(dir, 'chat_template.jinja'), '{% for m in messages %}[{{ m.content }}]{% endfor %}');
+    const t2 = await Tokenizer.fromDir(dir);
+    assert.equal(t2!.applyChatTemplate(msgs), '[hello][world]');
+    assert.equal(await Tokenizer.fromDir(join(dir, 'none')), null);
+    const noTpl = new Tokenizer(TOKENIZER_JSON, { ...TOKENIZER_CONFIG, chat_template: undefined }, 'x');
+    assert.throws(() => noTpl.applyChatTemplate(msgs), /x: tokenizer_config.json has no chat_template/);
+    assert.throws(() => new Tokenizer(TOKENIZER_JSON, { ...TOKENIZER_CONFIG, eos_token: '<eos>' }, 'y'), /y: tokenizer_config.json eos_token "<eos>" is not in the vocabulary/);
+  } finally {
+    await rm(dir, { recursive: true });
+  }
+});
