@@ -120,8 +120,9 @@ test('dashboard page in headless Chromium shows peers, pipeline and live-updatin
     // 150 ms polling keeps the test short; the default is 1 s
     await page.goto(`${d.url}?pollMs=150`);
 
-    // page-side code is given as strings: the project's TypeScript config has no DOM types
-    await page.waitForFunction("document.querySelectorAll('#peers-body tr[data-peer]').length === 3");
+    // page-side code reaches the DOM through globalThis: the project's TypeScript config has no DOM types,
+    // and the page's CSP forbids string evaluation
+    await page.waitForFunction(() => (globalThis as any).document.querySelectorAll('#peers-body tr[data-peer]').length === 3);
     const peerRows = await page.$$eval('#peers-body tr[data-peer]', (rows) => rows.map((r) => (r as unknown as { innerText: string }).innerText));
     assert.ok(peerRows.some((t) => t.includes('NVIDIA H200') && t.includes('2480')), peerRows.join('\n'));
     assert.ok(peerRows.some((t) => t.includes('<img src=x') && t.includes('slow')), 'untrusted device text shown literally');
@@ -139,7 +140,7 @@ test('dashboard page in headless Chromium shows peers, pipeline and live-updatin
     const before = await lossPoints();
     assert.equal(before.split(' ').length, 20);
     run.advance(15);
-    await page.waitForFunction("document.querySelector('#loss-chart')?.getAttribute('data-n') === '35'");
+    await page.waitForFunction(() => (globalThis as any).document.querySelector('#loss-chart')?.getAttribute('data-n') === '35');
     const after = await lossPoints();
     assert.equal(after.split(' ').length, 35);
     assert.notEqual(after, before);
