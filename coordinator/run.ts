@@ -77,6 +77,18 @@ interface PeerState {
 interface PendingJoin { peerId: string; resolve: (r: JoinResponse) => void }
 
 const MAX_ATTEMPTS = 4;
+
+/** A micro-batch attempt that failed at one peer of its route. */
+class RouteFailure extends SwarmError {
+  override name = 'RouteFailure';
+  readonly peerId: string;
+  override readonly cause: Error;
+  constructor(peerId: string, cause: Error) {
+    super(`at peer ${peerId}: ${cause.name}: ${cause.message}`);
+    this.peerId = peerId;
+    this.cause = cause;
+  }
+}
 /** gradient/adapter pages stay far below the frame cap */
 const PAGE_BYTES = 32 * 1024 * 1024;
 
@@ -309,6 +321,21 @@ export class Coordinator {
     }));
   }
 
+  /** After a failed request: a peer that does not answer a short heartbeat is dropped from routes
+   *  at once (waiting for the 5 s heartbeat timeout would burn the micro-batch's retries); a peer
+   *  that answered with a protocol violation has it counted against it. */
+  private async checkPeer(peerId: string, cause: Error): Promise<void> {
+    const p = this.peers.get(peerId);
+    if (p === undefined || p.health === 'dead') return;
+    if (['SchemaError', 'TensorError', 'DecodeError', 'FrameTooLargeError'].includes(cause.name)) p.failures++;
+    try {
+      await request(this.o.node, p.addrs, 'heartbeat', { runId: this.o.runId, step: this.step, sentAtMs: Date.now() }, { timeoutMs: 1500 });
+      p.lastSeenMs = Date.now();
+    } catch (e) {
+      this.markDead(p, `failed a request (${cause.message}) and then a heartbeat (${(e as Error).message})`);
+    }
+  }
+
   private markDead(p: PeerState, why: string): void {
     if (p.health === 'dead') return;
     p.health = 'dead';
@@ -375,11 +402,13 @@ export class Coordinator {
       const T = m.batch * m.seqLen;
       const base = { runId: this.o.runId, step, mb, attempt };
       const reached: string[] = [];
+      let at = route[0]!;
       try {
         let hidden: WireTensor | undefined;
         for (let s = 0; s < S; s++) {
-          reached.push(route[s]!);
-          const res = await request(this.o.node, this.peerAddrs(route[s]!), 'forward', {
+          at = route[s]!;
+          reached.push(at);
+          const res = await request(this.o.node, this.peerAddrs(at), 'forward', {
             ...base, stageIndex: s, route, batch: m.batch, seqLen: m.seqLen,
             ids: s === 0 ? encodeTensor(m.ids, [T], 'i32', 'ids') : undefined,
             hidden: s > 0 ? hidden : undefined,
@@ -388,16 +417,17 @@ export class Coordinator {
             train: true,
           }, { timeoutMs: COMPUTE_TIMEOUT_MS });
           if (s === S - 1) {
-            if (res.lossSum === undefined) throw new SwarmError(`last stage peer ${route[s]} returned no loss`);
+            if (res.lossSum === undefined) throw new SwarmError(`last stage peer ${at} returned no loss`);
             lossSums[mb] = res.lossSum;
           } else {
-            if (res.hidden === undefined) throw new SwarmError(`stage ${s} peer ${route[s]} returned no hidden state`);
+            if (res.hidden === undefined) throw new SwarmError(`stage ${s} peer ${at} returned no hidden state`);
             hidden = res.hidden;
           }
         }
         let grad: WireTensor | undefined;
         for (let s = S - 1; s >= 0; s--) {
-          const res = await request(this.o.node, this.peerAddrs(route[s]!), 'backward', {
+          at = route[s]!;
+          const res = await request(this.o.node, this.peerAddrs(at), 'backward', {
             ...base, stageIndex: s,
             gradOut: s < S - 1 ? grad : undefined,
             lossScale: s === S - 1 ? lossScale : undefined,
@@ -405,11 +435,14 @@ export class Coordinator {
           grad = res.gradIn;
         }
         // the micro-batch is done on every stage: its gradients count now, exactly once
-        await Promise.all(route.map((id) => request(this.o.node, this.peerAddrs(id), 'commit', { ...base, commit: true })));
+        for (const id of route) {
+          at = id;
+          await request(this.o.node, this.peerAddrs(id), 'commit', { ...base, commit: true });
+        }
         committedRoute[mb] = route;
       } catch (e) {
         await Promise.allSettled(reached.map((id) => request(this.o.node, this.peerAddrs(id), 'commit', { ...base, commit: false }, { timeoutMs: 5000 })));
-        throw e;
+        throw new RouteFailure(at, e as Error);
       }
     };
 
@@ -435,24 +468,35 @@ export class Coordinator {
             await runMb(mb, route);
             break;
           } catch (e) {
+            const f = e as RouteFailure;
             attempts[mb]! += 1;
             this.retries++;
-            const err = e as Error;
-            this.event('retry', `step ${step} micro-batch ${mb} attempt ${attempts[mb]! - 1} failed (${err.name}: ${err.message}); retrying`);
-            for (const id of route) {
-              const p = this.peers.get(id)!;
-              if (err.name === 'TimeoutError' || /closed|reset|dial|ECONNREFUSED|abort/i.test(err.message)) {
-                if (Date.now() - p.lastSeenMs > HEARTBEAT_TIMEOUT_MS) this.markDead(p, err.message);
-              }
-            }
-            if (attempts[mb]! >= MAX_ATTEMPTS) throw new SwarmError(`step ${step} micro-batch ${mb} failed ${MAX_ATTEMPTS} times: ${err.message}`);
-            await new Promise((r) => setTimeout(r, 200 * attempts[mb]!));
+            this.event('retry', `step ${step} micro-batch ${mb} attempt ${attempts[mb]! - 1} failed at peer ${f.peerId} (${f.cause.name}: ${f.cause.message}); retrying with attempt ${attempts[mb]}`);
+            await this.checkPeer(f.peerId, f.cause);
+            if (attempts[mb]! >= MAX_ATTEMPTS) throw new SwarmError(`step ${step} micro-batch ${mb} failed ${MAX_ATTEMPTS} times; last: ${f.cause.message}`);
+            await new Promise((r) => setTimeout(r, 100 * attempts[mb]!));
           }
         }
       }
     };
-    const R = Math.max(...this.plan!.stages.map((_, s) => this.liveReplicas(s).length));
-    await Promise.all(Array.from({ length: Math.min(R, mbs.length) }, (_, k) => worker(k)));
+    for (;;) {
+      const R = Math.max(...this.plan!.stages.map((_, s) => this.liveReplicas(s).length));
+      await Promise.all(Array.from({ length: Math.min(R, todo.length) }, (_, k) => worker(k)));
+      // a replica lost after some micro-batches committed on it took their gradient with it: take
+      // those micro-batches back from the surviving peers of their route and run them again
+      const lost = committedRoute.flatMap((r, mb) => (r !== null && r.some((id) => this.peers.get(id)?.health === 'dead') ? [mb] : []));
+      if (lost.length === 0) break;
+      for (const mb of lost) {
+        const route = committedRoute[mb]!;
+        await Promise.all(route.filter((id) => this.peers.get(id)?.health !== 'dead').map((id) =>
+          request(this.o.node, this.peerAddrs(id), 'commit', { runId: this.o.runId, step, mb, attempt: attempts[mb]!, commit: false })));
+        committedRoute[mb] = null;
+        attempts[mb]! += 1;
+        this.retries++;
+        todo.push(mb);
+      }
+      this.event('retry', `step ${step}: re-running micro-batches ${lost.join(', ')} whose gradient was held by a dropped peer`);
+    }
 
     // collect the step's gradient from every live replica, summed in replica (peer id) order
     const stageGrads: Float32Array[][] = [];

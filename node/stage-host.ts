@@ -175,8 +175,8 @@ export class StageHost {
       }
       return;
     }
-    if (a === undefined || a.grads === null) throw new StaleError(`commit: micro-batch ${req.mb} attempt ${req.attempt} has no gradient here`);
     if (this.committed.has(req.mb)) throw new StaleError(`commit: micro-batch ${req.mb} of step ${req.step} was already committed`);
+    if (a === undefined || a.grads === null) throw new StaleError(`commit: micro-batch ${req.mb} attempt ${req.attempt} has no gradient here`);
     this.committed.set(req.mb, { attempt: req.attempt, grads: a.grads });
     this.attempts.delete(key);
   }

@@ -58,6 +58,8 @@ export type OptimizerFactory = (spec: OptimSpec, params: NamedTensor[], opts: { 
 export interface VolunteerDeps {
   backend?: Backend;
   createOptimizer?: OptimizerFactory;
+  /** stops the volunteer abruptly (its node goes away without a goodbye), as a crash would */
+  abort?: AbortSignal;
 }
 
 export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps = {}): Promise<number> {
@@ -78,6 +80,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
   const onSignal = () => { say('stopping', { reason: 'signal' }, 'stopping on signal'); done(EXIT_OK); };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
+  deps.abort?.addEventListener('abort', () => done(EXIT_FAILED), { once: true });
 
   try {
     node = await createSwarmNode({ dataDir, listen: [opts.listen ?? '/ip4/127.0.0.1/tcp/0'] });

@@ -80,8 +80,10 @@ export function decodeShard(blob: Uint8Array, what: string): ShardTensors {
     const ent = e as { dtype: string; shape: number[]; data_offsets: [number, number] };
     const [a, b] = ent.data_offsets;
     if (!(a >= 0 && b >= a && base + b <= blob.length)) throw new IntegrityError(`${what}: tensor ${name} has bad offsets [${a}, ${b}]`);
-    // copy so typed-array views are aligned regardless of where the blob sits
-    raw.set(name, { dtype: ent.dtype, shape: ent.shape, bytes: blob.slice(base + a, base + b) });
+    // copy so typed-array views are aligned and own their buffer (a Node Buffer's slice is a view)
+    const copy = new Uint8Array(b - a);
+    copy.set(blob.subarray(base + a, base + b));
+    raw.set(name, { dtype: ent.dtype, shape: ent.shape, bytes: copy });
   }
   const out: ShardTensors = { nf4: new Map(), float: new Map() };
   for (const [name, [rows, cols, blocksize]] of Object.entries(nf4Meta)) {

@@ -1,0 +1,71 @@
+// Client side of status and pull: ask a coordinator for its state or a committed adapter.
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { writeAdapter } from '../engine/formats/peft.ts';
+import type { LoraConfig, NamedTensor } from '../engine/types.ts';
+import { createSwarmNode, request, parseMultiaddr } from '../protocol/net.ts';
+import type { StatusResponse } from '../protocol/messages.ts';
+import { decodeFloat } from '../protocol/tensor.ts';
+import { SchemaError } from '../protocol/errors.ts';
+
+/** A throwaway client identity: status and pull need no stable peer id. */
+async function withClient<T>(fn: (node: Awaited<ReturnType<typeof createSwarmNode>>) => Promise<T>): Promise<T> {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-client-'));
+  const node = await createSwarmNode({ dataDir: dir, listen: [] });
+  try {
+    return await fn(node);
+  } finally {
+    await node.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+export async function fetchStatus(addr: string, timeoutMs = 10_000): Promise<StatusResponse> {
+  return withClient((node) => request(node, parseMultiaddr(addr), 'status', {}, { timeoutMs }));
+}
+
+export interface PulledAdapter { step: number; lora: LoraConfig; baseModel: string; tensors: NamedTensor[] }
+
+export async function pullAdapter(addr: string, opts: { step?: number; timeoutMs?: number } = {}): Promise<PulledAdapter> {
+  return withClient(async (node) => {
+    const target = parseMultiaddr(addr);
+    const tensors: NamedTensor[] = [];
+    let total = Infinity, step = -1, spec: string | null = null;
+    while (tensors.length < total) {
+      const res = await request(node, target, 'adapter', { step: opts.step, from: tensors.length, count: 64 }, { timeoutMs: opts.timeoutMs ?? 60_000 });
+      if (step >= 0 && res.step !== step) throw new SchemaError(`pull: the coordinator switched from step ${step} to ${res.step} mid-transfer`);
+      step = res.step;
+      total = res.total;
+      spec ??= res.adapterSpecJson;
+      if (res.tensors.length === 0 && tensors.length < total) throw new SchemaError('pull: empty adapter page');
+      for (const { name, tensor } of res.tensors) tensors.push({ name, shape: [...tensor.shape], data: decodeFloat(tensor, `adapter ${name}`) });
+    }
+    if (spec === null) throw new SchemaError('pull: the coordinator sent no adapter spec');
+    const parsed = JSON.parse(spec) as { lora: LoraConfig; baseModel: string };
+    return { step, lora: parsed.lora, baseModel: parsed.baseModel, tensors };
+  });
+}
+
+/** Pull and write a PEFT adapter dir (adapter_config.json + adapter_model.safetensors). */
+export async function pullToDir(addr: string, outDir: string, opts: { step?: number } = {}): Promise<PulledAdapter> {
+  const a = await pullAdapter(addr, opts);
+  await writeAdapter(outDir, { lora: a.lora, baseModel: a.baseModel, tensors: a.tensors });
+  return a;
+}
+
+export function formatStatus(s: StatusResponse): string {
+  const lines = [
+    `run ${s.runId}: ${s.state}, step ${s.step}/${s.totalSteps}` +
+      (s.loss !== null ? `, loss ${s.loss.toFixed(4)}` : '') +
+      (s.lr !== null ? `, lr ${s.lr.toExponential(3)}` : '') +
+      (s.tokensPerSecond !== null ? `, ${s.tokensPerSecond.toFixed(1)} tokens/s` : ''),
+    `${s.numStages} stage(s), ${s.peers.length} peer(s), ${s.retries} retries, ${s.reassignments} reassignments`,
+    'peer                                                  stage  layers     device                          tok/s    health',
+  ];
+  for (const p of s.peers) {
+    const layers = p.layerStart !== null ? `[${p.layerStart},${p.layerEnd})` : '-';
+    lines.push(`${p.peerId.padEnd(54)}${String(p.stageIndex ?? '-').padEnd(7)}${layers.padEnd(11)}${p.device.slice(0, 31).padEnd(32)}${p.tokensPerSecond.toFixed(1).padStart(7)}  ${p.health}`);
+  }
+  return lines.join('\n');
+}
