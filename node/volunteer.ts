@@ -2,6 +2,7 @@
 import path from 'node:path';
 import type { Backend } from '../engine/backend.ts';
 import { loadStage } from '../engine/model/stage.ts';
+import { RefBackend } from '../engine/backends/ref.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 import type { LoraConfig } from '../engine/types.ts';
 import { createSwarmNode, request, serve, parseMultiaddr } from '../protocol/net.ts';
@@ -68,7 +69,8 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     else process.stderr.write(`[swarmtune join] ${human}\n`);
   };
   const dataDir = path.resolve(opts.dataDir);
-  const backend: Backend = deps.backend ?? await (await loadCreateBackend())(backendKind(opts.device));
+  const kind = backendKind(opts.device);
+  const backend: Backend = deps.backend ?? (kind === 'ref' ? new RefBackend() : await (await loadCreateBackend())(kind));
   const createOptimizer: OptimizerFactory = deps.createOptimizer ?? createShardOptimizer;
   let node: SwarmNode | null = null;
   let host: StageHost | null = null;

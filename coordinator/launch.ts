@@ -1,0 +1,150 @@
+// `swarmtune launch`: resolve the run spec, publish shards, serve the run, write the adapter.
+import { mkdir } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import path from 'node:path';
+import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
+import type { TrainConfig } from '../engine/train/config.ts';
+import { openModelDir } from '../engine/formats/model-dir.ts';
+import { readAdapter, writeAdapter } from '../engine/formats/peft.ts';
+import type { LoraConfig, NamedTensor } from '../engine/types.ts';
+import { createSwarmNode } from '../protocol/net.ts';
+import { BlobStore } from '../protocol/blobs.ts';
+import { decodeShard } from '../protocol/shard.ts';
+import type { FloatCodec } from '../protocol/tensor.ts';
+import { Coordinator } from './run.ts';
+import type { RunEvent } from './run.ts';
+import { RunStore } from './store.ts';
+import type { DashboardState } from './dashboard/state.ts';
+import { buildRunData, stageMemoryFn } from './spec.ts';
+
+export interface LaunchOptions {
+  configFile: string | null;
+  /** snake_case training keys from flags */
+  flags: Record<string, unknown>;
+  listen: string;
+  minPeers: number;
+  pipelineStages?: number;
+  wireCodec: FloatCodec;
+  private: boolean;
+  exitOnFinish: boolean;
+  dashboardPort?: number;
+  dataDir: string | null;
+}
+
+export async function launchRun(o: LaunchOptions): Promise<number> {
+  const train: TrainConfig = resolveTrainConfig({ configFile: o.configFile, flags: o.flags });
+  const json = train.json;
+  const emit = (e: RunEvent) => { if (json) process.stdout.write(JSON.stringify(e) + '\n'); };
+  const log = (msg: string) => { process.stderr.write(`[swarmtune launch] ${msg}\n`); };
+  if (train.model === null) throw new Error('launch: --model DIR is required');
+  if (train.data === null) throw new Error('launch: --data FILE is required');
+  const outputDir = path.resolve(train.output_dir);
+  const dataDir = path.resolve(o.dataDir ?? path.join(outputDir, 'coordinator'));
+  await mkdir(dataDir, { recursive: true });
+
+  const model = await openModelDir(train.model);
+  let lora: LoraConfig = loraConfigOf(train);
+  let initAdapter: Map<string, NamedTensor> | null = null;
+  if (train.init_adapter !== null) {
+    const a = await readAdapter(train.init_adapter);
+    lora = a.lora; // the adapter's r, alpha and targets apply, as in `swarmtune train --init-adapter`
+    initAdapter = new Map(a.tensors.map((t) => [t.name, t]));
+  }
+  const data = await buildRunData(train, model);
+  const store = await RunStore.open(path.join(dataDir, 'db'));
+  const meta = await store.getMeta();
+  const latest = await store.latest();
+  let runId: string;
+  let token: string | null = null;
+  let resume: { step: number; adapter: Map<string, NamedTensor>; optimizerStates: Uint8Array[] | null } | null = null;
+  let pipelineStages = o.pipelineStages;
+  if (meta !== null) {
+    runId = meta.runId;
+    token = (meta.config.join_token as string | undefined) ?? null;
+    if (meta.numStages > 0) pipelineStages = meta.numStages; // the restarted run keeps its stage split
+    // resume from the latest step whose optimizer state is checkpointed; steps after it are redone
+    const ckpt = await store.latestCheckpoint();
+    const step = ckpt?.step ?? 0;
+    const bytes = await store.adapter(step);
+    if (bytes !== null) {
+      const t = decodeShard(bytes, `adapter of step ${step}`);
+      const states: Uint8Array[] = [];
+      for (let s = 0; ckpt !== null && s < ckpt.stages; s++) {
+        const b = await store.optimizerState(step, s);
+        if (b === null) throw new Error(`${dataDir}: checkpoint of step ${step} lacks stage ${s}'s optimizer state`);
+        states.push(b);
+      }
+      resume = {
+        step,
+        adapter: new Map([...t.float].map(([name, x]) => [name, { name, shape: x.shape, data: x.data }])),
+        optimizerStates: ckpt !== null ? states : null,
+      };
+      log(`resuming run ${runId} from step ${step}${latest !== null && latest.step > step ? ` (steps ${step + 1}..${latest.step} are redone: no optimizer checkpoint after ${step})` : ''}`);
+    }
+  } else {
+    runId = randomBytes(8).toString('hex');
+    if (o.private) token = randomBytes(18).toString('base64url');
+    await store.putMeta({
+      runId, model: train.model, totalSteps: data.totalSteps, createdMs: Date.now(),
+      config: { ...train, join_token: token }, numStages: 0, stages: [],
+    });
+  }
+
+  const node = await createSwarmNode({ dataDir, listen: [o.listen] });
+  const blobs = new BlobStore(dataDir);
+  const coordinator = new Coordinator({
+    node, store, blobs, runId, modelName: train.model, llama: model.config,
+    modelConfigJson: JSON.stringify(model.config.raw), weights: model.weights, train, lora, data,
+    memory: stageMemoryFn(model.config, train, lora), minPeers: o.minPeers, pipelineStages,
+    wireCodec: o.wireCodec, token, initAdapter, resume, emit, log,
+  });
+  await coordinator.publishShards();
+  await coordinator.start();
+  const addrs = node.getMultiaddrs().map((m) => m.toString());
+  emit({ event: 'listening', multiaddr: addrs[0], multiaddrs: addrs, peer_id: node.peerId.toString(), run_id: runId, token });
+  log(`listening on ${addrs.join(' ')}`);
+  log(`volunteers: swarmtune join ${addrs[0]}${token !== null ? ` --token ${token}` : ''}`);
+
+  let dashboard: { url: string; close(): Promise<void> } | null = null;
+  if (o.dashboardPort !== undefined) {
+    // resolved at run time: the dashboard page is built separately and is optional for a headless run
+    const mod = await import(new URL('./dashboard/server.ts', import.meta.url).href) as {
+      startDashboard(opts: { port: number; host?: string; getState: () => DashboardState }): Promise<{ url: string; close(): Promise<void> }>;
+    };
+    const d = await mod.startDashboard({ port: o.dashboardPort, getState: () => coordinator.dashboardState() });
+    dashboard = d;
+    emit({ event: 'dashboard', url: d.url });
+    log(`dashboard at ${d.url}`);
+  }
+
+  let stopResolve!: () => void;
+  const stopped = new Promise<void>((r) => { stopResolve = r; });
+  const onSignal = () => { log('stopping on signal'); stopResolve(); };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  let code = 0;
+  try {
+    await Promise.race([coordinator.finished, stopped]);
+    if (coordinator.runState === 'finished') {
+      const tensors = coordinator.currentAdapter();
+      await writeAdapter(outputDir, { lora, baseModel: train.model, tensors });
+      emit({ event: 'finished', step: coordinator.committedStep, output_dir: outputDir });
+      log(`wrote the final adapter (${tensors.length} tensors) to ${outputDir}`);
+      if (!o.exitOnFinish) {
+        log('serving status and pulls until stopped (Ctrl-C)');
+        await stopped;
+      }
+    } else if (coordinator.runState === 'failed') {
+      code = 1;
+    }
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    await coordinator.stop();
+    if (dashboard !== null) await dashboard.close();
+    await node.stop();
+    await store.close();
+    model.close?.();
+  }
+  return code;
+}

@@ -1,0 +1,45 @@
+// The run spec's bindings to the trainer: its data pipeline (the same micro-batches `swarmtune train`
+// sees) and its memory model (what a stage needs on a peer).
+import { DataLoader, loadDataset, planSteps } from '../engine/train/data.ts';
+import type { SftTokenizer } from '../engine/train/data.ts';
+import { stageMemoryBytes } from '../engine/train/plan.ts';
+import type { TrainConfig } from '../engine/train/config.ts';
+import type { LlamaConfig, LoraConfig } from '../engine/types.ts';
+import type { ModelDir } from '../engine/formats/model-dir.ts';
+import type { RunData } from './run.ts';
+import type { StageMemoryFn } from './planner.ts';
+
+export async function buildRunData(train: TrainConfig, model: ModelDir): Promise<RunData> {
+  if (train.data === null) throw new Error('launch: --data FILE is required');
+  if (model.tokenizer === null) throw new Error(`launch: ${model.dir} has no tokenizer.json; the coordinator tokenizes the data`);
+  const tok: SftTokenizer = model.tokenizer;
+  const ds = loadDataset(train.data, tok, {
+    maxSeqLength: train.max_seq_length, systemPrompt: train.system_prompt,
+    completionOnlyLoss: train.completion_only_loss, skipBadLines: train.skip_bad_lines,
+  });
+  const padId = tok.padTokenId ?? tok.eosTokenId ?? 0;
+  const loader = new DataLoader(ds.examples, {
+    batchSize: train.per_device_train_batch_size, accumulation: train.gradient_accumulation_steps,
+    seed: train.seed, shuffle: train.shuffle, padId,
+  });
+  const plan = planSteps(ds.examples.length, train.per_device_train_batch_size, train.gradient_accumulation_steps, train.num_train_epochs, train.max_steps);
+  return {
+    totalSteps: plan.totalSteps,
+    microBatchesForStep: async (step) => loader.stepMicroBatches(step),
+    // micro-batches consumed after `step` optimizer steps, counted across epochs
+    cursorAfter: (step) => {
+      const c = loader.cursorAt(step);
+      return c.epoch * loader.microBatchesPerEpoch + c.microBatch;
+    },
+  };
+}
+
+/** Bytes a stage [a, b) needs on a volunteer under this run's settings. The engine keeps embeddings,
+ *  the head and activations in float32 on CPU volunteers, hence floatBytes 4. */
+export function stageMemoryFn(config: LlamaConfig, train: TrainConfig, lora: LoraConfig): StageMemoryFn {
+  return (layerStart, layerEnd) => stageMemoryBytes(config, {
+    layerStart, layerEnd, lora: { r: lora.r, targetModules: lora.targetModules },
+    microBatch: train.per_device_train_batch_size, seqLen: train.max_seq_length, optim: train.optim,
+    gradientCheckpointing: train.gradient_checkpointing, floatBytes: 4,
+  }).totalBytes;
+}
