@@ -61,8 +61,8 @@ interface KeptBatch {
   layerInputs: Float32Array[] | null;
   /** no checkpointing: each layer's activations; otherwise null */
   layerActs: LayerActs[] | null;
-  /** output of the stage's last layer (input of the final norm on the last stage) */
-  lastHidden: Float32Array;
+  /** last stage: output of the last layer (input of the final norm); null elsewhere */
+  lastHidden: Float32Array | null;
   labels: Int32Array | null;
   /** per-token log-sum-exp of the logits (last stage) */
   lse: Float32Array | null;
@@ -160,7 +160,7 @@ export class LlamaStage implements Stage {
     } else {
       result.hidden = x;
     }
-    if (train) this.kept.set(key, { ctx, layerInputs, layerActs, lastHidden: x, labels, lse });
+    if (train) this.kept.set(key, { ctx, layerInputs, layerActs, lastHidden: this.isLast ? x : null, labels, lse });
     return result;
   }
 
@@ -457,7 +457,7 @@ export class LlamaStage implements Stage {
     const { T } = kept.ctx;
     const C = cfg.hiddenSize, V = cfg.vocabSize;
     const labels = kept.labels!, lse = kept.lse!;
-    const x = kept.lastHidden;
+    const x = kept.lastHidden!;
     const h = new Float32Array(T * C), rstd = new Float32Array(T);
     await be.rmsnormForward(h, rstd, x, this.finalNorm!, T, C, cfg.rmsNormEps);
     const scale = new Float32Array(T);
