@@ -14,7 +14,7 @@ import type { FloatCodec } from '../protocol/tensor.ts';
 import { Coordinator } from './run.ts';
 import type { RunEvent } from './run.ts';
 import { RunStore } from './store.ts';
-import type { DashboardState } from './dashboard/state.ts';
+import { startDashboard } from './dashboard/server.ts';
 import { buildRunData, stageMemoryFn } from './spec.ts';
 
 export interface LaunchOptions {
@@ -107,11 +107,7 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
 
   let dashboard: { url: string; close(): Promise<void> } | null = null;
   if (o.dashboardPort !== undefined) {
-    // resolved at run time: the dashboard page is built separately and is optional for a headless run
-    const mod = await import(new URL('./dashboard/server.ts', import.meta.url).href) as {
-      startDashboard(opts: { port: number; host?: string; getState: () => DashboardState }): Promise<{ url: string; close(): Promise<void> }>;
-    };
-    const d = await mod.startDashboard({ port: o.dashboardPort, getState: () => coordinator.dashboardState() });
+    const d = await startDashboard({ port: o.dashboardPort, getState: () => coordinator.dashboardState() });
     dashboard = d;
     emit({ event: 'dashboard', url: d.url });
     log(`dashboard at ${d.url}`);

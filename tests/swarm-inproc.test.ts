@@ -175,6 +175,40 @@ test('a replica crashing after step 1: its micro-batches are retried elsewhere a
   }
 });
 
+test('a private run admits only peers with its join token', async () => {
+  const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-private-'));
+  dirs.push(tmp);
+  const node = await createSwarmNode({ dataDir: path.join(tmp, 'coord') });
+  const store = await RunStore.open(path.join(tmp, 'coord', 'db'));
+  const coord = new Coordinator({
+    node, store, blobs: new BlobStore(path.join(tmp, 'coord')), runId: 'priv', modelName: 'random', llama,
+    modelConfigJson: JSON.stringify(HF), weights, train, lora,
+    data: { totalSteps: 1, microBatchesForStep: async (s) => batchesFor(s), cursorAfter: (s) => s },
+    memory: () => 1, minPeers: 5, wireCodec: 'f32', token: 'sesame', initAdapter: null, resume: null, emit: () => {}, log: () => {},
+  });
+  try {
+    await coord.start();
+    const addr = node.getMultiaddrs()[0]!.toString();
+    const out: string[] = [];
+    const write = process.stdout.write.bind(process.stdout);
+    process.stdout.write = ((chunk: string) => { out.push(String(chunk)); return true; }) as typeof process.stdout.write;
+    let code: number;
+    try {
+      code = await runVolunteer({ coordinator: addr, token: 'wrong', device: 'ref', maxMemoryBytes: 2 ** 30, dataDir: path.join(tmp, 'v'), json: true, listen: '/ip4/127.0.0.1/tcp/0' },
+        { backend: new RefBackend() });
+    } finally {
+      process.stdout.write = write;
+    }
+    assert.equal(code, 1);
+    const err = out.map((l) => JSON.parse(l)).find((e) => e.event === 'error');
+    assert.equal(err?.name, 'AuthError');
+    assert.match(err?.message, /private: a valid --token is required/);
+    assert.equal((await fetchStatus(addr)).peers.length, 0, 'the refused peer is not admitted');
+  } finally {
+    await coord.stop(); await node.stop(); await store.close();
+  }
+});
+
 test('stage host: stale steps, superseded attempts, double commits; uncommitted attempts never count', async () => {
   const stage = await loadStage(weights, new RefBackend(), { layerStart: 0, layerEnd: 4, lora, seed: 1 });
   const spec = { optim: 'adamw_torch' as const, adamBeta1: 0.9, adamBeta2: 0.999, adamEpsilon: 1e-8, weightDecay: 0, residentBytes: 0 };
