@@ -64,12 +64,28 @@ export function initLoraA(out: Float32Array, r: number, inFeatures: number, init
   }
 }
 
+/** Elements of mask generation between yields to the event loop: ~2 ms of work, so a 30M-element mask of a
+ *  real model (T=2048 × 14336) never blocks heartbeats for long. */
+const MASK_YIELD_ELEMENTS = 1 << 19;
+
 /** Dropout keep-mask [n] (1 = keep) from a PRNG keyed by (dropoutSeed, layer, module): the recompute in
- *  backward regenerates the very same mask. */
-export function dropoutMask(n: number, p: number, dropoutSeed: number, layer: number, module: LoraTarget): Uint8Array {
+ *  backward regenerates the very same mask. Each 32-bit draw gives two 16-bit uniforms; an element is
+ *  dropped when its uniform is below round(p·65536), i.e. p is honoured to 1/65536. */
+export async function dropoutMask(n: number, p: number, dropoutSeed: number, layer: number, module: LoraTarget): Promise<Uint8Array> {
   const rng = new Rng(dropoutSeed, 0x44726f70 /* "Drop" */, layer, LORA_TARGETS.indexOf(module));
+  const threshold = Math.round(p * 65536);
   const mask = new Uint8Array(n);
-  for (let i = 0; i < n; i++) mask[i] = rng.nextFloat() >= p ? 1 : 0;
+  for (let start = 0; start < n; start += MASK_YIELD_ELEMENTS) {
+    if (start > 0) await new Promise<void>((resolve) => setImmediate(resolve));
+    const end = Math.min(n, start + MASK_YIELD_ELEMENTS); // even start ⇒ pairs never straddle chunks
+    let i = start;
+    for (; i + 1 < end; i += 2) {
+      const u = rng.nextU32();
+      mask[i] = (u & 0xffff) >= threshold ? 1 : 0;
+      mask[i + 1] = (u >>> 16) >= threshold ? 1 : 0;
+    }
+    if (i < end) mask[i] = (rng.nextU32() & 0xffff) >= threshold ? 1 : 0;
+  }
   return mask;
 }
 
@@ -143,7 +159,7 @@ export class LoraLinear {
     let xd = x;
     let mask: Uint8Array | null = null;
     if (ctx.train && lora.dropout > 0) {
-      mask = dropoutMask(T * inF, lora.dropout, ctx.dropoutSeed, this.layer, this.module);
+      mask = await dropoutMask(T * inF, lora.dropout, ctx.dropoutSeed, this.layer, this.module);
       const keepScale = 1 / (1 - lora.dropout);
       xd = new Float32Array(T * inF);
       for (let i = 0; i < xd.length; i++) xd[i] = mask[i] ? x[i] * keepScale : 0;
