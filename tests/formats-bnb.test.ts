@@ -176,3 +176,34 @@ test('quantize command output loads with openModelDir: same NF4 as on-the-fly, f
     await rm(dir, { recursive: true });
   }
 });
+
+test('swarmtune quantize CLI: flags reach the writer (--no-double-quant, --blocksize)', async () => {
+  const { Command } = await import('commander');
+  const { registerQuantize } = await import('../engine/commands/quantize.ts');
+  const dir = await tmp();
+  try {
+    const src = join(dir, 'src');
+    await (await import('node:fs/promises')).mkdir(src);
+    const weights = await tinyModel(src);
+    const program = new Command().exitOverride();
+    registerQuantize(program);
+    const log = console.log;
+    console.log = () => {};
+    try {
+      await program.parseAsync(['quantize', '--model', src, '--out', join(dir, 'o'), '--no-double-quant', '--blocksize', '128'], { from: 'user' });
+    } finally {
+      console.log = log;
+    }
+    const cfg = JSON.parse(await readFile(join(dir, 'o', 'config.json'), 'utf8'));
+    assert.equal(cfg.quantization_config.bnb_4bit_use_double_quant, false);
+    const m = await openModelDir(join(dir, 'o'));
+    const name = 'model.layers.1.mlp.up_proj.weight';
+    const q = await m.weights.getNF4(name);
+    assert.equal(q.blocksize, 128);
+    assert.deepEqual(q.packed, quantizeNF4(weights.get(name)!.data, 96, 64, 128).packed);
+    await m.close();
+    await assert.rejects(program.parseAsync(['quantize', '--model', src, '--out', join(dir, 'p'), '--blocksize', '100'], { from: 'user' }), /--blocksize must be a power of two/);
+  } finally {
+    await rm(dir, { recursive: true });
+  }
+});

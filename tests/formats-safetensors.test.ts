@@ -193,3 +193,21 @@ test('sharded checkpoint: writer splits by size keeping groups, index loads back
     await rm(dir, { recursive: true });
   }
 });
+
+test('reading is lazy: open reads the header only, tensor bytes come from disk at read time', async () => {
+  const dir = await tmp();
+  try {
+    const p = join(dir, 'lazy.safetensors');
+    await writeSafetensors(p, [{ name: 'w', dtype: 'U8', shape: [4], data: new Uint8Array([1, 2, 3, 4]) }]);
+    const f = await SafetensorsFile.open(p);
+    // rewrite the data bytes behind the open file: a reader that loaded data at open would not see this
+    const bytes = await readFile(p);
+    bytes.set([9, 8, 7, 6], f.dataStart);
+    await writeFile(p, bytes);
+    assert.deepEqual([...await f.readRaw('w')], [9, 8, 7, 6]);
+    await f.close();
+    await assert.rejects(f.readRaw('w'), /file is closed/);
+  } finally {
+    await rm(dir, { recursive: true });
+  }
+});

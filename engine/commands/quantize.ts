@@ -76,7 +76,9 @@ export async function quantizeModelDir(modelDir: string, outDir: string, opts: Q
   }
   await src.close();
   const files = await writer.finish();
-  const computeDtype = typeof config.raw.torch_dtype === 'string' && config.raw.torch_dtype !== 'float32' ? config.raw.torch_dtype : 'bfloat16';
+  // transformers >= 4.56 writes "dtype" where older versions wrote "torch_dtype"
+  const srcDtype = config.raw.torch_dtype ?? config.raw.dtype;
+  const computeDtype = typeof srcDtype === 'string' && srcDtype !== 'float32' ? srcDtype : 'bfloat16';
   await writeConfig(outDir, config, { quantization_config: bnbQuantizationConfig({ doubleQuant, computeDtype }) });
   await mkdir(outDir, { recursive: true });
   const present = new Set(await readdir(modelDir));
