@@ -3,7 +3,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import type { LlamaConfig, WeightSource } from '../types.ts';
 import type { NF4Weight } from '../backend.ts';
-import { readConfig } from './config.ts';
+import { readConfig, configNotes } from './config.ts';
 import { openSafetensorsDir, numelOf, isFloatDecodable } from './safetensors.ts';
 import type { TensorSource } from './safetensors.ts';
 import { quantizeNF4, dequantizeNF4 } from './nf4.ts';
@@ -21,6 +21,8 @@ export interface ModelDir {
   tokenizer: Tokenizer | null;
   /** true when the linear weights are stored bitsandbytes NF4 */
   prequantized: boolean;
+  /** things the engine handles approximately (e.g. Mistral's sliding_window), to show the user */
+  notes: string[];
   close(): Promise<void>;
 }
 
@@ -84,7 +86,7 @@ export async function openModelDir(dir: string): Promise<ModelDir> {
     const prequantized = tensors.has(q0) && isBnbQuantized(tensors, q0);
     const tokenizer = await Tokenizer.fromDir(dir);
     return {
-      dir, config, tokenizer, prequantized,
+      dir, config, tokenizer, prequantized, notes: configNotes(config),
       weights: new SafetensorsWeightSource(config, tensors, dir),
       close: () => tensors.close(),
     };
