@@ -22,8 +22,12 @@ import type { OptimSpec } from '../protocol/messages.ts';
 
 /** Joining waits for the coordinator to reach --min-peers and plan; an hour covers slow organizers. */
 const JOIN_TIMEOUT_MS = 60 * 60_000;
-/** Without a coordinator heartbeat for this long, the volunteer gives up on the run. */
-const COORDINATOR_LOST_MS = 120_000;
+/** Without a coordinator heartbeat for this long (it pings every second), the coordinator is
+ *  considered gone: the volunteer drops its stage and tries to rejoin (a restarted coordinator keeps
+ *  its peer id and address). */
+const COORDINATOR_LOST_MS = 8_000;
+/** How long a volunteer keeps trying to rejoin a lost coordinator before giving up. */
+const REJOIN_WINDOW_MS = 10 * 60_000;
 
 export interface VolunteerOptions {
   coordinator: string;
@@ -120,33 +124,51 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     say('probe', { capabilities: caps }, `${caps.deviceName}, ${caps.cores} cores, offering ${(caps.memoryBytes / 2 ** 30).toFixed(2)} GiB, ${caps.gemmGflops.toFixed(1)} GFLOP/s`);
     const coord = parseMultiaddr(opts.coordinator);
     const listenAddrs = node.getMultiaddrs().map((m) => m.toString());
-    say('joining', { coordinator: opts.coordinator, peer_id: node.peerId.toString() }, `joining ${opts.coordinator} as ${node.peerId.toString()}`);
-    const joinP = request(node, coord, 'join', { token: opts.token, capabilities: caps, listenAddrs, previousRunId: null }, { timeoutMs: JOIN_TIMEOUT_MS });
-    const res = await Promise.race([joinP, finished.then(() => null)]);
-    if (res === null) return await finished;
-    if (res.status === 'rejected' || res.assignment === null) {
-      say('rejected', { reason: res.reason }, `the coordinator did not give this peer a stage: ${res.reason ?? 'no reason given'}`);
-      return EXIT_REJECTED;
-    }
-    const a: Assignment = res.assignment;
-    runId = a.runId;
-    lastCoordinatorMs = Date.now();
-    say('assigned', { run_id: a.runId, stage: a.stageIndex, layer_start: a.layerStart, layer_end: a.layerEnd, num_stages: a.numStages },
-      `assigned stage ${a.stageIndex + 1}/${a.numStages}: layers [${a.layerStart}, ${a.layerEnd})`);
-
-    host = await loadAssignment(node, blobs, backend, a, dataDir, createOptimizer);
-    say('ready', { stage: a.stageIndex, params: host.stage.params.length }, `stage loaded (${host.stage.params.length} LoRA tensors); serving`);
-
-    const watchdog = setInterval(() => {
-      if (Date.now() - lastCoordinatorMs > COORDINATOR_LOST_MS) {
-        say('coordinator_lost', {}, `no heartbeat from the coordinator for ${COORDINATOR_LOST_MS / 1000} s; leaving the run`);
-        done(EXIT_FAILED);
+    let lostSinceMs: number | null = null;
+    let previousRunId: string | null = null;
+    for (;;) {
+      say('joining', { coordinator: opts.coordinator, peer_id: node.peerId.toString() }, `joining ${opts.coordinator} as ${node.peerId.toString()}`);
+      let res;
+      try {
+        const joinP = request(node, coord, 'join', { token: opts.token, capabilities: caps, listenAddrs, previousRunId }, { timeoutMs: JOIN_TIMEOUT_MS });
+        res = await Promise.race([joinP, finished.then(() => null)]);
+      } catch (e) {
+        // a restarting coordinator refuses connections for a while: keep trying within the window
+        if (lostSinceMs !== null && Date.now() - lostSinceMs < REJOIN_WINDOW_MS && (e as Error).name !== 'AuthError') {
+          const stop = await Promise.race([new Promise((r) => setTimeout(() => r(false), 1000)), finished.then(() => true)]);
+          if (stop === true) return await finished;
+          continue;
+        }
+        throw e;
       }
-    }, 1000);
-    watchdog.unref();
-    const code = await finished;
-    clearInterval(watchdog);
-    return code;
+      if (res === null) return await finished;
+      if (res.status === 'rejected' || res.assignment === null) {
+        say('rejected', { reason: res.reason }, `the coordinator did not give this peer a stage: ${res.reason ?? 'no reason given'}`);
+        return EXIT_REJECTED;
+      }
+      const a: Assignment = res.assignment;
+      runId = a.runId;
+      previousRunId = a.runId;
+      lastCoordinatorMs = Date.now();
+      say('assigned', { run_id: a.runId, stage: a.stageIndex, layer_start: a.layerStart, layer_end: a.layerEnd, num_stages: a.numStages, step: a.step },
+        `assigned stage ${a.stageIndex + 1}/${a.numStages}: layers [${a.layerStart}, ${a.layerEnd}) at step ${a.step}`);
+      host = await loadAssignment(node, blobs, backend, a, dataDir, createOptimizer);
+      say('ready', { stage: a.stageIndex, params: host.stage.params.length }, `stage loaded (${host.stage.params.length} LoRA tensors); serving`);
+
+      let watchdog: NodeJS.Timeout | undefined;
+      const lost = new Promise<'lost'>((resolve) => {
+        watchdog = setInterval(() => { if (Date.now() - lastCoordinatorMs > COORDINATOR_LOST_MS) resolve('lost'); }, 250);
+      });
+      const outcome = await Promise.race([finished, lost]);
+      clearInterval(watchdog);
+      if (outcome !== 'lost') return outcome;
+      say('coordinator_lost', {}, `no heartbeat from the coordinator for ${COORDINATOR_LOST_MS / 1000} s; rejoining (for up to ${REJOIN_WINDOW_MS / 60_000} min)`);
+      const old = host;
+      host = null;
+      runId = null;
+      old.stage.dispose();
+      lostSinceMs = Date.now();
+    }
   } catch (e) {
     const err = e as Error;
     say('error', { name: err.name, message: err.message }, `error: ${err.name}: ${err.message}`);
