@@ -1,0 +1,346 @@
+// The local training loop (`swarmtune train`): data → Stage forward/backward over micro-batches → clip →
+// schedule → paged AdamW, with checkpoints that resume bit-identically, a JSONL log, progress and Ctrl-C save.
+import { existsSync, mkdirSync, readdirSync, renameSync, rmSync } from 'node:fs';
+import { appendFile, readFile, writeFile } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { join, resolve } from 'node:path';
+import type { Backend } from '../backend.ts';
+import type { LlamaConfig, LoraConfig, NamedTensor, Stage, WeightSource } from '../types.ts';
+import { hashSeed } from '../model/rng.ts';
+import { loadStage } from '../model/stage.ts';
+import { readAdapter, writeAdapter } from '../formats/peft.ts';
+import { SafetensorsFile, writeSafetensors } from '../formats/safetensors.ts';
+import { clipGradNorm } from './clip.ts';
+import { loraConfigOf } from './config.ts';
+import type { TrainConfig } from './config.ts';
+import { DataLoader } from './data.ts';
+import type { DataCursor, MicroBatch, TokenizedExample } from './data.ts';
+import { AdamW } from './optim.ts';
+import type { OptimizerState, StateTensor } from './optim.ts';
+import { baseParamCount, trainableParamsLine } from './plan.ts';
+import { learningRateAt, warmupStepsFor } from './schedule.ts';
+
+export const TRAINER_STATE_FILE = 'trainer_state.json';
+export const OPTIMIZER_FILE = 'optimizer.safetensors';
+export const TRAINING_LOG_FILE = 'training_log.jsonl';
+
+export class TrainerError extends Error {
+  override readonly name = 'TrainerError';
+}
+
+export interface StepEvent {
+  event: 'step';
+  step: number;
+  epoch: number;
+  loss: number;
+  lr: number;
+  grad_norm: number;
+  tokens_per_s: number;
+  label_tokens: number;
+}
+
+/** What checkpoint-N/trainer_state.json holds. */
+export interface TrainerState {
+  version: 1;
+  global_step: number;
+  total_steps: number;
+  epoch: number;
+  /** next micro-batch to consume */
+  data_cursor: DataCursor;
+  /** all randomness is counter-based from the seed: shuffles from (seed, epoch), dropout from (seed, step, micro-batch) */
+  rng: { seed: number; kind: 'counter-based' };
+  schedule: { lr_scheduler_type: string; learning_rate: number; warmup_steps: number; total_steps: number; next_lr: number };
+  dataset: { examples: number; sha256: string };
+  optim: string;
+  log_history: StepEvent[];
+  args: Partial<TrainConfig>;
+}
+
+export interface TrainerHooks {
+  /** one line for humans (stdout); the trainable-params line, summaries */
+  info?: (line: string) => void;
+  /** every optimizer step */
+  onStep?: (e: StepEvent, progress: { step: number; totalSteps: number; elapsedMs: number }) => void;
+  /** set to stop after the current step with a checkpoint (Ctrl-C) */
+  signal?: AbortSignal;
+}
+
+export interface TrainResult {
+  globalStep: number;
+  totalSteps: number;
+  interrupted: boolean;
+  lastLoss: number;
+  checkpoints: string[];
+  adapterDir: string;
+  /** the trained LoRA tensors (copies) */
+  params: NamedTensor[];
+}
+
+export interface TrainInputs {
+  config: TrainConfig;
+  modelConfig: LlamaConfig;
+  weights: WeightSource;
+  backend: Backend;
+  examples: TokenizedExample[];
+  padId: number;
+  /** base_model_name_or_path written into the adapter config */
+  baseModelName: string;
+}
+
+/** sha256 over the tokenized examples: a resume against different data is refused. */
+export function datasetHash(examples: readonly TokenizedExample[]): string {
+  const h = createHash('sha256');
+  for (const e of examples) {
+    h.update(new Uint8Array(e.ids.buffer, e.ids.byteOffset, e.ids.byteLength));
+    h.update(new Uint8Array(e.labels.buffer, e.labels.byteOffset, e.labels.byteLength));
+    h.update('|');
+  }
+  return h.digest('hex');
+}
+
+/** Where the trainer's LoRA config comes from: --init-adapter's adapter_config.json wins over flags. */
+export async function resolveLora(cfg: TrainConfig): Promise<{ lora: LoraConfig; initTensors: NamedTensor[] | null }> {
+  if (!cfg.init_adapter) return { lora: loraConfigOf(cfg), initTensors: null };
+  const a = await readAdapter(cfg.init_adapter);
+  return { lora: { ...a.lora, loraDropout: cfg.lora_dropout }, initTensors: a.tensors };
+}
+
+function copyTensorsInto(params: readonly NamedTensor[], tensors: readonly NamedTensor[], source: string): void {
+  const byName = new Map(tensors.map((t) => [t.name, t]));
+  for (const p of params) {
+    const t = byName.get(p.name);
+    if (!t) throw new TrainerError(`${source}: missing LoRA tensor ${p.name}`);
+    if (t.data.length !== p.data.length) throw new TrainerError(`${source}: ${p.name} has ${t.data.length} values, the model expects ${p.data.length} [${p.shape.join(', ')}]`);
+    p.data.set(t.data);
+  }
+  if (byName.size !== params.length) {
+    const extra = [...byName.keys()].filter((n) => !params.some((p) => p.name === n));
+    throw new TrainerError(`${source}: tensors the model does not have: ${extra.slice(0, 3).join(', ')}${extra.length > 3 ? ', ...' : ''}`);
+  }
+}
+
+/** Write optimizer state as safetensors (one entry per state tensor, metadata: optim and step). */
+export async function writeOptimizerState(path: string, st: OptimizerState): Promise<void> {
+  await writeSafetensors(path, st.tensors.map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, data: t.data })),
+    { format: 'swarmtune-optimizer', optim: st.optim, step: String(st.step) });
+}
+
+export async function readOptimizerState(path: string): Promise<OptimizerState> {
+  const f = await SafetensorsFile.open(path);
+  try {
+    const meta = f.metadata ?? {};
+    const optim = meta.optim, step = Number(meta.step);
+    if (!optim || !Number.isInteger(step)) throw new TrainerError(`${path}: metadata lacks optim/step (not a swarmtune optimizer state file)`);
+    const tensors: StateTensor[] = [];
+    for (const name of f.names()) {
+      const info = f.info(name);
+      if (info.dtype === 'F32') tensors.push({ name, dtype: 'F32', shape: [...info.shape], data: await f.readFloat32(name) });
+      else if (info.dtype === 'U8') {
+        const raw = await f.readRaw(name);
+        tensors.push({ name, dtype: 'U8', shape: [...info.shape], data: Uint8Array.from(raw) });
+      } else throw new TrainerError(`${path}: tensor ${name} has dtype ${info.dtype}, expected F32 or U8`);
+    }
+    return { optim: optim as OptimizerState['optim'], step, tensors };
+  } finally {
+    await f.close();
+  }
+}
+
+/** checkpoint-N dirs of an output dir, oldest first. */
+export function listCheckpoints(outputDir: string): string[] {
+  if (!existsSync(outputDir)) return [];
+  return readdirSync(outputDir)
+    .map((n) => /^checkpoint-(\d+)$/.exec(n))
+    .filter((m): m is RegExpExecArray => m !== null)
+    .sort((a, b) => Number(a[1]) - Number(b[1]))
+    .map((m) => join(outputDir, m[0]));
+}
+
+export async function readTrainerState(dir: string): Promise<TrainerState> {
+  const path = join(dir, TRAINER_STATE_FILE);
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch {
+    throw new TrainerError(`${dir}: no ${TRAINER_STATE_FILE} (not a checkpoint directory)`);
+  }
+  const st = JSON.parse(text) as TrainerState;
+  if (st.version !== 1 || !Number.isInteger(st.global_step)) throw new TrainerError(`${path}: unsupported trainer state (version ${st.version})`);
+  return st;
+}
+
+export class Trainer {
+  readonly cfg: TrainConfig;
+  readonly inputs: TrainInputs;
+  private stage: Stage | null = null;
+  private optimizer: AdamW | null = null;
+  private lora: LoraConfig | null = null;
+
+  constructor(inputs: TrainInputs) {
+    this.inputs = inputs;
+    this.cfg = inputs.config;
+  }
+
+  async run(hooks: TrainerHooks = {}): Promise<TrainResult> {
+    const cfg = this.cfg;
+    const info = hooks.info ?? (() => {});
+    const outputDir = resolve(cfg.output_dir);
+    mkdirSync(outputDir, { recursive: true });
+
+    const { lora, initTensors } = await resolveLora(cfg);
+    this.lora = lora;
+    const stage = await loadStage(this.inputs.weights, this.inputs.backend, {
+      layerStart: 0, layerEnd: this.inputs.modelConfig.numHiddenLayers, lora,
+      gradientCheckpointing: cfg.gradient_checkpointing, seed: cfg.seed,
+    });
+    this.stage = stage;
+    if (initTensors) copyTensorsInto(stage.params, initTensors, `init adapter ${cfg.init_adapter}`);
+
+    const loader = new DataLoader(this.inputs.examples, {
+      batchSize: cfg.per_device_train_batch_size, accumulation: cfg.gradient_accumulation_steps,
+      seed: cfg.seed, shuffle: cfg.shuffle, padId: this.inputs.padId,
+    });
+    const totalSteps = cfg.max_steps > 0 ? cfg.max_steps : Math.ceil(cfg.num_train_epochs * loader.stepsPerEpoch);
+    const warmup = warmupStepsFor(totalSteps, cfg.warmup_steps, cfg.warmup_ratio);
+    const dataSha = datasetHash(this.inputs.examples);
+
+    const optimizer = new AdamW(stage.params.map((p) => ({ name: p.name, numel: p.data.length })), {
+      optim: cfg.optim, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weightDecay: cfg.weight_decay,
+      pageBytes: cfg.optim_page_bytes, residentBytes: cfg.optim_resident_bytes ?? Infinity,
+      spillDir: join(outputDir, `optimizer-pages-${process.pid}`),
+    });
+    this.optimizer = optimizer;
+
+    let startStep = 0;
+    let history: StepEvent[] = [];
+    if (cfg.resume_from_checkpoint) {
+      const dir = cfg.resume_from_checkpoint === 'latest' ? listCheckpoints(outputDir).at(-1) : cfg.resume_from_checkpoint;
+      if (!dir) throw new TrainerError(`resume_from_checkpoint latest: no checkpoint-N directory in ${outputDir}`);
+      const st = await readTrainerState(dir);
+      if (st.dataset.sha256 !== dataSha) throw new TrainerError(`${dir}: checkpoint was trained on different data (sha256 ${st.dataset.sha256.slice(0, 12)}…, now ${dataSha.slice(0, 12)}…); same --data, --max-seq-length and tokenizer are needed to resume`);
+      if (st.optim !== cfg.optim) throw new TrainerError(`${dir}: checkpoint used optim ${st.optim}, now ${cfg.optim}`);
+      if (st.rng.seed !== cfg.seed) throw new TrainerError(`${dir}: checkpoint used seed ${st.rng.seed}, now ${cfg.seed}`);
+      const a = await readAdapter(dir, { config: this.inputs.modelConfig });
+      copyTensorsInto(stage.params, a.tensors, `checkpoint ${dir}`);
+      optimizer.importState(await readOptimizerState(join(dir, OPTIMIZER_FILE)));
+      if (optimizer.step !== st.global_step) throw new TrainerError(`${dir}: optimizer step ${optimizer.step} != trainer global_step ${st.global_step}`);
+      startStep = st.global_step;
+      history = st.log_history;
+      info(`resumed from ${dir} at step ${startStep}/${totalSteps}`);
+    }
+
+    const trainable = stage.params.reduce((s, p) => s + p.data.length, 0);
+    info(trainableParamsLine(trainable, baseParamCount(this.inputs.modelConfig) + trainable));
+
+    const logPath = join(outputDir, TRAINING_LOG_FILE);
+    const checkpoints: string[] = [];
+    const t0 = performance.now();
+    let lastLoss = Number.NaN;
+    let step = startStep;
+    let interrupted = false;
+    let window: StepEvent[] = [];
+    let params: NamedTensor[] = [];
+    try {
+      for (; step < totalSteps; step++) {
+        if (hooks.signal?.aborted) {
+          interrupted = true;
+          break;
+        }
+        const tStep = performance.now();
+        const mbs = loader.stepMicroBatches(step);
+        const { grads, lossSum, labelTokens, inputTokens } = await accumulateStep(stage, mbs, { seed: cfg.seed, step });
+        const loss = labelTokens > 0 ? lossSum / labelTokens : 0;
+        const gradNormValue = clipGradNorm(grads, cfg.max_grad_norm);
+        const lr = learningRateAt(cfg.learning_rate, cfg.lr_scheduler_type, step, warmup, totalSteps);
+        optimizer.update(stage.params.map((p) => p.data), grads, lr);
+        lastLoss = loss;
+        const dtMs = performance.now() - tStep;
+        const event: StepEvent = {
+          event: 'step', step: step + 1, epoch: (step + 1) / loader.stepsPerEpoch, loss, lr, grad_norm: gradNormValue,
+          tokens_per_s: inputTokens / Math.max(dtMs, 1e-3) * 1000, label_tokens: labelTokens,
+        };
+        history.push(event);
+        window.push(event);
+        hooks.onStep?.(event, { step: step + 1, totalSteps, elapsedMs: performance.now() - t0 });
+        if ((step + 1) % cfg.logging_steps === 0 || step + 1 === totalSteps) {
+          // HF logs the mean loss since the previous log line
+          const mean = window.reduce((s, e) => s + e.loss, 0) / window.length;
+          await appendFile(logPath, JSON.stringify({ ...event, loss: mean }) + '\n');
+          window = [];
+        }
+        const done = step + 1;
+        const save = (cfg.save_strategy === 'steps' && done % cfg.save_steps === 0)
+          || (cfg.save_strategy === 'epoch' && done % loader.stepsPerEpoch === 0);
+        if (save && done < totalSteps) {
+          checkpoints.push(await this.saveCheckpoint(outputDir, done, totalSteps, warmup, loader, dataSha, history));
+        }
+      }
+      if (interrupted || step === totalSteps) {
+        // a final checkpoint makes an interrupted or finished run resumable / extendable
+        if (interrupted || cfg.save_strategy !== 'no') {
+          checkpoints.push(await this.saveCheckpoint(outputDir, step, totalSteps, warmup, loader, dataSha, history));
+        }
+      }
+      if (!interrupted) await writeAdapter(outputDir, { lora, baseModel: this.inputs.baseModelName, tensors: stage.params.map(cloneTensor) });
+      params = stage.params.map(cloneTensor);
+    } finally {
+      optimizer.dispose();
+      stage.dispose();
+    }
+    return { globalStep: step, totalSteps, interrupted, lastLoss, checkpoints, adapterDir: outputDir, params };
+  }
+
+  private async saveCheckpoint(outputDir: string, globalStep: number, totalSteps: number, warmup: number,
+    loader: DataLoader, dataSha: string, history: StepEvent[]): Promise<string> {
+    const cfg = this.cfg;
+    const dir = join(outputDir, `checkpoint-${globalStep}`);
+    const tmp = `${dir}.tmp-${process.pid}`;
+    rmSync(tmp, { recursive: true, force: true });
+    mkdirSync(tmp, { recursive: true });
+    await writeAdapter(tmp, { lora: this.lora!, baseModel: this.inputs.baseModelName, tensors: this.stage!.params.map(cloneTensor) });
+    await writeOptimizerState(join(tmp, OPTIMIZER_FILE), this.optimizer!.exportState());
+    const state: TrainerState = {
+      version: 1, global_step: globalStep, total_steps: totalSteps, epoch: globalStep / loader.stepsPerEpoch,
+      data_cursor: loader.cursorAt(globalStep), rng: { seed: cfg.seed, kind: 'counter-based' },
+      schedule: {
+        lr_scheduler_type: cfg.lr_scheduler_type, learning_rate: cfg.learning_rate, warmup_steps: warmup, total_steps: totalSteps,
+        next_lr: learningRateAt(cfg.learning_rate, cfg.lr_scheduler_type, globalStep, warmup, totalSteps),
+      },
+      dataset: { examples: loader.examples.length, sha256: dataSha }, optim: cfg.optim, log_history: history,
+      args: { ...cfg },
+    };
+    await writeFile(join(tmp, TRAINER_STATE_FILE), JSON.stringify(state, null, 2) + '\n');
+    // rename last so a crash mid-save never leaves a checkpoint dir that looks complete
+    rmSync(dir, { recursive: true, force: true });
+    renameSync(tmp, dir);
+    if (cfg.save_total_limit !== null) {
+      const all = listCheckpoints(outputDir);
+      for (const old of all.slice(0, Math.max(0, all.length - cfg.save_total_limit))) rmSync(old, { recursive: true, force: true });
+    }
+    return dir;
+  }
+}
+
+/** Forward+backward of one optimizer step's micro-batches on a whole-model stage; gradients of the step's
+ *  mean token loss (facts §9: Σ token losses / all label tokens of the step, via lossScale = 1/N). */
+export async function accumulateStep(stage: Stage, mbs: readonly MicroBatch[], o: { seed: number; step: number }): Promise<{ grads: Float32Array[]; lossSum: number; labelTokens: number; inputTokens: number }> {
+  const labelTokens = mbs.reduce((s, m) => s + m.labelTokens, 0);
+  const lossScale = labelTokens > 0 ? 1 / labelTokens : 0;
+  const grads = stage.newGrads();
+  let lossSum = 0, inputTokens = 0;
+  for (let k = 0; k < mbs.length; k++) {
+    const mb = mbs[k];
+    const key = `${o.step}:${k}:0`;
+    const r = await stage.forward({
+      key, batch: mb.batch, seqLen: mb.seqLen, ids: mb.ids, labels: mb.labels, dropoutSeed: hashSeed(o.seed, o.step, k),
+    }, { train: true });
+    lossSum += r.lossSum ?? 0;
+    inputTokens += mb.inputTokens;
+    await stage.backward(key, grads, { lossScale });
+  }
+  return { grads, lossSum, labelTokens, inputTokens };
+}
+
+function cloneTensor(t: NamedTensor): NamedTensor {
+  return { name: t.name, shape: [...t.shape], data: t.data.slice() };
+}
