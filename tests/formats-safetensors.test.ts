@@ -131,7 +131,7 @@ test('every header violation is rejected with an error naming the file and the t
       ['size mismatch', () => rawFile(dir, 'size', `{${ok('w', 'F32', [2], [0, 4])}}`, new Uint8Array(4)), /tensor "w": data_offsets \[0, 4\] span 4 bytes, but F32 \[2\] needs 8/],
       ['sub-byte size', () => rawFile(dir, 'f4', `{${ok('w', 'F4', [3], [0, 2])}}`, new Uint8Array(2)), /tensor "w".*12 bits, not a whole number of bytes/],
       ['buffer not fully covered', () => rawFile(dir, 'cover', `{${ok('w', 'U8', [2], [0, 2])}}`, new Uint8Array(3)), /cover 2 bytes of data but the file holds 3/],
-      ['unknown entry field', () => rawFile(dir, 'field', '{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":1}}', new Uint8Array(1)), /tensor "w": unknown field "x"/],
+      ['element count overflow', () => rawFile(dir, 'huge', `{${ok('w', 'U8', [2 ** 30, 2 ** 30, 2 ** 10], [0, 1])}}`, new Uint8Array(1)), /tensor "w".*too many elements/],
     ];
     for (const [label, make, re] of cases) {
       const p = await make();

@@ -46,7 +46,9 @@ export function numelOf(shape: readonly number[]): number {
 
 /** Byte size of a tensor; throws when numel * bits is not a whole number of bytes. */
 export function byteSizeOf(dtype: Dtype, shape: readonly number[], where = ''): number {
-  const bits = numelOf(shape) * DTYPE_BITS[dtype];
+  const numel = numelOf(shape);
+  if (!Number.isSafeInteger(numel * 64)) throw new SafetensorsError(`${where}shape [${shape.join(', ')}] has too many elements`);
+  const bits = numel * DTYPE_BITS[dtype];
   if (bits % 8 !== 0) throw new SafetensorsError(`${where}dtype ${dtype} shape [${shape.join(', ')}] is ${bits} bits, not a whole number of bytes`);
   return bits / 8;
 }
@@ -120,10 +122,8 @@ export function parseSafetensorsHeader(headerBytes: Uint8Array, bufferBytes: num
     }
     const where = `${source}: tensor ${JSON.stringify(name)}`;
     if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new SafetensorsError(`${where}: entry must be an object with dtype, shape, data_offsets`);
+    // extra fields are ignored, as safetensors' own (serde) reader does
     const e = v as Record<string, unknown>;
-    for (const k of Object.keys(e)) {
-      if (k !== 'dtype' && k !== 'shape' && k !== 'data_offsets') throw new SafetensorsError(`${where}: unknown field ${JSON.stringify(k)}`);
-    }
     if (!isDtype(e.dtype)) throw new SafetensorsError(`${where}: unknown dtype ${JSON.stringify(e.dtype)} (expected one of ${DTYPES.join(', ')})`);
     if (!Array.isArray(e.shape) || !e.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
       throw new SafetensorsError(`${where}: shape must be a list of non-negative integers, got ${JSON.stringify(e.shape)}`);
