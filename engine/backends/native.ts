@@ -1,0 +1,144 @@
+// NativeBackend: the Backend interface over the C++ CPU kernels (engine/native), each op a Promise resolved off the event loop.
+import { createRequire } from 'node:module';
+import { availableParallelism } from 'node:os';
+import type { Backend, NF4Weight } from '../backend.ts';
+
+/** An op rejected by the native kernels (argument lengths vs dims, ids outside the vocabulary, a
+ *  disposed backend, out of memory). The message starts with the op name. */
+export class NativeOpError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'NativeOpError';
+  }
+}
+
+/** The native addon could not be loaded (not built, or built for another platform). */
+export class NativeAddonMissingError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'NativeAddonMissingError';
+  }
+}
+
+type Op = (...args: unknown[]) => Promise<void>;
+interface NativeEngine {
+  readonly threads: number;
+  gemm: Op; gemmNF4: Op; gemmNF4T: Op; dequantNF4: Op;
+  rmsnormForward: Op; rmsnormBackward: Op; rope: Op;
+  attentionForward: Op; attentionBackward: Op;
+  swigluForward: Op; swigluBackward: Op; embeddingForward: Op;
+  crossEntropyChunkForward: Op; crossEntropyChunkBackward: Op;
+  dispose(): void;
+}
+export interface NativeAddon {
+  NativeEngine: new (threads: number) => NativeEngine;
+  hardwareThreads(): number;
+  /** which GEMM micro-kernel this build selected, e.g. "avx512 6x32" */
+  kernelName(): string;
+  /** synchronous FMA-throughput probe (benchmarks only): GFLOP/s over `threads` threads */
+  fmaPeakGflops(threads: number, iters: number): number;
+}
+
+const ADDON_PATH = '../native/build/Release/swarmtune_native.node';
+let addon: NativeAddon | null = null;
+
+/** Loads the compiled addon once; throws NativeAddonMissingError with the fix if it is not built. */
+export function loadNativeAddon(): NativeAddon {
+  if (addon) return addon;
+  const require = createRequire(import.meta.url);
+  try {
+    addon = require(ADDON_PATH) as NativeAddon;
+  } catch (e) {
+    throw new NativeAddonMissingError(`cannot load the native CPU kernels from engine/native/build/Release/swarmtune_native.node ` +
+      `(${(e as Error).message}); build them with: npx node-gyp rebuild --directory engine/native`);
+  }
+  if (typeof addon.NativeEngine !== 'function') {
+    addon = null;
+    throw new NativeAddonMissingError('engine/native/build/Release/swarmtune_native.node is an old build without NativeEngine; ' +
+      'rebuild with: npx node-gyp rebuild --directory engine/native');
+  }
+  return addon;
+}
+
+async function call(p: Promise<void>): Promise<void> {
+  try {
+    await p;
+  } catch (e) {
+    throw new NativeOpError((e as Error).message);
+  }
+}
+
+export class NativeBackend implements Backend {
+  readonly name = 'cpu';
+  readonly threads: number;
+  private readonly engine: NativeEngine;
+
+  /** threads defaults to the machine's available parallelism */
+  constructor(opts: { threads?: number } = {}) {
+    const lib = loadNativeAddon();
+    const threads = opts.threads ?? availableParallelism();
+    if (!Number.isInteger(threads) || threads < 1 || threads > 256) {
+      throw new NativeOpError(`NativeBackend: threads=${threads} must be an integer in 1..256`);
+    }
+    this.engine = new lib.NativeEngine(threads);
+    this.threads = this.engine.threads;
+  }
+
+  gemm(transA: boolean, transB: boolean, M: number, N: number, K: number,
+    alpha: number, A: Float32Array, B: Float32Array, beta: number, C: Float32Array): Promise<void> {
+    return call(this.engine.gemm(transA, transB, M, N, K, alpha, A, B, beta, C));
+  }
+  gemmNF4(M: number, X: Float32Array, W: NF4Weight, beta: number, Y: Float32Array): Promise<void> {
+    return call(this.engine.gemmNF4(M, X, W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, Y));
+  }
+  gemmNF4T(M: number, DY: Float32Array, W: NF4Weight, beta: number, DX: Float32Array): Promise<void> {
+    return call(this.engine.gemmNF4T(M, DY, W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, DX));
+  }
+  dequantNF4(W: NF4Weight, out: Float32Array): Promise<void> {
+    return call(this.engine.dequantNF4(W.packed, W.absmax, W.rows, W.cols, W.blocksize, out));
+  }
+  rmsnormForward(out: Float32Array, rstd: Float32Array, x: Float32Array, w: Float32Array,
+    T: number, C: number, eps: number): Promise<void> {
+    return call(this.engine.rmsnormForward(out, rstd, x, w, T, C, eps));
+  }
+  rmsnormBackward(dx: Float32Array, dw: Float32Array | null, dout: Float32Array, x: Float32Array,
+    w: Float32Array, rstd: Float32Array, T: number, C: number): Promise<void> {
+    return call(this.engine.rmsnormBackward(dx, dw, dout, x, w, rstd, T, C));
+  }
+  rope(x: Float32Array, cos: Float32Array, sin: Float32Array, positions: Int32Array,
+    T: number, nHeads: number, D: number, inverse: boolean): Promise<void> {
+    return call(this.engine.rope(x, cos, sin, positions, T, nHeads, D, inverse));
+  }
+  attentionForward(out: Float32Array, lse: Float32Array, q: Float32Array, k: Float32Array,
+    v: Float32Array, B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    return call(this.engine.attentionForward(out, lse, q, k, v, B, S, H, KV, D));
+  }
+  attentionBackward(dq: Float32Array, dk: Float32Array, dv: Float32Array, dout: Float32Array,
+    q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array,
+    B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    return call(this.engine.attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D));
+  }
+  swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): Promise<void> {
+    return call(this.engine.swigluForward(out, gate, up, n));
+  }
+  swigluBackward(dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array,
+    up: Float32Array, n: number): Promise<void> {
+    return call(this.engine.swigluBackward(dgate, dup, dout, gate, up, n));
+  }
+  embeddingForward(out: Float32Array, ids: Int32Array, table: Float32Array, T: number, C: number,
+    V: number): Promise<void> {
+    return call(this.engine.embeddingForward(out, ids, table, T, C, V));
+  }
+  crossEntropyChunkForward(logits: Float32Array, labels: Int32Array, v0: number, T: number,
+    Vc: number, m: Float32Array, s: Float32Array, picked: Float32Array): Promise<void> {
+    return call(this.engine.crossEntropyChunkForward(logits, labels, v0, T, Vc, m, s, picked));
+  }
+  crossEntropyChunkBackward(logits: Float32Array, labels: Int32Array, v0: number, T: number,
+    Vc: number, lse: Float32Array, scale: Float32Array): Promise<void> {
+    return call(this.engine.crossEntropyChunkBackward(logits, labels, v0, T, Vc, lse, scale));
+  }
+  /** Stops the worker threads once in-flight ops finish; later calls reject with NativeOpError. */
+  dispose(): void {
+    this.engine.dispose();
+  }
+}

@@ -1,0 +1,313 @@
+// Packed float32 GEMM (BLIS loop nest, register-blocked micro-kernel) with NF4 dequantization fused into B packing.
+//
+// Loop nest per thread slab: jc (NC columns) → pc (KC depth; pack B panel) → ic (MC rows; pack A block)
+// → jr (NR) → ir (MR) → micro-kernel. Threads split the output into disjoint column slabs (or row slabs
+// when N is narrow); each packs its own panels, so no barriers are needed and packing the shared
+// operand twice costs O(1/slab width) of the arithmetic.
+#include "gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+alignas(64) const float kNF4Lut[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+constexpr int MR = 6, NR = 32;  // 12 zmm accumulators: hides 4-cycle FMA latency at 2 FMAs/cycle
+const char* kKernelName = "avx512 6x32";
+#elif defined(__AVX2__)
+constexpr int VL = 8;
+constexpr int MR = 6, NR = 16;  // 12 ymm accumulators, the classic Haswell shape
+const char* kKernelName = "avx2 6x16";
+#else
+constexpr int VL = 1;
+constexpr int MR = 4, NR = 4;
+const char* kKernelName = "scalar 4x4";
+#endif
+constexpr int NV = NR / VL;
+// KC·NR·4 bytes of B micro-panel stay in L1 (32 KiB) across the ir loop; MC·KC·4 of A stay in L2.
+constexpr int64_t KC = 256, MC = 96, NC = 3072;
+
+#if VL > 1
+typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
+#endif
+
+// acc[MR][NR] += a_pack(MR×kc) · b_pack(kc×NR); then C = alpha·acc + beta·C on the valid mr×nr corner.
+void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
+                  int64_t ldc, int mr, int nr, float alpha, float beta) {
+#if VL > 1
+  vf acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) acc[i][v] = vf{} ;
+  for (int64_t k = 0; k < kc; k++) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) bv[v] = *(const vf*)(b + v * VL);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; i++) {
+      float ai = a[i];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) acc[i][v] += ai * bv[v];
+    }
+    a += MR;
+    b += NR;
+  }
+  if (mr == MR && nr == NR) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) {
+        vf* cp = (vf*)(c + i * ldc + v * VL);
+        *cp = beta == 0.0f ? alpha * acc[i][v] : alpha * acc[i][v] + beta * *cp;
+      }
+    return;
+  }
+  alignas(64) float tile[MR][NR];
+  for (int i = 0; i < MR; i++)
+    for (int v = 0; v < NV; v++) *(vf*)(&tile[i][v * VL]) = acc[i][v];
+#else
+  float tile[MR][NR] = {};
+  for (int64_t k = 0; k < kc; k++) {
+    for (int i = 0; i < MR; i++)
+      for (int j = 0; j < NR; j++) tile[i][j] += a[i] * b[j];
+    a += MR;
+    b += NR;
+  }
+#endif
+  for (int i = 0; i < mr; i++)
+    for (int j = 0; j < nr; j++) {
+      float* cp = c + i * ldc + j;
+      *cp = beta == 0.0f ? alpha * tile[i][j] : alpha * tile[i][j] + beta * *cp;
+    }
+}
+
+// Thread-local, 64-byte aligned scratch that only grows.
+struct Scratch {
+  float* p = nullptr;
+  size_t n = 0;
+  ~Scratch() { std::free(p); }
+  float* get(size_t count) {
+    if (count > n) {
+      std::free(p);
+      size_t bytes = ((count * sizeof(float)) + 63) & ~size_t(63);
+      p = (float*)std::aligned_alloc(64, bytes);
+      if (!p) {
+        n = 0;
+        throw std::bad_alloc();
+      }
+      n = count;
+    }
+    return p;
+  }
+};
+thread_local Scratch tl_a, tl_b, tl_row;
+
+// Where op(B)[k][n] comes from.
+struct BSrc {
+  const float* f32 = nullptr;  // float32 B: stored [K,N], or [N,K] when trans
+  const NF4View* nf4 = nullptr;
+  bool trans = false;          // NF4: trans ⇒ op(B)[k][n] = W[n][k] (x·Wᵀ); else W[k][n]
+  int64_t N = 0, K = 0;
+};
+
+// Pack op(B)[pc:pc+kc, jc:jc+nc] into NR-wide slivers: dst[s][k][j], zero padded to NR.
+void pack_b(float* dst, const BSrc& B, int64_t pc, int64_t kc, int64_t jc, int64_t nc) {
+  for (int64_t s = 0; s < nc; s += NR) {
+    int nr = (int)std::min<int64_t>(NR, nc - s);
+    float* d = dst + s * kc;
+    int64_t n0 = jc + s;
+    if (B.f32 && !B.trans) {
+      for (int64_t k = 0; k < kc; k++) {
+        const float* src = B.f32 + (pc + k) * B.N + n0;
+        float* row = d + k * NR;
+        std::memcpy(row, src, nr * sizeof(float));
+        for (int j = nr; j < NR; j++) row[j] = 0.0f;
+      }
+    } else if (B.f32) {
+      for (int j = 0; j < nr; j++) {
+        const float* src = B.f32 + (n0 + j) * B.K + pc;
+        for (int64_t k = 0; k < kc; k++) d[k * NR + j] = src[k];
+      }
+      for (int j = nr; j < NR; j++)
+        for (int64_t k = 0; k < kc; k++) d[k * NR + j] = 0.0f;
+    } else if (B.trans) {
+      // x·Wᵀ: sliver column j is W row n0+j, contiguous nibbles: decode the row run, then scatter.
+      float* run = tl_row.get((size_t)kc);
+      for (int j = 0; j < nr; j++) {
+        nf4_decode_run(run, *B.nf4, (size_t)((n0 + j) * B.nf4->cols + pc), kc);
+        for (int64_t k = 0; k < kc; k++) d[k * NR + j] = run[k];
+      }
+      for (int j = nr; j < NR; j++)
+        for (int64_t k = 0; k < kc; k++) d[k * NR + j] = 0.0f;
+    } else {
+      // dY·W: each sliver row is a contiguous run of W row pc+k: decode straight into the panel.
+      for (int64_t k = 0; k < kc; k++) {
+        float* row = d + k * NR;
+        nf4_decode_run(row, *B.nf4, (size_t)((pc + k) * B.nf4->cols + n0), nr);
+        for (int j = nr; j < NR; j++) row[j] = 0.0f;
+      }
+    }
+  }
+}
+
+// Pack op(A)[ic:ic+mc, pc:pc+kc] into MR-tall slivers: dst[s][k][i], zero padded to MR.
+void pack_a(float* dst, const float* A, bool transA, int64_t M, int64_t K, int64_t ic, int64_t mc, int64_t pc,
+            int64_t kc) {
+  for (int64_t s = 0; s < mc; s += MR) {
+    int mr = (int)std::min<int64_t>(MR, mc - s);
+    float* d = dst + s * kc;
+    if (transA) {
+      for (int64_t k = 0; k < kc; k++) {
+        const float* src = A + (pc + k) * M + ic + s;
+        for (int i = 0; i < mr; i++) d[k * MR + i] = src[i];
+        for (int i = mr; i < MR; i++) d[k * MR + i] = 0.0f;
+      }
+    } else {
+      for (int i = 0; i < mr; i++) {
+        const float* src = A + (ic + s + i) * K + pc;
+        for (int64_t k = 0; k < kc; k++) d[k * MR + i] = src[k];
+      }
+      for (int i = mr; i < MR; i++)
+        for (int64_t k = 0; k < kc; k++) d[k * MR + i] = 0.0f;
+    }
+  }
+}
+
+// One thread's slab C[m0:m1, n0:n1].
+void gemm_slab(bool transA, int64_t M, int64_t K, float alpha, const float* A, const BSrc& B, float beta, float* C,
+               int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  float* bp = tl_b.get((size_t)KC * (size_t)((std::min<int64_t>(NC, n1 - n0) + NR - 1) / NR * NR));
+  float* ap = tl_a.get((size_t)KC * (size_t)((std::min<int64_t>(MC, m1 - m0) + MR - 1) / MR * MR));
+  for (int64_t jc = n0; jc < n1; jc += NC) {
+    int64_t nc = std::min<int64_t>(NC, n1 - jc);
+    for (int64_t pc = 0; pc < K; pc += KC) {
+      int64_t kc = std::min<int64_t>(KC, K - pc);
+      float b_eff = pc == 0 ? beta : 1.0f;  // later depth blocks accumulate onto the first
+      pack_b(bp, B, pc, kc, jc, nc);
+      for (int64_t ic = m0; ic < m1; ic += MC) {
+        int64_t mc = std::min<int64_t>(MC, m1 - ic);
+        pack_a(ap, A, transA, M, K, ic, mc, pc, kc);
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          int nr = (int)std::min<int64_t>(NR, nc - jr);
+          for (int64_t ir = 0; ir < mc; ir += MR) {
+            int mr = (int)std::min<int64_t>(MR, mc - ir);
+            micro_kernel(kc, ap + ir * kc, bp + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc, mr, nr, alpha, b_eff);
+          }
+        }
+      }
+    }
+  }
+}
+
+void gemm_driver(ThreadPool& pool, bool transA, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                 const BSrc& B, float beta, float* C) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    // no products: C = beta·C, with beta = 0 clearing even NaN
+    for (int64_t i = 0; i < M * N; i++) C[i] = beta == 0.0f ? 0.0f : beta * C[i];
+    return;
+  }
+  int T = pool.size();
+  double flops = 2.0 * (double)M * (double)N * (double)K;
+  if (flops < 2e5) T = 1;  // below ~0.1 ms of work the fork-join costs more than it saves
+  int64_t nblocks = (N + NR - 1) / NR, mblocks = (M + MR - 1) / MR;
+  bool split_n = nblocks >= 2 * T || nblocks >= mblocks;
+  int64_t units = split_n ? nblocks : mblocks;
+  int tasks = (int)std::min<int64_t>(T, units);
+  pool.run(tasks, [&](int64_t t) {
+    int64_t u0 = units * t / tasks, u1 = units * (t + 1) / tasks;
+    if (split_n)
+      gemm_slab(transA, M, K, alpha, A, B, beta, C, N, 0, M, u0 * NR, std::min(N, u1 * NR));
+    else
+      gemm_slab(transA, M, K, alpha, A, B, beta, C, N, u0 * MR, std::min(M, u1 * MR), 0, N);
+  });
+}
+
+}  // namespace
+
+const char* gemm_kernel_name() { return kKernelName; }
+
+void nf4_decode_run(float* out, const NF4View& W, size_t f, int64_t n) {
+  const uint8_t* packed = W.packed;
+  const float* absmax = W.absmax;
+  const int sh = W.log2_block;
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const __m512 lut = _mm512_load_ps(kNF4Lut);
+  // the byte-duplicated nibble stream puts a high nibble at even positions; an odd start shifts by one
+  const __m512i sh_even = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  const __m512i sh_odd = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (; i + 16 <= n && ((f + i) >> 1) + 16 <= W.packed_len; i += 16) {
+    size_t g = f + i;
+    __m128i bytes = _mm_loadu_si128((const __m128i*)(packed + (g >> 1)));
+    __m128i lo = _mm_unpacklo_epi8(bytes, bytes);
+    __m128i nib8 = (g & 1) ? _mm_alignr_epi8(_mm_unpackhi_epi8(bytes, bytes), lo, 1) : lo;
+    __m512i codes = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(nib8), (g & 1) ? sh_odd : sh_even), low4);
+    __m512 w = _mm512_permutexvar_ps(codes, lut);
+    size_t b0 = g >> sh, b1 = (g + 15) >> sh;
+    __m512 am = _mm512_set1_ps(absmax[b0]);
+    if (b1 != b0) {  // blocks are ≥ 32 elements, so a 16-run spans at most two
+      int split = (int)((b1 << sh) - g);
+      am = _mm512_mask_mov_ps(am, (__mmask16)(0xFFFFu << split), _mm512_set1_ps(absmax[b1]));
+    }
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(w, am));
+  }
+#endif
+  for (; i < n; i++) {
+    size_t g = f + i;
+    uint8_t b = packed[g >> 1];
+    out[i] = kNF4Lut[(g & 1) ? (b & 15) : (b >> 4)] * absmax[g >> sh];
+  }
+}
+
+void gemm_f32(ThreadPool& pool, bool transA, bool transB, int64_t M, int64_t N, int64_t K, float alpha,
+              const float* A, const float* B, float beta, float* C) {
+  BSrc src;
+  src.f32 = B;
+  src.trans = transB;
+  src.N = N;
+  src.K = K;
+  gemm_driver(pool, transA, M, N, K, alpha, A, src, beta, C);
+}
+
+void gemm_nf4(ThreadPool& pool, int64_t M, const float* X, const NF4View& W, float beta, float* Y) {
+  BSrc src;
+  src.nf4 = &W;
+  src.trans = true;
+  src.N = W.rows;
+  src.K = W.cols;
+  gemm_driver(pool, false, M, W.rows, W.cols, 1.0f, X, src, beta, Y);
+}
+
+void gemm_nf4_t(ThreadPool& pool, int64_t M, const float* DY, const NF4View& W, float beta, float* DX) {
+  BSrc src;
+  src.nf4 = &W;
+  src.trans = false;
+  src.N = W.cols;
+  src.K = W.rows;
+  gemm_driver(pool, false, M, W.cols, W.rows, 1.0f, DY, src, beta, DX);
+}
+
+void dequant_nf4(ThreadPool& pool, const NF4View& W, float* out) {
+  int64_t n = W.rows * W.cols;
+  const int64_t chunk = 1 << 16;
+  pool.run((n + chunk - 1) / chunk, [&](int64_t t) {
+    int64_t a = t * chunk, b = std::min(n, a + chunk);
+    nf4_decode_run(out + a, W, (size_t)a, b - a);
+  });
+}

@@ -1,0 +1,240 @@
+// Row/head-parallel CPU kernels: rmsnorm, rope, causal GQA attention (online softmax), swiglu, embedding, chunked CE.
+#include "ops.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+// Splits [0, n) into about 4 tasks per thread (dynamic scheduling evens out stragglers), at least
+// min_grain items per task so tiny ops stay on one thread.
+template <typename F>
+void parallel_rows(ThreadPool& pool, int64_t n, int64_t min_grain, F fn) {
+  if (n <= 0) return;
+  int64_t tasks = std::min<int64_t>(pool.size() * 4, (n + min_grain - 1) / min_grain);
+  if (tasks < 1) tasks = 1;
+  pool.run(tasks, [&](int64_t t) {
+    int64_t a = n * t / tasks, b = n * (t + 1) / tasks;
+    fn(a, b);
+  });
+}
+
+inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+}  // namespace
+
+std::string rmsnorm_forward(ThreadPool& pool, float* out, float* rstd, const float* x, const float* w, int64_t T,
+                            int64_t C, float eps) {
+  parallel_rows(pool, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; t++) {
+      const float* xr = x + t * C;
+      float r = (float)(1.0 / std::sqrt((double)simd::dot(xr, xr, C) / (double)C + (double)eps));
+      float* o = out + t * C;
+      for (int64_t c = 0; c < C; c++) o[c] = xr[c] * r * w[c];
+      rstd[t] = r;
+    }
+  });
+  return "";
+}
+
+std::string rmsnorm_backward(ThreadPool& pool, float* dx, float* dw, const float* dout, const float* x, const float* w,
+                             const float* rstd, int64_t T, int64_t C) {
+  // dw is a reduction over rows: each task sums its rows into a private buffer, merged in task order.
+  int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool.size(), (T + grain - 1) / grain));
+  std::vector<float> partial(dw ? (size_t)(tasks * C) : 0, 0.0f);
+  pool.run(tasks, [&](int64_t task) {
+    int64_t a = T * task / tasks, b = T * (task + 1) / tasks;
+    std::vector<float> gw((size_t)C);
+    for (int64_t t = a; t < b; t++) {
+      const float* xr = x + t * C;
+      const float* g = dout + t * C;
+      float r = rstd[t];
+      for (int64_t c = 0; c < C; c++) gw[c] = g[c] * w[c];
+      // y_c = w_c x_c r ⇒ dx_j = r w_j g_j − (r³ x_j / C) Σ_c g_c w_c x_c
+      float k = r * r * r * simd::dot(gw.data(), xr, C) / (float)C;
+      float* d = dx + t * C;
+      for (int64_t c = 0; c < C; c++) d[c] = r * gw[c] - k * xr[c];
+      if (dw) {
+        float* p = partial.data() + task * C;
+        for (int64_t c = 0; c < C; c++) p[c] += g[c] * xr[c] * r;
+      }
+    }
+  });
+  if (dw)
+    for (int64_t task = 0; task < tasks; task++)
+      for (int64_t c = 0; c < C; c++) dw[c] += partial[task * C + c];
+  return "";
+}
+
+std::string rope_apply(ThreadPool& pool, float* x, const float* cos, const float* sin, int64_t max_pos,
+                       const int32_t* positions, int64_t T, int64_t H, int64_t D, bool inverse) {
+  for (int64_t t = 0; t < T; t++)
+    if (positions[t] < 0 || positions[t] >= max_pos)
+      return "positions[" + std::to_string(t) + "]=" + std::to_string(positions[t]) + " outside the cos/sin table of " +
+             std::to_string(max_pos) + " rows";
+  const int64_t half = D / 2;
+  const float sign = inverse ? -1.0f : 1.0f;  // inverse = rotation by −θ (the transpose)
+  parallel_rows(pool, T, std::max<int64_t>(1, 8192 / std::max<int64_t>(H * D, 1)), [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; t++) {
+      const float* c = cos + (int64_t)positions[t] * half;
+      const float* s = sin + (int64_t)positions[t] * half;
+      for (int64_t h = 0; h < H; h++) {
+        float* xr = x + (t * H + h) * D;
+        for (int64_t i = 0; i < half; i++) {
+          float x1 = xr[i], x2 = xr[i + half], si = sign * s[i];
+          xr[i] = x1 * c[i] - x2 * si;
+          xr[i + half] = x2 * c[i] + x1 * si;
+        }
+      }
+    }
+  });
+  return "";
+}
+
+// Causal attention, one task per (b, h, block of query rows). Per row: scores into an O(S) scratch,
+// softmax, weighted sum of v. Memory is O(S) per thread, never O(S²).
+std::string attention_forward(ThreadPool& pool, float* out, float* lse, const float* q, const float* k, const float* v,
+                              int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D) {
+  const float scale = 1.0f / std::sqrt((float)D);
+  const int64_t group = H / KV;
+  const int64_t rows_per_task = 32;
+  const int64_t row_blocks = (S + rows_per_task - 1) / rows_per_task;
+  pool.run(B * H * row_blocks, [&](int64_t task) {
+    int64_t bh = task / row_blocks, rb = task % row_blocks;
+    int64_t b = bh / H, h = bh % H, kvh = h / group;
+    std::vector<float> p((size_t)S);
+    std::vector<float> acc((size_t)D);
+    for (int64_t i = rb * rows_per_task; i < std::min(S, (rb + 1) * rows_per_task); i++) {
+      const float* qi = q + ((b * S + i) * H + h) * D;
+      for (int64_t j = 0; j <= i; j++) p[j] = simd::dot(qi, k + ((b * S + j) * KV + kvh) * D, D) * scale;
+      float mx = simd::max_of(p.data(), i + 1);
+      double sum = simd::exp_sub_sum(p.data(), p.data(), mx, i + 1);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j <= i; j++) simd::axpy(acc.data(), p[j], v + ((b * S + j) * KV + kvh) * D, D);
+      float inv = (float)(1.0 / sum);
+      float* o = out + ((b * S + i) * H + h) * D;
+      for (int64_t d = 0; d < D; d++) o[d] = acc[d] * inv;
+      lse[(b * H + h) * S + i] = mx + (float)std::log(sum);
+    }
+  });
+  return "";
+}
+
+// One task per (b, kv head): it owns dk/dv of that head, so the query heads of its group and all rows
+// accumulate there without races; dq rows are written exactly once.
+std::string attention_backward(ThreadPool& pool, float* dq, float* dk, float* dv, const float* dout, const float* q,
+                               const float* k, const float* v, const float* out, const float* lse, int64_t B,
+                               int64_t S, int64_t H, int64_t KV, int64_t D) {
+  const float scale = 1.0f / std::sqrt((float)D);
+  const int64_t group = H / KV;
+  pool.run(B * KV, [&](int64_t task) {
+    int64_t b = task / KV, kvh = task % KV;
+    for (int64_t j = 0; j < S; j++) {
+      std::memset(dk + ((b * S + j) * KV + kvh) * D, 0, D * sizeof(float));
+      std::memset(dv + ((b * S + j) * KV + kvh) * D, 0, D * sizeof(float));
+    }
+    std::vector<float> p((size_t)S), dp((size_t)S);
+    for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+      for (int64_t i = 0; i < S; i++) {
+        const int64_t qo = ((b * S + i) * H + h) * D;
+        const float* qi = q + qo;
+        const float* gi = dout + qo;
+        const float l = lse[(b * H + h) * S + i];
+        // D_i = Σ_j P_ij dP_ij = dout_i · out_i
+        const float di = simd::dot(gi, out + qo, D);
+        for (int64_t j = 0; j <= i; j++) {
+          const int64_t ko = ((b * S + j) * KV + kvh) * D;
+          p[j] = simd::dot(qi, k + ko, D) * scale - l;
+          dp[j] = simd::dot(gi, v + ko, D);
+        }
+        simd::exp_sub_sum(p.data(), p.data(), 0.0f, i + 1);
+        float* dqi = dq + qo;
+        std::memset(dqi, 0, D * sizeof(float));
+        for (int64_t j = 0; j <= i; j++) {
+          const int64_t ko = ((b * S + j) * KV + kvh) * D;
+          float ds = p[j] * (dp[j] - di) * scale;
+          simd::axpy(dqi, ds, k + ko, D);
+          simd::axpy(dk + ko, ds, qi, D);
+          simd::axpy(dv + ko, p[j], gi, D);
+        }
+      }
+    }
+  });
+  return "";
+}
+
+std::string swiglu_forward(ThreadPool& pool, float* out, const float* gate, const float* up, int64_t n) {
+  parallel_rows(pool, n, 32768, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; i++) out[i] = gate[i] * sigmoidf(gate[i]) * up[i];
+  });
+  return "";
+}
+
+std::string swiglu_backward(ThreadPool& pool, float* dgate, float* dup, const float* dout, const float* gate,
+                            const float* up, int64_t n) {
+  parallel_rows(pool, n, 32768, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; i++) {
+      float g = gate[i], sg = sigmoidf(g), d = dout[i];
+      dgate[i] = d * up[i] * sg * (1.0f + g * (1.0f - sg));  // d silu/dg = σ(g)(1 + g(1 − σ(g)))
+      dup[i] = d * g * sg;
+    }
+  });
+  return "";
+}
+
+std::string embedding_forward(ThreadPool& pool, float* out, const int32_t* ids, const float* table, int64_t T,
+                              int64_t C, int64_t V) {
+  for (int64_t t = 0; t < T; t++)
+    if (ids[t] < 0 || ids[t] >= V)
+      return "ids[" + std::to_string(t) + "]=" + std::to_string(ids[t]) + " outside vocabulary [0, " +
+             std::to_string(V) + ")";
+  parallel_rows(pool, T, std::max<int64_t>(1, 65536 / std::max<int64_t>(C, 1)), [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; t++) std::memcpy(out + t * C, table + (int64_t)ids[t] * C, C * sizeof(float));
+  });
+  return "";
+}
+
+std::string ce_chunk_forward(ThreadPool& pool, const float* logits, const int32_t* labels, int64_t v0, int64_t T,
+                             int64_t Vc, float* m, float* s, float* picked) {
+  parallel_rows(pool, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(Vc, 1)), [&](int64_t a, int64_t b) {
+    std::vector<float> e((size_t)Vc);
+    for (int64_t t = a; t < b; t++) {
+      const int32_t label = labels[t];
+      if (label < 0) continue;
+      const float* l = logits + t * Vc;
+      float m_new = std::max(m[t], simd::max_of(l, Vc));
+      // rescale the running sum to the new max (first chunk: m = −∞, s = 0)
+      double sum = s[t] == 0.0f ? 0.0 : (double)s[t] * std::exp((double)m[t] - (double)m_new);
+      sum += simd::exp_sub_sum(e.data(), l, m_new, Vc);
+      m[t] = m_new;
+      s[t] = (float)sum;
+      if (label >= v0 && label < v0 + Vc) picked[t] = l[label - v0];
+    }
+  });
+  return "";
+}
+
+std::string ce_chunk_backward(ThreadPool& pool, float* logits, const int32_t* labels, int64_t v0, int64_t T,
+                              int64_t Vc, const float* lse, const float* scale) {
+  parallel_rows(pool, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(Vc, 1)), [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; t++) {
+      float* l = logits + t * Vc;
+      const int32_t label = labels[t];
+      if (label < 0) {
+        std::memset(l, 0, Vc * sizeof(float));
+        continue;
+      }
+      simd::exp_sub_sum(l, l, lse[t], Vc);
+      const float sc = scale[t];
+      for (int64_t j = 0; j < Vc; j++) l[j] *= sc;
+      if (label >= v0 && label < v0 + Vc) l[label - v0] -= sc;
+    }
+  });
+  return "";
+}
