@@ -75,6 +75,9 @@ test('chat template renders with bos/eos, generation prompt, raise_exception', a
     const t2 = await Tokenizer.fromDir(dir);
     assert.equal(t2!.applyChatTemplate(msgs), '[hello][world]');
     assert.equal(await Tokenizer.fromDir(join(dir, 'none')), null);
+    // transformers renders with trim_blocks + lstrip_blocks: the newline after a block tag and the indent before it vanish
+    await writeFile(join(dir, 'chat_template.jinja'), '{% for m in messages %}\n  {% if m.role == "user" %}\nU:{{ m.content }}\n  {% endif %}\n{% endfor %}');
+    assert.equal((await Tokenizer.fromDir(dir))!.applyChatTemplate(msgs), 'U:hello\n');
     const noTpl = new Tokenizer(TOKENIZER_JSON, { ...TOKENIZER_CONFIG, chat_template: undefined }, 'x');
     assert.throws(() => noTpl.applyChatTemplate(msgs), /x: tokenizer_config.json has no chat_template/);
     assert.throws(() => new Tokenizer(TOKENIZER_JSON, { ...TOKENIZER_CONFIG, eos_token: '<eos>' }, 'y'), /y: tokenizer_config.json eos_token "<eos>" is not in the vocabulary/);
