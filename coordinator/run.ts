@@ -313,10 +313,10 @@ export class Coordinator {
         p.ready = r.ready;
         p.tokensPerSecond = r.tokensPerSecond;
         if (p.health === 'slow') p.health = 'ok';
-      } catch {
+      } catch (e) {
         const silentMs = Date.now() - p.lastSeenMs;
         if (silentMs > HEARTBEAT_TIMEOUT_MS) this.markDead(p, `no heartbeat for ${silentMs} ms`);
-        else p.health = 'slow';
+        else { if (p.health === 'ok') this.o.log(`peer ${p.peerId} missed a heartbeat: ${(e as Error).message}`); p.health = 'slow'; }
       }
     }));
   }
