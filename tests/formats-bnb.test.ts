@@ -1,5 +1,6 @@
 // bitsandbytes 4-bit checkpoints: exact key names and quant_state bytes, write→read round trip, and the
 // `swarmtune quantize` pipeline on a tiny BF16 model dir loaded back with openModelDir.
+// Sizes: a 2-layer, hidden-64 model (~55k parameters) exercises every tensor kind and sharding in well under a second.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtemp, writeFile, readFile, rm, readdir } from 'node:fs/promises';

@@ -1,4 +1,5 @@
 // safetensors: round trip of every dtype, writer layout, every header violation rejected, sharded index loading.
+// Files are hand-made and a few bytes to a few hundred bytes: the checks are about format rules, not volume.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtemp, writeFile, readFile, rm, readdir } from 'node:fs/promises';
