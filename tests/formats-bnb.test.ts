@@ -143,6 +143,7 @@ test('quantize command output loads with openModelDir: same NF4 as on-the-fly, f
     assert.match(cfgText, /"llm_int8_threshold": 6\.0/);
 
     await quantizeModelDir(src, outPlain, { doubleQuant: false });
+    await assert.rejects(quantizeModelDir(src, outPlain), /plain already holds a checkpoint \(model.safetensors\)/);
     const m = await openModelDir(out), mp = await openModelDir(outPlain), ms = await openModelDir(src);
     try {
       assert.equal(m.prequantized, true);

@@ -35,6 +35,11 @@ export async function quantizeModelDir(modelDir: string, outDir: string, opts: Q
   checkBlocksize(blocksize, '--blocksize');
   const doubleQuant = opts.doubleQuant ?? true;
   if (resolve(modelDir) === resolve(outDir)) throw new Error(`--out must differ from --model (${modelDir})`);
+  // stale weights from an earlier run (e.g. an index next to a new single file) would shadow the new output
+  if (existsSync(outDir)) {
+    const stale = (await readdir(outDir)).filter((f) => /^model.*\.safetensors(\.index\.json)?$/.test(f));
+    if (stale.length) throw new Error(`--out ${outDir} already holds a checkpoint (${stale.join(', ')}); choose a new directory or remove them`);
+  }
   const config = await readConfig(modelDir);
   const src = await openSafetensorsDir(modelDir);
   if (!src) throw new Error(`${modelDir}: no model.safetensors or model.safetensors.index.json`);
