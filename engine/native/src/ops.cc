@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "gemm.h"
 #include "simd.h"
 
 namespace {
@@ -97,37 +98,65 @@ std::string rope_apply(ThreadPool& pool, float* x, const float* cos, const float
   return "";
 }
 
-// Causal attention, one task per (b, h, block of query rows). Per row: scores into an O(S) scratch,
-// softmax, weighted sum of v. Memory is O(S) per thread, never O(S²).
+// Causal attention, flash-style blocks: one task per (b, h, block of Bq query rows) in forward and
+// per (b, kv head) in backward. Scores of a query block against its visible keys are computed with the
+// packed GEMM (single-threaded inside a task), so memory is O(Bq·S) per task, never O(S²) per batch.
+namespace {
+constexpr int64_t kAttnBlock = 64;
+
+ThreadPool& serial_pool() {
+  static ThreadPool p(1);  // size 1: run() executes inline, no threads, safe to share
+  return p;
+}
+
+// dst[r, :] = src rows r0..r0+n of head `head` in a [T, heads, D] tensor (sequence b)
+void gather_rows(float* dst, const float* src, int64_t b, int64_t S, int64_t heads, int64_t head, int64_t D,
+                 int64_t r0, int64_t n, float mul = 1.0f) {
+  for (int64_t r = 0; r < n; r++) {
+    const float* s = src + ((b * S + r0 + r) * heads + head) * D;
+    float* d = dst + r * D;
+    if (mul == 1.0f)
+      std::memcpy(d, s, D * sizeof(float));
+    else
+      for (int64_t x = 0; x < D; x++) d[x] = s[x] * mul;
+  }
+}
+}  // namespace
+
 std::string attention_forward(ThreadPool& pool, float* out, float* lse, const float* q, const float* k, const float* v,
                               int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D) {
   const float scale = 1.0f / std::sqrt((float)D);
   const int64_t group = H / KV;
-  const int64_t rows_per_task = 32;
-  const int64_t row_blocks = (S + rows_per_task - 1) / rows_per_task;
-  pool.run(B * H * row_blocks, [&](int64_t task) {
-    int64_t bh = task / row_blocks, rb = task % row_blocks;
+  const int64_t nblk = (S + kAttnBlock - 1) / kAttnBlock;
+  pool.run(B * H * nblk, [&](int64_t task) {
+    // biggest blocks first so the dynamic schedule ends evenly
+    int64_t blk = nblk - 1 - task % nblk, bh = task / nblk;
     int64_t b = bh / H, h = bh % H, kvh = h / group;
-    std::vector<float> p((size_t)S);
-    std::vector<float> acc((size_t)D);
-    for (int64_t i = rb * rows_per_task; i < std::min(S, (rb + 1) * rows_per_task); i++) {
-      const float* qi = q + ((b * S + i) * H + h) * D;
-      for (int64_t j = 0; j <= i; j++) p[j] = simd::dot(qi, k + ((b * S + j) * KV + kvh) * D, D) * scale;
-      float mx = simd::max_of(p.data(), i + 1);
-      double sum = simd::exp_sub_sum(p.data(), p.data(), mx, i + 1);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t j = 0; j <= i; j++) simd::axpy(acc.data(), p[j], v + ((b * S + j) * KV + kvh) * D, D);
+    int64_t i0 = blk * kAttnBlock, bq = std::min(kAttnBlock, S - i0), nk = i0 + bq;  // keys [0, nk) visible
+    std::vector<float> qc((size_t)(bq * D)), kc((size_t)(nk * D)), vc((size_t)(nk * D)), sc((size_t)(bq * nk)),
+        oc((size_t)(bq * D));
+    gather_rows(qc.data(), q, b, S, H, h, D, i0, bq, scale);
+    gather_rows(kc.data(), k, b, S, KV, kvh, D, 0, nk);
+    gather_rows(vc.data(), v, b, S, KV, kvh, D, 0, nk);
+    gemm_f32(serial_pool(), false, true, bq, nk, D, 1.0f, qc.data(), kc.data(), 0.0f, sc.data());
+    for (int64_t r = 0; r < bq; r++) {
+      float* row = sc.data() + r * nk;
+      int64_t n = i0 + r + 1;  // causal: keys 0..i
+      float mx = simd::max_of(row, n);
+      double sum = simd::exp_sub_sum(row, row, mx, n);
       float inv = (float)(1.0 / sum);
-      float* o = out + ((b * S + i) * H + h) * D;
-      for (int64_t d = 0; d < D; d++) o[d] = acc[d] * inv;
-      lse[(b * H + h) * S + i] = mx + (float)std::log(sum);
+      for (int64_t j = 0; j < n; j++) row[j] *= inv;
+      for (int64_t j = n; j < nk; j++) row[j] = 0.0f;
+      lse[(b * H + h) * S + i0 + r] = mx + (float)std::log(sum);
     }
+    gemm_f32(serial_pool(), false, false, bq, D, nk, 1.0f, sc.data(), vc.data(), 0.0f, oc.data());
+    for (int64_t r = 0; r < bq; r++) std::memcpy(out + ((b * S + i0 + r) * H + h) * D, oc.data() + r * D, D * sizeof(float));
   });
   return "";
 }
 
-// One task per (b, kv head): it owns dk/dv of that head, so the query heads of its group and all rows
-// accumulate there without races; dq rows are written exactly once.
+// One task per (b, kv head): it owns dk/dv of that head, so the query heads of its group accumulate
+// there without races; dq rows are written exactly once.
 std::string attention_backward(ThreadPool& pool, float* dq, float* dk, float* dv, const float* dout, const float* q,
                                const float* k, const float* v, const float* out, const float* lse, int64_t B,
                                int64_t S, int64_t H, int64_t KV, int64_t D) {
@@ -135,35 +164,42 @@ std::string attention_backward(ThreadPool& pool, float* dq, float* dk, float* dv
   const int64_t group = H / KV;
   pool.run(B * KV, [&](int64_t task) {
     int64_t b = task / KV, kvh = task % KV;
-    for (int64_t j = 0; j < S; j++) {
-      std::memset(dk + ((b * S + j) * KV + kvh) * D, 0, D * sizeof(float));
-      std::memset(dv + ((b * S + j) * KV + kvh) * D, 0, D * sizeof(float));
-    }
-    std::vector<float> p((size_t)S), dp((size_t)S);
+    std::vector<float> kc((size_t)(S * D)), vc((size_t)(S * D)), dkc((size_t)(S * D), 0.0f), dvc((size_t)(S * D), 0.0f);
+    std::vector<float> qc((size_t)(kAttnBlock * D)), gc((size_t)(kAttnBlock * D)), dqc((size_t)(kAttnBlock * D));
+    std::vector<float> p((size_t)(kAttnBlock * S)), dp((size_t)(kAttnBlock * S)), di((size_t)kAttnBlock);
+    gather_rows(kc.data(), k, b, S, KV, kvh, D, 0, S);
+    gather_rows(vc.data(), v, b, S, KV, kvh, D, 0, S);
     for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
-      for (int64_t i = 0; i < S; i++) {
-        const int64_t qo = ((b * S + i) * H + h) * D;
-        const float* qi = q + qo;
-        const float* gi = dout + qo;
-        const float l = lse[(b * H + h) * S + i];
+      for (int64_t i0 = 0; i0 < S; i0 += kAttnBlock) {
+        int64_t bq = std::min(kAttnBlock, S - i0), nk = i0 + bq;
+        gather_rows(qc.data(), q, b, S, H, h, D, i0, bq, scale);
+        gather_rows(gc.data(), dout, b, S, H, h, D, i0, bq);
         // D_i = Σ_j P_ij dP_ij = dout_i · out_i
-        const float di = simd::dot(gi, out + qo, D);
-        for (int64_t j = 0; j <= i; j++) {
-          const int64_t ko = ((b * S + j) * KV + kvh) * D;
-          p[j] = simd::dot(qi, k + ko, D) * scale - l;
-          dp[j] = simd::dot(gi, v + ko, D);
+        for (int64_t r = 0; r < bq; r++) {
+          int64_t o = ((b * S + i0 + r) * H + h) * D;
+          di[r] = simd::dot(dout + o, out + o, D);
         }
-        simd::exp_sub_sum(p.data(), p.data(), 0.0f, i + 1);
-        float* dqi = dq + qo;
-        std::memset(dqi, 0, D * sizeof(float));
-        for (int64_t j = 0; j <= i; j++) {
-          const int64_t ko = ((b * S + j) * KV + kvh) * D;
-          float ds = p[j] * (dp[j] - di) * scale;
-          simd::axpy(dqi, ds, k + ko, D);
-          simd::axpy(dk + ko, ds, qi, D);
-          simd::axpy(dv + ko, p[j], gi, D);
+        gemm_f32(serial_pool(), false, true, bq, nk, D, 1.0f, qc.data(), kc.data(), 0.0f, p.data());    // scores
+        gemm_f32(serial_pool(), false, true, bq, nk, D, 1.0f, gc.data(), vc.data(), 0.0f, dp.data());   // dP
+        for (int64_t r = 0; r < bq; r++) {
+          float* pr = p.data() + r * nk;
+          float* dpr = dp.data() + r * nk;
+          int64_t n = i0 + r + 1;
+          simd::exp_sub_sum(pr, pr, lse[(b * H + h) * S + i0 + r], n);  // P from the saved lse
+          for (int64_t j = 0; j < n; j++) dpr[j] = pr[j] * (dpr[j] - di[r]) * scale;  // dS
+          for (int64_t j = n; j < nk; j++) pr[j] = dpr[j] = 0.0f;
         }
+        // dS carries the scale (dS = P∘(dP − D)·scale): dQ = dS·K and dK = dSᵀ·Q = dSᵀ·qc / scale (qc is scale·Q)
+        gemm_f32(serial_pool(), false, false, bq, D, nk, 1.0f, dp.data(), kc.data(), 0.0f, dqc.data());  // dQ
+        gemm_f32(serial_pool(), true, false, nk, D, bq, 1.0f / scale, dp.data(), qc.data(), 1.0f, dkc.data());
+        gemm_f32(serial_pool(), true, false, nk, D, bq, 1.0f, p.data(), gc.data(), 1.0f, dvc.data());
+        for (int64_t r = 0; r < bq; r++)
+          std::memcpy(dq + ((b * S + i0 + r) * H + h) * D, dqc.data() + r * D, D * sizeof(float));
       }
+    }
+    for (int64_t j = 0; j < S; j++) {
+      std::memcpy(dk + ((b * S + j) * KV + kvh) * D, dkc.data() + j * D, D * sizeof(float));
+      std::memcpy(dv + ((b * S + j) * KV + kvh) * D, dvc.data() + j * D, D * sizeof(float));
     }
   });
   return "";
