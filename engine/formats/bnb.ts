@@ -14,7 +14,6 @@ const QUANT_STATE_ANY = /\.quant_state\.bitsandbytes__(nf4|fp4)$/;
 /** QuantState.from_dict's valid_qs_keys (the component suffixes after "<module>.weight."). */
 const VALID_QS_KEYS = new Set(['absmax', 'quant_map', 'nested_absmax', 'nested_quant_map', 'quant_state', 'quant_type',
   'blocksize', 'dtype', 'shape', 'nested_blocksize', 'nested_dtype', 'nested_offset']);
-const COMPONENTS = ['absmax', 'quant_map', 'nested_absmax', 'nested_quant_map'] as const;
 
 /** The linear weights bitsandbytes quantizes in a Llama-family model (every nn.Linear but lm_head). */
 export function isQuantizableLinear(name: string, shape: readonly number[]): boolean {
@@ -199,10 +198,4 @@ export function bnbQuantizationConfig(opts: { doubleQuant: boolean; computeDtype
     load_in_8bit: false,
     quant_method: 'bitsandbytes',
   };
-}
-
-/** Throws when a component name is used that from_dict would not accept (guards hand-made checkpoints). */
-export function checkBnbComponentName(name: string): void {
-  const m = /\.weight\.([a-z_]+)$/.exec(name);
-  if (m && !(COMPONENTS as readonly string[]).includes(m[1])) throw new BnbFormatError(`unknown bnb component ${name}`);
 }

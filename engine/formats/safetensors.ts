@@ -160,8 +160,6 @@ export function parseSafetensorsHeader(headerBytes: Uint8Array, bufferBytes: num
 // ---------------------------------------------------------------------------------------------
 // decoding / encoding
 
-const f32 = Math.fround;
-
 function makeF8Lut(expBits: number, manBits: number, bias: number, kind: 'fn' | 'ieee' | 'fnuz'): Float32Array {
   const lut = new Float32Array(256);
   const expMax = (1 << expBits) - 1;
@@ -477,8 +475,8 @@ export class ShardedSafetensors implements TensorSource {
   async close(): Promise<void> { for (const f of this.files.values()) await f.close(); }
 }
 
-/** Open a model dir's weights: model.safetensors.index.json if present, else model.safetensors, else
- *  the only *.safetensors file given by `fileName`. Returns null when none exists. */
+/** Open a model dir's weights: <baseName>.safetensors.index.json if present, else <baseName>.safetensors.
+ *  Returns null when neither exists. */
 export async function openSafetensorsDir(dir: string, baseName = 'model'): Promise<TensorSource | null> {
   const index = join(dir, `${baseName}.safetensors.index.json`);
   if (existsSync(index)) return ShardedSafetensors.open(index);
