@@ -305,7 +305,8 @@ export class Coordinator {
   // ---- heartbeats
 
   private async heartbeatAll(): Promise<void> {
-    if (this.stopping) return;
+    // a finished run has released its peers: their last health stays what it was
+    if (this.stopping || this.state === 'finished' || this.state === 'failed') return;
     await Promise.all([...this.peers.values()].filter((p) => p.stageIndex !== null && p.health !== 'dead').map(async (p) => {
       try {
         const r = await request(this.o.node, p.addrs, 'heartbeat', { runId: this.o.runId, step: this.step, sentAtMs: Date.now() }, { timeoutMs: HEARTBEAT_TIMEOUT_MS });

@@ -124,9 +124,21 @@ test('coordinator + 4 volunteers (2 stages, f32 wire) equal `swarmtune train`; s
   const listening = await waitEvent(coord, (e) => e.event === 'listening', 'listening');
   const addr = String(listening.multiaddr);
   assert.match(addr, /^\/ip4\/127\.0\.0\.1\/tcp\/\d+\/p2p\/12D3/);
-  const vols = [0, 1, 2, 3].map((i) => start(['join', addr, '--device', 'cpu', '--json', '--listen', '/ip4/127.0.0.1/tcp/0', '--data-dir', path.join(tmp, `v${i}`)]));
+  const joinArgs = (i: number) => ['join', addr, '--device', 'cpu', '--json', '--listen', '/ip4/127.0.0.1/tcp/0', '--data-dir', path.join(tmp, `v${i}`)];
+  const vols = [0, 1, 2].map((i) => start(joinArgs(i)));
+  // status of a run still waiting for --min-peers: three peers admitted, no stage yet
+  await waitEvent(coord, (e) => e.event === 'peer_joined' && e.peers === 3, 'three peers joined');
+  const waiting = await run(['status', addr, '--json']);
+  assert.equal(waiting.code, 0, waiting.stderr);
+  const ws = JSON.parse(waiting.stdout);
+  assert.equal(ws.state, 'waiting');
+  assert.equal(ws.peers.length, 3);
+  for (const p of ws.peers) { assert.equal(p.stageIndex, null); assert.equal(p.health, 'spare'); }
+  const human = await run(['status', addr]);
+  assert.match(human.stdout, /run [0-9a-f]+: waiting, step 0\/3/);
+  vols.push(start(joinArgs(3)));
 
-  // status while the run is training
+  // status once training has started (it may already have finished: the tiny run is quick)
   await waitEvent(coord, (e) => e.event === 'step', 'first step');
   const running = await run(['status', addr, '--json']);
   assert.equal(running.code, 0, running.stderr);
