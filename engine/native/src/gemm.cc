@@ -6,6 +6,8 @@
 // operand twice costs O(1/slab width) of the arithmetic.
 #include "gemm.h"
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -213,12 +215,57 @@ void gemm_slab(bool transA, int64_t M, int64_t K, float alpha, const float* A, c
   }
 }
 
+// Few rows of output (decode steps, M=1 generation): packing B would cost as much as the arithmetic,
+// so stream B once, straight from its storage (NF4 rows decoded into a small per-thread run).
+constexpr int64_t kSmallM = 4;
+
+void gemm_small_m(ThreadPool& pool, bool transA, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                  const BSrc& B, float beta, float* C) {
+  std::vector<float> a((size_t)(M * K));  // op(A) rows, contiguous
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t k = 0; k < K; k++) a[m * K + k] = transA ? A[k * M + m] : A[m * K + k];
+  auto store = [&](int64_t m, int64_t n, float acc) {
+    float* c = C + m * N + n;
+    *c = beta == 0.0f ? alpha * acc : alpha * acc + beta * *c;
+  };
+  const bool rows_over_k = B.trans;  // op(B) column n is a contiguous run of K values
+  const int64_t chunk = rows_over_k ? 16 : 512;
+  const int64_t tasks = (N + chunk - 1) / chunk;
+  pool.run(tasks, [&](int64_t t) {
+    int64_t n0 = t * chunk, n1 = std::min(N, n0 + chunk);
+    if (rows_over_k) {
+      float* run = B.nf4 ? tl_row.get((size_t)K) : nullptr;
+      for (int64_t n = n0; n < n1; n++) {
+        const float* col = B.f32 ? B.f32 + n * K : run;
+        if (B.nf4) nf4_decode_run(run, *B.nf4, (size_t)(n * B.nf4->cols), K);
+        for (int64_t m = 0; m < M; m++) store(m, n, simd::dot(a.data() + m * K, col, K));
+      }
+    } else {
+      const int64_t nc = n1 - n0;
+      float* acc = tl_a.get((size_t)(M * nc));
+      float* run = B.nf4 ? tl_row.get((size_t)nc) : nullptr;
+      std::fill(acc, acc + M * nc, 0.0f);
+      for (int64_t k = 0; k < K; k++) {
+        const float* row = B.f32 ? B.f32 + k * N + n0 : run;
+        if (B.nf4) nf4_decode_run(run, *B.nf4, (size_t)(k * B.nf4->cols + n0), nc);
+        for (int64_t m = 0; m < M; m++) simd::axpy(acc + m * nc, a[m * K + k], row, nc);
+      }
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) store(m, n, acc[m * nc + (n - n0)]);
+    }
+  });
+}
+
 void gemm_driver(ThreadPool& pool, bool transA, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                  const BSrc& B, float beta, float* C) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     // no products: C = beta·C, with beta = 0 clearing even NaN
     for (int64_t i = 0; i < M * N; i++) C[i] = beta == 0.0f ? 0.0f : beta * C[i];
+    return;
+  }
+  if (M < kSmallM) {
+    gemm_small_m(pool, transA, M, N, K, alpha, A, B, beta, C);
     return;
   }
   int T = pool.size();
