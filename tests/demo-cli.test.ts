@@ -52,6 +52,7 @@ test('swarmtune demo --json trains through the swarm, pulls a PEFT adapter and l
     const steps = d.events.filter((e) => e.event === 'step');
     assert.deepEqual(steps.map((e) => e.step), [1, 2, 3]);
     for (const e of steps) assert.ok(Number.isFinite(e.loss) && e.loss > 0 && Number.isFinite(e.lr) && e.tokens_per_s > 0, JSON.stringify(e));
+    assert.ok(steps[2].loss < steps[0].loss, `loss ${steps.map((e) => e.loss).join(' -> ')} should fall`);
     const plan = d.events.find((e) => e.event === 'plan');
     assert.ok(plan, 'plan event forwarded');
     assert.equal(plan.stages.length, 2, 'two volunteers give a two-stage pipeline');
