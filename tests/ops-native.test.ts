@@ -233,3 +233,51 @@ test('createBackend: auto/cpu give the native backend, ref the reference, cuda a
   assert.equal(r.name, 'ref');
   await assert.rejects(createBackend('cuda'), (e: Error) => e.name === 'BackendUnavailableError' && /CUDA backend is not built/.test(e.message));
 });
+
+test('results are bitwise identical for 1 and 2 threads (replicas with different core counts agree)', async () => {
+  // sizes large enough that the 2-thread pool really splits the work (GEMM > 2e5 flops, many row tasks)
+  const one = new NativeBackend({ threads: 1 });
+  try {
+    const M = 70, N = 150, K = 300;
+    const A = randn(M * K, 901), B = randn(N * K, 902);
+    const c1 = new Float32Array(M * N), c2 = new Float32Array(M * N);
+    await one.gemm(false, true, M, N, K, 1, A, B, 0, c1);
+    await nb.gemm(false, true, M, N, K, 1, A, B, 0, c2);
+    assert.deepEqual(c1, c2);
+    const W = randNF4(N, K, 64, 903);
+    const dx1n = new Float32Array(M * K), dx2n = new Float32Array(M * K);
+    await one.gemmNF4T(M, randn(M * N, 904), W, 0, dx1n);
+    await nb.gemmNF4T(M, randn(M * N, 904), W, 0, dx2n);
+    assert.deepEqual(dx1n, dx2n);
+    const T = 200, C = 96, x = randn(T * C, 905), w = randn(C, 906), g = randn(T * C, 907), rstd = new Float32Array(T);
+    await nb.rmsnormForward(new Float32Array(T * C), rstd, x, w, T, C, 1e-5);
+    const dx1 = new Float32Array(T * C), dx2 = new Float32Array(T * C), dw1 = new Float32Array(C), dw2 = new Float32Array(C);
+    await one.rmsnormBackward(dx1, dw1, g, x, w, rstd, T, C);
+    await nb.rmsnormBackward(dx2, dw2, g, x, w, rstd, T, C);
+    assert.deepEqual(dx1, dx2); assert.deepEqual(dw1, dw2);
+    const Bt = 2, S = 70, H = 4, KV = 2, D = 16, TT = Bt * S;
+    const q = randn(TT * H * D, 908), k = randn(TT * KV * D, 909), v = randn(TT * KV * D, 910), dout = randn(TT * H * D, 911);
+    const outs = [];
+    for (const be of [one, nb]) {
+      const o = new Float32Array(TT * H * D), l = new Float32Array(Bt * H * S);
+      const dq = new Float32Array(TT * H * D), dk = new Float32Array(TT * KV * D), dv = new Float32Array(TT * KV * D);
+      await be.attentionForward(o, l, q, k, v, Bt, S, H, KV, D);
+      await be.attentionBackward(dq, dk, dv, dout, q, k, v, o, l, Bt, S, H, KV, D);
+      outs.push([o, l, dq, dk, dv]);
+    }
+    for (let i = 0; i < 5; i++) assert.deepEqual(outs[0][i], outs[1][i], `attention output ${i}`);
+  } finally {
+    one.dispose();
+  }
+});
+
+test('concurrent ops on one backend all complete correctly', async () => {
+  // the pool serializes parallel regions; several in-flight promises must neither deadlock nor mix up
+  const jobs = Array.from({ length: 6 }, async (_, j) => {
+    const M = 20 + j, N = 33, K = 47;
+    const A = randn(M * K, 950 + j), B = randn(K * N, 960 + j), Cn = new Float32Array(M * N), Cr = new Float32Array(M * N);
+    await Promise.all([nb.gemm(false, false, M, N, K, 1, A, B, 0, Cn), ref.gemm(false, false, M, N, K, 1, A, B, 0, Cr)]);
+    close(`concurrent gemm ${j}`, Cn, Cr, 2e-4, 1e-5);
+  });
+  await Promise.all(jobs);
+});

@@ -45,12 +45,14 @@ std::string rmsnorm_forward(ThreadPool& pool, float* out, float* rstd, const flo
 
 std::string rmsnorm_backward(ThreadPool& pool, float* dx, float* dw, const float* dout, const float* x, const float* w,
                              const float* rstd, int64_t T, int64_t C) {
-  // dw is a reduction over rows: each task sums its rows into a private buffer, merged in task order.
+  // dw is a reduction over rows: each fixed-size row block sums into its own buffer and the blocks are
+  // merged in order, so results are bitwise the same for every thread count (replicas on machines with
+  // different core counts must agree).
   int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
-  int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool.size(), (T + grain - 1) / grain));
+  int64_t tasks = std::max<int64_t>(1, (T + grain - 1) / grain);
   std::vector<float> partial(dw ? (size_t)(tasks * C) : 0, 0.0f);
   pool.run(tasks, [&](int64_t task) {
-    int64_t a = T * task / tasks, b = T * (task + 1) / tasks;
+    int64_t a = task * grain, b = std::min(T, a + grain);
     std::vector<float> gw((size_t)C);
     for (int64_t t = a; t < b; t++) {
       const float* xr = x + t * C;
