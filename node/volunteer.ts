@@ -100,11 +100,14 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     };
     const notReady = async (): Promise<never> => { throw new StaleError('this peer has no stage loaded yet'); };
     await serve(node, 'weights', (req) => blobs.serveChunk(req));
-    await serve(node, 'heartbeat', async (req) => {
+    // process RSS costs a /proc read (~2 ms): sample it at most once a second, not per heartbeat
+    let rss = { bytes: process.memoryUsage.rss(), atMs: Date.now() };
+    await serve(node, 'heartbeat', async () => {
       lastCoordinatorMs = Date.now();
+      if (lastCoordinatorMs - rss.atMs > 1000) rss = { bytes: process.memoryUsage.rss(), atMs: lastCoordinatorMs };
       return {
         runId, ready: host !== null, step: host?.step ?? 0, tokensPerSecond: host?.tokensPerSecond ?? 0,
-        inflight: host?.inflight ?? 0, busy: host?.busy ?? false, memoryRssBytes: process.memoryUsage.rss(),
+        inflight: host?.inflight ?? 0, busy: host?.busy ?? false, memoryRssBytes: rss.bytes,
       };
     });
     await serve(node, 'forward', (req) => (host === null ? notReady() : host.forward(req)));
