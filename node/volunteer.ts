@@ -53,8 +53,8 @@ function backendKind(device: string): 'auto' | 'cpu' | 'ref' | 'cuda' {
 /** The backend factory, loaded when first needed so an in-process volunteer with an injected
  *  backend does not load the native addon. */
 async function loadCreateBackend(): Promise<(kind: 'auto' | 'cpu' | 'ref' | 'cuda') => Promise<Backend>> {
-  const backends = await import(new URL('../engine/backends/index.ts', import.meta.url).href) as { createBackend(kind: string): Promise<Backend> };
-  return (k) => backends.createBackend(k);
+  const { createBackend } = await import('../engine/backends/index.ts');
+  return (k) => createBackend(k);
 }
 
 export type OptimizerFactory = (spec: OptimSpec, params: NamedTensor[], opts: { spillDir: string; state: Uint8Array | null }) => Promise<ShardOptimizer>;
