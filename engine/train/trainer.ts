@@ -251,6 +251,10 @@ export class Trainer {
         const { grads, lossSum, labelTokens, inputTokens } = await accumulateStep(stage, mbs, { seed: cfg.seed, step });
         const loss = labelTokens > 0 ? lossSum / labelTokens : 0;
         const gradNormValue = clipGradNorm(grads, cfg.max_grad_norm);
+        // bitsandbytes optimizers skip non-finite gradient elements; torch AdamW would poison every weight
+        if (!Number.isFinite(gradNormValue) && cfg.optim === 'adamw_torch') {
+          throw new TrainerError(`step ${step + 1}: gradient norm is ${gradNormValue} (loss ${loss}); lower --learning-rate or check the data (micro-batches of epoch ${loader.cursorAt(step).epoch})`);
+        }
         const lr = learningRateAt(cfg.learning_rate, cfg.lr_scheduler_type, step, warmup, totalSteps);
         optimizer.update(stage.params.map((p) => p.data), grads, lr);
         lastLoss = loss;
