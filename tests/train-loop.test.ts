@@ -114,6 +114,20 @@ test('1 micro-batch × 4 accumulation gives the gradient of 4 × 1 (same loss no
   stage.dispose();
 });
 
+test('save_strategy epoch writes a checkpoint per epoch; save_total_limit keeps the newest', async () => {
+  const dir = tmp();
+  try {
+    // 4 examples, batch 2 → 2 steps per epoch; 4 steps → checkpoint-2 then checkpoint-4 (limit 1 drops the first)
+    await train(dir, { max_steps: 4, save_strategy: 'epoch', save_total_limit: 1 });
+    assert.ok(!existsSync(join(dir, 'checkpoint-2')));
+    const st = await readTrainerState(join(dir, 'checkpoint-4'));
+    assert.equal(st.epoch, 2);
+    assert.deepEqual(st.data_cursor, { epoch: 2, microBatch: 0 });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('an abort (Ctrl-C) stops after the current step and saves a resumable checkpoint', async () => {
   const dir = tmp();
   try {

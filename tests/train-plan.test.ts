@@ -64,3 +64,24 @@ test('stages: first holds embeddings, last holds the head; middle holds neither;
   assert.ok(s.fits && s.microBatch >= 4 && s.microBatch * s.gradientAccumulationSteps >= 16, JSON.stringify(s));
   assert.equal(suggestBatch(LLAMA31_8B, { ...base, layerStart: 0, layerEnd: 32 }, 2 ** 30).fits, false);
 });
+
+test('planReport (swarmtune plan) reads a config.json and suggests micro-batch × accumulation for a GPU size', async () => {
+  const { mkdtempSync, rmSync, writeFileSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const { planReport } = await import('../engine/train/cli.ts');
+  const dir = mkdtempSync(join(tmpdir(), 'swarmtune-plan-'));
+  try {
+    writeFileSync(join(dir, 'config.json'), JSON.stringify(LLAMA31_8B.raw));
+    const p = await planReport({ model: dir, gpuMemory: '24GiB', loraR: '16' });
+    assert.equal(p.trainable_params, 41_943_040);
+    assert.match(p.trainable_line, /^trainable params: 41,943,040 \|\| all params: 8,072,204,288/);
+    assert.ok(p.memory_without_double_quant_bytes > p.memory.totalBytes);
+    assert.ok(p.suggestion && p.suggestion.fits && p.suggestion.per_device_train_batch_size * p.suggestion.gradient_accumulation_steps === 16);
+    const small = await planReport({ model: join(dir, 'config.json'), gpuMemory: '8GiB', maxSeqLength: '2048' });
+    assert.ok(small.suggestion!.per_device_train_batch_size < p.suggestion.per_device_train_batch_size);
+    await assert.rejects(planReport({ model: dir, loraR: 'x' }), /--lora-r must be a positive integer/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
