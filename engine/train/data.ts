@@ -2,7 +2,7 @@
 // loss mask → shifted labels → right-padded micro-batches, plus the deterministic epoch order and data cursor
 // that the local trainer and the swarm coordinator share.
 import { readFileSync } from 'node:fs';
-import { Rng } from '../model/rng.ts';
+import { Rng, hashSeed } from '../model/rng.ts';
 
 export const IGNORE_INDEX = -100;
 
@@ -281,6 +281,12 @@ export function epochOrder(n: number, seed: number, epoch: number, shuffle: bool
     order[j] = t;
   }
   return order;
+}
+
+/** LoRA dropout seed of micro-batch `microBatch` of optimizer step `step` (0-based). The swarm must send the
+ *  same value for its results to match `swarmtune train` with dropout on; 31 bits so it fits the wire's int32. */
+export function dropoutSeedFor(seed: number, step: number, microBatch: number): number {
+  return hashSeed(seed, step, microBatch) >>> 1;
 }
 
 /** Position in the data stream: the next micro-batch to consume. Serializable as JSON. */

@@ -6,14 +6,13 @@ import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import type { Backend } from '../backend.ts';
 import type { LlamaConfig, LoraConfig, NamedTensor, Stage, WeightSource } from '../types.ts';
-import { hashSeed } from '../model/rng.ts';
 import { loadStage } from '../model/stage.ts';
 import { readAdapter, writeAdapter } from '../formats/peft.ts';
 import { SafetensorsFile, writeSafetensors } from '../formats/safetensors.ts';
 import { clipGradNorm } from './clip.ts';
 import { loraConfigOf } from './config.ts';
 import type { TrainConfig } from './config.ts';
-import { DataLoader } from './data.ts';
+import { DataLoader, dropoutSeedFor } from './data.ts';
 import type { DataCursor, MicroBatch, TokenizedExample } from './data.ts';
 import { AdamW } from './optim.ts';
 import type { OptimizerState, StateTensor } from './optim.ts';
@@ -47,7 +46,7 @@ export interface TrainerState {
   epoch: number;
   /** next micro-batch to consume */
   data_cursor: DataCursor;
-  /** all randomness is counter-based from the seed: shuffles from (seed, epoch), dropout from (seed, step, micro-batch) */
+  /** all randomness is counter-based from the seed: shuffles from (seed, epoch), dropout from dropoutSeedFor(seed, step, micro-batch) */
   rng: { seed: number; kind: 'counter-based' };
   schedule: { lr_scheduler_type: string; learning_rate: number; warmup_steps: number; total_steps: number; next_lr: number };
   dataset: { examples: number; sha256: string };
@@ -336,7 +335,7 @@ export async function accumulateStep(stage: Stage, mbs: readonly MicroBatch[], o
     const mb = mbs[k];
     const key = `${o.step}:${k}:0`;
     const r = await stage.forward({
-      key, batch: mb.batch, seqLen: mb.seqLen, ids: mb.ids, labels: mb.labels, dropoutSeed: hashSeed(o.seed, o.step, k),
+      key, batch: mb.batch, seqLen: mb.seqLen, ids: mb.ids, labels: mb.labels, dropoutSeed: dropoutSeedFor(o.seed, o.step, k),
     }, { train: true });
     lossSum += r.lossSum ?? 0;
     inputTokens += mb.inputTokens;
