@@ -73,8 +73,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     else process.stderr.write(`[swarmtune join] ${human}\n`);
   };
   const dataDir = path.resolve(opts.dataDir);
-  const kind = backendKind(opts.device);
-  const backend: Backend = deps.backend ?? (kind === 'ref' ? new RefBackend() : await (await loadCreateBackend())(kind));
+  let backend: Backend | null = deps.backend ?? null;
   const createOptimizer: OptimizerFactory = deps.createOptimizer ?? createShardOptimizer;
   let node: SwarmNode | null = null;
   let host: StageHost | null = null;
@@ -89,6 +88,10 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
   deps.abort?.addEventListener('abort', () => done(EXIT_FAILED), { once: true });
 
   try {
+    if (backend === null) {
+      const kind = backendKind(opts.device);
+      backend = kind === 'ref' ? new RefBackend() : await (await loadCreateBackend())(kind);
+    }
     node = await createSwarmNode({ dataDir, listen: [opts.listen ?? '/ip4/127.0.0.1/tcp/0'] });
     const blobs = new BlobStore(dataDir);
     blobs.onEvent = (e: BlobEvent) => {
@@ -181,7 +184,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     process.off('SIGTERM', onSignal);
     host?.stage.dispose();
     if (node !== null) { try { await node.stop(); } catch { /* already stopped */ } }
-    if (deps.backend === undefined) backend.dispose();
+    if (deps.backend === undefined) backend?.dispose();
   }
 }
 
