@@ -25,20 +25,24 @@ alignas(64) const float kNF4Lut[16] = {
 
 namespace {
 
+// Two register tiles per ISA: the wide one for ordinary outputs and a narrow one (one vector wide,
+// twice as tall) for N ≤ one vector, the LoRA rank-r outputs, which would waste half of every FMA.
 #if defined(__AVX512F__)
 constexpr int VL = 16;
-constexpr int MR = 6, NR = 32;  // 12 zmm accumulators: hides 4-cycle FMA latency at 2 FMAs/cycle
-const char* kKernelName = "avx512 6x32";
+constexpr int MR_WIDE = 6, NR_WIDE = 32;  // 12 zmm accumulators: hides 4-cycle FMA latency at 2 FMAs/cycle
+constexpr int MR_NARROW = 12, NR_NARROW = 16;
+const char* kKernelName = "avx512 6x32 (+12x16 for N<=16)";
 #elif defined(__AVX2__)
 constexpr int VL = 8;
-constexpr int MR = 6, NR = 16;  // 12 ymm accumulators, the classic Haswell shape
-const char* kKernelName = "avx2 6x16";
+constexpr int MR_WIDE = 6, NR_WIDE = 16;  // 12 ymm accumulators, the classic Haswell shape
+constexpr int MR_NARROW = 12, NR_NARROW = 8;
+const char* kKernelName = "avx2 6x16 (+12x8 for N<=8)";
 #else
 constexpr int VL = 1;
-constexpr int MR = 4, NR = 4;
+constexpr int MR_WIDE = 4, NR_WIDE = 4;
+constexpr int MR_NARROW = 4, NR_NARROW = 4;
 const char* kKernelName = "scalar 4x4";
 #endif
-constexpr int NV = NR / VL;
 // KC·NR·4 bytes of B micro-panel stay in L1 (32 KiB) across the ir loop; MC·KC·4 of A stay in L2.
 constexpr int64_t KC = 256, MC = 96, NC = 3072;
 
@@ -47,11 +51,50 @@ typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
 #endif
 
 // acc[MR][NR] += a_pack(MR×kc) · b_pack(kc×NR); then C = alpha·acc + beta·C on the valid mr×nr corner.
+template <int MR, int NR>
 void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
                   int64_t ldc, int mr, int nr, float alpha, float beta) {
-#if VL > 1
+#if defined(__AVX512F__)
+  // explicit intrinsics: with generic vector types GCC re-vectorizes the 12x16 tile into ymm halves
+  constexpr int NV = NR / 16;
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; k++) {
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) bv[v] = _mm512_load_ps(b + v * 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++) {
+      __m512 ai = _mm512_set1_ps(a[i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
+    }
+    a += MR;
+    b += NR;
+  }
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  if (mr == MR && nr == NR) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) {
+        float* cp = c + i * ldc + v * 16;
+        __m512 r = _mm512_mul_ps(va, acc[i][v]);
+        if (beta != 0.0f) r = _mm512_fmadd_ps(vb, _mm512_loadu_ps(cp), r);
+        _mm512_storeu_ps(cp, r);
+      }
+    return;
+  }
+  alignas(64) float tile[MR][NR];
+  for (int i = 0; i < MR; i++)
+    for (int v = 0; v < NV; v++) _mm512_store_ps(&tile[i][v * 16], acc[i][v]);
+#elif VL > 1
+  constexpr int NV = NR / VL;
   vf acc[MR][NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; v++) acc[i][v] = vf{} ;
@@ -59,7 +102,7 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
     vf bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; v++) bv[v] = *(const vf*)(b + v * VL);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < MR; i++) {
       float ai = a[i];
 #pragma GCC unroll 4
@@ -69,7 +112,7 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
     b += NR;
   }
   if (mr == MR && nr == NR) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
       for (int v = 0; v < NV; v++) {
@@ -127,6 +170,7 @@ struct BSrc {
 };
 
 // Pack op(B)[pc:pc+kc, jc:jc+nc] into NR-wide slivers: dst[s][k][j], zero padded to NR.
+template <int NR>
 void pack_b(float* dst, const BSrc& B, int64_t pc, int64_t kc, int64_t jc, int64_t nc) {
   for (int64_t s = 0; s < nc; s += NR) {
     int nr = (int)std::min<int64_t>(NR, nc - s);
@@ -167,6 +211,7 @@ void pack_b(float* dst, const BSrc& B, int64_t pc, int64_t kc, int64_t jc, int64
 }
 
 // Pack op(A)[ic:ic+mc, pc:pc+kc] into MR-tall slivers: dst[s][k][i], zero padded to MR.
+template <int MR>
 void pack_a(float* dst, const float* A, bool transA, int64_t M, int64_t K, int64_t ic, int64_t mc, int64_t pc,
             int64_t kc) {
   for (int64_t s = 0; s < mc; s += MR) {
@@ -190,6 +235,7 @@ void pack_a(float* dst, const float* A, bool transA, int64_t M, int64_t K, int64
 }
 
 // One thread's slab C[m0:m1, n0:n1].
+template <int MR, int NR>
 void gemm_slab(bool transA, int64_t M, int64_t K, float alpha, const float* A, const BSrc& B, float beta, float* C,
                int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   float* bp = tl_b.get((size_t)KC * (size_t)((std::min<int64_t>(NC, n1 - n0) + NR - 1) / NR * NR));
@@ -199,15 +245,15 @@ void gemm_slab(bool transA, int64_t M, int64_t K, float alpha, const float* A, c
     for (int64_t pc = 0; pc < K; pc += KC) {
       int64_t kc = std::min<int64_t>(KC, K - pc);
       float b_eff = pc == 0 ? beta : 1.0f;  // later depth blocks accumulate onto the first
-      pack_b(bp, B, pc, kc, jc, nc);
+      pack_b<NR>(bp, B, pc, kc, jc, nc);
       for (int64_t ic = m0; ic < m1; ic += MC) {
         int64_t mc = std::min<int64_t>(MC, m1 - ic);
-        pack_a(ap, A, transA, M, K, ic, mc, pc, kc);
+        pack_a<MR>(ap, A, transA, M, K, ic, mc, pc, kc);
         for (int64_t jr = 0; jr < nc; jr += NR) {
           int nr = (int)std::min<int64_t>(NR, nc - jr);
           for (int64_t ir = 0; ir < mc; ir += MR) {
             int mr = (int)std::min<int64_t>(MR, mc - ir);
-            micro_kernel(kc, ap + ir * kc, bp + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc, mr, nr, alpha, b_eff);
+            micro_kernel<MR, NR>(kc, ap + ir * kc, bp + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc, mr, nr, alpha, b_eff);
           }
         }
       }
@@ -256,6 +302,26 @@ void gemm_small_m(ThreadPool& pool, bool transA, int64_t M, int64_t N, int64_t K
   });
 }
 
+template <int MR, int NR>
+void gemm_parallel(ThreadPool& pool, bool transA, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                   const BSrc& B, float beta, float* C) {
+  int T = pool.size();
+  double flops = 2.0 * (double)M * (double)N * (double)K;
+  if (flops < 2e5) T = 1;  // below ~0.1 ms of work the fork-join costs more than it saves
+  int64_t nblocks = (N + NR - 1) / NR, mblocks = (M + MR - 1) / MR;
+  bool split_n = nblocks >= 2 * T || nblocks >= mblocks;
+  int64_t units = split_n ? nblocks : mblocks;
+  int tasks = (int)std::min<int64_t>(T, units);
+  pool.run(tasks, [&](int64_t t) {
+    int64_t u0 = units * t / tasks, u1 = units * (t + 1) / tasks;
+    if (split_n)
+      gemm_slab<MR, NR>(transA, M, K, alpha, A, B, beta, C, N, 0, M, u0 * NR, std::min(N, u1 * NR));
+    else
+      gemm_slab<MR, NR>(transA, M, K, alpha, A, B, beta, C, N, u0 * MR, std::min(M, u1 * MR), 0, N);
+  });
+}
+
+
 void gemm_driver(ThreadPool& pool, bool transA, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                  const BSrc& B, float beta, float* C) {
   if (M == 0 || N == 0) return;
@@ -268,20 +334,10 @@ void gemm_driver(ThreadPool& pool, bool transA, int64_t M, int64_t N, int64_t K,
     gemm_small_m(pool, transA, M, N, K, alpha, A, B, beta, C);
     return;
   }
-  int T = pool.size();
-  double flops = 2.0 * (double)M * (double)N * (double)K;
-  if (flops < 2e5) T = 1;  // below ~0.1 ms of work the fork-join costs more than it saves
-  int64_t nblocks = (N + NR - 1) / NR, mblocks = (M + MR - 1) / MR;
-  bool split_n = nblocks >= 2 * T || nblocks >= mblocks;
-  int64_t units = split_n ? nblocks : mblocks;
-  int tasks = (int)std::min<int64_t>(T, units);
-  pool.run(tasks, [&](int64_t t) {
-    int64_t u0 = units * t / tasks, u1 = units * (t + 1) / tasks;
-    if (split_n)
-      gemm_slab(transA, M, K, alpha, A, B, beta, C, N, 0, M, u0 * NR, std::min(N, u1 * NR));
-    else
-      gemm_slab(transA, M, K, alpha, A, B, beta, C, N, u0 * MR, std::min(M, u1 * MR), 0, N);
-  });
+  if (N <= NR_NARROW)
+    gemm_parallel<MR_NARROW, NR_NARROW>(pool, transA, M, N, K, alpha, A, B, beta, C);
+  else
+    gemm_parallel<MR_WIDE, NR_WIDE>(pool, transA, M, N, K, alpha, A, B, beta, C);
 }
 
 }  // namespace
