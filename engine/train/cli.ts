@@ -37,8 +37,14 @@ async function resolveTiny(cfg: TrainConfig): Promise<{ model: string; data: str
 export async function trainBackend(device: string): Promise<Backend> {
   const index = new URL('../backends/index.ts', import.meta.url);
   if (existsSync(index)) {
-    const mod = await import(index.href) as { createBackend(kind: string): Backend | Promise<Backend> };
-    return await mod.createBackend(device);
+    try {
+      const mod = await import(index.href) as { createBackend(kind: string): Backend | Promise<Backend> };
+      return await mod.createBackend(device);
+    } catch (e) {
+      if (device !== 'auto') throw e;
+      // auto means "the best that works": without a built native addon, the reference still trains (slowly)
+      process.stderr.write(`note: native backend unavailable (${(e as Error).message}); using the float64 reference backend\n`);
+    }
   }
   if (device === 'cpu') throw new ConfigError('--device cpu: the native backend (engine/backends/index.ts) is not available in this build; use --device ref');
   const { RefBackend } = await import('../backends/ref.ts');
