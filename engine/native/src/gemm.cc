@@ -51,9 +51,10 @@ typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
 #endif
 
 // acc[MR][NR] += a_pack(MR×kc) · b_pack(kc×NR); then C = alpha·acc + beta·C on the valid mr×nr corner.
-template <int MR, int NR>
+// DIRECT reads A unpacked as a[i·rs + k·cs] (full MR-row tiles only); otherwise a is the packed sliver.
+template <int MR, int NR, bool DIRECT = false>
 void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
-                  int64_t ldc, int mr, int nr, float alpha, float beta) {
+                  int64_t ldc, int mr, int nr, float alpha, float beta, int64_t rs = 1, int64_t cs = MR) {
 #if defined(__AVX512F__)
   // explicit intrinsics: with generic vector types GCC re-vectorizes the 12x16 tile into ymm halves
   constexpr int NV = NR / 16;
@@ -68,11 +69,11 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
     for (int v = 0; v < NV; v++) bv[v] = _mm512_load_ps(b + v * 16);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++) {
-      __m512 ai = _mm512_set1_ps(a[i]);
+      __m512 ai = _mm512_set1_ps(DIRECT ? a[i * rs] : a[i]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
     }
-    a += MR;
+    a += DIRECT ? cs : MR;
     b += NR;
   }
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
@@ -104,11 +105,11 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
     for (int v = 0; v < NV; v++) bv[v] = *(const vf*)(b + v * VL);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++) {
-      float ai = a[i];
+      float ai = DIRECT ? a[i * rs] : a[i];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; v++) acc[i][v] += ai * bv[v];
     }
-    a += MR;
+    a += DIRECT ? cs : MR;
     b += NR;
   }
   if (mr == MR && nr == NR) {
@@ -128,8 +129,8 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
   float tile[MR][NR] = {};
   for (int64_t k = 0; k < kc; k++) {
     for (int i = 0; i < MR; i++)
-      for (int j = 0; j < NR; j++) tile[i][j] += a[i] * b[j];
-    a += MR;
+      for (int j = 0; j < NR; j++) tile[i][j] += (DIRECT ? a[i * rs] : a[i]) * b[j];
+    a += DIRECT ? cs : MR;
     b += NR;
   }
 #endif
@@ -240,6 +241,7 @@ void gemm_slab(bool transA, int64_t M, int64_t K, float alpha, const float* A, c
                int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   float* bp = tl_b.get((size_t)KC * (size_t)((std::min<int64_t>(NC, n1 - n0) + NR - 1) / NR * NR));
   float* ap = tl_a.get((size_t)KC * (size_t)((std::min<int64_t>(MC, m1 - m0) + MR - 1) / MR * MR));
+  const bool direct_a = n1 - n0 <= NR;
   for (int64_t jc = n0; jc < n1; jc += NC) {
     int64_t nc = std::min<int64_t>(NC, n1 - jc);
     for (int64_t pc = 0; pc < K; pc += KC) {
@@ -248,6 +250,22 @@ void gemm_slab(bool transA, int64_t M, int64_t K, float alpha, const float* A, c
       pack_b<NR>(bp, B, pc, kc, jc, nc);
       for (int64_t ic = m0; ic < m1; ic += MC) {
         int64_t mc = std::min<int64_t>(MC, m1 - ic);
+        if (direct_a) {
+          // one NR-wide sliver: each A element is used by a single tile, so packing A would cost as
+          // much as the arithmetic; stream full tiles straight from A, pack only the ragged last one
+          for (int64_t ir = 0; ir < mc; ir += MR) {
+            int mr = (int)std::min<int64_t>(MR, mc - ir);
+            float* cp = C + (ic + ir) * ldc + jc;
+            if (mr == MR) {
+              const float* a0 = transA ? A + pc * M + ic + ir : A + (ic + ir) * K + pc;
+              micro_kernel<MR, NR, true>(kc, a0, bp, cp, ldc, mr, (int)nc, alpha, b_eff, transA ? 1 : K, transA ? M : 1);
+            } else {
+              pack_a<MR>(ap, A, transA, M, K, ic + ir, mr, pc, kc);
+              micro_kernel<MR, NR>(kc, ap, bp, cp, ldc, mr, (int)nc, alpha, b_eff);
+            }
+          }
+          continue;
+        }
         pack_a<MR>(ap, A, transA, M, K, ic, mc, pc, kc);
         for (int64_t jr = 0; jr < nc; jr += NR) {
           int nr = (int)std::min<int64_t>(NR, nc - jr);
