@@ -183,6 +183,7 @@ export interface PlanReport {
   seq_len: number;
   memory: StageMemory;
   memory_without_double_quant_bytes: number;
+  quant_constants_without_double_quant_bytes: number;
   gpu_memory_bytes: number | null;
   suggestion: { per_device_train_batch_size: number; gradient_accumulation_steps: number; fits: boolean } | null;
 }
@@ -210,7 +211,8 @@ export async function planReport(o: { model: string; gpuMemory?: string; perDevi
   return {
     model: o.model, trainable_params: memory.trainableParams, all_params: all,
     trainable_line: trainableParamsLine(memory.trainableParams, all), micro_batch: mb, seq_len: seq, memory,
-    memory_without_double_quant_bytes: noDq.totalBytes, gpu_memory_bytes: gpu,
+    memory_without_double_quant_bytes: noDq.totalBytes, quant_constants_without_double_quant_bytes: noDq.quantConstantsBytes,
+    gpu_memory_bytes: gpu,
     suggestion: s ? { per_device_train_batch_size: s.microBatch, gradient_accumulation_steps: s.gradientAccumulationSteps, fits: s.fits } : null,
   };
 }
@@ -220,6 +222,7 @@ function printPlan(p: PlanReport): void {
   const rows: [string, number][] = [
     ['NF4 weights (packed 4-bit)', m.nf4WeightsBytes],
     ['quantization constants (double quant)', m.quantConstantsBytes],
+    ['  (without double quant: fp32 absmax)', p.quant_constants_without_double_quant_bytes],
     ['embeddings (bf16)', m.embeddingsBytes],
     ['lm_head (bf16)', m.lmHeadBytes],
     ['norms (fp32)', m.normsBytes],
