@@ -52,9 +52,11 @@ typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
 
 // acc[MR][NR] += a_pack(MR×kc) · b_pack(kc×NR); then C = alpha·acc + beta·C on the valid mr×nr corner.
 // DIRECT reads A unpacked as a[i·rs + k·cs] (full MR-row tiles only); otherwise a is the packed sliver.
+// B rows are ldb apart: NR for a packed sliver, N when read straight from a row-major [K,N] B.
 template <int MR, int NR, bool DIRECT = false>
 void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
-                  int64_t ldc, int mr, int nr, float alpha, float beta, int64_t rs = 1, int64_t cs = MR) {
+                  int64_t ldc, int mr, int nr, float alpha, float beta, int64_t rs = 1, int64_t cs = MR,
+                  int64_t ldb = NR) {
 #if defined(__AVX512F__)
   // explicit intrinsics: with generic vector types GCC re-vectorizes the 12x16 tile into ymm halves
   constexpr int NV = NR / 16;
@@ -66,7 +68,7 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
   for (int64_t k = 0; k < kc; k++) {
     __m512 bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) bv[v] = _mm512_load_ps(b + v * 16);
+    for (int v = 0; v < NV; v++) bv[v] = _mm512_loadu_ps(b + v * 16);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++) {
       __m512 ai = _mm512_set1_ps(DIRECT ? a[i * rs] : a[i]);
@@ -74,7 +76,7 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
       for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
     }
     a += DIRECT ? cs : MR;
-    b += NR;
+    b += ldb;
   }
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
   if (mr == MR && nr == NR) {
@@ -110,7 +112,7 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
       for (int v = 0; v < NV; v++) acc[i][v] += ai * bv[v];
     }
     a += DIRECT ? cs : MR;
-    b += NR;
+    b += ldb;
   }
   if (mr == MR && nr == NR) {
 #pragma GCC unroll 16
@@ -131,7 +133,7 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
     for (int i = 0; i < MR; i++)
       for (int j = 0; j < NR; j++) tile[i][j] += (DIRECT ? a[i * rs] : a[i]) * b[j];
     a += DIRECT ? cs : MR;
-    b += NR;
+    b += ldb;
   }
 #endif
   for (int i = 0; i < mr; i++)
@@ -242,12 +244,15 @@ void gemm_slab(bool transA, int64_t M, int64_t K, float alpha, const float* A, c
   float* bp = tl_b.get((size_t)KC * (size_t)((std::min<int64_t>(NC, n1 - n0) + NR - 1) / NR * NR));
   float* ap = tl_a.get((size_t)KC * (size_t)((std::min<int64_t>(MC, m1 - m0) + MR - 1) / MR * MR));
   const bool direct_a = n1 - n0 <= NR;
+  // few output rows: each B element feeds at most m1 − m0 FMAs, so packing B would dominate; a float32
+  // [K,N] B is already k-major, so full-width tiles read it in place
+  const bool direct_b = !direct_a && B.f32 && !B.trans && m1 - m0 <= 4 * MR;
   for (int64_t jc = n0; jc < n1; jc += NC) {
     int64_t nc = std::min<int64_t>(NC, n1 - jc);
     for (int64_t pc = 0; pc < K; pc += KC) {
       int64_t kc = std::min<int64_t>(KC, K - pc);
       float b_eff = pc == 0 ? beta : 1.0f;  // later depth blocks accumulate onto the first
-      pack_b<NR>(bp, B, pc, kc, jc, nc);
+      if (!direct_b) pack_b<NR>(bp, B, pc, kc, jc, nc);
       for (int64_t ic = m0; ic < m1; ic += MC) {
         int64_t mc = std::min<int64_t>(MC, m1 - ic);
         if (direct_a) {
@@ -269,6 +274,19 @@ void gemm_slab(bool transA, int64_t M, int64_t K, float alpha, const float* A, c
         pack_a<MR>(ap, A, transA, M, K, ic, mc, pc, kc);
         for (int64_t jr = 0; jr < nc; jr += NR) {
           int nr = (int)std::min<int64_t>(NR, nc - jr);
+          if (direct_b) {
+            const float* b0 = B.f32 + pc * B.N + jc + jr;
+            if (nr < NR) pack_b<NR>(bp, B, pc, kc, jc + jr, nr);  // ragged edge: pad a packed copy
+            for (int64_t ir = 0; ir < mc; ir += MR) {
+              int mr = (int)std::min<int64_t>(MR, mc - ir);
+              float* cp = C + (ic + ir) * ldc + jc + jr;
+              if (nr == NR)
+                micro_kernel<MR, NR>(kc, ap + ir * kc, b0, cp, ldc, mr, nr, alpha, b_eff, 1, MR, B.N);
+              else
+                micro_kernel<MR, NR>(kc, ap + ir * kc, bp, cp, ldc, mr, nr, alpha, b_eff);
+            }
+            continue;
+          }
           for (int64_t ir = 0; ir < mc; ir += MR) {
             int mr = (int)std::min<int64_t>(MR, mc - ir);
             micro_kernel<MR, NR>(kc, ap + ir * kc, bp + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc, mr, nr, alpha, b_eff);
