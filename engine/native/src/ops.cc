@@ -209,17 +209,38 @@ std::string attention_backward(ThreadPool& pool, float* dq, float* dk, float* dv
 
 std::string swiglu_forward(ThreadPool& pool, float* out, const float* gate, const float* up, int64_t n) {
   parallel_rows(pool, n, 32768, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; i++) out[i] = gate[i] * sigmoidf(gate[i]) * up[i];
+    int64_t i = a;
+#ifdef __AVX512F__
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= b; i += 16) {
+      __m512 g = _mm512_loadu_ps(gate + i);
+      __m512 sg = _mm512_div_ps(one, _mm512_add_ps(one, simd::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(g, sg), _mm512_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < b; i++) out[i] = gate[i] * sigmoidf(gate[i]) * up[i];
   });
   return "";
 }
 
 std::string swiglu_backward(ThreadPool& pool, float* dgate, float* dup, const float* dout, const float* gate,
                             const float* up, int64_t n) {
+  // d silu/dg = σ(g)(1 + g(1 − σ(g)))
   parallel_rows(pool, n, 32768, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; i++) {
+    int64_t i = a;
+#ifdef __AVX512F__
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= b; i += 16) {
+      __m512 g = _mm512_loadu_ps(gate + i), d = _mm512_loadu_ps(dout + i);
+      __m512 sg = _mm512_div_ps(one, _mm512_add_ps(one, simd::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      __m512 dsilu = _mm512_mul_ps(sg, _mm512_fmadd_ps(g, _mm512_sub_ps(one, sg), one));
+      _mm512_storeu_ps(dgate + i, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_loadu_ps(up + i)), dsilu));
+      _mm512_storeu_ps(dup + i, _mm512_mul_ps(d, _mm512_mul_ps(g, sg)));
+    }
+#endif
+    for (; i < b; i++) {
       float g = gate[i], sg = sigmoidf(g), d = dout[i];
-      dgate[i] = d * up[i] * sg * (1.0f + g * (1.0f - sg));  // d silu/dg = σ(g)(1 + g(1 − σ(g)))
+      dgate[i] = d * up[i] * sg * (1.0f + g * (1.0f - sg));
       dup[i] = d * g * sg;
     }
   });
