@@ -193,44 +193,57 @@ export class Trainer {
       gradientCheckpointing: cfg.gradient_checkpointing, seed: cfg.seed,
     });
     this.stage = stage;
-    if (initTensors) copyTensorsInto(stage.params, initTensors, `init adapter ${cfg.init_adapter}`);
+    let optimizer: AdamW | null = null;
+    let setup: { loader: DataLoader; totalSteps: number; warmup: number; dataSha: string; startStep: number; history: StepEvent[] };
+    try {
+      if (initTensors) copyTensorsInto(stage.params, initTensors, `init adapter ${cfg.init_adapter}`);
 
-    const loader = new DataLoader(this.inputs.examples, {
-      batchSize: cfg.per_device_train_batch_size, accumulation: cfg.gradient_accumulation_steps,
-      seed: cfg.seed, shuffle: cfg.shuffle, padId: this.inputs.padId,
-    });
-    const totalSteps = cfg.max_steps > 0 ? cfg.max_steps : Math.ceil(cfg.num_train_epochs * loader.stepsPerEpoch);
-    const warmup = warmupStepsFor(totalSteps, cfg.warmup_steps, cfg.warmup_ratio);
-    const dataSha = datasetHash(this.inputs.examples);
+      const loader = new DataLoader(this.inputs.examples, {
+        batchSize: cfg.per_device_train_batch_size, accumulation: cfg.gradient_accumulation_steps,
+        seed: cfg.seed, shuffle: cfg.shuffle, padId: this.inputs.padId,
+      });
+      const totalSteps = cfg.max_steps > 0 ? cfg.max_steps : Math.ceil(cfg.num_train_epochs * loader.stepsPerEpoch);
+      const warmup = warmupStepsFor(totalSteps, cfg.warmup_steps, cfg.warmup_ratio);
+      const dataSha = datasetHash(this.inputs.examples);
 
-    const optimizer = new AdamW(stage.params.map((p) => ({ name: p.name, numel: p.data.length })), {
-      optim: cfg.optim, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weightDecay: cfg.weight_decay,
-      pageBytes: cfg.optim_page_bytes, residentBytes: cfg.optim_resident_bytes ?? Infinity,
-      spillDir: join(outputDir, `optimizer-pages-${process.pid}`),
-    });
-    this.optimizer = optimizer;
+      optimizer = new AdamW(stage.params.map((p) => ({ name: p.name, numel: p.data.length })), {
+        optim: cfg.optim, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weightDecay: cfg.weight_decay,
+        pageBytes: cfg.optim_page_bytes, residentBytes: cfg.optim_resident_bytes ?? Infinity,
+        spillDir: join(outputDir, `optimizer-pages-${process.pid}`),
+      });
+      this.optimizer = optimizer;
 
-    let startStep = 0;
-    let history: StepEvent[] = [];
-    if (cfg.resume_from_checkpoint) {
-      const dir = cfg.resume_from_checkpoint === 'latest' ? listCheckpoints(outputDir).at(-1) : cfg.resume_from_checkpoint;
-      if (!dir) throw new TrainerError(`resume_from_checkpoint latest: no checkpoint-N directory in ${outputDir}`);
-      const st = await readTrainerState(dir);
-      if (st.dataset.sha256 !== dataSha) throw new TrainerError(`${dir}: checkpoint was trained on different data (sha256 ${st.dataset.sha256.slice(0, 12)}…, now ${dataSha.slice(0, 12)}…); same --data, --max-seq-length and tokenizer are needed to resume`);
-      if (st.optim !== cfg.optim) throw new TrainerError(`${dir}: checkpoint used optim ${st.optim}, now ${cfg.optim}`);
-      if (st.rng.seed !== cfg.seed) throw new TrainerError(`${dir}: checkpoint used seed ${st.rng.seed}, now ${cfg.seed}`);
-      const a = await readAdapter(dir, { config: this.inputs.modelConfig });
-      copyTensorsInto(stage.params, a.tensors, `checkpoint ${dir}`);
-      optimizer.importState(await readOptimizerState(join(dir, OPTIMIZER_FILE)));
-      if (optimizer.step !== st.global_step) throw new TrainerError(`${dir}: optimizer step ${optimizer.step} != trainer global_step ${st.global_step}`);
-      startStep = st.global_step;
-      history = st.log_history;
-      info(`resumed from ${dir} at step ${startStep}/${totalSteps}`);
+      let startStep = 0;
+      let history: StepEvent[] = [];
+      if (cfg.resume_from_checkpoint) {
+        const dir = cfg.resume_from_checkpoint === 'latest' ? listCheckpoints(outputDir).at(-1) : cfg.resume_from_checkpoint;
+        if (!dir) throw new TrainerError(`resume_from_checkpoint latest: no checkpoint-N directory in ${outputDir}`);
+        const st = await readTrainerState(dir);
+        if (st.dataset.sha256 !== dataSha) throw new TrainerError(`${dir}: checkpoint was trained on different data (sha256 ${st.dataset.sha256.slice(0, 12)}…, now ${dataSha.slice(0, 12)}…); same --data, --max-seq-length and tokenizer are needed to resume`);
+        if (st.optim !== cfg.optim) throw new TrainerError(`${dir}: checkpoint used optim ${st.optim}, now ${cfg.optim}`);
+        if (st.rng.seed !== cfg.seed) throw new TrainerError(`${dir}: checkpoint used seed ${st.rng.seed}, now ${cfg.seed}`);
+        const a = await readAdapter(dir, { config: this.inputs.modelConfig });
+        copyTensorsInto(stage.params, a.tensors, `checkpoint ${dir}`);
+        optimizer.importState(await readOptimizerState(join(dir, OPTIMIZER_FILE)));
+        if (optimizer.step !== st.global_step) throw new TrainerError(`${dir}: optimizer step ${optimizer.step} != trainer global_step ${st.global_step}`);
+        startStep = st.global_step;
+        history = st.log_history;
+        info(`resumed from ${dir} at step ${startStep}/${totalSteps}`);
+      }
+
+      const trainable = stage.params.reduce((s, p) => s + p.data.length, 0);
+      info(trainableParamsLine(trainable, baseParamCount(this.inputs.modelConfig) + trainable));
+      setup = { loader, totalSteps, warmup, dataSha, startStep, history };
+    } catch (e) {
+      // setup failed (bad init adapter, refused resume, ...): release what was loaded
+      (optimizer as AdamW | null)?.dispose();
+      stage.dispose();
+      throw e;
     }
-
-    const trainable = stage.params.reduce((s, p) => s + p.data.length, 0);
-    info(trainableParamsLine(trainable, baseParamCount(this.inputs.modelConfig) + trainable));
-
+    const { loader, totalSteps, warmup, dataSha } = setup;
+    const history = setup.history;
+    const startStep = setup.startStep;
+    const opt = optimizer!;
     const logPath = join(outputDir, TRAINING_LOG_FILE);
     const checkpoints: string[] = [];
     const t0 = performance.now();
@@ -255,7 +268,7 @@ export class Trainer {
           throw new TrainerError(`step ${step + 1}: gradient norm is ${gradNormValue} (loss ${loss}); lower --learning-rate or check the data (micro-batches of epoch ${loader.cursorAt(step).epoch})`);
         }
         const lr = learningRateAt(cfg.learning_rate, cfg.lr_scheduler_type, step, warmup, totalSteps);
-        optimizer.update(stage.params.map((p) => p.data), grads, lr);
+        opt.update(stage.params.map((p) => p.data), grads, lr);
         lastLoss = loss;
         const dtMs = performance.now() - tStep;
         const event: StepEvent = {
@@ -287,7 +300,7 @@ export class Trainer {
       if (!interrupted) await writeAdapter(outputDir, { lora, baseModel: this.inputs.baseModelName, tensors: stage.params.map(cloneTensor) });
       params = stage.params.map(cloneTensor);
     } finally {
-      optimizer.dispose();
+      opt.dispose();
       stage.dispose();
     }
     return { globalStep: step, totalSteps, interrupted, lastLoss, checkpoints, adapterDir: outputDir, params };
