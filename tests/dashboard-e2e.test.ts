@@ -1,7 +1,8 @@
 // End-to-end test of the dashboard: the real HTTP server, and the real page in headless Chromium polling a
 // fake, changing DashboardState. Chromium comes from Debian (`apt-get install -y chromium`); without
 // /usr/bin/chromium the browser test is skipped with a message saying so (the HTTP tests still run).
-// Set DASHBOARD_SCREENSHOT=docs/img/dashboard.png to refresh the committed screenshot.
+// The page is saved to $DASHBOARD_SCREENSHOT (default: a temp file); docs/img/dashboard.png comes from a real demo run
+// via coordinator/dashboard/screenshot.ts.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';

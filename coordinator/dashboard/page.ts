@@ -161,14 +161,16 @@ function drawPipeline(svg, state) {
   svg.replaceChildren();
   const stages = state.stages || [];
   const byId = new Map((state.peers || []).map((p) => [p.peerId, p]));
-  const W = 1000, H = 170;
+  const maxRep = Math.max(1, ...stages.map((s) => s.replicas.length));
+  // the drawing grows with the largest replica set instead of leaving empty space under one or two peers
+  const W = 1000, H = Math.max(96, 52 + maxRep * 38);
+  svg.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
   if (stages.length === 0) {
     svg.appendChild(el('svg:text', { x: W / 2, y: H / 2, 'text-anchor': 'middle' }, 'no plan yet: waiting for ' + state.minPeers + ' peer(s)'));
     return;
   }
   const L = 90, R = 90, gap = 36, colW = (W - L - R - gap * (stages.length - 1)) / stages.length;
-  const maxRep = Math.max(1, ...stages.map((s) => s.replicas.length));
-  const repH = Math.min(34, (H - 56) / maxRep - 4);
+  const repH = 34;
   svg.appendChild(el('svg:text', { x: 8, y: H / 2 - 4 }, 'tokens →'));
   svg.appendChild(el('svg:text', { x: W - R + 14, y: H / 2 - 4 }, '→ loss'));
   svg.appendChild(el('svg:text', { x: W - R + 14, y: H / 2 + 12 }, '← grads'));

@@ -204,6 +204,7 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
     const addr = new Promise<string>((r) => { resolveAddr = r; });
     const done = new Promise<void>((res, rej) => { resolveDone = res; fail = rej; });
     let finished = false;
+    let planned = false;
     const names = new Map<string, string>();
     const onLine = (line: string) => {
       let e: Record<string, unknown>;
@@ -213,6 +214,7 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
         case 'dashboard': out(`  dashboard: ${String(e.url)}`); emit(e); break;
         case 'peer_joined': out(`  peer joined ${shortPeer(String(e.peer_id))} (${String(e.peers)}/${String(e.min_peers)})`); break;
         case 'plan': {
+          planned = true;
           const stages = e.stages as { layerStart: number; layerEnd: number; replicas: string[] }[];
           stages.forEach((s, i) => out(`  stage ${i}: layers ${s.layerStart}-${s.layerEnd - 1} on ${s.replicas.map((id) => names.get(id) ?? shortPeer(id)).join(', ')}`));
           emit(e);
@@ -250,7 +252,12 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
             if (e.event === 'joining' && typeof e.peer_id === 'string') names.set(e.peer_id, `${name} (${shortPeer(e.peer_id)})`);
           } catch { /* not JSON: log only */ }
         });
-        void v.exited.then((code) => { if (!finished && code !== 0) out(`  ${name} exited with code ${code}; see ${v.log}`); });
+        void v.exited.then((code) => {
+          if (finished || code === 0) return;
+          // before the plan the run would wait for this peer forever; later the coordinator routes around it
+          if (!planned) fail(new Error(`${name} exited with code ${code} before the run started; last lines of ${v.log}:\n${tail(v.log)}`));
+          else out(`  ${name} exited with code ${code}; see ${v.log}`);
+        });
       }
       await orStop(done);
     } finally {
