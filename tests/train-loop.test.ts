@@ -83,6 +83,9 @@ test('resume from checkpoint equals the uninterrupted run bit for bit (shuffle, 
     const resumed = await train(b, { ...o, resume_from_checkpoint: join(a, 'checkpoint-3') });
     assert.equal(resumed.globalStep, 6);
     resumed.params.forEach((t, i) => assert.deepEqual(t.data, full.params[i].data, t.name));
+    await assert.rejects(train(b, { ...o, seed: 43, resume_from_checkpoint: join(a, 'checkpoint-3') }), /checkpoint used seed 42, now 43/);
+    const fewer = new Trainer({ config: config(a, { ...o, resume_from_checkpoint: 'latest' }), modelConfig, weights, backend: new RefBackend(), examples: examples.slice(0, 3), padId: tok.padTokenId!, baseModelName: 'random-tiny' });
+    await assert.rejects(fewer.run(), /trained on different data/, 'the examples sha256 guards resumes');
     const other = await train(b, { ...o, seed: 43, resume_from_checkpoint: null, save_strategy: 'no' });
     assert.notDeepEqual(other.params[1].data, full.params[1].data, 'a different seed must give a different run');
   } finally {
