@@ -3,7 +3,10 @@
 // Loop nest per thread slab: jc (NC columns) → pc (KC depth; pack B panel) → ic (MC rows; pack A block)
 // → jr (NR) → ir (MR) → micro-kernel. Threads split the output into disjoint column slabs (or row slabs
 // when N is narrow); each packs its own panels, so no barriers are needed and packing the shared
-// operand twice costs O(1/slab width) of the arithmetic.
+// operand twice costs O(1/slab width) of the arithmetic. Each output element is always summed in the
+// same k order, so results do not depend on the thread count. Shapes where packing would cost as much
+// as the arithmetic skip it: M < 4 streams B once (gemm_small_m), a one-sliver-wide slab reads A in
+// place, a slab of few rows reads a row-major float32 B in place.
 #include "gemm.h"
 
 #include "simd.h"
