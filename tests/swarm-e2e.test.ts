@@ -167,6 +167,7 @@ test('coordinator + 4 volunteers (2 stages, f32 wire) equal `swarmtune train`; s
   assert.equal(local.code, 0, local.stderr);
   const a0 = await adapterMap(initDir);
   const { rel, norm } = relUpdateDiff(a0, await adapterMap(swarmDir), await adapterMap(localDir));
+  console.log(`# swarm vs train: relative update difference ${rel.toExponential(2)}, update norm ${norm.toExponential(2)}`);
   assert.ok(norm > 1e-4, `the update must be non-trivial (norm ${norm})`);
   assert.ok(rel <= 1e-5, `swarm vs local update relative difference ${rel} > 1e-5`);
 
@@ -285,6 +286,7 @@ test('the coordinator killed mid-run restarts from LevelDB; volunteers rejoin; t
   const local = await localRun;
   assert.equal(local.code, 0, local.stderr);
   const { rel, norm } = relUpdateDiff(await adapterMap(initDir), await adapterMap(path.join(tmp, 'restart')), await adapterMap(localDir));
+  console.log(`# restarted swarm vs train: relative update difference ${rel.toExponential(2)}`);
   assert.ok(norm > 1e-4);
   assert.ok(rel <= 1e-5, `restarted swarm vs uninterrupted local run: relative update difference ${rel}`);
 });

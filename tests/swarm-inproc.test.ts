@@ -140,6 +140,7 @@ test('2 stages x 2 replicas equal the local loop; status and pull of a finished 
     assert.equal(r.events.find((e) => e.event === 'error'), undefined);
     assert.deepEqual(r.events.filter((e) => e.event === 'step').map((e) => e.step), [1, 2, 3]);
     const { rel, norm } = relDiff(ref.init, r.adapter, ref.final);
+    console.log(`# in-process swarm vs local loop: relative update difference ${rel.toExponential(2)}`);
     assert.ok(norm > 1e-3, `non-trivial update (${norm})`);
     assert.ok(rel <= 1e-5, `relative update difference ${rel}`); // summation order only; see docs/swarm.md
     assert.deepEqual(r.codes, [0, 0, 0, 0]);
