@@ -139,3 +139,24 @@ test('loadAdapterInto: copies by name, rejects missing, mismatched and foreign t
   assert.throws(() => loadAdapterInto(st, foreign), /k_proj\.lora_A\.weight has no matching LoRA param/);
   await md.close();
 });
+
+test('CLI: `eval --json` prints one JSON object {loss, perplexity, tokens}; bad flags fail with a named error', async () => {
+  const { Command } = await import('commander');
+  const { registerEval } = await import('../engine/commands/eval.ts');
+  const program = new Command().exitOverride();
+  let out = '';
+  registerEval(program, { write: (t: string) => { out += t; } });
+  await program.parseAsync(['eval', '--model', modelDir, '--data', dataFile, '--device', 'ref', '--json'], { from: 'user' });
+  const lines = out.trim().split('\n');
+  assert.equal(lines.length, 1, `stdout: ${out}`);
+  const j = JSON.parse(lines[0]) as Record<string, number>;
+  assert.deepEqual(Object.keys(j).sort(), ['loss', 'perplexity', 'tokens']);
+  const direct = await evaluate({ model: modelDir, data: dataFile, backend });
+  assert.equal(j.tokens, direct.tokens);
+  assert.ok(Math.abs(j.loss - direct.loss) <= 1e-6 * direct.loss);
+  assert.ok(Math.abs(j.perplexity - Math.exp(j.loss)) <= 1e-9 * j.perplexity);
+  const bad = new Command().exitOverride().configureOutput({ writeErr: () => {} });
+  registerEval(bad);
+  await assert.rejects(bad.parseAsync(['eval', '--model', modelDir, '--data', dataFile, '--batch-size', '0'], { from: 'user' }),
+    /--batch-size must be a positive integer, got "0"/);
+});

@@ -1,4 +1,5 @@
 // `swarmtune eval`: mean token loss and perplexity of a model (optionally with a PEFT adapter) on a JSONL file.
+import { InvalidArgumentError } from 'commander';
 import type { Command } from 'commander';
 import { openForInference, backendForDevice } from '../model/inference.ts';
 import { collate, loadDataset } from '../train/data.ts';
@@ -70,12 +71,13 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
 function positiveInt(flag: string) {
   return (v: string): number => {
     const n = Number(v);
-    if (!Number.isInteger(n) || n <= 0) throw new Error(`${flag} must be a positive integer, got "${v}"`);
+    if (!Number.isInteger(n) || n <= 0) throw new InvalidArgumentError(`${flag} must be a positive integer, got "${v}"`);
     return n;
   };
 }
 
-export function registerEval(program: Command): void {
+/** `out` lets tests capture the printed result (default process.stdout). */
+export function registerEval(program: Command, out: { write(s: string): unknown } = process.stdout): void {
   program
     .command('eval')
     .description('mean token loss and perplexity of a model (+ optional PEFT adapter) on a JSONL dataset')
@@ -90,14 +92,21 @@ export function registerEval(program: Command): void {
     .option('--json', 'print one JSON object {loss, perplexity, tokens}')
     .action(async (o: { model: string; data: string; adapter?: string; maxSeqLength: number; batchSize: number; systemPrompt: string;
       completionOnlyLoss: boolean; device: string; json?: boolean }) => {
-      const r = await evaluate({
-        model: o.model, data: o.data, adapter: o.adapter, maxSeqLength: o.maxSeqLength, batchSize: o.batchSize,
-        systemPrompt: o.systemPrompt, completionOnlyLoss: o.completionOnlyLoss, device: o.device,
-      });
+      let r: EvalResult;
+      try {
+        r = await evaluate({
+          model: o.model, data: o.data, adapter: o.adapter, maxSeqLength: o.maxSeqLength, batchSize: o.batchSize,
+          systemPrompt: o.systemPrompt, completionOnlyLoss: o.completionOnlyLoss, device: o.device,
+        });
+      } catch (e) {
+        process.stderr.write(`swarmtune eval: ${(e as Error).message}\n`);
+        process.exitCode = 1;
+        return;
+      }
       if (o.json) {
-        process.stdout.write(JSON.stringify({ loss: r.loss, perplexity: r.perplexity, tokens: r.tokens }) + '\n');
+        out.write(JSON.stringify({ loss: r.loss, perplexity: r.perplexity, tokens: r.tokens }) + '\n');
       } else {
-        process.stdout.write(`eval: ${r.examples} examples, ${r.tokens} scored tokens` +
+        out.write(`eval: ${r.examples} examples, ${r.tokens} scored tokens` +
           `${r.truncated ? `, ${r.truncated} truncated at ${o.maxSeqLength}` : ''}\n` +
           `loss ${r.loss.toFixed(4)}  perplexity ${r.perplexity.toFixed(3)}\n`);
       }

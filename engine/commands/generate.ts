@@ -1,4 +1,5 @@
 // `swarmtune generate`: text generation from a model (+ optional PEFT adapter) with a KV cache.
+import { InvalidArgumentError } from 'commander';
 import type { Command } from 'commander';
 import { openForInference, backendForDevice } from '../model/inference.ts';
 import { generate } from '../model/generate.ts';
@@ -80,7 +81,7 @@ export async function generateText(opts: GenerateTextOptions): Promise<GenerateT
 function num(flag: string, check: (n: number) => boolean, want: string) {
   return (v: string): number => {
     const n = Number(v);
-    if (v.trim() === '' || !check(n)) throw new Error(`${flag} must be ${want}, got "${v}"`);
+    if (v.trim() === '' || !check(n)) throw new InvalidArgumentError(`${flag} must be ${want}, got "${v}"`);
     return n;
   };
 }
@@ -101,11 +102,16 @@ export function registerGenerate(program: Command): void {
     .option('--device <device>', 'auto | cpu | ref | cuda[:N]', 'auto')
     .action(async (o: { model: string; adapter?: string; prompt: string; chat?: boolean; system?: string; maxNewTokens: number;
       temperature: number; topP: number; seed: number; device: string }) => {
-      await generateText({
-        model: o.model, adapter: o.adapter, prompt: o.prompt, chat: o.chat, system: o.system, maxNewTokens: o.maxNewTokens,
-        temperature: o.temperature, topP: o.topP, seed: o.seed, device: o.device,
-        onText: (t) => process.stdout.write(t),
-      });
-      process.stdout.write('\n');
+      try {
+        await generateText({
+          model: o.model, adapter: o.adapter, prompt: o.prompt, chat: o.chat, system: o.system, maxNewTokens: o.maxNewTokens,
+          temperature: o.temperature, topP: o.topP, seed: o.seed, device: o.device,
+          onText: (t) => process.stdout.write(t),
+        });
+        process.stdout.write('\n');
+      } catch (e) {
+        process.stderr.write(`swarmtune generate: ${(e as Error).message}\n`);
+        process.exitCode = 1;
+      }
     });
 }
