@@ -42,12 +42,13 @@ export interface NativeAddon {
 const ADDON_PATH = '../native/build/Release/swarmtune_native.node';
 let addon: NativeAddon | null = null;
 
-/** Loads the compiled addon once; throws NativeAddonMissingError with the fix if it is not built. */
+/** Loads the compiled addon once; throws NativeAddonMissingError with the fix if it is not built.
+ *  SWARMTUNE_NATIVE_ADDON=/abs/path.node loads another build (e.g. an AVX2-only build under test). */
 export function loadNativeAddon(): NativeAddon {
   if (addon) return addon;
   const require = createRequire(import.meta.url);
   try {
-    addon = require(ADDON_PATH) as NativeAddon;
+    addon = require(process.env.SWARMTUNE_NATIVE_ADDON || ADDON_PATH) as NativeAddon;
   } catch (e) {
     throw new NativeAddonMissingError(`cannot load the native CPU kernels from engine/native/build/Release/swarmtune_native.node ` +
       `(${(e as Error).message}); build them with: npx node-gyp rebuild --directory engine/native`);
