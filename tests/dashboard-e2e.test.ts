@@ -147,13 +147,22 @@ test('dashboard page in headless Chromium shows peers, pipeline and live-updatin
     assert.notEqual(after, before);
     assert.equal(await page.$eval('#lr-chart', (s) => s.getAttribute('data-n')), '35');
     assert.equal(await page.textContent('#step-text'), '35 / 60');
+    // fake steps are 2 s apart: 25 steps left ⇒ 50 s
+    assert.equal(await page.textContent('#eta'), ' · ETA 50 s');
     // the last plotted loss is the newest step's (its y is lower on screen = larger number than the first point's y)
     const ys = after.split(' ').map((p: string) => Number(p.split(',')[1]));
     assert.ok(ys[ys.length - 1] > ys[0], 'falling loss is drawn falling');
 
+    await page.screenshot({ path: process.env.DASHBOARD_SCREENSHOT ?? join(tmpdir(), 'swarmtune-dashboard.png'), fullPage: true });
+
+    // a long run: every step counts (data-n) but the line is thinned to ~1000 vertices, newest kept
+    run.advance(2965);
+    await page.waitForFunction(() => (globalThis as any).document.querySelector('#loss-chart')?.getAttribute('data-n') === '3000');
+    const long = (await lossPoints()).split(' ');
+    assert.ok(long.length <= 1001 && long.length >= 900, `${long.length} vertices`);
+
     assert.deepEqual(foreign, [], 'the page fetched nothing outside the dashboard');
     assert.deepEqual(pageErrors, []);
-    await page.screenshot({ path: process.env.DASHBOARD_SCREENSHOT ?? join(tmpdir(), 'swarmtune-dashboard.png'), fullPage: true });
   } finally {
     await browser.close();
     await d.close();

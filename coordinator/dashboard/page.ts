@@ -59,7 +59,7 @@ export const DASHBOARD_HTML = String.raw`<!doctype html>
 <main>
   <section class="panel w12">
     <div class="kpis">
-      <div class="kpi"><div class="v" id="step-text">0 / 0</div><div class="k">optimizer step</div></div>
+      <div class="kpi"><div class="v" id="step-text">0 / 0</div><div class="k">optimizer step<span id="eta"></span></div></div>
       <div class="kpi"><div class="v" id="loss-text">–</div><div class="k">loss (last step)</div></div>
       <div class="kpi"><div class="v" id="tps-text">–</div><div class="k">tokens / s</div></div>
       <div class="kpi"><div class="v" id="lr-text">–</div><div class="k">learning rate</div></div>
@@ -109,6 +109,10 @@ function fmtBytes(b) {
   while (b >= 1024 && i < u.length - 1) { b /= 1024; i++; }
   return b.toFixed(b < 10 ? 1 : 0) + ' ' + u[i];
 }
+function fmtDuration(ms) {
+  const s = Math.round(ms / 1000);
+  return s < 60 ? s + ' s' : s < 3600 ? Math.floor(s / 60) + ' min ' + (s % 60) + ' s' : Math.floor(s / 3600) + ' h ' + Math.floor((s % 3600) / 60) + ' min';
+}
 function shortId(id) { return id.length > 14 ? id.slice(0, 6) + '…' + id.slice(-6) : id; }
 function ago(ms) {
   if (!ms) return '–';
@@ -144,7 +148,10 @@ function lineChart(svg, series, opts) {
   svg.appendChild(el('svg:line', { x1: L, x2: L, y1: T, y2: H - B, class: 'axis' }));
   svg.appendChild(el('svg:line', { x1: L, x2: W - R, y1: H - B, y2: H - B, class: 'axis' }));
   series.forEach((s, i) => {
-    const pts = s.points.filter((p) => Number.isFinite(p[1])).map((p) => sx(p[0]).toFixed(1) + ',' + sy(p[1]).toFixed(1)).join(' ');
+    // a long run has thousands of steps: draw at most ~1000 vertices per line (always keeping the newest)
+    const stride = Math.ceil(s.points.length / 1000);
+    const shown = stride <= 1 ? s.points : s.points.filter((_, j) => j % stride === 0 || j === s.points.length - 1);
+    const pts = shown.filter((p) => Number.isFinite(p[1])).map((p) => sx(p[0]).toFixed(1) + ',' + sy(p[1]).toFixed(1)).join(' ');
     svg.appendChild(el('svg:polyline', { points: pts, fill: 'none', stroke: s.color, 'stroke-width': s.width || 1.5, 'stroke-linejoin': 'round', 'data-series': s.label, opacity: s.opacity || 1 }));
     if (s.points.length === 1) { const p = s.points[0]; svg.appendChild(el('svg:circle', { cx: sx(p[0]), cy: sy(p[1]), r: 3, fill: s.color })); }
     if (s.label) svg.appendChild(el('svg:text', { x: W - R - 4, y: T + 12 + i * 14, 'text-anchor': 'end', style: 'fill:' + s.color }, s.label));
@@ -233,6 +240,11 @@ function render(state) {
   const h = state.history || [], last = h[h.length - 1];
   $('step-text').textContent = state.step + ' / ' + state.totalSteps;
   $('progress-bar').style.width = (state.totalSteps > 0 ? Math.min(100, 100 * state.step / state.totalSteps) : 0) + '%';
+  // ETA from the mean step time over the last (up to) 20 committed steps
+  const recent = h.slice(-21);
+  const perStepMs = recent.length >= 2 ? (recent[recent.length - 1].timeMs - recent[0].timeMs) / (recent.length - 1) : NaN;
+  const left = state.totalSteps - state.step;
+  $('eta').textContent = state.state === 'training' && left > 0 && Number.isFinite(perStepMs) ? ' · ETA ' + fmtDuration(left * perStepMs) : '';
   $('loss-text').textContent = last ? fmtNum(last.loss, 4) : '–';
   $('lr-text').textContent = last ? fmtNum(last.lr, 6) : '–';
   $('tps-text').textContent = last ? fmtNum(last.tokensPerSecond, 0) : '–';
