@@ -157,7 +157,9 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
   });
   stopped.catch(() => {});
   const orStop = <T>(p: Promise<T>): Promise<T> => Promise.race([p, stopped]);
-  const out = (s: string) => { if (!o.json) process.stdout.write(s + '\n'); };
+  // on a terminal, clear the live progress line first so messages never land on its tail
+  const clear = process.stdout.isTTY ? '\r\x1b[K' : '';
+  const out = (s: string) => { if (!o.json) process.stdout.write(clear + s + '\n'); };
   const emit = (e: Record<string, unknown>) => { if (o.json) process.stdout.write(JSON.stringify(e) + '\n'); };
   const workDir = path.resolve(o.workDir ?? mkdtempSync(path.join(tmpdir(), 'swarmtune-demo-')));
   const logDir = path.join(workDir, 'logs');
@@ -224,7 +226,19 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
           const loss = Number(e.loss);
           losses.push(loss);
           emit(e);
-          out(`  step ${String(e.step).padStart(3)}/${String(e.total_steps)}  loss ${loss.toFixed(4)}  lr ${Number(e.lr).toExponential(2)}  ${Math.round(Number(e.tokens_per_s))} tokens/s`);
+          const step = Number(e.step);
+          const total = Number(e.total_steps);
+          const line = `  step ${String(step).padStart(3)}/${total}  loss ${loss.toFixed(4)}  lr ${Number(e.lr).toExponential(2)}  ${Math.round(Number(e.tokens_per_s))} tokens/s`;
+          // a terminal gets one live line (with a bar) plus a kept line every 10%; a log gets the kept lines only
+          const keep = step === 1 || step === total || step % Math.max(1, Math.round(total / 10)) === 0;
+          if (!o.json && process.stdout.isTTY) {
+            const width = 24;
+            const filled = Math.round(width * step / Math.max(1, total));
+            const bar = `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}]`;
+            process.stdout.write(`\r\x1b[K${keep ? line + '\n' : `${line}  ${bar}`}`);
+          } else if (keep) {
+            out(line);
+          }
           break;
         }
         case 'finished': finished = true; resolveDone(); break;
