@@ -61,11 +61,11 @@ export function formatStatus(s: StatusResponse): string {
       (s.lr !== null ? `, lr ${s.lr.toExponential(3)}` : '') +
       (s.tokensPerSecond !== null ? `, ${s.tokensPerSecond.toFixed(1)} tokens/s` : ''),
     `${s.numStages} stage(s), ${s.peers.length} peer(s), ${s.retries} retries, ${s.reassignments} reassignments`,
-    'peer                                                  stage  layers     device                          tok/s    health',
+    'peer                                                  stage  layers     device                          tok/s    mbs  health',
   ];
   for (const p of s.peers) {
     const layers = p.layerStart !== null ? `[${p.layerStart},${p.layerEnd})` : '-';
-    lines.push(`${p.peerId.padEnd(54)}${String(p.stageIndex ?? '-').padEnd(7)}${layers.padEnd(11)}${p.device.slice(0, 31).padEnd(32)}${p.tokensPerSecond.toFixed(1).padStart(7)}  ${p.health}`);
+    lines.push(`${p.peerId.padEnd(54)}${String(p.stageIndex ?? '-').padEnd(7)}${layers.padEnd(11)}${p.device.slice(0, 31).padEnd(32)}${p.tokensPerSecond.toFixed(1).padStart(7)}${String(p.microBatches).padStart(6)}  ${p.health}`);
   }
   return lines.join('\n');
 }

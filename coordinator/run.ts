@@ -72,6 +72,7 @@ interface PeerState {
   lastSeenMs: number;
   tokensPerSecond: number;
   failures: number;
+  microBatches: number;
 }
 
 interface PendingJoin { peerId: string; resolve: (r: JoinResponse) => void }
@@ -112,6 +113,8 @@ export class Coordinator {
   private state: DashboardState['state'] = 'waiting';
   private readonly peers = new Map<string, PeerState>();
   private pending: PendingJoin[] = [];
+  /** peers that joined after planning, admitted at the next step boundary */
+  private late: PendingJoin[] = [];
   private plan: Plan | null = null;
   private shardRefs = new Map<string, { sha256: string; sizeBytes: number }>();
   /** stage index → LoRA tensor names/shapes in stage param order (learned from the first upload) */
@@ -194,8 +197,9 @@ export class Coordinator {
   async stop(): Promise<void> {
     this.stopping = true;
     if (this.heartbeatTimer !== null) clearInterval(this.heartbeatTimer);
-    for (const p of this.pending) p.resolve({ status: 'rejected', reason: 'the coordinator is shutting down', assignment: null });
+    for (const p of [...this.pending, ...this.late]) p.resolve({ status: 'rejected', reason: 'the coordinator is shutting down', assignment: null });
     this.pending = [];
+    this.late = [];
   }
 
   // ---- admission and planning
@@ -203,14 +207,16 @@ export class Coordinator {
   private async onJoin(req: JoinRequest, peerId: string): Promise<JoinResponse> {
     if (this.o.token !== null && req.token !== this.o.token) throw new AuthError('this run is private: a valid --token is required to join');
     if (this.state === 'finished' || this.state === 'failed') return { status: 'rejected', reason: `the run is ${this.state}`, assignment: null };
-    if (this.plan !== null) {
-      return { status: 'rejected', reason: 'the run has already been planned and started; joining a running run (spares, late joiners) is not supported yet', assignment: null };
-    }
     const addrs = req.listenAddrs.map((a) => parseMultiaddr(a.includes('/p2p/') ? a : `${a}/p2p/${peerId}`));
     this.peers.set(peerId, {
       peerId, caps: req.capabilities, addrs, stageIndex: null, health: 'spare', ready: false,
-      lastSeenMs: Date.now(), tokensPerSecond: 0, failures: 0,
+      lastSeenMs: Date.now(), tokensPerSecond: 0, failures: 0, microBatches: 0,
     });
+    if (this.plan !== null) {
+      // a late joiner: placed at the next step boundary where throughput is lowest
+      this.event('join', `late peer ${peerId} joined: ${req.capabilities.deviceName}, ${(req.capabilities.memoryBytes / 2 ** 30).toFixed(2)} GiB offered; placing it at the next step boundary`);
+      return new Promise<JoinResponse>((resolve) => { this.late.push({ peerId, resolve }); });
+    }
     this.event('join', `peer ${peerId} joined: ${req.capabilities.deviceName}, ${(req.capabilities.memoryBytes / 2 ** 30).toFixed(2)} GiB offered, ${req.capabilities.gemmGflops.toFixed(1)} GFLOP/s`);
     const answer = new Promise<JoinResponse>((resolve) => {
       this.pending = this.pending.filter((p) => p.peerId !== peerId);
@@ -259,7 +265,7 @@ export class Coordinator {
     void this.train().catch((e: Error) => this.fail(e));
   }
 
-  private async assignmentFor(peerId: string, s: number): Promise<Assignment> {
+  private async assignmentFor(peerId: string, s: number, optimizerState?: Uint8Array | null): Promise<Assignment> {
     const plan = this.plan!;
     const st = plan.stages[s]!;
     const cfg = this.o.llama;
@@ -290,16 +296,56 @@ export class Coordinator {
         weightDecay: t.weight_decay, residentBytes: t.optim_resident_bytes ?? 0,
       },
       seed: t.seed, gradientCheckpointing: t.gradient_checkpointing, wireCodec: this.o.wireCodec,
-      blobs: stageBlobs, adapterBlob, optimizerBlob: await this.optimizerBlobFor(s),
+      blobs: stageBlobs, adapterBlob, optimizerBlob: optimizerState !== undefined ? await this.stateBlob(s, optimizerState) : await this.optimizerBlobFor(s),
       step: this.step, totalSteps: this.o.data.totalSteps,
     };
   }
 
   private async optimizerBlobFor(s: number): Promise<BlobRef | null> {
-    const bytes = this.resumeStates?.[s];
-    if (bytes === undefined) return null;
+    return this.stateBlob(s, this.resumeStates?.[s] ?? null);
+  }
+
+  private async stateBlob(s: number, bytes: Uint8Array | null): Promise<BlobRef | null> {
+    if (bytes === null) return null;
     const sha256 = await this.o.blobs.put(bytes);
     return this.blobRef(`optimizer.stage${s}.step${this.step}`, { sha256, sizeBytes: bytes.length });
+  }
+
+  /** At a step boundary: give each late joiner the fitting stage with the lowest throughput, with that
+   *  stage's current adapter and optimizer state, and add it to the stage's replicas once loaded. */
+  private async admitLateJoiners(): Promise<void> {
+    const late = this.late;
+    this.late = [];
+    const plan = this.plan!;
+    for (const j of late) {
+      const p = this.peers.get(j.peerId);
+      if (p === undefined) continue;
+      const need = plan.stages.map((st) => this.o.memory(st.layerStart, st.layerEnd));
+      const fits = plan.stages.map((_, s) => s).filter((s) => need[s]! <= p.caps.memoryBytes && this.liveReplicas(s).length > 0);
+      if (fits.length === 0) {
+        const reason = `this peer offers ${(p.caps.memoryBytes / 2 ** 30).toFixed(2)} GiB but the smallest stage of this run needs ${(Math.min(...need) / 2 ** 30).toFixed(2)} GiB`;
+        j.resolve({ status: 'rejected', reason, assignment: null });
+        this.peers.delete(j.peerId);
+        this.event('plan', `late peer ${j.peerId} rejected: ${reason}`);
+        continue;
+      }
+      const speed = (s: number) => this.liveReplicas(s).reduce((a, id) => a + (this.peers.get(id)?.tokensPerSecond ?? 0), 0);
+      const s = fits.reduce((best, x) => (speed(x) < speed(best) || (speed(x) === speed(best) && this.liveReplicas(x).length < this.liveReplicas(best).length) ? x : best));
+      const state = this.step > 0 ? await this.fetchOptimizerState(this.liveReplicas(s)[0]!, this.step) : null;
+      p.stageIndex = s;
+      p.health = 'ok';
+      p.lastSeenMs = Date.now();
+      j.resolve({ status: 'assigned', reason: null, assignment: await this.assignmentFor(j.peerId, s, state) });
+      // the new replica joins the routes only once it has loaded the stage at this very step
+      const deadline = Date.now() + 10 * 60_000;
+      while (!p.ready && (p.health as PeerHealth) !== 'dead' && Date.now() < deadline && !this.stopping) await new Promise((r) => setTimeout(r, 100));
+      if (!p.ready) { this.markDead(p, 'did not load its stage in time'); continue; }
+      plan.replicas[s]!.push(p.peerId);
+      plan.replicas[s]!.sort();
+      this.reassignments++;
+      this.event('reassign', `late peer ${p.peerId} added to stage ${s} (layers [${plan.stages[s]!.layerStart}, ${plan.stages[s]!.layerEnd})) at step ${this.step}`);
+      this.o.emit({ event: 'peer_added', peer_id: p.peerId, stage: s, step: this.step });
+    }
   }
 
   // ---- heartbeats
@@ -376,6 +422,7 @@ export class Coordinator {
     const total = this.o.data.totalSteps;
     const warmup = warmupStepsFor(total, t.warmup_steps, t.warmup_ratio);
     while (this.step < total && !this.stopping) {
+      await this.admitLateJoiners();
       await this.runStep(this.step, learningRateAt(t.learning_rate, t.lr_scheduler_type, this.step, warmup, total));
     }
     if (!this.stopping) await this.finish();
@@ -441,6 +488,7 @@ export class Coordinator {
           await request(this.o.node, this.peerAddrs(id), 'commit', { ...base, commit: true });
         }
         committedRoute[mb] = route;
+        for (const id of route) this.peers.get(id)!.microBatches++;
       } catch (e) {
         await Promise.allSettled(reached.map((id) => request(this.o.node, this.peerAddrs(id), 'commit', { ...base, commit: false }, { timeoutMs: 5000 })));
         throw new RouteFailure(at, e as Error);
@@ -620,6 +668,8 @@ export class Coordinator {
 
   private async finish(): Promise<void> {
     this.state = 'finished';
+    for (const j of this.late) j.resolve({ status: 'rejected', reason: 'the run finished before this peer could be placed', assignment: null });
+    this.late = [];
     this.event('finish', `run finished after ${this.step} steps`);
     await Promise.allSettled([...this.peers.values()].filter((p) => p.stageIndex !== null && p.health !== 'dead').map((p) =>
       request(this.o.node, p.addrs, 'finish', { runId: this.o.runId, reason: 'the run finished' }, { timeoutMs: 5000 })));
@@ -651,7 +701,7 @@ export class Coordinator {
         layerStart: p.stageIndex !== null ? this.plan!.stages[p.stageIndex]!.layerStart : null,
         layerEnd: p.stageIndex !== null ? this.plan!.stages[p.stageIndex]!.layerEnd : null,
         device: p.caps.deviceName, memoryBytes: p.caps.memoryBytes, gemmGflops: p.caps.gemmGflops,
-        tokensPerSecond: p.tokensPerSecond, health: p.health, lastSeenMs: p.lastSeenMs,
+        tokensPerSecond: p.tokensPerSecond, microBatches: p.microBatches, health: p.health, lastSeenMs: p.lastSeenMs,
       })),
       committedSteps: this.history.map((h) => h.step),
       retries: this.retries, reassignments: this.reassignments,
@@ -663,7 +713,7 @@ export class Coordinator {
     return {
       runId: this.o.runId, state: this.state, model: this.o.modelName, step: this.step, totalSteps: this.o.data.totalSteps,
       minPeers: this.o.minPeers,
-      peers: st.peers.map((p) => ({ ...p })),
+      peers: st.peers.map(({ microBatches: _mb, ...p }) => ({ ...p })),
       stages: (this.plan?.stages ?? []).map((s, i) => ({ index: i, ...s, replicas: [...this.plan!.replicas[i]!] })),
       history: this.history.map((h) => ({ step: h.step, loss: h.loss, lr: h.lr, gradNorm: h.gradNorm, tokensPerSecond: h.tokensPerSecond, timeMs: h.timeMs })),
       totals: { retries: this.retries, reassignments: this.reassignments, bans: this.bans, tokens: this.tokensTotal },

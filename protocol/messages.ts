@@ -227,6 +227,8 @@ export const peerStatus = obj({
   gemmGflops: num({ min: 0 }),
   /** measured tokens/s through this peer's stage */
   tokensPerSecond: num({ min: 0 }),
+  /** micro-batches this peer has committed in the run */
+  microBatches: int(0, SAFE),
   health: oneOf(['ok', 'slow', 'dead', 'banned', 'spare'] as const),
   lastSeenMs: int(0, SAFE),
 });

@@ -76,7 +76,7 @@ async function localRun(): Promise<{ init: Map<string, Float32Array>; final: Map
 
 interface SwarmResult { adapter: Map<string, Float32Array>; events: RunEvent[]; addr: string; stop(): Promise<void>; codes: number[]; retries: number }
 
-async function swarmRun(opts: { killAfterStep?: number } = {}): Promise<SwarmResult> {
+async function swarmRun(opts: { killAfterStep?: number; lateJoiner?: boolean } = {}): Promise<SwarmResult> {
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-inproc-'));
   dirs.push(tmp);
   const node = await createSwarmNode({ dataDir: path.join(tmp, 'coord') });
@@ -84,14 +84,17 @@ async function swarmRun(opts: { killAfterStep?: number } = {}): Promise<SwarmRes
   await store.putMeta({ runId: 'inproc', model: 'random', totalSteps: STEPS, createdMs: 0, config: {}, numStages: 0, stages: [] });
   const events: RunEvent[] = [];
   const aborts = [0, 1, 2, 3].map(() => new AbortController());
+  let stepOne!: () => void;
+  const afterStepOne = new Promise<void>((r) => { stepOne = r; });
   let coord!: Coordinator;
   coord = new Coordinator({
     node, store, blobs: new BlobStore(path.join(tmp, 'coord')), runId: 'inproc', modelName: 'random', llama,
     modelConfigJson: JSON.stringify(HF), weights, train, lora,
     data: { totalSteps: STEPS, microBatchesForStep: async (s) => batchesFor(s), cursorAfter: (s) => s * MBS },
-    memory: () => 1, minPeers: 4, pipelineStages: 2, wireCodec: 'f32', token: null, initAdapter: null, resume: null,
+    memory: () => 1, minPeers: opts.lateJoiner === true ? 3 : 4, pipelineStages: 2, wireCodec: 'f32', token: null, initAdapter: null, resume: null,
     emit: (e) => {
       events.push(e);
+      if (e.event === 'step' && e.step === 1) stepOne();
       if (e.event === 'step' && e.step === opts.killAfterStep) {
         // crash one replica of the last stage: the next step must route around it
         const victim = (events.find((x) => x.event === 'plan')!.stages as Array<{ replicas: string[] }>)[1]!.replicas[0]!;
@@ -109,6 +112,7 @@ async function swarmRun(opts: { killAfterStep?: number } = {}): Promise<SwarmRes
     const n = await createSwarmNode({ dataDir }); // learn the persisted peer id the volunteer will use
     ids[i] = n.peerId.toString();
     await n.stop();
+    if (opts.lateJoiner === true && i === 3) await afterStepOne; // joins a run that is already training
     return runVolunteer({ coordinator: addr, token: null, device: 'ref', maxMemoryBytes: 2 ** 30, dataDir, json: true, listen: '/ip4/127.0.0.1/tcp/0' },
       { backend: new RefBackend(), abort: aborts[i]!.signal });
   });
@@ -171,6 +175,28 @@ test('a replica crashing after step 1: its micro-batches are retried elsewhere a
     const { rel } = relDiff(ref.init, r.adapter, ref.final);
     assert.ok(rel <= 1e-5, `relative update difference ${rel} after a peer loss`);
     assert.deepEqual([...r.codes].sort(), [0, 0, 0, 1], 'the crashed volunteer exits 1, the others 0');
+  } finally {
+    await r.stop();
+  }
+});
+
+test('a peer joining mid-run is placed at a step boundary with the stage state; results unchanged', async () => {
+  const ref = await reference;
+  const r = await swarmRun({ lateJoiner: true });
+  try {
+    assert.equal(r.events.find((e) => e.event === 'error'), undefined);
+    const added = r.events.find((e) => e.event === 'peer_added');
+    assert.ok(added !== undefined, 'the late peer was added to a stage');
+    assert.ok(Number(added.step) >= 1);
+    const { rel } = relDiff(ref.init, r.adapter, ref.final);
+    assert.ok(rel <= 1e-5, `relative update difference ${rel} with a late joiner`);
+    assert.deepEqual(r.codes, [0, 0, 0, 0]);
+    const st = await fetchStatus(r.addr);
+    assert.equal(st.peers.filter((p) => p.stageIndex !== null).length, 4);
+    assert.equal(st.reassignments, 1);
+    const lateStatus = st.peers.find((p) => p.peerId === added.peer_id)!;
+    assert.equal(lateStatus.stageIndex, added.stage);
+    assert.ok(lateStatus.microBatches > 0, 'the late peer computed micro-batches');
   } finally {
     await r.stop();
   }
