@@ -17,6 +17,12 @@ test('rng: same seed and streams give the same sequence; any key change gives an
   assert.notDeepEqual(sa, sc);
   assert.notDeepEqual(sa, sd);
   for (const v of sa) assert.ok(Number.isInteger(v) && v >= 0 && v < 2 ** 32);
+  // the bulk path is the same stream, and continues it
+  const bulk = new Rng(42, 1, 2).fillU32(new Uint32Array(10));
+  const e = new Rng(42, 1, 2);
+  e.fillU32(new Uint32Array(4));
+  assert.deepEqual(Array.from(bulk), sa.slice(0, 10));
+  assert.equal(e.nextU32(), sa[4]);
   // seeds above 2^32 must not alias their low 32 bits
   assert.notEqual(hashSeed(2 ** 32 + 5), hashSeed(5));
   assert.notEqual(hashSeed(-1), hashSeed(2 ** 32 - 1));

@@ -75,16 +75,16 @@ export async function dropoutMask(n: number, p: number, dropoutSeed: number, lay
   const rng = new Rng(dropoutSeed, 0x44726f70 /* "Drop" */, layer, LORA_TARGETS.indexOf(module));
   const threshold = Math.round(p * 65536);
   const mask = new Uint8Array(n);
+  const words = new Uint32Array(MASK_YIELD_ELEMENTS / 2);
   for (let start = 0; start < n; start += MASK_YIELD_ELEMENTS) {
     if (start > 0) await new Promise<void>((resolve) => setImmediate(resolve));
     const end = Math.min(n, start + MASK_YIELD_ELEMENTS); // even start ⇒ pairs never straddle chunks
-    let i = start;
-    for (; i + 1 < end; i += 2) {
-      const u = rng.nextU32();
+    const w = rng.fillU32(words.subarray(0, (end - start + 1) >> 1));
+    for (let i = start, j = 0; i < end; i += 2, j++) {
+      const u = w[j];
       mask[i] = (u & 0xffff) >= threshold ? 1 : 0;
-      mask[i + 1] = (u >>> 16) >= threshold ? 1 : 0;
+      if (i + 1 < end) mask[i + 1] = (u >>> 16) >= threshold ? 1 : 0;
     }
-    if (i < end) mask[i] = (rng.nextU32() & 0xffff) >= threshold ? 1 : 0;
   }
   return mask;
 }
