@@ -196,7 +196,13 @@ class Engine : public Napi::ObjectWrap<Engine> {
     if (info.Length() > 0 && info[0].IsNumber()) threads = info[0].As<Napi::Number>().Int32Value();
     if (threads < 1) threads = 1;
     if (threads > 256) threads = 256;
-    pool_ = std::make_shared<ThreadPool>(threads);
+    try {
+      pool_ = std::make_shared<ThreadPool>(threads);
+    } catch (const std::exception& e) {  // thread creation failed: a JS error, never std::terminate
+      Napi::Error::New(info.Env(), std::string("NativeEngine: cannot start ") + std::to_string(threads) +
+                                       " worker threads: " + e.what())
+          .ThrowAsJavaScriptException();
+    }
   }
 
  private:

@@ -32,7 +32,10 @@ namespace {
 // twice as tall) for N ≤ one vector, the LoRA rank-r outputs, which would waste half of every FMA.
 #if defined(__AVX512F__)
 constexpr int VL = 16;
-constexpr int MR_WIDE = 6, NR_WIDE = 32;  // 12 zmm accumulators: hides 4-cycle FMA latency at 2 FMAs/cycle
+#ifndef SWARMTUNE_GEMM_MR
+#define SWARMTUNE_GEMM_MR 6
+#endif
+constexpr int MR_WIDE = SWARMTUNE_GEMM_MR, NR_WIDE = 32;  // 6: 12 zmm accumulators hide 4-cycle FMA latency
 constexpr int MR_NARROW = 12, NR_NARROW = 16;
 const char* kKernelName = "avx512 6x32 (+12x16 for N<=16)";
 #elif defined(__AVX2__)
@@ -47,7 +50,18 @@ constexpr int MR_NARROW = 4, NR_NARROW = 4;
 const char* kKernelName = "scalar 4x4";
 #endif
 // KC·NR·4 bytes of B micro-panel stay in L1 (32 KiB) across the ir loop; MC·KC·4 of A stay in L2.
-constexpr int64_t KC = 256, MC = 96, NC = 3072;
+// Overridable at build time (-DSWARMTUNE_GEMM_KC=...) for tuning experiments.
+#ifndef SWARMTUNE_GEMM_KC
+#define SWARMTUNE_GEMM_KC 256
+#endif
+#ifndef SWARMTUNE_GEMM_MC
+#define SWARMTUNE_GEMM_MC 96
+#endif
+#ifndef SWARMTUNE_GEMM_NC
+#define SWARMTUNE_GEMM_NC 3072
+#endif
+constexpr int64_t KC = SWARMTUNE_GEMM_KC, MC = SWARMTUNE_GEMM_MC, NC = SWARMTUNE_GEMM_NC;
+static_assert(MC % 12 == 0, "MC must be a multiple of both tile heights");
 
 #if VL > 1
 typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
