@@ -251,8 +251,14 @@ test('chunked cross-entropy: chunks combine to the full log-sum-exp; backward by
     for (let t = 0; t < T; t++) if (labels[t] >= 0) L += scale[t] * (r.m[t] + Math.log(r.s[t]) - r.picked[t]);
     return L;
   };
-  const grad = logits.slice();
-  await be.crossEntropyChunkBackward(grad, labels, 0, T, V, lse, scale);
+  // backward chunk by chunk too (v0 > 0 exercises the label offset), reassembled into [T, V]
+  const grad = new Float32Array(T * V);
+  for (let v0 = 0; v0 < V; v0 += 4) {
+    const Vc = Math.min(4, V - v0), part = new Float32Array(T * Vc);
+    for (let t = 0; t < T; t++) part.set(logits.subarray(t * V + v0, t * V + v0 + Vc), t * Vc);
+    await be.crossEntropyChunkBackward(part, labels, v0, T, Vc, lse, scale);
+    for (let t = 0; t < T; t++) grad.set(part.subarray(t * Vc, (t + 1) * Vc), t * V + v0);
+  }
   for (let j = 0; j < V; j++) assert.equal(grad[V + j], 0); // ignored row
   await fdCheck('dlogits', logits, grad, loss);
 });
