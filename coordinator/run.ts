@@ -174,7 +174,7 @@ export class Coordinator {
   }
 
   private blobRef(name: string, ref: { sha256: string; sizeBytes: number }, extraProviders: string[] = []): BlobRef {
-    return { name, sha256: ref.sha256, sizeBytes: ref.sizeBytes, providers: [...this.providers(), ...extraProviders].slice(0, 64) };
+    return { name, sha256: ref.sha256, sizeBytes: ref.sizeBytes, providers: [...extraProviders, ...this.providers()].slice(-64) };
   }
 
   async start(): Promise<void> {
@@ -270,7 +270,10 @@ export class Coordinator {
     const st = plan.stages[s]!;
     const cfg = this.o.llama;
     const t = this.o.train;
-    const stageBlobs = stageShardNames(cfg, st.layerStart, st.layerEnd).map((n) => this.blobRef(n, this.shardRefs.get(n)!));
+    // peers that already serve this stage's blobs go first, so a late joiner does not load the coordinator
+    const holders = (plan.replicas[s] ?? []).filter((id) => id !== peerId && this.peers.get(id)?.ready === true && this.peers.get(id)?.health !== 'dead')
+      .flatMap((id) => this.peers.get(id)!.addrs.map((a) => a.toString()));
+    const stageBlobs = stageShardNames(cfg, st.layerStart, st.layerEnd).map((n) => this.blobRef(n, this.shardRefs.get(n)!, holders));
     // the stage's slice of the current adapter (init adapter or resumed step), as a blob
     let adapterBlob: BlobRef | null = null;
     const mine = [...this.adapter.values()].filter((t) => {

@@ -65,10 +65,13 @@ export interface VolunteerDeps {
   createOptimizer?: OptimizerFactory;
   /** stops the volunteer abruptly (its node goes away without a goodbye), as a crash would */
   abort?: AbortSignal;
+  /** every event the volunteer reports (the same objects --json prints) */
+  onEvent?: (e: Record<string, unknown>) => void;
 }
 
 export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps = {}): Promise<number> {
   const say = (event: string, fields: Record<string, unknown>, human: string) => {
+    deps.onEvent?.({ event, ...fields });
     if (opts.json) process.stdout.write(JSON.stringify({ event, ...fields }) + '\n');
     else process.stderr.write(`[swarmtune join] ${human}\n`);
   };

@@ -74,7 +74,7 @@ async function localRun(): Promise<{ init: Map<string, Float32Array>; final: Map
   return { init, final: new Map(stage.params.map((p) => [p.name, p.data])) };
 }
 
-interface SwarmResult { adapter: Map<string, Float32Array>; events: RunEvent[]; addr: string; stop(): Promise<void>; codes: number[]; retries: number }
+interface SwarmResult { coordinatorId: string; volunteerEvents: Array<Array<Record<string, unknown>>>; adapter: Map<string, Float32Array>; events: RunEvent[]; addr: string; stop(): Promise<void>; codes: number[]; retries: number }
 
 async function swarmRun(opts: { killAfterStep?: number; lateJoiner?: boolean } = {}): Promise<SwarmResult> {
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-inproc-'));
@@ -107,6 +107,7 @@ async function swarmRun(opts: { killAfterStep?: number; lateJoiner?: boolean } =
   await coord.start();
   const addr = node.getMultiaddrs()[0]!.toString();
   const ids: string[] = [];
+  const volunteerEvents: Array<Array<Record<string, unknown>>> = [[], [], [], []];
   const vols = [0, 1, 2, 3].map(async (i) => {
     const dataDir = path.join(tmp, `v${i}`);
     const n = await createSwarmNode({ dataDir }); // learn the persisted peer id the volunteer will use
@@ -114,13 +115,13 @@ async function swarmRun(opts: { killAfterStep?: number; lateJoiner?: boolean } =
     await n.stop();
     if (opts.lateJoiner === true && i === 3) await afterStepOne; // joins a run that is already training
     return runVolunteer({ coordinator: addr, token: null, device: 'ref', maxMemoryBytes: 2 ** 30, dataDir, json: true, listen: '/ip4/127.0.0.1/tcp/0' },
-      { backend: new RefBackend(), abort: aborts[i]!.signal });
+      { backend: new RefBackend(), abort: aborts[i]!.signal, onEvent: (e) => volunteerEvents[i]!.push(e) });
   });
   await coord.finished;
   const codes = await Promise.all(vols);
   const status = (coord.dashboardState());
   return {
-    adapter: new Map(coord.currentAdapter().map((t) => [t.name, t.data])), events, addr, codes, retries: status.totals.retries,
+    coordinatorId: node.peerId.toString(), volunteerEvents, adapter: new Map(coord.currentAdapter().map((t) => [t.name, t.data])), events, addr, codes, retries: status.totals.retries,
     stop: async () => { await coord.stop(); await node.stop(); await store.close(); },
   };
 }
@@ -196,6 +197,10 @@ test('a peer joining mid-run is placed at a step boundary with the stage state; 
     assert.equal(st.reassignments, 1);
     const lateStatus = st.peers.find((p) => p.peerId === added.peer_id)!;
     assert.equal(lateStatus.stageIndex, added.stage);
+    // its frozen shard came from a peer already serving that stage, not from the coordinator
+    const fetched = r.volunteerEvents[3]!.filter((e) => e.event === 'blob' && e.kind === 'fetched' && /^(embed|head|layer\.\d+)$/.test(String(e.name)));
+    assert.ok(fetched.length > 0);
+    for (const e of fetched) assert.ok(!String(e.from).endsWith(r.coordinatorId), `blob ${e.name} came from ${e.from}`);
     assert.ok(lateStatus.microBatches > 0, 'the late peer computed micro-batches');
   } finally {
     await r.stop();
