@@ -273,6 +273,11 @@ test('clear errors for bad inputs', async () => {
   await assert.rejects(loadStage(wrongShape, backend, { layerStart: 0, layerEnd: 2, lora: loraCfg() }), /k_proj\.weight: expected NF4 weight \[16, 32\], got \[32, 32\]/);
   const st = await loadStage(src, backend, { layerStart: 0, layerEnd: 2, lora: loraCfg() });
   await assert.rejects(st.forward({ key: 'x', batch: 1, seqLen: 3, ids: new Int32Array(3) }), /needs labels/);
+  // Mistral-style sliding window: fully causal attention is exact only within the window
+  const mistral = { ...cfg, modelType: 'mistral', raw: { sliding_window: 4 } };
+  const sw = await loadStage({ ...src, config: mistral, has: src.has, getFloat: src.getFloat, getNF4: src.getNF4 }, backend, { layerStart: 0, layerEnd: 2, lora: loraCfg() });
+  await sw.forward({ key: 'ok', batch: 1, seqLen: 4, ids: new Int32Array(4), labels: new Int32Array(4) }, { train: false });
+  await assert.rejects(sw.forward({ key: 'long', batch: 1, seqLen: 5, ids: new Int32Array(5), labels: new Int32Array(5) }), /sliding_window 4/);
   await assert.rejects(st.forward({ key: 'x', batch: 1, seqLen: 3, ids: new Int32Array(3), labels: Int32Array.from([1, 53, -100]) }), /labels\[1\] = 53/);
   await assert.rejects(st.forward({ key: 'x', batch: 1, seqLen: 3, ids: new Int32Array(2), labels: new Int32Array(3) }), /ids Int32Array\(3\)/);
 });

@@ -91,6 +91,8 @@ export class LlamaStage implements Stage {
   private readonly finalNorm: Float32Array | null; // (C) last stage
   private readonly lmHead: Float32Array | null;  // (V, C) last stage
   private readonly rope: RopeCache;
+  /** the attention kernels are fully causal: longer sequences than a sliding window would differ from HF */
+  private readonly slidingWindow: number | null;
   private readonly kept = new Map<string, KeptBatch>();
   private disposed = false;
 
@@ -113,6 +115,7 @@ export class LlamaStage implements Stage {
     this.finalNorm = args.finalNorm;
     this.lmHead = args.lmHead;
     this.rope = new RopeCache(args.config);
+    this.slidingWindow = slidingWindowOf(args.config);
   }
 
   /** keys currently kept for backward */
@@ -339,6 +342,10 @@ export class LlamaStage implements Stage {
     const v = await L.v.forward(be, h1, T, ctx);
     let maxPos = 0;
     for (let t = 0; t < T; t++) if (ctx.positions[t] > maxPos) maxPos = ctx.positions[t];
+    if (this.slidingWindow !== null && maxPos >= this.slidingWindow) {
+      throw new RangeError(`${cfg.modelType}: position ${maxPos} needs sliding-window attention (sliding_window ${this.slidingWindow}); ` +
+        `only sequences up to ${this.slidingWindow} tokens are supported`);
+    }
     const { cos, sin } = this.rope.get(maxPos + 1);
     await be.rope(q.y, cos, sin, ctx.positions, T, H, D, false);
     await be.rope(k.y, cos, sin, ctx.positions, T, KV, D, false);
@@ -477,6 +484,16 @@ export class LlamaStage implements Stage {
     await be.rmsnormBackward(dx, null, dh, x, this.finalNorm!, rstd, T, C);
     return dx;
   }
+}
+
+/** Sliding-window attention length of the config, or null when attention is fully causal (HF semantics:
+ *  Mistral uses sliding_window when set; Qwen2/3 only with use_sliding_window). */
+export function slidingWindowOf(cfg: LlamaConfig): number | null {
+  const sw = cfg.raw?.sliding_window;
+  if (typeof sw !== 'number' || !(sw > 0)) return null;
+  if (cfg.raw.use_sliding_window === false) return null;
+  if ((cfg.modelType === 'qwen2' || cfg.modelType === 'qwen3') && cfg.raw.use_sliding_window !== true) return null;
+  return sw;
 }
 
 /** position of token t within its right-padded sequence */
