@@ -86,6 +86,30 @@ test('native: loss and LoRA gradients match the RefBackend stage within float32 
   }
 });
 
+test('native: split stages [0,2)+[2,4) reproduce the whole [0,4) stage bit for bit (dropout on)', async () => {
+  // the swarm-vs-local-trainer equivalence rests on this: same ops in the same order on the same values
+  const cfg = tinyLlamaConfig({ numHiddenLayers: 4 });
+  const src = randomWeightSource(cfg, 3);
+  const whole = await loadStage(src, native, { layerStart: 0, layerEnd: 4, lora });
+  const a = await loadStage(src, native, { layerStart: 0, layerEnd: 2, lora });
+  const b = await loadStage(src, native, { layerStart: 2, layerEnd: 4, lora });
+  randomize(whole, 2);
+  [...a.params, ...b.params].forEach((p, i) => p.data.set(whole.params[i].data));
+  const B = 3, S = 17;
+  const x = ids(B * S, cfg.vocabSize, 8);
+  const labels = Int32Array.from(x, (_, t) => ((t + 1) % S === 0 ? -100 : x[t + 1]));
+  const gw = whole.newGrads();
+  const fw = await whole.forward({ key: 'k', batch: B, seqLen: S, ids: x, labels, dropoutSeed: 4 });
+  await whole.backward('k', gw, { lossScale: 0.1 });
+  const ga = a.newGrads(), gb = b.newGrads();
+  const fa = await a.forward({ key: 'k', batch: B, seqLen: S, ids: x, dropoutSeed: 4 });
+  const fb = await b.forward({ key: 'k', batch: B, seqLen: S, hidden: fa.hidden, labels, dropoutSeed: 4 });
+  const rb = await b.backward('k', gb, { lossScale: 0.1 });
+  await a.backward('k', ga, { gradOut: rb.gradIn });
+  assert.equal(fb.lossSum, fw.lossSum);
+  [...ga, ...gb].forEach((g, i) => assert.deepEqual(g, gw[i], whole.params[i].name));
+});
+
 test('native: a timer keeps firing while the stage computes forward and backward', async () => {
   const cfg = tinyLlamaConfig({ hiddenSize: 512, intermediateSize: 1536, numAttentionHeads: 8, numKeyValueHeads: 4, vocabSize: 4096, tieWordEmbeddings: true });
   const src = randomWeightSource(cfg, 51);
