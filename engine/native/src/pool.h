@@ -30,7 +30,8 @@ class ThreadPool {
   // Runs fn(task) for task in [0, ntasks) on the pool (the caller participates) and returns when all
   // are done. Tasks are handed out dynamically, so uneven tasks (causal attention rows) balance.
   // Concurrent callers (two async ops in flight) are serialized: one parallel region at a time.
-  // An exception thrown by a task is rethrown here after all tasks finish.
+  // An exception thrown by a task is rethrown here after all tasks finish. A task must not call run()
+  // on the same pool (it would wait for itself); kernels nest only on a separate size-1 pool.
   void run(int64_t ntasks, const std::function<void(int64_t)>& fn) {
     if (ntasks <= 0) return;
     if (nthreads_ == 1 || ntasks == 1) {
