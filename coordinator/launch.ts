@@ -1,6 +1,6 @@
 // `swarmtune launch`: resolve the run spec, publish shards, serve the run, write the adapter.
-import { mkdir } from 'node:fs/promises';
-import { randomBytes } from 'node:crypto';
+import { mkdir, readdir, stat } from 'node:fs/promises';
+import { createHash, randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
 import type { TrainConfig } from '../engine/train/config.ts';
@@ -29,6 +29,16 @@ export interface LaunchOptions {
   exitOnFinish: boolean;
   dashboardPort?: number;
   dataDir: string | null;
+}
+
+/** Identifies the model's files (names, sizes, mtimes): unchanged files need no re-quantization. */
+async function modelFilesKey(dir: string): Promise<string> {
+  const h = createHash('sha256').update(path.resolve(dir));
+  for (const f of (await readdir(dir)).sort()) {
+    const st = await stat(path.join(dir, f));
+    if (st.isFile()) h.update(`\0${f}\0${st.size}\0${st.mtimeMs}`);
+  }
+  return h.digest('hex');
 }
 
 export async function launchRun(o: LaunchOptions): Promise<number> {
@@ -98,7 +108,7 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
     memory: stageMemoryFn(model.config, train, lora), minPeers: o.minPeers, pipelineStages,
     wireCodec: o.wireCodec, token, initAdapter, resume, emit, log,
   });
-  await coordinator.publishShards();
+  await coordinator.publishShards({ file: path.join(dataDir, 'shards.json'), key: await modelFilesKey(model.dir) });
   await coordinator.start();
   const addrs = node.getMultiaddrs().map((m) => m.toString());
   emit({ event: 'listening', multiaddr: addrs[0], multiaddrs: addrs, peer_id: node.peerId.toString(), run_id: runId, token });

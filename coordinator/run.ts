@@ -1,5 +1,6 @@
 // The run: admission, planning, routing micro-batches through stage peers, step aggregation,
 // atomic commits to LevelDB, heartbeats, and serving status/pull/blobs.
+import { readFile, writeFile } from 'node:fs/promises';
 import type { LlamaConfig, LoraConfig, NamedTensor, WeightSource } from '../engine/types.ts';
 import type { TrainConfig } from '../engine/train/config.ts';
 import { learningRateAt, warmupStepsFor } from '../engine/train/schedule.ts';
@@ -151,9 +152,26 @@ export class Coordinator {
   }
 
   /** Quantize the base model once into content-addressed shard blobs and keep their refs. */
-  async publishShards(): Promise<void> {
+  async publishShards(cache?: { file: string; key: string }): Promise<void> {
     const cfg = this.o.llama;
     const names = ['embed', ...Array.from({ length: cfg.numHiddenLayers }, (_, l) => `layer.${l}`), 'head'];
+    if (cache !== undefined) {
+      // the same model files were quantized before: re-verify those blobs instead of quantizing again
+      try {
+        const m = JSON.parse(await readFile(cache.file, 'utf8')) as { key: string; refs: Record<string, { sha256: string; sizeBytes: number }> };
+        if (m.key === cache.key && names.every((n) => m.refs[n] !== undefined)) {
+          let ok = true;
+          for (const n of names) ok &&= (await this.o.blobs.readCached({ name: n, sha256: m.refs[n]!.sha256 })) !== null;
+          if (ok) {
+            for (const n of names) this.shardRefs.set(n, m.refs[n]!);
+            this.o.log(`reusing ${names.length} verified shard blobs quantized earlier from the same model files`);
+            return;
+          }
+        }
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') this.o.log(`ignoring unreadable shard manifest ${cache.file}: ${(e as Error).message}`);
+      }
+    }
     for (const name of names) {
       const spec = shardTensorNames(cfg, shardKindOf(name));
       const t: ShardTensors = { nf4: new Map(), float: new Map() };
@@ -167,6 +185,7 @@ export class Coordinator {
       this.shardRefs.set(name, { sha256, sizeBytes: bytes.length });
     }
     this.o.log(`published ${names.length} shard blobs`);
+    if (cache !== undefined) await writeFile(cache.file, JSON.stringify({ key: cache.key, refs: Object.fromEntries(this.shardRefs) }));
   }
 
   private providers(): string[] {

@@ -275,6 +275,7 @@ test('the coordinator killed mid-run restarts from LevelDB; volunteers rejoin; t
   const second = start(launchArgs);
   const addr2 = String((await waitEvent(second, (e) => e.event === 'listening', 'listening after restart')).multiaddr);
   assert.equal(addr2, addr, 'same identity and address after a restart');
+  assert.match(second.stderr.join(''), /reusing \d+ verified shard blobs/, 'the restart does not quantize the model again');
   await waitEvent(second, (e) => e.event === 'finished', 'finished after restart', 180_000);
   assert.equal(await second.exit, 0);
   assert.deepEqual(second.events.filter((e) => e.event === 'step').map((e) => e.step), [3], 'only the step after the checkpoint is redone');
