@@ -41,7 +41,7 @@ function close(what: string, got: Float32Array, want: Float32Array, atol: number
 test('gemm: all trans combos, odd sizes, M=1, K across depth blocks, beta 0 (ignores NaN) and 1', async () => {
   // float32 dot products of length K: error ~ sqrt(K)·2^-24·Σ|a·b|; with |a|,|b| ≤ 1 and K ≤ 600,
   // 2e-5·K^0.5 absolute covers it with margin (observed ~1e-5)
-  const shapes = [[1, 1, 1], [1, 70, 33], [3, 45, 20], [4, 40, 70], [5, 1, 17], [7, 33, 300], [13, 65, 513], [6, 32, 256], [37, 97, 600], [64, 5, 40], [50, 16, 300], [29, 17, 64]];
+  const shapes = [[1, 1, 1], [1, 70, 33], [3, 45, 20], [4, 40, 70], [5, 1, 17], [7, 33, 300], [13, 65, 513], [6, 32, 256], [37, 97, 600], [64, 5, 40], [50, 16, 300], [29, 17, 64], [9, 130, 300], [16, 129, 40], [4, 200, 33]];
   let seed = 100;
   for (const [M, N, K] of shapes) for (const ta of [false, true]) for (const tb of [false, true]) for (const beta of [0, 1]) {
     const A = randn(M * K, seed++), B = randn(K * N, seed++);

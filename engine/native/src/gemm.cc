@@ -6,7 +6,8 @@
 // operand twice costs O(1/slab width) of the arithmetic. Each output element is always summed in the
 // same k order, so results do not depend on the thread count. Shapes where packing would cost as much
 // as the arithmetic skip it: M < 4 streams B once (gemm_small_m), a one-sliver-wide slab reads A in
-// place, a slab of few rows reads a row-major float32 B in place.
+// place, a slab of few rows reads a row-major float32 B in place, and few rows times a big transposed
+// float32 B is computed as Cᵀ = B·op(A)ᵀ.
 #include "gemm.h"
 
 #include "simd.h"
@@ -385,6 +386,24 @@ void gemm_driver(ThreadPool& pool, bool transA, int64_t M, int64_t N, int64_t K,
   }
   if (M < kSmallM) {
     gemm_small_m(pool, transA, M, N, K, alpha, A, B, beta, C);
+    return;
+  }
+  if (B.f32 && B.trans && M <= NR_NARROW && N >= 4 * NR_WIDE) {
+    // few rows times a big [N,K] weight (batched decode): packing B would dominate, and B is not
+    // k-major so it cannot be read in place as B. Compute Cᵀ = B·op(A)ᵀ instead, where B is the
+    // A operand (streamed in place) and the small op(A)ᵀ is packed, then transpose into C.
+    std::vector<float> ct((size_t)(N * M));
+    BSrc at;
+    at.f32 = A;
+    at.trans = !transA;  // op(A)ᵀ[k][i] = op(A)[i][k]: A stored [M,K] reads as a transposed [K,M]
+    at.N = M;
+    at.K = K;
+    gemm_parallel<MR_NARROW, NR_NARROW>(pool, false, N, M, K, 1.0f, B.f32, at, 0.0f, ct.data());
+    for (int64_t i = 0; i < M; i++)
+      for (int64_t j = 0; j < N; j++) {
+        float* c = C + i * N + j;
+        *c = beta == 0.0f ? alpha * ct[j * M + i] : alpha * ct[j * M + i] + beta * *c;
+      }
     return;
   }
   if (N <= NR_NARROW)
