@@ -7,7 +7,7 @@ import type { TrainConfig } from '../engine/train/config.ts';
 import { openModelDir } from '../engine/formats/model-dir.ts';
 import { readAdapter, writeAdapter } from '../engine/formats/peft.ts';
 import type { LoraConfig, NamedTensor } from '../engine/types.ts';
-import { createSwarmNode } from '../protocol/net.ts';
+import { createSwarmNode, lockDataDir } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
 import { decodeShard } from '../protocol/shard.ts';
 import type { FloatCodec } from '../protocol/tensor.ts';
@@ -51,6 +51,7 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const outputDir = path.resolve(train.output_dir);
   const dataDir = path.resolve(o.dataDir ?? path.join(outputDir, 'coordinator'));
   await mkdir(dataDir, { recursive: true });
+  const unlock = await lockDataDir(dataDir);
 
   const model = await openModelDir(train.model);
   let lora: LoraConfig = loraConfigOf(train);
@@ -150,7 +151,8 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
     if (dashboard !== null) await dashboard.close();
     await node.stop();
     await store.close();
-    model.close?.();
+    await model.close();
+    await unlock();
   }
   return code;
 }

@@ -5,7 +5,7 @@ import { loadStage } from '../engine/model/stage.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 import type { LoraConfig } from '../engine/types.ts';
-import { createSwarmNode, request, serve, parseMultiaddr } from '../protocol/net.ts';
+import { createSwarmNode, lockDataDir, request, serve, parseMultiaddr } from '../protocol/net.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
 import type { BlobEvent } from '../protocol/blobs.ts';
@@ -79,6 +79,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
   let backend: Backend | null = deps.backend ?? null;
   const createOptimizer: OptimizerFactory = deps.createOptimizer ?? createShardOptimizer;
   let node: SwarmNode | null = null;
+  let unlock: (() => Promise<void>) | null = null;
   let host: StageHost | null = null;
   let runId: string | null = null;
   let lastCoordinatorMs = Date.now();
@@ -95,6 +96,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
       const kind = backendKind(opts.device);
       backend = kind === 'ref' ? new RefBackend() : await (await loadCreateBackend())(kind);
     }
+    unlock = await lockDataDir(dataDir);
     node = await createSwarmNode({ dataDir, listen: [opts.listen ?? '/ip4/127.0.0.1/tcp/0'] });
     const blobs = new BlobStore(dataDir);
     blobs.onEvent = (e: BlobEvent) => {
@@ -188,6 +190,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     host?.stage.dispose();
     if (node !== null) { try { await node.stop(); } catch { /* already stopped */ } }
     if (deps.backend === undefined) backend?.dispose();
+    await unlock?.();
   }
 }
 

@@ -1,5 +1,5 @@
 // libp2p plumbing: a TCP+Noise+Yamux node with a persisted identity, and one-frame request/response RPCs.
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { createLibp2p } from 'libp2p';
@@ -35,6 +35,27 @@ export async function loadIdentity(dataDir: string) {
     await writeFile(file, seed, { mode: 0o600 });
   }
   return generateKeyPairFromSeed('Ed25519', seed);
+}
+
+/** Take `<dataDir>/lock` for this process: two processes on one data dir would share a peer id.
+ *  A lock left by a dead process is taken over. Returns a release function. */
+export async function lockDataDir(dataDir: string): Promise<() => Promise<void>> {
+  await mkdir(dataDir, { recursive: true });
+  const file = path.join(dataDir, 'lock');
+  for (let tries = 0; tries < 2; tries++) {
+    try {
+      await writeFile(file, String(process.pid), { flag: 'wx' });
+      return async () => { await rm(file, { force: true }); };
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+      const pid = Number(await readFile(file, 'utf8').catch(() => 'NaN'));
+      let alive = false;
+      try { if (Number.isInteger(pid) && pid > 0) { process.kill(pid, 0); alive = true; } } catch (k) { alive = (k as NodeJS.ErrnoException).code === 'EPERM'; }
+      if (alive && pid !== process.pid) throw new SwarmError(`data dir ${dataDir} is in use by process ${pid} (each volunteer or coordinator needs its own --data-dir)`);
+      await rm(file, { force: true });
+    }
+  }
+  throw new SwarmError(`could not lock data dir ${dataDir}`);
 }
 
 export interface SwarmNodeInit {

@@ -1,10 +1,10 @@
 // Two real libp2p nodes on 127.0.0.1 exchange framed, validated requests; identity persists in the data dir.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { createSwarmNode, request, serve, dialableAddrs, parseMultiaddr } from '../protocol/net.ts';
+import { createSwarmNode, request, serve, dialableAddrs, parseMultiaddr, lockDataDir } from '../protocol/net.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import { PROTOCOLS } from '../protocol/constants.ts';
 import { encodeFrame, FrameReader } from '../protocol/frame.ts';
@@ -54,4 +54,15 @@ test('two nodes talk: request/response, typed remote errors, schema violations, 
   const a2 = await createSwarmNode({ dataDir: dirA });
   nodes.push(a2);
   assert.equal(a2.peerId.toString(), id);
+});
+
+test('a data dir is locked by one live process at a time; a dead holder\'s lock is taken over', async () => {
+  const dir = await tmp();
+  await writeFile(path.join(dir, 'lock'), String(process.ppid)); // a live process that is not us
+  await assert.rejects(lockDataDir(dir), { name: 'SwarmError', message: new RegExp(`in use by process ${process.ppid}`) });
+  await writeFile(path.join(dir, 'lock'), '999999999'); // no such pid
+  const release = await lockDataDir(dir);
+  assert.equal(await readFile(path.join(dir, 'lock'), 'utf8'), String(process.pid));
+  await release();
+  await assert.rejects(readFile(path.join(dir, 'lock')), { code: 'ENOENT' });
 });
