@@ -50,10 +50,30 @@ function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): { diff: number;
   return { diff, at, scale };
 }
 
-async function wholeModelCase(name: string, cfg: LlamaConfig) {
+/** the source with embeddings and lm_head rounded to bfloat16, as HF checkpoints store them */
+function bf16Vocab(src: WeightSource): WeightSource {
+  const cache = new Map<string, Float32Array>();
+  return {
+    config: src.config, has: (n) => src.has(n), getNF4: (n) => src.getNF4(n),
+    async getFloat(n) {
+      const t = await src.getFloat(n);
+      if (n !== 'model.embed_tokens.weight' && n !== 'lm_head.weight') return t;
+      if (!cache.has(n)) {
+        const r = new Float32Array(t);
+        const bits = new Uint32Array(r.buffer);
+        for (let i = 0; i < bits.length; i++) bits[i] = (bits[i] + 0x7fff + ((bits[i] >>> 16) & 1)) & 0xffff0000;
+        cache.set(n, r);
+      }
+      return cache.get(n)!;
+    },
+  };
+}
+
+async function wholeModelCase(name: string, cfg: LlamaConfig, bf16 = false) {
   test(`logits and loss of a random ${name} model match the float64 reference`, async () => {
-    const src = randomWeightSource(cfg, 11);
-    const stage = await loadStage(src, backend, { layerStart: 0, layerEnd: cfg.numHiddenLayers, lora: loraCfg({ r: 4, loraAlpha: 8 }) });
+    const src = bf16 ? bf16Vocab(randomWeightSource(cfg, 11)) : randomWeightSource(cfg, 11);
+    // lossChunk 10 < V = 97: ten vocabulary chunks, the last one partial
+    const stage = await loadStage(src, backend, { layerStart: 0, layerEnd: cfg.numHiddenLayers, lora: loraCfg({ r: 4, loraAlpha: 8 }), lossChunk: 10 });
     randomizeParams(stage, 3, 0.2);
     const B = 2, S = 7;
     const ids = randomIds(B * S, cfg.vocabSize, 5);
@@ -74,6 +94,9 @@ async function wholeModelCase(name: string, cfg: LlamaConfig) {
 wholeModelCase('GQA llama (untied)', tinyLlamaConfig());
 wholeModelCase('GQA llama (tied embeddings)', tinyLlamaConfig({ tieWordEmbeddings: true }));
 wholeModelCase('qwen2 (q/k/v bias, tied)', tinyLlamaConfig({ modelType: 'qwen2', attentionBias: true, tieWordEmbeddings: true }));
+// bf16-exact embeddings / lm_head are held as bf16 (half the memory) and decoded per vocabulary chunk
+wholeModelCase('GQA llama with bf16 embeddings and lm_head (untied)', tinyLlamaConfig(), true);
+wholeModelCase('GQA llama with bf16 tied embeddings', tinyLlamaConfig({ tieWordEmbeddings: true }), true);
 wholeModelCase('llama3-rope MHA', tinyLlamaConfig({
   numKeyValueHeads: 4,
   ropeScaling: { ropeType: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 32 },
@@ -98,8 +121,9 @@ for (const dropout of [0, 0.25]) {
     const src = randomWeightSource(fdCfg, 21);
     const lc = loraCfg({ loraDropout: dropout });
     // stage [1,2) fed with a hidden state exercises gradIn; stage [0,2) exercises the first layer's LoRA grads
-    const whole = await loadStage(src, backend, { layerStart: 0, layerEnd: 2, lora: lc });
-    const tail = await loadStage(src, backend, { layerStart: 1, layerEnd: 2, lora: lc });
+    // lossChunk 4 with V = 11: chunks of 4, 4, 3 so the chunked cross-entropy backward is checked too
+    const whole = await loadStage(src, backend, { layerStart: 0, layerEnd: 2, lora: lc, lossChunk: 4 });
+    const tail = await loadStage(src, backend, { layerStart: 1, layerEnd: 2, lora: lc, lossChunk: 4 });
     randomizeParams(whole, 8);
     randomizeParams(tail, 9);
     const B = 2, S = 3, seed = 77;

@@ -170,3 +170,26 @@ test('sampling: temperature 0 is argmax, top-p keeps the nucleus, same seed same
   const d2 = Array.from({ length: 20 }, ((r) => () => sampleToken(logits, 0.7, 0.95, r))(new Rng(9)));
   assert.deepEqual(d1, d2);
 });
+
+test('vocab matrix: bf16-exact data is held as bf16 and decodes exactly; other data stays float32', async () => {
+  const { VocabMatrix } = await import('../engine/model/vocab-matrix.ts');
+  const { RefBackend } = await import('../engine/backends/ref.ts');
+  const V = 7, C = 5;
+  const exact = new Rng(3).fillNormal(new Float32Array(V * C), 0, 1);
+  const bits = new Uint32Array(exact.buffer);
+  for (let i = 0; i < bits.length; i++) bits[i] &= 0xffff0000;
+  const m = new VocabMatrix(new Float32Array(exact), V, C);
+  assert.equal(m.storedAsBf16, true);
+  assert.equal(m.bytes, V * C * 2);
+  assert.deepEqual(m.rowsF32(2, 5, null), exact.subarray(2 * C, 5 * C));
+  const ids = Int32Array.from([6, 0, 3]);
+  const got = new Float32Array(3 * C), want = new Float32Array(3 * C);
+  await m.gather(new RefBackend(), got, ids, 3);
+  await new RefBackend().embeddingForward(want, ids, exact, 3, C, V);
+  assert.deepEqual(got, want);
+  await assert.rejects(m.gather(new RefBackend(), got, Int32Array.from([1, 7, 0]), 3), /ids\[1\] = 7 is outside the vocabulary \[0, 7\)/);
+  const inexact = new Rng(3).fillNormal(new Float32Array(V * C), 0, 1);
+  const f = new VocabMatrix(inexact, V, C);
+  assert.equal(f.storedAsBf16, false);
+  assert.equal(f.rowsF32(1, 2, null)[0], inexact[C]);
+});

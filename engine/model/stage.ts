@@ -15,6 +15,7 @@ import {
 } from './lora.ts';
 import type { LinearContext, LinearSaved, LoraAdapterSlot } from './lora.ts';
 import { RopeCache } from './rope.ts';
+import { VocabMatrix } from './vocab-matrix.ts';
 
 const IGNORE_INDEX = -100;
 const DEFAULT_LOSS_CHUNK = 4096;
@@ -87,9 +88,9 @@ export class LlamaStage implements Stage {
   readonly gradientCheckpointing: boolean;
   readonly lossChunk: number;
   private readonly layers: LayerWeights[];
-  private readonly embed: Float32Array | null;   // (V, C) first stage
+  private readonly embed: VocabMatrix | null;   // (V, C) first stage
   private readonly finalNorm: Float32Array | null; // (C) last stage
-  private readonly lmHead: Float32Array | null;  // (V, C) last stage
+  private readonly lmHead: VocabMatrix | null;  // (V, C) last stage
   private readonly rope: RopeCache;
   /** the attention kernels are fully causal: longer sequences than a sliding window would differ from HF */
   private readonly slidingWindow: number | null;
@@ -98,8 +99,8 @@ export class LlamaStage implements Stage {
 
   constructor(args: {
     config: LlamaConfig; layerStart: number; layerEnd: number; params: NamedTensor[]; backend: Backend;
-    gradientCheckpointing: boolean; lossChunk: number; layers: LayerWeights[]; embed: Float32Array | null;
-    finalNorm: Float32Array | null; lmHead: Float32Array | null;
+    gradientCheckpointing: boolean; lossChunk: number; layers: LayerWeights[]; embed: VocabMatrix | null;
+    finalNorm: Float32Array | null; lmHead: VocabMatrix | null;
   }) {
     this.config = args.config;
     this.layerStart = args.layerStart;
@@ -246,7 +247,7 @@ export class LlamaStage implements Stage {
     for (let t = 0; t < T; t++) positions[t] = cache.pos + t;
     const ctx: PassContext = { B: 1, S: T, T, positions, train: false, dropoutSeed: 0 };
     let x: Float32Array = new Float32Array(T * C);
-    await this.backend.embeddingForward(x, ids, this.embed!, T, C, this.config.vocabSize);
+    await this.embed!.gather(this.backend, x, ids, T);
     for (let i = 0; i < this.layers.length; i++) {
       x = (await this.layerForward(this.layers[i], x, ctx, { cache, layerIdx: i })).out;
     }
@@ -296,7 +297,7 @@ export class LlamaStage implements Stage {
         throw new RangeError(`stage.forward(${input.key}): the first stage needs ids Int32Array(${T}), got ${ids instanceof Int32Array ? ids.length : typeof ids}`);
       }
       const x = new Float32Array(T * C);
-      await this.backend.embeddingForward(x, ids, this.embed!, T, C, this.config.vocabSize);
+      await this.embed!.gather(this.backend, x, ids, T);
       return x;
     }
     const h = input.hidden;
@@ -313,7 +314,7 @@ export class LlamaStage implements Stage {
     if (!(ids instanceof Int32Array) || ids.length !== T) throw new RangeError(`logits: ids must be Int32Array(${T}), got ${ids?.length}`);
     const ctx: PassContext = { B, S, T, positions: trainingPositions(B, S), train: false, dropoutSeed: 0 };
     let x: Float32Array = new Float32Array(T * C);
-    await this.backend.embeddingForward(x, ids, this.embed!, T, C, this.config.vocabSize);
+    await this.embed!.gather(this.backend, x, ids, T);
     for (const layer of this.layers) x = (await this.layerForward(layer, x, ctx, null)).out;
     return x;
   }
@@ -325,7 +326,15 @@ export class LlamaStage implements Stage {
     const rstd = new Float32Array(T);
     await this.backend.rmsnormForward(h, rstd, x, this.finalNorm!, T, C, this.config.rmsNormEps);
     const logits = new Float32Array(T * V);
-    await this.backend.gemm(false, true, T, V, C, 1, h, this.lmHead!, 0, logits);
+    const chunk = Math.min(this.lossChunk, V);
+    const part = new Float32Array(T * chunk);
+    const wScratch = new Float32Array(chunk * C);
+    for (let v0 = 0; v0 < V; v0 += chunk) {
+      const Vc = Math.min(chunk, V - v0);
+      const lc = part.subarray(0, T * Vc);
+      await this.backend.gemm(false, true, T, Vc, C, 1, h, this.lmHead!.rowsF32(v0, v0 + Vc, wScratch), 0, lc);
+      for (let t = 0; t < T; t++) logits.set(lc.subarray(t * Vc, (t + 1) * Vc), t * V + v0);
+    }
     return logits;
   }
 
@@ -440,10 +449,11 @@ export class LlamaStage implements Stage {
     const picked = new Float32Array(T);
     const chunk = Math.min(this.lossChunk, V);
     const logits = new Float32Array(T * chunk);
+    const wScratch = this.lmHead!.storedAsBf16 ? new Float32Array(chunk * C) : null;
     for (let v0 = 0; v0 < V; v0 += chunk) {
       const Vc = Math.min(chunk, V - v0);
       const lc = logits.subarray(0, T * Vc);
-      await be.gemm(false, true, T, Vc, C, 1, h, this.lmHead!.subarray(v0 * C, (v0 + Vc) * C), 0, lc);
+      await be.gemm(false, true, T, Vc, C, 1, h, this.lmHead!.rowsF32(v0, v0 + Vc, wScratch), 0, lc);
       await be.crossEntropyChunkForward(lc, labels, v0, T, Vc, m, s, picked);
     }
     const lse = new Float32Array(T);
@@ -472,10 +482,11 @@ export class LlamaStage implements Stage {
     const dh = new Float32Array(T * C);
     const chunk = Math.min(this.lossChunk, V);
     const logits = new Float32Array(T * chunk);
+    const wScratch = this.lmHead!.storedAsBf16 ? new Float32Array(chunk * C) : null;
     for (let v0 = 0; v0 < V; v0 += chunk) {
       const Vc = Math.min(chunk, V - v0);
       const lc = logits.subarray(0, T * Vc);
-      const W = this.lmHead!.subarray(v0 * C, (v0 + Vc) * C);
+      const W = this.lmHead!.rowsF32(v0, v0 + Vc, wScratch);
       await be.gemm(false, true, T, Vc, C, 1, h, W, 0, lc);
       await be.crossEntropyChunkBackward(lc, labels, v0, T, Vc, lse, scale);
       await be.gemm(false, false, T, C, Vc, 1, lc, W, 1, dh);
@@ -613,13 +624,13 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
   }
   const isFirst = layerStart === 0, isLast = layerEnd === nL;
   const embedName = 'model.embed_tokens.weight';
-  let embed: Float32Array | null = null;
-  if (isFirst || (isLast && cfg.tieWordEmbeddings)) embed = await getFloatChecked(source, embedName, V * C);
-  let finalNorm: Float32Array | null = null, lmHead: Float32Array | null = null;
+  let embed: VocabMatrix | null = null;
+  if (isFirst || (isLast && cfg.tieWordEmbeddings)) embed = new VocabMatrix(await getFloatChecked(source, embedName, V * C), V, C);
+  let finalNorm: Float32Array | null = null, lmHead: VocabMatrix | null = null;
   if (isLast) {
     finalNorm = await getFloatChecked(source, 'model.norm.weight', C);
     if (cfg.tieWordEmbeddings) lmHead = embed;
-    else lmHead = await getFloatChecked(source, 'lm_head.weight', V * C);
+    else lmHead = new VocabMatrix(await getFloatChecked(source, 'lm_head.weight', V * C), V, C);
   }
   return new LlamaStage({
     config: cfg, layerStart, layerEnd, params, backend, gradientCheckpointing: opts.gradientCheckpointing ?? true,

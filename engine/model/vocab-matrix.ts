@@ -1,0 +1,61 @@
+// Embedding / lm_head matrices [V, C] held as bfloat16 when that is lossless (halves the largest tensors of the first and last stage).
+//
+// HF checkpoints store these in bf16, so float32 → bf16 is exact for them; a float32 checkpoint with
+// values bf16 cannot hold keeps float32, so numerics never change.
+import type { Backend } from '../backend.ts';
+
+export class VocabMatrix {
+  readonly rows: number;
+  readonly cols: number;
+  private readonly f32: Float32Array | null;
+  private readonly bf16: Uint16Array | null;
+
+  constructor(data: Float32Array, rows: number, cols: number) {
+    if (data.length !== rows * cols) throw new RangeError(`VocabMatrix: ${data.length} values for [${rows}, ${cols}]`);
+    this.rows = rows;
+    this.cols = cols;
+    const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
+    let lossless = true;
+    for (let i = 0; i < bits.length; i++) if ((bits[i] & 0xffff) !== 0) { lossless = false; break; }
+    if (lossless) {
+      const h = new Uint16Array(data.length);
+      for (let i = 0; i < bits.length; i++) h[i] = bits[i] >>> 16;
+      this.bf16 = h;
+      this.f32 = null;
+    } else {
+      this.f32 = data;
+      this.bf16 = null;
+    }
+  }
+
+  get storedAsBf16(): boolean { return this.bf16 !== null; }
+  get bytes(): number { return this.bf16 ? this.bf16.byteLength : this.f32!.byteLength; }
+
+  /** rows [r0, r1) as float32 [r1-r0, C]: a view when stored float32, else decoded into `scratch` */
+  rowsF32(r0: number, r1: number, scratch: Float32Array | null): Float32Array {
+    const C = this.cols;
+    if (this.f32) return this.f32.subarray(r0 * C, r1 * C);
+    const n = (r1 - r0) * C;
+    const out = scratch && scratch.length >= n ? scratch.subarray(0, n) : new Float32Array(n);
+    const bits = new Uint32Array(out.buffer, out.byteOffset, n);
+    const src = this.bf16!;
+    const off = r0 * C;
+    for (let i = 0; i < n; i++) bits[i] = src[off + i] << 16;
+    return out;
+  }
+
+  /** out[T, C] = rows ids[t] (validated against V) */
+  async gather(backend: Backend, out: Float32Array, ids: Int32Array, T: number): Promise<void> {
+    const C = this.cols, V = this.rows;
+    if (this.f32) return backend.embeddingForward(out, ids, this.f32, T, C, V);
+    if (ids.length < T || out.length < T * C) throw new RangeError(`embedding: ids ${ids.length} / out ${out.length} too short for T=${T}, C=${C}`);
+    const bits = new Uint32Array(out.buffer, out.byteOffset, T * C);
+    const src = this.bf16!;
+    for (let t = 0; t < T; t++) {
+      const id = ids[t];
+      if (!(id >= 0 && id < V)) throw new RangeError(`embedding: ids[${t}] = ${id} is outside the vocabulary [0, ${V})`);
+      const o = t * C, s = id * C;
+      for (let c = 0; c < C; c++) bits[o + c] = src[s + c] << 16;
+    }
+  }
+}
