@@ -2,8 +2,7 @@
 //
 // Timings are the best of a few repetitions after a warm-up; on a shared machine they are noisy, so
 // compare GEMM GFLOP/s with the FMA peak measured in the same run.
-import { availableParallelism } from 'node:os';
-import { NativeBackend, loadNativeAddon } from '../engine/backends/native.ts';
+import { NativeBackend, defaultThreadCount, loadNativeAddon } from '../engine/backends/native.ts';
 import type { NF4Weight } from '../engine/backend.ts';
 
 function rand(n: number, seed: number): Float32Array {
@@ -39,7 +38,7 @@ async function bestMs(fn: () => Promise<void>, reps = 5): Promise<number> {
 const round = (x: number, d = 1) => Number(x.toFixed(d));
 
 export async function benchKernels(opts: { threads?: number } = {}): Promise<object> {
-  const threads = opts.threads ?? availableParallelism();
+  const threads = opts.threads ?? defaultThreadCount();
   const lib = loadNativeAddon();
   // the best of 5 short probes (~0.1 s each): other processes on a shared machine only ever lower it
   const probe = (t: number) => Math.max(...Array.from({ length: 5 }, () => lib.fmaPeakGflops(t, 3e7)));

@@ -13,7 +13,7 @@ export class BackendUnavailableError extends Error {
   }
 }
 
-/** 'auto' and 'cpu' give the native C++ backend (threads default: available parallelism);
+/** 'auto' and 'cpu' give the native C++ backend (threads default: physical cores, defaultThreadCount());
  *  'ref' the float64 reference; 'cuda' is not wired yet and throws BackendUnavailableError. */
 export async function createBackend(kind: BackendKind = 'auto', opts?: { threads?: number }): Promise<Backend> {
   switch (kind) {
@@ -30,5 +30,5 @@ export async function createBackend(kind: BackendKind = 'auto', opts?: { threads
   }
 }
 
-export { NativeBackend, NativeOpError } from './native.ts';
+export { NativeBackend, NativeOpError, NativeAddonMissingError, defaultThreadCount } from './native.ts';
 export { RefBackend, RefOpError } from './ref.ts';

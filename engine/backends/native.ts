@@ -1,4 +1,5 @@
 // NativeBackend: the Backend interface over the C++ CPU kernels (engine/native), each op a Promise resolved off the event loop.
+import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import type { Backend, NF4Weight } from '../backend.ts';
@@ -61,6 +62,25 @@ export function loadNativeAddon(): NativeAddon {
   return addon;
 }
 
+/** Physical cores this process may use: SMT siblings share one core's FMA units, so a second GEMM
+ *  thread per core only adds contention. Linux /proc/cpuinfo (distinct physical id + core id pairs),
+ *  capped by the CPUs this process is allowed to run on; elsewhere the available parallelism. */
+export function defaultThreadCount(): number {
+  const allowed = availableParallelism();
+  try {
+    const cores = new Set<string>();
+    let phys = '0';
+    for (const line of readFileSync('/proc/cpuinfo', 'utf8').split('\n')) {
+      const [key, value] = line.split(':').map((x) => x?.trim());
+      if (key === 'physical id') phys = value;
+      else if (key === 'core id') cores.add(`${phys}:${value}`);
+    }
+    return cores.size > 0 ? Math.max(1, Math.min(allowed, cores.size)) : allowed;
+  } catch {
+    return allowed;
+  }
+}
+
 async function call(p: Promise<void>): Promise<void> {
   try {
     await p;
@@ -74,10 +94,10 @@ export class NativeBackend implements Backend {
   readonly threads: number;
   private readonly engine: NativeEngine;
 
-  /** threads defaults to the machine's available parallelism */
+  /** threads defaults to the physical core count (defaultThreadCount) */
   constructor(opts: { threads?: number } = {}) {
     const lib = loadNativeAddon();
-    const threads = opts.threads ?? availableParallelism();
+    const threads = opts.threads ?? defaultThreadCount();
     if (!Number.isInteger(threads) || threads < 1 || threads > 256) {
       throw new NativeOpError(`NativeBackend: threads=${threads} must be an integer in 1..256`);
     }
