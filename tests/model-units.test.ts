@@ -182,6 +182,8 @@ test('vocab matrix: bf16-exact data is held as bf16 and decodes exactly; other d
   assert.equal(m.storedAsBf16, true);
   assert.equal(m.bytes, V * C * 2);
   assert.deepEqual(m.rowsF32(2, 5, null), exact.subarray(2 * C, 5 * C));
+  assert.deepEqual(m.allF32(), exact);
+  assert.equal(m.allF32(), m.allF32(), 'decoded once and kept');
   const ids = Int32Array.from([6, 0, 3]);
   const got = new Float32Array(3 * C), want = new Float32Array(3 * C);
   await m.gather(new RefBackend(), got, ids, 3);

@@ -326,15 +326,7 @@ export class LlamaStage implements Stage {
     const rstd = new Float32Array(T);
     await this.backend.rmsnormForward(h, rstd, x, this.finalNorm!, T, C, this.config.rmsNormEps);
     const logits = new Float32Array(T * V);
-    const chunk = Math.min(this.lossChunk, V);
-    const part = new Float32Array(T * chunk);
-    const wScratch = new Float32Array(chunk * C);
-    for (let v0 = 0; v0 < V; v0 += chunk) {
-      const Vc = Math.min(chunk, V - v0);
-      const lc = part.subarray(0, T * Vc);
-      await this.backend.gemm(false, true, T, Vc, C, 1, h, this.lmHead!.rowsF32(v0, v0 + Vc, wScratch), 0, lc);
-      for (let t = 0; t < T; t++) logits.set(lc.subarray(t * Vc, (t + 1) * Vc), t * V + v0);
-    }
+    await this.backend.gemm(false, true, T, V, C, 1, h, this.lmHead!.allF32(), 0, logits);
     return logits;
   }
 

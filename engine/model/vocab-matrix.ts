@@ -28,8 +28,18 @@ export class VocabMatrix {
     }
   }
 
+  private full: Float32Array | null = null;
+
   get storedAsBf16(): boolean { return this.bf16 !== null; }
-  get bytes(): number { return this.bf16 ? this.bf16.byteLength : this.f32!.byteLength; }
+
+  /** The whole matrix as float32, decoded once and kept: token-by-token decoding would otherwise decode
+   *  all V rows per generated token (50x the head GEMM). Only inference paths call this. */
+  allF32(): Float32Array {
+    if (this.f32) return this.f32;
+    if (!this.full) this.full = this.rowsF32(0, this.rows, null);
+    return this.full;
+  }
+  get bytes(): number { return (this.bf16 ? this.bf16.byteLength : this.f32!.byteLength) + (this.full ? this.full.byteLength : 0); }
 
   /** rows [r0, r1) as float32 [r1-r0, C]: a view when stored float32, else decoded into `scratch` */
   rowsF32(r0: number, r1: number, scratch: Float32Array | null): Float32Array {
