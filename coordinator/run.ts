@@ -79,6 +79,15 @@ interface PeerState {
 interface PendingJoin { peerId: string; resolve: (r: JoinResponse) => void }
 
 const MAX_ATTEMPTS = 4;
+/** a replica whose per-micro-batch gradient norm exceeds this multiple of the median is banned */
+const SCREEN_FACTOR = 50;
+
+function median(xs: number[]): number | null {
+  if (xs.length === 0) return null;
+  const v = [...xs].sort((a, b) => a - b);
+  const m = v.length >> 1;
+  return v.length % 2 === 1 ? v[m]! : (v[m - 1]! + v[m]!) / 2;
+}
 
 /** A micro-batch attempt that failed at one peer of its route. */
 class RouteFailure extends SwarmError {
@@ -133,6 +142,8 @@ export class Coordinator {
   readonly finished: Promise<void> = new Promise((r) => { this.finishedResolve = r; });
   private stopping = false;
   private resumeStates: Uint8Array[] | null = null;
+  /** per stage: recent accepted per-micro-batch gradient norms of replicas (screening reference) */
+  private normHistory: number[][] = [];
 
   constructor(o: CoordinatorOptions) {
     this.o = o;
@@ -413,7 +424,22 @@ export class Coordinator {
   }
 
   private liveReplicas(s: number): string[] {
-    return this.plan!.replicas[s]!.filter((id) => this.peers.get(id)?.health !== 'dead');
+    return this.plan!.replicas[s]!.filter((id) => !this.gone(id));
+  }
+
+  /** dropped (dead) or banned: out of every route */
+  private gone(id: string): boolean {
+    const h = this.peers.get(id)?.health;
+    return h === 'dead' || h === 'banned';
+  }
+
+  private ban(p: PeerState, why: string): void {
+    if (p.health === 'banned') return;
+    p.health = 'banned';
+    p.failures++;
+    this.bans++;
+    this.event('ban', `peer ${p.peerId} (stage ${p.stageIndex}) banned from the run: ${why}`);
+    this.o.emit({ event: 'peer_banned', peer_id: p.peerId, reason: why });
   }
 
   private async waitReady(): Promise<void> {
@@ -550,31 +576,56 @@ export class Coordinator {
         }
       }
     };
+    let stageGrads: Float32Array[][];
     for (;;) {
-      const R = Math.max(...this.plan!.stages.map((_, s) => this.liveReplicas(s).length));
-      await Promise.all(Array.from({ length: Math.min(R, todo.length) }, (_, k) => worker(k)));
-      // a replica lost after some micro-batches committed on it took their gradient with it: take
-      // those micro-batches back from the surviving peers of their route and run them again
-      const lost = committedRoute.flatMap((r, mb) => (r !== null && r.some((id) => this.peers.get(id)?.health === 'dead') ? [mb] : []));
-      if (lost.length === 0) break;
-      for (const mb of lost) {
-        const route = committedRoute[mb]!;
-        await Promise.all(route.filter((id) => this.peers.get(id)?.health !== 'dead').map((id) =>
-          request(this.o.node, this.peerAddrs(id), 'commit', { runId: this.o.runId, step, mb, attempt: attempts[mb]!, commit: false })));
-        committedRoute[mb] = null;
-        attempts[mb]! += 1;
-        this.retries++;
-        todo.push(mb);
+      for (;;) {
+        const R = Math.max(...this.plan!.stages.map((_, s) => this.liveReplicas(s).length));
+        await Promise.all(Array.from({ length: Math.min(R, todo.length) }, (_, k) => worker(k)));
+        // a replica lost (or banned) after some micro-batches committed on it took their gradient
+        // with it: take those micro-batches back from the other peers of their route, run them again
+        const lost = committedRoute.flatMap((r, mb) => (r !== null && r.some((id) => this.gone(id)) ? [mb] : []));
+        if (lost.length === 0) break;
+        for (const mb of lost) {
+          const route = committedRoute[mb]!;
+          await Promise.all(route.filter((id) => !this.gone(id)).map((id) =>
+            request(this.o.node, this.peerAddrs(id), 'commit', { runId: this.o.runId, step, mb, attempt: attempts[mb]!, commit: false })));
+          committedRoute[mb] = null;
+          attempts[mb]! += 1;
+          this.retries++;
+          todo.push(mb);
+        }
+        this.event('retry', `step ${step}: re-running micro-batches ${lost.join(', ')} whose gradient was held by a dropped or banned peer`);
       }
-      this.event('retry', `step ${step}: re-running micro-batches ${lost.join(', ')} whose gradient was held by a dropped peer`);
-    }
 
-    // collect the step's gradient from every live replica, summed in replica (peer id) order
-    const stageGrads: Float32Array[][] = [];
-    for (let s = 0; s < S; s++) {
-      const replicaGrads: Float32Array[][] = [];
-      for (const id of this.liveReplicas(s)) replicaGrads.push(await this.collect(id, s, step));
-      stageGrads.push(sumReplicas(replicaGrads));
+      // collect the step's gradient from every live replica and screen it before it counts
+      const collected: Array<Array<{ id: string; grads: Float32Array[]; microBatches: number }>> = [];
+      for (let s = 0; s < S; s++) {
+        const rs = [];
+        for (const id of this.liveReplicas(s)) rs.push({ id, ...(await this.collect(id, s, step)) });
+        collected.push(rs);
+      }
+      let banned = false;
+      for (let s = 0; s < S; s++) {
+        const perMb = collected[s]!.map((r) => globalGradNorm([r.grads]) / Math.max(1, r.microBatches));
+        const hist = this.normHistory[s] ?? [];
+        collected[s]!.forEach((r, i) => {
+          // reference: the other replicas of this step and this stage's recent accepted steps
+          const ref = median([...perMb.filter((_, j) => j !== i), ...hist]);
+          if (ref !== null && ref > 0 && perMb[i]! > SCREEN_FACTOR * ref) {
+            this.ban(this.peers.get(r.id)!, `its step ${step} gradient (${perMb[i]!.toExponential(2)} per micro-batch) is over ${SCREEN_FACTOR}x the median ${ref.toExponential(2)}`);
+            banned = true;
+          }
+        });
+      }
+      if (banned) continue;
+      for (let s = 0; s < S; s++) {
+        const hist = (this.normHistory[s] ??= []);
+        for (const r of collected[s]!) if (r.microBatches > 0) hist.push(globalGradNorm([r.grads]) / r.microBatches);
+        while (hist.length > 16) hist.shift();
+      }
+      // replicas summed in replica (peer id) order
+      stageGrads = collected.map((rs) => sumReplicas(rs.map((r) => r.grads)));
+      break;
     }
     const norm = globalGradNorm(stageGrads);
     clipInPlace(stageGrads, norm, this.o.train.max_grad_norm);
@@ -613,8 +664,9 @@ export class Coordinator {
     this.o.emit({ event: 'step', step: rec.step, loss: rec.loss, lr: rec.lr, grad_norm: rec.gradNorm, tokens_per_s: rec.tokensPerSecond, total_steps: this.o.data.totalSteps });
   }
 
-  private async collect(peerId: string, s: number, step: number): Promise<Float32Array[]> {
+  private async collect(peerId: string, s: number, step: number): Promise<{ grads: Float32Array[]; microBatches: number }> {
     const out: Float32Array[] = [];
+    let microBatches = 0;
     let total = Infinity, from = 0;
     const names = this.stageParamNames[s]!;
     while (from < total) {
@@ -623,6 +675,7 @@ export class Coordinator {
         runId: this.o.runId, step, phase: 'collect', from, count: Math.min(16, total === Infinity ? 16 : total - from),
       }, { timeoutMs: COMPUTE_TIMEOUT_MS });
       total = res.total;
+      microBatches = res.microBatches ?? 0;
       const gs = res.grads ?? [];
       if (gs.length === 0 && from < total) throw new SwarmError(`peer ${peerId} sent an empty gradient page`);
       for (const g of gs) {
@@ -632,7 +685,7 @@ export class Coordinator {
       }
       from += gs.length;
     }
-    return out;
+    return { grads: out, microBatches };
   }
 
   private async fetchOptimizerState(peerId: string, step: number): Promise<Uint8Array> {

@@ -170,14 +170,16 @@ export class StageHost {
       if (a !== undefined) { this.stage.release(key); this.attempts.delete(key); }
       const c = this.committed.get(req.mb);
       if (c !== undefined && c.attempt === req.attempt) {
-        if (this.stepSum !== null) throw new StaleError(`commit: micro-batch ${req.mb} of step ${req.step} is already in the collected sum`);
+        // taking back a micro-batch after a collect (its partner replica was banned): re-fold later
         this.committed.delete(req.mb);
+        this.stepSum = null;
       }
       return;
     }
     if (this.committed.has(req.mb)) throw new StaleError(`commit: micro-batch ${req.mb} of step ${req.step} was already committed`);
     if (a === undefined || a.grads === null) throw new StaleError(`commit: micro-batch ${req.mb} attempt ${req.attempt} has no gradient here`);
     this.committed.set(req.mb, { attempt: req.attempt, grads: a.grads });
+    this.stepSum = null; // a re-run micro-batch committed after a collect joins the next fold
     this.attempts.delete(key);
   }
 

@@ -65,6 +65,8 @@ export interface VolunteerDeps {
   createOptimizer?: OptimizerFactory;
   /** stops the volunteer abruptly (its node goes away without a goodbye), as a crash would */
   abort?: AbortSignal;
+  /** called with each stage host as it is created (tests instrument it) */
+  onHost?: (host: StageHost) => void;
   /** every event the volunteer reports (the same objects --json prints) */
   onEvent?: (e: Record<string, unknown>) => void;
 }
@@ -164,6 +166,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
       say('assigned', { run_id: a.runId, stage: a.stageIndex, layer_start: a.layerStart, layer_end: a.layerEnd, num_stages: a.numStages, step: a.step },
         `assigned stage ${a.stageIndex + 1}/${a.numStages}: layers [${a.layerStart}, ${a.layerEnd}) at step ${a.step}`);
       host = await loadAssignment(node, blobs, backend, a, dataDir, createOptimizer);
+      deps.onHost?.(host);
       say('ready', { stage: a.stageIndex, params: host.stage.params.length }, `stage loaded (${host.stage.params.length} LoRA tensors); serving`);
 
       let watchdog: NodeJS.Timeout | undefined;

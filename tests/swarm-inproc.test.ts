@@ -17,7 +17,7 @@ import { clipGradNorm } from '../engine/train/clip.ts';
 import { learningRateAt, warmupStepsFor } from '../engine/train/schedule.ts';
 import { createSwarmNode } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
-import { encodeTensor } from '../protocol/tensor.ts';
+import { decodeFloat, encodeTensor } from '../protocol/tensor.ts';
 import { Coordinator } from '../coordinator/run.ts';
 import type { MicroBatch, RunEvent } from '../coordinator/run.ts';
 import { RunStore } from '../coordinator/store.ts';
@@ -74,9 +74,9 @@ async function localRun(): Promise<{ init: Map<string, Float32Array>; final: Map
   return { init, final: new Map(stage.params.map((p) => [p.name, p.data])) };
 }
 
-interface SwarmResult { coordinatorId: string; volunteerEvents: Array<Array<Record<string, unknown>>>; adapter: Map<string, Float32Array>; events: RunEvent[]; addr: string; stop(): Promise<void>; codes: number[]; retries: number }
+interface SwarmResult { poisoner: () => number; coordinatorId: string; volunteerEvents: Array<Array<Record<string, unknown>>>; adapter: Map<string, Float32Array>; events: RunEvent[]; addr: string; stop(): Promise<void>; codes: number[]; retries: number }
 
-async function swarmRun(opts: { killAfterStep?: number; lateJoiner?: boolean } = {}): Promise<SwarmResult> {
+async function swarmRun(opts: { killAfterStep?: number; lateJoiner?: boolean; poisonStage?: number } = {}): Promise<SwarmResult> {
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-inproc-'));
   dirs.push(tmp);
   const node = await createSwarmNode({ dataDir: path.join(tmp, 'coord') });
@@ -107,6 +107,18 @@ async function swarmRun(opts: { killAfterStep?: number; lateJoiner?: boolean } =
   await coord.start();
   const addr = node.getMultiaddrs()[0]!.toString();
   const ids: string[] = [];
+  let poisoner = -1;
+  // a faulty or malicious replica: its step gradient comes out 1e4 times too large
+  const poison = (h: StageHost, i: number) => {
+    if (opts.poisonStage === undefined || h.stageIndex !== opts.poisonStage || poisoner >= 0) return;
+    poisoner = i;
+    const orig = h.aggregate.bind(h);
+    h.aggregate = async (req) => {
+      const res = await orig(req);
+      if (req.phase !== 'collect') return res;
+      return { ...res, grads: res.grads!.map((t) => encodeTensor(decodeFloat(t, 'g').map((x) => x * 1e4), t.shape, 'f32')) };
+    };
+  };
   const volunteerEvents: Array<Array<Record<string, unknown>>> = [[], [], [], []];
   const vols = [0, 1, 2, 3].map(async (i) => {
     const dataDir = path.join(tmp, `v${i}`);
@@ -115,13 +127,13 @@ async function swarmRun(opts: { killAfterStep?: number; lateJoiner?: boolean } =
     await n.stop();
     if (opts.lateJoiner === true && i === 3) await afterStepOne; // joins a run that is already training
     return runVolunteer({ coordinator: addr, token: null, device: 'ref', maxMemoryBytes: 2 ** 30, dataDir, json: true, listen: '/ip4/127.0.0.1/tcp/0' },
-      { backend: new RefBackend(), abort: aborts[i]!.signal, onEvent: (e) => volunteerEvents[i]!.push(e) });
+      { backend: new RefBackend(), abort: aborts[i]!.signal, onEvent: (e) => volunteerEvents[i]!.push(e), onHost: (h) => poison(h, i) });
   });
   await coord.finished;
   const codes = await Promise.all(vols);
   const status = (coord.dashboardState());
   return {
-    coordinatorId: node.peerId.toString(), volunteerEvents, adapter: new Map(coord.currentAdapter().map((t) => [t.name, t.data])), events, addr, codes, retries: status.totals.retries,
+    poisoner: () => poisoner, coordinatorId: node.peerId.toString(), volunteerEvents, adapter: new Map(coord.currentAdapter().map((t) => [t.name, t.data])), events, addr, codes, retries: status.totals.retries,
     stop: async () => { await coord.stop(); await node.stop(); await store.close(); },
   };
 }
@@ -202,6 +214,23 @@ test('a peer joining mid-run is placed at a step boundary with the stage state; 
     assert.ok(fetched.length > 0);
     for (const e of fetched) assert.ok(!String(e.from).endsWith(r.coordinatorId), `blob ${e.name} came from ${e.from}`);
     assert.ok(lateStatus.microBatches > 0, 'the late peer computed micro-batches');
+  } finally {
+    await r.stop();
+  }
+});
+
+test('a replica sending an outsized gradient is banned and its micro-batches re-run; results unchanged', async () => {
+  const ref = await reference;
+  const r = await swarmRun({ poisonStage: 1 });
+  try {
+    assert.equal(r.events.find((e) => e.event === 'error'), undefined);
+    const banned = r.events.filter((e) => e.event === 'peer_banned');
+    assert.equal(banned.length, 1);
+    assert.match(String(banned[0]!.reason), /over 50x the median/);
+    const { rel } = relDiff(ref.init, r.adapter, ref.final);
+    assert.ok(rel <= 1e-5, `relative update difference ${rel} after banning a poisoner`);
+    const st = await fetchStatus(r.addr);
+    assert.equal(st.peers.find((p) => p.peerId === banned[0]!.peer_id)!.health, 'banned');
   } finally {
     await r.stop();
   }
