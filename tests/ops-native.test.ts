@@ -285,3 +285,36 @@ test('concurrent ops on one backend all complete correctly', async () => {
   });
   await Promise.all(jobs);
 });
+
+test('ops never write past the elements they own (guard values after every output)', async () => {
+  // outputs are views followed by 16 guard floats in the same buffer; a kernel tail bug (ragged tile,
+  // vector remainder) would overwrite them
+  const GUARD = 16, SENTINEL = 12345.5;
+  const guarded = (n: number) => {
+    const buf = new Float32Array(n + GUARD).fill(SENTINEL);
+    return { view: buf.subarray(0, n), check: (what: string) => {
+      for (let i = n; i < n + GUARD; i++) assert.equal(buf[i], SENTINEL, `${what}: wrote guard element ${i - n}`);
+    } };
+  };
+  for (const [M, N, K] of [[7, 33, 19], [13, 16, 40], [2, 45, 9], [9, 130, 30]]) {
+    for (const tb of [false, true]) {
+      const C = guarded(M * N);
+      await nb.gemm(false, tb, M, N, K, 1, randn(M * K, 1), randn(K * N, 2), 0, C.view);
+      C.check(`gemm ${M}x${N}x${K} tB=${tb}`);
+    }
+    const W = randNF4(N, K, 32, 3);
+    const Y = guarded(M * N), DX = guarded(M * K), DQ = guarded(N * K);
+    await nb.gemmNF4(M, randn(M * K, 4), W, 0, Y.view); Y.check('gemmNF4');
+    await nb.gemmNF4T(M, randn(M * N, 5), W, 0, DX.view); DX.check('gemmNF4T');
+    await nb.dequantNF4(W, DQ.view); DQ.check('dequantNF4');
+  }
+  const B = 1, S = 67, H = 2, KV = 1, D = 12, T = B * S;
+  const o = guarded(T * H * D), l = guarded(B * H * S), dq = guarded(T * H * D), dk = guarded(T * KV * D), dv = guarded(T * KV * D);
+  const q = randn(T * H * D, 6), k = randn(T * KV * D, 7), v = randn(T * KV * D, 8);
+  await nb.attentionForward(o.view, l.view, q, k, v, B, S, H, KV, D);
+  await nb.attentionBackward(dq.view, dk.view, dv.view, randn(T * H * D, 9), q, k, v, o.view, l.view, B, S, H, KV, D);
+  for (const [name, g] of [['out', o], ['lse', l], ['dq', dq], ['dk', dk], ['dv', dv]] as const) g.check(`attention ${name}`);
+  const n = 37, sg = guarded(n), dg = guarded(n), du = guarded(n);
+  await nb.swigluForward(sg.view, randn(n, 10), randn(n, 11), n); sg.check('swiglu');
+  await nb.swigluBackward(dg.view, du.view, randn(n, 12), randn(n, 10), randn(n, 11), n); dg.check('dgate'); du.check('dup');
+});
