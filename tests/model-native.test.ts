@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { createBackend } from '../engine/backends/index.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { loadStage, logits } from '../engine/model/stage.ts';
+import { generate, argmax } from '../engine/model/generate.ts';
 import { referenceLogits } from '../engine/model/reference.ts';
 import { randomWeightSource, tinyLlamaConfig } from '../engine/model/random-model.ts';
 import { loraScaling } from '../engine/model/lora.ts';
@@ -108,6 +109,20 @@ test('native: split stages [0,2)+[2,4) reproduce the whole [0,4) stage bit for b
   await a.backward('k', ga, { gradOut: rb.gradIn });
   assert.equal(fb.lossSum, fw.lossSum);
   [...ga, ...gb].forEach((g, i) => assert.deepEqual(g, gw[i], whole.params[i].name));
+});
+
+test('native: greedy KV-cache generation equals argmax of full recomputed logits', async () => {
+  const cfg = tinyLlamaConfig();
+  const st = await loadStage(randomWeightSource(cfg, 61), native, { layerStart: 0, layerEnd: 2, lora });
+  randomize(st, 7);
+  const prompt = Array.from(ids(6, cfg.vocabSize, 9));
+  const out = await generate(st, prompt, { maxNewTokens: 6, temperature: 0 });
+  const seq = [...prompt];
+  for (const id of out) {
+    const full = await logits(st, Int32Array.from(seq), 1, seq.length);
+    assert.equal(id, argmax(full.subarray((seq.length - 1) * cfg.vocabSize)));
+    seq.push(id);
+  }
 });
 
 test('native: a timer keeps firing while the stage computes forward and backward', async () => {
