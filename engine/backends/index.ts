@@ -14,7 +14,8 @@ export class BackendUnavailableError extends Error {
 }
 
 /** 'auto' and 'cpu' give the native C++ backend (threads default: physical cores, defaultThreadCount());
- *  'ref' the float64 reference; 'cuda' is not wired yet and throws BackendUnavailableError. */
+ *  'ref' the float64 reference; 'cuda' the GPU backend of cuda/index.ts, or BackendUnavailableError
+ *  saying why (library not built, no device). 'auto' does not pick CUDA yet. */
 export async function createBackend(kind: BackendKind = 'auto', opts?: { threads?: number }): Promise<Backend> {
   switch (kind) {
     case 'auto':
@@ -22,9 +23,16 @@ export async function createBackend(kind: BackendKind = 'auto', opts?: { threads
       return new NativeBackend(opts);
     case 'ref':
       return new RefBackend();
-    case 'cuda':
-      throw new BackendUnavailableError('the CUDA backend is not built/available in this build (cuda/index.ts is not wired ' +
-        "into createBackend yet); use 'cpu'");
+    case 'cuda': {
+      // loaded lazily so CPU-only installs never touch the CUDA loader
+      const cuda = await import('../../cuda/index.ts');
+      const be = await cuda.loadCudaBackend();
+      if (!be) {
+        throw new BackendUnavailableError(`the CUDA backend is not available: ${cuda.cudaUnavailableReason() ?? 'unknown reason'}; ` +
+          "use 'cpu'");
+      }
+      return be;
+    }
     default:
       throw new BackendUnavailableError(`unknown backend kind ${JSON.stringify(kind)}; expected auto, cpu, ref or cuda`);
   }
