@@ -561,6 +561,18 @@ async function getFloatChecked(source: WeightSource, name: string, length: numbe
   return t;
 }
 
+/** Llama-shaped checkpoints whose math differs in ways this stage would silently get wrong. */
+function checkArchitecture(source: WeightSource, layer: number): void {
+  const t = source.config.modelType;
+  if (/^(gemma|phi|falcon|gpt|olmo|cohere|deepseek_v)/i.test(t)) {
+    throw new Error(`model_type "${t}" is not a Llama-family architecture this engine implements (llama, mistral, qwen2)`);
+  }
+  for (const n of ['q_norm', 'k_norm']) {
+    const name = `model.layers.${layer}.self_attn.${n}.weight`;
+    if (source.has(name)) throw new Error(`${name}: per-head q/k RMSNorm (Qwen3-style, model_type "${t}") is not supported`);
+  }
+}
+
 /** Load layers [layerStart, layerEnd) of the source's model and create this stage's LoRA params. */
 export async function loadStage(source: WeightSource, backend: Backend, opts: StageOptions): Promise<Stage> {
   const cfg = source.config;
@@ -573,6 +585,7 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
     throw new RangeError(`loadStage: num_attention_heads ${cfg.numAttentionHeads} is not a multiple of num_key_value_heads ${cfg.numKeyValueHeads}`);
   }
   validateLoraConfig(opts.lora);
+  checkArchitecture(source, layerStart);
   const lossChunk = opts.lossChunk ?? DEFAULT_LOSS_CHUNK;
   if (!Number.isInteger(lossChunk) || lossChunk <= 0) throw new RangeError(`loadStage: lossChunk must be a positive integer, got ${lossChunk}`);
   const seed = opts.seed ?? DEFAULT_SEED;
