@@ -40,6 +40,26 @@ export interface ProbeOptions {
 export async function probeCapabilities(backend: Backend, opts: ProbeOptions): Promise<Capabilities> {
   const total = os.totalmem();
   const free = os.freemem();
+  const cuda = /^cuda(:(\d+))?$/.exec(opts.device);
+  if (cuda !== null) {
+    // a GPU volunteer advertises its device: memory, compute capability, measured GEMM and bandwidth
+    const { probeCuda } = await import('../cuda/index.ts');
+    const g = await probeCuda({ device: Number(cuda[2] ?? 0) });
+    if (g === null) throw new Error(`--device ${opts.device}: no usable CUDA device (driver, GPU or the built library is missing)`);
+    return {
+      backend: 'cuda',
+      deviceName: `${opts.device} ${g.name}`.slice(0, 256),
+      memoryBytes: Math.min(opts.maxMemoryBytes ?? Math.floor(g.freeMemoryBytes * 0.9), g.freeMemoryBytes),
+      memoryTotalBytes: g.totalMemoryBytes,
+      memoryFreeBytes: g.freeMemoryBytes,
+      hostMemoryBytes: total,
+      cores: Math.max(1, os.availableParallelism()),
+      gemmGflops: g.bf16GemmTflops * 1000,
+      computeCapability: g.computeCapability,
+      memoryBandwidthGBs: g.memoryBandwidthGBs,
+      softwareVersion: SOFTWARE_VERSION,
+    };
+  }
   const offered = opts.maxMemoryBytes ?? Math.floor(free * 0.8);
   return {
     backend: opts.device.startsWith('cuda') ? 'cuda' : 'cpu',
