@@ -287,7 +287,8 @@ export class LlamaStage implements Stage {
         throw new RangeError(`stage.forward(${input.key}): labels[${t}] = ${l} is neither -100 nor in [0, ${V})`);
       }
     }
-    return labels;
+    // copied: kept until backward, and the caller (network layer) may reuse its buffer
+    return new Int32Array(labels);
   }
 
   private async stageInput(input: StageInput, T: number, C: number): Promise<Float32Array> {
