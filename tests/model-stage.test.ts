@@ -270,6 +270,12 @@ test('two micro-batch keys in flight interleaved give the same as sequential; ke
   await assert.rejects(s0.forward({ key: 'C', batch: B, seqLen: S, ids: idsA }), /already in flight/);
   s0.release('C');
   await assert.rejects(s0.backward('C', s0.newGrads(), { gradOut: gA.gradIn }), /no forward kept/);
+  // a key released while its forward is still computing is not kept when the forward finishes
+  const running = s0.forward({ key: 'D', batch: B, seqLen: S, ids: idsA });
+  await assert.rejects(s0.forward({ key: 'D', batch: B, seqLen: S, ids: idsA }), /already in flight/);
+  s0.release('D');
+  await running;
+  await assert.rejects(s0.backward('D', s0.newGrads(), { gradOut: gA.gradIn }), /no forward kept/);
 });
 
 test('params are read at call time: overwriting .data in place changes the next forward', async () => {

@@ -95,6 +95,9 @@ export class LlamaStage implements Stage {
   /** the attention kernels are fully causal: longer sequences than a sliding window would differ from HF */
   private readonly slidingWindow: number | null;
   private readonly kept = new Map<string, KeptBatch>();
+  /** training forwards still computing, and those released meanwhile (their result must not be kept) */
+  private readonly pending = new Set<string>();
+  private readonly releasedWhilePending = new Set<string>();
   private disposed = false;
 
   constructor(args: {
@@ -135,10 +138,23 @@ export class LlamaStage implements Stage {
     if (!Number.isInteger(B) || B <= 0 || !Number.isInteger(S) || S <= 0) {
       throw new RangeError(`stage.forward(${key}): batch and seqLen must be positive integers, got ${B}x${S}`);
     }
-    if (train && this.kept.has(key)) throw new Error(`stage.forward: micro-batch key "${key}" is already in flight`);
+    if (train && (this.kept.has(key) || this.pending.has(key))) throw new Error(`stage.forward: micro-batch key "${key}" is already in flight`);
+    const T = B * S;
+    const labels = this.checkLabels(input, T, train);
+    if (!train) return this.forwardPass(input, labels, false);
+    this.pending.add(key);
+    try {
+      return await this.forwardPass(input, labels, true);
+    } finally {
+      this.pending.delete(key);
+      if (this.releasedWhilePending.delete(key)) this.kept.delete(key);
+    }
+  }
+
+  private async forwardPass(input: StageInput, labels: Int32Array | null, train: boolean): Promise<StageForwardResult> {
+    const { key, batch: B, seqLen: S } = input;
     const T = B * S;
     const C = this.config.hiddenSize;
-    const labels = this.checkLabels(input, T, train);
     const ctx: PassContext = {
       B, S, T, positions: trainingPositions(B, S), train, dropoutSeed: input.dropoutSeed ?? 0,
     };
@@ -200,12 +216,14 @@ export class LlamaStage implements Stage {
       dx = await this.layerBackward(layer, dx, acts, ctx, grads, needInputGrad);
       // drop references early so a long stage's peak memory is one layer of activations
       if (kept.layerActs) kept.layerActs[i] = undefined as unknown as LayerActs;
+      if (kept.layerInputs) kept.layerInputs[i] = undefined as unknown as Float32Array;
     }
     return this.isFirst ? {} : { gradIn: dx };
   }
 
   release(key: string): void {
     this.kept.delete(key);
+    if (this.pending.has(key)) this.releasedWhilePending.add(key);
   }
 
   dispose(): void {
