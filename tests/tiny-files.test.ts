@@ -153,3 +153,23 @@ test('ensureTinyModel writes a loadable, deterministic HF model dir and reuses i
 test('TINY_DATASET_PATH points at the bundled dataset', () => {
   assert.equal(readTinyDataset(TINY_DATASET_PATH).length, readFileSync(TINY_DATASET_PATH, 'utf8').trim().split('\n').length);
 });
+
+test('ensureTinyModel: an unusable default cache falls back to the temp dir; an unusable explicit dir is an error', async () => {
+  const root = mkdtempSync(join(tmpdir(), 'swarmtune-tiny-cache-'));
+  const saved = { cache: process.env.SWARMTUNE_CACHE_DIR, tmp: process.env.TMPDIR };
+  try {
+    const file = join(root, 'a-file');
+    writeFileSync(file, 'x');
+    process.env.SWARMTUNE_CACHE_DIR = join(file, 'cache'); // a file where a dir should be: ENOTDIR
+    process.env.TMPDIR = join(root, 'tmp');                // os.tmpdir() reads it at call time
+    const dir = await ensureTinyModel();
+    assert.ok(dir.startsWith(join(root, 'tmp', 'swarmtune-cache', 'tiny-')), dir);
+    assert.ok(isTinyModelDir(dir));
+    await assert.rejects(ensureTinyModel(join(file, 'model')), /cannot create .*a-file\/model.*ENOTDIR/);
+  } finally {
+    for (const [k, v] of [['SWARMTUNE_CACHE_DIR', saved.cache], ['TMPDIR', saved.tmp]] as const) {
+      if (v === undefined) delete process.env[k]; else process.env[k] = v;
+    }
+    rmSync(root, { recursive: true, force: true });
+  }
+});

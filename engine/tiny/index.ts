@@ -113,10 +113,20 @@ async function isCurrent(dir: string, hash: string): Promise<boolean> {
  *  processes at once: every file is written under a unique temp name and renamed into place, and the
  *  stamp file that marks the dir complete is renamed last. */
 export async function ensureTinyModel(dir?: string): Promise<string> {
-  const target = dir ?? defaultTinyModelDir();
   const hash = tinyModelHash();
+  let target = dir ?? defaultTinyModelDir();
   if (await isCurrent(target, hash)) return target;
-  await mkdir(target, { recursive: true });
+  try {
+    await mkdir(target, { recursive: true });
+  } catch (e) {
+    // an unusable default cache (read-only home, a file in the way) should not stop a demo: use the temp dir
+    if (dir !== undefined) {
+      throw new Error(`ensureTinyModel: cannot create ${target}: ${(e as Error).message}`, { cause: e });
+    }
+    target = join(tmpdir(), 'swarmtune-cache', `tiny-${hash}`);
+    if (await isCurrent(target, hash)) return target;
+    await mkdir(target, { recursive: true });
+  }
   const tmpSuffix = `.tmp-${process.pid}-${Math.random().toString(36).slice(2)}`;
   const place = async (name: string, write: (path: string) => Promise<void>) => {
     const tmp = join(target, name + tmpSuffix);
