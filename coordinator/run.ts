@@ -238,10 +238,20 @@ export class Coordinator {
     if (this.o.token !== null && req.token !== this.o.token) throw new AuthError('this run is private: a valid --token is required to join');
     if (this.state === 'finished' || this.state === 'failed') return { status: 'rejected', reason: `the run is ${this.state}`, assignment: null };
     const addrs = req.listenAddrs.map((a) => parseMultiaddr(a.includes('/p2p/') ? a : `${a}/p2p/${peerId}`));
-    this.peers.set(peerId, {
-      peerId, caps: req.capabilities, addrs, stageIndex: null, health: 'spare', ready: false,
-      lastSeenMs: Date.now(), tokensPerSecond: 0, failures: 0, microBatches: 0,
-    });
+    const known = this.peers.get(peerId);
+    if (known !== undefined && this.plan !== null) {
+      // a volunteer that restarted mid-run lost its stage: its old self is gone (micro-batches it held
+      // are re-run), and it joins again like any late joiner
+      if (known.health === 'banned') return { status: 'rejected', reason: 'this peer is banned from the run', assignment: null };
+      this.markDead(known, 'it joined again (restarted)');
+      for (const r of this.plan.replicas) { const i = r.indexOf(peerId); if (i >= 0) r.splice(i, 1); }
+      Object.assign(known, { caps: req.capabilities, addrs, stageIndex: null, ready: false, lastSeenMs: Date.now(), tokensPerSecond: 0 });
+    } else {
+      this.peers.set(peerId, {
+        peerId, caps: req.capabilities, addrs, stageIndex: null, health: 'spare', ready: false,
+        lastSeenMs: Date.now(), tokensPerSecond: 0, failures: 0, microBatches: 0,
+      });
+    }
     if (this.plan !== null) {
       // a late joiner: placed at the next step boundary where throughput is lowest
       this.event('join', `late peer ${peerId} joined: ${req.capabilities.deviceName}, ${(req.capabilities.memoryBytes / 2 ** 30).toFixed(2)} GiB offered; placing it at the next step boundary`);
@@ -409,8 +419,10 @@ export class Coordinator {
     if (p === undefined || p.health === 'dead') return;
     if (['SchemaError', 'TensorError', 'DecodeError', 'FrameTooLargeError'].includes(cause.name)) p.failures++;
     try {
-      await request(this.o.node, p.addrs, 'heartbeat', { runId: this.o.runId, step: this.step, sentAtMs: Date.now() }, { timeoutMs: 1500 });
+      const hb = await request(this.o.node, p.addrs, 'heartbeat', { runId: this.o.runId, step: this.step, sentAtMs: Date.now() }, { timeoutMs: 1500 });
       p.lastSeenMs = Date.now();
+      // alive but without its stage (a restarted process): as good as gone for this run's routes
+      if (!hb.ready || hb.runId !== this.o.runId) this.markDead(p, 'it answers but no longer holds its stage');
     } catch (e) {
       this.markDead(p, `failed a request (${cause.message}) and then a heartbeat (${(e as Error).message})`);
     }

@@ -74,9 +74,9 @@ async function localRun(): Promise<{ init: Map<string, Float32Array>; final: Map
   return { init, final: new Map(stage.params.map((p) => [p.name, p.data])) };
 }
 
-interface SwarmResult { poisoner: () => number; coordinatorId: string; volunteerEvents: Array<Array<Record<string, unknown>>>; adapter: Map<string, Float32Array>; events: RunEvent[]; addr: string; stop(): Promise<void>; codes: number[]; retries: number }
+interface SwarmResult { poisoner: () => number; coordinatorId: string; volunteerEvents: Array<Array<Record<string, unknown>>>; adapter: Map<string, Float32Array>; events: RunEvent[]; addr: string; stop(): Promise<void>; codes: Array<number | number[]>; retries: number }
 
-async function swarmRun(opts: { killAfterStep?: number; lateJoiner?: boolean; poisonStage?: number } = {}): Promise<SwarmResult> {
+async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean; lateJoiner?: boolean; poisonStage?: number } = {}): Promise<SwarmResult> {
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-inproc-'));
   dirs.push(tmp);
   const node = await createSwarmNode({ dataDir: path.join(tmp, 'coord') });
@@ -126,8 +126,12 @@ async function swarmRun(opts: { killAfterStep?: number; lateJoiner?: boolean; po
     ids[i] = n.peerId.toString();
     await n.stop();
     if (opts.lateJoiner === true && i === 3) await afterStepOne; // joins a run that is already training
-    return runVolunteer({ coordinator: addr, token: null, device: 'ref', maxMemoryBytes: 2 ** 30, dataDir, json: true, listen: '/ip4/127.0.0.1/tcp/0' },
-      { backend: new RefBackend(), abort: aborts[i]!.signal, onEvent: (e) => volunteerEvents[i]!.push(e), onHost: (h) => poison(h, i) });
+    const volunteer = (signal: AbortSignal) => runVolunteer({ coordinator: addr, token: null, device: 'ref', maxMemoryBytes: 2 ** 30, dataDir, json: true, listen: '/ip4/127.0.0.1/tcp/0' },
+      { backend: new RefBackend(), abort: signal, onEvent: (e) => volunteerEvents[i]!.push(e), onHost: (h) => poison(h, i) });
+    const code = await volunteer(aborts[i]!.signal);
+    // the crashed volunteer comes back on the same data dir (same peer id) while the run goes on
+    if (opts.restartKilled === true && aborts[i]!.signal.aborted) return [code, await volunteer(new AbortController().signal)];
+    return code;
   });
   await coord.finished;
   const codes = await Promise.all(vols);
@@ -231,6 +235,22 @@ test('a replica sending an outsized gradient is banned and its micro-batches re-
     assert.ok(rel <= 1e-5, `relative update difference ${rel} after banning a poisoner`);
     const st = await fetchStatus(r.addr);
     assert.equal(st.peers.find((p) => p.peerId === banned[0]!.peer_id)!.health, 'banned');
+  } finally {
+    await r.stop();
+  }
+});
+
+test('a volunteer restarted mid-run on its data dir is dropped, rejoins, and is placed again; results unchanged', async () => {
+  const ref = await reference;
+  const r = await swarmRun({ killAfterStep: 1, restartKilled: true });
+  try {
+    assert.equal(r.events.find((e) => e.event === 'error'), undefined);
+    const dropped = r.events.find((e) => e.event === 'peer_dropped')!;
+    const added = r.events.find((e) => e.event === 'peer_added');
+    assert.ok(added !== undefined && added.peer_id === dropped.peer_id, 'the same peer id is placed again');
+    const { rel } = relDiff(ref.init, r.adapter, ref.final);
+    assert.ok(rel <= 1e-5, `relative update difference ${rel}`);
+    assert.ok(r.codes.some((c) => Array.isArray(c) && c[0] === 1 && c[1] === 0), 'first life ends with 1, second with 0');
   } finally {
     await r.stop();
   }
