@@ -5,9 +5,9 @@
 // when N is narrow); each packs its own panels, so no barriers are needed and packing the shared
 // operand twice costs O(1/slab width) of the arithmetic. Each output element is always summed in the
 // same k order, so results do not depend on the thread count. Shapes where packing would cost as much
-// as the arithmetic skip it: M < 4 streams B once (gemm_small_m), a one-sliver-wide slab reads A in
-// place, a slab of few rows reads a row-major float32 B in place, and few rows times a big transposed
-// float32 B is computed as Cᵀ = B·op(A)ᵀ.
+// as the arithmetic skip it: M < 4 streams B once (gemm_small_m); full tiles read a row-major A (or any
+// A of a one-sliver-wide slab) in place; a slab of few rows reads a row-major float32 B in place; and
+// few rows times a big transposed float32 B is computed as Cᵀ = B·op(A)ᵀ.
 #include "gemm.h"
 
 #include "simd.h"
