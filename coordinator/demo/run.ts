@@ -1,7 +1,7 @@
 // `swarmtune demo`: a whole swarm on this machine — a coordinator and N volunteers as separate processes on 127.0.0.1 —
 // fine-tuning the embedded tiny model on the bundled dataset, then before/after answers from the pulled adapter.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createWriteStream, mkdtempSync, readFileSync, type WriteStream } from 'node:fs';
+import { createWriteStream, mkdtempSync, type WriteStream } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -61,7 +61,11 @@ interface Child {
   proc: ChildProcess;
   exited: Promise<number | null>;
   log: string;
+  /** the last lines of its stdout+stderr, kept in memory: the log file may not be flushed when it exits */
+  recent: string[];
 }
+
+const RECENT_LINES = 15;
 
 class ProcessGroup {
   private readonly children: Child[] = [];
@@ -71,17 +75,20 @@ class ProcessGroup {
     const proc = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     const log = createWriteStream(logPath, { flags: 'a' });
     this.logs.push(log);
-    proc.stderr!.pipe(log, { end: false });
-    if (onLine) {
-      createInterface({ input: proc.stdout! }).on('line', (line) => { log.write(line + '\n'); onLine(line); });
-    } else {
-      proc.stdout!.pipe(log, { end: false });
-    }
+    const recent: string[] = [];
+    const keep = (line: string) => {
+      log.write(line + '\n');
+      recent.push(line);
+      if (recent.length > RECENT_LINES) recent.shift();
+    };
+    createInterface({ input: proc.stderr! }).on('line', keep);
+    createInterface({ input: proc.stdout! }).on('line', (line) => { keep(line); onLine?.(line); });
+    // 'close' (not 'exit') fires after stdout/stderr are drained, so `recent` is complete by then
     const exited = new Promise<number | null>((resolve) => {
-      proc.once('exit', (code, signal) => resolve(code ?? (signal ? 128 : null)));
-      proc.once('error', (e) => { log.write(`spawn failed: ${e.message}\n`); resolve(-1); });
+      proc.once('close', (code, signal) => resolve(code ?? (signal ? 128 : null)));
+      proc.once('error', (e) => { keep(`spawn failed: ${e.message}`); resolve(-1); });
     });
-    const child = { name, proc, exited, log: logPath };
+    const child = { name, proc, exited, log: logPath, recent };
     this.children.push(child);
     return child;
   }
@@ -108,12 +115,10 @@ class ProcessGroup {
   }
 }
 
-function tail(file: string, lines = 15): string {
-  try {
-    return readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).map((l) => '    ' + l).join('\n');
-  } catch {
-    return '    (no log)';
-  }
+function tail(c: Child): string {
+  // stack frames say little to a demo user; the error line above them says what went wrong
+  const lines = c.recent.filter((l) => !/^\s+at /.test(l));
+  return lines.length ? lines.map((l) => '    ' + l).join('\n') : '    (no output)';
 }
 
 async function freePort(): Promise<number> {
@@ -127,13 +132,15 @@ async function freePort(): Promise<number> {
   });
 }
 
-async function demoBackend(device: string, say: (s: string) => void): Promise<Backend> {
+/** The backend for before/after answers, and the device the volunteers get: with `auto` and no loadable
+ *  native addon both fall back to the float64 reference (much slower, but the demo still runs). */
+async function demoBackend(device: string, say: (s: string) => void): Promise<{ backend: Backend; device: string }> {
   try {
-    return await backendForDevice(device);
+    return { backend: await backendForDevice(device), device };
   } catch (e) {
     if (device !== 'auto') throw e;
-    say(`(native backend unavailable: ${(e as Error).message.split('\n')[0]}; using the float64 reference backend)`);
-    return backendForDevice('ref');
+    say(`(native backend unavailable: ${(e as Error).message.split('\n')[0]}; using the slow float64 reference backend — build the addon with: npm run build)`);
+    return { backend: await backendForDevice('ref'), device: 'ref' };
   }
 }
 
@@ -172,7 +179,7 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
 
   out(`swarmtune demo: ${o.peers} volunteers + 1 coordinator on 127.0.0.1, tiny Llama (4 layers) on ${records.length} Q&A about Veloria`);
   out(`  work dir ${workDir} (logs in ${logDir})`);
-  const backend = await demoBackend(o.device, out);
+  const { backend, device } = await demoBackend(o.device, out);
   const before: string[] = [];
   try {
     for (const q of picked) before.push(await orStop(answer(modelDir, undefined, q.question, backend)));
@@ -249,7 +256,7 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
     };
     const coord = group.start('coordinator', launchArgs, path.join(logDir, 'coordinator.log'), onLine);
     void coord.exited.then((code) => {
-      if (!finished) fail(new Error(`the coordinator exited (code ${code}) before training finished; last lines of ${coord.log}:\n${tail(coord.log)}`));
+      if (!finished) fail(new Error(`the coordinator exited (code ${code}) before training finished; last lines of ${coord.log}:\n${tail(coord)}`));
     });
     const timer = setTimeout(() => fail(new Error(`demo timed out after ${o.timeoutMs / 1000} s; see the logs in ${logDir}`)), o.timeoutMs);
     try {
@@ -258,7 +265,7 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
       for (let i = 0; i < o.peers; i++) {
         const name = `volunteer-${i + 1}`;
         const v = group.start(name, [
-          'join', multiaddr, '--device', o.device, '--json', '--listen', '/ip4/127.0.0.1/tcp/0',
+          'join', multiaddr, '--device', device, '--json', '--listen', '/ip4/127.0.0.1/tcp/0',
           '--data-dir', path.join(workDir, name),
         ], path.join(logDir, `${name}.log`), (line) => {
           try {
@@ -269,7 +276,7 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
         void v.exited.then((code) => {
           if (finished || code === 0) return;
           // before the plan the run would wait for this peer forever; later the coordinator routes around it
-          if (!planned) fail(new Error(`${name} exited with code ${code} before the run started; last lines of ${v.log}:\n${tail(v.log)}`));
+          if (!planned) fail(new Error(`${name} exited with code ${code} before the run started; last lines of ${v.log}:\n${tail(v)}`));
           else out(`  ${name} exited with code ${code}; see ${v.log}`);
         });
       }
@@ -283,13 +290,13 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
     out(`  training finished in ${((Date.now() - t0) / 1000).toFixed(0)} s; pulling the adapter`);
     const pull = group.start('pull', ['pull', multiaddr, '--out', pulledDir], path.join(logDir, 'pull.log'));
     const pullCode = await orStop(pull.exited);
-    if (pullCode !== 0) throw new Error(`swarmtune pull exited with code ${pullCode}; last lines of ${pull.log}:\n${tail(pull.log)}`);
+    if (pullCode !== 0) throw new Error(`swarmtune pull exited with code ${pullCode}; last lines of ${pull.log}:\n${tail(pull)}`);
   } finally {
     await group.stopAll();
     process.off('exit', onExit);
   }
 
-  const backend2 = await demoBackend(o.device, () => {});
+  const { backend: backend2 } = await demoBackend(device, () => {});
   const answers: DemoAnswer[] = [];
   try {
     for (let i = 0; i < picked.length; i++) {
