@@ -33,7 +33,8 @@ export function registerDemoCommand(program: Command): void {
       const abort = new AbortController();
       let signalled: NodeJS.Signals | null = null;
       const onSignal = (sig: NodeJS.Signals) => {
-        if (signalled !== null) return;
+        // a second Ctrl-C means now: exiting runs the demo's exit hook, which SIGKILLs every child group
+        if (signalled !== null) process.exit(sig === 'SIGINT' ? 130 : 143);
         signalled = sig;
         process.stderr.write(`\nswarmtune demo: ${sig}, stopping the coordinator and volunteers…\n`);
         abort.abort();
