@@ -46,6 +46,16 @@ export const DEMO_DEFAULTS: Omit<DemoOptions, 'json' | 'workDir' | 'dashboardPor
   timeoutMs: 10 * 60_000,
 };
 
+/** The training flags the demo gives `swarmtune launch` (the same ones `swarmtune train` takes). */
+export function demoTrainFlags(steps = DEMO_DEFAULTS.steps, learningRate = DEMO_DEFAULTS.learningRate): string[] {
+  return [
+    '--max-steps', String(steps), '--per-device-train-batch-size', '4', '--gradient-accumulation-steps', '2',
+    '--learning-rate', String(learningRate), '--lr-scheduler-type', 'constant_with_warmup', '--warmup-steps', '3',
+    '--lora-r', '16', '--lora-alpha', '32', '--target-modules', 'all-linear', '--lora-dropout', '0',
+    '--max-seq-length', '96', '--logging-steps', '1',
+  ];
+}
+
 export interface DemoAnswer { question: string; expected: string; before: string; after: string }
 
 export interface DemoResult {
@@ -200,10 +210,7 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
       'launch', '--model', modelDir, '--data', TINY_DATASET_PATH, '--output-dir', adapterOut,
       '--data-dir', path.join(workDir, 'coordinator'), '--listen', '/ip4/127.0.0.1/tcp/0',
       '--min-peers', String(o.peers), '--pipeline-stages', String(pipelineStages),
-      '--max-steps', String(o.steps), '--per-device-train-batch-size', '4', '--gradient-accumulation-steps', '2',
-      '--learning-rate', String(o.learningRate), '--lr-scheduler-type', 'constant_with_warmup', '--warmup-steps', '3',
-      '--lora-r', '16', '--lora-alpha', '32', '--target-modules', 'all-linear', '--lora-dropout', '0',
-      '--max-seq-length', '96', '--logging-steps', '1', '--json',
+      ...demoTrainFlags(o.steps, o.learningRate), '--json',
       ...(dashboardPort !== null ? ['--dashboard', String(dashboardPort)] : []),
     ];
 
