@@ -32,7 +32,8 @@ namespace {
 // Two register tiles per ISA: the wide one for ordinary outputs and a narrow one (one vector wide,
 // twice as tall) for N ≤ one vector, the LoRA rank-r outputs, which would waste half of every FMA.
 #if defined(__AVX512F__)
-constexpr int VL = 16;
+#define SWARMTUNE_VL 16  // a macro, not constexpr: the preprocessor selects the SIMD kernel body
+constexpr int VL = SWARMTUNE_VL;
 #ifndef SWARMTUNE_GEMM_MR
 #define SWARMTUNE_GEMM_MR 6
 #endif
@@ -40,12 +41,14 @@ constexpr int MR_WIDE = SWARMTUNE_GEMM_MR, NR_WIDE = 32;  // 6: 12 zmm accumulat
 constexpr int MR_NARROW = 12, NR_NARROW = 16;
 const char* kKernelName = "avx512 6x32 (+12x16 for N<=16)";
 #elif defined(__AVX2__)
-constexpr int VL = 8;
+#define SWARMTUNE_VL 8
+constexpr int VL = SWARMTUNE_VL;
 constexpr int MR_WIDE = 6, NR_WIDE = 16;  // 12 ymm accumulators, the classic Haswell shape
 constexpr int MR_NARROW = 12, NR_NARROW = 8;
 const char* kKernelName = "avx2 6x16 (+12x8 for N<=8)";
 #else
-constexpr int VL = 1;
+#define SWARMTUNE_VL 1
+constexpr int VL = SWARMTUNE_VL;
 constexpr int MR_WIDE = 4, NR_WIDE = 4;
 constexpr int MR_NARROW = 4, NR_NARROW = 4;
 const char* kKernelName = "scalar 4x4";
@@ -64,87 +67,73 @@ const char* kKernelName = "scalar 4x4";
 constexpr int64_t KC = SWARMTUNE_GEMM_KC, MC = SWARMTUNE_GEMM_MC, NC = SWARMTUNE_GEMM_NC;
 static_assert(MC % 12 == 0, "MC must be a multiple of both tile heights");
 
-#if VL > 1
-typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
+// One SIMD register of floats. Explicit intrinsics: with GCC's generic vector types the compiler
+// re-vectorized the tiles into half-width registers and spilled accumulators (AVX2 build: ~8 GFLOP/s).
+#if defined(__AVX512F__)
+struct Vec {
+  using T = __m512;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T set1(float x) { return _mm512_set1_ps(x); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+};
+#elif defined(__AVX2__)
+struct Vec {
+  using T = __m256;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T set1(float x) { return _mm256_set1_ps(x); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+};
 #endif
 
-// acc[MR][NR] += a_pack(MR×kc) · b_pack(kc×NR); then C = alpha·acc + beta·C on the valid mr×nr corner.
-// DIRECT reads A unpacked as a[i·rs + k·cs] (full MR-row tiles only); otherwise a is the packed sliver.
-// B rows are ldb apart: NR for a packed sliver, N when read straight from a row-major [K,N] B.
+// acc[MR][NR] += a(MR×kc) · b(kc×NR); then C = alpha·acc + beta·C on the valid mr×nr corner (beta = 0
+// never reads C). DIRECT reads A unpacked as a[i·rs + k·cs] (full MR-row tiles only); otherwise a is
+// the packed sliver. B rows are ldb apart: NR for a packed sliver, N when read in place from [K,N].
 template <int MR, int NR, bool DIRECT = false>
 void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* __restrict c,
                   int64_t ldc, int mr, int nr, float alpha, float beta, int64_t rs = 1, int64_t cs = MR,
                   int64_t ldb = NR) {
-#if defined(__AVX512F__)
-  // explicit intrinsics: with generic vector types GCC re-vectorizes the 12x16 tile into ymm halves
-  constexpr int NV = NR / 16;
-  __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; i++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; k++) {
-    __m512 bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) bv[v] = _mm512_loadu_ps(b + v * 16);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; i++) {
-      __m512 ai = _mm512_set1_ps(DIRECT ? a[i * rs] : a[i]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
-    }
-    a += DIRECT ? cs : MR;
-    b += ldb;
-  }
-  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-  if (mr == MR && nr == NR) {
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; i++)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) {
-        float* cp = c + i * ldc + v * 16;
-        __m512 r = _mm512_mul_ps(va, acc[i][v]);
-        if (beta != 0.0f) r = _mm512_fmadd_ps(vb, _mm512_loadu_ps(cp), r);
-        _mm512_storeu_ps(cp, r);
-      }
-    return;
-  }
-  alignas(64) float tile[MR][NR];
-  for (int i = 0; i < MR; i++)
-    for (int v = 0; v < NV; v++) _mm512_store_ps(&tile[i][v * 16], acc[i][v]);
-#elif VL > 1
+#if SWARMTUNE_VL > 1
   constexpr int NV = NR / VL;
-  vf acc[MR][NV];
+  typename Vec::T acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) acc[i][v] = vf{} ;
+    for (int v = 0; v < NV; v++) acc[i][v] = Vec::zero();
   for (int64_t k = 0; k < kc; k++) {
-    vf bv[NV];
+    typename Vec::T bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) bv[v] = *(const vf*)(b + v * VL);
+    for (int v = 0; v < NV; v++) bv[v] = Vec::load(b + v * VL);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++) {
-      float ai = DIRECT ? a[i * rs] : a[i];
+      typename Vec::T ai = Vec::set1(DIRECT ? a[i * rs] : a[i]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) acc[i][v] += ai * bv[v];
+      for (int v = 0; v < NV; v++) acc[i][v] = Vec::fma(ai, bv[v], acc[i][v]);
     }
     a += DIRECT ? cs : MR;
     b += ldb;
   }
+  const typename Vec::T va = Vec::set1(alpha), vb = Vec::set1(beta);
   if (mr == MR && nr == NR) {
 #pragma GCC unroll 16
     for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
       for (int v = 0; v < NV; v++) {
-        vf* cp = (vf*)(c + i * ldc + v * VL);
-        *cp = beta == 0.0f ? alpha * acc[i][v] : alpha * acc[i][v] + beta * *cp;
+        float* cp = c + i * ldc + v * VL;
+        typename Vec::T r = Vec::mul(va, acc[i][v]);
+        if (beta != 0.0f) r = Vec::fma(vb, Vec::load(cp), r);
+        Vec::store(cp, r);
       }
     return;
   }
   alignas(64) float tile[MR][NR];
   for (int i = 0; i < MR; i++)
-    for (int v = 0; v < NV; v++) *(vf*)(&tile[i][v * VL]) = acc[i][v];
+    for (int v = 0; v < NV; v++) Vec::store(&tile[i][v * VL], acc[i][v]);
 #else
   float tile[MR][NR] = {};
   for (int64_t k = 0; k < kc; k++) {
