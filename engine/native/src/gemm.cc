@@ -179,6 +179,40 @@ struct BSrc {
   int64_t N = 0, K = 0;
 };
 
+// d[k·NR + j0 + r] = rows[r][k] for r < 8, k < kc: eight k-contiguous rows written as eight sliver
+// columns. 8×8 register transposes turn the stride-NR scalar scatter into contiguous 8-float stores.
+template <int NR>
+void transpose8_into_sliver(float* d, const float* const rows[8], int64_t kc, int j0) {
+  int64_t k = 0;
+#if defined(__AVX2__)
+  for (; k + 8 <= kc; k += 8) {
+    __m256 r0 = _mm256_loadu_ps(rows[0] + k), r1 = _mm256_loadu_ps(rows[1] + k);
+    __m256 r2 = _mm256_loadu_ps(rows[2] + k), r3 = _mm256_loadu_ps(rows[3] + k);
+    __m256 r4 = _mm256_loadu_ps(rows[4] + k), r5 = _mm256_loadu_ps(rows[5] + k);
+    __m256 r6 = _mm256_loadu_ps(rows[6] + k), r7 = _mm256_loadu_ps(rows[7] + k);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    float* o = d + k * NR + j0;
+    _mm256_storeu_ps(o + 0 * NR, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(o + 1 * NR, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(o + 2 * NR, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(o + 3 * NR, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(o + 4 * NR, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(o + 5 * NR, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(o + 6 * NR, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(o + 7 * NR, _mm256_permute2f128_ps(u3, u7, 0x31));
+  }
+#endif
+  for (; k < kc; k++)
+    for (int r = 0; r < 8; r++) d[k * NR + j0 + r] = rows[r][k];
+}
+
 // Pack op(B)[pc:pc+kc, jc:jc+nc] into NR-wide slivers: dst[s][k][j], zero padded to NR.
 template <int NR>
 void pack_b(float* dst, const BSrc& B, int64_t pc, int64_t kc, int64_t jc, int64_t nc) {
@@ -194,7 +228,13 @@ void pack_b(float* dst, const BSrc& B, int64_t pc, int64_t kc, int64_t jc, int64
         for (int j = nr; j < NR; j++) row[j] = 0.0f;
       }
     } else if (B.f32) {
-      for (int j = 0; j < nr; j++) {
+      int j = 0;
+      for (; j + 8 <= nr; j += 8) {
+        const float* rows[8];
+        for (int r = 0; r < 8; r++) rows[r] = B.f32 + (n0 + j + r) * B.K + pc;
+        transpose8_into_sliver<NR>(d, rows, kc, j);
+      }
+      for (; j < nr; j++) {
         const float* src = B.f32 + (n0 + j) * B.K + pc;
         for (int64_t k = 0; k < kc; k++) d[k * NR + j] = src[k];
       }
@@ -202,8 +242,17 @@ void pack_b(float* dst, const BSrc& B, int64_t pc, int64_t kc, int64_t jc, int64
         for (int64_t k = 0; k < kc; k++) d[k * NR + j] = 0.0f;
     } else if (B.trans) {
       // x·Wᵀ: sliver column j is W row n0+j, contiguous nibbles: decode the row run, then scatter.
-      float* run = tl_row.get((size_t)kc);
-      for (int j = 0; j < nr; j++) {
+      float* run = tl_row.get((size_t)(8 * kc));
+      int j = 0;
+      for (; j + 8 <= nr; j += 8) {
+        const float* rows[8];
+        for (int r = 0; r < 8; r++) {
+          nf4_decode_run(run + r * kc, *B.nf4, (size_t)((n0 + j + r) * B.nf4->cols + pc), kc);
+          rows[r] = run + r * kc;
+        }
+        transpose8_into_sliver<NR>(d, rows, kc, j);
+      }
+      for (; j < nr; j++) {
         nf4_decode_run(run, *B.nf4, (size_t)((n0 + j) * B.nf4->cols + pc), kc);
         for (int64_t k = 0; k < kc; k++) d[k * NR + j] = run[k];
       }
