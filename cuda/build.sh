@@ -21,7 +21,10 @@ done
 echo "build:cuda: target compute_$PTX_ARCH (PTX, JIT-compiled on newer GPUs)"
 GENCODE+=("-gencode" "arch=compute_$PTX_ARCH,code=compute_$PTX_ARCH")
 JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
-NVFLAGS=(-O3 -std=c++17 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden --expt-relaxed-constexpr "${GENCODE[@]}")
+# nvcc --threads compiles the architectures of one file in parallel: worth it only with spare cores.
+THREADS_FLAG=()
+[ "$JOBS" -ge 8 ] && THREADS_FLAG=(--threads 0)
+NVFLAGS=("${THREADS_FLAG[@]}" -O3 -std=c++17 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden --expt-relaxed-constexpr "${GENCODE[@]}")
 start=$(date +%s)
 export NVCC OUT
 printf '%s\n' "${NVFLAGS[@]}" > "$OUT/obj/nvflags"
