@@ -13,12 +13,66 @@ export class BackendUnavailableError extends Error {
   }
 }
 
-/** 'auto' and 'cpu' give the native C++ backend (threads default: physical cores, defaultThreadCount());
- *  'ref' the float64 reference; 'cuda' the GPU backend of cuda/index.ts, or BackendUnavailableError
- *  saying why (library not built, no device). 'auto' does not pick CUDA yet. */
-export async function createBackend(kind: BackendKind = 'auto', opts?: { threads?: number }): Promise<Backend> {
+export interface CreateBackendOptions {
+  threads?: number;
+  /** where 'auto' explains a fallback (default: stderr); never called for an explicit kind */
+  note?: (message: string) => void;
+}
+
+/** A small GEMM on `be` against the CPU backend: 'auto' only hands out a GPU backend whose results
+ *  agree (bf16 tensor cores: relative error well under 1e-2), so a broken driver or kernel degrades to
+ *  the CPU instead of training on garbage. Returns null when it agrees, else what was wrong. */
+export async function selfCheck(be: Backend, cpu: Backend): Promise<string | null> {
+  const M = 64, N = 96, K = 128;
+  const A = new Float32Array(M * K), B = new Float32Array(N * K);
+  let s = 12345;
+  const rnd = () => { s = (s * 1103515245 + 12345) >>> 0; return (s / 2 ** 32) - 0.5; };
+  for (let i = 0; i < A.length; i++) A[i] = rnd();
+  for (let i = 0; i < B.length; i++) B[i] = rnd();
+  const want = new Float32Array(M * N), got = new Float32Array(M * N);
+  await cpu.gemm(false, true, M, N, K, 1, A, B, 0, want);
+  try {
+    await be.gemm(false, true, M, N, K, 1, A, B, 0, got);
+  } catch (e) {
+    return `its self-check GEMM failed: ${(e as Error).message}`;
+  }
+  let num = 0, den = 0;
+  for (let i = 0; i < want.length; i++) { num += (got[i]! - want[i]!) ** 2; den += want[i]! ** 2; }
+  const rel = Math.sqrt(num / den);
+  return Number.isFinite(rel) && rel < 2e-2 ? null : `its self-check GEMM disagrees with the CPU backend (relative error ${rel.toExponential(2)})`;
+}
+
+/** 'auto' = the best backend that works here: CUDA when the library is built, a GPU is usable and a
+ *  self-check GEMM agrees with the CPU; else the native C++ backend; else (addon not built) the float64
+ *  reference, saying so through `note`. 'cpu' = the native C++ backend (threads default: physical
+ *  cores, defaultThreadCount()); 'ref' = the float64 reference; 'cuda' = the GPU backend of
+ *  cuda/index.ts, or BackendUnavailableError saying why (library not built, no device). */
+export async function createBackend(kind: BackendKind = 'auto', opts?: CreateBackendOptions): Promise<Backend> {
+  const note = opts?.note ?? ((m: string) => { process.stderr.write(`note: ${m}\n`); });
   switch (kind) {
-    case 'auto':
+    case 'auto': {
+      let cpu: Backend;
+      try {
+        cpu = new NativeBackend(opts);
+      } catch (e) {
+        note(`native CPU backend unavailable (${(e as Error).message.split('\n')[0]}); using the slow float64 reference backend — build it with: npm run build`);
+        return new RefBackend();
+      }
+      if (process.env.SWARMTUNE_NO_CUDA === '1') return cpu;
+      const cuda = await import('../../cuda/index.ts');
+      // no library or no device is the normal CPU-only case: silent
+      if (!cuda.loadCudaAddon()) return cpu;
+      const gpu = await cuda.loadCudaBackend();
+      if (!gpu) return cpu;
+      const bad = await selfCheck(gpu, cpu);
+      if (bad !== null) {
+        gpu.dispose();
+        note(`CUDA backend not used: ${bad}; training on the CPU (set --device cuda to force it)`);
+        return cpu;
+      }
+      cpu.dispose();
+      return gpu;
+    }
     case 'cpu':
       return new NativeBackend(opts);
     case 'ref':

@@ -33,22 +33,11 @@ async function resolveTiny(cfg: TrainConfig): Promise<{ model: string; data: str
   return { model, data };
 }
 
-/** The Backend for --device; the reference backend needs nothing native. */
+/** The Backend for --device: createBackend's choice (auto falls back to the reference backend, saying
+ *  so, when the native addon is not built). */
 export async function trainBackend(device: string): Promise<Backend> {
-  const index = new URL('../backends/index.ts', import.meta.url);
-  if (existsSync(index)) {
-    try {
-      const mod = await import(index.href) as { createBackend(kind: string): Backend | Promise<Backend> };
-      return await mod.createBackend(device);
-    } catch (e) {
-      if (device !== 'auto') throw e;
-      // auto means "the best that works": without a built native addon, the reference still trains (slowly)
-      process.stderr.write(`note: native backend unavailable (${(e as Error).message}); using the float64 reference backend\n`);
-    }
-  }
-  if (device === 'cpu') throw new ConfigError('--device cpu: the native backend (engine/backends/index.ts) is not available in this build; use --device ref');
-  const { RefBackend } = await import('../backends/ref.ts');
-  return new RefBackend();
+  const { createBackend } = await import('../backends/index.ts');
+  return createBackend(device as 'auto' | 'cpu' | 'ref' | 'cuda');
 }
 
 function fmtDuration(ms: number): string {

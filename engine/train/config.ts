@@ -13,7 +13,7 @@ export const OPTIM_NAMES = ['adamw_torch', 'paged_adamw_32bit', 'adamw_8bit', 'p
 export type OptimName = typeof OPTIM_NAMES[number];
 export const SAVE_STRATEGIES = ['no', 'steps', 'epoch'] as const;
 export type SaveStrategy = typeof SAVE_STRATEGIES[number];
-export const DEVICES = ['auto', 'cpu', 'ref'] as const;
+export const DEVICES = ['auto', 'cpu', 'ref', 'cuda'] as const;
 export type TrainDevice = typeof DEVICES[number];
 
 export interface TrainConfig {
@@ -155,7 +155,7 @@ export const TRAIN_CONFIG_KEYS: readonly ConfigKeySpec[] = [
   { key: 'optim_page_bytes', kind: 'bytes', min: 4096, help: 'paged optimizers: page size' },
   { key: 'max_seq_length', kind: 'int', min: 2, help: 'truncate tokenized examples to this length' },
   { key: 'gradient_checkpointing', kind: 'bool', help: 'recompute layer activations in backward' },
-  { key: 'device', kind: 'enum', values: DEVICES, help: 'compute backend: auto, cpu (native) or ref (float64 reference)' },
+  { key: 'device', kind: 'enum', values: DEVICES, help: 'compute backend: auto (CUDA if a GPU passes its self-check, else native CPU), cpu (native), ref (float64 reference) or cuda' },
   { key: 'system_prompt', kind: 'string', help: 'system message for {"question","answer"} records' },
   { key: 'completion_only_loss', kind: 'bool', help: 'train only on completion / assistant tokens' },
   { key: 'skip_bad_lines', kind: 'bool', help: 'skip (and count) malformed JSONL lines instead of failing' },
