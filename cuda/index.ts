@@ -1,7 +1,8 @@
 // CUDA backend loader: wraps cuda/build/swarmtune_cuda.node behind the engine's Backend interface, plus optimizers and the probe.
 //
 // Every op copies its host Float32Arrays to the device, runs, and copies the results back (the
-// library keeps a caching device pool, so repeated shapes do not re-allocate). Ops run on libuv worker
+// library keeps a caching device pool, so repeated shapes do not re-allocate); NF4 base weights are
+// the exception: they stay resident on the device after first use (cuda/weight-cache.ts). Ops run on libuv worker
 // threads, one at a time per backend. Library failures reject with CudaError; argument mistakes throw
 // CudaArgumentError before anything reaches the device.
 import { createRequire } from 'node:module';
@@ -11,24 +12,11 @@ import { dirname, join } from 'node:path';
 import type { Backend, NF4Weight } from '../engine/backend.ts';
 import { planPagedOptimizer, type OptimizerBits, type PagedPlan } from './paging.ts';
 
-/** A failure reported by the CUDA library (driver, launch, out-of-memory, ...). `status` is the
- *  cudaError_t value or one of the library's own codes (10001 invalid argument, 10002 no device,
- *  10003 budget, 10004 pinned host allocation). */
-export class CudaError extends Error {
-  override name = 'CudaError';
-  readonly status: number;
-  readonly op: string;
-  constructor(message: string, status: number, op: string) {
-    super(message);
-    this.status = status;
-    this.op = op;
-  }
-}
+import { CudaArgumentError, CudaError } from './errors.ts';
+import { NF4WeightCache, type WeightCacheStats, type WeightLease } from './weight-cache.ts';
 
-/** An op was called with arguments that do not fit its contract (checked before any device work). */
-export class CudaArgumentError extends Error {
-  override name = 'CudaArgumentError';
-}
+export { CudaArgumentError, CudaError } from './errors.ts';
+export type { WeightCacheStats } from './weight-cache.ts';
 
 export interface CudaDeviceInfo {
   name: string;
@@ -123,6 +111,14 @@ interface NativeCuda {
   attentionGrid(B: number, S: number, H: number, D: number): {
     gridX: number; gridY: number; gridZ: number; threads: number; dimsPerThread: number; supported: boolean;
   };
+  nf4Upload(ctx: Ctx, packed: Uint8Array, absmax: Float32Array, rows: number, cols: number, blocksize: number): Promise<number>;
+  nf4Free(ctx: Ctx, id: number): Promise<void>;
+  nf4ResidentBytes(rows: number, cols: number, blocksize: number): number;
+  nf4Stats(ctx: Ctx): { count: number; bytes: number };
+  gemmNF4Resident(ctx: Ctx, M: number, X: Float32Array, id: number, beta: number, Y: Float32Array): Promise<void>;
+  gemmNF4TResident(ctx: Ctx, M: number, DY: Float32Array, id: number, beta: number, DX: Float32Array): Promise<void>;
+  dequantNF4Resident(ctx: Ctx, id: number, out: Float32Array): Promise<void>;
+  benchNF4(ctx: Ctx, M: number, rows: number, cols: number, blocksize: number, iters: number, out: Float64Array): Promise<void>;
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -152,7 +148,11 @@ export function loadCudaAddon(): NativeCuda | null {
   }
 }
 
+/** cudaErrorMemoryAllocation */
+const CUDA_ERROR_MEMORY_ALLOCATION = 2;
+
 function toCudaError(e: unknown, op: string): Error {
+  if (e instanceof CudaError || e instanceof CudaArgumentError) return e;
   if (e instanceof Error && typeof (e as { cudaStatus?: unknown }).cudaStatus === 'number') {
     return new CudaError(`${op}: ${e.message}`, (e as unknown as { cudaStatus: number }).cudaStatus, op);
   }
@@ -184,6 +184,27 @@ export interface LoadCudaOptions {
   /** GEMM arithmetic: 'bf16' tensor cores with fp32 accumulation (default; fp32 SIMT below sm_80)
    *  or 'fp32' SIMT everywhere (slower, matches the CPU reference more tightly). */
   gemmPrecision?: 'bf16' | 'fp32';
+  /** Device bytes NF4 base weights may keep resident (LRU beyond that; 0 uploads every weight on
+   *  every call). Default: 80% of the device memory free at load time minus a 1 GiB reserve for
+   *  activations and workspace (defaultWeightCacheBytes). */
+  weightCacheBytes?: number;
+}
+
+/** Reserve kept out of the default weight-cache budget for activations, workspace and the CUDA context. */
+export const WEIGHT_CACHE_RESERVE_BYTES = 2 ** 30;
+
+/** 80% of the free device memory minus WEIGHT_CACHE_RESERVE_BYTES, never negative. */
+export function defaultWeightCacheBytes(freeMemoryBytes: number): number {
+  return Math.max(0, Math.floor(0.8 * freeMemoryBytes) - WEIGHT_CACHE_RESERVE_BYTES);
+}
+
+/** NF4 kernel figures measured on device-resident data (no host transfers). */
+export interface CudaNF4Bench {
+  /** dequantization throughput: packed codes and absmax read plus fp32 output written, per second */
+  dequantGBs: number;
+  dequantSeconds: number;
+  /** fused NF4 GEMM X[M,cols]·Wᵀ */
+  gemmNF4Tflops: number;
 }
 
 /** The CUDA backend, or null when the library is not built or no GPU/driver is usable
@@ -192,10 +213,15 @@ export async function loadCudaBackend(opts?: LoadCudaOptions): Promise<CudaBacke
   const native = loadCudaAddon();
   if (!native) return null;
   const precision = (opts?.gemmPrecision ?? 'bf16') === 'fp32' ? 1 : 0;
+  const wc = opts?.weightCacheBytes;
+  if (wc !== undefined && (!Number.isSafeInteger(wc) || wc < 0)) {
+    throw new CudaArgumentError(`loadCudaBackend: weightCacheBytes=${wc} must be a non-negative integer`);
+  }
   const opened = openDevice(native, opts?.device ?? 0, precision);
   if (!opened) return null;
   lastReason = null;
-  return new CudaBackend(native, opened.ctx, opened.info, precision === 1 ? 'fp32' : 'bf16');
+  return new CudaBackend(native, opened.ctx, opened.info, precision === 1 ? 'fp32' : 'bf16',
+    wc ?? defaultWeightCacheBytes(opened.info.freeMemoryBytes));
 }
 
 /** Device facts plus a short GEMM and copy measurement (~0.1 s of device time); null without a GPU. */
@@ -239,6 +265,10 @@ function checkNF4(op: string, W: NF4Weight): number {
   return n;
 }
 
+function scaleInPlace(Y: Float32Array, n: number, beta: number): void {
+  for (let i = 0; i < n; i++) Y[i] = beta === 0 ? 0 : beta * Y[i];
+}
+
 function checkHyper(op: string, hp: AdamWHyper): void {
   if (!Number.isInteger(hp.step) || hp.step < 1) throw new CudaArgumentError(`CudaBackend.${op}: step=${hp.step} must be an integer >= 1`);
   for (const k of ['lr', 'beta1', 'beta2', 'eps', 'weightDecay'] as const) {
@@ -256,12 +286,22 @@ export class CudaBackend implements Backend {
   #inFlight = 0;
   #closeWhenIdle = false;
   #optimizers = new Set<CudaPagedAdamW>();
+  #weights: NF4WeightCache;
 
-  constructor(native: NativeCuda, ctx: Ctx, device: CudaDeviceInfo, gemmPrecision: 'bf16' | 'fp32') {
+  constructor(native: NativeCuda, ctx: Ctx, device: CudaDeviceInfo, gemmPrecision: 'bf16' | 'fp32', weightCacheBytes: number) {
     this.#native = native;
     this.#ctx = ctx;
     this.device = device;
     this.gemmPrecision = gemmPrecision;
+    this.#weights = new NF4WeightCache(weightCacheBytes, {
+      residentBytes: (W) => native.nf4ResidentBytes(W.rows, W.cols, W.blocksize),
+      upload: async (W) => {
+        let id = 0;
+        await this.#run('nf4Upload', async (n, c) => { id = await n.nf4Upload(c, W.packed, W.absmax, W.rows, W.cols, W.blocksize); });
+        return id;
+      },
+      free: (id) => (this.#ctx && !this.#closeWhenIdle ? this.#run('nf4Free', (n, c) => n.nf4Free(c, id)) : Promise.resolve()),
+    });
   }
 
   #ctxOrThrow(op: string): Ctx {
@@ -269,14 +309,21 @@ export class CudaBackend implements Backend {
     return this.#ctx;
   }
 
-  // Counts in-flight work so dispose() never frees the context under a running worker.
+  // Counts in-flight work so dispose() never frees the context under a running worker. An op that
+  // runs out of device memory is retried once after the unpinned resident weights are freed: every
+  // op allocates all its device buffers before it writes any host output, so a retry is safe.
   async #run(op: string, fn: (native: NativeCuda, ctx: Ctx) => Promise<void>): Promise<void> {
     const ctx = this.#ctxOrThrow(op);
     this.#inFlight++;
     try {
-      await fn(this.#native, ctx);
-    } catch (e) {
-      throw toCudaError(e, op);
+      try {
+        await fn(this.#native, ctx);
+      } catch (e) {
+        const err = toCudaError(e, op);
+        if (!(err instanceof CudaError) || err.status !== CUDA_ERROR_MEMORY_ALLOCATION || op === 'nf4Free') throw err;
+        if (await this.#weights.evictUnpinned() === 0) throw err;
+        await fn(this.#native, ctx).catch((e2: unknown) => { throw toCudaError(e2, op); });
+      }
     } finally {
       this.#inFlight--;
       if (this.#inFlight === 0 && this.#closeWhenIdle) this.#closeNow();
@@ -294,20 +341,68 @@ export class CudaBackend implements Backend {
     checkNF4('gemmNF4', W);
     dims('gemmNF4', { M });
     need('gemmNF4', 'X', X, M * W.cols); need('gemmNF4', 'Y', Y, M * W.rows);
-    await this.#run('gemmNF4', (n, c) => n.gemmNF4(c, M, X, W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, Y));
+    if (M === 0 || W.rows === 0) return;
+    if (W.cols === 0) return scaleInPlace(Y, M * W.rows, beta);  // empty sum: Y = beta·Y, as the reference
+    await this.#withWeight('gemmNF4', W,
+      (n, c, id) => n.gemmNF4Resident(c, M, X, id, beta, Y),
+      (n, c) => n.gemmNF4(c, M, X, W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, Y));
   }
 
   async gemmNF4T(M: number, DY: Float32Array, W: NF4Weight, beta: number, DX: Float32Array): Promise<void> {
     checkNF4('gemmNF4T', W);
     dims('gemmNF4T', { M });
     need('gemmNF4T', 'DY', DY, M * W.rows); need('gemmNF4T', 'DX', DX, M * W.cols);
-    await this.#run('gemmNF4T', (n, c) => n.gemmNF4T(c, M, DY, W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, DX));
+    if (M === 0 || W.cols === 0) return;
+    if (W.rows === 0) return scaleInPlace(DX, M * W.cols, beta);
+    await this.#withWeight('gemmNF4T', W,
+      (n, c, id) => n.gemmNF4TResident(c, M, DY, id, beta, DX),
+      (n, c) => n.gemmNF4T(c, M, DY, W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, DX));
   }
 
   async dequantNF4(W: NF4Weight, out: Float32Array): Promise<void> {
     const n = checkNF4('dequantNF4', W);
     need('dequantNF4', 'out', out, n);
-    await this.#run('dequantNF4', (nat, c) => nat.dequantNF4(c, W.packed, W.absmax, W.rows, W.cols, W.blocksize, out));
+    if (n === 0) return;
+    await this.#withWeight('dequantNF4', W,
+      (nat, c, id) => nat.dequantNF4Resident(c, id, out),
+      (nat, c) => nat.dequantNF4(c, W.packed, W.absmax, W.rows, W.cols, W.blocksize, out));
+  }
+
+  // Runs an NF4 op on W's resident copy (uploaded on first use), or with a per-call upload when W
+  // cannot be resident within the weight-cache budget.
+  async #withWeight(op: string, W: NF4Weight, resident: (n: NativeCuda, c: Ctx, id: number) => Promise<void>,
+    perCall: (n: NativeCuda, c: Ctx) => Promise<void>): Promise<void> {
+    this.#ctxOrThrow(op);
+    const lease: WeightLease | null = await this.#weights.acquire(W);
+    if (!lease) return this.#run(op, perCall);
+    try {
+      await this.#run(op, (n, c) => resident(n, c, lease.id));
+    } finally {
+      lease.release();
+    }
+  }
+
+  /** The NF4 weight cache: budget, resident bytes (as accounted here and as the library reports), hits and evictions. */
+  weightCacheStats(): WeightCacheStats & { libraryCount: number; libraryBytes: number } {
+    const lib = this.#native.nf4Stats(this.#ctxOrThrow('weightCacheStats'));
+    return { ...this.#weights.stats(), libraryCount: lib.count, libraryBytes: lib.bytes };
+  }
+
+  /** Device bytes a resident copy of an NF4 weight of this geometry takes. */
+  nf4ResidentBytes(rows: number, cols: number, blocksize: number): number {
+    return this.#native.nf4ResidentBytes(rows, cols, blocksize);
+  }
+
+  /** Times NF4 dequantization and the fused NF4 GEMM on device-resident random data (benchmarks). */
+  async benchNF4(opts: { M: number; rows: number; cols: number; blocksize?: number; iters?: number }): Promise<CudaNF4Bench> {
+    const bs = opts.blocksize ?? 64, iters = opts.iters ?? 20;
+    dims('benchNF4', { M: opts.M, rows: opts.rows, cols: opts.cols, iters });
+    if (opts.M < 1 || opts.rows < 1 || opts.cols < 1 || iters < 1 || iters > 1000) {
+      throw new CudaArgumentError(`CudaBackend.benchNF4: M, rows, cols must be >= 1 and iters in 1..1000 (got ${opts.M}, ${opts.rows}, ${opts.cols}, ${iters})`);
+    }
+    const out = new Float64Array(3);
+    await this.#run('benchNF4', (n, c) => n.benchNF4(c, opts.M, opts.rows, opts.cols, bs, iters, out));
+    return { dequantGBs: out[0], dequantSeconds: out[1], gemmNF4Tflops: out[2] };
   }
 
   async rmsnormForward(out: Float32Array, rstd: Float32Array, x: Float32Array, w: Float32Array,
@@ -468,6 +563,7 @@ export class CudaBackend implements Backend {
   }
 
   #closeNow(): void {
+    this.#weights.close();  // stc_close frees the resident weights
     for (const o of [...this.#optimizers]) o.destroy();
     if (this.#ctx) this.#native.close(this.#ctx);
     this.#ctx = null;

@@ -2,6 +2,7 @@
 // thread and turns a nonzero library status into a rejected promise (cuda/index.ts makes it a CudaError).
 #include <napi.h>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 #include "../src/api.h"
@@ -24,15 +25,16 @@ Napi::Value MakeError(Napi::Env env, int status, const std::string& msg, const c
 
 class OpWorker : public Napi::AsyncWorker {
  public:
-  OpWorker(Napi::Env env, const char* op, std::function<int()> fn, std::vector<Napi::ObjectReference> refs)
+  OpWorker(Napi::Env env, const char* op, std::function<int()> fn, std::vector<Napi::ObjectReference> refs,
+           std::shared_ptr<double> result)
       : Napi::AsyncWorker(env, op), deferred_(Napi::Promise::Deferred::New(env)), op_(op), fn_(std::move(fn)),
-        refs_(std::move(refs)) {}
+        refs_(std::move(refs)), result_(std::move(result)) {}
   void Execute() override {
     status_ = fn_();
     if (status_ != 0) msg_ = stc_last_error();  // thread-local: read on the thread that failed
   }
   void OnOK() override {
-    if (status_ == 0) deferred_.Resolve(Env().Undefined());
+    if (status_ == 0) deferred_.Resolve(result_ ? Napi::Value(Napi::Number::New(Env(), *result_)) : Env().Undefined());
     else deferred_.Reject(MakeError(Env(), status_, msg_, op_));
   }
   Napi::Promise Promise() const { return deferred_.Promise(); }
@@ -41,7 +43,8 @@ class OpWorker : public Napi::AsyncWorker {
   Napi::Promise::Deferred deferred_;
   const char* op_;
   std::function<int()> fn_;
-  std::vector<Napi::ObjectReference> refs_;  // keeps the typed arrays alive while the worker runs
+  std::vector<Napi::ObjectReference> refs_;  // keeps the typed arrays (and the context handle) alive while the worker runs
+  std::shared_ptr<double> result_;           // when set, the promise resolves to this number
   int status_ = 0;
   std::string msg_;
 };
@@ -105,7 +108,10 @@ struct Args {
     if (!c && ok) {
       Napi::Error::New(env(), std::string(op) + ": CUDA backend already disposed").ThrowAsJavaScriptException();
       ok = false;
+      return nullptr;
     }
+    // a context collected while its op is queued would be closed under the worker
+    refs.push_back(Napi::Persistent(info[i].As<Napi::Object>()));
     return c;
   }
   stc_paged_opt* opt(size_t i) {
@@ -121,9 +127,15 @@ struct Args {
     }
     return o;
   }
-  Napi::Value run(std::function<int()> fn) {
+  // Weight ids travel as numbers: integers below 2^53.
+  int64_t id(size_t i) {
+    double v = num(i);
+    if (ok && !(v >= 1 && v <= 9007199254740991.0 && v == (double)(int64_t)v)) bad(i, "a resident weight id (a positive integer)");
+    return ok ? (int64_t)v : 0;
+  }
+  Napi::Value run(std::function<int()> fn, std::shared_ptr<double> result = nullptr) {
     if (!ok) return env().Undefined();
-    auto* w = new OpWorker(env(), op, std::move(fn), std::move(refs));
+    auto* w = new OpWorker(env(), op, std::move(fn), std::move(refs), std::move(result));
     Napi::Promise p = w->Promise();
     w->Queue();
     return p;
@@ -246,6 +258,83 @@ Napi::Value DequantNF4(const Napi::CallbackInfo& info) {
   int rows = a.i32(3), cols = a.i32(4), bs = a.i32(5);
   float* out = a.f32(6);
   return a.run([=] { return stc_dequant_nf4(c, P, S, rows, cols, bs, out); });
+}
+
+// (ctx, packed, absmax, rows, cols, blocksize) -> Promise<{id}>: resolves to the weight id; bytes via nf4ResidentBytes
+Napi::Value Nf4Upload(const Napi::CallbackInfo& info) {
+  Args a(info, "nf4Upload");
+  stc_ctx* c = a.ctx(0);
+  const uint8_t* P = a.u8(1);
+  const float* S = a.f32(2);
+  int rows = a.i32(3), cols = a.i32(4), bs = a.i32(5);
+  auto result = std::make_shared<double>(0);
+  return a.run([=] {
+    int64_t id = 0, bytes = 0;
+    int s = stc_nf4_upload(c, P, S, rows, cols, bs, &id, &bytes);
+    *result = (double)id;
+    return s;
+  }, result);
+}
+
+// (ctx, id) -> Promise<void>: async so that freeing never waits for a running op on the JS thread
+Napi::Value Nf4Free(const Napi::CallbackInfo& info) {
+  Args a(info, "nf4Free");
+  stc_ctx* c = a.ctx(0);
+  int64_t id = a.id(1);
+  return a.run([=] { return stc_nf4_free(c, id); });
+}
+
+Napi::Value Nf4ResidentBytes(const Napi::CallbackInfo& info) {
+  Args a(info, "nf4ResidentBytes");
+  int rows = a.i32(0), cols = a.i32(1), bs = a.i32(2);
+  if (!a.ok) return info.Env().Undefined();
+  return Napi::Number::New(info.Env(), (double)stc_nf4_resident_bytes(rows, cols, bs));
+}
+
+Napi::Value Nf4Stats(const Napi::CallbackInfo& info) {
+  Args a(info, "nf4Stats");
+  stc_ctx* ctx = a.ctx(0);
+  if (!a.ok) return info.Env().Undefined();
+  int64_t count = 0, bytes = 0;
+  int s = stc_nf4_stats(ctx, &count, &bytes);
+  if (s) return Throw(info.Env(), s, "nf4Stats");
+  Napi::Object r = Napi::Object::New(info.Env());
+  r.Set("count", (double)count);
+  r.Set("bytes", (double)bytes);
+  return r;
+}
+
+// (ctx, M, X|DY, id, beta, Y|DX)
+Napi::Value GemmNF4ResidentCommon(const Napi::CallbackInfo& info, bool transposed) {
+  Args a(info, transposed ? "gemmNF4TResident" : "gemmNF4Resident");
+  stc_ctx* c = a.ctx(0);
+  int M = a.i32(1);
+  const float* X = a.f32(2);
+  int64_t id = a.id(3);
+  float beta = (float)a.num(4);
+  float* Y = a.f32(5);
+  if (transposed) return a.run([=] { return stc_gemm_nf4t_resident(c, M, X, id, beta, Y); });
+  return a.run([=] { return stc_gemm_nf4_resident(c, M, X, id, beta, Y); });
+}
+Napi::Value GemmNF4Resident(const Napi::CallbackInfo& info) { return GemmNF4ResidentCommon(info, false); }
+Napi::Value GemmNF4TResident(const Napi::CallbackInfo& info) { return GemmNF4ResidentCommon(info, true); }
+
+Napi::Value DequantNF4Resident(const Napi::CallbackInfo& info) {
+  Args a(info, "dequantNF4Resident");
+  stc_ctx* c = a.ctx(0);
+  int64_t id = a.id(1);
+  float* out = a.f32(2);
+  return a.run([=] { return stc_dequant_nf4_resident(c, id, out); });
+}
+
+// (ctx, M, rows, cols, blocksize, iters, out Float64Array[3])
+Napi::Value BenchNF4(const Napi::CallbackInfo& info) {
+  Args a(info, "benchNF4");
+  stc_ctx* c = a.ctx(0);
+  int M = a.i32(1), rows = a.i32(2), cols = a.i32(3), bs = a.i32(4), iters = a.i32(5);
+  double* out = a.arr<double>(6, napi_float64_array, "a Float64Array");
+  if (a.ok && info[6].As<Napi::TypedArray>().ElementLength() < 3) a.bad(6, "a Float64Array of at least 3 elements");
+  return a.run([=] { return stc_bench_nf4(c, M, rows, cols, bs, iters, out); });
 }
 
 Napi::Value RmsnormForward(const Napi::CallbackInfo& info) {
@@ -475,6 +564,7 @@ Napi::Value Probe(const Napi::CallbackInfo& info) {
   Args a(info, "probe");
   stc_ctx* c = a.ctx(0);
   double* out = a.arr<double>(1, napi_float64_array, "a Float64Array");
+  if (a.ok && info[1].As<Napi::TypedArray>().ElementLength() < 2) a.bad(1, "a Float64Array of at least 2 elements");
   return a.run([=] { return stc_probe(c, &out[0], &out[1]); });
 }
 
@@ -523,6 +613,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"pagedAdd", PagedAdd}, {"pagedStep", PagedStep}, {"pagedStateInfo", PagedStateInfo},
       {"pagedStateRead", PagedStateRead}, {"pagedStateWrite", PagedStateWrite}, {"pagedStats", PagedStats},
       {"pagedDestroy", PagedDestroy}, {"probe", Probe}, {"gemmGrid", GemmGrid}, {"attentionGrid", AttentionGrid},
+      {"nf4Upload", Nf4Upload}, {"nf4Free", Nf4Free}, {"nf4ResidentBytes", Nf4ResidentBytes}, {"nf4Stats", Nf4Stats},
+      {"gemmNF4Resident", GemmNF4Resident}, {"gemmNF4TResident", GemmNF4TResident},
+      {"dequantNF4Resident", DequantNF4Resident}, {"benchNF4", BenchNF4},
   };
   for (const Entry& e : entries) exports.Set(e.name, Napi::Function::New(env, e.fn, e.name));
   return exports;

@@ -333,12 +333,7 @@ int stc_paged_add(stc_paged_opt* opt, int64_t n, int* tensor_id) {
   return 0;
 }
 
-int stc_paged_step(stc_paged_opt* opt, int tensor_id, float* p, const float* g, const stc_adamw_hparams* hp) {
-  std::lock_guard<std::mutex> lock(opt->ctx->mu);
-  STC_TRY(enter(opt->ctx));
-  STC_TRY(check_hp(hp));
-  STC_REQUIRE(tensor_id >= 0 && tensor_id < (int)opt->tensors.size(), "paged optimizer: unknown tensor id %d",
-              tensor_id);
+static int paged_step_pages(stc_paged_opt* opt, int tensor_id, float* p, const float* g, const stc_adamw_hparams* hp) {
   const PagedTensor& t = opt->tensors[tensor_id];
   const int64_t pe = opt->page_elems, pages = (t.n + pe - 1) / pe;
   const int ns = (int)opt->slots.size();
@@ -389,6 +384,28 @@ int stc_paged_step(stc_paged_opt* opt, int tensor_id, float* p, const float* g, 
   }
   for (auto& s : opt->slots) STC_TRY(paged_flush(s));
   return 0;
+}
+
+int stc_paged_step(stc_paged_opt* opt, int tensor_id, float* p, const float* g, const stc_adamw_hparams* hp) {
+  std::lock_guard<std::mutex> lock(opt->ctx->mu);
+  STC_TRY(enter(opt->ctx));
+  STC_TRY(check_hp(hp));
+  STC_REQUIRE(tensor_id >= 0 && tensor_id < (int)opt->tensors.size(), "paged optimizer: unknown tensor id %d",
+              tensor_id);
+  const int st = paged_step_pages(opt, tensor_id, p, g, hp);
+  if (st != 0) {
+    // A failed step must not leave a slot pointing at this call's p: the caller may free it, and the
+    // next step would copy into it. Drain every slot now, while p is still valid: pages whose work
+    // completed hand their parameters back (their state was already updated), the rest are dropped.
+    for (auto& s : opt->slots) {
+      if (cudaStreamSynchronize(s.st) == cudaSuccess && s.pending_len)
+        memcpy(s.pending_dst, s.pin_pg, sizeof(float) * (size_t)s.pending_len);
+      s.pending_len = 0;
+      s.pending_dst = nullptr;
+    }
+    cudaGetLastError();
+  }
+  return st;
 }
 
 int stc_paged_state_info(stc_paged_opt* opt, int tensor_id, int* is8bit, int64_t* a_bytes, int64_t* b_bytes) {

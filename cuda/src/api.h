@@ -60,6 +60,22 @@ STC_API int stc_gemm_nf4t(stc_ctx* ctx, int M, const float* DY, const uint8_t* p
 STC_API int stc_dequant_nf4(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int rows, int cols,
                             int blocksize, float* out);
 
+/** Device-resident NF4 weights. stc_nf4_upload copies a weight to device memory once (its own
+ *  cudaMalloc, outside the op pool) and returns an id; the *_resident ops then read it there instead
+ *  of uploading it on every call. The caller owns the lifetime: stc_nf4_free releases it, and
+ *  stc_close releases whatever is left. Ids are never reused: a freed or unknown id fails with
+ *  STC_E_INVALID. The library does not watch the host copy: callers must only cache frozen weights. */
+STC_API int stc_nf4_upload(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int rows, int cols,
+                           int blocksize, int64_t* weight_id, int64_t* device_bytes);
+STC_API int stc_nf4_free(stc_ctx* ctx, int64_t weight_id);
+/** device bytes an NF4 weight of this geometry takes when resident (-1 for an invalid geometry) */
+STC_API int64_t stc_nf4_resident_bytes(int rows, int cols, int blocksize);
+/** resident weights held by the context: how many and their device bytes */
+STC_API int stc_nf4_stats(stc_ctx* ctx, int64_t* count, int64_t* bytes);
+STC_API int stc_gemm_nf4_resident(stc_ctx* ctx, int M, const float* X, int64_t weight_id, float beta, float* Y);
+STC_API int stc_gemm_nf4t_resident(stc_ctx* ctx, int M, const float* DY, int64_t weight_id, float beta, float* DX);
+STC_API int stc_dequant_nf4_resident(stc_ctx* ctx, int64_t weight_id, float* out);
+
 STC_API int stc_rmsnorm_forward(stc_ctx* ctx, float* out, float* rstd, const float* x, const float* w,
                                 int T, int C, float eps);
 STC_API int stc_rmsnorm_backward(stc_ctx* ctx, float* dx, float* dw /* nullable */, const float* dout,
@@ -108,6 +124,11 @@ STC_API void stc_paged_destroy(stc_paged_opt* opt);
 
 /** short measurements: bf16 tensor-core GEMM TFLOP/s (fp32 SIMT below sm_80) and device copy GB/s */
 STC_API int stc_probe(stc_ctx* ctx, double* gemm_tflops, double* bandwidth_gbs);
+
+/** NF4 kernels timed on device-resident data (no host transfers): a random weight [rows, cols] is
+ *  built on the device; out[0] = dequantization GB/s (packed + absmax read, fp32 written),
+ *  out[1] = dequantization seconds per call, out[2] = fused NF4 GEMM (X[M,cols]·Wᵀ) TFLOP/s. */
+STC_API int stc_bench_nf4(stc_ctx* ctx, int M, int rows, int cols, int blocksize, int iters, double* out3);
 
 /** Pure launch math exposed for host-side tests (no device needed). */
 STC_API int stc_gemm_grid(int M, int N, int use_tensor_cores, int* grid_x, int* grid_y, int* threads);

@@ -7,6 +7,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include "api.h"
 
 namespace stc {
@@ -64,6 +65,15 @@ class Pool {
   int64_t peak_ = 0;
 };
 
+// A device-resident NF4 weight (stc_nf4_upload): packed codes then float32 absmax in one allocation.
+struct DevNF4 {
+  void* base = nullptr;      // cudaMalloc'd, owned
+  size_t bytes = 0;
+  const uint8_t* packed = nullptr;
+  const float* absmax = nullptr;
+  int rows = 0, cols = 0, log2bs = 0;
+};
+
 }  // namespace stc
 
 struct stc_ctx {
@@ -74,6 +84,11 @@ struct stc_ctx {
   cudaStream_t stream = nullptr;
   std::mutex mu;  // one op at a time per context: ops run on libuv worker threads
   stc::Pool pool;
+  // Device-resident NF4 weights by id. Ids are never reused, so a stale id fails with STC_E_INVALID
+  // instead of touching freed memory. Guarded by mu like everything else in the context.
+  std::unordered_map<int64_t, stc::DevNF4> weights;
+  int64_t next_weight_id = 1;
+  int64_t weight_bytes = 0;
   bool tensor_cores() const { return precision == 0 && cc_major >= 8; }
 };
 

@@ -154,6 +154,9 @@ void stc_close(stc_ctx* ctx) {
     std::lock_guard<std::mutex> lock(ctx->mu);
     cudaSetDevice(ctx->device);
     cudaStreamSynchronize(ctx->stream);
+    for (auto& kv : ctx->weights) cudaFree(kv.second.base);
+    ctx->weights.clear();
+    ctx->weight_bytes = 0;
     ctx->pool.trim();
     cudaStreamDestroy(ctx->stream);
   }
@@ -161,6 +164,9 @@ void stc_close(stc_ctx* ctx) {
 }
 
 int stc_memory_stats(stc_ctx* ctx, int64_t* pool_bytes, int64_t* peak_bytes) {
+  *pool_bytes = 0;
+  *peak_bytes = 0;
+  STC_TRY(enter(ctx));  // rejects a null context
   std::lock_guard<std::mutex> lock(ctx->mu);
   *pool_bytes = ctx->pool.held_bytes();
   *peak_bytes = ctx->pool.peak_bytes();
