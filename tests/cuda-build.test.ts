@@ -46,7 +46,10 @@ test('api.h declares the ops the Backend interface needs', () => {
   for (const sym of ['stc_gemm', 'stc_gemm_nf4', 'stc_gemm_nf4t', 'stc_dequant_nf4', 'stc_rmsnorm_forward',
     'stc_rmsnorm_backward', 'stc_rope', 'stc_attention_forward', 'stc_attention_backward', 'stc_swiglu_forward',
     'stc_swiglu_backward', 'stc_embedding_forward', 'stc_cross_entropy_chunk_forward',
-    'stc_cross_entropy_chunk_backward', 'stc_adamw32', 'stc_adamw8bit', 'stc_paged_step', 'stc_probe']) {
+    'stc_cross_entropy_chunk_backward', 'stc_adamw32', 'stc_adamw8bit', 'stc_paged_step', 'stc_probe',
+    // device-resident NF4 weights and the NF4 benchmark
+    'stc_nf4_upload', 'stc_nf4_free', 'stc_nf4_resident_bytes', 'stc_nf4_stats', 'stc_gemm_nf4_resident',
+    'stc_gemm_nf4t_resident', 'stc_dequant_nf4_resident', 'stc_bench_nf4']) {
     assert.ok(api.has(sym), `cuda/src/api.h does not declare ${sym}`);
   }
 });
@@ -151,4 +154,34 @@ test('paged slot sizes agree between cuda/paging.ts and the library', { skip: sk
     }
   }
   assert.equal(addon.pagedSlotBytes(8, 100), -1);  // not a multiple of the 256-element block
+});
+
+test('the addon validates the resident-weight functions before touching a device', { skip: skipBuilt }, () => {
+  const addon = loadCudaAddon() as unknown as Record<string, (...a: unknown[]) => unknown>;
+  for (const name of ['nf4Upload', 'nf4Free', 'nf4Stats', 'gemmNF4Resident', 'gemmNF4TResident', 'dequantNF4Resident', 'benchNF4']) {
+    assert.equal(typeof addon[name], 'function', `addon.${name} missing`);
+  }
+  const isType = (re: RegExp) => (e: Error) => e.name === 'TypeError' && re.test(e.message);
+  assert.throws(() => addon.nf4Upload(null, new Uint8Array(2), new Float32Array(1), 2, 2, 64),
+    isType(/nf4Upload: argument 0 must be a CUDA context/));
+  assert.throws(() => addon.nf4Free({}, 1), isType(/nf4Free: argument 0 must be a CUDA context/));
+  assert.throws(() => addon.nf4Stats(undefined), isType(/nf4Stats: argument 0 must be a CUDA context/));
+  assert.throws(() => addon.gemmNF4Resident(null, 1, new Float32Array(1), 1, 0, new Float32Array(1)),
+    isType(/gemmNF4Resident: argument 0/));
+  assert.throws(() => addon.dequantNF4Resident(null, 1, new Float32Array(1)), isType(/dequantNF4Resident: argument 0/));
+  assert.throws(() => addon.benchNF4(null, 1, 64, 64, 64, 1, new Float64Array(3)), isType(/benchNF4: argument 0/));
+  assert.throws(() => addon.nf4ResidentBytes('64', 64, 64), isType(/nf4ResidentBytes: argument 0 must be a number/));
+});
+
+test('resident NF4 size: packed codes padded to 256 bytes, then one float32 absmax per block', { skip: skipBuilt }, () => {
+  const addon = loadCudaAddon()!;
+  for (const [rows, cols, bs] of [[1, 1, 64], [7, 33, 32], [70, 96, 64], [4096, 4096, 64], [14336, 4096, 64], [300, 129, 128], [3, 3, 4096]]) {
+    const n = rows * cols;
+    const want = Math.ceil(Math.ceil(n / 2) / 256) * 256 + 4 * Math.ceil(n / bs);
+    assert.equal(addon.nf4ResidentBytes(rows, cols, bs), want, `[${rows},${cols}] blocksize ${bs}`);
+  }
+  // the Backend contract's blocksizes only: powers of two in 32..4096
+  for (const [rows, cols, bs] of [[0, 4, 64], [4, 0, 64], [-1, 4, 64], [4, 4, 16], [4, 4, 8192], [4, 4, 96], [4, 4, 0]]) {
+    assert.equal(addon.nf4ResidentBytes(rows, cols, bs), -1, `[${rows},${cols}] blocksize ${bs} accepted`);
+  }
 });
