@@ -1,5 +1,5 @@
 // The volunteer's optimizer: the trainer's AdamW family (paged state) over this stage's LoRA tensors,
-// with its state serialized for the coordinator's checkpoints.
+// with its state serialized for the coordinator's checkpoints and reloaded for a rollback.
 import { Packr, Unpackr } from 'msgpackr';
 import { AdamW } from '../engine/train/optim.ts';
 import type { OptimizerState, StateTensor } from '../engine/train/optim.ts';
@@ -50,5 +50,7 @@ export async function createShardOptimizer(spec: OptimSpec, params: NamedTensor[
     // params' data is read at call time: the stage owns the arrays and updates land in place
     step: (grads, lr) => adam.update(params.map((p) => p.data), grads, lr),
     saveState: () => encodeOptimizerState(adam.exportState()),
+    // a rollback to the state before the last update (coordinator restart): moments and step count
+    loadState: (b) => adam.importState(decodeOptimizerState(b, 'optimizer state to restore')),
   };
 }

@@ -3,18 +3,29 @@
 import type { Stage } from '../engine/types.ts';
 import type {
   AggregateRequest, AggregateResponse, AdapterRequest, AdapterResponse, Assignment, BackwardRequest,
-  BackwardResponse, CommitRequest, ForwardRequest, ForwardResponse, OptimizerRequest, WeightsResponse,
+  BackwardResponse, CommitRequest, ForwardRequest, ForwardResponse, JoinRequest, OptimizerRequest, WeightsResponse,
 } from '../protocol/messages.ts';
 import { decodeFloat, decodeInt, encodeTensor } from '../protocol/tensor.ts';
 import type { FloatCodec } from '../protocol/tensor.ts';
-import { SchemaError, StaleError, TensorError } from '../protocol/errors.ts';
+import { IntegrityError, SchemaError, StaleError, TensorError } from '../protocol/errors.ts';
+import { adapterDigest } from '../protocol/adapter-digest.ts';
+import { StepSnapshot } from './step-snapshot.ts';
+import type { SnapshotOptions } from './step-snapshot.ts';
+
+/** What a host that lost its coordinator offers the restarted one (join.kept). */
+export type KeptOffer = NonNullable<JoinRequest['kept']>;
 
 /** The optimizer a stage applies to its own LoRA tensors (the trainer's optimizers implement it). */
 export interface ShardOptimizer {
   step(grads: Float32Array[], lr: number): Promise<void> | void;
   /** the full optimizer state (moments, step count) in the trainer's checkpoint format */
   saveState(): Promise<Uint8Array> | Uint8Array;
+  /** replace the whole state (moments, step count) with bytes saveState produced: a rollback */
+  loadState(bytes: Uint8Array): Promise<void> | void;
 }
+
+/** Snapshots above 64 MiB (or above the paged optimizer's resident budget) go to disk. */
+export const SNAPSHOT_RESIDENT_BYTES = 64 * 1024 * 1024;
 
 /** Runs one job at a time, backward before forward: a backward frees a kept input, a forward adds one. */
 class PriorityRunner {
@@ -64,15 +75,24 @@ export class StageHost {
   /** tokens/s through this stage, measured over forward+backward compute */
   private computeMs = 0;
   private computeTokens = 0;
+  /** the state from before the last optimizer update (a restarted coordinator may not have committed it) */
+  private previous: StepSnapshot | null = null;
+  private readonly snapshotOptions: SnapshotOptions;
+  /** bumped when the step in flight is abandoned (coordinator lost): work started before is dropped */
+  private generation = 0;
 
-  constructor(stage: Stage, a: Assignment, optimizer: ShardOptimizer) {
+  constructor(stage: Stage, a: Assignment, optimizer: ShardOptimizer, snapshot: Partial<SnapshotOptions> = {}) {
     this.stage = stage;
     this.runId = a.runId;
     this.stageIndex = a.stageIndex;
     this.wireCodec = a.wireCodec;
     this.step = a.step;
     this.optimizer = optimizer;
+    this.snapshotOptions = { dir: snapshot.dir ?? null, residentBytes: snapshot.residentBytes ?? SNAPSHOT_RESIDENT_BYTES };
   }
+
+  /** the step of the kept pre-update state, null before the first update */
+  get previousStep(): number | null { return this.previous?.step ?? null; }
 
   get inflight(): number { return this.attempts.size; }
   get busy(): boolean { return this.runner.busy; }
@@ -117,6 +137,7 @@ export class StageHost {
     }
     const a: Attempt = { mb: req.mb, attempt: req.attempt, forwardDone: false, grads: null, batch: req.batch, seqLen: req.seqLen };
     if (req.train) this.attempts.set(key, a);
+    const generation = this.generation;
     const out = await this.runner.run(1, async () => {
       const t0 = performance.now();
       const r = await this.stage.forward(input, { train: req.train });
@@ -124,6 +145,11 @@ export class StageHost {
       this.computeTokens += T;
       return r;
     });
+    if (generation !== this.generation) {
+      // the step was abandoned while this forward waited or ran: its kept input must not linger
+      this.stage.release(key);
+      throw new StaleError(`forward: step ${req.step} was abandoned (coordinator lost) while micro-batch ${req.mb} computed`);
+    }
     a.forwardDone = true;
     if (!req.train) this.stage.release(key);
     if (this.stage.isLast) return { lossSum: out.lossSum ?? 0, tokens: out.tokens ?? 0 };
@@ -224,15 +250,72 @@ export class StageHost {
     if (req.last === true) {
       if (req.lr === undefined) throw new SchemaError('aggregate apply: the last page needs lr');
       const g = this.finalGrads;
-      await this.runner.run(0, async () => { await this.optimizer.step(g, req.lr!); });
-      this.finalGrads = null;
-      this.stepSum = null;
-      this.committed.clear();
-      for (const k of this.attempts.keys()) this.stage.release(k);
-      this.attempts.clear();
-      this.step += 1;
+      await this.runner.run(0, async () => {
+        // keep the state of this step: the coordinator may die before it commits the update
+        const snap = await StepSnapshot.take(this.step, this.stage.params, await this.optimizer.saveState(), this.snapshotOptions);
+        await this.previous?.dispose();
+        this.previous = snap;
+        await this.optimizer.step(g, req.lr!);
+        this.resetStep();
+        this.step += 1;
+      });
     }
     return { total };
+  }
+
+  /** Drop everything of the step in flight: attempts, committed micro-batches, partial final gradient. */
+  private resetStep(): void {
+    this.finalGrads = null;
+    this.stepSum = null;
+    this.committed.clear();
+    for (const k of this.attempts.keys()) this.stage.release(k);
+    this.attempts.clear();
+    this.optimSnapshot = null;
+  }
+
+  /** The coordinator is gone: abandon the step in flight (once the job computing now is done) and
+   *  say which steps this host can restore, with each one's adapter digest. */
+  async detach(): Promise<KeptOffer> {
+    return this.runner.run(0, async () => {
+      this.generation++;
+      this.resetStep();
+      const states = [{ step: this.step, adapterSha256: adapterDigest(this.stage.params) }];
+      if (this.previous !== null) states.push({ step: this.previous.step, adapterSha256: await this.previous.digest(this.stage.params) });
+      return { runId: this.runId, stageIndex: this.stageIndex, layerStart: this.stage.layerStart, layerEnd: this.stage.layerEnd, states };
+    });
+  }
+
+  /** Resume under a restarted coordinator at its committed `step`: keep the current state, or roll
+   *  back the update applied after it; either way the adapter must hash to `adapterSha256`. */
+  async resumeAt(step: number, adapterSha256: string): Promise<{ rolledBack: boolean }> {
+    return this.runner.run(0, async () => {
+      this.generation++;
+      this.resetStep();
+      let rolledBack = false;
+      if (step !== this.step) {
+        const prev = this.previous;
+        if (prev === null || prev.step !== step) {
+          throw new StaleError(`resume at step ${step}: this peer holds step ${this.step}${prev !== null ? ` and the state of step ${prev.step}` : ' and no earlier state'}`);
+        }
+        const optimizerState = await prev.restoreInto(this.stage.params);
+        await this.optimizer.loadState(optimizerState);
+        this.step = step;
+        rolledBack = true;
+      }
+      const got = adapterDigest(this.stage.params);
+      if (got !== adapterSha256) {
+        throw new IntegrityError(`resume at step ${step}: this stage's adapter hashes to ${got.slice(0, 16)}…, the committed one to ${adapterSha256.slice(0, 16)}…`);
+      }
+      await this.previous?.dispose();
+      this.previous = null;
+      return { rolledBack };
+    });
+  }
+
+  /** Release the kept snapshot (its spill file); the stage itself is disposed by its owner. */
+  async dispose(): Promise<void> {
+    await this.previous?.dispose();
+    this.previous = null;
   }
 
   private optimSnapshot: { step: number; bytes: Uint8Array } | null = null;

@@ -1,5 +1,6 @@
 // The volunteer process: probe, join, fetch and verify shard blobs, load the stage, serve it, exit cleanly.
 import path from 'node:path';
+import { rm } from 'node:fs/promises';
 import type { Backend } from '../engine/backend.ts';
 import { loadStage } from '../engine/model/stage.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
@@ -14,7 +15,8 @@ import type { Assignment } from '../protocol/messages.ts';
 import { StaleError, SwarmError } from '../protocol/errors.ts';
 import { probeCapabilities } from './probe.ts';
 import { BlobWeightSource } from './weights.ts';
-import { StageHost } from './stage-host.ts';
+import { SNAPSHOT_RESIDENT_BYTES, StageHost } from './stage-host.ts';
+import type { KeptOffer } from './stage-host.ts';
 import { createShardOptimizer } from './optimizer.ts';
 import type { ShardOptimizer } from './stage-host.ts';
 import type { NamedTensor } from '../engine/types.ts';
@@ -23,8 +25,9 @@ import type { OptimSpec } from '../protocol/messages.ts';
 /** Joining waits for the coordinator to reach --min-peers and plan; an hour covers slow organizers. */
 const JOIN_TIMEOUT_MS = 60 * 60_000;
 /** Without a coordinator heartbeat for this long (it pings every second), the coordinator is
- *  considered gone: the volunteer drops its stage and tries to rejoin (a restarted coordinator keeps
- *  its peer id and address). */
+ *  considered gone: the volunteer abandons the step in flight, keeps its stage state (and the state
+ *  from before its last update) and rejoins, offering that state (a restarted coordinator keeps its
+ *  peer id and address, and resumes the volunteer at its last committed step). */
 const COORDINATOR_LOST_MS = 8_000;
 /** How long a volunteer keeps trying to rejoin a lost coordinator before giving up. */
 const REJOIN_WINDOW_MS = 10 * 60_000;
@@ -83,6 +86,8 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
   let node: SwarmNode | null = null;
   let unlock: (() => Promise<void>) | null = null;
   let host: StageHost | null = null;
+  /** the stage kept after losing the coordinator, with what it offers the restarted one */
+  let kept: { host: StageHost; offer: KeptOffer } | null = null;
   let runId: string | null = null;
   let lastCoordinatorMs = Date.now();
   let done!: (code: number) => void;
@@ -99,6 +104,8 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
       backend = kind === 'ref' ? new RefBackend() : await (await loadCreateBackend())(kind);
     }
     unlock = await lockDataDir(dataDir);
+    // step snapshots spilled by an earlier process of this data dir are of no use to this one
+    await rm(path.join(dataDir, 'restore'), { recursive: true, force: true });
     node = await createSwarmNode({ dataDir, listen: [opts.listen ?? '/ip4/127.0.0.1/tcp/0'] });
     const blobs = new BlobStore(dataDir);
     blobs.onEvent = (e: BlobEvent) => {
@@ -143,7 +150,9 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
       say('joining', { coordinator: opts.coordinator, peer_id: node.peerId.toString() }, `joining ${opts.coordinator} as ${node.peerId.toString()}`);
       let res;
       try {
-        const joinP = request(node, coord, 'join', { token: opts.token, capabilities: caps, listenAddrs, previousRunId }, { timeoutMs: JOIN_TIMEOUT_MS });
+        const joinP = request(node, coord, 'join', {
+          token: opts.token, capabilities: caps, listenAddrs, previousRunId, ...(kept !== null ? { kept: kept.offer } : {}),
+        }, { timeoutMs: JOIN_TIMEOUT_MS });
         res = await Promise.race([joinP, finished.then(() => null)]);
       } catch (e) {
         // a restarting coordinator refuses connections for a while: keep trying within the window
@@ -165,9 +174,27 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
       lastCoordinatorMs = Date.now();
       say('assigned', { run_id: a.runId, stage: a.stageIndex, layer_start: a.layerStart, layer_end: a.layerEnd, num_stages: a.numStages, step: a.step },
         `assigned stage ${a.stageIndex + 1}/${a.numStages}: layers [${a.layerStart}, ${a.layerEnd}) at step ${a.step}`);
-      host = await loadAssignment(node, blobs, backend, a, dataDir, createOptimizer);
-      deps.onHost?.(host);
-      say('ready', { stage: a.stageIndex, params: host.stage.params.length }, `stage loaded (${host.stage.params.length} LoRA tensors); serving`);
+      let active: StageHost;
+      if (a.keep !== undefined) {
+        // the restarted coordinator resumes the stage this peer kept, at its last committed step
+        const k = kept;
+        if (k === null || k.offer.runId !== a.runId || k.offer.stageIndex !== a.stageIndex || k.offer.layerStart !== a.layerStart || k.offer.layerEnd !== a.layerEnd) {
+          throw new SwarmError(`the coordinator asked this peer to keep stage ${a.stageIndex} layers [${a.layerStart}, ${a.layerEnd}) of run ${a.runId}, but it ${k === null ? 'kept no stage' : `kept stage ${k.offer.stageIndex} layers [${k.offer.layerStart}, ${k.offer.layerEnd}) of run ${k.offer.runId}`}`);
+        }
+        const from = k.host.step;
+        const { rolledBack } = await k.host.resumeAt(a.step, a.keep.adapterSha256);
+        kept = null;
+        active = k.host;
+        say('resumed', { stage: a.stageIndex, step: a.step, from_step: from, rolled_back: rolledBack },
+          rolledBack ? `kept stage ${a.stageIndex}: rolled back the uncommitted update of step ${from} to the committed step ${a.step}`
+            : `kept stage ${a.stageIndex} at the committed step ${a.step}`);
+      } else {
+        if (kept !== null) { await kept.host.dispose(); kept.host.stage.dispose(); kept = null; }
+        active = await loadAssignment(node, blobs, backend, a, dataDir, createOptimizer);
+      }
+      host = active;
+      deps.onHost?.(active);
+      say('ready', { stage: a.stageIndex, params: active.stage.params.length }, `stage loaded (${active.stage.params.length} LoRA tensors); serving`);
 
       let watchdog: NodeJS.Timeout | undefined;
       const lost = new Promise<'lost'>((resolve) => {
@@ -176,11 +203,13 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
       const outcome = await Promise.race([finished, lost]);
       clearInterval(watchdog);
       if (outcome !== 'lost') return outcome;
-      say('coordinator_lost', {}, `no heartbeat from the coordinator for ${COORDINATOR_LOST_MS / 1000} s; rejoining (for up to ${REJOIN_WINDOW_MS / 60_000} min)`);
-      const old = host;
-      host = null;
+      const old: StageHost = active;
+      host = null; // not ready (heartbeats say so) until a coordinator assigns a stage again
       runId = null;
-      old.stage.dispose();
+      const offer = await old.detach();
+      kept = { host: old, offer };
+      say('coordinator_lost', { kept_steps: offer.states.map((x) => x.step) },
+        `no heartbeat from the coordinator for ${COORDINATOR_LOST_MS / 1000} s; keeping stage ${offer.stageIndex} (restorable at step ${offer.states.map((x) => x.step).join(' or ')}) and rejoining (for up to ${REJOIN_WINDOW_MS / 60_000} min)`);
       lostSinceMs = Date.now();
     }
   } catch (e) {
@@ -190,7 +219,8 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
-    host?.stage.dispose();
+    if (host !== null) { await host.dispose().catch(() => {}); host.stage.dispose(); }
+    if (kept !== null) { await kept.host.dispose().catch(() => {}); kept.host.stage.dispose(); }
     if (node !== null) { try { await node.stop(); } catch { /* already stopped */ } }
     if (deps.backend === undefined) backend?.dispose();
     await unlock?.();
@@ -224,5 +254,6 @@ async function loadAssignment(node: SwarmNode, blobs: BlobStore, backend: Backen
     spillDir: path.join(dataDir, "optimizer"),
     state: a.optimizerBlob !== null ? await blobs.get(node, a.optimizerBlob) : null,
   });
-  return new StageHost(stage, a, optimizer);
+  const budget = a.optim.residentBytes > 0 ? a.optim.residentBytes : Infinity;
+  return new StageHost(stage, a, optimizer, { dir: path.join(dataDir, 'restore'), residentBytes: Math.min(SNAPSHOT_RESIDENT_BYTES, budget) });
 }

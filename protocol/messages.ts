@@ -38,6 +38,16 @@ export const joinRequest = obj({
   listenAddrs: arr(multiaddrStr, 32),
   /** the run this peer was part of before a restart, so it can resume its stage */
   previousRunId: nullable(runIdStr),
+  /** the stage state this peer kept after losing its coordinator: the steps it can restore (its
+   *  current step and the one before its last optimizer update) with each one's adapter digest
+   *  (protocol/adapter-digest.ts), so a restarted coordinator can resume it at the committed step */
+  kept: opt(obj({
+    runId: runIdStr,
+    stageIndex: int(0, 4096),
+    layerStart: int(0, 100_000),
+    layerEnd: int(1, 100_000),
+    states: arr(obj({ step: int(0, I32), adapterSha256: sha256Hex }), 2),
+  })),
 });
 export type JoinRequest = ReturnType<typeof joinRequest>;
 
@@ -94,6 +104,9 @@ export const assignment = obj({
   /** optimizer steps already committed */
   step: int(0, I32),
   totalSteps: int(0, I32),
+  /** present when the peer keeps the stage state it offered in `join.kept`, restored to `step`
+   *  (rolled back if it applied a later update); its adapter must then hash to adapterSha256 */
+  keep: opt(obj({ adapterSha256: sha256Hex })),
 });
 export type Assignment = ReturnType<typeof assignment>;
 
