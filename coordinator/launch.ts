@@ -16,6 +16,7 @@ import type { RunEvent } from './run.ts';
 import { RunStore } from './store.ts';
 import { startDashboard } from './dashboard/server.ts';
 import { buildRunData, stageMemoryFn } from './spec.ts';
+import { checkCrashEnv } from './crash.ts';
 
 export interface LaunchOptions {
   configFile: string | null;
@@ -48,6 +49,7 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const log = (msg: string) => { process.stderr.write(`[swarmtune launch] ${msg}\n`); };
   if (train.model === null) throw new Error('launch: --model DIR is required');
   if (train.data === null) throw new Error('launch: --data FILE is required');
+  checkCrashEnv();
   const outputDir = path.resolve(train.output_dir);
   const dataDir = path.resolve(o.dataDir ?? path.join(outputDir, 'coordinator'));
   await mkdir(dataDir, { recursive: true });
@@ -67,30 +69,34 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const latest = await store.latest();
   let runId: string;
   let token: string | null = null;
-  let resume: { step: number; adapter: Map<string, NamedTensor>; optimizerStates: Uint8Array[] | null } | null = null;
+  let resume: { step: number; adapter: Map<string, NamedTensor>; optimizerStates: Uint8Array[] | null; checkpointStep: number | null } | null = null;
   let pipelineStages = o.pipelineStages;
   if (meta !== null) {
     runId = meta.runId;
     token = (meta.config.join_token as string | undefined) ?? null;
     if (meta.numStages > 0) pipelineStages = meta.numStages; // the restarted run keeps its stage split
-    // resume from the latest step whose optimizer state is checkpointed; steps after it are redone
-    const ckpt = await store.latestCheckpoint();
-    const step = ckpt?.step ?? 0;
+    // resume at the last committed step with its adapter; no committed step is redone. The optimizer
+    // moments of that step live on the volunteers that kept their stage (they rejoin offering it);
+    // the latest checkpoint (≤ that step) only serves stages no volunteer kept.
+    const step = latest?.step ?? 0;
     const bytes = await store.adapter(step);
+    if (bytes === null && latest !== null) throw new Error(`${dataDir}: step ${step} is committed but its adapter is missing from the store`);
     if (bytes !== null) {
       const t = decodeShard(bytes, `adapter of step ${step}`);
+      const ckpt = await store.latestCheckpoint();
       const states: Uint8Array[] = [];
       for (let s = 0; ckpt !== null && s < ckpt.stages; s++) {
-        const b = await store.optimizerState(step, s);
-        if (b === null) throw new Error(`${dataDir}: checkpoint of step ${step} lacks stage ${s}'s optimizer state`);
+        const b = await store.optimizerState(ckpt.step, s);
+        if (b === null) throw new Error(`${dataDir}: checkpoint of step ${ckpt.step} lacks stage ${s}'s optimizer state`);
         states.push(b);
       }
       resume = {
         step,
         adapter: new Map([...t.float].map(([name, x]) => [name, { name, shape: x.shape, data: x.data }])),
         optimizerStates: ckpt !== null ? states : null,
+        checkpointStep: ckpt?.step ?? null,
       };
-      log(`resuming run ${runId} from step ${step}${latest !== null && latest.step > step ? ` (steps ${step + 1}..${latest.step} are redone: no optimizer checkpoint after ${step})` : ''}`);
+      log(`resuming run ${runId} at the last committed step ${step} (latest optimizer checkpoint: ${ckpt !== null ? `step ${ckpt.step}` : 'none'}; volunteers that kept their stage resume it at step ${step})`);
     }
   } else {
     runId = randomBytes(8).toString('hex');
@@ -114,6 +120,7 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const addrs = node.getMultiaddrs().map((m) => m.toString());
   emit({ event: 'listening', multiaddr: addrs[0], multiaddrs: addrs, peer_id: node.peerId.toString(), run_id: runId, token });
   log(`listening on ${addrs.join(' ')}`);
+  if (resume !== null) emit({ event: 'resumed', run_id: runId, step: resume.step, checkpoint_step: resume.checkpointStep, total_steps: data.totalSteps });
   log(`volunteers: swarmtune join ${addrs[0]}${token !== null ? ` --token ${token}` : ''}`);
 
   let dashboard: { url: string; close(): Promise<void> } | null = null;

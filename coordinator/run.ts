@@ -24,6 +24,10 @@ import type { Plan, StageMemoryFn } from './planner.ts';
 import { clipInPlace, globalGradNorm, sumReplicas } from './aggregate.ts';
 import type { RunStore, StepRecord } from './store.ts';
 import type { DashboardEvent, DashboardState, PeerHealth } from './dashboard/state.ts';
+import { placeResumed } from './resume.ts';
+import type { KeptOffer, ResumePlacement } from './resume.ts';
+import { crashPoint } from './crash.ts';
+import { adapterDigest } from '../protocol/adapter-digest.ts';
 
 /** One micro-batch as the data pipeline hands it over (labels already shifted, -100 ignored). */
 export interface MicroBatch { ids: Int32Array; labels: Int32Array; batch: number; seqLen: number }
@@ -57,8 +61,9 @@ export interface CoordinatorOptions {
   token: string | null;
   /** initial LoRA tensors (--init-adapter), by PEFT name */
   initAdapter: Map<string, NamedTensor> | null;
-  /** committed step to resume from (coordinator restart), with its adapter */
-  resume: { step: number; adapter: Map<string, NamedTensor>; optimizerStates: Uint8Array[] | null } | null;
+  /** the last committed step to resume from (coordinator restart), with its adapter and the latest
+   *  optimizer checkpoint (step `checkpointStep` ≤ step; for stages no volunteer kept) */
+  resume: { step: number; adapter: Map<string, NamedTensor>; optimizerStates: Uint8Array[] | null; checkpointStep: number | null } | null;
   emit: (e: RunEvent) => void;
   log: (msg: string) => void;
 }
@@ -74,6 +79,8 @@ interface PeerState {
   tokensPerSecond: number;
   failures: number;
   microBatches: number;
+  /** the stage state this peer kept from before a coordinator restart (join.kept) */
+  kept?: KeptOffer;
 }
 
 interface PendingJoin { peerId: string; resolve: (r: JoinResponse) => void }
@@ -245,11 +252,11 @@ export class Coordinator {
       if (known.health === 'banned') return { status: 'rejected', reason: 'this peer is banned from the run', assignment: null };
       this.markDead(known, 'it joined again (restarted)');
       for (const r of this.plan.replicas) { const i = r.indexOf(peerId); if (i >= 0) r.splice(i, 1); }
-      Object.assign(known, { caps: req.capabilities, addrs, stageIndex: null, ready: false, lastSeenMs: Date.now(), tokensPerSecond: 0 });
+      Object.assign(known, { caps: req.capabilities, addrs, stageIndex: null, ready: false, lastSeenMs: Date.now(), tokensPerSecond: 0, kept: req.kept });
     } else {
       this.peers.set(peerId, {
         peerId, caps: req.capabilities, addrs, stageIndex: null, health: 'spare', ready: false,
-        lastSeenMs: Date.now(), tokensPerSecond: 0, failures: 0, microBatches: 0,
+        lastSeenMs: Date.now(), tokensPerSecond: 0, failures: 0, microBatches: 0, kept: req.kept,
       });
     }
     if (this.plan !== null) {
@@ -283,6 +290,7 @@ export class Coordinator {
     }
     this.plan = plan;
     this.stageParamNames = plan.stages.map(() => []);
+    const resumed = this.o.resume !== null ? this.placeResumed(plan) : null;
     for (const j of joined) {
       const reason = plan.rejected.get(j.peerId);
       if (reason !== undefined) {
@@ -291,11 +299,15 @@ export class Coordinator {
         this.event('plan', `peer ${j.peerId} rejected: ${reason}`);
         continue;
       }
+      // after a restart, a peer whose stage another peer kept joins at the first step boundary,
+      // with that peer's optimizer state
+      if (resumed !== null && resumed.deferred.includes(j.peerId)) { this.late.push(j); continue; }
       const s = plan.replicas.findIndex((r) => r.includes(j.peerId));
       const p = this.peers.get(j.peerId)!;
       p.stageIndex = s;
       p.health = 'ok';
-      j.resolve({ status: 'assigned', reason: null, assignment: await this.assignmentFor(j.peerId, s) });
+      const keep = resumed !== null && resumed.keep.has(j.peerId) ? this.stageDigest(s) : undefined;
+      j.resolve({ status: 'assigned', reason: null, assignment: await this.assignmentFor(j.peerId, s, undefined, keep) });
     }
     const meta = await this.o.store.getMeta();
     if (meta !== null) await this.o.store.putMeta({ ...meta, numStages: plan.stages.length, stages: plan.stages });
@@ -305,7 +317,48 @@ export class Coordinator {
     void this.train().catch((e: Error) => this.fail(e));
   }
 
-  private async assignmentFor(peerId: string, s: number, optimizerState?: Uint8Array | null): Promise<Assignment> {
+  /** After a restart: volunteers that kept their stage at the committed step keep it; the rest load
+   *  the committed adapter (coordinator/resume.ts). */
+  private placeResumed(plan: Plan): ResumePlacement {
+    const r = placeResumed({
+      runId: this.o.runId, step: this.step, stages: plan.stages, planned: plan.replicas,
+      stageDigests: plan.stages.map((_, s) => this.stageDigest(s)),
+      offers: new Map([...this.peers.values()].map((p) => [p.peerId, p.kept])),
+      memoryOf: (id) => this.peers.get(id)!.caps.memoryBytes,
+      need: plan.stages.map((st) => this.o.memory(st.layerStart, st.layerEnd)),
+    });
+    plan.replicas = r.replicas;
+    for (const n of r.notes) this.o.log(`resume: ${n}`);
+    for (const [id, s] of r.keep) this.event('plan', `resume: peer ${id} keeps stage ${s} at the committed step ${this.step} (adapter verified by sha256)`);
+    const c = this.o.resume!.checkpointStep;
+    for (const s of r.stagesWithoutState) {
+      this.event('checkpoint', `resume: no peer kept stage ${s} at step ${this.step}; it loads the committed adapter of step ${this.step} and ` + (
+        c === this.step ? `the optimizer checkpoint of step ${c} (exact)`
+          : c !== null ? `the optimizer checkpoint of step ${c} (the moments miss steps ${c + 1}..${this.step}; no step is redone)`
+            : 'fresh optimizer moments (no checkpoint was written; no step is redone)'));
+    }
+    this.o.emit({
+      event: 'resume_plan', step: this.step, kept: Object.fromEntries(r.keep), deferred: r.deferred,
+      stages_from_checkpoint: r.stagesWithoutState, checkpoint_step: c,
+    });
+    return r;
+  }
+
+  /** this stage's slice of the current adapter */
+  private stageAdapter(s: number): NamedTensor[] {
+    const st = this.plan!.stages[s]!;
+    return [...this.adapter.values()].filter((t) => {
+      const m = /\.layers\.(\d+)\./.exec(t.name);
+      return m !== null && Number(m[1]) >= st.layerStart && Number(m[1]) < st.layerEnd;
+    });
+  }
+
+  private stageDigest(s: number): string {
+    return adapterDigest(this.stageAdapter(s));
+  }
+
+  /** `keep`: the peer keeps the stage state it offered, restored to this step, whose adapter digest this is. */
+  private async assignmentFor(peerId: string, s: number, optimizerState?: Uint8Array | null, keep?: string): Promise<Assignment> {
     const plan = this.plan!;
     const st = plan.stages[s]!;
     const cfg = this.o.llama;
@@ -316,10 +369,7 @@ export class Coordinator {
     const stageBlobs = stageShardNames(cfg, st.layerStart, st.layerEnd).map((n) => this.blobRef(n, this.shardRefs.get(n)!, holders));
     // the stage's slice of the current adapter (init adapter or resumed step), as a blob
     let adapterBlob: BlobRef | null = null;
-    const mine = [...this.adapter.values()].filter((t) => {
-      const m = /\.layers\.(\d+)\./.exec(t.name);
-      return m !== null && Number(m[1]) >= st.layerStart && Number(m[1]) < st.layerEnd;
-    });
+    const mine = keep !== undefined ? [] : this.stageAdapter(s);
     if (mine.length > 0) {
       const bytes = encodeShard({ nf4: new Map(), float: new Map(mine.map((x) => [x.name, { shape: x.shape, data: x.data }])) });
       const sha256 = await this.o.blobs.put(bytes);
@@ -339,8 +389,10 @@ export class Coordinator {
         weightDecay: t.weight_decay, residentBytes: t.optim_resident_bytes ?? 0,
       },
       seed: t.seed, gradientCheckpointing: t.gradient_checkpointing, wireCodec: this.o.wireCodec,
-      blobs: stageBlobs, adapterBlob, optimizerBlob: optimizerState !== undefined ? await this.stateBlob(s, optimizerState) : await this.optimizerBlobFor(s),
+      blobs: stageBlobs, adapterBlob,
+      optimizerBlob: keep !== undefined ? null : optimizerState !== undefined ? await this.stateBlob(s, optimizerState) : await this.optimizerBlobFor(s),
       step: this.step, totalSteps: this.o.data.totalSteps,
+      ...(keep !== undefined ? { keep: { adapterSha256: keep } } : {}),
     };
   }
 
@@ -641,6 +693,7 @@ export class Coordinator {
     }
     const norm = globalGradNorm(stageGrads);
     clipInPlace(stageGrads, norm, this.o.train.max_grad_norm);
+    crashPoint('before-apply', step + 1);
     for (let s = 0; s < S; s++) {
       const names = this.stageParamNames[s]!;
       const sizes = stageGrads[s]!.map((g) => g.length);
@@ -654,6 +707,7 @@ export class Coordinator {
           }, { timeoutMs: COMPUTE_TIMEOUT_MS });
         }
       }));
+      if (s === 0) crashPoint('mid-apply', step + 1);
     }
     // v_{t+1} from one replica per stage; every replica applied the same update
     for (let s = 0; s < S; s++) await this.uploadAdapter(this.liveReplicas(s)[0]!);
@@ -668,7 +722,9 @@ export class Coordinator {
     const states = checkpoint ? await Promise.all(this.plan!.stages.map((_, s) => this.fetchOptimizerState(this.liveReplicas(s)[0]!, rec.step))) : null;
     // durable before announced: the adapter of step+1, the cursor (and at checkpoints every stage's
     // optimizer state) land in one atomic batch
+    crashPoint('before-commit', rec.step);
     await this.o.store.commitStep(rec, this.adapterBytes(), states);
+    crashPoint('after-commit', rec.step);
     if (states !== null) this.event('checkpoint', `checkpointed optimizer state of ${states.length} stage(s) at step ${rec.step}`);
     this.step = step + 1;
     this.tokensTotal += seqTokens;
