@@ -4,7 +4,7 @@
 fp32 frozen base, LoRA r=16 on all 7 linear targets, torch.utils.checkpoint per layer, 2 threads.
 Prints one JSON object. Needs Debian's python3-torch (not needed by the test suite).
 """
-import json, math, sys, time
+import json, math, resource, sys, time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,5 +74,9 @@ times = []
 for _ in range(3):
     t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
 best = min(times)
+med = sorted(times)[len(times) // 2]
 print(json.dumps({"framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
-                  "step_s": best, "tokens_per_s": B * S / best, "shape": dict(L=L, C=C, H=H, KV=KV, I=I, V=V, B=B, S=S, r=R)}))
+                  "step_s": best, "tokens_per_s": B * S / best,
+                  "step_s_median": med, "tokens_per_s_median": B * S / med,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "shape": dict(L=L, C=C, H=H, KV=KV, I=I, V=V, B=B, S=S, r=R)}))
