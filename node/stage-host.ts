@@ -72,6 +72,8 @@ export class StageHost {
   private readonly committed = new Map<number, { attempt: number; grads: Float32Array[] }>();
   private stepSum: Float32Array[] | null = null;
   private finalGrads: Float32Array[] | null = null;
+  /** params [0, finalCovered) of finalGrads hold this step's final gradient (meaningful while finalGrads is set) */
+  private finalCovered = 0;
   /** tokens/s through this stage, measured over forward+backward compute */
   private computeMs = 0;
   private computeTokens = 0;
@@ -115,17 +117,15 @@ export class StageHost {
     const C = this.stage.config.hiddenSize;
     const T = req.batch * req.seqLen;
     const key = this.key(req.step, req.mb, req.attempt);
-    for (const [k, a] of this.attempts) {
-      if (a.mb !== req.mb) continue;
-      if (a.attempt >= req.attempt) throw new StaleError(`forward: micro-batch ${req.mb} attempt ${req.attempt} is superseded by attempt ${a.attempt}`);
-      this.stage.release(k); // an older attempt that never committed: its route was abandoned
-      this.attempts.delete(k);
+    for (const a of this.attempts.values()) {
+      if (a.mb === req.mb && a.attempt >= req.attempt) throw new StaleError(`forward: micro-batch ${req.mb} attempt ${req.attempt} is superseded by attempt ${a.attempt}`);
     }
+    // every input is checked before anything changes: a refused request leaves no trace
+    const V = this.stage.config.vocabSize;
     const input: Parameters<Stage['forward']>[0] = { key, batch: req.batch, seqLen: req.seqLen, dropoutSeed: req.dropoutSeed };
     if (this.stage.isFirst) {
       if (req.ids === undefined) throw new SchemaError('forward: the first stage needs token ids');
       input.ids = decodeInt(req.ids, 'forward.ids', [T]);
-      const V = this.stage.config.vocabSize;
       for (let i = 0; i < T; i++) if (input.ids[i]! < 0 || input.ids[i]! >= V) throw new TensorError(`forward.ids: token ${input.ids[i]} at ${i} is outside the vocabulary [0, ${V})`);
     } else {
       if (req.hidden === undefined) throw new SchemaError(`forward: stage ${this.stageIndex} needs hidden states`);
@@ -134,17 +134,33 @@ export class StageHost {
     if (this.stage.isLast) {
       if (req.labels === undefined) throw new SchemaError('forward: the last stage needs labels');
       input.labels = decodeInt(req.labels, 'forward.labels', [T]);
+      for (let i = 0; i < T; i++) {
+        const l = input.labels[i]!;
+        if (l !== -100 && (l < 0 || l >= V)) throw new TensorError(`forward.labels: label ${l} at ${i} is neither -100 nor in the vocabulary [0, ${V})`);
+      }
+    }
+    for (const [k, a] of this.attempts) {
+      if (a.mb !== req.mb) continue;
+      this.stage.release(k); // an older attempt that never committed: its route was abandoned
+      this.attempts.delete(k);
     }
     const a: Attempt = { mb: req.mb, attempt: req.attempt, forwardDone: false, grads: null, batch: req.batch, seqLen: req.seqLen };
     if (req.train) this.attempts.set(key, a);
     const generation = this.generation;
-    const out = await this.runner.run(1, async () => {
-      const t0 = performance.now();
-      const r = await this.stage.forward(input, { train: req.train });
-      this.computeMs += performance.now() - t0;
-      this.computeTokens += T;
-      return r;
-    });
+    let out: Awaited<ReturnType<Stage['forward']>>;
+    try {
+      out = await this.runner.run(1, async () => {
+        const t0 = performance.now();
+        const r = await this.stage.forward(input, { train: req.train });
+        this.computeMs += performance.now() - t0;
+        this.computeTokens += T;
+        return r;
+      });
+    } catch (e) {
+      // a forward that failed keeps nothing: the attempt cannot run backward
+      if (this.attempts.get(key) === a) this.attempts.delete(key);
+      throw e;
+    }
     if (generation !== this.generation) {
       // the step was abandoned while this forward waited or ran: its kept input must not linger
       this.stage.release(key);
@@ -176,12 +192,19 @@ export class StageHost {
     // a separate gradient per attempt: it only joins the step sum when the coordinator commits it
     const grads = this.stage.newGrads();
     a.grads = grads;
-    const { gradIn } = await this.runner.run(0, async () => {
-      const t0 = performance.now();
-      const r = await this.stage.backward(key, grads, args);
-      this.computeMs += performance.now() - t0;
-      return r;
-    });
+    let gradIn: Float32Array | undefined;
+    try {
+      ({ gradIn } = await this.runner.run(0, async () => {
+        const t0 = performance.now();
+        const r = await this.stage.backward(key, grads, args);
+        this.computeMs += performance.now() - t0;
+        return r;
+      }));
+    } catch (e) {
+      // a half-computed gradient must never be committed: the attempt is gone (the coordinator retries)
+      if (this.attempts.get(key) === a) { this.stage.release(key); this.attempts.delete(key); }
+      throw e;
+    }
     if (this.stage.isFirst) return {};
     if (gradIn === undefined) throw new Error(`stage ${this.stageIndex} backward returned no input gradient`);
     return { gradIn: encodeTensor(gradIn, [T, C], this.wireCodec, 'backward.gradIn') };
@@ -242,13 +265,24 @@ export class StageHost {
     }
     if (req.from + req.count > total) throw new SchemaError(`aggregate apply: params [${req.from}, ${req.from + req.count}) outside [0, ${total})`);
     if (req.grads === undefined || req.grads.length !== req.count) throw new SchemaError(`aggregate apply: expected ${req.count} gradients, got ${req.grads?.length ?? 0}`);
-    if (this.finalGrads === null) this.finalGrads = this.stage.newGrads();
-    for (let k = 0; k < req.count; k++) {
-      const i = req.from + k;
-      this.finalGrads[i]!.set(decodeFloat(req.grads[k]!, `final grad ${params[i]!.name}`, params[i]!.shape));
-    }
+    // pages arrive in order (a page may be sent again); the last one needs every param covered
+    const covered = this.finalGrads === null ? 0 : this.finalCovered;
+    if (req.from > covered) throw new SchemaError(`aggregate apply: page [${req.from}, ${req.from + req.count}) leaves params [${covered}, ${req.from}) without a final gradient`);
+    const end = Math.max(covered, req.from + req.count);
     if (req.last === true) {
       if (req.lr === undefined) throw new SchemaError('aggregate apply: the last page needs lr');
+      if (end !== total) throw new SchemaError(`aggregate apply: the last page leaves params [${end}, ${total}) without a final gradient`);
+    }
+    // decode the whole page before keeping any of it: a refused page leaves no trace
+    const page: Float32Array[] = [];
+    for (let k = 0; k < req.count; k++) {
+      const i = req.from + k;
+      page.push(decodeFloat(req.grads[k]!, `final grad ${params[i]!.name}`, params[i]!.shape));
+    }
+    if (this.finalGrads === null) this.finalGrads = this.stage.newGrads();
+    for (let k = 0; k < req.count; k++) this.finalGrads[req.from + k]!.set(page[k]!);
+    this.finalCovered = end;
+    if (req.last === true) {
       const g = this.finalGrads;
       await this.runner.run(0, async () => {
         // keep the state of this step: the coordinator may die before it commits the update
@@ -333,6 +367,8 @@ export class StageHost {
   }
 
   adapter(req: AdapterRequest): AdapterResponse {
+    if (req.runId !== undefined && req.runId !== this.runId) throw new StaleError(`adapter: run ${req.runId} is not this peer's run ${this.runId}`);
+    if (req.step !== undefined && req.step !== this.step) throw new StaleError(`adapter: this peer holds step ${this.step}, not step ${req.step}`);
     const params = this.stage.params;
     const end = Math.min(params.length, req.from + req.count);
     const tensors = [];

@@ -7,12 +7,12 @@ import { RefBackend } from '../engine/backends/ref.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 import type { LoraConfig } from '../engine/types.ts';
 import { createSwarmNode, lockDataDir, request, serve, parseMultiaddr } from '../protocol/net.ts';
-import type { SwarmNode } from '../protocol/net.ts';
+import type { HandlerContext, SwarmNode } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
 import type { BlobEvent } from '../protocol/blobs.ts';
 import { decodeShard } from '../protocol/shard.ts';
 import type { Assignment } from '../protocol/messages.ts';
-import { StaleError, SwarmError } from '../protocol/errors.ts';
+import { AuthError, StaleError, SwarmError } from '../protocol/errors.ts';
 import { probeCapabilities } from './probe.ts';
 import { BlobWeightSource } from './weights.ts';
 import { SNAPSHOT_RESIDENT_BYTES, StageHost } from './stage-host.ts';
@@ -116,10 +116,18 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
       say('blob', { ...e }, human);
     };
     const notReady = async (): Promise<never> => { throw new StaleError('this peer has no stage loaded yet'); };
+    // only the coordinator (its Noise-authenticated peer id, from the /p2p/ part of its address) may
+    // drive the stage, heartbeat or end this peer; anyone may fetch verified blobs
+    const coord = parseMultiaddr(opts.coordinator);
+    let coordinatorId: string | null = coord.getComponents().findLast((c) => c.name === 'p2p')?.value ?? null;
+    const fromCoordinator = (proto: string, ctx: HandlerContext): void => {
+      if (ctx.peerId !== coordinatorId) throw new AuthError(`${proto}: only the coordinator ${coordinatorId ?? '(not yet known)'} may send this, not ${ctx.peerId}`);
+    };
     await serve(node, 'weights', (req) => blobs.serveChunk(req));
     // process RSS costs a /proc read (~2 ms): sample it at most once a second, not per heartbeat
     let rss = { bytes: process.memoryUsage.rss(), atMs: Date.now() };
-    await serve(node, 'heartbeat', async () => {
+    await serve(node, 'heartbeat', async (_req, ctx) => {
+      fromCoordinator('heartbeat', ctx);
       lastCoordinatorMs = Date.now();
       if (lastCoordinatorMs - rss.atMs > 1000) rss = { bytes: process.memoryUsage.rss(), atMs: lastCoordinatorMs };
       return {
@@ -127,13 +135,14 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
         inflight: host?.inflight ?? 0, busy: host?.busy ?? false, memoryRssBytes: rss.bytes,
       };
     });
-    await serve(node, 'forward', (req) => (host === null ? notReady() : host.forward(req)));
-    await serve(node, 'backward', (req) => (host === null ? notReady() : host.backward(req)));
-    await serve(node, 'commit', async (req) => { if (host === null) return notReady(); host.commit(req); return { ok: true }; });
-    await serve(node, 'aggregate', (req) => (host === null ? notReady() : host.aggregate(req)));
-    await serve(node, 'adapter', async (req) => (host === null ? notReady() : host.adapter(req)));
-    await serve(node, 'optimizer', (req) => (host === null ? notReady() : host.optimizerChunk(req)));
-    await serve(node, 'finish', async (req) => {
+    await serve(node, 'forward', async (req, ctx) => { fromCoordinator('forward', ctx); return host === null ? notReady() : host.forward(req); });
+    await serve(node, 'backward', async (req, ctx) => { fromCoordinator('backward', ctx); return host === null ? notReady() : host.backward(req); });
+    await serve(node, 'commit', async (req, ctx) => { fromCoordinator('commit', ctx); if (host === null) return notReady(); host.commit(req); return { ok: true }; });
+    await serve(node, 'aggregate', async (req, ctx) => { fromCoordinator('aggregate', ctx); return host === null ? notReady() : host.aggregate(req); });
+    await serve(node, 'adapter', async (req, ctx) => { fromCoordinator('adapter', ctx); return host === null ? notReady() : host.adapter(req); });
+    await serve(node, 'optimizer', async (req, ctx) => { fromCoordinator('optimizer', ctx); return host === null ? notReady() : host.optimizerChunk(req); });
+    await serve(node, 'finish', async (req, ctx) => {
+      fromCoordinator('finish', ctx);
       if (req.runId !== runId) throw new StaleError(`finish for run ${req.runId}, this peer is in run ${runId}`);
       say('finished', { run_id: runId, reason: req.reason }, `run finished: ${req.reason}`);
       setImmediate(() => done(EXIT_OK));
@@ -142,7 +151,6 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
 
     const caps = await probeCapabilities(backend, { device: opts.device, maxMemoryBytes: opts.maxMemoryBytes });
     say('probe', { capabilities: caps }, `${caps.deviceName}, ${caps.cores} cores, offering ${(caps.memoryBytes / 2 ** 30).toFixed(2)} GiB, ${caps.gemmGflops.toFixed(1)} GFLOP/s`);
-    const coord = parseMultiaddr(opts.coordinator);
     const listenAddrs = node.getMultiaddrs().map((m) => m.toString());
     let lostSinceMs: number | null = null;
     let previousRunId: string | null = null;
@@ -164,6 +172,8 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
         throw e;
       }
       if (res === null) return await finished;
+      // an address without /p2p/: the coordinator is the peer this join reached
+      coordinatorId ??= node.getConnections().find((c) => c.remoteAddr.toString().startsWith(coord.toString()))?.remotePeer.toString() ?? null;
       if (res.status === 'rejected' || res.assignment === null) {
         say('rejected', { reason: res.reason }, `the coordinator did not give this peer a stage: ${res.reason ?? 'no reason given'}`);
         return EXIT_REJECTED;
