@@ -66,6 +66,8 @@ __global__ void adamw32_kernel(float* __restrict__ p, const float* __restrict__ 
                                float step_size, float eps_c2) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     const float gi = g[i];
+    // a non-finite gradient leaves p, m and v untouched (as engine/train/optim.ts's bnb32 update does)
+    if (!isfinite(gi)) continue;
     const float mi = m[i] * b1 + (1.0f - b1) * gi;
     const float vi = v[i] * b2 + (1.0f - b2) * gi * gi;
     float pi = p[i] + step_size * (mi / (sqrtf(vi) + eps_c2));
@@ -121,10 +123,13 @@ adamw8bit_kernel(float* __restrict__ p, const float* __restrict__ g, uint8_t* __
     if (wd > 0.0f) pi *= 1.0f - lr * wd;
     p[i] = pi;
   }
-  int c1 = quantize_nearest(q1, a1 > 0.0f ? mi / a1 : 0.0f);
+  // bitsandbytes normalizes by multiplying with the reciprocal of the new absmax (not by dividing:
+  // the two can differ by an ulp and flip a code); an all-zero block stores the code of 0
+  const float inv1 = a1 > 0.0f ? 1.0f / a1 : 0.0f, inv2 = a2 > 0.0f ? 1.0f / a2 : 0.0f;
+  int c1 = quantize_nearest(q1, mi * inv1);
   // keep state1's sign through quantization (a small negative must not round to +0)
   if (signbit(q1[c1]) != signbit(mi)) c1 += mi > 0.0f ? 1 : -1;
-  const int c2 = quantize_nearest(q2, a2 > 0.0f ? vi / a2 : 0.0f);
+  const int c2 = quantize_nearest(q2, vi * inv2);
   s1[i] = (uint8_t)c1;
   s2[i] = (uint8_t)c2;
   if (tid == 0) {

@@ -625,32 +625,40 @@ int stc_probe(stc_ctx* ctx, double* gemm_tflops, double* bandwidth_gbs) {
   STC_TRY(b.zero());
   cudaEvent_t e0, e1;
   STC_CK(cudaEventCreate(&e0));
-  STC_CK(cudaEventCreate(&e1));
-  bool tc = ctx->cc_major >= 8;
-  STC_TRY(gemm_dev(ctx, 0, 1, S, S, S, 1.0f, a.as<float>(), b.as<float>(), 0.0f, c.as<float>(), tc));  // warm-up
-  const int iters = 5;
-  float ms = 0;
-  STC_CK(cudaEventRecord(e0, ctx->stream));
-  for (int i = 0; i < iters; i++)
-    STC_TRY(gemm_dev(ctx, 0, 1, S, S, S, 1.0f, a.as<float>(), b.as<float>(), 0.0f, c.as<float>(), tc));
-  STC_CK(cudaEventRecord(e1, ctx->stream));
-  STC_CK(cudaEventSynchronize(e1));
-  STC_CK(cudaEventElapsedTime(&ms, e0, e1));
-  // gemm_dev synchronizes after each launch, which adds a few microseconds per iteration: negligible at this size.
-  *gemm_tflops = 2.0 * S * S * (double)S * iters / (ms * 1e-3) / 1e12;
-  int64_t n4 = (int64_t)bytes / 16;
-  copy_kernel<<<ctx->sm_count * 8, 256, 0, ctx->stream>>>(b.as<float4>(), a.as<float4>(), n4);
-  STC_LAUNCHED(ctx->stream);
-  STC_CK(cudaEventRecord(e0, ctx->stream));
-  for (int i = 0; i < iters; i++) copy_kernel<<<ctx->sm_count * 8, 256, 0, ctx->stream>>>(b.as<float4>(), a.as<float4>(), n4);
-  STC_CK(cudaEventRecord(e1, ctx->stream));
-  STC_CK(cudaGetLastError());
-  STC_CK(cudaEventSynchronize(e1));
-  STC_CK(cudaEventElapsedTime(&ms, e0, e1));
-  *bandwidth_gbs = 2.0 * bytes * iters / (ms * 1e-3) / 1e9;  // read + write
+  cudaError_t ce = cudaEventCreate(&e1);
+  if (ce != cudaSuccess) {
+    cudaEventDestroy(e0);
+    return fail_cuda(ce, "cudaEventCreate", __FILE__, __LINE__);
+  }
+  auto run = [&]() -> int {  // the events are destroyed on every path
+    bool tc = ctx->cc_major >= 8;
+    STC_TRY(gemm_dev(ctx, 0, 1, S, S, S, 1.0f, a.as<float>(), b.as<float>(), 0.0f, c.as<float>(), tc));  // warm-up
+    const int iters = 5;
+    float ms = 0;
+    STC_CK(cudaEventRecord(e0, ctx->stream));
+    for (int i = 0; i < iters; i++)
+      STC_TRY(gemm_dev(ctx, 0, 1, S, S, S, 1.0f, a.as<float>(), b.as<float>(), 0.0f, c.as<float>(), tc));
+    STC_CK(cudaEventRecord(e1, ctx->stream));
+    STC_CK(cudaEventSynchronize(e1));
+    STC_CK(cudaEventElapsedTime(&ms, e0, e1));
+    // gemm_dev synchronizes after each launch, which adds a few microseconds per iteration: negligible at this size.
+    *gemm_tflops = 2.0 * S * S * (double)S * iters / (ms * 1e-3) / 1e12;
+    int64_t n4 = (int64_t)bytes / 16;
+    copy_kernel<<<ctx->sm_count * 8, 256, 0, ctx->stream>>>(b.as<float4>(), a.as<float4>(), n4);
+    STC_LAUNCHED(ctx->stream);
+    STC_CK(cudaEventRecord(e0, ctx->stream));
+    for (int i = 0; i < iters; i++) copy_kernel<<<ctx->sm_count * 8, 256, 0, ctx->stream>>>(b.as<float4>(), a.as<float4>(), n4);
+    STC_CK(cudaEventRecord(e1, ctx->stream));
+    STC_CK(cudaGetLastError());
+    STC_CK(cudaEventSynchronize(e1));
+    STC_CK(cudaEventElapsedTime(&ms, e0, e1));
+    *bandwidth_gbs = 2.0 * bytes * iters / (ms * 1e-3) / 1e9;  // read + write
+    return 0;
+  };
+  const int st = run();
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
-  return 0;
+  return st;
 }
 
 }  // extern "C"

@@ -37,10 +37,12 @@ function corrections(hp: Hyper): { stepSize: number; epsC2: number } {
   return { stepSize: (-hp.lr * c2) / c1, epsC2: hp.eps * c2 };
 }
 
-/** bitsandbytes 32-bit Adam with decoupled decay applied after the step. */
+/** bitsandbytes 32-bit Adam with decoupled decay applied after the step; a non-finite gradient leaves
+ *  p, m and v untouched (the CPU trainer's rule, engine/train/optim.ts). */
 export function adamw32Ref(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, hp: Hyper): void {
   const { stepSize, epsC2 } = corrections(hp);
   for (let i = 0; i < p.length; i++) {
+    if (!Number.isFinite(g[i])) continue;
     m[i] = hp.beta1 * m[i] + (1 - hp.beta1) * g[i];
     v[i] = hp.beta2 * v[i] + (1 - hp.beta2) * g[i] * g[i];
     let pi = p[i] + stepSize * (m[i] / (Math.sqrt(v[i]) + epsC2));
