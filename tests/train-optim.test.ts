@@ -190,3 +190,18 @@ test('schedules follow the HF formulas step by step, λ(0) on the first step', (
   }
   assert.equal(lrLambda('linear', 12, W, N), 0, 'never negative past the end');
 });
+
+test('8-bit: requantizing m keeps its sign as bitsandbytes does (a tiny negative moves off the zero code, a tiny positive stays)', () => {
+  const n = 4096;
+  const o = new AdamW([{ name: 'w', numel: n }], { ...base, optim: 'adamw_8bit' });
+  const p = new Float32Array(n);
+  const g = new Float32Array(n);
+  g[0] = 1;        // the block's absmax: s1 = 0.1
+  g[1] = -1e-9;    // s1/absmax = -1e-9, nearer to the +0 code (index 127) than to any negative code
+  g[2] = 1e-9;
+  o.update([p], [g], 1e-3);
+  const q1 = o.exportState().tensors.find((t) => t.name === 'w.state1')!.data as Uint8Array;
+  assert.equal(q1[2], 127, 'a tiny positive m stays at the zero code (signbit(+0) == signbit(m))');
+  assert.equal(q1[1], 126, 'a tiny negative m is bumped to the smallest negative code');
+  assert.equal(q1[3], 127, 'a zero m is the zero code');
+});

@@ -63,6 +63,8 @@ interface ParamSlot {
 }
 
 const f32 = Math.fround;
+/** C's signbit: true for negatives and -0 */
+const signbit = (x: number): boolean => x < 0 || Object.is(x, -0);
 let signedCode: Float32Array | null = null;
 let unsignedCode: Float32Array | null = null;
 function codes(): { s: Float32Array; u: Float32Array } {
@@ -222,8 +224,9 @@ export class AdamW {
         const j = j0 + k;
         if (max1 > 0) {
           let c = nearestCodeIndex(code1, f32(s1[k] * inv1));
-          const cv = code1[c];
-          if (cv !== 0 && s1[k] !== 0 && (cv < 0) !== (s1[k] < 0)) c += s1[k] > 0 ? 1 : -1;
+          // bnb: `if (signbit(code[c]) != signbit(s1)) c += s1 > 0 ? 1 : -1` — so a negative s1 whose
+          // nearest code is +0 moves to the smallest negative code (a positive one stays at 0)
+          if (signbit(code1[c]!) !== signbit(s1[k]!)) c += s1[k]! > 0 ? 1 : -1;
           st.q1[j] = c;
         } else st.q1[j] = zero1;
         st.q2[j] = max2 > 0 ? nearestCodeIndex(code2, f32(s2[k] * inv2)) : zero2;
