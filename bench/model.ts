@@ -20,13 +20,13 @@ export function benchModelConfig(): LlamaConfig {
   });
 }
 
-/** The same model as an HF config.json object (what a coordinator sends its volunteers). */
-export function benchHfConfig(): Record<string, unknown> {
-  const m = BENCH_MODEL;
+/** A Llama config as an HF config.json object (what a coordinator sends its volunteers). */
+export function hfConfigOf(c: LlamaConfig): Record<string, unknown> {
   return {
-    model_type: 'llama', vocab_size: m.vocab, hidden_size: m.hidden, intermediate_size: m.intermediate, num_hidden_layers: m.layers,
-    num_attention_heads: m.heads, num_key_value_heads: m.kvHeads, head_dim: m.headDim, rms_norm_eps: 1e-5, rope_theta: 10000,
-    max_position_embeddings: 2048, tie_word_embeddings: false,
+    model_type: 'llama', vocab_size: c.vocabSize, hidden_size: c.hiddenSize, intermediate_size: c.intermediateSize,
+    num_hidden_layers: c.numHiddenLayers, num_attention_heads: c.numAttentionHeads, num_key_value_heads: c.numKeyValueHeads,
+    head_dim: c.headDim, rms_norm_eps: c.rmsNormEps, rope_theta: c.ropeTheta, max_position_embeddings: c.maxPositionEmbeddings,
+    tie_word_embeddings: c.tieWordEmbeddings,
   };
 }
 

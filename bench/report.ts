@@ -32,12 +32,13 @@ function table(head: string[], rows: string[][]): string {
   return [`| ${head.join(' | ')} |`, `|${head.map(() => '---').join('|')}|`, ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
 }
 
-export function renderTables(r: J): string {
+/** `source`: the results file as a repository-relative path, named in the generated section */
+export function renderTables(r: J, source: string): string {
   if (r.schema !== 'swarmtune-bench/1') throw new ReportError(`results: schema must be "swarmtune-bench/1", got ${JSON.stringify(r.schema)}`);
   const m = obj(r.machine, 'machine');
   const out: string[] = [];
   const la = (x: unknown) => (Array.isArray(x) ? x.join(' / ') : '–');
-  out.push(`Results of \`${r.quick === true ? 'npm run bench -- --quick' : 'npm run bench'}\` from ${String(r.date)} (${num(r.total_seconds)} s in all). ` +
+  out.push(`Source: \`${source}\`. Results of \`${r.quick === true ? 'npm run bench -- --quick' : 'npm run bench'}\` from ${String(r.date)} (${num(r.total_seconds)} s in all). ` +
     `Load average (1/5/15 min) at the start ${la(r.loadavg_start)}, at the end ${la(r.loadavg_end)}.`);
   out.push('', '### Machine', '', table(['what', 'value'], [
     ['CPU', `${String(m.cpu_model)}, ${num(m.logical_cpus)} logical CPUs, ${num(m.total_memory_gib)} GiB`],
@@ -110,7 +111,9 @@ export function renderTables(r: J): string {
     const f32 = swarms.find((x) => x.wire_dtype === 'f32');
     if (f32 !== undefined) headline.push(['swarm (2 stages, f32 wire) / `swarmtune train`, tokens/s', `${num(f32.tokens_per_s_median)} / ${num(tr.tokens_per_s_median)} = ${num(f32.ratio_to_train)}×`]);
 
-    const traces = arr(sw.trace, 'swarm.trace');
+    const all = arr(sw.trace, 'swarm.trace');
+    for (const t of all) if (t.error !== undefined) out.push('', `Instrumented run with --wire-dtype ${String(t.wire_dtype)} failed: ${String(t.error).replace(/\s+/g, ' ').slice(0, 300)}`);
+    const traces = all.filter((t) => t.error === undefined);
     if (traces.length > 0) {
       const t0 = obj(traces[0]!.settings, 'swarm.trace[0].settings');
       out.push('', '### Where the time of a swarm step goes (in-process, instrumented)', '',
@@ -170,6 +173,11 @@ export function renderTables(r: J): string {
   return [BEGIN, '', '### Headline', '', table(['figure', 'value'], headline), '', ...out, '', END].join('\n');
 }
 
+/** The results file a doc's generated section names as its source (null when there is none). */
+export function sourceOf(doc: string): string | null {
+  return /Source: `([^`]+)`/.exec(doc)?.[1] ?? null;
+}
+
 /** Replace the generated section of the doc text. */
 export function docWithTables(doc: string, tables: string): string {
   const a = doc.indexOf(BEGIN.slice(0, 30)), b = doc.indexOf(END);
@@ -180,7 +188,8 @@ export function docWithTables(doc: string, tables: string): string {
 if (import.meta.main) {
   const args = process.argv.slice(2);
   const file = args.find((a) => !a.startsWith('--')) ?? path.join(import.meta.dirname, 'results', 'latest.json');
-  const tables = renderTables(JSON.parse(readFileSync(file, 'utf8')) as J);
+  const source = path.relative(path.join(import.meta.dirname, '..'), path.resolve(file));
+  const tables = renderTables(JSON.parse(readFileSync(file, 'utf8')) as J, source);
   if (args.includes('--write')) {
     writeFileSync(BENCH_DOC, docWithTables(readFileSync(BENCH_DOC, 'utf8'), tables));
     process.stderr.write(`updated ${path.relative(process.cwd(), BENCH_DOC)} from ${file}\n`);

@@ -36,7 +36,8 @@ import type { MicroBatch, RunEvent } from '../coordinator/run.ts';
 import { RunStore } from '../coordinator/store.ts';
 import { runVolunteer } from '../node/volunteer.ts';
 import type { StageHost } from '../node/stage-host.ts';
-import { benchModelConfig, benchHfConfig } from './model.ts';
+import { benchModelConfig, hfConfigOf } from './model.ts';
+import type { LlamaConfig } from '../engine/types.ts';
 
 interface Interval { stage: number; kind: string; step: number; mb: number; t0: number; t1: number }
 interface Captured { proto: 'forward' | 'backward'; stage: number; req: unknown; res: unknown }
@@ -45,10 +46,10 @@ const r1 = (x: number) => Number(x.toFixed(1));
 const r3 = (x: number) => Number(x.toFixed(3));
 const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
 
-export interface TraceOptions { codec: FloatCodec; steps: number; microBatches: number; batch: number; seqLen: number; threads?: number; log?: (s: string) => void }
+export interface TraceOptions { /** default: the bench model (bench/model.ts) */ llama?: LlamaConfig; codec: FloatCodec; steps: number; microBatches: number; batch: number; seqLen: number; threads?: number; log?: (s: string) => void }
 
 export async function traceSwarm(o: TraceOptions): Promise<Record<string, unknown>> {
-  const cfg = benchModelConfig();
+  const cfg = o.llama ?? benchModelConfig();
   const weights = randomWeightSource(cfg, 1);
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-bench-trace-'));
   const train = resolveTrainConfig({ flags: {
@@ -67,6 +68,7 @@ export async function traceSwarm(o: TraceOptions): Promise<Record<string, unknow
   const intervals: Interval[] = [];
   const captured: Captured[] = [];
   const stepTimes: number[] = [];
+  const errors: string[] = [];
   const node = await createSwarmNode({ dataDir: path.join(tmp, 'coord') });
   const store = await RunStore.open(path.join(tmp, 'coord', 'db'));
   await store.putMeta({ runId: 'bench', model: 'bench', totalSteps: o.steps, createdMs: 0, config: {}, numStages: 0, stages: [] });
@@ -80,11 +82,14 @@ export async function traceSwarm(o: TraceOptions): Promise<Record<string, unknow
   try {
     const coord = new Coordinator({
       node, store, blobs: new BlobStore(path.join(tmp, 'coord')), runId: 'bench', modelName: 'bench', llama: cfg,
-      modelConfigJson: JSON.stringify(benchHfConfig()), weights, train, lora,
+      modelConfigJson: JSON.stringify(hfConfigOf(cfg)), weights, train, lora,
       data: { totalSteps: o.steps, microBatchesForStep: async (s) => Array.from({ length: o.microBatches }, (_, k) => mbFor(s * o.microBatches + k)), cursorAfter: (s) => s * o.microBatches },
       memory: () => 1, minPeers: 2, pipelineStages: 2, wireCodec: o.codec, token: null, initAdapter: null, resume: null,
-      emit: (e: RunEvent) => { if (e.event === 'training' || e.event === 'step') stepTimes.push(performance.now()); },
-      log: () => {},
+      emit: (e: RunEvent) => {
+        if (e.event === 'training' || e.event === 'step') stepTimes.push(performance.now());
+        if (e.event === 'error') errors.push(String(e.message));
+      },
+      log: (m: string) => process.stderr.write(`[bench coordinator] ${m}\n`),
     });
     await coord.publishShards();
     await coord.start();
@@ -132,7 +137,7 @@ export async function traceSwarm(o: TraceOptions): Promise<Record<string, unknow
     await coord.finished;
     const codes = await Promise.all(vols);
     await coord.stop();
-    if (codes.some((c) => c !== 0)) throw new Error(`volunteers exited ${codes}`);
+    if (errors.length > 0 || codes.some((c) => c !== 0)) throw new Error(`swarm trace run failed: volunteers exited ${codes}; coordinator errors: ${errors.join('; ') || 'none'}`);
     return analyse(o, cfg.hiddenSize, intervals, captured, stepTimes);
   } finally {
     try { await node.stop(); } catch { /* stopped */ }
