@@ -54,18 +54,29 @@ export async function pullToDir(addr: string, outDir: string, opts: { step?: num
   return a;
 }
 
+function inWordsMs(ms: number): string {
+  const s = Math.ceil(ms / 1000);
+  return s < 60 ? `${s} s` : s < 3600 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
 export function formatStatus(s: StatusResponse): string {
+  const banned = s.peers.filter((p) => (p.banRemainingMs ?? 0) > 0).length;
   const lines = [
     `run ${s.runId}: ${s.state}, step ${s.step}/${s.totalSteps}` +
       (s.loss !== null ? `, loss ${s.loss.toFixed(4)}` : '') +
       (s.lr !== null ? `, lr ${s.lr.toExponential(3)}` : '') +
       (s.tokensPerSecond !== null ? `, ${s.tokensPerSecond.toFixed(1)} tokens/s` : ''),
-    `${s.numStages} stage(s), ${s.peers.length} peer(s), ${s.retries} retries, ${s.reassignments} reassignments`,
-    'peer                                                  stage  layers     device                          tok/s    mbs  health',
+    `${s.numStages} stage(s), ${s.peers.length} peer(s), ${s.retries} retries, ${s.reassignments} reassignments, ${s.bans ?? 0} bans (${banned} in force)`,
   ];
+  if (s.waitingFor !== undefined && s.waitingFor !== null) lines.push(`waiting: ${s.waitingFor}`);
+  lines.push('peer                                                  stage  layers     device                          tok/s    mbs  retries  t/o  moved  health');
   for (const p of s.peers) {
     const layers = p.layerStart !== null ? `[${p.layerStart},${p.layerEnd})` : '-';
-    lines.push(`${p.peerId.padEnd(54)}${String(p.stageIndex ?? '-').padEnd(7)}${layers.padEnd(11)}${p.device.slice(0, 31).padEnd(32)}${p.tokensPerSecond.toFixed(1).padStart(7)}${String(p.microBatches).padStart(6)}  ${p.health}`);
+    const ban = (p.banRemainingMs ?? 0) > 0 ? ` (ban ${p.bans ?? 1}, ${inWordsMs(p.banRemainingMs!)} left: ${p.banReason ?? ''})`
+      : (p.bans ?? 0) > 0 ? ` (banned ${p.bans} time(s) before)` : '';
+    lines.push(`${p.peerId.padEnd(54)}${String(p.stageIndex ?? '-').padEnd(7)}${layers.padEnd(11)}${p.device.slice(0, 31).padEnd(32)}` +
+      `${p.tokensPerSecond.toFixed(1).padStart(7)}${String(p.microBatches).padStart(6)}${String(p.retries ?? 0).padStart(9)}${String(p.timeouts ?? 0).padStart(5)}` +
+      `${String(p.reassignments ?? 0).padStart(7)}  ${p.health}${ban}`);
   }
   return lines.join('\n');
 }

@@ -4,6 +4,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import type { LlamaConfig, LoraConfig, NamedTensor, WeightSource } from '../engine/types.ts';
 import type { TrainConfig } from '../engine/train/config.ts';
 import { learningRateAt, warmupStepsFor } from '../engine/train/schedule.ts';
+import { dropoutSeedFor } from '../engine/train/data.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import { request, serve, parseMultiaddr } from '../protocol/net.ts';
 import type { Multiaddr } from '../protocol/net.ts';
@@ -28,6 +29,7 @@ import { placeResumed } from './resume.ts';
 import type { KeptOffer, ResumePlacement } from './resume.ts';
 import { crashPoint } from './crash.ts';
 import { adapterDigest } from '../protocol/adapter-digest.ts';
+import { BanList, banBaseMsFromEnv, inWords } from './bans.ts';
 
 /** One micro-batch as the data pipeline hands it over (labels already shifted, -100 ignored). */
 export interface MicroBatch { ids: Int32Array; labels: Int32Array; batch: number; seqLen: number }
@@ -81,11 +83,42 @@ interface PeerState {
   microBatches: number;
   /** the stage state this peer kept from before a coordinator restart (join.kept) */
   kept?: KeptOffer;
+  /** failed micro-batch attempts at this peer */
+  retries?: number;
+  /** compute requests to this peer that timed out */
+  timeouts?: number;
+  /** deprioritised (out of routes while a stage has other replicas) until then, after repeated timeouts */
+  slowUntilMs?: number;
+  /** placements after the plan (late join, lost stage, rebalance) */
+  reassignments?: number;
 }
 
 interface PendingJoin { peerId: string; resolve: (r: JoinResponse) => void }
 
+/** failures of one micro-batch at peers that stayed up (a dropped peer's failures do not count) */
 const MAX_ATTEMPTS = 4;
+/** a peer whose compute requests time out this many times is marked slow and deprioritised */
+const SLOW_AFTER_TIMEOUTS = 2;
+/** how long a slow peer stays deprioritised (routes use it only when its stage has no other replica) */
+const SLOW_PENALTY_MS = 5 * 60_000;
+/** checkpoint the optimizer state at every step while each stage's state is at most this big */
+export const CHECKPOINT_EVERY_STEP_MAX_BYTES = 64 * 1024 * 1024;
+/** recent activation / activation-gradient RMS values kept per stage for screening */
+const OUTPUT_HISTORY = 64;
+
+/** Compute-request timeout: COMPUTE_TIMEOUT_MS, or SWARMTUNE_COMPUTE_TIMEOUT_MS (operators, tests). */
+export function computeTimeoutMs(env: NodeJS.ProcessEnv = process.env): number {
+  const v = env.SWARMTUNE_COMPUTE_TIMEOUT_MS;
+  if (v === undefined || v === '') return COMPUTE_TIMEOUT_MS;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 100 || n > 24 * 3_600_000) throw new SwarmError(`SWARMTUNE_COMPUTE_TIMEOUT_MS must be an integer number of ms in [100, 86400000], got "${v}"`);
+  return n;
+}
+
+/** A peer returned an activation or activation gradient that is non-finite, misshapen or absurd. */
+class BadOutputError extends SwarmError {
+  override name = 'BadOutputError';
+}
 /** a replica whose per-micro-batch gradient norm exceeds this multiple of the median is banned */
 const SCREEN_FACTOR = 50;
 
@@ -151,6 +184,18 @@ export class Coordinator {
   private resumeStates: Uint8Array[] | null = null;
   /** per stage: recent accepted per-micro-batch gradient norms of replicas (screening reference) */
   private normHistory: number[][] = [];
+  private readonly banList = new BanList(banBaseMsFromEnv());
+  private readonly computeTimeout = computeTimeoutMs();
+  /** why the run is stalled right now (a stage without a peer), for status */
+  private waitingFor: string | null = null;
+  /** per stage: recent RMS of accepted activations ('act') and activation gradients ('grad') it sent */
+  private outputRms = new Map<string, number[]>();
+  /** per stage: size of its optimizer state at the last checkpoint */
+  private stateBytes: number[] = [];
+  /** the last checkpoint written only because of the every-step policy (deleted by the next one) */
+  private prunable: { step: number; stages: number } | null = null;
+  /** peers released from a stage to take another one (rebalance), by the stage they are meant for */
+  private moving = new Map<string, number>();
 
   constructor(o: CoordinatorOptions) {
     this.o = o;
@@ -244,13 +289,19 @@ export class Coordinator {
   private async onJoin(req: JoinRequest, peerId: string): Promise<JoinResponse> {
     if (this.o.token !== null && req.token !== this.o.token) throw new AuthError('this run is private: a valid --token is required to join');
     if (this.state === 'finished' || this.state === 'failed') return { status: 'rejected', reason: `the run is ${this.state}`, assignment: null };
+    const refusal = this.banList.refusal(peerId);
+    if (refusal !== null) {
+      this.o.log(`refused a join of banned peer ${peerId}: ${refusal}`);
+      return { status: 'rejected', reason: refusal, assignment: null };
+    }
     const addrs = req.listenAddrs.map((a) => parseMultiaddr(a.includes('/p2p/') ? a : `${a}/p2p/${peerId}`));
     const known = this.peers.get(peerId);
     if (known !== undefined && this.plan !== null) {
       // a volunteer that restarted mid-run lost its stage: its old self is gone (micro-batches it held
-      // are re-run), and it joins again like any late joiner
-      if (known.health === 'banned') return { status: 'rejected', reason: 'this peer is banned from the run', assignment: null };
-      this.markDead(known, 'it joined again (restarted)');
+      // are re-run), and it joins again like any late joiner (so does a peer released from its stage
+      // to take another one, or one whose ban ended)
+      if (known.health !== 'spare' && known.health !== 'banned') this.markDead(known, 'it joined again (restarted)');
+      else known.health = 'spare';
       for (const r of this.plan.replicas) { const i = r.indexOf(peerId); if (i >= 0) r.splice(i, 1); }
       Object.assign(known, { caps: req.capabilities, addrs, stageIndex: null, ready: false, lastSeenMs: Date.now(), tokensPerSecond: 0, kept: req.kept });
     } else {
@@ -426,20 +477,7 @@ export class Coordinator {
       }
       const speed = (s: number) => this.liveReplicas(s).reduce((a, id) => a + (this.peers.get(id)?.tokensPerSecond ?? 0), 0);
       const s = fits.reduce((best, x) => (speed(x) < speed(best) || (speed(x) === speed(best) && this.liveReplicas(x).length < this.liveReplicas(best).length) ? x : best));
-      const state = this.step > 0 ? await this.fetchOptimizerState(this.liveReplicas(s)[0]!, this.step) : null;
-      p.stageIndex = s;
-      p.health = 'ok';
-      p.lastSeenMs = Date.now();
-      j.resolve({ status: 'assigned', reason: null, assignment: await this.assignmentFor(j.peerId, s, state) });
-      // the new replica joins the routes only once it has loaded the stage at this very step
-      const deadline = Date.now() + 10 * 60_000;
-      while (!p.ready && (p.health as PeerHealth) !== 'dead' && Date.now() < deadline && !this.stopping) await new Promise((r) => setTimeout(r, 100));
-      if (!p.ready) { this.markDead(p, 'did not load its stage in time'); continue; }
-      plan.replicas[s]!.push(p.peerId);
-      plan.replicas[s]!.sort();
-      this.reassignments++;
-      this.event('reassign', `late peer ${p.peerId} added to stage ${s} (layers [${plan.stages[s]!.layerStart}, ${plan.stages[s]!.layerEnd})) at step ${this.step}`);
-      this.o.emit({ event: 'peer_added', peer_id: p.peerId, stage: s, step: this.step });
+      await this.placeOn(j, s, 'late');
     }
   }
 
@@ -454,7 +492,7 @@ export class Coordinator {
         p.lastSeenMs = Date.now();
         p.ready = r.ready;
         p.tokensPerSecond = r.tokensPerSecond;
-        if (p.health === 'slow') p.health = 'ok';
+        if (p.health === 'slow' && (p.slowUntilMs ?? 0) <= Date.now()) p.health = 'ok';
       } catch (e) {
         const silentMs = Date.now() - p.lastSeenMs;
         if (silentMs > HEARTBEAT_TIMEOUT_MS) this.markDead(p, `no heartbeat for ${silentMs} ms`);
@@ -497,13 +535,219 @@ export class Coordinator {
     return h === 'dead' || h === 'banned';
   }
 
+  /** Ban a peer with backoff (coordinator/bans.ts): out of every route now, its stage released; it
+   *  is told to join again when the ban ends, and a join before then is refused. */
   private ban(p: PeerState, why: string): void {
     if (p.health === 'banned') return;
+    const rec = this.banList.ban(p.peerId, why);
+    const stage = p.stageIndex;
     p.health = 'banned';
     p.failures++;
+    p.ready = false;
     this.bans++;
-    this.event('ban', `peer ${p.peerId} (stage ${p.stageIndex}) banned from the run: ${why}`);
-    this.o.emit({ event: 'peer_banned', peer_id: p.peerId, reason: why });
+    if (this.plan !== null) for (const r of this.plan.replicas) { const i = r.indexOf(p.peerId); if (i >= 0) r.splice(i, 1); }
+    p.stageIndex = null;
+    this.event('ban', `peer ${p.peerId} (stage ${stage}) banned from the run for ${inWords(rec.durationMs)} (ban ${rec.count}): ${why}`);
+    this.o.emit({ event: 'peer_banned', peer_id: p.peerId, stage, reason: why, ban: rec.count, duration_ms: rec.durationMs });
+    void request(this.o.node, p.addrs, 'finish', {
+      runId: this.o.runId, reason: `banned for ${inWords(rec.durationMs)}: ${why}`.slice(0, 4000), rejoinAfterMs: rec.durationMs,
+    }, { timeoutMs: 5000 }).catch(() => { /* it may be gone already */ });
+  }
+
+  /** replicas of stage s that routes should use: the live ones, without deprioritised slow peers
+   *  unless the stage has nothing else */
+  private routable(s: number): string[] {
+    const live = this.liveReplicas(s);
+    const now = Date.now();
+    const fast = live.filter((id) => (this.peers.get(id)!.slowUntilMs ?? 0) <= now);
+    return fast.length > 0 ? fast : live;
+  }
+
+  /** Decode an activation (gradient) a peer of stage s returned, before it is relayed: non-finite,
+   *  misshapen, or with an RMS over SCREEN_FACTOR× the median of the stage's recent ones, it is refused
+   *  (BadOutputError: the peer is banned and the micro-batch runs elsewhere). */
+  private screenOutput(t: WireTensor, shape: number[], s: number, kind: 'act' | 'grad', what: string): void {
+    let x: Float32Array;
+    try {
+      x = decodeFloat(t, what, shape);
+    } catch (e) {
+      throw new BadOutputError(`${(e as Error).message}`);
+    }
+    let ss = 0;
+    for (let i = 0; i < x.length; i++) ss += x[i]! * x[i]!;
+    const rms = Math.sqrt(ss / Math.max(1, x.length));
+    const key = `${kind}:${s}`;
+    const hist = this.outputRms.get(key) ?? [];
+    const ref = hist.length >= 8 ? median(hist) : null;
+    if (ref !== null && ref > 0 && rms > SCREEN_FACTOR * ref) {
+      throw new BadOutputError(`${what}: RMS ${rms.toExponential(2)} is over ${SCREEN_FACTOR}x the median ${ref.toExponential(2)} of recent ones`);
+    }
+    hist.push(rms);
+    if (hist.length > OUTPUT_HISTORY) hist.shift();
+    this.outputRms.set(key, hist);
+  }
+
+  /** After a failed micro-batch attempt at peer id: bad output bans it; a timeout counts (repeated
+   *  ones mark it slow: out of routes while its stage has other replicas); a peer that also fails a
+   *  short heartbeat is dropped. */
+  private async afterFailure(id: string, cause: Error): Promise<void> {
+    const p = this.peers.get(id);
+    if (p === undefined) return;
+    if (cause.name === 'BadOutputError') { this.ban(p, `it sent a bad tensor: ${cause.message}`); return; }
+    if (cause.name === 'TimeoutError') {
+      p.timeouts = (p.timeouts ?? 0) + 1;
+      if (p.timeouts >= SLOW_AFTER_TIMEOUTS && (p.slowUntilMs ?? 0) <= Date.now()) {
+        p.slowUntilMs = Date.now() + SLOW_PENALTY_MS;
+        p.health = 'slow';
+        this.event('drop', `peer ${id} (stage ${p.stageIndex}) timed out ${p.timeouts} times; marked slow: routes avoid it for ${inWords(SLOW_PENALTY_MS)} while its stage has other replicas`);
+        this.o.emit({ event: 'peer_slow', peer_id: id, timeouts: p.timeouts });
+      }
+    }
+    await this.checkPeer(id, cause);
+  }
+
+  /** A peer failed a step-level request (collect, apply, upload, optimizer state): whatever state it
+   *  holds for this step is now unknown, so it leaves the routes even if it still answers heartbeats. */
+  private async dropAfterFailure(id: string, cause: Error, why: string): Promise<void> {
+    await this.checkPeer(id, cause);
+    const p = this.peers.get(id);
+    if (p !== undefined && !this.gone(id)) this.markDead(p, `${why} (${cause.name}: ${cause.message})`);
+  }
+
+  private stageNeed(s: number): number {
+    const st = this.plan!.stages[s]!;
+    return this.o.memory(st.layerStart, st.layerEnd);
+  }
+
+  /** Bytes of stage s's optimizer state: as measured at the last checkpoint, else estimated from its
+   *  LoRA parameter count (32-bit AdamW: m and v, 8 B/param; 8-bit: about 2 B/param). */
+  private stateSizeEstimate(s: number): number {
+    const known = this.stateBytes[s];
+    if (known !== undefined) return known;
+    const numel = this.stageAdapter(s).reduce((a, x) => a + x.data.length, 0);
+    return numel * (this.o.train.optim.includes('8bit') ? 2 : 8);
+  }
+
+  /** The stage's optimizer state for a peer taking it: from a live replica (exact), else the latest
+   *  checkpoint in the RunStore, else none (fresh moments). */
+  private async stageStateFor(s: number): Promise<{ bytes: Uint8Array | null; from: string }> {
+    for (const id of this.liveReplicas(s)) {
+      if (this.step === 0) return { bytes: null, from: 'fresh optimizer moments (step 0)' };
+      try { return { bytes: await this.fetchOptimizerState(id, this.step), from: `the optimizer state of a live replica at step ${this.step} (exact)` }; } catch (e) {
+        await this.dropAfterFailure(id, e as Error, 'it failed to send its optimizer state');
+      }
+    }
+    const c = await this.o.store.latestCheckpoint();
+    if (c !== null && s < c.stages) {
+      const bytes = await this.o.store.optimizerState(c.step, s);
+      if (bytes !== null) {
+        return { bytes, from: c.step === this.step ? `the optimizer checkpoint of step ${c.step} (exact)`
+          : `the optimizer checkpoint of step ${c.step} (the moments of steps ${c.step + 1}..${this.step} are lost)` };
+      }
+    }
+    if (this.resumeStates?.[s] !== undefined && this.resumeStates[s] !== null) return { bytes: this.resumeStates[s]!, from: 'the optimizer checkpoint the run resumed from' };
+    return { bytes: null, from: this.step === 0 ? 'fresh optimizer moments (step 0)' : `fresh optimizer moments (no checkpoint: moments of steps 1..${this.step} are lost)` };
+  }
+
+  /** Give a waiting joiner stage s at the current step (its adapter, its optimizer state), wait until
+   *  it has loaded, and add it to the stage's replicas. False when it did not make it. */
+  private async placeOn(j: PendingJoin, s: number, why: 'late' | 'lost' | 'rebalance'): Promise<boolean> {
+    const plan = this.plan!;
+    const p = this.peers.get(j.peerId);
+    if (p === undefined) return false;
+    const st = plan.stages[s]!;
+    const state = await this.stageStateFor(s);
+    p.stageIndex = s;
+    p.health = 'ok';
+    p.ready = false;
+    p.lastSeenMs = Date.now();
+    p.slowUntilMs = 0;
+    j.resolve({ status: 'assigned', reason: null, assignment: await this.assignmentFor(j.peerId, s, state.bytes) });
+    // the new replica joins the routes only once it has loaded the stage at this very step
+    const deadline = Date.now() + 10 * 60_000;
+    while (!p.ready && (p.health as PeerHealth) !== 'dead' && Date.now() < deadline && !this.stopping) await new Promise((r) => setTimeout(r, 100));
+    if (!p.ready) { this.markDead(p, 'did not load its stage in time'); return false; }
+    plan.replicas[s]!.push(p.peerId);
+    plan.replicas[s]!.sort();
+    this.reassignments++;
+    p.reassignments = (p.reassignments ?? 0) + 1;
+    const range = `layers [${st.layerStart}, ${st.layerEnd})`;
+    const msg = why === 'late' ? `late peer ${p.peerId} added to stage ${s} (${range}) at step ${this.step}`
+      : `stage ${s} (${range}) had no live replica: peer ${p.peerId} ${why === 'rebalance' ? 'moved from another stage ' : ''}took it at step ${this.step} with the adapter of step ${this.step} and ${state.from}`;
+    this.event('reassign', msg);
+    this.o.emit({ event: why === 'late' ? 'peer_added' : 'stage_reassigned', peer_id: p.peerId, stage: s, step: this.step, how: why, optimizer_state: state.from });
+    return true;
+  }
+
+  /** Make sure every stage has a live replica: give an empty stage a waiting joiner, or move a replica
+   *  from a stage that has several; with neither, wait (status says for what) until a volunteer joins. */
+  private async coverLostStages(): Promise<void> {
+    const plan = this.plan!;
+    for (;;) {
+      if (this.stopping) throw new SwarmError('the coordinator is stopping');
+      const empty = plan.stages.map((_, s) => s).filter((s) => this.liveReplicas(s).length === 0);
+      if (empty.length === 0) {
+        if (this.waitingFor !== null) { this.waitingFor = null; this.o.log('every stage has a peer again; training goes on'); }
+        return;
+      }
+      const s = empty[0]!;
+      const need = this.stageNeed(s);
+      const ji = this.late.findIndex((j) => (this.peers.get(j.peerId)?.caps.memoryBytes ?? -1) >= need);
+      if (ji >= 0) {
+        const j = this.late.splice(ji, 1)[0]!;
+        const how = this.moving.has(j.peerId) ? 'rebalance' : 'lost';
+        this.moving.delete(j.peerId);
+        await this.placeOn(j, s, how);
+        continue;
+      }
+      // a replica of the stage with the most replicas (the slowest of them), when it fits
+      let donor: string | null = null, donorStage = -1;
+      for (let t = 0; t < plan.stages.length; t++) {
+        const live = this.liveReplicas(t);
+        if (live.length < 2 || (donorStage >= 0 && live.length <= this.liveReplicas(donorStage).length)) continue;
+        const fit = live.filter((id) => this.peers.get(id)!.caps.memoryBytes >= need)
+          .sort((a, b) => this.peers.get(a)!.tokensPerSecond - this.peers.get(b)!.tokensPerSecond);
+        if (fit.length > 0) { donor = fit[0]!; donorStage = t; }
+      }
+      if (donor !== null) {
+        await this.moveReplica(donor, donorStage, s);
+        continue;
+      }
+      const st = plan.stages[s]!;
+      const msg = `stage ${s} (layers [${st.layerStart}, ${st.layerEnd})) has no peer; waiting for a volunteer with ≥ ${(need / 2 ** 30).toFixed(2)} GiB`;
+      if (this.waitingFor !== msg) {
+        this.waitingFor = msg;
+        this.event('reassign', msg);
+        this.o.emit({ event: 'waiting', stage: s, need_bytes: need, message: msg });
+      }
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+
+  /** Rebalance: release a replica of stage `from` (finish with rejoinAfterMs 0) and place it on `to`. */
+  private async moveReplica(id: string, from: number, to: number): Promise<void> {
+    const p = this.peers.get(id)!;
+    const r = this.plan!.replicas[from]!;
+    r.splice(r.indexOf(id), 1);
+    p.stageIndex = null;
+    p.health = 'spare';
+    p.ready = false;
+    this.moving.set(id, to);
+    this.event('reassign', `moving peer ${id} from stage ${from} to stage ${to}, which lost every replica`);
+    try {
+      await request(this.o.node, p.addrs, 'finish', { runId: this.o.runId, reason: `moved to stage ${to}, which lost every replica`, rejoinAfterMs: 0 }, { timeoutMs: 5000 });
+    } catch (e) {
+      this.moving.delete(id);
+      this.markDead(p, `it did not take the release to move to stage ${to} (${(e as Error).message})`);
+      return;
+    }
+    const deadline = Date.now() + 60_000;
+    while (!this.late.some((j) => j.peerId === id) && Date.now() < deadline && !this.stopping) await new Promise((res) => setTimeout(res, 100));
+    const i = this.late.findIndex((j) => j.peerId === id);
+    if (i < 0) { this.moving.delete(id); this.markDead(p, `it did not join again within 60 s to take stage ${to}`); return; }
+    const j = this.late.splice(i, 1)[0]!;
+    this.moving.delete(id);
+    await this.placeOn(j, to, 'rebalance');
   }
 
   private async waitReady(): Promise<void> {
@@ -534,6 +778,8 @@ export class Coordinator {
     const total = this.o.data.totalSteps;
     const warmup = warmupStepsFor(total, t.warmup_steps, t.warmup_ratio);
     while (this.step < total && !this.stopping) {
+      // at a step boundary: a stage that lost every replica is covered first, then late joiners placed
+      await this.coverLostStages();
       await this.admitLateJoiners();
       await this.runStep(this.step, learningRateAt(t.learning_rate, t.lr_scheduler_type, this.step, warmup, total));
     }
@@ -548,14 +794,15 @@ export class Coordinator {
       for (let i = 0; i < mb.labels.length; i++) if (mb.labels[i]! !== -100) labelTokens++;
       seqTokens += mb.batch * mb.seqLen;
     }
-    if (labelTokens === 0) throw new SwarmError(`step ${step} has no label tokens`);
-    const lossScale = 1 / labelTokens;
+    // a step without label tokens contributes no gradient and loss 0, as in the trainer (accumulateStep)
+    const lossScale = labelTokens > 0 ? 1 / labelTokens : 0;
     const S = this.plan!.stages.length;
     const lossSums = new Float64Array(mbs.length);
     const attempts = new Int32Array(mbs.length);
     /** per micro-batch: the route (one peer per stage) whose attempt committed */
     const committedRoute: Array<string[] | null> = mbs.map(() => null);
 
+    const C = this.o.llama.hiddenSize;
     const runMb = async (mb: number, route: string[]): Promise<void> => {
       const attempt = attempts[mb]!;
       const m = mbs[mb]!;
@@ -573,14 +820,16 @@ export class Coordinator {
             ids: s === 0 ? encodeTensor(m.ids, [T], 'i32', 'ids') : undefined,
             hidden: s > 0 ? hidden : undefined,
             labels: s === S - 1 ? encodeTensor(m.labels, [T], 'i32', 'labels') : undefined,
-            dropoutSeed: (this.o.train.seed * 1_000_003 + step * 10_007 + mb) % 2147483647,
+            dropoutSeed: dropoutSeedFor(this.o.train.seed, step, mb),
             train: true,
-          }, { timeoutMs: COMPUTE_TIMEOUT_MS });
+          }, { timeoutMs: this.computeTimeout });
           if (s === S - 1) {
             if (res.lossSum === undefined) throw new SwarmError(`last stage peer ${at} returned no loss`);
             lossSums[mb] = res.lossSum;
           } else {
             if (res.hidden === undefined) throw new SwarmError(`stage ${s} peer ${at} returned no hidden state`);
+            // checked here, so garbage is blamed on the peer that made it, not on the next hop
+            this.screenOutput(res.hidden, [T, C], s, 'act', `the stage ${s} activation of step ${step} micro-batch ${mb}`);
             hidden = res.hidden;
           }
         }
@@ -591,8 +840,12 @@ export class Coordinator {
             ...base, stageIndex: s,
             gradOut: s < S - 1 ? grad : undefined,
             lossScale: s === S - 1 ? lossScale : undefined,
-          }, { timeoutMs: COMPUTE_TIMEOUT_MS });
+          }, { timeoutMs: this.computeTimeout });
           grad = res.gradIn;
+          if (s > 0) {
+            if (grad === undefined) throw new SwarmError(`stage ${s} peer ${at} returned no activation gradient`);
+            this.screenOutput(grad, [T, C], s, 'grad', `the stage ${s} activation gradient of step ${step} micro-batch ${mb}`);
+          }
         }
         // the micro-batch is done on every stage: its gradients count now, exactly once
         for (const id of route) {
@@ -607,11 +860,12 @@ export class Coordinator {
       }
     };
 
-    const routeFor = (k: number): string[] => {
+    /** one peer per stage for route k; null while a stage has no live replica (it gets one first) */
+    const routeFor = (k: number): string[] | null => {
       const r: string[] = [];
       for (let s = 0; s < S; s++) {
-        const live = this.liveReplicas(s);
-        if (live.length === 0) throw new SwarmError(`stage ${s} has no live peer left (reassignment of lost stages is not implemented yet)`);
+        const live = this.routable(s);
+        if (live.length === 0) return null;
         r.push(live[k % live.length]!);
       }
       return r;
@@ -619,12 +873,15 @@ export class Coordinator {
 
     // routes work in parallel; a faster route simply pulls more micro-batches off the queue
     const todo = mbs.map((_, i) => i);
+    /** per micro-batch: failures at peers that stayed up (bounded by MAX_ATTEMPTS) */
+    const strikes = new Int32Array(mbs.length);
     const worker = async (k: number): Promise<void> => {
       for (;;) {
         const mb = todo.shift();
         if (mb === undefined) return;
         for (;;) {
           const route = routeFor(k + attempts[mb]!);
+          if (route === null) { todo.unshift(mb); return; }
           try {
             await runMb(mb, route);
             break;
@@ -632,42 +889,61 @@ export class Coordinator {
             const f = e as RouteFailure;
             attempts[mb]! += 1;
             this.retries++;
+            const p = this.peers.get(f.peerId);
+            if (p !== undefined) p.retries = (p.retries ?? 0) + 1;
             this.event('retry', `step ${step} micro-batch ${mb} attempt ${attempts[mb]! - 1} failed at peer ${f.peerId} (${f.cause.name}: ${f.cause.message}); retrying with attempt ${attempts[mb]}`);
-            await this.checkPeer(f.peerId, f.cause);
-            if (attempts[mb]! >= MAX_ATTEMPTS) throw new SwarmError(`step ${step} micro-batch ${mb} failed ${MAX_ATTEMPTS} times; last: ${f.cause.message}`);
-            await new Promise((r) => setTimeout(r, 100 * attempts[mb]!));
+            await this.afterFailure(f.peerId, f.cause);
+            if (!this.gone(f.peerId)) strikes[mb]! += 1;
+            if (strikes[mb]! >= MAX_ATTEMPTS) throw new SwarmError(`step ${step} micro-batch ${mb} failed ${MAX_ATTEMPTS} times at peers that stayed up; last: ${f.cause.message}`);
+            await new Promise((r) => setTimeout(r, 100 * Math.min(attempts[mb]!, 5)));
           }
         }
       }
     };
+    /** route[s] is no longer a live replica of stage s: what it held for this step is gone */
+    const routeBroken = (r: string[]) => r.some((id, s) => !this.liveReplicas(s).includes(id));
     let stageGrads: Float32Array[][];
     for (;;) {
       for (;;) {
-        const R = Math.max(...this.plan!.stages.map((_, s) => this.liveReplicas(s).length));
+        // a stage that lost every replica gets one first (or the run waits for a volunteer)
+        await this.coverLostStages();
+        const R = Math.max(...this.plan!.stages.map((_, s) => this.routable(s).length));
         await Promise.all(Array.from({ length: Math.min(R, todo.length) }, (_, k) => worker(k)));
-        // a replica lost (or banned) after some micro-batches committed on it took their gradient
-        // with it: take those micro-batches back from the other peers of their route, run them again
-        const lost = committedRoute.flatMap((r, mb) => (r !== null && r.some((id) => this.gone(id)) ? [mb] : []));
+        if (todo.length > 0) continue; // a stage lost its last replica mid-step
+        // a replica lost (or banned, or moved) after some micro-batches committed on it took their
+        // gradient with it: take those micro-batches back from the other peers of their route, run them again
+        const lost = committedRoute.flatMap((r, mb) => (r !== null && routeBroken(r) ? [mb] : []));
         if (lost.length === 0) break;
         for (const mb of lost) {
           const route = committedRoute[mb]!;
-          await Promise.all(route.filter((id) => !this.gone(id)).map((id) =>
+          await Promise.allSettled(route.filter((id, s) => this.liveReplicas(s).includes(id)).map((id) =>
             request(this.o.node, this.peerAddrs(id), 'commit', { runId: this.o.runId, step, mb, attempt: attempts[mb]!, commit: false })));
           committedRoute[mb] = null;
           attempts[mb]! += 1;
           this.retries++;
           todo.push(mb);
         }
-        this.event('retry', `step ${step}: re-running micro-batches ${lost.join(', ')} whose gradient was held by a dropped or banned peer`);
+        this.event('retry', `step ${step}: re-running micro-batches ${lost.join(', ')} whose gradient was held by a dropped, banned or moved peer`);
       }
 
       // collect the step's gradient from every live replica and screen it before it counts
       const collected: Array<Array<{ id: string; grads: Float32Array[]; microBatches: number }>> = [];
-      for (let s = 0; s < S; s++) {
+      let failed = false;
+      for (let s = 0; s < S && !failed; s++) {
         const rs = [];
-        for (const id of this.liveReplicas(s)) rs.push({ id, ...(await this.collect(id, s, step)) });
+        for (const id of this.liveReplicas(s)) {
+          try {
+            rs.push({ id, ...(await this.collect(id, s, step)) });
+          } catch (e) {
+            this.event('retry', `step ${step}: collecting stage ${s}'s gradient from peer ${id} failed (${(e as Error).name}: ${(e as Error).message})`);
+            await this.dropAfterFailure(id, e as Error, `it failed to send its step ${step} gradient`);
+            failed = true;
+            break;
+          }
+        }
         collected.push(rs);
       }
+      if (failed) continue; // its micro-batches run again elsewhere
       let banned = false;
       for (let s = 0; s < S; s++) {
         const perMb = collected[s]!.map((r) => globalGradNorm([r.grads]) / Math.max(1, r.microBatches));
@@ -675,13 +951,14 @@ export class Coordinator {
         collected[s]!.forEach((r, i) => {
           // reference: the other replicas of this step and this stage's recent accepted steps
           const ref = median([...perMb.filter((_, j) => j !== i), ...hist]);
-          if (ref !== null && ref > 0 && perMb[i]! > SCREEN_FACTOR * ref) {
-            this.ban(this.peers.get(r.id)!, `its step ${step} gradient (${perMb[i]!.toExponential(2)} per micro-batch) is over ${SCREEN_FACTOR}x the median ${ref.toExponential(2)}`);
+          if (!Number.isFinite(perMb[i]!) || (ref !== null && ref > 0 && perMb[i]! > SCREEN_FACTOR * ref)) {
+            this.ban(this.peers.get(r.id)!, `its step ${step} gradient (${perMb[i]!.toExponential(2)} per micro-batch) is over ${SCREEN_FACTOR}x the median ${ref?.toExponential(2)}`);
             banned = true;
           }
         });
       }
       if (banned) continue;
+      if (committedRoute.some((r) => r === null || routeBroken(r))) continue; // a peer went away meanwhile
       for (let s = 0; s < S; s++) {
         const hist = (this.normHistory[s] ??= []);
         for (const r of collected[s]!) if (r.microBatches > 0) hist.push(globalGradNorm([r.grads]) / r.microBatches);
@@ -694,38 +971,78 @@ export class Coordinator {
     const norm = globalGradNorm(stageGrads);
     clipInPlace(stageGrads, norm, this.o.train.max_grad_norm);
     crashPoint('before-apply', step + 1);
-    for (let s = 0; s < S; s++) {
+    // every live replica applies the same final gradient; a replica placed meanwhile (its stage lost
+    // every peer during apply) loads the adapter of `step` and applies it too
+    const applied = new Set<string>();
+    const applyTo = async (s: number, id: string): Promise<void> => {
       const names = this.stageParamNames[s]!;
       const sizes = stageGrads[s]!.map((g) => g.length);
-      await Promise.all(this.liveReplicas(s).map(async (id) => {
-        const pg = pages(sizes);
-        for (let i = 0; i < pg.length; i++) {
-          const [from, count] = pg[i]!;
-          const grads = stageGrads[s]!.slice(from, from + count).map((g, k) => encodeTensor(g, this.adapter.get(names[from + k]!)?.shape ?? [g.length], 'f32', names[from + k]!));
-          await request(this.o.node, this.peerAddrs(id), 'aggregate', {
-            runId: this.o.runId, step, phase: 'apply', from, count, grads, lr, last: i === pg.length - 1,
-          }, { timeoutMs: COMPUTE_TIMEOUT_MS });
+      const pg = pages(sizes);
+      for (let i = 0; i < pg.length; i++) {
+        const [from, count] = pg[i]!;
+        const grads = stageGrads[s]!.slice(from, from + count).map((g, k) => encodeTensor(g, this.adapter.get(names[from + k]!)?.shape ?? [g.length], 'f32', names[from + k]!));
+        await request(this.o.node, this.peerAddrs(id), 'aggregate', {
+          runId: this.o.runId, step, phase: 'apply', from, count, grads, lr, last: i === pg.length - 1,
+        }, { timeoutMs: this.computeTimeout });
+      }
+    };
+    const t = this.o.train;
+    const saveCheckpoint = step + 1 === this.o.data.totalSteps || (t.save_strategy === 'steps' && (step + 1) % t.save_steps === 0);
+    const everyStep = this.plan!.stages.every((_, s) => this.stateSizeEstimate(s) <= CHECKPOINT_EVERY_STEP_MAX_BYTES);
+    let states: Uint8Array[] | null = null;
+    for (let pass = 0; ; pass++) {
+      if (pass > 0) await this.coverLostStages();
+      for (let s = 0; s < S; s++) {
+        const todoPeers = this.liveReplicas(s).filter((id) => !applied.has(id));
+        const res = await Promise.allSettled(todoPeers.map((id) => applyTo(s, id)));
+        for (let i = 0; i < res.length; i++) {
+          const r = res[i]!;
+          if (r.status === 'fulfilled') applied.add(todoPeers[i]!);
+          else await this.dropAfterFailure(todoPeers[i]!, r.reason as Error, `it failed to apply the update of step ${step + 1}`);
         }
-      }));
-      if (s === 0) crashPoint('mid-apply', step + 1);
+        if (s === 0 && pass === 0) crashPoint('mid-apply', step + 1);
+      }
+      // v_{t+1} from one replica per stage; every replica applied the same update
+      let uploaded = true;
+      for (let s = 0; s < S && uploaded; s++) {
+        uploaded = false;
+        for (const id of this.liveReplicas(s).filter((x) => applied.has(x))) {
+          try { await this.uploadAdapter(id); uploaded = true; break; } catch (e) { await this.dropAfterFailure(id, e as Error, `it failed to upload its adapter of step ${step + 1}`); }
+        }
+      }
+      if (!uploaded) continue;
+      if (saveCheckpoint || everyStep) {
+        states = [];
+        for (let s = 0; s < S && states !== null; s++) {
+          let got: Uint8Array | null = null;
+          for (const id of this.liveReplicas(s).filter((x) => applied.has(x))) {
+            try { got = await this.fetchOptimizerState(id, step + 1); break; } catch (e) { await this.dropAfterFailure(id, e as Error, `it failed to send its optimizer state of step ${step + 1}`); }
+          }
+          if (got === null) {
+            this.event('checkpoint', `no replica of stage ${s} could send its optimizer state of step ${step + 1}; step ${step + 1} is committed without a checkpoint`);
+            states = null;
+          } else {
+            states.push(got);
+            this.stateBytes[s] = got.length;
+          }
+        }
+      }
+      break;
     }
-    // v_{t+1} from one replica per stage; every replica applied the same update
-    for (let s = 0; s < S; s++) await this.uploadAdapter(this.liveReplicas(s)[0]!);
-    const loss = [...lossSums].reduce((a, b) => a + b, 0) / labelTokens;
+    const loss = labelTokens > 0 ? [...lossSums].reduce((a, b) => a + b, 0) / labelTokens : 0;
     const seconds = (performance.now() - t0) / 1000;
     const rec: StepRecord = {
       step: step + 1, loss, lr, gradNorm: norm, tokens: seqTokens, tokensPerSecond: seqTokens / seconds,
       timeMs: Date.now(), cursor: this.o.data.cursorAfter(step + 1),
     };
-    const t = this.o.train;
-    const checkpoint = rec.step === this.o.data.totalSteps || (t.save_strategy === 'steps' && rec.step % t.save_steps === 0);
-    const states = checkpoint ? await Promise.all(this.plan!.stages.map((_, s) => this.fetchOptimizerState(this.liveReplicas(s)[0]!, rec.step))) : null;
     // durable before announced: the adapter of step+1, the cursor (and at checkpoints every stage's
-    // optimizer state) land in one atomic batch
+    // optimizer state) land in one atomic batch; an every-step checkpoint replaces the previous one
     crashPoint('before-commit', rec.step);
-    await this.o.store.commitStep(rec, this.adapterBytes(), states);
+    const prune = states !== null && this.prunable !== null ? [this.prunable] : [];
+    await this.o.store.commitStep(rec, this.adapterBytes(), states, prune);
     crashPoint('after-commit', rec.step);
-    if (states !== null) this.event('checkpoint', `checkpointed optimizer state of ${states.length} stage(s) at step ${rec.step}`);
+    if (states !== null) this.prunable = saveCheckpoint ? null : { step: rec.step, stages: states.length };
+    if (states !== null && saveCheckpoint) this.event('checkpoint', `checkpointed optimizer state of ${states.length} stage(s) at step ${rec.step}`);
     this.step = step + 1;
     this.tokensTotal += seqTokens;
     this.history.push(rec);
@@ -774,6 +1091,7 @@ export class Coordinator {
     const p = this.peers.get(peerId)!;
     const s = p.stageIndex!;
     const names: string[] = [];
+    const got: NamedTensor[] = [];
     let total = Infinity, from = 0;
     while (from < total) {
       const res = await request(this.o.node, p.addrs, 'adapter', { runId: this.o.runId, from, count: 16 });
@@ -781,11 +1099,13 @@ export class Coordinator {
       if (res.tensors.length === 0 && from < total) throw new SwarmError(`peer ${peerId} sent an empty adapter page`);
       for (const { name, tensor } of res.tensors) {
         const data = decodeFloat(tensor, `adapter ${name} from ${peerId}`);
-        this.adapter.set(name, { name, shape: tensor.shape, data });
+        got.push({ name, shape: tensor.shape, data });
         names.push(name);
       }
       from += res.tensors.length;
     }
+    // all or nothing: a transfer cut short leaves the stage's previous adapter whole
+    for (const x of got) this.adapter.set(x.name, x);
     this.stageParamNames[s] = names;
   }
 
@@ -845,9 +1165,12 @@ export class Coordinator {
         layerEnd: p.stageIndex !== null ? this.plan!.stages[p.stageIndex]!.layerEnd : null,
         device: p.caps.deviceName, memoryBytes: p.caps.memoryBytes, gemmGflops: p.caps.gemmGflops,
         tokensPerSecond: p.tokensPerSecond, microBatches: p.microBatches, health: p.health, lastSeenMs: p.lastSeenMs,
+        retries: p.retries ?? 0, timeouts: p.timeouts ?? 0, bans: this.banList.get(p.peerId)?.count ?? 0,
+        banRemainingMs: this.banList.remainingMs(p.peerId), banReason: this.banList.get(p.peerId)?.reason ?? null,
+        reassignments: p.reassignments ?? 0,
       })),
       committedSteps: this.history.map((h) => h.step),
-      retries: this.retries, reassignments: this.reassignments,
+      retries: this.retries, reassignments: this.reassignments, bans: this.bans, waitingFor: this.waitingFor,
     };
   }
 

@@ -60,8 +60,11 @@ export class RunStore {
   latest(): Promise<StepRecord | null> { return this.getJson<StepRecord>('latest'); }
 
   /** Commit a step: its record, the full adapter (shard-format bytes) and the cursor, atomically. */
-  async commitStep(rec: StepRecord, adapterBytes: Uint8Array, optimizerStates: Uint8Array[] | null = null): Promise<void> {
-    const ops: Array<{ type: 'put'; key: string; value: Uint8Array }> = [
+  async commitStep(rec: StepRecord, adapterBytes: Uint8Array, optimizerStates: Uint8Array[] | null = null,
+    /** earlier checkpoints to delete in the same batch (the coordinator's every-step checkpoints
+     *  keep only the latest one between save_steps checkpoints) */
+    pruneCheckpoints: Array<{ step: number; stages: number }> = []): Promise<void> {
+    const ops: Array<{ type: 'put'; key: string; value: Uint8Array } | { type: 'del'; key: string }> = [
       { type: 'put', key: `adapter:${pad(rec.step)}`, value: adapterBytes },
       { type: 'put', key: `history:${pad(rec.step)}`, value: this.json(rec) },
       { type: 'put', key: 'latest', value: this.json(rec) },
@@ -69,6 +72,11 @@ export class RunStore {
     if (optimizerStates !== null) {
       optimizerStates.forEach((b, s) => ops.push({ type: 'put', key: `optim:${pad(rec.step)}:${pad(s)}`, value: b }));
       ops.push({ type: 'put', key: `ckpt:${pad(rec.step)}`, value: this.json({ stages: optimizerStates.length }) });
+    }
+    for (const c of pruneCheckpoints) {
+      if (c.step === rec.step) continue;
+      ops.push({ type: 'del', key: `ckpt:${pad(c.step)}` });
+      for (let s = 0; s < c.stages; s++) ops.push({ type: 'del', key: `optim:${pad(c.step)}:${pad(s)}` });
     }
     await this.db.batch(ops);
   }

@@ -11,6 +11,7 @@ import { IntegrityError, SchemaError, StaleError, TensorError } from '../protoco
 import { adapterDigest } from '../protocol/adapter-digest.ts';
 import { StepSnapshot } from './step-snapshot.ts';
 import type { SnapshotOptions } from './step-snapshot.ts';
+import { poisoned, testAids } from './test-aids.ts';
 
 /** What a host that lost its coordinator offers the restarted one (join.kept). */
 export type KeptOffer = NonNullable<JoinRequest['kept']>;
@@ -82,6 +83,8 @@ export class StageHost {
   private readonly snapshotOptions: SnapshotOptions;
   /** bumped when the step in flight is abandoned (coordinator lost): work started before is dropped */
   private generation = 0;
+  /** testing aids (node/test-aids.ts): an artificial delay per job, poisoned outputs */
+  private readonly aids = testAids();
 
   constructor(stage: Stage, a: Assignment, optimizer: ShardOptimizer, snapshot: Partial<SnapshotOptions> = {}) {
     this.stage = stage;
@@ -152,6 +155,7 @@ export class StageHost {
       out = await this.runner.run(1, async () => {
         const t0 = performance.now();
         const r = await this.stage.forward(input, { train: req.train });
+        if (this.aids.delayMs > 0) await new Promise((res) => setTimeout(res, this.aids.delayMs));
         this.computeMs += performance.now() - t0;
         this.computeTokens += T;
         return r;
@@ -170,7 +174,8 @@ export class StageHost {
     if (!req.train) this.stage.release(key);
     if (this.stage.isLast) return { lossSum: out.lossSum ?? 0, tokens: out.tokens ?? 0 };
     if (out.hidden === undefined) throw new Error(`stage ${this.stageIndex} forward returned no hidden state`);
-    return { hidden: encodeTensor(out.hidden, [T, C], this.wireCodec, 'forward.hidden') };
+    const hidden = encodeTensor(out.hidden, [T, C], this.wireCodec, 'forward.hidden');
+    return { hidden: this.aids.badOutput === 'nan' ? poisoned(hidden) : hidden };
   }
 
   async backward(req: BackwardRequest): Promise<BackwardResponse> {
@@ -197,6 +202,7 @@ export class StageHost {
       ({ gradIn } = await this.runner.run(0, async () => {
         const t0 = performance.now();
         const r = await this.stage.backward(key, grads, args);
+        if (this.aids.delayMs > 0) await new Promise((res) => setTimeout(res, this.aids.delayMs));
         this.computeMs += performance.now() - t0;
         return r;
       }));
@@ -207,7 +213,8 @@ export class StageHost {
     }
     if (this.stage.isFirst) return {};
     if (gradIn === undefined) throw new Error(`stage ${this.stageIndex} backward returned no input gradient`);
-    return { gradIn: encodeTensor(gradIn, [T, C], this.wireCodec, 'backward.gradIn') };
+    const g = encodeTensor(gradIn, [T, C], this.wireCodec, 'backward.gradIn');
+    return { gradIn: this.aids.badOutput === 'nan' ? poisoned(g) : g };
   }
 
   commit(req: CommitRequest): void {

@@ -90,6 +90,8 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
   let kept: { host: StageHost; offer: KeptOffer } | null = null;
   let runId: string | null = null;
   let lastCoordinatorMs = Date.now();
+  /** set while serving a stage: the coordinator released this peer (finish with rejoinAfterMs) */
+  let release: ((rejoinAfterMs: number) => void) | null = null;
   let done!: (code: number) => void;
   const finished = new Promise<number>((r) => { done = r; });
 
@@ -144,6 +146,13 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     await serve(node, 'finish', async (req, ctx) => {
       fromCoordinator('finish', ctx);
       if (req.runId !== runId) throw new StaleError(`finish for run ${req.runId}, this peer is in run ${runId}`);
+      if (req.rejoinAfterMs !== undefined) {
+        // released from the stage, not from the run: join again (at once, or when a ban ends)
+        say('released', { run_id: runId, reason: req.reason, rejoin_after_ms: req.rejoinAfterMs }, `released from the stage: ${req.reason}; joining again in ${Math.round(req.rejoinAfterMs / 1000)} s`);
+        const r = release;
+        setImmediate(() => r?.(req.rejoinAfterMs!));
+        return { ok: true };
+      }
       say('finished', { run_id: runId, reason: req.reason }, `run finished: ${req.reason}`);
       setImmediate(() => done(EXIT_OK));
       return { ok: true };
@@ -210,8 +219,22 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
       const lost = new Promise<'lost'>((resolve) => {
         watchdog = setInterval(() => { if (Date.now() - lastCoordinatorMs > COORDINATOR_LOST_MS) resolve('lost'); }, 250);
       });
-      const outcome = await Promise.race([finished, lost]);
+      const released = new Promise<{ rejoinAfterMs: number }>((resolve) => { release = (ms) => resolve({ rejoinAfterMs: ms }); });
+      const outcome = await Promise.race([finished, lost, released]);
       clearInterval(watchdog);
+      release = null;
+      if (typeof outcome === 'object') {
+        // drop the stage; join again as a new peer of the run (the coordinator places it)
+        host = null;
+        runId = null;
+        await active.detach(); // waits for the job computing now and drops the step in flight
+        while (active.busy) await new Promise((r) => setTimeout(r, 50));
+        await active.dispose();
+        active.stage.dispose();
+        const stop = await Promise.race([new Promise((r) => setTimeout(() => r(false), outcome.rejoinAfterMs)), finished.then(() => true)]);
+        if (stop === true) return await finished;
+        continue;
+      }
       if (outcome !== 'lost') return outcome;
       const old: StageHost = active;
       host = null; // not ready (heartbeats say so) until a coordinator assigns a stage again

@@ -244,6 +244,16 @@ export const peerStatus = obj({
   microBatches: int(0, SAFE),
   health: oneOf(['ok', 'slow', 'dead', 'banned', 'spare'] as const),
   lastSeenMs: int(0, SAFE),
+  /** failed micro-batch attempts at this peer (each was retried) */
+  retries: opt(int(0, SAFE)),
+  /** compute requests to this peer that timed out */
+  timeouts: opt(int(0, SAFE)),
+  /** times this peer was banned; the current ban's remaining ms (0 when not banned) and reason */
+  bans: opt(int(0, SAFE)),
+  banRemainingMs: opt(int(0, SAFE)),
+  banReason: opt(nullable(str({ max: MAX_STRING_LENGTH }))),
+  /** times this peer was placed on a stage after the plan (late join, lost stage, rebalance) */
+  reassignments: opt(int(0, SAFE)),
 });
 export type PeerStatus = ReturnType<typeof peerStatus>;
 
@@ -261,6 +271,10 @@ export const statusResponse = obj({
   committedSteps: arr(int(0, I32), 1 << 20),
   retries: int(0, SAFE),
   reassignments: int(0, SAFE),
+  /** bans so far (a peer banned twice counts twice) */
+  bans: opt(int(0, SAFE)),
+  /** why the run is not making progress right now, e.g. a stage with no peer (null: it is) */
+  waitingFor: opt(nullable(str({ max: MAX_STRING_LENGTH }))),
 });
 export type StatusResponse = ReturnType<typeof statusResponse>;
 
@@ -283,7 +297,13 @@ export type HeartbeatResponse = ReturnType<typeof heartbeatResponse>;
 
 // ---- finish: coordinator → peer, the run is over (or the peer is released)
 
-export const finishRequest = obj({ runId: runIdStr, reason: str({ max: MAX_STRING_LENGTH }) });
+export const finishRequest = obj({
+  runId: runIdStr,
+  reason: str({ max: MAX_STRING_LENGTH }),
+  /** present: the peer is released from its stage, not from the run; it joins again after this many
+   *  ms (0: at once, to be placed on another stage; a ban: when the ban ends) */
+  rejoinAfterMs: opt(int(0, I32)),
+});
 export type FinishRequest = ReturnType<typeof finishRequest>;
 
 // ---- optimizer: coordinator → stage peer, a chunk of the stage's optimizer state after `step` steps
