@@ -1,0 +1,69 @@
+// The bench's own machinery (npm run bench): argument errors, the doc's generated tables against the
+// committed results file, and the measurement code of the swarm trace and the network bench on small
+// sizes. Speed itself is never asserted here; only what each measurement must satisfy whatever the speed.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { parseArgs, BenchUsageError } from '../bench/run.ts';
+import { BENCH_DOC, docWithTables, renderTables, sourceOf, ReportError } from '../bench/report.ts';
+import { traceSwarm } from '../bench/swarm-trace.ts';
+import { benchNet } from '../bench/net.ts';
+import { tinyLlamaConfig } from '../engine/model/random-model.ts';
+
+const ROOT = path.resolve(import.meta.dirname, '..');
+
+test('bench arguments: sections, --quick, and clear errors for bad input', () => {
+  assert.deepEqual(parseArgs(['--only', 'kernels,net', '--quick']).only, ['kernels', 'net']);
+  assert.equal(parseArgs(['--only=model']).quick, false);
+  assert.deepEqual(parseArgs([]).only, ['kernels', 'model', 'swarm', 'net']);
+  assert.throws(() => parseArgs(['--only', 'kernels,gpu']), (e: Error) => e instanceof BenchUsageError && /unknown section "gpu"/.test(e.message));
+  assert.throws(() => parseArgs(['--only']), { name: 'BenchUsageError', message: /--only needs a value/ });
+  assert.throws(() => parseArgs(['--fast']), { name: 'BenchUsageError', message: /unknown argument "--fast"/ });
+});
+
+test('docs/benchmarks.md tables are generated from the committed results file they name', () => {
+  const doc = readFileSync(BENCH_DOC, 'utf8');
+  const source = sourceOf(doc);
+  assert.ok(source !== null, 'docs/benchmarks.md names no results file (run `node bench/report.ts bench/results/FILE.json --write`)');
+  assert.ok(existsSync(path.join(ROOT, source)), `${source}, named by docs/benchmarks.md, is not in the repository`);
+  const results = JSON.parse(readFileSync(path.join(ROOT, source), 'utf8'));
+  assert.equal(doc, docWithTables(doc, renderTables(results, source)), `docs/benchmarks.md is stale: run \`node bench/report.ts ${source} --write\``);
+  assert.throws(() => renderTables({ ...results, schema: 'other' }, source), (e: Error) => e instanceof ReportError && /schema/.test(e.message));
+  assert.throws(() => renderTables({ ...results, machine: 3 }, source), { name: 'ReportError', message: /machine must be an object/ });
+});
+
+test('swarm trace: every micro-batch is accounted for and the wire bytes per token match the codec', async () => {
+  const llama = tinyLlamaConfig({ hiddenSize: 64, intermediateSize: 128, numHiddenLayers: 2, numAttentionHeads: 4, numKeyValueHeads: 2, vocabSize: 97 });
+  const T = 2 * 16;
+  for (const [codec, perToken] of [['f32', 64 * 4], ['int8', 64 + 4]] as const) {
+    const r = await traceSwarm({ llama, codec, steps: 2, microBatches: 2, batch: 2, seqLen: 16, threads: 1 });
+    assert.equal(r.wire_dtype, codec);
+    const w = r.wire_bytes_per_token as Record<string, number>;
+    assert.equal(w.theory_tensor_only, perToken);
+    // the frame holds the tensor plus a small msgpack envelope (shape, codec, field names)
+    for (const k of ['forward_activation_frame', 'backward_gradient_frame'] as const) {
+      assert.ok(w[k]! >= perToken && w[k]! < perToken + 200 / T, `${codec} ${k}: ${w[k]} B/token, tensor alone ${perToken}`);
+    }
+    const b = r.breakdown_ms as Record<string, number>;
+    assert.ok(b.compute! > 0 && b.step_tail! > 0 && b.transfer_and_relay! >= 0);
+    // the parts are measured separately yet must add up to the step (within the clock reads in between)
+    const parts = b.compute! + b.serialization_tensor_codec! + b.transfer_and_relay! + b.serialization_frames! + b.step_tail!;
+    assert.ok(Math.abs(parts - Number(r.step_ms)) <= 0.05 * Number(r.step_ms) + 5, `parts ${parts} ms vs step ${r.step_ms} ms`);
+    const frames = r.frames as Record<string, { bytes: number }>;
+    assert.deepEqual(Object.keys(frames).sort(), ['backward_s0_request', 'backward_s0_response', 'backward_s1_request', 'backward_s1_response',
+      'forward_s0_request', 'forward_s0_response', 'forward_s1_request', 'forward_s1_response']);
+    // the last stage's forward request carries the activations and the labels
+    assert.ok(frames.forward_s1_request!.bytes > frames.forward_s0_response!.bytes + 4 * T - 1);
+  }
+});
+
+test('network bench: exact byte counts at the receiver, libp2p framing counted on the wire', async () => {
+  const r = await benchNet({ bytes: 2 * 1024 * 1024, reps: 1 });
+  for (const k of ['tcp_MBps', 'libp2p_stream_MBps', 'rpc_weights_8MiB_frames_MBps'] as const) assert.ok(Number(r[k]) > 0, k);
+  const ov = r.wire_overhead as { stream_payload_bytes: number; stream_wire_bytes: number; overhead_pct: number; connection_setup_and_1_byte_stream_bytes: { to_receiver: number } };
+  // Noise adds a 16-byte tag and a 2-byte length per message, Yamux a 12-byte header per frame
+  assert.ok(ov.stream_wire_bytes > ov.stream_payload_bytes, 'the proxy saw the stream');
+  assert.ok(ov.overhead_pct > 0.01 && ov.overhead_pct < 1, `overhead ${ov.overhead_pct}%`);
+  assert.ok(ov.connection_setup_and_1_byte_stream_bytes.to_receiver > 100, 'handshake bytes counted');
+});
