@@ -134,6 +134,7 @@ export function renderTables(r: J, source: string): string {
         ['serialization: msgpack frames + schema (both ends)', ...traces.map((t) => num(b(t).serialization_frames))],
         ['  serialization, together', ...traces.map((t) => `${num(p(t).serialization)}%`)],
         ['transfer + coordinator relay (libp2p, streams, scheduling)', ...traces.map((t) => cell(t, 'transfer_and_relay', 'transfer_and_relay'))],
+        ['step start: coordinator set-up until the first forward arrives', ...traces.map((t) => (b(t).step_start === undefined ? '–' : cell(t, 'step_start', 'step_start')))],
         ['step tail: commits, collect, clip, apply + optimizer, adapter, LevelDB', ...traces.map((t) => cell(t, 'step_tail', 'step_tail'))],
         ['  of which LevelDB commit', ...traces.map((t) => num(tail(t).leveldb_commit_ms))],
         ['  of which gradient collect / apply + optimizer (peer handlers)', ...traces.map((t) => `${num(tail(t).aggregate_collect_ms_summed_over_peers)} / ${num(tail(t).aggregate_apply_ms_summed_over_peers)}`)],

@@ -18,6 +18,7 @@
 //                    event-loop scheduling
 //   step tail      = from the end of the step's last micro-batch to the step event: commits, gradient
 //                    collect, clipping, apply + optimizer on every peer, adapter upload, LevelDB commit
+//   step start     = from the previous step event to the step's first handler (coordinator set-up)
 //   bubble         = per peer: step wall time minus the time its handlers were busy (pipeline waiting)
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
@@ -187,9 +188,13 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
   const frameMsPerMb = sum(Object.values(frames).map((f) => f.encode_ms + f.decode_ms));
   const frameCodec = frameMsPerMb * o.microBatches;
   // gaps along each micro-batch's route, and the tail of the step
-  let gaps = 0, tail = 0;
+  let gaps = 0, tail = 0, start = 0;
   for (const s of measured) {
     let lastEnd = 0;
+    // from the previous step's event to the first handler of this step: the coordinator's step set-up
+    // (late joiners, the step's micro-batches, routes) and the first request's way to stage 0
+    const first = iv.find((i) => i.step === s && i.mb === 0 && i.stage === 0 && i.kind === 'handler_forward')!;
+    start += first.t0 - stepTimes[s]!;
     for (let mb = 0; mb < o.microBatches; mb++) {
       const h = (stage: number, kind: string) => iv.find((i) => i.step === s && i.mb === mb && i.stage === stage && i.kind === kind)!;
       const seq = [h(0, 'handler_forward'), h(1, 'handler_forward'), h(1, 'handler_backward'), h(0, 'handler_backward')];
@@ -203,7 +208,7 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
     }
     tail += stepTimes[s + 1]! - lastEnd;
   }
-  gaps /= measured.length; tail /= measured.length;
+  gaps /= measured.length; tail /= measured.length; start /= measured.length;
   // the gap before the first forward of a step belongs to the previous step's tail/the step start
   const tailParts: Record<string, number> = {};
   for (const k of ['handler_commit', 'handler_aggregate_collect', 'handler_aggregate_apply', 'handler_adapter', 'handler_optimizer_state']) tailParts[`${k.replace('handler_', '')}_ms_summed_over_peers`] = r1(per((i) => i.kind === k));
@@ -213,7 +218,7 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
   // the first request (C → s0 forward) and the last response (s0 backward → C) fall into the gap
   // between micro-batches, which is also counted in `gaps` (except before the first micro-batch).
   const transferRelay = Math.max(0, gaps - frameCodec * ((4 * o.microBatches - 1) / (4 * o.microBatches)));
-  const other = wall - computeTotal - tensorCodec - gaps - tail;
+  const other = wall - computeTotal - tensorCodec - gaps - tail - start;
   const pct = (x: number) => r1(100 * x / wall);
   const hidden = (what: string) => Object.entries(frames).filter(([k]) => k.startsWith(what)).map(([, f]) => f.bytes)[0] ?? 0;
   const theory = expectedByteLength(o.codec, T * C) / T;
@@ -227,12 +232,12 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
       compute: r1(computeTotal), compute_per_stage: compute,
       serialization_tensor_codec: r1(tensorCodec), serialization_frames: r1(frameCodec),
       transfer_and_relay: r1(transferRelay),
-      step_tail: r1(tail), step_tail_parts: tailParts,
+      step_start: r1(start), step_tail: r1(tail), step_tail_parts: tailParts,
       unaccounted: r1(other),
     },
     breakdown_pct: {
       compute: pct(computeTotal), serialization: pct(tensorCodec + frameCodec), transfer_and_relay: pct(transferRelay),
-      step_tail: pct(tail), unaccounted: pct(other),
+      step_start: pct(start), step_tail: pct(tail), unaccounted: pct(other),
     },
     bubble_pct_per_stage: busy.map((b) => r1(100 * (1 - b / wall))),
     frames,
