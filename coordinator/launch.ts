@@ -12,7 +12,7 @@ import { BlobStore } from '../protocol/blobs.ts';
 import { decodeShard } from '../protocol/shard.ts';
 import type { FloatCodec } from '../protocol/tensor.ts';
 import { Coordinator } from './run.ts';
-import type { RunEvent } from './run.ts';
+import type { CoordinatorOptions, RunEvent } from './run.ts';
 import { RunStore } from './store.ts';
 import { startDashboard } from './dashboard/server.ts';
 import { buildRunData, stageMemoryFn } from './spec.ts';
@@ -42,6 +42,36 @@ async function modelFilesKey(dir: string): Promise<string> {
   return h.digest('hex');
 }
 
+export type ResumeState = NonNullable<CoordinatorOptions['resume']>;
+
+/** What a restarted coordinator resumes from: the last committed step with its adapter (no committed
+ *  step is redone; the optimizer moments of that step live on the volunteers that kept their stage
+ *  and rejoin offering it) and the latest optimizer checkpoint (≤ that step, only for stages no
+ *  volunteer kept). Null when nothing was committed yet, not even the initial adapter. */
+export async function loadResume(store: RunStore, what = 'the run store'): Promise<ResumeState | null> {
+  const latest = await store.latest();
+  const step = latest?.step ?? 0;
+  const bytes = await store.adapter(step);
+  if (bytes === null) {
+    if (latest !== null) throw new Error(`${what}: step ${step} is committed but its adapter is missing`);
+    return null;
+  }
+  const t = decodeShard(bytes, `adapter of step ${step}`);
+  const ckpt = await store.latestCheckpoint();
+  const states: Uint8Array[] = [];
+  for (let s = 0; ckpt !== null && s < ckpt.stages; s++) {
+    const b = await store.optimizerState(ckpt.step, s);
+    if (b === null) throw new Error(`${what}: the checkpoint of step ${ckpt.step} lacks stage ${s}'s optimizer state`);
+    states.push(b);
+  }
+  return {
+    step,
+    adapter: new Map([...t.float].map(([name, x]) => [name, { name, shape: x.shape, data: x.data }])),
+    optimizerStates: ckpt !== null ? states : null,
+    checkpointStep: ckpt?.step ?? null,
+  };
+}
+
 export async function launchRun(o: LaunchOptions): Promise<number> {
   const train: TrainConfig = resolveTrainConfig({ configFile: o.configFile, flags: o.flags });
   const json = train.json;
@@ -66,37 +96,17 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const data = await buildRunData(train, model);
   const store = await RunStore.open(path.join(dataDir, 'db'));
   const meta = await store.getMeta();
-  const latest = await store.latest();
   let runId: string;
   let token: string | null = null;
-  let resume: { step: number; adapter: Map<string, NamedTensor>; optimizerStates: Uint8Array[] | null; checkpointStep: number | null } | null = null;
+  let resume: ResumeState | null = null;
   let pipelineStages = o.pipelineStages;
   if (meta !== null) {
     runId = meta.runId;
     token = (meta.config.join_token as string | undefined) ?? null;
     if (meta.numStages > 0) pipelineStages = meta.numStages; // the restarted run keeps its stage split
-    // resume at the last committed step with its adapter; no committed step is redone. The optimizer
-    // moments of that step live on the volunteers that kept their stage (they rejoin offering it);
-    // the latest checkpoint (≤ that step) only serves stages no volunteer kept.
-    const step = latest?.step ?? 0;
-    const bytes = await store.adapter(step);
-    if (bytes === null && latest !== null) throw new Error(`${dataDir}: step ${step} is committed but its adapter is missing from the store`);
-    if (bytes !== null) {
-      const t = decodeShard(bytes, `adapter of step ${step}`);
-      const ckpt = await store.latestCheckpoint();
-      const states: Uint8Array[] = [];
-      for (let s = 0; ckpt !== null && s < ckpt.stages; s++) {
-        const b = await store.optimizerState(ckpt.step, s);
-        if (b === null) throw new Error(`${dataDir}: checkpoint of step ${ckpt.step} lacks stage ${s}'s optimizer state`);
-        states.push(b);
-      }
-      resume = {
-        step,
-        adapter: new Map([...t.float].map(([name, x]) => [name, { name, shape: x.shape, data: x.data }])),
-        optimizerStates: ckpt !== null ? states : null,
-        checkpointStep: ckpt?.step ?? null,
-      };
-      log(`resuming run ${runId} at the last committed step ${step} (latest optimizer checkpoint: ${ckpt !== null ? `step ${ckpt.step}` : 'none'}; volunteers that kept their stage resume it at step ${step})`);
+    resume = await loadResume(store, dataDir);
+    if (resume !== null) {
+      log(`resuming run ${runId} at the last committed step ${resume.step} (latest optimizer checkpoint: ${resume.checkpointStep !== null ? `step ${resume.checkpointStep}` : 'none'}; volunteers that kept their stage resume it at step ${resume.step})`);
     }
   } else {
     runId = randomBytes(8).toString('hex');

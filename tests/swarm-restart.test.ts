@@ -31,6 +31,16 @@ import { RunStore } from '../coordinator/store.ts';
 import type { StepRecord } from '../coordinator/store.ts';
 import { StageHost } from '../node/stage-host.ts';
 import { createShardOptimizer } from '../node/optimizer.ts';
+import { runVolunteer } from '../node/volunteer.ts';
+import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
+import { AdamW } from '../engine/train/optim.ts';
+import { clipGradNorm } from '../engine/train/clip.ts';
+import { learningRateAt, warmupStepsFor } from '../engine/train/schedule.ts';
+import { createSwarmNode } from '../protocol/net.ts';
+import { BlobStore } from '../protocol/blobs.ts';
+import { Coordinator } from '../coordinator/run.ts';
+import type { MicroBatch, RunEvent } from '../coordinator/run.ts';
+import { loadResume } from '../coordinator/launch.ts';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const NODE = path.join(ROOT, 'node_modules/.bin/node');
@@ -212,6 +222,150 @@ test('a step commit is one LevelDB batch: record, adapter, cursor and optimizer 
     assert.deepEqual(await store.latestCheckpoint(), { step: 2, stages: 2 });
   } finally {
     await store.close();
+  }
+});
+
+// ---- in process: volunteers replaced while the coordinator was down
+
+const HF4 = { ...HF, num_hidden_layers: 4 };
+const llama4 = parseLlamaConfig(HF4);
+const weights4 = randomWeightSource(llama4, 1);
+const STEPS = 4, MBS = 4;
+const train4 = resolveTrainConfig({ flags: {
+  max_steps: STEPS, learning_rate: 1e-2, lora_r: 4, lora_alpha: 8, target_modules: 'q_proj,v_proj,down_proj',
+  per_device_train_batch_size: 2, gradient_accumulation_steps: MBS, device: 'ref', max_grad_norm: 0.3, warmup_steps: 1,
+  save_strategy: 'steps', save_steps: 1,
+} });
+const lora4 = loraConfigOf(train4);
+function microBatch(seed: number): MicroBatch {
+  const B = 2, S = 8 + (seed % 3);
+  const ids = new Int32Array(B * S), labels = new Int32Array(B * S);
+  for (let i = 0; i < B * S; i++) ids[i] = (seed * 31 + i * 7 + (i * i) % 13) % 97;
+  for (let i = 0; i < B * S; i++) labels[i] = i % S === S - 1 || (i % S) < seed % 2 ? -100 : ids[i + 1]!;
+  return { ids, labels, batch: B, seqLen: S };
+}
+const batchesFor = (s: number) => Array.from({ length: MBS }, (_, k) => microBatch(s * MBS + k));
+
+/** the same training with one whole-model Stage in this process: the reference */
+async function localRun(): Promise<{ init: Map<string, Float32Array>; final: Map<string, Float32Array> }> {
+  const stage = await loadStage(weights4, new RefBackend(), { layerStart: 0, layerEnd: 4, lora: lora4, seed: train4.seed });
+  const adam = new AdamW(stage.params.map((p) => ({ name: p.name, numel: p.data.length })),
+    { optim: train4.optim, beta1: train4.adam_beta1, beta2: train4.adam_beta2, eps: train4.adam_epsilon, weightDecay: train4.weight_decay });
+  const init = new Map(stage.params.map((p) => [p.name, Float32Array.from(p.data)]));
+  const warm = warmupStepsFor(STEPS, train4.warmup_steps, train4.warmup_ratio);
+  for (let s = 0; s < STEPS; s++) {
+    const mbs = batchesFor(s);
+    let N = 0;
+    for (const m of mbs) for (const l of m.labels) if (l !== -100) N++;
+    const grads = stage.newGrads();
+    for (const [k, m] of mbs.entries()) {
+      await stage.forward({ key: `k${k}`, batch: m.batch, seqLen: m.seqLen, ids: m.ids, labels: m.labels, dropoutSeed: 0 }, { train: true });
+      await stage.backward(`k${k}`, grads, { lossScale: 1 / N });
+    }
+    clipGradNorm(grads, train4.max_grad_norm);
+    adam.update(stage.params.map((p) => p.data), grads, learningRateAt(train4.learning_rate, train4.lr_scheduler_type, s, warm, STEPS));
+  }
+  return { init, final: new Map(stage.params.map((p) => [p.name, p.data])) };
+}
+
+test('volunteers replaced while the coordinator was down: the kept replica resumes and hands its state to a newcomer, the stage nobody kept loads the checkpoint; the result equals the local loop', async () => {
+  const reference = localRun();
+  const dir = path.join(tmp, 'inproc');
+  const coordDir = path.join(dir, 'coord');
+  const peerIdOf = async (dataDir: string) => { const n = await createSwarmNode({ dataDir }); const id = n.peerId.toString(); await n.stop(); return id; };
+  const events: RunEvent[][] = [[], []];
+  const logs: string[] = [];
+  const volunteerEvents = new Map<string, Array<Record<string, unknown>>>();
+  const volunteer = (addr: string, name: string, signal?: AbortSignal) => {
+    const ev: Array<Record<string, unknown>> = [];
+    volunteerEvents.set(name, ev);
+    return runVolunteer({ coordinator: addr, token: null, device: 'ref', maxMemoryBytes: 2 ** 30, dataDir: path.join(dir, name), json: false, listen: '/ip4/127.0.0.1/tcp/0' },
+      { backend: new RefBackend(), abort: signal, onEvent: (e) => ev.push(e) });
+  };
+  const coordinator = async (k: number, listen: string, resume: Awaited<ReturnType<typeof loadResume>>, batches: (s: number) => Promise<MicroBatch[]>) => {
+    const node = await createSwarmNode({ dataDir: coordDir, listen: [listen] });
+    const store = await RunStore.open(path.join(coordDir, 'db'));
+    if (k === 0) await store.putMeta({ runId: 'restart', model: 'random', totalSteps: STEPS, createdMs: 0, config: {}, numStages: 0, stages: [] });
+    const coord = new Coordinator({
+      node, store, blobs: new BlobStore(coordDir), runId: 'restart', modelName: 'random', llama: llama4,
+      modelConfigJson: JSON.stringify(HF4), weights: weights4, train: train4, lora: lora4,
+      data: { totalSteps: STEPS, microBatchesForStep: batches, cursorAfter: (s) => s * MBS },
+      memory: () => 1, minPeers: 3, pipelineStages: 2, wireCodec: 'f32', token: null, initAdapter: null, resume,
+      emit: (e) => { events[k]!.push(e); },
+      log: (m) => logs.push(`[${k}] ${m}`),
+    });
+    await coord.publishShards();
+    await coord.start();
+    return { node, store, coord, addr: node.getMultiaddrs()[0]!.toString() };
+  };
+
+  const names = ['v0', 'v1', 'v2'];
+  const ids = new Map<string, string>();
+  for (const n of [...names, 'n0', 'n1']) ids.set(await peerIdOf(path.join(dir, n)), n);
+  const aborts = new Map(names.map((n) => [n, new AbortController()]));
+  // the first coordinator "dies" after committing step 3, as it is about to start step 4: it stops
+  // there for good, its node goes away without a goodbye, and two volunteers crash with it
+  let crashed!: () => void;
+  const crash = new Promise<void>((r) => { crashed = r; });
+  const a = await coordinator(0, '/ip4/127.0.0.1/tcp/0', null, async (s) => {
+    if (s < 3) return batchesFor(s);
+    crashed();
+    return new Promise<never>(() => {});
+  });
+  const listen = a.addr.replace(/\/p2p\/.*$/, '');
+  const first = names.map((n) => volunteer(a.addr, n, aborts.get(n)!.signal));
+  await crash;
+  await a.coord.stop();
+  await a.node.stop();
+  const plan = events[0]!.find((e) => e.event === 'plan')!.stages as Array<{ replicas: string[] }>;
+  const Y = plan.findIndex((st) => st.replicas.length === 2), X = 1 - Y;
+  const keeper = ids.get(plan[Y]!.replicas[1]!)!;
+  for (const id of [plan[X]!.replicas[0]!, plan[Y]!.replicas[0]!]) aborts.get(ids.get(id)!)!.abort();
+  await a.store.close();
+
+  const store = await RunStore.open(path.join(coordDir, 'db'));
+  const resume = await loadResume(store);
+  await store.close();
+  assert.equal(resume?.step, 3);
+  assert.equal(resume?.checkpointStep, 3);
+  const b = await coordinator(1, listen, resume, async (s) => batchesFor(s));
+  assert.equal(b.addr, a.addr, 'same identity and address');
+  const fresh = ['n0', 'n1'].map((n) => volunteer(b.addr, n));
+  try {
+    await b.coord.finished;
+    assert.equal(b.coord.runState, 'finished', logs.join('\n'));
+    const placed = events[1]!.find((e) => e.event === 'resume_plan')!;
+    assert.deepEqual(Object.entries(placed.kept as object).map(([id, s]) => [ids.get(id), s]), [[keeper, Y]]);
+    assert.deepEqual(placed.stages_from_checkpoint, [X]);
+    assert.match(logs.join('\n'), new RegExp(`no peer kept stage ${X} at step 3; it loads the committed adapter of step 3 and the optimizer checkpoint of step 3 \\(exact\\)`));
+    const deferred = (placed.deferred as string[]).map((id) => ids.get(id));
+    for (const n of deferred) {
+      // placed at the first step boundary (on the slowest stage) with the state of a live replica
+      const ev = volunteerEvents.get(n!)!;
+      assert.equal(ev.find((e) => e.event === 'assigned')?.step, 3);
+      assert.ok(ev.some((e) => e.event === 'blob' && /^optimizer\.stage\d\.step3$/.test(String(e.name))), `${n} loaded a replica's optimizer state`);
+    }
+    assert.deepEqual(events[1]!.filter((e) => e.event === 'step').map((e) => e.step), [4]);
+    const kev = volunteerEvents.get(keeper)!;
+    assert.deepEqual(kev.filter((e) => e.event === 'resumed').map((e) => [e.step, e.rolled_back]), [[3, false]]);
+    const codes = await Promise.all([...first, ...fresh]);
+    assert.deepEqual(names.map((n, i) => [n, codes[i]]).filter(([n]) => n === keeper).map(([, c]) => c), [0]);
+    assert.deepEqual(codes.slice(3), [0, 0]);
+    const ref = await reference;
+    const adapter = new Map(b.coord.currentAdapter().map((t) => [t.name, t.data]));
+    let num = 0, den = 0;
+    for (const [name, x0] of ref.init) {
+      const xa = adapter.get(name)!, xr = ref.final.get(name)!;
+      for (let i = 0; i < x0.length; i++) { num += (xa[i]! - xr[i]!) ** 2; den += (xr[i]! - x0[i]!) ** 2; }
+    }
+    const rel = Math.sqrt(num / den);
+    console.log(`# restart with replaced volunteers vs local loop: relative update difference ${rel.toExponential(2)}`);
+    assert.ok(Math.sqrt(den) > 1e-3);
+    assert.ok(rel <= 1e-5, `relative update difference ${rel}`);
+  } finally {
+    await b.coord.stop();
+    await b.node.stop();
+    await b.store.close();
   }
 });
 
