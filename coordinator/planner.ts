@@ -17,6 +17,10 @@ export interface Plan {
   rejected: Map<string, string>;
 }
 
+/** Most micro-batches a route keeps in flight (coordinator/run.ts pipelineDepth); each holds its
+ *  checkpointed layer inputs on every stage it has passed until its backward. */
+export const MAX_IN_FLIGHT_PER_ROUTE = 4;
+
 /** bytes a stage [a, b) needs on a peer (the trainer's memory model, bound to the run's settings) */
 export type StageMemoryFn = (layerStart: number, layerEnd: number) => number;
 

@@ -20,7 +20,7 @@ import { AuthError, StaleError, SwarmError } from '../protocol/errors.ts';
 import {
   COMPUTE_TIMEOUT_MS, CONTROL_TIMEOUT_MS, HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS,
 } from '../protocol/constants.ts';
-import { planStages } from './planner.ts';
+import { planStages, MAX_IN_FLIGHT_PER_ROUTE } from './planner.ts';
 import type { Plan, StageMemoryFn } from './planner.ts';
 import { clipInPlace, globalGradNorm, sumReplicas } from './aggregate.ts';
 import type { RunStore, StepRecord } from './store.ts';
@@ -97,6 +97,14 @@ interface PendingJoin { peerId: string; resolve: (r: JoinResponse) => void }
 
 /** failures of one micro-batch at peers that stayed up (a dropped peer's failures do not count) */
 const MAX_ATTEMPTS = 4;
+
+/** Micro-batches in flight per route: one per stage, so every stage of a pipeline has work (GPipe/1F1B
+ *  fill), at most MAX_IN_FLIGHT_PER_ROUTE — the figure the stage memory model (coordinator/spec.ts)
+ *  budgets activations for. */
+export function pipelineDepth(numStages: number): number {
+  return Math.max(1, Math.min(numStages, MAX_IN_FLIGHT_PER_ROUTE));
+}
+
 /** a peer whose compute requests time out this many times is marked slow and deprioritised */
 const SLOW_AFTER_TIMEOUTS = 2;
 /** how long a slow peer stays deprioritised (routes use it only when its stage has no other replica) */
@@ -907,8 +915,13 @@ export class Coordinator {
       for (;;) {
         // a stage that lost every replica gets one first (or the run waits for a volunteer)
         await this.coverLostStages();
+        // R routes, each with up to `depth` micro-batches in flight: while stage 1 works on one
+        // micro-batch, stage 0 already runs the next (the stage hosts queue backward before forward,
+        // so a route settles into one-forward-one-backward). Results do not depend on the order:
+        // every stage folds its committed micro-batches in micro-batch order.
         const R = Math.max(...this.plan!.stages.map((_, s) => this.routable(s).length));
-        await Promise.all(Array.from({ length: Math.min(R, todo.length) }, (_, k) => worker(k)));
+        const depth = pipelineDepth(S);
+        await Promise.all(Array.from({ length: Math.min(R * depth, todo.length) }, (_, k) => worker(k)));
         if (todo.length > 0) continue; // a stage lost its last replica mid-step
         // a replica lost (or banned, or moved) after some micro-batches committed on it took their
         // gradient with it: take those micro-batches back from the other peers of their route, run them again

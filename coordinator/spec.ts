@@ -8,6 +8,7 @@ import type { LlamaConfig, LoraConfig } from '../engine/types.ts';
 import type { ModelDir } from '../engine/formats/model-dir.ts';
 import type { RunData } from './run.ts';
 import type { StageMemoryFn } from './planner.ts';
+import { MAX_IN_FLIGHT_PER_ROUTE } from './planner.ts';
 
 export async function buildRunData(train: TrainConfig, model: ModelDir): Promise<RunData> {
   if (train.data === null) throw new Error('launch: --data FILE is required');
@@ -35,9 +36,13 @@ export async function buildRunData(train: TrainConfig, model: ModelDir): Promise
 }
 
 /** Bytes a stage [a, b) needs on a volunteer under this run's settings. The engine keeps embeddings,
- *  the head and activations in float32 on CPU volunteers, hence floatBytes 4. */
+ *  the head and activations in float32 on CPU volunteers, hence floatBytes 4. A route keeps up to
+ *  MAX_IN_FLIGHT_PER_ROUTE micro-batches in flight (never more than a step has), each holding its
+ *  checkpointed layer inputs on the stage until its backward. */
 export function stageMemoryFn(config: LlamaConfig, train: TrainConfig, lora: LoraConfig): StageMemoryFn {
+  const inFlightMicroBatches = Math.min(MAX_IN_FLIGHT_PER_ROUTE, train.gradient_accumulation_steps);
   return (layerStart, layerEnd) => stageMemoryBytes(config, {
+    inFlightMicroBatches,
     layerStart, layerEnd, lora: { r: lora.r, targetModules: lora.targetModules },
     microBatch: train.per_device_train_batch_size, seqLen: train.max_seq_length, optim: train.optim,
     gradientCheckpointing: train.gradient_checkpointing, floatBytes: 4,

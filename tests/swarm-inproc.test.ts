@@ -74,7 +74,8 @@ async function localRun(): Promise<{ init: Map<string, Float32Array>; final: Map
   return { init, final: new Map(stage.params.map((p) => [p.name, p.data])) };
 }
 
-interface SwarmResult { poisoner: () => number; coordinatorId: string; volunteerEvents: Array<Array<Record<string, unknown>>>; adapter: Map<string, Float32Array>; events: RunEvent[]; addr: string; stop(): Promise<void>; codes: Array<number | number[]>; retries: number }
+interface Busy { host: number; stage: number; step: number; mb: number; t0: number; t1: number }
+interface SwarmResult { busy: Busy[]; poisoner: () => number; coordinatorId: string; volunteerEvents: Array<Array<Record<string, unknown>>>; adapter: Map<string, Float32Array>; events: RunEvent[]; addr: string; stop(): Promise<void>; codes: Array<number | number[]>; retries: number }
 
 async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean; lateJoiner?: boolean; poisonStage?: number } = {}): Promise<SwarmResult> {
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-inproc-'));
@@ -119,6 +120,17 @@ async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean;
       return { ...res, grads: res.grads!.map((t) => encodeTensor(decodeFloat(t, 'g').map((x) => x * 1e4), t.shape, 'f32')) };
     };
   };
+  // when each host was inside forward/backward for which micro-batch (to see the pipeline fill)
+  const busy: Busy[] = [];
+  const traceHost = (h: StageHost, i: number) => {
+    for (const m of ['forward', 'backward'] as const) {
+      const orig = (h[m] as (r: { step: number; mb: number }) => Promise<unknown>).bind(h);
+      (h as unknown as Record<string, unknown>)[m] = async (req: { step: number; mb: number }) => {
+        const t0 = performance.now();
+        try { return await orig(req); } finally { busy.push({ host: i, stage: h.stageIndex, step: req.step, mb: req.mb, t0, t1: performance.now() }); }
+      };
+    }
+  };
   const volunteerEvents: Array<Array<Record<string, unknown>>> = [[], [], [], []];
   const vols = [0, 1, 2, 3].map(async (i) => {
     const dataDir = path.join(tmp, `v${i}`);
@@ -127,7 +139,7 @@ async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean;
     await n.stop();
     if (opts.lateJoiner === true && i === 3) await afterStepOne; // joins a run that is already training
     const volunteer = (signal: AbortSignal) => runVolunteer({ coordinator: addr, token: null, device: 'ref', maxMemoryBytes: 2 ** 30, dataDir, json: true, listen: '/ip4/127.0.0.1/tcp/0' },
-      { backend: new RefBackend(), abort: signal, onEvent: (e) => volunteerEvents[i]!.push(e), onHost: (h) => poison(h, i) });
+      { backend: new RefBackend(), abort: signal, onEvent: (e) => volunteerEvents[i]!.push(e), onHost: (h) => { poison(h, i); traceHost(h, i); } });
     const code = await volunteer(aborts[i]!.signal);
     // the crashed volunteer comes back on the same data dir (same peer id) while the run goes on
     if (opts.restartKilled === true && aborts[i]!.signal.aborted) return [code, await volunteer(new AbortController().signal)];
@@ -137,7 +149,7 @@ async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean;
   const codes = await Promise.all(vols);
   const status = (coord.dashboardState());
   return {
-    poisoner: () => poisoner, coordinatorId: node.peerId.toString(), volunteerEvents, adapter: new Map(coord.currentAdapter().map((t) => [t.name, t.data])), events, addr, codes, retries: status.totals.retries,
+    busy, poisoner: () => poisoner, coordinatorId: node.peerId.toString(), volunteerEvents, adapter: new Map(coord.currentAdapter().map((t) => [t.name, t.data])), events, addr, codes, retries: status.totals.retries,
     stop: async () => { await coord.stop(); await node.stop(); await store.close(); },
   };
 }
@@ -165,6 +177,20 @@ test('2 stages x 2 replicas equal the local loop; status and pull of a finished 
     assert.ok(norm > 1e-3, `non-trivial update (${norm})`);
     assert.ok(rel <= 1e-5, `relative update difference ${rel}`); // summation order only; see docs/swarm.md
     assert.deepEqual(r.codes, [0, 0, 0, 0]);
+    // pipelining: a route keeps more than one micro-batch in flight (the next one enters stage 0
+    // before the previous one has left the pipeline), so no stage idles while the others compute
+    const life = new Map<string, { hosts: Set<number>; t0: number; t1: number }>();
+    for (const x of r.busy) {
+      const k = `${x.step}/${x.mb}`;
+      const l = life.get(k) ?? { hosts: new Set<number>(), t0: Infinity, t1: -Infinity };
+      l.hosts.add(x.host); l.t0 = Math.min(l.t0, x.t0); l.t1 = Math.max(l.t1, x.t1);
+      life.set(k, l);
+    }
+    const route = (l: { hosts: Set<number> }) => [...l.hosts].sort().join(',');
+    const ls = [...life.entries()];
+    const overlapped = ls.some(([ka, a]) => ls.some(([kb, b]) => ka !== kb && ka.split('/')[0] === kb.split('/')[0] &&
+      route(a) === route(b) && a.t0 < b.t1 && b.t0 < a.t1));
+    assert.ok(overlapped, 'no route ever had two micro-batches in flight');
 
     const st = await fetchStatus(r.addr);
     assert.equal(st.state, 'finished');
