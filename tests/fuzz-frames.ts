@@ -273,14 +273,19 @@ export function mutate(rng: Rng, valid: unknown): Mutant {
 }
 
 /** What came back for one raw request: an error frame (with its name), a response, or nothing. */
-export type Outcome = { kind: 'error'; name: string; message: string } | { kind: 'ok'; value: unknown } | { kind: 'closed'; why: string };
+export type Outcome = { kind: 'error'; name: string; message: string } | { kind: 'ok'; value: unknown } | { kind: 'closed'; why: string } | { kind: 'unreachable'; why: string };
 
 /** Open a stream for `proto`, write `bytes` as they are, close the write side and read one frame. */
 export async function sendRaw(node: SwarmNode, target: DialTarget, proto: ProtoName, bytes: Uint8Array, timeoutMs = 30_000): Promise<Outcome> {
   const signal = AbortSignal.timeout(timeoutMs);
   let stream: Stream | undefined;
   try {
-    stream = await node.dialProtocol(target, PROTOCOLS[proto], { signal });
+    try {
+      stream = await node.dialProtocol(target, PROTOCOLS[proto], { signal });
+    } catch (e) {
+      if (signal.aborted) throw e;
+      return { kind: 'unreachable', why: (e as Error).message };
+    }
     if (bytes.length > 0 && !stream.send(bytes)) await stream.onDrain({ signal });
     await stream.close({ signal });
     const raw = await new FrameReader(stream, MAX_FRAME_BYTES).read();
@@ -308,7 +313,9 @@ export class Tally {
   readonly kinds = new Map<string, number>();
   readonly untyped: string[] = [];
   total = 0;
+  unreachable = 0;
   add(proto: string, m: Mutant, o: Outcome): void {
+    if (o.kind === 'unreachable') { this.unreachable++; return; } // the target was gone: not a frame it read
     this.total++;
     this.perProto.set(proto, (this.perProto.get(proto) ?? 0) + 1);
     this.kinds.set(m.kind, (this.kinds.get(m.kind) ?? 0) + 1);
@@ -318,7 +325,7 @@ export class Tally {
   }
   report(): string {
     const fmt = (m: Map<string, number>) => [...m].sort((a, b) => b[1] - a[1]).map(([k, n]) => `${k}=${n}`).join(' ');
-    return `${this.total} frames\n  per protocol: ${fmt(this.perProto)}\n  mutations: ${fmt(this.kinds)}\n  outcomes: ${fmt(this.outcomes)}`;
+    return `${this.total} frames (${this.unreachable} more found the target gone)\n  per protocol: ${fmt(this.perProto)}\n  mutations: ${fmt(this.kinds)}\n  outcomes: ${fmt(this.outcomes)}`;
   }
 }
 
