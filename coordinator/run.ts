@@ -105,6 +105,24 @@ export function pipelineDepth(numStages: number): number {
   return Math.max(1, Math.min(numStages, MAX_IN_FLIGHT_PER_ROUTE));
 }
 
+/** Micro-batches per route for one step, proportional to each route's measured throughput (largest
+ *  remainder, so they sum to n). While any route's throughput is unknown (0, e.g. a peer that has not
+ *  computed yet) or not finite, the split is even. */
+export function routeQuotas(n: number, throughputs: number[]): number[] {
+  const R = throughputs.length;
+  if (R === 0) return [];
+  const known = throughputs.every((t) => Number.isFinite(t) && t > 0);
+  const w = known ? throughputs : throughputs.map(() => 1);
+  const total = w.reduce((a, b) => a + b, 0);
+  const exact = w.map((x) => (n * x) / total);
+  const q = exact.map((x) => Math.floor(x));
+  let left = n - q.reduce((a, b) => a + b, 0);
+  // the largest remainders get the rest; ties go to the lower route index (deterministic)
+  const order = exact.map((x, r) => [x - Math.floor(x), r] as const).sort((a, b) => b[0] - a[0] || a[1] - b[1]);
+  for (const [, r] of order) { if (left === 0) break; q[r]! += 1; left--; }
+  return q;
+}
+
 /** a peer whose compute requests time out this many times is marked slow and deprioritised */
 const SLOW_AFTER_TIMEOUTS = 2;
 /** how long a slow peer stays deprioritised (routes use it only when its stage has no other replica) */
@@ -494,7 +512,7 @@ export class Coordinator {
   private async heartbeatAll(): Promise<void> {
     // a finished run has released its peers: their last health stays what it was
     if (this.stopping || this.state === 'finished' || this.state === 'failed') return;
-    await Promise.all([...this.peers.values()].filter((p) => p.stageIndex !== null && p.health !== 'dead').map(async (p) => {
+    await Promise.all([...this.peers.values()].filter((p) => p.stageIndex !== null && p.health !== 'dead' && p.health !== 'banned').map(async (p) => {
       try {
         const r = await request(this.o.node, p.addrs, 'heartbeat', { runId: this.o.runId, step: this.step, sentAtMs: Date.now() }, { timeoutMs: HEARTBEAT_TIMEOUT_MS });
         p.lastSeenMs = Date.now();
@@ -527,7 +545,8 @@ export class Coordinator {
   }
 
   private markDead(p: PeerState, why: string): void {
-    if (p.health === 'dead') return;
+    // a banned peer is out of the routes already; its ban (what status shows) outlives its process
+    if (p.health === 'dead' || p.health === 'banned') return;
     p.health = 'dead';
     this.event('drop', `peer ${p.peerId} (stage ${p.stageIndex}) dropped from routes: ${why}`);
     this.o.emit({ event: 'peer_dropped', peer_id: p.peerId, reason: why });
@@ -879,17 +898,29 @@ export class Coordinator {
       return r;
     };
 
-    // routes work in parallel; a faster route simply pulls more micro-batches off the queue
+    // routes work in parallel, each taking its quota of the step's micro-batches (proportional to its
+    // measured throughput) off one queue
     const todo = mbs.map((_, i) => i);
     /** per micro-batch: failures at peers that stayed up (bounded by MAX_ATTEMPTS) */
     const strikes = new Int32Array(mbs.length);
-    const worker = async (k: number): Promise<void> => {
+    let quota: number[] = [];
+    let taken: number[] = [];
+    /** a route's rate: its slowest peer's tokens/s, shared among the routes that peer serves */
+    const routeRate = (routes: Array<string[] | null>, r: number): number => {
+      const rt = routes[r];
+      if (rt === null || rt === undefined) return 0;
+      return Math.min(...rt.map((id, s) => (this.peers.get(id)?.tokensPerSecond ?? 0) / routes.filter((o) => o?.[s] === id).length));
+    };
+    const worker = async (k: number, R: number): Promise<void> => {
+      const home = k % R;
       for (;;) {
+        if (taken[home]! >= quota[home]!) return;
         const mb = todo.shift();
         if (mb === undefined) return;
+        taken[home]! += 1;
         for (;;) {
           const route = routeFor(k + attempts[mb]!);
-          if (route === null) { todo.unshift(mb); return; }
+          if (route === null) { todo.unshift(mb); taken[home]! -= 1; return; }
           try {
             await runMb(mb, route);
             break;
@@ -921,7 +952,10 @@ export class Coordinator {
         // every stage folds its committed micro-batches in micro-batch order.
         const R = Math.max(...this.plan!.stages.map((_, s) => this.routable(s).length));
         const depth = pipelineDepth(S);
-        await Promise.all(Array.from({ length: Math.min(R * depth, todo.length) }, (_, k) => worker(k)));
+        const routes = Array.from({ length: R }, (_, r) => routeFor(r));
+        quota = routeQuotas(todo.length, routes.map((_, r) => routeRate(routes, r)));
+        taken = quota.map(() => 0);
+        await Promise.all(Array.from({ length: R * depth }, (_, k) => worker(k, R)));
         if (todo.length > 0) continue; // a stage lost its last replica mid-step
         // a replica lost (or banned, or moved) after some micro-batches committed on it took their
         // gradient with it: take those micro-batches back from the other peers of their route, run them again

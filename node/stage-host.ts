@@ -153,6 +153,9 @@ export class StageHost {
     let out: Awaited<ReturnType<Stage['forward']>>;
     try {
       out = await this.runner.run(1, async () => {
+        // released (commit: false) while it waited in the queue — e.g. the coordinator timed out on
+        // it: computing it anyway would only delay the jobs behind it
+        if (req.train && this.attempts.get(key) !== a) throw new StaleError(`forward: micro-batch ${req.mb} attempt ${req.attempt} of step ${req.step} was released while it waited`);
         const t0 = performance.now();
         const r = await this.stage.forward(input, { train: req.train });
         if (this.aids.delayMs > 0) await new Promise((res) => setTimeout(res, this.aids.delayMs));
@@ -200,6 +203,7 @@ export class StageHost {
     let gradIn: Float32Array | undefined;
     try {
       ({ gradIn } = await this.runner.run(0, async () => {
+        if (this.attempts.get(key) !== a) throw new StaleError(`backward: micro-batch ${req.mb} attempt ${req.attempt} of step ${req.step} was released while it waited`);
         const t0 = performance.now();
         const r = await this.stage.backward(key, grads, args);
         if (this.aids.delayMs > 0) await new Promise((res) => setTimeout(res, this.aids.delayMs));

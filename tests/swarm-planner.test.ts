@@ -65,3 +65,17 @@ test('aggregation: replica sum, global norm over stages, torch clip rule', () =>
   assert.ok(Math.abs(stages[0]![0]![0]! - 3 * coef) < 1e-6);
   assert.equal(clipInPlace([[new Float32Array([0.1])]], 0.1, 1), 1);
 });
+
+test('route quotas: proportional to measured throughput, summing to the step, even while any rate is unknown', async () => {
+  const { routeQuotas } = await import('../coordinator/run.ts');
+  assert.deepEqual(routeQuotas(4, [100]), [4]);
+  assert.deepEqual(routeQuotas(4, [100, 100]), [2, 2]);
+  assert.deepEqual(routeQuotas(4, [300, 100]), [3, 1]);
+  assert.deepEqual(routeQuotas(8, [50, 150]), [2, 6]);
+  assert.deepEqual(routeQuotas(5, [100, 100]), [3, 2], 'ties go to the lower route index');
+  assert.deepEqual(routeQuotas(3, [1000, 1, 1]), [3, 0, 0]);
+  assert.deepEqual(routeQuotas(4, [300, 0]), [2, 2], 'a route not measured yet gets an even share');
+  assert.deepEqual(routeQuotas(4, [NaN, 10]), [2, 2]);
+  assert.deepEqual(routeQuotas(0, [1, 2]), [0, 0]);
+  for (let n = 0; n < 20; n++) assert.equal(routeQuotas(n, [3, 7, 11]).reduce((a, b) => a + b, 0), n);
+});
