@@ -139,6 +139,7 @@ export function renderTables(r: J, source: string): string {
         ['  of which LevelDB commit', ...traces.map((t) => num(tail(t).leveldb_commit_ms))],
         ['  of which gradient collect / apply + optimizer (peer handlers)', ...traces.map((t) => `${num(tail(t).aggregate_collect_ms_summed_over_peers)} / ${num(tail(t).aggregate_apply_ms_summed_over_peers)}`)],
         ['unaccounted', ...traces.map((t) => cell(t, 'unaccounted', 'unaccounted'))],
+        ['pipeline overlap: parts that ran at the same time (subtract from the sum)', ...traces.map((t) => (b(t).pipeline_overlap === undefined ? '–' : cell(t, 'pipeline_overlap', 'pipeline_overlap')))],
         ['waiting: pipeline bubble, stage 0 / stage 1 idle', ...traces.map((t) => (t.bubble_pct_per_stage as number[]).map((x) => `${x}%`).join(' / '))],
       ]));
       const net = r.net !== undefined ? obj(r.net, 'net') : null;

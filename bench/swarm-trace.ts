@@ -20,6 +20,8 @@
 //                    collect, clipping, apply + optimizer on every peer, adapter upload, LevelDB commit
 //   step start     = from the previous step event to the step's first handler (coordinator set-up)
 //   bubble         = per peer: step wall time minus the time its handlers were busy (pipeline waiting)
+//   overlap        = the parts are summed over micro-batches; with several in flight per route
+//                    (pipeline fill) they run partly at the same time: sum of parts − wall time
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -203,7 +205,8 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
       // from the coordinator starting the micro-batch (its previous one ended) to the first handler
       if (mb > 0) {
         const prev = iv.find((i) => i.step === s && i.mb === mb - 1 && i.stage === 0 && i.kind === 'handler_backward')!;
-        gaps += seq[0]!.t0 - prev.t1;
+        // (pipelined: the next micro-batch may already be in flight — no gap then)
+        gaps += Math.max(0, seq[0]!.t0 - prev.t1);
       }
     }
     tail += stepTimes[s + 1]! - lastEnd;
@@ -218,7 +221,11 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
   // the first request (C → s0 forward) and the last response (s0 backward → C) fall into the gap
   // between micro-batches, which is also counted in `gaps` (except before the first micro-batch).
   const transferRelay = Math.max(0, gaps - frameCodec * ((4 * o.microBatches - 1) / (4 * o.microBatches)));
-  const other = wall - computeTotal - tensorCodec - gaps - tail - start;
+  // the parts are summed over micro-batches; with several micro-batches in flight (pipeline fill)
+  // some of them ran at the same time, so their sum exceeds the wall time by the overlap
+  const parts = computeTotal + tensorCodec + transferRelay + frameCodec + tail + start;
+  const overlap = Math.max(0, parts - wall);
+  const other = Math.max(0, wall - parts);
   const pct = (x: number) => r1(100 * x / wall);
   const hidden = (what: string) => Object.entries(frames).filter(([k]) => k.startsWith(what)).map(([, f]) => f.bytes)[0] ?? 0;
   const theory = expectedByteLength(o.codec, T * C) / T;
@@ -234,10 +241,11 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
       transfer_and_relay: r1(transferRelay),
       step_start: r1(start), step_tail: r1(tail), step_tail_parts: tailParts,
       unaccounted: r1(other),
+      pipeline_overlap: r1(overlap),
     },
     breakdown_pct: {
       compute: pct(computeTotal), serialization: pct(tensorCodec + frameCodec), transfer_and_relay: pct(transferRelay),
-      step_start: pct(start), step_tail: pct(tail), unaccounted: pct(other),
+      step_start: pct(start), step_tail: pct(tail), unaccounted: pct(other), pipeline_overlap: pct(overlap),
     },
     bubble_pct_per_stage: busy.map((b) => r1(100 * (1 - b / wall))),
     frames,

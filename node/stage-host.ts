@@ -155,6 +155,7 @@ export class StageHost {
       out = await this.runner.run(1, async () => {
         // released (commit: false) while it waited in the queue — e.g. the coordinator timed out on
         // it: computing it anyway would only delay the jobs behind it
+        if (generation !== this.generation) throw new StaleError(`forward: step ${req.step} was abandoned (coordinator lost) while micro-batch ${req.mb} waited`);
         if (req.train && this.attempts.get(key) !== a) throw new StaleError(`forward: micro-batch ${req.mb} attempt ${req.attempt} of step ${req.step} was released while it waited`);
         const t0 = performance.now();
         const r = await this.stage.forward(input, { train: req.train });
