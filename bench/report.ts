@@ -133,6 +133,7 @@ export function renderTables(r: J, source: string): string {
         ['serialization: tensor encode/decode + checks in the handlers', ...traces.map((t) => num(b(t).serialization_tensor_codec))],
         ['serialization: msgpack frames + schema (both ends)', ...traces.map((t) => num(b(t).serialization_frames))],
         ['  serialization, together', ...traces.map((t) => `${num(p(t).serialization)}%`)],
+        ['waiting in a stage\'s job queue behind another micro-batch', ...traces.map((t) => (b(t).stage_queue_wait === undefined ? '–' : num(b(t).stage_queue_wait)))],
         ['transfer + coordinator relay (libp2p, streams, scheduling)', ...traces.map((t) => cell(t, 'transfer_and_relay', 'transfer_and_relay'))],
         ['step start: coordinator set-up until the first forward arrives', ...traces.map((t) => (b(t).step_start === undefined ? '–' : cell(t, 'step_start', 'step_start')))],
         ['step tail: commits, collect, clip, apply + optimizer, adapter, LevelDB', ...traces.map((t) => cell(t, 'step_tail', 'step_tail'))],

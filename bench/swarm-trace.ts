@@ -6,8 +6,10 @@
 // clock. The volunteers' stage hosts are instrumented through runVolunteer's onHost hook (the hook the
 // tests use), by wrapping methods of the host and of its Stage instance — no project code changes:
 //   compute        = time inside Stage.forward / Stage.backward (native kernels)
-//   tensor codec   = time inside the host's forward/backward handler minus compute: decoding and
-//                    checking the incoming tensor(s), encoding the outgoing one (protocol/tensor.ts)
+//   tensor codec   = decoding and checking the incoming tensor(s), encoding the outgoing one
+//                    (protocol/tensor.ts), re-timed on the captured messages
+//   queue wait     = time inside the host's forward/backward handlers minus compute and tensor codec:
+//                    a micro-batch waiting for the stage's previous job (pipelined micro-batches)
 //   frame codec    = msgpack encode + decode + schema check of the real forward/backward request and
 //                    response objects captured in the run, re-timed afterwards (protocol/frame.ts,
 //                    protocol/messages.ts); each message is encoded once by its sender and decoded once
@@ -32,8 +34,8 @@ import { createSwarmNode } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
 import { encodeFrame, decodeBody } from '../protocol/frame.ts';
 import { SCHEMAS } from '../protocol/messages.ts';
-import { expectedByteLength } from '../protocol/tensor.ts';
-import type { FloatCodec } from '../protocol/tensor.ts';
+import { decodeTensor, encodeTensor, expectedByteLength } from '../protocol/tensor.ts';
+import type { FloatCodec, WireTensor } from '../protocol/tensor.ts';
 import { Coordinator } from '../coordinator/run.ts';
 import type { MicroBatch, RunEvent } from '../coordinator/run.ts';
 import { RunStore } from '../coordinator/store.ts';
@@ -168,6 +170,20 @@ function frameCost(proto: 'forward' | 'backward', dir: 'req' | 'res', msg: unkno
   };
 }
 
+/** Re-timed tensor work of one captured exchange: the handler decodes (and checks) every tensor of the
+ *  request and encodes every tensor of the response. */
+function tensorCodecMs(c: Captured): number {
+  const tensors = (m: unknown) => Object.values(m as Record<string, unknown>).filter((v): v is WireTensor =>
+    typeof v === 'object' && v !== null && 'codec' in v && 'bytes' in v);
+  let ms = 0;
+  for (const t of tensors(c.req)) ms += timeMs(() => { decodeTensor(t, 'x'); });
+  for (const t of tensors(c.res)) {
+    const { data } = decodeTensor(t, 'x');
+    ms += timeMs(() => { encodeTensor(data, t.shape, t.codec, 'x'); });
+  }
+  return ms;
+}
+
 function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], stepTimes: number[]): Record<string, unknown> {
   const T = o.batch * o.seqLen;
   const tokensPerStep = T * o.microBatches;
@@ -180,7 +196,10 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
   const handler = [0, 1].map((s) => ({ forward_ms: per((i) => i.stage === s && i.kind === 'handler_forward'), backward_ms: per((i) => i.stage === s && i.kind === 'handler_backward') }));
   const computeTotal = sum(compute.map((c) => c.forward_ms + c.backward_ms));
   const handlerTotal = sum(handler.map((h) => h.forward_ms + h.backward_ms));
-  const tensorCodec = handlerTotal - computeTotal;
+  // the handlers' own tensor work, re-timed on the captured messages; the rest of the handler time
+  // (beyond compute) is waiting in the stage's job queue behind another micro-batch (pipelining)
+  const tensorCodec = sum(cap.map(tensorCodecMs)) * o.microBatches;
+  const queueWait = Math.max(0, handlerTotal - computeTotal - tensorCodec);
   // frames: each micro-batch sends 4 compute requests and 4 responses; cost from the captured messages
   const frames: Record<string, { bytes: number; encode_ms: number; decode_ms: number }> = {};
   for (const c of cap) {
@@ -223,7 +242,7 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
   const transferRelay = Math.max(0, gaps - frameCodec * ((4 * o.microBatches - 1) / (4 * o.microBatches)));
   // the parts are summed over micro-batches; with several micro-batches in flight (pipeline fill)
   // some of them ran at the same time, so their sum exceeds the wall time by the overlap
-  const parts = computeTotal + tensorCodec + transferRelay + frameCodec + tail + start;
+  const parts = computeTotal + tensorCodec + queueWait + transferRelay + frameCodec + tail + start;
   const overlap = Math.max(0, parts - wall);
   const other = Math.max(0, wall - parts);
   const pct = (x: number) => r1(100 * x / wall);
@@ -238,6 +257,7 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
     breakdown_ms: {
       compute: r1(computeTotal), compute_per_stage: compute,
       serialization_tensor_codec: r1(tensorCodec), serialization_frames: r1(frameCodec),
+      stage_queue_wait: r1(queueWait),
       transfer_and_relay: r1(transferRelay),
       step_start: r1(start), step_tail: r1(tail), step_tail_parts: tailParts,
       unaccounted: r1(other),

@@ -49,7 +49,7 @@ test('swarm trace: every micro-batch is accounted for and the wire bytes per tok
     assert.ok(b.compute! > 0 && b.step_tail! > 0 && b.transfer_and_relay! >= 0);
     // the parts are measured separately; summed over micro-batches they cover the whole step (within
     // the clock reads in between) and exceed it by exactly the pipeline overlap
-    const parts = b.compute! + b.serialization_tensor_codec! + b.transfer_and_relay! + b.serialization_frames! + b.step_start! + b.step_tail!;
+    const parts = b.compute! + b.serialization_tensor_codec! + b.stage_queue_wait! + b.transfer_and_relay! + b.serialization_frames! + b.step_start! + b.step_tail!;
     assert.ok(parts >= 0.95 * Number(r.step_ms) - 5, `parts ${parts} ms cover less than the step ${r.step_ms} ms`);
     assert.ok(Math.abs(parts - b.pipeline_overlap! + b.unaccounted! - Number(r.step_ms)) <= 0.5, 'overlap and unaccounted reconcile the parts with the step');
     const frames = r.frames as Record<string, { bytes: number }>;
