@@ -1,121 +1,20 @@
 // Coordinator resilience with real processes on 127.0.0.1 (docs/swarm.md "Failure handling"):
 // a stage that loses every replica is re-planned (rebalance, then a wait for a volunteer), late
-// joiners land on the slowest stage, slower routes get fewer micro-batches, repeated timeouts mark a
-// peer slow, and a peer sending non-finite tensors is banned with backoff and refused while banned.
+// joiners land on the slowest stage and slower routes get fewer micro-batches (bans and timeouts:
+// swarm-misbehave.test.ts).
 //
 // Sizes: the embedded tiny model (4 layers, hidden 128), --pipeline-stages 2, micro-batches of 2 × 64
 // tokens. SWARMTUNE_TEST_DELAY_MS (node/test-aids.ts) slows chosen volunteers so that steps last long
 // enough for the faults to land mid-run; it does not change the math.
-import { test, after, before } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import type { ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
-import os from 'node:os';
 import path from 'node:path';
-import { ensureTinyModel } from '../engine/tiny/index.ts';
 import { TINY_DATASET_PATH } from '../engine/tiny/files.ts';
-import { readAdapter } from '../engine/formats/peft.ts';
+import type { Proc } from './swarm-cluster.ts';
+import { tmp, modelDir, run, waitEvent, kill9, statusJson, FLAGS, launch, join, peerIdOf, adapterMap, relUpdateDiff, useCluster } from './swarm-cluster.ts';
 
-const ROOT = path.resolve(import.meta.dirname, '..');
-const NODE = path.join(ROOT, 'node_modules/.bin/node');
-const CLI = path.join(ROOT, 'bin/swarmtune.ts');
+useCluster('resilience');
 
-interface Proc { child: ChildProcess; events: Array<Record<string, unknown>>; stderr: string[]; stdout: string[]; exit: Promise<number> }
-const procs: Proc[] = [];
-let tmp = '';
-let modelDir = '';
-
-function start(args: string[], env: Record<string, string> = {}): Proc {
-  const child = spawn(NODE, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: { ...process.env, ...env } });
-  const p: Proc = { child, events: [], stderr: [], stdout: [], exit: new Promise((r) => child.on('exit', (code, sig) => r(code ?? (sig !== null ? 128 : 1)))) };
-  let buf = '';
-  child.stdout!.on('data', (d: Buffer) => {
-    buf += d.toString();
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, i); buf = buf.slice(i + 1);
-      p.stdout.push(line);
-      try { p.events.push(JSON.parse(line)); } catch { /* human line */ }
-    }
-  });
-  child.stderr!.on('data', (d: Buffer) => { p.stderr.push(d.toString()); });
-  procs.push(p);
-  return p;
-}
-
-async function run(args: string[], timeoutMs = 120_000): Promise<{ code: number; stdout: string; stderr: string }> {
-  const p = start(args);
-  const t = setTimeout(() => p.child.kill('SIGKILL'), timeoutMs);
-  const code = await p.exit;
-  clearTimeout(t);
-  return { code, stdout: p.stdout.join('\n'), stderr: p.stderr.join('') };
-}
-
-async function waitEvent(p: Proc, pred: (e: Record<string, unknown>) => boolean, what: string, timeoutMs = 120_000, from = 0): Promise<Record<string, unknown>> {
-  const t0 = Date.now();
-  for (;;) {
-    const e = p.events.slice(from).find(pred);
-    if (e !== undefined) return e;
-    if (p.child.exitCode !== null) throw new Error(`process exited (${p.child.exitCode}) before ${what}; stderr:\n${p.stderr.join('').slice(-3000)}`);
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}; stderr:\n${p.stderr.join('').slice(-3000)}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
-function kill9(p: Proc): void {
-  try { process.kill(-p.child.pid!, 'SIGKILL'); } catch { /* gone */ }
-}
-
-async function statusJson(addr: string): Promise<Record<string, any>> {
-  const r = await run(['status', addr, '--json']);
-  assert.equal(r.code, 0, r.stderr);
-  return JSON.parse(r.stdout);
-}
-
-after(async () => {
-  for (const p of procs) if (p.child.exitCode === null && p.child.signalCode === null) kill9(p);
-  if (tmp !== '') await rm(tmp, { recursive: true, force: true });
-});
-
-before(async () => {
-  tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-resilience-'));
-  modelDir = await ensureTinyModel(path.join(tmp, 'model'));
-});
-
-const FLAGS = [
-  '--per-device-train-batch-size', '2', '--gradient-accumulation-steps', '4',
-  '--learning-rate', '1e-3', '--no-shuffle', '--lora-dropout', '0', '--max-seq-length', '64',
-  '--lora-r', '4', '--lora-alpha', '8', '--target-modules', 'q_proj,v_proj,down_proj', '--seed', '7',
-];
-
-function launch(name: string, steps: number, minPeers: number, extra: string[] = [], env: Record<string, string> = {}, exitOnFinish = true): Proc {
-  return start(['launch', '--model', modelDir, '--data', TINY_DATASET_PATH, ...FLAGS, '--max-steps', String(steps), ...extra,
-    '--listen', '/ip4/127.0.0.1/tcp/0', '--min-peers', String(minPeers), '--pipeline-stages', '2', '--wire-dtype', 'f32', '--json',
-    ...(exitOnFinish ? ['--exit-on-finish'] : []), '--output-dir', path.join(tmp, name)], env);
-}
-
-function join(addr: string, dir: string, env: Record<string, string> = {}, extra: string[] = []): Proc {
-  return start(['join', addr, '--device', 'cpu', '--json', '--listen', '/ip4/127.0.0.1/tcp/0', '--data-dir', path.join(tmp, dir), ...extra], env);
-}
-
-async function peerIdOf(v: Proc): Promise<string> {
-  return String((await waitEvent(v, (e) => e.event === 'joining', 'joining')).peer_id);
-}
-
-async function adapterMap(dir: string): Promise<Map<string, Float32Array>> {
-  const a = await readAdapter(dir);
-  return new Map(a.tensors.map((t) => [t.name, t.data]));
-}
-
-function relUpdateDiff(init: Map<string, Float32Array>, a: Map<string, Float32Array>, b: Map<string, Float32Array>): number {
-  let num = 0, den = 0;
-  for (const [name, x0] of init) {
-    const xa = a.get(name)!, xb = b.get(name)!;
-    for (let i = 0; i < x0.length; i++) { num += (xa[i]! - xb[i]!) ** 2; den += (xb[i]! - x0[i]!) ** 2; }
-  }
-  return Math.sqrt(num / den);
-}
 
 test('a stage that loses every replica is re-planned (rebalance, then a wait for a volunteer); the run finishes and equals `swarmtune train`', async () => {
   const STEPS = 8;
