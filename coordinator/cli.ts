@@ -15,6 +15,15 @@ function intArg(what: string) {
   };
 }
 
+/** --allow-peers: a comma list of libp2p peer ids (base58btc, as `swarmtune join` prints them). */
+export function parsePeerList(v: string | undefined): string[] | null {
+  if (v === undefined) return null;
+  const ids = v.split(',').map((x) => x.trim()).filter((x) => x !== '');
+  if (ids.length === 0) throw new Error('--allow-peers: give at least one peer id');
+  for (const id of ids) if (!/^[1-9A-HJ-NP-Za-km-z]{20,128}$/.test(id)) throw new Error(`--allow-peers: "${id}" is not a peer id (base58btc, e.g. 12D3KooW…)`);
+  return ids;
+}
+
 export function registerCoordinatorCommands(program: Command): void {
   const launch = program
     .command('launch')
@@ -25,6 +34,8 @@ export function registerCoordinatorCommands(program: Command): void {
     .option('--pipeline-stages <n>', 'fixed number of pipeline stages (default: planned from peer memory)', intArg('--pipeline-stages'))
     .option('--wire-dtype <dtype>', 'activation/gradient wire format: f32, bf16 or int8', 'f32')
     .option('--private', 'admit only peers presenting the printed join token')
+    .option('--allow-peers <ids>', 'private run: admit only these peer ids (comma list), with the token too when --private is set')
+    .option('--public-pull', 'a private run\'s adapter may still be pulled by anyone')
     .option('--exit-on-finish', 'exit when training ends instead of serving pulls')
     .option('--dashboard <port>', 'serve the live dashboard on this port', intArg('--dashboard'))
     .option('--data-dir <dir>', 'coordinator state (identity, LevelDB, blobs); default <output-dir>/coordinator');
@@ -55,6 +66,8 @@ export function registerCoordinatorCommands(program: Command): void {
       pipelineStages: opts.pipelineStages as number | undefined,
       wireCodec: wire,
       private: opts.private === true,
+      allowPeers: parsePeerList(opts.allowPeers as string | undefined),
+      publicPull: opts.publicPull === true,
       exitOnFinish: opts.exitOnFinish === true,
       dashboardPort: opts.dashboard as number | undefined,
       dataDir: (opts.dataDir as string | undefined) ?? null,
@@ -75,8 +88,9 @@ export function registerCoordinatorCommands(program: Command): void {
     .description('download a committed adapter of a run as a PEFT adapter dir')
     .requiredOption('--out <dir>', 'output directory')
     .option('--step <n>', 'committed step to pull (default: latest)', intArg('--step'))
-    .action(async (addr: string, opts: { out: string; step?: number }) => {
-      const a = await pullToDir(addr, opts.out, { step: opts.step });
+    .option('--token <token>', 'join token of a private run')
+    .action(async (addr: string, opts: { out: string; step?: number; token?: string }) => {
+      const a = await pullToDir(addr, opts.out, { step: opts.step, token: opts.token });
       process.stdout.write(`wrote the adapter of step ${a.step} (${a.tensors.length} tensors) to ${opts.out}\n`);
     });
 }

@@ -27,13 +27,13 @@ export async function fetchStatus(addr: string, timeoutMs = 10_000): Promise<Sta
 
 export interface PulledAdapter { step: number; lora: LoraConfig; baseModel: string; tensors: NamedTensor[] }
 
-export async function pullAdapter(addr: string, opts: { step?: number; timeoutMs?: number } = {}): Promise<PulledAdapter> {
+export async function pullAdapter(addr: string, opts: { step?: number; timeoutMs?: number; token?: string } = {}): Promise<PulledAdapter> {
   return withClient(async (node) => {
     const target = parseMultiaddr(addr);
     const tensors: NamedTensor[] = [];
     let total = Infinity, step = -1, spec: string | null = null;
     while (tensors.length < total) {
-      const res = await request(node, target, 'adapter', { step: opts.step, from: tensors.length, count: 64 }, { timeoutMs: opts.timeoutMs ?? 60_000 });
+      const res = await request(node, target, 'adapter', { step: opts.step, from: tensors.length, count: 64, ...(opts.token !== undefined ? { token: opts.token } : {}) }, { timeoutMs: opts.timeoutMs ?? 60_000 });
       if (step >= 0 && res.step !== step) throw new SchemaError(`pull: the coordinator switched from step ${step} to ${res.step} mid-transfer`);
       step = res.step;
       total = res.total;
@@ -48,7 +48,7 @@ export async function pullAdapter(addr: string, opts: { step?: number; timeoutMs
 }
 
 /** Pull and write a PEFT adapter dir (adapter_config.json + adapter_model.safetensors). */
-export async function pullToDir(addr: string, outDir: string, opts: { step?: number } = {}): Promise<PulledAdapter> {
+export async function pullToDir(addr: string, outDir: string, opts: { step?: number; token?: string } = {}): Promise<PulledAdapter> {
   const a = await pullAdapter(addr, opts);
   await writeAdapter(outDir, { lora: a.lora, baseModel: a.baseModel, tensors: a.tensors });
   return a;

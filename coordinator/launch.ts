@@ -27,6 +27,10 @@ export interface LaunchOptions {
   pipelineStages?: number;
   wireCodec: FloatCodec;
   private: boolean;
+  /** peer ids admitted to a private run (the run is private when this is set or `private`) */
+  allowPeers?: string[] | null;
+  /** a private run's adapter may be pulled by anyone */
+  publicPull?: boolean;
   exitOnFinish: boolean;
   dashboardPort?: number;
   dataDir: string | null;
@@ -98,11 +102,17 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const meta = await store.getMeta();
   let runId: string;
   let token: string | null = null;
+  let allowPeers: Set<string> | null = o.allowPeers !== undefined && o.allowPeers !== null ? new Set(o.allowPeers) : null;
+  let publicPull = o.publicPull === true;
   let resume: ResumeState | null = null;
   let pipelineStages = o.pipelineStages;
   if (meta !== null) {
     runId = meta.runId;
     token = (meta.config.join_token as string | undefined) ?? null;
+    // a restarted run keeps its access rules
+    const saved = meta.config.allow_peers as string[] | null | undefined;
+    if (saved !== undefined && saved !== null) allowPeers = new Set(saved);
+    publicPull = meta.config.public_pull === true;
     if (meta.numStages > 0) pipelineStages = meta.numStages; // the restarted run keeps its stage split
     resume = await loadResume(store, dataDir);
     if (resume !== null) {
@@ -113,7 +123,7 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
     if (o.private) token = randomBytes(18).toString('base64url');
     await store.putMeta({
       runId, model: train.model, totalSteps: data.totalSteps, createdMs: Date.now(),
-      config: { ...train, join_token: token }, numStages: 0, stages: [],
+      config: { ...train, join_token: token, allow_peers: allowPeers !== null ? [...allowPeers] : null, public_pull: publicPull }, numStages: 0, stages: [],
     });
   }
 
@@ -123,7 +133,7 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
     node, store, blobs, runId, modelName: train.model, llama: model.config,
     modelConfigJson: JSON.stringify(model.config.raw), weights: model.weights, train, lora, data,
     memory: stageMemoryFn(model.config, train, lora), minPeers: o.minPeers, pipelineStages,
-    wireCodec: o.wireCodec, token, initAdapter, resume, emit, log,
+    wireCodec: o.wireCodec, token, allowPeers, publicPull, initAdapter, resume, emit, log,
   });
   await coordinator.publishShards({ file: path.join(dataDir, 'shards.json'), key: await modelFilesKey(model.dir) });
   await coordinator.start();

@@ -61,6 +61,10 @@ export interface CoordinatorOptions {
   pipelineStages?: number;
   wireCodec: FloatCodec;
   token: string | null;
+  /** private runs: peer ids admitted (with the token too, when both are set); null = no allowlist */
+  allowPeers?: Set<string> | null;
+  /** a private run's adapter may still be pulled by anyone */
+  publicPull?: boolean;
   /** initial LoRA tensors (--init-adapter), by PEFT name */
   initAdapter: Map<string, NamedTensor> | null;
   /** the last committed step to resume from (coordinator restart), with its adapter and the latest
@@ -295,9 +299,12 @@ export class Coordinator {
       }
     };
     await serve(n, 'join', (req, ctx) => this.onJoin(req, ctx.peerId), onViolation);
-    await serve(n, 'weights', (req) => this.o.blobs.serveChunk(req), onViolation);
+    await serve(n, 'weights', (req, ctx) => { this.authorize(ctx.peerId, req.token, 'weights'); return this.o.blobs.serveChunk(req); }, onViolation);
     await serve(n, 'status', async () => this.statusResponse(), onViolation);
-    await serve(n, 'adapter', (req) => this.onPull(req.step, req.from, req.count), onViolation);
+    await serve(n, 'adapter', (req, ctx) => {
+      if (this.o.publicPull !== true) this.authorize(ctx.peerId, req.token, 'pull');
+      return this.onPull(req.step, req.from, req.count);
+    }, onViolation);
     this.heartbeatTimer = setInterval(() => { void this.heartbeatAll(); }, HEARTBEAT_INTERVAL_MS);
     this.heartbeatTimer.unref();
   }
@@ -312,8 +319,18 @@ export class Coordinator {
 
   // ---- admission and planning
 
+  /** A private run (join token and/or peer-id allowlist) admits only peers that satisfy both of
+   *  what is set: to join, fetch blobs or pull (unless pulls are public). */
+  private authorize(peerId: string, token: string | undefined, what: string): void {
+    if (this.o.token !== null && token !== this.o.token) {
+      throw new AuthError(what === 'join' ? 'this run is private: a valid --token is required to join' : `${what}: this run is private: a valid --token is required`);
+    }
+    const allow = this.o.allowPeers ?? null;
+    if (allow !== null && !allow.has(peerId)) throw new AuthError(`${what}: this run is private: peer ${peerId} is not on its allowlist`);
+  }
+
   private async onJoin(req: JoinRequest, peerId: string): Promise<JoinResponse> {
-    if (this.o.token !== null && req.token !== this.o.token) throw new AuthError('this run is private: a valid --token is required to join');
+    this.authorize(peerId, req.token ?? undefined, 'join');
     if (this.state === 'finished' || this.state === 'failed') return { status: 'rejected', reason: `the run is ${this.state}`, assignment: null };
     const refusal = this.banList.refusal(peerId);
     if (refusal !== null) {
@@ -470,6 +487,7 @@ export class Coordinator {
       optimizerBlob: keep !== undefined ? null : optimizerState !== undefined ? await this.stateBlob(s, optimizerState) : await this.optimizerBlobFor(s),
       step: this.step, totalSteps: this.o.data.totalSteps,
       ...(keep !== undefined ? { keep: { adapterSha256: keep } } : {}),
+      ...(this.o.allowPeers !== null && this.o.allowPeers !== undefined ? { allowPeers: [...this.o.allowPeers] } : {}),
     };
   }
 

@@ -119,13 +119,22 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     };
     const notReady = async (): Promise<never> => { throw new StaleError('this peer has no stage loaded yet'); };
     // only the coordinator (its Noise-authenticated peer id, from the /p2p/ part of its address) may
-    // drive the stage, heartbeat or end this peer; anyone may fetch verified blobs
+    // drive the stage, heartbeat or end this peer; verified blobs go to anyone in a public run
     const coord = parseMultiaddr(opts.coordinator);
     let coordinatorId: string | null = coord.getComponents().findLast((c) => c.name === 'p2p')?.value ?? null;
     const fromCoordinator = (proto: string, ctx: HandlerContext): void => {
       if (ctx.peerId !== coordinatorId) throw new AuthError(`${proto}: only the coordinator ${coordinatorId ?? '(not yet known)'} may send this, not ${ctx.peerId}`);
     };
-    await serve(node, 'weights', (req) => blobs.serveChunk(req));
+    // blobs of a private run go only to its token holders, allowlisted peers and the coordinator
+    blobs.token = opts.token;
+    let allowPeers: Set<string> | null = null;
+    await serve(node, 'weights', (req, ctx) => {
+      const open = opts.token === null && allowPeers === null;
+      if (!open && ctx.peerId !== coordinatorId && !(opts.token !== null && req.token === opts.token) && !(allowPeers?.has(ctx.peerId) ?? false)) {
+        throw new AuthError('weights: this run is private: blobs go only to peers with its join token or on its allowlist');
+      }
+      return blobs.serveChunk(req);
+    });
     // process RSS costs a /proc read (~2 ms): sample it at most once a second, not per heartbeat
     let rss = { bytes: process.memoryUsage.rss(), atMs: Date.now() };
     await serve(node, 'heartbeat', async (_req, ctx) => {
@@ -188,6 +197,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
         return EXIT_REJECTED;
       }
       const a: Assignment = res.assignment;
+      allowPeers = a.allowPeers !== undefined ? new Set(a.allowPeers) : null;
       runId = a.runId;
       previousRunId = a.runId;
       lastCoordinatorMs = Date.now();

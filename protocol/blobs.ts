@@ -19,6 +19,8 @@ export class BlobStore {
   /** blobs verified in this process: served to others without rehashing */
   private readonly verified = new Map<string, string>();
   onEvent: (e: BlobEvent) => void = () => {};
+  /** a private run's join token, sent with every weights request this store makes */
+  token: string | null = null;
 
   constructor(dataDir: string) {
     this.dir = path.join(dataDir, 'blobs');
@@ -94,7 +96,7 @@ export class BlobStore {
     let off = 0;
     while (off < ref.sizeBytes || (ref.sizeBytes === 0 && off === 0)) {
       const length = Math.max(1, Math.min(BLOB_CHUNK_BYTES, ref.sizeBytes - off));
-      const res = await request(node, target, 'weights', { sha256: ref.sha256, offset: off, length }, { timeoutMs: BLOB_TIMEOUT_MS, signal });
+      const res = await request(node, target, 'weights', { sha256: ref.sha256, offset: off, length, ...(this.token !== null ? { token: this.token } : {}) }, { timeoutMs: BLOB_TIMEOUT_MS, signal });
       if (res.sizeBytes !== ref.sizeBytes) throw new IntegrityError(`blob ${ref.name}: provider says ${res.sizeBytes} bytes, expected ${ref.sizeBytes}`);
       if (ref.sizeBytes === 0) break;
       if (res.bytes.length === 0 || off + res.bytes.length > ref.sizeBytes) throw new IntegrityError(`blob ${ref.name}: bad chunk of ${res.bytes.length} bytes at ${off}`);

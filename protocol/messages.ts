@@ -107,6 +107,8 @@ export const assignment = obj({
   /** present when the peer keeps the stage state it offered in `join.kept`, restored to `step`
    *  (rolled back if it applied a later update); its adapter must then hash to adapterSha256 */
   keep: opt(obj({ adapterSha256: sha256Hex })),
+  /** private runs with a peer-id allowlist: who may fetch this peer's blobs (besides token holders) */
+  allowPeers: opt(arr(peerIdStr, 4096)),
 });
 export type Assignment = ReturnType<typeof assignment>;
 
@@ -118,9 +120,11 @@ export const joinResponse = obj({
 });
 export type JoinResponse = ReturnType<typeof joinResponse>;
 
-// ---- weights: anyone → a peer holding the blob
+// ---- weights: anyone (a private run: token holders and allowlisted peers) → a peer holding the blob
 
 export const weightsRequest = obj({
+  /** the run's join token, where the run is private */
+  token: opt(str({ max: 256 })),
   sha256: sha256Hex,
   offset: int(0, SAFE),
   length: int(1, BLOB_CHUNK_BYTES),
@@ -212,6 +216,8 @@ export type AggregateResponse = ReturnType<typeof aggregateResponse>;
 
 export const adapterRequest = obj({
   runId: opt(runIdStr),
+  /** the run's join token, for pulls from a private run */
+  token: opt(str({ max: 256 })),
   /** a committed step to pull (coordinator only); absent = latest */
   step: opt(int(0, I32)),
   from: int(0, 1 << 20),
