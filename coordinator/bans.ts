@@ -55,6 +55,19 @@ export class BanList {
 
   get(peerId: string): BanRecord | undefined { return this.records.get(peerId); }
 
+  /** Every record (for the run's LevelDB: bans outlive a coordinator restart). */
+  entries(): Record<string, BanRecord> { return Object.fromEntries(this.records); }
+
+  /** Take back records saved by entries(); a malformed one is an error naming the peer. */
+  restore(saved: Record<string, BanRecord>): void {
+    for (const [peerId, r] of Object.entries(saved)) {
+      const ok = typeof r === 'object' && r !== null && Number.isInteger(r.count) && r.count >= 1 &&
+        Number.isFinite(r.untilMs) && Number.isFinite(r.durationMs) && typeof r.reason === 'string';
+      if (!ok) throw new SwarmError(`saved ban of peer ${peerId} is malformed: ${JSON.stringify(r).slice(0, 200)}`);
+      this.records.set(peerId, { count: r.count, untilMs: r.untilMs, durationMs: r.durationMs, reason: r.reason });
+    }
+  }
+
   /** ms left of the peer's current ban, 0 when it is not banned (or its ban ended) */
   remainingMs(peerId: string, nowMs = Date.now()): number {
     const r = this.records.get(peerId);

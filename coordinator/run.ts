@@ -215,6 +215,7 @@ export class Coordinator {
   /** per stage: recent accepted per-micro-batch gradient norms of replicas (screening reference) */
   private normHistory: number[][] = [];
   private readonly banList = new BanList(banBaseMsFromEnv());
+  private banWrite: Promise<void> = Promise.resolve();
   private readonly computeTimeout = computeTimeoutMs();
   /** why the run is stalled right now (a stage without a peer), for status */
   private waitingFor: string | null = null;
@@ -290,6 +291,9 @@ export class Coordinator {
   }
 
   async start(): Promise<void> {
+    // bans outlive a coordinator restart (the run's LevelDB keeps them)
+    const saved = await this.o.store.getBans();
+    if (saved !== null) this.banList.restore(saved);
     const n = this.o.node;
     const onViolation = (peerId: string, proto: string, err: Error) => {
       if (err.name === 'SchemaError' || err.name === 'DecodeError' || err.name === 'FrameTooLargeError' || err.name === 'TensorError') {
@@ -315,6 +319,7 @@ export class Coordinator {
     for (const p of [...this.pending, ...this.late]) p.resolve({ status: 'rejected', reason: 'the coordinator is shutting down', assignment: null });
     this.pending = [];
     this.late = [];
+    await this.banWrite;
   }
 
   // ---- admission and planning
@@ -585,6 +590,8 @@ export class Coordinator {
   private ban(p: PeerState, why: string): void {
     if (p.health === 'banned') return;
     const rec = this.banList.ban(p.peerId, why);
+    // durable, so a restarted coordinator still refuses the peer (and doubles its next ban)
+    this.banWrite = this.banWrite.then(() => this.o.store.putBans(this.banList.entries())).catch((e: Error) => this.o.log(`could not save bans: ${e.message}`));
     const stage = p.stageIndex;
     p.health = 'banned';
     p.failures++;

@@ -1,5 +1,6 @@
 // The coordinator's durable run state in LevelDB: run meta, committed steps with their adapter and
 // data cursor (written in one atomic batch before a step is announced), optimizer checkpoints.
+import type { BanRecord } from './bans.ts';
 import { Level } from 'level';
 
 export interface StepRecord {
@@ -55,6 +56,9 @@ export class RunStore {
 
   getMeta(): Promise<RunMeta | null> { return this.getJson<RunMeta>('meta'); }
   async putMeta(m: RunMeta): Promise<void> { await this.db.put('meta', this.json(m)); }
+  /** bans with backoff, by peer id (coordinator/bans.ts), so a restarted coordinator keeps them */
+  getBans(): Promise<Record<string, BanRecord> | null> { return this.getJson<Record<string, BanRecord>>('bans'); }
+  async putBans(b: Record<string, BanRecord>): Promise<void> { await this.db.put('bans', this.json(b)); }
 
   /** the latest committed step record, null before the first commit */
   latest(): Promise<StepRecord | null> { return this.getJson<StepRecord>('latest'); }

@@ -36,3 +36,14 @@ test('durations in words; env overrides are validated with a clear error', () =>
   assert.throws(() => computeTimeoutMs({ SWARMTUNE_COMPUTE_TIMEOUT_MS: '-1' }), /SWARMTUNE_COMPUTE_TIMEOUT_MS must be an integer number of ms/);
   assert.throws(() => new BanList(0), /ban backoff needs 0 < base/);
 });
+
+test('saved bans restore exactly; a malformed record is an error naming the peer', () => {
+  const a = new BanList(1000);
+  a.ban('p1', 'bad tensor', 0);
+  a.ban('p1', 'bad tensor again', 5000);
+  const b = new BanList(1000);
+  b.restore(JSON.parse(JSON.stringify(a.entries())));
+  assert.deepEqual(b.entries(), a.entries());
+  assert.equal(b.ban('p1', 'third', 10_000).durationMs, 4000, 'the backoff continues where it was');
+  assert.throws(() => new BanList().restore({ p2: { count: 0, untilMs: 1, durationMs: 1, reason: 'x' } }), /saved ban of peer p2 is malformed/);
+});

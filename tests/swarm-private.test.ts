@@ -14,6 +14,7 @@ import { Coordinator } from '../coordinator/run.ts';
 import { RunStore } from '../coordinator/store.ts';
 import { pullAdapter } from '../coordinator/client.ts';
 import { parsePeerList } from '../coordinator/cli.ts';
+import type { BanRecord } from '../coordinator/bans.ts';
 
 const HF = {
   model_type: 'llama', vocab_size: 97, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
@@ -30,7 +31,7 @@ const caps = {
   hostMemoryBytes: 2 ** 30, cores: 1, gemmGflops: 1, computeCapability: null, memoryBandwidthGBs: null, softwareVersion: 'test',
 };
 
-type Access = { token: string | null; allowPeers?: Set<string> | null; publicPull?: boolean };
+type Access = { token: string | null; allowPeers?: Set<string> | null; publicPull?: boolean; savedBans?: (clientId: string) => Record<string, BanRecord> };
 async function coordinator(accessFor: Access | ((clientId: string) => Access)) {
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-private-'));
   dirs.push(tmp);
@@ -38,12 +39,14 @@ async function coordinator(accessFor: Access | ((clientId: string) => Access)) {
   const access = typeof accessFor === 'function' ? accessFor(client.peerId.toString()) : accessFor;
   const node = await createSwarmNode({ dataDir: path.join(tmp, 'coord') });
   const store = await RunStore.open(path.join(tmp, 'coord', 'db'));
+  if (access.savedBans !== undefined) await store.putBans(access.savedBans(client.peerId.toString()));
   const blobs = new BlobStore(path.join(tmp, 'coord'));
   const coord = new Coordinator({
     node, store, blobs, runId: 'priv', modelName: 'random', llama, modelConfigJson: JSON.stringify(HF),
     weights: randomWeightSource(llama, 1), train, lora: loraConfigOf(train),
     data: { totalSteps: 1, microBatchesForStep: async () => [], cursorAfter: (s) => s },
-    memory: () => 1, minPeers: 5, wireCodec: 'f32', initAdapter: null, resume: null, emit: () => {}, log: () => {}, ...access,
+    memory: () => 1, minPeers: 5, wireCodec: 'f32', initAdapter: null, resume: null, emit: () => {}, log: () => {},
+    token: access.token, allowPeers: access.allowPeers, publicPull: access.publicPull,
   });
   await coord.start();
   const sha = await blobs.put(new Uint8Array([1, 2, 3, 4]));
@@ -52,6 +55,7 @@ async function coordinator(accessFor: Access | ((clientId: string) => Access)) {
     addr, sha, clientId: client.peerId.toString(),
     weights: (token?: string) => request(client, addr, 'weights', { sha256: sha, offset: 0, length: 4, ...(token !== undefined ? { token } : {}) }),
     join: (token: string | null) => request(client, addr, 'join', { token, capabilities: caps, listenAddrs: [], previousRunId: null }, { timeoutMs: 3000 }),
+    coord, store,
     stop: async () => { await client.stop(); await coord.stop(); await node.stop(); await store.close(); },
   };
 }
@@ -95,4 +99,21 @@ test('--allow-peers parses a comma list of peer ids and names what is wrong', ()
     ['12D3KooWJizkUWmbDmNDXG7Cx88UJUK9Q1UNmp8a3KrgBvfuXCLD', '12D3KooWEinu7wt7Cqq3SUrpCZNUnSezR3oGEHqiXFTGWY5QyvV6']);
   assert.throws(() => parsePeerList(','), /at least one peer id/);
   assert.throws(() => parsePeerList('hello world'), /"hello world" is not a peer id/);
+});
+
+test('bans outlive a coordinator restart: saved in the run store, a restarted coordinator refuses the peer in words', async () => {
+  const c = await coordinator({ token: null, savedBans: (id) => ({ [id]: { count: 2, untilMs: Date.now() + 60_000, durationMs: 60_000, reason: 'it sent a bad tensor' } }) });
+  try {
+    const r = await c.join(null);
+    assert.equal(r.status, 'rejected');
+    assert.match(String(r.reason), /banned from the run for another (\d+ s|1 min) \(ban 2, 1 min: it sent a bad tensor\)/);
+    // a new ban is written to the store at once (here through the coordinator's own ban path)
+    const peer = { peerId: 'x', health: 'ok', failures: 0, ready: true, stageIndex: null, addrs: [] };
+    (c.coord as unknown as { ban(p: unknown, why: string): void }).ban(peer, 'its gradient is absurd');
+    await c.coord.stop();
+    const saved = (await c.store.getBans())!;
+    assert.equal(saved.x?.count, 1);
+    assert.equal(saved.x?.reason, 'its gradient is absurd');
+    assert.equal(saved[c.clientId]?.count, 2, 'older bans are kept');
+  } finally { await c.stop(); }
 });
