@@ -10,7 +10,6 @@ import os from 'node:os';
 import path from 'node:path';
 import { ensureTinyModel } from '../engine/tiny/index.ts';
 import { TINY_DATASET_PATH } from '../engine/tiny/files.ts';
-import { readAdapter } from '../engine/formats/peft.ts';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const NODE = path.join(ROOT, 'node_modules/.bin/node');
@@ -101,16 +100,4 @@ export async function peerIdOf(v: Proc): Promise<string> {
   return String((await waitEvent(v, (e) => e.event === 'joining', 'joining')).peer_id);
 }
 
-export async function adapterMap(dir: string): Promise<Map<string, Float32Array>> {
-  const a = await readAdapter(dir);
-  return new Map(a.tensors.map((t) => [t.name, t.data]));
-}
-
-export function relUpdateDiff(init: Map<string, Float32Array>, a: Map<string, Float32Array>, b: Map<string, Float32Array>): number {
-  let num = 0, den = 0;
-  for (const [name, x0] of init) {
-    const xa = a.get(name)!, xb = b.get(name)!;
-    for (let i = 0; i < x0.length; i++) { num += (xa[i]! - xb[i]!) ** 2; den += (xb[i]! - x0[i]!) ** 2; }
-  }
-  return Math.sqrt(num / den);
-}
+export { adapterMap, relUpdateDiff } from './swarm-procs.ts';

@@ -73,7 +73,7 @@ test('a stage that loses every replica is re-planned (rebalance, then a wait for
   for (const [name, x] of swarm) for (const v of x) assert.ok(Number.isFinite(v), `${name} is finite`);
   // every-step optimizer checkpoints make the re-planned stage exact: the run equals the local trainer
   assert.equal((await local).code, 0);
-  const rel = relUpdateDiff(await adapterMap(initDir), swarm, await adapterMap(localDir));
+  const { rel } = relUpdateDiff(await adapterMap(initDir), swarm, await adapterMap(localDir));
   process.stderr.write(`lost-stage run vs train: relative update difference ${rel.toExponential(2)}\n`);
   assert.ok(rel <= 1e-5, `relative update difference ${rel}`);
 });

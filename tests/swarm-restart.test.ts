@@ -16,7 +16,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { ensureTinyModel } from '../engine/tiny/index.ts';
 import { TINY_DATASET_PATH } from '../engine/tiny/files.ts';
-import { readAdapter } from '../engine/formats/peft.ts';
+import { adapterMap, relUpdateDiff } from './swarm-procs.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 import { randomWeightSource } from '../engine/model/random-model.ts';
 import { loadStage } from '../engine/model/stage.ts';
@@ -410,25 +410,6 @@ after(async () => {
   }
   if (tmp !== '') await rm(tmp, { recursive: true, force: true });
 });
-
-async function adapterMap(dir: string): Promise<Map<string, Float32Array>> {
-  const a = await readAdapter(dir);
-  return new Map(a.tensors.map((t) => [t.name, t.data]));
-}
-
-function relUpdateDiff(init: Map<string, Float32Array>, a: Map<string, Float32Array>, b: Map<string, Float32Array>): { rel: number; norm: number } {
-  let num = 0, den = 0;
-  for (const [name, x0] of init) {
-    const xa = a.get(name), xb = b.get(name);
-    assert.ok(xa !== undefined && xb !== undefined, `tensor ${name} missing from an adapter`);
-    for (let i = 0; i < x0.length; i++) {
-      const ua = xa[i]! - x0[i]!, ub = xb[i]! - x0[i]!;
-      num += (ua - ub) ** 2;
-      den += ub ** 2;
-    }
-  }
-  return { rel: Math.sqrt(num / den), norm: Math.sqrt(den) };
-}
 
 const TRAIN_FLAGS = [
   '--max-steps', '4', '--per-device-train-batch-size', '2', '--gradient-accumulation-steps', '4',
