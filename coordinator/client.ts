@@ -21,8 +21,21 @@ async function withClient<T>(fn: (node: Awaited<ReturnType<typeof createSwarmNod
   }
 }
 
+/** status and pull are one-shot tools: a dial reset by the other side (a busy or just-restarted
+ *  coordinator closing new sockets) is retried twice after a short pause; every other error is final. */
+const retryResets: typeof request = async (node, target, proto, msg, opts) => {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await request(node, target, proto, msg, opts);
+    } catch (e) {
+      if (attempt >= 2 || (e as NodeJS.ErrnoException).code !== 'ECONNRESET') throw e;
+      await new Promise((r) => setTimeout(r, 250 * (attempt + 1)));
+    }
+  }
+};
+
 export async function fetchStatus(addr: string, timeoutMs = 10_000): Promise<StatusResponse> {
-  return withClient((node) => request(node, parseMultiaddr(addr), 'status', {}, { timeoutMs }));
+  return withClient((node) => retryResets(node, parseMultiaddr(addr), 'status', {}, { timeoutMs }));
 }
 
 export interface PulledAdapter { step: number; lora: LoraConfig; baseModel: string; tensors: NamedTensor[] }
@@ -33,7 +46,7 @@ export async function pullAdapter(addr: string, opts: { step?: number; timeoutMs
     const tensors: NamedTensor[] = [];
     let total = Infinity, step = -1, spec: string | null = null;
     while (tensors.length < total) {
-      const res = await request(node, target, 'adapter', { step: opts.step, from: tensors.length, count: 64, ...(opts.token !== undefined ? { token: opts.token } : {}) }, { timeoutMs: opts.timeoutMs ?? 60_000 });
+      const res = await retryResets(node, target, 'adapter', { step: opts.step, from: tensors.length, count: 64, ...(opts.token !== undefined ? { token: opts.token } : {}) }, { timeoutMs: opts.timeoutMs ?? 60_000 });
       if (step >= 0 && res.step !== step) throw new SchemaError(`pull: the coordinator switched from step ${step} to ${res.step} mid-transfer`);
       step = res.step;
       total = res.total;
