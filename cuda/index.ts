@@ -1,10 +1,11 @@
 // CUDA backend loader: wraps cuda/build/swarmtune_cuda.node behind the engine's Backend interface, plus optimizers and the probe.
 //
-// Every op copies its host Float32Arrays to the device, runs, and copies the results back (the
-// library keeps a caching device pool, so repeated shapes do not re-allocate); NF4 base weights are
-// the exception: they stay resident on the device after first use (cuda/weight-cache.ts). Ops run on libuv worker
-// threads, one at a time per backend. Library failures reject with CudaError; argument mistakes throw
-// CudaArgumentError before anything reaches the device.
+// Every op takes its float buffers as host Float32Arrays (the Backend contract: copied to the device,
+// run, copied back; the library keeps a caching device pool, so repeated shapes do not re-allocate) or
+// as device tensors (CudaTensor, cuda/tensors.ts), which the library uses in place: `tensors()` is the
+// device-resident TensorBackend a stage computes on. NF4 base weights stay resident on the device after
+// first use (cuda/weight-cache.ts). Ops run on libuv worker threads, one at a time per backend. Library
+// failures reject with CudaError; argument mistakes throw CudaArgumentError before anything reaches the device.
 import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -14,9 +15,11 @@ import { planPagedOptimizer, type OptimizerBits, type PagedPlan } from './paging
 
 import { CudaArgumentError, CudaError } from './errors.ts';
 import { NF4WeightCache, type WeightCacheStats, type WeightLease } from './weight-cache.ts';
+import { CudaTensor, CudaTensors, type TensorDevice } from './tensors.ts';
 
 export { CudaArgumentError, CudaError } from './errors.ts';
 export type { WeightCacheStats } from './weight-cache.ts';
+export { CudaTensor, CudaTensors, type CudaTensorStats } from './tensors.ts';
 
 export interface CudaDeviceInfo {
   name: string;
@@ -54,6 +57,11 @@ export interface AdamW8bitState {
 
 type Ctx = object;
 type OptHandle = object;
+/** A float buffer as the addon takes it: host memory, or a device address inside a live device tensor. */
+type DevArg = Float32Array | bigint;
+/** A float buffer as CudaBackend's ops take it: a host array or a device tensor (cuda/tensors.ts). */
+export type F32 = Float32Array | CudaTensor;
+const d = (x: F32): DevArg => (x instanceof Float32Array ? x : x.addr);
 
 // Shape of the N-API module (cuda/addon/addon.cc).
 interface NativeCuda {
@@ -63,34 +71,34 @@ interface NativeCuda {
   open(device: number, precision: number): Ctx;
   close(ctx: Ctx): void;
   memoryStats(ctx: Ctx): { poolBytes: number; peakPoolBytes: number };
-  gemm(ctx: Ctx, tA: boolean, tB: boolean, M: number, N: number, K: number, alpha: number, A: Float32Array,
-    B: Float32Array, beta: number, C: Float32Array): Promise<void>;
-  gemmNF4(ctx: Ctx, M: number, X: Float32Array, packed: Uint8Array, absmax: Float32Array, rows: number,
-    cols: number, blocksize: number, beta: number, Y: Float32Array): Promise<void>;
-  gemmNF4T(ctx: Ctx, M: number, DY: Float32Array, packed: Uint8Array, absmax: Float32Array, rows: number,
-    cols: number, blocksize: number, beta: number, DX: Float32Array): Promise<void>;
+  gemm(ctx: Ctx, tA: boolean, tB: boolean, M: number, N: number, K: number, alpha: number, A: DevArg,
+    B: DevArg, beta: number, C: DevArg): Promise<void>;
+  gemmNF4(ctx: Ctx, M: number, X: DevArg, packed: Uint8Array, absmax: Float32Array, rows: number,
+    cols: number, blocksize: number, beta: number, Y: DevArg): Promise<void>;
+  gemmNF4T(ctx: Ctx, M: number, DY: DevArg, packed: Uint8Array, absmax: Float32Array, rows: number,
+    cols: number, blocksize: number, beta: number, DX: DevArg): Promise<void>;
   dequantNF4(ctx: Ctx, packed: Uint8Array, absmax: Float32Array, rows: number, cols: number, blocksize: number,
-    out: Float32Array): Promise<void>;
-  rmsnormForward(ctx: Ctx, out: Float32Array, rstd: Float32Array, x: Float32Array, w: Float32Array, T: number,
+    out: DevArg): Promise<void>;
+  rmsnormForward(ctx: Ctx, out: DevArg, rstd: DevArg, x: DevArg, w: DevArg, T: number,
     C: number, eps: number): Promise<void>;
-  rmsnormBackward(ctx: Ctx, dx: Float32Array, dw: Float32Array | null, dout: Float32Array, x: Float32Array,
-    w: Float32Array, rstd: Float32Array, T: number, C: number): Promise<void>;
-  rope(ctx: Ctx, x: Float32Array, cos: Float32Array, sin: Float32Array, maxPos: number, positions: Int32Array,
+  rmsnormBackward(ctx: Ctx, dx: DevArg, dw: DevArg | null, dout: DevArg, x: DevArg,
+    w: DevArg, rstd: DevArg, T: number, C: number): Promise<void>;
+  rope(ctx: Ctx, x: DevArg, cos: DevArg, sin: DevArg, maxPos: number, positions: Int32Array,
     T: number, nHeads: number, D: number, inverse: boolean): Promise<void>;
-  attentionForward(ctx: Ctx, out: Float32Array, lse: Float32Array, q: Float32Array, k: Float32Array,
-    v: Float32Array, B: number, S: number, H: number, KV: number, D: number): Promise<void>;
-  attentionBackward(ctx: Ctx, dq: Float32Array, dk: Float32Array, dv: Float32Array, dout: Float32Array,
-    q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array, B: number, S: number,
+  attentionForward(ctx: Ctx, out: DevArg, lse: DevArg, q: DevArg, k: DevArg,
+    v: DevArg, B: number, S: number, H: number, KV: number, D: number): Promise<void>;
+  attentionBackward(ctx: Ctx, dq: DevArg, dk: DevArg, dv: DevArg, dout: DevArg,
+    q: DevArg, k: DevArg, v: DevArg, out: DevArg, lse: DevArg, B: number, S: number,
     H: number, KV: number, D: number): Promise<void>;
-  swigluForward(ctx: Ctx, out: Float32Array, gate: Float32Array, up: Float32Array, n: number): Promise<void>;
-  swigluBackward(ctx: Ctx, dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array,
-    up: Float32Array, n: number): Promise<void>;
-  embeddingForward(ctx: Ctx, out: Float32Array, ids: Int32Array, table: Float32Array, T: number, C: number,
+  swigluForward(ctx: Ctx, out: DevArg, gate: DevArg, up: DevArg, n: number): Promise<void>;
+  swigluBackward(ctx: Ctx, dgate: DevArg, dup: DevArg, dout: DevArg, gate: DevArg,
+    up: DevArg, n: number): Promise<void>;
+  embeddingForward(ctx: Ctx, out: DevArg, ids: Int32Array, table: DevArg, T: number, C: number,
     V: number): Promise<void>;
-  crossEntropyChunkForward(ctx: Ctx, logits: Float32Array, labels: Int32Array, v0: number, T: number, Vc: number,
-    m: Float32Array, s: Float32Array, picked: Float32Array): Promise<void>;
-  crossEntropyChunkBackward(ctx: Ctx, logits: Float32Array, labels: Int32Array, v0: number, T: number,
-    Vc: number, lse: Float32Array, scale: Float32Array): Promise<void>;
+  crossEntropyChunkForward(ctx: Ctx, logits: DevArg, labels: Int32Array, v0: number, T: number, Vc: number,
+    m: DevArg, s: DevArg, picked: DevArg): Promise<void>;
+  crossEntropyChunkBackward(ctx: Ctx, logits: DevArg, labels: Int32Array, v0: number, T: number,
+    Vc: number, lse: DevArg, scale: DevArg): Promise<void>;
   adamw32(ctx: Ctx, p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, n: number, lr: number,
     b1: number, b2: number, eps: number, wd: number, step: number): Promise<void>;
   adamw8bit(ctx: Ctx, p: Float32Array, g: Float32Array, s1: Uint8Array, s2: Uint8Array, a1: Float32Array,
@@ -115,10 +123,17 @@ interface NativeCuda {
   nf4Free(ctx: Ctx, id: number): Promise<void>;
   nf4ResidentBytes(rows: number, cols: number, blocksize: number): number;
   nf4Stats(ctx: Ctx): { count: number; bytes: number };
-  gemmNF4Resident(ctx: Ctx, M: number, X: Float32Array, id: number, beta: number, Y: Float32Array): Promise<void>;
-  gemmNF4TResident(ctx: Ctx, M: number, DY: Float32Array, id: number, beta: number, DX: Float32Array): Promise<void>;
-  dequantNF4Resident(ctx: Ctx, id: number, out: Float32Array): Promise<void>;
+  gemmNF4Resident(ctx: Ctx, M: number, X: DevArg, id: number, beta: number, Y: DevArg): Promise<void>;
+  gemmNF4TResident(ctx: Ctx, M: number, DY: DevArg, id: number, beta: number, DX: DevArg): Promise<void>;
+  dequantNF4Resident(ctx: Ctx, id: number, out: DevArg): Promise<void>;
   benchNF4(ctx: Ctx, M: number, rows: number, cols: number, blocksize: number, iters: number, out: Float64Array): Promise<void>;
+  devAlloc(ctx: Ctx, bytes: number): bigint;
+  devFree(ctx: Ctx, addr: bigint, bytes: number): void;
+  devStats(ctx: Ctx): { tensors: number; tensorBytes: number; poolInUseBytes: number };
+  copy(ctx: Ctx, dst: Float32Array | bigint, src: Float32Array | bigint, bytes: number): Promise<void>;
+  add(ctx: Ctx, y: DevArg, x: DevArg, n: number): Promise<void>;
+  addBias(ctx: Ctx, y: DevArg, bias: DevArg, T: number, N: number): Promise<void>;
+  maskScale(ctx: Ctx, out: DevArg, x: DevArg, mask: Uint8Array, scale: number, n: number, accumulate: boolean): Promise<void>;
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -287,6 +302,7 @@ export class CudaBackend implements Backend {
   #closeWhenIdle = false;
   #optimizers = new Set<CudaPagedAdamW>();
   #weights: NF4WeightCache;
+  #tensors: CudaTensors | null = null;
 
   constructor(native: NativeCuda, ctx: Ctx, device: CudaDeviceInfo, gemmPrecision: 'bf16' | 'fp32', weightCacheBytes: number) {
     this.#native = native;
@@ -331,45 +347,53 @@ export class CudaBackend implements Backend {
   }
 
   async gemm(transA: boolean, transB: boolean, M: number, N: number, K: number,
-    alpha: number, A: Float32Array, B: Float32Array, beta: number, C: Float32Array): Promise<void> {
+    alpha: number, A: F32, B: F32, beta: number, C: F32): Promise<void> {
     dims('gemm', { M, N, K });
     need('gemm', 'A', A, M * K); need('gemm', 'B', B, K * N); need('gemm', 'C', C, M * N);
-    await this.#run('gemm', (n, c) => n.gemm(c, transA, transB, M, N, K, alpha, A, B, beta, C));
+    await this.#run('gemm', (n, c) => n.gemm(c, transA, transB, M, N, K, alpha, d(A), d(B), beta, d(C)));
   }
 
-  async gemmNF4(M: number, X: Float32Array, W: NF4Weight, beta: number, Y: Float32Array): Promise<void> {
+  async gemmNF4(M: number, X: F32, W: NF4Weight, beta: number, Y: F32): Promise<void> {
     checkNF4('gemmNF4', W);
     dims('gemmNF4', { M });
     need('gemmNF4', 'X', X, M * W.cols); need('gemmNF4', 'Y', Y, M * W.rows);
     if (M === 0 || W.rows === 0) return;
-    if (W.cols === 0) return scaleInPlace(Y, M * W.rows, beta);  // empty sum: Y = beta·Y, as the reference
+    if (W.cols === 0) return this.#scale('gemmNF4', Y, M * W.rows, beta);  // empty sum: Y = beta·Y, as the reference
     await this.#withWeight('gemmNF4', W,
-      (n, c, id) => n.gemmNF4Resident(c, M, X, id, beta, Y),
-      (n, c) => n.gemmNF4(c, M, X, W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, Y));
+      (n, c, id) => n.gemmNF4Resident(c, M, d(X), id, beta, d(Y)),
+      (n, c) => n.gemmNF4(c, M, d(X), W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, d(Y)));
   }
 
-  async gemmNF4T(M: number, DY: Float32Array, W: NF4Weight, beta: number, DX: Float32Array): Promise<void> {
+  async gemmNF4T(M: number, DY: F32, W: NF4Weight, beta: number, DX: F32): Promise<void> {
     checkNF4('gemmNF4T', W);
     dims('gemmNF4T', { M });
     need('gemmNF4T', 'DY', DY, M * W.rows); need('gemmNF4T', 'DX', DX, M * W.cols);
     if (M === 0 || W.cols === 0) return;
-    if (W.rows === 0) return scaleInPlace(DX, M * W.cols, beta);
+    if (W.rows === 0) return this.#scale('gemmNF4T', DX, M * W.cols, beta);
     await this.#withWeight('gemmNF4T', W,
-      (n, c, id) => n.gemmNF4TResident(c, M, DY, id, beta, DX),
-      (n, c) => n.gemmNF4T(c, M, DY, W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, DX));
+      (n, c, id) => n.gemmNF4TResident(c, M, d(DY), id, beta, d(DX)),
+      (n, c) => n.gemmNF4T(c, M, d(DY), W.packed, W.absmax, W.rows, W.cols, W.blocksize, beta, d(DX)));
   }
 
-  async dequantNF4(W: NF4Weight, out: Float32Array): Promise<void> {
+  async dequantNF4(W: NF4Weight, out: F32): Promise<void> {
     const n = checkNF4('dequantNF4', W);
     need('dequantNF4', 'out', out, n);
     if (n === 0) return;
     await this.#withWeight('dequantNF4', W,
-      (nat, c, id) => nat.dequantNF4Resident(c, id, out),
-      (nat, c) => nat.dequantNF4(c, W.packed, W.absmax, W.rows, W.cols, W.blocksize, out));
+      (nat, c, id) => nat.dequantNF4Resident(c, id, d(out)),
+      (nat, c) => nat.dequantNF4(c, W.packed, W.absmax, W.rows, W.cols, W.blocksize, d(out)));
   }
 
   // Runs an NF4 op on W's resident copy (uploaded on first use), or with a per-call upload when W
   // cannot be resident within the weight-cache budget.
+  // Y = beta·Y (the empty sum of a zero-size weight), on the host or on the device; beta = 0 ignores NaN in Y.
+  async #scale(op: string, Y: F32, n: number, beta: number): Promise<void> {
+    if (Y instanceof Float32Array) return scaleInPlace(Y, n, beta);
+    if (n === 0) return;
+    const mask = new Uint8Array(n).fill(beta === 0 ? 0 : 1);
+    await this.#run(op, (nat, c) => nat.maskScale(c, Y.addr, Y.addr, mask, beta, n, false));
+  }
+
   async #withWeight(op: string, W: NF4Weight, resident: (n: NativeCuda, c: Ctx, id: number) => Promise<void>,
     perCall: (n: NativeCuda, c: Ctx) => Promise<void>): Promise<void> {
     this.#ctxOrThrow(op);
@@ -380,6 +404,48 @@ export class CudaBackend implements Backend {
     } finally {
       lease.release();
     }
+  }
+
+  /** The device-resident view of this backend (one per backend): buffers are CudaTensors in device
+   *  memory and every op runs on them in place, so activations cross PCIe only when the caller uploads
+   *  or downloads. Stages use it through tensorsOf(backend). */
+  tensors(): CudaTensors {
+    this.#ctxOrThrow('tensors');
+    if (!this.#tensors) {
+      const device: TensorDevice = {
+        alloc: (bytes) => {
+          const ctx = this.#ctxOrThrow('tensors().alloc');
+          try {
+            return this.#native.devAlloc(ctx, bytes);
+          } catch (e) {
+            throw toCudaError(e, 'CudaTensors.alloc');
+          }
+        },
+        free: (addr, bytes) => {
+          if (!this.#ctx) return;  // closed: stc_close released everything
+          try {
+            this.#native.devFree(this.#ctx, addr, bytes);
+          } catch (e) {
+            throw toCudaError(e, 'CudaTensors.free');
+          }
+        },
+        copy: (dst, src, bytes) => this.#run('CudaTensors.copy', (n, c) => n.copy(c, dst, src, bytes)),
+        add: (y, x, n) => this.#run('CudaTensors.add', (nat, c) => nat.add(c, y, x, n)),
+        addBias: (y, bias, T, N) => this.#run('CudaTensors.addBias', (nat, c) => nat.addBias(c, y, bias, T, N)),
+        maskScale: (out, x, mask, scale, n, acc) =>
+          this.#run('CudaTensors.maskScale', (nat, c) => nat.maskScale(c, out, x, mask, scale, n, acc)),
+      };
+      this.#tensors = new CudaTensors(device, this, this.name);
+    }
+    return this.#tensors;
+  }
+
+  /** Device tensors as CudaTensors accounts them, and as the library holds them (live tensors, their
+   *  bytes, and pool bytes handed out right now: tensors plus running ops' scratch). */
+  tensorStats(): ReturnType<CudaTensors['stats']> & { libraryTensors: number; libraryTensorBytes: number; poolInUseBytes: number } {
+    const lib = this.#native.devStats(this.#ctxOrThrow('tensorStats'));
+    const own = this.tensors().stats();
+    return { ...own, libraryTensors: lib.tensors, libraryTensorBytes: lib.tensorBytes, poolInUseBytes: lib.poolInUseBytes };
   }
 
   /** The NF4 weight cache: budget, resident bytes (as accounted here and as the library reports), hits and evictions. */
@@ -405,27 +471,27 @@ export class CudaBackend implements Backend {
     return { dequantGBs: out[0], dequantSeconds: out[1], gemmNF4Tflops: out[2] };
   }
 
-  async rmsnormForward(out: Float32Array, rstd: Float32Array, x: Float32Array, w: Float32Array,
+  async rmsnormForward(out: F32, rstd: F32, x: F32, w: F32,
     T: number, C: number, eps: number): Promise<void> {
     dims('rmsnormForward', { T, C });
     need('rmsnormForward', 'out', out, T * C); need('rmsnormForward', 'x', x, T * C);
     need('rmsnormForward', 'rstd', rstd, T); need('rmsnormForward', 'w', w, C);
     if (T === 0) return;
-    await this.#run('rmsnormForward', (n, c) => n.rmsnormForward(c, out, rstd, x, w, T, C, eps));
+    await this.#run('rmsnormForward', (n, c) => n.rmsnormForward(c, d(out), d(rstd), d(x), d(w), T, C, eps));
   }
 
-  async rmsnormBackward(dx: Float32Array, dw: Float32Array | null, dout: Float32Array, x: Float32Array,
-    w: Float32Array, rstd: Float32Array, T: number, C: number): Promise<void> {
+  async rmsnormBackward(dx: F32, dw: F32 | null, dout: F32, x: F32,
+    w: F32, rstd: F32, T: number, C: number): Promise<void> {
     dims('rmsnormBackward', { T, C });
     need('rmsnormBackward', 'dx', dx, T * C); need('rmsnormBackward', 'dout', dout, T * C);
     need('rmsnormBackward', 'x', x, T * C); need('rmsnormBackward', 'w', w, C);
     need('rmsnormBackward', 'rstd', rstd, T);
     if (dw) need('rmsnormBackward', 'dw', dw, C);
     if (T === 0) return;
-    await this.#run('rmsnormBackward', (n, c) => n.rmsnormBackward(c, dx, dw, dout, x, w, rstd, T, C));
+    await this.#run('rmsnormBackward', (n, c) => n.rmsnormBackward(c, d(dx), dw && d(dw), d(dout), d(x), d(w), d(rstd), T, C));
   }
 
-  async rope(x: Float32Array, cos: Float32Array, sin: Float32Array, positions: Int32Array,
+  async rope(x: F32, cos: F32, sin: F32, positions: Int32Array,
     T: number, nHeads: number, D: number, inverse: boolean): Promise<void> {
     dims('rope', { T, nHeads, D });
     if (D % 2 !== 0 || D === 0) throw new CudaArgumentError(`CudaBackend.rope: head dim D=${D} must be even and positive`);
@@ -437,7 +503,7 @@ export class CudaBackend implements Backend {
       if (p < 0 || p >= maxPos) throw new CudaArgumentError(`CudaBackend.rope: positions[${t}]=${p} outside the cos/sin table of ${maxPos} rows`);
     }
     if (T === 0 || nHeads === 0) return;
-    await this.#run('rope', (n, c) => n.rope(c, x, cos, sin, maxPos, positions, T, nHeads, D, inverse));
+    await this.#run('rope', (n, c) => n.rope(c, d(x), d(cos), d(sin), maxPos, positions, T, nHeads, D, inverse));
   }
 
   #checkAttention(op: string, B: number, S: number, H: number, KV: number, D: number): void {
@@ -446,19 +512,19 @@ export class CudaBackend implements Backend {
     if (D === 0 || D > 256) throw new CudaArgumentError(`CudaBackend.${op}: head dim D=${D} unsupported (1..256)`);
   }
 
-  async attentionForward(out: Float32Array, lse: Float32Array, q: Float32Array, k: Float32Array,
-    v: Float32Array, B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+  async attentionForward(out: F32, lse: F32, q: F32, k: F32,
+    v: F32, B: number, S: number, H: number, KV: number, D: number): Promise<void> {
     this.#checkAttention('attentionForward', B, S, H, KV, D);
     const T = B * S;
     need('attentionForward', 'out', out, T * H * D); need('attentionForward', 'q', q, T * H * D);
     need('attentionForward', 'k', k, T * KV * D); need('attentionForward', 'v', v, T * KV * D);
     need('attentionForward', 'lse', lse, B * H * S);
     if (T === 0) return;
-    await this.#run('attentionForward', (n, c) => n.attentionForward(c, out, lse, q, k, v, B, S, H, KV, D));
+    await this.#run('attentionForward', (n, c) => n.attentionForward(c, d(out), d(lse), d(q), d(k), d(v), B, S, H, KV, D));
   }
 
-  async attentionBackward(dq: Float32Array, dk: Float32Array, dv: Float32Array, dout: Float32Array,
-    q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array,
+  async attentionBackward(dq: F32, dk: F32, dv: F32, dout: F32,
+    q: F32, k: F32, v: F32, out: F32, lse: F32,
     B: number, S: number, H: number, KV: number, D: number): Promise<void> {
     this.#checkAttention('attentionBackward', B, S, H, KV, D);
     const T = B * S;
@@ -466,27 +532,27 @@ export class CudaBackend implements Backend {
       ['out', out, T * H * D], ['dk', dk, T * KV * D], ['dv', dv, T * KV * D], ['k', k, T * KV * D],
       ['v', v, T * KV * D], ['lse', lse, B * H * S]] as const) need('attentionBackward', name, a, n);
     if (T === 0) return;
-    await this.#run('attentionBackward', (n, c) => n.attentionBackward(c, dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D));
+    await this.#run('attentionBackward', (n, c) => n.attentionBackward(c, d(dq), d(dk), d(dv), d(dout), d(q), d(k), d(v), d(out), d(lse), B, S, H, KV, D));
   }
 
-  async swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): Promise<void> {
+  async swigluForward(out: F32, gate: F32, up: F32, n: number): Promise<void> {
     dims('swigluForward', { n });
     need('swigluForward', 'out', out, n); need('swigluForward', 'gate', gate, n); need('swigluForward', 'up', up, n);
     if (n === 0) return;
-    await this.#run('swigluForward', (nat, c) => nat.swigluForward(c, out, gate, up, n));
+    await this.#run('swigluForward', (nat, c) => nat.swigluForward(c, d(out), d(gate), d(up), n));
   }
 
-  async swigluBackward(dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array,
-    up: Float32Array, n: number): Promise<void> {
+  async swigluBackward(dgate: F32, dup: F32, dout: F32, gate: F32,
+    up: F32, n: number): Promise<void> {
     dims('swigluBackward', { n });
     for (const [name, a] of [['dgate', dgate], ['dup', dup], ['dout', dout], ['gate', gate], ['up', up]] as const) {
       need('swigluBackward', name, a, n);
     }
     if (n === 0) return;
-    await this.#run('swigluBackward', (nat, c) => nat.swigluBackward(c, dgate, dup, dout, gate, up, n));
+    await this.#run('swigluBackward', (nat, c) => nat.swigluBackward(c, d(dgate), d(dup), d(dout), d(gate), d(up), n));
   }
 
-  async embeddingForward(out: Float32Array, ids: Int32Array, table: Float32Array, T: number, C: number,
+  async embeddingForward(out: F32, ids: Int32Array, table: F32, T: number, C: number,
     V: number): Promise<void> {
     dims('embeddingForward', { T, C, V });
     need('embeddingForward', 'out', out, T * C); need('embeddingForward', 'ids', ids, T);
@@ -496,26 +562,26 @@ export class CudaBackend implements Backend {
       if (id < 0 || id >= V) throw new CudaArgumentError(`CudaBackend.embeddingForward: ids[${t}]=${id} outside vocabulary [0, ${V})`);
     }
     if (T === 0 || C === 0) return;
-    await this.#run('embeddingForward', (n, c) => n.embeddingForward(c, out, ids, table, T, C, V));
+    await this.#run('embeddingForward', (n, c) => n.embeddingForward(c, d(out), ids, d(table), T, C, V));
   }
 
-  async crossEntropyChunkForward(logits: Float32Array, labels: Int32Array, v0: number, T: number,
-    Vc: number, m: Float32Array, s: Float32Array, picked: Float32Array): Promise<void> {
+  async crossEntropyChunkForward(logits: F32, labels: Int32Array, v0: number, T: number,
+    Vc: number, m: F32, s: F32, picked: F32): Promise<void> {
     dims('crossEntropyChunkForward', { v0, T, Vc });
     need('crossEntropyChunkForward', 'logits', logits, T * Vc); need('crossEntropyChunkForward', 'labels', labels, T);
     need('crossEntropyChunkForward', 'm', m, T); need('crossEntropyChunkForward', 's', s, T);
     need('crossEntropyChunkForward', 'picked', picked, T);
     if (T === 0 || Vc === 0) return;
-    await this.#run('crossEntropyChunkForward', (n, c) => n.crossEntropyChunkForward(c, logits, labels, v0, T, Vc, m, s, picked));
+    await this.#run('crossEntropyChunkForward', (n, c) => n.crossEntropyChunkForward(c, d(logits), labels, v0, T, Vc, d(m), d(s), d(picked)));
   }
 
-  async crossEntropyChunkBackward(logits: Float32Array, labels: Int32Array, v0: number, T: number,
-    Vc: number, lse: Float32Array, scale: Float32Array): Promise<void> {
+  async crossEntropyChunkBackward(logits: F32, labels: Int32Array, v0: number, T: number,
+    Vc: number, lse: F32, scale: F32): Promise<void> {
     dims('crossEntropyChunkBackward', { v0, T, Vc });
     need('crossEntropyChunkBackward', 'logits', logits, T * Vc); need('crossEntropyChunkBackward', 'labels', labels, T);
     need('crossEntropyChunkBackward', 'lse', lse, T); need('crossEntropyChunkBackward', 'scale', scale, T);
     if (T === 0 || Vc === 0) return;
-    await this.#run('crossEntropyChunkBackward', (n, c) => n.crossEntropyChunkBackward(c, logits, labels, v0, T, Vc, lse, scale));
+    await this.#run('crossEntropyChunkBackward', (n, c) => n.crossEntropyChunkBackward(c, d(logits), labels, v0, T, Vc, d(lse), d(scale)));
   }
 
   /** bitsandbytes 32-bit AdamW (decay applied after the Adam step) on host arrays; m, v updated in place. */
@@ -563,6 +629,7 @@ export class CudaBackend implements Backend {
   }
 
   #closeNow(): void {
+    this.#tensors?.dispose(false);  // stc_close frees the device tensors
     this.#weights.close();  // stc_close frees the resident weights
     for (const o of [...this.#optimizers]) o.destroy();
     if (this.#ctx) this.#native.close(this.#ctx);

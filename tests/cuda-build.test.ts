@@ -49,7 +49,10 @@ test('api.h declares the ops the Backend interface needs', () => {
     'stc_cross_entropy_chunk_backward', 'stc_adamw32', 'stc_adamw8bit', 'stc_paged_step', 'stc_probe',
     // device-resident NF4 weights and the NF4 benchmark
     'stc_nf4_upload', 'stc_nf4_free', 'stc_nf4_resident_bytes', 'stc_nf4_stats', 'stc_gemm_nf4_resident',
-    'stc_gemm_nf4t_resident', 'stc_dequant_nf4_resident', 'stc_bench_nf4']) {
+    'stc_gemm_nf4t_resident', 'stc_dequant_nf4_resident', 'stc_bench_nf4',
+    // device tensors: pool allocations, copies and the elementwise ops of a device-resident stage
+    'stc_dev_alloc', 'stc_dev_free', 'stc_dev_check', 'stc_dev_stats', 'stc_copy', 'stc_add', 'stc_add_bias',
+    'stc_mask_scale']) {
     assert.ok(api.has(sym), `cuda/src/api.h does not declare ${sym}`);
   }
 });
@@ -171,6 +174,24 @@ test('the addon validates the resident-weight functions before touching a device
   assert.throws(() => addon.dequantNF4Resident(null, 1, new Float32Array(1)), isType(/dequantNF4Resident: argument 0/));
   assert.throws(() => addon.benchNF4(null, 1, 64, 64, 64, 1, new Float64Array(3)), isType(/benchNF4: argument 0/));
   assert.throws(() => addon.nf4ResidentBytes('64', 64, 64), isType(/nf4ResidentBytes: argument 0 must be a number/));
+});
+
+test('the addon validates the device-tensor functions before touching a device', { skip: skipBuilt }, () => {
+  const addon = loadCudaAddon() as unknown as Record<string, (...a: unknown[]) => unknown>;
+  for (const name of ['devAlloc', 'devFree', 'devStats', 'copy', 'add', 'addBias', 'maskScale']) {
+    assert.equal(typeof addon[name], 'function', `addon.${name} missing`);
+  }
+  const isType = (re: RegExp) => (e: Error) => e.name === 'TypeError' && re.test(e.message);
+  assert.throws(() => addon.devAlloc(null, 16), isType(/devAlloc: argument 0 must be a CUDA context/));
+  assert.throws(() => addon.devFree({}, 4096n, 16), isType(/devFree: argument 0 must be a CUDA context/));
+  assert.throws(() => addon.devStats(undefined), isType(/devStats: argument 0 must be a CUDA context/));
+  assert.throws(() => addon.copy(null, 4096n, new Float32Array(4), 16), isType(/copy: argument 0 must be a CUDA context/));
+  assert.throws(() => addon.add(null, 4096n, 8192n, 1), isType(/add: argument 0 must be a CUDA context/));
+  assert.throws(() => addon.addBias('ctx', 4096n, 8192n, 1, 1), isType(/addBias: argument 0 must be a CUDA context/));
+  assert.throws(() => addon.maskScale(0, 4096n, 8192n, new Uint8Array(1), 1, 1, false), isType(/maskScale: argument 0 must be a CUDA context/));
+  // device addresses are accepted only where a float buffer goes, and only with a context to check them against
+  assert.throws(() => addon.gemm(null, false, false, 1, 1, 1, 1, 4096n, 4096n, 0, 4096n), isType(/gemm: argument 0 must be a CUDA context/));
+  assert.throws(() => addon.pagedStep({}, 0, 4096n, 4096n), isType(/pagedStep: argument 0 must be a paged optimizer/));
 });
 
 test('resident NF4 size: packed codes padded to 256 bytes, then one float32 absmax per block', { skip: skipBuilt }, () => {

@@ -1,5 +1,6 @@
-// N-API binding for libswarmtune_cuda.so: marshals typed arrays, runs every op on a libuv worker
-// thread and turns a nonzero library status into a rejected promise (cuda/index.ts makes it a CudaError).
+// N-API binding for libswarmtune_cuda.so: marshals typed arrays and device addresses (BigInt), runs every op
+// on a libuv worker thread and turns a nonzero library status into a rejected promise (cuda/index.ts makes
+// it a CudaError). Float buffers of ops are a Float32Array or a device address; see Args::f32.
 #include <napi.h>
 #include <functional>
 #include <memory>
@@ -77,7 +78,52 @@ struct Args {
     refs.push_back(Napi::Persistent(v.As<Napi::Object>()));
     return reinterpret_cast<T*>(static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset());
   }
-  float* f32(size_t i, bool nullable = false) { return arr<float>(i, napi_float32_array, "a Float32Array", nullable); }
+  // A float buffer: a Float32Array (host memory) or a device address as a BigInt, which must lie inside a
+  // live device tensor of the op's context (parsed before it: every op takes the context first), so a
+  // stale or made-up address is a TypeError here instead of a fault in a kernel.
+  float* f32(size_t i, bool nullable = false) {
+    if (!ok) return nullptr;
+    Napi::Value v = info[i];
+    if (v.IsBigInt()) return static_cast<float*>(dev(i, 0, "a Float32Array or a live device address (BigInt)"));
+    return arr<float>(i, napi_float32_array, "a Float32Array or a device address (BigInt)", nullable);
+  }
+  // host memory only (the paged optimizer and resident-weight uploads copy with the CPU or need host arrays)
+  float* f32h(size_t i) { return arr<float>(i, napi_float32_array, "a Float32Array"); }
+  // A device address (BigInt) of at least `bytes` inside one live device tensor of ctx_.
+  void* dev(size_t i, int64_t bytes, const char* want) {
+    if (!ok) return nullptr;
+    Napi::Value v = info[i];
+    if (!v.IsBigInt()) {
+      bad(i, want);
+      return nullptr;
+    }
+    bool lossless = false;
+    uint64_t a = v.As<Napi::BigInt>().Uint64Value(&lossless);
+    if (!lossless || a == 0 || !ctx_ || stc_dev_check(ctx_, reinterpret_cast<const void*>((uintptr_t)a), bytes) != 0) {
+      std::string w = std::string(want) + (ctx_ && lossless && a ? std::string(" (") + stc_last_error() + ")" : "");
+      bad(i, w.c_str());
+      return nullptr;
+    }
+    return reinterpret_cast<void*>((uintptr_t)a);
+  }
+  // Either side of a copy: a typed array holding at least `bytes` bytes, or a device address of a
+  // live tensor with at least `bytes` bytes from it.
+  void* mem(size_t i, int64_t bytes) {
+    if (!ok) return nullptr;
+    Napi::Value v = info[i];
+    if (v.IsBigInt()) return dev(i, bytes, "a live device address (BigInt) with room for the copy");
+    if (!v.IsTypedArray()) {
+      bad(i, "a typed array or a device address (BigInt)");
+      return nullptr;
+    }
+    Napi::TypedArray a = v.As<Napi::TypedArray>();
+    if ((int64_t)a.ByteLength() < bytes) {
+      bad(i, ("a typed array of at least " + std::to_string(bytes) + " bytes").c_str());
+      return nullptr;
+    }
+    refs.push_back(Napi::Persistent(v.As<Napi::Object>()));
+    return static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset();
+  }
   int32_t* i32a(size_t i) { return arr<int32_t>(i, napi_int32_array, "an Int32Array"); }
   uint8_t* u8(size_t i) { return arr<uint8_t>(i, napi_uint8_array, "a Uint8Array"); }
   double num(size_t i) {
@@ -98,6 +144,7 @@ struct Args {
     }
     return info[i].As<Napi::Boolean>().Value();
   }
+  stc_ctx* ctx_ = nullptr;  // the op's context once parsed (device addresses are checked against it)
   stc_ctx* ctx(size_t i) {
     if (!ok) return nullptr;
     if (!info[i].IsExternal()) {
@@ -112,6 +159,7 @@ struct Args {
     }
     // a context collected while its op is queued would be closed under the worker
     refs.push_back(Napi::Persistent(info[i].As<Napi::Object>()));
+    ctx_ = c;
     return c;
   }
   stc_paged_opt* opt(size_t i) {
@@ -265,7 +313,7 @@ Napi::Value Nf4Upload(const Napi::CallbackInfo& info) {
   Args a(info, "nf4Upload");
   stc_ctx* c = a.ctx(0);
   const uint8_t* P = a.u8(1);
-  const float* S = a.f32(2);
+  const float* S = a.f32h(2);
   int rows = a.i32(3), cols = a.i32(4), bs = a.i32(5);
   auto result = std::make_shared<double>(0);
   return a.run([=] {
@@ -502,8 +550,8 @@ Napi::Value PagedStep(const Napi::CallbackInfo& info) {
   Args a(info, "pagedStep");
   stc_paged_opt* o = a.opt(0);
   int id = a.i32(1);
-  float* p = a.f32(2);
-  const float* g = a.f32(3);
+  float* p = a.f32h(2);  // the paged step copies p and g through pinned pages with memcpy: host only
+  const float* g = a.f32h(3);
   stc_adamw_hparams hp = Hp(a, 4);
   return a.run([=] { return stc_paged_step(o, id, p, g, &hp); });
 }
@@ -568,6 +616,93 @@ Napi::Value Probe(const Napi::CallbackInfo& info) {
   return a.run([=] { return stc_probe(c, &out[0], &out[1]); });
 }
 
+// (ctx, bytes) -> BigInt device address of a zero-filled tensor. Synchronous: takes the pool's lock, not the
+// op mutex, so it never waits for a running op (the fill is queued on the context stream).
+Napi::Value DevAlloc(const Napi::CallbackInfo& info) {
+  Args a(info, "devAlloc");
+  stc_ctx* c = a.ctx(0);
+  double bytes = a.num(1);
+  if (a.ok && !(bytes >= 0 && bytes <= 9007199254740991.0 && bytes == (double)(int64_t)bytes)) a.bad(1, "a byte count (a non-negative integer)");
+  if (!a.ok) return info.Env().Undefined();
+  void* p = nullptr;
+  int s = stc_dev_alloc(c, (int64_t)bytes, &p);
+  if (s) return Throw(info.Env(), s, "devAlloc");
+  return Napi::BigInt::New(info.Env(), (uint64_t)(uintptr_t)p);
+}
+
+// (ctx, address BigInt, bytes) -> undefined; synchronous like devAlloc. A stale address is an error, not a free.
+Napi::Value DevFree(const Napi::CallbackInfo& info) {
+  Args a(info, "devFree");
+  stc_ctx* c = a.ctx(0);
+  bool lossless = false;
+  uint64_t addr = 0;
+  if (a.ok && !info[1].IsBigInt()) a.bad(1, "a device address (BigInt)");
+  if (a.ok) addr = info[1].As<Napi::BigInt>().Uint64Value(&lossless);
+  if (a.ok && !lossless) a.bad(1, "a device address (BigInt below 2^64)");
+  int64_t bytes = a.i64(2);
+  if (!a.ok) return info.Env().Undefined();
+  int s = stc_dev_free(c, reinterpret_cast<void*>((uintptr_t)addr), bytes);
+  if (s) return Throw(info.Env(), s, "devFree");
+  return info.Env().Undefined();
+}
+
+Napi::Value DevStats(const Napi::CallbackInfo& info) {
+  Args a(info, "devStats");
+  stc_ctx* c = a.ctx(0);
+  if (!a.ok) return info.Env().Undefined();
+  int64_t n = 0, bytes = 0, inUse = 0;
+  int s = stc_dev_stats(c, &n, &bytes, &inUse);
+  if (s) return Throw(info.Env(), s, "devStats");
+  Napi::Object r = Napi::Object::New(info.Env());
+  r.Set("tensors", (double)n);
+  r.Set("tensorBytes", (double)bytes);
+  r.Set("poolInUseBytes", (double)inUse);
+  return r;
+}
+
+// (ctx, dst, src, bytes): each side a typed array or a device address; both are range-checked here.
+Napi::Value Copy(const Napi::CallbackInfo& info) {
+  Args a(info, "copy");
+  stc_ctx* c = a.ctx(0);
+  double nb = a.num(3);
+  if (a.ok && !(nb >= 0 && nb <= 9007199254740991.0 && nb == (double)(int64_t)nb)) a.bad(3, "a byte count (a non-negative integer)");
+  int64_t bytes = a.ok ? (int64_t)nb : 0;
+  void* dst = a.mem(1, bytes);
+  const void* src = a.mem(2, bytes);
+  return a.run([=] { return stc_copy(c, dst, src, bytes); });
+}
+
+Napi::Value Add(const Napi::CallbackInfo& info) {
+  Args a(info, "add");
+  stc_ctx* c = a.ctx(0);
+  float* y = a.f32(1);
+  const float* x = a.f32(2);
+  int64_t n = a.i64(3);
+  return a.run([=] { return stc_add(c, y, x, n); });
+}
+
+Napi::Value AddBias(const Napi::CallbackInfo& info) {
+  Args a(info, "addBias");
+  stc_ctx* c = a.ctx(0);
+  float* y = a.f32(1);
+  const float* bias = a.f32(2);
+  int T = a.i32(3), N = a.i32(4);
+  return a.run([=] { return stc_add_bias(c, y, bias, T, N); });
+}
+
+// (ctx, out, x, mask Uint8Array, scale, n, accumulate)
+Napi::Value MaskScale(const Napi::CallbackInfo& info) {
+  Args a(info, "maskScale");
+  stc_ctx* c = a.ctx(0);
+  float* out = a.f32(1);
+  const float* x = a.f32(2);
+  const uint8_t* mask = a.u8(3);
+  double scale = a.num(4);
+  int64_t n = a.i64(5);
+  int acc = a.flag(6);
+  return a.run([=] { return stc_mask_scale(c, out, x, mask, scale, n, acc); });
+}
+
 Napi::Value GemmGrid(const Napi::CallbackInfo& info) {
   Args a(info, "gemmGrid");
   int M = a.i32(0), N = a.i32(1), tc = a.flag(2);
@@ -615,7 +750,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"pagedDestroy", PagedDestroy}, {"probe", Probe}, {"gemmGrid", GemmGrid}, {"attentionGrid", AttentionGrid},
       {"nf4Upload", Nf4Upload}, {"nf4Free", Nf4Free}, {"nf4ResidentBytes", Nf4ResidentBytes}, {"nf4Stats", Nf4Stats},
       {"gemmNF4Resident", GemmNF4Resident}, {"gemmNF4TResident", GemmNF4TResident},
-      {"dequantNF4Resident", DequantNF4Resident}, {"benchNF4", BenchNF4},
+      {"dequantNF4Resident", DequantNF4Resident}, {"benchNF4", BenchNF4}, {"devAlloc", DevAlloc},
+      {"devFree", DevFree}, {"devStats", DevStats}, {"copy", Copy}, {"add", Add}, {"addBias", AddBias},
+      {"maskScale", MaskScale},
   };
   for (const Entry& e : entries) exports.Set(e.name, Napi::Function::New(env, e.fn, e.name));
   return exports;

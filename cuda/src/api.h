@@ -1,9 +1,12 @@
-// C ABI of libswarmtune_cuda.so: every Backend op on host buffers, plus optimizers, paging and the probe.
+// C ABI of libswarmtune_cuda.so: every Backend op, plus device tensors, optimizers, paging and the probe.
 //
 // Every function returns 0 on success or a nonzero status (a cudaError_t value, or one of the
 // STC_E_* codes below); the message for the last failure on the calling thread is stc_last_error().
-// Nothing here exits or aborts. Host pointers are plain row-major arrays; device memory is managed
-// inside the library (a caching pool per context), so callers never see device pointers.
+// Nothing here exits or aborts. Buffers are plain row-major arrays. Every float buffer of an op may be
+// host memory or device memory of the context's device (stc_dev_alloc, or any cudaMalloc'd pointer):
+// device pointers are used in place, host ones are staged through the context's caching pool. Int32
+// inputs (ids, labels, positions) and the NF4 packed codes must be host pointers. The paged optimizer
+// (stc_paged_*) takes host pointers only.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -97,10 +100,33 @@ STC_API int stc_cross_entropy_chunk_forward(stc_ctx* ctx, const float* logits, c
 STC_API int stc_cross_entropy_chunk_backward(stc_ctx* ctx, float* logits, const int32_t* labels, int v0, int T,
                                              int Vc, const float* lse, const float* scale);
 
-/** bitsandbytes 32-bit AdamW on host arrays (state m, v updated in place) */
+/** Device tensors. stc_dev_alloc gives a zero-filled device buffer from the context's pool (the fill
+ *  is queued on the context stream, so it precedes every later op); stc_dev_free returns it (bytes as
+ *  allocated; a pointer that is not a live tensor fails with STC_E_INVALID, so a double free is
+ *  reported, not performed). The caller frees a tensor only after its ops have completed. These two,
+ *  stc_dev_check and stc_dev_stats do not wait for a running op; stc_close frees what is left. */
+STC_API int stc_dev_alloc(stc_ctx* ctx, int64_t bytes, void** p);
+STC_API int stc_dev_free(stc_ctx* ctx, void* p, int64_t bytes);
+/** 0 when [p, p + bytes) lies inside one live device tensor of this context, else STC_E_INVALID */
+STC_API int stc_dev_check(stc_ctx* ctx, const void* p, int64_t bytes);
+/** live device tensors and their bytes; bytes of the pool handed out right now (tensors + running ops) */
+STC_API int stc_dev_stats(stc_ctx* ctx, int64_t* tensors, int64_t* tensor_bytes, int64_t* pool_in_use_bytes);
+/** copies bytes between host and/or device memory in any direction (cudaMemcpyDefault); synchronizes */
+STC_API int stc_copy(stc_ctx* ctx, void* dst, const void* src, int64_t bytes);
+/** y[i] += x[i] for i < n (fp32, correctly rounded) */
+STC_API int stc_add(stc_ctx* ctx, float* y, const float* x, int64_t n);
+/** y[t*N + j] += bias[j] for t < T, j < N */
+STC_API int stc_add_bias(stc_ctx* ctx, float* y, const float* bias, int T, int N);
+/** accumulate = 0: out[i] = mask[i] ? x[i] * scale : 0; accumulate = 1: out[i] += mask[i] ? x[i] * scale : 0.
+ *  Exactly engine/backend.ts hostTensors' JS arithmetic: float64 product and sum, one rounding to float32
+ *  at the store. mask is n bytes (host or device); x may be out. */
+STC_API int stc_mask_scale(stc_ctx* ctx, float* out, const float* x, const uint8_t* mask, double scale, int64_t n,
+                           int accumulate);
+
+/** bitsandbytes 32-bit AdamW (state m, v updated in place) */
 STC_API int stc_adamw32(stc_ctx* ctx, float* p, const float* g, float* m, float* v, int64_t n,
                         const stc_adamw_hparams* hp);
-/** bitsandbytes 8-bit blockwise AdamW (blocksize 256, dynamic maps) on host arrays */
+/** bitsandbytes 8-bit blockwise AdamW (blocksize 256, dynamic maps) */
 STC_API int stc_adamw8bit(stc_ctx* ctx, float* p, const float* g, uint8_t* s1, uint8_t* s2, float* absmax1,
                           float* absmax2, int64_t n, const stc_adamw_hparams* hp);
 

@@ -354,8 +354,8 @@ int stc_attention_forward(stc_ctx* ctx, float* out, float* lse, const float* q, 
   STC_TRY(dQ.upload(ctx, q, qb));
   STC_TRY(dK.upload(ctx, k, kb));
   STC_TRY(dV.upload(ctx, v, kb));
-  STC_TRY(dO.alloc(ctx, qb));
-  STC_TRY(dL.alloc(ctx, lb));
+  STC_TRY(dO.out(ctx, out, qb));
+  STC_TRY(dL.out(ctx, lse, lb));
   float *o = dO.as<float>(), *l = dL.as<float>();
   const float *qq = dQ.as<float>(), *kk = dK.as<float>(), *vv = dV.as<float>();
   switch (dims_per_thread(D)) {
@@ -385,9 +385,9 @@ int stc_attention_backward(stc_ctx* ctx, float* dq, float* dk, float* dv, const 
   STC_TRY(dV.upload(ctx, v, kb));
   STC_TRY(dO.upload(ctx, out, qb));
   STC_TRY(dL.upload(ctx, lse, lb));
-  STC_TRY(dDQ.alloc(ctx, qb));
-  STC_TRY(dDK.alloc(ctx, kb));
-  STC_TRY(dDV.alloc(ctx, kb));
+  STC_TRY(dDQ.out(ctx, dq, qb));
+  STC_TRY(dDK.out(ctx, dk, kb));
+  STC_TRY(dDV.out(ctx, dv, kb));
   STC_TRY(dDelta.alloc(ctx, lb));
   const int64_t rows = T * H;
   attn_bwd_delta_kernel<<<blocks_for(rows, 256) > 65535u ? 65535u : blocks_for(rows, 256), 256, 0, ctx->stream>>>(

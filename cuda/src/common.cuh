@@ -1,4 +1,4 @@
-// Shared internals of libswarmtune_cuda: error reporting, the per-context device pool, host<->device helpers.
+// Shared internals of libswarmtune_cuda: error reporting, the per-context device pool, host/device buffer helpers.
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -50,19 +50,26 @@ inline int fail_cuda(cudaError_t e, const char* stmt, const char* file, int line
 
 // Caching device allocator: cudaMalloc/cudaFree synchronize the device, so buffers are kept and
 // reused by size class. On out-of-memory every cached buffer is freed and the allocation retried.
+// It has its own mutex (not the context's op mutex) because device tensors are allocated and freed
+// on the JS thread (stc_dev_alloc/stc_dev_free), which must not wait for a running op.
 class Pool {
  public:
   int alloc(void** p, size_t bytes);
   void release(void* p, size_t bytes);
   void trim();
-  int64_t held_bytes() const { return held_; }
-  int64_t peak_bytes() const { return peak_; }
+  int64_t held_bytes() const { std::lock_guard<std::mutex> l(mu_); return held_; }
+  int64_t peak_bytes() const { std::lock_guard<std::mutex> l(mu_); return peak_; }
+  int64_t in_use_bytes() const { std::lock_guard<std::mutex> l(mu_); return in_use_; }
   static size_t size_class(size_t bytes);
   ~Pool() { trim(); }
  private:
+  void trim_locked();
+  mutable std::mutex mu_;
   std::multimap<size_t, void*> free_;
+  std::unordered_map<void*, size_t> live_;  // handed-out buffers and their real (size-class) bytes
   int64_t held_ = 0;  // bytes in use + cached
   int64_t peak_ = 0;
+  int64_t in_use_ = 0;  // bytes handed out and not yet released
 };
 
 // A device-resident NF4 weight (stc_nf4_upload): packed codes then float32 absmax in one allocation.
@@ -89,6 +96,11 @@ struct stc_ctx {
   std::unordered_map<int64_t, stc::DevNF4> weights;
   int64_t next_weight_id = 1;
   int64_t weight_bytes = 0;
+  // Live device tensors (stc_dev_alloc): base address -> bytes. Own mutex, like the pool, because
+  // tensors are allocated, freed and checked on the JS thread.
+  std::mutex tensors_mu;
+  std::map<uintptr_t, size_t> tensors;
+  int64_t tensor_bytes = 0;
   bool tensor_cores() const { return precision == 0 && cc_major >= 8; }
 };
 
@@ -97,27 +109,64 @@ namespace stc {
 // Binds the context's device to the calling (worker) thread; every public entry point starts here.
 int enter(stc_ctx* ctx);
 
-// Scoped device buffer from the context pool.
+// True when p is device memory of the context's device that kernels may read and write directly
+// (cudaMalloc'd or managed), aligned to `align` bytes. Pageable, pinned or other-device pointers are
+// false: they are staged through a pool buffer with cudaMemcpyDefault (UVA: any direction).
+inline bool device_alias_ok(stc_ctx* c, const void* p, size_t align) {
+  if (!p || ((uintptr_t)p % align) != 0) return false;
+  cudaPointerAttributes a;
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();  // older drivers report unregistered host memory as an error
+    return false;
+  }
+  return (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged) && a.device == c->device;
+}
+
+// Scoped device buffer for one op. Every entry point takes host or device pointers alike: upload()
+// and out() alias a caller's device pointer (no copy, nothing returned to the pool) and stage a host
+// one through a pool buffer; download() skips the copy when the buffer aliases its destination.
 struct DevBuf {
   stc_ctx* ctx = nullptr;
   void* ptr = nullptr;
   size_t bytes = 0;
+  bool owned = false;  // from the pool (released on destruction) rather than the caller's device memory
   DevBuf() = default;
   DevBuf(const DevBuf&) = delete;
   DevBuf& operator=(const DevBuf&) = delete;
-  ~DevBuf() { if (ptr) ctx->pool.release(ptr, bytes); }
+  ~DevBuf() { if (ptr && owned) ctx->pool.release(ptr, bytes); }
   int alloc(stc_ctx* c, size_t n) {
     ctx = c;
     bytes = n == 0 ? 16 : n;
-    return ctx->pool.alloc(&ptr, bytes);
-  }
-  int upload(stc_ctx* c, const void* host, size_t n) {
-    STC_TRY(alloc(c, n));
-    if (n) STC_CK(cudaMemcpyAsync(ptr, host, n, cudaMemcpyHostToDevice, c->stream));
+    STC_TRY(ctx->pool.alloc(&ptr, bytes));
+    owned = true;
     return 0;
   }
-  int download(void* host, size_t n) {
-    if (n) STC_CK(cudaMemcpyAsync(host, ptr, n, cudaMemcpyDeviceToHost, ctx->stream));
+  // an input: the caller's device memory itself, or a pool copy of host memory
+  int upload(stc_ctx* c, const void* src, size_t n, size_t align = 4) {
+    if (n && device_alias_ok(c, src, align)) {
+      ctx = c;
+      ptr = const_cast<void*>(src);
+      bytes = n;
+      return 0;
+    }
+    STC_TRY(alloc(c, n));
+    if (n) STC_CK(cudaMemcpyAsync(ptr, src, n, cudaMemcpyDefault, c->stream));
+    return 0;
+  }
+  // an output that is fully written before it is read: the caller's device memory, or a pool buffer
+  int out(stc_ctx* c, void* dst, size_t n, size_t align = 4) {
+    if (n && device_alias_ok(c, dst, align)) {
+      ctx = c;
+      ptr = dst;
+      bytes = n;
+      return 0;
+    }
+    return alloc(c, n);
+  }
+  bool aliases(const void* p) const { return !owned && ptr == p; }
+  // results to the caller's pointer (a no-op copy when aliased); always synchronizes
+  int download(void* dst, size_t n) {
+    if (n && !aliases(dst)) STC_CK(cudaMemcpyAsync(dst, ptr, n, cudaMemcpyDefault, ctx->stream));
     STC_CK(cudaStreamSynchronize(ctx->stream));
     return 0;
   }

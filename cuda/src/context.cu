@@ -23,18 +23,21 @@ size_t Pool::size_class(size_t bytes) {
 }
 
 int Pool::alloc(void** p, size_t bytes) {
+  std::lock_guard<std::mutex> l(mu_);
   size_t sz = size_class(bytes);
   auto it = free_.lower_bound(sz);
   // Reuse a cached buffer only when it is not much larger than needed (<= 2x).
   if (it != free_.end() && it->first <= 2 * sz) {
     *p = it->second;
+    in_use_ += (int64_t)it->first;
+    live_.emplace(*p, it->first);
     free_.erase(it);
     return 0;
   }
   cudaError_t e = cudaMalloc(p, sz);
   if (e == cudaErrorMemoryAllocation) {
     cudaGetLastError();  // clear the non-sticky OOM before retrying
-    trim();
+    trim_locked();
     e = cudaMalloc(p, sz);
   }
   if (e != cudaSuccess) {
@@ -46,13 +49,29 @@ int Pool::alloc(void** p, size_t bytes) {
     return (int)e;
   }
   held_ += (int64_t)sz;
+  in_use_ += (int64_t)sz;
+  live_.emplace(*p, sz);
   if (held_ > peak_) peak_ = held_;
   return 0;
 }
 
-void Pool::release(void* p, size_t bytes) { free_.emplace(size_class(bytes), p); }
+// A released buffer goes back under its real size (a cached buffer may have been handed out for a
+// request up to 2x smaller), so held/in-use bytes stay exact.
+void Pool::release(void* p, size_t bytes) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = live_.find(p);
+  const size_t sz = it != live_.end() ? it->second : size_class(bytes);
+  if (it != live_.end()) live_.erase(it);
+  free_.emplace(sz, p);
+  in_use_ -= (int64_t)sz;
+}
 
 void Pool::trim() {
+  std::lock_guard<std::mutex> l(mu_);
+  trim_locked();
+}
+
+void Pool::trim_locked() {
   for (auto& kv : free_) {
     cudaFree(kv.second);
     held_ -= (int64_t)kv.first;
@@ -157,6 +176,13 @@ void stc_close(stc_ctx* ctx) {
     for (auto& kv : ctx->weights) cudaFree(kv.second.base);
     ctx->weights.clear();
     ctx->weight_bytes = 0;
+    {
+      // device tensors the caller never freed go back to the pool, then everything is released
+      std::lock_guard<std::mutex> tl(ctx->tensors_mu);
+      for (auto& kv : ctx->tensors) ctx->pool.release((void*)kv.first, kv.second);
+      ctx->tensors.clear();
+      ctx->tensor_bytes = 0;
+    }
     ctx->pool.trim();
     cudaStreamDestroy(ctx->stream);
   }

@@ -236,8 +236,8 @@ int gemm_dev(stc_ctx* ctx, int transA, int transB, int M, int N, int K, float al
 
 // Dequantization: each thread expands 8 consecutive elements (4 packed bytes, read as one 32-bit word;
 // blocksize >= 32 is a multiple of 8, so they share one absmax) and writes two float4. A scalar loop
-// covers the last n % 8 elements. Needs 4-byte aligned packed and 16-byte aligned out (every device
-// buffer here is a whole cudaMalloc allocation).
+// covers the last n % 8 elements. Needs 4-byte aligned packed and 16-byte aligned out (pool buffers are
+// whole cudaMalloc allocations; a caller's device `out` is used directly only when 16-byte aligned).
 __global__ void dequant_nf4_kernel(float* __restrict__ out, const uint8_t* __restrict__ packed,
                                    const float* __restrict__ absmax, int64_t n, int log2bs) {
   __shared__ float lut[16];
@@ -318,7 +318,7 @@ struct NF4View {
 };
 
 // Y[M,rows] = X[M,cols]·Wᵀ + beta·Y (transposed = false) or DX[M,cols] = DY[M,rows]·W + beta·DX
-// (transposed = true), host activations in and out, the weight on the device.
+// (transposed = true), activations in host or device memory, the weight on the device.
 static int nf4_gemm_host(stc_ctx* ctx, int M, const float* X, const NF4View& w, float beta, float* Y,
                          bool transposed) {
   if (M == 0) return 0;
@@ -326,7 +326,7 @@ static int nf4_gemm_host(stc_ctx* ctx, int M, const float* X, const NF4View& w, 
   DevBuf dX, dY;
   STC_TRY(dX.upload(ctx, X, sizeof(float) * (size_t)M * Kin));
   if (beta != 0.0f) STC_TRY(dY.upload(ctx, Y, sizeof(float) * (size_t)M * Nout));
-  else STC_TRY(dY.alloc(ctx, sizeof(float) * (size_t)M * Nout));
+  else STC_TRY(dY.out(ctx, Y, sizeof(float) * (size_t)M * Nout));
   // The loader reads element (r, c) of W stored [rows, cols] with leading dimension cols.
   LoadNF4 lb{w.packed, w.absmax, (int64_t)w.cols, w.log2bs};
   if (!transposed)  // op(B)(k, n) = W[n, k]
@@ -344,7 +344,7 @@ static unsigned dequant_grid(int64_t n) {
 static int nf4_dequant_host(stc_ctx* ctx, const NF4View& w, float* out) {
   const int64_t n = (int64_t)w.rows * w.cols;
   DevBuf dO;
-  STC_TRY(dO.alloc(ctx, sizeof(float) * (size_t)n));
+  STC_TRY(dO.out(ctx, out, sizeof(float) * (size_t)n, 16));  // the kernel stores float4
   dequant_nf4_kernel<<<dequant_grid(n), 256, 0, ctx->stream>>>(dO.as<float>(), w.packed, w.absmax, n, w.log2bs);
   STC_LAUNCHED(ctx->stream);
   return dO.download(out, sizeof(float) * (size_t)n);
@@ -415,7 +415,7 @@ int stc_gemm(stc_ctx* ctx, int transA, int transB, int M, int N, int K, float al
   STC_TRY(dA.upload(ctx, A, sizeof(float) * (size_t)M * K));
   STC_TRY(dB.upload(ctx, B, sizeof(float) * (size_t)K * N));
   if (beta != 0.0f) STC_TRY(dC.upload(ctx, C, sizeof(float) * (size_t)M * N));
-  else STC_TRY(dC.alloc(ctx, sizeof(float) * (size_t)M * N));
+  else STC_TRY(dC.out(ctx, C, sizeof(float) * (size_t)M * N));
   STC_TRY(gemm_dev(ctx, transA, transB, M, N, K, alpha, dA.as<float>(), dB.as<float>(), beta, dC.as<float>(),
                    ctx->tensor_cores()));
   return dC.download(C, sizeof(float) * (size_t)M * N);
@@ -472,10 +472,10 @@ int stc_nf4_upload(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int
   const int64_t bytes = stc_nf4_resident_bytes(rows, cols, blocksize);
   void* base = nullptr;
   STC_TRY(device_malloc(ctx, &base, (size_t)bytes, "a resident NF4 weight"));
-  cudaError_t e = cudaMemcpyAsync(base, packed, (size_t)nf4_packed_bytes(n), cudaMemcpyHostToDevice, ctx->stream);
+  cudaError_t e = cudaMemcpyAsync(base, packed, (size_t)nf4_packed_bytes(n), cudaMemcpyDefault, ctx->stream);
   if (e == cudaSuccess)
     e = cudaMemcpyAsync((uint8_t*)base + off, absmax, sizeof(float) * (size_t)nf4_blocks(n, log2bs),
-                        cudaMemcpyHostToDevice, ctx->stream);
+                        cudaMemcpyDefault, ctx->stream);
   if (e == cudaSuccess) e = cudaStreamSynchronize(ctx->stream);
   if (e != cudaSuccess) {
     const int st = fail_cuda(e, "copying an NF4 weight to the device", __FILE__, __LINE__);

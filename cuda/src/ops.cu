@@ -193,8 +193,8 @@ int stc_rmsnorm_forward(stc_ctx* ctx, float* out, float* rstd, const float* x, c
   DevBuf dO, dR, dX, dW;
   STC_TRY(dX.upload(ctx, x, tc));
   STC_TRY(dW.upload(ctx, w, sizeof(float) * C));
-  STC_TRY(dO.alloc(ctx, tc));
-  STC_TRY(dR.alloc(ctx, sizeof(float) * T));
+  STC_TRY(dO.out(ctx, out, tc));
+  STC_TRY(dR.out(ctx, rstd, sizeof(float) * T));
   rmsnorm_forward_kernel<<<T, ROW_THREADS, 0, ctx->stream>>>(dO.as<float>(), dR.as<float>(), dX.as<float>(),
                                                              dW.as<float>(), C, eps);
   STC_LAUNCHED(ctx->stream);
@@ -213,12 +213,12 @@ int stc_rmsnorm_backward(stc_ctx* ctx, float* dx, float* dw, const float* dout, 
   STC_TRY(dX.upload(ctx, x, tc));
   STC_TRY(dW.upload(ctx, w, sizeof(float) * C));
   STC_TRY(dR.upload(ctx, rstd, sizeof(float) * T));
-  STC_TRY(dDX.alloc(ctx, tc));
+  STC_TRY(dDX.out(ctx, dx, tc));
+  if (dw) STC_TRY(dDW.upload(ctx, dw, sizeof(float) * C));  // every buffer before any kernel (OOM retry is safe)
   rmsnorm_backward_dx_kernel<<<T, ROW_THREADS, 0, ctx->stream>>>(dDX.as<float>(), dDO.as<float>(), dX.as<float>(),
                                                                  dW.as<float>(), dR.as<float>(), C);
   STC_LAUNCHED(ctx->stream);
   if (dw) {
-    STC_TRY(dDW.upload(ctx, dw, sizeof(float) * C));
     rmsnorm_backward_dw_kernel<<<(C + 31) / 32, dim3(32, 8), 0, ctx->stream>>>(dDW.as<float>(), dDO.as<float>(),
                                                                                dX.as<float>(), dR.as<float>(), T, C);
     STC_LAUNCHED(ctx->stream);
@@ -253,7 +253,7 @@ int stc_swiglu_forward(stc_ctx* ctx, float* out, const float* gate, const float*
   DevBuf dO, dG, dU;
   STC_TRY(dG.upload(ctx, gate, b));
   STC_TRY(dU.upload(ctx, up, b));
-  STC_TRY(dO.alloc(ctx, b));
+  STC_TRY(dO.out(ctx, out, b));
   swiglu_forward_kernel<<<grid1d(n), 256, 0, ctx->stream>>>(dO.as<float>(), dG.as<float>(), dU.as<float>(), n);
   STC_LAUNCHED(ctx->stream);
   return dO.download(out, b);
@@ -269,8 +269,8 @@ int stc_swiglu_backward(stc_ctx* ctx, float* dgate, float* dup, const float* dou
   STC_TRY(dDO.upload(ctx, dout, b));
   STC_TRY(dG.upload(ctx, gate, b));
   STC_TRY(dU.upload(ctx, up, b));
-  STC_TRY(dDG.alloc(ctx, b));
-  STC_TRY(dDU.alloc(ctx, b));
+  STC_TRY(dDG.out(ctx, dgate, b));
+  STC_TRY(dDU.out(ctx, dup, b));
   swiglu_backward_kernel<<<grid1d(n), 256, 0, ctx->stream>>>(dDG.as<float>(), dDU.as<float>(), dDO.as<float>(),
                                                             dG.as<float>(), dU.as<float>(), n);
   STC_LAUNCHED(ctx->stream);
@@ -287,7 +287,7 @@ int stc_embedding_forward(stc_ctx* ctx, float* out, const int32_t* ids, const fl
   DevBuf dO, dI, dT;
   STC_TRY(dI.upload(ctx, ids, sizeof(int32_t) * T));
   STC_TRY(dT.upload(ctx, table, sizeof(float) * (size_t)V * C));
-  STC_TRY(dO.alloc(ctx, sizeof(float) * (size_t)T * C));
+  STC_TRY(dO.out(ctx, out, sizeof(float) * (size_t)T * C));
   embedding_kernel<<<grid1d((int64_t)T * C), 256, 0, ctx->stream>>>(dO.as<float>(), dI.as<int32_t>(), dT.as<float>(),
                                                                    T, C);
   STC_LAUNCHED(ctx->stream);
