@@ -14,8 +14,12 @@ import { runInNewContext } from 'node:vm';
 import { CudaTensor, CudaTensors, type TensorDevice } from '../cuda/tensors.ts';
 import { CudaArgumentError } from '../cuda/errors.ts';
 import { NativeBackend } from '../engine/backends/native.ts';
-import { hostTensors, type Ops } from '../engine/backend.ts';
+import { hostTensors, type Backend, type Ops } from '../engine/backend.ts';
 import { Rng } from '../engine/model/rng.ts';
+import { loadStage } from '../engine/model/stage.ts';
+import { ensureTinyModel } from '../engine/tiny/index.ts';
+import { openModelDir } from '../engine/formats/model-dir.ts';
+import { LORA_TARGETS, type LoraConfig, type Stage } from '../engine/types.ts';
 
 const native = new NativeBackend({ threads: 1 });
 const host = hostTensors(native);
@@ -325,3 +329,62 @@ test('every op reaches the backend with its buffers in order: results equal host
   await check('maskScale', dMs, ms);
   assert.equal(dev.opsRun, 11);  // the Backend ops above; add/addBias/maskScale/copies go to the device directly
 });
+
+test('a tiny-model stage computing on CudaTensors (stand-in device) equals the native backend bit for bit and frees what it allocates', async () => {
+  const md = await openModelDir(await ensureTinyModel());
+  try {
+    const lora: LoraConfig = { r: 4, loraAlpha: 8, loraDropout: 0.1, targetModules: [...LORA_TARGETS], useRslora: false, initLoraWeights: true };
+    for (const [layerStart, layerEnd] of [[0, 4], [1, 3]]) {
+      const { dev, tb } = setup();
+      // the native backend, except that tensorsOf(backend) gives the stand-in's CudaTensors
+      const be = new Proxy(native, {
+        get: (t, k) => (k === 'tensors' ? () => tb : typeof (t as never)[k] === 'function' ? ((t as never)[k] as Function).bind(t) : (t as never)[k]),
+      }) as Backend;
+      const cpu = await loadStage(md.weights, native, { layerStart, layerEnd, lora, seed: 1 });
+      const dv = await loadStage(md.weights, be, { layerStart, layerEnd, lora, seed: 1 });
+      const init = new Rng(3, 4);
+      for (let i = 0; i < cpu.params.length; i++) {
+        init.fillNormal(cpu.params[i].data, 0, 0.05);
+        dv.params[i].data.set(cpu.params[i].data);
+      }
+      const tag = `[${layerStart}, ${layerEnd})`;
+      for (const key of ['a', 'b']) {
+        const want = await stageStep(cpu, key, 2, 24, new Rng(9, key.charCodeAt(0)));
+        const before = tb.stats();
+        const got = await stageStep(dv, key, 2, 24, new Rng(9, key.charCodeAt(0)));
+        const after = tb.stats();
+        assert.ok(after.allocs - before.allocs > 20, `${tag}: the stage did not compute on the backend's tensors()`);
+        assert.equal(got.lossSum, want.lossSum, `${tag} ${key}: loss`);
+        for (const k of ['hidden', 'gradIn'] as const) {
+          assert.equal(got[k] === undefined, want[k] === undefined, `${tag}: ${k}`);
+          if (got[k]) assert.deepEqual(got[k], want[k], `${tag} ${key}: ${k}`);
+        }
+        for (let i = 0; i < want.grads.length; i++) assert.deepEqual(got.grads[i], want.grads[i], `${tag} ${key}: grad ${cpu.params[i].name}`);
+        // every tensor a step allocates is freed by the end of its backward (constants stay cached)
+        if (key === 'b') assert.equal(after.tensors, before.tensors, `${tag}: live tensors ${before.tensors} -> ${after.tensors}`);
+        assert.equal(after.allocs - before.allocs, after.frees - before.frees + after.tensors - before.tensors);
+        assert.equal(after.collected, 0, `${tag}: tensors dropped without free`);
+      }
+      assert.ok(tb.stats().constants > 0, 'frozen arrays go through constant()');
+      cpu.dispose();
+      dv.dispose();
+      tb.dispose();
+      assert.equal(dev.mem.size, 0);
+    }
+  } finally {
+    await md.close();
+  }
+});
+
+async function stageStep(stage: Stage, key: string, B: number, S: number, r: Rng):
+  Promise<{ lossSum?: number; hidden?: Float32Array; grads: Float32Array[]; gradIn?: Float32Array }> {
+  const C = stage.config.hiddenSize, V = stage.config.vocabSize;
+  const ids = Int32Array.from({ length: B * S }, () => r.nextU32() % V);
+  const labels = Int32Array.from({ length: B * S }, (_, i) => ((i + 1) % S === 0 ? -100 : ids[i + 1]));
+  const hidden = stage.isFirst ? undefined : r.fillNormal(new Float32Array(B * S * C), 0, 1);
+  const grads = stage.newGrads();
+  const fwd = await stage.forward({ key, batch: B, seqLen: S, ids: stage.isFirst ? ids : undefined, hidden, labels, dropoutSeed: 7 }, { train: true });
+  const gradOut = stage.isLast ? undefined : r.fillNormal(new Float32Array(B * S * C), 0, 1);
+  const bwd = await stage.backward(key, grads, stage.isLast ? { lossScale: 1 / (fwd.tokens ?? 1) } : { gradOut });
+  return { lossSum: fwd.lossSum, hidden: fwd.hidden, grads, gradIn: bwd.gradIn };
+}
