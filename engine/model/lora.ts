@@ -2,7 +2,7 @@
 //
 // y = x·Wᵀ (+ bias) + s · (drop(x)·Aᵀ)·Bᵀ, with W frozen NF4 [out, in], A [r, in], B [out, r].
 // Parameter gradients accumulate (+=); the input gradient is assigned or accumulated as the caller asks.
-import type { Backend, NF4Weight } from '../backend.ts';
+import type { NF4Weight, TensorBackend } from '../backend.ts';
 import type { LoraConfig, LoraTarget, NamedTensor } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import { Rng } from './rng.ts';
@@ -90,13 +90,21 @@ export async function dropoutMask(n: number, p: number, dropoutSeed: number, lay
 }
 
 /** What a LoRA linear keeps from forward for its backward. */
-export interface LinearSaved {
+export interface LinearSaved<Buf = Float32Array> {
   /** input of the LoRA branch after dropout [T, in] (the layer input itself without dropout) */
-  xd: Float32Array | null;
+  xd: Buf | null;
   /** keep-mask of the dropout [T, in], null without dropout */
   mask: Uint8Array | null;
   /** xd · Aᵀ [T, r] */
-  ax: Float32Array | null;
+  ax: Buf | null;
+}
+
+/** Release what a linear saved for backward (xd only when dropout made a copy of the input). */
+export function freeLinearSaved<Buf>(t: TensorBackend<Buf>, saved: LinearSaved<Buf>): void {
+  if (saved.mask !== null) t.free(saved.xd);
+  t.free(saved.ax);
+  saved.xd = null;
+  saved.ax = null;
 }
 
 export interface LinearContext {
@@ -140,70 +148,76 @@ export class LoraLinear {
   }
 
   /** y[T, out] = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ. Reads the LoRA tensors' .data at call time. */
-  async forward(backend: Backend, x: Float32Array, T: number, ctx: LinearContext): Promise<{ y: Float32Array; saved: LinearSaved }> {
+  async forward<Buf>(t: TensorBackend<Buf>, x: Buf, T: number, ctx: LinearContext): Promise<{ y: Buf; saved: LinearSaved<Buf> }> {
     const out = this.outFeatures, inF = this.inFeatures;
-    const y = new Float32Array(T * out);
-    await backend.gemmNF4(T, x, this.weight, 0, y);
-    if (this.bias) {
-      const b = this.bias;
-      for (let t = 0; t < T; t++) {
-        const row = t * out;
-        for (let j = 0; j < out; j++) y[row + j] += b[j];
-      }
-    }
-    const saved: LinearSaved = { xd: null, mask: null, ax: null };
+    const y = t.alloc(T * out);
+    await t.gemmNF4(T, x, this.weight, 0, y);
+    if (this.bias) await t.addBias(y, await t.constant(this.bias), T, out);
+    const saved: LinearSaved<Buf> = { xd: null, mask: null, ax: null };
     const lora = this.lora;
     if (lora === null) return { y, saved };
     const { r, scaling } = lora;
-    const A = lora.A.data, B = lora.B.data;
     let xd = x;
     let mask: Uint8Array | null = null;
     if (ctx.train && lora.dropout > 0) {
       mask = await dropoutMask(T * inF, lora.dropout, ctx.dropoutSeed, this.layer, this.module);
-      const keepScale = 1 / (1 - lora.dropout);
-      xd = new Float32Array(T * inF);
-      for (let i = 0; i < xd.length; i++) xd[i] = mask[i] ? x[i] * keepScale : 0;
+      xd = t.alloc(T * inF);
+      await t.maskScale(xd, x, mask, 1 / (1 - lora.dropout), T * inF, false);
     }
-    const ax = new Float32Array(T * r); // (T, r)
-    await backend.gemm(false, true, T, r, inF, 1, xd, A, 0, ax);
-    await backend.gemm(false, true, T, out, r, scaling, ax, B, 1, y);
-    saved.xd = xd;
-    saved.mask = mask;
-    saved.ax = ax;
+    const A = await t.upload(lora.A.data), B = await t.upload(lora.B.data);
+    try {
+      const ax = t.alloc(T * r); // (T, r)
+      await t.gemm(false, true, T, r, inF, 1, xd, A, 0, ax);
+      await t.gemm(false, true, T, out, r, scaling, ax, B, 1, y);
+      saved.xd = xd;
+      saved.mask = mask;
+      saved.ax = ax;
+    } finally {
+      t.free(A);
+      t.free(B);
+    }
     return { y, saved };
   }
 
   /** dA, dB += (into grads at the slot indices); dX (if given) gets x-gradient, assigned when
-   *  accumulate=false and added otherwise. dX=null skips the input gradient (first layer of stage 0). */
-  async backward(backend: Backend, dY: Float32Array, saved: LinearSaved, T: number, grads: Float32Array[],
-    dX: Float32Array | null, accumulate: boolean): Promise<void> {
+   *  accumulate=false and added otherwise. dX=null skips the input gradient (first layer of stage 0).
+   *  grads are buffers of t (the stage uploads the host grads once per backward). */
+  async backward<Buf>(t: TensorBackend<Buf>, dY: Buf, saved: LinearSaved<Buf>, T: number, grads: Buf[],
+    dX: Buf | null, accumulate: boolean): Promise<void> {
     const out = this.outFeatures, inF = this.inFeatures;
-    if (dX) await backend.gemmNF4T(T, dY, this.weight, accumulate ? 1 : 0, dX);
+    if (dX) await t.gemmNF4T(T, dY, this.weight, accumulate ? 1 : 0, dX);
     const lora = this.lora;
     if (lora === null) return;
     if (!saved.xd || !saved.ax) throw new Error(`${baseModuleName(this.layer, this.module)}: backward without saved LoRA activations`);
     const { r, scaling } = lora;
-    const A = lora.A.data, B = lora.B.data;
     const dA = grads[lora.aIndex], dB = grads[lora.bIndex];
-    if (!dA || dA.length !== r * inF) throw new RangeError(`grads[${lora.aIndex}] (${lora.A.name}): expected length ${r * inF}, got ${dA?.length}`);
-    if (!dB || dB.length !== out * r) throw new RangeError(`grads[${lora.bIndex}] (${lora.B.name}): expected length ${out * r}, got ${dB?.length}`);
-    // dB[out, r] += s · dYᵀ · ax
-    await backend.gemm(true, false, out, r, T, scaling, dY, saved.ax, 1, dB);
-    // dax[T, r] = s · dY · B
-    const dax = new Float32Array(T * r);
-    await backend.gemm(false, false, T, r, out, scaling, dY, B, 0, dax);
-    // dA[r, in] += daxᵀ · xd
-    await backend.gemm(true, false, r, inF, T, 1, dax, saved.xd, 1, dA);
-    if (!dX) return;
-    if (saved.mask === null) {
-      // no dropout: dX += dax · A
-      await backend.gemm(false, false, T, inF, r, 1, dax, A, 1, dX);
-    } else {
-      const dxd = new Float32Array(T * inF);
-      await backend.gemm(false, false, T, inF, r, 1, dax, A, 0, dxd);
-      const keepScale = 1 / (1 - lora.dropout);
-      const mask = saved.mask;
-      for (let i = 0; i < dxd.length; i++) if (mask[i]) dX[i] += dxd[i] * keepScale;
+    if (!dA || !dB) throw new RangeError(`grads[${lora.aIndex}], grads[${lora.bIndex}] (${lora.A.name}, ${lora.B.name}): missing`);
+    const A = await t.upload(lora.A.data), B = await t.upload(lora.B.data);
+    const dax = t.alloc(T * r);
+    try {
+      // dB[out, r] += s · dYᵀ · ax
+      await t.gemm(true, false, out, r, T, scaling, dY, saved.ax, 1, dB);
+      // dax[T, r] = s · dY · B
+      await t.gemm(false, false, T, r, out, scaling, dY, B, 0, dax);
+      // dA[r, in] += daxᵀ · xd
+      await t.gemm(true, false, r, inF, T, 1, dax, saved.xd, 1, dA);
+      if (!dX) return;
+      if (saved.mask === null) {
+        // no dropout: dX += dax · A
+        await t.gemm(false, false, T, inF, r, 1, dax, A, 1, dX);
+      } else {
+        const dxd = t.alloc(T * inF);
+        try {
+          await t.gemm(false, false, T, inF, r, 1, dax, A, 0, dxd);
+          await t.maskScale(dX, dxd, saved.mask, 1 / (1 - lora.dropout), T * inF, true);
+        } finally {
+          t.free(dxd);
+        }
+      }
+    } finally {
+      t.free(dax);
+      t.free(A);
+      t.free(B);
     }
   }
 }

@@ -6,12 +6,13 @@
 // The first stage adds the embedding lookup, the last adds the final norm, lm_head and a chunked
 // cross-entropy that never holds [T, V] logits. Layer forward is one function used both by the first
 // forward and by the checkpoint recompute, so gradients are bit-identical with checkpointing on or off.
-import type { Backend, NF4Weight } from '../backend.ts';
+import type { Backend, NF4Weight, TensorBackend } from '../backend.ts';
+import { tensorsOf } from '../backend.ts';
 import type {
   LlamaConfig, LoraTarget, NamedTensor, Stage, StageForwardResult, StageInput, StageOptions, WeightSource,
 } from '../types.ts';
 import {
-  LoraLinear, baseModuleName, initLoraA, loraParamName, loraScaling, orderedTargets, validateLoraConfig,
+  LoraLinear, baseModuleName, freeLinearSaved, initLoraA, loraParamName, loraScaling, orderedTargets, validateLoraConfig,
 } from './lora.ts';
 import type { LinearContext, LinearSaved, LoraAdapterSlot } from './lora.ts';
 import { RopeCache } from './rope.ts';
@@ -29,23 +30,24 @@ interface LayerWeights {
   gate: LoraLinear; up: LoraLinear; down: LoraLinear;
 }
 
-/** Everything a layer's backward needs, produced by one layer forward. */
-interface LayerActs {
-  x: Float32Array;      // (T, C) layer input
-  h1: Float32Array;     // (T, C)
-  rstd1: Float32Array;  // (T)
-  q: Float32Array;      // (T, H*D) after rope
-  k: Float32Array;      // (T, KV*D) after rope
-  v: Float32Array;      // (T, KV*D)
-  att: Float32Array;    // (T, H*D)
-  lse: Float32Array;    // (B, H, S)
-  x2: Float32Array;     // (T, C)
-  h2: Float32Array;     // (T, C)
-  rstd2: Float32Array;  // (T)
-  gate: Float32Array;   // (T, I)
-  up: Float32Array;     // (T, I)
-  act: Float32Array;    // (T, I) silu(gate)*up
-  lin: Record<LoraTarget, LinearSaved>;
+/** Everything a layer's backward needs, produced by one layer forward (buffers of the stage's
+ *  TensorBackend: host arrays on CPU, device memory on a GPU). */
+interface LayerActs<Buf> {
+  x: Buf;      // (T, C) layer input
+  h1: Buf;     // (T, C)
+  rstd1: Buf;  // (T)
+  q: Buf;      // (T, H*D) after rope
+  k: Buf;      // (T, KV*D) after rope
+  v: Buf;      // (T, KV*D)
+  att: Buf;    // (T, H*D)
+  lse: Buf;    // (B, H, S)
+  x2: Buf;     // (T, C)
+  h2: Buf;     // (T, C)
+  rstd2: Buf;  // (T)
+  gate: Buf;   // (T, I)
+  up: Buf;     // (T, I)
+  act: Buf;    // (T, I) silu(gate)*up
+  lin: Record<LoraTarget, LinearSaved<Buf>>;
 }
 
 interface PassContext extends LinearContext {
@@ -56,14 +58,14 @@ interface PassContext extends LinearContext {
 }
 
 /** Per micro-batch state kept between forward and backward. */
-interface KeptBatch {
+interface KeptBatch<Buf> {
   ctx: PassContext;
   /** checkpointing: each layer's input; otherwise null */
-  layerInputs: Float32Array[] | null;
+  layerInputs: Buf[] | null;
   /** no checkpointing: each layer's activations; otherwise null */
-  layerActs: LayerActs[] | null;
+  layerActs: LayerActs<Buf>[] | null;
   /** last stage: output of the last layer (input of the final norm); null elsewhere */
-  lastHidden: Float32Array | null;
+  lastHidden: Buf | null;
   labels: Int32Array | null;
   /** per-token log-sum-exp of the logits (last stage) */
   lse: Float32Array | null;
@@ -77,7 +79,7 @@ interface KVCache {
   pos: number;
 }
 
-export class LlamaStage implements Stage {
+export class LlamaStage<Buf = Float32Array> implements Stage {
   readonly config: LlamaConfig;
   readonly layerStart: number;
   readonly layerEnd: number;
@@ -85,6 +87,8 @@ export class LlamaStage implements Stage {
   readonly isLast: boolean;
   readonly params: NamedTensor[];
   readonly backend: Backend;
+  /** where activations live between ops: the backend's device view, or its host arrays */
+  readonly tensors: TensorBackend<Buf>;
   readonly gradientCheckpointing: boolean;
   readonly lossChunk: number;
   private readonly layers: LayerWeights[];
@@ -94,7 +98,7 @@ export class LlamaStage implements Stage {
   private readonly rope: RopeCache;
   /** the attention kernels are fully causal: longer sequences than a sliding window would differ from HF */
   private readonly slidingWindow: number | null;
-  private readonly kept = new Map<string, KeptBatch>();
+  private readonly kept = new Map<string, KeptBatch<Buf>>();
   /** training forwards still computing, and those released meanwhile (their result must not be kept) */
   private readonly pending = new Set<string>();
   private readonly releasedWhilePending = new Set<string>();
@@ -102,7 +106,7 @@ export class LlamaStage implements Stage {
 
   constructor(args: {
     config: LlamaConfig; layerStart: number; layerEnd: number; params: NamedTensor[]; backend: Backend;
-    gradientCheckpointing: boolean; lossChunk: number; layers: LayerWeights[]; embed: VocabMatrix | null;
+    tensors: TensorBackend<Buf>; gradientCheckpointing: boolean; lossChunk: number; layers: LayerWeights[]; embed: VocabMatrix | null;
     finalNorm: Float32Array | null; lmHead: VocabMatrix | null;
   }) {
     this.config = args.config;
@@ -112,6 +116,7 @@ export class LlamaStage implements Stage {
     this.isLast = args.layerEnd === args.config.numHiddenLayers;
     this.params = args.params;
     this.backend = args.backend;
+    this.tensors = args.tensors;
     this.gradientCheckpointing = args.gradientCheckpointing;
     this.lossChunk = args.lossChunk;
     this.layers = args.layers;
@@ -147,87 +152,121 @@ export class LlamaStage implements Stage {
       return await this.forwardPass(input, labels, true);
     } finally {
       this.pending.delete(key);
-      if (this.releasedWhilePending.delete(key)) this.kept.delete(key);
+      if (this.releasedWhilePending.delete(key)) this.dropKept(key);
     }
   }
 
   private async forwardPass(input: StageInput, labels: Int32Array | null, train: boolean): Promise<StageForwardResult> {
+    const t = this.tensors;
     const { key, batch: B, seqLen: S } = input;
     const T = B * S;
     const C = this.config.hiddenSize;
     const ctx: PassContext = {
       B, S, T, positions: trainingPositions(B, S), train, dropoutSeed: input.dropoutSeed ?? 0,
     };
-    let x = await this.stageInput(input, T, C);
+    let x: Buf = await this.stageInput(input, T, C);
     const ckpt = this.gradientCheckpointing;
-    const layerInputs: Float32Array[] | null = train && ckpt ? [] : null;
-    const layerActs: LayerActs[] | null = train && !ckpt ? [] : null;
-    for (const layer of this.layers) {
-      const { out, acts } = await this.layerForward(layer, x, ctx, null);
-      layerInputs?.push(x);
-      layerActs?.push(acts);
-      x = out;
-    }
-    const result: StageForwardResult = {};
-    let lse: Float32Array | null = null;
-    if (this.isLast) {
-      if (labels) {
-        const loss = await this.lossForward(x, labels, T);
-        result.lossSum = loss.lossSum;
-        result.tokens = loss.tokens;
-        lse = loss.lse;
+    const layerInputs: Buf[] | null = train && ckpt ? [] : null;
+    const layerActs: LayerActs<Buf>[] | null = train && !ckpt ? [] : null;
+    const kept: KeptBatch<Buf> = { ctx, layerInputs, layerActs, lastHidden: null, labels, lse: null };
+    try {
+      for (const layer of this.layers) {
+        const { out, acts } = await this.layerForward(layer, x, ctx, null);
+        if (layerActs) layerActs.push(acts);
+        else {
+          // checkpointing keeps only the layer input (recomputed in backward); inference keeps nothing
+          this.freeActs(acts, layerInputs === null);
+          layerInputs?.push(x);
+        }
+        x = out;
       }
-    } else {
-      result.hidden = x;
+      const result: StageForwardResult = {};
+      if (this.isLast) {
+        if (labels) {
+          const loss = await this.lossForward(x, labels, T);
+          result.lossSum = loss.lossSum;
+          result.tokens = loss.tokens;
+          kept.lse = loss.lse;
+        }
+      } else {
+        result.hidden = await t.download(x);
+      }
+      if (train && this.isLast) kept.lastHidden = x;
+      else t.free(x);
+      if (train) this.kept.set(key, kept);
+      return result;
+    } catch (e) {
+      if (x !== kept.lastHidden && !layerInputs?.includes(x) && !layerActs?.some((a) => a.x === x)) t.free(x);
+      this.freeKept(kept);
+      throw e;
     }
-    if (train) this.kept.set(key, { ctx, layerInputs, layerActs, lastHidden: this.isLast ? x : null, labels, lse });
-    return result;
   }
 
   async backward(key: string, grads: Float32Array[], args: { gradOut?: Float32Array; lossScale?: number }): Promise<{ gradIn?: Float32Array }> {
     this.checkAlive();
+    const t = this.tensors;
     const kept = this.kept.get(key);
     if (!kept) throw new Error(`stage.backward: no forward kept for micro-batch key "${key}" (never run, released, or already backpropagated)`);
     const { ctx } = kept;
     const C = this.config.hiddenSize;
     this.checkGrads(grads);
-    let dx: Float32Array;
+    let scale = 0;
     if (this.isLast) {
-      const scale = args.lossScale;
+      scale = args.lossScale as number;
       if (typeof scale !== 'number' || !Number.isFinite(scale)) {
         throw new RangeError(`stage.backward(${key}): the last stage needs a finite lossScale, got ${scale}`);
       }
-      this.kept.delete(key);
-      dx = await this.lossBackward(kept, scale);
     } else {
       const g = args.gradOut;
       if (!(g instanceof Float32Array) || g.length !== ctx.T * C) {
         throw new RangeError(`stage.backward(${key}): gradOut must be a Float32Array of ${ctx.T}x${C} = ${ctx.T * C}, got ${g instanceof Float32Array ? g.length : typeof g}`);
       }
-      this.kept.delete(key);
-      dx = g;
     }
-    for (let i = this.layers.length - 1; i >= 0; i--) {
-      const layer = this.layers[i];
-      let acts: LayerActs;
-      if (kept.layerActs) acts = kept.layerActs[i];
-      else acts = (await this.layerForward(layer, kept.layerInputs![i], ctx, null)).acts;
-      const needInputGrad = !(this.isFirst && i === 0);
-      dx = await this.layerBackward(layer, dx, acts, ctx, grads, needInputGrad);
-      // drop references early so a long stage's peak memory is one layer of activations
-      if (kept.layerActs) kept.layerActs[i] = undefined as unknown as LayerActs;
-      if (kept.layerInputs) kept.layerInputs[i] = undefined as unknown as Float32Array;
+    this.kept.delete(key);
+    // Parameter gradients accumulate into the caller's arrays: on a device they are uploaded, accumulated
+    // there and downloaded back once (on the host the buffers are the arrays themselves).
+    const g: Buf[] = [];
+    let dx: Buf | null = null;
+    try {
+      for (const a of grads) g.push(await t.upload(a));
+      dx = this.isLast ? await this.lossBackward(kept, scale) : await t.upload(args.gradOut!);
+      for (let i = this.layers.length - 1; i >= 0; i--) {
+        const layer = this.layers[i];
+        let acts: LayerActs<Buf>;
+        if (kept.layerActs) acts = kept.layerActs[i];
+        else {
+          const r = await this.layerForward(layer, kept.layerInputs![i], ctx, null);
+          t.free(r.out);
+          acts = r.acts;
+        }
+        // drop references early so a long stage's peak memory is one layer of activations
+        if (kept.layerActs) kept.layerActs[i] = undefined as unknown as LayerActs<Buf>;
+        if (kept.layerInputs) kept.layerInputs[i] = undefined as unknown as Buf;
+        const needInputGrad = !(this.isFirst && i === 0);
+        try {
+          const next: Buf = await this.layerBackward(layer, dx, acts, ctx, g, needInputGrad);
+          t.free(dx);
+          dx = next;
+        } finally {
+          this.freeActs(acts, true);
+        }
+      }
+      for (let i = 0; i < grads.length; i++) await t.download(g[i], grads[i]);
+      return this.isFirst ? {} : { gradIn: await t.download(dx) };
+    } finally {
+      t.free(dx);
+      for (const b of g) t.free(b);
+      this.freeKept(kept);
     }
-    return this.isFirst ? {} : { gradIn: dx };
   }
 
   release(key: string): void {
-    this.kept.delete(key);
+    this.dropKept(key);
     if (this.pending.has(key)) this.releasedWhilePending.add(key);
   }
 
   dispose(): void {
-    this.kept.clear();
+    for (const key of [...this.kept.keys()]) this.dropKept(key);
     this.disposed = true;
   }
 
@@ -239,7 +278,11 @@ export class LlamaStage implements Stage {
     }
     const T = B * S;
     const res = await this.hiddenForInference(ids, B, S);
-    return this.headLogits(res, T);
+    try {
+      return await this.headLogits(res, T);
+    } finally {
+      this.tensors.free(res);
+    }
   }
 
   /** A KV cache for one sequence of up to maxLen tokens (whole-model stages only). */
@@ -257,23 +300,57 @@ export class LlamaStage implements Stage {
   /** Append tokens to a KV cache and return the logits [V] of the last appended token. */
   async decode(cache: KVCache, ids: Int32Array): Promise<Float32Array> {
     this.checkAlive();
+    const t = this.tensors;
     const T = ids.length;
     if (T === 0) throw new RangeError('decode: no tokens to append');
     if (cache.pos + T > cache.maxLen) throw new RangeError(`decode: KV cache full (${cache.pos} + ${T} > ${cache.maxLen})`);
     const C = this.config.hiddenSize;
     const positions = new Int32Array(T);
-    for (let t = 0; t < T; t++) positions[t] = cache.pos + t;
+    for (let i = 0; i < T; i++) positions[i] = cache.pos + i;
     const ctx: PassContext = { B: 1, S: T, T, positions, train: false, dropoutSeed: 0 };
-    let x: Float32Array = new Float32Array(T * C);
-    await this.embed!.gather(this.backend, x, ids, T);
-    for (let i = 0; i < this.layers.length; i++) {
-      x = (await this.layerForward(this.layers[i], x, ctx, { cache, layerIdx: i })).out;
+    const xh = new Float32Array(T * C);
+    await this.embed!.gather(this.backend, xh, ids, T);
+    let x: Buf = await t.upload(xh);
+    try {
+      for (let i = 0; i < this.layers.length; i++) {
+        const { out, acts } = await this.layerForward(this.layers[i], x, ctx, { cache, layerIdx: i });
+        this.freeActs(acts, true);
+        x = out;
+      }
+      cache.pos += T;
+      return await this.headLogits(t.slice(x, (T - 1) * C, T * C), 1);
+    } finally {
+      t.free(x);
     }
-    cache.pos += T;
-    return this.headLogits(x.subarray((T - 1) * C), 1);
   }
 
   // ---- internals ----
+
+  /** free a layer's saved activations (and its input x when includeX) */
+  private freeActs(a: LayerActs<Buf>, includeX: boolean): void {
+    const t = this.tensors;
+    if (includeX) t.free(a.x);
+    for (const b of [a.h1, a.rstd1, a.q, a.k, a.v, a.att, a.lse, a.x2, a.h2, a.rstd2, a.gate, a.up, a.act]) t.free(b);
+    for (const saved of Object.values(a.lin)) freeLinearSaved(t, saved);
+  }
+
+  /** free everything a kept micro-batch holds (entries already handed back are undefined) */
+  private freeKept(k: KeptBatch<Buf>): void {
+    const t = this.tensors;
+    if (k.layerInputs) for (const x of k.layerInputs) if (x !== undefined) t.free(x);
+    if (k.layerActs) for (const a of k.layerActs) if (a !== undefined) this.freeActs(a, true);
+    t.free(k.lastHidden);
+    k.layerInputs = null;
+    k.layerActs = null;
+    k.lastHidden = null;
+  }
+
+  private dropKept(key: string): void {
+    const k = this.kept.get(key);
+    if (!k) return;
+    this.kept.delete(key);
+    this.freeKept(k);
+  }
 
   private checkAlive(): void {
     if (this.disposed) throw new Error('stage: used after dispose()');
@@ -309,7 +386,8 @@ export class LlamaStage implements Stage {
     return new Int32Array(labels);
   }
 
-  private async stageInput(input: StageInput, T: number, C: number): Promise<Float32Array> {
+  private async stageInput(input: StageInput, T: number, C: number): Promise<Buf> {
+    const t = this.tensors;
     if (this.isFirst) {
       const ids = input.ids;
       if (!(ids instanceof Int32Array) || ids.length !== T) {
@@ -317,87 +395,119 @@ export class LlamaStage implements Stage {
       }
       const x = new Float32Array(T * C);
       await this.embed!.gather(this.backend, x, ids, T);
-      return x;
+      return t.upload(x);
     }
     const h = input.hidden;
     if (!(h instanceof Float32Array) || h.length !== T * C) {
       throw new RangeError(`stage.forward(${input.key}): hidden must be Float32Array(${T}x${C} = ${T * C}), got ${h instanceof Float32Array ? h.length : typeof h}`);
     }
-    // copy: the caller (network layer) may reuse its buffer while we keep this one for backward
-    return new Float32Array(h);
+    // copied: the caller (network layer) may reuse its buffer while we keep this one for backward
+    // (a device upload is that copy already)
+    return t.upload(t.resident === 'host' ? new Float32Array(h) : h);
   }
 
-  private async hiddenForInference(ids: Int32Array, B: number, S: number): Promise<Float32Array> {
+  private async hiddenForInference(ids: Int32Array, B: number, S: number): Promise<Buf> {
+    const t = this.tensors;
     const T = B * S;
     const C = this.config.hiddenSize;
     if (!(ids instanceof Int32Array) || ids.length !== T) throw new RangeError(`logits: ids must be Int32Array(${T}), got ${ids?.length}`);
     const ctx: PassContext = { B, S, T, positions: trainingPositions(B, S), train: false, dropoutSeed: 0 };
-    let x: Float32Array = new Float32Array(T * C);
-    await this.embed!.gather(this.backend, x, ids, T);
-    for (const layer of this.layers) x = (await this.layerForward(layer, x, ctx, null)).out;
-    return x;
+    const xh = new Float32Array(T * C);
+    await this.embed!.gather(this.backend, xh, ids, T);
+    let x: Buf = await t.upload(xh);
+    try {
+      for (const layer of this.layers) {
+        const { out, acts } = await this.layerForward(layer, x, ctx, null);
+        this.freeActs(acts, true);
+        x = out;
+      }
+      return x;
+    } catch (e) {
+      t.free(x);
+      throw e;
+    }
+  }
+
+  /** lm_head rows [v0, v1) as a buffer: decoded into `scratch` on the host, a view of the resident
+   *  float32 matrix on a device (never freed by the caller) */
+  private async headRows(v0: number, v1: number, scratch: Float32Array | null): Promise<Buf> {
+    const t = this.tensors, lm = this.lmHead!, C = this.config.hiddenSize;
+    if (t.resident === 'host') return t.upload(lm.rowsF32(v0, v1, scratch));
+    return t.slice(await t.constant(lm.allF32()), v0 * C, v1 * C);
   }
 
   /** final norm + lm_head over all rows of x [T, C] → logits [T, V] (inference) */
-  private async headLogits(x: Float32Array, T: number): Promise<Float32Array> {
+  private async headLogits(x: Buf, T: number): Promise<Float32Array> {
+    const t = this.tensors;
     const C = this.config.hiddenSize, V = this.config.vocabSize;
-    const h = new Float32Array(T * C);
-    const rstd = new Float32Array(T);
-    await this.backend.rmsnormForward(h, rstd, x, this.finalNorm!, T, C, this.config.rmsNormEps);
-    const logits = new Float32Array(T * V);
-    await this.backend.gemm(false, true, T, V, C, 1, h, this.lmHead!.allF32(), 0, logits);
-    return logits;
+    const h = t.alloc(T * C);
+    const rstd = t.alloc(T);
+    const logits = t.alloc(T * V);
+    try {
+      await t.rmsnormForward(h, rstd, x, await t.constant(this.finalNorm!), T, C, this.config.rmsNormEps);
+      await t.gemm(false, true, T, V, C, 1, h, await t.constant(this.lmHead!.allF32()), 0, logits);
+      return await t.download(logits);
+    } finally {
+      t.free(h);
+      t.free(rstd);
+      if (t.resident !== 'host') t.free(logits);
+    }
   }
 
-  private async layerForward(L: LayerWeights, x: Float32Array, ctx: PassContext,
-    kv: { cache: KVCache; layerIdx: number } | null): Promise<{ out: Float32Array; acts: LayerActs }> {
-    const be = this.backend, cfg = this.config;
+  private async layerForward(L: LayerWeights, x: Buf, ctx: PassContext,
+    kv: { cache: KVCache; layerIdx: number } | null): Promise<{ out: Buf; acts: LayerActs<Buf> }> {
+    const t = this.tensors, cfg = this.config;
     const { T, B, S } = ctx;
     const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;
     const I = cfg.intermediateSize, eps = cfg.rmsNormEps;
-    const h1 = new Float32Array(T * C), rstd1 = new Float32Array(T);
-    await be.rmsnormForward(h1, rstd1, x, L.inputNorm, T, C, eps);
-    const q = await L.q.forward(be, h1, T, ctx);
-    const k = await L.k.forward(be, h1, T, ctx);
-    const v = await L.v.forward(be, h1, T, ctx);
+    const h1 = t.alloc(T * C), rstd1 = t.alloc(T);
+    await t.rmsnormForward(h1, rstd1, x, await t.constant(L.inputNorm), T, C, eps);
+    const q = await L.q.forward(t, h1, T, ctx);
+    const k = await L.k.forward(t, h1, T, ctx);
+    const v = await L.v.forward(t, h1, T, ctx);
     let maxPos = 0;
-    for (let t = 0; t < T; t++) if (ctx.positions[t] > maxPos) maxPos = ctx.positions[t];
+    for (let i = 0; i < T; i++) if (ctx.positions[i] > maxPos) maxPos = ctx.positions[i];
     if (this.slidingWindow !== null && maxPos >= this.slidingWindow) {
       throw new RangeError(`${cfg.modelType}: position ${maxPos} needs sliding-window attention (sliding_window ${this.slidingWindow}); ` +
         `only sequences up to ${this.slidingWindow} tokens are supported`);
     }
-    const { cos, sin } = this.rope.get(maxPos + 1);
-    await be.rope(q.y, cos, sin, ctx.positions, T, H, D, false);
-    await be.rope(k.y, cos, sin, ctx.positions, T, KV, D, false);
-    const att = new Float32Array(T * H * D);
-    let lse: Float32Array;
+    const rope = this.rope.get(maxPos + 1);
+    const cos = await t.constant(rope.cos), sin = await t.constant(rope.sin);
+    await t.rope(q.y, cos, sin, ctx.positions, T, H, D, false);
+    await t.rope(k.y, cos, sin, ctx.positions, T, KV, D, false);
+    let att = t.alloc(T * H * D);
+    let lse: Buf;
     if (kv === null || kv.cache.pos === 0) {
-      lse = new Float32Array(B * H * S);
-      await be.attentionForward(att, lse, q.y, k.y, v.y, B, S, H, KV, D);
+      lse = t.alloc(B * H * S);
+      await t.attentionForward(att, lse, q.y, k.y, v.y, B, S, H, KV, D);
     } else {
-      lse = new Float32Array(0);
+      lse = t.alloc(0);
     }
     if (kv !== null) {
+      // decoding: the KV cache lives on the host (inference only)
       const kvDim = KV * D;
       const off = kv.cache.pos * kvDim;
-      kv.cache.k[kv.layerIdx].set(k.y, off);
-      kv.cache.v[kv.layerIdx].set(v.y, off);
+      kv.cache.k[kv.layerIdx].set(await t.download(k.y), off);
+      kv.cache.v[kv.layerIdx].set(await t.download(v.y), off);
       if (kv.cache.pos > 0) {
-        cachedAttention(att, q.y, kv.cache.k[kv.layerIdx], kv.cache.v[kv.layerIdx], kv.cache.pos, T, H, KV, D);
+        const out = new Float32Array(T * H * D);
+        cachedAttention(out, await t.download(q.y), kv.cache.k[kv.layerIdx], kv.cache.v[kv.layerIdx], kv.cache.pos, T, H, KV, D);
+        t.free(att);
+        att = await t.upload(out);
       }
     }
-    const o = await L.o.forward(be, att, T, ctx);
+    const o = await L.o.forward(t, att, T, ctx);
     const x2 = o.y; // (T, C) x2 = x + o, in place on the fresh o buffer
-    for (let i = 0; i < x2.length; i++) x2[i] += x[i];
-    const h2 = new Float32Array(T * C), rstd2 = new Float32Array(T);
-    await be.rmsnormForward(h2, rstd2, x2, L.postNorm, T, C, eps);
-    const gate = await L.gate.forward(be, h2, T, ctx);
-    const up = await L.up.forward(be, h2, T, ctx);
-    const act = new Float32Array(T * I);
-    await be.swigluForward(act, gate.y, up.y, T * I);
-    const down = await L.down.forward(be, act, T, ctx);
+    await t.add(x2, x, T * C);
+    const h2 = t.alloc(T * C), rstd2 = t.alloc(T);
+    await t.rmsnormForward(h2, rstd2, x2, await t.constant(L.postNorm), T, C, eps);
+    const gate = await L.gate.forward(t, h2, T, ctx);
+    const up = await L.up.forward(t, h2, T, ctx);
+    const act = t.alloc(T * I);
+    await t.swigluForward(act, gate.y, up.y, T * I);
+    const down = await L.down.forward(t, act, T, ctx);
     const out = down.y;
-    for (let i = 0; i < out.length; i++) out[i] += x2[i];
+    await t.add(out, x2, T * C);
     return {
       out,
       acts: {
@@ -410,101 +520,127 @@ export class LlamaStage implements Stage {
     };
   }
 
-  /** dout (T, C) → dx (T, C) assigned; LoRA grads accumulated. */
-  private async layerBackward(L: LayerWeights, dout: Float32Array, a: LayerActs, ctx: PassContext,
-    grads: Float32Array[], needInputGrad: boolean): Promise<Float32Array> {
-    const be = this.backend, cfg = this.config;
+  /** dout (T, C) → dx (T, C) assigned; LoRA grads accumulated. The caller frees dout and the acts. */
+  private async layerBackward(L: LayerWeights, dout: Buf, a: LayerActs<Buf>, ctx: PassContext,
+    grads: Buf[], needInputGrad: boolean): Promise<Buf> {
+    const t = this.tensors, cfg = this.config;
     const { T, B, S } = ctx;
     const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;
     const I = cfg.intermediateSize;
     // MLP branch
-    const dact = new Float32Array(T * I);
-    await L.down.backward(be, dout, a.lin.down_proj, T, grads, dact, false);
-    const dgate = new Float32Array(T * I), dup = new Float32Array(T * I);
-    await be.swigluBackward(dgate, dup, dact, a.gate, a.up, T * I);
-    const dh2 = new Float32Array(T * C);
-    await L.gate.backward(be, dgate, a.lin.gate_proj, T, grads, dh2, false);
-    await L.up.backward(be, dup, a.lin.up_proj, T, grads, dh2, true);
-    const dx2 = new Float32Array(T * C);
-    await be.rmsnormBackward(dx2, null, dh2, a.x2, L.postNorm, a.rstd2, T, C);
-    for (let i = 0; i < dx2.length; i++) dx2[i] += dout[i];
+    const dact = t.alloc(T * I);
+    await L.down.backward(t, dout, a.lin.down_proj, T, grads, dact, false);
+    const dgate = t.alloc(T * I), dup = t.alloc(T * I);
+    await t.swigluBackward(dgate, dup, dact, a.gate, a.up, T * I);
+    t.free(dact);
+    const dh2 = t.alloc(T * C);
+    await L.gate.backward(t, dgate, a.lin.gate_proj, T, grads, dh2, false);
+    await L.up.backward(t, dup, a.lin.up_proj, T, grads, dh2, true);
+    t.free(dgate);
+    t.free(dup);
+    const dx2 = t.alloc(T * C);
+    await t.rmsnormBackward(dx2, null, dh2, a.x2, await t.constant(L.postNorm), a.rstd2, T, C);
+    t.free(dh2);
+    await t.add(dx2, dout, T * C);
     // attention branch
-    const datt = new Float32Array(T * H * D);
-    await L.o.backward(be, dx2, a.lin.o_proj, T, grads, datt, false);
-    const dq = new Float32Array(T * H * D), dk = new Float32Array(T * KV * D), dv = new Float32Array(T * KV * D);
-    await be.attentionBackward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, B, S, H, KV, D);
+    const datt = t.alloc(T * H * D);
+    await L.o.backward(t, dx2, a.lin.o_proj, T, grads, datt, false);
+    const dq = t.alloc(T * H * D), dk = t.alloc(T * KV * D), dv = t.alloc(T * KV * D);
+    await t.attentionBackward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, B, S, H, KV, D);
+    t.free(datt);
     let maxPos = 0;
-    for (let t = 0; t < T; t++) if (ctx.positions[t] > maxPos) maxPos = ctx.positions[t];
-    const { cos, sin } = this.rope.get(maxPos + 1);
-    await be.rope(dq, cos, sin, ctx.positions, T, H, D, true);
-    await be.rope(dk, cos, sin, ctx.positions, T, KV, D, true);
-    const dh1 = needInputGrad ? new Float32Array(T * C) : null;
-    await L.q.backward(be, dq, a.lin.q_proj, T, grads, dh1, false);
-    await L.k.backward(be, dk, a.lin.k_proj, T, grads, dh1, true);
-    await L.v.backward(be, dv, a.lin.v_proj, T, grads, dh1, true);
+    for (let i = 0; i < T; i++) if (ctx.positions[i] > maxPos) maxPos = ctx.positions[i];
+    const rope = this.rope.get(maxPos + 1);
+    const cos = await t.constant(rope.cos), sin = await t.constant(rope.sin);
+    await t.rope(dq, cos, sin, ctx.positions, T, H, D, true);
+    await t.rope(dk, cos, sin, ctx.positions, T, KV, D, true);
+    const dh1 = needInputGrad ? t.alloc(T * C) : null;
+    await L.q.backward(t, dq, a.lin.q_proj, T, grads, dh1, false);
+    await L.k.backward(t, dk, a.lin.k_proj, T, grads, dh1, true);
+    await L.v.backward(t, dv, a.lin.v_proj, T, grads, dh1, true);
+    t.free(dq);
+    t.free(dk);
+    t.free(dv);
     if (!dh1) return dx2; // first layer of stage 0: the embedding is frozen, nobody needs dx
-    const dx = new Float32Array(T * C);
-    await be.rmsnormBackward(dx, null, dh1, a.x, L.inputNorm, a.rstd1, T, C);
-    for (let i = 0; i < dx.length; i++) dx[i] += dx2[i];
+    const dx = t.alloc(T * C);
+    await t.rmsnormBackward(dx, null, dh1, a.x, await t.constant(L.inputNorm), a.rstd1, T, C);
+    t.free(dh1);
+    await t.add(dx, dx2, T * C);
+    t.free(dx2);
     return dx;
   }
 
   /** final norm + chunked lm_head + cross-entropy; returns per-token lse for backward */
-  private async lossForward(x: Float32Array, labels: Int32Array, T: number): Promise<{ lossSum: number; tokens: number; lse: Float32Array }> {
-    const be = this.backend, cfg = this.config;
+  private async lossForward(x: Buf, labels: Int32Array, T: number): Promise<{ lossSum: number; tokens: number; lse: Float32Array }> {
+    const t = this.tensors, cfg = this.config;
     const C = cfg.hiddenSize, V = cfg.vocabSize;
-    const h = new Float32Array(T * C), rstd = new Float32Array(T);
-    await be.rmsnormForward(h, rstd, x, this.finalNorm!, T, C, cfg.rmsNormEps);
-    const m = new Float32Array(T).fill(-Infinity);
-    const s = new Float32Array(T);
-    const picked = new Float32Array(T);
     const chunk = Math.min(this.lossChunk, V);
-    const logits = new Float32Array(T * chunk);
-    const wScratch = this.lmHead!.storedAsBf16 ? new Float32Array(chunk * C) : null;
-    for (let v0 = 0; v0 < V; v0 += chunk) {
-      const Vc = Math.min(chunk, V - v0);
-      const lc = logits.subarray(0, T * Vc);
-      await be.gemm(false, true, T, Vc, C, 1, h, this.lmHead!.rowsF32(v0, v0 + Vc, wScratch), 0, lc);
-      await be.crossEntropyChunkForward(lc, labels, v0, T, Vc, m, s, picked);
+    const h = t.alloc(T * C), rstd = t.alloc(T);
+    const mB = await t.upload(new Float32Array(T).fill(-Infinity));
+    const sB = t.alloc(T), pickedB = t.alloc(T);
+    const logits = t.alloc(T * chunk);
+    let m: Float32Array, s: Float32Array, picked: Float32Array;
+    try {
+      await t.rmsnormForward(h, rstd, x, await t.constant(this.finalNorm!), T, C, cfg.rmsNormEps);
+      const wScratch = this.lmHead!.storedAsBf16 && t.resident === 'host' ? new Float32Array(chunk * C) : null;
+      for (let v0 = 0; v0 < V; v0 += chunk) {
+        const Vc = Math.min(chunk, V - v0);
+        const lc = t.slice(logits, 0, T * Vc);
+        await t.gemm(false, true, T, Vc, C, 1, h, await this.headRows(v0, v0 + Vc, wScratch), 0, lc);
+        await t.crossEntropyChunkForward(lc, labels, v0, T, Vc, mB, sB, pickedB);
+      }
+      m = await t.download(mB);
+      s = await t.download(sB);
+      picked = await t.download(pickedB);
+    } finally {
+      for (const b of [h, rstd, mB, sB, pickedB, logits]) t.free(b);
     }
     const lse = new Float32Array(T);
     let lossSum = 0, tokens = 0;
-    for (let t = 0; t < T; t++) {
-      if (labels[t] < 0) continue;
-      const l = m[t] + Math.log(s[t]);
-      lse[t] = l;
-      lossSum += l - picked[t];
+    for (let i = 0; i < T; i++) {
+      if (labels[i] < 0) continue;
+      const l = m[i] + Math.log(s[i]);
+      lse[i] = l;
+      lossSum += l - picked[i];
       tokens++;
     }
     return { lossSum, tokens, lse };
   }
 
   /** d(lossSum)·lossScale through the head and final norm → d lastHidden (T, C) */
-  private async lossBackward(kept: KeptBatch, lossScale: number): Promise<Float32Array> {
-    const be = this.backend, cfg = this.config;
+  private async lossBackward(kept: KeptBatch<Buf>, lossScale: number): Promise<Buf> {
+    const t = this.tensors, cfg = this.config;
     const { T } = kept.ctx;
     const C = cfg.hiddenSize, V = cfg.vocabSize;
-    const labels = kept.labels!, lse = kept.lse!;
+    const labels = kept.labels!;
     const x = kept.lastHidden!;
-    const h = new Float32Array(T * C), rstd = new Float32Array(T);
-    await be.rmsnormForward(h, rstd, x, this.finalNorm!, T, C, cfg.rmsNormEps);
-    const scale = new Float32Array(T);
-    for (let t = 0; t < T; t++) scale[t] = labels[t] < 0 ? 0 : lossScale;
-    const dh = new Float32Array(T * C);
+    const scaleH = new Float32Array(T);
+    for (let i = 0; i < T; i++) scaleH[i] = labels[i] < 0 ? 0 : lossScale;
     const chunk = Math.min(this.lossChunk, V);
-    const logits = new Float32Array(T * chunk);
-    const wScratch = this.lmHead!.storedAsBf16 ? new Float32Array(chunk * C) : null;
-    for (let v0 = 0; v0 < V; v0 += chunk) {
-      const Vc = Math.min(chunk, V - v0);
-      const lc = logits.subarray(0, T * Vc);
-      const W = this.lmHead!.rowsF32(v0, v0 + Vc, wScratch);
-      await be.gemm(false, true, T, Vc, C, 1, h, W, 0, lc);
-      await be.crossEntropyChunkBackward(lc, labels, v0, T, Vc, lse, scale);
-      await be.gemm(false, false, T, C, Vc, 1, lc, W, 1, dh);
+    const h = t.alloc(T * C), rstd = t.alloc(T);
+    const scale = await t.upload(scaleH), lse = await t.upload(kept.lse!);
+    const dh = t.alloc(T * C);
+    const logits = t.alloc(T * chunk);
+    const dx = t.alloc(T * C);
+    try {
+      await t.rmsnormForward(h, rstd, x, await t.constant(this.finalNorm!), T, C, cfg.rmsNormEps);
+      const wScratch = this.lmHead!.storedAsBf16 && t.resident === 'host' ? new Float32Array(chunk * C) : null;
+      for (let v0 = 0; v0 < V; v0 += chunk) {
+        const Vc = Math.min(chunk, V - v0);
+        const lc = t.slice(logits, 0, T * Vc);
+        const W = await this.headRows(v0, v0 + Vc, wScratch);
+        await t.gemm(false, true, T, Vc, C, 1, h, W, 0, lc);
+        await t.crossEntropyChunkBackward(lc, labels, v0, T, Vc, lse, scale);
+        await t.gemm(false, false, T, C, Vc, 1, lc, W, 1, dh);
+      }
+      await t.rmsnormBackward(dx, null, dh, x, await t.constant(this.finalNorm!), rstd, T, C);
+      return dx;
+    } catch (e) {
+      t.free(dx);
+      throw e;
+    } finally {
+      for (const b of [h, rstd, scale, lse, dh, logits]) t.free(b);
     }
-    const dx = new Float32Array(T * C);
-    await be.rmsnormBackward(dx, null, dh, x, this.finalNorm!, rstd, T, C);
-    return dx;
   }
 }
 
@@ -656,13 +792,13 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
     if (cfg.tieWordEmbeddings) lmHead = embed;
     else lmHead = new VocabMatrix(await getFloatChecked(source, 'lm_head.weight', V * C), V, C);
   }
-  return new LlamaStage({
-    config: cfg, layerStart, layerEnd, params, backend, gradientCheckpointing: opts.gradientCheckpointing ?? true,
+  return new LlamaStage<unknown>({
+    config: cfg, layerStart, layerEnd, params, backend, tensors: tensorsOf(backend), gradientCheckpointing: opts.gradientCheckpointing ?? true,
     lossChunk, layers, embed: isFirst ? embed : null, finalNorm, lmHead,
   });
 }
 
-function asLlamaStage(stage: Stage, what: string): LlamaStage {
+function asLlamaStage(stage: Stage, what: string): LlamaStage<unknown> {
   if (!(stage instanceof LlamaStage)) throw new TypeError(`${what}: expected a stage from loadStage()`);
   return stage;
 }
