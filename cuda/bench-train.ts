@@ -3,8 +3,10 @@
 // Usage: node cuda/bench-train.ts [--out report.json] [--layers 22] [--batch 4] [--seq 512] [--steps 3] [--budget-s 300]
 // The model is generated on the fly (TinyLlama-1.1B shapes: hidden 2048, 22 layers, 32/4 heads,
 // intermediate 5632, vocab 32000) with seeded random NF4 weights, so nothing is downloaded.
-// NF4 base weights stay resident on the device after their first use (weight cache); activations
-// still copy host arrays to the device and back on every op, so this is not a device-resident trainer.
+// NF4 base weights stay resident on the device after their first use (weight cache). The stage computes
+// on tensorsOf(backend), the backend's device-resident tensors: activations stay in device memory between
+// ops and cross to the host only at the stage boundary, for the LoRA parameters and their gradients, and
+// for the loss state. The report says whether that happened (`deviceResident`, from the tensor counters).
 // Also measured: NF4 dequantization GB/s and fused NF4 GEMM TFLOP/s on device-resident data
 // (Llama-3-8B MLP shape 14336x4096), set against the probe's copy bandwidth and bf16 GEMM TFLOP/s.
 import { writeFileSync } from 'node:fs';
@@ -92,6 +94,10 @@ report.lastLoss = lastLoss;
 report.devicePoolPeakBytes = backend!.memoryStats().peakPoolBytes;
 report.pagedOptimizer = opt.stats();
 report.weightCache = backend!.weightCacheStats();
+// device-resident when the stage allocated its activations as device tensors (tensorsOf(backend))
+const tensorStats = backend!.tensorStats();
+report.deviceResident = tensorStats.allocs > 0;
+report.deviceTensors = tensorStats;
 // library allocations at their peak: activation pool + resident NF4 weights + optimizer staging slots
 // (an upper bound: the pool and weight peaks need not coincide; the CUDA context itself is excluded)
 report.peakDeviceBytes = report.devicePoolPeakBytes as number + backend!.weightCacheStats().libraryBytes + opt.stats().deviceBytes;

@@ -65,6 +65,7 @@ report.figures = {
   nf4DequantGBs: nf4.dequantGBs ?? null,
   nf4DequantFractionOfBandwidth: nf4.dequantFractionOfProbeBandwidth ?? null,
   nf4GemmTflops: nf4.gemmNF4Tflops ?? null,
+  deviceResident: b.deviceResident ?? null,
 };
 fs.writeFileSync(process.env.REPORT, JSON.stringify(report, null, 2) + "\n");
 console.log(`gpu-check: report written to ${process.env.REPORT}`);
