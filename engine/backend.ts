@@ -1,3 +1,5 @@
+import type { AdamWOptions, Optimizer, ParamSpec } from './train/optim.ts';
+
 // The op interface every compute backend implements (native CPU, float64 reference, CUDA).
 //
 // Conventions (llm.c style): outputs first, inputs next, dimensions last. All buffers are
@@ -92,6 +94,9 @@ export interface Backend extends Ops<Float32Array> {
   /** A device-resident view of this backend (activations stay in device memory between ops), when
    *  the backend has one. Stages use it instead of hostTensors(this). */
   tensors?(): TensorBackend<unknown>;
+  /** The backend's own optimizer (e.g. CUDA's paged AdamW) for these params and options, or null
+   *  where it has none for them (engine/train/optim.ts createOptimizer then uses the CPU AdamW). */
+  createOptimizer?(params: readonly ParamSpec[], opts: AdamWOptions): Optimizer | null;
   /** release threads/handles */
   dispose(): void;
 }

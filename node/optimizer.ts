@@ -1,7 +1,8 @@
 // The volunteer's optimizer: the trainer's AdamW family (paged state) over this stage's LoRA tensors,
 // with its state serialized for the coordinator's checkpoints and reloaded for a rollback.
 import { Packr, Unpackr } from 'msgpackr';
-import { AdamW } from '../engine/train/optim.ts';
+import { createOptimizer } from '../engine/train/optim.ts';
+import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/train/optim.ts';
 import type { OptimizerState, StateTensor } from '../engine/train/optim.ts';
 import type { NamedTensor } from '../engine/types.ts';
 import type { OptimSpec } from '../protocol/messages.ts';
@@ -39,18 +40,22 @@ export function decodeOptimizerState(b: Uint8Array, what: string): OptimizerStat
   return { optim: s.optim, step: s.step, tensors };
 }
 
-export async function createShardOptimizer(spec: OptimSpec, params: NamedTensor[], opts: { spillDir: string; state: Uint8Array | null }): Promise<ShardOptimizer> {
+export async function createShardOptimizer(spec: OptimSpec, params: NamedTensor[], opts: {
+  spillDir: string; state: Uint8Array | null;
+  /** the stage's backend: its own optimizer (CUDA's paged AdamW) is used where it has one */
+  backend?: { createOptimizer?(params: readonly ParamSpec[], opts: AdamWOptions): Optimizer | null };
+}): Promise<ShardOptimizer> {
   const paged = spec.optim.startsWith('paged_') && spec.residentBytes > 0;
-  const adam = new AdamW(params.map((p) => ({ name: p.name, numel: p.data.length })), {
+  const adam = createOptimizer(opts.backend ?? {}, params.map((p) => ({ name: p.name, numel: p.data.length })), {
     optim: spec.optim, beta1: spec.adamBeta1, beta2: spec.adamBeta2, eps: spec.adamEpsilon, weightDecay: spec.weightDecay,
     residentBytes: paged ? spec.residentBytes : Infinity, spillDir: paged ? opts.spillDir : undefined,
   });
-  if (opts.state !== null) adam.importState(decodeOptimizerState(opts.state, 'optimizer state'));
+  if (opts.state !== null) await adam.importState(decodeOptimizerState(opts.state, 'optimizer state'));
   return {
     // params' data is read at call time: the stage owns the arrays and updates land in place
     step: (grads, lr) => adam.update(params.map((p) => p.data), grads, lr),
-    saveState: () => encodeOptimizerState(adam.exportState()),
+    saveState: async () => encodeOptimizerState(await adam.exportState()),
     // a rollback to the state before the last update (coordinator restart): moments and step count
-    loadState: (b) => adam.importState(decodeOptimizerState(b, 'optimizer state to restore')),
+    loadState: async (b) => adam.importState(decodeOptimizerState(b, 'optimizer state to restore')),
   };
 }

@@ -60,7 +60,7 @@ async function loadCreateBackend(): Promise<(kind: 'auto' | 'cpu' | 'ref' | 'cud
   return (k) => createBackend(k);
 }
 
-export type OptimizerFactory = (spec: OptimSpec, params: NamedTensor[], opts: { spillDir: string; state: Uint8Array | null }) => Promise<ShardOptimizer>;
+export type OptimizerFactory = (spec: OptimSpec, params: NamedTensor[], opts: { spillDir: string; state: Uint8Array | null; backend?: Backend }) => Promise<ShardOptimizer>;
 
 /** Injected pieces (tests run a volunteer in-process with a chosen backend). */
 export interface VolunteerDeps {
@@ -296,6 +296,7 @@ async function loadAssignment(node: SwarmNode, blobs: BlobStore, backend: Backen
   const optimizer = await createOptimizer(a.optim, stage.params, {
     spillDir: path.join(dataDir, "optimizer"),
     state: a.optimizerBlob !== null ? await blobs.get(node, a.optimizerBlob) : null,
+    backend,
   });
   const budget = a.optim.residentBytes > 0 ? a.optim.residentBytes : Infinity;
   return new StageHost(stage, a, optimizer, { dir: path.join(dataDir, 'restore'), residentBytes: Math.min(SNAPSHOT_RESIDENT_BYTES, budget) });

@@ -144,3 +144,38 @@ test('an abort (Ctrl-C) stops after the current step and saves a resumable check
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('a backend optimizer (Backend.createOptimizer, as CUDA offers) is used and awaited by the trainer; same result as the CPU AdamW', async () => {
+  const { AdamW } = await import('../engine/train/optim.ts');
+  type Opt = import('../engine/train/optim.ts').Optimizer;
+  const calls = { create: 0, update: 0, export: 0 };
+  const ref = new RefBackend();
+  // an optimizer whose every method is asynchronous (like a device's), deferring the real work
+  const later = () => new Promise((r) => setTimeout(r, 1));
+  const backend = Object.assign(Object.create(ref) as RefBackend, {
+    createOptimizer(params: import('../engine/train/optim.ts').ParamSpec[], opts: import('../engine/train/optim.ts').AdamWOptions): Opt {
+      calls.create++;
+      const inner = new AdamW(params, opts);
+      return {
+        optim: inner.optim, device: 'test-device',
+        get step() { return inner.step; },
+        async update(p, g, lr) { await later(); calls.update++; inner.update(p, g, lr); },
+        async exportState() { await later(); calls.export++; return inner.exportState(); },
+        async importState(s) { await later(); inner.importState(s); },
+        dispose: () => inner.dispose(),
+      };
+    },
+  });
+  const d1 = tmp(), d2 = tmp();
+  try {
+    const o = { max_steps: 3, save_strategy: 'steps', save_steps: 2, optim: 'paged_adamw_8bit' };
+    const viaBackend = await new Trainer({ config: config(d1, o), modelConfig, weights, backend, examples, padId: tok.padTokenId!, baseModelName: 'random-tiny' }).run();
+    const plain = await train(d2, o);
+    assert.deepEqual(calls, { create: 1, update: 3, export: 2 });
+    viaBackend.params.forEach((t, i) => assert.deepEqual(t.data, plain.params[i].data, t.name));
+    assert.deepEqual(readFileSync(join(d1, 'checkpoint-2', OPTIMIZER_FILE)), readFileSync(join(d2, 'checkpoint-2', OPTIMIZER_FILE)));
+  } finally {
+    rmSync(d1, { recursive: true, force: true });
+    rmSync(d2, { recursive: true, force: true });
+  }
+});

@@ -73,7 +73,30 @@ function codes(): { s: Float32Array; u: Float32Array } {
   return { s: signedCode, u: unsignedCode };
 }
 
-export class AdamW {
+/** What the trainer and the volunteers need from an optimizer: the CPU AdamW below, or a backend's own
+ *  (CUDA's paged optimizer, `Backend.createOptimizer`) with the same semantics and state format, so
+ *  checkpoints move between them. */
+export interface Optimizer {
+  readonly optim: OptimName;
+  /** completed optimizer steps */
+  readonly step: number;
+  /** where the update runs, for logs: 'cpu' or the backend's name */
+  readonly device: string;
+  /** One optimizer step: params updated in place, aligned with the ParamSpec list; lr for this step. */
+  update(params: readonly Float32Array[], grads: readonly Float32Array[], lr: number): void | Promise<void>;
+  exportState(): OptimizerState | Promise<OptimizerState>;
+  importState(state: OptimizerState): void | Promise<void>;
+  dispose(): void;
+}
+
+/** A backend's optimizer when it has one for these options, else the CPU AdamW. */
+export function createOptimizer(backend: { createOptimizer?(params: readonly ParamSpec[], opts: AdamWOptions): Optimizer | null },
+  params: readonly ParamSpec[], opts: AdamWOptions): Optimizer {
+  return backend.createOptimizer?.(params, opts) ?? new AdamW(params, opts);
+}
+
+export class AdamW implements Optimizer {
+  readonly device = 'cpu';
   readonly optim: OptimName;
   readonly beta1: number;
   readonly beta2: number;

@@ -14,7 +14,8 @@ import { loraConfigOf } from './config.ts';
 import type { TrainConfig } from './config.ts';
 import { DataLoader, dropoutSeedFor } from './data.ts';
 import type { DataCursor, MicroBatch, TokenizedExample } from './data.ts';
-import { AdamW } from './optim.ts';
+import { createOptimizer } from './optim.ts';
+import type { Optimizer } from './optim.ts';
 import type { OptimizerState, StateTensor } from './optim.ts';
 import { baseParamCount, trainableParamsLine } from './plan.ts';
 import { learningRateAt, warmupStepsFor } from './schedule.ts';
@@ -172,7 +173,7 @@ export class Trainer {
   readonly cfg: TrainConfig;
   readonly inputs: TrainInputs;
   private stage: Stage | null = null;
-  private optimizer: AdamW | null = null;
+  private optimizer: Optimizer | null = null;
   private lora: LoraConfig | null = null;
 
   constructor(inputs: TrainInputs) {
@@ -193,7 +194,7 @@ export class Trainer {
       gradientCheckpointing: cfg.gradient_checkpointing, seed: cfg.seed,
     });
     this.stage = stage;
-    let optimizer: AdamW | null = null;
+    let optimizer: Optimizer | null = null;
     let setup: { loader: DataLoader; totalSteps: number; warmup: number; dataSha: string; startStep: number; history: StepEvent[] };
     try {
       if (initTensors) copyTensorsInto(stage.params, initTensors, `init adapter ${cfg.init_adapter}`);
@@ -206,7 +207,7 @@ export class Trainer {
       const warmup = warmupStepsFor(totalSteps, cfg.warmup_steps, cfg.warmup_ratio);
       const dataSha = datasetHash(this.inputs.examples);
 
-      optimizer = new AdamW(stage.params.map((p) => ({ name: p.name, numel: p.data.length })), {
+      optimizer = createOptimizer(this.inputs.backend, stage.params.map((p) => ({ name: p.name, numel: p.data.length })), {
         optim: cfg.optim, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weightDecay: cfg.weight_decay,
         pageBytes: cfg.optim_page_bytes, residentBytes: cfg.optim_resident_bytes ?? Infinity,
         spillDir: join(outputDir, `optimizer-pages-${process.pid}`),
@@ -224,7 +225,7 @@ export class Trainer {
         if (st.rng.seed !== cfg.seed) throw new TrainerError(`${dir}: checkpoint used seed ${st.rng.seed}, now ${cfg.seed}`);
         const a = await readAdapter(dir, { config: this.inputs.modelConfig });
         copyTensorsInto(stage.params, a.tensors, `checkpoint ${dir}`);
-        optimizer.importState(await readOptimizerState(join(dir, OPTIMIZER_FILE)));
+        await optimizer.importState(await readOptimizerState(join(dir, OPTIMIZER_FILE)));
         if (optimizer.step !== st.global_step) throw new TrainerError(`${dir}: optimizer step ${optimizer.step} != trainer global_step ${st.global_step}`);
         startStep = st.global_step;
         history = st.log_history;
@@ -236,7 +237,7 @@ export class Trainer {
       setup = { loader, totalSteps, warmup, dataSha, startStep, history };
     } catch (e) {
       // setup failed (bad init adapter, refused resume, ...): release what was loaded
-      (optimizer as AdamW | null)?.dispose();
+      (optimizer as Optimizer | null)?.dispose();
       stage.dispose();
       throw e;
     }
@@ -268,7 +269,7 @@ export class Trainer {
           throw new TrainerError(`step ${step + 1}: gradient norm is ${gradNormValue} (loss ${loss}); lower --learning-rate or check the data (micro-batches of epoch ${loader.cursorAt(step).epoch})`);
         }
         const lr = learningRateAt(cfg.learning_rate, cfg.lr_scheduler_type, step, warmup, totalSteps);
-        opt.update(stage.params.map((p) => p.data), grads, lr);
+        await opt.update(stage.params.map((p) => p.data), grads, lr);
         lastLoss = loss;
         const dtMs = performance.now() - tStep;
         const event: StepEvent = {
@@ -314,7 +315,7 @@ export class Trainer {
     rmSync(tmp, { recursive: true, force: true });
     mkdirSync(tmp, { recursive: true });
     await writeAdapter(tmp, { lora: this.lora!, baseModel: this.inputs.baseModelName, tensors: this.stage!.params.map(cloneTensor) });
-    await writeOptimizerState(join(tmp, OPTIMIZER_FILE), this.optimizer!.exportState());
+    await writeOptimizerState(join(tmp, OPTIMIZER_FILE), await this.optimizer!.exportState());
     const state: TrainerState = {
       version: 1, global_step: globalStep, total_steps: totalSteps, epoch: globalStep / loader.stepsPerEpoch,
       data_cursor: loader.cursorAt(globalStep), rng: { seed: cfg.seed, kind: 'counter-based' },
