@@ -12,6 +12,8 @@ import { fileURLToPath } from 'node:url';
 import { dirname, join } from 'node:path';
 import type { Backend, NF4Weight } from '../engine/backend.ts';
 import { planPagedOptimizer, type OptimizerBits, type PagedPlan } from './paging.ts';
+import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/train/optim.ts';
+import { CudaOptimizer, cudaOptimizerBits } from './optimizer.ts';
 
 import { CudaArgumentError, CudaError } from './errors.ts';
 import { NF4WeightCache, type WeightCacheStats, type WeightLease } from './weight-cache.ts';
@@ -621,6 +623,21 @@ export class CudaBackend implements Backend {
       () => this.#optimizers.delete(opt));
     this.#optimizers.add(opt);
     return opt;
+  }
+
+  /** The engine's Optimizer on this GPU (engine/train/optim.ts createOptimizer asks for it): the paged
+   *  AdamW for paged_adamw_32bit / adamw_8bit / paged_adamw_8bit, null for what only the CPU AdamW
+   *  implements (adamw_torch, or a finite host resident budget that spills to disk). */
+  createOptimizer(params: readonly ParamSpec[], opts: AdamWOptions): Optimizer | null {
+    const bits = cudaOptimizerBits(opts);
+    if (bits === null) return null;
+    const paged = this.createPagedAdamW({ bits });
+    try {
+      return new CudaOptimizer(paged, bits, params, opts, `cuda:${this.device.name}`);
+    } catch (e) {
+      paged.destroy();
+      throw e;
+    }
   }
 
   /** bytes the device pool holds now and at its peak (activations of the biggest op so far) */
