@@ -138,7 +138,9 @@ export interface TensorBackend<Buf> extends Ops<Buf> {
   /** y[t, j] += bias[j] for t < T, j < N */
   addBias(y: Buf, bias: Buf, T: number, N: number): Promise<void>;
   /** accumulate=false: out[i] = mask[i] ? x[i] * scale : 0;
-   *  accumulate=true:  out[i] += mask[i] ? x[i] * scale : 0  (LoRA dropout forward / backward) */
+   *  accumulate=true:  out[i] += mask[i] ? x[i] * scale : 0  (LoRA dropout forward / backward).
+   *  The product and the sum are computed in float64 and rounded to float32 once at the store, as
+   *  the JS expression does (scale is a float64, e.g. 1/0.9); add and addBias round each sum once. */
   maskScale(out: Buf, x: Buf, mask: Uint8Array, scale: number, n: number, accumulate: boolean): Promise<void>;
 }
 
