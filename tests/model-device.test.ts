@@ -109,9 +109,14 @@ for (const c of [
     assert.equal(sim.live(), 0, `buffers still held after backward: ${sim.live()} (${sim.liveFloats()} floats)`);
     assert.ok(sim.ops > 100 && sim.constantUploads > 0, 'the device path ran its ops on device buffers');
     // frozen weights cross once: a second step uploads no new constants
-    const before = sim.constantUploads;
+    const before = sim.constantUploads, uploads = sim.uploads;
     await step(dev, 'again', B, S, V, 12);
     assert.equal(sim.constantUploads, before, 'constants are uploaded once per array');
+    // per micro-batch each LoRA tensor crosses once for the forward, once for the backward (recompute
+    // included) and its gradient once: 3 per param, plus a few boundary buffers (ids/hidden, gradOut, loss state)
+    const nParams = dev.head.params.length + dev.tail.params.length;
+    const perMicroBatch = (sim.uploads - uploads) / 2;
+    assert.ok(perMicroBatch <= 3 * nParams + 8, `${perMicroBatch} uploads per micro-batch for ${nParams} LoRA tensors`);
     assert.equal(sim.live(), 0);
   });
 }

@@ -99,6 +99,35 @@ export interface LinearSaved<Buf = Float32Array> {
   ax: Buf | null;
 }
 
+/** The LoRA tensors of one pass (a micro-batch's forward, or its backward with the recompute) on the
+ *  TensorBackend: each uploaded at its first use and released together when the pass ends, so a device
+ *  copies each A and B once per pass instead of once per use. Host backends use the arrays themselves
+ *  (upload is the identity), so what the ops read is the params' current data as before. */
+export class PassParams<Buf> {
+  private readonly t: TensorBackend<Buf>;
+  private readonly bufs = new Map<Float32Array, Promise<Buf>>();
+  constructor(t: TensorBackend<Buf>) {
+    this.t = t;
+  }
+  get(a: Float32Array): Promise<Buf> {
+    let b = this.bufs.get(a);
+    if (b === undefined) {
+      b = this.t.upload(a);
+      this.bufs.set(a, b);
+    }
+    return b;
+  }
+  /** release every uploaded tensor (uploads that failed hold nothing) */
+  async free(): Promise<void> {
+    const all = [...this.bufs.values()];
+    this.bufs.clear();
+    for (const p of all) {
+      const b = await p.catch(() => null);
+      if (b !== null) this.t.free(b);
+    }
+  }
+}
+
 /** Release what a linear saved for backward (xd only when dropout made a copy of the input). */
 export function freeLinearSaved<Buf>(t: TensorBackend<Buf>, saved: LinearSaved<Buf>): void {
   if (saved.mask !== null) t.free(saved.xd);
@@ -148,7 +177,7 @@ export class LoraLinear {
   }
 
   /** y[T, out] = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ. Reads the LoRA tensors' .data at call time. */
-  async forward<Buf>(t: TensorBackend<Buf>, x: Buf, T: number, ctx: LinearContext): Promise<{ y: Buf; saved: LinearSaved<Buf> }> {
+  async forward<Buf>(t: TensorBackend<Buf>, x: Buf, T: number, ctx: LinearContext, params: PassParams<Buf>): Promise<{ y: Buf; saved: LinearSaved<Buf> }> {
     const out = this.outFeatures, inF = this.inFeatures;
     const y = t.alloc(T * out);
     await t.gemmNF4(T, x, this.weight, 0, y);
@@ -164,18 +193,13 @@ export class LoraLinear {
       xd = t.alloc(T * inF);
       await t.maskScale(xd, x, mask, 1 / (1 - lora.dropout), T * inF, false);
     }
-    const A = await t.upload(lora.A.data), B = await t.upload(lora.B.data);
-    try {
-      const ax = t.alloc(T * r); // (T, r)
-      await t.gemm(false, true, T, r, inF, 1, xd, A, 0, ax);
-      await t.gemm(false, true, T, out, r, scaling, ax, B, 1, y);
-      saved.xd = xd;
-      saved.mask = mask;
-      saved.ax = ax;
-    } finally {
-      t.free(A);
-      t.free(B);
-    }
+    const A = await params.get(lora.A.data), B = await params.get(lora.B.data);
+    const ax = t.alloc(T * r); // (T, r)
+    await t.gemm(false, true, T, r, inF, 1, xd, A, 0, ax);
+    await t.gemm(false, true, T, out, r, scaling, ax, B, 1, y);
+    saved.xd = xd;
+    saved.mask = mask;
+    saved.ax = ax;
     return { y, saved };
   }
 
@@ -183,7 +207,7 @@ export class LoraLinear {
    *  accumulate=false and added otherwise. dX=null skips the input gradient (first layer of stage 0).
    *  grads are buffers of t (the stage uploads the host grads once per backward). */
   async backward<Buf>(t: TensorBackend<Buf>, dY: Buf, saved: LinearSaved<Buf>, T: number, grads: Buf[],
-    dX: Buf | null, accumulate: boolean): Promise<void> {
+    dX: Buf | null, accumulate: boolean, params: PassParams<Buf>): Promise<void> {
     const out = this.outFeatures, inF = this.inFeatures;
     if (dX) await t.gemmNF4T(T, dY, this.weight, accumulate ? 1 : 0, dX);
     const lora = this.lora;
@@ -192,7 +216,7 @@ export class LoraLinear {
     const { r, scaling } = lora;
     const dA = grads[lora.aIndex], dB = grads[lora.bIndex];
     if (!dA || !dB) throw new RangeError(`grads[${lora.aIndex}], grads[${lora.bIndex}] (${lora.A.name}, ${lora.B.name}): missing`);
-    const A = await t.upload(lora.A.data), B = await t.upload(lora.B.data);
+    const A = await params.get(lora.A.data), B = await params.get(lora.B.data);
     const dax = t.alloc(T * r);
     try {
       // dB[out, r] += s · dYᵀ · ax
@@ -216,8 +240,6 @@ export class LoraLinear {
       }
     } finally {
       t.free(dax);
-      t.free(A);
-      t.free(B);
     }
   }
 }

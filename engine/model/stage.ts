@@ -12,7 +12,7 @@ import type {
   LlamaConfig, LoraTarget, NamedTensor, Stage, StageForwardResult, StageInput, StageOptions, WeightSource,
 } from '../types.ts';
 import {
-  LoraLinear, baseModuleName, freeLinearSaved, initLoraA, loraParamName, loraScaling, orderedTargets, validateLoraConfig,
+  LoraLinear, PassParams, baseModuleName, freeLinearSaved, initLoraA, loraParamName, loraScaling, orderedTargets, validateLoraConfig,
 } from './lora.ts';
 import type { LinearContext, LinearSaved, LoraAdapterSlot } from './lora.ts';
 import { RopeCache } from './rope.ts';
@@ -169,9 +169,10 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     const layerInputs: Buf[] | null = train && ckpt ? [] : null;
     const layerActs: LayerActs<Buf>[] | null = train && !ckpt ? [] : null;
     const kept: KeptBatch<Buf> = { ctx, layerInputs, layerActs, lastHidden: null, labels, lse: null };
+    const params = new PassParams(t);
     try {
       for (const layer of this.layers) {
-        const { out, acts } = await this.layerForward(layer, x, ctx, null);
+        const { out, acts } = await this.layerForward(layer, x, ctx, null, params);
         if (layerActs) layerActs.push(acts);
         else {
           // checkpointing keeps only the layer input (recomputed in backward); inference keeps nothing
@@ -199,6 +200,8 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
       if (x !== kept.lastHidden && !layerInputs?.includes(x) && !layerActs?.some((a) => a.x === x)) t.free(x);
       this.freeKept(kept);
       throw e;
+    } finally {
+      await params.free();
     }
   }
 
@@ -227,6 +230,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     // there and downloaded back once (on the host the buffers are the arrays themselves).
     const g: Buf[] = [];
     let dx: Buf | null = null;
+    const params = new PassParams(t);
     try {
       for (const a of grads) g.push(await t.upload(a));
       dx = this.isLast ? await this.lossBackward(kept, scale) : await t.upload(args.gradOut!);
@@ -235,7 +239,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
         let acts: LayerActs<Buf>;
         if (kept.layerActs) acts = kept.layerActs[i];
         else {
-          const r = await this.layerForward(layer, kept.layerInputs![i], ctx, null);
+          const r = await this.layerForward(layer, kept.layerInputs![i], ctx, null, params);
           t.free(r.out);
           acts = r.acts;
         }
@@ -244,7 +248,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
         if (kept.layerInputs) kept.layerInputs[i] = undefined as unknown as Buf;
         const needInputGrad = !(this.isFirst && i === 0);
         try {
-          const next: Buf = await this.layerBackward(layer, dx, acts, ctx, g, needInputGrad);
+          const next: Buf = await this.layerBackward(layer, dx, acts, ctx, g, needInputGrad, params);
           t.free(dx);
           dx = next;
         } finally {
@@ -257,6 +261,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
       t.free(dx);
       for (const b of g) t.free(b);
       this.freeKept(kept);
+      await params.free();
     }
   }
 
@@ -311,9 +316,10 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     const xh = new Float32Array(T * C);
     await this.embed!.gather(this.backend, xh, ids, T);
     let x: Buf = await t.upload(xh);
+    const params = new PassParams(t);
     try {
       for (let i = 0; i < this.layers.length; i++) {
-        const { out, acts } = await this.layerForward(this.layers[i], x, ctx, { cache, layerIdx: i });
+        const { out, acts } = await this.layerForward(this.layers[i], x, ctx, { cache, layerIdx: i }, params);
         this.freeActs(acts, true);
         x = out;
       }
@@ -321,6 +327,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
       return await this.headLogits(t.slice(x, (T - 1) * C, T * C), 1);
     } finally {
       t.free(x);
+      await params.free();
     }
   }
 
@@ -415,9 +422,10 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     const xh = new Float32Array(T * C);
     await this.embed!.gather(this.backend, xh, ids, T);
     let x: Buf = await t.upload(xh);
+    const params = new PassParams(t);
     try {
       for (const layer of this.layers) {
-        const { out, acts } = await this.layerForward(layer, x, ctx, null);
+        const { out, acts } = await this.layerForward(layer, x, ctx, null, params);
         this.freeActs(acts, true);
         x = out;
       }
@@ -425,6 +433,8 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     } catch (e) {
       t.free(x);
       throw e;
+    } finally {
+      await params.free();
     }
   }
 
@@ -455,16 +465,16 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
   }
 
   private async layerForward(L: LayerWeights, x: Buf, ctx: PassContext,
-    kv: { cache: KVCache; layerIdx: number } | null): Promise<{ out: Buf; acts: LayerActs<Buf> }> {
+    kv: { cache: KVCache; layerIdx: number } | null, params: PassParams<Buf>): Promise<{ out: Buf; acts: LayerActs<Buf> }> {
     const t = this.tensors, cfg = this.config;
     const { T, B, S } = ctx;
     const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;
     const I = cfg.intermediateSize, eps = cfg.rmsNormEps;
     const h1 = t.alloc(T * C), rstd1 = t.alloc(T);
     await t.rmsnormForward(h1, rstd1, x, await t.constant(L.inputNorm), T, C, eps);
-    const q = await L.q.forward(t, h1, T, ctx);
-    const k = await L.k.forward(t, h1, T, ctx);
-    const v = await L.v.forward(t, h1, T, ctx);
+    const q = await L.q.forward(t, h1, T, ctx, params);
+    const k = await L.k.forward(t, h1, T, ctx, params);
+    const v = await L.v.forward(t, h1, T, ctx, params);
     let maxPos = 0;
     for (let i = 0; i < T; i++) if (ctx.positions[i] > maxPos) maxPos = ctx.positions[i];
     if (this.slidingWindow !== null && maxPos >= this.slidingWindow) {
@@ -496,16 +506,16 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
         att = await t.upload(out);
       }
     }
-    const o = await L.o.forward(t, att, T, ctx);
+    const o = await L.o.forward(t, att, T, ctx, params);
     const x2 = o.y; // (T, C) x2 = x + o, in place on the fresh o buffer
     await t.add(x2, x, T * C);
     const h2 = t.alloc(T * C), rstd2 = t.alloc(T);
     await t.rmsnormForward(h2, rstd2, x2, await t.constant(L.postNorm), T, C, eps);
-    const gate = await L.gate.forward(t, h2, T, ctx);
-    const up = await L.up.forward(t, h2, T, ctx);
+    const gate = await L.gate.forward(t, h2, T, ctx, params);
+    const up = await L.up.forward(t, h2, T, ctx, params);
     const act = t.alloc(T * I);
     await t.swigluForward(act, gate.y, up.y, T * I);
-    const down = await L.down.forward(t, act, T, ctx);
+    const down = await L.down.forward(t, act, T, ctx, params);
     const out = down.y;
     await t.add(out, x2, T * C);
     return {
@@ -522,20 +532,20 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
 
   /** dout (T, C) → dx (T, C) assigned; LoRA grads accumulated. The caller frees dout and the acts. */
   private async layerBackward(L: LayerWeights, dout: Buf, a: LayerActs<Buf>, ctx: PassContext,
-    grads: Buf[], needInputGrad: boolean): Promise<Buf> {
+    grads: Buf[], needInputGrad: boolean, params: PassParams<Buf>): Promise<Buf> {
     const t = this.tensors, cfg = this.config;
     const { T, B, S } = ctx;
     const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;
     const I = cfg.intermediateSize;
     // MLP branch
     const dact = t.alloc(T * I);
-    await L.down.backward(t, dout, a.lin.down_proj, T, grads, dact, false);
+    await L.down.backward(t, dout, a.lin.down_proj, T, grads, dact, false, params);
     const dgate = t.alloc(T * I), dup = t.alloc(T * I);
     await t.swigluBackward(dgate, dup, dact, a.gate, a.up, T * I);
     t.free(dact);
     const dh2 = t.alloc(T * C);
-    await L.gate.backward(t, dgate, a.lin.gate_proj, T, grads, dh2, false);
-    await L.up.backward(t, dup, a.lin.up_proj, T, grads, dh2, true);
+    await L.gate.backward(t, dgate, a.lin.gate_proj, T, grads, dh2, false, params);
+    await L.up.backward(t, dup, a.lin.up_proj, T, grads, dh2, true, params);
     t.free(dgate);
     t.free(dup);
     const dx2 = t.alloc(T * C);
@@ -544,7 +554,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     await t.add(dx2, dout, T * C);
     // attention branch
     const datt = t.alloc(T * H * D);
-    await L.o.backward(t, dx2, a.lin.o_proj, T, grads, datt, false);
+    await L.o.backward(t, dx2, a.lin.o_proj, T, grads, datt, false, params);
     const dq = t.alloc(T * H * D), dk = t.alloc(T * KV * D), dv = t.alloc(T * KV * D);
     await t.attentionBackward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, B, S, H, KV, D);
     t.free(datt);
@@ -555,9 +565,9 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     await t.rope(dq, cos, sin, ctx.positions, T, H, D, true);
     await t.rope(dk, cos, sin, ctx.positions, T, KV, D, true);
     const dh1 = needInputGrad ? t.alloc(T * C) : null;
-    await L.q.backward(t, dq, a.lin.q_proj, T, grads, dh1, false);
-    await L.k.backward(t, dk, a.lin.k_proj, T, grads, dh1, true);
-    await L.v.backward(t, dv, a.lin.v_proj, T, grads, dh1, true);
+    await L.q.backward(t, dq, a.lin.q_proj, T, grads, dh1, false, params);
+    await L.k.backward(t, dk, a.lin.k_proj, T, grads, dh1, true, params);
+    await L.v.backward(t, dv, a.lin.v_proj, T, grads, dh1, true, params);
     t.free(dq);
     t.free(dk);
     t.free(dv);
