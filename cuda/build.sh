@@ -8,7 +8,7 @@ if [ -z "$NVCC" ]; then
   echo "build:cuda: nvcc not found; skipping the CUDA build (the CPU backend is unaffected)" >&2
   exit 0
 fi
-OUT=build
+OUT="${CUDA_BUILD_DIR:-build}"
 mkdir -p "$OUT/obj"
 # Override with CUDA_ARCHS="80 90" for a quicker local build.
 ARCHS="${CUDA_ARCHS:-75 80 86 89 90}"
@@ -24,7 +24,9 @@ JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
 # nvcc --threads compiles the architectures of one file in parallel: worth it only with spare cores.
 THREADS_FLAG=()
 [ "$JOBS" -ge 8 ] && THREADS_FLAG=(--threads 0)
-NVFLAGS=("${THREADS_FLAG[@]}" -O3 -std=c++17 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden --expt-relaxed-constexpr "${GENCODE[@]}")
+# -Xptxas -v: per kernel and target, registers, shared memory, stack and spills, kept in
+# $OUT/resources.txt for tests/cuda-resources.test.ts (launch limits checked without a GPU).
+NVFLAGS=("${THREADS_FLAG[@]}" -O3 -std=c++17 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden --expt-relaxed-constexpr -Xptxas -v "${GENCODE[@]}")
 start=$(date +%s)
 export NVCC OUT
 printf '%s\n' "${NVFLAGS[@]}" > "$OUT/obj/nvflags"
@@ -33,8 +35,14 @@ ls src/*.cu | xargs -P "$JOBS" -I{} bash -c '
   f="{}"; o="$OUT/obj/$(basename "${f%.cu}").o"
   mapfile -t FL < "$OUT/obj/nvflags"
   echo "build:cuda: nvcc $f"
-  "$NVCC" "${FL[@]}" -c "$f" -o "$o"
+  if ! "$NVCC" "${FL[@]}" -c "$f" -o "$o" 2>"${o%.o}.ptxas"; then
+    grep -v "^ptxas info\|bytes stack frame" "${o%.o}.ptxas" >&2
+    exit 1
+  fi
+  # warnings still reach the build log; the resource lines go to the file only
+  grep -v "^ptxas info\|bytes stack frame" "${o%.o}.ptxas" >&2 || true
 '
+cat "$OUT"/obj/*.ptxas > "$OUT/resources.txt"
 "$NVCC" -shared -Xcompiler -fPIC "${GENCODE[@]}" -o "$OUT/libswarmtune_cuda.so" "$OUT"/obj/*.o
 echo "build:cuda: linked $OUT/libswarmtune_cuda.so"
 # What was built, for tests/cuda-build.test.ts to check against the embedded fatbin.
