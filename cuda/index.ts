@@ -4,8 +4,11 @@
 // run, copied back; the library keeps a caching device pool, so repeated shapes do not re-allocate) or
 // as device tensors (CudaTensor, cuda/tensors.ts), which the library uses in place: `tensors()` is the
 // device-resident TensorBackend a stage computes on. NF4 base weights stay resident on the device after
-// first use (cuda/weight-cache.ts). Ops run on libuv worker threads, one at a time per backend. Library
-// failures reject with CudaError; argument mistakes throw CudaArgumentError before anything reaches the device.
+// first use (cuda/weight-cache.ts). An op whose buffers are all device tensors is launched inline on the JS
+// thread and returns an already-settled promise without waiting for the GPU (the device work is queued on
+// the context's stream; the host waits only where it reads: downloads, host-array ops). Ops with host
+// arrays run on libuv worker threads. Library failures reject with CudaError (CudaAsyncError when an
+// earlier op's kernel failed); argument mistakes throw CudaArgumentError before anything reaches the device.
 import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -15,11 +18,11 @@ import { planPagedOptimizer, type OptimizerBits, type PagedPlan } from './paging
 import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/train/optim.ts';
 import { CudaOptimizer, cudaOptimizerBits } from './optimizer.ts';
 
-import { CudaArgumentError, CudaError } from './errors.ts';
+import { CudaArgumentError, CudaAsyncError, CudaError } from './errors.ts';
 import { NF4WeightCache, type WeightCacheStats, type WeightLease } from './weight-cache.ts';
 import { CudaTensor, CudaTensors, type TensorDevice } from './tensors.ts';
 
-export { CudaArgumentError, CudaError } from './errors.ts';
+export { CudaArgumentError, CudaAsyncError, CudaError } from './errors.ts';
 export type { WeightCacheStats } from './weight-cache.ts';
 export { CudaTensor, CudaTensors, type CudaTensorStats } from './tensors.ts';
 
@@ -136,6 +139,31 @@ interface NativeCuda {
   add(ctx: Ctx, y: DevArg, x: DevArg, n: number): Promise<void>;
   addBias(ctx: Ctx, y: DevArg, bias: DevArg, T: number, N: number): Promise<void>;
   maskScale(ctx: Ctx, out: DevArg, x: DevArg, mask: Uint8Array, scale: number, n: number, accumulate: boolean): Promise<void>;
+  opStats(ctx: Ctx): CudaOpStats;
+  setSync(ctx: Ctx, syncEachOp: boolean): void;
+  sync(ctx: Ctx): Promise<void>;
+  debugFault(ctx: Ctx, kind: number): Promise<void>;
+}
+
+/** How ops reached the device (CudaBackend.opStats()): counters since the backend was loaded. */
+export interface CudaOpStats {
+  /** ops launched inline on the JS thread (every buffer on the device): settled promises, no worker hop */
+  inlineOps: number;
+  /** JS-thread time spent in those launches, nanoseconds */
+  inlineNs: number;
+  /** ops run on a libuv worker (host arrays involved, or a wait such as a weight free or sync()) */
+  workerOps: number;
+  /** ops the library queued without waiting (device-only); pendingOps of them not yet known complete */
+  asyncOps: number;
+  pendingOps: number;
+  /** ops that synchronized before returning (host memory staged) */
+  syncedOps: number;
+  /** host waits on the device (stream synchronizations, waits for queued ops) and their total time */
+  waits: number;
+  waitNs: number;
+  /** the sticky CUDA error that poisoned the context (0: none) */
+  stickyStatus: number;
+  syncEachOp: boolean;
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -171,7 +199,9 @@ const CUDA_ERROR_MEMORY_ALLOCATION = 2;
 function toCudaError(e: unknown, op: string): Error {
   if (e instanceof CudaError || e instanceof CudaArgumentError) return e;
   if (e instanceof Error && typeof (e as { cudaStatus?: unknown }).cudaStatus === 'number') {
-    return new CudaError(`${op}: ${e.message}`, (e as unknown as { cudaStatus: number }).cudaStatus, op);
+    const status = (e as unknown as { cudaStatus: number }).cudaStatus;
+    if ((e as { asynchronous?: unknown }).asynchronous === true) return new CudaAsyncError(`${op}: ${e.message}`, status, op);
+    return new CudaError(`${op}: ${e.message}`, status, op);
   }
   return e instanceof Error ? e : new Error(String(e));
 }
@@ -205,6 +235,9 @@ export interface LoadCudaOptions {
    *  every call). Default: 80% of the device memory free at load time minus a 1 GiB reserve for
    *  activations and workspace (defaultWeightCacheBytes). */
   weightCacheBytes?: number;
+  /** Debugging: every op waits for its kernels before returning (as SWARMTUNE_CUDA_SYNC=1 does), so a
+   *  faulting kernel is reported by its own op instead of asynchronously by a later one. Slower. */
+  syncEachOp?: boolean;
 }
 
 /** Reserve kept out of the default weight-cache budget for activations, workspace and the CUDA context. */
@@ -237,6 +270,7 @@ export async function loadCudaBackend(opts?: LoadCudaOptions): Promise<CudaBacke
   const opened = openDevice(native, opts?.device ?? 0, precision);
   if (!opened) return null;
   lastReason = null;
+  if (opts?.syncEachOp !== undefined) native.setSync(opened.ctx, opts.syncEachOp === true);
   return new CudaBackend(native, opened.ctx, opened.info, precision === 1 ? 'fp32' : 'bf16',
     wc ?? defaultWeightCacheBytes(opened.info.freeMemoryBytes));
 }
@@ -440,6 +474,26 @@ export class CudaBackend implements Backend {
       this.#tensors = new CudaTensors(device, this, this.name);
     }
     return this.#tensors;
+  }
+
+  /** Op counters: inline launches vs worker ops, what the library queued without waiting, and the
+   *  host's waits on the device (see CudaOpStats). */
+  opStats(): CudaOpStats {
+    return this.#native.opStats(this.#ctxOrThrow('opStats'));
+  }
+
+  /** Resolves once every op queued so far has completed on the device (rejects with CudaAsyncError if
+   *  one of them failed). Downloads already wait; this is for timing and for checking. */
+  async synchronize(): Promise<void> {
+    await this.#run('synchronize', (n, c) => n.sync(c));
+  }
+
+  /** Test hook: queues a kernel that stores to an unmapped address. It poisons this process's CUDA
+   *  context for good (every later op fails): only for tests of asynchronous error reporting, in a
+   *  process of their own. */
+  async debugFault(kind: 'illegal-address'): Promise<void> {
+    if (kind !== 'illegal-address') throw new CudaArgumentError(`CudaBackend.debugFault: unknown kind ${String(kind)}`);
+    await this.#run('debugFault', (n, c) => n.debugFault(c, 1));
   }
 
   /** Device tensors as CudaTensors accounts them, and as the library holds them (live tensors, their

@@ -1,7 +1,17 @@
-// N-API binding for libswarmtune_cuda.so: marshals typed arrays and device addresses (BigInt), runs every op
-// on a libuv worker thread and turns a nonzero library status into a rejected promise (cuda/index.ts makes
-// it a CudaError). Float buffers of ops are a Float32Array or a device address; see Args::f32.
+// N-API binding for libswarmtune_cuda.so: marshals typed arrays and device addresses (BigInt) and turns a
+// nonzero library status into a rejected promise (cuda/index.ts makes it a CudaError). Float buffers of ops
+// are a Float32Array or a device address; see Args::f32.
+//
+// Two paths (Args::run). An op whose buffers are all device addresses (host int32 ids/labels/positions and
+// mask bytes allowed: the library copies those before it returns) runs INLINE on the JS thread: the library
+// checks its launches and returns without waiting for the GPU, so the call takes microseconds, and the
+// promise is returned already settled (rejected with the same error object on failure). Any op holding
+// host float/state memory, and the ops that must wait for the device, run on a libuv worker (AsyncWorker)
+// that first waits for the queued device work WITHOUT the context's op mutex (stc_sync), then runs the op
+// under it: the mutex is then held only for the op's own work, so an inline launch never blocks behind a
+// long download. Counters per context: opStats().
 #include <napi.h>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -12,31 +22,40 @@ namespace {
 
 struct CtxBox {
   stc_ctx* ctx = nullptr;
+  // JS thread only
+  double inline_ops = 0, inline_ns = 0, worker_ops = 0;
 };
 struct OptBox {
   stc_paged_opt* opt = nullptr;
 };
 
-Napi::Value MakeError(Napi::Env env, int status, const std::string& msg, const char* op) {
+// asynchronous: the failure is a fault of an earlier op's kernel seen now (stc_last_error_async)
+Napi::Value MakeError(Napi::Env env, int status, const std::string& msg, const char* op, bool asynchronous = false) {
   Napi::Error err = Napi::Error::New(env, msg.empty() ? std::string(op) + " failed" : msg);
   err.Value().Set("cudaStatus", Napi::Number::New(env, status));
   err.Value().Set("op", Napi::String::New(env, op));
+  err.Value().Set("asynchronous", Napi::Boolean::New(env, asynchronous));
   return err.Value();
 }
 
 class OpWorker : public Napi::AsyncWorker {
  public:
+  // drain: the context whose queued device work is waited for (without its op mutex) before fn runs
   OpWorker(Napi::Env env, const char* op, std::function<int()> fn, std::vector<Napi::ObjectReference> refs,
-           std::shared_ptr<double> result)
+           std::shared_ptr<double> result, stc_ctx* drain)
       : Napi::AsyncWorker(env, op), deferred_(Napi::Promise::Deferred::New(env)), op_(op), fn_(std::move(fn)),
-        refs_(std::move(refs)), result_(std::move(result)) {}
+        refs_(std::move(refs)), result_(std::move(result)), drain_(drain) {}
   void Execute() override {
-    status_ = fn_();
-    if (status_ != 0) msg_ = stc_last_error();  // thread-local: read on the thread that failed
+    status_ = drain_ ? stc_sync(drain_) : 0;
+    if (status_ == 0) status_ = fn_();
+    if (status_ != 0) {  // thread-local: read on the thread that failed
+      msg_ = stc_last_error();
+      async_ = stc_last_error_async() != 0;
+    }
   }
   void OnOK() override {
     if (status_ == 0) deferred_.Resolve(result_ ? Napi::Value(Napi::Number::New(Env(), *result_)) : Env().Undefined());
-    else deferred_.Reject(MakeError(Env(), status_, msg_, op_));
+    else deferred_.Reject(MakeError(Env(), status_, msg_, op_, async_));
   }
   Napi::Promise Promise() const { return deferred_.Promise(); }
 
@@ -46,7 +65,9 @@ class OpWorker : public Napi::AsyncWorker {
   std::function<int()> fn_;
   std::vector<Napi::ObjectReference> refs_;  // keeps the typed arrays (and the context handle) alive while the worker runs
   std::shared_ptr<double> result_;           // when set, the promise resolves to this number
+  stc_ctx* drain_ = nullptr;
   int status_ = 0;
+  bool async_ = false;
   std::string msg_;
 };
 
@@ -56,6 +77,8 @@ struct Args {
   const char* op;
   std::vector<Napi::ObjectReference> refs;
   bool ok = true;
+  bool host = false;    // a host float/state buffer (or a host output) is involved: the op runs on a worker
+  bool worker = false;  // the op waits for the device (a free, a probe): a worker even without host buffers
   Args(const Napi::CallbackInfo& i, const char* o) : info(i), op(o) {}
   Napi::Env env() const { return info.Env(); }
   void bad(size_t i, const char* want) {
@@ -65,8 +88,10 @@ struct Args {
     }
     ok = false;
   }
+  // A typed array. input_only: the op only reads it and the library has copied it when the call returns
+  // (int32 ids/labels/positions, mask bytes, NF4 codes), so it does not keep the op off the inline path.
   template <class T>
-  T* arr(size_t i, napi_typedarray_type want, const char* name, bool nullable = false) {
+  T* arr(size_t i, napi_typedarray_type want, const char* name, bool nullable = false, bool input_only = false) {
     if (!ok) return nullptr;  // once an exception is pending no further N-API call may be made
     Napi::Value v = info[i];
     if (nullable && (v.IsNull() || v.IsUndefined())) return nullptr;
@@ -74,6 +99,7 @@ struct Args {
       bad(i, name);
       return nullptr;
     }
+    if (!input_only) host = true;
     Napi::TypedArray a = v.As<Napi::TypedArray>();
     refs.push_back(Napi::Persistent(v.As<Napi::Object>()));
     return reinterpret_cast<T*>(static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset());
@@ -121,11 +147,15 @@ struct Args {
       bad(i, ("a typed array of at least " + std::to_string(bytes) + " bytes").c_str());
       return nullptr;
     }
+    host = true;
     refs.push_back(Napi::Persistent(v.As<Napi::Object>()));
     return static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset();
   }
-  int32_t* i32a(size_t i) { return arr<int32_t>(i, napi_int32_array, "an Int32Array"); }
+  int32_t* i32a(size_t i) { return arr<int32_t>(i, napi_int32_array, "an Int32Array", false, true); }
+  // bytes the op writes or keeps using (optimizer state): host memory, worker path
   uint8_t* u8(size_t i) { return arr<uint8_t>(i, napi_uint8_array, "a Uint8Array"); }
+  // bytes the op only reads (mask, NF4 codes)
+  uint8_t* u8in(size_t i) { return arr<uint8_t>(i, napi_uint8_array, "a Uint8Array", false, true); }
   double num(size_t i) {
     if (!ok) return 0;
     if (!info[i].IsNumber()) {
@@ -145,13 +175,15 @@ struct Args {
     return info[i].As<Napi::Boolean>().Value();
   }
   stc_ctx* ctx_ = nullptr;  // the op's context once parsed (device addresses are checked against it)
+  CtxBox* box_ = nullptr;
   stc_ctx* ctx(size_t i) {
     if (!ok) return nullptr;
     if (!info[i].IsExternal()) {
       bad(i, "a CUDA context");
       return nullptr;
     }
-    stc_ctx* c = info[i].As<Napi::External<CtxBox>>().Data()->ctx;
+    box_ = info[i].As<Napi::External<CtxBox>>().Data();
+    stc_ctx* c = box_->ctx;
     if (!c && ok) {
       Napi::Error::New(env(), std::string(op) + ": CUDA backend already disposed").ThrowAsJavaScriptException();
       ok = false;
@@ -183,7 +215,22 @@ struct Args {
   }
   Napi::Value run(std::function<int()> fn, std::shared_ptr<double> result = nullptr) {
     if (!ok) return env().Undefined();
-    auto* w = new OpWorker(env(), op, std::move(fn), std::move(refs), std::move(result));
+    if (ctx_ && !host && !worker) {
+      // Inline: every buffer is device memory, so the library only launches (its int32/mask inputs are
+      // copied before it returns) and does not wait for the GPU. The op mutex it takes is held by a worker
+      // only for that worker's own work (workers drain the queue before taking it).
+      const auto t0 = std::chrono::steady_clock::now();
+      const int st = fn();
+      box_->inline_ns += (double)std::chrono::duration_cast<std::chrono::nanoseconds>(
+          std::chrono::steady_clock::now() - t0).count();
+      box_->inline_ops++;
+      Napi::Promise::Deferred d = Napi::Promise::Deferred::New(env());
+      if (st == 0) d.Resolve(result ? Napi::Value(Napi::Number::New(env(), *result)) : env().Undefined());
+      else d.Reject(MakeError(env(), st, stc_last_error(), op, stc_last_error_async() != 0));
+      return d.Promise();
+    }
+    if (box_) box_->worker_ops++;
+    auto* w = new OpWorker(env(), op, std::move(fn), std::move(refs), std::move(result), ctx_);
     Napi::Promise p = w->Promise();
     w->Queue();
     return p;
@@ -202,7 +249,7 @@ stc_adamw_hparams Hp(Args& a, size_t i) {
 }
 
 Napi::Value Throw(Napi::Env env, int status, const char* op) {
-  napi_throw(env, MakeError(env, status, stc_last_error(), op));
+  napi_throw(env, MakeError(env, status, stc_last_error(), op, stc_last_error_async() != 0));
   return env.Undefined();
 }
 
@@ -287,7 +334,7 @@ Napi::Value GemmNF4Common(const Napi::CallbackInfo& info, bool transposed) {
   stc_ctx* c = a.ctx(0);
   int M = a.i32(1);
   const float* X = a.f32(2);
-  const uint8_t* P = a.u8(3);
+  const uint8_t* P = a.u8in(3);
   const float* S = a.f32(4);
   int rows = a.i32(5), cols = a.i32(6), bs = a.i32(7);
   float beta = (float)a.num(8);
@@ -301,7 +348,7 @@ Napi::Value GemmNF4T(const Napi::CallbackInfo& info) { return GemmNF4Common(info
 Napi::Value DequantNF4(const Napi::CallbackInfo& info) {
   Args a(info, "dequantNF4");
   stc_ctx* c = a.ctx(0);
-  const uint8_t* P = a.u8(1);
+  const uint8_t* P = a.u8in(1);
   const float* S = a.f32(2);
   int rows = a.i32(3), cols = a.i32(4), bs = a.i32(5);
   float* out = a.f32(6);
@@ -329,6 +376,7 @@ Napi::Value Nf4Free(const Napi::CallbackInfo& info) {
   Args a(info, "nf4Free");
   stc_ctx* c = a.ctx(0);
   int64_t id = a.id(1);
+  a.worker = true;  // waits for queued kernels that may read the weight
   return a.run([=] { return stc_nf4_free(c, id); });
 }
 
@@ -696,11 +744,60 @@ Napi::Value MaskScale(const Napi::CallbackInfo& info) {
   stc_ctx* c = a.ctx(0);
   float* out = a.f32(1);
   const float* x = a.f32(2);
-  const uint8_t* mask = a.u8(3);
+  const uint8_t* mask = a.u8in(3);
   double scale = a.num(4);
   int64_t n = a.i64(5);
   int acc = a.flag(6);
   return a.run([=] { return stc_mask_scale(c, out, x, mask, scale, n, acc); });
+}
+
+// (ctx) -> per-context op counters: the addon's paths and the library's waits
+Napi::Value OpStats(const Napi::CallbackInfo& info) {
+  Args a(info, "opStats");
+  stc_ctx* c = a.ctx(0);
+  if (!a.ok) return info.Env().Undefined();
+  int64_t s8[8];
+  int s = stc_async_stats(c, s8);
+  if (s) return Throw(info.Env(), s, "opStats");
+  Napi::Object r = Napi::Object::New(info.Env());
+  r.Set("inlineOps", a.box_->inline_ops);
+  r.Set("inlineNs", a.box_->inline_ns);
+  r.Set("workerOps", a.box_->worker_ops);
+  r.Set("asyncOps", (double)s8[0]);
+  r.Set("syncedOps", (double)s8[1]);
+  r.Set("waits", (double)s8[2]);
+  r.Set("waitNs", (double)s8[3]);
+  r.Set("pendingOps", (double)s8[4]);
+  r.Set("stickyStatus", (double)s8[5]);
+  r.Set("syncEachOp", Napi::Boolean::New(info.Env(), s8[6] != 0));
+  return r;
+}
+
+// (ctx, syncEachOp boolean) -> undefined
+Napi::Value SetSync(const Napi::CallbackInfo& info) {
+  Args a(info, "setSync");
+  stc_ctx* c = a.ctx(0);
+  bool on = a.flag(1);
+  if (!a.ok) return info.Env().Undefined();
+  int s = stc_set_sync(c, on ? 1 : 0);
+  if (s) return Throw(info.Env(), s, "setSync");
+  return info.Env().Undefined();
+}
+
+// (ctx) -> Promise<void>: settles once every op queued so far has completed (a worker waits for it)
+Napi::Value Sync(const Napi::CallbackInfo& info) {
+  Args a(info, "sync");
+  a.ctx(0);
+  a.worker = true;
+  return a.run([=] { return 0; });  // the worker's drain is the wait
+}
+
+// (ctx, kind) -> Promise<void>: test hook, queues a faulting kernel (inline: a device-only op)
+Napi::Value DebugFault(const Napi::CallbackInfo& info) {
+  Args a(info, "debugFault");
+  stc_ctx* c = a.ctx(0);
+  int kind = a.i32(1);
+  return a.run([=] { return stc_debug_fault(c, kind); });
 }
 
 Napi::Value GemmGrid(const Napi::CallbackInfo& info) {
@@ -752,7 +849,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"gemmNF4Resident", GemmNF4Resident}, {"gemmNF4TResident", GemmNF4TResident},
       {"dequantNF4Resident", DequantNF4Resident}, {"benchNF4", BenchNF4}, {"devAlloc", DevAlloc},
       {"devFree", DevFree}, {"devStats", DevStats}, {"copy", Copy}, {"add", Add}, {"addBias", AddBias},
-      {"maskScale", MaskScale},
+      {"maskScale", MaskScale}, {"opStats", OpStats}, {"setSync", SetSync}, {"sync", Sync},
+      {"debugFault", DebugFault},
   };
   for (const Entry& e : entries) exports.Set(e.name, Napi::Function::New(env, e.fn, e.name));
   return exports;

@@ -203,6 +203,9 @@ struct stc_paged_opt {
   std::vector<Slot> slots;
   std::vector<PagedTensor> tensors;
   int64_t host_bytes = 0;
+  // Its own mutex, not the context's op mutex: a step streams pages through the optimizer's own slots
+  // and streams (no pool memory, nothing on the context stream), so it never blocks the context's ops.
+  std::mutex mu;
 };
 
 static int paged_flush(stc_paged_opt::Slot& s) {
@@ -215,7 +218,7 @@ static int paged_flush(stc_paged_opt::Slot& s) {
 extern "C" {
 
 int stc_adamw32(stc_ctx* ctx, float* p, const float* g, float* m, float* v, int64_t n, const stc_adamw_hparams* hp) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   STC_TRY(check_hp(hp));
   STC_REQUIRE(n >= 0, "adamw32: negative n=%lld", (long long)n);
@@ -235,7 +238,7 @@ int stc_adamw32(stc_ctx* ctx, float* p, const float* g, float* m, float* v, int6
 
 int stc_adamw8bit(stc_ctx* ctx, float* p, const float* g, uint8_t* s1, uint8_t* s2, float* absmax1, float* absmax2,
                   int64_t n, const stc_adamw_hparams* hp) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   STC_TRY(check_hp(hp));
   STC_REQUIRE(n >= 0, "adamw8bit: negative n=%lld", (long long)n);
@@ -316,7 +319,7 @@ int stc_paged_create(stc_ctx* ctx, int bits, int64_t page_elems, int slots, int6
 }
 
 int stc_paged_add(stc_paged_opt* opt, int64_t n, int* tensor_id) {
-  std::lock_guard<std::mutex> lock(opt->ctx->mu);
+  std::lock_guard<std::mutex> lock(opt->mu);
   STC_TRY(enter(opt->ctx));
   STC_REQUIRE(n > 0, "paged optimizer: tensor size must be positive (got %lld)", (long long)n);
   PagedTensor t;
@@ -392,7 +395,7 @@ static int paged_step_pages(stc_paged_opt* opt, int tensor_id, float* p, const f
 }
 
 int stc_paged_step(stc_paged_opt* opt, int tensor_id, float* p, const float* g, const stc_adamw_hparams* hp) {
-  std::lock_guard<std::mutex> lock(opt->ctx->mu);
+  std::lock_guard<std::mutex> lock(opt->mu);
   STC_TRY(enter(opt->ctx));
   STC_TRY(check_hp(hp));
   STC_REQUIRE(tensor_id >= 0 && tensor_id < (int)opt->tensors.size(), "paged optimizer: unknown tensor id %d",
@@ -414,7 +417,7 @@ int stc_paged_step(stc_paged_opt* opt, int tensor_id, float* p, const float* g, 
 }
 
 int stc_paged_state_info(stc_paged_opt* opt, int tensor_id, int* is8bit, int64_t* a_bytes, int64_t* b_bytes) {
-  std::lock_guard<std::mutex> lock(opt->ctx->mu);
+  std::lock_guard<std::mutex> lock(opt->mu);
   STC_REQUIRE(tensor_id >= 0 && tensor_id < (int)opt->tensors.size(), "paged optimizer: unknown tensor id %d",
               tensor_id);
   const PagedTensor& t = opt->tensors[tensor_id];
@@ -428,7 +431,7 @@ int stc_paged_state_read(stc_paged_opt* opt, int tensor_id, void* a, void* b) {
   int is8;
   int64_t ab, bb;
   STC_TRY(stc_paged_state_info(opt, tensor_id, &is8, &ab, &bb));
-  std::lock_guard<std::mutex> lock(opt->ctx->mu);
+  std::lock_guard<std::mutex> lock(opt->mu);
   const PagedTensor& t = opt->tensors[tensor_id];
   memcpy(a, t.state, (size_t)ab);
   memcpy(b, (uint8_t*)t.state + ab, (size_t)bb);
@@ -439,7 +442,7 @@ int stc_paged_state_write(stc_paged_opt* opt, int tensor_id, const void* a, cons
   int is8;
   int64_t ab, bb;
   STC_TRY(stc_paged_state_info(opt, tensor_id, &is8, &ab, &bb));
-  std::lock_guard<std::mutex> lock(opt->ctx->mu);
+  std::lock_guard<std::mutex> lock(opt->mu);
   const PagedTensor& t = opt->tensors[tensor_id];
   memcpy(t.state, a, (size_t)ab);
   memcpy((uint8_t*)t.state + ab, b, (size_t)bb);
@@ -447,7 +450,7 @@ int stc_paged_state_write(stc_paged_opt* opt, int tensor_id, const void* a, cons
 }
 
 int stc_paged_stats(stc_paged_opt* opt, int64_t* host_pinned_bytes, int64_t* device_bytes) {
-  std::lock_guard<std::mutex> lock(opt->ctx->mu);
+  std::lock_guard<std::mutex> lock(opt->mu);
   *host_pinned_bytes = opt->host_bytes;
   *device_bytes = opt->slot_bytes * (int64_t)opt->slots.size();
   return 0;
@@ -456,7 +459,7 @@ int stc_paged_stats(stc_paged_opt* opt, int64_t* host_pinned_bytes, int64_t* dev
 void stc_paged_destroy(stc_paged_opt* opt) {
   if (!opt) return;
   {
-    std::lock_guard<std::mutex> lock(opt->ctx->mu);
+    std::lock_guard<std::mutex> lock(opt->mu);
     cudaSetDevice(opt->ctx->device);
     for (auto& s : opt->slots) {
       cudaStreamSynchronize(s.st);

@@ -43,6 +43,10 @@ typedef struct stc_adamw_hparams {
 } stc_adamw_hparams;
 
 STC_API const char* stc_last_error(void);
+/** 1 when the last failure on this thread was an asynchronous failure of an earlier op (a kernel of a
+ *  device-only op that returned without waiting faulted, and this call is the first to see it), or a
+ *  report that the context is unusable after such a failure (sticky error); 0 otherwise */
+STC_API int stc_last_error_async(void);
 STC_API const char* stc_version(void);
 /** number of CUDA devices; fails with the driver's reason when none can be used */
 STC_API int stc_device_count(int* count);
@@ -51,6 +55,22 @@ STC_API int stc_device_info_get(int device, stc_device_info* out);
 /** precision: 0 = bf16 tensor cores (sm_80+, fp32 SIMT below), 1 = fp32 SIMT everywhere */
 STC_API int stc_open(int device, int gemm_precision, stc_ctx** out);
 STC_API void stc_close(stc_ctx* ctx);
+/** Synchronization. An op whose float buffers are all device memory (nothing staged from the host) checks
+ *  its launches and returns without waiting: its kernels are queued on the context's stream, which orders
+ *  every later op, copy and pool reuse. An op that stages host memory synchronizes before returning, as
+ *  does stc_copy to or from host memory (after waiting for the queued ops without the op mutex), so a
+ *  fault in a queued kernel is reported there, flagged by stc_last_error_async.
+ *  sync_each_op = 1 (or SWARMTUNE_CUDA_SYNC=1 at stc_open) makes every launch wait, to find a faulting op. */
+STC_API int stc_set_sync(stc_ctx* ctx, int sync_each_op);
+/** waits until every op queued so far has completed, without holding the context's op mutex meanwhile */
+STC_API int stc_sync(stc_ctx* ctx);
+/** out8: [0] device-only ops queued without waiting (total), [1] ops that synchronized, [2] host waits,
+ *  [3] nanoseconds spent in them, [4] ops queued and not yet known complete, [5] the sticky error (0 none),
+ *  [6] sync_each_op, [7] 0 */
+STC_API int stc_async_stats(stc_ctx* ctx, int64_t* out8);
+/** test hook: kind 1 queues a kernel that stores to an unmapped address (an asynchronous, sticky fault
+ *  that poisons the process's CUDA context) */
+STC_API int stc_debug_fault(stc_ctx* ctx, int kind);
 /** bytes the context's pool holds right now and at most since open */
 STC_API int stc_memory_stats(stc_ctx* ctx, int64_t* pool_bytes, int64_t* peak_bytes);
 
@@ -111,7 +131,8 @@ STC_API int stc_dev_free(stc_ctx* ctx, void* p, int64_t bytes);
 STC_API int stc_dev_check(stc_ctx* ctx, const void* p, int64_t bytes);
 /** live device tensors and their bytes; bytes of the pool handed out right now (tensors + running ops) */
 STC_API int stc_dev_stats(stc_ctx* ctx, int64_t* tensors, int64_t* tensor_bytes, int64_t* pool_in_use_bytes);
-/** copies bytes between host and/or device memory in any direction (cudaMemcpyDefault); synchronizes */
+/** copies bytes between host and/or device memory in any direction (cudaMemcpyDefault); synchronizes
+ *  unless both sides are device memory of the context */
 STC_API int stc_copy(stc_ctx* ctx, void* dst, const void* src, int64_t bytes);
 /** y[i] += x[i] for i < n (fp32, correctly rounded) */
 STC_API int stc_add(stc_ctx* ctx, float* y, const float* x, int64_t n);

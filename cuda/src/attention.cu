@@ -343,7 +343,7 @@ int stc_attention_grid(int B, int S, int H, int* grid_x, int* grid_y, int* grid_
 
 int stc_attention_forward(stc_ctx* ctx, float* out, float* lse, const float* q, const float* k, const float* v, int B,
                           int S, int H, int KV, int D) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   STC_TRY(check_attn_args("attentionForward", B, S, H, KV, D));
   if (B == 0 || S == 0) return 0;
@@ -371,7 +371,7 @@ int stc_attention_forward(stc_ctx* ctx, float* out, float* lse, const float* q, 
 int stc_attention_backward(stc_ctx* ctx, float* dq, float* dk, float* dv, const float* dout, const float* q,
                            const float* k, const float* v, const float* out, const float* lse, int B, int S, int H,
                            int KV, int D) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   STC_TRY(check_attn_args("attentionBackward", B, S, H, KV, D));
   if (B == 0 || S == 0) return 0;

@@ -1,6 +1,8 @@
 // Shared internals of libswarmtune_cuda: error reporting, the per-context device pool, host/device buffer helpers.
 #pragma once
 #include <cuda_runtime.h>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdarg>
@@ -13,12 +15,14 @@
 namespace stc {
 
 // Thread-local so concurrent ops on different worker threads never overwrite each other's message.
+// set_error also clears the thread's "asynchronous failure" flag (stc_last_error_async).
 void set_error(const char* fmt, ...);
 
-inline int fail_cuda(cudaError_t e, const char* stmt, const char* file, int line) {
-  set_error("%s:%d: %s failed: %s (%s)", file, line, stmt, cudaGetErrorString(e), cudaGetErrorName(e));
-  return (int)e;
-}
+// Reports a failed CUDA call. A kernel-execution error (illegal address, launch failure, device assert,
+// ...) is reported asynchronously by whatever call comes next and is sticky: fail_cuda then names it as
+// an asynchronous failure of an earlier op (with the device-only ops queued since the last wait) or, once
+// the context is poisoned, as the consequence of that earlier failure. Defined in context.cu.
+int fail_cuda(cudaError_t e, const char* stmt, const char* file, int line);
 
 #define STC_CK(stmt)                                                          \
   do {                                                                        \
@@ -26,12 +30,16 @@ inline int fail_cuda(cudaError_t e, const char* stmt, const char* file, int line
     if (stc_e_ != cudaSuccess) return ::stc::fail_cuda(stc_e_, #stmt, __FILE__, __LINE__); \
   } while (0)
 
-// A kernel launch is checked for launch errors and then synchronized so faults surface at the op
-// that caused them rather than at some later call.
-#define STC_LAUNCHED(stream)                         \
-  do {                                               \
-    STC_CK(cudaGetLastError());                      \
-    STC_CK(cudaStreamSynchronize(stream));           \
+// A kernel launch is checked for launch errors (bad configuration, too many resources) and returns: the
+// kernel runs asynchronously on the context stream. Ops that staged host memory synchronize in
+// DevBuf::download before their host outputs are read; device-only ops return without waiting (a fault in
+// their kernels surfaces at the next wait as an asynchronous failure, see fail_cuda). With the context's
+// sync_each_op (SWARMTUNE_CUDA_SYNC=1, stc_set_sync) every launch is followed by a synchronization, so a
+// fault is reported by the op that caused it. Needs `ctx` in scope.
+#define STC_LAUNCHED(stream)                              \
+  do {                                                    \
+    STC_CK(cudaGetLastError());                           \
+    STC_TRY(::stc::after_launch(ctx, (stream)));          \
   } while (0)
 
 #define STC_REQUIRE(cond, ...)                                          \
@@ -54,6 +62,9 @@ inline int fail_cuda(cudaError_t e, const char* stmt, const char* file, int line
 // on the JS thread (stc_dev_alloc/stc_dev_free), which must not wait for a running op.
 class Pool {
  public:
+  // The context stream: trim() waits for it before cudaFree, because a cached buffer may have been
+  // released by a device-only op whose kernels are still queued.
+  cudaStream_t stream = nullptr;
   int alloc(void** p, size_t bytes);
   void release(void* p, size_t bytes);
   void trim();
@@ -85,6 +96,23 @@ struct DevNF4 {
 
 struct stc_ctx {
   int device = 0;
+  // Asynchronous ops. A device-only op (no host staging) returns once its launches are checked; these
+  // count what is queued and what is known complete, for the mutex-free wait (stc_sync) and for naming
+  // the ops behind an asynchronous failure. Atomics: read without the op mutex by fail_cuda.
+  std::atomic<uint64_t> launched{0};      // device-only ops queued without waiting (monotonic)
+  std::atomic<uint64_t> synced{0};        // every one of the first `synced` of them has completed
+  std::atomic<const char*> recent[8] = {};  // names of the last device-only ops, by launched % 8
+  std::atomic<int64_t> synced_ops{0};     // ops that synchronized before returning (staged host memory)
+  std::atomic<int64_t> waits{0};          // host waits (stream synchronizations and event waits)
+  std::atomic<int64_t> wait_ns{0};        // time spent in them
+  std::atomic<int> sticky{0};             // the first kernel-execution error seen: the context is unusable
+  std::mutex sticky_mu;
+  char sticky_msg[768] = "";
+  bool sync_each_op = false;              // debugging: synchronize after every launch (SWARMTUNE_CUDA_SYNC=1)
+  // The running op (guarded by mu): its name, whether it staged host memory (it must then synchronize
+  // before returning), launched kernels, or already synchronized.
+  std::atomic<const char*> op_name{nullptr};
+  bool op_staged = false, op_launched = false, op_synced = false;
   int precision = 0;  // 0 bf16 tensor cores where available, 1 fp32 SIMT
   int cc_major = 0, cc_minor = 0;
   int sm_count = 0;
@@ -108,6 +136,38 @@ namespace stc {
 
 // Binds the context's device to the calling (worker) thread; every public entry point starts here.
 int enter(stc_ctx* ctx);
+
+// Waits for the context stream under the op mutex (the caller holds it); counts the wait and marks every
+// queued op complete. `what` names the wait in a failure message.
+int sync_stream(stc_ctx* ctx, const char* what);
+// After a checked launch: notes that the running op has queued work; synchronizes in sync_each_op mode.
+int after_launch(stc_ctx* ctx, cudaStream_t stream);
+// Waits, WITHOUT holding the op mutex, until the device-only ops queued so far have completed (an event
+// recorded under the mutex, waited on outside it; repeated while ops queued meanwhile, a few rounds at
+// most). Host-staging ops call it before they take the mutex, so the mutex is never held for long
+// waits behind queued work and an inline launch on the JS thread never blocks behind them.
+int drain(stc_ctx* ctx);
+
+// One op: holds the context's op mutex for its duration and, on the way out, counts it as queued without
+// waiting when it launched work and did not synchronize.
+class OpGuard {
+ public:
+  OpGuard(stc_ctx* c, const char* name) : ctx_(c), lock_(c->mu) {
+    c->op_name.store(name);
+    c->op_staged = c->op_launched = c->op_synced = false;
+  }
+  ~OpGuard() {
+    if (ctx_->op_launched && !ctx_->op_synced) {
+      const uint64_t n = ctx_->launched.fetch_add(1) + 1;
+      ctx_->recent[n % 8].store(ctx_->op_name.load());
+    }
+  }
+  OpGuard(const OpGuard&) = delete;
+  OpGuard& operator=(const OpGuard&) = delete;
+ private:
+  stc_ctx* ctx_;
+  std::unique_lock<std::mutex> lock_;
+};
 
 // True when p is device memory of the context's device that kernels may read and write directly
 // (cudaMalloc'd or managed), aligned to `align` bytes. Pageable, pinned or other-device pointers are
@@ -150,6 +210,23 @@ struct DevBuf {
       return 0;
     }
     STC_TRY(alloc(c, n));
+    if (n) {
+      c->op_staged = true;  // host memory: the op synchronizes before returning (download)
+      STC_CK(cudaMemcpyAsync(ptr, src, n, cudaMemcpyDefault, c->stream));
+    }
+    return 0;
+  }
+  // an input the caller keeps in host memory by contract (int32 ids/labels/positions, mask bytes, NF4
+  // codes), copied from pageable memory: the CUDA runtime has consumed the source when cudaMemcpyAsync
+  // returns (pageable host-to-device copies are staged by the driver), so the op need not synchronize for
+  // it. A device pointer is used in place as by upload().
+  int upload_input(stc_ctx* c, const void* src, size_t n, size_t align = 4) {
+    if (n && device_alias_ok(c, src, align)) return upload(c, src, n, align);
+    STC_TRY(alloc(c, n));
+    cudaPointerAttributes a;
+    const bool pinned = n && cudaPointerGetAttributes(&a, src) == cudaSuccess && a.type == cudaMemoryTypeHost;
+    if (!pinned) cudaGetLastError();
+    if (pinned) c->op_staged = true;  // page-locked: truly asynchronous, so wait before the caller reuses it
     if (n) STC_CK(cudaMemcpyAsync(ptr, src, n, cudaMemcpyDefault, c->stream));
     return 0;
   }
@@ -161,13 +238,20 @@ struct DevBuf {
       bytes = n;
       return 0;
     }
+    if (n) c->op_staged = true;
     return alloc(c, n);
   }
   bool aliases(const void* p) const { return !owned && ptr == p; }
-  // results to the caller's pointer (a no-op copy when aliased); always synchronizes
+  // Results to the caller's pointer (no copy when aliased). Synchronizes when the op staged host memory
+  // (its host outputs are valid and its host inputs consumed on return); a device-only op returns
+  // without waiting: its kernels are queued on the context stream, which orders every later use.
   int download(void* dst, size_t n) {
-    if (n && !aliases(dst)) STC_CK(cudaMemcpyAsync(dst, ptr, n, cudaMemcpyDefault, ctx->stream));
-    STC_CK(cudaStreamSynchronize(ctx->stream));
+    if (!ctx) return 0;  // never set up (a zero-size buffer)
+    if (n && !aliases(dst)) {
+      ctx->op_staged = true;
+      STC_CK(cudaMemcpyAsync(dst, ptr, n, cudaMemcpyDefault, ctx->stream));
+    }
+    if (ctx->op_staged) return sync_stream(ctx, "cudaStreamSynchronize (host outputs)");
     return 0;
   }
   int zero() {

@@ -356,7 +356,7 @@ static int upload_nf4(stc_ctx* ctx, const char* op, const uint8_t* packed, const
   int log2bs;
   STC_TRY(check_nf4_geometry(op, rows, cols, blocksize, &log2bs));
   const int64_t n = (int64_t)rows * cols;
-  STC_TRY(dP.upload(ctx, packed, (size_t)nf4_packed_bytes(n)));
+  STC_TRY(dP.upload_input(ctx, packed, (size_t)nf4_packed_bytes(n)));
   STC_TRY(dS.upload(ctx, absmax, sizeof(float) * (size_t)nf4_blocks(n, log2bs)));
   *view = NF4View{dP.as<uint8_t>(), dS.as<float>(), rows, cols, log2bs};
   return 0;
@@ -407,7 +407,7 @@ int stc_gemm_grid(int M, int N, int use_tensor_cores, int* grid_x, int* grid_y, 
 
 int stc_gemm(stc_ctx* ctx, int transA, int transB, int M, int N, int K, float alpha, const float* A, const float* B,
              float beta, float* C) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   STC_REQUIRE(M >= 0 && N >= 0 && K >= 0, "gemm: negative dimension M=%d N=%d K=%d", M, N, K);
   if (M == 0 || N == 0) return 0;
@@ -423,7 +423,7 @@ int stc_gemm(stc_ctx* ctx, int transA, int transB, int M, int N, int K, float al
 
 int stc_gemm_nf4(stc_ctx* ctx, int M, const float* X, const uint8_t* packed, const float* absmax, int rows, int cols,
                  int blocksize, float beta, float* Y) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   STC_REQUIRE(M >= 0, "gemmNF4: negative M=%d", M);
   DevBuf dP, dS;
@@ -434,7 +434,7 @@ int stc_gemm_nf4(stc_ctx* ctx, int M, const float* X, const uint8_t* packed, con
 
 int stc_gemm_nf4t(stc_ctx* ctx, int M, const float* DY, const uint8_t* packed, const float* absmax, int rows,
                   int cols, int blocksize, float beta, float* DX) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   STC_REQUIRE(M >= 0, "gemmNF4T: negative M=%d", M);
   DevBuf dP, dS;
@@ -445,7 +445,7 @@ int stc_gemm_nf4t(stc_ctx* ctx, int M, const float* DY, const uint8_t* packed, c
 
 int stc_dequant_nf4(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int rows, int cols, int blocksize,
                     float* out) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   DevBuf dP, dS;
   NF4View w;
@@ -464,7 +464,7 @@ int stc_nf4_upload(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int
                    int64_t* weight_id, int64_t* device_bytes) {
   *weight_id = 0;
   *device_bytes = 0;
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   int log2bs;
   STC_TRY(check_nf4_geometry("nf4Upload", rows, cols, blocksize, &log2bs));
@@ -476,9 +476,14 @@ int stc_nf4_upload(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int
   if (e == cudaSuccess)
     e = cudaMemcpyAsync((uint8_t*)base + off, absmax, sizeof(float) * (size_t)nf4_blocks(n, log2bs),
                         cudaMemcpyDefault, ctx->stream);
-  if (e == cudaSuccess) e = cudaStreamSynchronize(ctx->stream);
   if (e != cudaSuccess) {
     const int st = fail_cuda(e, "copying an NF4 weight to the device", __FILE__, __LINE__);
+    cudaFree(base);
+    return st;
+  }
+  // the packed codes and absmax are host memory: wait until they are on the device
+  const int st = sync_stream(ctx, "cudaStreamSynchronize (NF4 weight upload)");
+  if (st != 0) {
     cudaFree(base);
     return st;
   }
@@ -499,14 +504,17 @@ int stc_nf4_upload(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int
 }
 
 int stc_nf4_free(stc_ctx* ctx, int64_t weight_id) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   auto it = ctx->weights.find(weight_id);
   STC_REQUIRE(it != ctx->weights.end(), "nf4Free: no resident NF4 weight with id %lld", (long long)weight_id);
+  // Device-only ops return without waiting, so kernels reading this weight may still be queued: wait
+  // for the stream first (the addon drains without the op mutex before calling, so this wait is short).
+  // On failure the weight stays registered, and stc_close releases it.
+  STC_TRY(sync_stream(ctx, "cudaStreamSynchronize (before freeing an NF4 weight)"));
   const DevNF4 d = it->second;
   ctx->weights.erase(it);
   ctx->weight_bytes -= (int64_t)d.bytes;
-  // every op synchronizes its stream before returning, so no kernel still reads this weight
   STC_CK(cudaFree(d.base));
   return 0;
 }
@@ -522,7 +530,7 @@ int stc_nf4_stats(stc_ctx* ctx, int64_t* count, int64_t* bytes) {
 }
 
 int stc_gemm_nf4_resident(stc_ctx* ctx, int M, const float* X, int64_t weight_id, float beta, float* Y) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   STC_REQUIRE(M >= 0, "gemmNF4: negative M=%d", M);
   NF4View w;
@@ -531,7 +539,7 @@ int stc_gemm_nf4_resident(stc_ctx* ctx, int M, const float* X, int64_t weight_id
 }
 
 int stc_gemm_nf4t_resident(stc_ctx* ctx, int M, const float* DY, int64_t weight_id, float beta, float* DX) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   STC_REQUIRE(M >= 0, "gemmNF4T: negative M=%d", M);
   NF4View w;
@@ -540,7 +548,7 @@ int stc_gemm_nf4t_resident(stc_ctx* ctx, int M, const float* DY, int64_t weight_
 }
 
 int stc_dequant_nf4_resident(stc_ctx* ctx, int64_t weight_id, float* out) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   NF4View w;
   STC_TRY(find_weight(ctx, "dequantNF4", weight_id, &w));
@@ -548,7 +556,7 @@ int stc_dequant_nf4_resident(stc_ctx* ctx, int64_t weight_id, float* out) {
 }
 
 int stc_bench_nf4(stc_ctx* ctx, int M, int rows, int cols, int blocksize, int iters, double* out3) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   int log2bs;
   STC_TRY(check_nf4_geometry("benchNF4", rows, cols, blocksize, &log2bs));
@@ -595,7 +603,7 @@ int stc_bench_nf4(stc_ctx* ctx, int M, int rows, int cols, int blocksize, int it
     LoadNF4 lb{w.packed, w.absmax, (int64_t)cols, log2bs};
     STC_TRY((launch_gemm<0, 1>(ctx, M, rows, cols, 1.0f, dX.as<float>(), lb, 0.0f, dY.as<float>(), ctx->tensor_cores())));
     STC_CK(cudaEventRecord(e0, ctx->stream));
-    // launch_gemm synchronizes after each launch: a few microseconds against milliseconds of work
+    // launches are checked, not synchronized (SWARMTUNE_CUDA_SYNC=1 adds a wait per launch)
     for (int i = 0; i < iters; i++)
       STC_TRY((launch_gemm<0, 1>(ctx, M, rows, cols, 1.0f, dX.as<float>(), lb, 0.0f, dY.as<float>(),
                                  ctx->tensor_cores())));
@@ -603,7 +611,7 @@ int stc_bench_nf4(stc_ctx* ctx, int M, int rows, int cols, int blocksize, int it
     STC_CK(cudaEventSynchronize(e1));
     STC_CK(cudaEventElapsedTime(&ms, e0, e1));
     out3[2] = 2.0 * M * (double)rows * cols * iters / (ms * 1e-3) / 1e12;
-    return 0;
+    return sync_stream(ctx, "cudaStreamSynchronize (benchNF4)");
   };
   const int st = run();
   cudaEventDestroy(e0);
@@ -612,7 +620,7 @@ int stc_bench_nf4(stc_ctx* ctx, int M, int rows, int cols, int blocksize, int it
 }
 
 int stc_probe(stc_ctx* ctx, double* gemm_tflops, double* bandwidth_gbs) {
-  std::lock_guard<std::mutex> lock(ctx->mu);
+  ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   // 4096^3 is large enough to saturate any current GPU and takes ~1 ms on an H100.
   const int S = 4096;
@@ -641,7 +649,6 @@ int stc_probe(stc_ctx* ctx, double* gemm_tflops, double* bandwidth_gbs) {
     STC_CK(cudaEventRecord(e1, ctx->stream));
     STC_CK(cudaEventSynchronize(e1));
     STC_CK(cudaEventElapsedTime(&ms, e0, e1));
-    // gemm_dev synchronizes after each launch, which adds a few microseconds per iteration: negligible at this size.
     *gemm_tflops = 2.0 * S * S * (double)S * iters / (ms * 1e-3) / 1e12;
     int64_t n4 = (int64_t)bytes / 16;
     copy_kernel<<<ctx->sm_count * 8, 256, 0, ctx->stream>>>(b.as<float4>(), a.as<float4>(), n4);
@@ -653,7 +660,7 @@ int stc_probe(stc_ctx* ctx, double* gemm_tflops, double* bandwidth_gbs) {
     STC_CK(cudaEventSynchronize(e1));
     STC_CK(cudaEventElapsedTime(&ms, e0, e1));
     *bandwidth_gbs = 2.0 * bytes * iters / (ms * 1e-3) / 1e9;  // read + write
-    return 0;
+    return sync_stream(ctx, "cudaStreamSynchronize (probe)");
   };
   const int st = run();
   cudaEventDestroy(e0);

@@ -179,8 +179,8 @@ static unsigned grid1d(int64_t n) {
 
 using namespace stc;
 
-#define OP_ENTER()                           \
-  std::lock_guard<std::mutex> lock(ctx->mu); \
+#define OP_ENTER()                    \
+  ::stc::OpGuard stc_op_(ctx, __func__); \
   STC_TRY(enter(ctx))
 
 extern "C" {
@@ -238,7 +238,7 @@ int stc_rope(stc_ctx* ctx, float* x, const float* cos_t, const float* sin_t, int
   STC_TRY(dX.upload(ctx, x, xb));
   STC_TRY(dC.upload(ctx, cos_t, tb));
   STC_TRY(dS.upload(ctx, sin_t, tb));
-  STC_TRY(dP.upload(ctx, positions, sizeof(int32_t) * T));
+  STC_TRY(dP.upload_input(ctx, positions, sizeof(int32_t) * T));
   rope_kernel<<<grid1d((int64_t)T * n_heads * (D / 2)), 256, 0, ctx->stream>>>(
       dX.as<float>(), dC.as<float>(), dS.as<float>(), dP.as<int32_t>(), T, n_heads, D, inverse ? -1.0f : 1.0f);
   STC_LAUNCHED(ctx->stream);
@@ -285,7 +285,7 @@ int stc_embedding_forward(stc_ctx* ctx, float* out, const int32_t* ids, const fl
   for (int t = 0; t < T; t++)
     STC_REQUIRE(ids[t] >= 0 && ids[t] < V, "embeddingForward: ids[%d]=%d outside [0, %d)", t, ids[t], V);
   DevBuf dO, dI, dT;
-  STC_TRY(dI.upload(ctx, ids, sizeof(int32_t) * T));
+  STC_TRY(dI.upload_input(ctx, ids, sizeof(int32_t) * T));
   STC_TRY(dT.upload(ctx, table, sizeof(float) * (size_t)V * C));
   STC_TRY(dO.out(ctx, out, sizeof(float) * (size_t)T * C));
   embedding_kernel<<<grid1d((int64_t)T * C), 256, 0, ctx->stream>>>(dO.as<float>(), dI.as<int32_t>(), dT.as<float>(),
@@ -302,7 +302,7 @@ int stc_cross_entropy_chunk_forward(stc_ctx* ctx, const float* logits, const int
   const size_t tb = sizeof(float) * T;
   DevBuf dL, dY, dM, dS, dP;
   STC_TRY(dL.upload(ctx, logits, sizeof(float) * (size_t)T * Vc));
-  STC_TRY(dY.upload(ctx, labels, sizeof(int32_t) * T));
+  STC_TRY(dY.upload_input(ctx, labels, sizeof(int32_t) * T));
   STC_TRY(dM.upload(ctx, m, tb));
   STC_TRY(dS.upload(ctx, s, tb));
   STC_TRY(dP.upload(ctx, picked, tb));
@@ -322,7 +322,7 @@ int stc_cross_entropy_chunk_backward(stc_ctx* ctx, float* logits, const int32_t*
   const size_t lb = sizeof(float) * (size_t)T * Vc;
   DevBuf dL, dY, dLse, dSc;
   STC_TRY(dL.upload(ctx, logits, lb));
-  STC_TRY(dY.upload(ctx, labels, sizeof(int32_t) * T));
+  STC_TRY(dY.upload_input(ctx, labels, sizeof(int32_t) * T));
   STC_TRY(dLse.upload(ctx, lse, sizeof(float) * T));
   STC_TRY(dSc.upload(ctx, scale, sizeof(float) * T));
   ce_backward_kernel<<<T, ROW_THREADS, 0, ctx->stream>>>(dL.as<float>(), dY.as<int32_t>(), v0, Vc, dLse.as<float>(),

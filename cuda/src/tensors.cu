@@ -37,6 +37,8 @@ __global__ void mask_scale_kernel(float* out, const float* x,
   }
 }
 
+__global__ void fault_kernel(float* p) { *p = 1.0f; }
+
 static unsigned grid_elems(int64_t n) {
   unsigned b = blocks_for(n, 256);
   return b > 65535u * 8u ? 65535u * 8u : b;
@@ -46,8 +48,8 @@ static unsigned grid_elems(int64_t n) {
 
 using namespace stc;
 
-#define OP_ENTER()                           \
-  std::lock_guard<std::mutex> lock(ctx->mu); \
+#define OP_ENTER()                    \
+  ::stc::OpGuard stc_op_(ctx, __func__); \
   STC_TRY(enter(ctx))
 
 extern "C" {
@@ -87,8 +89,9 @@ int stc_dev_free(stc_ctx* ctx, void* p, int64_t bytes) {
     ctx->tensors.erase(it);
     ctx->tensor_bytes -= (int64_t)b;
   }
-  // Reuse by a later op is ordered after every use: ops synchronize their stream before returning and
-  // the caller frees only once its ops on this tensor completed.
+  // Reuse is ordered after every use without waiting here: device-only ops return with their kernels
+  // still queued, but every op, copy and zero fill runs on the one context stream, so whatever reuses this
+  // buffer is queued after them. (The caller frees only once its ops on the tensor have returned.)
   ctx->pool.release(p, b);
   return 0;
 }
@@ -121,12 +124,31 @@ int stc_dev_stats(stc_ctx* ctx, int64_t* tensors, int64_t* tensor_bytes, int64_t
 }
 
 int stc_copy(stc_ctx* ctx, void* dst, const void* src, int64_t bytes) {
-  OP_ENTER();
+  STC_TRY(enter(ctx));
   STC_REQUIRE(bytes >= 0, "copy: negative size %lld", (long long)bytes);
   if (bytes == 0) return 0;
   STC_REQUIRE(dst && src, "copy: null %s pointer", dst ? "source" : "destination");
+  const bool device_only = device_alias_ok(ctx, dst, 1) && device_alias_ok(ctx, src, 1);
+  // A copy touching host memory waits for the queued device-only ops without holding the op mutex, then
+  // copies and synchronizes (the host side is valid/consumed on return): the first host read after a
+  // failed kernel reports that asynchronous failure here.
+  if (!device_only) STC_TRY(drain(ctx));
+  OP_ENTER();
   STC_CK(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDefault, ctx->stream));
-  STC_CK(cudaStreamSynchronize(ctx->stream));
+  if (device_only) {
+    ctx->op_launched = true;  // device to device: queued like a kernel
+    return 0;
+  }
+  return sync_stream(ctx, "cudaStreamSynchronize (copy to or from host memory)");
+}
+
+int stc_debug_fault(stc_ctx* ctx, int kind) {
+  OP_ENTER();
+  STC_REQUIRE(kind == 1, "debugFault: unknown kind %d (1 = illegal address)", kind);
+  // a kernel that stores through an address no allocation maps: a device-only op whose fault is reported
+  // asynchronously, like a real out-of-bounds kernel
+  fault_kernel<<<1, 1, 0, ctx->stream>>>(reinterpret_cast<float*>((uintptr_t)0x10));
+  STC_LAUNCHED(ctx->stream);
   return 0;
 }
 
@@ -174,7 +196,7 @@ int stc_mask_scale(stc_ctx* ctx, float* out, const float* x, const uint8_t* mask
     xs = dO.as<float>();
     if (!accumulate && !dO.aliases(out)) STC_CK(cudaMemcpyAsync(dO.ptr, out, b, cudaMemcpyDefault, ctx->stream));
   }
-  STC_TRY(dM.upload(ctx, mask, (size_t)n, 1));
+  STC_TRY(dM.upload_input(ctx, mask, (size_t)n, 1));
   mask_scale_kernel<<<grid_elems(n), 256, 0, ctx->stream>>>(dO.as<float>(), xs, dM.as<uint8_t>(), scale, n,
                                                            accumulate ? 1 : 0);
   STC_LAUNCHED(ctx->stream);
