@@ -9,6 +9,7 @@
 // AdamW serves it, as it does a run with a finite host resident budget (the CPU AdamW spills pages to
 // disk; the CUDA optimizer keeps all state in pinned host memory).
 import type { AdamWOptions, Optimizer, OptimizerState, ParamSpec, StateTensor } from '../engine/train/optim.ts';
+import { stateTensorReader } from '../engine/train/optim.ts';
 import type { OptimName } from '../engine/train/config.ts';
 import { MIN_8BIT_SIZE, OPT_QUANT_BLOCK } from './paging.ts';
 import type { OptimizerBits } from './paging.ts';
@@ -113,15 +114,7 @@ export class CudaOptimizer implements Optimizer {
     const paged = this.#opt('importState');
     if (state.optim !== this.optim) throw new Error(`CudaOptimizer.importState: state is for optim ${state.optim}, this optimizer is ${this.optim}`);
     if (!Number.isInteger(state.step) || state.step < 0) throw new RangeError(`CudaOptimizer.importState: bad step ${state.step}`);
-    const byName = new Map(state.tensors.map((t) => [t.name, t]));
-    const get = (name: string, dtype: 'F32' | 'U8', len: number): Float32Array | Uint8Array => {
-      const t = byName.get(name);
-      if (!t) throw new Error(`CudaOptimizer.importState: missing optimizer tensor ${name}`);
-      if (t.dtype !== dtype || t.data.length !== len) {
-        throw new Error(`CudaOptimizer.importState: ${name} expected ${dtype}[${len}], got ${t.dtype}[${t.data.length}]`);
-      }
-      return t.data;
-    };
+    const get = stateTensorReader(state, 'CudaOptimizer.importState');
     // validate everything before writing anything, so a bad state leaves the optimizer as it was
     const writes: (() => void)[] = [];
     for (const s of this.#params) {

@@ -18,20 +18,23 @@ export interface KernelResources {
   spillLoadBytes: number;
 }
 
-/** `_ZN3stc14attn_fwd_kernelILi16EEEvPf…` → `attn_fwd_kernel<16>`; leaves unknown shapes mangled */
-export function shortKernelName(mangled: string): string {
-  const m = /^_ZN(?:\d+[A-Za-z_]\w*?)*?(\d+)([A-Za-z_]\w*)/.exec(mangled);
-  if (!m) return mangled;
-  // the last <len><ident> before template args / parameters: walk the nested names
-  let rest = mangled.slice(3);
-  let name = '';
+/** Walk a run of Itanium <length><identifier> names: the last identifier and what follows the run. */
+function lastSourceName(s: string): { last: string; rest: string } {
+  let last = '';
   for (;;) {
-    const n = /^(\d+)/.exec(rest);
-    if (!n) break;
+    const n = /^(\d+)/.exec(s);
+    if (!n) return { last, rest: s };
     const len = Number(n[1]);
-    name = rest.slice(n[1]!.length, n[1]!.length + len);
-    rest = rest.slice(n[1]!.length + len);
+    last = s.slice(n[1]!.length, n[1]!.length + len);
+    s = s.slice(n[1]!.length + len);
   }
+}
+
+/** `_ZN3stc15attn_fwd_kernelILi16EEEvPf…` → `attn_fwd_kernel<16>`; leaves unknown shapes mangled */
+export function shortKernelName(mangled: string): string {
+  if (!/^_ZN\d/.test(mangled)) return mangled;
+  // the last <len><ident> before template args / parameters: walk the nested names
+  const { last: name, rest } = lastSourceName(mangled.slice(3));
   if (!rest.startsWith('I')) return name;
   // template arguments: integer literals (Li<N>E) and class names (N3stc7LoadNF4E or <len><name>)
   const args: string[] = [];
@@ -42,14 +45,7 @@ export function shortKernelName(mangled: string): string {
     if ((a = /^Lb([01])E/.exec(t))) { args.push(a[1] === '1' ? 'true' : 'false'); t = t.slice(a[0].length); continue; }
     if (t.startsWith('N')) {
       // a nested name; `S_` / `S<n>_` are substitutions of names seen before (the namespace)
-      let u = t.slice(1).replace(/^S\d*_/, ''), last = '';
-      for (;;) {
-        const n = /^(\d+)/.exec(u);
-        if (!n) break;
-        const len = Number(n[1]);
-        last = u.slice(n[1]!.length, n[1]!.length + len);
-        u = u.slice(n[1]!.length + len);
-      }
+      const { last, rest: u } = lastSourceName(t.slice(1).replace(/^S\d*_/, ''));
       if (!u.startsWith('E')) break;
       args.push(last);
       t = u.slice(1);

@@ -446,6 +446,23 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     return t.slice(await t.constant(lm.allF32()), v0 * C, v1 * C);
   }
 
+  /** The final norm of x [T, C] into h (rstd saved), then per vocabulary chunk of `lossChunk` rows the
+   *  logits lc = h · W_chunkᵀ [T, Vc] in `logits` (reused: each chunk overwrites the previous one). */
+  private async *headChunks(x: Buf, h: Buf, rstd: Buf, logits: Buf, T: number): AsyncGenerator<{ v0: number; Vc: number; lc: Buf; W: Buf }> {
+    const t = this.tensors, cfg = this.config;
+    const C = cfg.hiddenSize, V = cfg.vocabSize;
+    const chunk = Math.min(this.lossChunk, V);
+    await t.rmsnormForward(h, rstd, x, await t.constant(this.finalNorm!), T, C, cfg.rmsNormEps);
+    const wScratch = this.lmHead!.storedAsBf16 && t.resident === 'host' ? new Float32Array(chunk * C) : null;
+    for (let v0 = 0; v0 < V; v0 += chunk) {
+      const Vc = Math.min(chunk, V - v0);
+      const lc = t.slice(logits, 0, T * Vc);
+      const W = await this.headRows(v0, v0 + Vc, wScratch);
+      await t.gemm(false, true, T, Vc, C, 1, h, W, 0, lc);
+      yield { v0, Vc, lc, W };
+    }
+  }
+
   /** final norm + lm_head over all rows of x [T, C] → logits [T, V] (inference) */
   private async headLogits(x: Buf, T: number): Promise<Float32Array> {
     const t = this.tensors;
@@ -591,12 +608,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     const logits = t.alloc(T * chunk);
     let m: Float32Array, s: Float32Array, picked: Float32Array;
     try {
-      await t.rmsnormForward(h, rstd, x, await t.constant(this.finalNorm!), T, C, cfg.rmsNormEps);
-      const wScratch = this.lmHead!.storedAsBf16 && t.resident === 'host' ? new Float32Array(chunk * C) : null;
-      for (let v0 = 0; v0 < V; v0 += chunk) {
-        const Vc = Math.min(chunk, V - v0);
-        const lc = t.slice(logits, 0, T * Vc);
-        await t.gemm(false, true, T, Vc, C, 1, h, await this.headRows(v0, v0 + Vc, wScratch), 0, lc);
+      for await (const { v0, Vc, lc } of this.headChunks(x, h, rstd, logits, T)) {
         await t.crossEntropyChunkForward(lc, labels, v0, T, Vc, mB, sB, pickedB);
       }
       m = await t.download(mB);
@@ -633,13 +645,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     const logits = t.alloc(T * chunk);
     const dx = t.alloc(T * C);
     try {
-      await t.rmsnormForward(h, rstd, x, await t.constant(this.finalNorm!), T, C, cfg.rmsNormEps);
-      const wScratch = this.lmHead!.storedAsBf16 && t.resident === 'host' ? new Float32Array(chunk * C) : null;
-      for (let v0 = 0; v0 < V; v0 += chunk) {
-        const Vc = Math.min(chunk, V - v0);
-        const lc = t.slice(logits, 0, T * Vc);
-        const W = await this.headRows(v0, v0 + Vc, wScratch);
-        await t.gemm(false, true, T, Vc, C, 1, h, W, 0, lc);
+      for await (const { v0, Vc, lc, W } of this.headChunks(x, h, rstd, logits, T)) {
         await t.crossEntropyChunkBackward(lc, labels, v0, T, Vc, lse, scale);
         await t.gemm(false, false, T, C, Vc, 1, lc, W, 1, dh);
       }

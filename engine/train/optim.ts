@@ -299,15 +299,7 @@ export class AdamW implements Optimizer {
   importState(state: OptimizerState): void {
     if (state.optim !== this.optim) throw new Error(`AdamW.importState: state is for optim ${state.optim}, this optimizer is ${this.optim}`);
     if (!Number.isInteger(state.step) || state.step < 0) throw new RangeError(`AdamW.importState: bad step ${state.step}`);
-    const byName = new Map(state.tensors.map((t) => [t.name, t]));
-    const get = (name: string, dtype: 'F32' | 'U8', len: number): Float32Array | Uint8Array => {
-      const t = byName.get(name);
-      if (!t) throw new Error(`AdamW.importState: missing optimizer tensor ${name}`);
-      if (t.dtype !== dtype || t.data.length !== len) {
-        throw new Error(`AdamW.importState: ${name} expected ${dtype}[${len}], got ${t.dtype}[${t.data.length}]`);
-      }
-      return t.data;
-    };
+    const get = stateTensorReader(state, 'AdamW.importState');
     for (const slot of this.slots) {
       if (slot.eightBit) {
         const nb = Math.ceil(slot.numel / OPTIM8_BLOCKSIZE);
@@ -343,6 +335,20 @@ export class AdamW implements Optimizer {
   dispose(): void {
     this.store.dispose();
   }
+}
+
+/** A lookup of an exported state's tensors by name that checks dtype and length; errors name `who`
+ *  and the tensor. */
+export function stateTensorReader(state: OptimizerState, who: string): (name: string, dtype: 'F32' | 'U8', len: number) => Float32Array | Uint8Array {
+  const byName = new Map(state.tensors.map((t) => [t.name, t]));
+  return (name, dtype, len) => {
+    const t = byName.get(name);
+    if (!t) throw new Error(`${who}: missing optimizer tensor ${name}`);
+    if (t.dtype !== dtype || t.data.length !== len) {
+      throw new Error(`${who}: ${name} expected ${dtype}[${len}], got ${t.dtype}[${t.data.length}]`);
+    }
+    return t.data;
+  };
 }
 
 /** Elements per page: 32-bit state is 8 B/element; 8-bit is 2 B/element + 8 B per 256-element block.
