@@ -56,3 +56,21 @@ test('the self-check accepts an agreeing backend and rejects a wrong, non-finite
   assert.match((await selfCheck(wrap((C) => { C[0] = NaN; }), cpu))!, /disagrees/);
   assert.match((await selfCheck(wrap(() => {}, true), cpu))!, /self-check GEMM failed: cudaErrorIllegalAddress/);
 });
+
+test('the device-tensor self-check runs the stage path (upload, GEMM, add, download) and rejects a wrong or failing one', async () => {
+  const { selfCheckTensors } = await import('../engine/backends/index.ts');
+  const { SimDevice, simDeviceBackend } = await import('./sim-device.ts');
+  const cpu = new RefBackend();
+  assert.equal(await selfCheckTensors(cpu, cpu), null, 'no device tensors: nothing to check');
+  const good = simDeviceBackend(new RefBackend());
+  assert.equal(await selfCheckTensors(good.backend, cpu), null);
+  assert.equal(good.sim.live(), 0, 'the check frees what it allocates');
+  const withTensors = (sim: InstanceType<typeof SimDevice>): Backend => {
+    const inner = new RefBackend();
+    return new Proxy(inner, { get: (t, p) => (p === 'tensors' ? () => sim : Reflect.get(t, p)) });
+  };
+  class WrongAdd extends SimDevice { override add(): Promise<void> { return Promise.resolve(); } }
+  class FailingUpload extends SimDevice { override upload(): Promise<never> { return Promise.reject(new Error('cudaErrorLaunchFailure')); } }
+  assert.match((await selfCheckTensors(withTensors(new WrongAdd(new RefBackend())), cpu))!, /device-tensor self-check disagrees/);
+  assert.match((await selfCheckTensors(withTensors(new FailingUpload(new RefBackend())), cpu))!, /device-tensor self-check failed: cudaErrorLaunchFailure/);
+});
