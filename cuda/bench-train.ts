@@ -6,7 +6,8 @@
 // NF4 base weights stay resident on the device after their first use (weight cache). The stage computes
 // on tensorsOf(backend), the backend's device-resident tensors: activations stay in device memory between
 // ops and cross to the host only at the stage boundary, for the LoRA parameters and their gradients, and
-// for the loss state. The report says whether that happened (`deviceResident`, from the tensor counters).
+// for the loss state. The report says whether that happened (`deviceResident`, from the tensor counters),
+// and where a step goes (`ops`: ops per step, inline launches vs worker ops, launch seconds vs wait seconds).
 // Also measured: NF4 dequantization GB/s and fused NF4 GEMM TFLOP/s on device-resident data
 // (Llama-3-8B MLP shape 14336x4096), set against the probe's copy bandwidth and bf16 GEMM TFLOP/s.
 import { writeFileSync } from 'node:fs';
@@ -66,6 +67,9 @@ const opt = backend!.createPagedAdamW({ bits: 8, deviceBudgetBytes: 64 * 2 ** 20
 const ids = stage.params.map((p) => opt.add(p.data.length));
 const rng = new Rng(7, 1);
 const stepTimes: number[] = [];
+// where a step's time goes (from the last timed step): ops launched inline on the JS thread and the time spent
+// launching them, ops on libuv workers, and the host's waits on the device (downloads, host-array ops)
+let opFigures: Record<string, number> | null = null;
 let lastLoss = NaN;
 for (let step = 0; step <= steps; step++) {
   if (performance.now() - t0 > budgetMs) {
@@ -75,6 +79,7 @@ for (let step = 0; step <= steps; step++) {
   const tokens = Int32Array.from({ length: B * S }, () => rng.nextU32() % cfg.vocabSize);
   const labels = Int32Array.from({ length: B * S }, (_, i) => ((i + 1) % S === 0 ? -100 : tokens[i + 1]));
   const ts = performance.now();
+  const ops0 = backend!.opStats();
   const grads = stage.newGrads();
   const fwd = await stage.forward({ key: `s${step}`, batch: B, seqLen: S, ids: tokens, labels }, { train: true });
   await stage.backward(`s${step}`, grads, { lossScale: 1 / (fwd.tokens ?? 1) });
@@ -82,6 +87,16 @@ for (let step = 0; step <= steps; step++) {
     await opt.step(ids[i], stage.params[i].data, grads[i], { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, step: step + 1 });
   }
   const dt = (performance.now() - ts) / 1000;
+  const ops1 = backend!.opStats();
+  opFigures = {
+    opsPerStep: ops1.inlineOps - ops0.inlineOps + ops1.workerOps - ops0.workerOps,
+    inlineOpsPerStep: ops1.inlineOps - ops0.inlineOps,
+    workerOpsPerStep: ops1.workerOps - ops0.workerOps,
+    launchSecondsPerStep: (ops1.inlineNs - ops0.inlineNs) / 1e9,
+    waitsPerStep: ops1.waits - ops0.waits,
+    waitSecondsPerStep: (ops1.waitNs - ops0.waitNs) / 1e9,
+    stepSeconds: dt,
+  };
   lastLoss = (fwd.lossSum ?? NaN) / (fwd.tokens ?? 1);
   if (step > 0) stepTimes.push(dt);  // step 0 warms up the pool and the kernels
   console.error(`bench: step ${step} ${dt.toFixed(2)} s loss ${lastLoss.toFixed(4)}`);
@@ -91,6 +106,7 @@ report.timedSteps = stepTimes.length;
 report.secondsPerStep = stepTimes.length ? mean : null;
 report.tokensPerSecond = stepTimes.length ? (B * S) / mean : null;
 report.lastLoss = lastLoss;
+report.ops = opFigures;
 report.devicePoolPeakBytes = backend!.memoryStats().peakPoolBytes;
 report.pagedOptimizer = opt.stats();
 report.weightCache = backend!.weightCacheStats();

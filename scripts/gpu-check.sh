@@ -77,6 +77,12 @@ report.figures = {
   nf4DequantFractionOfBandwidth: nf4.dequantFractionOfProbeBandwidth ?? null,
   nf4GemmTflops: nf4.gemmNF4Tflops ?? null,
   deviceResident: b.deviceResident ?? null,
+  // where a training step's time goes: ops per step, inline launches vs worker ops, launch vs wait seconds
+  opsPerStep: b.ops?.opsPerStep ?? null,
+  inlineOpsPerStep: b.ops?.inlineOpsPerStep ?? null,
+  workerOpsPerStep: b.ops?.workerOpsPerStep ?? null,
+  launchSecondsPerStep: b.ops?.launchSecondsPerStep ?? null,
+  waitSecondsPerStep: b.ops?.waitSecondsPerStep ?? null,
   peftRecipe: peft.recipe ?? null,
   peftTokensPerSecond: peft.tokensPerSecond ?? null,
   peftPeakDeviceBytes: peft.peakDeviceBytes ?? null,

@@ -52,7 +52,9 @@ test('api.h declares the ops the Backend interface needs', () => {
     'stc_gemm_nf4t_resident', 'stc_dequant_nf4_resident', 'stc_bench_nf4',
     // device tensors: pool allocations, copies and the elementwise ops of a device-resident stage
     'stc_dev_alloc', 'stc_dev_free', 'stc_dev_check', 'stc_dev_stats', 'stc_copy', 'stc_add', 'stc_add_bias',
-    'stc_mask_scale']) {
+    'stc_mask_scale',
+    // asynchronous ops: error flag, sync mode, mutex-free wait, counters, the fault hook of the GPU tests
+    'stc_last_error_async', 'stc_set_sync', 'stc_sync', 'stc_async_stats', 'stc_debug_fault']) {
     assert.ok(api.has(sym), `cuda/src/api.h does not declare ${sym}`);
   }
 });
