@@ -117,6 +117,20 @@ for (const c of [
     const nParams = dev.head.params.length + dev.tail.params.length;
     const perMicroBatch = (sim.uploads - uploads) / 2;
     assert.ok(perMicroBatch <= 3 * nParams + 8, `${perMicroBatch} uploads per micro-batch for ${nParams} LoRA tensors`);
+    // a device upload from host memory waits for the queued kernels: a pass uploads everything before
+    // its first op (the head stage: input and LoRA tensors; its backward: LoRA tensors, grads, gradOut)
+    sim.log = [];
+    const x = ids(B * S, V, 13);
+    const gh = dev.head.newGrads();
+    const f = await dev.head.forward({ key: 'order', batch: B, seqLen: S, ids: x, dropoutSeed: 1 });
+    const fwdLog = sim.log.join('');
+    sim.log = [];
+    await dev.head.backward('order', gh, { gradOut: new Float32Array(f.hidden!.length).fill(1e-3) });
+    const bwdLog = sim.log.join('');
+    sim.log = null;
+    for (const [what, log] of [['forward', fwdLog], ['backward', bwdLog]] as const) {
+      assert.match(log, /^U+O+D+$/, `head ${what}: uploads, then ops, then downloads (got ${log.replace(/(.)\1+/g, '$1…')})`);
+    }
     assert.equal(sim.live(), 0);
   });
 }

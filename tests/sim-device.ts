@@ -40,6 +40,8 @@ export class SimDevice implements TensorBackend<SimBuf> {
   downloads = 0;
   constantUploads = 0;
   ops = 0;
+  /** when an array, every upload ('U'), download ('D') and op ('O') is appended in order */
+  log: string[] | null = null;
 
   constructor(host: Backend) {
     this.host = hostTensors(host);
@@ -80,6 +82,7 @@ export class SimDevice implements TensorBackend<SimBuf> {
   async upload(src: Float32Array): Promise<SimBuf> {
     if (!(src instanceof Float32Array)) throw new TypeError('sim-device upload: src must be a Float32Array');
     this.uploads++;
+    this.log?.push('U');
     return this.make(src.length, src);
   }
 
@@ -96,6 +99,7 @@ export class SimDevice implements TensorBackend<SimBuf> {
   async download(b: SimBuf, out?: Float32Array): Promise<Float32Array> {
     const m = this.mem(b, 'download', 'buffer');
     this.downloads++;
+    this.log?.push('D');
     if (!out) return new Float32Array(m);
     if (out.length !== m.length) throw new RangeError(`sim-device download: out has ${out.length} elements, the buffer ${m.length}`);
     out.set(m);
@@ -114,6 +118,7 @@ export class SimDevice implements TensorBackend<SimBuf> {
   /** the ops: resolve handles, check that outputs overlap no input, run the host op */
   private async run<R>(op: string, outs: (SimBuf | null)[], ins: (SimBuf | null)[], fn: (o: (Float32Array | null)[], i: (Float32Array | null)[]) => Promise<R>): Promise<R> {
     this.ops++;
+    this.log?.push('O');
     const o = outs.map((b, k) => (b === null ? null : this.mem(b, op, `output ${k}`)));
     const i = ins.map((b, k) => (b === null ? null : this.mem(b, op, `input ${k}`)));
     const span = (b: SimBuf) => [(b.root ?? b).id, b.start, b.start + b.length] as const;

@@ -117,6 +117,13 @@ export class PassParams<Buf> {
     }
     return b;
   }
+  /** Upload these arrays now, before the pass queues its kernels: on a device an upload from host
+   *  memory waits for the queued work, so uploading at first use mid-pass would stall the GPU once
+   *  per layer instead of once per pass. */
+  async prefetch(arrays: readonly Float32Array[]): Promise<void> {
+    for (const a of arrays) await this.get(a);
+  }
+
   /** release every uploaded tensor (uploads that failed hold nothing) */
   async free(): Promise<void> {
     const all = [...this.bufs.values()];

@@ -171,6 +171,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     const kept: KeptBatch<Buf> = { ctx, layerInputs, layerActs, lastHidden: null, labels, lse: null };
     const params = new PassParams(t);
     try {
+      await this.prefetchParams(params);
       for (const layer of this.layers) {
         const { out, acts } = await this.layerForward(layer, x, ctx, null, params);
         if (layerActs) layerActs.push(acts);
@@ -232,6 +233,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     let dx: Buf | null = null;
     const params = new PassParams(t);
     try {
+      await this.prefetchParams(params);
       for (const a of grads) g.push(await t.upload(a));
       dx = this.isLast ? await this.lossBackward(kept, scale) : await t.upload(args.gradOut!);
       for (let i = this.layers.length - 1; i >= 0; i--) {
@@ -318,6 +320,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     let x: Buf = await t.upload(xh);
     const params = new PassParams(t);
     try {
+      await this.prefetchParams(params);
       for (let i = 0; i < this.layers.length; i++) {
         const { out, acts } = await this.layerForward(this.layers[i], x, ctx, { cache, layerIdx: i }, params);
         this.freeActs(acts, true);
@@ -332,6 +335,12 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
   }
 
   // ---- internals ----
+
+  /** upload this pass's LoRA tensors before its kernels are queued (see PassParams.prefetch); the
+   *  caller's finally frees them */
+  private async prefetchParams(params: PassParams<Buf>): Promise<void> {
+    if (this.tensors.resident !== 'host') await params.prefetch(this.params.map((p) => p.data));
+  }
 
   /** free a layer's saved activations (and its input x when includeX) */
   private freeActs(a: LayerActs<Buf>, includeX: boolean): void {
@@ -424,6 +433,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     let x: Buf = await t.upload(xh);
     const params = new PassParams(t);
     try {
+      await this.prefetchParams(params);
       for (const layer of this.layers) {
         const { out, acts } = await this.layerForward(layer, x, ctx, null, params);
         this.freeActs(acts, true);
