@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Builds the CUDA library from the unmodified cuda/src for the CPU, against the emulator in cuda/emu (no nvcc,
+# no GPU: only g++), into cuda/build-emu/: libswarmtune_cuda.so and the same N-API addon as cuda/build.sh.
+# Load it with SWARMTUNE_CUDA_EMU=1 (cuda/index.ts); see docs/cuda.md, section "Emulator".
+#   CUDA_EMU_SRC=dir   build another copy of the sources (default cuda/src)
+#   CUDA_EMU_OUT=dir   output directory (default cuda/build-emu)
+#   CUDA_EMU_OPT=-O1   optimization level (default -O2)
+set -euo pipefail
+cd "$(dirname "$0")"
+SRC="${CUDA_EMU_SRC:-src}"
+OUT="${CUDA_EMU_OUT:-build-emu}"
+OPT="${CUDA_EMU_OPT:--O2}"
+CXX="${CXX:-g++}"
+NODE_BIN="${NODE_BIN:-../node_modules/.bin/node}"
+[ -x "$NODE_BIN" ] || NODE_BIN=node
+if ! command -v "$CXX" >/dev/null 2>&1; then
+  echo "build:cuda-emu: $CXX not found; skipping the emulator build" >&2
+  exit 0
+fi
+start=$(date +%s)
+mkdir -p "$OUT/src" "$OUT/obj"
+# 1. the CUDA-only syntax (<<<>>>, __shared__, __launch_bounds__) rewritten into $OUT/src; headers copied
+for f in "$SRC"/*.cu; do
+  "$NODE_BIN" emu/transform.ts "$f" "$OUT/src/$(basename "$f")" "cuda/src/$(basename "$f")"
+done
+for h in "$SRC"/*.h "$SRC"/*.cuh; do
+  [ -e "$h" ] && cp "$h" "$OUT/src/"
+done
+# 2. every .cu as C++ (emulator headers first on the include path), plus the emulator runtime, in parallel.
+# -ffp-contract=off: no FMA contraction (documented difference from nvcc's default); no fast-math.
+JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
+CXXFLAGS=("$OPT" -g0 -std=c++17 -fPIC -fvisibility=hidden -ffp-contract=off -U_FORTIFY_SOURCE -D__CUDA_ARCH__=800
+  -DSTC_CUDA_EMULATOR=1 -Iemu -I"$OUT/src" -include emu/stc_emu.h -Wno-unused-function -Wno-attributes)
+printf '%s\n' "${CXXFLAGS[@]}" > "$OUT/obj/cxxflags"
+export CXX OUT
+{ ls "$OUT"/src/*.cu; echo emu/emu.cc; } | xargs -P "$JOBS" -I{} bash -c '
+  set -e; f="{}"; b="$(basename "$f")"; o="$OUT/obj/${b%.*}.o"
+  mapfile -t FL < "$OUT/obj/cxxflags"
+  if [[ "$f" == *.cu ]]; then "$CXX" "${FL[@]}" -x c++ -c "$f" -o "$o"; else "$CXX" "${FL[@]}" -c "$f" -o "$o"; fi
+  echo "build:cuda-emu: compiled $b"
+'
+"$CXX" -shared -fPIC -o "$OUT/libswarmtune_cuda.so" "$OUT"/obj/*.o -lpthread
+echo "build:cuda-emu: linked $OUT/libswarmtune_cuda.so"
+
+# 3. the addon, as cuda/build.sh builds it, linked against the emulated library
+NODE_INC=""
+for d in "$("$NODE_BIN" -p 'require("path").resolve(process.execPath, "../../include/node")' 2>/dev/null || true)" \
+         /usr/include/node /usr/local/include/node "$HOME/.cache/node-gyp/$("$NODE_BIN" -p process.versions.node 2>/dev/null)/include/node"; do
+  if [ -n "$d" ] && [ -f "$d/node_api.h" ]; then NODE_INC="$d"; break; fi
+done
+if [ -z "$NODE_INC" ]; then
+  echo "build:cuda-emu: node_api.h not found (looked next to node and in /usr/include/node); cannot build the addon" >&2
+  exit 1
+fi
+NAPI_INC="$("$NODE_BIN" -p 'require("path").dirname(require.resolve("node-addon-api/package.json"))')"
+"$CXX" -O2 -std=c++17 -shared -fPIC -fvisibility=hidden -DNAPI_VERSION=8 -DNAPI_DISABLE_CPP_EXCEPTIONS \
+  -I"$NODE_INC" -I"$NAPI_INC" addon/addon.cc -o "$OUT/swarmtune_cuda.node" \
+  -L"$OUT" -lswarmtune_cuda -Wl,-rpath,'$ORIGIN'
+echo "build:cuda-emu: built $OUT/swarmtune_cuda.node"
+echo "build:cuda-emu: done in $(( $(date +%s) - start ))s"
