@@ -167,8 +167,10 @@ export interface CudaOpStats {
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
-/** Where build.sh puts the addon; SWARMTUNE_CUDA_ADDON overrides it. */
-export const CUDA_ADDON_PATH = process.env.SWARMTUNE_CUDA_ADDON ?? join(here, 'build', 'swarmtune_cuda.node');
+/** Where build.sh puts the addon; SWARMTUNE_CUDA_ADDON overrides it; SWARMTUNE_CUDA_EMU=1 picks the CPU emulator
+ *  build of the same sources (cuda/build-emu.sh, docs/cuda.md "Emulator"). */
+export const CUDA_ADDON_PATH = process.env.SWARMTUNE_CUDA_ADDON ??
+  join(here, process.env.SWARMTUNE_CUDA_EMU === '1' ? 'build-emu' : 'build', 'swarmtune_cuda.node');
 
 let lastReason: string | null = null;
 
