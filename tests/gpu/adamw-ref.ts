@@ -5,6 +5,13 @@
 
 export interface Hyper { lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number }
 
+/** The hyperparameters as the kernels (and bitsandbytes) receive them: float32 (stc_adamw_hparams). In float64,
+ *  1 - 0.999 is 1.29e-5 relative away from 1 - fround(0.999), more than the tests' tolerance on v. */
+function f32(hp: Hyper): Hyper {
+  const f = Math.fround;
+  return { lr: f(hp.lr), beta1: f(hp.beta1), beta2: f(hp.beta2), eps: f(hp.eps), weightDecay: f(hp.weightDecay), step: hp.step };
+}
+
 /** create_dynamic_map(signed, max_exponent_bits=7, total_bits=8), 256 sorted values rounded to float32. */
 export function dynamicMap(signed: boolean): Float32Array {
   const data: number[] = [];
@@ -39,7 +46,8 @@ function corrections(hp: Hyper): { stepSize: number; epsC2: number } {
 
 /** bitsandbytes 32-bit Adam with decoupled decay applied after the step; a non-finite gradient leaves
  *  p, m and v untouched (the CPU trainer's rule, engine/train/optim.ts). */
-export function adamw32Ref(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, hp: Hyper): void {
+export function adamw32Ref(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, hp64: Hyper): void {
+  const hp = f32(hp64);
   const { stepSize, epsC2 } = corrections(hp);
   for (let i = 0; i < p.length; i++) {
     if (!Number.isFinite(g[i])) continue;
@@ -53,7 +61,8 @@ export function adamw32Ref(p: Float32Array, g: Float32Array, m: Float32Array, v:
 
 /** 8-bit blockwise (256) AdamW; non-finite gradients reset both states and leave p unchanged. */
 export function adamw8bitRef(p: Float32Array, g: Float32Array, s1: Uint8Array, s2: Uint8Array, absmax1: Float32Array,
-  absmax2: Float32Array, hp: Hyper): void {
+  absmax2: Float32Array, hp64: Hyper): void {
+  const hp = f32(hp64);
   const { stepSize, epsC2 } = corrections(hp);
   const n = p.length;
   for (let b = 0; b * 256 < n; b++) {

@@ -5,6 +5,8 @@
 // update (lr): a wrong step count or bias correction is off by about a whole update.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { AdamW, createOptimizer } from '../../engine/train/optim.ts';
 import type { AdamWOptions } from '../../engine/train/optim.ts';
 import { assertClose, cuda, randn, rng, skip } from './helpers.ts';
@@ -46,5 +48,7 @@ for (const optim of ['paged_adamw_32bit', 'paged_adamw_8bit'] as const) {
 
 test('createOptimizer on CUDA leaves adamw_torch and a disk-spilling budget to the CPU AdamW', { skip }, () => {
   assert.ok(createOptimizer(cuda!, specs, opts('adamw_torch')) instanceof AdamW);
-  assert.ok(createOptimizer(cuda!, specs, { ...opts('paged_adamw_8bit'), residentBytes: 1 << 20 }) instanceof AdamW);
+  // a finite residentBytes needs a spill directory (created only on the first spill: none happens here)
+  const spillDir = join(tmpdir(), `swarmtune-gpu-optimizer-${process.pid}`);
+  assert.ok(createOptimizer(cuda!, specs, { ...opts('paged_adamw_8bit'), residentBytes: 1 << 20, spillDir }) instanceof AdamW);
 });
