@@ -57,4 +57,9 @@ NAPI_INC="$("$NODE_BIN" -p 'require("path").dirname(require.resolve("node-addon-
   -I"$NODE_INC" -I"$NAPI_INC" addon/addon.cc -o "$OUT/swarmtune_cuda.node" \
   -L"$OUT" -lswarmtune_cuda -Wl,-rpath,'$ORIGIN'
 echo "build:cuda-emu: built $OUT/swarmtune_cuda.node"
+# 4. the emulator's self-test program (tests/cuda-emu.test.ts)
+"$NODE_BIN" emu/transform.ts emu/selftest.cu "$OUT/selftest.cu" cuda/emu/selftest.cu
+mapfile -t FL < "$OUT/obj/cxxflags"
+"$CXX" "${FL[@]}" -x c++ "$OUT/selftest.cu" -x none "$OUT/obj/emu.o" -o "$OUT/selftest" -lpthread
+echo "build:cuda-emu: built $OUT/selftest"
 echo "build:cuda-emu: done in $(( $(date +%s) - start ))s"

@@ -311,6 +311,8 @@ struct KernelInfo {
   std::vector<std::pair<void*, size_t>> statics;  // registered static __shared__ storage
   std::atomic<size_t> static_bytes{0};
   std::atomic<int> max_dyn_smem{-1};  // cudaFuncAttributeMaxDynamicSharedMemorySize, -1 = not set
+  std::atomic<bool> ran{false};  // has run once: its static shared memory and launch bounds are known
+  std::atomic<int> bound{0};  // __launch_bounds__ seen when it last ran (0 = unknown): later launches check at issue
 };
 // Per kernel: looked up under g_kinfo_mu (launches are queued from any thread without waiting for the device);
 // nodes are stable, `statics` is only touched while the kernel runs (under g_device).
@@ -764,6 +766,7 @@ void shared_static(void* p, size_t bytes) {
 }
 
 bool launch_bounds(int max_threads) {
+  g_run.info->bound = max_threads;
   const Thread* t = g_running;
   const unsigned n = t->bdim.x * t->bdim.y * t->bdim.z;
   if ((int)n > max_threads) {
@@ -826,11 +829,28 @@ void enqueue_launch(cudaStream_t st, const LaunchDesc& d0) {
                attr >= 0 ? "cudaFuncAttributeMaxDynamicSharedMemorySize" : "48 KiB without cudaFuncSetAttribute");
       return fail(cudaErrorInvalidValue, why);
     }
+    const int bound = ki.bound.load();
+    if (bound > 0 && (int)((uint64_t)b.x * b.y * b.z) > bound) {
+      snprintf(why, sizeof why, "block of %u threads exceeds __launch_bounds__(%d)", b.x * b.y * b.z, bound);
+      return fail(cudaErrorLaunchOutOfResources, why);
+    }
     if (ki.static_bytes.load() + d0.smem > cfg().smem_optin()) {
       snprintf(why, sizeof why, "static %zu + dynamic %zu bytes of shared memory exceed the opt-in limit %zu",
                ki.static_bytes.load(), d0.smem, cfg().smem_optin());
       return fail(cudaErrorInvalidValue, why);
     }
+  }
+  KernelInfo& ki = kernel_info(d0.kernel);
+  if (!ki.ran.load()) {
+    // The first launch of a kernel runs at issue (after the work queued before it): its static shared memory
+    // and __launch_bounds__ are learnt by running it, and a launch error must reach this call's
+    // cudaGetLastError, as on the hardware. Later launches are checked at issue and queued.
+    Stream* s = S(st);
+    std::lock_guard<std::recursive_mutex> dev(g_device);
+    flush(s);
+    ki.ran = true;
+    run_launch(d0);
+    return;
   }
   auto d = std::make_shared<LaunchDesc>(d0);
   enqueue(S(st), [d]() { run_launch(*d); });
