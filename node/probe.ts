@@ -40,7 +40,8 @@ export interface ProbeOptions {
 export async function probeCapabilities(backend: Backend, opts: ProbeOptions): Promise<Capabilities> {
   const total = os.totalmem();
   const free = os.freemem();
-  const cuda = /^cuda(:(\d+))?$/.exec(opts.device);
+  // `--device auto` that found a usable GPU advertises it like `--device cuda` (GPU 0)
+  const cuda = /^cuda(:(\d+))?$/.exec(opts.device) ?? (backend.name === 'cuda' ? /^cuda(:(\d+))?$/.exec('cuda:0') : null);
   if (cuda !== null) {
     // a GPU volunteer advertises its device: memory, compute capability, measured GEMM and bandwidth
     const { probeCuda } = await import('../cuda/index.ts');
@@ -48,7 +49,7 @@ export async function probeCapabilities(backend: Backend, opts: ProbeOptions): P
     if (g === null) throw new Error(`--device ${opts.device}: no usable CUDA device (driver, GPU or the built library is missing)`);
     return {
       backend: 'cuda',
-      deviceName: `${opts.device} ${g.name}`.slice(0, 256),
+      deviceName: `${cuda[0]} ${g.name}`.slice(0, 256),
       memoryBytes: Math.min(opts.maxMemoryBytes ?? Math.floor(g.freeMemoryBytes * 0.9), g.freeMemoryBytes),
       memoryTotalBytes: g.totalMemoryBytes,
       memoryFreeBytes: g.freeMemoryBytes,

@@ -2,6 +2,7 @@
 import path from 'node:path';
 import { rm } from 'node:fs/promises';
 import type { Backend } from '../engine/backend.ts';
+import type { BackendKind } from '../engine/backends/index.ts';
 import { loadStage } from '../engine/model/stage.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
@@ -47,15 +48,15 @@ export const EXIT_OK = 0;
 export const EXIT_REJECTED = 2;
 export const EXIT_FAILED = 1;
 
-function backendKind(device: string): 'auto' | 'cpu' | 'ref' | 'cuda' {
+function backendKind(device: string): BackendKind {
   if (device === 'auto' || device === 'cpu' || device === 'ref') return device;
-  if (/^cuda(:\d+)?$/.test(device)) return 'cuda';
+  if (/^cuda(:\d+)?$/.test(device)) return device as BackendKind; // cuda:N selects GPU N
   throw new SwarmError(`--device must be auto, cpu, ref or cuda:N, got "${device}"`);
 }
 
 /** The backend factory, loaded when first needed so an in-process volunteer with an injected
  *  backend does not load the native addon. */
-async function loadCreateBackend(): Promise<(kind: 'auto' | 'cpu' | 'ref' | 'cuda') => Promise<Backend>> {
+async function loadCreateBackend(): Promise<(kind: BackendKind) => Promise<Backend>> {
   const { createBackend } = await import('../engine/backends/index.ts');
   return (k) => createBackend(k);
 }

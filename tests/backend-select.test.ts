@@ -74,3 +74,15 @@ test('the device-tensor self-check runs the stage path (upload, GEMM, add, downl
   assert.match((await selfCheckTensors(withTensors(new WrongAdd(new RefBackend())), cpu))!, /device-tensor self-check disagrees/);
   assert.match((await selfCheckTensors(withTensors(new FailingUpload(new RefBackend())), cpu))!, /device-tensor self-check failed: cudaErrorLaunchFailure/);
 });
+
+test('cuda:N names a GPU; unknown kinds are refused by name; a volunteer whose auto backend is CUDA advertises the GPU', async () => {
+  await assert.rejects(createBackend('cuda:1'), (e: Error) => e.name === 'BackendUnavailableError' && /CUDA backend is not available/.test(e.message));
+  await assert.rejects(createBackend('gpu' as never), /unknown backend kind "gpu"; expected auto, cpu, ref, cuda or cuda:N/);
+  const { probeCapabilities } = await import('../node/probe.ts');
+  const cpu = new RefBackend();
+  const caps = await probeCapabilities(cpu, { device: 'auto' });
+  assert.equal(caps.backend, 'cpu');
+  // a backend that reports itself as CUDA is probed as the GPU (here there is none, so the GPU probe fails)
+  const gpuLike = new Proxy(cpu, { get: (t, p) => (p === 'name' ? 'cuda' : Reflect.get(t, p)) });
+  await assert.rejects(probeCapabilities(gpuLike, { device: 'auto' }), /no usable CUDA device/);
+});

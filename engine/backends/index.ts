@@ -1,9 +1,10 @@
-// Backend factory: picks the compute backend by name ('auto' | 'cpu' | 'ref' | 'cuda').
+// Backend factory: picks the compute backend by name ('auto' | 'cpu' | 'ref' | 'cuda' | 'cuda:N').
 import type { Backend } from '../backend.ts';
 import { NativeBackend } from './native.ts';
 import { RefBackend } from './ref.ts';
 
-export type BackendKind = 'auto' | 'cpu' | 'ref' | 'cuda';
+/** 'cuda:N' is GPU N (CUDA's numbering, after CUDA_VISIBLE_DEVICES); 'cuda' and 'auto' use GPU 0 */
+export type BackendKind = 'auto' | 'cpu' | 'ref' | 'cuda' | `cuda:${number}`;
 
 /** The CUDA backend was asked for but is not built or has no usable GPU. */
 export class BackendUnavailableError extends Error {
@@ -118,18 +119,20 @@ export async function createBackend(kind: BackendKind = 'auto', opts?: CreateBac
       return new NativeBackend(opts);
     case 'ref':
       return new RefBackend();
-    case 'cuda': {
+    default: {
+      const m = /^cuda(?::(\d+))?$/.exec(String(kind));
+      if (m === null) {
+        throw new BackendUnavailableError(`unknown backend kind ${JSON.stringify(kind)}; expected auto, cpu, ref, cuda or cuda:N`);
+      }
       // loaded lazily so CPU-only installs never touch the CUDA loader
       const cuda = await import('../../cuda/index.ts');
-      const be = await cuda.loadCudaBackend();
+      const be = await cuda.loadCudaBackend({ device: Number(m[1] ?? 0) });
       if (!be) {
         throw new BackendUnavailableError(`the CUDA backend is not available: ${cuda.cudaUnavailableReason() ?? 'unknown reason'}; ` +
           "use 'cpu'");
       }
       return be;
     }
-    default:
-      throw new BackendUnavailableError(`unknown backend kind ${JSON.stringify(kind)}; expected auto, cpu, ref or cuda`);
   }
 }
 

@@ -11,7 +11,7 @@ import type { Tokenizer } from '../formats/tokenizer.ts';
 export async function backendForDevice(device: string): Promise<Backend> {
   let kind: string;
   if (device === 'auto' || device === 'cpu' || device === 'ref') kind = device;
-  else if (/^cuda(:\d+)?$/.test(device)) kind = 'cuda';
+  else if (/^cuda(:\d+)?$/.test(device)) kind = device; // cuda:N selects GPU N
   else throw new RangeError(`--device must be auto, cpu, ref or cuda[:N], got "${device}"`);
   // loaded lazily so `--device ref` never needs the native addon
   const mod = await import(new URL('../backends/index.ts', import.meta.url).href) as { createBackend(kind: string): Promise<Backend> };
