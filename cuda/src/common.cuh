@@ -267,6 +267,13 @@ inline unsigned blocks_for(int64_t n, int threads) {
   return (unsigned)(b < 1 ? 1 : (b > 2147483647 ? 2147483647 : b));
 }
 
+// Grid of an elementwise kernel with 256-thread blocks and a grid-stride loop: capped so huge tensors
+// loop instead of launching millions of blocks.
+inline unsigned grid1d(int64_t n) {
+  unsigned b = blocks_for(n, 256);
+  return b > 65535u * 8u ? 65535u * 8u : b;
+}
+
 // Device-side ops on device pointers (used by the host entry points, the paged optimizer and the probe).
 int gemm_dev(stc_ctx* ctx, int transA, int transB, int M, int N, int K, float alpha, const float* A,
              const float* B, float beta, float* C, bool tensor_cores);
@@ -276,3 +283,9 @@ int adamw8bit_dev(stc_ctx* ctx, cudaStream_t st, float* p, const float* g, uint8
                   float* absmax1, float* absmax2, int64_t n, const stc_adamw_hparams& hp);
 
 }  // namespace stc
+
+// First statement of every public op entry point: the op guard (what the op staged, for synchronization
+// and error reports) and the context's device bound to this thread.
+#define OP_ENTER()                       \
+  ::stc::OpGuard stc_op_(ctx, __func__); \
+  STC_TRY(enter(ctx))

@@ -170,18 +170,9 @@ __global__ void ce_backward_kernel(float* __restrict__ logits, const int32_t* __
   }
 }
 
-static unsigned grid1d(int64_t n) {
-  unsigned b = blocks_for(n, 256);
-  return b > 65535u * 8u ? 65535u * 8u : b;
-}
-
 }  // namespace stc
 
 using namespace stc;
-
-#define OP_ENTER()                    \
-  ::stc::OpGuard stc_op_(ctx, __func__); \
-  STC_TRY(enter(ctx))
 
 extern "C" {
 

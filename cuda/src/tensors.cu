@@ -39,18 +39,9 @@ __global__ void mask_scale_kernel(float* out, const float* x,
 
 __global__ void fault_kernel(float* p) { *p = 1.0f; }
 
-static unsigned grid_elems(int64_t n) {
-  unsigned b = blocks_for(n, 256);
-  return b > 65535u * 8u ? 65535u * 8u : b;
-}
-
 }  // namespace stc
 
 using namespace stc;
-
-#define OP_ENTER()                    \
-  ::stc::OpGuard stc_op_(ctx, __func__); \
-  STC_TRY(enter(ctx))
 
 extern "C" {
 
@@ -160,7 +151,7 @@ int stc_add(stc_ctx* ctx, float* y, const float* x, int64_t n) {
   DevBuf dY, dX;
   STC_TRY(dY.upload(ctx, y, b));
   STC_TRY(dX.upload(ctx, x, b));
-  add_kernel<<<grid_elems(n), 256, 0, ctx->stream>>>(dY.as<float>(), dX.as<float>(), n);
+  add_kernel<<<grid1d(n), 256, 0, ctx->stream>>>(dY.as<float>(), dX.as<float>(), n);
   STC_LAUNCHED(ctx->stream);
   return dY.download(y, b);
 }
@@ -173,7 +164,7 @@ int stc_add_bias(stc_ctx* ctx, float* y, const float* bias, int T, int N) {
   DevBuf dY, dB;
   STC_TRY(dY.upload(ctx, y, sizeof(float) * (size_t)total));
   STC_TRY(dB.upload(ctx, bias, sizeof(float) * (size_t)N));
-  add_bias_kernel<<<grid_elems(total), 256, 0, ctx->stream>>>(dY.as<float>(), dB.as<float>(), total, N);
+  add_bias_kernel<<<grid1d(total), 256, 0, ctx->stream>>>(dY.as<float>(), dB.as<float>(), total, N);
   STC_LAUNCHED(ctx->stream);
   return dY.download(y, sizeof(float) * (size_t)total);
 }
@@ -197,7 +188,7 @@ int stc_mask_scale(stc_ctx* ctx, float* out, const float* x, const uint8_t* mask
     if (!accumulate && !dO.aliases(out)) STC_CK(cudaMemcpyAsync(dO.ptr, out, b, cudaMemcpyDefault, ctx->stream));
   }
   STC_TRY(dM.upload_input(ctx, mask, (size_t)n, 1));
-  mask_scale_kernel<<<grid_elems(n), 256, 0, ctx->stream>>>(dO.as<float>(), xs, dM.as<uint8_t>(), scale, n,
+  mask_scale_kernel<<<grid1d(n), 256, 0, ctx->stream>>>(dO.as<float>(), xs, dM.as<uint8_t>(), scale, n,
                                                            accumulate ? 1 : 0);
   STC_LAUNCHED(ctx->stream);
   return dO.download(out, b);
