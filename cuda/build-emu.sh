@@ -43,20 +43,8 @@ export CXX OUT
 echo "build:cuda-emu: linked $OUT/libswarmtune_cuda.so"
 
 # 3. the addon, as cuda/build.sh builds it, linked against the emulated library
-NODE_INC=""
-for d in "$("$NODE_BIN" -p 'require("path").resolve(process.execPath, "../../include/node")' 2>/dev/null || true)" \
-         /usr/include/node /usr/local/include/node "$HOME/.cache/node-gyp/$("$NODE_BIN" -p process.versions.node 2>/dev/null)/include/node"; do
-  if [ -n "$d" ] && [ -f "$d/node_api.h" ]; then NODE_INC="$d"; break; fi
-done
-if [ -z "$NODE_INC" ]; then
-  echo "build:cuda-emu: node_api.h not found (looked next to node and in /usr/include/node); cannot build the addon" >&2
-  exit 1
-fi
-NAPI_INC="$("$NODE_BIN" -p 'require("path").dirname(require.resolve("node-addon-api/package.json"))')"
-"$CXX" -O2 -std=c++17 -shared -fPIC -fvisibility=hidden -DNAPI_VERSION=8 -DNAPI_DISABLE_CPP_EXCEPTIONS \
-  -I"$NODE_INC" -I"$NAPI_INC" addon/addon.cc -o "$OUT/swarmtune_cuda.node" \
-  -L"$OUT" -lswarmtune_cuda -Wl,-rpath,'$ORIGIN'
-echo "build:cuda-emu: built $OUT/swarmtune_cuda.node"
+TAG=build:cuda-emu
+source ./build-addon.sh
 # 4. the emulator's self-test program (tests/cuda-emu.test.ts)
 "$NODE_BIN" emu/transform.ts emu/selftest.cu "$OUT/selftest.cu" cuda/emu/selftest.cu
 mapfile -t FL < "$OUT/obj/cxxflags"

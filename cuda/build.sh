@@ -50,22 +50,10 @@ sass_json=$(printf '%s,' $ARCHS); sass_json="[${sass_json%,}]"
 is_default=$([ -z "${CUDA_ARCHS:-}" ] && [ -z "${CUDA_PTX_ARCH:-}" ] && echo true || echo false)
 printf '{"sass":%s,"ptx":[%s],"default":%s}\n' "$sass_json" "$PTX_ARCH" "$is_default" > "$OUT/targets.json"
 
-# N-API addon: N-API is ABI-stable, so any Node >= 18 headers work; prefer the running Node's.
+# the N-API addon
 NODE_BIN="${NODE_BIN:-../node_modules/.bin/node}"
 [ -x "$NODE_BIN" ] || NODE_BIN=node
-NODE_INC=""
-for d in "$("$NODE_BIN" -p 'require("path").resolve(process.execPath, "../../include/node")' 2>/dev/null || true)" \
-         /usr/include/node /usr/local/include/node "$HOME/.cache/node-gyp/$("$NODE_BIN" -p process.versions.node 2>/dev/null)/include/node"; do
-  if [ -n "$d" ] && [ -f "$d/node_api.h" ]; then NODE_INC="$d"; break; fi
-done
-if [ -z "$NODE_INC" ]; then
-  echo "build:cuda: node_api.h not found (looked next to node and in /usr/include/node); cannot build the addon" >&2
-  exit 1
-fi
-NAPI_INC="$("$NODE_BIN" -p 'require("path").dirname(require.resolve("node-addon-api/package.json"))')"
 CXX="${CXX:-g++}"
-"$CXX" -O2 -std=c++17 -shared -fPIC -fvisibility=hidden -DNAPI_VERSION=8 -DNAPI_DISABLE_CPP_EXCEPTIONS \
-  -I"$NODE_INC" -I"$NAPI_INC" addon/addon.cc -o "$OUT/swarmtune_cuda.node" \
-  -L"$OUT" -lswarmtune_cuda -Wl,-rpath,'$ORIGIN'
-echo "build:cuda: built $OUT/swarmtune_cuda.node (node headers: $NODE_INC)"
+TAG=build:cuda
+source ./build-addon.sh
 echo "build:cuda: done in $(( $(date +%s) - start ))s"

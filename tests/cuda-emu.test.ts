@@ -26,7 +26,8 @@ function newestInput(): number {
   let t = 0;
   const dirs = ['cuda/src', 'cuda/emu', 'cuda/addon'];
   for (const d of dirs) for (const f of readdirSync(join(root, d))) t = Math.max(t, statSync(join(root, d, f)).mtimeMs);
-  return Math.max(t, statSync(join(root, 'cuda/build-emu.sh')).mtimeMs);
+  for (const f of ['cuda/build-emu.sh', 'cuda/build-addon.sh']) t = Math.max(t, statSync(join(root, f)).mtimeMs);
+  return t;
 }
 
 /** The emulator build: cuda/build-emu when it is newer than every input (npm run build:cuda-emu), else a fresh
