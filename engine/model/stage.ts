@@ -315,9 +315,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     const positions = new Int32Array(T);
     for (let i = 0; i < T; i++) positions[i] = cache.pos + i;
     const ctx: PassContext = { B: 1, S: T, T, positions, train: false, dropoutSeed: 0 };
-    const xh = new Float32Array(T * C);
-    await this.embed!.gather(this.backend, xh, ids, T);
-    let x: Buf = await t.upload(xh);
+    let x: Buf = await this.embedIds(ids, T);
     const params = new PassParams(t);
     try {
       await this.prefetchParams(params);
@@ -402,6 +400,13 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
     return new Int32Array(labels);
   }
 
+  /** the embedding rows of ids [T] (gathered on the host from the bf16/f32 table), as a buffer */
+  private async embedIds(ids: Int32Array, T: number): Promise<Buf> {
+    const x = new Float32Array(T * this.config.hiddenSize);
+    await this.embed!.gather(this.backend, x, ids, T);
+    return this.tensors.upload(x);
+  }
+
   private async stageInput(input: StageInput, T: number, C: number): Promise<Buf> {
     const t = this.tensors;
     if (this.isFirst) {
@@ -409,9 +414,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
       if (!(ids instanceof Int32Array) || ids.length !== T) {
         throw new RangeError(`stage.forward(${input.key}): the first stage needs ids Int32Array(${T}), got ${ids instanceof Int32Array ? ids.length : typeof ids}`);
       }
-      const x = new Float32Array(T * C);
-      await this.embed!.gather(this.backend, x, ids, T);
-      return t.upload(x);
+      return this.embedIds(ids, T);
     }
     const h = input.hidden;
     if (!(h instanceof Float32Array) || h.length !== T * C) {
@@ -425,12 +428,9 @@ export class LlamaStage<Buf = Float32Array> implements Stage {
   private async hiddenForInference(ids: Int32Array, B: number, S: number): Promise<Buf> {
     const t = this.tensors;
     const T = B * S;
-    const C = this.config.hiddenSize;
     if (!(ids instanceof Int32Array) || ids.length !== T) throw new RangeError(`logits: ids must be Int32Array(${T}), got ${ids?.length}`);
     const ctx: PassContext = { B, S, T, positions: trainingPositions(B, S), train: false, dropoutSeed: 0 };
-    const xh = new Float32Array(T * C);
-    await this.embed!.gather(this.backend, xh, ids, T);
-    let x: Buf = await t.upload(xh);
+    let x: Buf = await this.embedIds(ids, T);
     const params = new PassParams(t);
     try {
       await this.prefetchParams(params);
