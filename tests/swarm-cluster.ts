@@ -3,37 +3,21 @@
 // their own process groups and SIGKILLed after the file's tests.
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { ensureTinyModel } from '../engine/tiny/index.ts';
 import { TINY_DATASET_PATH } from '../engine/tiny/files.ts';
+import { spawnCli, type CliProc } from './swarm-procs.ts';
 
-const ROOT = path.resolve(import.meta.dirname, '..');
-const NODE = path.join(ROOT, 'node_modules/.bin/node');
-const CLI = path.join(ROOT, 'bin/swarmtune.ts');
 
-export interface Proc { child: ChildProcess; events: Array<Record<string, unknown>>; stderr: string[]; stdout: string[]; exit: Promise<number> }
+export type Proc = CliProc;
 const procs: Proc[] = [];
 export let tmp = '';
 export let modelDir = '';
 
 export function start(args: string[], env: Record<string, string> = {}): Proc {
-  const child = spawn(NODE, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: { ...process.env, ...env } });
-  const p: Proc = { child, events: [], stderr: [], stdout: [], exit: new Promise((r) => child.on('exit', (code, sig) => r(code ?? (sig !== null ? 128 : 1)))) };
-  let buf = '';
-  child.stdout!.on('data', (d: Buffer) => {
-    buf += d.toString();
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, i); buf = buf.slice(i + 1);
-      p.stdout.push(line);
-      try { p.events.push(JSON.parse(line)); } catch { /* human line */ }
-    }
-  });
-  child.stderr!.on('data', (d: Buffer) => { p.stderr.push(d.toString()); });
+  const p = spawnCli(args, env);
   procs.push(p);
   return p;
 }
@@ -43,7 +27,7 @@ export async function run(args: string[], timeoutMs = 120_000): Promise<{ code: 
   const t = setTimeout(() => p.child.kill('SIGKILL'), timeoutMs);
   const code = await p.exit;
   clearTimeout(t);
-  return { code, stdout: p.stdout.join('\n'), stderr: p.stderr.join('') };
+  return { code, stdout: p.lines.join('\n'), stderr: p.stderr.join('') };
 }
 
 export async function waitEvent(p: Proc, pred: (e: Record<string, unknown>) => boolean, what: string, timeoutMs = 120_000, from = 0): Promise<Record<string, unknown>> {

@@ -6,42 +6,26 @@
 // the whole file to about a minute on 2 cores (5 node processes start in parallel).
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import net from 'node:net';
-import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, readdir, rm, writeFile, readFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { ensureTinyModel } from '../engine/tiny/index.ts';
 import { TINY_DATASET_PATH } from '../engine/tiny/files.ts';
 import { readAdapter } from '../engine/formats/peft.ts';
+import { spawnCli, type CliProc } from './swarm-procs.ts';
 import { readConfig } from '../engine/formats/config.ts';
 import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
 import { stageMemoryFn } from '../coordinator/spec.ts';
 import { evenRanges } from '../coordinator/planner.ts';
 
-const ROOT = path.resolve(import.meta.dirname, '..');
-const NODE = path.join(ROOT, 'node_modules/.bin/node');
-const CLI = path.join(ROOT, 'bin/swarmtune.ts');
 
-interface Proc { child: ChildProcess; lines: string[]; events: Array<Record<string, unknown>>; stderr: string[]; exit: Promise<number> }
+type Proc = CliProc;
 const procs: Proc[] = [];
 let tmp = '';
 
 function start(args: string[]): Proc {
-  const child = spawn(NODE, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
-  const p: Proc = { child, lines: [], events: [], stderr: [], exit: new Promise((r) => child.on('exit', (code, sig) => r(code ?? (sig !== null ? 128 : 1)))) };
-  let buf = '';
-  child.stdout!.on('data', (d: Buffer) => {
-    buf += d.toString();
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, i); buf = buf.slice(i + 1);
-      p.lines.push(line);
-      try { p.events.push(JSON.parse(line)); } catch { /* human line */ }
-    }
-  });
-  child.stderr!.on('data', (d: Buffer) => { p.stderr.push(d.toString()); });
+  const p = spawnCli(args);
   procs.push(p);
   return p;
 }

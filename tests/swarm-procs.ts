@@ -10,25 +10,34 @@ const ROOT = path.resolve(import.meta.dirname, '..');
 const NODE = path.join(ROOT, 'node_modules/.bin/node');
 const CLI = path.join(ROOT, 'bin/swarmtune.ts');
 
-export interface Proc { name: string; child: ChildProcess; lines: string[]; events: Array<Record<string, unknown>>; stderr: string[]; exit: Promise<number> }
+/** A swarmtune CLI process: its stdout lines, the JSON events among them, stderr, and its exit code. */
+export interface CliProc { child: ChildProcess; lines: string[]; events: Array<Record<string, unknown>>; stderr: string[]; exit: Promise<number> }
+export interface Proc extends CliProc { name: string }
+
+/** `swarmtune ARGS` in its own process group (so a test can SIGKILL it and its children), stdout split into
+ *  lines and parsed JSON events as they arrive. Shared by every real-process test. */
+export function spawnCli(args: string[], env: Record<string, string> = {}): CliProc {
+  const child = spawn(NODE, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: { ...process.env, ...env } });
+  const p: CliProc = { child, lines: [], events: [], stderr: [], exit: new Promise((r) => child.on('exit', (code, sig) => r(code ?? (sig !== null ? 128 : 1)))) };
+  let buf = '';
+  child.stdout!.on('data', (d: Buffer) => {
+    buf += d.toString();
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, i); buf = buf.slice(i + 1);
+      p.lines.push(line);
+      try { p.events.push(JSON.parse(line)); } catch { /* human line */ }
+    }
+  });
+  child.stderr!.on('data', (d: Buffer) => { p.stderr.push(d.toString()); });
+  return p;
+}
 
 export class Procs {
   readonly all: Proc[] = [];
 
   start(name: string, args: string[], env: Record<string, string> = {}): Proc {
-    const child = spawn(NODE, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: { ...process.env, ...env } });
-    const p: Proc = { name, child, lines: [], events: [], stderr: [], exit: new Promise((r) => child.on('exit', (code, sig) => r(code ?? (sig !== null ? 128 : 1)))) };
-    let buf = '';
-    child.stdout!.on('data', (d: Buffer) => {
-      buf += d.toString();
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i); buf = buf.slice(i + 1);
-        p.lines.push(line);
-        try { p.events.push(JSON.parse(line)); } catch { /* human line */ }
-      }
-    });
-    child.stderr!.on('data', (d: Buffer) => { p.stderr.push(d.toString()); });
+    const p: Proc = Object.assign(spawnCli(args, env), { name });
     this.all.push(p);
     return p;
   }
