@@ -13,7 +13,7 @@ import path from 'node:path';
 import { ensureTinyModel } from '../engine/tiny/index.ts';
 import { TINY_DATASET_PATH } from '../engine/tiny/files.ts';
 import { readAdapter } from '../engine/formats/peft.ts';
-import { spawnCli, type CliProc } from './swarm-procs.ts';
+import { adapterMap, relUpdateDiff, spawnCli, type CliProc } from './swarm-procs.ts';
 import { readConfig } from '../engine/formats/config.ts';
 import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
 import { stageMemoryFn } from '../coordinator/spec.ts';
@@ -72,25 +72,6 @@ before(async () => {
   tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-e2e-'));
   modelDir = await ensureTinyModel(path.join(tmp, 'model'));
 });
-
-function relUpdateDiff(init: Map<string, Float32Array>, a: Map<string, Float32Array>, b: Map<string, Float32Array>): { rel: number; norm: number } {
-  let num = 0, den = 0;
-  for (const [name, x0] of init) {
-    const xa = a.get(name), xb = b.get(name);
-    assert.ok(xa !== undefined && xb !== undefined, `tensor ${name} missing from an adapter`);
-    for (let i = 0; i < x0.length; i++) {
-      const ua = xa[i]! - x0[i]!, ub = xb[i]! - x0[i]!;
-      num += (ua - ub) ** 2;
-      den += ub ** 2;
-    }
-  }
-  return { rel: Math.sqrt(num / den), norm: Math.sqrt(den) };
-}
-
-async function adapterMap(dir: string): Promise<Map<string, Float32Array>> {
-  const a = await readAdapter(dir);
-  return new Map(a.tensors.map((t) => [t.name, t.data]));
-}
 
 test('coordinator + 4 volunteers (2 stages, f32 wire) equal `swarmtune train`; status and pull on running and finished runs', async () => {
   // an init adapter with non-zero B: one trainer step from the seeded init

@@ -23,22 +23,12 @@ import { openModelDir } from '../../engine/formats/model-dir.ts';
 import { LORA_TARGETS, type LoraConfig, type Stage } from '../../engine/types.ts';
 import { Rng } from '../../engine/model/rng.ts';
 import { loadCudaBackend, type CudaBackend } from '../../cuda/index.ts';
-import { randn, skip } from './helpers.ts';
+import { randn, skip, randomStageStep } from './helpers.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const lora: LoraConfig = { r: 4, loraAlpha: 8, loraDropout: 0.1, targetModules: [...LORA_TARGETS], useRslora: false, initLoraWeights: true };
 
-async function step(stage: Stage, key: string, B: number, S: number, r: Rng) {
-  const C = stage.config.hiddenSize, V = stage.config.vocabSize;
-  const ids = Int32Array.from({ length: B * S }, () => r.nextU32() % V);
-  const labels = Int32Array.from({ length: B * S }, (_, i) => ((i + 1) % S === 0 ? -100 : ids[i + 1]));
-  const hidden = stage.isFirst ? undefined : randn(r, B * S * C);
-  const grads = stage.newGrads();
-  const fwd = await stage.forward({ key, batch: B, seqLen: S, ids: stage.isFirst ? ids : undefined, hidden, labels, dropoutSeed: 7 }, { train: true });
-  const gradOut = stage.isLast ? undefined : randn(r, B * S * C);
-  const bwd = await stage.backward(key, grads, stage.isLast ? { lossScale: 1 / (fwd.tokens ?? 1) } : { gradOut });
-  return { lossSum: fwd.lossSum, hidden: fwd.hidden, grads, gradIn: bwd.gradIn };
-}
+const step = randomStageStep;
 
 const same = (a: Float32Array, b: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
 

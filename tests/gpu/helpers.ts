@@ -1,6 +1,7 @@
 // Shared helpers for the GPU op checks: the CUDA backend (or a skip reason), random inputs and tolerance comparison.
 import assert from 'node:assert/strict';
 import { Rng } from '../../engine/model/rng.ts';
+import type { Stage } from '../../engine/types.ts';
 import { cudaUnavailableReason, loadCudaBackend, type CudaBackend } from '../../cuda/index.ts';
 
 export const cuda: CudaBackend | null = await loadCudaBackend();
@@ -39,4 +40,18 @@ export function maxAbs(a: ArrayLike<number>): number {
   let m = 0;
   for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]));
   return m;
+}
+
+/** One training micro-batch of `stage` on random inputs (ids or hidden states, and a random gradOut for
+ *  a stage that is not the last): loss sum, output hidden, LoRA grads and input gradient. */
+export async function randomStageStep(stage: Stage, key: string, B: number, S: number, r: Rng): Promise<{ lossSum?: number; hidden?: Float32Array; grads: Float32Array[]; gradIn?: Float32Array }> {
+  const C = stage.config.hiddenSize, V = stage.config.vocabSize;
+  const ids = Int32Array.from({ length: B * S }, () => r.nextU32() % V);
+  const labels = Int32Array.from({ length: B * S }, (_, i) => ((i + 1) % S === 0 ? -100 : ids[i + 1]));
+  const hidden = stage.isFirst ? undefined : randn(r, B * S * C);
+  const grads = stage.newGrads();
+  const fwd = await stage.forward({ key, batch: B, seqLen: S, ids: stage.isFirst ? ids : undefined, hidden, labels, dropoutSeed: 7 }, { train: true });
+  const gradOut = stage.isLast ? undefined : randn(r, B * S * C);
+  const bwd = await stage.backward(key, grads, stage.isLast ? { lossScale: 1 / (fwd.tokens ?? 1) } : { gradOut });
+  return { lossSum: fwd.lossSum, hidden: fwd.hidden, grads, gradIn: bwd.gradIn };
 }

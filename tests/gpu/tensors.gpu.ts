@@ -22,7 +22,7 @@ import { openModelDir } from '../../engine/formats/model-dir.ts';
 import { LORA_TARGETS, type LoraConfig, type Stage } from '../../engine/types.ts';
 import { Rng } from '../../engine/model/rng.ts';
 import { CudaArgumentError, CudaBackend, CudaTensor, loadCudaAddon, loadCudaBackend, type F32 } from '../../cuda/index.ts';
-import { cuda, cudaFp32, randn, rng, skip } from './helpers.ts';
+import { cuda, cudaFp32, randn, rng, skip, randomStageStep } from './helpers.ts';
 
 const native = new NativeBackend({ threads: 2 });
 const uncached = cuda ? await loadCudaBackend({ weightCacheBytes: 0 }) : null;
@@ -206,19 +206,7 @@ test('the addon refuses made-up, freed and too-short device addresses with TypeE
 
 const lora: LoraConfig = { r: 4, loraAlpha: 8, loraDropout: 0.1, targetModules: [...LORA_TARGETS], useRslora: false, initLoraWeights: true };
 
-interface StepResult { lossSum?: number; hidden?: Float32Array; grads: Float32Array[]; gradIn?: Float32Array }
-
-async function step(stage: Stage, key: string, B: number, S: number, r: Rng): Promise<StepResult> {
-  const C = stage.config.hiddenSize, V = stage.config.vocabSize;
-  const ids = Int32Array.from({ length: B * S }, () => r.nextU32() % V);
-  const labels = Int32Array.from({ length: B * S }, (_, i) => ((i + 1) % S === 0 ? -100 : ids[i + 1]));
-  const hidden = stage.isFirst ? undefined : randn(r, B * S * C);
-  const grads = stage.newGrads();
-  const fwd = await stage.forward({ key, batch: B, seqLen: S, ids: stage.isFirst ? ids : undefined, hidden, labels, dropoutSeed: 7 }, { train: true });
-  const gradOut = stage.isLast ? undefined : randn(r, B * S * C);
-  const bwd = await stage.backward(key, grads, stage.isLast ? { lossScale: 1 / (fwd.tokens ?? 1) } : { gradOut });
-  return { lossSum: fwd.lossSum, hidden: fwd.hidden, grads, gradIn: bwd.gradIn };
-}
+const step = randomStageStep;
 
 function relErr(got: Float32Array, want: Float32Array): number {
   let d = 0, s = 0;
