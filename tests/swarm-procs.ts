@@ -3,6 +3,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import type { ChildProcess } from 'node:child_process';
+import os from 'node:os';
 import path from 'node:path';
 import { readAdapter } from '../engine/formats/peft.ts';
 
@@ -10,7 +11,8 @@ const ROOT = path.resolve(import.meta.dirname, '..');
 const NODE = path.join(ROOT, 'node_modules/.bin/node');
 const CLI = path.join(ROOT, 'bin/swarmtune.ts');
 
-/** A swarmtune CLI process: its stdout lines, the JSON events among them, stderr, and its exit code. */
+/** A swarmtune CLI process: its stdout lines, the JSON events among them, stderr, and its exit code
+ *  (128 + signal number when a signal ended it). */
 export interface CliProc { child: ChildProcess; lines: string[]; events: Array<Record<string, unknown>>; stderr: string[]; exit: Promise<number> }
 export interface Proc extends CliProc { name: string }
 
@@ -18,7 +20,8 @@ export interface Proc extends CliProc { name: string }
  *  lines and parsed JSON events as they arrive. Shared by every real-process test. */
 export function spawnCli(args: string[], env: Record<string, string> = {}): CliProc {
   const child = spawn(NODE, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: { ...process.env, ...env } });
-  const p: CliProc = { child, lines: [], events: [], stderr: [], exit: new Promise((r) => child.on('exit', (code, sig) => r(code ?? (sig !== null ? 128 : 1)))) };
+  // a signal-killed process exits 128 + the signal's number, as shells report it (SIGKILL: 137)
+  const p: CliProc = { child, lines: [], events: [], stderr: [], exit: new Promise((r) => child.on('exit', (code, sig) => r(code ?? (sig !== null ? 128 + (os.constants.signals[sig] ?? 0) : 1)))) };
   let buf = '';
   child.stdout!.on('data', (d: Buffer) => {
     buf += d.toString();

@@ -8,15 +8,13 @@
 // the process test takes about a minute on 2 cores; the others take a second.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import net from 'node:net';
-import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { ensureTinyModel } from '../engine/tiny/index.ts';
 import { TINY_DATASET_PATH } from '../engine/tiny/files.ts';
-import { adapterMap, relUpdateDiff } from './swarm-procs.ts';
+import { adapterMap, relUpdateDiff, spawnCli, type CliProc } from './swarm-procs.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 import { randomWeightSource } from '../engine/model/random-model.ts';
 import { loadStage } from '../engine/model/stage.ts';
@@ -42,9 +40,6 @@ import { Coordinator } from '../coordinator/run.ts';
 import type { MicroBatch, RunEvent } from '../coordinator/run.ts';
 import { loadResume } from '../coordinator/launch.ts';
 
-const ROOT = path.resolve(import.meta.dirname, '..');
-const NODE = path.join(ROOT, 'node_modules/.bin/node');
-const CLI = path.join(ROOT, 'bin/swarmtune.ts');
 
 let tmp = '';
 before(async () => { tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-restart-')); });
@@ -371,22 +366,11 @@ test('volunteers replaced while the coordinator was down: the kept replica resum
 
 // ---- real processes: the coordinator SIGKILLs itself at three points of three steps
 
-interface Proc { child: ChildProcess; events: Array<Record<string, unknown>>; stderr: string[]; exit: Promise<number> }
+type Proc = CliProc;
 const procs: Proc[] = [];
 
 function start(args: string[], env: Record<string, string> = {}): Proc {
-  const child = spawn(NODE, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: { ...process.env, ...env } });
-  const p: Proc = { child, events: [], stderr: [], exit: new Promise((r) => child.on('exit', (code, sig) => r(code ?? (sig === 'SIGKILL' ? 137 : 128)))) };
-  let buf = '';
-  child.stdout!.on('data', (d: Buffer) => {
-    buf += d.toString();
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, i); buf = buf.slice(i + 1);
-      try { p.events.push(JSON.parse(line)); } catch { /* human line */ }
-    }
-  });
-  child.stderr!.on('data', (d: Buffer) => { p.stderr.push(d.toString()); });
+  const p = spawnCli(args, env);
   procs.push(p);
   return p;
 }
