@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Stream, Connection } from '@libp2p/interface';
 import { createSwarmNode, request, serve, parseMultiaddr } from '../protocol/net.ts';
-import { BLOB_CHUNK_BYTES } from '../protocol/constants.ts';
+import { CHUNK_BYTES } from '../protocol/constants.ts';
 import { startProc, NODE, kill } from './procs.ts';
 
 const SINK_PROTO = '/swarmtune-bench/sink/1.0.0';
@@ -32,7 +32,7 @@ async function sink(dir: string): Promise<void> {
     stream.send(ack);
     await stream.close();
   }, { maxInboundStreams: 16 });
-  const blob = new Uint8Array(BLOB_CHUNK_BYTES).fill(7);
+  const blob = new Uint8Array(CHUNK_BYTES).fill(7);
   await serve(node, 'weights', async (req) => ({ sizeBytes: 1 << 40, bytes: blob.subarray(0, Math.min(blob.length, req.length)) }));
   const server = net.createServer((sock) => {
     let n = 0;
@@ -124,7 +124,7 @@ export async function benchNet(opts: { bytes?: number; reps?: number; log?: (s: 
     const rpcBytes = Math.min(bytes, 64 * 1024 * 1024);
     const rpcOnce = async () => {
       const t0 = performance.now();
-      for (let off = 0; off < rpcBytes; off += BLOB_CHUNK_BYTES) await request(node, target, 'weights', { sha256: '0'.repeat(64), offset: off, length: BLOB_CHUNK_BYTES });
+      for (let off = 0; off < rpcBytes; off += CHUNK_BYTES) await request(node, target, 'weights', { sha256: '0'.repeat(64), offset: off, length: CHUNK_BYTES });
       return performance.now() - t0;
     };
     await rpcOnce();

@@ -1,7 +1,8 @@
 // Content-addressed blob store: sha256-verified local cache, chunked fetch from providers, serving.
 import { mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { BLOB_CHUNK_BYTES, BLOB_TIMEOUT_MS } from './constants.ts';
+import { BLOB_TIMEOUT_MS } from './constants.ts';
+import { readChunks } from './pager.ts';
 import { IntegrityError, SwarmError } from './errors.ts';
 import type { BlobRef, WeightsRequest, WeightsResponse } from './messages.ts';
 import { request, parseMultiaddr } from './net.ts';
@@ -92,18 +93,15 @@ export class BlobStore {
 
   private async fetchFrom(node: SwarmNode, provider: string, ref: BlobRef, signal?: AbortSignal): Promise<Uint8Array> {
     const target = parseMultiaddr(provider);
-    const out = new Uint8Array(ref.sizeBytes);
-    let off = 0;
-    while (off < ref.sizeBytes || (ref.sizeBytes === 0 && off === 0)) {
-      const length = Math.max(1, Math.min(BLOB_CHUNK_BYTES, ref.sizeBytes - off));
-      const res = await request(node, target, 'weights', { sha256: ref.sha256, offset: off, length, ...(this.token !== null ? { token: this.token } : {}) }, { timeoutMs: BLOB_TIMEOUT_MS, signal });
-      if (res.sizeBytes !== ref.sizeBytes) throw new IntegrityError(`blob ${ref.name}: provider says ${res.sizeBytes} bytes, expected ${ref.sizeBytes}`);
-      if (ref.sizeBytes === 0) break;
-      if (res.bytes.length === 0 || off + res.bytes.length > ref.sizeBytes) throw new IntegrityError(`blob ${ref.name}: bad chunk of ${res.bytes.length} bytes at ${off}`);
-      out.set(res.bytes, off);
-      off += res.bytes.length;
+    const token = this.token !== null ? { token: this.token } : {};
+    try {
+      return await readChunks((offset, length, sig) => request(node, target, 'weights', { sha256: ref.sha256, offset, length, ...token }, { timeoutMs: BLOB_TIMEOUT_MS, signal: sig }),
+        `blob ${ref.name}`, { expectedBytes: ref.sizeBytes, signal });
+    } catch (e) {
+      // a provider that sends the wrong size or a bad chunk is an integrity failure, as a wrong hash is
+      if ((e as Error).name === 'SwarmError') throw new IntegrityError((e as Error).message);
+      throw e;
     }
-    return out;
   }
 
   /** Answer a weights request from blobs verified in this process (never from unverified files). */

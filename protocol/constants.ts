@@ -26,8 +26,15 @@ export type ProtocolName = keyof typeof PROTOCOLS;
 /** Hard cap on one frame. Activations of a 4096-hidden model at 8 x 512 tokens are 64 MiB in f32,
  *  so 128 MiB leaves room for headers while still bounding what a hostile peer can make us buffer. */
 export const MAX_FRAME_BYTES = 128 * 1024 * 1024;
-/** Blobs travel in chunks far below the frame cap so a slow link still makes visible progress. */
-export const BLOB_CHUNK_BYTES = 8 * 1024 * 1024;
+/** Byte ranges (blobs, optimizer state) travel in chunks far below the frame cap so a slow link
+ *  still makes visible progress (protocol/pager.ts). */
+export const CHUNK_BYTES = 8 * 1024 * 1024;
+/** @deprecated the pager's CHUNK_BYTES */
+export const BLOB_CHUNK_BYTES = CHUNK_BYTES;
+/** Tensor lists (gradients, adapters) travel in pages of at most this many bytes and tensors
+ *  (protocol/pager.ts); a LoRA tensor of an 8B model is at most ~1 MB. */
+export const PAGE_BYTES = 32 * 1024 * 1024;
+export const PAGE_TENSORS = 64;
 /** Tensors are bounded by element count as well, so a small frame cannot claim a huge shape. */
 export const MAX_TENSOR_ELEMENTS = 32 * 1024 * 1024;
 export const MAX_TENSOR_RANK = 4;

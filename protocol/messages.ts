@@ -2,7 +2,7 @@
 import { arr, bool, bytes, int, nullable, num, obj, oneOf, opt, str } from './schema.ts';
 import type { Validator } from './schema.ts';
 import { wireTensor } from './tensor.ts';
-import { BLOB_CHUNK_BYTES, MAX_STRING_LENGTH } from './constants.ts';
+import { CHUNK_BYTES, MAX_STRING_LENGTH } from './constants.ts';
 
 const I32 = 2 ** 31 - 1;
 const SAFE = Number.MAX_SAFE_INTEGER;
@@ -127,12 +127,12 @@ export const weightsRequest = obj({
   token: opt(str({ max: 256 })),
   sha256: sha256Hex,
   offset: int(0, SAFE),
-  length: int(1, BLOB_CHUNK_BYTES),
+  length: int(1, CHUNK_BYTES),
 });
 export type WeightsRequest = ReturnType<typeof weightsRequest>;
 export const weightsResponse = obj({
   sizeBytes: int(0, SAFE),
-  bytes: bytes(BLOB_CHUNK_BYTES),
+  bytes: bytes(CHUNK_BYTES),
 });
 export type WeightsResponse = ReturnType<typeof weightsResponse>;
 
@@ -319,7 +319,7 @@ export const optimizerRequest = obj({
   runId: runIdStr,
   step: int(0, I32),
   offset: int(0, SAFE),
-  length: int(1, BLOB_CHUNK_BYTES),
+  length: int(1, CHUNK_BYTES),
 });
 export type OptimizerRequest = ReturnType<typeof optimizerRequest>;
 

@@ -16,6 +16,8 @@ import { encodeFrame, FrameReader } from './frame.ts';
 import { SCHEMAS, errorFrame } from './messages.ts';
 import type { Req, Res, Schemas } from './messages.ts';
 import { errorFromWire, FrameTooLargeError, SchemaError, SwarmError, TimeoutError } from './errors.ts';
+import { silentLogger } from './log.ts';
+import type { Logger } from './log.ts';
 
 export type SwarmNode = Libp2p;
 export type { Multiaddr, PeerId };
@@ -103,6 +105,26 @@ export type ProtoName = keyof Schemas;
 export interface RequestOptions {
   timeoutMs?: number;
   signal?: AbortSignal;
+  /** one line per request (method, peer, step, micro-batch, outcome, ms) when its namespace is enabled */
+  log?: Logger;
+}
+
+/** The request keys a log line names: step, micro-batch, attempt, stage, phase, page. */
+export function describeRequest(msg: unknown): string {
+  if (msg === null || typeof msg !== 'object') return '';
+  const m = msg as Record<string, unknown>;
+  const parts: string[] = [];
+  for (const k of ['step', 'mb', 'attempt', 'stageIndex', 'phase', 'from', 'offset'] as const) {
+    if (typeof m[k] === 'number' || typeof m[k] === 'string') parts.push(`${k === 'stageIndex' ? 'stage' : k}=${m[k] as string | number}`);
+  }
+  return parts.join(' ');
+}
+
+function targetName(target: DialTarget): string {
+  const t = Array.isArray(target) ? target[0] : target;
+  const s = t === undefined ? '?' : t.toString();
+  const i = s.lastIndexOf('/p2p/');
+  return i >= 0 ? s.slice(i + 5) : s;
 }
 
 /** Open a stream, send one request frame, read and validate one response frame. Remote failures
@@ -113,6 +135,9 @@ export async function request<P extends ProtoName>(node: SwarmNode, target: Dial
   let stream: Stream | undefined;
   const onAbort = () => stream?.abort(new TimeoutError(`${proto} request timed out after ${timeoutMs} ms`));
   signal.addEventListener('abort', onAbort, { once: true });
+  const log = opts.log ?? silentLogger;
+  const t0 = log.enabled ? performance.now() : 0;
+  let outcome = 'ok';
   try {
     stream = await node.dialProtocol(target, PROTOCOLS[proto], { signal });
     await sendFrame(stream, msg);
@@ -126,11 +151,13 @@ export async function request<P extends ProtoName>(node: SwarmNode, target: Dial
     }
     return SCHEMAS[proto].res(raw, `${proto} response`) as Res<P>;
   } catch (e) {
+    outcome = `${(e as Error).name}: ${(e as Error).message}`;
     if (signal.aborted && !(e instanceof SwarmError && e.name !== 'SwarmError')) {
       throw new TimeoutError(`${proto} request timed out after ${timeoutMs} ms: ${(e as Error).message}`);
     }
     throw e;
   } finally {
+    if (log.enabled) log('%s -> %s %s: %s (%d ms)', proto, targetName(target), describeRequest(msg), outcome, Math.round(performance.now() - t0));
     signal.removeEventListener('abort', onAbort);
     if (stream !== undefined && stream.status === 'open') stream.abort(new Error('request done'));
   }
@@ -140,6 +167,9 @@ export interface HandlerContext {
   /** remote peer id (authenticated by Noise) */
   peerId: string;
   connection: Connection;
+  /** aborted when the request's stream closes or resets (the requester gave up) or the handler's
+   *  server stops */
+  signal: AbortSignal;
 }
 export type Handler<P extends ProtoName> = (req: Req<P>, ctx: HandlerContext) => Promise<Res<P>>;
 
@@ -148,19 +178,39 @@ export type ViolationHook = (peerId: string, proto: string, err: Error) => void;
 
 /** Register a handler: read one request frame (capped), validate it against the schema, run the
  *  handler, answer with the response or an error frame naming the failure. */
-export async function serve<P extends ProtoName>(node: SwarmNode, proto: P, handler: Handler<P>, onError?: ViolationHook): Promise<void> {
+export interface ServeOptions {
+  /** called for every request that failed validation or threw */
+  onError?: ViolationHook;
+  /** aborts every running handler's signal (the server is stopping) */
+  signal?: AbortSignal;
+  /** one line per request served (method, peer, step, micro-batch, outcome, ms) */
+  log?: Logger;
+}
+
+export async function serve<P extends ProtoName>(node: SwarmNode, proto: P, handler: Handler<P>, opts: ViolationHook | ServeOptions = {}): Promise<void> {
+  const o: ServeOptions = typeof opts === 'function' ? { onError: opts } : opts;
+  const onError = o.onError;
+  const log = o.log ?? silentLogger;
   await node.handle(PROTOCOLS[proto], async (stream: Stream, connection: Connection) => {
     const peerId = connection.remotePeer.toString();
+    const done = new AbortController();
+    const onClose = () => done.abort(new SwarmError(`${proto}: the requester closed the stream`));
+    stream.addEventListener('close', onClose, { once: true });
+    const signal = o.signal !== undefined ? AbortSignal.any([o.signal, done.signal]) : done.signal;
+    const t0 = log.enabled ? performance.now() : 0;
+    let req: unknown;
+    let outcome = 'ok';
     try {
       const reader = new FrameReader(stream, MAX_FRAME_BYTES);
       const raw = await reader.read();
       if (raw === undefined) throw new SchemaError(`${proto}: empty request stream`);
-      const req = SCHEMAS[proto].req(raw, `${proto} request`) as Req<P>;
-      const res = await handler(req, { peerId, connection });
+      req = SCHEMAS[proto].req(raw, `${proto} request`) as Req<P>;
+      const res = await handler(req as Req<P>, { peerId, connection, signal });
       await sendFrame(stream, res);
       await stream.close();
     } catch (e) {
       const err = e as Error;
+      outcome = `${err.name}: ${err.message}`;
       onError?.(peerId, proto, err);
       if (err instanceof FrameTooLargeError) {
         stream.abort(err);
@@ -172,6 +222,9 @@ export async function serve<P extends ProtoName>(node: SwarmNode, proto: P, hand
       } catch {
         stream.abort(err);
       }
+    } finally {
+      stream.removeEventListener('close', onClose);
+      if (log.enabled) log('%s <- %s %s: %s (%d ms)', proto, peerId, describeRequest(req), outcome, Math.round(performance.now() - t0));
     }
   }, { maxInboundStreams: 256, maxOutboundStreams: 256 });
 }
