@@ -1,4 +1,4 @@
-// Typed errors of the CUDA backend (re-exported by cuda/index.ts).
+// Typed errors of the CUDA backend (re-exported by cuda/index.ts) and the conversion of the addon's errors into them.
 
 /** A failure reported by the CUDA library (driver, launch, out-of-memory, ...). `status` is the
  *  cudaError_t value or one of the library's own codes (10001 invalid argument, 10002 no device,
@@ -28,4 +28,16 @@ export class CudaAsyncError extends CudaError {
 /** An op was called with arguments that do not fit its contract (checked before any device work). */
 export class CudaArgumentError extends Error {
   override name = 'CudaArgumentError';
+}
+
+/** The typed error for a failure the addon reported (its errors carry `cudaStatus` and `asynchronous`), with the
+ *  op that saw it in the message; argument errors and anything else pass through unchanged. */
+export function toCudaError(e: unknown, op: string): Error {
+  if (e instanceof CudaError || e instanceof CudaArgumentError) return e;
+  if (e instanceof Error && typeof (e as { cudaStatus?: unknown }).cudaStatus === 'number') {
+    const status = (e as unknown as { cudaStatus: number }).cudaStatus;
+    if ((e as { asynchronous?: unknown }).asynchronous === true) return new CudaAsyncError(`${op}: ${e.message}`, status, op);
+    return new CudaError(`${op}: ${e.message}`, status, op);
+  }
+  return e instanceof Error ? e : new Error(String(e));
 }

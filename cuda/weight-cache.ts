@@ -10,7 +10,7 @@
 // the caller uses the per-call upload path, so the budget is a hard limit on resident bytes.
 // A weight whose host object is garbage-collected is freed on the device (FinalizationRegistry).
 //
-// The device side is injected (upload/free), so this file holds only the policy; cuda/index.ts wires
+// The device side is injected (upload/free), so this file holds only the policy; cuda/backend.ts wires
 // it to the library's stc_nf4_* functions.
 import type { NF4Weight } from '../engine/backend.ts';
 import { CudaArgumentError } from './errors.ts';

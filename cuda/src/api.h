@@ -60,7 +60,7 @@ STC_API void stc_close(stc_ctx* ctx);
  *  every later op, copy and pool reuse. An op that stages host memory synchronizes before returning, as
  *  does stc_copy to or from host memory (after waiting for the queued ops without the op mutex), so a
  *  fault in a queued kernel is reported there, flagged by stc_last_error_async.
- *  sync_each_op = 1 (or SWARMTUNE_CUDA_SYNC=1 at stc_open) makes every launch wait, to find a faulting op. */
+ *  sync_each_op = 1 makes every launch wait, to find a faulting op (cuda/native.ts sets it for SWARMTUNE_CUDA_SYNC=1). */
 STC_API int stc_set_sync(stc_ctx* ctx, int sync_each_op);
 /** waits until every op queued so far has completed, without holding the context's op mutex meanwhile */
 STC_API int stc_sync(stc_ctx* ctx);

@@ -284,8 +284,6 @@ int stc_open(int device, int gemm_precision, stc_ctx** out) {
     return fail_cuda(e, "cudaStreamCreateWithFlags", __FILE__, __LINE__);
   }
   ctx->pool.stream = ctx->stream;
-  const char* sync_env = getenv("SWARMTUNE_CUDA_SYNC");
-  ctx->sync_each_op = sync_env && sync_env[0] && strcmp(sync_env, "0") != 0;
   *out = ctx;
   return 0;
 }
