@@ -1,5 +1,5 @@
 // The addon's two op paths without a GPU: the real N-API addon (cuda/addon/addon.cc) is compiled here against a
-// host-memory stand-in for libswarmtune_cuda.so (cuda/stub/host-stub.cc, plus a failing definition for every other
+// host-memory stand-in for libswarmtune_cuda.so (cuda/testing/stub/host-stub.cc, plus a failing definition for every other
 // api.h entry point), then driven through cuda/index.ts and CudaTensors exactly as on a GPU machine.
 //
 // Checked: an op whose buffers are all device addresses is launched inline on the JS thread and returns an
@@ -36,7 +36,7 @@ const skip = !hasGxx() ? 'g++ not installed' : !nodeInclude() ? 'node_api.h not 
 // every api.h entry point the stub does not define fails with STC_E_INVALID
 function fallbacks(): string {
   const header = readFileSync(join(root, 'cuda', 'src', 'api.h'), 'utf8').replace(/\/\*[\s\S]*?\*\//g, '');
-  const stub = readFileSync(join(root, 'cuda', 'stub', 'host-stub.cc'), 'utf8');
+  const stub = readFileSync(join(root, 'cuda', 'testing', 'stub', 'host-stub.cc'), 'utf8');
   const out = ['#include "' + join(root, 'cuda', 'src', 'api.h') + '"', 'extern "C" {'];
   for (const m of header.matchAll(/STC_API\s+([\w\s*]+?)\b(stc_\w+)\s*\(([^)]*)\)\s*;/g)) {
     const [, ret, name, args] = m;
@@ -56,7 +56,7 @@ let cudaIndex: typeof import('../cuda/index.ts');
 before(() => {
   if (skip) return;
   writeFileSync(join(dir, 'fallbacks.cc'), fallbacks());
-  execFileSync('g++', ['-O1', '-std=c++17', '-shared', '-fPIC', join(root, 'cuda', 'stub', 'host-stub.cc'),
+  execFileSync('g++', ['-O1', '-std=c++17', '-shared', '-fPIC', join(root, 'cuda', 'testing', 'stub', 'host-stub.cc'),
     join(dir, 'fallbacks.cc'), '-o', join(dir, 'libswarmtune_cuda.so')], { stdio: 'inherit' });
   const napiInc = dirname(createRequire(import.meta.url).resolve('node-addon-api/package.json'));
   execFileSync('g++', ['-O1', '-std=c++17', '-shared', '-fPIC', '-fvisibility=hidden', '-DNAPI_VERSION=8',

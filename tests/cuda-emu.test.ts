@@ -24,7 +24,7 @@ const skip = hasCompiler() ? false : `no C++ compiler (${process.env.CXX ?? 'g++
 
 function newestInput(): number {
   let t = 0;
-  const dirs = ['cuda/src', 'cuda/emu', 'cuda/addon'];
+  const dirs = ['cuda/src', 'cuda/testing/emu', 'cuda/addon'];
   for (const d of dirs) for (const f of readdirSync(join(root, d))) t = Math.max(t, statSync(join(root, d, f)).mtimeMs);
   for (const f of ['cuda/build-emu.sh', 'cuda/build-addon.sh']) t = Math.max(t, statSync(join(root, f)).mtimeMs);
   return t;

@@ -31,7 +31,7 @@ using std::signbit;
 #define __managed__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __align__(n) __attribute__((aligned(n)))
-// cuda/emu/transform.ts turns `__launch_bounds__(n)` into a check at the top of the kernel body and every
+// cuda/testing/emu/transform.ts turns `__launch_bounds__(n)` into a check at the top of the kernel body and every
 // `__shared__` declaration into registered block-shared storage; these fallbacks keep untransformed code compiling.
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)

@@ -1,4 +1,4 @@
-// Rewrites the CUDA-only syntax of a cuda/src file so g++ compiles it against the emulator (cuda/emu/stc_emu.h).
+// Rewrites the CUDA-only syntax of a cuda/src file so g++ compiles it against the emulator (cuda/testing/emu/stc_emu.h).
 // Only syntax changes; the kernels' code is untouched:
 //   k<<<grid, block[, smem[, stream]]>>>(args)  ->  ::stc_emu::launch(k, "k", grid, block, smem, stream, args)
 //   extern __shared__ [__align__(n)] T name[];  ->  T* const name = (T*)::stc_emu::dynamic_shared();
@@ -7,7 +7,7 @@
 // Every replacement stays on its line, and a #line directive names the original file, so compiler messages and
 // __FILE__/__LINE__ (the library's error messages) point into cuda/src.
 //
-// Usage: node cuda/emu/transform.ts <in.cu> <out.cu> [name-for-#line]
+// Usage: node cuda/testing/emu/transform.ts <in.cu> <out.cu> [name-for-#line]
 import { readFileSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -204,7 +204,7 @@ export function transform(src: string, lineName: string): string {
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
   const [input, output, name] = process.argv.slice(2);
   if (!input || !output) {
-    console.error('usage: node cuda/emu/transform.ts <in.cu> <out.cu> [name-for-#line]');
+    console.error('usage: node cuda/testing/emu/transform.ts <in.cu> <out.cu> [name-for-#line]');
     process.exit(2);
   }
   try {

@@ -14,7 +14,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
-#include "../src/api.h"
+#include "../../src/api.h"
 
 static thread_local char g_err[1024] = "";
 static thread_local int g_async = 0;
