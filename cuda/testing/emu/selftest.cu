@@ -1,6 +1,7 @@
 // Emulator self-test (tests/cuda-emu.test.ts): kernels that show the emulator catches what it claims to — a
 // missing barrier, a deadlock, faults, launch and shared-memory limits — and computes warp shuffles and WMMA
-// exactly. Built like cuda/src (transform.ts + g++ + emu.cc); one case per process, since faults are sticky.
+// exactly. Built like cuda/src (transform.ts + g++ + the runtime in *.cc); one case per process, since faults are
+// sticky.
 // Prints "<case> <result>" lines; the test checks them.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>

@@ -7,7 +7,8 @@
 // SWARMTUNE_CUDA_EMU_SYNC=1. A launch runs every block of its grid in turn; inside a block each CUDA thread
 // is a coroutine with its own stack, switched at __syncthreads and at warp-synchronous operations
 // (__syncwarp, __shfl_*_sync, wmma::load/store_matrix_sync), which exchange values through per-warp slots.
-// Implemented in emu.cc; what this proves and what it cannot: docs/cuda.md, section "Emulator".
+// Implemented in device.cc, memory.cc, streams.cc, launch.cc and threads.cc (emu_internal.h); what this proves
+// and what it cannot: docs/cuda.md, section "Emulator".
 #pragma once
 #include <math.h>
 #include <cmath>
@@ -169,7 +170,7 @@ inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
-// ---- runtime API (emu.cc) ----
+// ---- runtime API (device.cc, memory.cc, streams.cc) ----
 #define STC_EMU_API __attribute__((visibility("hidden")))
 STC_EMU_API cudaError_t cudaGetDeviceCount(int* count);
 STC_EMU_API cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device);
@@ -222,7 +223,7 @@ inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int v
 // ---- device side ----
 namespace stc_emu {
 
-// The CUDA thread running right now (one kernel executes at a time, on one OS thread: see emu.cc).
+// The CUDA thread running right now (one kernel executes at a time, on one OS thread: see threads.cc).
 struct ThreadCtx {
   uint3 tidx, bidx, bdim, gdim;
   unsigned lane, warp;
