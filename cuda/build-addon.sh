@@ -1,4 +1,4 @@
-# Sourced by cuda/build.sh and cuda/build-emu.sh: builds the N-API addon (cuda/addon/addon.cc) into
+# Sourced by cuda/build.sh and cuda/build-emu.sh: builds the N-API addon (cuda/addon/*.cc) into
 # $OUT/swarmtune_cuda.node, linked against $OUT/libswarmtune_cuda.so. Needs OUT, NODE_BIN, CXX and
 # TAG (the prefix of its messages). N-API is ABI-stable, so any Node >= 18 headers work; the running
 # Node's are preferred.
@@ -13,6 +13,6 @@ if [ -z "$NODE_INC" ]; then
 fi
 NAPI_INC="$("$NODE_BIN" -p 'require("path").dirname(require.resolve("node-addon-api/package.json"))')"
 "$CXX" -O2 -std=c++17 -shared -fPIC -fvisibility=hidden -DNAPI_VERSION=8 -DNAPI_DISABLE_CPP_EXCEPTIONS \
-  -I"$NODE_INC" -I"$NAPI_INC" addon/addon.cc -o "$OUT/swarmtune_cuda.node" \
+  -I"$NODE_INC" -I"$NAPI_INC" addon/*.cc -o "$OUT/swarmtune_cuda.node" \
   -L"$OUT" -lswarmtune_cuda -Wl,-rpath,'$ORIGIN'
 echo "$TAG: built $OUT/swarmtune_cuda.node (node headers: $NODE_INC)"

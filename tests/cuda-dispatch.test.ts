@@ -1,6 +1,6 @@
-// The addon's two op paths without a GPU: the real N-API addon (cuda/addon/addon.cc) is compiled here against a
-// host-memory stand-in for libswarmtune_cuda.so (cuda/testing/stub/host-stub.cc, plus a failing definition for every other
-// api.h entry point), then driven through cuda/index.ts and CudaTensors exactly as on a GPU machine.
+// The addon's two op paths without a GPU: the real N-API addon (cuda/addon/*.cc) is compiled here against a
+// host-memory stand-in for libswarmtune_cuda.so (cuda/testing/stub/host-stub.cc, plus a failing definition for every
+// other api.h entry point), then driven through cuda/index.ts and CudaTensors exactly as on a GPU machine.
 //
 // Checked: an op whose buffers are all device addresses is launched inline on the JS thread and returns an
 // already-settled promise (no worker hop), an op with a host array runs on a worker; failures of inline ops
@@ -11,7 +11,7 @@
 import { test, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -59,8 +59,9 @@ before(() => {
   execFileSync('g++', ['-O1', '-std=c++17', '-shared', '-fPIC', join(root, 'cuda', 'testing', 'stub', 'host-stub.cc'),
     join(dir, 'fallbacks.cc'), '-o', join(dir, 'libswarmtune_cuda.so')], { stdio: 'inherit' });
   const napiInc = dirname(createRequire(import.meta.url).resolve('node-addon-api/package.json'));
+  const addonSources = readdirSync(join(root, 'cuda', 'addon')).filter((f) => f.endsWith('.cc')).map((f) => join(root, 'cuda', 'addon', f));
   execFileSync('g++', ['-O1', '-std=c++17', '-shared', '-fPIC', '-fvisibility=hidden', '-DNAPI_VERSION=8',
-    '-DNAPI_DISABLE_CPP_EXCEPTIONS', `-I${nodeInclude()}`, `-I${napiInc}`, join(root, 'cuda', 'addon', 'addon.cc'),
+    '-DNAPI_DISABLE_CPP_EXCEPTIONS', `-I${nodeInclude()}`, `-I${napiInc}`, ...addonSources,
     '-o', join(dir, 'swarmtune_cuda.node'), `-L${dir}`, '-lswarmtune_cuda', '-Wl,-rpath,$ORIGIN'], { stdio: 'inherit' });
   process.env.SWARMTUNE_CUDA_ADDON = join(dir, 'swarmtune_cuda.node');
 });
