@@ -9,6 +9,8 @@ if [ -z "$NVCC" ]; then
   exit 0
 fi
 OUT="${CUDA_BUILD_DIR:-build}"
+# a full build every time: objects of sources that no longer exist must not be linked
+rm -rf "$OUT/obj"
 mkdir -p "$OUT/obj"
 # Override with CUDA_ARCHS="80 90" for a quicker local build.
 ARCHS="${CUDA_ARCHS:-75 80 86 89 90}"
