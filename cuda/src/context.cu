@@ -1,7 +1,5 @@
 // Context lifecycle, device queries, error strings and the caching device pool.
 #include "common.cuh"
-#include <cstdlib>
-#include <cstring>
 #include <new>
 
 namespace stc {
