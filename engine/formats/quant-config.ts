@@ -57,7 +57,7 @@ export function checkQuantizationConfig(qc: unknown, source: string): void {
   const q = qc as Record<string, unknown>;
   const flag = (k: string): boolean => q[k] === true || q[`_${k}`] === true;
   // configs written before transformers added quant_method carry only the load_in_* flags
-  const method = typeof q.quant_method === 'string' ? q.quant_method
+  const method = typeof q.quant_method === 'string' ? q.quant_method.toLowerCase()
     : (q.load_in_4bit !== undefined || q.load_in_8bit !== undefined ? 'bitsandbytes' : undefined);
   if (method === undefined) {
     throw new UnsupportedQuantizationError(`${source}: "quantization_config" has no quant_method (${JSON.stringify(Object.keys(q))}); ${CAN_LOAD}`);
