@@ -116,7 +116,7 @@ const TENSOR_FORMS: ReadonlyArray<[RegExp, Form]> = [
 
 /** Refuse a tensor whose name belongs to a quantization format (called for every checkpoint tensor). */
 export function checkQuantizedTensorName(name: string, source: string): void {
-  for (const [re, form] of TENSOR_FORMS) if (re.test(name)) throw refusal(source, `tensor ${name}`, { ...form, label: `part of a ${form.label} checkpoint` });
+  for (const [re, form] of TENSOR_FORMS) if (re.test(name)) throw refusal(source, `tensor ${name}`, { ...form, label: `of the ${form.label} format` });
 }
 
 const FLOAT_WEIGHT_DTYPES = new Set(['BF16', 'F16', 'F32', 'F64']);
