@@ -277,6 +277,13 @@ test('checkpoint tensors the model never reads are reported in one line, as tran
     } finally {
       await md.close();
     }
+    // a long list stops after 20 names and says how many more
+    const many = Array.from({ length: 25 }, (_, i): TensorData => ({ name: `model.extra.${String(i).padStart(2, '0')}.weight`, dtype: 'BF16', shape: [C], data: floats(C) }));
+    const manyDir = await writeModel(join(root, 'many'), [...fullPrecision('BF16'), ...linears('bf16'), ...many], { ...BASE_CONFIG, torch_dtype: 'bfloat16' });
+    const manyLines: string[] = [];
+    await (await openModelDir(manyDir, { warn: (l) => manyLines.push(l) })).close();
+    assert.equal(manyLines.length, 1);
+    assert.ok(manyLines[0].endsWith(`'model.extra.18.weight', 'model.extra.19.weight', ... (5 more)]`), manyLines[0]);
     // without a callback the line goes to stderr with a "warning: " prefix
     const child = spawnSync(process.execPath, ['--input-type=module', '-e',
       `const { openModelDir } = await import(${JSON.stringify(new URL('../engine/formats/model-dir.ts', import.meta.url).href)}); await (await openModelDir(${JSON.stringify(dir)})).close();`], { encoding: 'utf8' });

@@ -91,7 +91,7 @@ function modelTensorNames(config: LlamaConfig): Set<string> {
  *  the rotary inv_freq buffers old exports carry and a tied lm_head are not reported). */
 export function checkCheckpointTensors(config: LlamaConfig, tensors: TensorSource, source: string): string[] {
   const expected = modelTensorNames(config);
-  const names = tensors.names().sort(); // sorted: the same tensor is named whatever the files' order
+  const names = [...tensors.names()].sort(); // sorted: the same tensor is named whatever the files' order
   for (const name of names) checkQuantizedTensorName(name, source);
   const quantized = new Set<string>();
   for (const name of names) {
@@ -138,13 +138,14 @@ export async function openModelDir(dir: string, opts: OpenModelDirOptions = {}):
     throw new ModelDirError(`${dir}: no model.safetensors or model.safetensors.index.json${pickles ? ' (pytorch_model.bin pickles are never loaded; convert the checkpoint to safetensors)' : ''}`);
   }
   try {
+    // a quantized form explains a checkpoint better than any missing or misshapen tensor would
+    const unusedTensors = checkCheckpointTensors(config, tensors, dir);
     const embed = 'model.embed_tokens.weight';
     if (!tensors.has(embed)) throw new ModelDirError(`${dir}: weights have no ${embed}; not a Llama-family checkpoint`);
     const shape = tensors.info(embed).shape;
     if (shape.length !== 2 || shape[0] !== config.vocabSize || shape[1] !== config.hiddenSize) {
       throw new ModelDirError(`${dir}: ${embed} has shape [${shape.join(', ')}], config.json says [vocab_size=${config.vocabSize}, hidden_size=${config.hiddenSize}]`);
     }
-    const unusedTensors = checkCheckpointTensors(config, tensors, dir);
     if (unusedTensors.length) {
       const listed = unusedTensors.slice(0, MAX_LISTED).map((n) => `'${n}'`).join(', ');
       const more = unusedTensors.length > MAX_LISTED ? `, ... (${unusedTensors.length - MAX_LISTED} more)` : '';
