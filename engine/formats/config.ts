@@ -3,6 +3,7 @@ import { readFile, writeFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { LlamaConfig } from '../types.ts';
 import { pyJsonDumps } from './pyjson.ts';
+import { checkQuantizationConfig, checkQuantConfigFiles } from './quant-config.ts';
 
 export class ConfigError extends Error {
   override readonly name = 'ConfigError';
@@ -22,6 +23,8 @@ const DEFAULTS: Record<string, { rmsNormEps: number; ropeTheta: number; maxPosit
 export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaConfig {
   if (typeof json !== 'object' || json === null || Array.isArray(json)) throw new ConfigError(`${source}: config must be a JSON object`);
   const raw = json as Record<string, unknown>;
+  // a quantized checkpoint's codes would otherwise be read as weights: refuse every form but bitsandbytes NF4
+  checkQuantizationConfig(raw.quantization_config, source);
   const bad = (key: string, want: string, got: unknown = raw[key]): never => {
     throw new ConfigError(`${source}: "${key}" must be ${want}, got ${JSON.stringify(got)}`);
   };
@@ -213,7 +216,8 @@ export async function writeConfig(dir: string, config: LlamaConfig | Record<stri
   await writeFile(join(dir, 'config.json'), configToJson({ ...raw, ...overrides }));
 }
 
-/** Read and parse <dir>/config.json; the error names the dir when it is missing. */
+/** Read and parse <dir>/config.json (and refuse a GPTQ/AWQ quantize_config.json beside it); the error names
+ *  the dir when it is missing. */
 export async function readConfig(dir: string): Promise<LlamaConfig> {
   const path = join(dir, 'config.json');
   let text: string;
@@ -228,5 +232,7 @@ export async function readConfig(dir: string): Promise<LlamaConfig> {
   } catch (e) {
     throw new ConfigError(`${path}: invalid JSON: ${(e as Error).message}`);
   }
-  return parseLlamaConfig(json, path);
+  const config = parseLlamaConfig(json, path);
+  await checkQuantConfigFiles(dir);
+  return config;
 }

@@ -1,13 +1,15 @@
 // Opens a HF model directory (full precision or bitsandbytes 4-bit) as config + WeightSource + tokenizer.
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
+import { LORA_TARGETS } from '../types.ts';
 import type { LlamaConfig, WeightSource } from '../types.ts';
 import type { NF4Weight } from '../backend.ts';
 import { readConfig, configNotes } from './config.ts';
-import { openSafetensorsDir, numelOf, isFloatDecodable } from './safetensors.ts';
+import { openSafetensorsDir, numelOf } from './safetensors.ts';
 import type { TensorSource } from './safetensors.ts';
 import { quantizeNF4, dequantizeNF4 } from './nf4.ts';
-import { isBnbQuantized, readBnbNF4 } from './bnb.ts';
+import { isBnbQuantized, isBnbAuxiliary, readBnbNF4 } from './bnb.ts';
+import { UnsupportedQuantizationError, checkFloatWeightDtype, checkQuantizedTensorName } from './quant-config.ts';
 import { Tokenizer } from './tokenizer.ts';
 
 export class ModelDirError extends Error {
@@ -23,6 +25,8 @@ export interface ModelDir {
   prequantized: boolean;
   /** things the engine handles approximately (e.g. Mistral's sliding_window), to show the user */
   notes: string[];
+  /** checkpoint tensors the model never reads (already reported through the warn callback) */
+  unusedTensors: string[];
   close(): Promise<void>;
 }
 
@@ -46,10 +50,7 @@ export class SafetensorsWeightSource implements WeightSource {
   async getFloat(name: string): Promise<Float32Array> {
     if (!this.tensors.has(name)) throw new ModelDirError(`${this.source}: no tensor ${name}`);
     if (isBnbQuantized(this.tensors, name)) return dequantizeNF4(await readBnbNF4(this.tensors, name));
-    const info = this.tensors.info(name);
-    if (!isFloatDecodable(info.dtype) || info.dtype === 'U8') {
-      throw new ModelDirError(`${this.source}: tensor ${name} has dtype ${info.dtype}, which is not a full-precision weight`);
-    }
+    checkFloatWeightDtype(name, this.tensors.info(name).dtype, this.source);
     return this.tensors.readFloat32(name);
   }
 
@@ -65,8 +66,69 @@ export class SafetensorsWeightSource implements WeightSource {
   }
 }
 
-/** Open config.json, the weights (model.safetensors or a sharded index) and the tokenizer (optional). */
-export async function openModelDir(dir: string): Promise<ModelDir> {
+const MLP_TARGETS: ReadonlySet<string> = new Set(['gate_proj', 'up_proj', 'down_proj']);
+
+/** The checkpoint tensors the engine reads for `config` (transformers' model keys for the Llama family):
+ *  every linear's bias is optional, lm_head only when untied. */
+function modelTensorNames(config: LlamaConfig): Set<string> {
+  const names = new Set(['model.embed_tokens.weight', 'model.norm.weight']);
+  if (!config.tieWordEmbeddings) names.add('lm_head.weight');
+  for (let l = 0; l < config.numHiddenLayers; l++) {
+    names.add(`model.layers.${l}.input_layernorm.weight`);
+    names.add(`model.layers.${l}.post_attention_layernorm.weight`);
+    for (const t of LORA_TARGETS) {
+      const m = `model.layers.${l}.${MLP_TARGETS.has(t) ? 'mlp' : 'self_attn'}.${t}`;
+      names.add(`${m}.weight`);
+      names.add(`${m}.bias`);
+    }
+  }
+  return names;
+}
+
+/** Check every tensor before anything is read: refuse the names of quantized formats (LLM.int8 SCB, GPTQ/AWQ
+ *  qweight, FP8 scales, FP4 quant states) and model weights stored as codes (I8/U8/I32/F8_*); a bnb NF4 linear
+ *  must be packed in U8. Returns the tensors the model never reads (transformers' unexpected keys; like it,
+ *  the rotary inv_freq buffers old exports carry and a tied lm_head are not reported). */
+export function checkCheckpointTensors(config: LlamaConfig, tensors: TensorSource, source: string): string[] {
+  const expected = modelTensorNames(config);
+  const names = [...tensors.names()].sort(); // sorted: the same tensor is named whatever the files' order
+  for (const name of names) checkQuantizedTensorName(name, source);
+  const quantized = new Set<string>();
+  for (const name of names) {
+    if (!expected.has(name)) continue;
+    const dtype = tensors.info(name).dtype;
+    if (isBnbQuantized(tensors, name)) {
+      if (dtype !== 'U8') {
+        throw new UnsupportedQuantizationError(`${source}: tensor ${name} is bitsandbytes NF4 packed into ${dtype} (bnb_4bit_quant_storage other than uint8); swarmtune reads NF4 packed in uint8 only — save it again with bnb_4bit_quant_storage="uint8" or dequantize it (model.dequantize(), save_pretrained)`);
+      }
+      quantized.add(name);
+    } else checkFloatWeightDtype(name, dtype, source);
+  }
+  return names.filter((name) => {
+    if (expected.has(name) || /\.rotary_emb\.inv_freq$/.test(name)) return false;
+    if (name === 'lm_head.weight' && config.tieWordEmbeddings) return false;
+    return !(isBnbAuxiliary(name) && quantized.has(name.replace(/\.weight\..*$/, '.weight')));
+  });
+}
+
+/** transformers' class name for the warning, as it would print it. */
+function modelClassName(config: LlamaConfig): string {
+  const a = config.raw.architectures;
+  if (Array.isArray(a) && typeof a[0] === 'string') return a[0];
+  return ({ llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM' } as Record<string, string>)[config.modelType] ?? 'the model';
+}
+
+const MAX_LISTED = 20;
+
+export interface OpenModelDirOptions {
+  /** one-line warnings (unused checkpoint tensors); default: "warning: …" on stderr */
+  warn?: (line: string) => void;
+}
+
+/** Open config.json, the weights (model.safetensors or a sharded index) and the tokenizer (optional).
+ *  Quantized forms other than bitsandbytes NF4 are refused (UnsupportedQuantizationError) before any weight
+ *  is read; tensors the model never reads are reported through `warn` in one line. */
+export async function openModelDir(dir: string, opts: OpenModelDirOptions = {}): Promise<ModelDir> {
   if (!existsSync(dir)) throw new ModelDirError(`${dir}: model directory does not exist`);
   if (!existsSync(join(dir, 'config.json'))) throw new ModelDirError(`${dir}: no config.json (is this a Hugging Face model directory?)`);
   const config = await readConfig(dir);
@@ -76,17 +138,25 @@ export async function openModelDir(dir: string): Promise<ModelDir> {
     throw new ModelDirError(`${dir}: no model.safetensors or model.safetensors.index.json${pickles ? ' (pytorch_model.bin pickles are never loaded; convert the checkpoint to safetensors)' : ''}`);
   }
   try {
+    // a quantized form explains a checkpoint better than any missing or misshapen tensor would
+    const unusedTensors = checkCheckpointTensors(config, tensors, dir);
     const embed = 'model.embed_tokens.weight';
     if (!tensors.has(embed)) throw new ModelDirError(`${dir}: weights have no ${embed}; not a Llama-family checkpoint`);
     const shape = tensors.info(embed).shape;
     if (shape.length !== 2 || shape[0] !== config.vocabSize || shape[1] !== config.hiddenSize) {
       throw new ModelDirError(`${dir}: ${embed} has shape [${shape.join(', ')}], config.json says [vocab_size=${config.vocabSize}, hidden_size=${config.hiddenSize}]`);
     }
+    if (unusedTensors.length) {
+      const listed = unusedTensors.slice(0, MAX_LISTED).map((n) => `'${n}'`).join(', ');
+      const more = unusedTensors.length > MAX_LISTED ? `, ... (${unusedTensors.length - MAX_LISTED} more)` : '';
+      const warn = opts.warn ?? ((line: string) => { process.stderr.write(`warning: ${line}\n`); });
+      warn(`Some weights of the model checkpoint at ${dir} were not used when initializing ${modelClassName(config)}: [${listed}${more}]`);
+    }
     const q0 = 'model.layers.0.self_attn.q_proj.weight';
     const prequantized = tensors.has(q0) && isBnbQuantized(tensors, q0);
     const tokenizer = await Tokenizer.fromDir(dir);
     return {
-      dir, config, tokenizer, prequantized, notes: configNotes(config),
+      dir, config, tokenizer, prequantized, notes: configNotes(config), unusedTensors,
       weights: new SafetensorsWeightSource(config, tensors, dir),
       close: () => tensors.close(),
     };

@@ -188,13 +188,19 @@ export class AdamW implements Optimizer {
     }
   }
 
+  /** A bitsandbytes Adam step's terms as its kernels see them: lr, betas, eps and weight decay arrive as
+   *  float32 arguments, so 1 - β2 is 1 - fround(0.999), 1.3e-5 relative away from 1 - 0.999 (float64
+   *  hyperparameters put that bias on every v); the bias corrections are computed exactly from those. */
+  private bnbTerms(lr: number, t: number): { b1: number; b2: number; stepSize: number; epsC: number; wd: number; lr32: number } {
+    const b1 = f32(this.beta1), b2 = f32(this.beta2), lr32 = f32(lr);
+    const c1 = 1 - b1 ** t, c2 = Math.sqrt(1 - b2 ** t);
+    return { b1, b2, stepSize: -lr32 * c2 / c1, epsC: f32(this.eps) * c2, wd: f32(this.weightDecay), lr32 };
+  }
+
   /** bitsandbytes 32-bit Adam kernel: eps scaled by sqrt(1-β2^t), decay after the step, non-finite grads skip. */
   private updateBnb32(bytes: Uint8Array, page: PageRef, p: Float32Array, g: Float32Array, lr: number, t: number): void {
     const { m, v } = f32State(bytes, page.count);
-    const b1 = this.beta1, b2 = this.beta2;
-    const c1 = 1 - b1 ** t, c2 = Math.sqrt(1 - b2 ** t);
-    const stepSize = -lr * c2 / c1, epsC = this.eps * c2;
-    const wd = this.weightDecay;
+    const { b1, b2, stepSize, epsC, wd, lr32 } = this.bnbTerms(lr, t);
     for (let j = 0; j < page.count; j++) {
       const i = page.start + j;
       const gi = g[i];
@@ -202,7 +208,7 @@ export class AdamW implements Optimizer {
       const mi = m[j] = f32(m[j] * b1 + (1 - b1) * gi);
       const vi = v[j] = f32(v[j] * b2 + (1 - b2) * gi * gi);
       let pi = f32(p[i] + stepSize * (mi / (Math.sqrt(vi) + epsC)));
-      if (wd > 0) pi = f32(pi * (1 - lr * wd));
+      if (wd > 0) pi = f32(pi * (1 - lr32 * wd));
       p[i] = pi;
     }
   }
@@ -213,10 +219,7 @@ export class AdamW implements Optimizer {
   private update8bit(bytes: Uint8Array, page: PageRef, p: Float32Array, g: Float32Array, lr: number, t: number): void {
     const st = u8State(bytes, page.count);
     const { s: code1, u: code2 } = codes();
-    const b1 = this.beta1, b2 = this.beta2;
-    const c1 = 1 - b1 ** t, c2 = Math.sqrt(1 - b2 ** t);
-    const stepSize = -lr * c2 / c1, epsC = this.eps * c2;
-    const wd = this.weightDecay;
+    const { b1, b2, stepSize, epsC, wd, lr32 } = this.bnbTerms(lr, t);
     const s1 = new Float32Array(OPTIM8_BLOCKSIZE), s2 = new Float32Array(OPTIM8_BLOCKSIZE);
     const zero1 = nearestCodeIndex(code1, 0), zero2 = nearestCodeIndex(code2, 0);
     for (let b = 0; b * OPTIM8_BLOCKSIZE < page.count; b++) {
@@ -229,7 +232,7 @@ export class AdamW implements Optimizer {
           s1[k] = f32(f32(code1[st.q1[j]] * a1) * b1 + (1 - b1) * gi);
           s2[k] = f32(f32(code2[st.q2[j]] * a2) * b2 + (1 - b2) * gi * gi);
           let pi = f32(p[i] + stepSize * (s1[k] / (Math.sqrt(s2[k]) + epsC)));
-          if (wd > 0) pi = f32(pi * (1 - lr * wd));
+          if (wd > 0) pi = f32(pi * (1 - lr32 * wd));
           p[i] = pi;
         } else {
           s1[k] = 0;

@@ -59,9 +59,11 @@ export function adamw32Ref(p: Float32Array, g: Float32Array, m: Float32Array, v:
   }
 }
 
-/** 8-bit blockwise (256) AdamW; non-finite gradients reset both states and leave p unchanged. */
+/** 8-bit blockwise (256) AdamW; non-finite gradients reset both states and leave p unchanged. `pre`, when
+ *  given, receives the updated states before requantization (what each code stands for), so a check can
+ *  tell a code that sits on a midpoint from a wrong one. */
 export function adamw8bitRef(p: Float32Array, g: Float32Array, s1: Uint8Array, s2: Uint8Array, absmax1: Float32Array,
-  absmax2: Float32Array, hp64: Hyper): void {
+  absmax2: Float32Array, hp64: Hyper, pre?: { m: Float64Array; v: Float64Array }): void {
   const hp = f32(hp64);
   const { stepSize, epsC2 } = corrections(hp);
   const n = p.length;
@@ -83,6 +85,7 @@ export function adamw8bitRef(p: Float32Array, g: Float32Array, s1: Uint8Array, s
     }
     absmax1[b] = a1;
     absmax2[b] = a2;
+    if (pre) { pre.m.set(m, lo); pre.v.set(v, lo); }
     for (let i = lo; i < hi; i++) {
       const mi = m[i - lo];
       let c1 = nearest(Q_SIGNED, a1 > 0 ? mi / a1 : 0);
