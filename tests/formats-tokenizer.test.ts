@@ -85,3 +85,42 @@ test('chat template renders with bos/eos, generation prompt, raise_exception', a
     await rm(dir, { recursive: true });
   }
 });
+
+test('encodeWithOffsets: Metaspace tokens (with the prepended "▁") and a post-processor BOS map back onto the text', () => {
+  const t = new Tokenizer(TOKENIZER_JSON, TOKENIZER_CONFIG);
+  const withBos = t.encodeWithOffsets('hello world');
+  assert.deepEqual(withBos.ids, [1, id('▁hello'), id('▁world')]);
+  // BOS is not in the text (zero width); "▁hello" covers "hello" (its ▁ was prepended), "▁world" covers " world"
+  assert.deepEqual(withBos.offsets, [[0, 0], [0, 5], [5, 11]]);
+  const { ids, offsets } = t.encodeWithOffsets('<|user|>hello</s>', { addSpecialTokens: false });
+  assert.deepEqual(ids, [21, id('▁hello'), 2]);
+  assert.deepEqual(offsets, [[0, 8], [8, 13], [13, 17]]);
+});
+
+test('encodeWithOffsets on byte-level BPE: a character split across tokens belongs to each; a rewritten text is refused', async () => {
+  const { TINY_DATA_DIR } = await import('../engine/tiny/files.ts');
+  const t = (await Tokenizer.fromDir(TINY_DATA_DIR))!;
+  const text = '<|im_start|>user\nhé 🙂<|im_end|>';
+  const { ids, offsets } = t.encodeWithOffsets(text, { addSpecialTokens: false });
+  assert.deepEqual(ids, t.encode(text, { addSpecialTokens: false }));
+  assert.equal(offsets[0][1], '<|im_start|>'.length);
+  assert.equal(offsets.at(-1)![1], text.length);
+  // every character is covered, in order, and the emoji (4 UTF-8 bytes, likely several byte tokens) maps to its 2 UTF-16 units
+  for (let i = 1; i < offsets.length; i++) assert.ok(offsets[i][0] >= offsets[i - 1][0] && offsets[i][0] <= offsets[i - 1][1]);
+  const emoji = text.indexOf('🙂');
+  assert.ok(offsets.some(([a, b]) => a <= emoji && b >= emoji + 2));
+  const ws = new Tokenizer({ ...TOKENIZER_JSON, decoder: { type: 'WordPiece', prefix: '##', cleanup: true } }, TOKENIZER_CONFIG, 'wp');
+  assert.throws(() => ws.encodeWithOffsets('hello'), /wp: cannot map tokens to characters/);
+});
+
+test('renderChat passes tools and every message key, picks the tool_use template, reports generation spans; strftime_now uses the pinned clock', () => {
+  const tpl = "{% if tools %}T:{{ tools | tojson }}|{% endif %}{% for m in messages %}{{ m.role }}:{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments | tojson }}{% endif %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}{{ strftime_now('%d %B %Y') }}";
+  const t = new Tokenizer(TOKENIZER_JSON, { ...TOKENIZER_CONFIG, chat_template: [{ name: 'default', template: 'D' }, { name: 'tool_use', template: tpl }] });
+  t.now = () => new Date(2024, 6, 26);
+  const msgs = [{ role: 'user', content: 'w?' }, { role: 'assistant', content: 'ok', tool_calls: [{ function: { name: 'f', arguments: { x: 1.5, y: [true, null] } } }] }];
+  const r = t.renderChat(msgs, { tools: [{ type: 'function', function: { name: 'f' } }] });
+  assert.equal(r.text, 'T:[{"type": "function", "function": {"name": "f"}}]|user:w?assistant:{"x": 1.5, "y": [true, null]}ok</s>26 July 2024');
+  assert.deepEqual(r.generation.map(([a, b]) => r.text.slice(a, b)), ['ok</s>']);
+  assert.equal(t.applyChatTemplate(msgs), 'D');
+  assert.throws(() => new Tokenizer(TOKENIZER_JSON, { ...TOKENIZER_CONFIG, chat_template: '{% for %}' }, 'z').applyChatTemplate(msgs), /z: chat_template "default" does not parse/);
+});

@@ -55,6 +55,7 @@ export interface TrainConfig {
   device: TrainDevice;
   system_prompt: string;
   completion_only_loss: boolean;
+  assistant_only_loss: boolean;
   skip_bad_lines: boolean;
   json: boolean;
 }
@@ -114,7 +115,9 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   gradient_checkpointing: true,
   device: 'auto',
   system_prompt: 'You are a helpful AI assistant.',
+  // TRL: completion_only_loss None means "on for prompt/completion data", the only records it applies to
   completion_only_loss: true,
+  assistant_only_loss: false,
   skip_bad_lines: false,
   json: false,
 }) as TrainConfig;
@@ -157,7 +160,8 @@ export const TRAIN_CONFIG_KEYS: readonly ConfigKeySpec[] = [
   { key: 'gradient_checkpointing', kind: 'bool', help: 'recompute layer activations in backward' },
   { key: 'device', kind: 'enum', values: DEVICES, help: 'compute backend: auto (CUDA if a GPU passes its self-check, else native CPU), cpu (native), ref (float64 reference) or cuda' },
   { key: 'system_prompt', kind: 'string', help: 'system message for {"question","answer"} records' },
-  { key: 'completion_only_loss', kind: 'bool', help: 'train only on completion / assistant tokens' },
+  { key: 'completion_only_loss', kind: 'bool', help: 'prompt/completion and question/answer records: train only on the tokens past the prompt (TRL completion_only_loss)' },
+  { key: 'assistant_only_loss', kind: 'bool', help: 'conversational records: train only on assistant turns (TRL assistant_only_loss; off trains every token)' },
   { key: 'skip_bad_lines', kind: 'bool', help: 'skip (and count) malformed JSONL lines instead of failing' },
   { key: 'json', kind: 'bool', help: 'print one JSON object per line for step events' },
 ];

@@ -3,31 +3,41 @@
 // that the local trainer and the swarm coordinator share.
 import { readFileSync } from 'node:fs';
 import { Rng, hashSeed } from '../model/rng.ts';
+import { locateAssistantTurns, tokenMaskFromSpans } from '../formats/chat.ts';
+import type { ChatRenderer } from '../formats/chat.ts';
+import type { TrainConfig } from './config.ts';
+import { isDict, parsePyJson, toPy, typeName } from '../formats/jinja-values.ts';
 
 export const IGNORE_INDEX = -100;
 
-export interface ChatMessage {
-  role: string;
-  content: string;
-}
-
-/** What the pipeline needs from a tokenizer (engine/formats' tokenizer provides it; tests may adapt
- *  @huggingface/tokenizers directly). */
-export interface SftTokenizer {
+/** What the pipeline needs from a tokenizer (engine/formats' Tokenizer provides it). */
+export interface SftTokenizer extends ChatRenderer {
   /** ids of `text`; addSpecialTokens applies the tokenizer's post-processor (e.g. a BOS) exactly as HF does */
   encode(text: string, opts: { addSpecialTokens: boolean }): ArrayLike<number>;
-  /** render messages with the tokenizer's chat template */
-  applyChatTemplate(messages: ChatMessage[], opts: { addGenerationPrompt: boolean }): string;
+  /** ids plus each token's character offsets (what transformers' char_to_token reads) */
+  encodeWithOffsets(text: string, opts: { addSpecialTokens: boolean }): { ids: number[]; offsets: [number, number][] };
   readonly eosToken: string | null;
   readonly eosTokenId: number | null;
   readonly padTokenId: number | null;
 }
 
+/** A conversation as the chat template sees it: each message an ordered dict with every key of the record
+ *  (role, content, tool_calls, reasoning_content, name, tool_call_id, ...), numbers as json.loads reads them. */
+export interface Conversation {
+  messages: unknown[];
+  /** the record's "tools" list, passed as the template's `tools` */
+  tools: unknown[] | null;
+  /** the record's "chat_template_kwargs" (TRL), passed as template variables */
+  variables: Record<string, unknown>;
+}
+
 export type DataRecord =
   | { kind: 'text'; text: string }
   | { kind: 'qa'; question: string; answer: string }
-  | { kind: 'messages'; messages: ChatMessage[] }
-  | { kind: 'prompt_completion'; prompt: string; completion: string };
+  | ({ kind: 'messages' } & Conversation)
+  | { kind: 'prompt_completion'; prompt: string; completion: string }
+  /** TRL's conversational prompt-completion: lists of messages */
+  | ({ kind: 'chat_prompt_completion'; completion: unknown[] } & Conversation);
 
 export class DataError extends Error {
   override readonly name = 'DataError';
@@ -41,8 +51,18 @@ export interface SkippedLine {
 export interface DataOptions {
   maxSeqLength: number;
   systemPrompt: string;
-  /** train on completion/assistant tokens only (text records always train on every token) */
+  /** TRL completion_only_loss: prompt/completion and question/answer records train only past the prompt */
   completionOnlyLoss: boolean;
+  /** TRL assistant_only_loss (default false): conversational records train only on assistant turns */
+  assistantOnlyLoss?: boolean;
+}
+
+/** The data options of a training config (what `swarmtune train`, `launch` and `eval` pass to loadDataset). */
+export function dataOptionsOf(cfg: TrainConfig): DataOptions & { skipBadLines: boolean } {
+  return {
+    maxSeqLength: cfg.max_seq_length, systemPrompt: cfg.system_prompt, completionOnlyLoss: cfg.completion_only_loss,
+    assistantOnlyLoss: cfg.assistant_only_loss, skipBadLines: cfg.skip_bad_lines,
+  };
 }
 
 export interface TokenizedExample {
@@ -68,8 +88,47 @@ function isString(x: unknown): x is string {
   return typeof x === 'string';
 }
 
-/** Validate one parsed JSON value into a record; throws a plain message (the caller adds file:line). */
-export function recordFromJson(obj: unknown): DataRecord {
+const kindOf = (x: unknown): string => (x === undefined ? 'nothing' : Array.isArray(x) ? 'an array' : x === null ? 'null' : typeof x);
+
+/** Messages as Python values, each checked for the keys every template relies on. */
+function conversationMessages(list: unknown, what: string): unknown[] {
+  if (!Array.isArray(list) || list.length === 0) throw new Error(`"${what}" must be a non-empty array of messages`);
+  return list.map((m, i) => {
+    if (!isDict(m)) throw new Error(`${what}[${i}] must be an object with a "role", got ${typeName(m)}`);
+    const role = m.get('role');
+    if (typeof role !== 'string') throw new Error(`${what}[${i}].role must be a string, got ${role === undefined ? 'nothing' : typeName(role)}`);
+    const content = m.get('content');
+    if (content !== undefined && content !== null && typeof content !== 'string' && !Array.isArray(content)) {
+      throw new Error(`${what}[${i}].content must be a string, a list of parts or null, got ${typeName(content)}`);
+    }
+    if (m.has('tool_calls') && m.get('tool_calls') !== null && !Array.isArray(m.get('tool_calls'))) {
+      throw new Error(`${what}[${i}].tool_calls must be a list, got ${typeName(m.get('tool_calls'))}`);
+    }
+    return m;
+  });
+}
+
+/** tools and chat_template_kwargs of a conversational record (TRL also accepts tools as a JSON string). */
+function conversationExtras(py: Map<unknown, unknown>): { tools: unknown[] | null; variables: Record<string, unknown> } {
+  let tools: unknown = py.get('tools') ?? null;
+  if (typeof tools === 'string') {
+    try {
+      tools = parsePyJson(tools);
+    } catch (e) {
+      throw new Error(`"tools" is a string but not JSON (${(e as Error).message})`);
+    }
+  }
+  if (tools !== null && !Array.isArray(tools)) throw new Error(`"tools" must be a list of tool definitions, got ${typeName(tools)}`);
+  const kw = py.get('chat_template_kwargs') ?? null;
+  if (kw !== null && !isDict(kw)) throw new Error(`"chat_template_kwargs" must be an object, got ${typeName(kw)}`);
+  const variables: Record<string, unknown> = {};
+  if (kw) for (const [k, v] of kw) variables[String(k)] = v;
+  return { tools: tools as unknown[] | null, variables };
+}
+
+/** Validate one parsed JSON value into a record; throws a plain message (the caller adds file:line). `raw`, the
+ *  line's text, lets conversations keep what JSON.parse loses (22.0 vs 22, key order) for the chat template. */
+export function recordFromJson(obj: unknown, raw?: string): DataRecord {
   if (typeof obj !== 'object' || obj === null || Array.isArray(obj)) {
     throw new Error(`expected a JSON object, got ${Array.isArray(obj) ? 'an array' : obj === null ? 'null' : typeof obj}`);
   }
@@ -84,6 +143,7 @@ export function recordFromJson(obj: unknown): DataRecord {
     throw new Error(`no known fields; expected {"text"}, {"question","answer"}, {"prompt","completion"} or {"messages"}, got keys ${JSON.stringify(Object.keys(o))}`);
   }
   if (families.length > 1) throw new Error(`ambiguous record: has fields of ${families.join(' and ')}`);
+  const py = (): Map<unknown, unknown> => (raw !== undefined ? parsePyJson(raw) : toPy(obj)) as Map<unknown, unknown>;
   switch (families[0]) {
     case 'text':
       if (!isString(o.text)) throw new Error(`"text" must be a string, got ${typeof o.text}`);
@@ -93,20 +153,22 @@ export function recordFromJson(obj: unknown): DataRecord {
       if (!isString(o.question)) throw new Error(`"question" must be a string, got ${o.question === undefined ? 'nothing' : typeof o.question}`);
       if (!isString(o.answer)) throw new Error(`"answer" must be a string, got ${o.answer === undefined ? 'nothing' : typeof o.answer}`);
       return { kind: 'qa', question: o.question, answer: o.answer };
-    case 'prompt/completion':
+    case 'prompt/completion': {
+      if (Array.isArray(o.prompt) || Array.isArray(o.completion)) {
+        if (!Array.isArray(o.prompt) || !Array.isArray(o.completion)) {
+          throw new Error(`conversational "prompt" and "completion" must both be lists of messages, got ${kindOf(o.prompt)} and ${kindOf(o.completion)}`);
+        }
+        const p = py();
+        return { kind: 'chat_prompt_completion', messages: conversationMessages(p.get('prompt'), 'prompt'),
+          completion: conversationMessages(p.get('completion'), 'completion'), ...conversationExtras(p) };
+      }
       if (!isString(o.prompt)) throw new Error(`"prompt" must be a string, got ${o.prompt === undefined ? 'nothing' : typeof o.prompt}`);
       if (!isString(o.completion)) throw new Error(`"completion" must be a string, got ${o.completion === undefined ? 'nothing' : typeof o.completion}`);
       return { kind: 'prompt_completion', prompt: o.prompt, completion: o.completion };
+    }
     default: {
-      const m = o.messages;
-      if (!Array.isArray(m) || m.length === 0) throw new Error('"messages" must be a non-empty array');
-      const messages: ChatMessage[] = m.map((x, i) => {
-        if (typeof x !== 'object' || x === null || !isString((x as ChatMessage).role) || !isString((x as ChatMessage).content)) {
-          throw new Error(`messages[${i}] must be {"role": string, "content": string}`);
-        }
-        return { role: (x as ChatMessage).role, content: (x as ChatMessage).content };
-      });
-      return { kind: 'messages', messages };
+      const p = py();
+      return { kind: 'messages', messages: conversationMessages(p.get('messages'), 'messages'), ...conversationExtras(p) };
     }
   }
 }
@@ -126,7 +188,7 @@ export function parseJsonl(text: string, file: string, skipBadLines: boolean): {
       } catch (e) {
         throw new Error(`invalid JSON (${(e as Error).message})`);
       }
-      records.push({ line: i + 1, record: recordFromJson(obj) });
+      records.push({ line: i + 1, record: recordFromJson(obj, raw) });
     } catch (e) {
       const reason = (e as Error).message;
       if (!skipBadLines) throw new DataError(`${file}:${i + 1}: ${reason}`);
@@ -140,53 +202,80 @@ function toArray(ids: ArrayLike<number>): number[] {
   return Array.from(ids);
 }
 
-/** Token ids and a per-token "trained" mask for one record (before truncation). */
+const dict = (entries: Record<string, unknown>): Map<unknown, unknown> => new Map(Object.entries(entries));
+
+/** A rendered conversation's ids and, with assistant_only_loss, its assistant-token mask (else all ones). */
+function renderConversation(tok: SftTokenizer, conv: Conversation, messages: unknown[], assistantOnly: boolean): { ids: number[]; mask: Uint8Array } {
+  const chatOpts = { tools: conv.tools, variables: conv.variables };
+  // the chat template writes its own special tokens, so the post-processor must not add more
+  if (!assistantOnly) {
+    const ids = toArray(tok.encode(tok.renderChat(messages, { ...chatOpts, addGenerationPrompt: false }).text, { addSpecialTokens: false }));
+    return { ids, mask: new Uint8Array(ids.length).fill(1) };
+  }
+  const located = locateAssistantTurns(tok, messages, chatOpts);
+  let enc: { ids: number[]; offsets: [number, number][] };
+  try {
+    enc = tok.encodeWithOffsets(located.text, { addSpecialTokens: false });
+  } catch (e) {
+    throw new Error(`assistant_only_loss: ${(e as Error).message}`);
+  }
+  const mask = tokenMaskFromSpans(enc.offsets, located.spans);
+  if (!mask.includes(1)) {
+    throw new Error(located.method === 'generation'
+      ? "assistant_only_loss is on but the chat template's {% generation %} blocks mark no tokens of this record"
+      : 'assistant_only_loss is on but the record has no assistant message to train on');
+  }
+  return { ids: enc.ids, mask };
+}
+
+/** Token ids and a per-token "trained" mask for one record (before truncation), as TRL's SFTTrainer builds them:
+ *  text trains on every token; prompt/completion (and question/answer, a conversational prompt/completion) on the
+ *  tokens past the tokenized prompt when completion_only_loss is on; conversations on every token, or with
+ *  assistant_only_loss only on the assistant turns (both masks apply to a conversational prompt/completion). */
 export function renderRecord(rec: DataRecord, tok: SftTokenizer, opts: DataOptions): { ids: number[]; mask: Uint8Array } {
   const eos = tok.eosToken;
   const withEos = (s: string): string => (eos && !s.endsWith(eos) ? s + eos : s);
-  const completionMask = (promptLen: number, ids: number[]): Uint8Array => {
-    const mask = new Uint8Array(ids.length);
-    mask.fill(opts.completionOnlyLoss ? 0 : 1, 0, Math.min(promptLen, ids.length));
-    mask.fill(1, Math.min(promptLen, ids.length));
-    return mask;
+  const assistantOnly = opts.assistantOnlyLoss ?? false;
+  const completionMask = (promptLen: number, ids: number[], mask?: Uint8Array): Uint8Array => {
+    const out = mask ?? new Uint8Array(ids.length).fill(1);
+    if (opts.completionOnlyLoss) out.fill(0, 0, Math.min(promptLen, ids.length));
+    return out;
+  };
+  const chatCompletion = (conv: Conversation, completion: unknown[]): { ids: number[]; mask: Uint8Array } => {
+    const prompt = conv.messages;
+    const promptIds = toArray(tok.encode(tok.renderChat(prompt, { tools: conv.tools, variables: conv.variables, addGenerationPrompt: true }).text, { addSpecialTokens: false }));
+    const { ids, mask } = renderConversation(tok, conv, [...prompt, ...completion], assistantOnly);
+    // the completion is what lies past the tokenized prompt; a prompt that tokenizes differently inside the whole
+    // conversation would put that boundary in the wrong place (TRL only warns), so it is refused
+    if (opts.completionOnlyLoss && !promptIds.every((t, i) => ids[i] === t)) {
+      throw new Error('the prompt rendered with the generation prompt is not a prefix of the whole conversation\'s tokens, so the completion cannot be located');
+    }
+    return { ids, mask: completionMask(promptIds.length, ids, mask) };
   };
   switch (rec.kind) {
     case 'text': {
+      if (assistantOnly) throw new Error('assistant_only_loss applies to conversational records; this is a {"text"} record (TRL refuses such data too)');
       const ids = toArray(tok.encode(withEos(rec.text), { addSpecialTokens: true }));
       return { ids, mask: new Uint8Array(ids.length).fill(1) };
     }
     case 'prompt_completion': {
+      if (assistantOnly) throw new Error('assistant_only_loss applies to conversational records; this is a {"prompt","completion"} record with strings');
       // TRL: tokenize the prompt and prompt+completion separately; the completion is what lies past the prompt
       const promptIds = toArray(tok.encode(rec.prompt, { addSpecialTokens: true }));
       const ids = toArray(tok.encode(rec.prompt + withEos(rec.completion), { addSpecialTokens: true }));
       return { ids, mask: completionMask(promptIds.length, ids) };
     }
     case 'qa': {
-      const prompt: ChatMessage[] = [{ role: 'system', content: opts.systemPrompt }, { role: 'user', content: rec.question }];
-      const all = [...prompt, { role: 'assistant', content: rec.answer }];
-      // the chat template writes its own special tokens, so the post-processor must not add more
-      const promptIds = toArray(tok.encode(tok.applyChatTemplate(prompt, { addGenerationPrompt: true }), { addSpecialTokens: false }));
-      const ids = toArray(tok.encode(tok.applyChatTemplate(all, { addGenerationPrompt: false }), { addSpecialTokens: false }));
-      return { ids, mask: completionMask(promptIds.length, ids) };
+      const conv: Conversation = {
+        messages: [dict({ role: 'system', content: opts.systemPrompt }), dict({ role: 'user', content: rec.question })],
+        tools: null, variables: {},
+      };
+      return chatCompletion(conv, [dict({ role: 'assistant', content: rec.answer })]);
     }
-    case 'messages': {
-      const msgs = rec.messages;
-      const ids = toArray(tok.encode(tok.applyChatTemplate(msgs, { addGenerationPrompt: false }), { addSpecialTokens: false }));
-      const mask = new Uint8Array(ids.length);
-      if (!opts.completionOnlyLoss) return { ids, mask: mask.fill(1) };
-      let assistants = 0;
-      for (let i = 0; i < msgs.length; i++) {
-        if (msgs[i].role !== 'assistant') continue;
-        assistants++;
-        // an assistant turn's tokens are those between the prefix rendered with the generation prompt
-        // and the prefix including the turn (its end-of-turn token included, so the model learns to stop)
-        const before = tok.encode(tok.applyChatTemplate(msgs.slice(0, i), { addGenerationPrompt: true }), { addSpecialTokens: false }).length;
-        const after = tok.encode(tok.applyChatTemplate(msgs.slice(0, i + 1), { addGenerationPrompt: false }), { addSpecialTokens: false }).length;
-        mask.fill(1, Math.min(before, ids.length), Math.min(after, ids.length));
-      }
-      if (assistants === 0) throw new Error('"messages" has no assistant message to train on (completion_only_loss is on)');
-      return { ids, mask };
-    }
+    case 'chat_prompt_completion':
+      return chatCompletion(rec, rec.completion);
+    case 'messages':
+      return renderConversation(tok, rec, rec.messages, assistantOnly);
   }
 }
 
