@@ -128,7 +128,7 @@ export class VolunteerSession {
   /** Leave the run; the first reason wins. */
   leave(reason: LeavingError): void {
     if (this.signal.aborted) return;
-    this.log('leaving: %s', reason.message);
+    this.log('%s', reason.message);
     this.leaving.abort(reason);
   }
 
