@@ -1,5 +1,5 @@
 // The volunteer's own timeouts, limits and defaults (network-wide ones live in protocol/constants.ts).
-import { BLOB_TIMEOUT_MS, COMPUTE_TIMEOUT_MS, CONTROL_TIMEOUT_MS } from '../protocol/constants.ts';
+import { BLOB_TIMEOUT_MS, COMPUTE_TIMEOUT_MS, CONTROL_TIMEOUT_MS, HEARTBEAT_TIMEOUT_MS } from '../protocol/constants.ts';
 
 /** Joining waits for the coordinator to reach --min-peers and plan; an hour covers slow organizers. */
 export const JOIN_TIMEOUT_MS = 60 * 60_000;
@@ -23,7 +23,7 @@ export const DEFAULT_LISTEN = '/ip4/127.0.0.1/tcp/0';
  *  requester's own timeout for that kind of request, so nothing is dropped that could still be answered. */
 export const HANDLER_TIMEOUT_MS = {
   weights: BLOB_TIMEOUT_MS,
-  heartbeat: CONTROL_TIMEOUT_MS,
+  heartbeat: HEARTBEAT_TIMEOUT_MS,
   forward: COMPUTE_TIMEOUT_MS,
   backward: COMPUTE_TIMEOUT_MS,
   commit: CONTROL_TIMEOUT_MS,

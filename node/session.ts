@@ -135,7 +135,8 @@ export class VolunteerSession {
   private to(next: SessionState): void {
     const from = this.state.name;
     if (!TRANSITIONS[from].includes(next.name)) throw new SwarmError(`volunteer session: no transition from ${from} to ${next.name}`);
-    this.log('%s -> %s', from, next.name);
+    const a = next.name === 'loading' || next.name === 'serving' ? next.assignment : null;
+    this.log('%s -> %s%s', from, next.name, a !== null ? ` (run ${a.runId} stage ${a.stageIndex} step ${a.step})` : '');
     this.state = next;
   }
 
