@@ -42,7 +42,6 @@ export interface VolunteerConfig {
   maxMemoryBytes: number | undefined;
   /** absolute */
   dataDir: string;
-  json: boolean;
   listen: string;
   joinTimeoutMs: number;
   coordinatorLostMs: number;
@@ -77,7 +76,6 @@ export function resolveVolunteerConfig(opts: VolunteerOptions, env: Knobs = knob
     backendKind: backendKind(opts.device),
     maxMemoryBytes: opts.maxMemoryBytes,
     dataDir: path.resolve(opts.dataDir),
-    json: opts.json,
     listen: opts.listen ?? DEFAULT_LISTEN,
     joinTimeoutMs: JOIN_TIMEOUT_MS,
     coordinatorLostMs: COORDINATOR_LOST_MS,

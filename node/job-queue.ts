@@ -6,7 +6,7 @@ import { SwarmError } from '../protocol/errors.ts';
 export type JobPriority = 0 | 1;
 
 /** Why a signal aborted, as an Error (a signal's reason may be anything). */
-export function abortReason(signal: AbortSignal): Error {
+function abortReason(signal: AbortSignal): Error {
   const r: unknown = signal.reason;
   return r instanceof Error ? r : new SwarmError(`aborted: ${String(r)}`);
 }
