@@ -5,9 +5,21 @@ import { createOptimizer } from '../engine/train/optim.ts';
 import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/train/optim.ts';
 import type { OptimizerState, StateTensor } from '../engine/train/optim.ts';
 import type { NamedTensor } from '../engine/types.ts';
+import type { Backend } from '../engine/backend.ts';
 import type { OptimSpec } from '../protocol/messages.ts';
 import { arr, bytes, int, obj, oneOf, str } from '../protocol/schema.ts';
-import type { ShardOptimizer } from './stage-host.ts';
+
+/** The optimizer a stage applies to its own LoRA tensors (the trainer's optimizers implement it). */
+export interface ShardOptimizer {
+  step(grads: Float32Array[], lr: number): Promise<void> | void;
+  /** the full optimizer state (moments, step count) in the trainer's checkpoint format */
+  saveState(): Promise<Uint8Array> | Uint8Array;
+  /** replace the whole state (moments, step count) with bytes saveState produced: a rollback */
+  loadState(bytes: Uint8Array): Promise<void> | void;
+}
+
+/** Makes a stage's optimizer (tests inject their own). */
+export type OptimizerFactory = (spec: OptimSpec, params: NamedTensor[], opts: { spillDir: string; state: Uint8Array | null; backend?: Backend }) => Promise<ShardOptimizer>;
 
 const packr = new Packr({ useRecords: false, moreTypes: false, structuredClone: false });
 const unpackr = new Unpackr({ useRecords: false, mapsAsObjects: true, int64AsType: 'number', structuredClone: false });

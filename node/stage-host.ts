@@ -1,5 +1,6 @@
-// The shard host: serves forward/backward for one stage, keeps each uncommitted attempt's LoRA
-// gradient apart, folds committed ones into the step sum, and applies the aggregated optimizer step.
+// The shard host: the RPC-facing side of one stage. It checks each request against the run, step and
+// stage, queues the compute, keeps gradients by attempt (step-gradients.ts), applies the aggregated
+// optimizer step, and keeps the state from before it for a restarted coordinator (step-snapshot.ts).
 import type { Stage } from '../engine/types.ts';
 import type {
   AggregateRequest, AggregateResponse, AdapterRequest, AdapterResponse, Assignment, BackwardRequest,
@@ -9,55 +10,33 @@ import { decodeFloat, decodeInt, encodeTensor } from '../protocol/tensor.ts';
 import type { FloatCodec } from '../protocol/tensor.ts';
 import { IntegrityError, SchemaError, StaleError, TensorError } from '../protocol/errors.ts';
 import { adapterDigest } from '../protocol/adapter-digest.ts';
+import { serveChunk, servePage } from '../protocol/pager.ts';
+import { silentLogger } from '../protocol/log.ts';
+import type { Logger } from '../protocol/log.ts';
 import { StepSnapshot } from './step-snapshot.ts';
 import type { SnapshotOptions } from './step-snapshot.ts';
+import { StepGradients, attemptKey } from './step-gradients.ts';
+import { JobQueue } from './job-queue.ts';
+import type { JobPriority } from './job-queue.ts';
+import type { ShardOptimizer } from './optimizer.ts';
+import { SNAPSHOT_RESIDENT_BYTES } from './constants.ts';
 import { poisoned, testAids } from './test-aids.ts';
+import type { TestAids } from './test-aids.ts';
 
 /** What a host that lost its coordinator offers the restarted one (join.kept). */
 export type KeptOffer = NonNullable<JoinRequest['kept']>;
 
-/** The optimizer a stage applies to its own LoRA tensors (the trainer's optimizers implement it). */
-export interface ShardOptimizer {
-  step(grads: Float32Array[], lr: number): Promise<void> | void;
-  /** the full optimizer state (moments, step count) in the trainer's checkpoint format */
-  saveState(): Promise<Uint8Array> | Uint8Array;
-  /** replace the whole state (moments, step count) with bytes saveState produced: a rollback */
-  loadState(bytes: Uint8Array): Promise<void> | void;
+export interface StageHostInit extends Partial<SnapshotOptions> {
+  /** testing aids (node/test-aids.ts); default: this process's knobs */
+  aids?: TestAids;
+  /** one line per compute job (what, queue wait, compute time); namespace swarmtune:node:stage */
+  log?: Logger;
 }
 
-/** Snapshots above 64 MiB (or above the paged optimizer's resident budget) go to disk. */
-export const SNAPSHOT_RESIDENT_BYTES = 64 * 1024 * 1024;
+/** Only `signal`: a request whose requester gives up while its job waits is dropped from the queue. */
+export interface JobOptions { signal?: AbortSignal }
 
-/** Runs one job at a time, backward before forward: a backward frees a kept input, a forward adds one. */
-class PriorityRunner {
-  private readonly queues: Array<Array<() => Promise<void>>> = [[], []];
-  private running = false;
-  get busy(): boolean { return this.running; }
-  get queued(): number { return this.queues[0]!.length + this.queues[1]!.length; }
-
-  run<T>(priority: 0 | 1, fn: () => Promise<T>): Promise<T> {
-    return new Promise<T>((resolve, reject) => {
-      this.queues[priority]!.push(async () => { try { resolve(await fn()); } catch (e) { reject(e as Error); } });
-      void this.pump();
-    });
-  }
-
-  private async pump(): Promise<void> {
-    if (this.running) return;
-    this.running = true;
-    try {
-      for (;;) {
-        const job = this.queues[0]!.shift() ?? this.queues[1]!.shift();
-        if (job === undefined) break;
-        await job();
-      }
-    } finally {
-      this.running = false;
-    }
-  }
-}
-
-interface Attempt { mb: number; attempt: number; forwardDone: boolean; grads: Float32Array[] | null; batch: number; seqLen: number }
+type StageInput = Parameters<Stage['forward']>[0];
 
 export class StageHost {
   readonly stage: Stage;
@@ -67,41 +46,43 @@ export class StageHost {
   /** optimizer steps applied so far = the step currently being trained */
   step: number;
   private readonly optimizer: ShardOptimizer;
-  private readonly runner = new PriorityRunner();
-  private readonly attempts = new Map<string, Attempt>();
-  /** committed micro-batch gradients of the current step, folded in micro-batch order at collect */
-  private readonly committed = new Map<number, { attempt: number; grads: Float32Array[] }>();
-  private stepSum: Float32Array[] | null = null;
-  private finalGrads: Float32Array[] | null = null;
-  /** params [0, finalCovered) of finalGrads hold this step's final gradient (meaningful while finalGrads is set) */
-  private finalCovered = 0;
+  private readonly queue = new JobQueue();
+  private readonly gradients: StepGradients;
   /** tokens/s through this stage, measured over forward+backward compute */
   private computeMs = 0;
   private computeTokens = 0;
   /** the state from before the last optimizer update (a restarted coordinator may not have committed it) */
   private previous: StepSnapshot | null = null;
   private readonly snapshotOptions: SnapshotOptions;
+  /** the optimizer state being paged out, as of `step` (one consistent snapshot per transfer) */
+  private optimSnapshot: { step: number; bytes: Uint8Array } | null = null;
   /** bumped when the step in flight is abandoned (coordinator lost): work started before is dropped */
   private generation = 0;
-  /** testing aids (node/test-aids.ts): an artificial delay per job, poisoned outputs */
-  private readonly aids = testAids();
+  private readonly aids: TestAids;
+  private readonly log: Logger;
 
-  constructor(stage: Stage, a: Assignment, optimizer: ShardOptimizer, snapshot: Partial<SnapshotOptions> = {}) {
+  constructor(stage: Stage, a: Assignment, optimizer: ShardOptimizer, init: StageHostInit = {}) {
     this.stage = stage;
     this.runId = a.runId;
     this.stageIndex = a.stageIndex;
     this.wireCodec = a.wireCodec;
     this.step = a.step;
     this.optimizer = optimizer;
-    this.snapshotOptions = { dir: snapshot.dir ?? null, residentBytes: snapshot.residentBytes ?? SNAPSHOT_RESIDENT_BYTES };
+    this.gradients = new StepGradients(stage);
+    this.snapshotOptions = { dir: init.dir ?? null, residentBytes: init.residentBytes ?? SNAPSHOT_RESIDENT_BYTES };
+    this.aids = init.aids ?? testAids();
+    this.log = init.log ?? silentLogger;
   }
 
   /** the step of the kept pre-update state, null before the first update */
   get previousStep(): number | null { return this.previous?.step ?? null; }
 
-  get inflight(): number { return this.attempts.size; }
-  get busy(): boolean { return this.runner.busy; }
+  get inflight(): number { return this.gradients.inflight; }
+  get busy(): boolean { return this.queue.busy; }
   get tokensPerSecond(): number { return this.computeMs > 0 ? this.computeTokens / (this.computeMs / 1000) : 0; }
+
+  /** Resolves once no job runs or waits (after detach, the jobs queued before it drain quickly). */
+  idle(): Promise<void> { return this.queue.idle(); }
 
   private check(req: { runId: string; step: number; stageIndex?: number }, what: string): void {
     if (req.runId !== this.runId) throw new StaleError(`${what}: run ${req.runId} is not this peer's run ${this.runId}`);
@@ -111,21 +92,27 @@ export class StageHost {
     }
   }
 
-  private key(step: number, mb: number, attempt: number): string {
-    return `${step}:${mb}:${attempt}`;
+  /** A compute job on the queue, timed for tokens/s (and slowed by the delay aid). */
+  private compute<T>(priority: JobPriority, what: string, tokens: number, fn: () => Promise<T>, opts: JobOptions): Promise<T> {
+    const queuedAt = this.log.enabled ? performance.now() : 0;
+    return this.queue.run(priority, async () => {
+      const t0 = performance.now();
+      const r = await fn();
+      if (this.aids.delayMs > 0) await new Promise((res) => setTimeout(res, this.aids.delayMs));
+      const ms = performance.now() - t0;
+      this.computeMs += ms;
+      this.computeTokens += tokens;
+      if (this.log.enabled) this.log('%s: %d ms queued, %d ms computing', what, Math.round(t0 - queuedAt), Math.round(ms));
+      return r;
+    }, opts);
   }
 
-  async forward(req: ForwardRequest): Promise<ForwardResponse> {
-    this.check(req, 'forward');
+  /** The stage's input for a forward, every tensor checked against the stage's shapes and vocabulary. */
+  private forwardInput(req: ForwardRequest, key: string): StageInput {
     const C = this.stage.config.hiddenSize;
-    const T = req.batch * req.seqLen;
-    const key = this.key(req.step, req.mb, req.attempt);
-    for (const a of this.attempts.values()) {
-      if (a.mb === req.mb && a.attempt >= req.attempt) throw new StaleError(`forward: micro-batch ${req.mb} attempt ${req.attempt} is superseded by attempt ${a.attempt}`);
-    }
-    // every input is checked before anything changes: a refused request leaves no trace
     const V = this.stage.config.vocabSize;
-    const input: Parameters<Stage['forward']>[0] = { key, batch: req.batch, seqLen: req.seqLen, dropoutSeed: req.dropoutSeed };
+    const T = req.batch * req.seqLen;
+    const input: StageInput = { key, batch: req.batch, seqLen: req.seqLen, dropoutSeed: req.dropoutSeed };
     if (this.stage.isFirst) {
       if (req.ids === undefined) throw new SchemaError('forward: the first stage needs token ids');
       input.ids = decodeInt(req.ids, 'forward.ids', [T]);
@@ -142,31 +129,31 @@ export class StageHost {
         if (l !== -100 && (l < 0 || l >= V)) throw new TensorError(`forward.labels: label ${l} at ${i} is neither -100 nor in the vocabulary [0, ${V})`);
       }
     }
-    for (const [k, a] of this.attempts) {
-      if (a.mb !== req.mb) continue;
-      this.stage.release(k); // an older attempt that never committed: its route was abandoned
-      this.attempts.delete(k);
-    }
-    const a: Attempt = { mb: req.mb, attempt: req.attempt, forwardDone: false, grads: null, batch: req.batch, seqLen: req.seqLen };
-    if (req.train) this.attempts.set(key, a);
+    return input;
+  }
+
+  async forward(req: ForwardRequest, opts: JobOptions = {}): Promise<ForwardResponse> {
+    this.check(req, 'forward');
+    const C = this.stage.config.hiddenSize;
+    const T = req.batch * req.seqLen;
+    const key = attemptKey(req.step, req.mb, req.attempt);
+    this.gradients.checkCurrent(req.mb, req.attempt);
+    // every input is checked before anything changes: a refused request leaves no trace
+    const input = this.forwardInput(req, key);
+    const a = this.gradients.open(key, req.mb, req.attempt, req, req.train);
     const generation = this.generation;
     let out: Awaited<ReturnType<Stage['forward']>>;
     try {
-      out = await this.runner.run(1, async () => {
+      out = await this.compute(1, `forward step=${req.step} mb=${req.mb} attempt=${req.attempt}`, T, async () => {
         // released (commit: false) while it waited in the queue — e.g. the coordinator timed out on
         // it: computing it anyway would only delay the jobs behind it
         if (generation !== this.generation) throw new StaleError(`forward: step ${req.step} was abandoned (coordinator lost) while micro-batch ${req.mb} waited`);
-        if (req.train && this.attempts.get(key) !== a) throw new StaleError(`forward: micro-batch ${req.mb} attempt ${req.attempt} of step ${req.step} was released while it waited`);
-        const t0 = performance.now();
-        const r = await this.stage.forward(input, { train: req.train });
-        if (this.aids.delayMs > 0) await new Promise((res) => setTimeout(res, this.aids.delayMs));
-        this.computeMs += performance.now() - t0;
-        this.computeTokens += T;
-        return r;
-      });
+        if (req.train && !this.gradients.holds(key, a)) throw new StaleError(`forward: micro-batch ${req.mb} attempt ${req.attempt} of step ${req.step} was released while it waited`);
+        return this.stage.forward(input, { train: req.train });
+      }, opts);
     } catch (e) {
       // a forward that failed keeps nothing: the attempt cannot run backward
-      if (this.attempts.get(key) === a) this.attempts.delete(key);
+      this.gradients.drop(key, a, false);
       throw e;
     }
     if (generation !== this.generation) {
@@ -182,10 +169,10 @@ export class StageHost {
     return { hidden: this.aids.badOutput === 'nan' ? poisoned(hidden) : hidden };
   }
 
-  async backward(req: BackwardRequest): Promise<BackwardResponse> {
+  async backward(req: BackwardRequest, opts: JobOptions = {}): Promise<BackwardResponse> {
     this.check(req, 'backward');
-    const key = this.key(req.step, req.mb, req.attempt);
-    const a = this.attempts.get(key);
+    const key = attemptKey(req.step, req.mb, req.attempt);
+    const a = this.gradients.get(key);
     if (a === undefined || !a.forwardDone) throw new StaleError(`backward: no forward kept for micro-batch ${req.mb} attempt ${req.attempt} of step ${req.step}`);
     if (a.grads !== null) throw new StaleError(`backward: micro-batch ${req.mb} attempt ${req.attempt} already ran backward`);
     const C = this.stage.config.hiddenSize;
@@ -203,17 +190,13 @@ export class StageHost {
     a.grads = grads;
     let gradIn: Float32Array | undefined;
     try {
-      ({ gradIn } = await this.runner.run(0, async () => {
-        if (this.attempts.get(key) !== a) throw new StaleError(`backward: micro-batch ${req.mb} attempt ${req.attempt} of step ${req.step} was released while it waited`);
-        const t0 = performance.now();
-        const r = await this.stage.backward(key, grads, args);
-        if (this.aids.delayMs > 0) await new Promise((res) => setTimeout(res, this.aids.delayMs));
-        this.computeMs += performance.now() - t0;
-        return r;
-      }));
+      ({ gradIn } = await this.compute(0, `backward step=${req.step} mb=${req.mb} attempt=${req.attempt}`, 0, async () => {
+        if (!this.gradients.holds(key, a)) throw new StaleError(`backward: micro-batch ${req.mb} attempt ${req.attempt} of step ${req.step} was released while it waited`);
+        return this.stage.backward(key, grads, args);
+      }, opts));
     } catch (e) {
       // a half-computed gradient must never be committed: the attempt is gone (the coordinator retries)
-      if (this.attempts.get(key) === a) { this.stage.release(key); this.attempts.delete(key); }
+      this.gradients.drop(key, a, true);
       throw e;
     }
     if (this.stage.isFirst) return {};
@@ -224,61 +207,26 @@ export class StageHost {
 
   commit(req: CommitRequest): void {
     this.check(req, 'commit');
-    const key = this.key(req.step, req.mb, req.attempt);
-    const a = this.attempts.get(key);
-    if (!req.commit) {
-      // discard an abandoned attempt, or take back a committed one whose partner stage lost it
-      if (a !== undefined) { this.stage.release(key); this.attempts.delete(key); }
-      const c = this.committed.get(req.mb);
-      if (c !== undefined && c.attempt === req.attempt) {
-        // taking back a micro-batch after a collect (its partner replica was banned): re-fold later
-        this.committed.delete(req.mb);
-        this.stepSum = null;
-      }
-      return;
-    }
-    if (this.committed.has(req.mb)) throw new StaleError(`commit: micro-batch ${req.mb} of step ${req.step} was already committed`);
-    if (a === undefined || a.grads === null) throw new StaleError(`commit: micro-batch ${req.mb} attempt ${req.attempt} has no gradient here`);
-    this.committed.set(req.mb, { attempt: req.attempt, grads: a.grads });
-    this.stepSum = null; // a re-run micro-batch committed after a collect joins the next fold
-    this.attempts.delete(key);
+    if (req.commit) this.gradients.commit(req.step, req.mb, req.attempt);
+    else this.gradients.discard(req.step, req.mb, req.attempt);
   }
 
-  /** Sum of committed micro-batch gradients, folded in micro-batch order so the sum is deterministic. */
-  private async foldStepSum(): Promise<Float32Array[]> {
-    if (this.stepSum !== null) return this.stepSum;
-    const sum = this.stage.newGrads();
-    for (const mb of [...this.committed.keys()].sort((x, y) => x - y)) {
-      const g = this.committed.get(mb)!.grads;
-      for (let i = 0; i < sum.length; i++) {
-        const s = sum[i]!, gi = g[i]!;
-        for (let j = 0; j < s.length; j++) s[j]! += gi[j]!;
-      }
-      // yield between micro-batches: a large stage's sum must not hold heartbeats back
-      await new Promise((r) => setImmediate(r));
-    }
-    this.stepSum = sum;
-    return sum;
-  }
-
-  async aggregate(req: AggregateRequest): Promise<AggregateResponse> {
+  async aggregate(req: AggregateRequest, opts: JobOptions = {}): Promise<AggregateResponse> {
     this.check(req, 'aggregate');
     const params = this.stage.params;
     const total = params.length;
     if (req.phase === 'collect') {
-      if (req.from > total) throw new SchemaError(`aggregate collect: page starts at ${req.from}, the stage has ${total} params`);
-      const sum = await this.foldStepSum();
+      // the step sum always travels in f32: it is small and clipping needs its exact norm
+      const page = servePage(total, req.from, req.count, 'aggregate collect', (i) => params[i]!.data.byteLength);
+      const sum = await this.gradients.stepSumOf(opts);
       const grads = [];
-      for (let i = req.from; i < Math.min(total, req.from + req.count); i++) {
-        // the step sum always travels in f32: it is small and clipping needs its exact norm
-        grads.push(encodeTensor(sum[i]!, params[i]!.shape, 'f32', `grad ${params[i]!.name}`));
-      }
-      return { total, grads, microBatches: this.committed.size };
+      for (let i = page.from; i < page.from + page.count; i++) grads.push(encodeTensor(sum[i]!, params[i]!.shape, 'f32', `grad ${params[i]!.name}`));
+      return { total, grads, microBatches: this.gradients.committedCount };
     }
     if (req.from + req.count > total) throw new SchemaError(`aggregate apply: params [${req.from}, ${req.from + req.count}) outside [0, ${total})`);
     if (req.grads === undefined || req.grads.length !== req.count) throw new SchemaError(`aggregate apply: expected ${req.count} gradients, got ${req.grads?.length ?? 0}`);
     // pages arrive in order (a page may be sent again); the last one needs every param covered
-    const covered = this.finalGrads === null ? 0 : this.finalCovered;
+    const covered = this.gradients.finalCovered;
     if (req.from > covered) throw new SchemaError(`aggregate apply: page [${req.from}, ${req.from + req.count}) leaves params [${covered}, ${req.from}) without a final gradient`);
     const end = Math.max(covered, req.from + req.count);
     if (req.last === true) {
@@ -291,38 +239,33 @@ export class StageHost {
       const i = req.from + k;
       page.push(decodeFloat(req.grads[k]!, `final grad ${params[i]!.name}`, params[i]!.shape));
     }
-    if (this.finalGrads === null) this.finalGrads = this.stage.newGrads();
-    for (let k = 0; k < req.count; k++) this.finalGrads[req.from + k]!.set(page[k]!);
-    this.finalCovered = end;
-    if (req.last === true) {
-      const g = this.finalGrads;
-      await this.runner.run(0, async () => {
-        // keep the state of this step: the coordinator may die before it commits the update
-        const snap = await StepSnapshot.take(this.step, this.stage.params, await this.optimizer.saveState(), this.snapshotOptions);
-        await this.previous?.dispose();
-        this.previous = snap;
-        await this.optimizer.step(g, req.lr!);
-        this.resetStep();
-        this.step += 1;
-      });
-    }
+    const g = this.gradients.putFinalPage(req.from, page);
+    // once the last page is in, the update runs whatever the requester does: half an apply is worse
+    if (req.last === true) await this.queue.run(0, () => this.applyStep(g, req.lr!));
     return { total };
+  }
+
+  /** The optimizer step with the final gradient, after keeping the state from before it. */
+  private async applyStep(grads: Float32Array[], lr: number): Promise<void> {
+    // keep the state of this step: the coordinator may die before it commits the update
+    const snap = await StepSnapshot.take(this.step, this.stage.params, await this.optimizer.saveState(), this.snapshotOptions);
+    await this.previous?.dispose();
+    this.previous = snap;
+    await this.optimizer.step(grads, lr);
+    this.resetStep();
+    this.step += 1;
   }
 
   /** Drop everything of the step in flight: attempts, committed micro-batches, partial final gradient. */
   private resetStep(): void {
-    this.finalGrads = null;
-    this.stepSum = null;
-    this.committed.clear();
-    for (const k of this.attempts.keys()) this.stage.release(k);
-    this.attempts.clear();
+    this.gradients.reset();
     this.optimSnapshot = null;
   }
 
   /** The coordinator is gone: abandon the step in flight (once the job computing now is done) and
    *  say which steps this host can restore, with each one's adapter digest. */
   async detach(): Promise<KeptOffer> {
-    return this.runner.run(0, async () => {
+    return this.queue.run(0, async () => {
       this.generation++;
       this.resetStep();
       const states = [{ step: this.step, adapterSha256: adapterDigest(this.stage.params) }];
@@ -334,7 +277,7 @@ export class StageHost {
   /** Resume under a restarted coordinator at its committed `step`: keep the current state, or roll
    *  back the update applied after it; either way the adapter must hash to `adapterSha256`. */
   async resumeAt(step: number, adapterSha256: string): Promise<{ rolledBack: boolean }> {
-    return this.runner.run(0, async () => {
+    return this.queue.run(0, async () => {
       this.generation++;
       this.resetStep();
       let rolledBack = false;
@@ -364,27 +307,24 @@ export class StageHost {
     this.previous = null;
   }
 
-  private optimSnapshot: { step: number; bytes: Uint8Array } | null = null;
-
   /** A chunk of the optimizer state as of the current step (snapshotted on the first chunk so a
    *  paged transfer is consistent). */
-  async optimizerChunk(req: OptimizerRequest): Promise<WeightsResponse> {
+  async optimizerChunk(req: OptimizerRequest, opts: JobOptions = {}): Promise<WeightsResponse> {
     this.check(req, 'optimizer');
     if (this.optimSnapshot === null || this.optimSnapshot.step !== this.step) {
-      this.optimSnapshot = { step: this.step, bytes: await this.runner.run(0, async () => this.optimizer.saveState()) };
+      this.optimSnapshot = { step: this.step, bytes: await this.queue.run(0, async () => this.optimizer.saveState(), opts) };
     }
-    const b = this.optimSnapshot.bytes;
-    if (req.offset > b.length) throw new SchemaError(`optimizer: offset ${req.offset} past the state's ${b.length} bytes`);
-    return { sizeBytes: b.length, bytes: b.subarray(req.offset, Math.min(b.length, req.offset + req.length)) };
+    return serveChunk(this.optimSnapshot.bytes, req.offset, req.length, 'optimizer');
   }
 
+  /** A page of this stage's LoRA tensors (the uploading replica's own), in f32. */
   adapter(req: AdapterRequest): AdapterResponse {
     if (req.runId !== undefined && req.runId !== this.runId) throw new StaleError(`adapter: run ${req.runId} is not this peer's run ${this.runId}`);
     if (req.step !== undefined && req.step !== this.step) throw new StaleError(`adapter: this peer holds step ${this.step}, not step ${req.step}`);
     const params = this.stage.params;
-    const end = Math.min(params.length, req.from + req.count);
+    const page = servePage(params.length, req.from, req.count, 'adapter', (i) => params[i]!.data.byteLength);
     const tensors = [];
-    for (let i = req.from; i < end; i++) {
+    for (let i = page.from; i < page.from + page.count; i++) {
       tensors.push({ name: params[i]!.name, tensor: encodeTensor(params[i]!.data, params[i]!.shape, 'f32', params[i]!.name) });
     }
     return { step: this.step, total: params.length, adapterSpecJson: null, tensors };

@@ -3,26 +3,20 @@
 //                                        volunteer (counted in its measured tokens/s): a slow peer
 //   SWARMTUNE_TEST_BAD_OUTPUT=nan       send NaN in every activation (forward.hidden) and activation
 //                                        gradient (backward.gradIn) this volunteer returns: a bad peer
-// Both are read once, when the first stage host is created, and validated (a typo fails the join).
+// Both come from engine/env.ts's knobs(), validated when the volunteer's config is built (a typo
+// fails the join); DELAY_MS's range is checked there, BAD_OUTPUT's syntax here.
 import type { WireTensor } from '../protocol/tensor.ts';
 import { SwarmError } from '../protocol/errors.ts';
+import { knobs } from '../engine/env.ts';
+import type { Knobs } from '../engine/env.ts';
 
 export interface TestAids { delayMs: number; badOutput: 'nan' | null }
 
-let aids: TestAids | undefined;
-
-export function testAids(): TestAids {
-  if (aids !== undefined) return aids;
-  const d = process.env.SWARMTUNE_TEST_DELAY_MS;
-  const b = process.env.SWARMTUNE_TEST_BAD_OUTPUT;
-  let delayMs = 0;
-  if (d !== undefined && d !== '') {
-    delayMs = Number(d);
-    if (!Number.isInteger(delayMs) || delayMs < 0 || delayMs > 3_600_000) throw new SwarmError(`SWARMTUNE_TEST_DELAY_MS must be an integer number of ms in [0, 3600000], got "${d}"`);
-  }
-  if (b !== undefined && b !== '' && b !== 'nan') throw new SwarmError(`SWARMTUNE_TEST_BAD_OUTPUT must be "nan", got "${b}"`);
-  aids = { delayMs, badOutput: b === 'nan' ? 'nan' : null };
-  return aids;
+/** The test aids of these knobs (this process's by default). */
+export function testAids(k: Pick<Knobs, 'testDelayMs' | 'testBadOutput'> = knobs()): TestAids {
+  const b = k.testBadOutput;
+  if (b !== undefined && b !== 'nan') throw new SwarmError(`SWARMTUNE_TEST_BAD_OUTPUT must be "nan", got "${b}"`);
+  return { delayMs: k.testDelayMs, badOutput: b === 'nan' ? 'nan' : null };
 }
 
 /** The same tensor with every element NaN, encoded by hand (encodeTensor refuses non-finite data). */

@@ -121,11 +121,11 @@ async function call(h: StageHost, proto: HostProto, req: unknown): Promise<unkno
 
 /** Everything a request could change on a host, private state included (white box on purpose). */
 function digest(h: StageHost): string {
-  const p = h as unknown as {
+  const p = (h as unknown as { gradients: {
     attempts: Map<string, { forwardDone: boolean; grads: Float32Array[] | null }>;
     committed: Map<number, { attempt: number; grads: Float32Array[] }>;
     finalGrads: Float32Array[] | null;
-  };
+  } }).gradients;
   const g = (xs: Float32Array[] | null) => (xs === null ? 'null' : adapterDigest(xs.map((d, i) => ({ name: String(i), shape: [d.length], data: d }))));
   return JSON.stringify({
     step: h.step,

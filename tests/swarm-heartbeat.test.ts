@@ -43,7 +43,7 @@ test(`heartbeats are answered within ${HEARTBEAT_REPLY_MS} ms while the stage ru
   const vol = await createSwarmNode({ dataDir: path.join(dir, 'v') });
   const coord = await createSwarmNode({ dataDir: path.join(dir, 'c') });
   nodes.push(vol, coord);
-  // the volunteer's handlers, as node/volunteer.ts registers them
+  // the volunteer's handlers, as node/handlers.ts serves them
   const rss = process.memoryUsage.rss(); // sampled once, as the volunteer does at most once a second
   await serve(vol, 'heartbeat', async () => ({ runId: 'hb', ready: true, step: host.step, tokensPerSecond: host.tokensPerSecond, inflight: host.inflight, busy: host.busy, memoryRssBytes: rss }));
   await serve(vol, 'forward', (req) => host.forward(req));

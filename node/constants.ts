@@ -1,0 +1,41 @@
+// The volunteer's own timeouts, limits and defaults (network-wide ones live in protocol/constants.ts).
+import { BLOB_TIMEOUT_MS, COMPUTE_TIMEOUT_MS, CONTROL_TIMEOUT_MS, HEARTBEAT_TIMEOUT_MS } from '../protocol/constants.ts';
+
+/** Joining waits for the coordinator to reach --min-peers and plan; an hour covers slow organizers. */
+export const JOIN_TIMEOUT_MS = 60 * 60_000;
+/** Without a coordinator heartbeat for this long (it pings every second), the coordinator is
+ *  considered gone: the volunteer abandons the step in flight, keeps its stage state (and the state
+ *  from before its last update) and rejoins, offering that state (a restarted coordinator keeps its
+ *  peer id and address, and resumes the volunteer at its last committed step). */
+export const COORDINATOR_LOST_MS = 8_000;
+/** How long a volunteer keeps trying to rejoin a lost coordinator before giving up. */
+export const REJOIN_WINDOW_MS = 10 * 60_000;
+/** Pause between rejoin attempts: a restarting coordinator refuses connections for a while. */
+export const REJOIN_RETRY_MS = 1000;
+/** Process RSS costs a /proc read (~2 ms): heartbeats reuse a sample this young. */
+export const RSS_SAMPLE_MS = 1000;
+/** Step snapshots above 64 MiB (or above the paged optimizer's resident budget) go to disk. */
+export const SNAPSHOT_RESIDENT_BYTES = 64 * 1024 * 1024;
+/** Where a volunteer listens when no --listen is given. */
+export const DEFAULT_LISTEN = '/ip4/127.0.0.1/tcp/0';
+
+/** How long a handler may take before its signal aborts (a job still queued is then dropped): the
+ *  requester's own timeout for that kind of request, so nothing is dropped that could still be answered. */
+export const HANDLER_TIMEOUT_MS = {
+  weights: BLOB_TIMEOUT_MS,
+  heartbeat: HEARTBEAT_TIMEOUT_MS,
+  forward: COMPUTE_TIMEOUT_MS,
+  backward: COMPUTE_TIMEOUT_MS,
+  commit: CONTROL_TIMEOUT_MS,
+  aggregate: COMPUTE_TIMEOUT_MS,
+  adapter: CONTROL_TIMEOUT_MS,
+  optimizer: COMPUTE_TIMEOUT_MS,
+  finish: CONTROL_TIMEOUT_MS,
+} as const;
+/** The protocols a volunteer serves. */
+export type VolunteerProto = keyof typeof HANDLER_TIMEOUT_MS;
+
+/** Exit codes of `swarmtune join`. */
+export const EXIT_OK = 0;
+export const EXIT_FAILED = 1;
+export const EXIT_REJECTED = 2;

@@ -1,0 +1,358 @@
+// The volunteer's session with its coordinator, as a state machine: starting → joining → loading
+// (fetching the shard's weights) → serving → lost (rejoin, keeping the stage) | released (rejoin
+// later) → joining …, or left. Leaving is an abort of the session's own signal.
+import type { Backend } from '../engine/backend.ts';
+import { request } from '../protocol/net.ts';
+import type { SwarmNode } from '../protocol/net.ts';
+import type { BlobStore } from '../protocol/blobs.ts';
+import type { Assignment, Capabilities, FinishRequest, HeartbeatResponse, JoinResponse } from '../protocol/messages.ts';
+import { AuthError, StaleError, SwarmError } from '../protocol/errors.ts';
+import { silentLogger } from '../protocol/log.ts';
+import type { Logger } from '../protocol/log.ts';
+import type { StageHost, KeptOffer } from './stage-host.ts';
+import type { OptimizerFactory } from './optimizer.ts';
+import { loadAssignedStage } from './assignment.ts';
+import type { VolunteerConfig } from './config.ts';
+import type { VolunteerEvents } from './events.ts';
+import { EXIT_FAILED, EXIT_OK, EXIT_REJECTED } from './constants.ts';
+
+/** The reason of the session's abort: the volunteer leaves with `exitCode`. */
+export class LeavingError extends SwarmError {
+  override name = 'LeavingError';
+  readonly exitCode: number;
+  constructor(exitCode: number, why: string) {
+    super(`this volunteer is leaving: ${why}`);
+    this.exitCode = exitCode;
+  }
+}
+
+/** A stage kept after losing the coordinator, with what it offers the restarted one. */
+interface KeptStage { host: StageHost; offer: KeptOffer }
+
+/** Why a serving stage stopped serving (the reason of its `ended` abort). */
+type StageEnd = { why: 'lost' } | { why: 'released'; rejoinAfterMs: number };
+
+/** The states, each holding what it owns (disposed if the session leaves in it). */
+export type SessionState =
+  | { name: 'starting' }
+  | { name: 'joining'; kept: KeptStage | null }
+  | { name: 'loading'; assignment: Assignment; kept: KeptStage | null }
+  | { name: 'serving'; assignment: Assignment; host: StageHost; ended: AbortController }
+  | { name: 'lost'; host: StageHost }
+  | { name: 'released'; host: StageHost | null; rejoinAfterMs: number }
+  | { name: 'left' };
+export type SessionStateName = SessionState['name'];
+
+/** Every transition there is. */
+const TRANSITIONS: Readonly<Record<SessionStateName, readonly SessionStateName[]>> = {
+  starting: ['joining', 'left'],
+  joining: ['loading', 'left'],
+  loading: ['serving', 'left'],
+  serving: ['lost', 'released', 'left'],
+  lost: ['joining', 'left'],
+  released: ['joining', 'left'],
+  left: [],
+};
+
+export interface SessionComponents {
+  node: SwarmNode;
+  blobs: BlobStore;
+  backend: Backend;
+  createOptimizer: OptimizerFactory;
+  events: VolunteerEvents;
+  /** swarmtune:node; the session logs to :session, its stage hosts to :stage, requests to :rpc */
+  log?: Logger;
+  /** called with each stage host as it starts serving (tests instrument it) */
+  onHost?: (host: StageHost) => void;
+}
+
+/** Resolves false at once if `signal` aborts first. */
+function sleep(ms: number, signal: AbortSignal): Promise<boolean> {
+  if (signal.aborted) return Promise.resolve(false);
+  return new Promise((resolve) => {
+    const done = (slept: boolean) => { clearTimeout(t); signal.removeEventListener('abort', onAbort); resolve(slept); };
+    const onAbort = () => done(false);
+    const t = setTimeout(() => done(true), ms);
+    signal.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/** Resolves when any of the signals aborts. */
+function aborted(...signals: AbortSignal[]): Promise<void> {
+  const any = AbortSignal.any(signals);
+  if (any.aborted) return Promise.resolve();
+  return new Promise((resolve) => any.addEventListener('abort', () => resolve(), { once: true }));
+}
+
+export class VolunteerSession {
+  private readonly config: VolunteerConfig;
+  private readonly c: SessionComponents;
+  private readonly log: Logger;
+  private readonly rpcLog: Logger;
+  private readonly stageLog: Logger;
+  private readonly leaving = new AbortController();
+  private state: SessionState = { name: 'starting' };
+  /** the Noise-authenticated peer id that may drive the stage, heartbeat or end this peer */
+  private coordinatorId: string | null;
+  /** a private run's peer-id allowlist: who besides token holders may fetch this peer's blobs */
+  private allowPeers: Set<string> | null = null;
+  private previousRunId: string | null = null;
+  private lastCoordinatorMs = Date.now();
+  /** when the coordinator was first lost (rejoins retry within a window from then) */
+  private lostSinceMs: number | null = null;
+  private rss = { bytes: process.memoryUsage.rss(), atMs: Date.now() };
+
+  /** `signal`: the process's stop (Ctrl-C, a test's crash), whose reason is a LeavingError. */
+  constructor(config: VolunteerConfig, components: SessionComponents, opts: { signal?: AbortSignal } = {}) {
+    this.config = config;
+    this.c = components;
+    const log = components.log ?? silentLogger;
+    this.log = log.child('session');
+    this.rpcLog = log.child('rpc');
+    this.stageLog = log.child('stage');
+    this.coordinatorId = config.coordinatorId;
+    const stop = opts.signal;
+    if (stop !== undefined) {
+      const onStop = () => this.leave(stop.reason instanceof LeavingError ? stop.reason : new LeavingError(EXIT_FAILED, String(stop.reason)));
+      if (stop.aborted) onStop();
+      else stop.addEventListener('abort', onStop, { once: true });
+    }
+  }
+
+  /** aborted when the volunteer leaves: every request it makes and every job it queued stops */
+  get signal(): AbortSignal { return this.leaving.signal; }
+  get stateName(): SessionStateName { return this.state.name; }
+  /** the exit code the volunteer leaves with (EXIT_OK until it leaves) */
+  get exitCode(): number { return this.signal.aborted ? (this.signal.reason as LeavingError).exitCode : EXIT_OK; }
+
+  /** Leave the run; the first reason wins. */
+  leave(reason: LeavingError): void {
+    if (this.signal.aborted) return;
+    this.log('%s', reason.message);
+    this.leaving.abort(reason);
+  }
+
+  private to(next: SessionState): void {
+    const from = this.state.name;
+    if (!TRANSITIONS[from].includes(next.name)) throw new SwarmError(`volunteer session: no transition from ${from} to ${next.name}`);
+    const a = next.name === 'loading' || next.name === 'serving' ? next.assignment : null;
+    this.log('%s -> %s%s', from, next.name, a !== null ? ` (run ${a.runId} stage ${a.stageIndex} step ${a.step})` : '');
+    this.state = next;
+  }
+
+  /** the run this peer is in: assigned (loading or serving), else null */
+  private get runId(): string | null {
+    const s = this.state;
+    return s.name === 'loading' || s.name === 'serving' ? s.assignment.runId : null;
+  }
+
+  // ---- what the handlers ask
+
+  /** Only the coordinator may drive the stage, heartbeat or end this peer. */
+  checkCoordinator(proto: string, peerId: string): void {
+    if (peerId !== this.coordinatorId) throw new AuthError(`${proto}: only the coordinator ${this.coordinatorId ?? '(not yet known)'} may send this, not ${peerId}`);
+  }
+
+  /** Verified blobs go to anyone in a public run; a private run's only to its token holders, allowlisted peers and the coordinator. */
+  checkBlobAccess(peerId: string, token: string | undefined): void {
+    const own = this.config.token;
+    const open = own === null && this.allowPeers === null;
+    if (!open && peerId !== this.coordinatorId && !(own !== null && token === own) && !(this.allowPeers?.has(peerId) ?? false)) {
+      throw new AuthError('weights: this run is private: blobs go only to peers with its join token or on its allowlist');
+    }
+  }
+
+  /** The stage host, while serving. */
+  stageHost(): StageHost {
+    if (this.state.name !== 'serving') throw new StaleError('this peer has no stage loaded yet');
+    return this.state.host;
+  }
+
+  /** A coordinator heartbeat: it is alive; say how this peer is doing. */
+  heartbeat(): HeartbeatResponse {
+    this.lastCoordinatorMs = Date.now();
+    if (this.lastCoordinatorMs - this.rss.atMs > this.config.rssSampleMs) this.rss = { bytes: process.memoryUsage.rss(), atMs: this.lastCoordinatorMs };
+    const host = this.state.name === 'serving' ? this.state.host : null;
+    return {
+      runId: this.runId, ready: host !== null, step: host?.step ?? 0, tokensPerSecond: host?.tokensPerSecond ?? 0,
+      inflight: host?.inflight ?? 0, busy: host?.busy ?? false, memoryRssBytes: this.rss.bytes,
+    };
+  }
+
+  /** The run is over (leave), or this peer is released from its stage (join again after rejoinAfterMs). */
+  finish(req: FinishRequest): void {
+    const runId = this.runId;
+    if (req.runId !== runId) throw new StaleError(`finish for run ${req.runId}, this peer is in run ${runId}`);
+    const { events } = this.c;
+    // acted on after the answer goes out
+    if (req.rejoinAfterMs !== undefined) {
+      const ms = req.rejoinAfterMs;
+      events.say('released', { run_id: runId, reason: req.reason, rejoin_after_ms: ms }, `released from the stage: ${req.reason}; joining again in ${Math.round(ms / 1000)} s`);
+      // only a serving stage can be released: one still loading keeps loading
+      const s = this.state;
+      if (s.name === 'serving') setImmediate(() => s.ended.abort({ why: 'released', rejoinAfterMs: ms } satisfies StageEnd));
+      return;
+    }
+    events.say('finished', { run_id: runId, reason: req.reason }, `run finished: ${req.reason}`);
+    setImmediate(() => this.leave(new LeavingError(EXIT_OK, `run finished: ${req.reason}`)));
+  }
+
+  // ---- the session
+
+  /** Join, serve, rejoin as the coordinator asks, until the volunteer leaves; returns its exit code.
+   *  Whatever the session still holds is disposed before it returns. */
+  async run(caps: Capabilities): Promise<number> {
+    let next: SessionState = { name: 'joining', kept: null };
+    try {
+      for (;;) {
+        this.to(next);
+        const after = await this.phase(next, caps);
+        if (typeof after === 'number') return after;
+        next = after;
+      }
+    } catch (e) {
+      // what failed because the volunteer is leaving is no error
+      if (this.signal.aborted) return this.exitCode;
+      throw e;
+    } finally {
+      await this.disposeHeld(this.state);
+      this.to({ name: 'left' });
+    }
+  }
+
+  /** Run one state; returns the next one, or the exit code. */
+  private phase(s: SessionState, caps: Capabilities): Promise<SessionState | number> {
+    switch (s.name) {
+      case 'joining': return this.join(s, caps);
+      case 'loading': return this.load(s);
+      case 'serving': return this.serve(s);
+      case 'lost': return this.lose(s);
+      case 'released': return this.rejoinLater(s);
+      case 'starting': case 'left': throw new SwarmError(`volunteer session: nothing runs in state ${s.name}`);
+    }
+  }
+
+  private async join(s: Extract<SessionState, { name: 'joining' }>, caps: Capabilities): Promise<SessionState | number> {
+    const { node, events } = this.c;
+    const cfg = this.config;
+    const listenAddrs = node.getMultiaddrs().map((m) => m.toString());
+    for (;;) {
+      events.say('joining', { coordinator: cfg.coordinator, peer_id: node.peerId.toString() }, `joining ${cfg.coordinator} as ${node.peerId.toString()}`);
+      let res: JoinResponse;
+      try {
+        res = await request(node, cfg.coordinatorAddr, 'join', {
+          token: cfg.token, capabilities: caps, listenAddrs, previousRunId: this.previousRunId, ...(s.kept !== null ? { kept: s.kept.offer } : {}),
+        }, { timeoutMs: cfg.joinTimeoutMs, signal: this.signal, log: this.rpcLog });
+      } catch (e) {
+        if (this.signal.aborted) return this.exitCode;
+        // a restarting coordinator refuses connections for a while: keep trying within the window
+        if (this.lostSinceMs !== null && Date.now() - this.lostSinceMs < cfg.rejoinWindowMs && (e as Error).name !== 'AuthError') {
+          if (!(await sleep(cfg.rejoinRetryMs, this.signal))) return this.exitCode;
+          continue;
+        }
+        throw e;
+      }
+      // an address without /p2p/: the coordinator is the peer this join reached
+      this.coordinatorId ??= node.getConnections().find((c) => c.remoteAddr.toString().startsWith(cfg.coordinatorAddr.toString()))?.remotePeer.toString() ?? null;
+      if (res.status === 'rejected' || res.assignment === null) {
+        events.say('rejected', { reason: res.reason }, `the coordinator did not give this peer a stage: ${res.reason ?? 'no reason given'}`);
+        return EXIT_REJECTED;
+      }
+      const a = res.assignment;
+      this.allowPeers = a.allowPeers !== undefined ? new Set(a.allowPeers) : null;
+      this.previousRunId = a.runId;
+      this.lastCoordinatorMs = Date.now();
+      events.say('assigned', { run_id: a.runId, stage: a.stageIndex, layer_start: a.layerStart, layer_end: a.layerEnd, num_stages: a.numStages, step: a.step },
+        `assigned stage ${a.stageIndex + 1}/${a.numStages}: layers [${a.layerStart}, ${a.layerEnd}) at step ${a.step}`);
+      return { name: 'loading', assignment: a, kept: s.kept };
+    }
+  }
+
+  private async load(s: Extract<SessionState, { name: 'loading' }>): Promise<SessionState> {
+    const a = s.assignment;
+    let host: StageHost;
+    if (a.keep !== undefined) {
+      // the restarted coordinator resumes the stage this peer kept, at its last committed step
+      const k = s.kept;
+      if (k === null || k.offer.runId !== a.runId || k.offer.stageIndex !== a.stageIndex || k.offer.layerStart !== a.layerStart || k.offer.layerEnd !== a.layerEnd) {
+        throw new SwarmError(`the coordinator asked this peer to keep stage ${a.stageIndex} layers [${a.layerStart}, ${a.layerEnd}) of run ${a.runId}, but it ${k === null ? 'kept no stage' : `kept stage ${k.offer.stageIndex} layers [${k.offer.layerStart}, ${k.offer.layerEnd}) of run ${k.offer.runId}`}`);
+      }
+      const from = k.host.step;
+      const { rolledBack } = await k.host.resumeAt(a.step, a.keep.adapterSha256);
+      s.kept = null;
+      host = k.host;
+      this.c.events.say('resumed', { stage: a.stageIndex, step: a.step, from_step: from, rolled_back: rolledBack },
+        rolledBack ? `kept stage ${a.stageIndex}: rolled back the uncommitted update of step ${from} to the committed step ${a.step}`
+          : `kept stage ${a.stageIndex} at the committed step ${a.step}`);
+    } else {
+      if (s.kept !== null) { await disposeHost(s.kept.host); s.kept = null; }
+      host = await loadAssignedStage(a, this.c, {
+        dataDir: this.config.dataDir, snapshotResidentBytes: this.config.snapshotResidentBytes, aids: this.config.aids, log: this.stageLog, signal: this.signal,
+      });
+    }
+    return { name: 'serving', assignment: a, host, ended: new AbortController() };
+  }
+
+  private async serve(s: Extract<SessionState, { name: 'serving' }>): Promise<SessionState | number> {
+    this.c.onHost?.(s.host);
+    this.c.events.say('ready', { stage: s.assignment.stageIndex, params: s.host.stage.params.length }, `stage loaded (${s.host.stage.params.length} LoRA tensors); serving`);
+    const unwatch = this.watchCoordinator(s.ended);
+    try {
+      await aborted(this.signal, s.ended.signal);
+    } finally {
+      unwatch();
+    }
+    if (this.signal.aborted) return this.exitCode;
+    const end = s.ended.signal.reason as StageEnd;
+    return end.why === 'released' ? { name: 'released', host: s.host, rejoinAfterMs: end.rejoinAfterMs } : { name: 'lost', host: s.host };
+  }
+
+  /** Ends the stage's serving with 'lost' once the coordinator is silent for coordinatorLostMs. */
+  private watchCoordinator(ended: AbortController): () => void {
+    const lostMs = this.config.coordinatorLostMs;
+    let timer: NodeJS.Timeout;
+    const check = () => {
+      const silentMs = Date.now() - this.lastCoordinatorMs;
+      if (silentMs > lostMs) ended.abort({ why: 'lost' } satisfies StageEnd);
+      else timer = setTimeout(check, lostMs - silentMs + 1);
+    };
+    timer = setTimeout(check, Math.max(0, lostMs - (Date.now() - this.lastCoordinatorMs) + 1));
+    return () => clearTimeout(timer);
+  }
+
+  /** The coordinator went silent: abandon the step in flight, keep the stage, rejoin offering it. */
+  private async lose(s: Extract<SessionState, { name: 'lost' }>): Promise<SessionState> {
+    const offer = await s.host.detach();
+    const cfg = this.config;
+    const steps = offer.states.map((x) => x.step);
+    this.c.events.say('coordinator_lost', { kept_steps: steps },
+      `no heartbeat from the coordinator for ${cfg.coordinatorLostMs / 1000} s; keeping stage ${offer.stageIndex} (restorable at step ${steps.join(' or ')}) and rejoining (for up to ${cfg.rejoinWindowMs / 60_000} min)`);
+    this.lostSinceMs = Date.now();
+    return { name: 'joining', kept: { host: s.host, offer } };
+  }
+
+  /** Released from the stage: drop it and join again as a new peer of the run (the coordinator places it). */
+  private async rejoinLater(s: Extract<SessionState, { name: 'released' }>): Promise<SessionState | number> {
+    const host = s.host!;
+    await host.detach(); // waits for the job computing now and drops the step in flight
+    await host.idle();
+    s.host = null;
+    await disposeHost(host);
+    if (!(await sleep(s.rejoinAfterMs, this.signal))) return this.exitCode;
+    return { name: 'joining', kept: null };
+  }
+
+  /** Dispose what a state holds (the session is leaving in it). */
+  private async disposeHeld(s: SessionState): Promise<void> {
+    const host = s.name === 'serving' || s.name === 'lost' || s.name === 'released' ? s.host
+      : s.name === 'joining' || s.name === 'loading' ? s.kept?.host ?? null : null;
+    if (host !== null) await disposeHost(host, true);
+  }
+}
+
+/** A host's snapshot and its stage; `quiet` ignores a failing snapshot dispose (the volunteer is exiting). */
+async function disposeHost(host: StageHost, quiet = false): Promise<void> {
+  if (quiet) await host.dispose().catch(() => {});
+  else await host.dispose();
+  host.stage.dispose();
+}
