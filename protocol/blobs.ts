@@ -83,6 +83,8 @@ export class BlobStore {
         this.onEvent({ kind: 'fetched', sha256: ref.sha256, name: ref.name, sizeBytes: bytes.length, from: provider });
         return bytes;
       } catch (e) {
+        // a fetch given up on (the volunteer is leaving) is not a provider's failure: stop here
+        if (opts.signal?.aborted === true) throw opts.signal.reason ?? e;
         const msg = `${(e as Error).name}: ${(e as Error).message}`;
         errors.push(`${provider}: ${msg}`);
         this.onEvent({ kind: 'provider-failed', sha256: ref.sha256, name: ref.name, from: provider, error: msg });
