@@ -5,7 +5,6 @@
 // "<name>.absmax" F32 [ceil(n/blocksize)]; its [rows, cols, blocksize] are in the header metadata
 // "swarmtune.nf4" (JSON). Float tensors are F32. The bytes depend only on the tensors, so every
 // coordinator that quantizes the same model produces the same hashes.
-import { createHash } from 'node:crypto';
 import type { NF4Weight } from '../engine/backend.ts';
 import type { LlamaConfig } from '../engine/types.ts';
 import { IntegrityError, SchemaError } from './errors.ts';
@@ -16,10 +15,6 @@ export interface ShardTensors {
 }
 
 interface Entry { dtype: 'U8' | 'F32'; shape: number[]; bytes: Uint8Array }
-
-export function sha256Hex(b: Uint8Array): string {
-  return createHash('sha256').update(b).digest('hex');
-}
 
 export function encodeShard(t: ShardTensors): Uint8Array {
   const entries = new Map<string, Entry>();
