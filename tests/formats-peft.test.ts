@@ -5,7 +5,7 @@ import { mkdtemp, readFile, writeFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { writeAdapter, readAdapter, loraKey, parseLoraKey } from '../engine/formats/peft.ts';
-import { SafetensorsFile } from '../engine/formats/safetensors.ts';
+import { SafetensorsFile } from '../engine/formats/safetensors/read.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 import type { LoraConfig, NamedTensor } from '../engine/types.ts';
 

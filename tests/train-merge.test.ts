@@ -10,7 +10,7 @@ import type { LoraConfig, NamedTensor, WeightSource } from '../engine/types.ts';
 import { LORA_TARGETS } from '../engine/types.ts';
 import { ensureTinyModel } from '../engine/tiny/index.ts';
 import { openModelDir } from '../engine/formats/model-dir.ts';
-import { SafetensorsFile } from '../engine/formats/safetensors.ts';
+import { SafetensorsFile } from '../engine/formats/safetensors/read.ts';
 import { writeAdapter } from '../engine/formats/peft.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { loadStage, logits } from '../engine/model/stage.ts';

@@ -12,8 +12,9 @@ import type { LlamaConfig, LoraTarget, NamedTensor, WeightSource } from '../type
 import { LORA_TARGETS } from '../types.ts';
 import { openModelDir } from '../formats/model-dir.ts';
 import { readAdapter } from '../formats/peft.ts';
-import { ShardedSafetensorsWriter, encodeFromFloat32 } from '../formats/safetensors.ts';
-import type { TensorSpec } from '../formats/safetensors.ts';
+import { ShardedSafetensorsWriter } from '../formats/safetensors/write.ts';
+import { encodeFromFloat32 } from '../formats/safetensors/convert.ts';
+import type { TensorSpec } from '../formats/safetensors/write.ts';
 import { writeConfig } from '../formats/config.ts';
 import { baseModuleName, loraParamName, loraScaling } from '../model/lora.ts';
 import { trainBackend } from '../train/cli.ts';

@@ -5,7 +5,9 @@ import { join } from 'node:path';
 import type { LlamaConfig, LoraConfig, LoraTarget, NamedTensor } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import { pyJsonDumps } from './pyjson.ts';
-import { SafetensorsFile, writeSafetensors, numelOf } from './safetensors.ts';
+import { numelOf } from './safetensors/header.ts';
+import { SafetensorsFile } from './safetensors/read.ts';
+import { writeSafetensors } from './safetensors/write.ts';
 
 export class AdapterError extends Error {
   override readonly name = 'AdapterError';
