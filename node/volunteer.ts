@@ -11,7 +11,7 @@ import { createSwarmNode, lockDataDir, request, serve, parseMultiaddr } from '..
 import type { HandlerContext, SwarmNode } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
 import type { BlobEvent } from '../protocol/blobs.ts';
-import { decodeShard } from '../protocol/shard.ts';
+import { decodeShard } from '../engine/formats/shard.ts';
 import type { Assignment } from '../protocol/messages.ts';
 import { AuthError, StaleError, SwarmError } from '../protocol/errors.ts';
 import { probeCapabilities } from './probe.ts';
