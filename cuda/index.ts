@@ -13,9 +13,10 @@ import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { dirname, join } from 'node:path';
-import type { Backend, NF4Weight } from '../engine/backend.ts';
+import type { Backend } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
 import { planPagedOptimizer, type OptimizerBits, type PagedPlan } from './paging.ts';
-import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/train/optim.ts';
+import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/optimizer.ts';
 import { CudaOptimizer, cudaOptimizerBits } from './optimizer.ts';
 
 import { CudaArgumentError, CudaAsyncError, CudaError } from './errors.ts';

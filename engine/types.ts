@@ -1,6 +1,6 @@
 // Shared engine contracts: model config, LoRA config, weight sources and the Stage API that the
 // trainer and the swarm call. Implementations live in engine/model/, engine/formats/ and node/.
-import type { NF4Weight } from './backend.ts';
+import type { NF4Weight } from './formats/nf4.ts';
 
 /** A Llama-family config normalized from HF config.json (engine/formats/config.ts parses it). */
 export interface LlamaConfig {

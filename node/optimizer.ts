@@ -2,8 +2,8 @@
 // with its state serialized for the coordinator's checkpoints and reloaded for a rollback.
 import { Packr, Unpackr } from 'msgpackr';
 import { createOptimizer } from '../engine/train/optim.ts';
-import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/train/optim.ts';
-import type { OptimizerState, StateTensor } from '../engine/train/optim.ts';
+import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/optimizer.ts';
+import type { OptimizerState, StateTensor } from '../engine/optimizer.ts';
 import type { NamedTensor } from '../engine/types.ts';
 import type { OptimSpec } from '../protocol/messages.ts';
 import { arr, bytes, int, obj, oneOf, str } from '../protocol/schema.ts';

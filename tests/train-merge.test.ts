@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { NF4Weight } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
 import type { LoraConfig, NamedTensor, WeightSource } from '../engine/types.ts';
 import { LORA_TARGETS } from '../engine/types.ts';
 import { ensureTinyModel } from '../engine/tiny/index.ts';

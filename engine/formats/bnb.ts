@@ -1,5 +1,5 @@
 // bitsandbytes 4-bit (NF4) checkpoint tensors: reading Linear4bit state dicts from safetensors and writing them.
-import type { NF4Weight } from '../backend.ts';
+import type { NF4Weight } from './nf4.ts';
 import type { Dtype } from './safetensors/header.ts';
 import { numelOf } from './safetensors/header.ts';
 import type { TensorSource } from './safetensors/read.ts';

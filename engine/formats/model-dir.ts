@@ -2,7 +2,7 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import type { LlamaConfig, WeightSource } from '../types.ts';
-import type { NF4Weight } from '../backend.ts';
+import type { NF4Weight } from './nf4.ts';
 import { readConfig, configNotes } from './config.ts';
 import { numelOf } from './safetensors/header.ts';
 import { isFloatDecodable } from './safetensors/convert.ts';

@@ -5,7 +5,7 @@
 // "<name>.absmax" F32 [ceil(n/blocksize)]; its [rows, cols, blocksize] are in the header metadata
 // "swarmtune.nf4" (JSON). Float tensors are F32. Every coordinator that quantizes the same model
 // produces the same bytes, hence the same hashes.
-import type { NF4Weight } from '../backend.ts';
+import type { NF4Weight } from './nf4.ts';
 import type { LlamaConfig } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import { baseModuleName } from '../model/lora.ts';

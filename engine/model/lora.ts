@@ -2,7 +2,8 @@
 //
 // y = x·Wᵀ (+ bias) + s · (drop(x)·Aᵀ)·Bᵀ, with W frozen NF4 [out, in], A [r, in], B [out, r].
 // Parameter gradients accumulate (+=); the input gradient is assigned or accumulated as the caller asks.
-import type { NF4Weight, TensorBackend } from '../backend.ts';
+import type { TensorBackend } from '../backend.ts';
+import type { NF4Weight } from '../formats/nf4.ts';
 import type { LoraConfig, LoraTarget, NamedTensor } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import { Rng } from './rng.ts';

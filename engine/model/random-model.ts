@@ -1,5 +1,5 @@
 // Seeded random Llama models held in memory (a WeightSource), for tests, benchmarks and the offline demo.
-import type { NF4Weight } from '../backend.ts';
+import type { NF4Weight } from '../formats/nf4.ts';
 import type { LlamaConfig, WeightSource } from '../types.ts';
 import { Rng } from './rng.ts';
 

@@ -6,7 +6,8 @@
 // The first stage adds the embedding lookup, the last adds the final norm, lm_head and a chunked
 // cross-entropy that never holds [T, V] logits. Layer forward is one function used both by the first
 // forward and by the checkpoint recompute, so gradients are bit-identical with checkpointing on or off.
-import type { Backend, NF4Weight, TensorBackend } from '../backend.ts';
+import type { Backend, TensorBackend } from '../backend.ts';
+import type { NF4Weight } from '../formats/nf4.ts';
 import { tensorsOf } from '../backend.ts';
 import type {
   LlamaConfig, LoraTarget, NamedTensor, Stage, StageForwardResult, StageInput, StageOptions, WeightSource,

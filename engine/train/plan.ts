@@ -2,7 +2,7 @@
 // coordinator's planner calls per candidate stage. Assumptions are written in docs/plan.md.
 import type { LlamaConfig, LoraTarget } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
-import type { OptimName } from './config.ts';
+import type { OptimName } from '../optimizer.ts';
 import { MIN_8BIT_SIZE, OPTIM8_BLOCKSIZE } from './optim.ts';
 
 /** [out_features, in_features] of a Llama linear (HF layout). */

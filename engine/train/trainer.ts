@@ -16,8 +16,8 @@ import type { TrainConfig } from './config.ts';
 import { DataLoader, dropoutSeedFor } from './data.ts';
 import type { DataCursor, MicroBatch, TokenizedExample } from './data.ts';
 import { createOptimizer } from './optim.ts';
-import type { Optimizer } from './optim.ts';
-import type { OptimizerState, StateTensor } from './optim.ts';
+import type { Optimizer } from '../optimizer.ts';
+import type { OptimizerState, StateTensor } from '../optimizer.ts';
 import { baseParamCount, trainableParamsLine } from './plan.ts';
 import { learningRateAt, warmupStepsFor } from './schedule.ts';
 
