@@ -4,6 +4,7 @@ import { rm } from 'node:fs/promises';
 import type { Backend } from '../engine/backend.ts';
 import type { BackendKind } from '../engine/backends/index.ts';
 import { loadStage } from '../engine/model/stage.ts';
+import { loraTargets } from '../engine/model/lora.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 import type { LoraConfig } from '../engine/types.ts';
@@ -278,7 +279,7 @@ async function loadAssignment(node: SwarmNode, blobs: BlobStore, backend: Backen
   for (const ref of a.blobs) shards.push(decodeShard(await blobs.get(node, ref), `shard ${ref.name}`));
   const source = new BlobWeightSource(config, shards);
   const lora: LoraConfig = {
-    r: a.lora.r, loraAlpha: a.lora.loraAlpha, loraDropout: a.lora.loraDropout, targetModules: [...a.lora.targetModules],
+    r: a.lora.r, loraAlpha: a.lora.loraAlpha, loraDropout: a.lora.loraDropout, targetModules: loraTargets(a.lora.targetModules),
     useRslora: a.lora.useRslora, initLoraWeights: a.lora.initLoraWeights === 'gaussian' ? 'gaussian' : true,
   };
   const stage = await loadStage(source, backend, {

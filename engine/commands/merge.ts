@@ -18,7 +18,7 @@ import type { TensorSpec } from '../formats/safetensors/write.ts';
 import { writeConfig } from '../formats/config.ts';
 import { baseModuleName, loraParamName, loraScaling } from '../model/lora.ts';
 import { trainBackend } from '../train/cli.ts';
-import { linearShape } from '../train/plan.ts';
+import { linearShape } from '../model/lora.ts';
 
 export class MergeError extends Error {
   override readonly name = 'MergeError';

@@ -4,7 +4,7 @@
 // Parameter gradients accumulate (+=); the input gradient is assigned or accumulated as the caller asks.
 import type { TensorBackend } from '../backend.ts';
 import type { NF4Weight } from '../formats/nf4.ts';
-import type { LoraConfig, LoraTarget, NamedTensor } from '../types.ts';
+import type { LlamaConfig, LoraConfig, LoraTarget, NamedTensor } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import { Rng } from './rng.ts';
 
@@ -16,6 +16,21 @@ export function moduleGroup(module: LoraTarget): 'self_attn' | 'mlp' {
 /** HF base weight name prefix, e.g. "model.layers.3.self_attn.q_proj" */
 export function baseModuleName(layer: number, module: LoraTarget): string {
   return `model.layers.${layer}.${moduleGroup(module)}.${module}`;
+}
+
+/** [out_features, in_features] of a target linear (HF layout). */
+export function linearShape(cfg: LlamaConfig, module: LoraTarget): [number, number] {
+  const C = cfg.hiddenSize, I = cfg.intermediateSize;
+  const qDim = cfg.numAttentionHeads * cfg.headDim, kvDim = cfg.numKeyValueHeads * cfg.headDim;
+  switch (module) {
+    case 'q_proj': return [qDim, C];
+    case 'k_proj': return [kvDim, C];
+    case 'v_proj': return [kvDim, C];
+    case 'o_proj': return [C, qDim];
+    case 'gate_proj': return [I, C];
+    case 'up_proj': return [I, C];
+    case 'down_proj': return [C, I];
+  }
 }
 
 /** PEFT key of a LoRA tensor, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" */
@@ -35,14 +50,21 @@ export function validateLoraConfig(cfg: LoraConfig): void {
   if (!(cfg.loraDropout >= 0 && cfg.loraDropout < 1)) {
     throw new RangeError(`lora: lora_dropout must be in [0, 1), got ${cfg.loraDropout}`);
   }
-  for (const m of cfg.targetModules) {
+  loraTargets(cfg.targetModules);
+  if (cfg.initLoraWeights !== true && cfg.initLoraWeights !== 'gaussian') {
+    throw new RangeError(`lora: init_lora_weights must be true or "gaussian", got ${JSON.stringify(cfg.initLoraWeights)}`);
+  }
+}
+
+/** Target module names as LoraTargets, refused with a RangeError naming the first unknown one. Names from
+ *  outside the engine (a run's assignment on the wire) are checked here, where they are used. */
+export function loraTargets(names: readonly string[]): LoraTarget[] {
+  for (const m of names) {
     if (!(LORA_TARGETS as readonly string[]).includes(m)) {
       throw new RangeError(`lora: unknown target module "${m}" (expected one of ${LORA_TARGETS.join(', ')})`);
     }
   }
-  if (cfg.initLoraWeights !== true && cfg.initLoraWeights !== 'gaussian') {
-    throw new RangeError(`lora: init_lora_weights must be true or "gaussian", got ${JSON.stringify(cfg.initLoraWeights)}`);
-  }
+  return [...names] as LoraTarget[];
 }
 
 /** Targets in the fixed canonical order (LORA_TARGETS), independent of the user's list order, so every
