@@ -3,7 +3,7 @@ import path from 'node:path';
 import { rm } from 'node:fs/promises';
 import type { Backend } from '../engine/backend.ts';
 import type { BackendKind } from '../engine/backends/index.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { loraTargets } from '../engine/model/lora.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';

@@ -11,7 +11,7 @@ import { Tokenizer } from '../engine/formats/tokenizer.ts';
 import { readAdapter } from '../engine/formats/peft.ts';
 import { TINY_DATA_DIR } from '../engine/tiny/files.ts';
 import { randomWeightSource, tinyLlamaConfig } from '../engine/model/random-model.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { collate, tokenizeJsonl } from '../engine/train/data.ts';
 import { DEFAULT_TRAIN_CONFIG, applyConfigOverrides, loraConfigOf } from '../engine/train/config.ts';

@@ -144,6 +144,7 @@ export class PassParams<Buf> {
    *  memory waits for the queued work, so uploading at first use mid-pass would stall the GPU once
    *  per layer instead of once per pass. */
   async prefetch(arrays: readonly Float32Array[]): Promise<void> {
+    if (this.t.resident === 'host') return; // host uploads are the arrays themselves: nothing waits
     for (const a of arrays) await this.get(a);
   }
 

@@ -6,7 +6,7 @@ import { createHash } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import type { Backend } from '../backend.ts';
 import type { LlamaConfig, LoraConfig, NamedTensor, Stage, WeightSource } from '../types.ts';
-import { loadStage } from '../model/stage.ts';
+import { loadStage } from '../model/load.ts';
 import { readAdapter, writeAdapter } from '../formats/peft.ts';
 import { SafetensorsFile } from '../formats/safetensors/read.ts';
 import { writeSafetensors } from '../formats/safetensors/write.ts';

@@ -17,7 +17,7 @@ import { hostTensors } from '../../engine/backend.ts';
 import { type NF4Weight } from '../../engine/formats/nf4.ts';
 import { NativeBackend } from '../../engine/backends/native.ts';
 import { randomNF4 } from '../../engine/model/random-model.ts';
-import { loadStage } from '../../engine/model/stage.ts';
+import { loadStage } from '../../engine/model/load.ts';
 import { ensureTinyModel } from '../../engine/tiny/index.ts';
 import { openModelDir } from '../../engine/formats/model-dir.ts';
 import { LORA_TARGETS, type LoraConfig, type Stage } from '../../engine/types.ts';
