@@ -120,6 +120,6 @@ export interface Stage {
   backward(key: string, grads: Float32Array[], args: { gradOut?: Float32Array; lossScale?: number }): Promise<{ gradIn?: Float32Array }>;
   /** drop a kept input (failed/aborted micro-batch) */
   release(key: string): void;
-  /** inference-only logits for the last positions / whole sequence (generate, eval) */
+  /** drop every kept micro-batch and refuse further use */
   dispose(): void;
 }

@@ -52,7 +52,6 @@ export interface LayerCache {
 
 /** The frozen weights of one layer: its two norms and seven linears (each with its LoRA adapter, if targeted). */
 export interface LayerWeights {
-  index: number;
   inputNorm: Float32Array;  // (C)
   postNorm: Float32Array;   // (C)
   q: LoraLinear; k: LoraLinear; v: LoraLinear; o: LoraLinear;
@@ -90,7 +89,7 @@ export function freeLayerActs<Buf>(t: TensorBackend<Buf>, a: LayerActs<Buf>, inc
 }
 
 export class DecoderLayer {
-  readonly w: LayerWeights;
+  private readonly w: LayerWeights;
   private readonly config: LlamaConfig;
   /** shared by the stage's layers, so each table crosses to a device once */
   private readonly rope: RopeCache;

@@ -92,7 +92,6 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
       lin[m] = new LoraLinear(l, m, w, bias, slot);
     }
     weights.push({
-      index: l,
       inputNorm: await getFloatChecked(source, `model.layers.${l}.input_layernorm.weight`, C),
       postNorm: await getFloatChecked(source, `model.layers.${l}.post_attention_layernorm.weight`, C),
       q: lin.q_proj, k: lin.k_proj, v: lin.v_proj, o: lin.o_proj,
