@@ -171,7 +171,7 @@ export class DecoderLayer {
    *  !needInputGrad (the first layer of stage 0: the embedding is frozen, nobody needs dx). The caller frees
    *  dout (T, C) and the acts. */
   async backward<Buf>(t: TensorBackend<Buf>, dparams: Buf[], dout: Buf, a: LayerActs<Buf>, params: PassParams<Buf>,
-    ctx: PassContext, needInputGrad: boolean): Promise<Buf | null> {
+    needInputGrad: boolean, ctx: PassContext): Promise<Buf | null> {
     const L = this.w, cfg = this.config;
     const { T, B, S } = ctx;
     const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;

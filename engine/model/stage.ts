@@ -190,7 +190,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage, Decodable {
         if (kept.layerInputs) kept.layerInputs[i] = undefined as unknown as Buf;
         const needInputGrad = !(this.isFirst && i === 0);
         try {
-          const dxIn: Buf | null = await layer.backward(t, dparams, dx!, acts, params, ctx, needInputGrad);
+          const dxIn: Buf | null = await layer.backward(t, dparams, dx!, acts, params, needInputGrad, ctx);
           t.free(dx);
           dx = dxIn;
         } finally {
