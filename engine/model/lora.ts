@@ -1,4 +1,4 @@
-// LoRA on an NF4 frozen linear: PEFT naming, scaling and init, seeded dropout masks, forward and backward.
+// LoRA on an NF4 frozen linear: the target linears' names and shapes, PEFT naming, scaling and init, seeded dropout masks, forward and backward.
 //
 // y = x·Wᵀ (+ bias) + s · (drop(x)·Aᵀ)·Bᵀ, with W frozen NF4 [out, in], A [r, in], B [out, r].
 // Parameter gradients accumulate (+=); the input gradient is assigned or accumulated as the caller asks.
