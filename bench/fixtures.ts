@@ -4,7 +4,7 @@
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
-import { writeSafetensors } from '../engine/formats/safetensors.ts';
+import { writeSafetensors } from '../engine/formats/safetensors/write.ts';
 import { tinyWeights, TINY_TEXT_FILES } from '../engine/tiny/index.ts';
 import { TINY_DATA_DIR } from '../engine/tiny/files.ts';
 import { BENCH_MODEL } from './model.ts';

@@ -3,7 +3,7 @@
 // Timings are the best of a few repetitions after a warm-up; on a shared machine they are noisy, so
 // compare GEMM GFLOP/s with the FMA peak measured in the same run.
 import { NativeBackend, defaultThreadCount, loadNativeAddon } from '../engine/backends/native.ts';
-import type { NF4Weight } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
 
 function rand(n: number, seed: number): Float32Array {
   let s = seed >>> 0 || 1;

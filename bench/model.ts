@@ -7,7 +7,7 @@
 // into the LoRA gradients (no optimizer update, as the PyTorch baseline bench/torch_baseline.py).
 import { NativeBackend, defaultThreadCount } from '../engine/backends/native.ts';
 import { randomWeightSource, tinyLlamaConfig } from '../engine/model/random-model.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
 import type { LlamaConfig, LoraConfig } from '../engine/types.ts';
 
 export const BENCH_MODEL = { layers: 8, hidden: 512, heads: 8, kvHeads: 4, headDim: 64, intermediate: 1408, vocab: 8192, batch: 4, seqLen: 256, loraR: 16 } as const;

@@ -9,7 +9,7 @@ import { readAdapter, writeAdapter } from '../engine/formats/peft.ts';
 import type { LoraConfig, NamedTensor } from '../engine/types.ts';
 import { createSwarmNode, lockDataDir } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
-import { decodeShard } from '../protocol/shard.ts';
+import { decodeShard } from '../engine/formats/shard.ts';
 import type { FloatCodec } from '../protocol/tensor.ts';
 import { Coordinator } from './run.ts';
 import type { CoordinatorOptions, RunEvent } from './run.ts';

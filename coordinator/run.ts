@@ -9,8 +9,8 @@ import type { SwarmNode } from '../protocol/net.ts';
 import { request, serve, parseMultiaddr } from '../protocol/net.ts';
 import type { Multiaddr } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
-import { encodeShard, decodeShard, shardKindOf, shardTensorNames, stageShardNames } from '../protocol/shard.ts';
-import type { ShardTensors } from '../protocol/shard.ts';
+import { encodeShard, decodeShard, shardKindOf, shardTensorNames, stageShardNames } from '../engine/formats/shard.ts';
+import type { ShardTensors } from '../engine/formats/shard.ts';
 import type {
   Assignment, BlobRef, Capabilities, JoinRequest, JoinResponse, StatusResponse, AdapterResponse,
 } from '../protocol/messages.ts';

@@ -10,8 +10,9 @@
 // the context's stream; the host waits only where it reads: downloads, host-array ops). Ops with host
 // arrays run on libuv worker threads. Library failures reject with CudaError (CudaAsyncError when an
 // earlier op's kernel failed); argument mistakes throw CudaArgumentError before anything reaches the device.
-import type { Backend, NF4Weight } from '../engine/backend.ts';
-import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/train/optim.ts';
+import type { Backend } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
+import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/optimizer.ts';
 import { CudaArgumentError, CudaError, toCudaError } from './errors.ts';
 import { checkNF4, dims, need } from './checks.ts';
 import { cudaAvailable, loadCudaAddon, openDevice, type CudaDeviceInfo, type CudaOpStats, type Ctx, type DevArg,

@@ -14,7 +14,7 @@ import { writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { loadCudaBackend, cudaUnavailableReason, probeCuda } from './index.ts';
 import { randomWeightSource, tinyLlamaConfig } from '../engine/model/random-model.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { LORA_TARGETS } from '../engine/types.ts';
 import { Rng } from '../engine/model/rng.ts';
 

@@ -1,6 +1,6 @@
 // Argument contracts of the CUDA ops, checked on the host before anything reaches the device: a mistake is a
 // CudaArgumentError naming the op and the argument, never a kernel fault.
-import type { NF4Weight } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
 import { CudaArgumentError } from './errors.ts';
 
 /** `arr` holds at least `n` elements (and `n` is a valid count). */

@@ -8,9 +8,9 @@
 // CPU AdamW implements. adamw_torch (torch's order of operations) has no CUDA kernel here: the CPU
 // AdamW serves it, as it does a run with a finite host resident budget (the CPU AdamW spills pages to
 // disk; the CUDA optimizer keeps all state in pinned host memory).
-import type { AdamWOptions, Optimizer, OptimizerState, ParamSpec, StateTensor } from '../engine/train/optim.ts';
+import type { AdamWOptions, Optimizer, OptimizerState, ParamSpec, StateTensor } from '../engine/optimizer.ts';
 import { stateTensorReader } from '../engine/train/optim.ts';
-import type { OptimName } from '../engine/train/config.ts';
+import type { OptimName } from '../engine/optimizer.ts';
 import { MIN_8BIT_SIZE, OPT_QUANT_BLOCK, planPagedOptimizer, type OptimizerBits, type PagedPlan } from './paging.ts';
 import { CudaArgumentError, toCudaError } from './errors.ts';
 import { need } from './checks.ts';

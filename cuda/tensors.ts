@@ -13,7 +13,8 @@
 // - a tensor freed while an op still uses it is released only when that op completes;
 // - a tensor dropped without free() is released when it is garbage collected (a backstop, counted in stats);
 // - dispose() releases every tensor and constant still alive; tensors used afterwards throw.
-import type { NF4Weight, Ops, TensorBackend } from '../engine/backend.ts';
+import type { Ops, TensorBackend } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
 import { CudaArgumentError } from './errors.ts';
 
 /** What CudaTensors needs from the device: the library's pool, copies and the three elementwise ops.

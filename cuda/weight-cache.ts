@@ -12,7 +12,7 @@
 //
 // The device side is injected (upload/free), so this file holds only the policy; cuda/backend.ts wires
 // it to the library's stc_nf4_* functions.
-import type { NF4Weight } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
 import { CudaArgumentError } from './errors.ts';
 
 /** The device operations the cache needs. */

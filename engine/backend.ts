@@ -1,5 +1,3 @@
-import type { AdamWOptions, Optimizer, ParamSpec } from './train/optim.ts';
-
 // The op interface every compute backend implements (native CPU, float64 reference, CUDA).
 //
 // Conventions (llm.c style): outputs first, inputs next, dimensions last. All buffers are
@@ -9,19 +7,8 @@ import type { AdamWOptions, Optimizer, ParamSpec } from './train/optim.ts';
 //
 // Shapes use T = number of tokens (batch * seqLen), C = hidden size, H = query heads,
 // KV = key/value heads, D = head dim.
-
-/** An NF4-quantized 2-D weight [rows, cols] = [out_features, in_features], bitsandbytes layout,
- *  with the per-block absmax already decoded to float32 (double quantization undone at load). */
-export interface NF4Weight {
-  /** packed codes: flat element 2j in the high nibble, 2j+1 in the low nibble; length ceil(n/2) */
-  packed: Uint8Array;
-  /** float32 absmax per block of `blocksize` consecutive flat elements; length ceil(n/blocksize) */
-  absmax: Float32Array;
-  rows: number;
-  cols: number;
-  /** power of two, 32..4096; 64 by default */
-  blocksize: number;
-}
+import type { NF4Weight } from './formats/nf4.ts';
+import type { AdamWOptions, Optimizer, ParamSpec } from './optimizer.ts';
 
 /** The ops of a backend over buffers of type Buf: host Float32Arrays for the CPU backends
  *  (`Backend`), opaque device buffers for a device-resident `TensorBackend` (CUDA). */

@@ -1,6 +1,6 @@
 // Shared engine contracts: model config, LoRA config, weight sources and the Stage API that the
 // trainer and the swarm call. Implementations live in engine/model/, engine/formats/ and node/.
-import type { NF4Weight } from './backend.ts';
+import type { NF4Weight } from './formats/nf4.ts';
 
 /** A Llama-family config normalized from HF config.json (engine/formats/config.ts parses it). */
 export interface LlamaConfig {
@@ -120,6 +120,6 @@ export interface Stage {
   backward(key: string, grads: Float32Array[], args: { gradOut?: Float32Array; lossScale?: number }): Promise<{ gradIn?: Float32Array }>;
   /** drop a kept input (failed/aborted micro-batch) */
   release(key: string): void;
-  /** inference-only logits for the last positions / whole sequence (generate, eval) */
+  /** drop every kept micro-batch and refuse further use */
   dispose(): void;
 }

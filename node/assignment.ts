@@ -2,12 +2,13 @@
 // bring it to the run's current step (adapter and optimizer state).
 import path from 'node:path';
 import type { Backend } from '../engine/backend.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
+import { loraTargets } from '../engine/model/lora.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 import type { LoraConfig } from '../engine/types.ts';
 import type { BlobStore } from '../protocol/blobs.ts';
 import type { SwarmNode } from '../protocol/net.ts';
-import { decodeShard } from '../protocol/shard.ts';
+import { decodeShard } from '../engine/formats/shard.ts';
 import type { Assignment } from '../protocol/messages.ts';
 import { SwarmError } from '../protocol/errors.ts';
 import type { Logger } from '../protocol/log.ts';
@@ -36,7 +37,7 @@ export interface LoadOptions {
 
 function loraOf(a: Assignment): LoraConfig {
   return {
-    r: a.lora.r, loraAlpha: a.lora.loraAlpha, loraDropout: a.lora.loraDropout, targetModules: [...a.lora.targetModules],
+    r: a.lora.r, loraAlpha: a.lora.loraAlpha, loraDropout: a.lora.loraDropout, targetModules: loraTargets(a.lora.targetModules),
     useRslora: a.lora.useRslora, initLoraWeights: a.lora.initLoraWeights === 'gaussian' ? 'gaussian' : true,
   };
 }

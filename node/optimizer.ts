@@ -2,8 +2,9 @@
 // with its state serialized for the coordinator's checkpoints and reloaded for a rollback.
 import { Packr, Unpackr } from 'msgpackr';
 import { createOptimizer } from '../engine/train/optim.ts';
-import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/train/optim.ts';
-import type { OptimizerState, StateTensor } from '../engine/train/optim.ts';
+import { OPTIM_NAMES, optimName } from '../engine/optimizer.ts';
+import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/optimizer.ts';
+import type { OptimizerState, StateTensor } from '../engine/optimizer.ts';
 import type { NamedTensor } from '../engine/types.ts';
 import type { Backend } from '../engine/backend.ts';
 import type { OptimSpec } from '../protocol/messages.ts';
@@ -25,7 +26,7 @@ const packr = new Packr({ useRecords: false, moreTypes: false, structuredClone: 
 const unpackr = new Unpackr({ useRecords: false, mapsAsObjects: true, int64AsType: 'number', structuredClone: false });
 
 const stateSchema = obj({
-  optim: oneOf(['adamw_torch', 'paged_adamw_32bit', 'adamw_8bit', 'paged_adamw_8bit'] as const),
+  optim: oneOf(OPTIM_NAMES),
   step: int(0, 2 ** 31 - 1),
   tensors: arr(obj({
     name: str({ max: 512 }),
@@ -59,7 +60,7 @@ export async function createShardOptimizer(spec: OptimSpec, params: NamedTensor[
 }): Promise<ShardOptimizer> {
   const paged = spec.optim.startsWith('paged_') && spec.residentBytes > 0;
   const adam = createOptimizer(opts.backend ?? {}, params.map((p) => ({ name: p.name, numel: p.data.length })), {
-    optim: spec.optim, beta1: spec.adamBeta1, beta2: spec.adamBeta2, eps: spec.adamEpsilon, weightDecay: spec.weightDecay,
+    optim: optimName(spec.optim, 'assignment'), beta1: spec.adamBeta1, beta2: spec.adamBeta2, eps: spec.adamEpsilon, weightDecay: spec.weightDecay,
     residentBytes: paged ? spec.residentBytes : Infinity, spillDir: paged ? opts.spillDir : undefined,
   });
   if (opts.state !== null) await adam.importState(decodeOptimizerState(opts.state, 'optimizer state'));

@@ -1,7 +1,7 @@
 // WeightSource over decoded shard blobs (what a volunteer's stage loads its frozen base from).
-import type { NF4Weight } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
 import type { LlamaConfig, WeightSource } from '../engine/types.ts';
-import type { ShardTensors } from '../protocol/shard.ts';
+import type { ShardTensors } from '../engine/formats/shard.ts';
 
 export class BlobWeightSource implements WeightSource {
   readonly config: LlamaConfig;

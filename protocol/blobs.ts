@@ -7,7 +7,7 @@ import { IntegrityError, SwarmError } from './errors.ts';
 import type { BlobRef, WeightsRequest, WeightsResponse } from './messages.ts';
 import { request, parseMultiaddr } from './net.ts';
 import type { SwarmNode } from './net.ts';
-import { sha256Hex } from './shard.ts';
+import { sha256Hex } from './hash.ts';
 
 export type BlobEvent =
   | { kind: 'cache-hit'; sha256: string; name: string; sizeBytes: number }

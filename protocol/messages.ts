@@ -11,6 +11,7 @@ const sha256Hex = str({ max: 64, pattern: /^[0-9a-f]{64}$/ });
 const multiaddrStr = str({ max: 512, pattern: /^\// });
 const runIdStr = str({ max: 64, pattern: /^[0-9a-zA-Z_-]+$/ });
 const bigString = str({ max: 4 * 1024 * 1024 });
+const moduleName = str({ max: 64, pattern: /^[A-Za-z0-9_.]+$/ });
 
 // ---- join: volunteer → coordinator; answered when the volunteer has an assignment (or never will)
 
@@ -64,14 +65,17 @@ export const loraSpec = obj({
   r: int(1, 4096),
   loraAlpha: num({ min: 0 }),
   loraDropout: num({ min: 0, max: 1 }),
-  targetModules: arr(oneOf(['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const), 7),
+  /** module names: their shape is checked here, their meaning by the engine where the LoRA config is used
+   *  (engine/model/lora.ts loraTargets), so the list of targets is written once, in engine/ */
+  targetModules: arr(moduleName, 7),
   useRslora: bool,
   initLoraWeights: oneOf(['kaiming', 'gaussian'] as const),
 });
 export type LoraSpec = ReturnType<typeof loraSpec>;
 
 export const optimSpec = obj({
-  optim: oneOf(['adamw_torch', 'paged_adamw_32bit', 'adamw_8bit', 'paged_adamw_8bit'] as const),
+  /** an optimizer name, checked by the engine that builds the optimizer (engine/optimizer.ts optimName) */
+  optim: str({ max: 64, pattern: /^[a-z0-9_]+$/ }),
   adamBeta1: num({ min: 0, max: 1 }),
   adamBeta2: num({ min: 0, max: 1 }),
   adamEpsilon: num({ min: 0 }),

@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { AdamW } from '../engine/train/optim.ts';
-import type { AdamWOptions, OptimizerState, StateTensor } from '../engine/train/optim.ts';
+import type { AdamWOptions, OptimizerState, StateTensor } from '../engine/optimizer.ts';
 import { CudaOptimizer, cudaOptimizerBits } from '../cuda/optimizer.ts';
 import type { PagedAdamWLike } from '../cuda/optimizer.ts';
 import { Rng } from '../engine/model/rng.ts';

@@ -16,7 +16,7 @@ import { CudaArgumentError } from '../cuda/errors.ts';
 import { NativeBackend } from '../engine/backends/native.ts';
 import { hostTensors, type Backend, type Ops } from '../engine/backend.ts';
 import { Rng } from '../engine/model/rng.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { ensureTinyModel } from '../engine/tiny/index.ts';
 import { openModelDir } from '../engine/formats/model-dir.ts';
 import { LORA_TARGETS, type LoraConfig, type Stage } from '../engine/types.ts';

@@ -13,7 +13,7 @@ import { NF4WeightCache, type WeightDevice } from '../cuda/weight-cache.ts';
 import { CudaArgumentError } from '../cuda/errors.ts';
 import { randomNF4 } from '../engine/model/random-model.ts';
 import { Rng } from '../engine/model/rng.ts';
-import type { NF4Weight } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
 
 class HostDevice implements WeightDevice {
   copies = new Map<number, { packed: Uint8Array; absmax: Float32Array }>();

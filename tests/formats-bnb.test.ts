@@ -7,8 +7,11 @@ import { mkdtemp, writeFile, readFile, rm, readdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { bnbTensors, readBnbNF4, quantStateJson, parseQuantState } from '../engine/formats/bnb.ts';
-import { quantizeNF4, NF4_CODE, createDynamicMap, doubleQuantize } from '../engine/formats/nf4.ts';
-import { writeSafetensors, SafetensorsFile, encodeFromFloat32, decodeToFloat32 } from '../engine/formats/safetensors.ts';
+import { quantizeNF4, NF4_CODE, doubleQuantize } from '../engine/formats/nf4.ts';
+import { createDynamicMap } from '../engine/formats/dynamic-map.ts';
+import { writeSafetensors } from '../engine/formats/safetensors/write.ts';
+import { SafetensorsFile } from '../engine/formats/safetensors/read.ts';
+import { encodeFromFloat32, decodeToFloat32 } from '../engine/formats/safetensors/convert.ts';
 import { openModelDir } from '../engine/formats/model-dir.ts';
 import { quantizeModelDir } from '../engine/commands/quantize.ts';
 

@@ -2,10 +2,8 @@
 // Sizes: a few blocks each (≤ 2k elements) — enough to cross block/row/nested-block boundaries, milliseconds to run.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import {
-  NF4_CODE, quantizeNF4, dequantizeNF4, quantizeNF4Value, createDynamicMap, quantizeBlockwise8,
-  dequantizeBlockwise8, doubleQuantize, doubleDequantize, nearestCodeIndex,
-} from '../engine/formats/nf4.ts';
+import { NF4_CODE, quantizeNF4, dequantizeNF4, quantizeNF4Value, doubleQuantize, doubleDequantize } from '../engine/formats/nf4.ts';
+import { createDynamicMap, quantizeBlockwise8, dequantizeBlockwise8, nearestCodeIndex } from '../engine/formats/dynamic-map.ts';
 
 const f32 = Math.fround;
 

@@ -4,8 +4,9 @@ import assert from 'node:assert/strict';
 import { mkdtemp, readFile, writeFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { writeAdapter, readAdapter, loraKey, parseLoraKey } from '../engine/formats/peft.ts';
-import { SafetensorsFile } from '../engine/formats/safetensors.ts';
+import { writeAdapter, readAdapter, parseLoraKey } from '../engine/formats/peft.ts';
+import { loraParamName as loraKey } from '../engine/model/lora.ts';
+import { SafetensorsFile } from '../engine/formats/safetensors/read.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 import type { LoraConfig, NamedTensor } from '../engine/types.ts';
 

@@ -5,10 +5,10 @@ import assert from 'node:assert/strict';
 import { mkdtemp, writeFile, readFile, rm, readdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  DTYPES, DTYPE_BITS, SafetensorsFile, writeSafetensors, encodeFromFloat32, decodeToFloat32, floatToBf16Bits,
-  floatToF16Bits, ShardedSafetensorsWriter, openSafetensorsDir, ShardedSafetensors, type Dtype,
-} from '../engine/formats/safetensors.ts';
+import { DTYPES, DTYPE_BITS, type Dtype } from '../engine/formats/safetensors/header.ts';
+import { encodeFromFloat32, decodeToFloat32, floatToBf16Bits, floatToF16Bits } from '../engine/formats/safetensors/convert.ts';
+import { SafetensorsFile, openSafetensorsDir, ShardedSafetensors } from '../engine/formats/safetensors/read.ts';
+import { writeSafetensors, ShardedSafetensorsWriter } from '../engine/formats/safetensors/write.ts';
 
 async function tmp(): Promise<string> { return mkdtemp(join(tmpdir(), 'st-test-')); }
 

@@ -15,7 +15,7 @@ import { writeAdapter } from '../engine/formats/peft.ts';
 import { loadDataset } from '../engine/train/data.ts';
 import { DEFAULT_TRAIN_CONFIG } from '../engine/train/config.ts';
 import { referenceLogits, referenceLoss } from '../engine/model/reference.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { loadAdapterInto } from '../engine/model/adapter.ts';
 import { loraScaling } from '../engine/model/lora.ts';
 import { Rng } from '../engine/model/rng.ts';

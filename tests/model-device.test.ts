@@ -6,7 +6,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { NativeBackend } from '../engine/backends/native.ts';
-import { createDecoder, loadStage, logits } from '../engine/model/stage.ts';
+import { createDecoder, logits } from '../engine/model/decode.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { randomWeightSource, tinyLlamaConfig } from '../engine/model/random-model.ts';
 import { Rng } from '../engine/model/rng.ts';
 import type { LlamaConfig, LoraConfig, Stage, WeightSource } from '../engine/types.ts';

@@ -6,7 +6,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { RefBackend } from '../engine/backends/ref.ts';
-import { createDecoder, loadStage, logits } from '../engine/model/stage.ts';
+import { createDecoder, logits } from '../engine/model/decode.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { generate, argmax } from '../engine/model/generate.ts';
 import { referenceLogits, referenceLoss } from '../engine/model/reference.ts';
 import { randomWeightSource, tinyLlamaConfig } from '../engine/model/random-model.ts';

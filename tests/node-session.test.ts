@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import os from 'node:os';
 import { tinyLlamaConfig, randomWeightSource } from '../engine/model/random-model.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { readKnobs } from '../engine/env.ts';
 import { encodeTensor } from '../protocol/tensor.ts';

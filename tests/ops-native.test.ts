@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { NativeBackend, NativeOpError } from '../engine/backends/native.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { createBackend } from '../engine/backends/index.ts';
-import type { NF4Weight } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
 
 const nb = new NativeBackend({ threads: 2 });
 const ref = new RefBackend();

@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { RefBackend, RefOpError, NF4_CODES, nf4DequantizeRef } from '../engine/backends/ref.ts';
 import { quantizeNF4, dequantizeNF4 } from '../engine/formats/nf4.ts';
-import type { NF4Weight } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
 
 const be = new RefBackend();
 

@@ -6,7 +6,8 @@
 //   op that touches it throws);
 // - an op never gets the same memory as an input and an output, except where the op is in place;
 // - download copies, upload copies: host arrays never alias device buffers.
-import type { Backend, NF4Weight, TensorBackend } from '../engine/backend.ts';
+import type { Backend, TensorBackend } from '../engine/backend.ts';
+import type { NF4Weight } from '../engine/formats/nf4.ts';
 import { hostTensors } from '../engine/backend.ts';
 
 export class SimBuf {

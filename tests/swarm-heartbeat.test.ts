@@ -11,7 +11,7 @@ import { monitorEventLoopDelay } from 'node:perf_hooks';
 import path from 'node:path';
 import { createBackend } from '../engine/backends/index.ts';
 import { tinyLlamaConfig, randomWeightSource } from '../engine/model/random-model.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { createSwarmNode, request, serve } from '../protocol/net.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import { encodeTensor } from '../protocol/tensor.ts';

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 import { randomWeightSource } from '../engine/model/random-model.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
 import { AdamW } from '../engine/train/optim.ts';
 import { clipGradNorm } from '../engine/train/clip.ts';

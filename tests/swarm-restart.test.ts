@@ -17,7 +17,7 @@ import { TINY_DATASET_PATH } from '../engine/tiny/files.ts';
 import { adapterMap, relUpdateDiff, spawnCli, type CliProc } from './swarm-procs.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 import { randomWeightSource } from '../engine/model/random-model.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import type { Stage } from '../engine/types.ts';
 import { adapterDigest } from '../protocol/adapter-digest.ts';

@@ -12,7 +12,7 @@ import { Template } from '@huggingface/jinja';
 import { buildTinyFiles, readTinyDataset, TINY_DATA_DIR, BOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN, EOT_TOKEN } from '../engine/tiny/files.ts';
 import { bpeEncodeWord, mergeRanks, preTokenize, trainBpe } from '../engine/tiny/bpe.ts';
 import { ensureTinyModel, isTinyModelDir, TINY_DATASET_PATH, TINY_SYSTEM_PROMPT } from '../engine/tiny/index.ts';
-import { SafetensorsFile } from '../engine/formats/safetensors.ts';
+import { SafetensorsFile } from '../engine/formats/safetensors/read.ts';
 import { parseLlamaConfig } from '../engine/formats/config.ts';
 
 const committed = (name: string) => readFileSync(join(TINY_DATA_DIR, name), 'utf8');

@@ -9,7 +9,8 @@ import { join } from 'node:path';
 import { ensureTinyModel, TINY_SYSTEM_PROMPT } from '../engine/tiny/index.ts';
 import { readTinyDataset } from '../engine/tiny/files.ts';
 import { openModelDir } from '../engine/formats/model-dir.ts';
-import { loadStage, logits } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
+import { logits } from '../engine/model/decode.ts';
 import { NO_LORA } from '../engine/model/inference.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 

@@ -11,7 +11,7 @@ import { Tokenizer } from '../engine/formats/tokenizer.ts';
 import { readAdapter } from '../engine/formats/peft.ts';
 import { TINY_DATA_DIR } from '../engine/tiny/files.ts';
 import { randomWeightSource, tinyLlamaConfig } from '../engine/model/random-model.ts';
-import { loadStage } from '../engine/model/stage.ts';
+import { loadStage } from '../engine/model/load.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { collate, tokenizeJsonl } from '../engine/train/data.ts';
 import { DEFAULT_TRAIN_CONFIG, applyConfigOverrides, loraConfigOf } from '../engine/train/config.ts';
@@ -147,13 +147,13 @@ test('an abort (Ctrl-C) stops after the current step and saves a resumable check
 
 test('a backend optimizer (Backend.createOptimizer, as CUDA offers) is used and awaited by the trainer; same result as the CPU AdamW', async () => {
   const { AdamW } = await import('../engine/train/optim.ts');
-  type Opt = import('../engine/train/optim.ts').Optimizer;
+  type Opt = import('../engine/optimizer.ts').Optimizer;
   const calls = { create: 0, update: 0, export: 0 };
   const ref = new RefBackend();
   // an optimizer whose every method is asynchronous (like a device's), deferring the real work
   const later = () => new Promise((r) => setTimeout(r, 1));
   const backend = Object.assign(Object.create(ref) as RefBackend, {
-    createOptimizer(params: import('../engine/train/optim.ts').ParamSpec[], opts: import('../engine/train/optim.ts').AdamWOptions): Opt {
+    createOptimizer(params: import('../engine/optimizer.ts').ParamSpec[], opts: import('../engine/optimizer.ts').AdamWOptions): Opt {
       calls.create++;
       const inner = new AdamW(params, opts);
       return {

@@ -7,7 +7,7 @@ import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AdamW, MIN_8BIT_SIZE } from '../engine/train/optim.ts';
-import type { AdamWOptions } from '../engine/train/optim.ts';
+import type { AdamWOptions } from '../engine/optimizer.ts';
 import { PagedStore } from '../engine/train/paged.ts';
 import { clipGradNorm, gradNorm } from '../engine/train/clip.ts';
 import { lrLambda, warmupStepsFor } from '../engine/train/schedule.ts';

@@ -7,8 +7,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { AdamW, OPTIM8_BLOCKSIZE } from '../engine/train/optim.ts';
-import type { OptimizerState } from '../engine/train/optim.ts';
-import { createDynamicMap } from '../engine/formats/nf4.ts';
+import type { OptimizerState } from '../engine/optimizer.ts';
+import { createDynamicMap } from '../engine/formats/dynamic-map.ts';
 import { Rng } from '../engine/model/rng.ts';
 import { adamw8bitRef, Q_SIGNED, Q_UNSIGNED } from './gpu/adamw-ref.ts';
 

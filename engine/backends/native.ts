@@ -2,7 +2,8 @@
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
-import type { Backend, NF4Weight } from '../backend.ts';
+import type { Backend } from '../backend.ts';
+import type { NF4Weight } from '../formats/nf4.ts';
 
 /** An op rejected by the native kernels (argument lengths vs dims, ids outside the vocabulary, a
  *  disposed backend, out of memory). The message starts with the op name. */

@@ -3,7 +3,8 @@
 // Every op accumulates in float64 and writes float32 outputs once at the end, so its own rounding error
 // is at most half an ulp of float32 per output. Speed is irrelevant here; readability is the point.
 // Buffers may be longer than the op needs (callers reuse scratch buffers); shorter is an error.
-import type { Backend, NF4Weight } from '../backend.ts';
+import type { Backend } from '../backend.ts';
+import type { NF4Weight } from '../formats/nf4.ts';
 
 /** bitsandbytes NF4 code table (get_4bit_type("nf4")), index = 4-bit code (facts §1). All values are
  *  exactly representable in float32, so float64 products lut·absmax of float32 absmax are exact. */

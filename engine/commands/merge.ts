@@ -12,12 +12,13 @@ import type { LlamaConfig, LoraTarget, NamedTensor, WeightSource } from '../type
 import { LORA_TARGETS } from '../types.ts';
 import { openModelDir } from '../formats/model-dir.ts';
 import { readAdapter } from '../formats/peft.ts';
-import { ShardedSafetensorsWriter, encodeFromFloat32 } from '../formats/safetensors.ts';
-import type { TensorSpec } from '../formats/safetensors.ts';
+import { ShardedSafetensorsWriter } from '../formats/safetensors/write.ts';
+import { encodeFromFloat32 } from '../formats/safetensors/convert.ts';
+import type { TensorSpec } from '../formats/safetensors/write.ts';
 import { writeConfig } from '../formats/config.ts';
 import { baseModuleName, loraParamName, loraScaling } from '../model/lora.ts';
 import { trainBackend } from '../train/cli.ts';
-import { linearShape } from '../train/plan.ts';
+import { linearShape } from '../model/lora.ts';
 
 export class MergeError extends Error {
   override readonly name = 'MergeError';

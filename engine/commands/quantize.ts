@@ -4,7 +4,8 @@ import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { readConfig, writeConfig } from '../formats/config.ts';
-import { openSafetensorsDir, SpoolingSafetensorsWriter } from '../formats/safetensors.ts';
+import { openSafetensorsDir } from '../formats/safetensors/read.ts';
+import { SpoolingSafetensorsWriter } from '../formats/safetensors/write.ts';
 import { quantizeNF4, checkBlocksize } from '../formats/nf4.ts';
 import { bnbTensors, bnbQuantizationConfig, isQuantizableLinear, isBnbQuantized, torchDtypeName } from '../formats/bnb.ts';
 

@@ -1,7 +1,8 @@
 // bitsandbytes 4-bit (NF4) checkpoint tensors: reading Linear4bit state dicts from safetensors and writing them.
-import type { NF4Weight } from '../backend.ts';
-import type { TensorSource, Dtype } from './safetensors.ts';
-import { numelOf } from './safetensors.ts';
+import type { NF4Weight } from './nf4.ts';
+import type { Dtype } from './safetensors/header.ts';
+import { numelOf } from './safetensors/header.ts';
+import type { TensorSource } from './safetensors/read.ts';
 import { NF4_CODE, checkBlocksize, doubleQuantize, doubleDequantize } from './nf4.ts';
 import { pyFloatRepr, pyJsonString } from './pyjson.ts';
 

@@ -4,8 +4,11 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import type { LlamaConfig, LoraConfig, LoraTarget, NamedTensor } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
+import { linearShape, loraParamName, moduleGroup } from '../model/lora.ts';
 import { pyJsonDumps } from './pyjson.ts';
-import { SafetensorsFile, writeSafetensors, numelOf } from './safetensors.ts';
+import { numelOf } from './safetensors/header.ts';
+import { SafetensorsFile } from './safetensors/read.ts';
+import { writeSafetensors } from './safetensors/write.ts';
 
 export class AdapterError extends Error {
   override readonly name = 'AdapterError';
@@ -14,34 +17,13 @@ export class AdapterError extends Error {
 export const ADAPTER_CONFIG_FILE = 'adapter_config.json';
 export const ADAPTER_WEIGHTS_FILE = 'adapter_model.safetensors';
 
-const MODULE_PARENT: Record<LoraTarget, 'self_attn' | 'mlp'> = {
-  q_proj: 'self_attn', k_proj: 'self_attn', v_proj: 'self_attn', o_proj: 'self_attn',
-  gate_proj: 'mlp', up_proj: 'mlp', down_proj: 'mlp',
-};
-const KEY_RE = /^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_(A|B)\.weight$/;
+const KEY_RE = new RegExp(`^base_model\\.model\\.model\\.layers\\.(\\d+)\\.(self_attn|mlp)\\.(${LORA_TARGETS.join('|')})\\.lora_(A|B)\\.weight$`);
 
-/** PEFT key of a LoRA matrix, e.g. loraKey(0, "q_proj", "A") = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight". */
-export function loraKey(layer: number, module: LoraTarget, which: 'A' | 'B'): string {
-  return `base_model.model.model.layers.${layer}.${MODULE_PARENT[module]}.${module}.lora_${which}.weight`;
-}
-
-/** Parse a PEFT LoRA key; null when it is not one. */
+/** Parse a PEFT LoRA key (engine/model/lora.ts loraParamName writes them); null when it is not one. */
 export function parseLoraKey(name: string): { layer: number; module: LoraTarget; which: 'A' | 'B' } | null {
   const m = KEY_RE.exec(name);
-  if (!m || MODULE_PARENT[m[3] as LoraTarget] !== m[2]) return null;
+  if (!m || moduleGroup(m[3] as LoraTarget) !== m[2]) return null;
   return { layer: Number(m[1]), module: m[3] as LoraTarget, which: m[4] as 'A' | 'B' };
-}
-
-/** [out_features, in_features] of a target module. */
-export function moduleShape(cfg: LlamaConfig, module: LoraTarget): [number, number] {
-  const C = cfg.hiddenSize, q = cfg.numAttentionHeads * cfg.headDim, kv = cfg.numKeyValueHeads * cfg.headDim, I = cfg.intermediateSize;
-  switch (module) {
-    case 'q_proj': return [q, C];
-    case 'k_proj': case 'v_proj': return [kv, C];
-    case 'o_proj': return [C, q];
-    case 'gate_proj': case 'up_proj': return [I, C];
-    case 'down_proj': return [C, I];
-  }
 }
 
 /** adapter_config.json text exactly as PEFT's save_pretrained writes it (sorted keys, indent 2). */
@@ -139,14 +121,14 @@ export function validateAdapterTensors(tensors: readonly NamedTensor[], lora: Lo
     if (rDim !== lora.r) throw new AdapterError(`${source}: tensor ${t.name} has shape [${t.shape.join(', ')}], expected ${k.which === 'A' ? `[r=${lora.r}, in]` : `[out, r=${lora.r}]`}`);
     if (config) {
       if (k.layer >= config.numHiddenLayers) throw new AdapterError(`${source}: tensor ${t.name} names layer ${k.layer}, but the model has ${config.numHiddenLayers}`);
-      const [out, inp] = moduleShape(config, k.module);
+      const [out, inp] = linearShape(config, k.module);
       const want = k.which === 'A' ? [lora.r, inp] : [out, lora.r];
       if (t.shape[0] !== want[0] || t.shape[1] !== want[1]) throw new AdapterError(`${source}: tensor ${t.name} has shape [${t.shape.join(', ')}], expected [${want.join(', ')}]`);
     }
     byKey.set(t.name, { t, ...k });
   }
   for (const v of byKey.values()) {
-    const other = loraKey(v.layer, v.module, v.which === 'A' ? 'B' : 'A');
+    const other = loraParamName(v.layer, v.module, v.which === 'A' ? 'B' : 'A');
     const o = byKey.get(other);
     if (!o) throw new AdapterError(`${source}: ${v.t.name} has no matching ${other}`);
   }

@@ -1,7 +1,6 @@
 // Autoregressive generation over a whole-model stage with a KV cache: greedy, temperature and top-p sampling.
-import type { Stage } from '../types.ts';
+import type { Decodable } from './decode.ts';
 import { Rng } from './rng.ts';
-import { createDecoder } from './stage.ts';
 
 export interface GenerateOptions {
   maxNewTokens: number;
@@ -63,7 +62,7 @@ export function sampleToken(logits: ArrayLike<number>, temperature: number, topP
 }
 
 /** Generate up to maxNewTokens tokens after promptIds; returns only the new tokens. */
-export async function generate(stage: Stage, promptIds: ArrayLike<number>, opts: GenerateOptions): Promise<number[]> {
+export async function generate(model: Decodable, promptIds: ArrayLike<number>, opts: GenerateOptions): Promise<number[]> {
   const { maxNewTokens } = opts;
   if (!Number.isInteger(maxNewTokens) || maxNewTokens < 0) throw new RangeError(`maxNewTokens must be a non-negative integer, got ${maxNewTokens}`);
   if (promptIds.length === 0) throw new RangeError('generate: the prompt has no tokens');
@@ -73,7 +72,7 @@ export async function generate(stage: Stage, promptIds: ArrayLike<number>, opts:
   const rng = new Rng(opts.seed ?? 0, 0x47656e /* "Gen" */);
   const out: number[] = [];
   if (maxNewTokens === 0) return out;
-  const decoder = createDecoder(stage, promptIds.length + maxNewTokens);
+  const decoder = model.createDecoder(promptIds.length + maxNewTokens);
   let logits = await decoder.append(promptIds);
   for (;;) {
     opts.signal?.throwIfAborted();

@@ -1,7 +1,8 @@
 // Opening a model dir (+ optional PEFT adapter) as one whole-model stage for eval and generate, and picking a backend.
 import type { Backend } from '../backend.ts';
 import type { LoraConfig, NamedTensor, Stage } from '../types.ts';
-import { loadStage } from './stage.ts';
+import type { Decodable } from './decode.ts';
+import { loadStage } from './load.ts';
 import { loadAdapterInto } from './adapter.ts';
 import { openModelDir } from '../formats/model-dir.ts';
 import { readAdapter } from '../formats/peft.ts';
@@ -22,7 +23,8 @@ export async function backendForDevice(device: string): Promise<Backend> {
 export const NO_LORA: LoraConfig = { r: 1, loraAlpha: 1, loraDropout: 0, targetModules: [], useRslora: false, initLoraWeights: true };
 
 export interface InferenceModel {
-  stage: Stage;
+  /** eval runs its forward, generate decodes through it */
+  stage: Stage & Decodable;
   tokenizer: Tokenizer | null;
   config: Stage['config'];
   close(): Promise<void>;

@@ -1,9 +1,10 @@
-// LoRA on an NF4 frozen linear: PEFT naming, scaling and init, seeded dropout masks, forward and backward.
+// LoRA on an NF4 frozen linear: the target linears' names and shapes, PEFT naming, scaling and init, seeded dropout masks, forward and backward.
 //
 // y = x·Wᵀ (+ bias) + s · (drop(x)·Aᵀ)·Bᵀ, with W frozen NF4 [out, in], A [r, in], B [out, r].
 // Parameter gradients accumulate (+=); the input gradient is assigned or accumulated as the caller asks.
-import type { NF4Weight, TensorBackend } from '../backend.ts';
-import type { LoraConfig, LoraTarget, NamedTensor } from '../types.ts';
+import type { TensorBackend } from '../backend.ts';
+import type { NF4Weight } from '../formats/nf4.ts';
+import type { LlamaConfig, LoraConfig, LoraTarget, NamedTensor } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import { Rng } from './rng.ts';
 
@@ -15,6 +16,21 @@ export function moduleGroup(module: LoraTarget): 'self_attn' | 'mlp' {
 /** HF base weight name prefix, e.g. "model.layers.3.self_attn.q_proj" */
 export function baseModuleName(layer: number, module: LoraTarget): string {
   return `model.layers.${layer}.${moduleGroup(module)}.${module}`;
+}
+
+/** [out_features, in_features] of a target linear (HF layout). */
+export function linearShape(cfg: LlamaConfig, module: LoraTarget): [number, number] {
+  const C = cfg.hiddenSize, I = cfg.intermediateSize;
+  const qDim = cfg.numAttentionHeads * cfg.headDim, kvDim = cfg.numKeyValueHeads * cfg.headDim;
+  switch (module) {
+    case 'q_proj': return [qDim, C];
+    case 'k_proj': return [kvDim, C];
+    case 'v_proj': return [kvDim, C];
+    case 'o_proj': return [C, qDim];
+    case 'gate_proj': return [I, C];
+    case 'up_proj': return [I, C];
+    case 'down_proj': return [C, I];
+  }
 }
 
 /** PEFT key of a LoRA tensor, e.g. "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" */
@@ -34,14 +50,21 @@ export function validateLoraConfig(cfg: LoraConfig): void {
   if (!(cfg.loraDropout >= 0 && cfg.loraDropout < 1)) {
     throw new RangeError(`lora: lora_dropout must be in [0, 1), got ${cfg.loraDropout}`);
   }
-  for (const m of cfg.targetModules) {
+  loraTargets(cfg.targetModules);
+  if (cfg.initLoraWeights !== true && cfg.initLoraWeights !== 'gaussian') {
+    throw new RangeError(`lora: init_lora_weights must be true or "gaussian", got ${JSON.stringify(cfg.initLoraWeights)}`);
+  }
+}
+
+/** Target module names as LoraTargets, refused with a RangeError naming the first unknown one. Names from
+ *  outside the engine (a run's assignment on the wire) are checked here, where they are used. */
+export function loraTargets(names: readonly string[]): LoraTarget[] {
+  for (const m of names) {
     if (!(LORA_TARGETS as readonly string[]).includes(m)) {
       throw new RangeError(`lora: unknown target module "${m}" (expected one of ${LORA_TARGETS.join(', ')})`);
     }
   }
-  if (cfg.initLoraWeights !== true && cfg.initLoraWeights !== 'gaussian') {
-    throw new RangeError(`lora: init_lora_weights must be true or "gaussian", got ${JSON.stringify(cfg.initLoraWeights)}`);
-  }
+  return [...names] as LoraTarget[];
 }
 
 /** Targets in the fixed canonical order (LORA_TARGETS), independent of the user's list order, so every
@@ -121,6 +144,7 @@ export class PassParams<Buf> {
    *  memory waits for the queued work, so uploading at first use mid-pass would stall the GPU once
    *  per layer instead of once per pass. */
   async prefetch(arrays: readonly Float32Array[]): Promise<void> {
+    if (this.t.resident === 'host') return; // host uploads are the arrays themselves: nothing waits
     for (const a of arrays) await this.get(a);
   }
 

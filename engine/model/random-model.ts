@@ -1,6 +1,8 @@
 // Seeded random Llama models held in memory (a WeightSource), for tests, benchmarks and the offline demo.
-import type { NF4Weight } from '../backend.ts';
+import type { NF4Weight } from '../formats/nf4.ts';
 import type { LlamaConfig, WeightSource } from '../types.ts';
+import { LORA_TARGETS } from '../types.ts';
+import { baseModuleName, linearShape } from './lora.ts';
 import { Rng } from './rng.ts';
 
 /** A small Llama config; override any field. Defaults: 2 layers, hidden 64, 4 query / 2 kv heads, vocab 97. */
@@ -47,8 +49,7 @@ export function randomNF4(rows: number, cols: number, scale: number, rng: Rng, b
  *  (biases on q/k/v when attentionBias or modelType "qwen2"; lm_head unless tied). */
 export function randomWeightSource(cfg: LlamaConfig, seed = 0): WeightSource {
   const rng = new Rng(seed, 0x4d6f646c /* "Modl" */);
-  const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;
-  const I = cfg.intermediateSize, V = cfg.vocabSize;
+  const C = cfg.hiddenSize, V = cfg.vocabSize;
   const floats = new Map<string, Float32Array>();
   const nf4 = new Map<string, NF4Weight>();
   const qkvBias = cfg.attentionBias || cfg.modelType === 'qwen2';
@@ -57,15 +58,13 @@ export function randomWeightSource(cfg: LlamaConfig, seed = 0): WeightSource {
     const p = `model.layers.${l}`;
     floats.set(`${p}.input_layernorm.weight`, rng.fillUniform(new Float32Array(C), 0.8, 1.2));
     floats.set(`${p}.post_attention_layernorm.weight`, rng.fillUniform(new Float32Array(C), 0.8, 1.2));
-    const lin: [string, number, number][] = [
-      ['self_attn.q_proj', H * D, C], ['self_attn.k_proj', KV * D, C], ['self_attn.v_proj', KV * D, C],
-      ['self_attn.o_proj', C, H * D], ['mlp.gate_proj', I, C], ['mlp.up_proj', I, C], ['mlp.down_proj', C, I],
-    ];
-    for (const [m, out, inF] of lin) {
+    for (const m of LORA_TARGETS) {
+      const [out, inF] = linearShape(cfg, m);
+      const name = baseModuleName(l, m);
       // ~unit-variance outputs for unit-variance inputs: the NF4 code table has mean square ≈ 0.3
-      nf4.set(`${p}.${m}.weight`, randomNF4(out, inF, 1.6 / Math.sqrt(inF), rng));
-      if (qkvBias && (m.endsWith('q_proj') || m.endsWith('k_proj') || m.endsWith('v_proj'))) {
-        floats.set(`${p}.${m}.bias`, rng.fillNormal(new Float32Array(out), 0, 0.5));
+      nf4.set(`${name}.weight`, randomNF4(out, inF, 1.6 / Math.sqrt(inF), rng));
+      if (qkvBias && (m === 'q_proj' || m === 'k_proj' || m === 'v_proj')) {
+        floats.set(`${name}.bias`, rng.fillNormal(new Float32Array(out), 0, 0.5));
       }
     }
   }

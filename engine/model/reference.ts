@@ -2,7 +2,7 @@
 //
 // Deliberately shares no compute code with stage.ts or any backend: only the rope inverse frequencies
 // (tested on their own) and the WeightSource. Slow: meant for models with a few thousand parameters per layer.
-import type { NF4Weight } from '../backend.ts';
+import type { NF4Weight } from '../formats/nf4.ts';
 import type { LoraTarget, NamedTensor, WeightSource } from '../types.ts';
 import { ropeInvFreq } from './rope.ts';
 

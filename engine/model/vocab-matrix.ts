@@ -2,7 +2,7 @@
 //
 // HF checkpoints store these in bf16, so float32 → bf16 is exact for them; a float32 checkpoint with
 // values bf16 cannot hold keeps float32, so numerics never change.
-import type { Backend } from '../backend.ts';
+import type { Backend, TensorBackend } from '../backend.ts';
 
 export class VocabMatrix {
   readonly rows: number;
@@ -52,6 +52,14 @@ export class VocabMatrix {
     const off = r0 * C;
     for (let i = 0; i < n; i++) bits[i] = src[off + i] << 16;
     return out;
+  }
+
+  /** The rows of ids (T) as a (T, C) buffer of t (the first stage's input: gathered on the host from the
+   *  bf16/f32 table, then uploaded). */
+  async embed<Buf>(backend: Backend, t: TensorBackend<Buf>, ids: Int32Array, T: number): Promise<Buf> {
+    const x = new Float32Array(T * this.cols);
+    await this.gather(backend, x, ids, T);
+    return t.upload(x);
   }
 
   /** out[T, C] = rows ids[t] (validated against V) */

@@ -9,7 +9,7 @@ import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Rng } from '../model/rng.ts';
-import { writeSafetensors, type TensorData } from '../formats/safetensors.ts';
+import { writeSafetensors, type TensorData } from '../formats/safetensors/write.ts';
 import { TINY_DATA_DIR, TINY_DATASET_PATH, TINY_SYSTEM_PROMPT, TINY_CHAT_TEMPLATE } from './files.ts';
 
 export { TINY_DATASET_PATH, TINY_SYSTEM_PROMPT, TINY_CHAT_TEMPLATE };

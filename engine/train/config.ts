@@ -6,11 +6,11 @@
 import { readFileSync } from 'node:fs';
 import { LORA_TARGETS } from '../types.ts';
 import type { LoraConfig, LoraTarget } from '../types.ts';
+import { OPTIM_NAMES } from '../optimizer.ts';
+import type { OptimName } from '../optimizer.ts';
 import { LR_SCHEDULER_TYPES } from './schedule.ts';
 import type { LrSchedulerType } from './schedule.ts';
 
-export const OPTIM_NAMES = ['adamw_torch', 'paged_adamw_32bit', 'adamw_8bit', 'paged_adamw_8bit'] as const;
-export type OptimName = typeof OPTIM_NAMES[number];
 export const SAVE_STRATEGIES = ['no', 'steps', 'epoch'] as const;
 export type SaveStrategy = typeof SAVE_STRATEGIES[number];
 export const DEVICES = ['auto', 'cpu', 'ref', 'cuda'] as const;

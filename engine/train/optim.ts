@@ -5,49 +5,16 @@
 // Updates walk page by page, so spilling changes where bytes sit, never the arithmetic: results are
 // bit-identical with any resident budget. 8-bit pages are whole multiples of the 256-element quantization
 // block, so page boundaries never split a block either.
-import { createDynamicMap, nearestCodeIndex } from '../formats/nf4.ts';
+import { defaultDynamicMap, nearestCodeIndex } from '../formats/dynamic-map.ts';
+import { optimName } from '../optimizer.ts';
+import type { AdamWOptions, OptimName, Optimizer, OptimizerState, ParamSpec, StateTensor } from '../optimizer.ts';
 import { PagedStore } from './paged.ts';
 import type { PagedStoreStats } from './paged.ts';
-import { OPTIM_NAMES } from './config.ts';
-import type { OptimName } from './config.ts';
 
 /** bitsandbytes BLOCKSIZE_2STATE (since 0.44) */
 export const OPTIM8_BLOCKSIZE = 256;
 /** bitsandbytes min_8bit_size: smaller tensors keep 32-bit state */
 export const MIN_8BIT_SIZE = 4096;
-
-export interface AdamWOptions {
-  optim: OptimName;
-  beta1: number;
-  beta2: number;
-  eps: number;
-  weightDecay: number;
-  /** target page size in bytes (rounded to whole 256-element blocks) */
-  pageBytes?: number;
-  /** resident budget for state pages; Infinity (default) never spills */
-  residentBytes?: number;
-  /** where pages past the budget go */
-  spillDir?: string;
-}
-
-export interface ParamSpec {
-  name: string;
-  numel: number;
-}
-
-/** One state tensor in exported form (safetensors-ready). */
-export interface StateTensor {
-  name: string;
-  dtype: 'F32' | 'U8';
-  shape: number[];
-  data: Float32Array | Uint8Array;
-}
-
-export interface OptimizerState {
-  optim: OptimName;
-  step: number;
-  tensors: StateTensor[];
-}
 
 interface PageRef {
   id: number;
@@ -65,28 +32,8 @@ interface ParamSlot {
 const f32 = Math.fround;
 /** C's signbit: true for negatives and -0 */
 const signbit = (x: number): boolean => x < 0 || Object.is(x, -0);
-let signedCode: Float32Array | null = null;
-let unsignedCode: Float32Array | null = null;
 function codes(): { s: Float32Array; u: Float32Array } {
-  signedCode ??= createDynamicMap(true);
-  unsignedCode ??= createDynamicMap(false);
-  return { s: signedCode, u: unsignedCode };
-}
-
-/** What the trainer and the volunteers need from an optimizer: the CPU AdamW below, or a backend's own
- *  (CUDA's paged optimizer, `Backend.createOptimizer`) with the same semantics and state format, so
- *  checkpoints move between them. */
-export interface Optimizer {
-  readonly optim: OptimName;
-  /** completed optimizer steps */
-  readonly step: number;
-  /** where the update runs, for logs: 'cpu' or the backend's name */
-  readonly device: string;
-  /** One optimizer step: params updated in place, aligned with the ParamSpec list; lr for this step. */
-  update(params: readonly Float32Array[], grads: readonly Float32Array[], lr: number): void | Promise<void>;
-  exportState(): OptimizerState | Promise<OptimizerState>;
-  importState(state: OptimizerState): void | Promise<void>;
-  dispose(): void;
+  return { s: defaultDynamicMap(true), u: defaultDynamicMap(false) };
 }
 
 /** A backend's optimizer when it has one for these options, else the CPU AdamW. */
@@ -108,7 +55,7 @@ export class AdamW implements Optimizer {
   private readonly store: PagedStore;
 
   constructor(params: readonly ParamSpec[], opts: AdamWOptions) {
-    if (!OPTIM_NAMES.includes(opts.optim)) throw new RangeError(`AdamW: unknown optim "${opts.optim}"; expected ${OPTIM_NAMES.join(', ')}`);
+    optimName(opts.optim, 'AdamW');
     for (const [k, v] of [['beta1', opts.beta1], ['beta2', opts.beta2]] as const) {
       if (!(v >= 0 && v < 1)) throw new RangeError(`AdamW: ${k} must be in [0, 1), got ${v}`);
     }

@@ -2,23 +2,9 @@
 // coordinator's planner calls per candidate stage. Assumptions are written in docs/plan.md.
 import type { LlamaConfig, LoraTarget } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
-import type { OptimName } from './config.ts';
+import { linearShape } from '../model/lora.ts';
+import type { OptimName } from '../optimizer.ts';
 import { MIN_8BIT_SIZE, OPTIM8_BLOCKSIZE } from './optim.ts';
-
-/** [out_features, in_features] of a Llama linear (HF layout). */
-export function linearShape(cfg: LlamaConfig, module: LoraTarget): [number, number] {
-  const C = cfg.hiddenSize, I = cfg.intermediateSize;
-  const qDim = cfg.numAttentionHeads * cfg.headDim, kvDim = cfg.numKeyValueHeads * cfg.headDim;
-  switch (module) {
-    case 'q_proj': return [qDim, C];
-    case 'k_proj': return [kvDim, C];
-    case 'v_proj': return [kvDim, C];
-    case 'o_proj': return [C, qDim];
-    case 'gate_proj': return [I, C];
-    case 'up_proj': return [I, C];
-    case 'down_proj': return [C, I];
-  }
-}
 
 /** Trainable LoRA parameters of layers [layerStart, layerEnd): Σ r·(in + out) over targets. */
 export function loraParamCount(cfg: LlamaConfig, lora: { r: number; targetModules: readonly LoraTarget[] }, layerStart = 0, layerEnd = cfg.numHiddenLayers): number {

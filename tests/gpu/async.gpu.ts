@@ -17,7 +17,7 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { loadStage } from '../../engine/model/stage.ts';
+import { loadStage } from '../../engine/model/load.ts';
 import { ensureTinyModel } from '../../engine/tiny/index.ts';
 import { openModelDir } from '../../engine/formats/model-dir.ts';
 import { LORA_TARGETS, type LoraConfig, type Stage } from '../../engine/types.ts';

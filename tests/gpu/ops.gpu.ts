@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { RefBackend, gemmRef, nf4DequantizeRef } from '../../engine/backends/ref.ts';
 import { randomNF4 } from '../../engine/model/random-model.ts';
-import type { NF4Weight } from '../../engine/backend.ts';
+import type { NF4Weight } from '../../engine/formats/nf4.ts';
 import { CudaArgumentError, CudaError } from '../../cuda/index.ts';
 import { assertClose, cuda, cudaFp32, maxAbs, randn, rng, skip } from './helpers.ts';
 

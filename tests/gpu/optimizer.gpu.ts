@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AdamW, createOptimizer } from '../../engine/train/optim.ts';
-import type { AdamWOptions } from '../../engine/train/optim.ts';
+import type { AdamWOptions } from '../../engine/optimizer.ts';
 import { assertClose, cuda, randn, rng, skip } from './helpers.ts';
 
 const specs = [{ name: 'a', numel: 70_000 }, { name: 'b', numel: 1000 }, { name: 'c', numel: 4096 }];

@@ -13,10 +13,11 @@
 // Run by scripts/gpu-check.sh; skipped (never passed) without a GPU. About 10 s on an H100-class GPU.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { hostTensors, type NF4Weight } from '../../engine/backend.ts';
+import { hostTensors } from '../../engine/backend.ts';
+import { type NF4Weight } from '../../engine/formats/nf4.ts';
 import { NativeBackend } from '../../engine/backends/native.ts';
 import { randomNF4 } from '../../engine/model/random-model.ts';
-import { loadStage } from '../../engine/model/stage.ts';
+import { loadStage } from '../../engine/model/load.ts';
 import { ensureTinyModel } from '../../engine/tiny/index.ts';
 import { openModelDir } from '../../engine/formats/model-dir.ts';
 import { LORA_TARGETS, type LoraConfig, type Stage } from '../../engine/types.ts';

@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomNF4 } from '../../engine/model/random-model.ts';
-import type { NF4Weight } from '../../engine/backend.ts';
+import type { NF4Weight } from '../../engine/formats/nf4.ts';
 import { CudaArgumentError, loadCudaBackend, type CudaBackend } from '../../cuda/index.ts';
 import { randn, rng, skip } from './helpers.ts';
 

@@ -1,0 +1,222 @@
+// One Llama decoder layer (HF LlamaDecoderLayer) on NF4 linears with LoRA: its forward/backward pair.
+//
+//   h1 = rmsnorm(x); q,k,v = proj(h1); rope(q,k); att = attention(q,k,v); x2 = x + o_proj(att)
+//   h2 = rmsnorm(x2); out = x2 + down(silu(gate(h2)) * up(h2))
+//
+// Forward is the one function used both by the first forward and by the checkpoint recompute in backward,
+// so gradients are bit-identical with checkpointing on or off. Buffers belong to the stage's TensorBackend
+// (host arrays on CPU, device memory on a GPU); T = tokens, C = hidden, H/KV = query/key-value heads,
+// D = head dim, I = intermediate size.
+import type { TensorBackend } from '../backend.ts';
+import type { LlamaConfig, LoraTarget } from '../types.ts';
+import { freeLinearSaved } from './lora.ts';
+import type { LinearContext, LinearSaved, LoraLinear, PassParams } from './lora.ts';
+import type { RopeCache } from './rope.ts';
+
+/** One pass over a micro-batch (or a decoding step): B sequences of S tokens, T = B*S. */
+export interface PassContext extends LinearContext {
+  B: number;
+  S: number;
+  T: number;
+  positions: Int32Array; // (T)
+}
+
+/** Everything a layer's backward needs, produced by one layer forward. */
+export interface LayerActs<Buf> {
+  x: Buf;      // (T, C) layer input
+  h1: Buf;     // (T, C)
+  rstd1: Buf;  // (T)
+  q: Buf;      // (T, H*D) after rope
+  k: Buf;      // (T, KV*D) after rope
+  v: Buf;      // (T, KV*D)
+  att: Buf;    // (T, H*D)
+  lse: Buf;    // (B, H, S)
+  x2: Buf;     // (T, C)
+  h2: Buf;     // (T, C)
+  rstd2: Buf;  // (T)
+  gate: Buf;   // (T, I)
+  up: Buf;     // (T, I)
+  act: Buf;    // (T, I) silu(gate)*up
+  lin: Record<LoraTarget, LinearSaved<Buf>>;
+}
+
+/** One layer's view of a decoding sequence's KV cache (engine/model/decode.ts keeps it on the host). */
+export interface LayerCache {
+  /** tokens already cached before this pass, at positions [0, pos) */
+  readonly pos: number;
+  /** keep this pass's post-rope k and v (T, KV*D) as cache rows [pos, pos + T) */
+  store(k: Float32Array, v: Float32Array): void;
+  /** out (T, H*D) assigned: attention of this pass's post-rope q (T, H*D), token t over cache rows [0, pos + t] */
+  attend(out: Float32Array, q: Float32Array, T: number): void;
+}
+
+/** The frozen weights of one layer: its two norms and seven linears (each with its LoRA adapter, if targeted). */
+export interface LayerWeights {
+  inputNorm: Float32Array;  // (C)
+  postNorm: Float32Array;   // (C)
+  q: LoraLinear; k: LoraLinear; v: LoraLinear; o: LoraLinear;
+  gate: LoraLinear; up: LoraLinear; down: LoraLinear;
+}
+
+/** Sliding-window attention length of the config, or null when attention is fully causal (HF semantics:
+ *  Mistral uses sliding_window when set; Qwen2/3 only with use_sliding_window). */
+export function slidingWindowOf(cfg: LlamaConfig): number | null {
+  const sw = cfg.raw?.sliding_window;
+  if (typeof sw !== 'number' || !(sw > 0)) return null;
+  if (cfg.raw.use_sliding_window === false) return null;
+  if ((cfg.modelType === 'qwen2' || cfg.modelType === 'qwen3') && cfg.raw.use_sliding_window !== true) return null;
+  return sw;
+}
+
+/** position of token t within its right-padded sequence */
+export function trainingPositions(B: number, S: number): Int32Array {
+  const p = new Int32Array(B * S);
+  for (let b = 0; b < B; b++) for (let s = 0; s < S; s++) p[b * S + s] = s;
+  return p;
+}
+
+function maxPosition(ctx: PassContext): number {
+  let maxPos = 0;
+  for (let i = 0; i < ctx.T; i++) if (ctx.positions[i] > maxPos) maxPos = ctx.positions[i];
+  return maxPos;
+}
+
+/** free a layer's saved activations (and its input x when includeX) */
+export function freeLayerActs<Buf>(t: TensorBackend<Buf>, a: LayerActs<Buf>, includeX: boolean): void {
+  if (includeX) t.free(a.x);
+  for (const b of [a.h1, a.rstd1, a.q, a.k, a.v, a.att, a.lse, a.x2, a.h2, a.rstd2, a.gate, a.up, a.act]) t.free(b);
+  for (const saved of Object.values(a.lin)) freeLinearSaved(t, saved);
+}
+
+export class DecoderLayer {
+  private readonly w: LayerWeights;
+  private readonly config: LlamaConfig;
+  /** shared by the stage's layers, so each table crosses to a device once */
+  private readonly rope: RopeCache;
+  /** the attention kernels are fully causal: longer sequences than a sliding window would differ from HF */
+  private readonly slidingWindow: number | null;
+
+  constructor(w: LayerWeights, config: LlamaConfig, rope: RopeCache, slidingWindow: number | null) {
+    this.w = w;
+    this.config = config;
+    this.rope = rope;
+    this.slidingWindow = slidingWindow;
+  }
+
+  /** out (T, C) = layer(x (T, C)); acts keeps what backward needs (x included, not copied). With a KV cache
+   *  (decoding) the pass's k, v join the cache and attention runs over it. */
+  async forward<Buf>(t: TensorBackend<Buf>, x: Buf, params: PassParams<Buf>, ctx: PassContext,
+    kv: LayerCache | null = null): Promise<{ out: Buf; acts: LayerActs<Buf> }> {
+    const L = this.w, cfg = this.config;
+    const { T, B, S } = ctx;
+    const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;
+    const I = cfg.intermediateSize, eps = cfg.rmsNormEps;
+    const h1 = t.alloc(T * C), rstd1 = t.alloc(T); // (T, C), (T)
+    await t.rmsnormForward(h1, rstd1, x, await t.constant(L.inputNorm), T, C, eps);
+    const q = await L.q.forward(t, h1, T, ctx, params); // (T, H*D)
+    const k = await L.k.forward(t, h1, T, ctx, params); // (T, KV*D)
+    const v = await L.v.forward(t, h1, T, ctx, params); // (T, KV*D)
+    const maxPos = maxPosition(ctx);
+    if (this.slidingWindow !== null && maxPos >= this.slidingWindow) {
+      throw new RangeError(`${cfg.modelType}: position ${maxPos} needs sliding-window attention (sliding_window ${this.slidingWindow}); ` +
+        `only sequences up to ${this.slidingWindow} tokens are supported`);
+    }
+    const rope = this.rope.get(maxPos + 1);
+    const cos = await t.constant(rope.cos), sin = await t.constant(rope.sin);
+    await t.rope(q.y, cos, sin, ctx.positions, T, H, D, false);
+    await t.rope(k.y, cos, sin, ctx.positions, T, KV, D, false);
+    let att = t.alloc(T * H * D); // (T, H*D)
+    let lse: Buf; // (B, H, S)
+    if (kv === null || kv.pos === 0) {
+      lse = t.alloc(B * H * S);
+      await t.attentionForward(att, lse, q.y, k.y, v.y, B, S, H, KV, D);
+    } else {
+      lse = t.alloc(0);
+    }
+    if (kv !== null) {
+      // decoding: the KV cache lives on the host (inference only)
+      kv.store(await t.download(k.y), await t.download(v.y));
+      if (kv.pos > 0) {
+        const out = new Float32Array(T * H * D);
+        kv.attend(out, await t.download(q.y), T);
+        t.free(att);
+        att = await t.upload(out);
+      }
+    }
+    const o = await L.o.forward(t, att, T, ctx, params);
+    const x2 = o.y; // (T, C) x2 = x + o, in place on the fresh o buffer
+    await t.add(x2, x, T * C);
+    const h2 = t.alloc(T * C), rstd2 = t.alloc(T); // (T, C), (T)
+    await t.rmsnormForward(h2, rstd2, x2, await t.constant(L.postNorm), T, C, eps);
+    const gate = await L.gate.forward(t, h2, T, ctx, params); // (T, I)
+    const up = await L.up.forward(t, h2, T, ctx, params); // (T, I)
+    const act = t.alloc(T * I); // (T, I)
+    await t.swigluForward(act, gate.y, up.y, T * I);
+    const down = await L.down.forward(t, act, T, ctx, params);
+    const out = down.y; // (T, C) out = x2 + down, in place
+    await t.add(out, x2, T * C);
+    return {
+      out,
+      acts: {
+        x, h1, rstd1, q: q.y, k: k.y, v: v.y, att, lse, x2, h2, rstd2, gate: gate.y, up: up.y, act,
+        lin: {
+          q_proj: q.saved, k_proj: k.saved, v_proj: v.saved, o_proj: o.saved,
+          gate_proj: gate.saved, up_proj: up.saved, down_proj: down.saved,
+        },
+      },
+    };
+  }
+
+  /** dparams (the LoRA grads, buffers of t) += this layer's part; returns dx (T, C) assigned, or null when
+   *  !needInputGrad (the first layer of stage 0: the embedding is frozen, nobody needs dx). The caller frees
+   *  dout (T, C) and the acts. */
+  async backward<Buf>(t: TensorBackend<Buf>, dparams: Buf[], dout: Buf, a: LayerActs<Buf>, params: PassParams<Buf>,
+    needInputGrad: boolean, ctx: PassContext): Promise<Buf | null> {
+    const L = this.w, cfg = this.config;
+    const { T, B, S } = ctx;
+    const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;
+    const I = cfg.intermediateSize;
+    // MLP branch
+    const dact = t.alloc(T * I); // (T, I)
+    await L.down.backward(t, dout, a.lin.down_proj, T, dparams, dact, false, params);
+    const dgate = t.alloc(T * I), dup = t.alloc(T * I); // (T, I)
+    await t.swigluBackward(dgate, dup, dact, a.gate, a.up, T * I);
+    t.free(dact);
+    const dh2 = t.alloc(T * C); // (T, C)
+    await L.gate.backward(t, dgate, a.lin.gate_proj, T, dparams, dh2, false, params);
+    await L.up.backward(t, dup, a.lin.up_proj, T, dparams, dh2, true, params);
+    t.free(dgate);
+    t.free(dup);
+    const dx2 = t.alloc(T * C); // (T, C)
+    await t.rmsnormBackward(dx2, null, dh2, a.x2, await t.constant(L.postNorm), a.rstd2, T, C);
+    t.free(dh2);
+    await t.add(dx2, dout, T * C);
+    // attention branch
+    const datt = t.alloc(T * H * D); // (T, H*D)
+    await L.o.backward(t, dx2, a.lin.o_proj, T, dparams, datt, false, params);
+    const dq = t.alloc(T * H * D), dk = t.alloc(T * KV * D), dv = t.alloc(T * KV * D); // (T, H*D), (T, KV*D) x2
+    await t.attentionBackward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, B, S, H, KV, D);
+    t.free(datt);
+    const rope = this.rope.get(maxPosition(ctx) + 1);
+    const cos = await t.constant(rope.cos), sin = await t.constant(rope.sin);
+    await t.rope(dq, cos, sin, ctx.positions, T, H, D, true);
+    await t.rope(dk, cos, sin, ctx.positions, T, KV, D, true);
+    const dh1 = needInputGrad ? t.alloc(T * C) : null; // (T, C)
+    await L.q.backward(t, dq, a.lin.q_proj, T, dparams, dh1, false, params);
+    await L.k.backward(t, dk, a.lin.k_proj, T, dparams, dh1, true, params);
+    await L.v.backward(t, dv, a.lin.v_proj, T, dparams, dh1, true, params);
+    t.free(dq);
+    t.free(dk);
+    t.free(dv);
+    if (!dh1) {
+      t.free(dx2);
+      return null;
+    }
+    const dx = t.alloc(T * C); // (T, C)
+    await t.rmsnormBackward(dx, null, dh1, a.x, await t.constant(L.inputNorm), a.rstd1, T, C);
+    t.free(dh1);
+    await t.add(dx, dx2, T * C);
+    t.free(dx2);
+    return dx;
+  }
+}
