@@ -8,8 +8,9 @@ import { join } from 'node:path';
 import { Tokenizer } from '../engine/formats/tokenizer.ts';
 import { TINY_DATA_DIR } from '../engine/tiny/files.ts';
 import {
-  DataError, DataLoader, IGNORE_INDEX, collate, epochOrder, loadDataset, planSteps, tokenizeJsonl,
+  DataError, DataLoader, collate, epochOrder, loadDataset, planSteps, tokenizeJsonl,
 } from '../engine/train/data.ts';
+import { IGNORE_INDEX } from '../engine/train/step-plan.ts';
 import type { DataOptions, TokenizedExample } from '../engine/train/data.ts';
 
 const tok = (await Tokenizer.fromDir(TINY_DATA_DIR))!;
