@@ -1,5 +1,6 @@
 // Client side of status and pull: ask a coordinator for its state or a committed adapter.
 import { mkdtemp, rm } from 'node:fs/promises';
+import { setTimeout as delay } from 'node:timers/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { writeAdapter } from '../engine/formats/peft.ts';
@@ -31,7 +32,7 @@ const retryResets: typeof request = async (node, target, proto, msg, opts) => {
       return await request(node, target, proto, msg, opts);
     } catch (e) {
       if (attempt >= 2 || (e as NodeJS.ErrnoException).code !== 'ECONNRESET') throw e;
-      await new Promise((r) => setTimeout(r, 250 * (attempt + 1)));
+      await delay(250 * (attempt + 1), undefined, { signal: opts?.signal });
     }
   }
 };
