@@ -21,7 +21,7 @@ import { ShardBlobs } from './shards.ts';
 import { StageStates } from './stage-states.ts';
 import { Assignments } from './assignments.ts';
 import { Admission } from './admission.ts';
-import type { PendingJoin } from './admission.ts';
+import type { AccessRules, PendingJoin } from './admission.ts';
 import { Placement } from './placement.ts';
 import { Screens } from './screening.ts';
 import { OptimizerStep } from './step.ts';
@@ -80,6 +80,8 @@ export class Coordinator {
   private readonly peers: PeerRegistry;
   private readonly adapter: AdapterState;
   private readonly shards: ShardBlobs;
+  private readonly states: StageStates;
+  private readonly access: AccessRules;
   private readonly admission: Admission;
   private readonly placement: Placement;
   private loop: Promise<void> | null = null;
@@ -90,23 +92,21 @@ export class Coordinator {
     this.o = o;
     const config = this.config = o.config ?? coordinatorConfig();
     this.logger = o.logger ?? silentLogger;
-    const signal = this.abort.signal;
     const status = this.status = new RunStatus({
       runId: o.runId, modelName: o.modelName, totalSteps: o.data.totalSteps, minPeers: o.minPeers,
       step: o.resume?.step ?? 0, eventHistory: config.eventHistory, emit: o.emit, log: o.log,
     });
     this.client = new StagePeerClient({ node: o.node, runId: o.runId, timeouts: config });
     const peers = this.peers = new PeerRegistry({
-      runId: o.runId, client: this.client.withLog(this.logger.child('peers')), config, status, store: o.store, signal,
+      runId: o.runId, client: this.clientFor('peers'), config, status, store: o.store, signal: this.abort.signal,
     });
     const adapter = this.adapter = new AdapterState(o.resume !== null ? o.resume.adapter : o.initAdapter);
     const shards = this.shards = new ShardBlobs({ node: o.node, blobs: o.blobs, weights: o.weights, llama: o.llama, maxProviders: config.maxProviders, log: o.log });
-    const placementClient = this.client.withLog(this.logger.child('placement'));
-    const states = new StageStates({
-      client: placementClient, peers, store: o.store, status, adapter, train: o.train, totalSteps: o.data.totalSteps,
+    const states = this.states = new StageStates({
+      client: this.clientFor('placement'), peers, store: o.store, status, adapter, train: o.train, totalSteps: o.data.totalSteps,
       checkpointEveryStepMaxBytes: config.checkpointEveryStepMaxBytes, resumeStates: o.resume?.optimizerStates ?? null,
     });
-    const access = { token: o.token, allowPeers: o.allowPeers ?? null };
+    const access = this.access = { token: o.token, allowPeers: o.allowPeers ?? null };
     const assignments = new Assignments({
       runId: o.runId, modelConfigJson: o.modelConfigJson, lora: o.lora, train: o.train, wireCodec: o.wireCodec,
       totalSteps: o.data.totalSteps, allowPeers: access.allowPeers, peers, shards, adapter, states, status,
@@ -118,16 +118,14 @@ export class Coordinator {
     });
     this.placement = new Placement({
       runId: o.runId, numLayers: o.llama.numHiddenLayers, memory: o.memory, pipelineStages: o.pipelineStages,
-      resume: o.resume, config, client: placementClient, peers, admission: this.admission, assignments, adapter, states, status, store: o.store,
-    });
-    this.stepContext = (stages) => ({
-      hiddenSize: o.llama.hiddenSize, seed: o.train.seed, maxGradNorm: o.train.max_grad_norm, config,
-      client: this.client.withLog(this.logger.child('step')), peers, screens: new Screens(config), adapter, states, store: o.store, status,
-      data: o.data, stages, cover: (s) => this.placement.coverLostStages(s),
+      resume: o.resume, config, client: this.clientFor('placement'), peers, admission: this.admission, assignments, adapter, states, status, store: o.store,
     });
   }
 
-  private readonly stepContext: (stages: StepContext['stages']) => StepContext;
+  /** The stage-peer client whose request lines go to swarmtune:coordinator:<component>. */
+  private clientFor(component: string): StagePeerClient {
+    return this.client.withLog(this.logger.child(component));
+  }
 
   /** Quantize the base model once into content-addressed shard blobs and keep their refs. */
   async publishShards(cache?: { file: string; key: string }): Promise<void> {
@@ -137,7 +135,7 @@ export class Coordinator {
   async start(): Promise<void> {
     await this.peers.restoreBans();
     await serveRun({
-      node: this.o.node, blobs: this.o.blobs, store: this.o.store, access: { token: this.o.token, allowPeers: this.o.allowPeers ?? null },
+      node: this.o.node, blobs: this.o.blobs, store: this.o.store, access: this.access,
       publicPull: this.o.publicPull === true, lora: this.o.lora, modelName: this.o.modelName,
       onJoin: (req, peerId) => this.admission.onJoin(req, peerId),
       status: () => this.status.response(this.view()),
@@ -167,15 +165,18 @@ export class Coordinator {
   }
 
   private async train(signal: AbortSignal): Promise<void> {
+    const o = this.o, t = o.train, total = o.data.totalSteps;
     const stages = this.placement.stages!;
     await this.placement.waitReady(signal);
     await this.captureInitialAdapter(signal);
     this.status.state = 'training';
-    this.o.emit({ event: 'training', step: this.status.step, total_steps: this.o.data.totalSteps });
-    const t = this.o.train;
-    const total = this.o.data.totalSteps;
+    o.emit({ event: 'training', step: this.status.step, total_steps: total });
     const warmup = warmupStepsFor(total, t.warmup_steps, t.warmup_ratio);
-    const ctx = this.stepContext(stages);
+    const ctx: StepContext = {
+      hiddenSize: o.llama.hiddenSize, seed: t.seed, maxGradNorm: t.max_grad_norm, config: this.config,
+      client: this.clientFor('step'), peers: this.peers, screens: new Screens(this.config), adapter: this.adapter, states: this.states,
+      store: o.store, status: this.status, data: o.data, stages, cover: (s) => this.placement.coverLostStages(s),
+    };
     while (this.status.step < total) {
       // at a step boundary: a stage that lost every replica is covered first, then late joiners placed
       await this.placement.coverLostStages(signal);
@@ -189,7 +190,7 @@ export class Coordinator {
   /** Ask one replica per stage for its initial LoRA tensors so step 0 is pullable and the
    *  coordinator knows each stage's parameter order. */
   private async captureInitialAdapter(signal: AbortSignal): Promise<void> {
-    const client = this.client.withLog(this.logger.child('placement'));
+    const client = this.clientFor('placement');
     for (let s = 0; s < this.placement.stages!.length; s++) {
       const id = this.peers.liveReplicas(s)[0]!;
       await this.adapter.upload(client, id, this.peers.addrs(id), s, { signal });
@@ -201,7 +202,7 @@ export class Coordinator {
     this.status.state = 'finished';
     this.admission.rejectAll('the run finished before this peer could be placed', 'late');
     this.status.event('finish', `run finished after ${this.status.step} steps`);
-    const client = this.client.withLog(this.logger.child('peers'));
+    const client = this.clientFor('peers');
     await Promise.allSettled(this.peers.all().filter((p) => p.stageIndex !== null && p.health !== 'dead').map((p) =>
       client.finish(p.addrs, 'the run finished', undefined, { signal })));
     this.finishedResolve();
