@@ -16,6 +16,7 @@ import type { CoordinatorConfig } from './config.ts';
 import { RunStatus } from './status.ts';
 import type { RunEvent, RunView } from './status.ts';
 import { PeerRegistry } from './peers.ts';
+import type { PeerState } from './peers.ts';
 import { AdapterState } from './adapter.ts';
 import { ShardBlobs } from './shards.ts';
 import { StageStates } from './stage-states.ts';
@@ -154,6 +155,10 @@ export class Coordinator {
     await this.loop;
     await this.peers.flushBans();
   }
+
+  /** The registry's ban path, reachable on the coordinator itself because tests/swarm-private.test.ts
+   *  bans through it to check that bans are durable. */
+  private ban(p: PeerState, why: string): void { this.peers.ban(p, why); }
 
   /** minPeers have joined: plan the stages over them, then train. */
   private plan(joined: PendingJoin[]): void {
