@@ -148,7 +148,8 @@ export class Coordinator {
   }
 
   /** Stop now: every loop, wait and request of the run is aborted (nothing is sent to the peers), waiting
-   *  joiners are refused, and the bans are on disk when this returns. */
+   *  joiners are refused; when this returns the planning and the step loop have ended and the bans are
+   *  on disk. */
   async stop(): Promise<void> {
     this.abort.abort(new CoordinatorStoppedError('the coordinator is stopping'));
     this.admission.rejectAll('the coordinator is shutting down');
@@ -160,13 +161,12 @@ export class Coordinator {
    *  bans through it to check that bans are durable. */
   private ban(p: PeerState, why: string): void { this.peers.ban(p, why); }
 
-  /** minPeers have joined: plan the stages over them, then train. */
+  /** minPeers have joined: plan the stages over them, then train (stop() waits for both). */
   private plan(joined: PendingJoin[]): void {
-    void this.placement.plan(joined).then((planned) => {
-      if (!planned || this.abort.signal.aborted) return;
-      const signal = this.abort.signal;
-      this.loop = this.train(signal).catch((e: Error) => { if (!signal.aborted) this.fail(e); });
-    }, (e: Error) => this.fail(e));
+    const signal = this.abort.signal;
+    this.loop = this.placement.plan(joined)
+      .then((planned) => (planned && !signal.aborted ? this.train(signal) : undefined))
+      .catch((e: Error) => { if (!signal.aborted) this.fail(e); });
   }
 
   private async train(signal: AbortSignal): Promise<void> {
