@@ -1,9 +1,7 @@
 // Bans with backoff: a banned peer is out of the run for a period that doubles with each ban of the
 // same peer id (30 s, 60 s, 2 min, … capped at 1 h), then may rejoin as a late joiner.
 import { SwarmError } from '../protocol/errors.ts';
-
-export const BAN_BASE_MS = 30_000;
-export const BAN_MAX_MS = 60 * 60_000;
+import { BAN_BASE_MS, BAN_MAX_MS } from './constants.ts';
 
 export interface BanRecord {
   /** bans of this peer id so far */
@@ -22,15 +20,6 @@ export function inWords(ms: number): string {
   if (m < 60) return rs > 0 ? `${m} min ${rs} s` : `${m} min`;
   const h = Math.floor(m / 60), rm = m % 60;
   return rm > 0 ? `${h} h ${rm} min` : `${h} h`;
-}
-
-/** SWARMTUNE_BAN_BASE_MS overrides the first ban's length (tests use a few seconds). */
-export function banBaseMsFromEnv(env: NodeJS.ProcessEnv = process.env): number {
-  const v = env.SWARMTUNE_BAN_BASE_MS;
-  if (v === undefined || v === '') return BAN_BASE_MS;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 1 || n > BAN_MAX_MS) throw new SwarmError(`SWARMTUNE_BAN_BASE_MS must be an integer number of ms in [1, ${BAN_MAX_MS}], got "${v}"`);
-  return n;
 }
 
 export class BanList {

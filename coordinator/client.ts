@@ -1,5 +1,6 @@
 // Client side of status and pull: ask a coordinator for its state or a committed adapter.
 import { mkdtemp, rm } from 'node:fs/promises';
+import { setTimeout as delay } from 'node:timers/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { writeAdapter } from '../engine/formats/peft.ts';
@@ -8,6 +9,8 @@ import { createSwarmNode, request, parseMultiaddr } from '../protocol/net.ts';
 import type { StatusResponse } from '../protocol/messages.ts';
 import { decodeFloat } from '../protocol/tensor.ts';
 import { SchemaError } from '../protocol/errors.ts';
+import { readPages } from '../protocol/pager.ts';
+import { PAGE_TENSORS } from '../protocol/constants.ts';
 
 /** A throwaway client identity: status and pull need no stable peer id. */
 async function withClient<T>(fn: (node: Awaited<ReturnType<typeof createSwarmNode>>) => Promise<T>): Promise<T> {
@@ -29,31 +32,30 @@ const retryResets: typeof request = async (node, target, proto, msg, opts) => {
       return await request(node, target, proto, msg, opts);
     } catch (e) {
       if (attempt >= 2 || (e as NodeJS.ErrnoException).code !== 'ECONNRESET') throw e;
-      await new Promise((r) => setTimeout(r, 250 * (attempt + 1)));
+      await delay(250 * (attempt + 1), undefined, { signal: opts?.signal });
     }
   }
 };
 
-export async function fetchStatus(addr: string, timeoutMs = 10_000): Promise<StatusResponse> {
-  return withClient((node) => retryResets(node, parseMultiaddr(addr), 'status', {}, { timeoutMs }));
+export async function fetchStatus(addr: string, timeoutMs = 10_000, opts: { signal?: AbortSignal } = {}): Promise<StatusResponse> {
+  return withClient((node) => retryResets(node, parseMultiaddr(addr), 'status', {}, { timeoutMs, signal: opts.signal }));
 }
 
 export interface PulledAdapter { step: number; lora: LoraConfig; baseModel: string; tensors: NamedTensor[] }
 
-export async function pullAdapter(addr: string, opts: { step?: number; timeoutMs?: number; token?: string } = {}): Promise<PulledAdapter> {
+export async function pullAdapter(addr: string, opts: { step?: number; timeoutMs?: number; token?: string; signal?: AbortSignal } = {}): Promise<PulledAdapter> {
   return withClient(async (node) => {
     const target = parseMultiaddr(addr);
-    const tensors: NamedTensor[] = [];
-    let total = Infinity, step = -1, spec: string | null = null;
-    while (tensors.length < total) {
-      const res = await retryResets(node, target, 'adapter', { step: opts.step, from: tensors.length, count: 64, ...(opts.token !== undefined ? { token: opts.token } : {}) }, { timeoutMs: opts.timeoutMs ?? 60_000 });
+    let step = -1, spec: string | null = null;
+    const tensors = await readPages<NamedTensor>(async (from, signal) => {
+      const res = await retryResets(node, target, 'adapter', { step: opts.step, from, count: PAGE_TENSORS, ...(opts.token !== undefined ? { token: opts.token } : {}) },
+        { timeoutMs: opts.timeoutMs ?? 60_000, signal });
+      // a pull without a step must not mix two committed steps
       if (step >= 0 && res.step !== step) throw new SchemaError(`pull: the coordinator switched from step ${step} to ${res.step} mid-transfer`);
       step = res.step;
-      total = res.total;
       spec ??= res.adapterSpecJson;
-      if (res.tensors.length === 0 && tensors.length < total) throw new SchemaError('pull: empty adapter page');
-      for (const { name, tensor } of res.tensors) tensors.push({ name, shape: [...tensor.shape], data: decodeFloat(tensor, `adapter ${name}`) });
-    }
+      return { total: res.total, items: res.tensors.map(({ name, tensor }) => ({ name, shape: [...tensor.shape], data: decodeFloat(tensor, `adapter ${name}`) })) };
+    }, 'pull', { signal: opts.signal });
     if (spec === null) throw new SchemaError('pull: the coordinator sent no adapter spec');
     const parsed = JSON.parse(spec) as { lora: LoraConfig; baseModel: string };
     return { step, lora: parsed.lora, baseModel: parsed.baseModel, tensors };
@@ -61,7 +63,7 @@ export async function pullAdapter(addr: string, opts: { step?: number; timeoutMs
 }
 
 /** Pull and write a PEFT adapter dir (adapter_config.json + adapter_model.safetensors). */
-export async function pullToDir(addr: string, outDir: string, opts: { step?: number; token?: string } = {}): Promise<PulledAdapter> {
+export async function pullToDir(addr: string, outDir: string, opts: { step?: number; token?: string; signal?: AbortSignal } = {}): Promise<PulledAdapter> {
   const a = await pullAdapter(addr, opts);
   await writeAdapter(outDir, { lora: a.lora, baseModel: a.baseModel, tensors: a.tensors });
   return a;

@@ -1,6 +1,6 @@
 // Testing aid: SWARMTUNE_TEST_CRASH=<point>@<step> makes the coordinator SIGKILL itself at a named
 // point of the step that would commit <step> (1-based, as the `step` events count), so tests can
-// check a restart from any point of a step. Not for production use; unset, it costs one lookup.
+// check a restart from any point of a step. Not for production use; unset, it costs one comparison.
 //
 // Points, in the order a step reaches them:
 //   before-apply   gradients collected and clipped, no replica updated yet
@@ -11,26 +11,21 @@
 export const CRASH_POINTS = ['before-apply', 'mid-apply', 'before-commit', 'after-commit'] as const;
 export type CrashPoint = (typeof CRASH_POINTS)[number];
 
-let parsed: { point: CrashPoint; step: number } | null | undefined;
+export interface CrashTarget { point: CrashPoint; step: number }
 
-function target(): { point: CrashPoint; step: number } | null {
-  if (parsed !== undefined) return parsed;
-  const v = process.env.SWARMTUNE_TEST_CRASH;
-  if (v === undefined || v === '') return (parsed = null);
+/** Parse SWARMTUNE_TEST_CRASH (knobs().testCrash); null when unset. */
+export function parseCrashTarget(v: string | undefined): CrashTarget | null {
+  if (v === undefined || v === '') return null;
   const m = /^([a-z-]+)@(\d+)$/.exec(v);
   if (m === null || !(CRASH_POINTS as readonly string[]).includes(m[1]!)) {
     throw new Error(`SWARMTUNE_TEST_CRASH must be <point>@<step> with point one of ${CRASH_POINTS.join(', ')}, got "${v}"`);
   }
-  return (parsed = { point: m[1] as CrashPoint, step: Number(m[2]) });
+  return { point: m[1] as CrashPoint, step: Number(m[2]) };
 }
 
-/** Validate SWARMTUNE_TEST_CRASH early (launch), so a typo fails at start rather than never firing. */
-export function checkCrashEnv(): void { target(); }
-
-/** SIGKILL this process when SWARMTUNE_TEST_CRASH names this point of this step. */
-export function crashPoint(point: CrashPoint, step: number): void {
-  const t = target();
-  if (t !== null && t.point === point && t.step === step) {
+/** SIGKILL this process when the target names this point of this step. */
+export function crashPoint(target: CrashTarget | null, point: CrashPoint, step: number): void {
+  if (target !== null && target.point === point && target.step === step) {
     process.stderr.write(`[swarmtune launch] SWARMTUNE_TEST_CRASH: killing the coordinator at ${point} of step ${step}\n`);
     process.kill(process.pid, 'SIGKILL');
   }

@@ -16,7 +16,10 @@ import type { CoordinatorOptions, RunEvent } from './run.ts';
 import { RunStore } from './store.ts';
 import { startDashboard } from './dashboard/server.ts';
 import { buildRunData, stageMemoryFn } from './spec.ts';
-import { checkCrashEnv } from './crash.ts';
+import { coordinatorConfig } from './config.ts';
+import { knobs } from '../engine/env.ts';
+import { createLogger } from '../protocol/log.ts';
+import type { Logger } from '../protocol/log.ts';
 
 export interface LaunchOptions {
   configFile: string | null;
@@ -34,6 +37,10 @@ export interface LaunchOptions {
   exitOnFinish: boolean;
   dashboardPort?: number;
   dataDir: string | null;
+  /** debug lines under swarmtune:coordinator:* (default: this process's DEBUG patterns, to stderr) */
+  logger?: Logger;
+  /** stops the run as SIGINT/SIGTERM do */
+  signal?: AbortSignal;
 }
 
 /** Identifies the model's files (names, sizes, mtimes): unchanged files need no re-quantization. */
@@ -83,7 +90,9 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const log = (msg: string) => { process.stderr.write(`[swarmtune launch] ${msg}\n`); };
   if (train.model === null) throw new Error('launch: --model DIR is required');
   if (train.data === null) throw new Error('launch: --data FILE is required');
-  checkCrashEnv();
+  // built once, before anything heavy: a bad environment knob fails here
+  const config = coordinatorConfig();
+  const logger = o.logger ?? createLogger({ debug: knobs().debug }).child('coordinator');
   const outputDir = path.resolve(train.output_dir);
   const dataDir = path.resolve(o.dataDir ?? path.join(outputDir, 'coordinator'));
   await mkdir(dataDir, { recursive: true });
@@ -133,7 +142,7 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
     node, store, blobs, runId, modelName: train.model, llama: model.config,
     modelConfigJson: JSON.stringify(model.config.raw), weights: model.weights, train, lora, data,
     memory: stageMemoryFn(model.config, train, lora), minPeers: o.minPeers, pipelineStages,
-    wireCodec: o.wireCodec, token, allowPeers, publicPull, initAdapter, resume, emit, log,
+    wireCodec: o.wireCodec, token, allowPeers, publicPull, initAdapter, resume, emit, log, config, logger,
   });
   await coordinator.publishShards({ file: path.join(dataDir, 'shards.json'), key: await modelFilesKey(model.dir) });
   await coordinator.start();
@@ -156,6 +165,8 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const onSignal = () => { log('stopping on signal'); stopResolve(); };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
+  o.signal?.addEventListener('abort', onSignal, { once: true });
+  if (o.signal?.aborted === true) onSignal();
   let code = 0;
   try {
     await Promise.race([coordinator.finished, stopped]);
@@ -174,6 +185,7 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
+    o.signal?.removeEventListener('abort', onSignal);
     await coordinator.stop();
     if (dashboard !== null) await dashboard.close();
     await node.stop();

@@ -17,7 +17,7 @@ export interface Plan {
   rejected: Map<string, string>;
 }
 
-/** Most micro-batches a route keeps in flight (coordinator/run.ts pipelineDepth); each holds its
+/** Most micro-batches a route keeps in flight (coordinator/routes.ts pipelineDepth); each holds its
  *  checkpointed layer inputs on every stage it has passed until its backward. */
 export const MAX_IN_FLIGHT_PER_ROUTE = 4;
 

@@ -1,8 +1,9 @@
 // Ban backoff and the operator knobs of the coordinator (unit: no processes).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BanList, banBaseMsFromEnv, inWords, BAN_BASE_MS, BAN_MAX_MS } from '../coordinator/bans.ts';
-import { computeTimeoutMs } from '../coordinator/run.ts';
+import { BanList, inWords } from '../coordinator/bans.ts';
+import { BAN_BASE_MS, BAN_MAX_MS } from '../coordinator/constants.ts';
+import { banBaseMsFromEnv, computeTimeoutMs } from '../coordinator/config.ts';
 import { COMPUTE_TIMEOUT_MS } from '../protocol/constants.ts';
 
 test('bans double per peer id (30 s, 60 s, …), capped at 1 h; expired bans let the peer join', () => {

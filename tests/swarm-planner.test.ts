@@ -67,7 +67,7 @@ test('aggregation: replica sum, global norm over stages, torch clip rule', () =>
 });
 
 test('route quotas: proportional to measured throughput, summing to the step, even while any rate is unknown', async () => {
-  const { routeQuotas } = await import('../coordinator/run.ts');
+  const { routeQuotas } = await import('../coordinator/routes.ts');
   assert.deepEqual(routeQuotas(4, [100]), [4]);
   assert.deepEqual(routeQuotas(4, [100, 100]), [2, 2]);
   assert.deepEqual(routeQuotas(4, [300, 100]), [3, 1]);

@@ -10,8 +10,9 @@ import { fileURLToPath } from 'node:url';
 import { Tokenizer } from '../engine/formats/tokenizer.ts';
 import { TINY_DATA_DIR } from '../engine/tiny/files.ts';
 import {
-  DataError, DataLoader, IGNORE_INDEX, collate, dataOptionsOf, epochOrder, loadDataset, planSteps, tokenizeJsonl,
+  DataError, DataLoader, collate, dataOptionsOf, epochOrder, loadDataset, planSteps, tokenizeJsonl,
 } from '../engine/train/data.ts';
+import { IGNORE_INDEX } from '../engine/train/step-plan.ts';
 import type { DataOptions, TokenizedExample } from '../engine/train/data.ts';
 import { resolveTrainConfig } from '../engine/train/config.ts';
 

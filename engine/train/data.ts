@@ -7,8 +7,8 @@ import { locateAssistantTurns, tokenMaskFromSpans } from '../formats/chat.ts';
 import type { ChatRenderer } from '../formats/chat.ts';
 import type { TrainConfig } from './config.ts';
 import { isDict, parsePyJson, toPy, typeName } from '../formats/jinja-values.ts';
-
-export const IGNORE_INDEX = -100;
+import { IGNORE_INDEX } from './step-plan.ts';
+import type { MicroBatch } from './step-plan.ts';
 
 /** What the pipeline needs from a tokenizer (engine/formats' Tokenizer provides it). */
 export interface SftTokenizer extends ChatRenderer {
@@ -326,13 +326,8 @@ export function tokenizeJsonl(text: string, file: string, tok: SftTokenizer, opt
   return { file, examples, skipped, truncated };
 }
 
-export interface MicroBatch {
-  batch: number;
-  seqLen: number;
-  /** [batch*seqLen] right padded */
-  ids: Int32Array;
-  /** [batch*seqLen] shifted targets, -100 on padding and untrained positions */
-  labels: Int32Array;
+/** A micro-batch (engine/train/step-plan.ts) as collate() makes it, with the token counts it knows. */
+export interface CollatedMicroBatch extends MicroBatch {
   /** non-ignored labels in this micro-batch */
   labelTokens: number;
   /** positions that are real tokens (not padding) */
@@ -340,7 +335,7 @@ export interface MicroBatch {
 }
 
 /** Pad to the longest example of the micro-batch (HF DataCollator with padding=longest, right side). */
-export function collate(examples: readonly TokenizedExample[], padId: number): MicroBatch {
+export function collate(examples: readonly TokenizedExample[], padId: number): CollatedMicroBatch {
   if (examples.length === 0) throw new DataError('collate: empty micro-batch');
   const B = examples.length;
   const S = Math.max(...examples.map((e) => e.ids.length));
@@ -384,7 +379,7 @@ export interface DataCursor {
   microBatch: number;
 }
 
-export interface StepPlan {
+export interface StepCounts {
   microBatchesPerEpoch: number;
   stepsPerEpoch: number;
   totalSteps: number;
@@ -392,7 +387,7 @@ export interface StepPlan {
 
 /** HF Trainer step arithmetic: a dataloader of ceil(N/B) micro-batches (last one partial), ceil(len/accum)
  *  optimizer steps per epoch (the last may have fewer micro-batches), max_steps > 0 overrides epochs. */
-export function planSteps(numExamples: number, batchSize: number, accumulation: number, numTrainEpochs: number, maxSteps: number): StepPlan {
+export function planSteps(numExamples: number, batchSize: number, accumulation: number, numTrainEpochs: number, maxSteps: number): StepCounts {
   const microBatchesPerEpoch = Math.ceil(numExamples / batchSize);
   const stepsPerEpoch = Math.max(1, Math.ceil(microBatchesPerEpoch / accumulation));
   const totalSteps = maxSteps > 0 ? maxSteps : Math.ceil(numTrainEpochs * stepsPerEpoch);
@@ -433,15 +428,15 @@ export class DataLoader {
   }
 
   /** The micro-batches of optimizer step `step`. */
-  stepMicroBatches(step: number): MicroBatch[] {
+  stepMicroBatches(step: number): CollatedMicroBatch[] {
     const { epoch, microBatch } = this.cursorAt(step);
     const end = Math.min(microBatch + this.accumulation, this.microBatchesPerEpoch);
-    const out: MicroBatch[] = [];
+    const out: CollatedMicroBatch[] = [];
     for (let k = microBatch; k < end; k++) out.push(this.microBatch(epoch, k));
     return out;
   }
 
-  microBatch(epoch: number, index: number): MicroBatch {
+  microBatch(epoch: number, index: number): CollatedMicroBatch {
     if (epoch !== this.cachedEpoch) {
       this.cachedOrder = epochOrder(this.examples.length, this.seed, epoch, this.shuffle);
       this.cachedEpoch = epoch;

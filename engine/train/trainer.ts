@@ -14,7 +14,8 @@ import { clipGradNorm } from './clip.ts';
 import { loraConfigOf } from './config.ts';
 import type { TrainConfig } from './config.ts';
 import { DataLoader, dropoutSeedFor } from './data.ts';
-import type { DataCursor, MicroBatch, TokenizedExample } from './data.ts';
+import type { CollatedMicroBatch, DataCursor, TokenizedExample } from './data.ts';
+import { planStep, stepLoss } from './step-plan.ts';
 import { createOptimizer } from './optim.ts';
 import type { Optimizer } from '../optimizer.ts';
 import type { OptimizerState, StateTensor } from '../optimizer.ts';
@@ -262,8 +263,7 @@ export class Trainer {
         }
         const tStep = performance.now();
         const mbs = loader.stepMicroBatches(step);
-        const { grads, lossSum, labelTokens, inputTokens } = await accumulateStep(stage, mbs, { seed: cfg.seed, step });
-        const loss = labelTokens > 0 ? lossSum / labelTokens : 0;
+        const { grads, loss, labelTokens, inputTokens } = await accumulateStep(stage, mbs, { seed: cfg.seed, step });
         const gradNormValue = clipGradNorm(grads, cfg.max_grad_norm);
         // bitsandbytes optimizers skip non-finite gradient elements; torch AdamW would poison every weight
         if (!Number.isFinite(gradNormValue) && cfg.optim === 'adamw_torch') {
@@ -340,14 +340,14 @@ export class Trainer {
 }
 
 /** Forward+backward of one optimizer step's micro-batches on a whole-model stage; gradients of the step's
- *  mean token loss (facts §9: Σ token losses / all label tokens of the step, via lossScale = 1/N). */
-export async function accumulateStep(stage: Stage, mbs: readonly MicroBatch[], o: { seed: number; step: number }): Promise<{ grads: Float32Array[]; lossSum: number; labelTokens: number; inputTokens: number }> {
-  const labelTokens = mbs.reduce((s, m) => s + m.labelTokens, 0);
-  const lossScale = labelTokens > 0 ? 1 / labelTokens : 0;
+ *  mean token loss (facts §9, the step plan's lossScale: engine/train/step-plan.ts, as the swarm uses it). */
+export async function accumulateStep(stage: Stage, mbs: readonly CollatedMicroBatch[], o: { seed: number; step: number }): Promise<{ grads: Float32Array[]; lossSum: number; loss: number; labelTokens: number; inputTokens: number }> {
+  const plan = planStep(o.step, mbs);
+  const { lossScale, microBatches } = plan;
   const grads = stage.newGrads();
   let lossSum = 0, inputTokens = 0;
-  for (let k = 0; k < mbs.length; k++) {
-    const mb = mbs[k];
+  for (let k = 0; k < microBatches.length; k++) {
+    const mb = microBatches[k];
     const key = `${o.step}:${k}:0`;
     const r = await stage.forward({
       key, batch: mb.batch, seqLen: mb.seqLen, ids: mb.ids, labels: mb.labels, dropoutSeed: dropoutSeedFor(o.seed, o.step, k),
@@ -356,7 +356,7 @@ export async function accumulateStep(stage: Stage, mbs: readonly MicroBatch[], o
     inputTokens += mb.inputTokens;
     await stage.backward(key, grads, { lossScale });
   }
-  return { grads, lossSum, labelTokens, inputTokens };
+  return { grads, lossSum, loss: stepLoss(plan, lossSum), labelTokens: plan.labelTokens, inputTokens };
 }
 
 function cloneTensor(t: NamedTensor): NamedTensor {

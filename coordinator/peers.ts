@@ -1,0 +1,266 @@
+// The peer registry: who joined, which stage each replica serves, heartbeats, health after failures, bans with backoff.
+import type { Capabilities, PeerStatus } from '../protocol/messages.ts';
+import type { Multiaddr } from '../protocol/net.ts';
+import type { StagePeerClient } from '../protocol/stage-client.ts';
+import type { PeerHealth } from './dashboard/state.ts';
+import type { StageRange } from './planner.ts';
+import type { KeptOffer } from './resume.ts';
+import type { RunStore } from './store.ts';
+import type { RunStatus } from './status.ts';
+import type { CoordinatorConfig } from './config.ts';
+import { BanList, inWords } from './bans.ts';
+import { sleep } from './wait.ts';
+
+export interface PeerState {
+  peerId: string;
+  caps: Capabilities;
+  addrs: Multiaddr[];
+  stageIndex: number | null;
+  health: PeerHealth;
+  ready: boolean;
+  lastSeenMs: number;
+  tokensPerSecond: number;
+  failures: number;
+  microBatches: number;
+  /** the stage state this peer kept from before a coordinator restart (join.kept) */
+  kept?: KeptOffer;
+  /** failed micro-batch attempts at this peer */
+  retries?: number;
+  /** compute requests to this peer that timed out */
+  timeouts?: number;
+  /** deprioritised (out of routes while a stage has other replicas) until then, after repeated timeouts */
+  slowUntilMs?: number;
+  /** placements after the plan (late join, lost stage, rebalance) */
+  reassignments?: number;
+}
+
+/** errors that mean the peer broke the protocol (they count against it), not that it is slow or gone */
+const VIOLATIONS = ['SchemaError', 'TensorError', 'DecodeError', 'FrameTooLargeError'];
+
+export interface PeerRegistryInit {
+  runId: string;
+  /** heartbeats, probes and notices (its logger names this component) */
+  client: StagePeerClient;
+  config: CoordinatorConfig;
+  status: RunStatus;
+  store: RunStore;
+  /** the run's signal: heartbeats and notices end when it aborts */
+  signal: AbortSignal;
+}
+
+export class PeerRegistry {
+  private readonly peers = new Map<string, PeerState>();
+  /** per stage, its replica peer ids in aggregation order (empty before the plan) */
+  private replicas: string[][] = [];
+  private readonly banList: BanList;
+  private banWrite: Promise<void> = Promise.resolve();
+  private readonly o: PeerRegistryInit;
+
+  constructor(o: PeerRegistryInit) {
+    this.o = o;
+    this.banList = new BanList(o.config.banBaseMs, o.config.banMaxMs);
+  }
+
+  get(id: string): PeerState | undefined { return this.peers.get(id); }
+  all(): PeerState[] { return [...this.peers.values()]; }
+  addrs(id: string): Multiaddr[] { return this.peers.get(id)!.addrs; }
+  forget(id: string): void { this.peers.delete(id); }
+
+  /** A peer joined (again). Known after the plan, it restarted or was released: its old self is gone
+   *  (micro-batches it held are re-run) and it is placed like any late joiner. */
+  join(peerId: string, caps: Capabilities, addrs: Multiaddr[], kept: KeptOffer | undefined, planned: boolean): void {
+    const known = this.peers.get(peerId);
+    if (known !== undefined && planned) {
+      // a peer released from its stage to take another one, or whose ban ended, is a spare again
+      if (known.health !== 'spare' && known.health !== 'banned') this.markDead(known, 'it joined again (restarted)');
+      else known.health = 'spare';
+      this.removeFromStages(peerId);
+      Object.assign(known, { caps, addrs, stageIndex: null, ready: false, lastSeenMs: Date.now(), tokensPerSecond: 0, kept });
+    } else {
+      this.peers.set(peerId, {
+        peerId, caps, addrs, stageIndex: null, health: 'spare', ready: false,
+        lastSeenMs: Date.now(), tokensPerSecond: 0, failures: 0, microBatches: 0, kept,
+      });
+    }
+  }
+
+  // ---- stage membership
+
+  setReplicas(replicas: string[][]): void { this.replicas = replicas; }
+  replicasOf(s: number): readonly string[] { return this.replicas[s] ?? []; }
+  allReplicas(): readonly (readonly string[])[] { return this.replicas; }
+
+  /** a newly loaded replica joins its stage's routes (kept in peer id order: the aggregation order) */
+  addReplica(s: number, id: string): void {
+    this.replicas[s]!.push(id);
+    this.replicas[s]!.sort();
+  }
+
+  removeFromStages(id: string): void {
+    for (const r of this.replicas) { const i = r.indexOf(id); if (i >= 0) r.splice(i, 1); }
+  }
+
+  liveReplicas(s: number): string[] {
+    return this.replicas[s]!.filter((id) => !this.gone(id));
+  }
+
+  /** dropped (dead) or banned: out of every route */
+  gone(id: string): boolean {
+    const h = this.peers.get(id)?.health;
+    return h === 'dead' || h === 'banned';
+  }
+
+  /** replicas of stage s that routes should use: the live ones, without deprioritised slow peers
+   *  unless the stage has nothing else */
+  routable(s: number): string[] {
+    const live = this.liveReplicas(s);
+    const now = Date.now();
+    const fast = live.filter((id) => (this.peers.get(id)!.slowUntilMs ?? 0) <= now);
+    return fast.length > 0 ? fast : live;
+  }
+
+  // ---- health
+
+  markDead(p: PeerState, why: string): void {
+    // a banned peer is out of the routes already; its ban (what status shows) outlives its process
+    if (p.health === 'dead' || p.health === 'banned') return;
+    p.health = 'dead';
+    this.o.status.event('drop', `peer ${p.peerId} (stage ${p.stageIndex}) dropped from routes: ${why}`);
+    this.o.status.emit({ event: 'peer_dropped', peer_id: p.peerId, reason: why });
+  }
+
+  /** A request from this peer failed validation: it counts against the peer. */
+  countViolation(peerId: string, proto: string, err: Error): void {
+    if (!VIOLATIONS.includes(err.name)) return;
+    const p = this.peers.get(peerId);
+    if (p !== undefined) p.failures++;
+    this.o.status.note(`peer ${peerId} sent a bad ${proto} request: ${err.name}: ${err.message}`);
+  }
+
+  /** Heartbeats every interval, each round on its own so one silent peer never delays the others'. */
+  async runHeartbeats(active: () => boolean): Promise<void> {
+    const signal = this.o.signal;
+    try {
+      for (;;) {
+        await sleep(this.o.config.heartbeatIntervalMs, signal, { ref: false });
+        // a finished run has released its peers: their last health stays what it was
+        if (active()) void this.heartbeatAll();
+      }
+    } catch (e) {
+      if (!signal.aborted) throw e;
+    }
+  }
+
+  private async heartbeatAll(): Promise<void> {
+    const signal = this.o.signal;
+    await Promise.all(this.all().filter((p) => p.stageIndex !== null && p.health !== 'dead' && p.health !== 'banned').map(async (p) => {
+      try {
+        const r = await this.o.client.heartbeat(p.addrs, this.o.status.step, { signal });
+        p.lastSeenMs = Date.now();
+        p.ready = r.ready;
+        p.tokensPerSecond = r.tokensPerSecond;
+        if (p.health === 'slow' && (p.slowUntilMs ?? 0) <= Date.now()) p.health = 'ok';
+      } catch (e) {
+        if (signal.aborted) return;
+        const silentMs = Date.now() - p.lastSeenMs;
+        if (silentMs > this.o.config.heartbeatTimeoutMs) this.markDead(p, `no heartbeat for ${silentMs} ms`);
+        else { if (p.health === 'ok') this.o.status.note(`peer ${p.peerId} missed a heartbeat: ${(e as Error).message}`); p.health = 'slow'; }
+      }
+    }));
+  }
+
+  /** After a failed request: a peer that does not answer a short heartbeat is dropped from routes
+   *  at once (waiting for the heartbeat timeout would burn the micro-batch's retries); a peer that
+   *  answered with a protocol violation has it counted against it. */
+  private async probe(peerId: string, cause: Error, signal: AbortSignal): Promise<void> {
+    const p = this.peers.get(peerId);
+    if (p === undefined || p.health === 'dead') return;
+    if (VIOLATIONS.includes(cause.name)) p.failures++;
+    try {
+      const hb = await this.o.client.heartbeat(p.addrs, this.o.status.step, { signal, probe: true });
+      p.lastSeenMs = Date.now();
+      // alive but without its stage (a restarted process): as good as gone for this run's routes
+      if (!hb.ready || hb.runId !== this.o.runId) this.markDead(p, 'it answers but no longer holds its stage');
+    } catch (e) {
+      if (signal.aborted) throw signal.reason;
+      this.markDead(p, `failed a request (${cause.message}) and then a heartbeat (${(e as Error).message})`);
+    }
+  }
+
+  /** After a failed micro-batch attempt at peer id: bad output bans it; a timeout counts (repeated
+   *  ones mark it slow: out of routes while its stage has other replicas); a peer that also fails a
+   *  short heartbeat is dropped. */
+  async afterFailure(id: string, cause: Error, signal: AbortSignal): Promise<void> {
+    const p = this.peers.get(id);
+    if (p === undefined) return;
+    if (cause.name === 'BadOutputError') { this.ban(p, `it sent a bad tensor: ${cause.message}`); return; }
+    if (cause.name === 'TimeoutError') {
+      const c = this.o.config;
+      p.timeouts = (p.timeouts ?? 0) + 1;
+      if (p.timeouts >= c.slowAfterTimeouts && (p.slowUntilMs ?? 0) <= Date.now()) {
+        p.slowUntilMs = Date.now() + c.slowPenaltyMs;
+        p.health = 'slow';
+        this.o.status.event('drop', `peer ${id} (stage ${p.stageIndex}) timed out ${p.timeouts} times; marked slow: routes avoid it for ${inWords(c.slowPenaltyMs)} while its stage has other replicas`);
+        this.o.status.emit({ event: 'peer_slow', peer_id: id, timeouts: p.timeouts });
+      }
+    }
+    await this.probe(id, cause, signal);
+  }
+
+  /** A peer failed a step-level request (collect, apply, upload, optimizer state): whatever state it
+   *  holds for this step is now unknown, so it leaves the routes even if it still answers heartbeats. */
+  async dropAfterFailure(id: string, cause: Error, why: string, signal: AbortSignal): Promise<void> {
+    if (signal.aborted) throw signal.reason;
+    await this.probe(id, cause, signal);
+    const p = this.peers.get(id);
+    if (p !== undefined && !this.gone(id)) this.markDead(p, `${why} (${cause.name}: ${cause.message})`);
+  }
+
+  // ---- bans
+
+  /** Bans outlive a coordinator restart (the run's LevelDB keeps them). */
+  async restoreBans(): Promise<void> {
+    const saved = await this.o.store.getBans();
+    if (saved !== null) this.banList.restore(saved);
+  }
+
+  /** Why a join of this peer is refused now (banned), or null. */
+  refusal(peerId: string): string | null { return this.banList.refusal(peerId); }
+
+  /** Ban a peer with backoff (coordinator/bans.ts): out of every route now, its stage released; it
+   *  is told to join again when the ban ends, and a join before then is refused. */
+  ban(p: PeerState, why: string): void {
+    if (p.health === 'banned') return;
+    const rec = this.banList.ban(p.peerId, why);
+    // durable, so a restarted coordinator still refuses the peer (and doubles its next ban)
+    this.banWrite = this.banWrite.then(() => this.o.store.putBans(this.banList.entries())).catch((e: Error) => this.o.status.note(`could not save bans: ${e.message}`));
+    const stage = p.stageIndex;
+    p.health = 'banned';
+    p.failures++;
+    p.ready = false;
+    this.o.status.totals.bans++;
+    this.removeFromStages(p.peerId);
+    p.stageIndex = null;
+    this.o.status.event('ban', `peer ${p.peerId} (stage ${stage}) banned from the run for ${inWords(rec.durationMs)} (ban ${rec.count}): ${why}`);
+    this.o.status.emit({ event: 'peer_banned', peer_id: p.peerId, stage, reason: why, ban: rec.count, duration_ms: rec.durationMs });
+    void this.o.client.finish(p.addrs, `banned for ${inWords(rec.durationMs)}: ${why}`.slice(0, 4000), rec.durationMs, { signal: this.o.signal })
+      .catch(() => { /* it may be gone already */ });
+  }
+
+  /** Wait until every ban is on disk. */
+  async flushBans(): Promise<void> { await this.banWrite; }
+
+  /** Every peer as status shows it. */
+  statuses(stages: readonly StageRange[]): PeerStatus[] {
+    return this.all().map((p) => ({
+      peerId: p.peerId, stageIndex: p.stageIndex,
+      layerStart: p.stageIndex !== null ? stages[p.stageIndex]!.layerStart : null,
+      layerEnd: p.stageIndex !== null ? stages[p.stageIndex]!.layerEnd : null,
+      device: p.caps.deviceName, memoryBytes: p.caps.memoryBytes, gemmGflops: p.caps.gemmGflops,
+      tokensPerSecond: p.tokensPerSecond, microBatches: p.microBatches, health: p.health, lastSeenMs: p.lastSeenMs,
+      retries: p.retries ?? 0, timeouts: p.timeouts ?? 0, bans: this.banList.get(p.peerId)?.count ?? 0,
+      banRemainingMs: this.banList.remainingMs(p.peerId), banReason: this.banList.get(p.peerId)?.reason ?? null,
+      reassignments: p.reassignments ?? 0,
+    }));
+  }
+}

@@ -1,0 +1,90 @@
+// Screens for what stage peers send: activations and activation gradients before they are relayed, step gradients before they count.
+import { decodeFloat } from '../protocol/tensor.ts';
+import type { WireTensor } from '../protocol/tensor.ts';
+import { SwarmError } from '../protocol/errors.ts';
+import { globalGradNorm } from './aggregate.ts';
+
+/** A peer returned an activation or activation gradient that is non-finite, misshapen or absurd. */
+export class BadOutputError extends SwarmError {
+  override name = 'BadOutputError';
+}
+
+export function median(xs: number[]): number | null {
+  if (xs.length === 0) return null;
+  const v = [...xs].sort((a, b) => a - b);
+  const m = v.length >> 1;
+  return v.length % 2 === 1 ? v[m]! : (v[m - 1]! + v[m]!) / 2;
+}
+
+export interface ScreenLimits {
+  screenFactor: number;
+  outputHistory: number;
+  outputHistoryMin: number;
+  normHistory: number;
+}
+
+/** One replica's step gradient as collected, for the gradient screen. */
+export interface ReplicaGradient { id: string; grads: Float32Array[]; microBatches: number }
+
+/** Per stage, what its peers sent recently: the reference a new output or step gradient is judged by. */
+export class Screens {
+  private readonly limits: ScreenLimits;
+  /** per stage: recent RMS of accepted activations ('act') and activation gradients ('grad') it sent */
+  private readonly outputRms = new Map<string, number[]>();
+  /** per stage: recent accepted per-micro-batch gradient norms of replicas */
+  private readonly normHistory: number[][] = [];
+
+  constructor(limits: ScreenLimits) {
+    this.limits = limits;
+  }
+
+  /** Decode an activation (gradient) a peer of stage s returned, before it is relayed: non-finite,
+   *  misshapen, or with an RMS over screenFactor× the median of the stage's recent ones, it is refused
+   *  (BadOutputError: the peer is banned and the micro-batch runs elsewhere). */
+  output(t: WireTensor, shape: number[], s: number, kind: 'act' | 'grad', what: string): void {
+    let x: Float32Array;
+    try {
+      x = decodeFloat(t, what, shape);
+    } catch (e) {
+      throw new BadOutputError(`${(e as Error).message}`);
+    }
+    let ss = 0;
+    for (let i = 0; i < x.length; i++) ss += x[i]! * x[i]!;
+    const rms = Math.sqrt(ss / Math.max(1, x.length));
+    const key = `${kind}:${s}`;
+    const hist = this.outputRms.get(key) ?? [];
+    const ref = hist.length >= this.limits.outputHistoryMin ? median(hist) : null;
+    const factor = this.limits.screenFactor;
+    if (ref !== null && ref > 0 && rms > factor * ref) {
+      throw new BadOutputError(`${what}: RMS ${rms.toExponential(2)} is over ${factor}x the median ${ref.toExponential(2)} of recent ones`);
+    }
+    hist.push(rms);
+    if (hist.length > this.limits.outputHistory) hist.shift();
+    this.outputRms.set(key, hist);
+  }
+
+  /** The replicas of stage s whose step gradient is non-finite or over screenFactor× the median of
+   *  the other replicas of this step and the stage's recent accepted steps, with the reason. */
+  gradients(s: number, step: number, replicas: readonly ReplicaGradient[]): Array<{ id: string; reason: string }> {
+    const perMb = replicas.map((r) => globalGradNorm([r.grads]) / Math.max(1, r.microBatches));
+    const hist = this.normHistory[s] ?? [];
+    const factor = this.limits.screenFactor;
+    const bad: Array<{ id: string; reason: string }> = [];
+    replicas.forEach((r, i) => {
+      const ref = median([...perMb.filter((_, j) => j !== i), ...hist]);
+      if (!Number.isFinite(perMb[i]!) || (ref !== null && ref > 0 && perMb[i]! > factor * ref)) {
+        bad.push({ id: r.id, reason: `its step ${step} gradient (${perMb[i]!.toExponential(2)} per micro-batch) is over ${factor}x the median ${ref?.toExponential(2)}` });
+      }
+    });
+    return bad;
+  }
+
+  /** The step's gradients counted: they become part of each stage's reference. */
+  accept(collected: readonly (readonly ReplicaGradient[])[]): void {
+    for (let s = 0; s < collected.length; s++) {
+      const hist = (this.normHistory[s] ??= []);
+      for (const r of collected[s]!) if (r.microBatches > 0) hist.push(globalGradNorm([r.grads]) / r.microBatches);
+      while (hist.length > this.limits.normHistory) hist.shift();
+    }
+  }
+}

@@ -1,0 +1,83 @@
+// The run's content-addressed blobs: the base model quantized once into shard blobs, and references peers fetch them by.
+import { readFile, writeFile } from 'node:fs/promises';
+import type { LlamaConfig, WeightSource } from '../engine/types.ts';
+import type { BlobStore } from '../protocol/blobs.ts';
+import type { BlobRef } from '../protocol/messages.ts';
+import type { SwarmNode } from '../protocol/net.ts';
+import { encodeShard, shardKindOf, shardTensorNames, stageShardNames } from '../engine/formats/shard.ts';
+import type { ShardTensors } from '../engine/formats/shard.ts';
+import type { StageRange } from './planner.ts';
+
+interface ShardRef { sha256: string; sizeBytes: number }
+
+export interface ShardBlobsInit {
+  node: SwarmNode;
+  blobs: BlobStore;
+  weights: WeightSource;
+  llama: LlamaConfig;
+  /** providers listed in one reference */
+  maxProviders: number;
+  log: (msg: string) => void;
+}
+
+export class ShardBlobs {
+  private readonly refs = new Map<string, ShardRef>();
+  private readonly o: ShardBlobsInit;
+
+  constructor(o: ShardBlobsInit) {
+    this.o = o;
+  }
+
+  /** Quantize the base model once into content-addressed shard blobs and keep their refs. */
+  async publish(cache?: { file: string; key: string }): Promise<void> {
+    const cfg = this.o.llama;
+    const names = ['embed', ...Array.from({ length: cfg.numHiddenLayers }, (_, l) => `layer.${l}`), 'head'];
+    if (cache !== undefined) {
+      // the same model files were quantized before: re-verify those blobs instead of quantizing again
+      try {
+        const m = JSON.parse(await readFile(cache.file, 'utf8')) as { key: string; refs: Record<string, ShardRef> };
+        if (m.key === cache.key && names.every((n) => m.refs[n] !== undefined)) {
+          let ok = true;
+          for (const n of names) ok &&= (await this.o.blobs.readCached({ name: n, sha256: m.refs[n]!.sha256 })) !== null;
+          if (ok) {
+            for (const n of names) this.refs.set(n, m.refs[n]!);
+            this.o.log(`reusing ${names.length} verified shard blobs quantized earlier from the same model files`);
+            return;
+          }
+        }
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') this.o.log(`ignoring unreadable shard manifest ${cache.file}: ${(e as Error).message}`);
+      }
+    }
+    for (const name of names) {
+      const spec = shardTensorNames(cfg, shardKindOf(name));
+      const t: ShardTensors = { nf4: new Map(), float: new Map() };
+      for (const n of spec.nf4) t.nf4.set(n, await this.o.weights.getNF4(n));
+      for (const n of [...spec.float, ...spec.optionalFloat.filter((x) => this.o.weights.has(x))]) {
+        const data = await this.o.weights.getFloat(n);
+        t.float.set(n, { shape: [data.length], data });
+      }
+      const bytes = encodeShard(t);
+      const sha256 = await this.o.blobs.put(bytes);
+      this.refs.set(name, { sha256, sizeBytes: bytes.length });
+    }
+    this.o.log(`published ${names.length} shard blobs`);
+    if (cache !== undefined) await writeFile(cache.file, JSON.stringify({ key: cache.key, refs: Object.fromEntries(this.refs) }));
+  }
+
+  private blobRef(name: string, ref: ShardRef, extraProviders: string[] = []): BlobRef {
+    const own = this.o.node.getMultiaddrs().map((m) => m.toString());
+    return { name, sha256: ref.sha256, sizeBytes: ref.sizeBytes, providers: [...extraProviders, ...own].slice(-this.o.maxProviders) };
+  }
+
+  /** The frozen shard blobs of a stage; `holders` (peers already serving them) are listed first. */
+  stageBlobs(st: StageRange, holders: string[]): BlobRef[] {
+    return stageShardNames(this.o.llama, st.layerStart, st.layerEnd).map((n) => this.blobRef(n, this.refs.get(n)!, holders));
+  }
+
+  /** Store bytes (a stage's adapter slice, its optimizer state) as a blob peers fetch from the coordinator. */
+  async put(name: string, bytes: Uint8Array): Promise<BlobRef> {
+    const sha256 = await this.o.blobs.put(bytes);
+    return this.blobRef(name, { sha256, sizeBytes: bytes.length });
+  }
+}

@@ -1,0 +1,371 @@
+// One optimizer step through the swarm as an object: routes and micro-batches, commits, collect, screens, clip, apply, commit to the store.
+import { dropoutSeedFor } from '../engine/train/data.ts';
+import { planStep, stepLoss } from '../engine/train/step-plan.ts';
+import type { MicroBatch, StepPlan } from '../engine/train/step-plan.ts';
+import type { StagePeerClient } from '../protocol/stage-client.ts';
+import { decodeFloat, encodeTensor } from '../protocol/tensor.ts';
+import type { WireTensor } from '../protocol/tensor.ts';
+import { SwarmError } from '../protocol/errors.ts';
+import { clipInPlace, globalGradNorm, sumReplicas } from './aggregate.ts';
+import type { AdapterState } from './adapter.ts';
+import type { CoordinatorConfig } from './config.ts';
+import { crashPoint } from './crash.ts';
+import type { PeerRegistry } from './peers.ts';
+import type { StageRange } from './planner.ts';
+import { pipelineDepth, routeFor, routeQuotas, routeRate } from './routes.ts';
+import type { Route } from './routes.ts';
+import type { ReplicaGradient, Screens } from './screening.ts';
+import type { CheckpointPlan, StageStates } from './stage-states.ts';
+import type { RunStatus } from './status.ts';
+import type { RunStore, StepRecord } from './store.ts';
+import { abortable, sleep } from './wait.ts';
+
+/** Where the run's micro-batches come from. */
+export interface RunData {
+  totalSteps: number;
+  /** the micro-batches of optimizer step `step` (0-based), in order */
+  microBatchesForStep(step: number): Promise<MicroBatch[]>;
+  /** data cursor after `step` steps (for the commit record) */
+  cursorAfter(step: number): number;
+}
+
+/** What a step works with; the same for every step of a run. */
+export interface StepContext {
+  hiddenSize: number;
+  seed: number;
+  maxGradNorm: number;
+  config: CoordinatorConfig;
+  /** the step's requests (its logger names the step) */
+  client: StagePeerClient;
+  peers: PeerRegistry;
+  screens: Screens;
+  adapter: AdapterState;
+  states: StageStates;
+  store: RunStore;
+  status: RunStatus;
+  data: RunData;
+  stages: readonly StageRange[];
+  /** give every stage a live replica before micro-batches are routed (placement) */
+  cover: (signal: AbortSignal) => Promise<void>;
+}
+
+/** A micro-batch attempt that failed at one peer of its route. */
+class RouteFailure extends SwarmError {
+  override name = 'RouteFailure';
+  readonly peerId: string;
+  override readonly cause: Error;
+  constructor(peerId: string, cause: Error) {
+    super(`at peer ${peerId}: ${cause.name}: ${cause.message}`);
+    this.peerId = peerId;
+    this.cause = cause;
+  }
+}
+
+/** Step `plan.step` until it is committed (step + 1 durable in the store and announced). Everything it
+ *  sends goes under its own signal: when the step fails or the run stops, every request still pending
+ *  is cancelled with it and no worker is left running. */
+export class OptimizerStep {
+  private readonly ctx: StepContext;
+  private readonly plan: StepPlan;
+  private readonly lr: number;
+  private readonly startedMs: number;
+  private readonly abort = new AbortController();
+  private readonly signal: AbortSignal;
+  private readonly S: number;
+  private readonly lossSums: Float64Array;
+  /** per micro-batch: its current attempt number */
+  private readonly attempts: Int32Array;
+  /** per micro-batch: failures at peers that stayed up (bounded by maxAttempts) */
+  private readonly strikes: Int32Array;
+  /** per micro-batch: the route whose attempt committed */
+  private readonly committedRoute: Array<Route | null>;
+  /** micro-batches not yet committed, taken off in order by the route workers */
+  private readonly todo: number[];
+  private quota: number[] = [];
+  private taken: number[] = [];
+
+  private constructor(ctx: StepContext, plan: StepPlan, lr: number, startedMs: number, signal: AbortSignal) {
+    this.ctx = ctx;
+    this.plan = plan;
+    this.lr = lr;
+    this.startedMs = startedMs;
+    this.signal = AbortSignal.any([signal, this.abort.signal]);
+    this.S = ctx.stages.length;
+    const n = plan.microBatches.length;
+    this.lossSums = new Float64Array(n);
+    this.attempts = new Int32Array(n);
+    this.strikes = new Int32Array(n);
+    this.committedRoute = plan.microBatches.map(() => null);
+    this.todo = plan.microBatches.map((_, i) => i);
+  }
+
+  /** Run step `step` with learning rate `lr` to its commit. */
+  static async run(ctx: StepContext, step: number, lr: number, opts: { signal: AbortSignal }): Promise<StepRecord> {
+    const startedMs = performance.now();
+    const plan = planStep(step, await abortable(ctx.data.microBatchesForStep(step), opts.signal));
+    const s = new OptimizerStep(ctx, plan, lr, startedMs, opts.signal);
+    try {
+      return await s.execute();
+    } catch (e) {
+      s.cancel(e as Error);
+      throw e;
+    } finally {
+      s.cancel(new SwarmError(`step ${step} is over`));
+    }
+  }
+
+  /** The one cancel path: every pending request and wait of this step rejects with `reason`. */
+  cancel(reason: Error): void {
+    if (!this.abort.signal.aborted) this.abort.abort(reason);
+  }
+
+  private get step(): number { return this.plan.step; }
+
+  private async execute(): Promise<StepRecord> {
+    const stageGrads = await this.gradients();
+    const norm = globalGradNorm(stageGrads);
+    clipInPlace(stageGrads, norm, this.ctx.maxGradNorm);
+    crashPoint(this.ctx.config.crash, 'before-apply', this.step + 1);
+    const states = await this.apply(stageGrads);
+    return this.commit(norm, states.plan, states.bytes);
+  }
+
+  /** Every micro-batch committed, the replicas' gradients collected and screened, summed per stage. */
+  private async gradients(): Promise<Float32Array[][]> {
+    const { peers, screens } = this.ctx;
+    for (;;) {
+      await this.computeAll();
+      const collected = await this.collectAll();
+      if (collected === null) continue; // its micro-batches run again elsewhere
+      let banned = false;
+      for (let s = 0; s < this.S; s++) {
+        for (const bad of screens.gradients(s, this.step, collected[s]!)) {
+          peers.ban(peers.get(bad.id)!, bad.reason);
+          banned = true;
+        }
+      }
+      if (banned) continue;
+      if (this.committedRoute.some((r) => r === null || this.routeBroken(r))) continue; // a peer went away meanwhile
+      screens.accept(collected);
+      // replicas summed in replica (peer id) order
+      return collected.map((rs) => sumReplicas(rs.map((r) => r.grads)));
+    }
+  }
+
+  /** route[s] is no longer a live replica of stage s: what it held for this step is gone */
+  private routeBroken(r: Route): boolean {
+    return r.some((id, s) => !this.ctx.peers.liveReplicas(s).includes(id));
+  }
+
+  private routeFor(k: number): Route | null {
+    return routeFor(k, this.ctx.stages.map((_, s) => this.ctx.peers.routable(s)));
+  }
+
+  /** Run every micro-batch not yet committed to its commit. */
+  private async computeAll(): Promise<void> {
+    const { peers, status, client } = this.ctx;
+    for (;;) {
+      // a stage that lost every replica gets one first (or the run waits for a volunteer)
+      await this.ctx.cover(this.signal);
+      // R routes, each with up to `depth` micro-batches in flight: while stage 1 works on one
+      // micro-batch, stage 0 already runs the next (the stage hosts queue backward before forward,
+      // so a route settles into one-forward-one-backward). Results do not depend on the order:
+      // every stage folds its committed micro-batches in micro-batch order.
+      const R = Math.max(...this.ctx.stages.map((_, s) => peers.routable(s).length));
+      const depth = pipelineDepth(this.S);
+      const routes = Array.from({ length: R }, (_, r) => this.routeFor(r));
+      this.quota = routeQuotas(this.todo.length, routes.map((_, r) => routeRate(routes, r, (id) => peers.get(id)?.tokensPerSecond ?? 0)));
+      this.taken = this.quota.map(() => 0);
+      await Promise.all(Array.from({ length: R * depth }, (_, k) => this.worker(k, R)));
+      if (this.todo.length > 0) continue; // a stage lost its last replica mid-step
+      // a replica lost (or banned, or moved) after some micro-batches committed on it took their
+      // gradient with it: take those micro-batches back from the other peers of their route, run them again
+      const lost = this.committedRoute.flatMap((r, mb) => (r !== null && this.routeBroken(r) ? [mb] : []));
+      if (lost.length === 0) return;
+      for (const mb of lost) {
+        const route = this.committedRoute[mb]!;
+        await Promise.allSettled(route.filter((id, s) => peers.liveReplicas(s).includes(id)).map((id) =>
+          client.discard(peers.addrs(id), { step: this.step, mb, attempt: this.attempts[mb]! }, { signal: this.signal })));
+        this.committedRoute[mb] = null;
+        this.attempts[mb]! += 1;
+        status.totals.retries++;
+        this.todo.push(mb);
+      }
+      status.event('retry', `step ${this.step}: re-running micro-batches ${lost.join(', ')} whose gradient was held by a dropped, banned or moved peer`);
+    }
+  }
+
+  /** Worker k of R routes: takes micro-batches off the queue up to its route's quota, retrying each on
+   *  other routes until it commits. */
+  private async worker(k: number, R: number): Promise<void> {
+    const { peers, status, config } = this.ctx;
+    const home = k % R;
+    for (;;) {
+      if (this.taken[home]! >= this.quota[home]!) return;
+      const mb = this.todo.shift();
+      if (mb === undefined) return;
+      this.taken[home]! += 1;
+      for (;;) {
+        const route = this.routeFor(k + this.attempts[mb]!);
+        if (route === null) { this.todo.unshift(mb); this.taken[home]! -= 1; return; }
+        try {
+          await this.runMicroBatch(mb, route);
+          break;
+        } catch (e) {
+          if (!(e instanceof RouteFailure)) throw e;
+          const f = e;
+          this.attempts[mb]! += 1;
+          status.totals.retries++;
+          const p = peers.get(f.peerId);
+          if (p !== undefined) p.retries = (p.retries ?? 0) + 1;
+          status.event('retry', `step ${this.step} micro-batch ${mb} attempt ${this.attempts[mb]! - 1} failed at peer ${f.peerId} (${f.cause.name}: ${f.cause.message}); retrying with attempt ${this.attempts[mb]}`);
+          await peers.afterFailure(f.peerId, f.cause, this.signal);
+          if (!peers.gone(f.peerId)) this.strikes[mb]! += 1;
+          if (this.strikes[mb]! >= config.maxAttempts) throw new SwarmError(`step ${this.step} micro-batch ${mb} failed ${config.maxAttempts} times at peers that stayed up; last: ${f.cause.message}`);
+          await sleep(config.retryBackoffMs * Math.min(this.attempts[mb]!, 5), this.signal);
+        }
+      }
+    }
+  }
+
+  /** One attempt of micro-batch mb along `route`: forward through every stage, backward back, then
+   *  the commit at every stage (its gradients count now, exactly once). */
+  private async runMicroBatch(mb: number, route: Route): Promise<void> {
+    const { client, peers, screens } = this.ctx;
+    const S = this.S, step = this.step, signal = this.signal;
+    const m = this.plan.microBatches[mb]!;
+    const T = m.batch * m.seqLen;
+    const C = this.ctx.hiddenSize;
+    const key = { step, mb, attempt: this.attempts[mb]! };
+    const reached: string[] = [];
+    let at = route[0]!;
+    try {
+      let hidden: WireTensor | undefined;
+      for (let s = 0; s < S; s++) {
+        at = route[s]!;
+        reached.push(at);
+        const res = await client.forward(peers.addrs(at), {
+          ...key, stageIndex: s, route, batch: m.batch, seqLen: m.seqLen,
+          ids: s === 0 ? encodeTensor(m.ids, [T], 'i32', 'ids') : undefined,
+          hidden: s > 0 ? hidden : undefined,
+          labels: s === S - 1 ? encodeTensor(m.labels, [T], 'i32', 'labels') : undefined,
+          dropoutSeed: dropoutSeedFor(this.ctx.seed, step, mb),
+          train: true,
+        }, { signal });
+        if (s === S - 1) {
+          if (res.lossSum === undefined) throw new SwarmError(`last stage peer ${at} returned no loss`);
+          this.lossSums[mb] = res.lossSum;
+        } else {
+          if (res.hidden === undefined) throw new SwarmError(`stage ${s} peer ${at} returned no hidden state`);
+          // checked here, so garbage is blamed on the peer that made it, not on the next hop
+          screens.output(res.hidden, [T, C], s, 'act', `the stage ${s} activation of step ${step} micro-batch ${mb}`);
+          hidden = res.hidden;
+        }
+      }
+      let grad: WireTensor | undefined;
+      for (let s = S - 1; s >= 0; s--) {
+        at = route[s]!;
+        const res = await client.backward(peers.addrs(at), {
+          ...key, stageIndex: s,
+          gradOut: s < S - 1 ? grad : undefined,
+          lossScale: s === S - 1 ? this.plan.lossScale : undefined,
+        }, { signal });
+        grad = res.gradIn;
+        if (s > 0) {
+          if (grad === undefined) throw new SwarmError(`stage ${s} peer ${at} returned no activation gradient`);
+          screens.output(grad, [T, C], s, 'grad', `the stage ${s} activation gradient of step ${step} micro-batch ${mb}`);
+        }
+      }
+      for (const id of route) {
+        at = id;
+        await client.commit(peers.addrs(id), key, { signal });
+      }
+      this.committedRoute[mb] = route;
+      for (const id of route) peers.get(id)!.microBatches++;
+    } catch (e) {
+      if (signal.aborted) throw signal.reason;
+      await Promise.allSettled(reached.map((id) => client.discard(peers.addrs(id), key, { signal })));
+      throw new RouteFailure(at, e as Error);
+    }
+  }
+
+  /** Every live replica's step gradient, decoded; null when one failed to send it (it is dropped). */
+  private async collectAll(): Promise<ReplicaGradient[][] | null> {
+    const { peers, status, client, adapter } = this.ctx;
+    const step = this.step;
+    const collected: ReplicaGradient[][] = [];
+    for (let s = 0; s < this.S; s++) {
+      const rs: ReplicaGradient[] = [];
+      for (const id of peers.liveReplicas(s)) {
+        try {
+          const got = await client.collect(peers.addrs(id), step, { signal: this.signal });
+          rs.push({ id, grads: got.grads.map((g, i) => decodeFloat(g, `step ${step} stage ${s} grad ${i} from ${id}`, adapter.shapeOf(s, i))), microBatches: got.microBatches });
+        } catch (e) {
+          if (this.signal.aborted) throw this.signal.reason;
+          status.event('retry', `step ${step}: collecting stage ${s}'s gradient from peer ${id} failed (${(e as Error).name}: ${(e as Error).message})`);
+          await peers.dropAfterFailure(id, e as Error, `it failed to send its step ${step} gradient`, this.signal);
+          return null;
+        }
+      }
+      collected.push(rs);
+    }
+    return collected;
+  }
+
+  /** Every live replica applies the same final gradient; a replica placed meanwhile (its stage lost
+   *  every peer during apply) loads the adapter of `step` and applies it too. Then v_{t+1} comes from
+   *  one replica per stage, and the optimizer state from one as the checkpoint policy asks. */
+  private async apply(stageGrads: Float32Array[][]): Promise<{ plan: CheckpointPlan; bytes: Uint8Array[] | null }> {
+    const { peers, client, adapter, states, config } = this.ctx;
+    const step = this.step, next = step + 1, signal = this.signal;
+    const wire = stageGrads.map((gs, s) => gs.map((g, i) => encodeTensor(g, adapter.shapeOf(s, i) ?? [g.length], 'f32', adapter.namesOf(s)[i]!)));
+    const plan = states.plan(step, this.ctx.stages);
+    const applied = new Set<string>();
+    for (let pass = 0; ; pass++) {
+      if (pass > 0) await this.ctx.cover(signal);
+      for (let s = 0; s < this.S; s++) {
+        const todoPeers = peers.liveReplicas(s).filter((id) => !applied.has(id));
+        const res = await Promise.allSettled(todoPeers.map((id) => client.apply(peers.addrs(id), step, wire[s]!, this.lr, { signal })));
+        for (let i = 0; i < res.length; i++) {
+          const r = res[i]!;
+          if (r.status === 'fulfilled') applied.add(todoPeers[i]!);
+          else await peers.dropAfterFailure(todoPeers[i]!, r.reason as Error, `it failed to apply the update of step ${next}`, signal);
+        }
+        if (s === 0 && pass === 0) crashPoint(config.crash, 'mid-apply', next);
+      }
+      let uploaded = true;
+      for (let s = 0; s < this.S && uploaded; s++) {
+        uploaded = false;
+        for (const id of peers.liveReplicas(s).filter((x) => applied.has(x))) {
+          try { await adapter.upload(client, id, peers.addrs(id), s, { signal }); uploaded = true; break; } catch (e) {
+            await peers.dropAfterFailure(id, e as Error, `it failed to upload its adapter of step ${next}`, signal);
+          }
+        }
+      }
+      if (!uploaded) continue;
+      return { plan, bytes: plan.fetch ? await states.fetch(next, this.S, applied, signal) : null };
+    }
+  }
+
+  /** Durable before announced: the adapter of step + 1, the cursor (and at checkpoints every stage's
+   *  optimizer state) land in one atomic batch; an every-step checkpoint replaces the previous one. */
+  private async commit(norm: number, plan: CheckpointPlan, states: Uint8Array[] | null): Promise<StepRecord> {
+    const { store, status, adapter, states: stageStates, config, data } = this.ctx;
+    let lossSum = 0;
+    for (const x of this.lossSums) lossSum += x;
+    let seqTokens = 0;
+    for (const mb of this.plan.microBatches) seqTokens += mb.batch * mb.seqLen;
+    const seconds = (performance.now() - this.startedMs) / 1000;
+    const rec: StepRecord = {
+      step: this.step + 1, loss: stepLoss(this.plan, lossSum), lr: this.lr, gradNorm: norm, tokens: seqTokens, tokensPerSecond: seqTokens / seconds,
+      timeMs: Date.now(), cursor: data.cursorAfter(this.step + 1),
+    };
+    crashPoint(config.crash, 'before-commit', rec.step);
+    await store.commitStep(rec, adapter.bytes(), states, stageStates.replaced(states));
+    crashPoint(config.crash, 'after-commit', rec.step);
+    stageStates.committed(rec.step, states, plan);
+    status.committed(rec, seqTokens);
+    status.emit({ event: 'step', step: rec.step, loss: rec.loss, lr: rec.lr, grad_norm: rec.gradNorm, tokens_per_s: rec.tokensPerSecond, total_steps: data.totalSteps });
+    return rec;
+  }
+}

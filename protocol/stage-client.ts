@@ -1,0 +1,139 @@
+// The typed client of a stage peer: every request the coordinator makes of a volunteer, with timeouts from one config and pages through the pager.
+import { request } from './net.ts';
+import type { DialTarget, ProtoName, SwarmNode } from './net.ts';
+import type { BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse, HeartbeatResponse, Req, Res } from './messages.ts';
+import type { WireTensor } from './tensor.ts';
+import { planPages, readChunks, readPages } from './pager.ts';
+import { PAGE_TENSORS } from './constants.ts';
+import { silentLogger } from './log.ts';
+import type { Logger } from './log.ts';
+
+/** How long each kind of request may take. */
+export interface StageClientTimeouts {
+  /** compute-class requests: forward, backward, gradient collect and apply, optimizer state */
+  computeTimeoutMs: number;
+  /** commits and adapter uploads */
+  controlTimeoutMs: number;
+  /** the periodic heartbeat */
+  heartbeatTimeoutMs: number;
+  /** the short heartbeat that checks a peer right after it failed a request */
+  probeTimeoutMs: number;
+  /** best-effort notices the peer may miss: discarding an attempt, finish and release */
+  noticeTimeoutMs: number;
+}
+
+export interface CallOptions { signal?: AbortSignal }
+
+/** Which attempt of which micro-batch a commit or discard is about. */
+export interface AttemptKey { step: number; mb: number; attempt: number }
+
+export interface StagePeerClientInit {
+  node: SwarmNode;
+  runId: string;
+  timeouts: StageClientTimeouts;
+  /** one line per request (net.ts request); default silent */
+  log?: Logger;
+}
+
+export interface CollectedGradient {
+  /** the stage's summed gradient, one tensor per LoRA parameter in stage order */
+  grads: WireTensor[];
+  /** committed micro-batches folded into it */
+  microBatches: number;
+}
+
+/** A request cancelled through the caller's signal rejects with the signal's reason, never as a
+ *  timeout, so a stopping caller can tell its own abort from a peer's failure. */
+export class StagePeerClient {
+  private readonly init: StagePeerClientInit;
+  private readonly log: Logger;
+
+  constructor(init: StagePeerClientInit) {
+    this.init = init;
+    this.log = init.log ?? silentLogger;
+  }
+
+  /** The same client writing its request lines to another logger (one namespace per component). */
+  withLog(log: Logger): StagePeerClient {
+    return new StagePeerClient({ ...this.init, log });
+  }
+
+  private async call<P extends ProtoName>(peer: DialTarget, proto: P, msg: Req<P>, timeoutMs: number, opts: CallOptions): Promise<Res<P>> {
+    try {
+      return await request(this.init.node, peer, proto, msg, { timeoutMs, signal: opts.signal, log: this.log });
+    } catch (e) {
+      if (opts.signal?.aborted === true) throw opts.signal.reason;
+      throw e;
+    }
+  }
+
+  forward(peer: DialTarget, req: Omit<ForwardRequest, 'runId'>, opts: CallOptions = {}): Promise<ForwardResponse> {
+    return this.call(peer, 'forward', { runId: this.init.runId, ...req }, this.init.timeouts.computeTimeoutMs, opts);
+  }
+
+  backward(peer: DialTarget, req: Omit<BackwardRequest, 'runId'>, opts: CallOptions = {}): Promise<BackwardResponse> {
+    return this.call(peer, 'backward', { runId: this.init.runId, ...req }, this.init.timeouts.computeTimeoutMs, opts);
+  }
+
+  /** The attempt is done on every stage: the peer folds its LoRA gradient into the step sum. */
+  async commit(peer: DialTarget, key: AttemptKey, opts: CallOptions = {}): Promise<void> {
+    await this.call(peer, 'commit', { runId: this.init.runId, ...key, commit: true }, this.init.timeouts.controlTimeoutMs, opts);
+  }
+
+  /** The attempt will never commit: the peer drops what it kept for it. */
+  async discard(peer: DialTarget, key: AttemptKey, opts: CallOptions = {}): Promise<void> {
+    await this.call(peer, 'commit', { runId: this.init.runId, ...key, commit: false }, this.init.timeouts.noticeTimeoutMs, opts);
+  }
+
+  /** The stage's summed gradient of `step`, every page of it. */
+  async collect(peer: DialTarget, step: number, opts: CallOptions = {}): Promise<CollectedGradient> {
+    let microBatches = 0;
+    const grads = await readPages(async (from, signal) => {
+      const res = await this.call(peer, 'aggregate', { runId: this.init.runId, step, phase: 'collect', from, count: PAGE_TENSORS },
+        this.init.timeouts.computeTimeoutMs, { signal });
+      microBatches = res.microBatches ?? 0;
+      return { total: res.total, items: res.grads ?? [] };
+    }, `step ${step} gradient`, opts);
+    return { grads, microBatches };
+  }
+
+  /** Send the step's final gradient (one tensor per parameter, stage order) in pages; the last page
+   *  makes the peer run its optimizer step with `lr`. */
+  async apply(peer: DialTarget, step: number, grads: readonly WireTensor[], lr: number, opts: CallOptions = {}): Promise<void> {
+    const pages = planPages(grads.map((g) => g.bytes.length));
+    for (let i = 0; i < pages.length; i++) {
+      opts.signal?.throwIfAborted();
+      const { from, count } = pages[i]!;
+      await this.call(peer, 'aggregate', {
+        runId: this.init.runId, step, phase: 'apply', from, count, grads: grads.slice(from, from + count), lr, last: i === pages.length - 1,
+      }, this.init.timeouts.computeTimeoutMs, opts);
+    }
+  }
+
+  /** The peer's LoRA tensors of its stage at its current step, every page. */
+  adapter(peer: DialTarget, opts: CallOptions = {}): Promise<Array<{ name: string; tensor: WireTensor }>> {
+    return readPages(async (from, signal) => {
+      const res = await this.call(peer, 'adapter', { runId: this.init.runId, from, count: PAGE_TENSORS }, this.init.timeouts.controlTimeoutMs, { signal });
+      return { total: res.total, items: res.tensors };
+    }, 'adapter upload', opts);
+  }
+
+  /** The stage's optimizer state after `step` steps (the trainer optimizer's own bytes), chunk by chunk. */
+  optimizerState(peer: DialTarget, step: number, opts: CallOptions = {}): Promise<Uint8Array> {
+    return readChunks((offset, length, signal) => this.call(peer, 'optimizer', { runId: this.init.runId, step, offset, length },
+      this.init.timeouts.computeTimeoutMs, { signal }), `step ${step} optimizer state`, opts);
+  }
+
+  /** `probe`: the short heartbeat right after a failed request. */
+  heartbeat(peer: DialTarget, step: number, opts: CallOptions & { probe?: boolean } = {}): Promise<HeartbeatResponse> {
+    const t = this.init.timeouts;
+    return this.call(peer, 'heartbeat', { runId: this.init.runId, step, sentAtMs: Date.now() }, opts.probe === true ? t.probeTimeoutMs : t.heartbeatTimeoutMs, opts);
+  }
+
+  /** The run is over for this peer; with `rejoinAfterMs` it is only released from its stage and joins
+   *  again after that long. */
+  async finish(peer: DialTarget, reason: string, rejoinAfterMs?: number, opts: CallOptions = {}): Promise<void> {
+    await this.call(peer, 'finish', { runId: this.init.runId, reason, ...(rejoinAfterMs !== undefined ? { rejoinAfterMs } : {}) },
+      this.init.timeouts.noticeTimeoutMs, opts);
+  }
+}
