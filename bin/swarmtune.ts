@@ -6,7 +6,9 @@ import { registerTrainCommands } from '../engine/train/cli.ts';
 import { registerNodeCommands } from '../node/cli.ts';
 import { registerCoordinatorCommands } from '../coordinator/cli.ts';
 import { registerDemoCommand } from '../coordinator/demo/cli.ts';
+import { registerBuiltinBackends } from './backends.ts';
 
+registerBuiltinBackends();
 const program = new Command();
 program
   .name('swarmtune')

@@ -15,6 +15,10 @@ import { readTinyDataset } from '../engine/tiny/files.ts';
 import { generateText } from '../engine/commands/generate.ts';
 import { backendForDevice } from '../engine/model/inference.ts';
 import type { Backend } from '../engine/backend.ts';
+import { registerBuiltinBackends } from '../bin/backends.ts';
+
+// the backends by kind, as bin/swarmtune.ts registers them
+registerBuiltinBackends();
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 

@@ -20,6 +20,10 @@ import { loadAdapterInto } from '../engine/model/adapter.ts';
 import { loraScaling } from '../engine/model/lora.ts';
 import { Rng } from '../engine/model/rng.ts';
 import type { LoraConfig, NamedTensor } from '../engine/types.ts';
+import { registerBuiltinBackends } from '../bin/backends.ts';
+
+// the backends by kind, as bin/swarmtune.ts registers them
+registerBuiltinBackends();
 
 const backend = new RefBackend();
 let root = '';

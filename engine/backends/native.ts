@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import type { Backend, NF4Weight } from '../backend.ts';
+import { knobs } from '../env.ts';
 
 /** An op rejected by the native kernels (argument lengths vs dims, ids outside the vocabulary, a
  *  disposed backend, out of memory). The message starts with the op name. */
@@ -49,7 +50,7 @@ export function loadNativeAddon(): NativeAddon {
   if (addon) return addon;
   const require = createRequire(import.meta.url);
   try {
-    addon = require(process.env.SWARMTUNE_NATIVE_ADDON || ADDON_PATH) as NativeAddon;
+    addon = require(knobs().nativeAddon ?? ADDON_PATH) as NativeAddon;
   } catch (e) {
     throw new NativeAddonMissingError(`cannot load the native CPU kernels from engine/native/build/Release/swarmtune_native.node ` +
       `(${(e as Error).message}); build them with: npx node-gyp rebuild --directory engine/native`);
