@@ -49,8 +49,10 @@ let addon: NativeAddon | null = null;
 export function loadNativeAddon(): NativeAddon {
   if (addon) return addon;
   const require = createRequire(import.meta.url);
+  // outside the try: a malformed knob is the user's error to see, not a missing addon
+  const path = knobs().nativeAddon ?? ADDON_PATH;
   try {
-    addon = require(knobs().nativeAddon ?? ADDON_PATH) as NativeAddon;
+    addon = require(path) as NativeAddon;
   } catch (e) {
     throw new NativeAddonMissingError(`cannot load the native CPU kernels from engine/native/build/Release/swarmtune_native.node ` +
       `(${(e as Error).message}); build them with: npx node-gyp rebuild --directory engine/native`);

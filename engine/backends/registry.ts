@@ -98,6 +98,8 @@ export async function createBackend(kind: BackendKind = 'auto', opts?: CreateBac
 }
 
 async function autoBackend(threads: number | undefined, note: (message: string) => void): Promise<Backend> {
+  // read first: a malformed knob must fail here, not pass for a missing CPU addon and fall back to the reference
+  const { noCuda } = knobs();
   let cpu: Backend;
   try {
     cpu = await providerFor('cpu').create({ threads });
@@ -106,7 +108,7 @@ async function autoBackend(threads: number | undefined, note: (message: string) 
     return providerFor('ref').create({});
   }
   const cuda = providers.get('cuda');
-  if (knobs().noCuda || cuda === undefined) return cpu;
+  if (noCuda || cuda === undefined) return cpu;
   let gpu: Backend;
   try {
     gpu = await cuda.create({ device: 0 });
