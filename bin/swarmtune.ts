@@ -1,20 +1,35 @@
 #!/usr/bin/env node
-// swarmtune CLI: parses arguments with commander and hands off to engine/, node/ or coordinator/.
+// swarmtune CLI: registers the compute backends and every command (bin/commands/), then parses the arguments.
 import { Command } from 'commander';
-import { registerEngineCommands } from '../engine/cli.ts';
-import { registerTrainCommands } from '../engine/train/cli.ts';
-import { registerNodeCommands } from '../node/cli.ts';
-import { registerCoordinatorCommands } from '../coordinator/cli.ts';
-import { registerDemoCommand } from '../coordinator/demo/cli.ts';
+import { registerBuiltinBackends } from './backends.ts';
+import { registerEval } from './commands/eval.ts';
+import { registerGenerate } from './commands/generate.ts';
+import { registerQuantize } from './commands/quantize.ts';
+import { registerMerge } from './commands/merge.ts';
+import { registerTrain } from './commands/train.ts';
+import { registerPlan } from './commands/plan.ts';
+import { registerJoin } from './commands/join.ts';
+import { registerLaunch } from './commands/launch.ts';
+import { registerStatus } from './commands/status.ts';
+import { registerPull } from './commands/pull.ts';
+import { registerDemo } from './commands/demo.ts';
 
+registerBuiltinBackends();
 const program = new Command();
 program
   .name('swarmtune')
   .description('Peer-to-peer QLoRA fine-tuning across volunteer GPUs')
   .version('0.1.0');
-registerEngineCommands(program);     // eval, generate, quantize, merge
-registerTrainCommands(program);      // train, plan
-registerNodeCommands(program);       // join
-registerCoordinatorCommands(program); // launch, status, pull
-registerDemoCommand(program);        // demo
+// the order of `swarmtune --help`
+registerEval(program);
+registerGenerate(program);
+registerQuantize(program);
+registerMerge(program);
+registerTrain(program);
+registerPlan(program);
+registerJoin(program);
+registerLaunch(program);
+registerStatus(program);
+registerPull(program);
+registerDemo(program);
 await program.parseAsync(process.argv);

@@ -1,6 +1,7 @@
 // Capability probe of a volunteer: cores, RAM, offered memory and a measured GEMM throughput.
 import os from 'node:os';
 import type { Backend } from '../engine/backend.ts';
+import { probeDevice } from '../engine/backends/index.ts';
 import type { Capabilities } from '../protocol/messages.ts';
 import { SOFTWARE_VERSION } from '../protocol/constants.ts';
 
@@ -44,8 +45,7 @@ export async function probeCapabilities(backend: Backend, opts: ProbeOptions): P
   const cuda = /^cuda(:(\d+))?$/.exec(opts.device) ?? (backend.name === 'cuda' ? /^cuda(:(\d+))?$/.exec('cuda:0') : null);
   if (cuda !== null) {
     // a GPU volunteer advertises its device: memory, compute capability, measured GEMM and bandwidth
-    const { probeCuda } = await import('../cuda/index.ts');
-    const g = await probeCuda({ device: Number(cuda[2] ?? 0) });
+    const g = await probeDevice('cuda', { device: Number(cuda[2] ?? 0) });
     if (g === null) throw new Error(`--device ${opts.device}: no usable CUDA device (driver, GPU or the built library is missing)`);
     return {
       backend: 'cuda',

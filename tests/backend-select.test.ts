@@ -4,6 +4,10 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { createBackend, selfCheck, RefBackend, NativeBackend } from '../engine/backends/index.ts';
 import type { Backend } from '../engine/backend.ts';
+import { registerBuiltinBackends } from '../bin/backends.ts';
+
+// the backends by kind, as bin/swarmtune.ts registers them
+registerBuiltinBackends();
 
 test('auto gives the native CPU backend on a machine without a usable GPU', async () => {
   const notes: string[] = [];
@@ -18,6 +22,8 @@ test('auto falls back to the reference backend, saying why, when the native addo
   // a fresh process: this one has the addon loaded already
   const script = `
     import { createBackend } from ${JSON.stringify(new URL('../engine/backends/index.ts', import.meta.url).href)};
+    import { registerBuiltinBackends } from ${JSON.stringify(new URL('../bin/backends.ts', import.meta.url).href)};
+    registerBuiltinBackends();
     const notes = [];
     const be = await createBackend('auto', { note: (m) => notes.push(m) });
     let cpu = 'ok';

@@ -12,9 +12,13 @@ import path from 'node:path';
 import { demoTrainFlags } from '../coordinator/demo/run.ts';
 import { ensureTinyModel, TINY_DATASET_PATH, TINY_SYSTEM_PROMPT } from '../engine/tiny/index.ts';
 import { readTinyDataset } from '../engine/tiny/files.ts';
-import { generateText } from '../engine/commands/generate.ts';
+import { generateText } from '../engine/tasks/generate.ts';
 import { backendForDevice } from '../engine/model/inference.ts';
 import type { Backend } from '../engine/backend.ts';
+import { registerBuiltinBackends } from '../bin/backends.ts';
+
+// the backends by kind, as bin/swarmtune.ts registers them
+registerBuiltinBackends();
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 

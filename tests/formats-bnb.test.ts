@@ -13,7 +13,7 @@ import { writeSafetensors } from '../engine/formats/safetensors/write.ts';
 import { SafetensorsFile } from '../engine/formats/safetensors/read.ts';
 import { encodeFromFloat32, decodeToFloat32 } from '../engine/formats/safetensors/convert.ts';
 import { openModelDir } from '../engine/formats/model-dir.ts';
-import { quantizeModelDir } from '../engine/commands/quantize.ts';
+import { quantizeModelDir } from '../engine/tasks/quantize.ts';
 
 async function tmp(): Promise<string> { return mkdtemp(join(tmpdir(), 'bnb-test-')); }
 
@@ -184,7 +184,7 @@ test('quantize command output loads with openModelDir: same NF4 as on-the-fly, f
 
 test('swarmtune quantize CLI: flags reach the writer (--no-double-quant, --blocksize)', async () => {
   const { Command } = await import('commander');
-  const { registerQuantize } = await import('../engine/commands/quantize.ts');
+  const { registerQuantize } = await import('../bin/commands/quantize.ts');
   const dir = await tmp();
   try {
     const src = join(dir, 'src');

@@ -19,9 +19,9 @@ import { openModelDir } from '../engine/formats/model-dir.ts';
 import { bnbTensors, bnbQuantizationConfig } from '../engine/formats/bnb.ts';
 import { quantizeNF4 } from '../engine/formats/nf4.ts';
 import { UnsupportedQuantizationError } from '../engine/formats/quant-config.ts';
-import { quantizeModelDir } from '../engine/commands/quantize.ts';
-import { mergeAdapter } from '../engine/commands/merge.ts';
-import { planReport } from '../engine/train/cli.ts';
+import { quantizeModelDir } from '../engine/tasks/quantize.ts';
+import { mergeAdapter } from '../engine/tasks/merge.ts';
+import { planReport } from '../engine/tasks/plan.ts';
 import { Rng } from '../engine/model/rng.ts';
 
 const C = 64, I = 128, V = 32, H = 4, KV = 2, D = 16, GROUP = 32;

@@ -8,8 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { ensureTinyModel } from '../engine/tiny/index.ts';
-import { evaluate } from '../engine/commands/eval.ts';
-import { generateText } from '../engine/commands/generate.ts';
+import { evaluate } from '../engine/tasks/eval.ts';
+import { generateText } from '../engine/tasks/generate.ts';
 import { openModelDir } from '../engine/formats/model-dir.ts';
 import { writeAdapter } from '../engine/formats/peft.ts';
 import { loadDataset } from '../engine/train/data.ts';
@@ -20,6 +20,10 @@ import { loadAdapterInto } from '../engine/model/adapter.ts';
 import { loraScaling } from '../engine/model/lora.ts';
 import { Rng } from '../engine/model/rng.ts';
 import type { LoraConfig, NamedTensor } from '../engine/types.ts';
+import { registerBuiltinBackends } from '../bin/backends.ts';
+
+// the backends by kind, as bin/swarmtune.ts registers them
+registerBuiltinBackends();
 
 const backend = new RefBackend();
 let root = '';
@@ -142,7 +146,7 @@ test('loadAdapterInto: copies by name, rejects missing, mismatched and foreign t
 
 test('CLI: `eval --json` prints one JSON object {loss, perplexity, tokens}; bad flags fail with a named error', async () => {
   const { Command } = await import('commander');
-  const { registerEval } = await import('../engine/commands/eval.ts');
+  const { registerEval } = await import('../bin/commands/eval.ts');
   const program = new Command().exitOverride();
   let out = '';
   registerEval(program, { write: (t: string) => { out += t; } });

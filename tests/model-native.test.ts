@@ -16,6 +16,10 @@ import { loraScaling } from '../engine/model/lora.ts';
 import { Rng } from '../engine/model/rng.ts';
 import type { Backend } from '../engine/backend.ts';
 import type { LoraConfig, Stage } from '../engine/types.ts';
+import { registerBuiltinBackends } from '../bin/backends.ts';
+
+// the backends by kind, as bin/swarmtune.ts registers them
+registerBuiltinBackends();
 
 const native: Backend = await createBackend('cpu');
 const ref = new RefBackend();

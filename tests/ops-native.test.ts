@@ -7,6 +7,10 @@ import { NativeBackend, NativeOpError } from '../engine/backends/native.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { createBackend } from '../engine/backends/index.ts';
 import type { NF4Weight } from '../engine/formats/nf4.ts';
+import { registerBuiltinBackends } from '../bin/backends.ts';
+
+// the backends by kind, as bin/swarmtune.ts registers them
+registerBuiltinBackends();
 
 const nb = new NativeBackend({ threads: 2 });
 const ref = new RefBackend();

@@ -18,6 +18,10 @@ import { encodeTensor } from '../protocol/tensor.ts';
 import { StageHost } from '../node/stage-host.ts';
 import { createShardOptimizer } from '../node/optimizer.ts';
 import { HEARTBEAT_REPLY_MS } from '../protocol/constants.ts';
+import { registerBuiltinBackends } from '../bin/backends.ts';
+
+// the backends by kind, as bin/swarmtune.ts registers them
+registerBuiltinBackends();
 
 const nodes: SwarmNode[] = [];
 const dirs: string[] = [];

@@ -13,7 +13,7 @@ import { BlobStore } from '../protocol/blobs.ts';
 import { Coordinator } from '../coordinator/run.ts';
 import { RunStore } from '../coordinator/store.ts';
 import { pullAdapter } from '../coordinator/client.ts';
-import { parsePeerList } from '../coordinator/cli.ts';
+import { parsePeerList } from '../bin/commands/launch.ts';
 import type { BanRecord } from '../coordinator/bans.ts';
 
 const HF = {

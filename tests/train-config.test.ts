@@ -9,7 +9,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Command } from 'commander';
 import { ConfigError, DEFAULT_TRAIN_CONFIG, parseBytes, resolveTrainConfig } from '../engine/train/config.ts';
-import { registerTrainCommands, trainConfigFromOptions } from '../engine/train/cli.ts';
+import { registerTrain as registerTrainCommands } from '../bin/commands/train.ts';
+import { trainConfigFromOptions } from '../bin/commands/train-flags.ts';
 import { readAdapter } from '../engine/formats/peft.ts';
 import { readTrainerState } from '../engine/train/trainer.ts';
 

@@ -19,7 +19,7 @@ import { loadAdapterInto } from '../engine/model/adapter.ts';
 import { referenceLogits } from '../engine/model/reference.ts';
 import { loraScaling } from '../engine/model/lora.ts';
 import { Rng } from '../engine/model/rng.ts';
-import { mergeAdapter } from '../engine/commands/merge.ts';
+import { mergeAdapter } from '../engine/tasks/merge.ts';
 
 /** Exact float weights behind the WeightSource NF4 interface: blocksize 1, code 15 (= +1.0) or 0 (= -1.0)
  *  and absmax = |w|, so the reference forward (which only knows NF4) sees the merged float32 weight unchanged. */

@@ -69,7 +69,7 @@ test('planReport (swarmtune plan) reads a config.json and suggests micro-batch Ã
   const { mkdtempSync, rmSync, writeFileSync } = await import('node:fs');
   const { tmpdir } = await import('node:os');
   const { join } = await import('node:path');
-  const { planReport } = await import('../engine/train/cli.ts');
+  const { planReport } = await import('../engine/tasks/plan.ts');
   const dir = mkdtempSync(join(tmpdir(), 'swarmtune-plan-'));
   try {
     writeFileSync(join(dir, 'config.json'), JSON.stringify(LLAMA31_8B.raw));

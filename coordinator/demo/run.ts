@@ -10,7 +10,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { ensureTinyModel, TINY_DATASET_PATH, TINY_SYSTEM_PROMPT } from '../../engine/tiny/index.ts';
 import { readTinyDataset } from '../../engine/tiny/files.ts';
-import { generateText } from '../../engine/commands/generate.ts';
+import { generateText } from '../../engine/tasks/generate.ts';
 import { backendForDevice } from '../../engine/model/inference.ts';
 import type { Backend } from '../../engine/backend.ts';
 

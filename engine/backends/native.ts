@@ -4,6 +4,7 @@ import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import type { Backend } from '../backend.ts';
 import type { NF4Weight } from '../formats/nf4.ts';
+import { knobs } from '../env.ts';
 
 /** An op rejected by the native kernels (argument lengths vs dims, ids outside the vocabulary, a
  *  disposed backend, out of memory). The message starts with the op name. */
@@ -49,8 +50,10 @@ let addon: NativeAddon | null = null;
 export function loadNativeAddon(): NativeAddon {
   if (addon) return addon;
   const require = createRequire(import.meta.url);
+  // outside the try: a malformed knob is the user's error to see, not a missing addon
+  const path = knobs().nativeAddon ?? ADDON_PATH;
   try {
-    addon = require(process.env.SWARMTUNE_NATIVE_ADDON || ADDON_PATH) as NativeAddon;
+    addon = require(path) as NativeAddon;
   } catch (e) {
     throw new NativeAddonMissingError(`cannot load the native CPU kernels from engine/native/build/Release/swarmtune_native.node ` +
       `(${(e as Error).message}); build them with: npx node-gyp rebuild --directory engine/native`);

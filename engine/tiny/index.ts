@@ -8,6 +8,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { knobs } from '../env.ts';
 import { Rng } from '../model/rng.ts';
 import { writeSafetensors, type TensorData } from '../formats/safetensors/write.ts';
 import { TINY_DATA_DIR, TINY_DATASET_PATH, TINY_SYSTEM_PROMPT, TINY_CHAT_TEMPLATE } from './files.ts';
@@ -91,9 +92,9 @@ export function tinyWeights(config: TinyConfigJson, seed = TINY_SEED): TensorDat
 /** Default location: $SWARMTUNE_CACHE_DIR, else $XDG_CACHE_HOME/swarmtune, else ~/.cache/swarmtune
  *  (os.tmpdir()/swarmtune-cache when there is no home). */
 export function defaultTinyModelDir(): string {
-  let root = process.env.SWARMTUNE_CACHE_DIR;
+  const { cacheDir, xdgCacheHome: xdg } = knobs();
+  let root = cacheDir;
   if (!root) {
-    const xdg = process.env.XDG_CACHE_HOME;
     let home = '';
     try { home = homedir(); } catch { /* no home dir (sandboxed user) */ }
     root = xdg ? join(xdg, 'swarmtune') : home ? join(home, '.cache', 'swarmtune') : join(tmpdir(), 'swarmtune-cache');

@@ -1,8 +1,8 @@
-// CLI command of the volunteer: join a run and lend this machine's compute to one pipeline stage.
+// `swarmtune join`: the volunteer's flags, handed to runVolunteer (node/volunteer.ts).
 import type { Command } from 'commander';
-import { parseBytes } from './probe.ts';
+import { parseBytes } from '../../node/probe.ts';
 
-export function registerNodeCommands(program: Command): void {
+export function registerJoin(program: Command): void {
   program
     .command('join <multiaddr>')
     .description('join a swarm run as a volunteer: take a stage, fetch its shard, serve forward/backward')
@@ -13,7 +13,7 @@ export function registerNodeCommands(program: Command): void {
     .option('--listen <multiaddr>', 'listen address for peers fetching blobs', '/ip4/0.0.0.0/tcp/0')
     .option('--json', 'print one JSON object per line for events')
     .action(async (addr: string, opts: { token?: string; device: string; maxMemory?: string; dataDir: string; listen: string; json?: boolean }) => {
-      const { runVolunteer } = await import('./volunteer.ts');
+      const { runVolunteer } = await import('../../node/volunteer.ts');
       process.exitCode = await runVolunteer({
         coordinator: addr,
         token: opts.token ?? null,

@@ -1,6 +1,4 @@
-// `swarmtune generate`: text generation from a model (+ optional PEFT adapter) with a KV cache.
-import { InvalidArgumentError } from 'commander';
-import type { Command } from 'commander';
+// The generate task: text generation from a model (+ optional PEFT adapter) with a KV cache.
 import { openForInference, backendForDevice } from '../model/inference.ts';
 import { generate } from '../model/generate.ts';
 import type { Backend } from '../backend.ts';
@@ -76,42 +74,4 @@ export async function generateText(opts: GenerateTextOptions): Promise<GenerateT
     await model.close();
     if (!opts.backend) backend.dispose();
   }
-}
-
-function num(flag: string, check: (n: number) => boolean, want: string) {
-  return (v: string): number => {
-    const n = Number(v);
-    if (v.trim() === '' || !check(n)) throw new InvalidArgumentError(`${flag} must be ${want}, got "${v}"`);
-    return n;
-  };
-}
-
-export function registerGenerate(program: Command): void {
-  program
-    .command('generate')
-    .description('generate text from a model (+ optional PEFT adapter) with a KV cache')
-    .requiredOption('--model <dir>', 'Hugging Face model dir (full precision or bitsandbytes 4-bit)')
-    .option('--adapter <dir>', 'PEFT LoRA adapter dir to apply')
-    .requiredOption('--prompt <text>', 'prompt text')
-    .option('--chat', 'wrap the prompt as a user message in the tokenizer\'s chat template')
-    .option('--system <text>', 'system message (with --chat)')
-    .option('--max-new-tokens <n>', 'tokens to generate at most', num('--max-new-tokens', (n) => Number.isInteger(n) && n >= 0, 'a non-negative integer'), 128)
-    .option('--temperature <t>', '0 = greedy', num('--temperature', (n) => n >= 0, 'a number >= 0'), 0)
-    .option('--top-p <p>', 'nucleus sampling mass', num('--top-p', (n) => n > 0 && n <= 1, 'in (0, 1]'), 1)
-    .option('--seed <s>', 'sampling seed', num('--seed', (n) => Number.isSafeInteger(n), 'an integer'), 0)
-    .option('--device <device>', 'auto | cpu | ref | cuda[:N]', 'auto')
-    .action(async (o: { model: string; adapter?: string; prompt: string; chat?: boolean; system?: string; maxNewTokens: number;
-      temperature: number; topP: number; seed: number; device: string }) => {
-      try {
-        await generateText({
-          model: o.model, adapter: o.adapter, prompt: o.prompt, chat: o.chat, system: o.system, maxNewTokens: o.maxNewTokens,
-          temperature: o.temperature, topP: o.topP, seed: o.seed, device: o.device,
-          onText: (t) => process.stdout.write(t),
-        });
-        process.stdout.write('\n');
-      } catch (e) {
-        process.stderr.write(`swarmtune generate: ${(e as Error).message}\n`);
-        process.exitCode = 1;
-      }
-    });
 }

@@ -1,8 +1,7 @@
-// `swarmtune quantize`: writes a bitsandbytes-format NF4 checkpoint dir from a full-precision HF model dir.
+// The quantize task: writes a bitsandbytes-format NF4 checkpoint dir from a full-precision HF model dir.
 import { copyFile, readdir, mkdir } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import type { Command } from 'commander';
 import { readConfig, writeConfig } from '../formats/config.ts';
 import { openSafetensorsDir } from '../formats/safetensors/read.ts';
 import { SpoolingSafetensorsWriter } from '../formats/safetensors/write.ts';
@@ -90,36 +89,4 @@ export async function quantizeModelDir(modelDir: string, outDir: string, opts: Q
   const present = new Set(await readdir(modelDir));
   for (const f of COPY_FILES) if (present.has(f)) await copyFile(join(modelDir, f), join(outDir, f));
   return { quantized, copied, files, inputBytes, outputBytes };
-}
-
-export function registerQuantize(program: Command): void {
-  program
-    .command('quantize')
-    .description('write a bitsandbytes NF4 (4-bit) checkpoint of a Hugging Face model dir')
-    .requiredOption('--model <dir>', 'full-precision HF model directory (config.json + safetensors)')
-    .requiredOption('--out <dir>', 'output directory')
-    .option('--no-double-quant', 'keep float32 absmax (bnb_4bit_use_double_quant=false)')
-    .option('--blocksize <n>', 'NF4 block size (power of two, 32..4096)', '64')
-    .option('--max-shard-size <bytes>', 'split the output into shards of at most this many bytes', '5000000000')
-    .action(async (o: { model: string; out: string; doubleQuant: boolean; blocksize: string; maxShardSize: string }) => {
-      if (!existsSync(o.model)) throw new Error(`--model ${o.model}: no such directory`);
-      const blocksize = Number(o.blocksize);
-      const maxShardBytes = Number(o.maxShardSize);
-      if (!Number.isFinite(maxShardBytes) || maxShardBytes <= 0) throw new Error(`--max-shard-size must be a positive number of bytes, got ${o.maxShardSize}`);
-      const startMs = Date.now();
-      let lastLogMs = 0;
-      const r = await quantizeModelDir(o.model, o.out, {
-        blocksize, doubleQuant: o.doubleQuant, maxShardBytes,
-        onTensor: (name, i, total) => {
-          const now = Date.now();
-          if (now - lastLogMs > 2000 || i === total - 1) {
-            lastLogMs = now;
-            process.stderr.write(`quantize: ${i + 1}/${total} ${name}\n`);
-          }
-        },
-      });
-      const gb = (b: number) => (b / 1e9).toFixed(2);
-      console.log(`quantized ${r.quantized} linear weights, copied ${r.copied} tensors: ${gb(r.inputBytes)} GB → ${gb(r.outputBytes)} GB in ${((Date.now() - startMs) / 1000).toFixed(1)} s`);
-      console.log(`wrote ${o.out}: ${r.files.join(', ')}, config.json`);
-    });
 }

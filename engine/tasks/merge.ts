@@ -1,4 +1,4 @@
-// `swarmtune merge`: fold a PEFT LoRA adapter into its base model — W' = dequant(NF4(W)) + scaling·B·A — and
+// The merge task: fold a PEFT LoRA adapter into its base model — W' = dequant(NF4(W)) + scaling·B·A — and
 // write a plain HF model dir (safetensors + config + tokenizer files) that eval/generate and transformers load.
 //
 // Why merge into the NF4-dequantized base and not the original float weights: QLoRA trained the adapter
@@ -6,8 +6,9 @@
 import { copyFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import type { Command } from 'commander';
 import type { Backend } from '../backend.ts';
+import { createBackend } from '../backends/registry.ts';
+import type { BackendKind } from '../backends/registry.ts';
 import type { LlamaConfig, LoraTarget, NamedTensor, WeightSource } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import { openModelDir } from '../formats/model-dir.ts';
@@ -17,7 +18,6 @@ import { encodeFromFloat32 } from '../formats/safetensors/convert.ts';
 import type { TensorSpec } from '../formats/safetensors/write.ts';
 import { writeConfig } from '../formats/config.ts';
 import { baseModuleName, loraParamName, loraScaling } from '../model/lora.ts';
-import { trainBackend } from '../train/cli.ts';
 import { linearShape } from '../model/lora.ts';
 
 export class MergeError extends Error {
@@ -66,7 +66,7 @@ export async function mergeAdapter(o: MergeOptions): Promise<string[]> {
   if (dtype !== 'bf16' && dtype !== 'f32') throw new MergeError(`--dtype must be bf16 or f32, got ${dtype as string}`);
   if (resolve(o.out) === resolve(o.model)) throw new MergeError(`--out ${o.out} is the base model dir; write the merged model somewhere else`);
   const md = await openModelDir(o.model);
-  const backend = o.backend ?? await trainBackend(o.device ?? 'auto');
+  const backend = o.backend ?? await createBackend((o.device ?? 'auto') as BackendKind);
   try {
     const cfg = md.config;
     const adapter = await readAdapter(o.adapter, { config: cfg });
@@ -125,25 +125,4 @@ export async function mergeAdapter(o: MergeOptions): Promise<string[]> {
     if (!o.backend) backend.dispose();
     await md.close();
   }
-}
-
-export function registerMerge(program: Command): void {
-  program.command('merge')
-    .description('merge a LoRA adapter into its (dequantized) base model and write a Hugging Face model dir')
-    .requiredOption('--model <dir>', 'base model dir (full precision or bitsandbytes NF4)')
-    .requiredOption('--adapter <dir>', 'PEFT adapter dir (adapter_config.json + adapter_model.safetensors)')
-    .requiredOption('--out <dir>', 'where to write the merged model')
-    .option('--dtype <dtype>', 'bf16 or f32', 'bf16')
-    .option('--device <device>', 'auto, cpu or ref (for dequantization and the B·A products)', 'auto')
-    .action(async (opts: { model: string; adapter: string; out: string; dtype: string; device: string }) => {
-      try {
-        const files = await mergeAdapter({ ...opts, dtype: opts.dtype as 'bf16' | 'f32',
-          onProgress: (d, n) => { if (process.stderr.isTTY) process.stderr.write(`\rmerging ${d}/${n}`); } });
-        if (process.stderr.isTTY) process.stderr.write('\n');
-        console.log(`merged ${opts.adapter} into ${opts.model}: ${opts.out} (${files.join(', ')})`);
-      } catch (e) {
-        process.stderr.write(`swarmtune merge: ${(e as Error).message}\n`);
-        process.exitCode = 1;
-      }
-    });
 }

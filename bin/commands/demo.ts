@@ -1,6 +1,6 @@
-// `swarmtune demo`: the command-line entry of the all-on-one-machine swarm demo (coordinator/demo/run.ts).
+// `swarmtune demo`: the flags and Ctrl-C handling of the all-on-one-machine swarm demo (coordinator/demo/run.ts).
 import type { Command } from 'commander';
-import { DEMO_DEFAULTS, runDemo } from './run.ts';
+import { DEMO_DEFAULTS, runDemo } from '../../coordinator/demo/run.ts';
 
 function intArg(flag: string, min: number) {
   return (v: string): number => {
@@ -10,7 +10,7 @@ function intArg(flag: string, min: number) {
   };
 }
 
-export function registerDemoCommand(program: Command): void {
+export function registerDemo(program: Command): void {
   program
     .command('demo')
     .description('run a whole swarm on this machine: a coordinator and N volunteers fine-tune the embedded tiny model, then compare answers before and after')
