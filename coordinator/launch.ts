@@ -95,10 +95,11 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const logger = o.logger ?? createLogger({ debug: knobs().debug }).child('coordinator');
   const outputDir = path.resolve(train.output_dir);
   const dataDir = path.resolve(o.dataDir ?? path.join(outputDir, 'coordinator'));
+  // the model and the data are read and checked before anything is written: a refusal leaves no data dir
+  const model = await openModelDir(train.model);
   await mkdir(dataDir, { recursive: true });
   const unlock = await lockDataDir(dataDir);
 
-  const model = await openModelDir(train.model);
   let lora: LoraConfig = loraConfigOf(train);
   let initAdapter: Map<string, NamedTensor> | null = null;
   if (train.init_adapter !== null) {

@@ -1,6 +1,6 @@
 // The run spec's bindings to the trainer: its data pipeline (the same micro-batches `swarmtune train`
 // sees) and its memory model (what a stage needs on a peer).
-import { DataLoader, loadDataset, planSteps } from '../engine/train/data.ts';
+import { DataLoader, dataOptionsOf, loadDataset, planSteps } from '../engine/train/data.ts';
 import type { SftTokenizer } from '../engine/train/data.ts';
 import { stageMemoryBytes } from '../engine/train/plan.ts';
 import type { TrainConfig } from '../engine/train/config.ts';
@@ -14,10 +14,7 @@ export async function buildRunData(train: TrainConfig, model: ModelDir): Promise
   if (train.data === null) throw new Error('launch: --data FILE is required');
   if (model.tokenizer === null) throw new Error(`launch: ${model.dir} has no tokenizer.json; the coordinator tokenizes the data`);
   const tok: SftTokenizer = model.tokenizer;
-  const ds = loadDataset(train.data, tok, {
-    maxSeqLength: train.max_seq_length, systemPrompt: train.system_prompt,
-    completionOnlyLoss: train.completion_only_loss, skipBadLines: train.skip_bad_lines,
-  });
+  const ds = loadDataset(train.data, tok, dataOptionsOf(train));
   const padId = tok.padTokenId ?? tok.eosTokenId ?? 0;
   const loader = new DataLoader(ds.examples, {
     batchSize: train.per_device_train_batch_size, accumulation: train.gradient_accumulation_steps,

@@ -24,16 +24,17 @@ export function registerEval(program: Command, out: { write(s: string): unknown 
     .option('--max-seq-length <n>', 'truncate tokenized examples to this length', positiveInt('--max-seq-length'), DEFAULT_TRAIN_CONFIG.max_seq_length)
     .option('--batch-size <n>', 'sequences per forward pass', positiveInt('--batch-size'), 4)
     .option('--system-prompt <text>', 'system message for {"question","answer"} records', DEFAULT_TRAIN_CONFIG.system_prompt)
-    .option('--no-completion-only-loss', 'score every token, not only completion/assistant tokens')
+    .option('--no-completion-only-loss', 'prompt/completion and question/answer records: score the prompt too (TRL completion_only_loss off)')
+    .option('--assistant-only-loss', 'conversational records: score only assistant turns (TRL assistant_only_loss)', DEFAULT_TRAIN_CONFIG.assistant_only_loss)
     .option('--device <device>', 'auto | cpu | ref | cuda[:N]', 'auto')
     .option('--json', 'print one JSON object {loss, perplexity, tokens}')
     .action(async (o: { model: string; data: string; adapter?: string; maxSeqLength: number; batchSize: number; systemPrompt: string;
-      completionOnlyLoss: boolean; device: string; json?: boolean }) => {
+      completionOnlyLoss: boolean; assistantOnlyLoss: boolean; device: string; json?: boolean }) => {
       let r: EvalResult;
       try {
         r = await evaluate({
           model: o.model, data: o.data, adapter: o.adapter, maxSeqLength: o.maxSeqLength, batchSize: o.batchSize,
-          systemPrompt: o.systemPrompt, completionOnlyLoss: o.completionOnlyLoss, device: o.device,
+          systemPrompt: o.systemPrompt, completionOnlyLoss: o.completionOnlyLoss, assistantOnlyLoss: o.assistantOnlyLoss, device: o.device,
         });
       } catch (e) {
         process.stderr.write(`swarmtune eval: ${(e as Error).message}\n`);

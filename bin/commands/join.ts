@@ -1,6 +1,7 @@
 // `swarmtune join`: the volunteer's flags, handed to runVolunteer (node/volunteer.ts).
 import type { Command } from 'commander';
 import { parseBytes } from '../../node/probe.ts';
+import { rootLogger } from '../log.ts';
 
 export function registerJoin(program: Command): void {
   program
@@ -22,6 +23,7 @@ export function registerJoin(program: Command): void {
         dataDir: opts.dataDir,
         listen: opts.listen,
         json: opts.json === true,
+        log: rootLogger().child('node'),
       });
     });
 }

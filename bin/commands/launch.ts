@@ -1,5 +1,6 @@
 // `swarmtune launch`: the organizer's flags (the run's own plus every training key), handed to launchRun (coordinator/launch.ts).
 import type { Command } from 'commander';
+import { rootLogger } from '../log.ts';
 import { nonNegativeInt } from '../args.ts';
 import { addTrainFlags, trainFlagValues } from './train-flags.ts';
 
@@ -46,6 +47,7 @@ export function registerLaunch(program: Command): void {
       exitOnFinish: opts.exitOnFinish === true,
       dashboardPort: opts.dashboard as number | undefined,
       dataDir: (opts.dataDir as string | undefined) ?? null,
+      logger: rootLogger().child('coordinator'),
     });
   });
 }

@@ -13,6 +13,8 @@ export interface EvalOptions {
   systemPrompt?: string;
   /** score only completion/assistant tokens, as training does by default */
   completionOnlyLoss?: boolean;
+  /** conversational records: score only assistant turns (TRL assistant_only_loss; default off: every token) */
+  assistantOnlyLoss?: boolean;
   device?: string;
   /** injected backend (tests); otherwise from device */
   backend?: Backend;
@@ -42,6 +44,7 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
       maxSeqLength,
       systemPrompt: opts.systemPrompt ?? DEFAULT_TRAIN_CONFIG.system_prompt,
       completionOnlyLoss: opts.completionOnlyLoss ?? DEFAULT_TRAIN_CONFIG.completion_only_loss,
+      assistantOnlyLoss: opts.assistantOnlyLoss ?? DEFAULT_TRAIN_CONFIG.assistant_only_loss,
       skipBadLines: false,
     });
     const batchSize = opts.batchSize ?? 4;

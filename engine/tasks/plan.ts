@@ -4,7 +4,7 @@ import { existsSync, statSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { LlamaConfig } from '../types.ts';
-import { parseLlamaConfig } from '../formats/config.ts';
+import { parseLlamaConfig, readConfig } from '../formats/config.ts';
 import { ConfigError, parseBytes, parseTargetModules } from '../train/config.ts';
 import { OPTIM_NAMES } from '../optimizer.ts';
 import type { OptimName } from '../optimizer.ts';
@@ -12,6 +12,8 @@ import { stageMemoryBytes, suggestBatch, trainableParamsLine, baseParamCount } f
 import type { StageMemory } from '../train/plan.ts';
 
 async function readPlanConfig(model: string): Promise<LlamaConfig> {
+  // a model dir is read as every command reads it (a quantize_config.json beside config.json is refused too)
+  if (existsSync(model) && statSync(model).isDirectory() && existsSync(join(model, 'config.json'))) return readConfig(model);
   const path = existsSync(model) && statSync(model).isDirectory() ? join(model, 'config.json') : model;
   let text: string;
   try {

@@ -4,6 +4,7 @@ import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { readConfig, writeConfig } from '../formats/config.ts';
 import { openSafetensorsDir } from '../formats/safetensors/read.ts';
+import { checkCheckpointTensors } from '../formats/model-dir.ts';
 import { SpoolingSafetensorsWriter } from '../formats/safetensors/write.ts';
 import { quantizeNF4, checkBlocksize } from '../formats/nf4.ts';
 import { bnbTensors, bnbQuantizationConfig, isQuantizableLinear, isBnbQuantized, torchDtypeName } from '../formats/bnb.ts';
@@ -43,6 +44,8 @@ export async function quantizeModelDir(modelDir: string, outDir: string, opts: Q
   const config = await readConfig(modelDir);
   const src = await openSafetensorsDir(modelDir);
   if (!src) throw new Error(`${modelDir}: no model.safetensors or model.safetensors.index.json`);
+  // quantized forms other than bitsandbytes NF4, and non-float weights, are refused before --out is made
+  checkCheckpointTensors(config, src, modelDir);
   const writer = await SpoolingSafetensorsWriter.create(outDir, {
     metadata: { format: 'pt' },
     maxShardBytes: opts.maxShardBytes,

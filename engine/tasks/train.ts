@@ -5,7 +5,7 @@ import { createBackend } from '../backends/registry.ts';
 import type { BackendKind } from '../backends/registry.ts';
 import { ConfigError } from '../train/config.ts';
 import type { TrainConfig } from '../train/config.ts';
-import { loadDataset } from '../train/data.ts';
+import { dataOptionsOf, loadDataset } from '../train/data.ts';
 import { Trainer } from '../train/trainer.ts';
 import type { StepEvent } from '../train/trainer.ts';
 
@@ -43,10 +43,7 @@ export async function runTrain(cfg: TrainConfig): Promise<number> {
   try {
     if (!md.tokenizer) throw new ConfigError(`${model}: no tokenizer.json; training needs the model's tokenizer`);
     const tok = md.tokenizer;
-    const ds = loadDataset(data, tok, {
-      maxSeqLength: cfg.max_seq_length, systemPrompt: cfg.system_prompt, completionOnlyLoss: cfg.completion_only_loss,
-      skipBadLines: cfg.skip_bad_lines,
-    });
+    const ds = loadDataset(data, tok, dataOptionsOf(cfg));
     const info = (line: string): void => {
       if (cfg.json) process.stderr.write(line + '\n');
       else process.stdout.write(line + '\n');
