@@ -1,13 +1,15 @@
 // netlab's user-space delay stage (this kernel has no netem): a transparent wire between two interfaces of a
 // "wire" namespace that holds every Ethernet frame for a fixed one-way delay per direction, then writes it on.
 //
-// Usage: delay IF_A IF_B DELAY_A2B_US DELAY_B2A_US QUEUE_BYTES MAX_SECONDS
+// Usage: delay IF_A IF_B DELAY_A2B_US DELAY_B2A_US QUEUE_BYTES MAX_SECONDS RT_PRIORITY
 //
 // Frames are read with AF_PACKET raw sockets (so addresses, TTLs and MACs are untouched: both ends see each
 // other as on one Ethernet segment) with PACKET_VNET_HDR, which keeps GSO super-frames (up to 64 KiB) and
 // partial checksums intact from one veth to the other: one syscall moves up to 44 segments. Each frame is due
 // at its kernel arrival time (SO_TIMESTAMPNS) + the delay; frames leave in arrival order (the delay is constant
 // per direction). A frame that does not fit in the direction's QUEUE_BYTES ring is dropped and counted.
+// RT_PRIORITY > 0 asks for SCHED_FIFO at that priority, so that the wire keeps its timing on a loaded machine
+// (the loop sleeps between due frames; the kernel's RT throttling bounds it anyway); 0 keeps the normal policy.
 // Prints "ready" once both sockets are bound; on SIGUSR1 and at exit (SIGTERM/SIGINT, MAX_SECONDS, or the
 // parent's death) one JSON line of statistics per direction: frames, bytes, drops, and how late frames left
 // (send time - due time) as p50/p99/max in microseconds, from a 20 µs histogram.
@@ -20,6 +22,7 @@
 #include <linux/virtio_net.h>
 #include <net/if.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -170,7 +173,7 @@ static int64_t flush(dir_t *d, int64_t now) {
   while ((r = ring_head(d)) != NULL) {
     if (r->due_ns > now) return r->due_ns;
     ssize_t n = send(d->out_fd, r + 1, r->len, MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR)) { d->blocked = 1; return r->due_ns; }
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) { d->blocked = 1; return now + 1000000; }  /* POLLOUT or 1 ms */
     if (n < 0) d->drops_send++;                           /* ENOBUFS: the shaper's queue is full (a tail drop) */
     else {
       d->frames++;
@@ -228,12 +231,17 @@ static long arg_num(const char *s, const char *what, long lo, long hi) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 7) {
-    fprintf(stderr, "usage: delay IF_A IF_B DELAY_A2B_US DELAY_B2A_US QUEUE_BYTES MAX_SECONDS\n");
+  if (argc != 8) {
+    fprintf(stderr, "usage: delay IF_A IF_B DELAY_A2B_US DELAY_B2A_US QUEUE_BYTES MAX_SECONDS RT_PRIORITY\n");
     return 2;
   }
   long d_ab = arg_num(argv[3], "DELAY_A2B_US", 0, 10000000), d_ba = arg_num(argv[4], "DELAY_B2A_US", 0, 10000000);
   long qbytes = arg_num(argv[5], "QUEUE_BYTES", 1 << 20, 1L << 30), max_s = arg_num(argv[6], "MAX_SECONDS", 1, 86400);
+  long rt = arg_num(argv[7], "RT_PRIORITY", 0, 99);
+  if (rt > 0) {
+    struct sched_param sp = {.sched_priority = (int)rt};
+    if (sched_setscheduler(0, SCHED_FIFO, &sp) < 0) fprintf(stderr, "delay: note: SCHED_FIFO %ld refused (%s); normal policy\n", rt, strerror(errno));
+  }
   prctl(PR_SET_PDEATHSIG, SIGTERM);                        /* the lab's process died: the wire goes too */
   prctl(PR_SET_TIMERSLACK, 1UL);                           /* wake at the due time, not up to 50 us later */
   if (getppid() == 1) return 3;                            /* parent already gone */
@@ -271,7 +279,6 @@ int main(int argc, char **argv) {
     struct pollfd p[2] = {{fa, POLLIN | (ba.blocked ? POLLOUT : 0), 0}, {fb, POLLIN | (ab.blocked ? POLLOUT : 0), 0}};
     int64_t wait = next - clock_ns(CLOCK_MONOTONIC);
     if (wait < 0) wait = 0;
-    if ((ab.blocked || ba.blocked) && wait > 1000000) wait = 1000000;  /* recheck a full send buffer every 1 ms */
     struct timespec ts = {(time_t)(wait / 1000000000LL), (long)(wait % 1000000000LL)};
     int r = ppoll(p, 2, &ts, &wait_mask);
     if (r < 0 && errno != EINTR) die("ppoll", NULL);

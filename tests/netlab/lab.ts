@@ -24,20 +24,33 @@ const FAMILY_RE = /^snl([0-9a-z]{5})([0-9a-z]{2})(?:-|l)/;
 /** the delay devices exit by themselves after this long, whatever happens to the lab's process */
 const DEFAULT_MAX_SECONDS = 3600;
 const KILL_GRACE_MS = 1000;
+const DEFAULT_RT_PRIORITY = 10;
 
 export interface DirectionStats { frames: number; bytes: number; gsoFrames: number; dropsQueue: number; dropsShaper: number; lateP50Us: number; lateP99Us: number; lateMaxUs: number; queuedBytes: number }
 /** What a link's delay device reports: CPU time so far and, per direction, frames, drops and lateness. */
 export interface DeviceStats { cpuMs: number; a2b: DirectionStats; b2a: DirectionStats }
 
-/** Why netlab cannot run here, or null when it can (with `delay`: a C compiler too; with `nat`: nftables). */
+/** Why netlab cannot run here, or null when it can (with `delay`: a C compiler too; with `nat`: nftables).
+ *  Tries the real thing in a throw-away namespace: a veth pair, a tbf qdisc, an nftables table. */
 export function labSupport(need: { delay?: boolean; nat?: boolean } = {}): string | null {
   if (process.platform !== 'linux') return `netlab needs Linux network namespaces (this is ${process.platform})`;
   if (process.getuid?.() !== 0) return 'netlab needs root (network namespaces, veth, tc, nftables)';
-  if (shSync(['ip', 'netns', 'list'], { timeoutMs: 5000 }) === null) return '`ip netns list` failed: iproute2 with network namespace support is missing';
-  if (shSync(['tc', '-V'], { timeoutMs: 5000 }) === null) return '`tc` (iproute2) is missing';
+  for (const tool of ['ip', 'tc'] as const) if (shSync([tool, '-V'], { timeoutMs: 5000 }) === null) return `\`${tool}\` (iproute2) is missing`;
   if (need.delay && !cCompiler()) return 'no C compiler (cc or $CC) to build the delay device tests/netlab/delay.c';
   if (need.nat && shSync(['nft', '--version'], { timeoutMs: 5000 }) === null) return '`nft` is missing (apt-get install -y nftables)';
-  return null;
+  const ns = `${FAMILY}${process.pid.toString(36).padStart(5, '0')}zz-probe`, dev = `${FAMILY}${process.pid.toString(36).padStart(5, '0')}zzp`;
+  const steps: [string, string[]][] = [
+    ['create a network namespace', ['ip', 'netns', 'add', ns]],
+    ['create a veth pair in it', ['ip', 'link', 'add', `${dev}a`, 'netns', ns, 'type', 'veth', 'peer', 'name', `${dev}b`, 'netns', ns]],
+    ['add a tbf qdisc', ['tc', '-n', ns, 'qdisc', 'add', 'dev', `${dev}a`, 'root', 'tbf', 'rate', '10mbit', 'burst', '16384', 'limit', '65536']],
+    ...(need.nat ? [['create an nftables NAT table', ['ip', 'netns', 'exec', ns, 'nft', 'add table ip netlab; add chain ip netlab p { type nat hook postrouting priority srcnat; }; add rule ip netlab p masquerade random']] as [string, string[]]] : []),
+  ];
+  try {
+    for (const [what, argv] of steps) if (shSync(argv, { timeoutMs: 5000 }) === null) return `cannot ${what} (\`${argv.join(' ')}\` failed)`;
+    return null;
+  } finally {
+    shSync(['ip', 'netns', 'del', ns], { timeoutMs: 5000 });
+  }
 }
 
 const live = new Set<Lab>();
@@ -55,6 +68,14 @@ function installExitHandlers(): void {
   };
   const SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
   for (const s of SIGNALS) process.on(s, onSignal);
+}
+
+/** p, or a rejection with msg after ms; the timer is cleared either way. */
+async function within<T>(p: Promise<T>, ms: number, msg: () => string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p, new Promise<never>((_, rej) => { timer = setTimeout(() => rej(new Error(msg())), ms); })]);
+  } finally { clearTimeout(timer); }
 }
 
 function alive(pid: number): boolean {
@@ -99,18 +120,20 @@ export function sweepLeftovers(): string[] {
 export interface LabOptions {
   /** delay devices exit after this many seconds whatever happens (default 3600) */
   maxSeconds?: number;
+  /** SCHED_FIFO priority of the delay devices, so that other load does not delay the wire; 0: normal (default 10) */
+  rtPriority?: number;
 }
 
 /** Builds the lab of `spec`; on any failure everything made so far is removed before the error is thrown. */
 export async function createLab(spec: LabSpec, opts: LabOptions = {}): Promise<Lab> {
   sweepLeftovers();
-  if (sequence >= 36 * 36) throw new Error('netlab: more than 1296 labs in one process');
+  if (sequence >= 36 * 36 - 1) throw new Error('netlab: more than 1295 labs in one process');   // zz: labSupport's probe
   const prefix = FAMILY + process.pid.toString(36).padStart(5, '0') + (sequence++).toString(36).padStart(2, '0');
   const plan = planLab(spec, prefix);
   const needDelay = plan.links.some(l => l.delayABus > 0 || l.delayBAus > 0);
   const why = labSupport({ delay: needDelay, nat: [...plan.nodes.values()].some(n => n.nat) });
   if (why) throw new Error(`netlab: ${why}`);
-  const lab = new Lab(plan, opts.maxSeconds ?? DEFAULT_MAX_SECONDS);
+  const lab = new Lab(plan, opts.maxSeconds ?? DEFAULT_MAX_SECONDS, opts.rtPriority ?? DEFAULT_RT_PRIORITY);
   installExitHandlers();
   live.add(lab);
   try {
@@ -130,7 +153,8 @@ export class Lab {
 
   readonly plan: Plan;
   private readonly maxSeconds: number;
-  constructor(plan: Plan, maxSeconds: number) { this.plan = plan; this.maxSeconds = maxSeconds; }
+  private readonly rtPriority: number;
+  constructor(plan: Plan, maxSeconds: number, rtPriority: number) { this.plan = plan; this.maxSeconds = maxSeconds; this.rtPriority = rtPriority; }
 
   get prefix(): string { return this.plan.prefix; }
 
@@ -172,10 +196,7 @@ export class Lab {
     const d = this.devices.get(link);
     if (!d) return null;
     d.child.kill('SIGUSR1');
-    const line = await Promise.race([
-      d.lines.next(),
-      new Promise<never>((_, rej) => setTimeout(() => rej(new Error(`netlab: link ${link}'s delay device sent no statistics within ${timeoutMs} ms`)), timeoutMs).unref()),
-    ]);
+    const line = await within(d.lines.next(), timeoutMs, () => `netlab: link ${link}'s delay device sent no statistics within ${timeoutMs} ms`);
     if (line.done) throw new Error(`netlab: link ${link}'s delay device has exited`);
     return JSON.parse(line.value) as DeviceStats;
   }
@@ -195,8 +216,7 @@ export class Lab {
     await sh(['ip', 'netns', 'add', ns]);
     this.made.push(ns);
     // no IPv6 (no link-local chatter on the wires), forwarding only on routers
-    await sh(['ip', 'netns', 'exec', ns, 'sysctl', '-q', '-w', 'net.ipv6.conf.all.disable_ipv6=1', 'net.ipv6.conf.default.disable_ipv6=1',
-      `net.ipv4.ip_forward=${forward ? 1 : 0}`]);
+    await sh(['ip', 'netns', 'exec', ns, 'sh', '-c', `echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6 && echo ${forward ? 1 : 0} > /proc/sys/net/ipv4/ip_forward`]);
     await sh(['ip', '-n', ns, 'link', 'set', 'lo', 'up']);
   }
 
@@ -213,12 +233,12 @@ export class Lab {
   private async buildLink(l: PlannedLink, delayExe: string | null): Promise<void> {
     const nsA = this.ns(l.a), nsB = this.ns(l.b);
     if (!l.wire) {
-      await sh(['ip', 'link', 'add', l.ifA, 'netns', nsA, 'type', 'veth', 'peer', 'name', l.ifB, 'netns', nsB]);
+      await sh(['ip', 'link', 'add', l.ifA, 'address', l.macA, 'netns', nsA, 'type', 'veth', 'peer', 'name', l.ifB, 'address', l.macB, 'netns', nsB]);
     } else {
       const w = l.wire;
       await this.addNamespace(w.ns, false);
-      await sh(['ip', 'link', 'add', l.ifA, 'netns', nsA, 'type', 'veth', 'peer', 'name', w.wireA, 'netns', w.ns]);
-      await sh(['ip', 'link', 'add', l.ifB, 'netns', nsB, 'type', 'veth', 'peer', 'name', w.wireB, 'netns', w.ns]);
+      await sh(['ip', 'link', 'add', l.ifA, 'address', l.macA, 'netns', nsA, 'type', 'veth', 'peer', 'name', w.wireA, 'netns', w.ns]);
+      await sh(['ip', 'link', 'add', l.ifB, 'address', l.macB, 'netns', nsB, 'type', 'veth', 'peer', 'name', w.wireB, 'netns', w.ns]);
       for (const dev of [w.wireA, w.wireB]) await sh(['ip', '-n', w.ns, 'link', 'set', dev, 'up']);
       // shapers on the wire's egress toward each end: wireB carries a→b, wireA carries b→a
       for (const [dev, mbit] of [[w.wireB, l.rateAB], [w.wireA, l.rateBA]] as const) {
@@ -237,6 +257,9 @@ export class Lab {
     await sh(['ip', '-n', nsB, 'addr', 'add', `${l.addrB}/24`, 'dev', l.ifB]);
     await sh(['ip', '-n', nsA, 'link', 'set', l.ifA, 'up']);
     await sh(['ip', '-n', nsB, 'link', 'set', l.ifB, 'up']);
+    // no ARP over the link: on a delayed link it would add a round trip to every first contact
+    await sh(['ip', '-n', nsA, 'neigh', 'replace', l.addrB, 'lladdr', l.macB, 'dev', l.ifA, 'nud', 'permanent']);
+    await sh(['ip', '-n', nsB, 'neigh', 'replace', l.addrA, 'lladdr', l.macA, 'dev', l.ifB, 'nud', 'permanent']);
   }
 
   private async startDevice(l: PlannedLink, exe: string): Promise<void> {
@@ -245,7 +268,7 @@ export class Lab {
     const mbit = Math.max(l.rateAB ?? 1000, l.rateBA ?? 1000);
     const inFlight = mbit * 1e6 / 8 * Math.max(l.delayABus, l.delayBAus) / 1e6;
     const ring = Math.min(256 << 20, Math.max(16 << 20, Math.ceil(4 * inFlight)));
-    const args = [w.wireA, w.wireB, String(l.delayABus), String(l.delayBAus), String(ring), String(this.maxSeconds)];
+    const args = [w.wireA, w.wireB, String(l.delayABus), String(l.delayBAus), String(ring), String(this.maxSeconds), String(this.rtPriority)];
     const child = spawn('ip', ['netns', 'exec', w.ns, exe, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     this.children.add(child);
     child.once('exit', () => this.children.delete(child));
@@ -253,8 +276,7 @@ export class Lab {
     child.stderr!.on('data', d => { stderr = (stderr + d).slice(-2000); });
     const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
     const failed = once(child, 'exit').then(([code, sig]) => { throw new Error(`netlab: link ${l.index} (${l.a}–${l.b}): delay device exited (${sig ?? code}) before it was ready: ${stderr.trim()}`); });
-    const timer = new Promise<never>((_, rej) => setTimeout(() => rej(new Error(`netlab: link ${l.index}: delay device not ready within 5000 ms: ${stderr.trim()}`)), 5000).unref());
-    const first = await Promise.race([lines.next(), failed, timer]);
+    const first = await within(Promise.race([lines.next(), failed]), 5000, () => `netlab: link ${l.index}: delay device not ready within 5000 ms: ${stderr.trim()}`);
     failed.catch(() => { /* exits after ready are teardown's business */ });
     if (first.done || first.value !== 'ready') throw new Error(`netlab: link ${l.index}: delay device said "${String(first.value)}" instead of "ready": ${stderr.trim()}`);
     this.devices.set(l.index, { child, lines });
@@ -269,8 +291,11 @@ export class Lab {
   private async teardownAsync(): Promise<void> {
     const waits = [...this.children].map(c => (c.exitCode !== null || c.signalCode !== null ? Promise.resolve() : once(c, 'exit').then(() => undefined)));
     for (const c of this.children) c.kill('SIGTERM');
-    const graceful = await Promise.race([Promise.all(waits).then(() => true), new Promise<boolean>(r => setTimeout(() => r(false), KILL_GRACE_MS).unref())]);
-    if (!graceful) for (const c of this.children) c.kill('SIGKILL');
+    const graceful = await within(Promise.all(waits), KILL_GRACE_MS, () => 'grace').then(() => true, () => false);
+    if (!graceful) {
+      for (const c of this.children) c.kill('SIGKILL');
+      await within(Promise.all(waits), KILL_GRACE_MS, () => 'kill').catch(() => { /* the namespace sweep below kills by pid */ });
+    }
     const errors: string[] = [];
     for (const ns of [...this.made].reverse()) {
       killNamespace(ns);

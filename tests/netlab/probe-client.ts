@@ -54,8 +54,9 @@ export class ProbeAgent {
     });
   }
 
-  /** Sends a command; resolves with its "done" event, rejects with its "error" (message names node and op). */
-  async call(cmd: Record<string, unknown>, timeoutMs = 30_000): Promise<ProbeEvent> {
+  /** Sends a command (its own timeoutMs, else the argument, else 30 s); resolves with its "done" event, rejects
+   *  with its "error" (the message names node and op, `code` is the errno code such as ETIMEDOUT). */
+  async call(cmd: Record<string, unknown>, timeoutMs = typeof cmd.timeoutMs === 'number' ? cmd.timeoutMs : 30_000): Promise<ProbeEvent> {
     const id = this.nextId++;
     this.child.stdin!.write(JSON.stringify({ ...cmd, id, timeoutMs }) + '\n');
     const e = await this.wait(x => x.id === id, timeoutMs + 2000, `answer to ${String(cmd.op)}`);

@@ -8,10 +8,12 @@
 //   {op:"connect", to, localPort?, timeoutMs, line}          connect, send line, answer the first line back
 //   {op:"ping", to, count}                                   TCP ping-pong of 1 byte: round trip times in ms
 //   {op:"bulk", to, bytes}                                   send bytes; the receiver's timing comes back
+//   {op:"train", from:PORT, to, count, intervalMs}            timestamped datagrams ("t=<CLOCK_MONOTONIC ns>")
 //   {op:"exit"}
 // A TCP server answers the first line of a connection: "observe" -> "observed IP:PORT" (the source address
 // it sees), "ping" -> echoes every byte, "bulk N" -> reads N bytes then answers a JSON line with its timing.
-// A UDP port answers "observe?" with "observed IP:PORT". Every wait is bounded by a timeout.
+// A UDP port answers "observe?" with "observed IP:PORT"; a "t=NS" datagram's event carries owdUs, its one-way
+// delay (all namespaces share the machine's monotonic clock). Every wait is bounded by a timeout.
 import { createSocket, type Socket as UdpSocket } from 'node:dgram';
 import { connect, createServer, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
@@ -147,6 +149,18 @@ async function command(c: Json): Promise<Json> {
       await new Promise<void>((res, rej) => s.send(String(c.text ?? ''), to.port, to.host, e => (e ? rej(e) : res())));
       return {};
     }
+    case 'train': {
+      const s = udp.get(Number(c.from));
+      if (!s) throw new Error(`train: port ${String(c.from)} is not one of --udp`);
+      const to = hostPort(c.to, 'train: to'), count = Number(c.count), intervalMs = Number(c.intervalMs);
+      if (!Number.isInteger(count) || count < 1 || count > 100_000) throw new Error('train: count must be 1..100000');
+      if (!(intervalMs >= 0 && intervalMs <= 10_000)) throw new Error('train: intervalMs must be 0..10000');
+      for (let i = 0; i < count; i++) {
+        s.send(`t=${process.hrtime.bigint()}`, to.port, to.host);
+        await new Promise(r => setTimeout(r, intervalMs));
+      }
+      return {};
+    }
     case 'connect': {
       const sock = await open(hostPort(c.to, 'connect: to'), timeoutMs, typeof c.localPort === 'number' ? c.localPort : undefined);
       const local = `${sock.localAddress}:${sock.localPort}`;
@@ -182,8 +196,10 @@ async function main(): Promise<void> {
   for (const p of udpPorts) {
     const s = createSocket('udp4');
     s.on('message', (msg, rinfo) => {
+      const now = process.hrtime.bigint();
       const from = `${rinfo.address}:${rinfo.port}`, text = msg.toString();
-      emit({ ev: 'udp', port: p, from, text });
+      const t = /^t=(\d+)$/.exec(text);
+      emit({ ev: 'udp', port: p, from, text, ...(t ? { owdUs: Number(now - BigInt(t[1])) / 1000 } : {}) });
       if (text === 'observe?') s.send(`observed ${from}`, rinfo.port, rinfo.address);
     });
     udp.set(p, s);

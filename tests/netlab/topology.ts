@@ -53,6 +53,8 @@ export interface PlannedLink {
   addrB: string;
   ifA: string;               // interface names inside a's and b's namespaces
   ifB: string;
+  macA: string;              // fixed, locally administered: the ends know each other without ARP
+  macB: string;
   rateAB?: number;           // Mbit/s
   rateBA?: number;
   delayABus: number;
@@ -121,7 +123,7 @@ export function planLab(spec: LabSpec, prefix: string): Plan {
     nb.links.push(index);
     return {
       index, a: na.name, b: nb.name, subnet: `10.77.${index}.0/24`, addrA: `10.77.${index}.1`, addrB: `10.77.${index}.2`,
-      ifA: `${tag}a`, ifB: `${tag}b`, rateAB, rateBA,
+      ifA: `${tag}a`, ifB: `${tag}b`, macA: mac(index, 1), macB: mac(index, 2), rateAB, rateBA,
       delayABus: Math.round(delayAB * 1000), delayBAus: Math.round(delayBA * 1000), queueBytes,
       wire: shaped ? { ns: `${prefix}-w${index}`, wireA: `${tag}x`, wireB: `${tag}y`, bridge: `${tag}w` } : undefined,
       natKind: l.natKind,
@@ -142,6 +144,8 @@ export function planLab(spec: LabSpec, prefix: string): Plan {
   return { prefix, nodes, links };
 }
 
+const hex2 = (n: number): string => n.toString(16).padStart(2, '0');
+const mac = (link: number, end: number): string => `02:77:00:${hex2(link)}:00:${hex2(end)}`;
 const ifOf = (l: PlannedLink, node: string): string => (l.a === node ? l.ifA : l.ifB);
 const addrOf = (l: PlannedLink, node: string): string => (l.a === node ? l.addrA : l.addrB);
 const peerOf = (l: PlannedLink, node: string): string => (l.a === node ? l.b : l.a);
@@ -180,7 +184,9 @@ function routesFrom(start: PlannedNode, nodes: Map<string, PlannedNode>, links: 
       queue.push({ node: next, restricted, first: s.first ?? { via: addrOf(l, next), dev: ifOf(l, n.name) } });
     }
   }
-  return [...routes.values()];
+  // a host's /32 is redundant where a router on its subnet already gives a route to the whole subnet
+  const subnets = new Set([...routes.keys()].filter(d => d.endsWith('/24')));
+  return [...routes.values()].filter(r => !r.dest.endsWith('/32') || !subnets.has(r.dest.replace(/\.\d+\/32$/, '.0/24')));
 }
 
 /** The nftables ruleset of a NAT router (one table, in the router's own namespace). */
