@@ -119,12 +119,13 @@ test('rateOf: the windowed median ignores a loss-recovery stall and the burst th
   assert.ok(Math.abs(FRAME_PER_PAYLOAD - 1514 / 1448) < 1e-12);
 });
 
-test('links: 20 Mbit/s at 50 ms RTT and 100 Mbit/s at 10 ms RTT, measured by TCP, are within 10% of the settings', { skip, timeout: 60_000 }, async () => {
+test('links: 20 Mbit/s at 50 ms RTT, 100 Mbit/s at 10 ms RTT and 50/30 Mbit/s without delay, measured by TCP, are within 10% of the settings', { skip, timeout: 60_000 }, async () => {
   const settings = [
     { a: 'a', b: 'b', rateMbit: 20, delayMs: 25, bytes: 3_000_000 },   // delayMs is one-way: RTT 50 ms
     { a: 'c', b: 'd', rateMbit: 100, delayMs: 5, bytes: 8_000_000 },   // RTT 10 ms
   ];
-  await withLab({ hosts: ['a', 'b', 'c', 'd'], links: settings.map(({ bytes: _, ...l }) => l) }, async lab => {
+  const links = [...settings.map(({ bytes: _, ...l }) => l), { a: 'e', b: 'f', rateMbit: 50, rateMbitBA: 30 }];
+  await withLab({ hosts: ['a', 'b', 'c', 'd', 'e', 'f'], links }, async lab => {
     for (const [i, s] of settings.entries()) {
       const rtt = 2 * s.delayMs;
       const m = await lab.measure(s.a, s.b, { bytes: s.bytes, pings: 20 });
@@ -136,13 +137,19 @@ test('links: 20 Mbit/s at 50 ms RTT and 100 Mbit/s at 10 ms RTT, measured by TCP
       assert.equal(dev.a2b.dropsQueue + dev.b2a.dropsQueue, 0, `the delay device dropped frames: ${JSON.stringify(dev)}`);
       assert.ok(dev.a2b.bytes >= s.bytes, `the delay device carried ${dev.a2b.bytes} of ${s.bytes} bytes`);
     }
+    // a shaped link without delay (a bridge in the wire) with different rates each way: 50 Mbit/s e→f, 30 f→e
+    for (const [from, to, mbit] of [['e', 'f', 50], ['f', 'e', 30]] as const) {
+      const m = await lab.measure(from, to, { bytes: 2_000_000, pings: 5 });
+      assert.ok(Math.abs(m.frameMbitPerS! - mbit) <= 0.1 * mbit, `${from}→${to}: ${m.frameMbitPerS!.toFixed(2)} Mbit/s of frames, set ${mbit}; ${JSON.stringify(m)}`);
+      assert.ok(m.rttMs.median < 2, `no delay set, yet a ${m.rttMs.median.toFixed(2)} ms round trip`);
+    }
+    assert.equal(await lab.deviceStats(2), null, 'a link without delay has no delay device');
   });
 });
 
 test('NAT: cone and strict map, filter and punch as their kinds say', { skip, timeout: 60_000 }, async () => {
   await withLab(NAT_LAB, async lab => {
-    const srv = await lab.probe('srv', { tcp: 7000, udp: [5000, 5001, 5002] });
-    const [a, b, c] = await Promise.all(['a', 'b', 'c'].map(h => lab.probe(h, { tcp: 7000, udp: [4000] })));
+    const [srv, a, b, c] = await Promise.all([lab.probe('srv', { tcp: 7000, udp: [5000, 5001, 5002] }), ...['a', 'b', 'c'].map(h => lab.probe(h, { tcp: 7000, udp: [4000] }))]);
     const S = lab.addr('srv'), pub = { a: lab.addr('r1'), b: lab.addr('r2'), c: lab.addr('r3') };
 
     // outbound TCP leaves, and the server sees the router's public address, not the private one

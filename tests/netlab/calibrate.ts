@@ -1,7 +1,9 @@
 // Calibration of netlab's link emulation: at each rate, does the delay device still hold its delay, and what does
 // it cost? Prints one JSON object (figures for docs/benchmarks.md's "Link emulation" section).
-// Usage: node tests/netlab/calibrate.ts [--delay-ms 5] [--rates 20,100,500,1000,2000,0] [--seconds 2] [--rt 10]
-//        (root; rate 0 = unshaped; --rt: the delay device's SCHED_FIFO priority, 0 = the normal policy)
+// Usage: node tests/netlab/calibrate.ts [--delay-ms 5] [--rates 20,100,500,1000,2000,0] [--seconds 2] [--rt 10] [--mss-frames]
+//        (root; rate 0 = unshaped; --rt: the delay device's SCHED_FIFO priority, 0 = the normal policy;
+//        --mss-frames: the hosts send one TCP segment per frame (gso_max_segs 1), the device's worst case in
+//        frames per second; by default TCP hands veth GSO frames of up to 64 KiB, as it does on every lab link)
 //
 // Per rate, a fresh lab a—b with that rate and one-way delay both ways. While a bulk TCP transfer runs a→b
 // (rate × seconds bytes; 400 MB unshaped), b sends a timestamped UDP datagram to a every 10 ms: its one-way
@@ -12,6 +14,7 @@
 import { cpus, loadavg } from 'node:os';
 import { createLab } from './lab.ts';
 import { FRAME_PER_PAYLOAD, rateOf } from './probe-client.ts';
+import { sh } from './sh.ts';
 
 function arg(name: string, dflt: string): string {
   const i = process.argv.indexOf(name);
@@ -21,6 +24,7 @@ const delayMs = Number(arg('--delay-ms', '5'));
 const rates = arg('--rates', '20,100,500,1000,2000,0').split(',').map(Number);
 const seconds = Number(arg('--seconds', '2'));
 const rtPriority = Number(arg('--rt', '10'));
+const mssFrames = process.argv.includes('--mss-frames');
 if (!(delayMs > 0) || rates.some(r => !(r >= 0)) || !(seconds > 0 && seconds <= 30)) {
   process.stderr.write('calibrate: --delay-ms > 0, --rates of numbers >= 0, --seconds in (0, 30]\n');
   process.exit(2);
@@ -32,6 +36,7 @@ const r2 = (x: number): number => Math.round(x * 100) / 100;
 async function one(rateMbit: number): Promise<Record<string, unknown>> {
   const lab = await createLab({ hosts: ['a', 'b'], links: [{ a: 'a', b: 'b', delayMs, ...(rateMbit > 0 ? { rateMbit } : {}) }] }, { rtPriority });
   try {
+    if (mssFrames) for (const [n, dev] of [['a', lab.links[0].ifA], ['b', lab.links[0].ifB]]) await sh(['ip', '-n', lab.ns(n), 'link', 'set', dev, 'gso_max_segs', '1']);
     const timer = await lab.probe('a', { udp: [6000] });
     const sender = await lab.probe('a');
     const sink = await lab.probe('b', { tcp: 7101 });
@@ -58,6 +63,9 @@ async function one(rateMbit: number): Promise<Record<string, unknown>> {
       idleOwdMs: { median: r2(pct(idle, 0.5)), p99: r2(pct(idle, 0.99)) },
       loadedOwdMs: { n: loaded.length, median: r2(pct(loaded, 0.5)), p90: r2(pct(loaded, 0.9)), p99: r2(pct(loaded, 0.99)), max: r2(Math.max(...loaded)) },
       deviceCpuShare: r2((after.cpuMs - before.cpuMs) / wallMs),
+      deviceSysShare: r2((after.sysMs - before.sysMs) / wallMs),
+      deviceWakeupsPerFrame: r2((after.wakeups - before.wakeups) / Math.max(1, after.a2b.frames - before.a2b.frames + after.b2a.frames - before.b2a.frames)),
+      deviceCpuUsPerFrame: r2((after.cpuMs - before.cpuMs) * 1000 / Math.max(1, after.a2b.frames - before.a2b.frames + after.b2a.frames - before.b2a.frames)),
       deviceLateP99Us: { a2b: after.a2b.lateP99Us, b2a: after.b2a.lateP99Us },
       deviceFrames: after.a2b.frames - before.a2b.frames + after.b2a.frames - before.b2a.frames,
       drops: { queue: after.a2b.dropsQueue + after.b2a.dropsQueue, shaper: after.a2b.dropsShaper - before.a2b.dropsShaper },
@@ -74,4 +82,4 @@ for (const r of rates) {
   process.stderr.write(JSON.stringify(row) + '\n');
   out.push(row);
 }
-process.stdout.write(JSON.stringify({ delayMs, seconds, rtPriority, cpu: `${cpus()[0]?.model} x${cpus().length}`, loadavgBefore: load0, loadavgAfter: loadavg().map(r2), rows: out }, null, 1) + '\n');
+process.stdout.write(JSON.stringify({ delayMs, seconds, rtPriority, mssFrames, cpu: `${cpus()[0]?.model} x${cpus().length}`, loadavgBefore: load0, loadavgAfter: loadavg().map(r2), rows: out }, null, 1) + '\n');

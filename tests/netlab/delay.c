@@ -62,6 +62,7 @@ typedef struct {
 } dir_t;
 
 static volatile sig_atomic_t stop_sig = 0, dump_sig = 0;
+static uint64_t wakeups = 0;
 static void on_stop(int s) { stop_sig = s; }
 static void on_dump(int s) { (void)s; dump_sig = 1; }
 
@@ -205,8 +206,8 @@ static long pct_us(const dir_t *d, double p) {
 static void dump(const dir_t *d0, const dir_t *d1, const char *why) {
   struct rusage u;
   getrusage(RUSAGE_SELF, &u);
-  long cpu_ms = (u.ru_utime.tv_sec + u.ru_stime.tv_sec) * 1000L + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1000L;
-  printf("{\"event\":\"%s\",\"cpuMs\":%ld", why, cpu_ms);
+  long user_ms = u.ru_utime.tv_sec * 1000L + u.ru_utime.tv_usec / 1000L, sys_ms = u.ru_stime.tv_sec * 1000L + u.ru_stime.tv_usec / 1000L;
+  printf("{\"event\":\"%s\",\"cpuMs\":%ld,\"userMs\":%ld,\"sysMs\":%ld,\"wakeups\":%" PRIu64, why, user_ms + sys_ms, user_ms, sys_ms, wakeups);
   const dir_t *ds[2] = {d0, d1};
   for (int i = 0; i < 2; i++) {
     const dir_t *d = ds[i];
@@ -281,6 +282,7 @@ int main(int argc, char **argv) {
     if (wait < 0) wait = 0;
     struct timespec ts = {(time_t)(wait / 1000000000LL), (long)(wait % 1000000000LL)};
     int r = ppoll(p, 2, &ts, &wait_mask);
+    wakeups++;
     if (r < 0 && errno != EINTR) die("ppoll", NULL);
     if (dump_sig) { dump_sig = 0; dump(&ab, &ba, "stats"); }
     if (r > 0) {

@@ -27,8 +27,9 @@ const KILL_GRACE_MS = 1000;
 const DEFAULT_RT_PRIORITY = 10;
 
 export interface DirectionStats { frames: number; bytes: number; gsoFrames: number; dropsQueue: number; dropsShaper: number; lateP50Us: number; lateP99Us: number; lateMaxUs: number; queuedBytes: number }
-/** What a link's delay device reports: CPU time so far and, per direction, frames, drops and lateness. */
-export interface DeviceStats { cpuMs: number; a2b: DirectionStats; b2a: DirectionStats }
+/** What a link's delay device reports: CPU time (the kernel's delivery into the far end's stack runs in the
+ *  device's send() and counts as its system time), loop wake-ups, and per direction frames, drops and lateness. */
+export interface DeviceStats { cpuMs: number; userMs: number; sysMs: number; wakeups: number; a2b: DirectionStats; b2a: DirectionStats }
 
 /** Why netlab cannot run here, or null when it can (with `delay`: a C compiler too; with `nat`: nftables).
  *  Tries the real thing in a throw-away namespace: a veth pair, a tbf qdisc, an nftables table. */
@@ -217,49 +218,50 @@ export class Lab {
     this.made.push(ns);
     // no IPv6 (no link-local chatter on the wires), forwarding only on routers
     await sh(['ip', 'netns', 'exec', ns, 'sh', '-c', `echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6 && echo ${forward ? 1 : 0} > /proc/sys/net/ipv4/ip_forward`]);
-    await sh(['ip', '-n', ns, 'link', 'set', 'lo', 'up']);
   }
 
-  /** Called once by createLab. */
+  /** Called once by createLab: namespaces one by one, then one `ip -batch` for all veth pairs, one per
+   *  namespace for its addresses, neighbours, bridge and routes, one `tc -batch` per wire, nft per NAT. */
   async build(delayExe: string | null): Promise<void> {
+    const links = this.plan.links;
     for (const n of this.plan.nodes.values()) await this.addNamespace(n.ns, n.kind === 'router');
-    for (const l of this.plan.links) await this.buildLink(l, delayExe);
-    for (const n of this.plan.nodes.values()) {
-      for (const r of n.routes) await sh(['ip', '-n', n.ns, 'route', 'add', r.dest, 'via', r.via, 'dev', r.dev]);
-      if (n.nat) await sh(['ip', 'netns', 'exec', n.ns, 'nft', '-f', '-'], { input: natRuleset(n.nat) });
-    }
-  }
-
-  private async buildLink(l: PlannedLink, delayExe: string | null): Promise<void> {
-    const nsA = this.ns(l.a), nsB = this.ns(l.b);
-    if (!l.wire) {
-      await sh(['ip', 'link', 'add', l.ifA, 'address', l.macA, 'netns', nsA, 'type', 'veth', 'peer', 'name', l.ifB, 'address', l.macB, 'netns', nsB]);
-    } else {
-      const w = l.wire;
-      await this.addNamespace(w.ns, false);
-      await sh(['ip', 'link', 'add', l.ifA, 'address', l.macA, 'netns', nsA, 'type', 'veth', 'peer', 'name', w.wireA, 'netns', w.ns]);
-      await sh(['ip', 'link', 'add', l.ifB, 'address', l.macB, 'netns', nsB, 'type', 'veth', 'peer', 'name', w.wireB, 'netns', w.ns]);
-      for (const dev of [w.wireA, w.wireB]) await sh(['ip', '-n', w.ns, 'link', 'set', dev, 'up']);
-      // shapers on the wire's egress toward each end: wireB carries a→b, wireA carries b→a
-      for (const [dev, mbit] of [[w.wireB, l.rateAB], [w.wireA, l.rateBA]] as const) {
-        if (mbit === undefined) continue;
-        const burst = Math.max(16 << 10, Math.ceil(mbit * 1e6 / 8 * 0.002));   // 2 ms at the rate, at least 16 KiB
-        await sh(['tc', '-n', w.ns, 'qdisc', 'add', 'dev', dev, 'root', 'tbf', 'rate', `${mbit}mbit`, 'burst', String(burst), 'limit', String(l.queueBytes)]);
-      }
-      if (l.delayABus > 0 || l.delayBAus > 0) await this.startDevice(l, delayExe!);
+    for (const l of links) if (l.wire) await this.addNamespace(l.wire.ns, false);
+    const veths: string[] = [];
+    const perNs = new Map<string, string[]>([...this.made].map(ns => [ns, ['link set lo up']]));
+    const add = (ns: string, line: string): void => { perNs.get(ns)!.push(line); };
+    const tcPerNs = new Map<string, string[]>();
+    for (const l of links) {
+      const nsA = this.ns(l.a), nsB = this.ns(l.b), w = l.wire;
+      if (!w) veths.push(`link add ${l.ifA} address ${l.macA} netns ${nsA} type veth peer name ${l.ifB} address ${l.macB} netns ${nsB}`);
       else {
-        await sh(['ip', '-n', w.ns, 'link', 'add', w.bridge, 'type', 'bridge']);
-        for (const dev of [w.wireA, w.wireB]) await sh(['ip', '-n', w.ns, 'link', 'set', dev, 'master', w.bridge]);
-        await sh(['ip', '-n', w.ns, 'link', 'set', w.bridge, 'up']);
+        veths.push(`link add ${l.ifA} address ${l.macA} netns ${nsA} type veth peer name ${w.wireA} netns ${w.ns}`);
+        veths.push(`link add ${l.ifB} address ${l.macB} netns ${nsB} type veth peer name ${w.wireB} netns ${w.ns}`);
+        const delayed = l.delayABus > 0 || l.delayBAus > 0;
+        if (!delayed) add(w.ns, `link add ${w.bridge} type bridge`);
+        for (const dev of [w.wireA, w.wireB]) add(w.ns, delayed ? `link set ${dev} up` : `link set ${dev} master ${w.bridge} up`);
+        if (!delayed) add(w.ns, `link set ${w.bridge} up`);
+        // shapers on the wire's egress toward each end: wireB carries a→b, wireA carries b→a
+        const tc: string[] = [];
+        for (const [dev, mbit] of [[w.wireB, l.rateAB], [w.wireA, l.rateBA]] as const) {
+          if (mbit === undefined) continue;
+          const burst = Math.max(16 << 10, Math.ceil(mbit * 1e6 / 8 * 0.002));   // 2 ms at the rate, at least 16 KiB
+          tc.push(`qdisc add dev ${dev} root tbf rate ${mbit}mbit burst ${burst} limit ${l.queueBytes}`);
+        }
+        if (tc.length) tcPerNs.set(w.ns, tc);
+      }
+      for (const [ns, dev, addr, peer, peerMac] of [[nsA, l.ifA, l.addrA, l.addrB, l.macB], [nsB, l.ifB, l.addrB, l.addrA, l.macA]]) {
+        add(ns, `addr add ${addr}/24 dev ${dev}`);
+        add(ns, `link set ${dev} up`);
+        // no ARP over the link: on a delayed link it would add a round trip to every first contact
+        add(ns, `neigh replace ${peer} lladdr ${peerMac} dev ${dev} nud permanent`);
       }
     }
-    await sh(['ip', '-n', nsA, 'addr', 'add', `${l.addrA}/24`, 'dev', l.ifA]);
-    await sh(['ip', '-n', nsB, 'addr', 'add', `${l.addrB}/24`, 'dev', l.ifB]);
-    await sh(['ip', '-n', nsA, 'link', 'set', l.ifA, 'up']);
-    await sh(['ip', '-n', nsB, 'link', 'set', l.ifB, 'up']);
-    // no ARP over the link: on a delayed link it would add a round trip to every first contact
-    await sh(['ip', '-n', nsA, 'neigh', 'replace', l.addrB, 'lladdr', l.macB, 'dev', l.ifA, 'nud', 'permanent']);
-    await sh(['ip', '-n', nsB, 'neigh', 'replace', l.addrA, 'lladdr', l.macA, 'dev', l.ifB, 'nud', 'permanent']);
+    for (const n of this.plan.nodes.values()) for (const r of n.routes) add(n.ns, `route add ${r.dest} via ${r.via} dev ${r.dev}`);
+    await sh(['ip', '-batch', '-'], { input: veths.join('\n') + '\n' });
+    await Promise.all([...perNs].map(([ns, lines]) => sh(['ip', '-n', ns, '-batch', '-'], { input: lines.join('\n') + '\n' })));
+    await Promise.all([...tcPerNs].map(([ns, lines]) => sh(['tc', '-n', ns, '-batch', '-'], { input: lines.join('\n') + '\n' })));
+    await Promise.all([...this.plan.nodes.values()].filter(n => n.nat).map(n => sh(['ip', 'netns', 'exec', n.ns, 'nft', '-f', '-'], { input: natRuleset(n.nat!) })));
+    await Promise.all(links.filter(l => l.delayABus > 0 || l.delayBAus > 0).map(l => this.startDevice(l, delayExe!)));
   }
 
   private async startDevice(l: PlannedLink, exe: string): Promise<void> {

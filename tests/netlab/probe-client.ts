@@ -131,8 +131,7 @@ export function rateOf(timeline: readonly (readonly [number, number])[]): { whol
 
 export async function measure(lab: Lab, a: string, b: string, opts: MeasureOptions = {}): Promise<Measurement> {
   const pings = opts.pings ?? 20, bytes = opts.bytes ?? 4_000_000, port = opts.port ?? 7101, timeoutMs = opts.timeoutMs ?? 60_000;
-  const server = await spawnProbe(lab, b, { tcp: port });
-  const client = await spawnProbe(lab, a);
+  const [server, client] = await Promise.all([spawnProbe(lab, b, { tcp: port }), spawnProbe(lab, a)]);
   try {
     const to = `${server.addr}:${port}`;
     const ping = await client.call({ op: 'ping', to, count: pings + 2 }, timeoutMs);

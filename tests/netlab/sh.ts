@@ -27,7 +27,10 @@ export function sh(argv: readonly string[], opts: { input?: string; timeoutMs?: 
         if (!err) { resolve(stdout); return; }
         const e = err as NodeJS.ErrnoException & { killed?: boolean; code?: number | string; signal?: string };
         const status = e.killed ? `killed after ${opts.timeoutMs ?? DEFAULT_TIMEOUT_MS} ms` : e.signal ? `signal ${e.signal}` : `exit ${e.code}`;
-        reject(new NetlabCommandError(quote(argv), status, String(stderr || e.message)));
+        // ip/tc -batch name the failing line by number: show it
+        const n = Number(/Command failed -:(\d+)/.exec(String(stderr))?.[1]);
+        const line = n && opts.input !== undefined ? ` [line ${n}: ${opts.input.split('\n')[n - 1]}]` : '';
+        reject(new NetlabCommandError(quote(argv) + line, status, String(stderr || e.message)));
       });
     if (opts.input !== undefined) child.stdin?.end(opts.input);
   });
