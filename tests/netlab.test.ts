@@ -14,8 +14,9 @@ import { runOverLink } from './netlab/bench.ts';
 import { FRAME_PER_PAYLOAD, rateOf, type ProbeAgent } from './netlab/probe-client.ts';
 import { NetlabSpecError, planLab, type LabSpec } from './netlab/topology.ts';
 
-const why = labSupport({ delay: true, nat: true });
-const skip = why ? `netlab unavailable: ${why}` : false;
+const whyNot = labSupport({ delay: true }), whyNotNat = whyNot ?? labSupport({ delay: true, nat: true });
+const skip = whyNot ? `netlab unavailable: ${whyNot}` : false;
+const skipNat = whyNotNat ? `netlab NAT unavailable: ${whyNotNat}` : false;
 const sleep = (ms: number): Promise<void> => new Promise(r => setTimeout(r, ms));
 /** p, or a rejection with msg after ms (the timer does not outlive p) */
 async function within<T>(p: Promise<T>, ms: number, msg: string, onTimeout = (): void => {}): Promise<T> {
@@ -87,7 +88,8 @@ test('plan: a bad spec is refused with one line naming the link or node', () => 
   const cases: [LabSpec, RegExp][] = [
     [{ hosts: ['a', 'b'], links: [{ a: 'a', b: 'x' }] }, /links\[0\] \(a–x\): b "x" is not a host or router/],
     [{ hosts: ['a', 'b'], links: [{ a: 'a', b: 'b', natKind: 'cone' }] }, /links\[0\] \(a–b\): natKind needs b to be a router .*"b" is a host/],
-    [{ hosts: ['a', 'b'], links: [{ a: 'a', b: 'b' }, { a: 'a', b: 'b', rateMbit: -1 }] }, /links\[1\] \(a–b\): rateMbit must be a number in \(0, 100000\], got -1/],
+    [{ hosts: ['a', 'b'], links: [{ a: 'a', b: 'b' }, { a: 'a', b: 'b', rateMbit: -1 }] }, /links\[1\] \(a–b\): rateMbit must be a number in \[0.01, 100000\], got -1/],
+    [{ hosts: ['a', 'b'], links: [{ a: 'a', b: 'b', rateMbitBA: 0 }] }, /links\[0\] \(a–b\): rateMbitBA must be a number in \[0.01, 100000\], got 0/],
     [{ hosts: ['a', 'b'], links: [{ a: 'a', b: 'b', delayMs: Number.NaN }] }, /links\[0\] \(a–b\): delayMs must be a number/],
     [{ hosts: ['a', 'a'], links: [] }, /node "a" is named twice/],
     [{ hosts: ['A-1'], links: [] }, /host name "A-1" must match/],
@@ -147,7 +149,7 @@ test('links: 20 Mbit/s at 50 ms RTT, 100 Mbit/s at 10 ms RTT and 50/30 Mbit/s wi
   });
 });
 
-test('NAT: cone and strict map, filter and punch as their kinds say', { skip, timeout: 60_000 }, async () => {
+test('NAT: cone and strict map, filter and punch as their kinds say', { skip: skipNat, timeout: 60_000 }, async () => {
   await withLab(NAT_LAB, async lab => {
     const [srv, a, b, c] = await Promise.all([lab.probe('srv', { tcp: 7000, udp: [5000, 5001, 5002] }), ...['a', 'b', 'c'].map(h => lab.probe(h, { tcp: 7000, udp: [4000] }))]);
     const S = lab.addr('srv'), pub = { a: lab.addr('r1'), b: lab.addr('r2'), c: lab.addr('r3') };
@@ -231,21 +233,33 @@ test('bench hook: runOverLink runs a server and a client over one shaped link an
   assert.deepEqual(listNamespaces().filter(n => /^snl/.test(n) && !n.includes('zz-probe')).filter(n => n.includes(process.pid.toString(36).padStart(5, '0'))), []);
 });
 
-/** Starts tests/netlab/crash-child.ts in one mode and reads the {prefix, pids} line it prints. */
-async function crashChild(mode: 'throw' | 'hang'): Promise<{ child: ReturnType<typeof spawn>; prefix: string; pids: number[] }> {
+/** Starts tests/netlab/crash-child.ts in one mode and parses the JSON line it prints first. */
+async function startChild(mode: 'throw' | 'hang' | 'badcc'): Promise<{ child: ReturnType<typeof spawn>; first: Record<string, unknown> }> {
   const child = spawn(process.execPath, [path.join(import.meta.dirname, 'netlab', 'crash-child.ts'), mode], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr!.on('data', d => { stderr += d; });
   const first = await within(createInterface({ input: child.stdout! })[Symbol.asyncIterator]().next(), 20_000,
     `crash-child ${mode} printed nothing in 20 s: ${stderr}`, () => child.kill('SIGKILL'));
   if (first.done) throw new Error(`crash-child ${mode} exited early: ${stderr}`);
-  const { prefix, pids } = JSON.parse(first.value) as { prefix: string; pids: number[] };
+  return { child, first: JSON.parse(first.value) as Record<string, unknown> };
+}
+
+async function crashChild(mode: 'throw' | 'hang'): Promise<{ child: ReturnType<typeof spawn>; prefix: string; pids: number[] }> {
+  const { child, first } = await startChild(mode);
+  const { prefix, pids } = first as { prefix: string; pids: number[] };
   assert.ok(pids.length >= 2, `crash-child's lab has its delay device and a sleep: ${pids}`);
   return { child, prefix, pids };
 }
 
 const exitOf = (child: ReturnType<typeof spawn>): Promise<[number | null, NodeJS.Signals | null]> =>
   within(once(child, 'exit') as Promise<[number | null, NodeJS.Signals | null]>, 20_000, 'crash-child did not exit in 20 s', () => child.kill('SIGKILL'));
+
+test('clean-up: a lab that fails half-built is removed, and its error names the link and the device\'s stderr', { skip, timeout: 30_000 }, async () => {
+  const { child, first } = await startChild('badcc');
+  await exitOf(child);
+  assert.match(String(first.error), /^netlab: link 0 \(a–b\): delay device exited \(2\) before it was ready: fake delay device: cannot open the wire$/);
+  assert.deepEqual(first.left, [], 'namespaces of the failed lab remain');
+});
 
 test('clean-up: an uncaught exception and SIGTERM tear the lab down; after SIGKILL the next sweep does', { skip, timeout: 90_000 }, async () => {
   const thrown = await crashChild('throw');

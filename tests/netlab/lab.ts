@@ -127,6 +127,9 @@ export interface LabOptions {
 
 /** Builds the lab of `spec`; on any failure everything made so far is removed before the error is thrown. */
 export async function createLab(spec: LabSpec, opts: LabOptions = {}): Promise<Lab> {
+  const maxSeconds = opts.maxSeconds ?? DEFAULT_MAX_SECONDS, rtPriority = opts.rtPriority ?? DEFAULT_RT_PRIORITY;
+  if (!Number.isInteger(maxSeconds) || maxSeconds < 1 || maxSeconds > 86400) throw new Error(`netlab: maxSeconds must be an integer in [1, 86400], got ${maxSeconds}`);
+  if (!Number.isInteger(rtPriority) || rtPriority < 0 || rtPriority > 99) throw new Error(`netlab: rtPriority must be an integer in [0, 99], got ${rtPriority}`);
   sweepLeftovers();
   if (sequence >= 36 * 36 - 1) throw new Error('netlab: more than 1295 labs in one process');   // zz: labSupport's probe
   const prefix = FAMILY + process.pid.toString(36).padStart(5, '0') + (sequence++).toString(36).padStart(2, '0');
@@ -134,7 +137,7 @@ export async function createLab(spec: LabSpec, opts: LabOptions = {}): Promise<L
   const needDelay = plan.links.some(l => l.delayABus > 0 || l.delayBAus > 0);
   const why = labSupport({ delay: needDelay, nat: [...plan.nodes.values()].some(n => n.nat) });
   if (why) throw new Error(`netlab: ${why}`);
-  const lab = new Lab(plan, opts.maxSeconds ?? DEFAULT_MAX_SECONDS, opts.rtPriority ?? DEFAULT_RT_PRIORITY);
+  const lab = new Lab(plan, maxSeconds, rtPriority);
   installExitHandlers();
   live.add(lab);
   try {
@@ -245,7 +248,7 @@ export class Lab {
         for (const [dev, mbit] of [[w.wireB, l.rateAB], [w.wireA, l.rateBA]] as const) {
           if (mbit === undefined) continue;
           const burst = Math.max(16 << 10, Math.ceil(mbit * 1e6 / 8 * 0.002));   // 2 ms at the rate, at least 16 KiB
-          tc.push(`qdisc add dev ${dev} root tbf rate ${mbit}mbit burst ${burst} limit ${l.queueBytes}`);
+          tc.push(`qdisc add dev ${dev} root tbf rate ${Math.round(mbit * 1000)}kbit burst ${burst} limit ${Math.round(l.queueBytes)}`);
         }
         if (tc.length) tcPerNs.set(w.ns, tc);
       }
@@ -278,9 +281,10 @@ export class Lab {
     child.stderr!.on('data', d => { stderr = (stderr + d).slice(-2000); });
     const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
     const failed = once(child, 'exit').then(([code, sig]) => { throw new Error(`netlab: link ${l.index} (${l.a}–${l.b}): delay device exited (${sig ?? code}) before it was ready: ${stderr.trim()}`); });
-    const first = await within(Promise.race([lines.next(), failed]), 5000, () => `netlab: link ${l.index}: delay device not ready within 5000 ms: ${stderr.trim()}`);
+    const first = await within(Promise.race([lines.next(), failed]), 5000, () => `netlab: link ${l.index} (${l.a}–${l.b}): delay device not ready within 5000 ms: ${stderr.trim()}`);
     failed.catch(() => { /* exits after ready are teardown's business */ });
-    if (first.done || first.value !== 'ready') throw new Error(`netlab: link ${l.index}: delay device said "${String(first.value)}" instead of "ready": ${stderr.trim()}`);
+    if (first.done) await within(failed, 2000, () => `netlab: link ${l.index} (${l.a}–${l.b}): delay device closed its output before it was ready: ${stderr.trim()}`);
+    if (first.value !== 'ready') throw new Error(`netlab: link ${l.index} (${l.a}–${l.b}): delay device said "${String(first.value)}" instead of "ready": ${stderr.trim()}`);
     this.devices.set(l.index, { child, lines });
   }
 

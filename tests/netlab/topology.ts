@@ -41,6 +41,7 @@ export class NetlabSpecError extends Error {
 export const MAX_NODES = 64;
 export const MAX_LINKS = 256;
 const NAME_RE = /^[a-z][a-z0-9]{0,11}$/;
+export const MIN_RATE_MBIT = 0.01;      // 10 kbit/s: tc gets whole kbit/s
 export const MAX_RATE_MBIT = 100_000;
 export const MAX_DELAY_MS = 10_000;
 
@@ -80,10 +81,10 @@ export interface Plan {
   links: PlannedLink[];
 }
 
-function positive(v: number | undefined, what: string, max: number, allowZero: boolean): number | undefined {
+function inRange(v: number | undefined, what: string, min: number, max: number): number | undefined {
   if (v === undefined) return undefined;
-  if (typeof v !== 'number' || !Number.isFinite(v) || v < 0 || (!allowZero && v === 0) || v > max)
-    throw new NetlabSpecError(`${what} must be a number in ${allowZero ? '[0' : '(0'}, ${max}], got ${String(v)}`);
+  if (typeof v !== 'number' || !Number.isFinite(v) || v < min || v > max)
+    throw new NetlabSpecError(`${what} must be a number in [${min}, ${max}], got ${String(v)}`);
   return v;
 }
 
@@ -110,13 +111,13 @@ export function planLab(spec: LabSpec, prefix: string): Plan {
       if (!NAT_KINDS.includes(l.natKind)) throw new NetlabSpecError(`${where}: natKind must be one of ${NAT_KINDS.join(', ')}, got "${String(l.natKind)}"`);
       if (nb.kind !== 'router') throw new NetlabSpecError(`${where}: natKind needs b to be a router (the NAT), "${nb.name}" is a host`);
     }
-    const rateAB = positive(l.rateMbit, `${where}: rateMbit`, MAX_RATE_MBIT, false);
-    const rateBA = positive(l.rateMbitBA, `${where}: rateMbitBA`, MAX_RATE_MBIT, false) ?? rateAB;
-    const delayAB = positive(l.delayMs, `${where}: delayMs`, MAX_DELAY_MS, true) ?? 0;
-    const delayBA = positive(l.delayMsBA, `${where}: delayMsBA`, MAX_DELAY_MS, true) ?? delayAB;
+    const rateAB = inRange(l.rateMbit, `${where}: rateMbit`, MIN_RATE_MBIT, MAX_RATE_MBIT);
+    const rateBA = inRange(l.rateMbitBA, `${where}: rateMbitBA`, MIN_RATE_MBIT, MAX_RATE_MBIT) ?? rateAB;
+    const delayAB = inRange(l.delayMs, `${where}: delayMs`, 0, MAX_DELAY_MS) ?? 0;
+    const delayBA = inRange(l.delayMsBA, `${where}: delayMsBA`, 0, MAX_DELAY_MS) ?? delayAB;
     const rttS = (delayAB + delayBA) / 1000;
     const bdp = Math.max(rateAB ?? 0, rateBA ?? 0) * 1e6 / 8 * rttS;
-    const queueBytes = positive(l.queueBytes, `${where}: queueBytes`, 1 << 30, false) ?? Math.max(64 << 10, Math.ceil(1.5 * bdp));
+    const queueBytes = inRange(l.queueBytes, `${where}: queueBytes`, 4096, 1 << 30) ?? Math.max(64 << 10, Math.ceil(1.5 * bdp));
     const tag = `${prefix}l${index.toString(36)}`;       // <= 10 + 1 + 2 chars, + 1 below: within IFNAMSIZ (15)
     const shaped = rateAB !== undefined || rateBA !== undefined || delayAB > 0 || delayBA > 0;
     na.links.push(index);
