@@ -7,7 +7,8 @@
 // other as on one Ethernet segment) with PACKET_VNET_HDR, which keeps GSO super-frames (up to 64 KiB) and
 // partial checksums intact from one veth to the other: one syscall moves up to 44 segments. Each frame is due
 // at its kernel arrival time (SO_TIMESTAMPNS) + the delay; frames leave in arrival order (the delay is constant
-// per direction). A frame that does not fit in the direction's QUEUE_BYTES ring is dropped and counted.
+// per direction). A frame that does not fit in the direction's QUEUE_BYTES ring is dropped and counted
+// (dropsQueue); so are the shaper's tail drops (dropsShaper: send() says ENOBUFS) and anything else (dropsOther).
 // RT_PRIORITY > 0 asks for SCHED_FIFO at that priority, so that the wire keeps its timing on a loaded machine
 // (the loop sleeps between due frames; the kernel's RT throttling bounds it anyway); 0 keeps the normal policy.
 // Prints "ready" once both sockets are bound; on SIGUSR1 and at exit (SIGTERM/SIGINT, MAX_SECONDS, or the
@@ -55,7 +56,8 @@ typedef struct {
   int64_t delay_ns;
   uint8_t *ring;
   size_t cap, head, tail, used;  /* bytes; head = oldest record, tail = next free byte */
-  uint64_t frames, bytes, drops_queue, drops_send, gso;
+  uint64_t frames, bytes, drops_queue, drops_send, drops_other, gso;
+  int last_errno;              /* of the last send that failed with something other than ENOBUFS */
   uint64_t hist[HIST_N];
   int64_t late_max_ns;
   int blocked;                 /* the last send said EAGAIN: wait for POLLOUT */
@@ -148,7 +150,7 @@ static void drain(dir_t *d) {
       die("recvmsg", d->name);
     }
     if (from.sll_pkttype == PACKET_OUTGOING) continue;     /* our own writes, where IGNORE_OUTGOING is missing */
-    if ((size_t)n > sizeof buf || (size_t)n <= sizeof(struct virtio_net_hdr)) { d->drops_queue++; continue; }
+    if ((size_t)n > sizeof buf || (size_t)n <= sizeof(struct virtio_net_hdr)) { d->drops_other++; continue; }  /* truncated or empty */
     int64_t now_mono = clock_ns(CLOCK_MONOTONIC), arrival = now_mono;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
       if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
@@ -175,7 +177,8 @@ static int64_t flush(dir_t *d, int64_t now) {
     if (r->due_ns > now) return r->due_ns;
     ssize_t n = send(d->out_fd, r + 1, r->len, MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) { d->blocked = 1; return now + 1000000; }  /* POLLOUT or 1 ms */
-    if (n < 0) d->drops_send++;                           /* ENOBUFS: the shaper's queue is full (a tail drop) */
+    if (n < 0 && errno == ENOBUFS) d->drops_send++;       /* the shaper's queue is full: a tail drop */
+    else if (n < 0) { d->drops_other++; d->last_errno = errno; }
     else {
       d->frames++;
       d->bytes += r->len - sizeof(struct virtio_net_hdr);
@@ -212,8 +215,8 @@ static void dump(const dir_t *d0, const dir_t *d1, const char *why) {
   for (int i = 0; i < 2; i++) {
     const dir_t *d = ds[i];
     printf(",\"%s\":{\"frames\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"gsoFrames\":%" PRIu64 ",\"dropsQueue\":%" PRIu64
-           ",\"dropsShaper\":%" PRIu64 ",\"lateP50Us\":%ld,\"lateP99Us\":%ld,\"lateMaxUs\":%" PRId64 ",\"queuedBytes\":%zu}",
-           d->name, d->frames, d->bytes, d->gso, d->drops_queue, d->drops_send, pct_us(d, 0.5), pct_us(d, 0.99),
+           ",\"dropsShaper\":%" PRIu64 ",\"dropsOther\":%" PRIu64 ",\"lastError\":\"%s\",\"lateP50Us\":%ld,\"lateP99Us\":%ld,\"lateMaxUs\":%" PRId64 ",\"queuedBytes\":%zu}",
+           d->name, d->frames, d->bytes, d->gso, d->drops_queue, d->drops_send, d->drops_other, d->last_errno ? strerror(d->last_errno) : "", pct_us(d, 0.5), pct_us(d, 0.99),
            d->late_max_ns / 1000, d->used);
   }
   printf("}\n");

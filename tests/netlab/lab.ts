@@ -26,7 +26,7 @@ const DEFAULT_MAX_SECONDS = 3600;
 const KILL_GRACE_MS = 1000;
 const DEFAULT_RT_PRIORITY = 10;
 
-export interface DirectionStats { frames: number; bytes: number; gsoFrames: number; dropsQueue: number; dropsShaper: number; lateP50Us: number; lateP99Us: number; lateMaxUs: number; queuedBytes: number }
+export interface DirectionStats { frames: number; bytes: number; gsoFrames: number; dropsQueue: number; dropsShaper: number; dropsOther: number; lastError: string; lateP50Us: number; lateP99Us: number; lateMaxUs: number; queuedBytes: number }
 /** What a link's delay device reports: CPU time (the kernel's delivery into the far end's stack runs in the
  *  device's send() and counts as its system time), loop wake-ups, and per direction frames, drops and lateness. */
 export interface DeviceStats { cpuMs: number; userMs: number; sysMs: number; wakeups: number; a2b: DirectionStats; b2a: DirectionStats }

@@ -128,10 +128,17 @@ async function bulk(sock: Socket, bytes: number, timeoutMs: number): Promise<Jso
   const reply = firstLine(sock, timeoutMs, 64 << 20);
   sock.write(`bulk ${bytes}\n`);
   const chunk = Buffer.alloc(64 << 10, 0x5a);
+  const deadline = performance.now() + timeoutMs;
   for (let left = bytes; left > 0;) {
     const n = Math.min(left, chunk.length);
     left -= n;
-    if (!sock.write(n === chunk.length ? chunk : chunk.subarray(0, n))) await new Promise(r => sock.once('drain', r));
+    if (!sock.write(n === chunk.length ? chunk : chunk.subarray(0, n))) {
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`bulk: ${bytes - left} of ${bytes} bytes sent within ${timeoutMs} ms`)), Math.max(0, deadline - performance.now()));
+        sock.once('drain', () => { clearTimeout(timer); resolve(); });
+        sock.once('close', () => { clearTimeout(timer); reject(new Error(`bulk: connection closed after ${bytes - left} of ${bytes} bytes`)); });
+      });
+    }
   }
   const { line } = await reply;
   return JSON.parse(line) as Json;
