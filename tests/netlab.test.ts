@@ -10,7 +10,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { createLab, labSupport, listNamespaces, listRootInterfaces, sweepLeftovers, type Lab } from './netlab/lab.ts';
-import { runOverLink } from './netlab/bench.ts';
+import { runOverLink, starSpec, withLab as benchWithLab } from './netlab/bench.ts';
 import { FRAME_PER_PAYLOAD, rateOf, type ProbeAgent } from './netlab/probe-client.ts';
 import { NetlabSpecError, planLab, type LabSpec } from './netlab/topology.ts';
 
@@ -217,7 +217,7 @@ test('NAT: cone and strict map, filter and punch as their kinds say', { skip: sk
   });
 });
 
-test('bench hook: runOverLink runs a server and a client over one shaped link and reports both', { skip, timeout: 60_000 }, async () => {
+test('bench hooks: runOverLink runs a server and a client over one shaped link; starSpec joins access lines at a hub', { skip, timeout: 60_000 }, async () => {
   const server = `require('node:net').createServer(s => s.end('hi ' + s.remoteAddress)).listen(7200, process.env.NETLAB_SERVER_ADDR, () => console.log('listening'))`;
   // three connects, the fastest reported (the first one also pays for Node's lazy set-up), then one read
   const client = `const net = require('node:net'); (async () => { let best = Infinity;
@@ -234,7 +234,14 @@ test('bench hook: runOverLink runs a server and a client over one shaped link an
   assert.ok(connectMs >= 15 && connectMs < 15 * 1.2, `TCP connect takes one round trip (10 + 5 ms): ${r.client.stdout}`);
   assert.match(r.client.stdout, new RegExp(`hi ${r.addr.client.replace(/\./g, '\\.')}`), 'the server sees the client\'s own address');
   assert.ok(r.device && r.device.a2b.frames > 0 && r.device.b2a.frames > 0, `device statistics: ${JSON.stringify(r.device)}`);
-  assert.deepEqual(listNamespaces().filter(n => /^snl/.test(n) && !n.includes('zz-probe')).filter(n => n.includes(process.pid.toString(36).padStart(5, '0'))), []);
+  assert.deepEqual(listNamespaces().filter(n => n.startsWith(`snl${process.pid.toString(36).padStart(5, '0')}`)), [], 'runOverLink left its lab');
+
+  // starSpec: two access lines through a hub router; the round trip is the sum of both lines' round trips
+  const rtt = await benchWithLab(starSpec({ x: { delayMs: 4, rateMbit: 100 }, y: { delayMs: 6, rateMbit: 50 } }), async lab => {
+    assert.equal(lab.plan.nodes.get('hub')!.kind, 'router');
+    return (await lab.measure('x', 'y', { bytes: 0, pings: 10 })).rttMs.median;
+  });
+  assert.ok(Math.abs(rtt - 20) <= 2, `x↔y round trip ${rtt.toFixed(2)} ms, set 2 × (4 + 6) = 20 ms`);
 });
 
 /** Starts tests/netlab/crash-child.ts in one mode and parses the JSON line it prints first. */
