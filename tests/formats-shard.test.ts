@@ -42,7 +42,7 @@ test('shard: the bytes are what the safetensors file writer writes, and their sh
     const w = t.nf4.get('model.layers.0.self_attn.q_proj.weight')!;
     await writeSafetensors(join(dir, 'x.safetensors'), [
       { name: 'model.layers.0.self_attn.q_proj.weight', dtype: 'U8', shape: [w.packed.length, 1], data: w.packed },
-      { name: 'model.layers.0.self_attn.q_proj.weight.absmax', dtype: 'F32', shape: [w.absmax.length], data: w.absmax },
+      { name: 'model.layers.0.self_attn.q_proj.weight.absmax', dtype: 'F32', shape: [(w.absmax as Float32Array).length], data: w.absmax as Float32Array },
       ...[...t.float].map(([name, f]) => ({ name, dtype: 'F32' as const, shape: f.shape, data: f.data })),
     ], { format: 'pt', 'swarmtune.nf4': JSON.stringify({ 'model.layers.0.self_attn.q_proj.weight': [6, 5, 32] }) });
     assert.deepEqual(new Uint8Array(await readFile(join(dir, 'x.safetensors'))), blob);

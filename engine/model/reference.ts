@@ -14,14 +14,26 @@ const NF4_LUT = [
   0.7229568362236023, 1.0,
 ].map(Math.fround);
 
+/** Block b's absmax: float32 as stored, or bitsandbytes double quantization decoded as bitsandbytes does it
+ *  (dequantize_blockwise: float32 code·nested_absmax; then absmax += offset in float32). */
+function blockAbsmax(w: NF4Weight, b: number): number {
+  const a = w.absmax;
+  if (a instanceof Float32Array) return a[b];
+  const scaled = Math.fround(a.code[a.codes[b]] * a.nestedAbsmax[Math.floor(b / a.nestedBlocksize)]);
+  return Math.fround(scaled + a.offset);
+}
+
 /** NF4 weight → float64 [rows*cols] (flat blocks, element 2j in the high nibble) */
 export function dequantNF4F64(w: NF4Weight): Float64Array {
   const n = w.rows * w.cols;
   const out = new Float64Array(n);
+  let block = -1, absmax = 0;
   for (let i = 0; i < n; i++) {
     const byte = w.packed[i >> 1];
     const code = (i & 1) === 0 ? byte >> 4 : byte & 0xf;
-    out[i] = NF4_LUT[code] * w.absmax[Math.floor(i / w.blocksize)];
+    const b = Math.floor(i / w.blocksize);
+    if (b !== block) { block = b; absmax = blockAbsmax(w, b); }
+    out[i] = NF4_LUT[code] * absmax;
   }
   return out;
 }
