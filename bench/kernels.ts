@@ -4,6 +4,7 @@
 // compare GEMM GFLOP/s with the FMA peak measured in the same run.
 import { NativeBackend, defaultThreadCount, loadNativeAddon } from '../engine/backends/native.ts';
 import type { NF4Weight } from '../engine/formats/nf4.ts';
+import { nf4ConstantsBytes } from '../engine/formats/nf4.ts';
 
 function rand(n: number, seed: number): Float32Array {
   let s = seed >>> 0 || 1;
@@ -79,7 +80,7 @@ export async function benchKernels(opts: { threads?: number } = {}): Promise<obj
     const dequant = {
       shape: `${R}x${Cc}`, ms: round(dqMs, 2),
       gbps_f32_out: round(R * Cc * 4 / (dqMs / 1e3) / 1e9, 2),
-      gbps_packed_in: round((W.packed.length + W.absmax.length * 4) / (dqMs / 1e3) / 1e9, 2),
+      gbps_packed_in: round((W.packed.length + nf4ConstantsBytes(W)) / (dqMs / 1e3) / 1e9, 2),
     };
     // attention of the bench model: B=4, S=256, H=8, KV=4, D=64
     const B = 4, S = 256, H = 8, KV = 4, D = 64, T = B * S;
