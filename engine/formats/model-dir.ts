@@ -25,6 +25,9 @@ export interface ModelDir {
   tokenizer: Tokenizer | null;
   /** true when the linear weights are stored bitsandbytes NF4 */
   prequantized: boolean;
+  /** true when getNF4 gives double-quantized absmax: the stored form of a prequantized checkpoint, else the
+   *  doubleQuant option (bnb_4bit_use_double_quant) */
+  doubleQuant: boolean;
   /** things the engine handles approximately (e.g. Mistral's sliding_window), to show the user */
   notes: string[];
   /** checkpoint tensors the model never reads (already reported through the warn callback) */
@@ -163,9 +166,10 @@ export async function openModelDir(dir: string, opts: OpenModelDirOptions = {}):
     }
     const q0 = 'model.layers.0.self_attn.q_proj.weight';
     const prequantized = tensors.has(q0) && isBnbQuantized(tensors, q0);
+    const doubleQuant = prequantized ? tensors.has(`${q0}.nested_absmax`) : opts.doubleQuant ?? true;
     const tokenizer = await Tokenizer.fromDir(dir);
     return {
-      dir, config, tokenizer, prequantized, notes: configNotes(config), unusedTensors,
+      dir, config, tokenizer, prequantized, doubleQuant, notes: configNotes(config), unusedTensors,
       weights: new SafetensorsWeightSource(config, tensors, dir, 64, opts.doubleQuant ?? true),
       close: () => tensors.close(),
     };
