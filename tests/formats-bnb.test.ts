@@ -39,6 +39,18 @@ test('quant_state JSON bytes and key names exactly as bitsandbytes writes them',
   assert.deepEqual([...ts[1].data], [0, 255]);
   assert.deepEqual([...decodeToFloat32('F32', ts[2].data)], [...NF4_CODE]);
   assert.deepEqual([...decodeToFloat32('F32', ts[4].data)], [...createDynamicMap(true)]);
+  // held double-quantized (what quantize-on-load gives with bnb_4bit_use_double_quant): the same state in memory,
+  // and written from it the same bytes
+  const H = quantizeNF4(data, 4, 32, 64, { doubleQuant: true });
+  assert.deepEqual([...H.absmax.codes], [0, 255]);
+  assert.deepEqual([...H.absmax.nestedAbsmax], [1]);
+  assert.equal(H.absmax.offset, 2);
+  assert.equal(H.absmax.nestedBlocksize, 256);
+  assert.deepEqual([...H.absmax.code], [...createDynamicMap(true)]);
+  assert.deepEqual(H.packed, W.packed);
+  assert.deepEqual(bnbTensors('model.layers.0.self_attn.q_proj.weight', H, { doubleQuant: true, dtype: 'bfloat16' }), ts);
+  // the float32 absmax it decodes to: code[0]·1 + 2 and code[255]·1 + 2
+  assert.deepEqual([...decodeAbsmax(H.absmax)], [Math.fround(createDynamicMap(true)[0] + 2), 3]);
   const plain = bnbTensors('m.weight', W, { doubleQuant: false, dtype: 'float16' });
   const plainQs = '{"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [4, 32]}';
   assert.deepEqual(plain.map((t) => [t.name, t.dtype, t.shape]), [
