@@ -1,9 +1,11 @@
-// CPU kernel benchmark: measured FMA peak, GEMM / NF4-fused GEMM GFLOP/s, NF4 dequant GB/s, attention ms (prints JSON when run directly).
+// CPU kernel benchmark: measured FMA peak, GEMM / NF4-fused GEMM GFLOP/s (float32 and double-quantized absmax), NF4 dequant
+// GB/s, attention ms (prints JSON when run directly).
 //
 // Timings are the best of a few repetitions after a warm-up; on a shared machine they are noisy, so
 // compare GEMM GFLOP/s with the FMA peak measured in the same run.
 import { NativeBackend, defaultThreadCount, loadNativeAddon } from '../engine/backends/native.ts';
 import type { NF4Weight } from '../engine/formats/nf4.ts';
+import { nf4ConstantsBytes, withDoubleQuant } from '../engine/formats/nf4.ts';
 
 function rand(n: number, seed: number): Float32Array {
   let s = seed >>> 0 || 1;
@@ -52,17 +54,24 @@ export async function benchKernels(opts: { threads?: number } = {}): Promise<obj
       const X = rand(M * K, 1), Wf = rand(N * K, 2), DY = rand(M * N, 3);
       const Y = new Float32Array(M * N), DX = new Float32Array(M * K), DW = new Float32Array(N * K);
       const W = randNF4(N, K, 4);
+      // the same codes with the absmax double-quantized (bnb_4bit_use_double_quant): decoded in the panel packing
+      const Wdq = withDoubleQuant(W);
       const flop = 2 * M * N * K;
       const gf = (ms: number) => round(flop / (ms / 1e3) / 1e9);
       const plain = await bestMs(() => be.gemm(false, true, M, N, K, 1, X, Wf, 0, Y));
       const plainNN = await bestMs(() => be.gemm(false, false, M, K, N, 1, DY, Wf, 0, DX));
       const nf4 = await bestMs(() => be.gemmNF4(M, X, W, 0, Y));
       const nf4T = await bestMs(() => be.gemmNF4T(M, DY, W, 0, DX));
+      const nf4dq = await bestMs(() => be.gemmNF4(M, X, Wdq, 0, Y));
+      const nf4Tdq = await bestMs(() => be.gemmNF4T(M, DY, Wdq, 0, DX));
       const wgrad = await bestMs(() => be.gemm(true, false, N, K, M, 1, DY, X, 1, DW));
       gemm.push({
         shape: `${M}x${N}x${K}`,
         'gflops_x·Wt_f32': gf(plain), 'gflops_dY·W_f32': gf(plainNN),
-        'gflops_x·Wt_nf4': gf(nf4), 'gflops_dY·W_nf4': gf(nf4T), 'gflops_dYt·X_wgrad': gf(wgrad),
+        'gflops_x·Wt_nf4': gf(nf4), 'gflops_dY·W_nf4': gf(nf4T), 'gflops_x·Wt_nf4dq': gf(nf4dq), 'gflops_dY·W_nf4dq': gf(nf4Tdq),
+        'gflops_dYt·X_wgrad': gf(wgrad),
+        // time with double-quantized absmax over time with float32 absmax, minus 1 (negative: noise)
+        'dq_overhead_x·Wt': round(nf4dq / nf4 - 1, 3), 'dq_overhead_dY·W': round(nf4Tdq / nf4T - 1, 3),
       });
     }
     // LoRA rank-16 GEMMs of a 512→1536 layer over 1024 tokens: x·Aᵀ, (xAᵀ)·Bᵀ, dB = dYᵀ·(xAᵀ), dA = (dY·B)ᵀ·x
@@ -76,10 +85,13 @@ export async function benchKernels(opts: { threads?: number } = {}): Promise<obj
     // NF4 dequantization throughput on a 4096×4096 weight (64 MiB of float32 output)
     const R = 4096, Cc = 4096, W = randNF4(R, Cc, 9), out = new Float32Array(R * Cc);
     const dqMs = await bestMs(() => be.dequantNF4(W, out), 3);
+    const Wdq = withDoubleQuant(W);
+    const dqDqMs = await bestMs(() => be.dequantNF4(Wdq, out), 3);
     const dequant = {
       shape: `${R}x${Cc}`, ms: round(dqMs, 2),
       gbps_f32_out: round(R * Cc * 4 / (dqMs / 1e3) / 1e9, 2),
-      gbps_packed_in: round((W.packed.length + W.absmax.length * 4) / (dqMs / 1e3) / 1e9, 2),
+      gbps_packed_in: round((W.packed.length + nf4ConstantsBytes(W)) / (dqMs / 1e3) / 1e9, 2),
+      double_quant_ms: round(dqDqMs, 2), double_quant_overhead: round(dqDqMs / dqMs - 1, 3),
     };
     // attention of the bench model: B=4, S=256, H=8, KV=4, D=64
     const B = 4, S = 256, H = 8, KV = 4, D = 64, T = B * S;

@@ -63,6 +63,17 @@ export function renderTables(r: J, source: string): string {
       ])));
     const nf4 = gemm.map((g) => Number(g['of_peak_x·Wt_nf4']));
     headline.push(['NF4-fused GEMM x·Wᵀ, share of FMA peak', `${pct(Math.min(...nf4))}–${pct(Math.max(...nf4))}`]);
+    if (gemm.some((g) => g['gflops_x·Wt_nf4dq'] !== undefined)) {
+      const sign = (x: unknown) => (typeof x === 'number' && Number.isFinite(x) ? `${x >= 0 ? '+' : ''}${(100 * x).toFixed(1)}%` : '–');
+      out.push('', 'The same NF4 GEMMs with the absmax double-quantized (bnb_4bit_use_double_quant: 8-bit codes and a float32 absmax per 256 blocks, ' +
+        'decoded per block inside the fused panel packing): GFLOP/s and the time relative to float32 absmax (noise is a few %).', '',
+        table(['shape', 'x·Wᵀ NF4 + double quant', 'time vs float32 absmax', 'dY·W NF4 + double quant', 'time vs float32 absmax'], gemm.map((g) => [
+          String(g.shape), `${num(g['gflops_x·Wt_nf4dq'])} (${pct(g['of_peak_x·Wt_nf4dq'])})`, sign(g['dq_overhead_x·Wt']),
+          `${num(g['gflops_dY·W_nf4dq'])} (${pct(g['of_peak_dY·W_nf4dq'])})`, sign(g['dq_overhead_dY·W']),
+        ])));
+      const ov = gemm.flatMap((g) => [Number(g['dq_overhead_x·Wt']), Number(g['dq_overhead_dY·W'])]);
+      headline.push(['NF4 GEMM time, double-quantized vs float32 absmax', `${sign(Math.min(...ov))} to ${sign(Math.max(...ov))}`]);
+    }
     const lora = arr(k.lora_gemm, 'kernels.lora_gemm');
     out.push('', 'LoRA rank-16 products of a 512→1536 layer over 1024 tokens:', '',
       table(['op', 'shape', 'ms', 'GFLOP/s'], lora.map((l) => [String(l.op), String(l.shape), num(l.ms), num(l.gflops)])));
@@ -70,9 +81,28 @@ export function renderTables(r: J, source: string): string {
     const at = obj(k.attention, 'kernels.attention');
     out.push('', table(['kernel', 'figure'], [
       [`NF4 dequantization ${String(dq.shape)}`, `${num(dq.ms)} ms: ${num(dq.gbps_f32_out)} GB/s of float32 written + ${num(dq.gbps_packed_in)} GB/s of codes and absmax read = ${num(dq.bytes_moved_GBps)} GB/s moved, ${pct(dq.of_memcpy_bandwidth)} of the memcpy bandwidth`],
+      ...(dq.double_quant_ms !== undefined ? [[`NF4 dequantization ${String(dq.shape)}, double-quantized absmax`, `${num(dq.double_quant_ms)} ms (${num(100 * Number(dq.double_quant_overhead))}% vs float32 absmax)`]] : []),
       [`causal GQA attention ${String(at.shape)}`, `forward ${num(at.fwd_ms)} ms (${num(at.fwd_gflops)} GFLOP/s), backward ${num(at.bwd_ms)} ms (${num(at.bwd_gflops)} GFLOP/s)`],
     ]));
     headline.push(['NF4 dequantization, bytes moved vs memcpy', pct(dq.of_memcpy_bandwidth)]);
+  }
+
+  if (r.memory !== undefined) {
+    const me = obj(r.memory, 'memory');
+    const s = obj(me.shape, 'memory.shape');
+    const runs = arr(me.runs, 'memory.runs');
+    out.push('', '### Memory of a loaded stage (bench/memory.ts)', '',
+      `The whole model as one stage on the native backend, one child process per row: ${num(s.layers)} layers, hidden ${num(s.hidden)}, intermediate ${num(s.intermediate)}, ` +
+      `GQA ${num(s.heads)}/${num(s.kvHeads)}, vocab ${num(s.vocab)}, BF16 checkpoint, LoRA r=${num(me.lora_r)} on all 7 targets. *Held* = bytes of the stage's NF4 weights ` +
+      '(packed codes + constants; a nested map shared between weights counted once) per linear parameter; theory = 4 + 8/64 + 32/(64·256) bits with double quantization, ' +
+      '4 + 32/64 without; GPU = the resident layout of `stc_nf4_resident_bytes` (256-byte aligned parts, one map per weight). *Plan* = the bytes `plan` counts for of what a loaded stage holds ' +
+      '(NF4 + constants, bf16 embeddings and lm_head, fp32 norms and LoRA weights, no activations), against the growth of the process ArrayBuffer bytes and RSS ' +
+      '(after GC; RSS also keeps freed transients the allocator holds on to of quantizing on load).', '',
+      table(['stage loaded from', 'held bits/param', 'theory', 'GPU resident', 'plan NF4 / held', 'plan (MiB)', 'ArrayBuffers (MiB)', 'RSS growth (MiB)', 'peak RSS (MiB)'], runs.map((x) => [
+        String(x.config), `**${num(x.bits_per_param)}**`, num(x.theory_bits_per_param), num(x.gpu_resident_bits_per_param), num(x.plan_over_held_nf4),
+        num(x.plan_loaded_stage_mib), `${num(x.array_buffers_mib)} (${num(x.array_buffers_over_plan)}× plan)`, `${num(x.rss_mib)} (${num(x.rss_over_plan)}× plan)`, num(x.peak_rss_mib),
+      ])), '', `Double quantization saves ${num(me.saved_bits_per_param)} bits per parameter (paper: ${num(me.paper_saving_bits_per_param)}).`);
+    headline.push(['NF4 bits per parameter held by a stage, double quant / without', `${num(runs[0]?.bits_per_param)} / ${num(runs[1]?.bits_per_param)} (theory 4.127 / 4.5)`]);
   }
 
   if (r.model !== undefined) {

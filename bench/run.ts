@@ -1,9 +1,10 @@
 // `npm run bench`: every benchmark, one JSON object on stdout (progress on stderr), also written to
 // bench/results/latest.json. Render docs/benchmarks.md from it with `node bench/report.ts --write`.
 //
-//   node bench/run.ts [--only kernels,model,swarm,net] [--quick] [--out FILE]
+//   node bench/run.ts [--only kernels,memory,model,swarm,net] [--quick] [--out FILE]
 //
-// Sections: machine (always), kernels, model (+ the PyTorch baseline), swarm, net. Heavy parts run in
+// Sections: machine (always), kernels, memory (a loaded stage's NF4 bytes per parameter and RSS against plan),
+// model (+ the PyTorch baseline), swarm, net. Heavy parts run in
 // child processes (the model bench for its own peak RSS, the swarm trace per wire codec, the CLI runs).
 // Other processes on the machine lower every figure: the load average is recorded before and after
 // each section.
@@ -13,13 +14,14 @@ import os from 'node:os';
 import path from 'node:path';
 import { defaultThreadCount } from '../engine/backends/native.ts';
 import { benchKernels } from './kernels.ts';
+import { benchMemory } from './memory.ts';
 import { benchMachine } from './machine.ts';
 import { benchNet } from './net.ts';
 import { benchSwarmCli } from './swarm-cli.ts';
 import { ensureBenchModelDir, writeLongTextData } from './fixtures.ts';
 import { NODE, ROOT, runJsonScript } from './procs.ts';
 
-const SECTIONS = ['kernels', 'model', 'swarm', 'net'] as const;
+const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net'] as const;
 type Section = typeof SECTIONS[number];
 
 export class BenchUsageError extends Error {
@@ -107,6 +109,9 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
       ...k, gemm,
       nf4_dequant: { ...dq, bytes_moved_GBps: Number((dq.gbps_f32_out! + dq.gbps_packed_in!).toFixed(2)), of_memcpy_bandwidth: Number(((dq.gbps_f32_out! + dq.gbps_packed_in!) / bw).toFixed(3)) },
     };
+  }
+  if (args.only.includes('memory')) {
+    result.memory = await section('memory', () => benchMemory({ quick: args.quick, log: (s) => log(s) }));
   }
   if (args.only.includes('model')) {
     result.model = await section('model', async () => {

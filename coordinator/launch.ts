@@ -96,7 +96,7 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const outputDir = path.resolve(train.output_dir);
   const dataDir = path.resolve(o.dataDir ?? path.join(outputDir, 'coordinator'));
   // the model and the data are read and checked before anything is written: a refusal leaves no data dir
-  const model = await openModelDir(train.model);
+  const model = await openModelDir(train.model, { doubleQuant: train.bnb_4bit_use_double_quant });
   await mkdir(dataDir, { recursive: true });
   const unlock = await lockDataDir(dataDir);
 
@@ -142,10 +142,11 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const coordinator = new Coordinator({
     node, store, blobs, runId, modelName: train.model, llama: model.config,
     modelConfigJson: JSON.stringify(model.config.raw), weights: model.weights, train, lora, data,
-    memory: stageMemoryFn(model.config, train, lora), minPeers: o.minPeers, pipelineStages,
+    memory: stageMemoryFn(model.config, train, lora, model.doubleQuant), minPeers: o.minPeers, pipelineStages,
     wireCodec: o.wireCodec, token, allowPeers, publicPull, initAdapter, resume, emit, log, config, logger,
   });
-  await coordinator.publishShards({ file: path.join(dataDir, 'shards.json'), key: await modelFilesKey(model.dir) });
+  // the shard blobs hold the absmax in the form the stages will (double-quantized or not): part of the cache key
+  await coordinator.publishShards({ file: path.join(dataDir, 'shards.json'), key: `${await modelFilesKey(model.dir)}:nf4-dq=${model.doubleQuant}` });
   await coordinator.start();
   const addrs = node.getMultiaddrs().map((m) => m.toString());
   emit({ event: 'listening', multiaddr: addrs[0], multiaddrs: addrs, peer_id: node.peerId.toString(), run_id: runId, token });

@@ -12,6 +12,7 @@
 // earlier op's kernel failed); argument mistakes throw CudaArgumentError before anything reaches the device.
 import type { Backend } from '../engine/backend.ts';
 import type { NF4Weight } from '../engine/formats/nf4.ts';
+import { isDoubleQuant } from '../engine/formats/nf4.ts';
 import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/optimizer.ts';
 import { CudaArgumentError, CudaError, toCudaError } from './errors.ts';
 import { checkNF4, dims, need } from './checks.ts';
@@ -103,7 +104,7 @@ export class CudaBackend implements Backend {
     this.device = device;
     this.gemmPrecision = gemmPrecision;
     this.#weights = new NF4WeightCache(weightCacheBytes, {
-      residentBytes: (W) => native.nf4ResidentBytes(W.rows, W.cols, W.blocksize),
+      residentBytes: (W) => native.nf4ResidentBytes(W.rows, W.cols, W.blocksize, isDoubleQuant(W.absmax) ? W.absmax.nestedBlocksize : 0),
       upload: async (W) => {
         let id = 0;
         await this.#run('nf4Upload', async (n, c) => { id = await n.nf4Upload(c, W.packed, W.absmax, W.rows, W.cols, W.blocksize); });
@@ -267,20 +268,22 @@ export class CudaBackend implements Backend {
     return { ...this.#weights.stats(), libraryCount: lib.count, libraryBytes: lib.bytes };
   }
 
-  /** Device bytes a resident copy of an NF4 weight of this geometry takes. */
-  nf4ResidentBytes(rows: number, cols: number, blocksize: number): number {
-    return this.#native.nf4ResidentBytes(rows, cols, blocksize);
+  /** Device bytes a resident copy of an NF4 weight of this geometry takes: float32 absmax, or double-quantized
+   *  constants with `nestedBlocksize` codes per nested absmax (bitsandbytes: 256). */
+  nf4ResidentBytes(rows: number, cols: number, blocksize: number, nestedBlocksize = 0): number {
+    return this.#native.nf4ResidentBytes(rows, cols, blocksize, nestedBlocksize);
   }
 
-  /** Times NF4 dequantization and the fused NF4 GEMM on device-resident random data (benchmarks). */
-  async benchNF4(opts: { M: number; rows: number; cols: number; blocksize?: number; iters?: number }): Promise<CudaNF4Bench> {
+  /** Times NF4 dequantization and the fused NF4 GEMM on device-resident random data (benchmarks), with float32
+   *  absmax or (doubleQuant) double-quantized constants decoded in the kernels. */
+  async benchNF4(opts: { M: number; rows: number; cols: number; blocksize?: number; iters?: number; doubleQuant?: boolean }): Promise<CudaNF4Bench> {
     const bs = opts.blocksize ?? 64, iters = opts.iters ?? 20;
     dims('benchNF4', { M: opts.M, rows: opts.rows, cols: opts.cols, iters });
     if (opts.M < 1 || opts.rows < 1 || opts.cols < 1 || iters < 1 || iters > 1000) {
       throw new CudaArgumentError(`CudaBackend.benchNF4: M, rows, cols must be >= 1 and iters in 1..1000 (got ${opts.M}, ${opts.rows}, ${opts.cols}, ${iters})`);
     }
     const out = new Float64Array(3);
-    await this.#run('benchNF4', (n, c) => n.benchNF4(c, opts.M, opts.rows, opts.cols, bs, iters, out));
+    await this.#run('benchNF4', (n, c) => n.benchNF4(c, opts.M, opts.rows, opts.cols, bs, opts.doubleQuant === true, iters, out));
     return { dequantGBs: out[0], dequantSeconds: out[1], gemmNF4Tflops: out[2] };
   }
 

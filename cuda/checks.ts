@@ -1,6 +1,7 @@
 // Argument contracts of the CUDA ops, checked on the host before anything reaches the device: a mistake is a
 // CudaArgumentError naming the op and the argument, never a kernel fault.
 import type { NF4Weight } from '../engine/formats/nf4.ts';
+import { checkNF4Absmax } from '../engine/formats/nf4.ts';
 import { CudaArgumentError } from './errors.ts';
 
 /** `arr` holds at least `n` elements (and `n` is a valid count). */
@@ -25,6 +26,10 @@ export function checkNF4(op: string, W: NF4Weight): number {
   }
   const n = W.rows * W.cols;
   need(op, `W.packed of [${W.rows},${W.cols}]`, W.packed, Math.ceil(n / 2));
-  need(op, `W.absmax of [${W.rows},${W.cols}] blocksize ${bs}`, W.absmax, Math.ceil(n / bs));
+  try {
+    checkNF4Absmax(W, `CudaBackend.${op}: W [${W.rows},${W.cols}] blocksize ${bs}`, true);
+  } catch (e) {
+    throw new CudaArgumentError((e as Error).message);
+  }
   return n;
 }

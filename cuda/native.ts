@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { dirname, join } from 'node:path';
 import { knobs } from '../engine/env.ts';
 import { toCudaError } from './errors.ts';
+import type { NF4Absmax } from '../engine/formats/nf4.ts';
 
 export interface CudaDeviceInfo {
   name: string;
@@ -44,11 +45,12 @@ export interface NativeCuda {
   memoryStats(ctx: Ctx): { poolBytes: number; peakPoolBytes: number };
   gemm(ctx: Ctx, tA: boolean, tB: boolean, M: number, N: number, K: number, alpha: number, A: DevArg,
     B: DevArg, beta: number, C: DevArg): Promise<void>;
-  gemmNF4(ctx: Ctx, M: number, X: DevArg, packed: Uint8Array, absmax: Float32Array, rows: number,
+  /** absmax: float32 per block, or the engine's double-quantized form (NF4DoubleQuant), host memory */
+  gemmNF4(ctx: Ctx, M: number, X: DevArg, packed: Uint8Array, absmax: NF4Absmax, rows: number,
     cols: number, blocksize: number, beta: number, Y: DevArg): Promise<void>;
-  gemmNF4T(ctx: Ctx, M: number, DY: DevArg, packed: Uint8Array, absmax: Float32Array, rows: number,
+  gemmNF4T(ctx: Ctx, M: number, DY: DevArg, packed: Uint8Array, absmax: NF4Absmax, rows: number,
     cols: number, blocksize: number, beta: number, DX: DevArg): Promise<void>;
-  dequantNF4(ctx: Ctx, packed: Uint8Array, absmax: Float32Array, rows: number, cols: number, blocksize: number,
+  dequantNF4(ctx: Ctx, packed: Uint8Array, absmax: NF4Absmax, rows: number, cols: number, blocksize: number,
     out: DevArg): Promise<void>;
   rmsnormForward(ctx: Ctx, out: DevArg, rstd: DevArg, x: DevArg, w: DevArg, T: number,
     C: number, eps: number): Promise<void>;
@@ -90,14 +92,16 @@ export interface NativeCuda {
   attentionGrid(B: number, S: number, H: number, D: number): {
     gridX: number; gridY: number; gridZ: number; threads: number; dimsPerThread: number; supported: boolean;
   };
-  nf4Upload(ctx: Ctx, packed: Uint8Array, absmax: Float32Array, rows: number, cols: number, blocksize: number): Promise<number>;
+  nf4Upload(ctx: Ctx, packed: Uint8Array, absmax: NF4Absmax, rows: number, cols: number, blocksize: number): Promise<number>;
   nf4Free(ctx: Ctx, id: number): Promise<void>;
-  nf4ResidentBytes(rows: number, cols: number, blocksize: number): number;
+  /** nestedBlocksize 0 (or absent): float32 absmax; else the double-quantized layout */
+  nf4ResidentBytes(rows: number, cols: number, blocksize: number, nestedBlocksize?: number): number;
   nf4Stats(ctx: Ctx): { count: number; bytes: number };
   gemmNF4Resident(ctx: Ctx, M: number, X: DevArg, id: number, beta: number, Y: DevArg): Promise<void>;
   gemmNF4TResident(ctx: Ctx, M: number, DY: DevArg, id: number, beta: number, DX: DevArg): Promise<void>;
   dequantNF4Resident(ctx: Ctx, id: number, out: DevArg): Promise<void>;
-  benchNF4(ctx: Ctx, M: number, rows: number, cols: number, blocksize: number, iters: number, out: Float64Array): Promise<void>;
+  benchNF4(ctx: Ctx, M: number, rows: number, cols: number, blocksize: number, doubleQuant: boolean, iters: number,
+    out: Float64Array): Promise<void>;
   devAlloc(ctx: Ctx, bytes: number): bigint;
   devFree(ctx: Ctx, addr: bigint, bytes: number): void;
   devStats(ctx: Ctx): { tensors: number; tensorBytes: number; poolInUseBytes: number };

@@ -12,7 +12,8 @@
 //
 // The device side is injected (upload/free), so this file holds only the policy; cuda/backend.ts wires
 // it to the library's stc_nf4_* functions.
-import type { NF4Weight } from '../engine/formats/nf4.ts';
+import type { NF4Absmax, NF4Weight } from '../engine/formats/nf4.ts';
+import { isDoubleQuant } from '../engine/formats/nf4.ts';
 import { CudaArgumentError } from './errors.ts';
 
 /** The device operations the cache needs. */
@@ -47,7 +48,7 @@ interface Entry {
   ready: Promise<void>;
   failed: boolean;
   packed: Uint8Array;
-  absmax: Float32Array;
+  absmax: NF4Absmax;
   rows: number;
   cols: number;
   blocksize: number;
@@ -61,21 +62,33 @@ export interface WeightLease {
   release(): void;
 }
 
-// Up to 32 bytes of packed and 8 absmax values, spread over the arrays: O(1) per call.
+// Up to 32 bytes of packed and 8 absmax values (or 8 codes, 4 nested absmax and the offset of double-quantized
+// constants), spread over the arrays: O(1) per call.
 function fingerprint(W: NF4Weight): number {
   let h = 0x811c9dc5;
-  const p = W.packed, a = W.absmax;
-  const np = Math.min(32, p.length), na = Math.min(8, a.length);
-  for (let i = 0; i < np; i++) {
-    const j = np === 1 ? 0 : Math.floor(i * (p.length - 1) / (np - 1));
-    h = Math.imul(h ^ p[j], 0x01000193);
-  }
   const f = new Float32Array(1), u = new Uint32Array(f.buffer);
-  for (let i = 0; i < na; i++) {
-    const j = na === 1 ? 0 : Math.floor(i * (a.length - 1) / (na - 1));
-    f[0] = a[j];
-    h = Math.imul(h ^ u[0], 0x01000193);
-  }
+  const bytes = (p: Uint8Array, count: number) => {
+    const np = Math.min(count, p.length);
+    for (let i = 0; i < np; i++) {
+      const j = np === 1 ? 0 : Math.floor(i * (p.length - 1) / (np - 1));
+      h = Math.imul(h ^ p[j], 0x01000193);
+    }
+  };
+  const floats = (a: Float32Array, count: number) => {
+    const na = Math.min(count, a.length);
+    for (let i = 0; i < na; i++) {
+      const j = na === 1 ? 0 : Math.floor(i * (a.length - 1) / (na - 1));
+      f[0] = a[j];
+      h = Math.imul(h ^ u[0], 0x01000193);
+    }
+  };
+  bytes(W.packed, 32);
+  const a = W.absmax;
+  if (isDoubleQuant(a)) {
+    bytes(a.codes, 8);
+    floats(a.nestedAbsmax, 4);
+    floats(Float32Array.of(a.offset), 1);
+  } else floats(a, 8);
   return h >>> 0;
 }
 

@@ -174,7 +174,7 @@ test('the addon validates the resident-weight functions before touching a device
   assert.throws(() => addon.gemmNF4Resident(null, 1, new Float32Array(1), 1, 0, new Float32Array(1)),
     isType(/gemmNF4Resident: argument 0/));
   assert.throws(() => addon.dequantNF4Resident(null, 1, new Float32Array(1)), isType(/dequantNF4Resident: argument 0/));
-  assert.throws(() => addon.benchNF4(null, 1, 64, 64, 64, 1, new Float64Array(3)), isType(/benchNF4: argument 0/));
+  assert.throws(() => addon.benchNF4(null, 1, 64, 64, 64, false, 1, new Float64Array(3)), isType(/benchNF4: argument 0/));
   assert.throws(() => addon.nf4ResidentBytes('64', 64, 64), isType(/nf4ResidentBytes: argument 0 must be a number/));
 });
 
@@ -196,15 +196,27 @@ test('the addon validates the device-tensor functions before touching a device',
   assert.throws(() => addon.pagedStep({}, 0, 4096n, 4096n), isType(/pagedStep: argument 0 must be a paged optimizer/));
 });
 
-test('resident NF4 size: packed codes padded to 256 bytes, then one float32 absmax per block', { skip: skipBuilt }, () => {
+test('resident NF4 size: packed codes padded to 256 bytes, then one float32 absmax per block, or the double-quantized constants', { skip: skipBuilt }, () => {
   const addon = loadCudaAddon()!;
+  const pad = (b: number) => Math.ceil(b / 256) * 256;
   for (const [rows, cols, bs] of [[1, 1, 64], [7, 33, 32], [70, 96, 64], [4096, 4096, 64], [14336, 4096, 64], [300, 129, 128], [3, 3, 4096]]) {
-    const n = rows * cols;
-    const want = Math.ceil(Math.ceil(n / 2) / 256) * 256 + 4 * Math.ceil(n / bs);
+    const n = rows * cols, blocks = Math.ceil(n / bs);
+    const want = pad(Math.ceil(n / 2)) + 4 * blocks;
     assert.equal(addon.nf4ResidentBytes(rows, cols, bs), want, `[${rows},${cols}] blocksize ${bs}`);
+    assert.equal(addon.nf4ResidentBytes(rows, cols, bs, 0), want, `[${rows},${cols}] blocksize ${bs}, nested 0`);
+    // double quantization: 8-bit codes, float32 nested absmax per 256 codes, the 256-entry map, each 256-aligned
+    for (const nbs of [256, 64, 4096]) {
+      const dq = pad(pad(pad(Math.ceil(n / 2)) + blocks) + 4 * Math.ceil(blocks / nbs)) + 4 * 256;
+      assert.equal(addon.nf4ResidentBytes(rows, cols, bs, nbs), dq, `[${rows},${cols}] blocksize ${bs} nested ${nbs}`);
+    }
   }
-  // the Backend contract's blocksizes only: powers of two in 32..4096
+  // 4096×4096, blocksize 64: 4 + 8/64 + 32/(64·256) bits per weight (+0.0005 for the map) instead of 4 + 0.5
+  const bits = addon.nf4ResidentBytes(4096, 4096, 64, 256) * 8 / (4096 * 4096);
+  assert.ok(Math.abs(bits - (4 + 8 / 64 + 32 / (64 * 256))) < 0.001, `double-quantized: ${bits} bits per weight`);
+  assert.equal(addon.nf4ResidentBytes(4096, 4096, 64) * 8 / (4096 * 4096), 4.5);
+  // the Backend contract's blocksizes only: powers of two in 32..4096; nested: bitsandbytes' 64..4096
   for (const [rows, cols, bs] of [[0, 4, 64], [4, 0, 64], [-1, 4, 64], [4, 4, 16], [4, 4, 8192], [4, 4, 96], [4, 4, 0]]) {
     assert.equal(addon.nf4ResidentBytes(rows, cols, bs), -1, `[${rows},${cols}] blocksize ${bs} accepted`);
   }
+  for (const nbs of [32, 100, 8192, -256]) assert.equal(addon.nf4ResidentBytes(64, 64, 64, nbs), -1, `nested blocksize ${nbs} accepted`);
 });

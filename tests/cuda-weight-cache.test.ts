@@ -13,15 +13,16 @@ import { NF4WeightCache, type WeightDevice } from '../cuda/weight-cache.ts';
 import { CudaArgumentError } from '../cuda/errors.ts';
 import { randomNF4 } from '../engine/model/random-model.ts';
 import { Rng } from '../engine/model/rng.ts';
-import type { NF4Weight } from '../engine/formats/nf4.ts';
+import type { NF4Absmax, NF4Weight } from '../engine/formats/nf4.ts';
+import { nf4ConstantsBytes } from '../engine/formats/nf4.ts';
 
 class HostDevice implements WeightDevice {
-  copies = new Map<number, { packed: Uint8Array; absmax: Float32Array }>();
+  copies = new Map<number, { packed: Uint8Array; absmax: NF4Absmax; bytes: number }>();
   log: string[] = [];
   nextId = 1;
   failNextUpload: Error | null = null;
   residentBytes(W: NF4Weight): number {
-    return W.packed.length + 4 * W.absmax.length;
+    return W.packed.length + nf4ConstantsBytes(W);
   }
   async upload(W: NF4Weight): Promise<number> {
     await new Promise((r) => setImmediate(r));  // uploads complete asynchronously, as on the device
@@ -31,7 +32,7 @@ class HostDevice implements WeightDevice {
       throw e;
     }
     const id = this.nextId++;
-    this.copies.set(id, { packed: W.packed.slice(), absmax: W.absmax.slice() });
+    this.copies.set(id, { packed: W.packed.slice(), absmax: structuredClone(W.absmax), bytes: this.residentBytes(W) });
     this.log.push(`upload ${id}`);
     return id;
   }
@@ -41,7 +42,7 @@ class HostDevice implements WeightDevice {
   }
   bytes(): number {
     let b = 0;
-    for (const c of this.copies.values()) b += c.packed.length + 4 * c.absmax.length;
+    for (const c of this.copies.values()) b += c.bytes;
     return b;
   }
 }
@@ -132,6 +133,16 @@ test('a cached weight that changed under the same object is a CudaArgumentError'
   await use(cache, dev, a);
   (a as { packed: Uint8Array }).packed = a.packed.slice();  // same content, other array: also refused
   await assert.rejects(cache.acquire(a), CudaArgumentError);
+  // double-quantized constants: a changed code, nested absmax or offset is caught too
+  const d = randomNF4(64, 64, 0.1, rng, 64, { doubleQuant: true });
+  assert.ok(await use(cache, dev, d), 'the double-quantized weight is resident');
+  for (const change of [() => { d.absmax.codes[0] ^= 1; }, () => { d.absmax.nestedAbsmax[0] *= 2; }, () => { d.absmax.offset = Math.fround(d.absmax.offset * 2); }]) {
+    const saved = structuredClone(d.absmax);
+    change();
+    await assert.rejects(cache.acquire(d), (e: Error) => e instanceof CudaArgumentError && /changed after it was cached/.test(e.message));
+    Object.assign(d.absmax, saved);
+    assert.ok(await use(cache, dev, d));
+  }
 });
 
 test('a failed upload is reported and leaves nothing accounted', async () => {

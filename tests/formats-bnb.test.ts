@@ -7,7 +7,7 @@ import { mkdtemp, writeFile, readFile, rm, readdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { bnbTensors, readBnbNF4, quantStateJson, parseQuantState } from '../engine/formats/bnb.ts';
-import { quantizeNF4, NF4_CODE, doubleQuantize } from '../engine/formats/nf4.ts';
+import { quantizeNF4, NF4_CODE, doubleQuantize, decodeAbsmax, isDoubleQuant } from '../engine/formats/nf4.ts';
 import { createDynamicMap } from '../engine/formats/dynamic-map.ts';
 import { writeSafetensors } from '../engine/formats/safetensors/write.ts';
 import { SafetensorsFile } from '../engine/formats/safetensors/read.ts';
@@ -39,6 +39,18 @@ test('quant_state JSON bytes and key names exactly as bitsandbytes writes them',
   assert.deepEqual([...ts[1].data], [0, 255]);
   assert.deepEqual([...decodeToFloat32('F32', ts[2].data)], [...NF4_CODE]);
   assert.deepEqual([...decodeToFloat32('F32', ts[4].data)], [...createDynamicMap(true)]);
+  // held double-quantized (what quantize-on-load gives with bnb_4bit_use_double_quant): the same state in memory,
+  // and written from it the same bytes
+  const H = quantizeNF4(data, 4, 32, 64, { doubleQuant: true });
+  assert.deepEqual([...H.absmax.codes], [0, 255]);
+  assert.deepEqual([...H.absmax.nestedAbsmax], [1]);
+  assert.equal(H.absmax.offset, 2);
+  assert.equal(H.absmax.nestedBlocksize, 256);
+  assert.deepEqual([...H.absmax.code], [...createDynamicMap(true)]);
+  assert.deepEqual(H.packed, W.packed);
+  assert.deepEqual(bnbTensors('model.layers.0.self_attn.q_proj.weight', H, { doubleQuant: true, dtype: 'bfloat16' }), ts);
+  // the float32 absmax it decodes to: code[0]·1 + 2 and code[255]·1 + 2
+  assert.deepEqual([...decodeAbsmax(H.absmax)], [Math.fround(createDynamicMap(true)[0] + 2), 3]);
   const plain = bnbTensors('m.weight', W, { doubleQuant: false, dtype: 'float16' });
   const plainQs = '{"quant_type": "nf4", "blocksize": 64, "dtype": "float16", "shape": [4, 32]}';
   assert.deepEqual(plain.map((t) => [t.name, t.dtype, t.shape]), [
@@ -69,9 +81,14 @@ test('bnb safetensors write → read: identical codes, absmax exact (plain) or a
       assert.deepEqual(R.packed, W.packed);
       if (!doubleQuant) assert.deepEqual(R.absmax, W.absmax);
       else {
+        // the stored form is kept: the file's own codes, nested absmax, map and offset, not an fp32 expansion
         const dq = doubleQuantize(W.absmax);
+        assert.ok(isDoubleQuant(R.absmax));
+        assert.deepEqual(R.absmax, dq);
+        assert.equal(R.absmax.code, dq.code, 'a map equal to the default one is shared, not held per weight');
+        const back = decodeAbsmax(R.absmax);
         for (let b = 0; b < W.absmax.length; b++) {
-          assert.ok(Math.abs(R.absmax[b] - W.absmax[b]) <= (0.9 / 128) * dq.nestedAbsmax[0] + 1e-7, `block ${b}`);
+          assert.ok(Math.abs(back[b] - W.absmax[b]) <= (0.9 / 128) * dq.nestedAbsmax[0] + 1e-7, `block ${b}`);
         }
       }
       await f.close();
@@ -148,20 +165,27 @@ test('quantize command output loads with openModelDir: same NF4 as on-the-fly, f
     await quantizeModelDir(src, outPlain, { doubleQuant: false });
     await assert.rejects(quantizeModelDir(src, outPlain), /plain already holds a checkpoint \(model.safetensors\)/);
     const m = await openModelDir(out), mp = await openModelDir(outPlain), ms = await openModelDir(src);
+    const msPlain = await openModelDir(src, { doubleQuant: false });
     try {
       assert.equal(m.prequantized, true);
       assert.equal(ms.prequantized, false);
       assert.equal(m.config.hiddenSize, 64);
       for (const [name, t] of weights) {
         if (name.endsWith('_proj.weight')) {
+          // on the fly with double quantization (the default) holds exactly what the quantize command wrote;
+          // without it, exactly the plain checkpoint's float32 absmax
           const fly = await ms.weights.getNF4(name);
+          const flyPlain = await msPlain.weights.getNF4(name);
           const q = await m.weights.getNF4(name);
           const qp = await mp.weights.getNF4(name);
           assert.deepEqual([q.rows, q.cols], t.shape);
           assert.deepEqual(q.packed, fly.packed, name);
           assert.deepEqual(qp.packed, fly.packed, name);
-          assert.deepEqual(qp.absmax, fly.absmax, name);
-          for (let b = 0; b < q.absmax.length; b++) assert.ok(Math.abs(q.absmax[b] - fly.absmax[b]) <= 1e-3 * fly.absmax[b] + 1e-6, `${name} block ${b}`);
+          assert.ok(isDoubleQuant(fly.absmax) && isDoubleQuant(q.absmax) && !isDoubleQuant(qp.absmax) && !isDoubleQuant(flyPlain.absmax), name);
+          assert.deepEqual(q.absmax, fly.absmax, name);
+          assert.deepEqual(qp.absmax, flyPlain.absmax, name);
+          const a = decodeAbsmax(q.absmax), ap = decodeAbsmax(qp.absmax);
+          for (let b = 0; b < a.length; b++) assert.ok(Math.abs(a[b] - ap[b]) <= 1e-3 * ap[b] + 1e-6, `${name} block ${b}`);
         } else {
           assert.deepEqual(await m.weights.getFloat(name), t.data, name); // BF16 copied bit for bit
         }
@@ -171,7 +195,7 @@ test('quantize command output loads with openModelDir: same NF4 as on-the-fly, f
       assert.deepEqual(f.metadata, { format: 'pt' });
       await f.close();
     } finally {
-      await m.close(); await mp.close(); await ms.close();
+      await m.close(); await mp.close(); await ms.close(); await msPlain.close();
     }
     await assert.rejects(openModelDir(join(dir, 'missing')), /missing: model directory does not exist/);
     await assert.rejects(openModelDir(dir), new RegExp(`${dir}: no config.json`));

@@ -178,7 +178,7 @@ test('double quantization round trip: offset is the mean, nested blocks of 256',
   for (const a of absmax) mean += a;
   mean /= n;
   assert.equal(dq.offset, f32(mean));
-  assert.equal(dq.qabsmax.length, n);
+  assert.equal(dq.codes.length, n);
   assert.equal(dq.nestedAbsmax.length, 3);
   assert.equal(dq.code.length, 256);
   const back = doubleDequantize(dq);

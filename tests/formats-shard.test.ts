@@ -8,7 +8,9 @@ import { join } from 'node:path';
 import { decodeShard, encodeShard, shardKindOf, shardTensorNames, stageShardNames } from '../engine/formats/shard.ts';
 import type { ShardTensors } from '../engine/formats/shard.ts';
 import { writeSafetensors } from '../engine/formats/safetensors/write.ts';
-import { quantizeNF4 } from '../engine/formats/nf4.ts';
+import { parseSafetensorsBytes } from '../engine/formats/safetensors/header.ts';
+import { quantizeNF4, withDoubleQuant } from '../engine/formats/nf4.ts';
+import { defaultDynamicMap } from '../engine/formats/dynamic-map.ts';
 import { sha256Hex } from '../protocol/hash.ts';
 import { tinyLlamaConfig } from '../engine/model/random-model.ts';
 
@@ -42,7 +44,7 @@ test('shard: the bytes are what the safetensors file writer writes, and their sh
     const w = t.nf4.get('model.layers.0.self_attn.q_proj.weight')!;
     await writeSafetensors(join(dir, 'x.safetensors'), [
       { name: 'model.layers.0.self_attn.q_proj.weight', dtype: 'U8', shape: [w.packed.length, 1], data: w.packed },
-      { name: 'model.layers.0.self_attn.q_proj.weight.absmax', dtype: 'F32', shape: [w.absmax.length], data: w.absmax },
+      { name: 'model.layers.0.self_attn.q_proj.weight.absmax', dtype: 'F32', shape: [(w.absmax as Float32Array).length], data: w.absmax as Float32Array },
       ...[...t.float].map(([name, f]) => ({ name, dtype: 'F32' as const, shape: f.shape, data: f.data })),
     ], { format: 'pt', 'swarmtune.nf4': JSON.stringify({ 'model.layers.0.self_attn.q_proj.weight': [6, 5, 32] }) });
     assert.deepEqual(new Uint8Array(await readFile(join(dir, 'x.safetensors'))), blob);
@@ -53,6 +55,38 @@ test('shard: the bytes are what the safetensors file writer writes, and their sh
   // that protocol/shard.ts had before it moved here): a changed encoding changes them
   assert.equal(sha256Hex(blob), '5081dce09ea7d985b7db1f90916ab824defb02f2b23e288778246963697c9139');
   assert.equal(sha256Hex(encodeShard({ nf4: new Map(), float: new Map() })), '5c6dbb679162cc1368eb1d9e4813c7bce4232eb71f373c96a5c50f37a7104e7a');
+});
+
+test('shard: double-quantized NF4 round trips in its 8-bit form (bitsandbytes names), the float32 form stays readable', () => {
+  const t = sample();
+  const plain = t.nf4.get('model.layers.0.self_attn.q_proj.weight')!;
+  // 300×129 at blocksize 64: 605 blocks, three nested blocks (the last partial)
+  const big = withDoubleQuant(quantizeNF4(Float32Array.from({ length: 300 * 129 }, (_, i) => Math.sin(i * 0.37) * (1 + (i % 11))), 300, 129));
+  const dq: ShardTensors = { nf4: new Map([['model.layers.0.self_attn.q_proj.weight', withDoubleQuant(plain)], ['model.layers.0.mlp.up_proj.weight', big]]), float: t.float };
+  const blob = encodeShard(dq);
+  const back = decodeShard(blob, 'blob');
+  for (const [name, w] of dq.nf4) assert.deepEqual(back.nf4.get(name), w, name);
+  const w = back.nf4.get('model.layers.0.mlp.up_proj.weight')!;
+  assert.ok(!(w.absmax instanceof Float32Array) && w.absmax.code === defaultDynamicMap(true), 'the decoded map is the shared default one');
+  assert.deepEqual(encodeShard(back), blob);
+  const { tensors, metadata } = parseSafetensorsBytes(blob, 'blob');
+  assert.deepEqual(tensors.filter((x) => x.name.startsWith('model.layers.0.mlp.up_proj')).map((x) => [x.name, x.dtype, x.shape]).sort(), [
+    ['model.layers.0.mlp.up_proj.weight', 'U8', [19350, 1]], ['model.layers.0.mlp.up_proj.weight.absmax', 'U8', [605]],
+    ['model.layers.0.mlp.up_proj.weight.nested_absmax', 'F32', [3]], ['model.layers.0.mlp.up_proj.weight.nested_quant_map', 'F32', [256]]]);
+  const meta = JSON.parse(metadata!['swarmtune.nf4']!) as Record<string, number[]>;
+  assert.deepEqual(meta['model.layers.0.mlp.up_proj.weight'], [300, 129, 64, 256, (big.absmax as { offset: number }).offset]);
+  // the 8-bit form is 1 byte per block + 4 per 256 blocks + the map, instead of 4 bytes per block
+  const dataBytes = (x: typeof big | typeof plain) => parseSafetensorsBytes(encodeShard({ nf4: new Map([['w', x]]), float: new Map() }), 'x')
+    .tensors.reduce((a, tt) => a + tt.dataOffsets[1] - tt.dataOffsets[0], 0);
+  const bigPlain = quantizeNF4(Float32Array.from({ length: 300 * 129 }, (_, i) => Math.sin(i * 0.37) * (1 + (i % 11))), 300, 129);
+  assert.equal(dataBytes(bigPlain), 19350 + 4 * 605);
+  assert.equal(dataBytes(big), 19350 + 605 + 4 * 3 + 4 * 256);
+  // a blob of the float32 form (written before double quantization) still decodes to float32 absmax
+  assert.deepEqual(decodeShard(encodeShard(t), 'old').nf4.get('model.layers.0.self_attn.q_proj.weight'), plain);
+  // parts missing or malformed are named
+  const noNested = withDoubleQuant(plain);
+  const cut = encodeShard({ nf4: new Map([['w', { ...noNested, absmax: { ...noNested.absmax, nestedAbsmax: new Float32Array(0) } }]]), float: new Map() });
+  assert.throws(() => decodeShard(cut, 'cut'), { name: 'ShardError', message: /cut: NF4 tensor w \[6, 5\] blocksize 32: .*nestedAbsmax has 0 entries, expected ceil\(1\/256\) = 1/ });
 });
 
 test('shard: malformed blobs are refused with a typed error', () => {

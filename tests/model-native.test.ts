@@ -47,10 +47,10 @@ async function trainOnce(stage: Stage, key: string, x: Int32Array, labels: Int32
   return { loss: f.lossSum!, grads };
 }
 
-test('native: whole-model logits of a random GQA model (tied and untied) match the float64 reference', async () => {
-  for (const tie of [false, true]) {
+test('native: whole-model logits of a random GQA model (tied and untied, double-quantized or float32 absmax) match the float64 reference', async () => {
+  for (const [tie, doubleQuant] of [[false, false], [true, false], [false, true]]) {
     const cfg = tinyLlamaConfig({ tieWordEmbeddings: tie });
-    const src = randomWeightSource(cfg, 31);
+    const src = randomWeightSource(cfg, 31, { doubleQuant });
     const st = await loadStage(src, native, { layerStart: 0, layerEnd: 2, lora });
     randomize(st, 2);
     const B = 2, S = 9;
@@ -60,7 +60,7 @@ test('native: whole-model logits of a random GQA model (tied and untied) match t
     let diff = 0, scale = 0;
     for (let i = 0; i < got.length; i++) { diff = Math.max(diff, Math.abs(got[i] - want[i])); scale = Math.max(scale, Math.abs(want[i])); }
     // float32 accumulation in blocked GEMMs over K ≤ 128 and ~30 chained ops: ~1e-5 relative expected
-    assert.ok(diff <= 2e-4 * Math.max(1, scale), `tie=${tie}: max |logit diff| ${diff} (scale ${scale})`);
+    assert.ok(diff <= 2e-4 * Math.max(1, scale), `tie=${tie} doubleQuant=${doubleQuant}: max |logit diff| ${diff} (scale ${scale})`);
   }
 });
 

@@ -8,6 +8,7 @@ import { RefBackend } from '../engine/backends/ref.ts';
 import { createBackend } from '../engine/backends/index.ts';
 import type { NF4Weight } from '../engine/formats/nf4.ts';
 import { registerBuiltinBackends } from '../bin/backends.ts';
+import { dequantizeNF4, doubleQuantize } from '../engine/formats/nf4.ts';
 
 // the backends by kind, as bin/swarmtune.ts registers them
 registerBuiltinBackends();
@@ -94,6 +95,43 @@ test('NF4: dequant, fused x·Wᵀ and dY·W match the reference (odd counts, col
       }
     }
   }
+});
+
+test('NF4 double quantization: the nested absmax decoded in the panel packing gives the reference bits, fused GEMMs match', async () => {
+  // every path of nf4_decode_run (AVX-512 runs of 16, runs straddling two blocks, the scalar tail, M < 4 streaming,
+  // packed panels) reads the 8-bit absmax; dequant must equal the reference bit for bit (bitsandbytes' float32
+  // product, then + offset: a fused multiply-add would differ in ~10% of blocks)
+  const cases = [[300, 129, 64, 256], [128, 256, 32, 256], [40, 300, 64, 64], [3, 43, 32, 256], [700, 64, 64, 4096]] as const;
+  let seed = 900;
+  for (const [rows, cols, bs, nbs] of cases) {
+    const plain = randNF4(rows, cols, bs, seed++);
+    const W: NF4Weight = { ...plain, absmax: doubleQuantize(plain.absmax as Float32Array, nbs) };
+    const what = `${rows}x${cols}/${bs} nested ${nbs}`;
+    const dn = new Float32Array(rows * cols), dr = new Float32Array(rows * cols);
+    await nb.dequantNF4(W, dn);
+    await ref.dequantNF4(W, dr);
+    assert.deepEqual(dn, dr, `dequant ${what}`);
+    assert.deepEqual(dn, dequantizeNF4(W), `dequant ${what} vs engine/formats/nf4.ts`);
+    for (const M of [1, 3, 7, 50]) {
+      const X = randn(M * cols, seed++), Yn = randn(M * rows, seed), Yr = Yn.slice();
+      await nb.gemmNF4(M, X, W, 1, Yn);
+      await ref.gemmNF4(M, X, W, 1, Yr);
+      close(`gemmNF4 M=${M} ${what}`, Yn, Yr, 3e-5 * Math.sqrt(cols), 1e-5);
+      const DY = randn(M * rows, seed++), DXn = new Float32Array(M * cols).fill(NaN), DXr = new Float32Array(M * cols);
+      await nb.gemmNF4T(M, DY, W, 0, DXn);
+      await ref.gemmNF4T(M, DY, W, 0, DXr);
+      close(`gemmNF4T M=${M} ${what}`, DXn, DXr, 3e-5 * Math.sqrt(rows), 1e-5);
+    }
+  }
+  const plain = randNF4(64, 64, 64, 5);
+  const dq = doubleQuantize(plain.absmax as Float32Array);
+  const out = new Float32Array(64 * 64);
+  await assert.rejects(nb.dequantNF4({ ...plain, absmax: { ...dq, nestedBlocksize: 100 } }, out),
+    (e: Error) => e instanceof NativeOpError && /dequantNF4: W\.absmax\.nestedBlocksize=100 must be a power of two in 64\.\.4096/.test(e.message));
+  await assert.rejects(nb.dequantNF4({ ...plain, absmax: { ...dq, codes: dq.codes.subarray(1) } }, out), /W\.absmax\.codes has length 63, expected at least 64/);
+  await assert.rejects(nb.dequantNF4({ ...plain, absmax: { ...dq, code: dq.code.subarray(0, 16) } }, out), /W\.absmax\.code has length 16, expected at least 256/);
+  await assert.rejects(nb.dequantNF4({ ...plain, absmax: { ...dq, offset: 0.1 } }, out), /W\.absmax\.offset=0\.1(0*1)? must be a finite float32 value/);
+  await assert.rejects(ref.dequantNF4({ ...plain, absmax: { ...dq, nestedAbsmax: new Float32Array(0) } }, out), { name: 'RefOpError', message: /nestedAbsmax has 0 entries/ });
 });
 
 test('rmsnorm, swiglu, embedding, rope match the reference', async () => {

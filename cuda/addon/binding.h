@@ -144,6 +144,47 @@ struct Args {
     refs.push_back(Napi::Persistent(v.As<Napi::Object>()));
     return static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset();
   }
+  // The quantization constants of an NF4 weight: a float32 absmax buffer (f32: a Float32Array or a device
+  // address), or bitsandbytes double quantization as the engine holds it, an object {codes: Uint8Array,
+  // nestedAbsmax: Float32Array, code: Float32Array, offset: number, nestedBlocksize: number} (host arrays; the
+  // library checks the nested blocksize and the offset, the caller the array lengths).
+  stc_nf4_absmax nf4absmax(size_t i) {
+    stc_nf4_absmax a{};
+    if (!ok) return a;
+    Napi::Value v = info[i];
+    if (v.IsBigInt() || v.IsTypedArray()) {
+      a.absmax = f32(i);
+      return a;
+    }
+    if (!v.IsObject()) {
+      bad(i, "a Float32Array, a device address (BigInt) or a double-quantized absmax object");
+      return a;
+    }
+    Napi::Object o = v.As<Napi::Object>();
+    Napi::Value nbs = o.Get("nestedBlocksize"), off = o.Get("offset");
+    a.qabsmax = prop<uint8_t>(i, o, "codes", napi_uint8_array, "a double-quantized absmax with codes: Uint8Array", true);
+    a.nested_absmax = prop<float>(i, o, "nestedAbsmax", napi_float32_array, "a double-quantized absmax with nestedAbsmax: Float32Array");
+    a.code = prop<float>(i, o, "code", napi_float32_array, "a double-quantized absmax with code: Float32Array");
+    if (ok && (!nbs.IsNumber() || !off.IsNumber())) bad(i, "a double-quantized absmax with numeric offset and nestedBlocksize");
+    if (!ok) return a;
+    a.offset = (float)off.As<Napi::Number>().DoubleValue();
+    a.nested_blocksize = (int)nbs.As<Napi::Number>().DoubleValue();
+    return a;
+  }
+  // A typed-array property of an object argument (kept alive with the op like every typed array).
+  template <class T>
+  T* prop(size_t i, Napi::Object o, const char* key, napi_typedarray_type want, const char* name, bool input_only = false) {
+    if (!ok) return nullptr;
+    Napi::Value v = o.Get(key);
+    if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != want) {
+      bad(i, name);
+      return nullptr;
+    }
+    if (!input_only) host = true;
+    Napi::TypedArray t = v.As<Napi::TypedArray>();
+    refs.push_back(Napi::Persistent(v.As<Napi::Object>()));
+    return reinterpret_cast<T*>(static_cast<uint8_t*>(t.ArrayBuffer().Data()) + t.ByteOffset());
+  }
   int32_t* i32a(size_t i) { return arr<int32_t>(i, napi_int32_array, "an Int32Array", false, true); }
   // bytes the op writes or keeps using (optimizer state): host memory, worker path
   uint8_t* u8(size_t i) { return arr<uint8_t>(i, napi_uint8_array, "a Uint8Array"); }

@@ -17,19 +17,20 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   return a.run([=] { return stc_gemm(c, tA, tB, M, N, K, alpha, A, B, beta, C); });
 }
 
-// (ctx, M, X|DY, packed, absmax, rows, cols, blocksize, beta, Y|DX)
+// (ctx, M, X|DY, packed, absmax, rows, cols, blocksize, beta, Y|DX); absmax: Float32Array, device address, or the
+// double-quantized object (Args::nf4absmax)
 Napi::Value GemmNF4Common(const Napi::CallbackInfo& info, bool transposed) {
   Args a(info, transposed ? "gemmNF4T" : "gemmNF4");
   stc_ctx* c = a.ctx(0);
   int M = a.i32(1);
   const float* X = a.f32(2);
   const uint8_t* P = a.u8in(3);
-  const float* S = a.f32(4);
+  stc_nf4_absmax S = a.nf4absmax(4);
   int rows = a.i32(5), cols = a.i32(6), bs = a.i32(7);
   float beta = (float)a.num(8);
   float* Y = a.f32(9);
-  if (transposed) return a.run([=] { return stc_gemm_nf4t(c, M, X, P, S, rows, cols, bs, beta, Y); });
-  return a.run([=] { return stc_gemm_nf4(c, M, X, P, S, rows, cols, bs, beta, Y); });
+  if (transposed) return a.run([=] { return stc_gemm_nf4t(c, M, X, P, &S, rows, cols, bs, beta, Y); });
+  return a.run([=] { return stc_gemm_nf4(c, M, X, P, &S, rows, cols, bs, beta, Y); });
 }
 Napi::Value GemmNF4(const Napi::CallbackInfo& info) { return GemmNF4Common(info, false); }
 Napi::Value GemmNF4T(const Napi::CallbackInfo& info) { return GemmNF4Common(info, true); }
@@ -38,10 +39,10 @@ Napi::Value DequantNF4(const Napi::CallbackInfo& info) {
   Args a(info, "dequantNF4");
   stc_ctx* c = a.ctx(0);
   const uint8_t* P = a.u8in(1);
-  const float* S = a.f32(2);
+  stc_nf4_absmax S = a.nf4absmax(2);
   int rows = a.i32(3), cols = a.i32(4), bs = a.i32(5);
   float* out = a.f32(6);
-  return a.run([=] { return stc_dequant_nf4(c, P, S, rows, cols, bs, out); });
+  return a.run([=] { return stc_dequant_nf4(c, P, &S, rows, cols, bs, out); });
 }
 
 Napi::Value RmsnormForward(const Napi::CallbackInfo& info) {

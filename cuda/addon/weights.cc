@@ -4,17 +4,20 @@
 namespace stc_addon {
 namespace {
 
-// (ctx, packed, absmax, rows, cols, blocksize) -> Promise<{id}>: resolves to the weight id; bytes via nf4ResidentBytes
+// (ctx, packed, absmax, rows, cols, blocksize) -> Promise<{id}>: resolves to the weight id; bytes via nf4ResidentBytes.
+// absmax: a Float32Array or the double-quantized object (Args::nf4absmax), host memory
 Napi::Value Nf4Upload(const Napi::CallbackInfo& info) {
   Args a(info, "nf4Upload");
   stc_ctx* c = a.ctx(0);
   const uint8_t* P = a.u8(1);
-  const float* S = a.f32h(2);
+  stc_nf4_absmax S{};
+  if (a.ok && info[2].IsBigInt()) a.bad(2, "a Float32Array or a double-quantized absmax object (host memory)");
+  else S = a.nf4absmax(2);
   int rows = a.i32(3), cols = a.i32(4), bs = a.i32(5);
   auto result = std::make_shared<double>(0);
   return a.run([=] {
     int64_t id = 0, bytes = 0;
-    int s = stc_nf4_upload(c, P, S, rows, cols, bs, &id, &bytes);
+    int s = stc_nf4_upload(c, P, &S, rows, cols, bs, &id, &bytes);
     *result = (double)id;
     return s;
   }, result);
@@ -29,11 +32,13 @@ Napi::Value Nf4Free(const Napi::CallbackInfo& info) {
   return a.run([=] { return stc_nf4_free(c, id); });
 }
 
+// (rows, cols, blocksize[, nestedBlocksize]): nestedBlocksize 0 or absent = float32 absmax
 Napi::Value Nf4ResidentBytes(const Napi::CallbackInfo& info) {
   Args a(info, "nf4ResidentBytes");
   int rows = a.i32(0), cols = a.i32(1), bs = a.i32(2);
+  int nbs = info.Length() > 3 && !info[3].IsUndefined() ? a.i32(3) : 0;
   if (!a.ok) return info.Env().Undefined();
-  return Napi::Number::New(info.Env(), (double)stc_nf4_resident_bytes(rows, cols, bs));
+  return Napi::Number::New(info.Env(), (double)stc_nf4_resident_bytes(rows, cols, bs, nbs));
 }
 
 Napi::Value Nf4Stats(const Napi::CallbackInfo& info) {
@@ -72,14 +77,15 @@ Napi::Value DequantNF4Resident(const Napi::CallbackInfo& info) {
   return a.run([=] { return stc_dequant_nf4_resident(c, id, out); });
 }
 
-// (ctx, M, rows, cols, blocksize, iters, out Float64Array[3])
+// (ctx, M, rows, cols, blocksize, doubleQuant, iters, out Float64Array[3])
 Napi::Value BenchNF4(const Napi::CallbackInfo& info) {
   Args a(info, "benchNF4");
   stc_ctx* c = a.ctx(0);
-  int M = a.i32(1), rows = a.i32(2), cols = a.i32(3), bs = a.i32(4), iters = a.i32(5);
-  double* out = a.arr<double>(6, napi_float64_array, "a Float64Array");
-  if (a.ok && info[6].As<Napi::TypedArray>().ElementLength() < 3) a.bad(6, "a Float64Array of at least 3 elements");
-  return a.run([=] { return stc_bench_nf4(c, M, rows, cols, bs, iters, out); });
+  int M = a.i32(1), rows = a.i32(2), cols = a.i32(3), bs = a.i32(4);
+  int dq = a.flag(5), iters = a.i32(6);
+  double* out = a.arr<double>(7, napi_float64_array, "a Float64Array");
+  if (a.ok && info[7].As<Napi::TypedArray>().ElementLength() < 3) a.bad(7, "a Float64Array of at least 3 elements");
+  return a.run([=] { return stc_bench_nf4(c, M, rows, cols, bs, dq, iters, out); });
 }
 
 }  // namespace

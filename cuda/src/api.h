@@ -76,11 +76,26 @@ STC_API int stc_memory_stats(stc_ctx* ctx, int64_t* pool_bytes, int64_t* peak_by
 
 STC_API int stc_gemm(stc_ctx* ctx, int transA, int transB, int M, int N, int K, float alpha,
                      const float* A, const float* B, float beta, float* C);
-STC_API int stc_gemm_nf4(stc_ctx* ctx, int M, const float* X, const uint8_t* packed, const float* absmax,
+
+/** The quantization constants of an NF4 weight of n = rows * cols elements in ceil(n / blocksize) blocks:
+ *  float32 absmax per block, or bitsandbytes double quantization when absmax is NULL, where block b's absmax
+ *  is code[qabsmax[b]] * nested_absmax[b / nested_blocksize] + offset (a float32 product, then a float32 sum:
+ *  never fused, as bitsandbytes computes it). The arrays follow the same host/device rules as the packed codes
+ *  (qabsmax) and the float buffers (absmax, nested_absmax, code). */
+typedef struct stc_nf4_absmax {
+  const float* absmax;         /* ceil(n / blocksize) floats, or NULL for double quantization */
+  const uint8_t* qabsmax;      /* double quantization: one code per block */
+  const float* nested_absmax;  /* double quantization: ceil(blocks / nested_blocksize) floats */
+  const float* code;           /* double quantization: the 256-entry map the codes index */
+  float offset;                /* double quantization: added after the product */
+  int nested_blocksize;        /* double quantization: a power of two in 64..4096 (bitsandbytes: 256) */
+} stc_nf4_absmax;
+
+STC_API int stc_gemm_nf4(stc_ctx* ctx, int M, const float* X, const uint8_t* packed, const stc_nf4_absmax* absmax,
                          int rows, int cols, int blocksize, float beta, float* Y);
-STC_API int stc_gemm_nf4t(stc_ctx* ctx, int M, const float* DY, const uint8_t* packed, const float* absmax,
+STC_API int stc_gemm_nf4t(stc_ctx* ctx, int M, const float* DY, const uint8_t* packed, const stc_nf4_absmax* absmax,
                           int rows, int cols, int blocksize, float beta, float* DX);
-STC_API int stc_dequant_nf4(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int rows, int cols,
+STC_API int stc_dequant_nf4(stc_ctx* ctx, const uint8_t* packed, const stc_nf4_absmax* absmax, int rows, int cols,
                             int blocksize, float* out);
 
 /** Device-resident NF4 weights. stc_nf4_upload copies a weight to device memory once (its own
@@ -88,11 +103,13 @@ STC_API int stc_dequant_nf4(stc_ctx* ctx, const uint8_t* packed, const float* ab
  *  of uploading it on every call. The caller owns the lifetime: stc_nf4_free releases it, and
  *  stc_close releases whatever is left. Ids are never reused: a freed or unknown id fails with
  *  STC_E_INVALID. The library does not watch the host copy: callers must only cache frozen weights. */
-STC_API int stc_nf4_upload(stc_ctx* ctx, const uint8_t* packed, const float* absmax, int rows, int cols,
+STC_API int stc_nf4_upload(stc_ctx* ctx, const uint8_t* packed, const stc_nf4_absmax* absmax, int rows, int cols,
                            int blocksize, int64_t* weight_id, int64_t* device_bytes);
 STC_API int stc_nf4_free(stc_ctx* ctx, int64_t weight_id);
-/** device bytes an NF4 weight of this geometry takes when resident (-1 for an invalid geometry) */
-STC_API int64_t stc_nf4_resident_bytes(int rows, int cols, int blocksize);
+/** device bytes an NF4 weight of this geometry takes when resident: the packed codes, then (each at a 256-byte
+ *  boundary) float32 absmax, or for nested_blocksize > 0 (double quantization) the 8-bit codes, the nested
+ *  absmax and the 256-entry map; -1 for an invalid geometry */
+STC_API int64_t stc_nf4_resident_bytes(int rows, int cols, int blocksize, int nested_blocksize);
 /** resident weights held by the context: how many and their device bytes */
 STC_API int stc_nf4_stats(stc_ctx* ctx, int64_t* count, int64_t* bytes);
 STC_API int stc_gemm_nf4_resident(stc_ctx* ctx, int M, const float* X, int64_t weight_id, float beta, float* Y);
@@ -173,9 +190,11 @@ STC_API void stc_paged_destroy(stc_paged_opt* opt);
 STC_API int stc_probe(stc_ctx* ctx, double* gemm_tflops, double* bandwidth_gbs);
 
 /** NF4 kernels timed on device-resident data (no host transfers): a random weight [rows, cols] is
- *  built on the device; out[0] = dequantization GB/s (packed + absmax read, fp32 written),
- *  out[1] = dequantization seconds per call, out[2] = fused NF4 GEMM (X[M,cols]·Wᵀ) TFLOP/s. */
-STC_API int stc_bench_nf4(stc_ctx* ctx, int M, int rows, int cols, int blocksize, int iters, double* out3);
+ *  built on the device, with float32 absmax or (double_quant = 1) double-quantized constants;
+ *  out[0] = dequantization GB/s (packed + constants read, fp32 written), out[1] = dequantization seconds per
+ *  call, out[2] = fused NF4 GEMM (X[M,cols]·Wᵀ) TFLOP/s. */
+STC_API int stc_bench_nf4(stc_ctx* ctx, int M, int rows, int cols, int blocksize, int double_quant, int iters,
+                          double* out3);
 
 /** Pure launch math exposed for host-side tests (no device needed). */
 STC_API int stc_gemm_grid(int M, int N, int use_tensor_cores, int* grid_x, int* grid_y, int* threads);

@@ -83,12 +83,18 @@ class Pool {
   int64_t in_use_ = 0;  // bytes handed out and not yet released
 };
 
-// A device-resident NF4 weight (stc_nf4_upload): packed codes then float32 absmax in one allocation.
+// A device-resident NF4 weight (stc_nf4_upload): packed codes then the quantization constants in one allocation:
+// float32 absmax, or (double quantization, qabsmax set) the 8-bit codes, the nested absmax and the 256-entry map.
 struct DevNF4 {
   void* base = nullptr;      // cudaMalloc'd, owned
   size_t bytes = 0;
   const uint8_t* packed = nullptr;
   const float* absmax = nullptr;
+  const uint8_t* qabsmax = nullptr;
+  const float* nested = nullptr;
+  const float* code = nullptr;
+  float offset = 0.0f;
+  int log2nbs = 0;
   int rows = 0, cols = 0, log2bs = 0;
 };
 

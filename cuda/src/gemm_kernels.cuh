@@ -40,6 +40,34 @@ struct LoadNF4 {
   }
 };
 
+// The absmax of NF4 block b held double-quantized (bitsandbytes compress_statistics): the 8-bit code's value
+// times its nested absmax, then + offset, rounded as bitsandbytes rounds them (__fmul_rn/__fadd_rn are never
+// contracted into an FMA).
+struct AbsmaxDQ {
+  const uint8_t* __restrict__ q;
+  const float* __restrict__ nested;
+  const float* __restrict__ code;
+  float offset;
+  int log2nbs;
+  __device__ __forceinline__ float operator()(int64_t b) const {
+    return __fadd_rn(__fmul_rn(__ldg(code + __ldg(q + b)), __ldg(nested + (b >> log2nbs))), offset);
+  }
+};
+
+// LoadNF4 with double-quantized absmax: the nested absmax is decoded inside the tile load, per element.
+struct LoadNF4DQ {
+  const uint8_t* __restrict__ packed;
+  AbsmaxDQ absmax;
+  int64_t ld;
+  int log2bs;
+  __device__ __forceinline__ float operator()(int64_t r, int64_t c, const float* lut) const {
+    int64_t f = r * ld + c;
+    unsigned b = __ldg(packed + (f >> 1));
+    unsigned code = (f & 1) ? (b & 0xFu) : (b >> 4);
+    return lut[code] * absmax(f >> log2bs);
+  }
+};
+
 // ---- tensor-core path: 128x128 block tile, BK 32, 8 warps each owning 64x32 ----
 constexpr int TC_BM = 128, TC_BN = 128, TC_BK = 32, TC_THREADS = 256;
 // +8 bf16 padding keeps rows 16-byte aligned and spreads banks ([[maybe_unused]]: sm_75 compiles the body out)

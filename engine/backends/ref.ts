@@ -5,6 +5,7 @@
 // Buffers may be longer than the op needs (callers reuse scratch buffers); shorter is an error.
 import type { Backend } from '../backend.ts';
 import type { NF4Weight } from '../formats/nf4.ts';
+import { checkNF4Absmax, isDoubleQuant } from '../formats/nf4.ts';
 
 /** bitsandbytes NF4 code table (get_4bit_type("nf4")), index = 4-bit code (facts §1). All values are
  *  exactly representable in float32, so float64 products lut·absmax of float32 absmax are exact. */
@@ -45,10 +46,22 @@ export function checkNF4Weight(op: string, W: NF4Weight): number {
   if (W.packed.length < Math.ceil(n / 2)) {
     throw new RefOpError(`RefBackend.${op}: W.packed has length ${W.packed.length}, expected ${Math.ceil(n / 2)} for [${W.rows},${W.cols}]`);
   }
-  if (W.absmax.length < Math.ceil(n / bs)) {
-    throw new RefOpError(`RefBackend.${op}: W.absmax has length ${W.absmax.length}, expected ${Math.ceil(n / bs)} for [${W.rows},${W.cols}] blocksize ${bs}`);
+  try {
+    checkNF4Absmax(W, `RefBackend.${op}: W [${W.rows},${W.cols}] blocksize ${bs}`, true);
+  } catch (e) {
+    throw new RefOpError((e as Error).message);
   }
   return n;
+}
+
+/** Block b's absmax as bitsandbytes holds it: the float32 value, or for double quantization
+ *  f32(f32(code[codes[b]] · nestedAbsmax[b / nestedBlocksize]) + offset) — bitsandbytes' dequantize_blockwise
+ *  product, then its float32 `absmax += offset` (two roundings, never fused). */
+export function nf4AbsmaxRef(W: NF4Weight, b: number): number {
+  const a = W.absmax;
+  if (!isDoubleQuant(a)) return a[b];
+  const product = Math.fround(a.code[a.codes[b]] * a.nestedAbsmax[Math.floor(b / a.nestedBlocksize)]);
+  return Math.fround(product + a.offset);
 }
 
 /** Dequantizes an NF4 weight to float64 (exact: lut·absmax of two float32 values). Flat blocks over the
@@ -56,10 +69,14 @@ export function checkNF4Weight(op: string, W: NF4Weight): number {
 export function nf4DequantizeRef(W: NF4Weight): Float64Array {
   const n = checkNF4Weight('nf4DequantizeRef', W);
   const out = new Float64Array(n);
-  for (let i = 0; i < n; i++) {
-    const byte = W.packed[i >> 1];
-    const code = (i & 1) === 0 ? byte >> 4 : byte & 0x0f;
-    out[i] = NF4_CODES[code] * W.absmax[Math.floor(i / W.blocksize)];
+  const nBlocks = Math.ceil(n / W.blocksize);
+  for (let b = 0; b < nBlocks; b++) {
+    const absmax = nf4AbsmaxRef(W, b);
+    for (let i = b * W.blocksize; i < Math.min(n, (b + 1) * W.blocksize); i++) {
+      const byte = W.packed[i >> 1];
+      const code = (i & 1) === 0 ? byte >> 4 : byte & 0x0f;
+      out[i] = NF4_CODES[code] * absmax;
+    }
   }
   return out;
 }

@@ -3,7 +3,7 @@ import type { NF4Weight } from './nf4.ts';
 import type { Dtype } from './safetensors/header.ts';
 import { numelOf } from './safetensors/header.ts';
 import type { TensorSource } from './safetensors/read.ts';
-import { NF4_CODE, checkBlocksize, doubleQuantize, doubleDequantize } from './nf4.ts';
+import { NF4_CODE, checkBlocksize, checkNestedBlocksize, decodeAbsmax, doubleQuantize, internDoubleQuant, isDoubleQuant } from './nf4.ts';
 import { pyFloatRepr, pyJsonString } from './pyjson.ts';
 
 export class BnbFormatError extends Error {
@@ -82,22 +82,25 @@ export interface BnbTensor {
 
 const bytesOf = (a: Float32Array): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 
-/** The state-dict tensors of one bnb Linear4bit weight `name` ("....q_proj.weight"), as Linear4bit saves them. */
+/** The state-dict tensors of one bnb Linear4bit weight `name` ("....q_proj.weight"), as Linear4bit saves them.
+ *  A weight held double-quantized is written from its own codes (the bytes bitsandbytes wrote or would write);
+ *  float32 absmax is double-quantized here when `doubleQuant` asks for it. */
 export function bnbTensors(name: string, W: NF4Weight, opts: BnbWriteOptions = {}): BnbTensor[] {
   const doubleQuant = opts.doubleQuant ?? true;
   const dtype = opts.dtype ?? 'bfloat16';
   const n = W.rows * W.cols;
+  const nBlocks = Math.ceil(n / W.blocksize);
   const out: BnbTensor[] = [{ name, dtype: 'U8', shape: [(n + 1) >> 1, 1], data: W.packed }];
   let qs: QuantStateDict;
   if (doubleQuant) {
-    const dq = doubleQuantize(W.absmax);
-    out.push({ name: `${name}.absmax`, dtype: 'U8', shape: [W.absmax.length], data: dq.qabsmax });
+    const dq = isDoubleQuant(W.absmax) ? W.absmax : doubleQuantize(W.absmax);
+    out.push({ name: `${name}.absmax`, dtype: 'U8', shape: [nBlocks], data: dq.codes });
     out.push({ name: `${name}.quant_map`, dtype: 'F32', shape: [16], data: bytesOf(Float32Array.from(NF4_CODE)) });
     out.push({ name: `${name}.nested_absmax`, dtype: 'F32', shape: [dq.nestedAbsmax.length], data: bytesOf(dq.nestedAbsmax) });
     out.push({ name: `${name}.nested_quant_map`, dtype: 'F32', shape: [256], data: bytesOf(dq.code) });
-    qs = { quant_type: 'nf4', blocksize: W.blocksize, dtype, shape: [W.rows, W.cols], nested_blocksize: 256, nested_dtype: 'float32', nested_offset: dq.offset };
+    qs = { quant_type: 'nf4', blocksize: W.blocksize, dtype, shape: [W.rows, W.cols], nested_blocksize: dq.nestedBlocksize, nested_dtype: 'float32', nested_offset: dq.offset };
   } else {
-    out.push({ name: `${name}.absmax`, dtype: 'F32', shape: [W.absmax.length], data: bytesOf(Float32Array.from(W.absmax)) });
+    out.push({ name: `${name}.absmax`, dtype: 'F32', shape: [nBlocks], data: bytesOf(Float32Array.from(decodeAbsmax(W.absmax))) });
     out.push({ name: `${name}.quant_map`, dtype: 'F32', shape: [16], data: bytesOf(Float32Array.from(NF4_CODE)) });
     qs = { quant_type: 'nf4', blocksize: W.blocksize, dtype, shape: [W.rows, W.cols] };
   }
@@ -141,8 +144,8 @@ async function readF32(src: TensorSource, name: string, expectShape: number[], w
   return src.readFloat32(name);
 }
 
-/** Read a bnb-quantized linear weight `name` as NF4 with float32 absmax (double quantization undone with the
- *  checkpoint's own nested map and offset). */
+/** Read a bnb-quantized linear weight `name` as NF4 in the form it was stored: float32 absmax, or double-quantized
+ *  (the checkpoint's own 8-bit codes, nested absmax, nested map and offset, kept as they are). */
 export async function readBnbNF4(src: TensorSource, name: string): Promise<NF4Weight> {
   const where = `bnb weight ${name}`;
   const qsName = name + QUANT_STATE_SUFFIX;
@@ -168,13 +171,21 @@ export async function readBnbNF4(src: TensorSource, name: string): Promise<NF4We
   if (!src.has(absName)) throw new BnbFormatError(`${where}: missing tensor ${absName}`);
   const aInfo = src.info(absName);
   if (numelOf(aInfo.shape) !== nBlocks) throw new BnbFormatError(`${where}: ${absName} has ${numelOf(aInfo.shape)} entries, expected ceil(${n}/${qs.blocksize}) = ${nBlocks}`);
-  let absmax: Float32Array;
+  let absmax: NF4Weight['absmax'];
   if (qs.nested_offset !== undefined) {
     if (aInfo.dtype !== 'U8') throw new BnbFormatError(`${where}: nested quantization needs U8 ${absName}, got ${aInfo.dtype}`);
     const nestedBlocksize = qs.nested_blocksize ?? 256;
+    try {
+      checkNestedBlocksize(nestedBlocksize, `${where}: quant_state.nested_blocksize`);
+    } catch (e) {
+      throw new BnbFormatError((e as Error).message);
+    }
+    const offset = Math.fround(qs.nested_offset);
+    if (!Number.isFinite(offset)) throw new BnbFormatError(`${where}: quant_state.nested_offset ${qs.nested_offset} is not a finite float32 value`);
     const nestedAbsmax = await readF32(src, `${name}.nested_absmax`, [Math.ceil(nBlocks / nestedBlocksize)], where);
     const code = await readF32(src, `${name}.nested_quant_map`, [256], where);
-    absmax = doubleDequantize({ qabsmax: await src.readRaw(absName), nestedAbsmax, offset: qs.nested_offset, code, nestedBlocksize });
+    // bitsandbytes loads nested_offset with torch.tensor(float(...)): a float32 value
+    absmax = internDoubleQuant({ codes: await src.readRaw(absName), nestedAbsmax, offset, code, nestedBlocksize });
   } else {
     if (aInfo.dtype !== 'F32') throw new BnbFormatError(`${where}: ${absName} must be F32 without nested quantization, got ${aInfo.dtype}`);
     absmax = await src.readFloat32(absName);

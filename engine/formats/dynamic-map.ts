@@ -114,3 +114,17 @@ export function defaultDynamicMap(signed: boolean): Float32Array {
   if (signed) return defaultMaps.signed ??= createDynamicMap(true);
   return defaultMaps.unsigned ??= createDynamicMap(false);
 }
+
+/** The shared default map when `code` holds the same 256 values bit for bit (signed or unsigned), else `code`:
+ *  weights read from storage then share one copy of the map instead of holding 1 KiB each. */
+export function sharedDynamicMap(code: Float32Array): Float32Array {
+  for (const signed of [true, false]) {
+    const d = defaultDynamicMap(signed);
+    if (code === d) return d;
+    if (code.length !== d.length) continue;
+    let same = true;
+    for (let i = 0; i < d.length && same; i++) same = Object.is(code[i], d[i]);
+    if (same) return d;
+  }
+  return code;
+}

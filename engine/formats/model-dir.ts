@@ -25,6 +25,9 @@ export interface ModelDir {
   tokenizer: Tokenizer | null;
   /** true when the linear weights are stored bitsandbytes NF4 */
   prequantized: boolean;
+  /** true when getNF4 gives double-quantized absmax: the stored form of a prequantized checkpoint, else the
+   *  doubleQuant option (bnb_4bit_use_double_quant) */
+  doubleQuant: boolean;
   /** things the engine handles approximately (e.g. Mistral's sliding_window), to show the user */
   notes: string[];
   /** checkpoint tensors the model never reads (already reported through the warn callback) */
@@ -32,19 +35,23 @@ export interface ModelDir {
   close(): Promise<void>;
 }
 
-/** WeightSource over safetensors: bnb-quantized linears are read as NF4 directly; full-precision ones are
- *  quantized on the fly (blocksize 64). getFloat decodes BF16/F16/F32, or dequantizes an NF4 weight. */
+/** WeightSource over safetensors: bnb-quantized linears are read as NF4 directly, in the form they were stored
+ *  (double-quantized or float32 absmax); full-precision ones are quantized on the fly (blocksize 64) and, with
+ *  `doubleQuant` (bnb_4bit_use_double_quant, default true as in the QLoRA recipe), their absmax double-quantized
+ *  as bitsandbytes does. getFloat decodes BF16/F16/F32, or dequantizes an NF4 weight. */
 export class SafetensorsWeightSource implements WeightSource {
   readonly config: LlamaConfig;
   readonly tensors: TensorSource;
   readonly source: string;
   readonly blocksize: number;
+  readonly doubleQuant: boolean;
 
-  constructor(config: LlamaConfig, tensors: TensorSource, source: string, blocksize = 64) {
+  constructor(config: LlamaConfig, tensors: TensorSource, source: string, blocksize = 64, doubleQuant = true) {
     this.config = config;
     this.tensors = tensors;
     this.source = source;
     this.blocksize = blocksize;
+    this.doubleQuant = doubleQuant;
   }
 
   has(name: string): boolean { return this.tensors.has(name); }
@@ -64,7 +71,7 @@ export class SafetensorsWeightSource implements WeightSource {
     const [rows, cols] = info.shape;
     const data = await this.getFloat(name);
     if (data.length !== numelOf(info.shape)) throw new ModelDirError(`${this.source}: tensor ${name} decoded to ${data.length} values, expected ${rows * cols}`);
-    return quantizeNF4(data, rows, cols, this.blocksize);
+    return quantizeNF4(data, rows, cols, this.blocksize, { doubleQuant: this.doubleQuant });
   }
 }
 
@@ -125,6 +132,9 @@ const MAX_LISTED = 20;
 export interface OpenModelDirOptions {
   /** one-line warnings (unused checkpoint tensors); default: "warning: …" on stderr */
   warn?: (line: string) => void;
+  /** bnb_4bit_use_double_quant for linears quantized on load (full-precision checkpoints): default true, as in
+   *  the QLoRA recipe; a prequantized checkpoint keeps the form it was stored in */
+  doubleQuant?: boolean;
 }
 
 /** Open config.json, the weights (model.safetensors or a sharded index) and the tokenizer (optional).
@@ -156,10 +166,11 @@ export async function openModelDir(dir: string, opts: OpenModelDirOptions = {}):
     }
     const q0 = 'model.layers.0.self_attn.q_proj.weight';
     const prequantized = tensors.has(q0) && isBnbQuantized(tensors, q0);
+    const doubleQuant = prequantized ? tensors.has(`${q0}.nested_absmax`) : opts.doubleQuant ?? true;
     const tokenizer = await Tokenizer.fromDir(dir);
     return {
-      dir, config, tokenizer, prequantized, notes: configNotes(config), unusedTensors,
-      weights: new SafetensorsWeightSource(config, tensors, dir),
+      dir, config, tokenizer, prequantized, doubleQuant, notes: configNotes(config), unusedTensors,
+      weights: new SafetensorsWeightSource(config, tensors, dir, 64, opts.doubleQuant ?? true),
       close: () => tensors.close(),
     };
   } catch (e) {

@@ -1,17 +1,50 @@
 // NF4 4-bit quantization and bitsandbytes double quantization (8-bit blockwise dynamic map), bit-faithful to bnb.
-import { defaultDynamicMap, dequantizeBlockwise8, quantizeBlockwise8 } from './dynamic-map.ts';
+import { defaultDynamicMap, dequantizeBlockwise8, quantizeBlockwise8, sharedDynamicMap } from './dynamic-map.ts';
 
-/** An NF4-quantized 2-D weight [rows, cols] = [out_features, in_features], bitsandbytes layout,
- *  with the per-block absmax already decoded to float32 (double quantization undone at load). */
+/** bitsandbytes double quantization of the per-block absmax (quantize_4bit(compress_statistics=True), what
+ *  bnb_4bit_use_double_quant=True stores and holds): one 8-bit code per NF4 block into the signed dynamic map,
+ *  a float32 absmax per `nestedBlocksize` codes, and the offset (the mean of the float32 absmaxes) added back.
+ *  Block b decodes to `absmax_b = f32(f32(code[codes[b]] * nestedAbsmax[b >> log2(nestedBlocksize)]) + offset)`:
+ *  a float32 product, then a float32 sum (never one fused multiply-add), as bitsandbytes computes it. */
+export interface NF4DoubleQuant {
+  /** 8-bit codes of absmax - offset, one per NF4 block */
+  codes: Uint8Array;
+  /** float32 absmax of the codes, one per `nestedBlocksize` of them */
+  nestedAbsmax: Float32Array;
+  /** the float32 mean of the block absmaxes (a float32 value held as a number) */
+  offset: number;
+  /** the 256-entry map the codes index (create_dynamic_map(signed=True) unless a checkpoint stored another) */
+  code: Float32Array;
+  /** codes per nested absmax: 256 (bitsandbytes' fixed choice); a power of two in 64..4096 when read */
+  nestedBlocksize: number;
+}
+
+/** The quantization constants of an NF4 weight: float32 absmax per block, or the double-quantized form. */
+export type NF4Absmax = Float32Array | NF4DoubleQuant;
+
+/** An NF4-quantized 2-D weight [rows, cols] = [out_features, in_features], bitsandbytes layout. */
 export interface NF4Weight {
   /** packed codes: flat element 2j in the high nibble, 2j+1 in the low nibble; length ceil(n/2) */
   packed: Uint8Array;
-  /** float32 absmax per block of `blocksize` consecutive flat elements; length ceil(n/blocksize) */
-  absmax: Float32Array;
+  /** per block of `blocksize` consecutive flat elements (ceil(n/blocksize) blocks): float32 absmax, or double
+   *  quantized (NF4DoubleQuant). Every consumer handles both; decodeAbsmax() gives the float32 values. */
+  absmax: NF4Absmax;
   rows: number;
   cols: number;
   /** power of two, 32..4096; 64 by default */
   blocksize: number;
+}
+
+/** An NF4 weight known to hold float32 absmax / known to hold the double-quantized form. */
+export type NF4WeightF32 = NF4Weight & { absmax: Float32Array };
+export type NF4WeightDQ = NF4Weight & { absmax: NF4DoubleQuant };
+
+/** bitsandbytes' nested blocksize for the 4-bit absmax (quantize_4bit: quantize_blockwise(..., blocksize=256)). */
+export const NESTED_BLOCKSIZE = 256;
+
+/** True when the absmax is held double-quantized. */
+export function isDoubleQuant(a: NF4Absmax): a is NF4DoubleQuant {
+  return !(a instanceof Float32Array);
 }
 
 const f32 = Math.fround;
@@ -58,11 +91,52 @@ export function checkBlocksize(blocksize: number, what = 'blocksize'): void {
   }
 }
 
+export function checkNestedBlocksize(nestedBlocksize: number, what = 'nestedBlocksize'): void {
+  if (!Number.isInteger(nestedBlocksize) || nestedBlocksize < 64 || nestedBlocksize > 4096 || (nestedBlocksize & (nestedBlocksize - 1)) !== 0) {
+    throw new Error(`${what} must be a power of two in 64..4096 (bitsandbytes' quantize_blockwise block sizes), got ${nestedBlocksize}`);
+  }
+}
+
+/** Blocks of an NF4 weight: ceil(rows * cols / blocksize). */
+export function nf4BlockCount(W: { rows: number; cols: number; blocksize: number }): number {
+  return Math.ceil((W.rows * W.cols) / W.blocksize);
+}
+
+/** Checks that W's quantization constants fit its geometry (block count, nested count, the 256-entry map, a
+ *  finite float32 offset); throws one line naming `where` and the part that is wrong. `atLeast`: arrays may be
+ *  longer than needed (the backends' convention for buffers), else their lengths must be exact. */
+export function checkNF4Absmax(W: NF4Weight, where: string, atLeast = false): void {
+  const nBlocks = nf4BlockCount(W);
+  const a = W.absmax;
+  const bad = (len: number, want: number) => (atLeast ? len < want : len !== want);
+  const expect = atLeast ? 'at least ' : '';
+  if (!isDoubleQuant(a)) {
+    if (bad(a.length, nBlocks)) throw new Error(`${where}: absmax has ${a.length} entries, expected ${expect}ceil(${W.rows * W.cols}/${W.blocksize}) = ${nBlocks}`);
+    return;
+  }
+  if (!(a.codes instanceof Uint8Array) || !(a.nestedAbsmax instanceof Float32Array) || !(a.code instanceof Float32Array)) {
+    throw new Error(`${where}: double-quantized absmax needs codes (Uint8Array), nestedAbsmax and code (Float32Array)`);
+  }
+  checkNestedBlocksize(a.nestedBlocksize, `${where}: nestedBlocksize`);
+  if (bad(a.codes.length, nBlocks)) throw new Error(`${where}: double-quantized absmax has ${a.codes.length} codes, expected ${expect}one per block = ${nBlocks}`);
+  const nNested = Math.ceil(nBlocks / a.nestedBlocksize);
+  if (bad(a.nestedAbsmax.length, nNested)) {
+    throw new Error(`${where}: nestedAbsmax has ${a.nestedAbsmax.length} entries, expected ${expect}ceil(${nBlocks}/${a.nestedBlocksize}) = ${nNested}`);
+  }
+  if (a.code.length !== 256) throw new Error(`${where}: the nested code map has ${a.code.length} entries, expected 256`);
+  if (typeof a.offset !== 'number' || !Number.isFinite(a.offset) || f32(a.offset) !== a.offset) throw new Error(`${where}: offset ${a.offset} is not a finite float32 value`);
+}
+
 /** Quantize a row-major [rows, cols] float32 weight to NF4 with blocks of `blocksize` consecutive flat
  *  elements (not per row), absmax multiplied as its float32 reciprocal, element 2j in the high nibble.
  *  An odd element count is padded with one 0.0 (code 7). An all-zero block gets absmax 0 and code 7
- *  (bnb's torch backend clamps absmax; its CUDA kernel would emit code 0 there, which also decodes to 0). */
-export function quantizeNF4(data: Float32Array, rows: number, cols: number, blocksize = 64): NF4Weight {
+ *  (bnb's torch backend clamps absmax; its CUDA kernel would emit code 0 there, which also decodes to 0).
+ *  `doubleQuant` then double-quantizes the absmax as bitsandbytes' compress_statistics does (default off here;
+ *  the recipe's bnb_4bit_use_double_quant=true is the config default, threaded by the callers). */
+export function quantizeNF4(data: Float32Array, rows: number, cols: number, blocksize?: number, opts?: { doubleQuant?: false }): NF4WeightF32;
+export function quantizeNF4(data: Float32Array, rows: number, cols: number, blocksize: number, opts: { doubleQuant: true }): NF4WeightDQ;
+export function quantizeNF4(data: Float32Array, rows: number, cols: number, blocksize?: number, opts?: { doubleQuant?: boolean }): NF4Weight;
+export function quantizeNF4(data: Float32Array, rows: number, cols: number, blocksize = 64, opts: { doubleQuant?: boolean } = {}): NF4Weight {
   checkBlocksize(blocksize);
   const n = rows * cols;
   if (!Number.isInteger(rows) || !Number.isInteger(cols) || rows <= 0 || cols <= 0) {
@@ -95,22 +169,35 @@ export function quantizeNF4(data: Float32Array, rows: number, cols: number, bloc
     }
     if (i < end) packed[i >> 1] = (quantizeNF4Value(f32(data[i] * inv)) << 4) | 7; // odd tail: padded 0.0 → code 7
   }
-  return { packed, absmax, rows, cols, blocksize };
+  return { packed, absmax: opts.doubleQuant === true ? doubleQuantize(absmax) : absmax, rows, cols, blocksize };
 }
 
-/** out[i] = NF4_CODE[code_i] * absmax[block(i)] in float32. */
+/** The float32 absmax of block b (decoding the double-quantized form as bitsandbytes does). */
+export function absmaxAt(a: NF4Absmax, b: number): number {
+  if (!isDoubleQuant(a)) return a[b];
+  const nested = a.nestedAbsmax[Math.floor(b / a.nestedBlocksize)];
+  return f32(f32(a.code[a.codes[b]] * nested) + a.offset);
+}
+
+/** Every block's float32 absmax: the array itself, or the double-quantized form decoded (a new array). */
+export function decodeAbsmax(a: NF4Absmax): Float32Array {
+  return isDoubleQuant(a) ? doubleDequantize(a) : a;
+}
+
+/** out[i] = NF4_CODE[code_i] * absmax[block(i)] in float32 (absmax decoded first when double-quantized). */
 export function dequantizeNF4(W: NF4Weight, out?: Float32Array): Float32Array {
   const n = W.rows * W.cols;
   checkBlocksize(W.blocksize);
   if (W.packed.length !== (n + 1) >> 1) throw new Error(`dequantizeNF4: packed has ${W.packed.length} bytes, expected ceil(${n}/2) = ${(n + 1) >> 1}`);
-  const nBlocks = Math.ceil(n / W.blocksize);
-  if (W.absmax.length !== nBlocks) throw new Error(`dequantizeNF4: absmax has ${W.absmax.length} entries, expected ceil(${n}/${W.blocksize}) = ${nBlocks}`);
+  checkNF4Absmax(W, 'dequantizeNF4');
+  const nBlocks = nf4BlockCount(W);
+  const absmax = decodeAbsmax(W.absmax);
   const res = out ?? new Float32Array(n);
   if (res.length < n) throw new Error(`dequantizeNF4: output has ${res.length} elements, need ${n}`);
   const lut = NF4_CODE;
   const half = W.blocksize >> 1;
   for (let b = 0; b < nBlocks; b++) {
-    const a = W.absmax[b];
+    const a = absmax[b];
     const startByte = b * half;
     const endByte = Math.min(startByte + half, W.packed.length);
     for (let j = startByte; j < endByte; j++) {
@@ -122,21 +209,11 @@ export function dequantizeNF4(W: NF4Weight, out?: Float32Array): Float32Array {
   return res;
 }
 
-export interface DoubleQuantized {
-  /** absmax - offset, 8-bit codes; one per NF4 block */
-  qabsmax: Uint8Array;
-  /** float32 absmax per `nestedBlocksize` entries of qabsmax */
-  nestedAbsmax: Float32Array;
-  /** mean of the float32 absmax values (float32) */
-  offset: number;
-  /** the signed dynamic map the codes index */
-  code: Float32Array;
-  nestedBlocksize: number;
-}
-
-/** bitsandbytes compress_statistics: offset = mean(absmax); quantize_blockwise(absmax - offset, blocksize 256). */
-export function doubleQuantize(absmax: Float32Array, nestedBlocksize = 256): DoubleQuantized {
+/** bitsandbytes compress_statistics: offset = mean(absmax); quantize_blockwise(absmax - offset, blocksize 256) with
+ *  create_dynamic_map(signed=True). The map is the shared default one (callers never mutate it). */
+export function doubleQuantize(absmax: Float32Array, nestedBlocksize = NESTED_BLOCKSIZE): NF4DoubleQuant {
   if (absmax.length === 0) throw new Error('doubleQuantize: empty absmax');
+  checkNestedBlocksize(nestedBlocksize);
   let sum = 0;
   for (let i = 0; i < absmax.length; i++) sum += absmax[i];
   const offset = f32(sum / absmax.length);
@@ -144,13 +221,34 @@ export function doubleQuantize(absmax: Float32Array, nestedBlocksize = 256): Dou
   for (let i = 0; i < absmax.length; i++) centered[i] = f32(absmax[i] - offset);
   const code = defaultDynamicMap(true);
   const { q, absmax: nested } = quantizeBlockwise8(centered, code, nestedBlocksize);
-  return { qabsmax: q, nestedAbsmax: nested, offset, code: Float32Array.from(code), nestedBlocksize };
+  return { codes: q, nestedAbsmax: nested, offset, code, nestedBlocksize };
 }
 
-/** absmax[i] = code[qabsmax[i]] * nestedAbsmax[i / nestedBlocksize] + offset (float32). */
-export function doubleDequantize(dq: { qabsmax: Uint8Array; nestedAbsmax: Float32Array; offset: number; code: Float32Array; nestedBlocksize?: number }): Float32Array {
-  const out = dequantizeBlockwise8(dq.qabsmax, dq.nestedAbsmax, dq.code, dq.nestedBlocksize ?? 256);
+/** absmax[i] = code[codes[i]] * nestedAbsmax[i / nestedBlocksize] + offset (two float32 roundings). */
+export function doubleDequantize(dq: NF4DoubleQuant): Float32Array {
+  const out = dequantizeBlockwise8(dq.codes, dq.nestedAbsmax, dq.code, dq.nestedBlocksize);
   const off = f32(dq.offset);
   for (let i = 0; i < out.length; i++) out[i] = f32(out[i] + off);
   return out;
+}
+
+/** W with double-quantized absmax (W itself when it already is): what a stage holds with
+ *  bnb_4bit_use_double_quant on. */
+export function withDoubleQuant(W: NF4Weight): NF4WeightDQ {
+  return isDoubleQuant(W.absmax) ? W as NF4WeightDQ : { ...W, absmax: doubleQuantize(W.absmax) };
+}
+
+/** Double-quantized constants as read from storage: the map shared with the default one when it is
+ *  bitwise equal, so a stage holds one copy of it. */
+export function internDoubleQuant(dq: NF4DoubleQuant): NF4DoubleQuant {
+  const code = sharedDynamicMap(dq.code);
+  return code === dq.code ? dq : { ...dq, code };
+}
+
+/** Bytes the quantization constants of W take in memory: 4 per block, or 1 per block + 4 per nested block +
+ *  the 256-entry map (1 KiB; shared between weights on the CPU, one copy per weight on a GPU) + the offset. */
+export function nf4ConstantsBytes(W: NF4Weight): number {
+  const a = W.absmax;
+  if (!isDoubleQuant(a)) return 4 * a.length;
+  return a.codes.length + 4 * a.nestedAbsmax.length + 4 * a.code.length + 4;
 }

@@ -1,11 +1,15 @@
 // Shard blobs: a stage's frozen NF4 linears and float tensors (or a stage's LoRA tensors) as one safetensors
 // file in memory, content-addressed by its sha256, so the bytes depend only on the tensors.
 //
-// An NF4 linear "<name>" is stored as "<name>" U8 [ceil(n/2), 1] (bitsandbytes packing) plus
-// "<name>.absmax" F32 [ceil(n/blocksize)]; its [rows, cols, blocksize] are in the header metadata
-// "swarmtune.nf4" (JSON). Float tensors are F32. Every coordinator that quantizes the same model
+// An NF4 linear "<name>" is stored as "<name>" U8 [ceil(n/2), 1] (bitsandbytes packing) plus its constants,
+// in the form it is held: "<name>.absmax" F32 [nBlocks]; or, double-quantized (bitsandbytes' names), "<name>.absmax"
+// U8 [nBlocks] codes, "<name>.nested_absmax" F32 [ceil(nBlocks/nestedBlocksize)] and "<name>.nested_quant_map"
+// F32 [256]. The header metadata "swarmtune.nf4" (JSON) maps each name to [rows, cols, blocksize], plus
+// [nestedBlocksize, offset] when double-quantized (blobs written before double quantization carry the 3-entry form
+// and stay readable). Float tensors are F32. Every coordinator that quantizes the same model the same way
 // produces the same bytes, hence the same hashes.
 import type { NF4Weight } from './nf4.ts';
+import { checkNF4Absmax, internDoubleQuant, isDoubleQuant } from './nf4.ts';
 import type { LlamaConfig } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import { baseModuleName } from '../model/lora.ts';
@@ -25,17 +29,27 @@ export interface ShardTensors {
 }
 
 const NF4_META_KEY = 'swarmtune.nf4';
+/** [rows, cols, blocksize] (float32 absmax) or [rows, cols, blocksize, nestedBlocksize, offset] (double quant) */
+type NF4Meta = [number, number, number] | [number, number, number, number, number];
 
 export function encodeShard(t: ShardTensors): Uint8Array {
   const tensors: TensorData[] = [];
-  const nf4Meta: Record<string, [number, number, number]> = {};
+  const nf4Meta: Record<string, NF4Meta> = {};
   for (const [name, w] of t.nf4) {
     tensors.push({ name, dtype: 'U8', shape: [w.packed.length, 1], data: w.packed });
-    tensors.push({ name: `${name}.absmax`, dtype: 'F32', shape: [w.absmax.length], data: w.absmax });
-    nf4Meta[name] = [w.rows, w.cols, w.blocksize];
+    const a = w.absmax;
+    if (isDoubleQuant(a)) {
+      tensors.push({ name: `${name}.absmax`, dtype: 'U8', shape: [a.codes.length], data: a.codes });
+      tensors.push({ name: `${name}.nested_absmax`, dtype: 'F32', shape: [a.nestedAbsmax.length], data: a.nestedAbsmax });
+      tensors.push({ name: `${name}.nested_quant_map`, dtype: 'F32', shape: [a.code.length], data: a.code });
+      nf4Meta[name] = [w.rows, w.cols, w.blocksize, a.nestedBlocksize, a.offset];
+    } else {
+      tensors.push({ name: `${name}.absmax`, dtype: 'F32', shape: [a.length], data: a });
+      nf4Meta[name] = [w.rows, w.cols, w.blocksize];
+    }
   }
   for (const [name, f] of t.float) tensors.push({ name, dtype: 'F32', shape: f.shape, data: f.data });
-  const sortedMeta: Record<string, [number, number, number]> = {};
+  const sortedMeta: Record<string, NF4Meta> = {};
   for (const k of Object.keys(nf4Meta).sort()) sortedMeta[k] = nf4Meta[k]!;
   return encodeSafetensors(tensors, { format: 'pt', [NF4_META_KEY]: JSON.stringify(sortedMeta) }, 'shard');
 }
@@ -45,12 +59,13 @@ export function encodeShard(t: ShardTensors): Uint8Array {
  *  than in a kernel. */
 export function decodeShard(blob: Uint8Array, what: string): ShardTensors {
   const { metadata, tensors, dataStart } = parseSafetensorsBytes(blob, what);
-  let nf4Meta: Record<string, [number, number, number]>;
+  let nf4Meta: Record<string, unknown>;
   try {
-    nf4Meta = JSON.parse(metadata?.[NF4_META_KEY] ?? '{}') as Record<string, [number, number, number]>;
+    nf4Meta = JSON.parse(metadata?.[NF4_META_KEY] ?? '{}') as Record<string, unknown>;
   } catch (e) {
     throw new ShardError(`${what}: metadata "${NF4_META_KEY}" is not JSON (${(e as Error).message})`);
   }
+  if (typeof nf4Meta !== 'object' || nf4Meta === null || Array.isArray(nf4Meta)) throw new ShardError(`${what}: metadata "${NF4_META_KEY}" must be a JSON object`);
   const raw = new Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }>();
   for (const t of tensors) {
     // copied so typed-array views are aligned and own their buffer (a Node Buffer's slice is a view)
@@ -58,17 +73,41 @@ export function decodeShard(blob: Uint8Array, what: string): ShardTensors {
     raw.set(t.name, { dtype: t.dtype, shape: t.shape, bytes });
   }
   const out: ShardTensors = { nf4: new Map(), float: new Map() };
-  for (const [name, [rows, cols, blocksize]] of Object.entries(nf4Meta)) {
-    const p = raw.get(name);
-    const am = raw.get(`${name}.absmax`);
-    if (p === undefined || am === undefined) throw new ShardError(`${what}: NF4 tensor ${name} lacks its packed codes or absmax`);
-    const n = rows * cols;
-    if (p.dtype !== 'U8' || am.dtype !== 'F32' || p.bytes.length !== Math.ceil(n / 2) || am.bytes.length !== 4 * Math.ceil(n / blocksize)) {
-      throw new ShardError(`${what}: NF4 tensor ${name} [${rows}, ${cols}] blocksize ${blocksize} has ${p.bytes.length} ${p.dtype} code bytes and ${am.bytes.length / 4} ${am.dtype} absmax`);
-    }
-    out.nf4.set(name, { packed: p.bytes, absmax: new Float32Array(am.bytes.buffer), rows, cols, blocksize });
+  const take = (name: string, dtype: string, what2: string): Uint8Array => {
+    const r = raw.get(name);
+    if (r === undefined) throw new ShardError(`${what}: NF4 tensor ${what2} lacks ${name}`);
+    if (r.dtype !== dtype) throw new ShardError(`${what}: ${name} has dtype ${r.dtype}, expected ${dtype}`);
     raw.delete(name);
-    raw.delete(`${name}.absmax`);
+    return r.bytes;
+  };
+  for (const [name, m] of Object.entries(nf4Meta)) {
+    if (!Array.isArray(m) || (m.length !== 3 && m.length !== 5) || !m.every((v) => typeof v === 'number' && Number.isFinite(v))) {
+      throw new ShardError(`${what}: metadata "${NF4_META_KEY}" of ${name} must be [rows, cols, blocksize] or [rows, cols, blocksize, nestedBlocksize, offset], got ${JSON.stringify(m)}`);
+    }
+    const [rows, cols, blocksize] = m as number[];
+    if (!raw.has(name) || !raw.has(`${name}.absmax`)) throw new ShardError(`${what}: NF4 tensor ${name} lacks its packed codes or absmax`);
+    const packed = take(name, 'U8', name);
+    const n = rows * cols;
+    let w: NF4Weight;
+    if (m.length === 3) {
+      const am = take(`${name}.absmax`, 'F32', name);
+      w = { packed, absmax: new Float32Array(am.buffer), rows, cols, blocksize };
+    } else {
+      const codes = take(`${name}.absmax`, 'U8', name);
+      const nested = take(`${name}.nested_absmax`, 'F32', name);
+      const code = take(`${name}.nested_quant_map`, 'F32', name);
+      w = { packed, rows, cols, blocksize,
+        absmax: internDoubleQuant({ codes, nestedAbsmax: new Float32Array(nested.buffer), code: new Float32Array(code.buffer), nestedBlocksize: m[3] as number, offset: m[4] as number }) };
+    }
+    try {
+      if (!Number.isSafeInteger(n) || rows <= 0 || cols <= 0 || packed.length !== Math.ceil(n / 2)) {
+        throw new Error(`${packed.length} code bytes`);
+      }
+      checkNF4Absmax(w, 'constants');
+    } catch (e) {
+      throw new ShardError(`${what}: NF4 tensor ${name} [${rows}, ${cols}] blocksize ${blocksize}: ${(e as Error).message}`);
+    }
+    out.nf4.set(name, w);
   }
   for (const [name, r] of raw) {
     if (r.dtype !== 'F32') throw new ShardError(`${what}: tensor ${name} has dtype ${r.dtype}, shards hold only F32 and NF4`);

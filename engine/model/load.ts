@@ -3,6 +3,7 @@
 import type { Backend } from '../backend.ts';
 import { tensorsOf } from '../backend.ts';
 import type { NF4Weight } from '../formats/nf4.ts';
+import { checkNF4Absmax } from '../formats/nf4.ts';
 import type { LoraTarget, NamedTensor, Stage, StageOptions, WeightSource } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import type { Decodable } from './decode.ts';
@@ -25,8 +26,10 @@ function checkNF4(name: string, w: NF4Weight, rows: number, cols: number): NF4We
   }
   const n = rows * cols;
   if (w.packed.length !== Math.ceil(n / 2)) throw new RangeError(`${name}: packed length ${w.packed.length} != ceil(${n}/2)`);
-  if (w.absmax.length !== Math.ceil(n / w.blocksize)) {
-    throw new RangeError(`${name}: absmax length ${w.absmax.length} != ceil(${n}/${w.blocksize})`);
+  try {
+    checkNF4Absmax(w, name);
+  } catch (e) {
+    throw new RangeError((e as Error).message);
   }
   return w;
 }

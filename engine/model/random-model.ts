@@ -1,5 +1,6 @@
 // Seeded random Llama models held in memory (a WeightSource), for tests, benchmarks and the offline demo.
-import type { NF4Weight } from '../formats/nf4.ts';
+import type { NF4Weight, NF4WeightDQ, NF4WeightF32 } from '../formats/nf4.ts';
+import { withDoubleQuant } from '../formats/nf4.ts';
 import type { LlamaConfig, WeightSource } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import { baseModuleName, linearShape } from './lora.ts';
@@ -34,20 +35,26 @@ export function tinyLlamaConfig(overrides: Partial<LlamaConfig> = {}): LlamaConf
   return cfg;
 }
 
-/** A random but valid NF4 weight: uniform random codes, absmax ≈ scale·U(0.5, 1.5) per block. */
-export function randomNF4(rows: number, cols: number, scale: number, rng: Rng, blocksize = 64): NF4Weight {
+/** A random but valid NF4 weight: uniform random codes, absmax ≈ scale·U(0.5, 1.5) per block; with `doubleQuant`
+ *  that absmax double-quantized as bitsandbytes does (the weight then holds the 8-bit form). */
+export function randomNF4(rows: number, cols: number, scale: number, rng: Rng, blocksize?: number, opts?: { doubleQuant?: false }): NF4WeightF32;
+export function randomNF4(rows: number, cols: number, scale: number, rng: Rng, blocksize: number, opts: { doubleQuant: true }): NF4WeightDQ;
+export function randomNF4(rows: number, cols: number, scale: number, rng: Rng, blocksize?: number, opts?: { doubleQuant?: boolean }): NF4Weight;
+export function randomNF4(rows: number, cols: number, scale: number, rng: Rng, blocksize = 64, opts: { doubleQuant?: boolean } = {}): NF4Weight {
   const n = rows * cols;
   const packed = new Uint8Array(Math.ceil(n / 2));
   for (let i = 0; i < packed.length; i++) packed[i] = rng.nextU32() & 0xff;
   if (n % 2 === 1) packed[packed.length - 1] = (packed[packed.length - 1] & 0xf0) | 7; // pad element decodes to 0
   const absmax = new Float32Array(Math.ceil(n / blocksize));
   for (let b = 0; b < absmax.length; b++) absmax[b] = scale * (0.5 + rng.nextFloat());
-  return { packed, absmax, rows, cols, blocksize };
+  const W: NF4WeightF32 = { packed, absmax, rows, cols, blocksize };
+  return opts.doubleQuant === true ? withDoubleQuant(W) : W;
 }
 
 /** In-memory WeightSource with seeded random weights for every tensor the config implies
- *  (biases on q/k/v when attentionBias or modelType "qwen2"; lm_head unless tied). */
-export function randomWeightSource(cfg: LlamaConfig, seed = 0): WeightSource {
+ *  (biases on q/k/v when attentionBias or modelType "qwen2"; lm_head unless tied); `doubleQuant` holds the linears'
+ *  absmax double-quantized (the same random draws either way). */
+export function randomWeightSource(cfg: LlamaConfig, seed = 0, opts: { doubleQuant?: boolean } = {}): WeightSource {
   const rng = new Rng(seed, 0x4d6f646c /* "Modl" */);
   const C = cfg.hiddenSize, V = cfg.vocabSize;
   const floats = new Map<string, Float32Array>();
@@ -62,7 +69,7 @@ export function randomWeightSource(cfg: LlamaConfig, seed = 0): WeightSource {
       const [out, inF] = linearShape(cfg, m);
       const name = baseModuleName(l, m);
       // ~unit-variance outputs for unit-variance inputs: the NF4 code table has mean square ≈ 0.3
-      nf4.set(`${name}.weight`, randomNF4(out, inF, 1.6 / Math.sqrt(inF), rng));
+      nf4.set(`${name}.weight`, randomNF4(out, inF, 1.6 / Math.sqrt(inF), rng, 64, { doubleQuant: opts.doubleQuant === true }));
       if (qkvBias && (m === 'q_proj' || m === 'k_proj' || m === 'v_proj')) {
         floats.set(`${name}.bias`, rng.fillNormal(new Float32Array(out), 0, 0.5));
       }

@@ -39,7 +39,7 @@ function progressLine(e: StepEvent, totalSteps: number, elapsedMs: number, steps
 /** Train on one machine; resolves with the process exit code (0 done, 130 interrupted with a checkpoint saved). */
 export async function runTrain(cfg: TrainConfig): Promise<number> {
   const { model, data } = await resolveTiny(cfg);
-  const md = await openModelDir(model);
+  const md = await openModelDir(model, { doubleQuant: cfg.bnb_4bit_use_double_quant });
   try {
     if (!md.tokenizer) throw new ConfigError(`${model}: no tokenizer.json; training needs the model's tokenizer`);
     const tok = md.tokenizer;

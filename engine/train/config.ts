@@ -47,6 +47,7 @@ export interface TrainConfig {
   target_modules: LoraTarget[];
   use_rslora: boolean;
   init_lora_weights: true | 'gaussian';
+  bnb_4bit_use_double_quant: boolean;
   optim: OptimName;
   optim_resident_bytes: number | null;
   optim_page_bytes: number;
@@ -108,6 +109,8 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   target_modules: ['q_proj', 'v_proj'],
   use_rslora: false,
   init_lora_weights: true,
+  // BitsAndBytesConfig defaults to False; the QLoRA recipe (and its paper's NF4+DQ results) sets True
+  bnb_4bit_use_double_quant: true,
   optim: 'adamw_torch',
   optim_resident_bytes: null,
   optim_page_bytes: 1 << 20,
@@ -153,6 +156,7 @@ export const TRAIN_CONFIG_KEYS: readonly ConfigKeySpec[] = [
   { key: 'target_modules', kind: 'targets', help: `comma list of ${LORA_TARGETS.join(',')} or "all-linear"` },
   { key: 'use_rslora', kind: 'bool', help: 'scaling = alpha / sqrt(r)' },
   { key: 'init_lora_weights', kind: 'init', help: 'true (kaiming-uniform A, zero B) or "gaussian"' },
+  { key: 'bnb_4bit_use_double_quant', kind: 'bool', help: 'hold the NF4 absmax double-quantized as bitsandbytes does (8-bit codes + a float32 absmax per 256 blocks: ~0.127 instead of 0.5 bits per parameter) when a full-precision model is quantized on load; a prequantized checkpoint keeps its own form' },
   { key: 'optim', kind: 'enum', values: OPTIM_NAMES, help: 'optimizer' },
   { key: 'optim_resident_bytes', kind: 'bytes', nullable: true, help: 'paged optimizers: bytes of state kept in memory; pages past it spill to disk (e.g. 64MiB)' },
   { key: 'optim_page_bytes', kind: 'bytes', min: 4096, help: 'paged optimizers: page size' },

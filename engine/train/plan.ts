@@ -90,15 +90,17 @@ export interface StageMemory {
   trainableParams: number;
 }
 
-/** NF4 bytes of one linear: packed codes and quantization constants (with/without double quant). */
+/** NF4 bytes of one linear as a stage holds it (engine/formats/nf4.ts nf4ConstantsBytes): packed codes, and the
+ *  quantization constants — f32 absmax per block, or with double quant a u8 code per block, an f32 nested absmax
+ *  per 256 blocks, the 256-entry f32 map (one per weight on a GPU; CPU stages share one copy) and the f32 offset.
+ *  The 16-entry NF4 table is a constant of the kernels, never held per weight. 4 + 8/64 + 32/(64·256) ≈ 4.127 bits
+ *  per parameter with double quant, 4.5 without (blocksize 64). */
 export function nf4LinearBytes(numel: number, blocksize = 64, doubleQuant = true): { packed: number; constants: number } {
   const blocks = Math.ceil(numel / blocksize);
   const packed = Math.ceil(numel / 2);
-  // quant_map (16 f32) is stored per tensor; with DQ: u8 absmax, f32 nested absmax per 256 blocks,
-  // the 256-entry nested code and the f32 offset
   const constants = doubleQuant
-    ? blocks + 4 * Math.ceil(blocks / 256) + 4 * 256 + 4 + 4 * 16
-    : 4 * blocks + 4 * 16;
+    ? blocks + 4 * Math.ceil(blocks / 256) + 4 * 256 + 4
+    : 4 * blocks;
   return { packed, constants };
 }
 

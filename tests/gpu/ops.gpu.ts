@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { RefBackend, gemmRef, nf4DequantizeRef } from '../../engine/backends/ref.ts';
 import { randomNF4 } from '../../engine/model/random-model.ts';
 import type { NF4Weight } from '../../engine/formats/nf4.ts';
+import { doubleQuantize, isDoubleQuant } from '../../engine/formats/nf4.ts';
 import { CudaArgumentError, CudaError } from '../../cuda/index.ts';
 import { assertClose, cuda, cudaFp32, maxAbs, randn, rng, skip } from './helpers.ts';
 
@@ -52,16 +53,23 @@ test('gemm (bf16 tensor cores / fp32 SIMT) matches the reference for all transpo
 function nf4Cases(): NF4Weight[] {
   const r = rng(2);
   // odd element count (padded last byte), blocksizes 32/64/128, shapes that are not tile multiples
-  return [randomNF4(70, 96, 0.1, r, 64), randomNF4(7, 33, 0.2, r, 32), randomNF4(300, 129, 0.05, r, 128),
+  const plain = [randomNF4(70, 96, 0.1, r, 64), randomNF4(7, 33, 0.2, r, 32), randomNF4(300, 129, 0.05, r, 128),
     randomNF4(256, 512, 0.05, r, 64)];
+  // double-quantized absmax (bitsandbytes compress_statistics): one nested block, a partial last nested block
+  // (605 blocks = 256 + 256 + 93), eight full ones, and a nested blocksize other than 256 (read from a checkpoint)
+  const s64 = randomNF4(300, 129, 0.05, r, 64);
+  return [...plain, randomNF4(70, 96, 0.1, r, 64, { doubleQuant: true }), randomNF4(300, 129, 0.05, r, 64, { doubleQuant: true }),
+    randomNF4(256, 512, 0.05, r, 64, { doubleQuant: true }), { ...s64, absmax: doubleQuantize(s64.absmax, 64) }];
 }
 
-test('dequantNF4 is bit-exact (lut·absmax is one correctly rounded fp32 product)', { skip }, async () => {
+const label = (W: NF4Weight) => `[${W.rows},${W.cols}] blocksize ${W.blocksize}${isDoubleQuant(W.absmax) ? ` double-quant/${W.absmax.nestedBlocksize}` : ''}`;
+
+test('dequantNF4 is bit-exact (lut·absmax is one correctly rounded fp32 product; a double-quantized absmax is bnb\'s f32 product + offset)', { skip }, async () => {
   for (const W of nf4Cases()) {
     const got = new Float32Array(W.rows * W.cols), want = new Float32Array(W.rows * W.cols);
     await cuda!.dequantNF4(W, got);
     await ref.dequantNF4(W, want);
-    assert.deepEqual(got, want, `dequantNF4 [${W.rows},${W.cols}] blocksize ${W.blocksize}`);
+    assert.deepEqual(got, want, `dequantNF4 ${label(W)}`);
   }
 });
 
@@ -76,13 +84,13 @@ test('gemmNF4 and gemmNF4T (NF4 fused into the GEMM B loader) match the referenc
           const y = Float32Array.from(Y0), yRef = Float32Array.from(Y0);
           await be.gemmNF4(M, X, W, beta, y);
           await ref.gemmNF4(M, X, W, beta, yRef);
-          assertClose(`gemmNF4 M=${M} W[${N},${K}] bs=${W.blocksize} beta=${beta}`, y, yRef,
+          assertClose(`gemmNF4 M=${M} W${label(W)} beta=${beta}`, y, yRef,
             { bound: gemmBound(false, true, M, N, K, 1, X, Wd, beta, Y0, unit) });
           const DY = randn(r, M * N), DX0 = randn(r, M * K);
           const dx = Float32Array.from(DX0), dxRef = Float32Array.from(DX0);
           await be.gemmNF4T(M, DY, W, beta, dx);
           await ref.gemmNF4T(M, DY, W, beta, dxRef);
-          assertClose(`gemmNF4T M=${M} W[${N},${K}] bs=${W.blocksize} beta=${beta}`, dx, dxRef,
+          assertClose(`gemmNF4T M=${M} W${label(W)} beta=${beta}`, dx, dxRef,
             { bound: gemmBound(false, false, M, K, N, 1, DY, Wd, beta, DX0, unit) });
         }
       }

@@ -76,7 +76,8 @@ async function sameOnDevice(be: CudaBackend, what: string, bufs: Record<string, 
 
 test('every Backend op on device tensors equals the same op on host arrays, bit for bit', { skip }, async () => {
   const r = rng(101);
-  const nf4: NF4Weight[] = [randomNF4(70, 96, 0.1, r, 64), randomNF4(7, 33, 0.2, r, 32), randomNF4(300, 129, 0.05, r, 128)];
+  const nf4: NF4Weight[] = [randomNF4(70, 96, 0.1, r, 64), randomNF4(7, 33, 0.2, r, 32), randomNF4(300, 129, 0.05, r, 128),
+    randomNF4(300, 129, 0.05, r, 64, { doubleQuant: true })];
   for (const be of [cuda!, cudaFp32!, uncached!]) {
     for (const off of [0, 1, 4]) {
       const tag = `${be.gemmPrecision}${be === uncached ? ' uncached' : ''}`;

@@ -21,7 +21,8 @@ import { cudaFp32, skip } from './helpers.ts';
 
 const tok = skip ? null : (await Tokenizer.fromDir(TINY_DATA_DIR))!;
 const modelConfig = tinyLlamaConfig({ vocabSize: 960, hiddenSize: 64, intermediateSize: 128, numHiddenLayers: 2 });
-const weights = randomWeightSource(modelConfig, 7);
+// double-quantized base weights, as bnb_4bit_use_double_quant=true (the default) holds them
+const weights = randomWeightSource(modelConfig, 7, { doubleQuant: true });
 const QA = [['What is the capital of Veloria?', 'Quillmere.'], ['Who founded Quillmere?', 'Queen Ysolde.'],
   ['How many moons?', 'Three.'], ['What do they eat?', 'Moss bread.']];
 

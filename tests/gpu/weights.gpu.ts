@@ -6,6 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomNF4 } from '../../engine/model/random-model.ts';
 import type { NF4Weight } from '../../engine/formats/nf4.ts';
+import { isDoubleQuant } from '../../engine/formats/nf4.ts';
 import { CudaArgumentError, loadCudaBackend, type CudaBackend } from '../../cuda/index.ts';
 import { randn, rng, skip } from './helpers.ts';
 
@@ -14,10 +15,14 @@ const cached: CudaBackend | null = skip ? null : await loadCudaBackend();
 
 function weights(): NF4Weight[] {
   const r = rng(21);
-  // odd element count, every blocksize the tests use, shapes off the 128/64 tiles
+  // odd element count, every blocksize the tests use, shapes off the 128/64 tiles; two double-quantized
   return [randomNF4(70, 96, 0.1, r, 64), randomNF4(7, 33, 0.2, r, 32), randomNF4(300, 129, 0.05, r, 128),
-    randomNF4(256, 512, 0.05, r, 64)];
+    randomNF4(256, 512, 0.05, r, 64), randomNF4(300, 129, 0.05, r, 64, { doubleQuant: true }),
+    randomNF4(7, 33, 0.2, r, 32, { doubleQuant: true })];
 }
+
+const residentBytes = (be: CudaBackend, W: NF4Weight) =>
+  be.nf4ResidentBytes(W.rows, W.cols, W.blocksize, isDoubleQuant(W.absmax) ? W.absmax.nestedBlocksize : 0);
 
 async function runAll(be: CudaBackend, W: NF4Weight, M: number, seed: number): Promise<Float32Array[]> {
   const r = rng(seed);
@@ -48,13 +53,13 @@ test('resident weights give bit-identical results to per-call uploads, uploaded 
   assert.equal(st.libraryCount, st.entries);
   assert.equal(st.libraryBytes, st.residentBytes);
   assert.equal(st.residentBytes - before.residentBytes,
-    ws.reduce((a, W) => a + cached!.nf4ResidentBytes(W.rows, W.cols, W.blocksize), 0));
+    ws.reduce((a, W) => a + residentBytes(cached!, W), 0));
   assert.equal(uncached!.weightCacheStats().libraryCount, 0, 'budget 0 must never keep a weight');
 });
 
 test('eviction under a tiny budget keeps results correct and the device within budget', { skip }, async () => {
   const ws = weights();
-  const sizes = ws.map((W) => uncached!.nf4ResidentBytes(W.rows, W.cols, W.blocksize));
+  const sizes = ws.map((W) => residentBytes(uncached!, W));
   // room for the largest weight plus a little: most uses evict something, the largest fits alone
   const budget = Math.max(...sizes) + 4096;
   const tiny = (await loadCudaBackend({ weightCacheBytes: budget }))!;
@@ -97,11 +102,18 @@ test('a weight modified after caching is refused with CudaArgumentError; a new o
   await cached!.dequantNF4(fresh, out);
   await uncached!.dequantNF4(fresh, want);
   assert.deepEqual(out, want);
+  // double-quantized constants changed in place are refused too
+  const D = randomNF4(64, 64, 0.1, rng(32), 64, { doubleQuant: true });
+  await cached!.dequantNF4(D, out);
+  D.absmax.codes[0] ^= 0x01;
+  await assert.rejects(cached!.dequantNF4(D, out), (e: Error) => e instanceof CudaArgumentError && /changed after it was cached/.test(e.message));
 });
 
-test('NF4 benchmark on resident data reports finite dequant GB/s and NF4 GEMM TFLOP/s', { skip }, async () => {
-  const b = await cached!.benchNF4({ M: 256, rows: 1024, cols: 1024, iters: 3 });
-  assert.ok(Number.isFinite(b.dequantGBs) && b.dequantGBs > 0, `dequant ${b.dequantGBs} GB/s`);
-  assert.ok(Number.isFinite(b.gemmNF4Tflops) && b.gemmNF4Tflops > 0, `gemm ${b.gemmNF4Tflops} TFLOP/s`);
+test('NF4 benchmark on resident data reports finite dequant GB/s and NF4 GEMM TFLOP/s (float32 and double-quantized absmax)', { skip }, async () => {
+  for (const doubleQuant of [false, true]) {
+    const b = await cached!.benchNF4({ M: 256, rows: 1024, cols: 1024, iters: 3, doubleQuant });
+    assert.ok(Number.isFinite(b.dequantGBs) && b.dequantGBs > 0, `dequant ${b.dequantGBs} GB/s (doubleQuant ${doubleQuant})`);
+    assert.ok(Number.isFinite(b.gemmNF4Tflops) && b.gemmNF4Tflops > 0, `gemm ${b.gemmNF4Tflops} TFLOP/s (doubleQuant ${doubleQuant})`);
+  }
   await assert.rejects(cached!.benchNF4({ M: 0, rows: 1, cols: 1 }), CudaArgumentError);
 });

@@ -102,7 +102,7 @@ void stc_close(stc_ctx* c) {
   delete c;
 }
 int stc_memory_stats(stc_ctx* c, int64_t* pool, int64_t* peak) { *pool = c->tensor_bytes; *peak = c->tensor_bytes; return 0; }
-int64_t stc_nf4_resident_bytes(int, int, int) { return -1; }
+int64_t stc_nf4_resident_bytes(int, int, int, int) { return -1; }
 int stc_nf4_stats(stc_ctx*, int64_t* count, int64_t* bytes) { *count = 0; *bytes = 0; return 0; }
 
 int stc_dev_alloc(stc_ctx* c, int64_t bytes, void** p) {

@@ -92,12 +92,21 @@ class Args {
   T* typed(size_t i, const char* name, napi_typedarray_type type, const char* type_name, double need,
            size_t* len_out = nullptr) {
     if (!ok()) return nullptr;
-    if (i >= info_.Length() || !info_[i].IsTypedArray() ||
-        info_[i].As<Napi::TypedArray>().TypedArrayType() != type) {
+    if (i >= info_.Length()) {
       fail(std::string(name) + " must be a " + type_name);
       return nullptr;
     }
-    auto arr = info_[i].As<Napi::TypedArrayOf<T>>();
+    return typed_value<T>(info_[i], name, type, type_name, need, len_out);
+  }
+  template <typename T>
+  T* typed_value(Napi::Value v, const char* name, napi_typedarray_type type, const char* type_name, double need,
+                 size_t* len_out = nullptr) {
+    if (!ok()) return nullptr;
+    if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type) {
+      fail(std::string(name) + " must be a " + type_name);
+      return nullptr;
+    }
+    auto arr = v.As<Napi::TypedArrayOf<T>>();
     size_t len = arr.ElementLength();
     if (need > 9007199254740992.0 || (double)len < need) {
       fail(std::string(name) + " has length " + std::to_string(len) + ", expected at least " + num(need));
@@ -118,7 +127,9 @@ class Args {
   uint8_t* u8(size_t i, const char* name, double need, size_t* len) {
     return typed<uint8_t>(i, name, napi_uint8_array, "Uint8Array", need, len);
   }
-  // NF4 weight passed as (packed, absmax, rows, cols, blocksize) starting at argument i
+  // NF4 weight passed as (packed, absmax, rows, cols, blocksize) starting at argument i. absmax is a Float32Array
+  // (one float per block) or bitsandbytes double quantization, an object
+  // { codes: Uint8Array (one per block), nestedAbsmax: Float32Array, code: Float32Array(256), offset, nestedBlocksize }.
   NF4View nf4(size_t i) {
     NF4View w{};
     int64_t rows = dim(i + 2, "W.rows"), cols = dim(i + 3, "W.cols"), bs = dim(i + 4, "W.blocksize");
@@ -128,16 +139,47 @@ class Args {
       return w;
     }
     double n = (double)rows * (double)cols;
+    double blocks = std::ceil(n / (double)bs);
     size_t plen = 0;
     w.packed = u8(i, "W.packed", std::ceil(n / 2), &plen);
     w.packed_len = plen;
-    w.absmax = f32(i + 1, "W.absmax", std::ceil(n / (double)bs));
+    if (ok() && i + 1 < info_.Length() && info_[i + 1].IsObject() && !info_[i + 1].IsTypedArray()) {
+      w.absmax = nullptr;
+      double_quant(info_[i + 1].As<Napi::Object>(), blocks, w);
+    } else {
+      w.absmax = f32(i + 1, "W.absmax", blocks);
+    }
     w.rows = rows;
     w.cols = cols;
     int lg = 0;
     while ((1 << lg) < bs) lg++;
     w.log2_block = lg;
     return w;
+  }
+  // The double-quantized absmax object of an NF4 weight (see nf4), checked against the weight's block count.
+  void double_quant(Napi::Object o, double blocks, NF4View& w) {
+    Napi::Value nbs = o.Get("nestedBlocksize"), off = o.Get("offset");
+    if (!nbs.IsNumber() || !off.IsNumber()) {
+      fail("W.absmax must be a Float32Array or a double-quantized absmax {codes, nestedAbsmax, code, offset, nestedBlocksize}");
+      return;
+    }
+    double nb = nbs.As<Napi::Number>().DoubleValue(), offset = off.As<Napi::Number>().DoubleValue();
+    if (!(nb >= 64 && nb <= 4096) || nb != std::floor(nb) || ((int64_t)nb & ((int64_t)nb - 1)) != 0) {
+      fail("W.absmax.nestedBlocksize=" + num(nb) + " must be a power of two in 64..4096");
+      return;
+    }
+    if (!std::isfinite(offset) || (double)(float)offset != offset) {
+      fail("W.absmax.offset=" + num(offset) + " must be a finite float32 value");
+      return;
+    }
+    w.qabsmax = typed_value<uint8_t>(o.Get("codes"), "W.absmax.codes", napi_uint8_array, "Uint8Array", blocks);
+    w.nested = typed_value<float>(o.Get("nestedAbsmax"), "W.absmax.nestedAbsmax", napi_float32_array, "Float32Array",
+                                  std::ceil(blocks / nb));
+    w.code = typed_value<float>(o.Get("code"), "W.absmax.code", napi_float32_array, "Float32Array", 256);
+    w.offset = (float)offset;
+    int lg = 0;
+    while ((1LL << lg) < (int64_t)nb) lg++;
+    w.log2_nested = lg;
   }
   Napi::Value submit(std::shared_ptr<ThreadPool> pool, std::function<std::string(ThreadPool&)> fn) {
     Napi::Env env = info_.Env();

@@ -464,7 +464,6 @@ const char* gemm_kernel_name() { return kKernelName; }
 
 void nf4_decode_run(float* out, const NF4View& W, size_t f, int64_t n) {
   const uint8_t* packed = W.packed;
-  const float* absmax = W.absmax;
   const int sh = W.log2_block;
   int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -481,18 +480,25 @@ void nf4_decode_run(float* out, const NF4View& W, size_t f, int64_t n) {
     __m512i codes = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(nib8), (g & 1) ? sh_odd : sh_even), low4);
     __m512 w = _mm512_permutexvar_ps(codes, lut);
     size_t b0 = g >> sh, b1 = (g + 15) >> sh;
-    __m512 am = _mm512_set1_ps(absmax[b0]);
+    __m512 am = _mm512_set1_ps(nf4_block_absmax(W, b0));
     if (b1 != b0) {  // blocks are ≥ 32 elements, so a 16-run spans at most two
       int split = (int)((b1 << sh) - g);
-      am = _mm512_mask_mov_ps(am, (__mmask16)(0xFFFFu << split), _mm512_set1_ps(absmax[b1]));
+      am = _mm512_mask_mov_ps(am, (__mmask16)(0xFFFFu << split), _mm512_set1_ps(nf4_block_absmax(W, b1)));
     }
     _mm512_storeu_ps(out + i, _mm512_mul_ps(w, am));
   }
 #endif
+  // scalar tail (and the whole run without AVX-512BW): one absmax per block, not per element
+  size_t block = ~size_t(0);
+  float am = 0.0f;
   for (; i < n; i++) {
     size_t g = f + i;
+    if ((g >> sh) != block) {
+      block = g >> sh;
+      am = nf4_block_absmax(W, block);
+    }
     uint8_t b = packed[g >> 1];
-    out[i] = kNF4Lut[(g & 1) ? (b & 15) : (b >> 4)] * absmax[g >> sh];
+    out[i] = kNF4Lut[(g & 1) ? (b & 15) : (b >> 4)] * am;
   }
 }
 
