@@ -1,9 +1,10 @@
 // `npm run bench`: every benchmark, one JSON object on stdout (progress on stderr), also written to
 // bench/results/latest.json. Render docs/benchmarks.md from it with `node bench/report.ts --write`.
 //
-//   node bench/run.ts [--only kernels,model,swarm,net] [--quick] [--out FILE]
+//   node bench/run.ts [--only kernels,model,swarm,net,store] [--quick] [--out FILE]
 //
-// Sections: machine (always), kernels, model (+ the PyTorch baseline), swarm, net. Heavy parts run in
+// Sections: machine (always), kernels, model (+ the PyTorch baseline), swarm, net, store (the cost of
+// a synced step commit). Heavy parts run in
 // child processes (the model bench for its own peak RSS, the swarm trace per wire codec, the CLI runs).
 // Other processes on the machine lower every figure: the load average is recorded before and after
 // each section.
@@ -15,11 +16,12 @@ import { defaultThreadCount } from '../engine/backends/native.ts';
 import { benchKernels } from './kernels.ts';
 import { benchMachine } from './machine.ts';
 import { benchNet } from './net.ts';
+import { benchCommitCost } from './commit-cost.ts';
 import { benchSwarmCli } from './swarm-cli.ts';
 import { ensureBenchModelDir, writeLongTextData } from './fixtures.ts';
 import { NODE, ROOT, runJsonScript } from './procs.ts';
 
-const SECTIONS = ['kernels', 'model', 'swarm', 'net'] as const;
+const SECTIONS = ['kernels', 'model', 'swarm', 'net', 'store'] as const;
 type Section = typeof SECTIONS[number];
 
 export class BenchUsageError extends Error {
@@ -146,6 +148,9 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
   }
   if (args.only.includes('net')) {
     result.net = await section('net', () => benchNet({ bytes: (args.quick ? 32 : 128) * 1024 * 1024, reps: args.quick ? 2 : 3, log: (s) => log(s) }));
+  }
+  if (args.only.includes('store')) {
+    result.store = await section('store', () => benchCommitCost({ reps: args.quick ? 5 : 20 }));
   }
   result.loadavg_end = load();
   result.total_seconds = Number(((performance.now() - t0) / 1000).toFixed(1));
