@@ -1,10 +1,11 @@
 // `npm run bench`: every benchmark, one JSON object on stdout (progress on stderr), also written to
 // bench/results/latest.json. Render docs/benchmarks.md from it with `node bench/report.ts --write`.
 //
-//   node bench/run.ts [--only kernels,memory,model,swarm,net] [--quick] [--out FILE]
+//   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence] [--quick] [--out FILE]
 //
 // Sections: machine (always), kernels, memory (a loaded stage's NF4 bytes per parameter and RSS against plan),
-// model (+ the PyTorch baseline), swarm, net. Heavy parts run in
+// model (+ the PyTorch baseline), swarm, net, store (the cost of a synced step commit), convergence (eval
+// loss per wire codec, bench/convergence.ts). Heavy parts run in
 // child processes (the model bench for its own peak RSS, the swarm trace per wire codec, the CLI runs).
 // Other processes on the machine lower every figure: the load average is recorded before and after
 // each section.
@@ -17,11 +18,12 @@ import { benchKernels } from './kernels.ts';
 import { benchMemory } from './memory.ts';
 import { benchMachine } from './machine.ts';
 import { benchNet } from './net.ts';
+import { benchCommitCost } from './commit-cost.ts';
 import { benchSwarmCli } from './swarm-cli.ts';
 import { ensureBenchModelDir, writeLongTextData } from './fixtures.ts';
 import { NODE, ROOT, runJsonScript } from './procs.ts';
 
-const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net'] as const;
+const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence'] as const;
 type Section = typeof SECTIONS[number];
 
 export class BenchUsageError extends Error {
@@ -151,6 +153,12 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
   }
   if (args.only.includes('net')) {
     result.net = await section('net', () => benchNet({ bytes: (args.quick ? 32 : 128) * 1024 * 1024, reps: args.quick ? 2 : 3, log: (s) => log(s) }));
+  }
+  if (args.only.includes('store')) {
+    result.store = await section('store', () => benchCommitCost({ reps: args.quick ? 5 : 20 }));
+  }
+  if (args.only.includes('convergence')) {
+    result.convergence = await section('convergence', () => runJsonScript(NODE, [path.join(ROOT, 'bench', 'convergence.ts'), ...(args.quick ? ['--quick'] : [])], 'bench/convergence.ts', 3_600_000));
   }
   result.loadavg_end = load();
   result.total_seconds = Number(((performance.now() - t0) / 1000).toFixed(1));

@@ -247,7 +247,7 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
   const other = Math.max(0, wall - parts);
   const pct = (x: number) => r1(100 * x / wall);
   const hidden = (what: string) => Object.entries(frames).filter(([k]) => k.startsWith(what)).map(([, f]) => f.bytes)[0] ?? 0;
-  const theory = expectedByteLength(o.codec, T * C) / T;
+  const theory = expectedByteLength(o.codec, [T, C]) / T;
   const fwdBytes = hidden('forward_s0_response'), bwdBytes = hidden('backward_s1_response');
   return {
     wire_dtype: o.codec,

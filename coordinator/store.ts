@@ -82,7 +82,9 @@ export class RunStore {
       ops.push({ type: 'del', key: `ckpt:${pad(c.step)}` });
       for (let s = 0; s < c.stages; s++) ops.push({ type: 'del', key: `optim:${pad(c.step)}:${pad(s)}` });
     }
-    await this.db.batch(ops);
+    // sync: LevelDB fsyncs its log before the batch resolves, so a step announced after this await
+    // survives a power loss, not only a process crash (the default write stops at the OS page cache)
+    await this.db.batch(ops, { sync: true });
   }
 
   /** The latest step with a complete optimizer checkpoint (adapter + every stage's state), or null. */
@@ -96,7 +98,7 @@ export class RunStore {
 
   /** The initial adapter (step 0) is stored the same way so pulls and restarts before step 1 work. */
   async putInitialAdapter(adapterBytes: Uint8Array): Promise<void> {
-    await this.db.put(`adapter:${pad(0)}`, adapterBytes);
+    await this.db.put(`adapter:${pad(0)}`, adapterBytes, { sync: true });
   }
 
   async adapter(step: number): Promise<Uint8Array | null> {

@@ -1,7 +1,7 @@
 // Message schemas of every stream (request and response), as validators plus their TypeScript types.
 import { arr, bool, bytes, int, nullable, num, obj, oneOf, opt, str } from './schema.ts';
 import type { Validator } from './schema.ts';
-import { wireTensor } from './tensor.ts';
+import { FLOAT_CODECS, wireTensor } from './tensor.ts';
 import { CHUNK_BYTES, MAX_STRING_LENGTH } from './constants.ts';
 
 const I32 = 2 ** 31 - 1;
@@ -98,7 +98,7 @@ export const assignment = obj({
   optim: optimSpec,
   seed: int(0, I32),
   gradientCheckpointing: bool,
-  wireCodec: oneOf(['f32', 'bf16', 'int8'] as const),
+  wireCodec: oneOf(FLOAT_CODECS),
   /** frozen shard weights for this stage */
   blobs: arr(blobRef, 4096),
   /** the stage's current LoRA tensors (safetensors bytes), absent for a fresh init from the seed */

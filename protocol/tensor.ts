@@ -1,22 +1,37 @@
-// Tensor wire format {dtype, shape, codec, bytes} with codecs f32 (exact), bf16 and blockwise int8.
+// Tensor wire format {dtype, shape, codec, bytes}: codecs f32 (exact), bf16, the blockwise absmax family
+// int8 / int4 / nf4 / int2 (protocol/codecs/blockwise.ts) and low-rank factors lowrank8 / lowrank32
+// (protocol/codecs/lowrank.ts). Every float codec is stateless: the bytes depend on the tensor alone.
 //
 // Byte layouts (little-endian; the host is assumed little-endian like every platform Node ships for):
 //   f32  : n x float32
 //   bf16 : n x uint16, the top half of the float32 rounded to nearest even
-//   int8 : ceil(n/INT8_BLOCK) x float32 absmax, then n x int8 with q = round(x * 127 / absmax)
+//   int8, int4, nf4, int2 : ceil(n/64) x float32 absmax, then the codes (see codecs/blockwise.ts)
+//   lowrankK : int8 factors U [rows, k] and V [cols, k], k = min(K, rows, cols) (see codecs/lowrank.ts)
 //   i32  : n x int32 (token ids and labels; dtype i32 only)
 // Error bounds: bf16 |x - x'| <= 2^-8 |x| (relative, half an ulp of an 8-bit mantissa);
-// int8 |x - x'| <= absmax_block / 254 (half a quantization step).
+// int8 |x - x'| <= absmax_block / 254 (half a quantization step), int4 absmax/14, nf4 0.1519 absmax,
+// int2 absmax/3; lowrankK: the best rank-K error plus the factors' int8 rounding.
 import { INT8_BLOCK, MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK } from './constants.ts';
+import { BLOCK, blockByteLength, decodeBlockwise, encodeBlockwise } from './codecs/blockwise.ts';
+import type { BlockCodec } from './codecs/blockwise.ts';
+import { decodeLowRank, encodeLowRank, lowRankByteLength } from './codecs/lowrank.ts';
 import { TensorError } from './errors.ts';
 import { arr, bytes, int, obj, oneOf } from './schema.ts';
 import type { Validator } from './schema.ts';
 
-export const TENSOR_CODECS = ['f32', 'bf16', 'int8', 'i32'] as const;
+/** The codecs a float tensor may use on the wire (the run's --wire-dtype picks one), cheapest last. */
+export const FLOAT_CODECS = ['f32', 'bf16', 'int8', 'int4', 'nf4', 'int2', 'lowrank32', 'lowrank8'] as const;
+export type FloatCodec = typeof FLOAT_CODECS[number];
+export function isFloatCodec(s: string): s is FloatCodec {
+  return (FLOAT_CODECS as readonly string[]).includes(s);
+}
+export const TENSOR_CODECS = [...FLOAT_CODECS, 'i32'] as const;
 export type TensorCodec = typeof TENSOR_CODECS[number];
 export type WireDtype = 'f32' | 'i32';
-/** The codecs a float tensor may use on the wire (the run's --wire-dtype picks one). */
-export type FloatCodec = 'f32' | 'bf16' | 'int8';
+
+const BLOCK_CODECS: readonly string[] = ['int8', 'int4', 'nf4', 'int2'] satisfies BlockCodec[];
+const LOW_RANK: Readonly<Record<string, number>> = { lowrank8: 8, lowrank32: 32 };
+if (BLOCK !== INT8_BLOCK) throw new Error(`protocol/codecs/blockwise.ts BLOCK ${BLOCK} != INT8_BLOCK ${INT8_BLOCK}`);
 
 export interface WireTensor {
   dtype: WireDtype;
@@ -45,12 +60,14 @@ function numel(shape: number[], what: string): number {
   return n;
 }
 
-export function expectedByteLength(codec: TensorCodec, n: number): number {
-  switch (codec) {
-    case 'f32': case 'i32': return 4 * n;
-    case 'bf16': return 2 * n;
-    case 'int8': return 4 * Math.ceil(n / INT8_BLOCK) + n;
-  }
+/** Bytes a tensor of this shape takes in this codec (a number: a flat tensor of that many elements). */
+export function expectedByteLength(codec: TensorCodec, shape: readonly number[] | number): number {
+  const dims = typeof shape === 'number' ? [shape] : shape;
+  const n = dims.reduce((a, b) => a * b, 1);
+  if (codec === 'f32' || codec === 'i32') return 4 * n;
+  if (codec === 'bf16') return 2 * n;
+  if (BLOCK_CODECS.includes(codec)) return blockByteLength(codec as BlockCodec, n);
+  return lowRankByteLength(dims, LOW_RANK[codec]!);
 }
 
 function f32ToBf16Bits(u: Uint32Array, i: number): number {
@@ -78,20 +95,8 @@ export function encodeTensor(data: Float32Array | Int32Array, shape: number[], c
     for (let i = 0; i < n; i++) out[i] = f32ToBf16Bits(u, i);
     return { dtype: 'f32', shape: [...shape], codec, bytes: new Uint8Array(out.buffer) };
   }
-  const nb = Math.ceil(n / INT8_BLOCK);
-  const buf = new ArrayBuffer(4 * nb + n);
-  const absmax = new Float32Array(buf, 0, nb);
-  const q = new Int8Array(buf, 4 * nb, n);
-  for (let b = 0; b < nb; b++) {
-    const lo = b * INT8_BLOCK;
-    const hi = Math.min(n, lo + INT8_BLOCK);
-    let m = 0;
-    for (let i = lo; i < hi; i++) { const a = Math.abs(data[i]!); if (a > m) m = a; }
-    absmax[b] = m;
-    const s = m > 0 ? 127 / m : 0;
-    for (let i = lo; i < hi; i++) q[i] = Math.max(-127, Math.min(127, Math.round(data[i]! * s)));
-  }
-  return { dtype: 'f32', shape: [...shape], codec, bytes: new Uint8Array(buf) };
+  const bytes = BLOCK_CODECS.includes(codec) ? encodeBlockwise(codec as BlockCodec, data) : encodeLowRank(data, shape, LOW_RANK[codec]!, what);
+  return { dtype: 'f32', shape: [...shape], codec, bytes };
 }
 
 /** Copy bytes into a fresh, aligned buffer (msgpack hands us views at arbitrary offsets). */
@@ -118,7 +123,7 @@ export function decodeTensor(t: WireTensor, what: string, expect: DecodeExpect =
     }
   }
   if ((t.dtype === 'i32') !== (t.codec === 'i32')) throw new TensorError(`${what}: dtype ${t.dtype} cannot use codec ${t.codec}`);
-  const want = expectedByteLength(t.codec, n);
+  const want = expectedByteLength(t.codec, t.shape);
   if (t.bytes.length !== want) throw new TensorError(`${what}: codec ${t.codec} with shape [${t.shape}] needs ${want} bytes, got ${t.bytes.length}`);
   const shape = [...t.shape];
   if (t.codec === 'i32') return { shape, data: new Int32Array(aligned(t.bytes)) };
@@ -130,23 +135,11 @@ export function decodeTensor(t: WireTensor, what: string, expect: DecodeExpect =
     const u = new Uint32Array(n);
     for (let i = 0; i < n; i++) u[i] = h[i]! << 16;
     out = new Float32Array(u.buffer);
+  } else if (BLOCK_CODECS.includes(t.codec)) {
+    // finite by construction: finite absmax times a level in [-1, 1]
+    return { shape, data: decodeBlockwise(t.codec as BlockCodec, t.bytes, n, what) };
   } else {
-    const nb = Math.ceil(n / INT8_BLOCK);
-    const buf = aligned(t.bytes);
-    const absmax = new Float32Array(buf, 0, nb);
-    const q = new Int8Array(buf, 4 * nb, n);
-    out = new Float32Array(n);
-    for (let b = 0; b < nb; b++) {
-      const m = absmax[b]!;
-      if (!Number.isFinite(m) || m < 0) throw new TensorError(`${what}: int8 block ${b} has bad absmax ${m}`);
-      const s = m / 127;
-      const hi = Math.min(n, (b + 1) * INT8_BLOCK);
-      for (let i = b * INT8_BLOCK; i < hi; i++) {
-        if (q[i] === -128) throw new TensorError(`${what}: int8 code -128 at element ${i} is outside the symmetric range`);
-        out[i] = q[i]! * s;
-      }
-    }
-    return { shape, data: out };
+    out = decodeLowRank(t.bytes, t.shape, LOW_RANK[t.codec]!, what);
   }
   for (let i = 0; i < n; i++) {
     if (!Number.isFinite(out[i]!)) throw new TensorError(`${what}: non-finite value ${out[i]} at element ${i}`);

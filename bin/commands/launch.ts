@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { rootLogger } from '../log.ts';
 import { nonNegativeInt } from '../args.ts';
 import { addTrainFlags, trainFlagValues } from './train-flags.ts';
+import { FLOAT_CODECS, isFloatCodec } from '../../protocol/tensor.ts';
 
 /** --allow-peers: a comma list of libp2p peer ids (base58btc, as `swarmtune join` prints them). */
 export function parsePeerList(v: string | undefined): string[] | null {
@@ -21,7 +22,7 @@ export function registerLaunch(program: Command): void {
     .option('--listen <multiaddr>', 'listen address', '/ip4/0.0.0.0/tcp/4001')
     .option('--min-peers <n>', 'peers to wait for before planning', nonNegativeInt('--min-peers'), 1)
     .option('--pipeline-stages <n>', 'fixed number of pipeline stages (default: planned from peer memory)', nonNegativeInt('--pipeline-stages'))
-    .option('--wire-dtype <dtype>', 'activation/gradient wire format: f32, bf16 or int8', 'f32')
+    .option('--wire-dtype <dtype>', `activation/gradient wire format: ${FLOAT_CODECS.join(', ')} (docs/protocol.md "Tensor codecs")`, 'f32')
     .option('--private', 'admit only peers presenting the printed join token')
     .option('--allow-peers <ids>', 'private run: admit only these peer ids (comma list), with the token too when --private is set')
     .option('--public-pull', 'a private run\'s adapter may still be pulled by anyone')
@@ -33,7 +34,7 @@ export function registerLaunch(program: Command): void {
     const flags = trainFlagValues(opts);
     const { launchRun } = await import('../../coordinator/launch.ts');
     const wire = String(opts.wireDtype);
-    if (wire !== 'f32' && wire !== 'bf16' && wire !== 'int8') throw new Error(`--wire-dtype must be f32, bf16 or int8, got "${wire}"`);
+    if (!isFloatCodec(wire)) throw new Error(`--wire-dtype must be one of ${FLOAT_CODECS.join(', ')}, got "${wire}"`);
     process.exitCode = await launchRun({
       configFile: (opts.config as string | undefined) ?? null,
       flags,
