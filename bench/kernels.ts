@@ -37,6 +37,22 @@ async function bestMs(fn: () => Promise<void>, reps = 5): Promise<number> {
   return best;
 }
 
+/** best wall times of a and b, measured alternately (a, b, a, b, …) so that load from other processes, which
+ *  comes and goes, hits both alike: their ratio is what a comparison of two variants needs */
+async function bestPairMs(a: () => Promise<void>, b: () => Promise<void>, reps = 15): Promise<[number, number]> {
+  await a(); await b();
+  let ba = Infinity, bb = Infinity;
+  for (let r = 0; r < reps; r++) {
+    let t0 = performance.now();
+    await a();
+    ba = Math.min(ba, performance.now() - t0);
+    t0 = performance.now();
+    await b();
+    bb = Math.min(bb, performance.now() - t0);
+  }
+  return [ba, bb];
+}
+
 const round = (x: number, d = 1) => Number(x.toFixed(d));
 
 export async function benchKernels(opts: { threads?: number } = {}): Promise<object> {
@@ -60,10 +76,9 @@ export async function benchKernels(opts: { threads?: number } = {}): Promise<obj
       const gf = (ms: number) => round(flop / (ms / 1e3) / 1e9);
       const plain = await bestMs(() => be.gemm(false, true, M, N, K, 1, X, Wf, 0, Y));
       const plainNN = await bestMs(() => be.gemm(false, false, M, K, N, 1, DY, Wf, 0, DX));
-      const nf4 = await bestMs(() => be.gemmNF4(M, X, W, 0, Y));
-      const nf4T = await bestMs(() => be.gemmNF4T(M, DY, W, 0, DX));
-      const nf4dq = await bestMs(() => be.gemmNF4(M, X, Wdq, 0, Y));
-      const nf4Tdq = await bestMs(() => be.gemmNF4T(M, DY, Wdq, 0, DX));
+      // float32 absmax and double-quantized absmax timed alternately: their ratio is the cost of double quantization
+      const [nf4, nf4dq] = await bestPairMs(() => be.gemmNF4(M, X, W, 0, Y), () => be.gemmNF4(M, X, Wdq, 0, Y));
+      const [nf4T, nf4Tdq] = await bestPairMs(() => be.gemmNF4T(M, DY, W, 0, DX), () => be.gemmNF4T(M, DY, Wdq, 0, DX));
       const wgrad = await bestMs(() => be.gemm(true, false, N, K, M, 1, DY, X, 1, DW));
       gemm.push({
         shape: `${M}x${N}x${K}`,
@@ -84,9 +99,8 @@ export async function benchKernels(opts: { threads?: number } = {}): Promise<obj
     }
     // NF4 dequantization throughput on a 4096×4096 weight (64 MiB of float32 output)
     const R = 4096, Cc = 4096, W = randNF4(R, Cc, 9), out = new Float32Array(R * Cc);
-    const dqMs = await bestMs(() => be.dequantNF4(W, out), 3);
     const Wdq = withDoubleQuant(W);
-    const dqDqMs = await bestMs(() => be.dequantNF4(Wdq, out), 3);
+    const [dqMs, dqDqMs] = await bestPairMs(() => be.dequantNF4(W, out), () => be.dequantNF4(Wdq, out), 15);
     const dequant = {
       shape: `${R}x${Cc}`, ms: round(dqMs, 2),
       gbps_f32_out: round(R * Cc * 4 / (dqMs / 1e3) / 1e9, 2),

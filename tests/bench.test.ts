@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, BenchUsageError } from '../bench/run.ts';
-import { BENCH_DOC, docWithTables, renderTables, sourceOf, ReportError } from '../bench/report.ts';
+import { BENCH_DOC, docWithDoubleQuantTables, docWithTables, doubleQuantSourceOf, renderDoubleQuantTables, renderTables, sourceOf, ReportError } from '../bench/report.ts';
 import { traceSwarm } from '../bench/swarm-trace.ts';
 import { benchNet } from '../bench/net.ts';
 import { tinyLlamaConfig } from '../engine/model/random-model.ts';
@@ -32,6 +32,21 @@ test('docs/benchmarks.md tables are generated from the committed results file th
   assert.equal(doc, docWithTables(doc, renderTables(results, source)), `docs/benchmarks.md is stale: run \`node bench/report.ts ${source} --write\``);
   assert.throws(() => renderTables({ ...results, schema: 'other' }, source), (e: Error) => e instanceof ReportError && /schema/.test(e.message));
   assert.throws(() => renderTables({ ...results, machine: 3 }, source), { name: 'ReportError', message: /machine must be an object/ });
+});
+
+test('docs/benchmarks.md double-quantization section is generated from the results file it names', () => {
+  const doc = readFileSync(BENCH_DOC, 'utf8');
+  const source = doubleQuantSourceOf(doc);
+  assert.ok(source !== null, 'docs/benchmarks.md names no double-quantization results file (node bench/report.ts FILE --part=double-quant --write)');
+  assert.ok(existsSync(path.join(ROOT, source)), `${source} is not in the repository`);
+  const results = JSON.parse(readFileSync(path.join(ROOT, source), 'utf8'));
+  assert.equal(doc, docWithDoubleQuantTables(doc, renderDoubleQuantTables(results, source)), `stale: run \`node bench/report.ts ${source} --part=double-quant --write\``);
+  // what the section claims: the held form matches the theory, and plan matches the stage's ArrayBuffer bytes
+  for (const r of results.memory.runs) {
+    assert.ok(Math.abs(r.bits_per_param - r.theory_bits_per_param) < 0.001, `${r.config}: ${r.bits_per_param} bits/param held, theory ${r.theory_bits_per_param}`);
+    assert.ok(Math.abs(r.array_buffers_over_plan - 1) < 0.01, `${r.config}: ArrayBuffers ${r.array_buffers_over_plan}× plan`);
+  }
+  assert.throws(() => renderDoubleQuantTables({ ...results, memory: 3 }, source), { name: 'ReportError', message: /memory must be an object/ });
 });
 
 test('swarm trace: every micro-batch is accounted for and the wire bytes per token match the codec', async () => {

@@ -169,6 +169,9 @@ test('quantize command output loads with openModelDir: same NF4 as on-the-fly, f
     try {
       assert.equal(m.prequantized, true);
       assert.equal(ms.prequantized, false);
+      // the form the stages will hold: a checkpoint's own, else bnb_4bit_use_double_quant (default on)
+      assert.deepEqual([m.doubleQuant, mp.doubleQuant, ms.doubleQuant, msPlain.doubleQuant], [true, false, true, false]);
+      assert.equal((await openModelDir(outPlain, { doubleQuant: true }).then(async (x) => { const d = x.doubleQuant; await x.close(); return d; })), false);
       assert.equal(m.config.hiddenSize, 64);
       for (const [name, t] of weights) {
         if (name.endsWith('_proj.weight')) {
