@@ -31,6 +31,9 @@ export interface VolunteerDeps {
   onHost?: (host: StageHost) => void;
   /** every event the volunteer reports (the same objects --json prints) */
   onEvent?: (e: Record<string, unknown>) => void;
+  /** the exit code and one-line message of a fatal error (bin/ gives its table's, bin/errors.ts);
+   *  default: exit 1 with the error's name and message */
+  describeError?: (e: Error) => { code: number; message: string };
 }
 
 /** The backend for --device, loaded when first needed so an in-process volunteer with an injected
@@ -76,8 +79,9 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     events.say('probe', { capabilities: caps }, `${caps.deviceName}, ${caps.cores} cores, offering ${(caps.memoryBytes / 2 ** 30).toFixed(2)} GiB, ${caps.gemmGflops.toFixed(1)} GFLOP/s`);
     return await session.run(caps);
   } catch (e) {
-    events.error(e as Error);
-    return EXIT_FAILED;
+    const d = deps.describeError?.(e as Error) ?? { code: EXIT_FAILED, message: `${(e as Error).name}: ${(e as Error).message}` };
+    events.error(e as Error, d.message, d.code);
+    return d.code;
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
