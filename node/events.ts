@@ -37,7 +37,7 @@ export class VolunteerEvents {
 
   assigned(a: Assignment): void {
     this.say('assigned', { run_id: a.runId, stage: a.stageIndex, layer_start: a.layerStart, layer_end: a.layerEnd, num_stages: a.numStages, step: a.step },
-      `assigned stage ${a.stageIndex} (stages 0–${a.numStages - 1}): layers [${a.layerStart}, ${a.layerEnd}) at step ${a.step}`);
+      `assigned stage ${a.stageIndex} (${a.numStages === 1 ? 'the only stage' : `stages 0–${a.numStages - 1}`}): layers [${a.layerStart}, ${a.layerEnd}) at step ${a.step}`);
   }
 
   /** A progress line while serving; `sinceMicroBatches` is the count at the previous line. */

@@ -25,6 +25,7 @@ import { fetchStatus, pullAdapter } from '../coordinator/client.ts';
 import { runVolunteer } from '../node/volunteer.ts';
 import { StageHost } from '../node/stage-host.ts';
 import { createShardOptimizer } from '../node/optimizer.ts';
+import { EXIT_REJECTED } from '../node/constants.ts';
 
 const HF = {
   model_type: 'llama', vocab_size: 97, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 4,
@@ -306,7 +307,7 @@ test('a private run admits only peers with its join token', async () => {
     } finally {
       process.stdout.write = write;
     }
-    assert.equal(code, 1);
+    assert.equal(code, EXIT_REJECTED, 'a refused join exits with the refused code of the exit-code table');
     const err = out.map((l) => JSON.parse(l)).find((e) => e.event === 'error');
     assert.equal(err?.name, 'AuthError');
     assert.match(err?.message, /private: a valid --token is required/);
