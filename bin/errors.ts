@@ -138,10 +138,15 @@ export function configureUsageErrors(program: Command): void {
   });
 }
 
+/** commander's error text as one line: its "(Did you mean …?)" hint joins the line it follows. */
+function usageLine(s: string, prefix: string): string {
+  return s.replace(/^error: /, prefix).replace(/\s*\n\((Did you mean [^)]*)\)/, (_, hint: string) => ` (${hint.replace(/^D/, 'd')})`).trimEnd() + '\n';
+}
+
 /** After every command is registered: commander's error lines say which command, as ours do. */
 export function prefixUsageErrors(program: Command): void {
-  program.configureOutput({ outputError: (s, write) => write(s.replace(/^error: /, 'swarmtune: ')) });
+  program.configureOutput({ outputError: (s, write) => write(usageLine(s, 'swarmtune: ')) });
   for (const cmd of program.commands) {
-    cmd.configureOutput({ outputError: (s, write) => write(s.replace(/^error: /, `swarmtune ${cmd.name()}: `)) });
+    cmd.configureOutput({ outputError: (s, write) => write(usageLine(s, `swarmtune ${cmd.name()}: `)) });
   }
 }
