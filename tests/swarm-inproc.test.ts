@@ -203,7 +203,7 @@ test('2 stages x 2 replicas equal the local loop; status and pull of a finished 
     assert.equal(relDiff(ref.init, new Map(last.tensors.map((t) => [t.name, t.data])), r.adapter).rel, 0);
     const first = await pullAdapter(r.addr, { step: 0 });
     assert.equal(relDiff(ref.init, new Map(first.tensors.map((t) => [t.name, t.data])), ref.init).norm, 0, 'step 0 is the init');
-    await assert.rejects(pullAdapter(r.addr, { step: 7 }), { name: 'StaleError', message: /no committed adapter for step 7/ });
+    await assert.rejects(pullAdapter(r.addr, { step: 7 }), { name: 'StepNotFoundError', message: '--step 7: the run has committed steps: 0–3 (4 steps)' });
   } finally {
     await r.stop();
   }
