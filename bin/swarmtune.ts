@@ -13,6 +13,7 @@ import { registerLaunch } from './commands/launch.ts';
 import { registerStatus } from './commands/status.ts';
 import { registerPull } from './commands/pull.ts';
 import { registerDemo } from './commands/demo.ts';
+import { configureUsageErrors, prefixUsageErrors } from './errors.ts';
 
 registerBuiltinBackends();
 const program = new Command();
@@ -20,6 +21,7 @@ program
   .name('swarmtune')
   .description('Peer-to-peer QLoRA fine-tuning across volunteer GPUs')
   .version('0.1.0');
+configureUsageErrors(program);
 // the order of `swarmtune --help`
 registerEval(program);
 registerGenerate(program);
@@ -32,4 +34,5 @@ registerLaunch(program);
 registerStatus(program);
 registerPull(program);
 registerDemo(program);
+prefixUsageErrors(program);
 await program.parseAsync(process.argv);

@@ -8,7 +8,7 @@ import type { LoraConfig, NamedTensor } from '../engine/types.ts';
 import { createSwarmNode, request, parseMultiaddr } from '../protocol/net.ts';
 import type { StatusResponse } from '../protocol/messages.ts';
 import { decodeFloat } from '../protocol/tensor.ts';
-import { SchemaError } from '../protocol/errors.ts';
+import { SchemaError, SwarmError } from '../protocol/errors.ts';
 import { readPages } from '../protocol/pager.ts';
 import { PAGE_TENSORS } from '../protocol/constants.ts';
 
@@ -41,9 +41,26 @@ export async function fetchStatus(addr: string, timeoutMs = 10_000, opts: { sign
   return withClient((node) => retryResets(node, parseMultiaddr(addr), 'status', {}, { timeoutMs, signal: opts.signal }));
 }
 
+/** `pull --step N` of a step the run has not committed (or no longer keeps); the message lists what it has. */
+export class StepNotFoundError extends SwarmError {
+  override name = 'StepNotFoundError';
+}
+
 export interface PulledAdapter { step: number; lora: LoraConfig; baseModel: string; tensors: NamedTensor[] }
 
 export async function pullAdapter(addr: string, opts: { step?: number; timeoutMs?: number; token?: string; signal?: AbortSignal } = {}): Promise<PulledAdapter> {
+  try {
+    return await pullFrom(addr, opts);
+  } catch (e) {
+    // the coordinator answers a step it has no adapter for as stale; for the puller it is not there
+    if ((e as Error).name === 'StaleError' && opts.step !== undefined && /^no committed adapter for step/.test((e as Error).message)) {
+      throw new StepNotFoundError(`--step ${opts.step}: the run has ${(e as Error).message.replace(/^no committed adapter for step \d+; /, '')}`);
+    }
+    throw e;
+  }
+}
+
+async function pullFrom(addr: string, opts: { step?: number; timeoutMs?: number; token?: string; signal?: AbortSignal }): Promise<PulledAdapter> {
   return withClient(async (node) => {
     const target = parseMultiaddr(addr);
     let step = -1, spec: string | null = null;

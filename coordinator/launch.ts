@@ -97,6 +97,7 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   const dataDir = path.resolve(o.dataDir ?? path.join(outputDir, 'coordinator'));
   // the model and the data are read and checked before anything is written: a refusal leaves no data dir
   const model = await openModelDir(train.model, { doubleQuant: train.bnb_4bit_use_double_quant });
+  const data = await buildRunData(train, model);
   await mkdir(dataDir, { recursive: true });
   const unlock = await lockDataDir(dataDir);
 
@@ -107,7 +108,6 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
     lora = a.lora; // the adapter's r, alpha and targets apply, as in `swarmtune train --init-adapter`
     initAdapter = new Map(a.tensors.map((t) => [t.name, t]));
   }
-  const data = await buildRunData(train, model);
   const store = await RunStore.open(path.join(dataDir, 'db'));
   const meta = await store.getMeta();
   let runId: string;

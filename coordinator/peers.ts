@@ -11,6 +11,13 @@ import type { CoordinatorConfig } from './config.ts';
 import { BanList, inWords } from './bans.ts';
 import { sleep } from './wait.ts';
 
+/** An error in words for a drop or a note: never empty (an aborted stream can carry no message). */
+function reasonOf(e: unknown): string {
+  if (!(e instanceof Error)) return String(e) || 'no reason given';
+  const code = (e as NodeJS.ErrnoException).code;
+  return e.message.trim() !== '' ? e.message : code !== undefined ? `${e.name} ${code}` : e.name !== 'Error' ? e.name : 'no reason given';
+}
+
 export interface PeerState {
   peerId: string;
   caps: Capabilities;
@@ -164,7 +171,7 @@ export class PeerRegistry {
         if (signal.aborted) return;
         const silentMs = Date.now() - p.lastSeenMs;
         if (silentMs > this.o.config.heartbeatTimeoutMs) this.markDead(p, `no heartbeat for ${silentMs} ms`);
-        else { if (p.health === 'ok') this.o.status.note(`peer ${p.peerId} missed a heartbeat: ${(e as Error).message}`); p.health = 'slow'; }
+        else { if (p.health === 'ok') this.o.status.note(`peer ${p.peerId} missed a heartbeat: ${reasonOf(e)}`); p.health = 'slow'; }
       }
     }));
   }
@@ -183,7 +190,7 @@ export class PeerRegistry {
       if (!hb.ready || hb.runId !== this.o.runId) this.markDead(p, 'it answers but no longer holds its stage');
     } catch (e) {
       if (signal.aborted) throw signal.reason;
-      this.markDead(p, `failed a request (${cause.message}) and then a heartbeat (${(e as Error).message})`);
+      this.markDead(p, `failed a request (${reasonOf(cause)}) and then a heartbeat (${reasonOf(e)})`);
     }
   }
 
@@ -213,7 +220,7 @@ export class PeerRegistry {
     if (signal.aborted) throw signal.reason;
     await this.probe(id, cause, signal);
     const p = this.peers.get(id);
-    if (p !== undefined && !this.gone(id)) this.markDead(p, `${why} (${cause.name}: ${cause.message})`);
+    if (p !== undefined && !this.gone(id)) this.markDead(p, `${why} (${cause.name}: ${reasonOf(cause)})`);
   }
 
   // ---- bans

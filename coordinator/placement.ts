@@ -257,7 +257,7 @@ export class Placement {
     } catch (e) {
       if (signal.aborted) throw signal.reason;
       this.moving.delete(id);
-      peers.markDead(p, `it did not take the release to move to stage ${to} (${(e as Error).message})`);
+      peers.markDead(p, `it did not take the release to move to stage ${to} (${(e as Error).message || (e as Error).name})`);
       return;
     }
     await until(() => admission.isWaiting(id), { timeoutMs: config.rejoinDeadlineMs, intervalMs: config.loadPollMs, signal });

@@ -43,11 +43,27 @@ export async function serveRun(o: RunServerInit, opts: { signal: AbortSignal }):
   }, so);
 }
 
+/** Committed steps in a few words however many there are: runs of consecutive steps as first–last, at most
+ *  three runs from each end, and the count ("0–400 (401 steps)", "0, 100, 200–205 (8 steps)"). */
+export function stepRanges(steps: readonly number[]): string {
+  if (steps.length === 0) return 'none yet';
+  const sorted = [...steps].sort((a, b) => a - b);
+  const runs: string[] = [];
+  let start = sorted[0]!, prev = start;
+  for (const s of [...sorted.slice(1), Number.NaN]) {
+    if (s === prev + 1) { prev = s; continue; }
+    runs.push(start === prev ? String(start) : `${start}–${prev}`);
+    start = prev = s;
+  }
+  const shown = runs.length > 6 ? [...runs.slice(0, 3), '…', ...runs.slice(-3)] : runs;
+  return `${shown.join(', ')} (${sorted.length} step${sorted.length === 1 ? '' : 's'})`;
+}
+
 /** A page of a committed adapter, in the shard encoding's (stable, by name) tensor order. */
 async function pull(o: RunServerInit, step: number | undefined, from: number, count: number): Promise<AdapterResponse> {
   const want = step ?? o.committedStep();
   const bytes = await o.store.adapter(want);
-  if (bytes === null) throw new StaleError(`no committed adapter for step ${want}; committed steps: ${(await o.store.committedSteps()).join(', ') || 'none yet'}`);
+  if (bytes === null) throw new StaleError(`no committed adapter for step ${want}; committed steps: ${stepRanges(await o.store.committedSteps())}`);
   const t = decodeShard(bytes, `adapter of step ${want}`);
   const names = [...t.float.keys()];
   const page = servePage(names.length, from, count, `adapter of step ${want}`, (i) => t.float.get(names[i]!)!.data.length * 4);

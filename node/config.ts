@@ -9,7 +9,7 @@ import type { Multiaddr } from '../protocol/net.ts';
 import { SwarmError } from '../protocol/errors.ts';
 import type { Logger } from '../protocol/log.ts';
 import {
-  COORDINATOR_LOST_MS, DEFAULT_LISTEN, HANDLER_TIMEOUT_MS, JOIN_TIMEOUT_MS, REJOIN_RETRY_MS, REJOIN_WINDOW_MS,
+  COORDINATOR_LOST_MS, DEFAULT_LISTEN, HANDLER_TIMEOUT_MS, JOIN_TIMEOUT_MS, PROGRESS_INTERVAL_MS, REJOIN_RETRY_MS, REJOIN_WINDOW_MS,
   RSS_SAMPLE_MS, SNAPSHOT_RESIDENT_BYTES,
 } from './constants.ts';
 import type { VolunteerProto } from './constants.ts';
@@ -26,6 +26,8 @@ export interface VolunteerOptions {
   json: boolean;
   /** listen multiaddr for serving blobs and stage requests */
   listen?: string;
+  /** a progress line at most this often while serving (0: none; default PROGRESS_INTERVAL_MS) */
+  progressIntervalMs?: number;
   /** the volunteer's logger, namespace swarmtune:node (children :session, :stage, :rpc); default silent */
   log?: Logger;
 }
@@ -43,6 +45,8 @@ export interface VolunteerConfig {
   /** absolute */
   dataDir: string;
   listen: string;
+  /** 0: no progress lines */
+  progressIntervalMs: number;
   joinTimeoutMs: number;
   coordinatorLostMs: number;
   rejoinWindowMs: number;
@@ -77,6 +81,7 @@ export function resolveVolunteerConfig(opts: VolunteerOptions, env: Knobs = knob
     maxMemoryBytes: opts.maxMemoryBytes,
     dataDir: path.resolve(opts.dataDir),
     listen: opts.listen ?? DEFAULT_LISTEN,
+    progressIntervalMs: opts.progressIntervalMs ?? PROGRESS_INTERVAL_MS,
     joinTimeoutMs: JOIN_TIMEOUT_MS,
     coordinatorLostMs: COORDINATOR_LOST_MS,
     rejoinWindowMs: REJOIN_WINDOW_MS,

@@ -35,7 +35,11 @@ export const HANDLER_TIMEOUT_MS = {
 /** The protocols a volunteer serves. */
 export type VolunteerProto = keyof typeof HANDLER_TIMEOUT_MS;
 
-/** Exit codes of `swarmtune join`. */
+/** Exit codes of `swarmtune join`: the values of the table every command shares (bin/errors.ts EXIT,
+ *  docs/operations.md "Exit codes"); its other codes come from bin/, which classifies the errors. */
 export const EXIT_OK = 0;
 export const EXIT_FAILED = 1;
-export const EXIT_REJECTED = 2;
+/** the coordinator refused this peer (a rejected join: fits no stage, banned, run over) */
+export const EXIT_REJECTED = 3;
+/** How often (at most) a serving volunteer prints a progress line when none is asked for. */
+export const PROGRESS_INTERVAL_MS = 10_000;

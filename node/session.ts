@@ -13,6 +13,7 @@ import type { StageHost, KeptOffer } from './stage-host.ts';
 import type { OptimizerFactory } from './optimizer.ts';
 import { loadAssignedStage } from './assignment.ts';
 import type { VolunteerConfig } from './config.ts';
+import { reportProgress } from './events.ts';
 import type { VolunteerEvents } from './events.ts';
 import { EXIT_FAILED, EXIT_OK, EXIT_REJECTED } from './constants.ts';
 
@@ -262,8 +263,7 @@ export class VolunteerSession {
       this.allowPeers = a.allowPeers !== undefined ? new Set(a.allowPeers) : null;
       this.previousRunId = a.runId;
       this.lastCoordinatorMs = Date.now();
-      events.say('assigned', { run_id: a.runId, stage: a.stageIndex, layer_start: a.layerStart, layer_end: a.layerEnd, num_stages: a.numStages, step: a.step },
-        `assigned stage ${a.stageIndex + 1}/${a.numStages}: layers [${a.layerStart}, ${a.layerEnd}) at step ${a.step}`);
+      events.assigned(a);
       return { name: 'loading', assignment: a, kept: s.kept };
     }
   }
@@ -297,9 +297,15 @@ export class VolunteerSession {
     this.c.onHost?.(s.host);
     this.c.events.say('ready', { stage: s.assignment.stageIndex, params: s.host.stage.params.length }, `stage loaded (${s.host.stage.params.length} LoRA tensors); serving`);
     const unwatch = this.watchCoordinator(s.ended);
+    const a = s.assignment, host = s.host;
+    const stopProgress = reportProgress(this.c.events, () => ({
+      stage: a.stageIndex, layerStart: a.layerStart, layerEnd: a.layerEnd, step: host.step, totalSteps: a.totalSteps,
+      microBatches: host.microBatchesServed, tokensPerSecond: host.tokensPerSecond,
+    }), this.config.progressIntervalMs);
     try {
       await aborted(this.signal, s.ended.signal);
     } finally {
+      stopProgress();
       unwatch();
     }
     if (this.signal.aborted) return this.exitCode;

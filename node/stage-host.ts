@@ -51,6 +51,8 @@ export class StageHost {
   /** tokens/s through this stage, measured over forward+backward compute */
   private computeMs = 0;
   private computeTokens = 0;
+  /** micro-batches committed through this stage since it was loaded (a progress counter) */
+  microBatchesServed = 0;
   /** the state from before the last optimizer update (a restarted coordinator may not have committed it) */
   private previous: StepSnapshot | null = null;
   private readonly snapshotOptions: SnapshotOptions;
@@ -207,8 +209,10 @@ export class StageHost {
 
   commit(req: CommitRequest): void {
     this.check(req, 'commit');
-    if (req.commit) this.gradients.commit(req.step, req.mb, req.attempt);
-    else this.gradients.discard(req.step, req.mb, req.attempt);
+    if (req.commit) {
+      this.gradients.commit(req.step, req.mb, req.attempt);
+      this.microBatchesServed++;
+    } else this.gradients.discard(req.step, req.mb, req.attempt);
   }
 
   async aggregate(req: AggregateRequest, opts: JobOptions = {}): Promise<AggregateResponse> {

@@ -17,7 +17,7 @@ import type { VolunteerConfig, VolunteerOptions } from './config.ts';
 import { VolunteerEvents } from './events.ts';
 import { LeavingError, VolunteerSession } from './session.ts';
 import { serveTable, volunteerHandlers } from './handlers.ts';
-import { EXIT_FAILED, EXIT_OK } from './constants.ts';
+import { EXIT_FAILED, EXIT_OK, EXIT_REJECTED } from './constants.ts';
 
 export type { VolunteerOptions } from './config.ts';
 
@@ -31,6 +31,9 @@ export interface VolunteerDeps {
   onHost?: (host: StageHost) => void;
   /** every event the volunteer reports (the same objects --json prints) */
   onEvent?: (e: Record<string, unknown>) => void;
+  /** the exit code and one-line message of a fatal error (bin/ gives its table's, bin/errors.ts);
+   *  default: the error's name and message, exit EXIT_REJECTED for a refusal (AuthError, CapacityError), else 1 */
+  describeError?: (e: Error) => { code: number; message: string };
 }
 
 /** The backend for --device, loaded when first needed so an in-process volunteer with an injected
@@ -76,8 +79,10 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     events.say('probe', { capabilities: caps }, `${caps.deviceName}, ${caps.cores} cores, offering ${(caps.memoryBytes / 2 ** 30).toFixed(2)} GiB, ${caps.gemmGflops.toFixed(1)} GFLOP/s`);
     return await session.run(caps);
   } catch (e) {
-    events.error(e as Error);
-    return EXIT_FAILED;
+    const refused = (e as Error).name === 'AuthError' || (e as Error).name === 'CapacityError';
+    const d = deps.describeError?.(e as Error) ?? { code: refused ? EXIT_REJECTED : EXIT_FAILED, message: `${(e as Error).name}: ${(e as Error).message}` };
+    events.error(e as Error, d.message, d.code);
+    return d.code;
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);

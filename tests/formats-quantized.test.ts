@@ -332,7 +332,7 @@ test('plan, quantize and merge refuse a GPTQ checkpoint and write nothing', asyn
   });
 });
 
-test('swarmtune train on a GPTQ checkpoint: one clean line, exit 1, no output dir', async () => {
+test('swarmtune train on a GPTQ checkpoint: one clean line, exit 2 (bad input), no output dir', async () => {
   await withTmp(async (root) => {
     const dir = await writeForm(join(root, 'gptq'), 'gptq');
     const data = join(root, 'data.jsonl');
@@ -341,11 +341,11 @@ test('swarmtune train on a GPTQ checkpoint: one clean line, exit 1, no output di
     const bin = new URL('../bin/swarmtune.ts', import.meta.url).pathname;
     const r = spawnSync(process.execPath, [bin, 'train', '--model', dir, '--data', data, '--output-dir', out, '--max-steps', '1'],
       { encoding: 'utf8', env: { ...process.env, SWARMTUNE_NO_CUDA: '1' } });
-    assert.equal(r.status, 1, `exit ${r.status}; stderr: ${r.stderr}`);
+    assert.equal(r.status, 2, `exit ${r.status}; stderr: ${r.stderr}`);
     assert.equal(r.stdout, '');
     const lines = r.stderr.split('\n').filter((l) => l !== '');
     assert.equal(lines.length, 1, `expected one line on stderr, got:\n${r.stderr}`);
-    assert.match(lines[0], new RegExp(`^swarmtune train: UnsupportedQuantizationError: ${esc(join(dir, 'config.json'))}: quantization_config is GPTQ 4-bit \\(quant_method "gptq"\\); swarmtune loads only full-precision \\(BF16/F16/F32\\) or bitsandbytes NF4 checkpoints — use the bf16/fp16 model it was quantized from`));
+    assert.match(lines[0], new RegExp(`^swarmtune train: ${esc(join(dir, 'config.json'))}: quantization_config is GPTQ 4-bit \\(quant_method "gptq"\\); swarmtune loads only full-precision \\(BF16/F16/F32\\) or bitsandbytes NF4 checkpoints — use the bf16/fp16 model it was quantized from`));
     assert.equal(existsSync(out), false, 'train wrote its output dir for a refused checkpoint');
   });
 });

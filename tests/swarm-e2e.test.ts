@@ -150,8 +150,8 @@ test('coordinator + 4 volunteers (2 stages, f32 wire) equal `swarmtune train`; s
   const { rel: r1 } = relUpdateDiff(a0, await adapterMap(pulled1), await adapterMap(swarmDir));
   assert.ok(r1 > 1e-3, 'step 1 differs from step 3');
   const bad = await run(['pull', addr, '--out', path.join(tmp, 'nope'), '--step', '99']);
-  assert.notEqual(bad.code, 0);
-  assert.match(bad.stderr, /no committed adapter for step 99/);
+  assert.equal(bad.code, 4, 'not found, in the exit-code table of docs/operations.md');
+  assert.match(bad.stderr, /^swarmtune pull: --step 99: the run has committed steps: 0–\d+ \(\d+ steps\)\n$/);
 
   coord.child.kill('SIGINT');
   assert.equal(await coord.exit, 0);

@@ -25,6 +25,7 @@ import { fetchStatus, pullAdapter } from '../coordinator/client.ts';
 import { runVolunteer } from '../node/volunteer.ts';
 import { StageHost } from '../node/stage-host.ts';
 import { createShardOptimizer } from '../node/optimizer.ts';
+import { EXIT_REJECTED } from '../node/constants.ts';
 
 const HF = {
   model_type: 'llama', vocab_size: 97, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 4,
@@ -202,7 +203,7 @@ test('2 stages x 2 replicas equal the local loop; status and pull of a finished 
     assert.equal(relDiff(ref.init, new Map(last.tensors.map((t) => [t.name, t.data])), r.adapter).rel, 0);
     const first = await pullAdapter(r.addr, { step: 0 });
     assert.equal(relDiff(ref.init, new Map(first.tensors.map((t) => [t.name, t.data])), ref.init).norm, 0, 'step 0 is the init');
-    await assert.rejects(pullAdapter(r.addr, { step: 7 }), { name: 'StaleError', message: /no committed adapter for step 7/ });
+    await assert.rejects(pullAdapter(r.addr, { step: 7 }), { name: 'StepNotFoundError', message: '--step 7: the run has committed steps: 0–3 (4 steps)' });
   } finally {
     await r.stop();
   }
@@ -306,7 +307,7 @@ test('a private run admits only peers with its join token', async () => {
     } finally {
       process.stdout.write = write;
     }
-    assert.equal(code, 1);
+    assert.equal(code, EXIT_REJECTED, 'a refused join exits with the refused code of the exit-code table');
     const err = out.map((l) => JSON.parse(l)).find((e) => e.event === 'error');
     assert.equal(err?.name, 'AuthError');
     assert.match(err?.message, /private: a valid --token is required/);

@@ -48,14 +48,14 @@ test('defaults follow HF; run.json (snake_case) < flags (kebab-case); booleans -
   assert.equal(DEFAULT_TRAIN_CONFIG.weight_decay, 0);
 });
 
-test('validation errors name the key, the source and what was expected', () => {
+test('validation errors name the key (a flag as typed), the source and what was expected', () => {
   const bad: [Record<string, unknown>, RegExp][] = [
-    [{ per_device_train_batch_size: 0 }, /command line: per_device_train_batch_size: must be >= 1, got 0/],
-    [{ lr_scheduler_type: 'cosine_restarts' }, /lr_scheduler_type: expected one of linear, cosine, constant, constant_with_warmup/],
+    [{ per_device_train_batch_size: 0 }, /^--per-device-train-batch-size: must be >= 1, got 0$/],
+    [{ lr_scheduler_type: 'cosine_restarts' }, /--lr-scheduler-type: expected one of linear, cosine, constant, constant_with_warmup/],
     [{ target_modules: 'q_proj,lm_head' }, /unknown target module "lm_head"/],
-    [{ max_steps: 1.5 }, /max_steps: expected an integer, got 1.5/],
+    [{ max_steps: 1.5 }, /--max-steps: expected an integer, got 1.5/],
     [{ optim_resident_bytes: '1GiB' }, /applies to paged optimizers only/],
-    [{ learning_rate: 'fast' }, /learning_rate: expected a number, got "fast"/],
+    [{ learning_rate: 'fast' }, /--learning-rate: expected a number, got "fast"/],
     [{ per_device_batch: 2 }, /unknown key "per_device_batch"/],
   ];
   for (const [flags, re] of bad) assert.throws(() => resolveTrainConfig({ flags }), (e: Error) => e instanceof ConfigError && re.test(e.message), JSON.stringify(flags));

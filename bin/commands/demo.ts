@@ -1,11 +1,13 @@
 // `swarmtune demo`: the flags and Ctrl-C handling of the all-on-one-machine swarm demo (coordinator/demo/run.ts).
+import { InvalidArgumentError } from 'commander';
 import type { Command } from 'commander';
+import { action, EXIT } from '../errors.ts';
 import { DEMO_DEFAULTS, runDemo } from '../../coordinator/demo/run.ts';
 
 function intArg(flag: string, min: number) {
   return (v: string): number => {
     const n = Number(v);
-    if (!Number.isInteger(n) || n < min) throw new Error(`${flag} must be an integer >= ${min}, got "${v}"`);
+    if (v.trim() === '' || !Number.isInteger(n) || n < min) throw new InvalidArgumentError(`${flag} must be an integer >= ${min}, got "${v}"`);
     return n;
   };
 }
@@ -22,19 +24,19 @@ export function registerDemo(program: Command): void {
     .option('--device <device>', 'volunteers\' compute device: auto, cpu, ref or cuda[:N]', DEMO_DEFAULTS.device)
     .option('--learning-rate <lr>', 'peak learning rate', (v: string) => {
       const n = Number(v);
-      if (!(n > 0)) throw new Error(`--learning-rate must be a positive number, got "${v}"`);
+      if (!(n > 0)) throw new InvalidArgumentError(`--learning-rate must be a positive number, got "${v}"`);
       return n;
     }, DEMO_DEFAULTS.learningRate)
     .option('--questions <n>', 'questions answered before/after', intArg('--questions', 0), DEMO_DEFAULTS.questions)
     .option('--work-dir <dir>', 'where the model, logs and adapter go (default: a new temp dir)')
     .option('--timeout <seconds>', 'stop everything and fail after this long', intArg('--timeout', 1), DEMO_DEFAULTS.timeoutMs / 1000)
-    .action(async (opts: Record<string, unknown>) => {
+    .action(action('demo', async (opts: Record<string, unknown>) => {
       // Ctrl-C / SIGTERM: stop every child process group, then exit 130/143
       const abort = new AbortController();
       let signalled: NodeJS.Signals | null = null;
       const onSignal = (sig: NodeJS.Signals) => {
         // a second Ctrl-C means now: exiting runs the demo's exit hook, which SIGKILLs every child group
-        if (signalled !== null) process.exit(sig === 'SIGINT' ? 130 : 143);
+        if (signalled !== null) process.exit(sig === 'SIGINT' ? EXIT.interrupted : 143);
         signalled = sig;
         process.stderr.write(`\nswarmtune demo: ${sig}, stopping the coordinator and volunteers…\n`);
         abort.abort();
@@ -54,14 +56,11 @@ export function registerDemo(program: Command): void {
           timeoutMs: (opts.timeout as number) * 1000,
         }, abort.signal);
       } catch (e) {
-        if (signalled !== null) {
-          process.exitCode = signalled === 'SIGINT' ? 130 : 143;
-          return;
-        }
+        if (signalled !== null) return signalled === 'SIGINT' ? EXIT.interrupted : 143;
         throw e;
       } finally {
         process.off('SIGINT', onSignal);
         process.off('SIGTERM', onSignal);
       }
-    });
+    }));
 }

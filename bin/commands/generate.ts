@@ -2,6 +2,8 @@
 import { InvalidArgumentError } from 'commander';
 import type { Command } from 'commander';
 import { generateText } from '../../engine/tasks/generate.ts';
+import { action } from '../errors.ts';
+import { modelDirArg } from '../args.ts';
 
 function num(flag: string, check: (n: number) => boolean, want: string) {
   return (v: string): number => {
@@ -15,7 +17,7 @@ export function registerGenerate(program: Command): void {
   program
     .command('generate')
     .description('generate text from a model (+ optional PEFT adapter) with a KV cache')
-    .requiredOption('--model <dir>', 'Hugging Face model dir (full precision or bitsandbytes 4-bit)')
+    .requiredOption('--model <dir>', 'Hugging Face model dir (full precision or bitsandbytes 4-bit), or tiny (the embedded demo model)')
     .option('--adapter <dir>', 'PEFT LoRA adapter dir to apply')
     .requiredOption('--prompt <text>', 'prompt text')
     .option('--chat', 'wrap the prompt as a user message in the tokenizer\'s chat template')
@@ -25,18 +27,13 @@ export function registerGenerate(program: Command): void {
     .option('--top-p <p>', 'nucleus sampling mass', num('--top-p', (n) => n > 0 && n <= 1, 'in (0, 1]'), 1)
     .option('--seed <s>', 'sampling seed', num('--seed', (n) => Number.isSafeInteger(n), 'an integer'), 0)
     .option('--device <device>', 'auto | cpu | ref | cuda[:N]', 'auto')
-    .action(async (o: { model: string; adapter?: string; prompt: string; chat?: boolean; system?: string; maxNewTokens: number;
+    .action(action('generate', async (o: { model: string; adapter?: string; prompt: string; chat?: boolean; system?: string; maxNewTokens: number;
       temperature: number; topP: number; seed: number; device: string }) => {
-      try {
-        await generateText({
-          model: o.model, adapter: o.adapter, prompt: o.prompt, chat: o.chat, system: o.system, maxNewTokens: o.maxNewTokens,
-          temperature: o.temperature, topP: o.topP, seed: o.seed, device: o.device,
-          onText: (t) => process.stdout.write(t),
-        });
-        process.stdout.write('\n');
-      } catch (e) {
-        process.stderr.write(`swarmtune generate: ${(e as Error).message}\n`);
-        process.exitCode = 1;
-      }
-    });
+      await generateText({
+        model: await modelDirArg('--model', o.model), adapter: o.adapter, prompt: o.prompt, chat: o.chat, system: o.system, maxNewTokens: o.maxNewTokens,
+        temperature: o.temperature, topP: o.topP, seed: o.seed, device: o.device,
+        onText: (t) => process.stdout.write(t),
+      });
+      process.stdout.write('\n');
+    }));
 }

@@ -1,7 +1,9 @@
 // `swarmtune launch`: the organizer's flags (the run's own plus every training key), handed to launchRun (coordinator/launch.ts).
 import type { Command } from 'commander';
 import { rootLogger } from '../log.ts';
-import { nonNegativeInt } from '../args.ts';
+import { checkListenFree, dataFileArg, modelDirArg, nonNegativeInt } from '../args.ts';
+import { action, UsageError } from '../errors.ts';
+import { kebab, resolveTrainConfig } from '../../engine/train/config.ts';
 import { addTrainFlags, trainFlagValues } from './train-flags.ts';
 import { FLOAT_CODECS, isFloatCodec } from '../../protocol/tensor.ts';
 
@@ -9,8 +11,8 @@ import { FLOAT_CODECS, isFloatCodec } from '../../protocol/tensor.ts';
 export function parsePeerList(v: string | undefined): string[] | null {
   if (v === undefined) return null;
   const ids = v.split(',').map((x) => x.trim()).filter((x) => x !== '');
-  if (ids.length === 0) throw new Error('--allow-peers: give at least one peer id');
-  for (const id of ids) if (!/^[1-9A-HJ-NP-Za-km-z]{20,128}$/.test(id)) throw new Error(`--allow-peers: "${id}" is not a peer id (base58btc, e.g. 12D3KooW…)`);
+  if (ids.length === 0) throw new UsageError('--allow-peers: give at least one peer id');
+  for (const id of ids) if (!/^[1-9A-HJ-NP-Za-km-z]{20,128}$/.test(id)) throw new UsageError(`--allow-peers: "${id}" is not a peer id (base58btc, e.g. 12D3KooW…)`);
   return ids;
 }
 
@@ -30,25 +32,36 @@ export function registerLaunch(program: Command): void {
     .option('--dashboard <port>', 'serve the live dashboard on this port', nonNegativeInt('--dashboard'))
     .option('--data-dir <dir>', 'coordinator state (identity, LevelDB, blobs); default <output-dir>/coordinator');
   addTrainFlags(launch, 'launch');
-  launch.action(async (opts: Record<string, unknown>) => {
+  launch.action(action('launch', async (opts: Record<string, unknown>) => {
     const flags = trainFlagValues(opts);
-    const { launchRun } = await import('../../coordinator/launch.ts');
+    const configFile = (opts.config as string | undefined) ?? null;
     const wire = String(opts.wireDtype);
-    if (!isFloatCodec(wire)) throw new Error(`--wire-dtype must be one of ${FLOAT_CODECS.join(', ')}, got "${wire}"`);
-    process.exitCode = await launchRun({
-      configFile: (opts.config as string | undefined) ?? null,
+    if (!isFloatCodec(wire)) throw new UsageError(`--wire-dtype must be one of ${FLOAT_CODECS.join(', ')}, got "${wire}"`);
+    const allowPeers = parsePeerList(opts.allowPeers as string | undefined);
+    // every input is checked before launchRun writes anything: the config (flags named as typed), the model
+    // dir and the data file (`tiny` as in train), the listen address
+    const train = resolveTrainConfig({ configFile, flags });
+    const from = (key: 'model' | 'data') => (flags[key] !== undefined ? `--${kebab(key)}` : `config ${configFile}: ${key}`);
+    if (train.model === null) throw new UsageError('--model is required (an HF model directory, or "tiny" for the embedded demo model)');
+    if (train.data === null) throw new UsageError('--data is required (a JSONL file, or "tiny" for the bundled QA set)');
+    flags.model = await modelDirArg(from('model'), train.model);
+    flags.data = await dataFileArg(from('data'), train.data);
+    await checkListenFree('--listen', String(opts.listen));
+    const { launchRun } = await import('../../coordinator/launch.ts');
+    return launchRun({
+      configFile,
       flags,
       listen: String(opts.listen),
       minPeers: Math.max(1, opts.minPeers as number),
       pipelineStages: opts.pipelineStages as number | undefined,
       wireCodec: wire,
       private: opts.private === true,
-      allowPeers: parsePeerList(opts.allowPeers as string | undefined),
+      allowPeers,
       publicPull: opts.publicPull === true,
       exitOnFinish: opts.exitOnFinish === true,
       dashboardPort: opts.dashboard as number | undefined,
       dataDir: (opts.dataDir as string | undefined) ?? null,
       logger: rootLogger().child('coordinator'),
     });
-  });
+  }));
 }

@@ -3,6 +3,8 @@ import type { Command } from 'commander';
 import { OPTIM_NAMES } from '../../engine/optimizer.ts';
 import { planReport } from '../../engine/tasks/plan.ts';
 import type { PlanOptions, PlanReport } from '../../engine/tasks/plan.ts';
+import { action } from '../errors.ts';
+import { modelDirArg } from '../args.ts';
 
 function gib(b: number): string {
   return `${(b / 2 ** 30).toFixed(2)} GiB`;
@@ -39,7 +41,7 @@ function printPlan(p: PlanReport): void {
 export function registerPlan(program: Command): void {
   program.command('plan')
     .description('memory by component, trainable parameters and a suggested micro-batch for QLoRA training')
-    .requiredOption('--model <dir|config.json>', 'HF model directory or its config.json')
+    .requiredOption('--model <dir|config.json>', 'HF model directory or its config.json, or tiny (the embedded demo model)')
     .option('--gpu-memory <size>', 'memory of one GPU, e.g. 24GiB; enables the batch suggestion')
     .option('--per-device-train-batch-size <n>', 'micro-batch for the memory table (default 1)')
     .option('--max-seq-length <n>', 'sequence length (default 512)')
@@ -48,14 +50,9 @@ export function registerPlan(program: Command): void {
     .option('--optim <name>', `${OPTIM_NAMES.join('|')} (default paged_adamw_32bit)`)
     .option('--no-gradient-checkpointing', 'keep every layer\'s activations')
     .option('--json', 'print the plan as one JSON object')
-    .action(async (opts: PlanOptions & { json?: boolean }) => {
-      try {
-        const p = await planReport(opts);
-        if (opts.json) console.log(JSON.stringify(p));
-        else printPlan(p);
-      } catch (e) {
-        process.stderr.write(`swarmtune plan: ${(e as Error).message}\n`);
-        process.exitCode = 1;
-      }
-    });
+    .action(action('plan', async (opts: PlanOptions & { json?: boolean }) => {
+      const p = await planReport({ ...opts, model: await modelDirArg('--model', opts.model) });
+      if (opts.json) console.log(JSON.stringify(p));
+      else printPlan(p);
+    }));
 }

@@ -1,7 +1,7 @@
 // `swarmtune demo`: a whole swarm on this machine — a coordinator and N volunteers as separate processes on 127.0.0.1 —
 // fine-tuning the embedded tiny model on the bundled dataset, then before/after answers from the pulled adapter.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createWriteStream, mkdtempSync, type WriteStream } from 'node:fs';
+import { createWriteStream, mkdtempSync, readdirSync, rmSync, type WriteStream } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -164,8 +164,44 @@ async function answer(modelDir: string, adapterDir: string | undefined, question
 
 function shortPeer(id: string): string { return id.length > 14 ? `${id.slice(0, 8)}…${id.slice(-4)}` : id; }
 
-/** Run the demo. Resolves with the result; rejects (after stopping every process) on failure or timeout. */
+/** Remove what the demo made in its own temp dir, keeping only `keep` (names inside it); none kept: the dir goes. */
+function cleanTempDir(dir: string, keep: readonly string[]): void {
+  try {
+    if (keep.length === 0) { rmSync(dir, { recursive: true, force: true }); return; }
+    for (const name of readdirSync(dir)) if (!keep.includes(name)) rmSync(path.join(dir, name), { recursive: true, force: true });
+  } catch { /* already gone */ }
+}
+
+/** Run the demo. Resolves with the result; rejects (after stopping every process) on failure or timeout.
+ *  Without o.workDir it works in a new temp dir and removes what it made on the way out (the coordinator's
+ *  store, the volunteers' blob caches, the model copy: ~100 MB), keeping only the pulled adapter after a
+ *  success and only the logs after a failure; Ctrl-C removes everything. A given work dir is left as it is. */
 export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<DemoResult> {
+  if (o.workDir !== null) return runDemoIn(o, path.resolve(o.workDir), null, signal);
+  const workDir = mkdtempSync(path.join(tmpdir(), 'swarmtune-demo-'));
+  // a second Ctrl-C exits at once: the exit hook still removes the dir (again after the children are killed)
+  const onExit = () => cleanTempDir(workDir, []);
+  process.on('exit', onExit);
+  let keep: string[] = [];
+  try {
+    const r = await runDemoIn(o, workDir, onExit, signal);
+    keep = ['adapter'];
+    return r;
+  } catch (e) {
+    if (signal?.aborted !== true) {
+      keep = ['logs'];
+      if (!o.json) process.stdout.write(`  kept the logs in ${path.join(workDir, 'logs')}; removed the rest of ${workDir}\n`);
+    }
+    throw e;
+  } finally {
+    process.off('exit', onExit);
+    cleanTempDir(workDir, keep);
+  }
+}
+
+/** `cleanupOnExit`: the temp work dir's removal, run again after the children are killed on a hard exit; null: a given work dir. */
+async function runDemoIn(o: DemoOptions, workDir: string, cleanupOnExit: (() => void) | null, signal?: AbortSignal): Promise<DemoResult> {
+  const temp = cleanupOnExit !== null;
   const t0 = Date.now();
   // every long wait races this, so Ctrl-C interrupts whatever the demo is doing
   const stopped = new Promise<never>((_, reject) => {
@@ -178,7 +214,6 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
   const clear = process.stdout.isTTY ? '\r\x1b[K' : '';
   const out = (s: string) => { if (!o.json) process.stdout.write(clear + s + '\n'); };
   const emit = (e: Record<string, unknown>) => { if (o.json) process.stdout.write(JSON.stringify(e) + '\n'); };
-  const workDir = path.resolve(o.workDir ?? mkdtempSync(path.join(tmpdir(), 'swarmtune-demo-')));
   const logDir = path.join(workDir, 'logs');
   await mkdir(logDir, { recursive: true });
 
@@ -188,7 +223,7 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
   const picked = Array.from({ length: Math.min(o.questions, records.length) }, (_, i) => records[(i * stride + 1) % records.length]);
 
   out(`swarmtune demo: ${o.peers} volunteers + 1 coordinator on 127.0.0.1, tiny Llama (4 layers) on ${records.length} Q&A about Veloria`);
-  out(`  work dir ${workDir} (logs in ${logDir})`);
+  out(`  work dir ${workDir} (logs in ${logDir})${temp ? '; removed on exit except the adapter' : ''}`);
   const { backend, device } = await demoBackend(o.device, out);
   const before: string[] = [];
   try {
@@ -198,7 +233,7 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
   }
 
   const group = new ProcessGroup();
-  const onExit = () => group.killAllNow();
+  const onExit = () => { group.killAllNow(); cleanupOnExit?.(); };
   process.on('exit', onExit);
   const losses: number[] = [];
   const adapterOut = path.join(workDir, 'adapter-final');
@@ -324,7 +359,8 @@ export async function runDemo(o: DemoOptions, signal?: AbortSignal): Promise<Dem
   out('');
   out(`loss ${first?.toFixed(3)} → ${last?.toFixed(3)} over ${losses.length} steps, ${((Date.now() - t0) / 1000).toFixed(0)} s in all`);
   out(`adapter (PEFT format): ${pulledDir}`);
-  out(`try it: swarmtune generate --model ${modelDir} --adapter ${pulledDir} --chat --system "${TINY_SYSTEM_PROMPT}" --prompt "${picked[0]?.question ?? ''}"`);
+  // the temp work dir's model copy is removed on exit; `tiny` is the same model from the cache
+  out(`try it: npx swarmtune generate --model ${temp ? 'tiny' : modelDir} --adapter ${pulledDir} --chat --system "${TINY_SYSTEM_PROMPT}" --prompt "${picked[0]?.question ?? ''}"`);
   emit({ event: 'demo_finished', adapter_dir: pulledDir, model_dir: modelDir, work_dir: workDir, first_loss: first, last_loss: last, answers });
   return { adapterDir: pulledDir, workDir, losses, answers };
 }

@@ -211,8 +211,11 @@ export function parseTargetModules(value: unknown, what: string): LoraTarget[] {
   return LORA_TARGETS.filter((t) => out.includes(t));
 }
 
+/** The source name of flags: their errors name the flag as typed (`--learning-rate`), not the key. */
+export const COMMAND_LINE = 'command line';
+
 function parseValue(spec: ConfigKeySpec, raw: unknown, source: string): unknown {
-  const what = `${source}: ${spec.key}`;
+  const what = source === COMMAND_LINE ? `--${kebab(spec.key)}` : `${source}: ${spec.key}`;
   if (raw === null && spec.nullable) return null;
   switch (spec.kind) {
     case 'int':
@@ -304,7 +307,7 @@ export function readConfigFile(file: string): Record<string, unknown> {
 export function resolveTrainConfig(opts: { configFile?: string | null; flags?: Record<string, unknown> }): TrainConfig {
   let cfg: TrainConfig = { ...DEFAULT_TRAIN_CONFIG, target_modules: [...DEFAULT_TRAIN_CONFIG.target_modules] };
   if (opts.configFile) cfg = applyConfigOverrides(cfg, readConfigFile(opts.configFile), `config ${opts.configFile}`);
-  if (opts.flags) cfg = applyConfigOverrides(cfg, opts.flags, 'command line');
+  if (opts.flags) cfg = applyConfigOverrides(cfg, opts.flags, COMMAND_LINE);
   return validateTrainConfig(cfg);
 }
 
