@@ -19,6 +19,15 @@ import { readAdapter } from '../engine/formats/peft.ts';
 import { pullAdapter } from '../coordinator/client.ts';
 import type { PulledAdapter } from '../coordinator/client.ts';
 import { RunStore } from '../coordinator/store.ts';
+import { Retention } from '../coordinator/retention.ts';
+import { loadResume } from '../coordinator/launch.ts';
+import { encodeShard } from '../engine/formats/shard.ts';
+import { fingerprintDiff, mismatchMessage, RESULT_KEYS } from '../coordinator/identity.ts';
+import type { RunFingerprint } from '../coordinator/identity.ts';
+import { serveRun } from '../coordinator/serving.ts';
+import { BlobStore } from '../protocol/blobs.ts';
+import { createSwarmNode, request } from '../protocol/net.ts';
+import { silentLogger } from '../protocol/log.ts';
 import { Procs, waitEvent } from './swarm-procs.ts';
 import type { Proc } from './swarm-procs.ts';
 
@@ -50,6 +59,88 @@ const sameTensors = (a: PulledAdapter['tensors'], b: PulledAdapter['tensors']) =
 function join(addr: string, name: string): Proc {
   return procs.start(name, ['join', addr, '--device', 'cpu', '--json', '--listen', '/ip4/127.0.0.1/tcp/0', '--data-dir', path.join(tmp, name)]);
 }
+
+test('Retention: checkpoint steps as train saves them; the store keeps the latest step and the last K checkpoints with their optimizer state, and a restart still resumes', async () => {
+  const store = await RunStore.open(path.join(tmp, 'retention-db'));
+  try {
+    const init: ConstructorParameters<typeof Retention>[0] = {
+      store, train: { save_strategy: 'steps', save_steps: 3, save_total_limit: 2 }, totalSteps: 10, stepsPerEpoch: 4,
+      outputDir: path.join(tmp, 'retention-out'), lora: { r: 2, loraAlpha: 2, loraDropout: 0, targetModules: ['q_proj'], useRslora: false, initLoraWeights: true },
+      baseModel: 'm', trainingArgs: {}, adapter: () => [], pruneBlobsBefore: async () => 0, log: () => {},
+    };
+    const r = new Retention(init);
+    assert.deepEqual([...Array(11).keys()].filter((s) => r.isCheckpoint(s)), [3, 6, 9, 10]);
+    const epochs = new Retention({ ...init, train: { save_strategy: 'epoch', save_steps: 3, save_total_limit: null } });
+    assert.deepEqual([...Array(11).keys()].filter((s) => epochs.isCheckpoint(s)), [4, 8, 10]);
+    assert.equal(epochs.keptSteps(7), null, 'no limit: every step stays');
+    const adapter = (step: number) => encodeShard({ nf4: new Map(), float: new Map([['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight', { shape: [1], data: Float32Array.of(step) }]]) });
+    await store.putInitialAdapter(adapter(0));
+    for (let step = 1; step <= 8; step++) {
+      // an optimizer checkpoint at the save steps and (as the every-step policy leaves it) at step 8
+      const ckpt = step % 3 === 0 || step === 8 ? [Uint8Array.of(step, 1), Uint8Array.of(step, 2)] : null;
+      await store.commitStep({ step, loss: 0, lr: 0, gradNorm: 0, tokens: 0, tokensPerSecond: 0, timeMs: 0, cursor: step }, adapter(step), ckpt);
+      const drop = (await store.committedSteps()).filter((s) => !r.keptSteps(step)!.has(s));
+      await store.pruneSteps(drop);
+    }
+    assert.deepEqual(await store.committedSteps(), [3, 6, 8]);
+    assert.equal(await store.optimizerState(3, 1) !== null, true, 'a kept checkpoint keeps its optimizer state');
+    assert.equal(await store.optimizerState(6, 0) !== null, true);
+    assert.equal((await store.history()).length, 8, 'the step records stay (the loss curve)');
+    const res = await loadResume(store);
+    assert.equal(res?.step, 8);
+    assert.equal(res?.checkpointStep, 8);
+    assert.deepEqual([...res!.adapter.values()][0]!.data, Float32Array.of(8));
+    // the latest step and the latest checkpoint are never pruned, even when asked
+    assert.deepEqual(await store.pruneSteps([8, 6]), [6]);
+    assert.deepEqual(await store.committedSteps(), [3, 8]);
+    assert.equal(await store.optimizerState(8, 1) !== null, true);
+    assert.equal(await store.optimizerState(6, 0), null);
+  } finally { await store.close(); }
+});
+
+test('a pull whose step is pruned between two of its pages gets a StaleError for the next page, never tensors of another step', async () => {
+  const store = await RunStore.open(path.join(tmp, 'pull-db'));
+  const coord = await createSwarmNode({ dataDir: path.join(tmp, 'pull-coord'), listen: ['/ip4/127.0.0.1/tcp/0'] });
+  const client = await createSwarmNode({ dataDir: path.join(tmp, 'pull-client'), listen: [] });
+  const ac = new AbortController();
+  try {
+    // 100 tensors: more than one page (PAGE_TENSORS = 64)
+    const adapter = (step: number) => encodeShard({ nf4: new Map(), float: new Map(Array.from({ length: 100 }, (_, i) => [`base_model.model.model.layers.${i}.self_attn.q_proj.lora_A.weight`, { shape: [2], data: Float32Array.of(step, i) }])) });
+    for (const step of [1, 2]) await store.commitStep({ step, loss: 0, lr: 0, gradNorm: 0, tokens: 0, tokensPerSecond: 0, timeMs: 0, cursor: step }, adapter(step));
+    await serveRun({
+      node: coord, blobs: new BlobStore(path.join(tmp, 'pull-coord')), store, access: { token: null, allowPeers: null }, publicPull: true,
+      lora: { r: 1, loraAlpha: 1, loraDropout: 0, targetModules: ['q_proj'], useRslora: false, initLoraWeights: true }, modelName: 'm',
+      onJoin: async () => ({ status: 'rejected', reason: 'no', assignment: null }), status: () => { throw new Error('unused'); },
+      committedStep: () => 2, onViolation: () => {}, log: silentLogger,
+    }, { signal: ac.signal });
+    const addr = coord.getMultiaddrs()[0]!;
+    const first = await request(client, addr, 'adapter', { step: 1, from: 0, count: 64 });
+    assert.equal(first.step, 1);
+    assert.equal(first.tensors.length, 64);
+    assert.deepEqual(await store.pruneSteps([1]), [1]);
+    await assert.rejects(request(client, addr, 'adapter', { step: 1, from: 64, count: 64 }),
+      (e: Error) => e.name === 'StaleError' && /the adapter of step 1 is no longer kept \(pruned under save_total_limit\); pullable steps: 2/.test(e.message));
+    await assert.rejects(request(client, addr, 'adapter', { step: 7, from: 0, count: 64 }), (e: Error) => e.name === 'StaleError' && /no committed adapter for step 7; committed steps: 2/.test(e.message));
+  } finally {
+    ac.abort();
+    await client.stop(); await coord.stop(); await store.close();
+  }
+});
+
+test('fingerprintDiff names each differing key as key=value, content by file name and sha256', () => {
+  const base: RunFingerprint = {
+    version: 1, model: '/m/tiny', data: '/d/chats.jsonl', model_sha256: 'a'.repeat(64), weights_sha256: 'b'.repeat(64), data_sha256: '1a2b'.repeat(16),
+    init_adapter_sha256: null, wire_dtype: 'f32', config: Object.fromEntries(RESULT_KEYS.map((k) => [k, k === 'lora_r' ? 16 : k === 'target_modules' ? ['q_proj', 'v_proj'] : 1])),
+  };
+  assert.deepEqual(fingerprintDiff(base, { ...base, model: '/elsewhere/tiny', weights_sha256: 'b'.repeat(64) }), [], 'the model counts by content, not by path');
+  const asked = { ...base, data: '/d/qa.jsonl', data_sha256: '9c0d'.repeat(16), config: { ...base.config, lora_r: 8, target_modules: ['q_proj'] } };
+  const diff = fingerprintDiff(base, asked);
+  assert.deepEqual(diff.map((d) => d.key), ['data', 'lora_r', 'target_modules']);
+  assert.equal(mismatchMessage({ runId: '3f2a9c0d11', step: 85, totalSteps: 300, diff }),
+    'this data dir holds run 3f2a9c0d… (step 85 of 300) trained with data=chats.jsonl (sha256 1a2b1a2b…), lora_r=16, target_modules=q_proj,v_proj; ' +
+    'you asked for data=qa.jsonl (sha256 9c0d9c0d…), lora_r=8, target_modules=q_proj: relaunch with the same settings, pass --resume to continue it with its stored config, or use a new --data-dir');
+  assert.deepEqual(fingerprintDiff(base, { ...base, weights_sha256: 'c'.repeat(64) }).map((d) => d.stored), [`model=tiny (sha256 bbbbbbbb…)`]);
+});
 
 test('save_total_limit prunes the store and the checkpoint dirs while pulls run; relaunches with another r or other data are refused in one line, nothing lost; the finished run relaunched serves at once', async () => {
   const outDir = path.join(tmp, 'out'); // --data-dir defaults to <output-dir>/coordinator
