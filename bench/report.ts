@@ -224,6 +224,16 @@ export function renderTables(r: J, source: string): string {
           return [String(t.wire_dtype), num(w.forward_activation_frame), num(w.backward_gradient_frame), num(w.theory_tensor_only), num(w.per_boundary_crossing_with_relay)];
         })));
     }
+    if (sw.store !== undefined) {
+      const rows = arr(sw.store, 'swarm.store');
+      const mb = (x: unknown) => (typeof x === 'number' ? (x / 2 ** 20).toFixed(2) : '–');
+      out.push('', '### The coordinator\'s disk per committed step (bench/store-cost.ts)', '',
+        `A RunStore committing ${num(rows[0]?.steps)} steps (each step's adapter, an optimizer checkpoint of 2× its size every ${num(rows[0]?.save_steps)} steps), pruned after each commit as launch prunes it; MiB of the LevelDB dir on disk at the end.`, '',
+        table(['adapter (MiB)', 'no save_total_limit: on disk / per step', 'save_total_limit 2: on disk / per step', 'steps kept (limit 2)', 'prune per commit (ms, median)'], rows.map((x) => {
+          const all = obj(x.no_limit, 'no_limit'), lim = obj(x.save_total_limit_2, 'save_total_limit_2');
+          return [num(x.adapter_mib), `${mb(all.bytes_on_disk)} / ${mb(all.bytes_per_committed_step)}`, `${mb(lim.bytes_on_disk)} / ${mb(lim.bytes_per_committed_step)}`, (lim.steps_kept as number[]).join(', '), num(lim.prune_ms_median)];
+        })));
+    }
   }
 
   if (r.net !== undefined) {

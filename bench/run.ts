@@ -4,8 +4,8 @@
 //   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence] [--quick] [--out FILE]
 //
 // Sections: machine (always), kernels, memory (a loaded stage's NF4 bytes per parameter and RSS against plan),
-// model (+ the PyTorch baseline), swarm, net, store (the cost of a synced step commit), convergence (eval
-// loss per wire codec, bench/convergence.ts). Heavy parts run in
+// model (+ the PyTorch baseline), swarm (+ the store's disk per step), net, store (the cost of a synced step
+// commit), convergence (eval loss per wire codec, bench/convergence.ts). Heavy parts run in
 // child processes (the model bench for its own peak RSS, the swarm trace per wire codec, the CLI runs).
 // Other processes on the machine lower every figure: the load average is recorded before and after
 // each section.
@@ -148,7 +148,9 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
           try { trace.push({ ...(await run()), retried_after: first }); } catch (e2) { trace.push({ wire_dtype: codec, error: (e2 as Error).message.slice(-1500) }); }
         }
       }
-      return { cli, trace };
+      log('swarm/store: the coordinator store\'s bytes on disk per committed step, without and with save_total_limit (bench/store-cost.ts)');
+      const store = await runJsonScript(NODE, [path.join(ROOT, 'bench', 'store-cost.ts'), `--steps=${args.quick ? 20 : 40}`, ...(args.quick ? ['--adapter-mib=1'] : [])], 'bench/store-cost.ts');
+      return { cli, trace, store: store.store_cost };
     });
   }
   if (args.only.includes('net')) {

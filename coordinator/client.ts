@@ -63,20 +63,34 @@ export async function pullAdapter(addr: string, opts: { step?: number; timeoutMs
 async function pullFrom(addr: string, opts: { step?: number; timeoutMs?: number; token?: string; signal?: AbortSignal }): Promise<PulledAdapter> {
   return withClient(async (node) => {
     const target = parseMultiaddr(addr);
-    let step = -1, spec: string | null = null;
-    const tensors = await readPages<NamedTensor>(async (from, signal) => {
-      const res = await retryResets(node, target, 'adapter', { step: opts.step, from, count: PAGE_TENSORS, ...(opts.token !== undefined ? { token: opts.token } : {}) },
-        { timeoutMs: opts.timeoutMs ?? 60_000, signal });
-      // a pull without a step must not mix two committed steps
-      if (step >= 0 && res.step !== step) throw new SchemaError(`pull: the coordinator switched from step ${step} to ${res.step} mid-transfer`);
-      step = res.step;
-      spec ??= res.adapterSpecJson;
-      return { total: res.total, items: res.tensors.map(({ name, tensor }) => ({ name, shape: [...tensor.shape], data: decodeFloat(tensor, `adapter ${name}`) })) };
-    }, 'pull', { signal: opts.signal });
-    if (spec === null) throw new SchemaError('pull: the coordinator sent no adapter spec');
-    const parsed = JSON.parse(spec) as { lora: LoraConfig; baseModel: string };
-    return { step, lora: parsed.lora, baseModel: parsed.baseModel, tensors };
+    const once = async (): Promise<PulledAdapter> => {
+      let step = opts.step ?? -1, spec: string | null = null;
+      const tensors = await readPages<NamedTensor>(async (from, signal) => {
+        // after the first page the step is pinned: every page comes from the same committed adapter
+        const res = await retryResets(node, target, 'adapter', { step: step >= 0 ? step : undefined, from, count: PAGE_TENSORS, ...(opts.token !== undefined ? { token: opts.token } : {}) },
+          { timeoutMs: opts.timeoutMs ?? 60_000, signal });
+        if (step >= 0 && res.step !== step) throw new SchemaError(`pull: asked for step ${step}, the coordinator sent step ${res.step}`);
+        step = res.step;
+        spec ??= res.adapterSpecJson;
+        return { total: res.total, items: res.tensors.map(({ name, tensor }) => ({ name, shape: [...tensor.shape], data: decodeFloat(tensor, `adapter ${name}`) })) };
+      }, 'pull', { signal: opts.signal });
+      if (spec === null) throw new SchemaError('pull: the coordinator sent no adapter spec');
+      const parsed = JSON.parse(spec) as { lora: LoraConfig; baseModel: string };
+      return { step, lora: parsed.lora, baseModel: parsed.baseModel, tensors };
+    };
+    try {
+      return await once();
+    } catch (e) {
+      // a pull of "the latest" whose step was pruned mid-transfer (a newer one committed) starts again
+      // once at the new latest; a pull of a named step reports the StaleError
+      if (opts.step !== undefined || !isStale(e)) throw e;
+      return once();
+    }
   });
+}
+
+function isStale(e: unknown): boolean {
+  return (e as Error).name === 'StaleError' || (e as { remoteName?: string }).remoteName === 'StaleError';
 }
 
 /** Pull and write a PEFT adapter dir (adapter_config.json + adapter_model.safetensors). */
@@ -101,6 +115,7 @@ export function formatStatus(s: StatusResponse): string {
     `${s.numStages} stage(s), ${s.peers.length} peer(s), ${s.retries} retries, ${s.reassignments} reassignments, ${s.bans ?? 0} bans (${banned} in force)`,
   ];
   if (s.waitingFor !== undefined && s.waitingFor !== null) lines.push(`waiting: ${s.waitingFor}`);
+  if (s.runConfig !== undefined) lines.push(`config: ${s.runConfig}`);
   lines.push('peer                                                  stage  layers     device                          tok/s    mbs  retries  t/o  moved  health');
   for (const p of s.peers) {
     const layers = p.layerStart !== null ? `[${p.layerStart},${p.layerEnd})` : '-';

@@ -1,11 +1,12 @@
 // `swarmtune launch`: resolve the run spec, publish shards, serve the run, write the adapter.
-import { mkdir, readdir, stat } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, stat, writeFile } from 'node:fs/promises';
 import { createHash, randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
 import type { TrainConfig } from '../engine/train/config.ts';
 import { openModelDir } from '../engine/formats/model-dir.ts';
-import { readAdapter, writeAdapter } from '../engine/formats/peft.ts';
+import { ADAPTER_WEIGHTS_FILE, readAdapter, writeAdapter } from '../engine/formats/peft.ts';
 import type { LoraConfig, NamedTensor } from '../engine/types.ts';
 import { createSwarmNode, lockDataDir } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
@@ -14,6 +15,11 @@ import type { FloatCodec } from '../protocol/tensor.ts';
 import { Coordinator } from './run.ts';
 import type { CoordinatorOptions, RunEvent } from './run.ts';
 import { RunStore } from './store.ts';
+import type { RunMeta } from './store.ts';
+import { ResumeError, RunMismatchError, describeRun, fileSha256, fingerprintDiff, ignoredFlags, mismatchMessage, modelSha256, resultConfig, storedTrainConfig, trainingArgs } from './identity.ts';
+import type { RunFingerprint } from './identity.ts';
+import { Retention, TRAINING_ARGS_FILE } from './retention.ts';
+import { progressLine } from './progress.ts';
 import { startDashboard } from './dashboard/server.ts';
 import { buildRunData, stageMemoryFn } from './spec.ts';
 import { coordinatorConfig } from './config.ts';
@@ -41,6 +47,8 @@ export interface LaunchOptions {
   logger?: Logger;
   /** stops the run as SIGINT/SIGTERM do */
   signal?: AbortSignal;
+  /** continue the run the data dir holds with its stored config, ignoring the training flags */
+  resume?: boolean;
 }
 
 /** Identifies the model's files (names, sizes, mtimes): unchanged files need no re-quantization. */
@@ -83,24 +91,69 @@ export async function loadResume(store: RunStore, what = 'the run store'): Promi
   };
 }
 
+/** The fingerprint the asked-for run would have (weights_sha256 comes once the shards are published). */
+async function askedFingerprint(train: TrainConfig, modelDir: string, wire: FloatCodec): Promise<RunFingerprint> {
+  return {
+    version: 1, model: train.model!, data: train.data!, model_sha256: await modelSha256(modelDir), weights_sha256: null,
+    data_sha256: await fileSha256(train.data!),
+    init_adapter_sha256: train.init_adapter !== null ? await fileSha256(path.join(train.init_adapter, ADAPTER_WEIGHTS_FILE)) : null,
+    wire_dtype: wire, config: resultConfig(train),
+  };
+}
+
+/** A store written before runs had a fingerprint: what its meta says, the data by path. */
+function legacyFingerprint(meta: RunMeta, asked: RunFingerprint): RunFingerprint {
+  const stored = storedTrainConfig(meta.config);
+  const sameData = stored.data !== null && path.resolve(stored.data) === path.resolve(asked.data);
+  return { ...asked, model: meta.model, data: stored.data ?? '?', data_sha256: sameData ? asked.data_sha256 : 'unknown', config: resultConfig(stored) };
+}
+
 export async function launchRun(o: LaunchOptions): Promise<number> {
-  const train: TrainConfig = resolveTrainConfig({ configFile: o.configFile, flags: o.flags });
-  const json = train.json;
-  const emit = (e: RunEvent) => { if (json) process.stdout.write(JSON.stringify(e) + '\n'); };
+  const asked: TrainConfig = resolveTrainConfig({ configFile: o.configFile, flags: o.flags });
   const log = (msg: string) => { process.stderr.write(`[swarmtune launch] ${msg}\n`); };
-  if (train.model === null) throw new Error('launch: --model DIR is required');
-  if (train.data === null) throw new Error('launch: --data FILE is required');
   // built once, before anything heavy: a bad environment knob fails here
   const config = coordinatorConfig();
   const logger = o.logger ?? createLogger({ debug: knobs().debug }).child('coordinator');
-  const outputDir = path.resolve(train.output_dir);
-  const dataDir = path.resolve(o.dataDir ?? path.join(outputDir, 'coordinator'));
+  const dataDir = path.resolve(o.dataDir ?? path.join(path.resolve(asked.output_dir), 'coordinator'));
+  // released in reverse order however launchRun ends
+  const releases: Array<() => Promise<void>> = [];
+  try {
+    return await launchIn(o, asked, dataDir, { log, config, logger, releases });
+  } finally {
+    for (const r of releases.reverse()) await r();
+  }
+}
+
+async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
+  env: { log: (msg: string) => void; config: ReturnType<typeof coordinatorConfig>; logger: Logger; releases: Array<() => Promise<void>> }): Promise<number> {
+  const { log, config, logger, releases } = env;
+  let store: RunStore | null = null;
+  let meta: RunMeta | null = null;
+  const openStore = async () => {
+    await mkdir(dataDir, { recursive: true });
+    releases.push(await lockDataDir(dataDir));
+    const st = store = await RunStore.open(path.join(dataDir, 'db'));
+    releases.push(() => st.close());
+    meta = await st.getMeta();
+  };
+  let train = asked;
+  let wireCodec = o.wireCodec;
+  if (o.resume === true) {
+    if (!existsSync(path.join(dataDir, 'db'))) throw new ResumeError(`--resume: ${dataDir} holds no run to resume (launch without --resume starts one)`);
+    await openStore();
+    const m = meta as RunMeta | null;
+    if (m === null) throw new ResumeError(`--resume: ${dataDir} holds no run to resume (launch without --resume starts one)`);
+    train = { ...storedTrainConfig(m.config), json: asked.json };
+    wireCodec = (m.fingerprint?.wire_dtype as FloatCodec | undefined) ?? wireCodec;
+    const ignored = [...ignoredFlags(train, asked, o.flags), ...(o.configFile !== null ? ['--config'] : []), ...(wireCodec !== o.wireCodec ? ['--wire-dtype'] : [])];
+    log(`--resume: continuing run ${m.runId} with its stored config${ignored.length > 0 ? `; ignoring ${ignored.join(' ')}` : ''}`);
+  }
+  const json = train.json;
+  if (train.model === null) throw new Error('launch: --model DIR is required');
+  if (train.data === null) throw new Error('launch: --data FILE is required');
   // the model and the data are read and checked before anything is written: a refusal leaves no data dir
   const model = await openModelDir(train.model, { doubleQuant: train.bnb_4bit_use_double_quant });
-  const data = await buildRunData(train, model);
-  await mkdir(dataDir, { recursive: true });
-  const unlock = await lockDataDir(dataDir);
-
+  releases.push(() => model.close());
   let lora: LoraConfig = loraConfigOf(train);
   let initAdapter: Map<string, NamedTensor> | null = null;
   if (train.init_adapter !== null) {
@@ -108,56 +161,115 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
     lora = a.lora; // the adapter's r, alpha and targets apply, as in `swarmtune train --init-adapter`
     initAdapter = new Map(a.tensors.map((t) => [t.name, t]));
   }
-  const store = await RunStore.open(path.join(dataDir, 'db'));
-  const meta = await store.getMeta();
+  const data = await buildRunData(train, model);
+  const want = await askedFingerprint(train, model.dir, wireCodec);
+  if (store === null) await openStore();
+  const runStore = store!;
+  const existing = meta as RunMeta | null;
+
   let runId: string;
   let token: string | null = null;
   let allowPeers: Set<string> | null = o.allowPeers !== undefined && o.allowPeers !== null ? new Set(o.allowPeers) : null;
   let publicPull = o.publicPull === true;
   let resume: ResumeState | null = null;
   let pipelineStages = o.pipelineStages;
-  if (meta !== null) {
-    runId = meta.runId;
-    token = (meta.config.join_token as string | undefined) ?? null;
+  let fingerprint: RunFingerprint = want;
+  let finished = false;
+  if (existing !== null) {
+    runId = existing.runId;
+    const stored = existing.fingerprint ?? legacyFingerprint(existing, want);
+    const latestStep = (await runStore.latest())?.step ?? 0;
+    const diff = fingerprintDiff(stored, want);
+    if (diff.length > 0 && o.resume === true) {
+      throw new ResumeError(`--resume: run ${runId}'s ${diff.map((d) => d.key).join(', ')} changed on disk since it was started (${diff.map((d) => `${d.stored} then, ${d.asked} now`).join('; ')}): restore them, or use a new --data-dir`);
+    }
+    if (diff.length > 0) throw new RunMismatchError(mismatchMessage({ runId, step: latestStep, totalSteps: existing.totalSteps, diff }));
+    fingerprint = { ...want, weights_sha256: stored.weights_sha256, model: stored.model, data: stored.data };
+    // the stored run's own LoRA config writes its adapters, whatever this process was given
+    if (existing.lora !== undefined) lora = existing.lora;
+    token = (existing.config.join_token as string | undefined) ?? null;
     // a restarted run keeps its access rules
-    const saved = meta.config.allow_peers as string[] | null | undefined;
+    const saved = existing.config.allow_peers as string[] | null | undefined;
     if (saved !== undefined && saved !== null) allowPeers = new Set(saved);
-    publicPull = meta.config.public_pull === true;
-    if (meta.numStages > 0) pipelineStages = meta.numStages; // the restarted run keeps its stage split
-    resume = await loadResume(store, dataDir);
-    if (resume !== null) {
-      log(`resuming run ${runId} at the last committed step ${resume.step} (latest optimizer checkpoint: ${resume.checkpointStep !== null ? `step ${resume.checkpointStep}` : 'none'}; volunteers that kept their stage resume it at step ${resume.step})`);
+    publicPull = existing.config.public_pull === true;
+    if (existing.numStages > 0) pipelineStages = existing.numStages; // the restarted run keeps its stage split
+    resume = await loadResume(runStore, dataDir);
+    finished = resume !== null && resume.step >= existing.totalSteps;
+    if (resume !== null && !finished) {
+      log(`resuming run ${runId} at the last committed step ${resume.step} of ${existing.totalSteps} (latest optimizer checkpoint: ${resume.checkpointStep !== null ? `step ${resume.checkpointStep}` : 'none'}; volunteers that kept their stage resume it at step ${resume.step})`);
     }
   } else {
     runId = randomBytes(8).toString('hex');
     if (o.private) token = randomBytes(18).toString('base64url');
-    await store.putMeta({
-      runId, model: train.model, totalSteps: data.totalSteps, createdMs: Date.now(),
-      config: { ...train, join_token: token, allow_peers: allowPeers !== null ? [...allowPeers] : null, public_pull: publicPull }, numStages: 0, stages: [],
-    });
   }
+  const outputDir = path.resolve(train.output_dir);
+  const args = trainingArgs(train);
+  log(`data: ${data.examples} examples from ${train.data}${data.skipped > 0 ? `, ${data.skipped} bad lines skipped` : ''}${data.truncated > 0 ? `, ${data.truncated} truncated at ${train.max_seq_length} tokens` : ''}`);
+  log(`${data.totalSteps} optimizer steps of ${data.microBatchesPerStep} micro-batch(es) × ${train.per_device_train_batch_size} sequences (${data.stepsPerEpoch} steps per epoch)`);
+
+  let coordinator: Coordinator | null = null;
+  let trainingStarted: { ms: number; step: number } | null = null;
+  const emit = (e: RunEvent) => {
+    if (json) { process.stdout.write(JSON.stringify(e) + '\n'); return; }
+    // without --json: what `swarmtune train` prints, a progress line per logged step
+    if (e.event === 'training') trainingStarted = { ms: performance.now(), step: Number(e.step) };
+    if (e.event === 'step') {
+      const step = Number(e.step), total = Number(e.total_steps);
+      if (step % train.logging_steps !== 0 && step !== total) return;
+      const t0 = trainingStarted ?? { ms: performance.now(), step: step - 1 };
+      log(progressLine({ step, totalSteps: total, loss: Number(e.loss), lr: Number(e.lr), tokensPerSecond: Number(e.tokens_per_s),
+        peers: coordinator?.livePeers() ?? 0, elapsedMs: performance.now() - t0.ms, stepsDone: step - t0.step }));
+    }
+  };
 
   const node = await createSwarmNode({ dataDir, listen: [o.listen] });
+  releases.push(async () => { await node.stop(); });
   const blobs = new BlobStore(dataDir);
-  const coordinator = new Coordinator({
-    node, store, blobs, runId, modelName: train.model, llama: model.config,
+  const c: Coordinator = coordinator = new Coordinator({
+    node, store: runStore, blobs, runId, modelName: train.model, llama: model.config,
     modelConfigJson: JSON.stringify(model.config.raw), weights: model.weights, train, lora, data,
     memory: stageMemoryFn(model.config, train, lora, model.doubleQuant), minPeers: o.minPeers, pipelineStages,
-    wireCodec: o.wireCodec, token, allowPeers, publicPull, initAdapter, resume, emit, log, config, logger,
+    wireCodec, token, allowPeers, publicPull, initAdapter, resume, emit, log, config, logger,
+    history: existing !== null ? await runStore.history() : [], alreadyFinished: finished,
+    runConfig: describeRun(fingerprint),
+    afterCommit: (step: number): Promise<void> => retention.afterCommit(step),
   });
-  // the shard blobs hold the absmax in the form the stages will (double-quantized or not): part of the cache key
-  await coordinator.publishShards({ file: path.join(dataDir, 'shards.json'), key: `${await modelFilesKey(model.dir)}:nf4-dq=${model.doubleQuant}` });
-  await coordinator.start();
+  releases.push(() => c.stop());
+  const retention: Retention = new Retention({
+    store: runStore, train, totalSteps: data.totalSteps, stepsPerEpoch: data.stepsPerEpoch, outputDir, lora, baseModel: train.model,
+    trainingArgs: args, adapter: (): NamedTensor[] => c.currentAdapter(), pruneBlobsBefore: (step) => c.pruneBlobsBefore(step), log,
+  });
+  if (!finished) {
+    // the weights' content hash is known once they are quantized into shard blobs (cached across launches)
+    const weights = await c.publishShards({ file: path.join(dataDir, 'shards.json'), key: `${await modelFilesKey(model.dir)}:nf4-dq=${model.doubleQuant}` });
+    if (fingerprint.weights_sha256 !== null && fingerprint.weights_sha256 !== weights) {
+      const diff = [{ key: 'model', stored: `model=${path.basename(fingerprint.model)} (sha256 ${fingerprint.weights_sha256.slice(0, 8)}…)`, asked: `model=${path.basename(train.model)} (sha256 ${weights.slice(0, 8)}…)` }];
+      if (o.resume === true) throw new ResumeError(`--resume: run ${runId}'s model weights changed on disk since it was started (sha256 ${fingerprint.weights_sha256.slice(0, 8)}… then, ${weights.slice(0, 8)}… now): restore them, or use a new --data-dir`);
+      throw new RunMismatchError(mismatchMessage({ runId, step: resume?.step ?? 0, totalSteps: (existing as RunMeta | null)?.totalSteps ?? data.totalSteps, diff }));
+    }
+    fingerprint = { ...fingerprint, weights_sha256: weights };
+  }
+  if (existing === null) {
+    await runStore.putMeta({
+      runId, model: train.model, totalSteps: data.totalSteps, createdMs: Date.now(),
+      config: { ...train, join_token: token, allow_peers: allowPeers !== null ? [...allowPeers] : null, public_pull: publicPull }, numStages: 0, stages: [],
+      fingerprint, lora,
+    });
+  } else if (existing.fingerprint === undefined || existing.lora === undefined || existing.fingerprint.weights_sha256 === null) {
+    await runStore.putMeta({ ...existing, fingerprint, lora: existing.lora ?? lora });
+  }
+  await c.start();
   const addrs = node.getMultiaddrs().map((m) => m.toString());
   emit({ event: 'listening', multiaddr: addrs[0], multiaddrs: addrs, peer_id: node.peerId.toString(), run_id: runId, token });
   log(`listening on ${addrs.join(' ')}`);
-  if (resume !== null) emit({ event: 'resumed', run_id: runId, step: resume.step, checkpoint_step: resume.checkpointStep, total_steps: data.totalSteps });
-  log(`volunteers: swarmtune join ${addrs[0]}${token !== null ? ` --token ${token}` : ''}`);
+  if (resume !== null && !finished) emit({ event: 'resumed', run_id: runId, step: resume.step, checkpoint_step: resume.checkpointStep, total_steps: data.totalSteps });
+  if (!finished) log(`volunteers: swarmtune join ${addrs[0]}${token !== null ? ` --token ${token}` : ''}`);
 
   let dashboard: { url: string; close(): Promise<void> } | null = null;
   if (o.dashboardPort !== undefined) {
-    const d = await startDashboard({ port: o.dashboardPort, getState: () => coordinator.dashboardState() });
+    const d = await startDashboard({ port: o.dashboardPort, getState: () => c.dashboardState() });
     dashboard = d;
+    releases.push(async () => { await d.close(); });
     emit({ event: 'dashboard', url: d.url });
     log(`dashboard at ${d.url}`);
   }
@@ -169,31 +281,24 @@ export async function launchRun(o: LaunchOptions): Promise<number> {
   process.once('SIGTERM', onSignal);
   o.signal?.addEventListener('abort', onSignal, { once: true });
   if (o.signal?.aborted === true) onSignal();
-  let code = 0;
-  try {
-    await Promise.race([coordinator.finished, stopped]);
-    if (coordinator.runState === 'finished') {
-      const tensors = coordinator.currentAdapter();
-      await writeAdapter(outputDir, { lora, baseModel: train.model, tensors });
-      emit({ event: 'finished', step: coordinator.committedStep, output_dir: outputDir });
-      log(`wrote the final adapter (${tensors.length} tensors) to ${outputDir}`);
-      if (!o.exitOnFinish) {
-        log('serving status and pulls until stopped (Ctrl-C)');
-        await stopped;
-      }
-    } else if (coordinator.runState === 'failed') {
-      code = 1;
-    }
-  } finally {
+  releases.push(async () => {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     o.signal?.removeEventListener('abort', onSignal);
-    await coordinator.stop();
-    if (dashboard !== null) await dashboard.close();
-    await node.stop();
-    await store.close();
-    await model.close();
-    await unlock();
+  });
+  await Promise.race([c.finished, stopped]);
+  if (c.runState === 'finished') {
+    const tensors = c.currentAdapter();
+    await writeAdapter(outputDir, { lora, baseModel: train.model, tensors });
+    await writeFile(path.join(outputDir, TRAINING_ARGS_FILE), JSON.stringify(args, null, 2) + '\n');
+    emit({ event: 'finished', step: c.committedStep, output_dir: outputDir, ...(finished ? { already: true } : {}) });
+    if (finished) log(`run ${runId} is finished (step ${c.committedStep} of ${data.totalSteps}); nothing to train. Wrote its adapter (${tensors.length} tensors) and ${TRAINING_ARGS_FILE} to ${outputDir}`);
+    else log(`wrote the final adapter (${tensors.length} tensors) and ${TRAINING_ARGS_FILE} to ${outputDir}`);
+    if (!o.exitOnFinish) {
+      log('serving status and pulls until stopped (Ctrl-C)');
+      await stopped;
+    }
+    return 0;
   }
-  return code;
+  return c.runState === 'failed' ? 1 : 0;
 }

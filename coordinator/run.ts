@@ -9,7 +9,7 @@ import { silentLogger } from '../protocol/log.ts';
 import type { Logger } from '../protocol/log.ts';
 import { StagePeerClient } from '../protocol/stage-client.ts';
 import type { StageMemoryFn } from './planner.ts';
-import type { RunStore } from './store.ts';
+import type { RunStore, StepRecord } from './store.ts';
 import type { DashboardState } from './dashboard/state.ts';
 import { coordinatorConfig } from './config.ts';
 import type { CoordinatorConfig } from './config.ts';
@@ -68,6 +68,14 @@ export interface CoordinatorOptions {
   config?: CoordinatorConfig;
   /** debug lines, one per request, under swarmtune:coordinator:* (default silent) */
   logger?: Logger;
+  /** the committed steps so far (a relaunch): status and the dashboard show them */
+  history?: StepRecord[];
+  /** the run finished before this process started: serve status and pulls only, plan nothing */
+  alreadyFinished?: boolean;
+  /** the run's stored config, one line, for status */
+  runConfig?: string;
+  /** after each committed step (checkpoint dirs, pruning under save_total_limit); a failure fails the run */
+  afterCommit?: (step: number, signal: AbortSignal) => Promise<void>;
 }
 
 export class Coordinator {
@@ -95,8 +103,9 @@ export class Coordinator {
     this.logger = o.logger ?? silentLogger;
     const status = this.status = new RunStatus({
       runId: o.runId, modelName: o.modelName, totalSteps: o.data.totalSteps, minPeers: o.minPeers,
-      step: o.resume?.step ?? 0, eventHistory: config.eventHistory, emit: o.emit, log: o.log,
+      step: o.resume?.step ?? 0, eventHistory: config.eventHistory, emit: o.emit, log: o.log, runConfig: o.runConfig,
     });
+    if (o.history !== undefined) status.history.push(...o.history);
     this.client = new StagePeerClient({ node: o.node, runId: o.runId, timeouts: config });
     const peers = this.peers = new PeerRegistry({
       runId: o.runId, client: this.clientFor('peers'), config, status, store: o.store, signal: this.abort.signal,
@@ -117,20 +126,33 @@ export class Coordinator {
       planned: () => this.placement.stages !== null,
       onQuorum: (joined) => this.plan(joined),
     });
+    if (o.alreadyFinished === true) {
+      status.state = 'finished';
+      this.finishedResolve();
+    }
     this.placement = new Placement({
       runId: o.runId, numLayers: o.llama.numHiddenLayers, memory: o.memory, pipelineStages: o.pipelineStages,
       resume: o.resume, config, client: this.clientFor('placement'), peers, admission: this.admission, assignments, adapter, states, status, store: o.store,
     });
   }
 
+  /** Delete the adapter and optimizer-state blobs made for assignments before `step` (every peer given
+   *  one has loaded it: placement waits for that before the step loop goes on). */
+  pruneBlobsBefore(step: number): Promise<number> { return this.shards.pruneStepBlobs(step); }
+
+  /** peers serving a stage now (for the progress line) */
+  livePeers(): number { return this.peers.all().filter((p) => p.stageIndex !== null && p.health !== 'dead' && p.health !== 'banned').length; }
+
   /** The stage-peer client whose request lines go to swarmtune:coordinator:<component>. */
   private clientFor(component: string): StagePeerClient {
     return this.client.withLog(this.logger.child(component));
   }
 
-  /** Quantize the base model once into content-addressed shard blobs and keep their refs. */
-  async publishShards(cache?: { file: string; key: string }): Promise<void> {
+  /** Quantize the base model once into content-addressed shard blobs and keep their refs; resolves
+   *  with the weights' content hash (sha256 over the blobs' sha256s). */
+  async publishShards(cache?: { file: string; key: string }): Promise<string> {
     await this.shards.publish(cache);
+    return this.shards.contentHash();
   }
 
   async start(): Promise<void> {
@@ -188,6 +210,7 @@ export class Coordinator {
       await this.placement.admitLateJoiners(signal);
       const step = this.status.step;
       await OptimizerStep.run(ctx, step, learningRateAt(t.learning_rate, t.lr_scheduler_type, step, warmup, total), { signal });
+      await o.afterCommit?.(this.status.step, signal);
     }
     await this.finish(signal);
   }

@@ -63,7 +63,14 @@ export function stepRanges(steps: readonly number[]): string {
 async function pull(o: RunServerInit, step: number | undefined, from: number, count: number): Promise<AdapterResponse> {
   const want = step ?? o.committedStep();
   const bytes = await o.store.adapter(want);
-  if (bytes === null) throw new StaleError(`no committed adapter for step ${want}; committed steps: ${stepRanges(await o.store.committedSteps())}`);
+  if (bytes === null) {
+    // a step pruned under save_total_limit (perhaps between two pages of this pull) is named as such
+    const kept = await o.store.committedSteps();
+    if (want < o.committedStep() && (want === 0 || await o.store.wasCommitted(want))) {
+      throw new StaleError(`the adapter of step ${want} is no longer kept (pruned under save_total_limit); pullable steps: ${stepRanges(kept)}`);
+    }
+    throw new StaleError(`no committed adapter for step ${want}; committed steps: ${stepRanges(kept)}`);
+  }
   const t = decodeShard(bytes, `adapter of step ${want}`);
   const names = [...t.float.keys()];
   const page = servePage(names.length, from, count, `adapter of step ${want}`, (i) => t.float.get(names[i]!)!.data.length * 4);

@@ -1,5 +1,6 @@
 // The run's content-addressed blobs: the base model quantized once into shard blobs, and references peers fetch them by.
 import { readFile, writeFile } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
 import type { LlamaConfig, WeightSource } from '../engine/types.ts';
 import type { BlobStore } from '../protocol/blobs.ts';
 import type { BlobRef } from '../protocol/messages.ts';
@@ -22,6 +23,8 @@ export interface ShardBlobsInit {
 
 export class ShardBlobs {
   private readonly refs = new Map<string, ShardRef>();
+  /** blobs made for one step's assignments (name ends in .step<N>), by sha256: the newest step using it */
+  private readonly stepBlobs = new Map<string, number>();
   private readonly o: ShardBlobsInit;
 
   constructor(o: ShardBlobsInit) {
@@ -78,6 +81,31 @@ export class ShardBlobs {
   /** Store bytes (a stage's adapter slice, its optimizer state) as a blob peers fetch from the coordinator. */
   async put(name: string, bytes: Uint8Array): Promise<BlobRef> {
     const sha256 = await this.o.blobs.put(bytes);
+    const m = /\.step(\d+)$/.exec(name);
+    if (m !== null) this.stepBlobs.set(sha256, Math.max(Number(m[1]), this.stepBlobs.get(sha256) ?? -1));
     return this.blobRef(name, { sha256, sizeBytes: bytes.length });
+  }
+
+  /** Sha256 over the shard blobs' sha256s in model order: the quantized weights' content, computed once
+   *  when the model is quantized (or its verified blobs reused). */
+  contentHash(): string {
+    const h = createHash('sha256');
+    for (const [name, ref] of this.refs) h.update(`${name}\0${ref.sha256}\0`);
+    return h.digest('hex');
+  }
+
+  /** Delete the per-step blobs (a stage's adapter slice or optimizer state for an assignment) of steps
+   *  before `step`; a blob whose bytes are also a shard blob or a newer step's stays. Returns how many went. */
+  async pruneStepBlobs(step: number): Promise<number> {
+    const shards = new Set([...this.refs.values()].map((r) => r.sha256));
+    let n = 0;
+    for (const [sha, newest] of [...this.stepBlobs]) {
+      if (newest >= step) continue;
+      this.stepBlobs.delete(sha);
+      if (shards.has(sha)) continue;
+      await this.o.blobs.remove(sha);
+      n++;
+    }
+    return n;
   }
 }

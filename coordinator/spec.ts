@@ -10,7 +10,16 @@ import type { RunData } from './run.ts';
 import type { StageMemoryFn } from './planner.ts';
 import { MAX_IN_FLIGHT_PER_ROUTE } from './planner.ts';
 
-export async function buildRunData(train: TrainConfig, model: ModelDir): Promise<RunData> {
+/** The run's data pipeline and what the organizer is told about it at start. */
+export interface RunDataInfo extends RunData {
+  examples: number;
+  skipped: number;
+  truncated: number;
+  stepsPerEpoch: number;
+  microBatchesPerStep: number;
+}
+
+export async function buildRunData(train: TrainConfig, model: ModelDir): Promise<RunDataInfo> {
   if (train.data === null) throw new Error('launch: --data FILE is required');
   if (model.tokenizer === null) throw new Error(`launch: ${model.dir} has no tokenizer.json; the coordinator tokenizes the data`);
   const tok: SftTokenizer = model.tokenizer;
@@ -22,6 +31,8 @@ export async function buildRunData(train: TrainConfig, model: ModelDir): Promise
   });
   const plan = planSteps(ds.examples.length, train.per_device_train_batch_size, train.gradient_accumulation_steps, train.num_train_epochs, train.max_steps);
   return {
+    examples: ds.examples.length, skipped: ds.skipped.length, truncated: ds.truncated,
+    stepsPerEpoch: loader.stepsPerEpoch, microBatchesPerStep: train.gradient_accumulation_steps,
     totalSteps: plan.totalSteps,
     microBatchesForStep: async (step) => loader.stepMicroBatches(step),
     // micro-batches consumed after `step` optimizer steps, counted across epochs

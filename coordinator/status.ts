@@ -18,6 +18,8 @@ export interface RunStatusInit {
   emit: (e: RunEvent) => void;
   /** the human-readable log (launch writes it to stderr) */
   log: (msg: string) => void;
+  /** the run's stored config in one line (coordinator/identity.ts describeRun), for status */
+  runConfig?: string;
 }
 
 /** The stages and peers as the registry and the plan hold them now. */
@@ -71,6 +73,7 @@ export class RunStatus {
       peers: view.peers,
       committedSteps: this.history.map((h) => h.step),
       retries: this.totals.retries, reassignments: this.totals.reassignments, bans: this.totals.bans, waitingFor: this.waitingFor,
+      ...(this.o.runConfig !== undefined ? { runConfig: this.o.runConfig } : {}),
     };
   }
 

@@ -1,6 +1,8 @@
 // The coordinator's durable run state in LevelDB: run meta, committed steps with their adapter and
 // data cursor (written in one atomic batch before a step is announced), optimizer checkpoints.
 import type { BanRecord } from './bans.ts';
+import type { LoraConfig } from '../engine/types.ts';
+import type { RunFingerprint } from './identity.ts';
 import { Level } from 'level';
 
 export interface StepRecord {
@@ -24,6 +26,10 @@ export interface RunMeta {
   config: Record<string, unknown>;
   numStages: number;
   stages: Array<{ layerStart: number; layerEnd: number }>;
+  /** what defines the run (coordinator/identity.ts); absent in stores written before it existed */
+  fingerprint?: RunFingerprint;
+  /** the run's own LoRA config (flags or --init-adapter's), what its adapters are written with */
+  lora?: LoraConfig;
 }
 
 const pad = (n: number) => String(n).padStart(10, '0');
@@ -103,6 +109,41 @@ export class RunStore {
 
   async adapter(step: number): Promise<Uint8Array | null> {
     return (await this.db.get(`adapter:${pad(step)}`)) ?? null;
+  }
+
+  /** Delete the adapters and optimizer checkpoints of `steps` in one batch (the step records stay, so
+   *  `status` keeps the loss curve). The latest committed step and the latest optimizer checkpoint are
+   *  never deleted: a restart resumes from them. The deleted key range is compacted so the bytes leave
+   *  the disk now rather than at LevelDB's next compaction. Returns the steps whose adapter was deleted. */
+  async pruneSteps(steps: readonly number[]): Promise<number[]> {
+    const latest = (await this.latest())?.step ?? 0;
+    const ckpt = await this.latestCheckpoint();
+    const ops: Array<{ type: 'del'; key: string }> = [];
+    const pruned: number[] = [];
+    for (const step of steps) {
+      if (step === latest) continue;
+      if ((await this.db.get(`adapter:${pad(step)}`)) !== undefined) pruned.push(step);
+      ops.push({ type: 'del', key: `adapter:${pad(step)}` });
+      if (ckpt !== null && ckpt.step === step) continue;
+      const c = await this.getJson<{ stages: number }>(`ckpt:${pad(step)}`);
+      if (c === null) continue;
+      ops.push({ type: 'del', key: `ckpt:${pad(step)}` });
+      for (let s = 0; s < c.stages; s++) ops.push({ type: 'del', key: `optim:${pad(step)}:${pad(s)}` });
+    }
+    if (ops.length === 0) return [];
+    await this.db.batch(ops);
+    const lo = Math.min(...steps), hi = Math.max(...steps);
+    // `level` is classic-level on Node, which compacts ranges; its type declares only the abstract API
+    const db = this.db as unknown as { compactRange?: (start: string, end: string) => Promise<void> };
+    if (db.compactRange !== undefined) {
+      for (const prefix of ['adapter', 'ckpt', 'optim']) await db.compactRange.call(this.db, `${prefix}:${pad(lo)}`, `${prefix}:${pad(hi)}\xff`);
+    }
+    return pruned;
+  }
+
+  /** whether `step` was ever committed (its record stays after its adapter is pruned) */
+  async wasCommitted(step: number): Promise<boolean> {
+    return (await this.db.get(`history:${pad(step)}`)) !== undefined;
   }
 
   async history(): Promise<StepRecord[]> {

@@ -44,6 +44,13 @@ export class BlobStore {
     return sha;
   }
 
+  /** Drop a blob from the cache (no longer served from here); a missing one is no error. */
+  async remove(sha: string): Promise<void> {
+    const f = this.file(sha);
+    this.verified.delete(sha);
+    await rm(f, { force: true });
+  }
+
   /** Read a blob from the local cache if it is there and hashes right; a corrupt copy is deleted. */
   async readCached(ref: Pick<BlobRef, 'sha256' | 'name'>): Promise<Uint8Array | null> {
     const f = this.file(ref.sha256);

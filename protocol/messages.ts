@@ -285,6 +285,8 @@ export const statusResponse = obj({
   bans: opt(int(0, SAFE)),
   /** why the run is not making progress right now, e.g. a stage with no peer (null: it is) */
   waitingFor: opt(nullable(str({ max: MAX_STRING_LENGTH }))),
+  /** the run's stored training config and content hashes, one line (what reproduces it) */
+  runConfig: opt(str({ max: 4 * MAX_STRING_LENGTH })),
 });
 export type StatusResponse = ReturnType<typeof statusResponse>;
 

@@ -30,7 +30,8 @@ export function registerLaunch(program: Command): void {
     .option('--public-pull', 'a private run\'s adapter may still be pulled by anyone')
     .option('--exit-on-finish', 'exit when training ends instead of serving pulls')
     .option('--dashboard <port>', 'serve the live dashboard on this port', nonNegativeInt('--dashboard'))
-    .option('--data-dir <dir>', 'coordinator state (identity, LevelDB, blobs); default <output-dir>/coordinator');
+    .option('--data-dir <dir>', 'coordinator state (identity, LevelDB, blobs); default <output-dir>/coordinator')
+    .option('--resume', 'continue the run the data dir holds with its stored config (the training flags and --config are ignored)');
   addTrainFlags(launch, 'launch');
   launch.action(action('launch', async (opts: Record<string, unknown>) => {
     const flags = trainFlagValues(opts);
@@ -61,6 +62,7 @@ export function registerLaunch(program: Command): void {
       exitOnFinish: opts.exitOnFinish === true,
       dashboardPort: opts.dashboard as number | undefined,
       dataDir: (opts.dataDir as string | undefined) ?? null,
+      resume: opts.resume === true,
       logger: rootLogger().child('coordinator'),
     });
   }));
