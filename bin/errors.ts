@@ -41,6 +41,7 @@ const BY_NAME: Record<string, number> = {
   TemplateError: EXIT.usage, ChatSpanError: EXIT.usage, AdapterError: EXIT.usage, MergeError: EXIT.usage,
   BackendUnavailableError: EXIT.usage,
   AuthError: EXIT.refused, CapacityError: EXIT.refused, JoinRejectedError: EXIT.refused,
+  RunMismatchError: EXIT.refused, ResumeError: EXIT.refused,
   NotFoundError: EXIT.notFound, StepNotFoundError: EXIT.notFound,
   NetworkError: EXIT.network, EncryptionFailedError: EXIT.network, UnsupportedProtocolError: EXIT.network,
   DialError: EXIT.network, NoValidAddressesError: EXIT.network, UnsupportedListenAddressesError: EXIT.network,
