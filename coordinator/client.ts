@@ -31,7 +31,11 @@ const retryResets: typeof request = async (node, target, proto, msg, opts) => {
     try {
       return await request(node, target, proto, msg, opts);
     } catch (e) {
-      if (attempt >= 2 || (e as NodeJS.ErrnoException).code !== 'ECONNRESET') throw e;
+      // a reset while connecting (libp2p throttles new inbound connections per host) may arrive wrapped in
+      // the handshake's EncryptionFailedError: retried too
+      const reset = (e as NodeJS.ErrnoException).code === 'ECONNRESET' ||
+        ((e as Error).name === 'EncryptionFailedError' && /ECONNRESET/.test((e as Error).message));
+      if (attempt >= 2 || !reset) throw e;
       await delay(250 * (attempt + 1), undefined, { signal: opts?.signal });
     }
   }

@@ -43,10 +43,14 @@ export function registerLaunch(program: Command): void {
     // dir and the data file (`tiny` as in train), the listen address
     const train = resolveTrainConfig({ configFile, flags });
     const from = (key: 'model' | 'data') => (flags[key] !== undefined ? `--${kebab(key)}` : `config ${configFile}: ${key}`);
-    if (train.model === null) throw new UsageError('--model is required (an HF model directory, or "tiny" for the embedded demo model)');
-    if (train.data === null) throw new UsageError('--data is required (a JSONL file, or "tiny" for the bundled QA set)');
-    flags.model = await modelDirArg(from('model'), train.model);
-    flags.data = await dataFileArg(from('data'), train.data);
+    // --resume takes the model and data from the stored run (launchRun checks them)
+    if (opts.resume !== true) {
+      if (train.model === null) throw new UsageError('--model is required (an HF model directory, or "tiny" for the embedded demo model)');
+      if (train.data === null) throw new UsageError('--data is required (a JSONL file, or "tiny" for the bundled QA set)');
+      flags.model = await modelDirArg(from('model'), train.model);
+      flags.data = await dataFileArg(from('data'), train.data);
+    }
+
     await checkListenFree('--listen', String(opts.listen));
     const { launchRun } = await import('../../coordinator/launch.ts');
     return launchRun({
