@@ -2,6 +2,7 @@
 import type { NF4Weight } from '../formats/nf4.ts';
 import type { LlamaConfig, WeightSource } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
+import { layerFloatName, layerFloatTensors } from './arch.ts';
 import { baseModuleName, linearShape } from './lora.ts';
 import { Rng } from './rng.ts';
 
@@ -46,7 +47,7 @@ export function randomNF4(rows: number, cols: number, scale: number, rng: Rng, b
 }
 
 /** In-memory WeightSource with seeded random weights for every tensor the config implies
- *  (biases on q/k/v when attentionBias or modelType "qwen2"; lm_head unless tied). */
+ *  (biases on q/k/v when attentionBias or modelType "qwen2"; Qwen3's q/k norms; lm_head unless tied). */
 export function randomWeightSource(cfg: LlamaConfig, seed = 0): WeightSource {
   const rng = new Rng(seed, 0x4d6f646c /* "Modl" */);
   const C = cfg.hiddenSize, V = cfg.vocabSize;
@@ -55,9 +56,7 @@ export function randomWeightSource(cfg: LlamaConfig, seed = 0): WeightSource {
   const qkvBias = cfg.attentionBias || cfg.modelType === 'qwen2';
   floats.set('model.embed_tokens.weight', rng.fillNormal(new Float32Array(V * C), 0, 1));
   for (let l = 0; l < cfg.numHiddenLayers; l++) {
-    const p = `model.layers.${l}`;
-    floats.set(`${p}.input_layernorm.weight`, rng.fillUniform(new Float32Array(C), 0.8, 1.2));
-    floats.set(`${p}.post_attention_layernorm.weight`, rng.fillUniform(new Float32Array(C), 0.8, 1.2));
+    for (const n of layerFloatTensors(cfg)) floats.set(layerFloatName(l, n), rng.fillUniform(new Float32Array(n.length), 0.8, 1.2));
     for (const m of LORA_TARGETS) {
       const [out, inF] = linearShape(cfg, m);
       const name = baseModuleName(l, m);
