@@ -1,4 +1,4 @@
-// Hugging Face config.json → LlamaConfig (Llama 2/3/3.1/3.2, TinyLlama, Mistral, Qwen2), and writing config.json back.
+// Hugging Face config.json → LlamaConfig (Llama 2/3/3.1/3.2, TinyLlama, Mistral, Qwen2, Qwen3), and writing config.json back.
 import { readFile, writeFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { LlamaConfig } from '../types.ts';
@@ -9,7 +9,12 @@ export class ConfigError extends Error {
   override readonly name = 'ConfigError';
 }
 
-const SUPPORTED_MODEL_TYPES = new Set(['llama', 'mistral', 'qwen2']);
+const SUPPORTED_MODEL_TYPES = new Set(['llama', 'mistral', 'qwen2', 'qwen3']);
+
+/** Families transformers has that this engine does not implement yet, with what differs (so the refusal says why). */
+const REFUSED_MODEL_TYPES: Record<string, string> = {
+  gemma: 'Gemma', gemma2: 'Gemma-2', gemma3: 'Gemma-3 (multimodal)', gemma3_text: 'Gemma-3', phi3: 'Phi-3',
+};
 const SUPPORTED_ROPE_TYPES = new Set(['default', 'llama3', 'linear', 'dynamic']);
 
 /** Per-architecture defaults of transformers' config classes, used when a key is absent. */
@@ -17,6 +22,7 @@ const DEFAULTS: Record<string, { rmsNormEps: number; ropeTheta: number; maxPosit
   llama: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPositionEmbeddings: 2048, tieWordEmbeddings: false },
   mistral: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPositionEmbeddings: 4096 * 32, tieWordEmbeddings: false },
   qwen2: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPositionEmbeddings: 32768, tieWordEmbeddings: false },
+  qwen3: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPositionEmbeddings: 32768, tieWordEmbeddings: false },
 };
 
 /** Parse and validate an HF config.json object. `source` (a path) prefixes every error message. */
@@ -53,6 +59,9 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
 
   const modelType = raw.model_type;
   if (typeof modelType !== 'string') throw new ConfigError(`${source}: missing "model_type" (expected one of ${[...SUPPORTED_MODEL_TYPES].join(', ')})`);
+  if (REFUSED_MODEL_TYPES[modelType] !== undefined) {
+    throw new ConfigError(`${source}: "model_type" ${JSON.stringify(modelType)} (${REFUSED_MODEL_TYPES[modelType]}) is not supported yet (supported: ${[...SUPPORTED_MODEL_TYPES].join(', ')})`);
+  }
   if (!SUPPORTED_MODEL_TYPES.has(modelType)) {
     throw new ConfigError(`${source}: "model_type" ${JSON.stringify(modelType)} is not supported (expected one of ${[...SUPPORTED_MODEL_TYPES].join(', ')})`);
   }
@@ -73,6 +82,8 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
   let headDim: number;
   if (raw.head_dim !== undefined && raw.head_dim !== null) {
     headDim = posInt('head_dim');
+  } else if (modelType === 'qwen3') {
+    headDim = 128; // Qwen3Config's default: head_dim is explicit, not hidden_size / heads
   } else {
     if (hiddenSize % numAttentionHeads !== 0) {
       throw new ConfigError(`${source}: "hidden_size" (${hiddenSize}) is not divisible by "num_attention_heads" (${numAttentionHeads}) and no "head_dim" is given`);
@@ -84,14 +95,18 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
   const rmsNormEps = posNum('rms_norm_eps', d.rmsNormEps);
   const maxPositionEmbeddings = posInt('max_position_embeddings', d.maxPositionEmbeddings);
   const tieWordEmbeddings = bool('tie_word_embeddings', d.tieWordEmbeddings);
-  // Qwen2 always has q/k/v biases and no attention_bias key; Llama's attention_bias also biases o_proj.
+  // Qwen2 always has q/k/v biases and no attention_bias key; Llama's (and Qwen3's) attention_bias also biases o_proj.
   const attentionBias = modelType === 'qwen2' ? true : bool('attention_bias', false);
   const mlpBias = bool('mlp_bias', false);
 
   // Sliding-window attention: Qwen2 only applies it when use_sliding_window is true (then per layer, which
   // this engine's full causal attention does not reproduce); Mistral applies it to every layer.
-  if (modelType === 'qwen2' && raw.use_sliding_window === true) {
+  if ((modelType === 'qwen2' || modelType === 'qwen3') && raw.use_sliding_window === true) {
     throw new ConfigError(`${source}: "use_sliding_window": true is not supported (attention is full causal); set it to false`);
+  }
+  const layerTypes = raw.layer_types;
+  if (Array.isArray(layerTypes) && layerTypes.some((t) => t !== 'full_attention')) {
+    throw new ConfigError(`${source}: "layer_types" has ${JSON.stringify([...new Set(layerTypes.filter((t) => t !== 'full_attention'))])} layers; only full_attention is supported`);
   }
 
   // RoPE: the newest transformers writes rope_parameters {rope_type, rope_theta, ...}; older configs

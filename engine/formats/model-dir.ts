@@ -13,6 +13,7 @@ import { quantizeNF4, dequantizeNF4 } from './nf4.ts';
 import { isBnbQuantized, isBnbAuxiliary, readBnbNF4 } from './bnb.ts';
 import { UnsupportedQuantizationError, checkFloatWeightDtype, checkQuantizedTensorName } from './quant-config.ts';
 import { Tokenizer } from './tokenizer.ts';
+import { MODEL_CLASS, layerFloatName, layerFloatTensors } from '../model/arch.ts';
 
 export class ModelDirError extends Error {
   override readonly name = 'ModelDirError';
@@ -83,8 +84,7 @@ function modelTensorNames(config: LlamaConfig): Set<string> {
   const names = new Set(['model.embed_tokens.weight', 'model.norm.weight']);
   if (!config.tieWordEmbeddings) names.add('lm_head.weight');
   for (let l = 0; l < config.numHiddenLayers; l++) {
-    names.add(`model.layers.${l}.input_layernorm.weight`);
-    names.add(`model.layers.${l}.post_attention_layernorm.weight`);
+    for (const n of layerFloatTensors(config)) names.add(layerFloatName(l, n));
     for (const t of LORA_TARGETS) {
       const m = `model.layers.${l}.${MLP_TARGETS.has(t) ? 'mlp' : 'self_attn'}.${t}`;
       names.add(`${m}.weight`);
@@ -124,7 +124,7 @@ export function checkCheckpointTensors(config: LlamaConfig, tensors: TensorSourc
 function modelClassName(config: LlamaConfig): string {
   const a = config.raw.architectures;
   if (Array.isArray(a) && typeof a[0] === 'string') return a[0];
-  return ({ llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM' } as Record<string, string>)[config.modelType] ?? 'the model';
+  return MODEL_CLASS[config.modelType] ?? 'the model';
 }
 
 const MAX_LISTED = 20;

@@ -13,6 +13,7 @@ import { checkNF4Absmax, internDoubleQuant, isDoubleQuant } from './nf4.ts';
 import type { LlamaConfig } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import { baseModuleName } from '../model/lora.ts';
+import { layerFloatName, layerFloatTensors } from '../model/arch.ts';
 import { parseSafetensorsBytes } from './safetensors/header.ts';
 import { encodeSafetensors } from './safetensors/write.ts';
 import type { TensorData } from './safetensors/write.ts';
@@ -126,7 +127,7 @@ export function shardTensorNames(config: LlamaConfig, shard: ShardKind): { nf4: 
     return { nf4: [], float: config.tieWordEmbeddings ? ['model.norm.weight'] : ['model.norm.weight', 'lm_head.weight'], optionalFloat: [] };
   }
   const l = shard.layer;
-  const float = [`model.layers.${l}.input_layernorm.weight`, `model.layers.${l}.post_attention_layernorm.weight`];
+  const float = layerFloatTensors(config).map((t) => layerFloatName(l, t));
   const nf4 = LORA_TARGETS.map((m) => `${baseModuleName(l, m)}.weight`);
   const optionalFloat = LORA_TARGETS.map((m) => `${baseModuleName(l, m)}.bias`);
   return { nf4, float, optionalFloat };

@@ -1,7 +1,7 @@
 // One Llama decoder layer (HF LlamaDecoderLayer) on NF4 linears with LoRA: its forward/backward pair.
 //
-//   h1 = rmsnorm(x); q,k,v = proj(h1); rope(q,k); att = attention(q,k,v); x2 = x + o_proj(att)
-//   h2 = rmsnorm(x2); out = x2 + down(silu(gate(h2)) * up(h2))
+//   h1 = rmsnorm(x); q,k,v = proj(h1); [Qwen3: q,k = rmsnorm per head]; rope(q,k); att = attention(q,k,v)
+//   x2 = x + o_proj(att); h2 = rmsnorm(x2); out = x2 + down(silu(gate(h2)) * up(h2))
 //
 // Forward is the one function used both by the first forward and by the checkpoint recompute in backward,
 // so gradients are bit-identical with checkpointing on or off. Buffers belong to the stage's TensorBackend
@@ -28,6 +28,11 @@ export interface LayerActs<Buf> {
   rstd1: Buf;  // (T)
   q: Buf;      // (T, H*D) after rope
   k: Buf;      // (T, KV*D) after rope
+  /** Qwen3 q/k norm: the projections before the per-head norm and the norms' rstd; null elsewhere */
+  qPre: Buf | null;  // (T, H*D)
+  kPre: Buf | null;  // (T, KV*D)
+  rstdQ: Buf | null; // (T*H)
+  rstdK: Buf | null; // (T*KV)
   v: Buf;      // (T, KV*D)
   att: Buf;    // (T, H*D)
   lse: Buf;    // (B, H, S)
@@ -50,10 +55,13 @@ export interface LayerCache {
   attend(out: Float32Array, q: Float32Array, T: number): void;
 }
 
-/** The frozen weights of one layer: its two norms and seven linears (each with its LoRA adapter, if targeted). */
+/** The frozen weights of one layer: its norms and seven linears (each with its LoRA adapter, if targeted). */
 export interface LayerWeights {
   inputNorm: Float32Array;  // (C)
   postNorm: Float32Array;   // (C)
+  /** Qwen3's per-head RMSNorm weights on q and k (D each), null for families without them */
+  qNorm: Float32Array | null;
+  kNorm: Float32Array | null;
   q: LoraLinear; k: LoraLinear; v: LoraLinear; o: LoraLinear;
   gate: LoraLinear; up: LoraLinear; down: LoraLinear;
 }
@@ -85,6 +93,7 @@ function maxPosition(ctx: PassContext): number {
 export function freeLayerActs<Buf>(t: TensorBackend<Buf>, a: LayerActs<Buf>, includeX: boolean): void {
   if (includeX) t.free(a.x);
   for (const b of [a.h1, a.rstd1, a.q, a.k, a.v, a.att, a.lse, a.x2, a.h2, a.rstd2, a.gate, a.up, a.act]) t.free(b);
+  for (const b of [a.qPre, a.kPre, a.rstdQ, a.rstdK]) t.free(b);
   for (const saved of Object.values(a.lin)) freeLinearSaved(t, saved);
 }
 
@@ -116,6 +125,10 @@ export class DecoderLayer {
     const q = await L.q.forward(t, h1, T, ctx, params); // (T, H*D)
     const k = await L.k.forward(t, h1, T, ctx, params); // (T, KV*D)
     const v = await L.v.forward(t, h1, T, ctx, params); // (T, KV*D)
+    // Qwen3: each head's q and k RMS-normalized over D (rows T*H of D), before rope
+    const qn = L.qNorm ? await this.headNorm(t, q.y, L.qNorm, T * H) : null;
+    const kn = L.kNorm ? await this.headNorm(t, k.y, L.kNorm, T * KV) : null;
+    const qr = qn ? qn.y : q.y, kr = kn ? kn.y : k.y; // (T, H*D), (T, KV*D) rotated in place below
     const maxPos = maxPosition(ctx);
     if (this.slidingWindow !== null && maxPos >= this.slidingWindow) {
       throw new RangeError(`${cfg.modelType}: position ${maxPos} needs sliding-window attention (sliding_window ${this.slidingWindow}); ` +
@@ -123,22 +136,22 @@ export class DecoderLayer {
     }
     const rope = this.rope.get(maxPos + 1);
     const cos = await t.constant(rope.cos), sin = await t.constant(rope.sin);
-    await t.rope(q.y, cos, sin, ctx.positions, T, H, D, false);
-    await t.rope(k.y, cos, sin, ctx.positions, T, KV, D, false);
+    await t.rope(qr, cos, sin, ctx.positions, T, H, D, false);
+    await t.rope(kr, cos, sin, ctx.positions, T, KV, D, false);
     let att = t.alloc(T * H * D); // (T, H*D)
     let lse: Buf; // (B, H, S)
     if (kv === null || kv.pos === 0) {
       lse = t.alloc(B * H * S);
-      await t.attentionForward(att, lse, q.y, k.y, v.y, B, S, H, KV, D);
+      await t.attentionForward(att, lse, qr, kr, v.y, B, S, H, KV, D);
     } else {
       lse = t.alloc(0);
     }
     if (kv !== null) {
       // decoding: the KV cache lives on the host (inference only)
-      kv.store(await t.download(k.y), await t.download(v.y));
+      kv.store(await t.download(kr), await t.download(v.y));
       if (kv.pos > 0) {
         const out = new Float32Array(T * H * D);
-        kv.attend(out, await t.download(q.y), T);
+        kv.attend(out, await t.download(qr), T);
         t.free(att);
         att = await t.upload(out);
       }
@@ -158,7 +171,8 @@ export class DecoderLayer {
     return {
       out,
       acts: {
-        x, h1, rstd1, q: q.y, k: k.y, v: v.y, att, lse, x2, h2, rstd2, gate: gate.y, up: up.y, act,
+        x, h1, rstd1, q: qr, k: kr, v: v.y, att, lse,
+        qPre: qn ? q.y : null, kPre: kn ? k.y : null, rstdQ: qn ? qn.rstd : null, rstdK: kn ? kn.rstd : null, x2, h2, rstd2, gate: gate.y, up: up.y, act,
         lin: {
           q_proj: q.saved, k_proj: k.saved, v_proj: v.saved, o_proj: o.saved,
           gate_proj: gate.saved, up_proj: up.saved, down_proj: down.saved,
@@ -194,13 +208,16 @@ export class DecoderLayer {
     // attention branch
     const datt = t.alloc(T * H * D); // (T, H*D)
     await L.o.backward(t, dx2, a.lin.o_proj, T, dparams, datt, false, params);
-    const dq = t.alloc(T * H * D), dk = t.alloc(T * KV * D), dv = t.alloc(T * KV * D); // (T, H*D), (T, KV*D) x2
+    let dq = t.alloc(T * H * D), dk = t.alloc(T * KV * D); // (T, H*D), (T, KV*D)
+    const dv = t.alloc(T * KV * D); // (T, KV*D)
     await t.attentionBackward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, B, S, H, KV, D);
     t.free(datt);
     const rope = this.rope.get(maxPosition(ctx) + 1);
     const cos = await t.constant(rope.cos), sin = await t.constant(rope.sin);
     await t.rope(dq, cos, sin, ctx.positions, T, H, D, true);
     await t.rope(dk, cos, sin, ctx.positions, T, KV, D, true);
+    if (L.qNorm) dq = await this.headNormBackward(t, dq, a.qPre!, L.qNorm, a.rstdQ!, T * H);
+    if (L.kNorm) dk = await this.headNormBackward(t, dk, a.kPre!, L.kNorm, a.rstdK!, T * KV);
     const dh1 = needInputGrad ? t.alloc(T * C) : null; // (T, C)
     await L.q.backward(t, dq, a.lin.q_proj, T, dparams, dh1, false, params);
     await L.k.backward(t, dk, a.lin.k_proj, T, dparams, dh1, true, params);
@@ -217,6 +234,22 @@ export class DecoderLayer {
     t.free(dh1);
     await t.add(dx, dx2, T * C);
     t.free(dx2);
+    return dx;
+  }
+
+  /** y (rows, D) = rmsnorm of each head row of x (rows, D) with the frozen per-head weight w (D); rstd (rows) kept */
+  private async headNorm<Buf>(t: TensorBackend<Buf>, x: Buf, w: Float32Array, rows: number): Promise<{ y: Buf; rstd: Buf }> {
+    const D = this.config.headDim;
+    const y = t.alloc(rows * D), rstd = t.alloc(rows);
+    await t.rmsnormForward(y, rstd, x, await t.constant(w), rows, D, this.config.rmsNormEps);
+    return { y, rstd };
+  }
+
+  /** the gradient (rows, D) before the per-head norm, from dy (rows, D), which is freed */
+  private async headNormBackward<Buf>(t: TensorBackend<Buf>, dy: Buf, x: Buf, w: Float32Array, rstd: Buf, rows: number): Promise<Buf> {
+    const dx = t.alloc(rows * this.config.headDim);
+    await t.rmsnormBackward(dx, null, dy, x, await t.constant(w), rstd, rows, this.config.headDim);
+    t.free(dy);
     return dx;
   }
 }

@@ -9,6 +9,7 @@ import { LORA_TARGETS } from '../types.ts';
 import type { Decodable } from './decode.ts';
 import { StageDecoding } from './decode.ts';
 import { LossHead } from './head.ts';
+import { hasQkNorm } from './arch.ts';
 import { DecoderLayer, slidingWindowOf } from './layer.ts';
 import type { LayerWeights } from './layer.ts';
 import { LoraLinear, baseModuleName, initLoraA, linearShape, loraParamName, loraScaling, orderedTargets, validateLoraConfig } from './lora.ts';
@@ -45,8 +46,9 @@ async function getFloatChecked(source: WeightSource, name: string, length: numbe
 function checkArchitecture(source: WeightSource, layer: number): void {
   const t = source.config.modelType;
   if (/^(gemma|phi|falcon|gpt|olmo|cohere|deepseek_v)/i.test(t)) {
-    throw new Error(`model_type "${t}" is not a Llama-family architecture this engine implements (llama, mistral, qwen2)`);
+    throw new Error(`model_type "${t}" is not a Llama-family architecture this engine implements (llama, mistral, qwen2, qwen3)`);
   }
+  if (hasQkNorm(source.config)) return;
   for (const n of ['q_norm', 'k_norm']) {
     const name = `model.layers.${layer}.self_attn.${n}.weight`;
     if (source.has(name)) throw new Error(`${name}: per-head q/k RMSNorm (Qwen3-style, model_type "${t}") is not supported`);
@@ -76,6 +78,7 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
   const scaling = loraScaling(opts.lora);
   const params: NamedTensor[] = [];
   const weights: LayerWeights[] = [];
+  const qkNorm = hasQkNorm(cfg);
   for (let l = layerStart; l < layerEnd; l++) {
     const lin = {} as Record<LoraTarget, LoraLinear>;
     for (const m of LORA_TARGETS) {
@@ -97,6 +100,8 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
     weights.push({
       inputNorm: await getFloatChecked(source, `model.layers.${l}.input_layernorm.weight`, C),
       postNorm: await getFloatChecked(source, `model.layers.${l}.post_attention_layernorm.weight`, C),
+      qNorm: qkNorm ? await getFloatChecked(source, `model.layers.${l}.self_attn.q_norm.weight`, cfg.headDim) : null,
+      kNorm: qkNorm ? await getFloatChecked(source, `model.layers.${l}.self_attn.k_norm.weight`, cfg.headDim) : null,
       q: lin.q_proj, k: lin.k_proj, v: lin.v_proj, o: lin.o_proj,
       gate: lin.gate_proj, up: lin.up_proj, down: lin.down_proj,
     });

@@ -3,6 +3,7 @@ import type { NF4Weight, NF4WeightDQ, NF4WeightF32 } from '../formats/nf4.ts';
 import { withDoubleQuant } from '../formats/nf4.ts';
 import type { LlamaConfig, WeightSource } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
+import { layerFloatName, layerFloatTensors } from './arch.ts';
 import { baseModuleName, linearShape } from './lora.ts';
 import { Rng } from './rng.ts';
 
@@ -52,8 +53,8 @@ export function randomNF4(rows: number, cols: number, scale: number, rng: Rng, b
 }
 
 /** In-memory WeightSource with seeded random weights for every tensor the config implies
- *  (biases on q/k/v when attentionBias or modelType "qwen2"; lm_head unless tied); `doubleQuant` holds the linears'
- *  absmax double-quantized (the same random draws either way). */
+ *  (biases on q/k/v when attentionBias or modelType "qwen2"; Qwen3's q/k norms; lm_head unless tied); `doubleQuant`
+ *  holds the linears' absmax double-quantized (the same random draws either way). */
 export function randomWeightSource(cfg: LlamaConfig, seed = 0, opts: { doubleQuant?: boolean } = {}): WeightSource {
   const rng = new Rng(seed, 0x4d6f646c /* "Modl" */);
   const C = cfg.hiddenSize, V = cfg.vocabSize;
@@ -62,9 +63,7 @@ export function randomWeightSource(cfg: LlamaConfig, seed = 0, opts: { doubleQua
   const qkvBias = cfg.attentionBias || cfg.modelType === 'qwen2';
   floats.set('model.embed_tokens.weight', rng.fillNormal(new Float32Array(V * C), 0, 1));
   for (let l = 0; l < cfg.numHiddenLayers; l++) {
-    const p = `model.layers.${l}`;
-    floats.set(`${p}.input_layernorm.weight`, rng.fillUniform(new Float32Array(C), 0.8, 1.2));
-    floats.set(`${p}.post_attention_layernorm.weight`, rng.fillUniform(new Float32Array(C), 0.8, 1.2));
+    for (const n of layerFloatTensors(cfg)) floats.set(layerFloatName(l, n), rng.fillUniform(new Float32Array(n.length), 0.8, 1.2));
     for (const m of LORA_TARGETS) {
       const [out, inF] = linearShape(cfg, m);
       const name = baseModuleName(l, m);

@@ -19,6 +19,7 @@ import type { TensorSpec } from '../formats/safetensors/write.ts';
 import { writeConfig } from '../formats/config.ts';
 import { baseModuleName, loraParamName, loraScaling } from '../model/lora.ts';
 import { linearShape } from '../model/lora.ts';
+import { layerFloatName, layerFloatTensors } from '../model/arch.ts';
 
 export class MergeError extends Error {
   override readonly name = 'MergeError';
@@ -44,8 +45,7 @@ export function mergedTensorSpecs(cfg: LlamaConfig, src: WeightSource, dtype: 'B
   const C = cfg.hiddenSize, V = cfg.vocabSize;
   const specs: TensorSpec[] = [{ name: 'model.embed_tokens.weight', dtype, shape: [V, C] }];
   for (let l = 0; l < cfg.numHiddenLayers; l++) {
-    specs.push({ name: `model.layers.${l}.input_layernorm.weight`, dtype, shape: [C] });
-    specs.push({ name: `model.layers.${l}.post_attention_layernorm.weight`, dtype, shape: [C] });
+    for (const n of layerFloatTensors(cfg)) specs.push({ name: layerFloatName(l, n), dtype, shape: [n.length] });
     for (const t of LORA_TARGETS) {
       const [out, inF] = linearShape(cfg, t);
       const base = baseModuleName(l, t);
@@ -58,7 +58,7 @@ export function mergedTensorSpecs(cfg: LlamaConfig, src: WeightSource, dtype: 'B
   return specs;
 }
 
-const LINEAR_RE = /^model\.layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+)\.weight$/;
+const LINEAR_RE = /^model\.layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+_proj)\.weight$/;
 
 /** Merge and write; returns the written file names. */
 export async function mergeAdapter(o: MergeOptions): Promise<string[]> {

@@ -3,6 +3,7 @@
 import type { LlamaConfig, LoraTarget } from '../types.ts';
 import { LORA_TARGETS } from '../types.ts';
 import { linearShape } from '../model/lora.ts';
+import { layerFloatTensors } from '../model/arch.ts';
 import type { OptimName } from '../optimizer.ts';
 import { MIN_8BIT_SIZE, OPTIM8_BLOCKSIZE } from './optim.ts';
 
@@ -36,7 +37,8 @@ export function baseParamCount(cfg: LlamaConfig): number {
   }
   const kvDim = cfg.numKeyValueHeads * cfg.headDim;
   const bias = (cfg.attentionBias ? cfg.numAttentionHeads * cfg.headDim + 2 * kvDim : 0) + (cfg.mlpBias ? 2 * cfg.intermediateSize + C : 0);
-  const perLayer = linear + 2 * C + bias;
+  const norms = layerFloatTensors(cfg).reduce((n, t) => n + t.length, 0);
+  const perLayer = linear + norms + bias;
   return V * C + cfg.numHiddenLayers * perLayer + C + (cfg.tieWordEmbeddings ? 0 : V * C);
 }
 
@@ -130,8 +132,9 @@ export function stageMemoryBytes(cfg: LlamaConfig, o: StageMemoryOptions): Stage
   const embeddingsBytes = isFirst ? V * C * fb : 0;
   // a tied head reuses the embedding; a last stage that is not also first must hold its own copy
   const lmHeadBytes = isLast && (!cfg.tieWordEmbeddings || !isFirst) ? V * C * fb : 0;
-  // prepare_model_for_kbit_training casts norms to fp32
-  const normsBytes = 4 * C * (2 * layers + (isLast ? 1 : 0));
+  // prepare_model_for_kbit_training casts norms to fp32 (Qwen3's q/k norms included)
+  const layerNorms = layerFloatTensors(cfg).reduce((n, t) => n + t.length, 0);
+  const normsBytes = 4 * (layerNorms * layers + (isLast ? C : 0));
 
   const trainableParams = loraParamCount(cfg, o.lora, o.layerStart, o.layerEnd);
   const loraWeightsBytes = 4 * trainableParams;
