@@ -14,6 +14,7 @@
 //   logits = lm_head(norm(x)) (lm_head = embed_tokens when tied)
 //   RMSNorm(x) = w * x / sqrt(mean(x²) + eps)
 import type { NF4Weight } from '../engine/formats/nf4.ts';
+import { decodeAbsmax } from '../engine/formats/nf4.ts';
 import type { NamedTensor, WeightSource } from '../engine/types.ts';
 
 // bitsandbytes NF4 code table, index = 4-bit code (facts §1)
@@ -28,9 +29,11 @@ const NF4 = [
 export function nf4ToF64(w: NF4Weight): Float64Array {
   const n = w.rows * w.cols;
   const out = new Float64Array(n);
+  // a double-quantized absmax is decoded first (bitsandbytes' float32 code * nested + offset)
+  const absmax = decodeAbsmax(w.absmax);
   for (let i = 0; i < n; i++) {
     const b = w.packed[i >> 1];
-    out[i] = NF4[i % 2 === 0 ? b >> 4 : b & 15] * w.absmax[Math.floor(i / w.blocksize)];
+    out[i] = NF4[i % 2 === 0 ? b >> 4 : b & 15] * absmax[Math.floor(i / w.blocksize)]!;
   }
   return out;
 }
