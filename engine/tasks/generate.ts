@@ -53,6 +53,11 @@ export async function generateText(opts: GenerateTextOptions): Promise<GenerateT
     const eos = eosIds(model.config.eosTokenId, tok.eosTokenId);
     const ids: number[] = [];
     let emitted = '';
+    // an answer that is only EOS (or --max-new-tokens 0) is the empty answer, not an error of the decoder
+    const decodeText = (xs: readonly number[]): string => {
+      const kept = xs.filter((i) => !eos.includes(i));
+      return kept.length === 0 ? '' : tok.decode(kept, true);
+    };
     const out = await generate(model.stage, promptIds, {
       maxNewTokens: maxNew, temperature: opts.temperature ?? 0, topP: opts.topP ?? 1, seed: opts.seed ?? 0,
       eosTokenIds: eos,
@@ -60,14 +65,14 @@ export async function generateText(opts: GenerateTextOptions): Promise<GenerateT
         ids.push(id);
         if (!opts.onText) return;
         // decode the whole continuation each time: byte-level BPE tokens may split a UTF-8 character
-        const text = tok.decode(ids.filter((i) => !eos.includes(i)), true);
+        const text = decodeText(ids);
         if (text.startsWith(emitted) && !text.endsWith('\uFFFD')) {
           opts.onText(text.slice(emitted.length));
           emitted = text;
         }
       },
     });
-    const text = tok.decode(out.filter((i) => !eos.includes(i)), true);
+    const text = decodeText(out);
     if (opts.onText && text.length > emitted.length && text.startsWith(emitted)) opts.onText(text.slice(emitted.length));
     return { text, promptIds, ids: out };
   } finally {
