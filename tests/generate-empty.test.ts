@@ -13,3 +13,26 @@ test('generate --max-new-tokens 0 on the tiny model: empty output, exit 0, no er
   assert.equal(r.stdout.trim(), '');
   assert.doesNotMatch(r.stderr, /token_ids must be a non-empty array/);
 });
+
+test('generation_config.json gives generate its defaults as transformers reads them', async () => {
+  const { mkdtempSync, writeFileSync, rmSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const { readGenerationConfig } = await import('../engine/tasks/generate.ts');
+  const dir = mkdtempSync(path.join(tmpdir(), 'gencfg-'));
+  try {
+    assert.deepEqual(readGenerationConfig(dir), { temperature: 0, topP: 1, maxNewTokens: null, eos: [] });
+    writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify({ do_sample: true, temperature: 0.6, top_p: 0.9, eos_token_id: [128001, 128009] }));
+    assert.deepEqual(readGenerationConfig(dir), { temperature: 0.6, topP: 0.9, maxNewTokens: null, eos: [128001, 128009] });
+    // without do_sample, transformers decodes greedily whatever temperature says
+    writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify({ temperature: 0.6, top_p: 0.9, eos_token_id: 2, max_new_tokens: 7 }));
+    assert.deepEqual(readGenerationConfig(dir), { temperature: 0, topP: 1, maxNewTokens: 7, eos: [2] });
+    writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify({ do_sample: true }));
+    assert.deepEqual(readGenerationConfig(dir), { temperature: 1, topP: 1, maxNewTokens: null, eos: [] });
+    writeFileSync(path.join(dir, 'generation_config.json'), '{ "do_sample": tru');
+    assert.throws(() => readGenerationConfig(dir), /generation_config\.json: not valid JSON/);
+    writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify({ do_sample: true, temperature: 'hot' }));
+    assert.throws(() => readGenerationConfig(dir), /temperature must be a number, got "hot"/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -22,13 +22,13 @@ export function registerGenerate(program: Command): void {
     .requiredOption('--prompt <text>', 'prompt text')
     .option('--chat', 'wrap the prompt as a user message in the tokenizer\'s chat template')
     .option('--system <text>', 'system message (with --chat)')
-    .option('--max-new-tokens <n>', 'tokens to generate at most', num('--max-new-tokens', (n) => Number.isInteger(n) && n >= 0, 'a non-negative integer'), 128)
-    .option('--temperature <t>', '0 = greedy', num('--temperature', (n) => n >= 0, 'a number >= 0'), 0)
-    .option('--top-p <p>', 'nucleus sampling mass', num('--top-p', (n) => n > 0 && n <= 1, 'in (0, 1]'), 1)
+    .option('--max-new-tokens <n>', 'tokens to generate at most (default: generation_config.json max_new_tokens, else 128)', num('--max-new-tokens', (n) => Number.isInteger(n) && n >= 0, 'a non-negative integer'))
+    .option('--temperature <t>', '0 = greedy (default: generation_config.json: greedy unless do_sample)', num('--temperature', (n) => n >= 0, 'a number >= 0'))
+    .option('--top-p <p>', 'nucleus sampling mass (default: generation_config.json, else 1)', num('--top-p', (n) => n > 0 && n <= 1, 'in (0, 1]'))
     .option('--seed <s>', 'sampling seed', num('--seed', (n) => Number.isSafeInteger(n), 'an integer'), 0)
     .option('--device <device>', 'auto | cpu | ref | cuda[:N]', 'auto')
-    .action(action('generate', async (o: { model: string; adapter?: string; prompt: string; chat?: boolean; system?: string; maxNewTokens: number;
-      temperature: number; topP: number; seed: number; device: string }) => {
+    .action(action('generate', async (o: { model: string; adapter?: string; prompt: string; chat?: boolean; system?: string; maxNewTokens?: number;
+      temperature?: number; topP?: number; seed: number; device: string }) => {
       await generateText({
         model: await modelDirArg('--model', o.model), adapter: o.adapter, prompt: o.prompt, chat: o.chat, system: o.system, maxNewTokens: o.maxNewTokens,
         temperature: o.temperature, topP: o.topP, seed: o.seed, device: o.device,

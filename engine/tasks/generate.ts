@@ -2,6 +2,40 @@
 import { openForInference, backendForDevice } from '../model/inference.ts';
 import { generate } from '../model/generate.ts';
 import type { Backend } from '../backend.ts';
+import { readFileSync, existsSync } from 'node:fs';
+import { join } from 'node:path';
+
+/** The defaults transformers' generate() takes from a model dir's generation_config.json: sampling only
+ *  when do_sample is true (then temperature and top_p, HF's defaults 1.0), max_new_tokens, and eos ids. */
+export interface GenerationDefaults { temperature: number; topP: number; maxNewTokens: number | null; eos: number[] }
+
+export function readGenerationConfig(modelDir: string): GenerationDefaults {
+  const file = join(modelDir, 'generation_config.json');
+  const none: GenerationDefaults = { temperature: 0, topP: 1, maxNewTokens: null, eos: [] };
+  if (!existsSync(file)) return none;
+  let g: Record<string, unknown>;
+  try {
+    g = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>;
+  } catch (e) {
+    throw new Error(`${file}: not valid JSON (${(e as Error).message})`);
+  }
+  const num = (k: string, d: number): number => {
+    const v = g[k];
+    if (v === undefined || v === null) return d;
+    if (typeof v !== 'number' || !Number.isFinite(v)) throw new Error(`${file}: ${k} must be a number, got ${JSON.stringify(v)}`);
+    return v;
+  };
+  const sample = g.do_sample === true;
+  const eosRaw = g.eos_token_id;
+  const eos = typeof eosRaw === 'number' ? [eosRaw] : Array.isArray(eosRaw) ? eosRaw.filter((x): x is number => Number.isInteger(x)) : [];
+  const maxNew = g.max_new_tokens;
+  return {
+    temperature: sample ? num('temperature', 1) : 0,
+    topP: sample ? num('top_p', 1) : 1,
+    maxNewTokens: typeof maxNew === 'number' && Number.isInteger(maxNew) && maxNew >= 0 ? maxNew : null,
+    eos,
+  };
+}
 
 export interface GenerateTextOptions {
   model: string;
@@ -49,8 +83,10 @@ export async function generateText(opts: GenerateTextOptions): Promise<GenerateT
       promptIds = tok.encode(opts.prompt, { addSpecialTokens: true });
     }
     if (promptIds.length === 0) throw new Error('generate: the prompt encodes to no tokens');
-    const maxNew = opts.maxNewTokens ?? 128;
-    const eos = eosIds(model.config.eosTokenId, tok.eosTokenId);
+    // flags override generation_config.json, which overrides the library defaults (greedy, 128 tokens)
+    const gen = readGenerationConfig(opts.model);
+    const maxNew = opts.maxNewTokens ?? gen.maxNewTokens ?? 128;
+    const eos = [...new Set([...eosIds(model.config.eosTokenId, tok.eosTokenId), ...gen.eos])];
     const ids: number[] = [];
     let emitted = '';
     // an answer that is only EOS (or --max-new-tokens 0) is the empty answer, not an error of the decoder
@@ -59,7 +95,7 @@ export async function generateText(opts: GenerateTextOptions): Promise<GenerateT
       return kept.length === 0 ? '' : tok.decode(kept, true);
     };
     const out = await generate(model.stage, promptIds, {
-      maxNewTokens: maxNew, temperature: opts.temperature ?? 0, topP: opts.topP ?? 1, seed: opts.seed ?? 0,
+      maxNewTokens: maxNew, temperature: opts.temperature ?? gen.temperature, topP: opts.topP ?? gen.topP, seed: opts.seed ?? 0,
       eosTokenIds: eos,
       onToken: (id) => {
         ids.push(id);
