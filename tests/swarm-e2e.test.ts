@@ -193,7 +193,7 @@ test('cached blobs are reused, a corrupted one is refused and refetched; heterog
   const big = join(bigDir, bigNeed * 1.01);
   const small = join(smallDir, (bigNeed + smallNeed) / 2);
   const tiny = join('v9', smallNeed / 2);
-  assert.equal(await tiny.exit, 2, `a peer too small for any stage exits 2; its output:\n${tiny.lines.join('\n')}\n${tiny.stderr.join('')}`);
+  assert.equal(await tiny.exit, 3, `a peer too small for any stage exits 3 (refused); its output:\n${tiny.lines.join('\n')}\n${tiny.stderr.join('')}`);
   const rej = tiny.events.find((e) => e.event === 'rejected');
   assert.ok(rej !== undefined);
   assert.match(String(rej.reason), /offers .* GiB but the smallest stage of this run needs .* GiB/);

@@ -35,7 +35,7 @@ test('a peer sending non-finite activations is banned with doubling backoff, ref
   const again = join(addr, 'ban-bad', { SWARMTUNE_TEST_BAD_OUTPUT: 'nan' });
   const rejected = await waitEvent(again, (e) => e.event === 'rejected', 'refused join', 30_000);
   assert.match(String(rejected.reason), /banned from the run for another \d+ s \(ban 1, 8 s: it sent a bad tensor/);
-  assert.equal(await again.exit, 2);
+  assert.equal(await again.exit, 3); // refused (docs/operations.md exit codes)
   const st = await statusJson(addr);
   const row = st.peers.find((p: any) => p.peerId === badId);
   assert.equal(row.health, 'banned');
