@@ -68,8 +68,9 @@ function rmsnorm(x: Float64Array, T: number, C: number, w: Float32Array, eps: nu
   return y;
 }
 
-/** HF rotate_half rope on x[T, nH, D] in place, position of token t = t % S */
-function rope(x: Float64Array, T: number, S: number, nH: number, D: number, inv: Float64Array): void {
+/** HF rotate_half rope on x[T, nH, D] in place, position of token t = t % S; `direction` -1 rotates by
+ *  the negative angle, the transposed rotation, which is rope's gradient. */
+function rope(x: Float64Array, T: number, S: number, nH: number, D: number, inv: Float64Array, direction: 1 | -1 = 1): void {
   const half = D / 2;
   for (let t = 0; t < T; t++) {
     const p = t % S;
@@ -77,7 +78,7 @@ function rope(x: Float64Array, T: number, S: number, nH: number, D: number, inv:
       const o = (t * nH + h) * D;
       for (let i = 0; i < half; i++) {
         const a = p * inv[i];
-        const c = Math.cos(a), s = Math.sin(a);
+        const c = Math.cos(a), s = direction * Math.sin(a);
         const x1 = x[o + i], x2 = x[o + i + half];
         x[o + i] = x1 * c - x2 * s;
         x[o + i + half] = x2 * c + x1 * s;
@@ -226,23 +227,6 @@ function rmsnormBackward(dy: Float64Array, x: Float64Array, T: number, C: number
   return dx;
 }
 
-/** The transposed rotation of `rope` (its gradient): rotate by −angle in place. */
-function ropeBackward(dx: Float64Array, T: number, S: number, nH: number, D: number, inv: Float64Array): void {
-  const half = D / 2;
-  for (let t = 0; t < T; t++) {
-    const p = t % S;
-    for (let h = 0; h < nH; h++) {
-      const o = (t * nH + h) * D;
-      for (let i = 0; i < half; i++) {
-        const a = p * inv[i];
-        const c = Math.cos(a), s = Math.sin(a);
-        const g1 = dx[o + i], g2 = dx[o + i + half];
-        dx[o + i] = g1 * c + g2 * s;
-        dx[o + i + half] = g2 * c - g1 * s;
-      }
-    }
-  }
-}
 
 export interface ReferenceLossGrads {
   /** Σ token cross-entropy over labels ≠ -100 */
@@ -438,8 +422,8 @@ export async function referenceLossGrads(source: WeightSource, ids: Int32Array, 
         }
       }
     }
-    ropeBackward(dq, T, S, H, D, inv);
-    ropeBackward(dk, T, S, KV, D, inv);
+    rope(dq, T, S, H, D, inv, -1);
+    rope(dk, T, S, KV, D, inv, -1);
     const dh1 = await projBackward(dq, projName(l, 'self_attn', 'q_proj'), L.saved.q_proj, H * D, C);
     const dh1k = await projBackward(dk, projName(l, 'self_attn', 'k_proj'), L.saved.k_proj, KV * D, C);
     const dh1v = await projBackward(dv, projName(l, 'self_attn', 'v_proj'), L.saved.v_proj, KV * D, C);
