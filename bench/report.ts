@@ -121,6 +121,7 @@ export function renderTables(r: J, source: string): string {
         `${num(t0.micro_batches)} micro-batches × ${num(t0.batch)} × ${num(t0.seq_len)} tokens per step, mean of ${num(t0.measured_steps)} steps after the first. Milliseconds per step (share of the step).`, '');
       const b = (t: J) => obj(t.breakdown_ms, 'breakdown_ms');
       const p = (t: J) => obj(t.breakdown_pct, 'breakdown_pct');
+      const relayed = traces.some((t) => b(t).transfer_and_relay !== undefined);
       const cell = (t: J, k: string, pk: string) => `${num(b(t)[k])} (${num(p(t)[pk])}%)`;
       const cps = (t: J, s: number) => { const c = arr(b(t).compute_per_stage, 'compute_per_stage')[s]!; return `${num(c.forward_ms)} / ${num(c.backward_ms)}`; };
       const tail = (t: J) => obj(b(t).step_tail_parts, 'step_tail_parts');
@@ -134,7 +135,9 @@ export function renderTables(r: J, source: string): string {
         ['serialization: msgpack frames + schema (both ends)', ...traces.map((t) => num(b(t).serialization_frames))],
         ['  serialization, together', ...traces.map((t) => `${num(p(t).serialization)}%`)],
         ['waiting in a stage\'s job queue behind another micro-batch', ...traces.map((t) => (b(t).stage_queue_wait === undefined ? '–' : num(b(t).stage_queue_wait)))],
-        ['transfer + coordinator relay (libp2p, streams, scheduling)', ...traces.map((t) => cell(t, 'transfer_and_relay', 'transfer_and_relay'))],
+        // results from before issue 15 relayed activations through the coordinator (transfer_and_relay)
+        [relayed ? 'transfer + coordinator relay (libp2p, streams, scheduling)' : 'transfer stage to stage (libp2p hops, credit, streams, scheduling)',
+          ...traces.map((t) => (relayed ? cell(t, 'transfer_and_relay', 'transfer_and_relay') : cell(t, 'transfer', 'transfer')))],
         ['step start: coordinator set-up until the first forward arrives', ...traces.map((t) => (b(t).step_start === undefined ? '–' : cell(t, 'step_start', 'step_start')))],
         ['step tail: commits, collect, clip, apply + optimizer, adapter, LevelDB', ...traces.map((t) => cell(t, 'step_tail', 'step_tail'))],
         ['  of which LevelDB commit', ...traces.map((t) => num(tail(t).leveldb_commit_ms))],
@@ -146,12 +149,17 @@ export function renderTables(r: J, source: string): string {
       const net = r.net !== undefined ? obj(r.net, 'net') : null;
       const ov = net !== null ? obj(net.wire_overhead, 'net.wire_overhead') : null;
       out.push('', '### Bytes on the wire per token at the stage boundary', '',
-        'Measured: the msgpack frame (4-byte length + body) of the real forward response (activations) and backward response (activation gradients) of the stage boundary, divided by the micro-batch tokens. ' +
+        (relayed
+          ? 'Measured: the msgpack frame (4-byte length + body) of the real forward response (activations) and backward response (activation gradients) of the stage boundary, divided by the micro-batch tokens. '
+          : 'Measured: the hop frames (chunks of at most 2^20 elements, msgpack) of the stage boundary\'s activation and activation gradient, divided by the micro-batch tokens. ') +
         'Theory: the tensor bytes alone (f32 4·C, bf16 2·C, int8 C + 4·⌈C/64⌉ with C = 512). ' +
-        `The coordinator relays each message, so a boundary crossing travels twice (peer → coordinator → peer).${ov !== null ? ` libp2p (Noise + Yamux) adds ${num(ov.overhead_pct)}% to large streams (counted by a TCP proxy).` : ''}`, '',
-        table(['wire dtype', 'forward activations (B/token)', 'backward gradients (B/token)', 'theory (B/token, each way)', 'forward + backward with relay (B/token)'], traces.map((t) => {
+        (relayed ? 'The coordinator relays each message, so a boundary crossing travels twice (peer → coordinator → peer).' : 'Each tensor travels once, stage peer to stage peer.') +
+        `${ov !== null ? ` libp2p (Noise + Yamux) adds ${num(ov.overhead_pct)}% to large streams (counted by a TCP proxy).` : ''}`, '',
+        table(['wire dtype', 'forward activations (B/token)', 'backward gradients (B/token)', 'theory (B/token, each way)', relayed ? 'forward + backward with relay (B/token)' : 'forward + backward (B/token)'], traces.map((t) => {
           const w = obj(t.wire_bytes_per_token, 'wire_bytes_per_token');
-          return [String(t.wire_dtype), num(w.forward_activation_frame), num(w.backward_gradient_frame), num(w.theory_tensor_only), num(w.per_boundary_crossing_with_relay)];
+          return relayed
+            ? [String(t.wire_dtype), num(w.forward_activation_frame), num(w.backward_gradient_frame), num(w.theory_tensor_only), num(w.per_boundary_crossing_with_relay)]
+            : [String(t.wire_dtype), num(w.forward_activation_hop), num(w.backward_gradient_hop), num(w.theory_tensor_only), num(w.per_boundary_crossing)];
         })));
     }
   }

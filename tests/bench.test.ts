@@ -41,22 +41,21 @@ test('swarm trace: every micro-batch is accounted for and the wire bytes per tok
     assert.equal(r.wire_dtype, codec);
     const w = r.wire_bytes_per_token as Record<string, number>;
     assert.equal(w.theory_tensor_only, perToken);
-    // the frame holds the tensor plus a small msgpack envelope (shape, codec, field names)
-    for (const k of ['forward_activation_frame', 'backward_gradient_frame'] as const) {
+    // the hop's chunk frames hold the tensor plus a small msgpack envelope (offset, shape, codec, field names)
+    for (const k of ['forward_activation_hop', 'backward_gradient_hop'] as const) {
       assert.ok(w[k]! >= perToken && w[k]! < perToken + 200 / T, `${codec} ${k}: ${w[k]} B/token, tensor alone ${perToken}`);
     }
     const b = r.breakdown_ms as Record<string, number>;
-    assert.ok(b.compute! > 0 && b.step_tail! > 0 && b.transfer_and_relay! >= 0);
+    assert.ok(b.compute! > 0 && b.step_tail! > 0 && b.transfer! >= 0);
     // the parts are measured separately; summed over micro-batches they cover the whole step (within
     // the clock reads in between) and exceed it by exactly the pipeline overlap
-    const parts = b.compute! + b.serialization_tensor_codec! + b.stage_queue_wait! + b.transfer_and_relay! + b.serialization_frames! + b.step_start! + b.step_tail!;
+    const parts = b.compute! + b.serialization_tensor_codec! + b.stage_queue_wait! + b.transfer! + b.serialization_frames! + b.step_start! + b.step_tail!;
     assert.ok(parts >= 0.95 * Number(r.step_ms) - 5, `parts ${parts} ms cover less than the step ${r.step_ms} ms`);
     assert.ok(Math.abs(parts - b.pipeline_overlap! + b.unaccounted! - Number(r.step_ms)) <= 0.5, 'overlap and unaccounted reconcile the parts with the step');
     const frames = r.frames as Record<string, { bytes: number }>;
-    assert.deepEqual(Object.keys(frames).sort(), ['backward_s0_request', 'backward_s0_response', 'backward_s1_request', 'backward_s1_response',
-      'forward_s0_request', 'forward_s0_response', 'forward_s1_request', 'forward_s1_response']);
-    // the last stage's forward request carries the activations and the labels
-    assert.ok(frames.forward_s1_request!.bytes > frames.forward_s0_response!.bytes + 4 * T - 1);
+    // one hop each way at the stage boundary; the coordinator relays nothing
+    assert.deepEqual(Object.keys(frames).sort(), ['hop_activation', 'hop_gradient']);
+    assert.equal(frames.hop_activation!.bytes, frames.hop_gradient!.bytes, 'activation and gradient have the same shape and codec');
   }
 });
 

@@ -327,7 +327,7 @@ test('stage host: stale steps, superseded attempts, double commits; uncommitted 
   const m = microBatch(5);
   const T = m.batch * m.seqLen;
   const fwd = (mb: number, attempt: number, step = 0) => host.forward({
-    runId: 'r', step, mb, attempt, stageIndex: 0, route: ['x'], batch: m.batch, seqLen: m.seqLen,
+    runId: 'r', step, mb, attempt, stageIndex: 0, batch: m.batch, seqLen: m.seqLen,
     ids: encodeTensor(m.ids, [T], 'i32'), labels: encodeTensor(m.labels, [T], 'i32'), dropoutSeed: 0, train: true,
   });
   const bwd = (mb: number, attempt: number) => host.backward({ runId: 'r', step: 0, mb, attempt, stageIndex: 0, lossScale: 1 });
@@ -335,7 +335,7 @@ test('stage host: stale steps, superseded attempts, double commits; uncommitted 
   const collect = async () => (await host.aggregate({ runId: 'r', step: 0, phase: 'collect', from: 0, count: 1000 })).grads!;
 
   await assert.rejects(fwd(0, 0, 1), { name: 'StaleError', message: /step 1 is not the current step 0/ });
-  await assert.rejects(host.forward({ runId: 'other', step: 0, mb: 0, attempt: 0, stageIndex: 0, route: [], batch: 1, seqLen: 1, dropoutSeed: 0, train: true }), { name: 'StaleError' });
+  await assert.rejects(host.forward({ runId: 'other', step: 0, mb: 0, attempt: 0, stageIndex: 0, batch: 1, seqLen: 1, dropoutSeed: 0, train: true }), { name: 'StaleError' });
   // attempt 0 of mb 0 runs fully but its route fails before commit; attempt 1 commits
   await fwd(0, 0); await bwd(0, 0);
   await fwd(0, 1); await bwd(0, 1);
