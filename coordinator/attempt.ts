@@ -72,8 +72,9 @@ function requestFor(ctx: AttemptContext, a: AttemptSpec, s: number, referee?: Ho
 }
 
 /** Send stages [0, upTo] their control messages; resolve with every reply once all settled. After
- *  the first failure the others get REPORT_GRACE_MS to report (a receiver's bad-tensor report
- *  outranks the failures it causes upstream), then are cancelled; `stopWhen` cancels them all. */
+ *  the first failure the others are cancelled — after REPORT_GRACE_MS when it is a broken hop (a
+ *  receiver's bad-tensor report outranks the refusal it causes at the sender); `stopWhen` cancels
+ *  them all. */
 async function fanOut(ctx: AttemptContext, a: AttemptSpec, upTo: number, signal: AbortSignal, referee?: { stage: number; kind: HopKind }, stopWhen?: Promise<unknown>): Promise<{ settled: Settled[]; cancelled: Error }> {
   const S = a.route.length;
   const cancel = new AbortController();
@@ -91,7 +92,9 @@ async function fanOut(ctx: AttemptContext, a: AttemptSpec, upTo: number, signal:
       x.err = e as Error;
     }
     settled.push(x);
-    if (failed(x) && grace === undefined) grace = setTimeout(() => cancel.abort(cancelled), REPORT_GRACE_MS);
+    // a broken hop may be the sender's side of a receiver's bad-tensor verdict: wait for that report;
+    // any other failure names its culprit already
+    if (failed(x) && grace === undefined) grace = setTimeout(() => cancel.abort(cancelled), x.res?.failure?.kind === 'hop' ? REPORT_GRACE_MS : 0);
   }));
   clearTimeout(grace);
   cancel.abort(cancelled);
@@ -155,11 +158,15 @@ export async function referee(ctx: AttemptContext, a: AttemptSpec, acc: Accusati
   const jobs = acc.kind === 'act' ? acc.stage + 1 : 2 * S - 1 - acc.stage;
   const screenKey = `${acc.kind}:${acc.stage}`;
   const what = `the stage ${acc.stage} ${acc.kind === 'act' ? 'activation' : 'activation gradient'} of step ${a.key.step} micro-batch ${a.key.mb}`;
+  // the accused's request settles only once its send did, so when every request has settled and no
+  // tensor came, none will: stop waiting then
+  const noTensor = new AbortController();
   const got = ctx.hops.receive({ runId: ctx.runId, ...a.key, kind: acc.kind }, {
     from: acc.accused, shape: [T, ctx.hiddenSize], judge: (rms) => ctx.screens.outputs.judge(screenKey, rms, `${what} from ${acc.accused}`),
-  }, { signal, timeoutMs: ctx.computeTimeoutMs * jobs + REPORT_GRACE_MS });
+  }, { signal: AbortSignal.any([signal, noTensor.signal]), timeoutMs: ctx.computeTimeoutMs * jobs + REPORT_GRACE_MS });
   const verdict: Promise<Verdict | Error> = got.then(() => ({ bad: false }) as Verdict, (e: Error) => (e.name === 'BadOutputError' ? { bad: true, message: e.message } : e));
   const { settled, cancelled } = await fanOut(ctx, a, upTo, signal, { stage: acc.stage, kind: acc.kind }, verdict);
+  noTensor.abort(new HopError(acc.accused, `${what}: the accused peer's attempt ended without sending it to the referee`));
   const v = await verdict;
   if (!(v instanceof Error)) return v;
   if (signal.aborted) throw signal.reason;

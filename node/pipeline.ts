@@ -8,7 +8,7 @@ import type { SwarmNode } from '../protocol/net.ts';
 import { sendHop } from '../protocol/hop.ts';
 import type { HopInbox, HopKind, HopReceived } from '../protocol/hop.ts';
 import type { MicroBatchRequest, MicroBatchResponse } from '../protocol/messages.ts';
-import { SchemaError } from '../protocol/errors.ts';
+import { SchemaError, TimeoutError } from '../protocol/errors.ts';
 import type { Logger } from '../protocol/log.ts';
 import type { StageHost } from './stage-host.ts';
 import { poisoned } from './test-aids.ts';
@@ -96,6 +96,21 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
     }
   };
 
+  /** this stage's own job (queue wait included) under the per-job deadline: one that runs past it
+   *  fails the attempt here, as a timeout of this peer (a queued job is dropped at the deadline) */
+  const own = async <R>(what: string, fn: (o: { signal: AbortSignal }) => Promise<R>): Promise<R> => {
+    const deadline = AbortSignal.timeout(job);
+    try {
+      const r = await fn({ signal: AbortSignal.any([signal, deadline]) });
+      if (deadline.aborted) throw new TimeoutError(`${what} of step ${req.step} micro-batch ${req.mb} took longer than the ${job} ms per job`);
+      return r;
+    } catch (e) {
+      if (signal.aborted) throw signal.reason;
+      if (deadline.aborted) throw new TimeoutError(`${what} of step ${req.step} micro-batch ${req.mb} was not done within the ${job} ms per job`);
+      throw e;
+    }
+  };
+
   let hidden: Float32Array | undefined;
   if (s > 0) {
     // the activation comes after the forward of stages 0..s-1
@@ -104,13 +119,13 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
     hidden = r.data;
     res.actRms = r.rms;
   }
-  const out = await host.forward({ ...base, stageIndex: s, batch: req.batch, seqLen: req.seqLen, ids: req.ids, labels: req.labels, dropoutSeed: req.dropoutSeed, train: req.train, hidden }, { signal });
+  const out = await own('forward', (o) => host.forward({ ...base, stageIndex: s, batch: req.batch, seqLen: req.seqLen, ids: req.ids, labels: req.labels, dropoutSeed: req.dropoutSeed, train: req.train, hidden }, o));
   let gradIn: Float32Array | undefined;
   if (s === S - 1) {
     res.lossSum = out.lossSum;
     res.tokens = out.tokens;
     if (!req.train) return res; // an evaluation forward keeps nothing to run backward on
-    ({ gradIn } = await host.backward({ ...base, stageIndex: s, lossScale: req.lossScale }, { signal }));
+    ({ gradIn } = await own('backward', (o) => host.backward({ ...base, stageIndex: s, lossScale: req.lossScale }, o)));
   } else {
     const f = await send('act', s + 1, out.hidden!);
     if (f !== null) return { ...res, failure: f };
@@ -119,7 +134,7 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
     const r = await receive('grad', s + 1, 2 * (S - 1 - s));
     if (!('data' in r)) return { ...res, failure: r };
     res.gradRms = r.rms;
-    ({ gradIn } = await host.backward({ ...base, stageIndex: s, gradOut: r.data }, { signal }));
+    ({ gradIn } = await own('backward', (o) => host.backward({ ...base, stageIndex: s, gradOut: r.data }, o)));
   }
   if (s > 0) {
     const f = await send('grad', s - 1, gradIn!);

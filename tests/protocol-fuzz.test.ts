@@ -154,7 +154,9 @@ function stubHops(stageIndex: number) {
 
 async function call(h: StageHost, proto: HostProto, req: unknown): Promise<unknown> {
   switch (proto) {
-    case 'microbatch': return runMicroBatch({ ...stubHops(h.stageIndex), host: h }, req as never, { signal: new AbortController().signal });
+    // the per-job deadline is the coordinator's; a job past it fails the attempt (a timeout, which the
+    // coordinator then discards), so it is held fixed here
+    case 'microbatch': return runMicroBatch({ ...stubHops(h.stageIndex), host: h }, { ...(req as object), jobTimeoutMs: 60_000 } as never, { signal: new AbortController().signal });
     case 'commit': h.commit(req as never); return { ok: true };
     case 'aggregate': return h.aggregate(req as never);
     case 'adapter': return h.adapter(req as never);
