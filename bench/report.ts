@@ -162,6 +162,20 @@ export function renderTables(r: J, source: string): string {
             : [String(t.wire_dtype), num(w.forward_activation_hop), num(w.backward_gradient_hop), num(w.theory_tensor_only), num(w.per_boundary_crossing)];
         })));
     }
+    const bytes = sw.bytes === undefined ? [] : arr(sw.bytes, 'swarm.bytes').filter((x) => x.error === undefined);
+    if (bytes.length > 0) {
+      const st = obj(bytes[0]!.settings, 'swarm.bytes[0].settings');
+      const mb = (x: unknown) => num(Number((Number(x) / 1e6).toFixed(2)));
+      const io = (x: unknown) => { const o = obj(x, 'bytes'); return `${mb(o.in_bytes)} / ${mb(o.out_bytes)}`; };
+      out.push('', '### Bytes per peer and step: the coordinator against its volunteers', '',
+        `\`bench/swarm-bytes.ts\`: the bench model, ${num(st.stages)} stages × ${num(st.replicas)} replica, ${num(st.micro_batches)} micro-batches of ${num(st.tokens_per_micro_batch)} tokens per step; each peer in its own process counting the TCP bytes of its sockets (Noise and Yamux included), in / out in MB (10⁶ bytes) per step. ` +
+        'The micro-batch phase is control only (token ids, labels, reports, commits); the step tail moves LoRA-sized tensors (gradient collect, final gradient, adapter upload, optimizer checkpoint) and does not depend on the micro-batch size.', '',
+        table(['wire dtype', 'coordinator, micro-batch phase', 'per micro-batch (in + out, bytes)', 'boundary tensors per micro-batch (bytes, stage to stage)', 'coordinator, step tail', 'volunteers (each)'], bytes.map((x) => [
+          String(x.wire_dtype), io(x.coordinator_micro_batch_phase_per_step), num(x.coordinator_micro_batch_phase_per_micro_batch_bytes),
+          num(x.boundary_tensor_bytes_per_micro_batch_theory), io(x.coordinator_step_tail_per_step),
+          arr(x.volunteers_per_step, 'volunteers_per_step').map(io).join(', '),
+        ])));
+    }
   }
 
   if (r.net !== undefined) {

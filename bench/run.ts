@@ -141,7 +141,17 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
           try { trace.push({ ...(await run()), retried_after: first }); } catch (e2) { trace.push({ wire_dtype: codec, error: (e2 as Error).message.slice(-1500) }); }
         }
       }
-      return { cli, trace };
+      // bytes per peer (coordinator vs volunteers), each in its own process, counted on its sockets
+      const bytes: Record<string, unknown>[] = [];
+      for (const codec of args.quick ? ['f32'] : ['f32', 'int8']) {
+        log(`swarm/bytes: coordinator and volunteer bytes per step, --wire-dtype ${codec}`);
+        try {
+          bytes.push(await runJsonScript(NODE, [path.join(ROOT, 'bench', 'swarm-bytes.ts'), `--codec=${codec}`, ...(args.quick ? ['--quick'] : [])], `bench/swarm-bytes.ts --codec=${codec}`));
+        } catch (e) {
+          bytes.push({ wire_dtype: codec, error: (e as Error).message.slice(-1500) });
+        }
+      }
+      return { cli, trace, bytes };
     });
   }
   if (args.only.includes('net')) {

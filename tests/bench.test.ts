@@ -9,6 +9,7 @@ import { parseArgs, BenchUsageError } from '../bench/run.ts';
 import { BENCH_DOC, docWithTables, renderTables, sourceOf, ReportError } from '../bench/report.ts';
 import { traceSwarm } from '../bench/swarm-trace.ts';
 import { benchNet } from '../bench/net.ts';
+import { benchSwarmBytes } from '../bench/swarm-bytes.ts';
 import { tinyLlamaConfig } from '../engine/model/random-model.ts';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
@@ -67,4 +68,19 @@ test('network bench: exact byte counts at the receiver, libp2p framing counted o
   assert.ok(ov.stream_wire_bytes > ov.stream_payload_bytes, 'the proxy saw the stream');
   assert.ok(ov.overhead_pct > 0.01 && ov.overhead_pct < 1, `overhead ${ov.overhead_pct}%`);
   assert.ok(ov.connection_setup_and_1_byte_stream_bytes.to_receiver > 100, 'handshake bytes counted');
+});
+
+test('swarm bytes: the coordinator\'s bytes per micro-batch do not grow with the hidden size; the volunteers carry the activations', async () => {
+  const perMb: number[] = [];
+  for (const hiddenSize of [64, 256]) {
+    const llama = tinyLlamaConfig({ hiddenSize, intermediateSize: 2 * hiddenSize, numHiddenLayers: 2, numAttentionHeads: 4, numKeyValueHeads: 2, vocabSize: 97 });
+    const r = await benchSwarmBytes({ llama, codec: 'f32', steps: 2, microBatches: 2, batch: 2, seqLen: 32 });
+    const boundary = Number(r.boundary_tensor_bytes_per_micro_batch_theory);
+    assert.equal(boundary, 2 * 2 * 32 * hiddenSize * 4, 'an activation and its gradient per micro-batch');
+    perMb.push(Number(r.coordinator_micro_batch_phase_per_micro_batch_bytes));
+    // every boundary tensor crossed between the volunteers: each sent at least its share of them
+    for (const v of r.volunteers_per_step as Array<{ in_bytes: number; out_bytes: number }>) assert.ok(v.out_bytes >= 2 * boundary / 2 && v.in_bytes >= 2 * boundary / 2, JSON.stringify(v));
+  }
+  // control only: token ids, labels, reports and commits (the activations grew 4x)
+  assert.ok(Math.abs(perMb[1]! - perMb[0]!) <= 0.1 * perMb[0]!, `coordinator bytes per micro-batch ${perMb.join(' -> ')}`);
 });
