@@ -24,8 +24,9 @@ export const PROTOCOLS = {
 } as const;
 export type ProtocolName = keyof typeof PROTOCOLS;
 
-/** Hard cap on one frame. Activations of a 4096-hidden model at 8 x 512 tokens are 64 MiB in f32,
- *  so 128 MiB leaves room for headers while still bounding what a hostile peer can make us buffer. */
+/** Hard cap on one frame: bounds what a hostile peer can make us buffer. The largest messages are
+ *  pages of LoRA tensors (PAGE_BYTES) and byte chunks (CHUNK_BYTES); activations never travel in one
+ *  frame (hop chunks, HOP_CHUNK_ELEMENTS). */
 export const MAX_FRAME_BYTES = 128 * 1024 * 1024;
 /** Byte ranges (blobs, optimizer state) travel in chunks far below the frame cap so a slow link
  *  still makes visible progress (protocol/pager.ts). */
