@@ -4,8 +4,6 @@
 import { median, OutputScreen } from '../protocol/screen.ts';
 import { globalGradNorm } from './aggregate.ts';
 
-export { BadOutputError, median } from '../protocol/screen.ts';
-
 export interface ScreenLimits {
   screenFactor: number;
   outputHistory: number;
