@@ -191,6 +191,7 @@ export function renderTables(r: J, source: string): string {
         `${num(t0.micro_batches)} micro-batches × ${num(t0.batch)} × ${num(t0.seq_len)} tokens per step, mean of ${num(t0.measured_steps)} steps after the first. Milliseconds per step (share of the step).`, '');
       const b = (t: J) => obj(t.breakdown_ms, 'breakdown_ms');
       const p = (t: J) => obj(t.breakdown_pct, 'breakdown_pct');
+      const relayed = traces.some((t) => b(t).transfer_and_relay !== undefined);
       const cell = (t: J, k: string, pk: string) => `${num(b(t)[k])} (${num(p(t)[pk])}%)`;
       const cps = (t: J, s: number) => { const c = arr(b(t).compute_per_stage, 'compute_per_stage')[s]!; return `${num(c.forward_ms)} / ${num(c.backward_ms)}`; };
       const tail = (t: J) => obj(b(t).step_tail_parts, 'step_tail_parts');
@@ -204,7 +205,9 @@ export function renderTables(r: J, source: string): string {
         ['serialization: msgpack frames + schema (both ends)', ...traces.map((t) => num(b(t).serialization_frames))],
         ['  serialization, together', ...traces.map((t) => `${num(p(t).serialization)}%`)],
         ['waiting in a stage\'s job queue behind another micro-batch', ...traces.map((t) => (b(t).stage_queue_wait === undefined ? '–' : num(b(t).stage_queue_wait)))],
-        ['transfer + coordinator relay (libp2p, streams, scheduling)', ...traces.map((t) => cell(t, 'transfer_and_relay', 'transfer_and_relay'))],
+        // results from before issue 15 relayed activations through the coordinator (transfer_and_relay)
+        [relayed ? 'transfer + coordinator relay (libp2p, streams, scheduling)' : 'transfer stage to stage (libp2p hops, credit, streams, scheduling)',
+          ...traces.map((t) => (relayed ? cell(t, 'transfer_and_relay', 'transfer_and_relay') : cell(t, 'transfer', 'transfer')))],
         ['step start: coordinator set-up until the first forward arrives', ...traces.map((t) => (b(t).step_start === undefined ? '–' : cell(t, 'step_start', 'step_start')))],
         ['step tail: commits, collect, clip, apply + optimizer, adapter, LevelDB', ...traces.map((t) => cell(t, 'step_tail', 'step_tail'))],
         ['  of which LevelDB commit', ...traces.map((t) => num(tail(t).leveldb_commit_ms))],
@@ -216,12 +219,17 @@ export function renderTables(r: J, source: string): string {
       const net = r.net !== undefined ? obj(r.net, 'net') : null;
       const ov = net !== null ? obj(net.wire_overhead, 'net.wire_overhead') : null;
       out.push('', '### Bytes on the wire per token at the stage boundary', '',
-        'Measured: the msgpack frame (4-byte length + body) of the real forward response (activations) and backward response (activation gradients) of the stage boundary, divided by the micro-batch tokens. ' +
+        (relayed
+          ? 'Measured: the msgpack frame (4-byte length + body) of the real forward response (activations) and backward response (activation gradients) of the stage boundary, divided by the micro-batch tokens. '
+          : 'Measured: the hop frames (chunks of at most 2^20 elements, msgpack) of the stage boundary\'s activation and activation gradient, divided by the micro-batch tokens. ') +
         'Theory: the tensor bytes alone (f32 4·C, bf16 2·C, int8 C + 4·⌈C/64⌉ with C = 512). ' +
-        `The coordinator relays each message, so a boundary crossing travels twice (peer → coordinator → peer).${ov !== null ? ` libp2p (Noise + Yamux) adds ${num(ov.overhead_pct)}% to large streams (counted by a TCP proxy).` : ''}`, '',
-        table(['wire dtype', 'forward activations (B/token)', 'backward gradients (B/token)', 'theory (B/token, each way)', 'forward + backward with relay (B/token)'], traces.map((t) => {
+        (relayed ? 'The coordinator relays each message, so a boundary crossing travels twice (peer → coordinator → peer).' : 'Each tensor travels once, stage peer to stage peer.') +
+        `${ov !== null ? ` libp2p (Noise + Yamux) adds ${num(ov.overhead_pct)}% to large streams (counted by a TCP proxy).` : ''}`, '',
+        table(['wire dtype', 'forward activations (B/token)', 'backward gradients (B/token)', 'theory (B/token, each way)', relayed ? 'forward + backward with relay (B/token)' : 'forward + backward (B/token)'], traces.map((t) => {
           const w = obj(t.wire_bytes_per_token, 'wire_bytes_per_token');
-          return [String(t.wire_dtype), num(w.forward_activation_frame), num(w.backward_gradient_frame), num(w.theory_tensor_only), num(w.per_boundary_crossing_with_relay)];
+          return relayed
+            ? [String(t.wire_dtype), num(w.forward_activation_frame), num(w.backward_gradient_frame), num(w.theory_tensor_only), num(w.per_boundary_crossing_with_relay)]
+            : [String(t.wire_dtype), num(w.forward_activation_hop), num(w.backward_gradient_hop), num(w.theory_tensor_only), num(w.per_boundary_crossing)];
         })));
     }
     if (sw.store !== undefined) {
@@ -233,6 +241,20 @@ export function renderTables(r: J, source: string): string {
           const all = obj(x.no_limit, 'no_limit'), lim = obj(x.save_total_limit_2, 'save_total_limit_2');
           return [num(x.adapter_mib), `${mb(all.bytes_on_disk)} / ${mb(all.bytes_per_committed_step)}`, `${mb(lim.bytes_on_disk)} / ${mb(lim.bytes_per_committed_step)}`, (lim.steps_kept as number[]).join(', '), num(lim.prune_ms_median)];
         })));
+    }
+    const bytes = sw.bytes === undefined ? [] : arr(sw.bytes, 'swarm.bytes').filter((x) => x.error === undefined);
+    if (bytes.length > 0) {
+      const st = obj(bytes[0]!.settings, 'swarm.bytes[0].settings');
+      const mb = (x: unknown) => num(Number((Number(x) / 1e6).toFixed(2)));
+      const io = (x: unknown) => { const o = obj(x, 'bytes'); return `${mb(o.in_bytes)} / ${mb(o.out_bytes)}`; };
+      out.push('', '### Bytes per peer and step: the coordinator against its volunteers', '',
+        `\`bench/swarm-bytes.ts\`: the bench model, ${num(st.stages)} stages × ${num(st.replicas)} replica, ${num(st.micro_batches)} micro-batches of ${num(st.tokens_per_micro_batch)} tokens per step; each peer in its own process counting the TCP bytes of its sockets (Noise and Yamux included), in / out in MB (10⁶ bytes) per step. ` +
+        'The micro-batch phase is control only (token ids, labels, reports, commits); the step tail moves LoRA-sized tensors (gradient collect, final gradient, adapter upload, optimizer checkpoint) and does not depend on the micro-batch size.', '',
+        table(['wire dtype', 'coordinator, micro-batch phase', 'per micro-batch (in + out, bytes)', 'boundary tensors per micro-batch (bytes, stage to stage)', 'coordinator, step tail', 'volunteers (each)'], bytes.map((x) => [
+          String(x.wire_dtype), io(x.coordinator_micro_batch_phase_per_step), num(x.coordinator_micro_batch_phase_per_micro_batch_bytes),
+          num(x.boundary_tensor_bytes_per_micro_batch_theory), io(x.coordinator_step_tail_per_step),
+          arr(x.volunteers_per_step, 'volunteers_per_step').map(io).join(', '),
+        ])));
     }
   }
 

@@ -150,7 +150,17 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
       }
       log('swarm/store: the coordinator store\'s bytes on disk per committed step, without and with save_total_limit (bench/store-cost.ts)');
       const store = await runJsonScript(NODE, [path.join(ROOT, 'bench', 'store-cost.ts'), `--steps=${args.quick ? 20 : 40}`, ...(args.quick ? ['--adapter-mib=1'] : [])], 'bench/store-cost.ts');
-      return { cli, trace, store: store.store_cost };
+      // bytes per peer (coordinator vs volunteers), each in its own process, counted on its sockets
+      const bytes: Record<string, unknown>[] = [];
+      for (const codec of args.quick ? ['f32'] : ['f32', 'int8']) {
+        log(`swarm/bytes: coordinator and volunteer bytes per step, --wire-dtype ${codec}`);
+        try {
+          bytes.push(await runJsonScript(NODE, [path.join(ROOT, 'bench', 'swarm-bytes.ts'), `--codec=${codec}`, ...(args.quick ? ['--quick'] : [])], `bench/swarm-bytes.ts --codec=${codec}`));
+        } catch (e) {
+          bytes.push({ wire_dtype: codec, error: (e as Error).message.slice(-1500) });
+        }
+      }
+      return { cli, trace, store: store.store_cost, bytes };
     });
   }
   if (args.only.includes('net')) {

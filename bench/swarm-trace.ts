@@ -6,18 +6,17 @@
 // clock. The volunteers' stage hosts are instrumented through runVolunteer's onHost hook (the hook the
 // tests use), by wrapping methods of the host and of its Stage instance — no project code changes:
 //   compute        = time inside Stage.forward / Stage.backward (native kernels)
-//   tensor codec   = decoding and checking the incoming tensor(s), encoding the outgoing one
-//                    (protocol/tensor.ts), re-timed on the captured messages
+//   tensor codec   = decoding and checking the token ids and labels a stage gets from the
+//                    coordinator's control message (protocol/tensor.ts), re-timed on the captured calls
 //   queue wait     = time inside the host's forward/backward handlers minus compute and tensor codec:
 //                    a micro-batch waiting for the stage's previous job (pipelined micro-batches)
-//   frame codec    = msgpack encode + decode + schema check of the real forward/backward request and
-//                    response objects captured in the run, re-timed afterwards (protocol/frame.ts,
-//                    protocol/messages.ts); each message is encoded once by its sender and decoded once
-//                    by its receiver
-//   transfer+relay = for each micro-batch, the gaps between consecutive handler intervals of its route
+//   frame codec    = the hop frames of the captured activation and activation gradient (protocol/hop.ts:
+//                    each chunk encoded by the sender — tensor codec + msgpack — and decoded, schema-checked
+//                    and tensor-checked by the receiver), re-timed afterwards
+//   transfer       = for each micro-batch, the gaps between consecutive stage calls of its route
 //                    (forward s0 → forward s1 → backward s1 → backward s0), minus the frame codec of the
-//                    two frames in each gap: libp2p transfer, stream setup, coordinator relay and
-//                    event-loop scheduling
+//                    hop in each gap: libp2p transfer stage to stage, credit round trips, stream setup and
+//                    event-loop scheduling (the coordinator relays nothing)
 //   step tail      = from the end of the step's last micro-batch to the step event: commits, gradient
 //                    collect, clipping, apply + optimizer on every peer, adapter upload, LevelDB commit
 //   step start     = from the previous step event to the step's first handler (coordinator set-up)
@@ -33,8 +32,9 @@ import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
 import { createSwarmNode } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
 import { encodeFrame, decodeBody } from '../protocol/frame.ts';
-import { SCHEMAS } from '../protocol/messages.ts';
-import { decodeTensor, encodeTensor, expectedByteLength } from '../protocol/tensor.ts';
+import { hopChunk } from '../protocol/messages.ts';
+import { HOP_CHUNK_ELEMENTS, HOP_FRAME_BYTES } from '../protocol/constants.ts';
+import { decodeFloat, decodeTensor, encodeTensor, expectedByteLength } from '../protocol/tensor.ts';
 import type { FloatCodec, WireTensor } from '../protocol/tensor.ts';
 import { Coordinator } from '../coordinator/run.ts';
 import type { MicroBatch, RunEvent } from '../coordinator/run.ts';
@@ -45,7 +45,7 @@ import { benchModelConfig, hfConfigOf } from './model.ts';
 import type { LlamaConfig } from '../engine/types.ts';
 
 interface Interval { stage: number; kind: string; step: number; mb: number; t0: number; t1: number }
-interface Captured { proto: 'forward' | 'backward'; stage: number; req: unknown; res: unknown }
+interface Captured { proto: 'forward' | 'backward'; stage: number; req: unknown; res: { hidden?: Float32Array; gradIn?: Float32Array } }
 
 const r1 = (x: number) => Number(x.toFixed(1));
 const r3 = (x: number) => Number(x.toFixed(3));
@@ -122,7 +122,7 @@ export async function traceSwarm(o: TraceOptions): Promise<Record<string, unknow
           if (name === 'forward' || name === 'backward') { cur.step = step; cur.mb = mb; }
           const done = (res: unknown) => {
             intervals.push({ stage: s, kind: kind(req), step, mb, t0, t1: performance.now() });
-            if ((name === 'forward' || name === 'backward') && step === o.steps - 1 && mb === 0) captured.push({ proto: name, stage: s, req, res });
+            if ((name === 'forward' || name === 'backward') && step === o.steps - 1 && mb === 0) captured.push({ proto: name, stage: s, req, res: res as Captured['res'] });
             return res;
           };
           const res = orig(req);
@@ -160,27 +160,32 @@ function timeMs(fn: () => void, n = 5): number {
   return best;
 }
 
-function frameCost(proto: 'forward' | 'backward', dir: 'req' | 'res', msg: unknown): { bytes: number; encode_ms: number; decode_ms: number } {
-  const frame = encodeFrame(msg);
-  const schema = SCHEMAS[proto][dir] as (x: unknown, what: string) => unknown;
+/** What one hop of `data` costs in frames: bytes on the stream, the sender's chunk encoding (tensor
+ *  codec + msgpack) and the receiver's decoding (msgpack + schema + tensor checks). */
+function hopCost(data: Float32Array, codec: FloatCodec): { bytes: number; encode_ms: number; decode_ms: number } {
+  const frames: Uint8Array[] = [];
+  const encode = () => {
+    frames.length = 0;
+    for (let off = 0; off < data.length; off += HOP_CHUNK_ELEMENTS) {
+      const len = Math.min(HOP_CHUNK_ELEMENTS, data.length - off);
+      frames.push(encodeFrame({ offset: off, tensor: encodeTensor(data.subarray(off, off + len), [len], codec, 'x') }, HOP_FRAME_BYTES));
+    }
+  };
+  const encode_ms = timeMs(encode);
   return {
-    bytes: frame.length,
-    encode_ms: r3(timeMs(() => { encodeFrame(msg); })),
-    decode_ms: r3(timeMs(() => { schema(decodeBody(frame.subarray(4)), 'x'); })),
+    bytes: frames.reduce((a, f) => a + f.length, 0),
+    encode_ms: r3(encode_ms),
+    decode_ms: r3(timeMs(() => { for (const f of frames) { const c = hopChunk(decodeBody(f.subarray(4)), 'x'); decodeFloat(c.tensor, 'x'); } })),
   };
 }
 
-/** Re-timed tensor work of one captured exchange: the handler decodes (and checks) every tensor of the
- *  request and encodes every tensor of the response. */
+/** Re-timed tensor work of one captured call: the stage decodes (and checks) the control message's
+ *  tensors (token ids, labels); activations are decoded on the hop (hopCost). */
 function tensorCodecMs(c: Captured): number {
   const tensors = (m: unknown) => Object.values(m as Record<string, unknown>).filter((v): v is WireTensor =>
     typeof v === 'object' && v !== null && 'codec' in v && 'bytes' in v);
   let ms = 0;
   for (const t of tensors(c.req)) ms += timeMs(() => { decodeTensor(t, 'x'); });
-  for (const t of tensors(c.res)) {
-    const { data } = decodeTensor(t, 'x');
-    ms += timeMs(() => { encodeTensor(data, t.shape, t.codec, 'x'); });
-  }
   return ms;
 }
 
@@ -200,11 +205,11 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
   // (beyond compute) is waiting in the stage's job queue behind another micro-batch (pipelining)
   const tensorCodec = sum(cap.map(tensorCodecMs)) * o.microBatches;
   const queueWait = Math.max(0, handlerTotal - computeTotal - tensorCodec);
-  // frames: each micro-batch sends 4 compute requests and 4 responses; cost from the captured messages
+  // frames: each micro-batch crosses the stage boundary twice (activation, gradient), as hop chunks
   const frames: Record<string, { bytes: number; encode_ms: number; decode_ms: number }> = {};
   for (const c of cap) {
-    frames[`${c.proto}_s${c.stage}_request`] = frameCost(c.proto, 'req', c.req);
-    frames[`${c.proto}_s${c.stage}_response`] = frameCost(c.proto, 'res', c.res);
+    if (c.proto === 'forward' && c.res.hidden !== undefined) frames.hop_activation = hopCost(c.res.hidden, o.codec);
+    if (c.proto === 'backward' && c.res.gradIn !== undefined) frames.hop_gradient = hopCost(c.res.gradIn, o.codec);
   }
   const frameMsPerMb = sum(Object.values(frames).map((f) => f.encode_ms + f.decode_ms));
   const frameCodec = frameMsPerMb * o.microBatches;
@@ -236,19 +241,17 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
   for (const k of ['handler_commit', 'handler_aggregate_collect', 'handler_aggregate_apply', 'handler_adapter', 'handler_optimizer_state']) tailParts[`${k.replace('handler_', '')}_ms_summed_over_peers`] = r1(per((i) => i.kind === k));
   tailParts.leveldb_commit_ms = r1(per((i) => i.kind === 'leveldb_commit'));
   const busy = [0, 1].map((s) => per((i) => i.stage === s && i.kind.startsWith('handler_')));
-  // Of the 8 frames of a micro-batch, 6 lie inside the 3 route gaps (s0 response + s1 request, ...);
-  // the first request (C → s0 forward) and the last response (s0 backward → C) fall into the gap
-  // between micro-batches, which is also counted in `gaps` (except before the first micro-batch).
-  const transferRelay = Math.max(0, gaps - frameCodec * ((4 * o.microBatches - 1) / (4 * o.microBatches)));
+  // the two hops of a micro-batch lie inside its route gaps (s0 forward → s1 forward, s1 backward → s0 backward)
+  const transfer = Math.max(0, gaps - frameCodec);
   // the parts are summed over micro-batches; with several micro-batches in flight (pipeline fill)
   // some of them ran at the same time, so their sum exceeds the wall time by the overlap
-  const parts = computeTotal + tensorCodec + queueWait + transferRelay + frameCodec + tail + start;
+  const parts = computeTotal + tensorCodec + queueWait + transfer + frameCodec + tail + start;
   const overlap = Math.max(0, parts - wall);
   const other = Math.max(0, wall - parts);
   const pct = (x: number) => r1(100 * x / wall);
   const hidden = (what: string) => Object.entries(frames).filter(([k]) => k.startsWith(what)).map(([, f]) => f.bytes)[0] ?? 0;
   const theory = expectedByteLength(o.codec, [T, C]) / T;
-  const fwdBytes = hidden('forward_s0_response'), bwdBytes = hidden('backward_s1_response');
+  const fwdBytes = hidden('hop_activation'), bwdBytes = hidden('hop_gradient');
   return {
     wire_dtype: o.codec,
     settings: { steps: o.steps, measured_steps: measured.length, micro_batches: o.microBatches, batch: o.batch, seq_len: o.seqLen, stages: 2, replicas: 1, tokens_per_step: tokensPerStep },
@@ -258,21 +261,21 @@ function analyse(o: TraceOptions, C: number, iv: Interval[], cap: Captured[], st
       compute: r1(computeTotal), compute_per_stage: compute,
       serialization_tensor_codec: r1(tensorCodec), serialization_frames: r1(frameCodec),
       stage_queue_wait: r1(queueWait),
-      transfer_and_relay: r1(transferRelay),
+      transfer: r1(transfer),
       step_start: r1(start), step_tail: r1(tail), step_tail_parts: tailParts,
       unaccounted: r1(other),
       pipeline_overlap: r1(overlap),
     },
     breakdown_pct: {
-      compute: pct(computeTotal), serialization: pct(tensorCodec + frameCodec), transfer_and_relay: pct(transferRelay),
+      compute: pct(computeTotal), serialization: pct(tensorCodec + frameCodec), transfer: pct(transfer),
       step_start: pct(start), step_tail: pct(tail), unaccounted: pct(other), pipeline_overlap: pct(overlap),
     },
     bubble_pct_per_stage: busy.map((b) => r1(100 * (1 - b / wall))),
     frames,
     wire_bytes_per_token: {
-      forward_activation_frame: r1(fwdBytes / T), backward_gradient_frame: r1(bwdBytes / T),
+      forward_activation_hop: r1(fwdBytes / T), backward_gradient_hop: r1(bwdBytes / T),
       theory_tensor_only: r1(theory),
-      per_boundary_crossing_with_relay: r1(2 * (fwdBytes + bwdBytes) / T),
+      per_boundary_crossing: r1((fwdBytes + bwdBytes) / T),
     },
   };
 }

@@ -19,13 +19,10 @@ export const NOTICE_TIMEOUT_MS = 5000;
 export const BAN_BASE_MS = 30_000;
 export const BAN_MAX_MS = 60 * 60_000;
 
-/** a replica whose per-micro-batch gradient norm, or a stage output whose RMS, exceeds this multiple
- *  of the median of the reference is banned */
-export const SCREEN_FACTOR = 50;
-/** recent activation / activation-gradient RMS values kept per stage for screening */
-export const OUTPUT_HISTORY = 64;
-/** outputs of a stage seen before its RMS screen judges (a median of fewer says little) */
-export const OUTPUT_HISTORY_MIN = 8;
+/** a replica whose per-micro-batch gradient norm, or a stage output whose RMS, exceeds SCREEN_FACTOR
+ *  times the median of the reference is banned; the activation screens are network-wide (every
+ *  receiver applies them), so they live in protocol/constants.ts */
+export { SCREEN_FACTOR, OUTPUT_HISTORY, OUTPUT_HISTORY_MIN } from '../protocol/constants.ts';
 /** recent accepted per-micro-batch gradient norms kept per stage for screening */
 export const NORM_HISTORY = 16;
 

@@ -8,6 +8,7 @@ import type { FloatCodec } from '../protocol/tensor.ts';
 import { silentLogger } from '../protocol/log.ts';
 import type { Logger } from '../protocol/log.ts';
 import { StagePeerClient } from '../protocol/stage-client.ts';
+import { HopInbox } from '../protocol/hop.ts';
 import type { StageMemoryFn } from './planner.ts';
 import type { RunStore, StepRecord } from './store.ts';
 import type { DashboardState } from './dashboard/state.ts';
@@ -93,6 +94,8 @@ export class Coordinator {
   private readonly access: AccessRules;
   private readonly admission: Admission;
   private readonly placement: Placement;
+  /** the referee's end of hop streams (a receiver's bad-tensor report is checked here) */
+  private readonly hops: HopInbox;
   private loop: Promise<void> | null = null;
   private finishedResolve!: () => void;
   readonly finished: Promise<void> = new Promise((r) => { this.finishedResolve = r; });
@@ -107,6 +110,7 @@ export class Coordinator {
     });
     if (o.history !== undefined) status.history.push(...o.history);
     this.client = new StagePeerClient({ node: o.node, runId: o.runId, timeouts: config });
+    this.hops = new HopInbox({ log: this.logger.child('referee') });
     const peers = this.peers = new PeerRegistry({
       runId: o.runId, client: this.clientFor('peers'), config, status, store: o.store, signal: this.abort.signal,
     });
@@ -166,6 +170,7 @@ export class Coordinator {
       onViolation: (peerId, proto, err) => this.peers.countViolation(peerId, proto, err),
       log: this.logger.child('serving'),
     }, { signal: this.abort.signal });
+    await this.hops.register(this.o.node);
     void this.peers.runHeartbeats(() => this.status.state !== 'finished' && this.status.state !== 'failed');
   }
 
@@ -203,6 +208,7 @@ export class Coordinator {
       hiddenSize: o.llama.hiddenSize, seed: t.seed, maxGradNorm: t.max_grad_norm, config: this.config,
       client: this.clientFor('step'), peers: this.peers, screens: new Screens(this.config), adapter: this.adapter, states: this.states,
       store: o.store, status: this.status, data: o.data, stages, cover: (s) => this.placement.coverLostStages(s),
+      hops: this.hops, coordinatorId: o.node.peerId.toString(),
     };
     while (this.status.step < total) {
       // at a step boundary: a stage that lost every replica is covered first, then late joiners placed

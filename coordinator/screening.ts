@@ -1,20 +1,8 @@
-// Screens for what stage peers send: activations and activation gradients before they are relayed, step gradients before they count.
-import { decodeFloat } from '../protocol/tensor.ts';
-import type { WireTensor } from '../protocol/tensor.ts';
-import { SwarmError } from '../protocol/errors.ts';
+// Screens for what stage peers send the coordinator: step gradients before they count, and the
+// activations the coordinator receives as referee (the activation screens are protocol/screen.ts's,
+// applied by every receiver).
+import { median, OutputScreen } from '../protocol/screen.ts';
 import { globalGradNorm } from './aggregate.ts';
-
-/** A peer returned an activation or activation gradient that is non-finite, misshapen or absurd. */
-export class BadOutputError extends SwarmError {
-  override name = 'BadOutputError';
-}
-
-export function median(xs: number[]): number | null {
-  if (xs.length === 0) return null;
-  const v = [...xs].sort((a, b) => a - b);
-  const m = v.length >> 1;
-  return v.length % 2 === 1 ? v[m]! : (v[m - 1]! + v[m]!) / 2;
-}
 
 export interface ScreenLimits {
   screenFactor: number;
@@ -29,38 +17,16 @@ export interface ReplicaGradient { id: string; grads: Float32Array[]; microBatch
 /** Per stage, what its peers sent recently: the reference a new output or step gradient is judged by. */
 export class Screens {
   private readonly limits: ScreenLimits;
-  /** per stage: recent RMS of accepted activations ('act') and activation gradients ('grad') it sent */
-  private readonly outputRms = new Map<string, number[]>();
+  /** per (kind, sending stage): the RMS of activations and activation gradients that receivers
+   *  reported accepting (micro-batch reports), the reference for the referee's RMS screen; a median
+   *  over many receivers' reports, so one lying receiver moves it little */
+  readonly outputs: OutputScreen;
   /** per stage: recent accepted per-micro-batch gradient norms of replicas */
   private readonly normHistory: number[][] = [];
 
   constructor(limits: ScreenLimits) {
     this.limits = limits;
-  }
-
-  /** Decode an activation (gradient) a peer of stage s returned, before it is relayed: non-finite,
-   *  misshapen, or with an RMS over screenFactor× the median of the stage's recent ones, it is refused
-   *  (BadOutputError: the peer is banned and the micro-batch runs elsewhere). */
-  output(t: WireTensor, shape: number[], s: number, kind: 'act' | 'grad', what: string): void {
-    let x: Float32Array;
-    try {
-      x = decodeFloat(t, what, shape);
-    } catch (e) {
-      throw new BadOutputError(`${(e as Error).message}`);
-    }
-    let ss = 0;
-    for (let i = 0; i < x.length; i++) ss += x[i]! * x[i]!;
-    const rms = Math.sqrt(ss / Math.max(1, x.length));
-    const key = `${kind}:${s}`;
-    const hist = this.outputRms.get(key) ?? [];
-    const ref = hist.length >= this.limits.outputHistoryMin ? median(hist) : null;
-    const factor = this.limits.screenFactor;
-    if (ref !== null && ref > 0 && rms > factor * ref) {
-      throw new BadOutputError(`${what}: RMS ${rms.toExponential(2)} is over ${factor}x the median ${ref.toExponential(2)} of recent ones`);
-    }
-    hist.push(rms);
-    if (hist.length > this.limits.outputHistory) hist.shift();
-    this.outputRms.set(key, hist);
+    this.outputs = new OutputScreen(limits);
   }
 
   /** The replicas of stage s whose step gradient is non-finite or over screenFactor× the median of

@@ -4,8 +4,11 @@ import { planStep, stepLoss } from '../engine/train/step-plan.ts';
 import type { MicroBatch, StepPlan } from '../engine/train/step-plan.ts';
 import type { StagePeerClient } from '../protocol/stage-client.ts';
 import { decodeFloat, encodeTensor } from '../protocol/tensor.ts';
-import type { WireTensor } from '../protocol/tensor.ts';
 import { SwarmError } from '../protocol/errors.ts';
+import type { HopInbox } from '../protocol/hop.ts';
+import { BadOutputError } from '../protocol/screen.ts';
+import { FalseReportError, referee, runAttempt } from './attempt.ts';
+import type { AttemptContext, AttemptSpec } from './attempt.ts';
 import { clipInPlace, globalGradNorm, sumReplicas } from './aggregate.ts';
 import type { AdapterState } from './adapter.ts';
 import type { CoordinatorConfig } from './config.ts';
@@ -47,6 +50,9 @@ export interface StepContext {
   stages: readonly StageRange[];
   /** give every stage a live replica before micro-batches are routed (placement) */
   cover: (signal: AbortSignal) => Promise<void>;
+  /** the coordinator's end of hop streams, for referee attempts */
+  hops: HopInbox;
+  coordinatorId: string;
 }
 
 /** A micro-batch attempt that failed at one peer of its route. */
@@ -228,65 +234,52 @@ export class OptimizerStep {
     }
   }
 
-  /** One attempt of micro-batch mb along `route`: forward through every stage, backward back, then
-   *  the commit at every stage (its gradients count now, exactly once). */
+  private attemptContext(): AttemptContext {
+    const c = this.ctx;
+    return {
+      runId: c.client.runId, client: c.client, peers: c.peers, screens: c.screens, hiddenSize: c.hiddenSize,
+      computeTimeoutMs: c.config.computeTimeoutMs, hops: c.hops, coordinatorId: c.coordinatorId,
+    };
+  }
+
+  /** One attempt of micro-batch mb along `route`: every stage gets its control message at once (the
+   *  activations and their gradients go stage to stage), then one commit round to every stage of the
+   *  route in parallel (its gradients count now, exactly once). A receiver's report of a bad tensor
+   *  is refereed before anyone is banned. */
   private async runMicroBatch(mb: number, route: Route): Promise<void> {
-    const { client, peers, screens } = this.ctx;
-    const S = this.S, step = this.step, signal = this.signal;
-    const m = this.plan.microBatches[mb]!;
-    const T = m.batch * m.seqLen;
-    const C = this.ctx.hiddenSize;
-    const key = { step, mb, attempt: this.attempts[mb]! };
-    const reached: string[] = [];
-    let at = route[0]!;
-    try {
-      let hidden: WireTensor | undefined;
-      for (let s = 0; s < S; s++) {
-        at = route[s]!;
-        reached.push(at);
-        const res = await client.forward(peers.addrs(at), {
-          ...key, stageIndex: s, route, batch: m.batch, seqLen: m.seqLen,
-          ids: s === 0 ? encodeTensor(m.ids, [T], 'i32', 'ids') : undefined,
-          hidden: s > 0 ? hidden : undefined,
-          labels: s === S - 1 ? encodeTensor(m.labels, [T], 'i32', 'labels') : undefined,
-          dropoutSeed: dropoutSeedFor(this.ctx.seed, step, mb),
-          train: true,
-        }, { signal });
-        if (s === S - 1) {
-          if (res.lossSum === undefined) throw new SwarmError(`last stage peer ${at} returned no loss`);
-          this.lossSums[mb] = res.lossSum;
-        } else {
-          if (res.hidden === undefined) throw new SwarmError(`stage ${s} peer ${at} returned no hidden state`);
-          // checked here, so garbage is blamed on the peer that made it, not on the next hop
-          screens.output(res.hidden, [T, C], s, 'act', `the stage ${s} activation of step ${step} micro-batch ${mb}`);
-          hidden = res.hidden;
-        }
-      }
-      let grad: WireTensor | undefined;
-      for (let s = S - 1; s >= 0; s--) {
-        at = route[s]!;
-        const res = await client.backward(peers.addrs(at), {
-          ...key, stageIndex: s,
-          gradOut: s < S - 1 ? grad : undefined,
-          lossScale: s === S - 1 ? this.plan.lossScale : undefined,
-        }, { signal });
-        grad = res.gradIn;
-        if (s > 0) {
-          if (grad === undefined) throw new SwarmError(`stage ${s} peer ${at} returned no activation gradient`);
-          screens.output(grad, [T, C], s, 'grad', `the stage ${s} activation gradient of step ${step} micro-batch ${mb}`);
-        }
-      }
-      for (const id of route) {
-        at = id;
-        await client.commit(peers.addrs(id), key, { signal });
-      }
-      this.committedRoute[mb] = route;
-      for (const id of route) peers.get(id)!.microBatches++;
-    } catch (e) {
-      if (signal.aborted) throw signal.reason;
-      await Promise.allSettled(reached.map((id) => client.discard(peers.addrs(id), key, { signal })));
-      throw new RouteFailure(at, e as Error);
+    const { client, peers } = this.ctx;
+    const signal = this.signal;
+    const spec = (attempt: number): AttemptSpec => ({
+      m: this.plan.microBatches[mb]!, route, key: { step: this.step, mb, attempt },
+      lossScale: this.plan.lossScale, dropoutSeed: dropoutSeedFor(this.ctx.seed, this.step, mb),
+    });
+    const a = spec(this.attempts[mb]!);
+    const discard = (key: AttemptSpec['key']) => Promise.allSettled(route.map((id) => client.discard(peers.addrs(id), key, { signal })));
+    const actx = this.attemptContext();
+    const out = await runAttempt(actx, a, signal);
+    if (!out.ok) {
+      await discard(a.key);
+      const acc = out.accusation;
+      if (acc === undefined) throw new RouteFailure(out.blame, out.cause);
+      // a fresh attempt number: the referee's run never commits
+      const r = spec(++this.attempts[mb]!);
+      this.ctx.status.event('retry', `step ${this.step} micro-batch ${mb}: peer ${acc.accuser} reports a bad tensor from ${acc.accused} (${acc.message}); the coordinator checks it (attempt ${r.key.attempt})`);
+      const v = await referee(actx, r, acc, signal);
+      await discard(r.key);
+      if (v.bad) throw new RouteFailure(acc.accused, new BadOutputError(v.message));
+      if (v.failure !== undefined) throw new RouteFailure(v.failure.blame, v.failure.cause);
+      throw new RouteFailure(acc.accuser, new FalseReportError(`it reported a bad tensor from ${acc.accused} (${acc.message}), which the coordinator found within every bound`));
     }
+    const commits = await Promise.allSettled(route.map((id) => client.commit(peers.addrs(id), a.key, { signal })));
+    const failed = commits.findIndex((c) => c.status === 'rejected');
+    if (failed >= 0) {
+      if (signal.aborted) throw signal.reason;
+      await discard(a.key);
+      throw new RouteFailure(route[failed]!, (commits[failed] as PromiseRejectedResult).reason as Error);
+    }
+    this.lossSums[mb] = out.lossSum;
+    this.committedRoute[mb] = route;
+    for (const id of route) peers.get(id)!.microBatches++;
   }
 
   /** Every live replica's step gradient, decoded; null when one failed to send it (it is dropped). */

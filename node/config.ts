@@ -70,7 +70,7 @@ export function resolveVolunteerConfig(opts: VolunteerOptions, env: Knobs = knob
   const coordinatorAddr = parseMultiaddr(opts.coordinator);
   const compute = env.computeTimeoutMs;
   const handlerTimeoutMs: Record<VolunteerProto, number> = { ...HANDLER_TIMEOUT_MS };
-  if (compute !== undefined) for (const p of ['forward', 'backward', 'aggregate', 'optimizer'] as const) handlerTimeoutMs[p] = compute;
+  if (compute !== undefined) for (const p of ['aggregate', 'optimizer'] as const) handlerTimeoutMs[p] = compute;
   return {
     coordinator: opts.coordinator,
     coordinatorAddr,

@@ -19,13 +19,18 @@ export const SNAPSHOT_RESIDENT_BYTES = 64 * 1024 * 1024;
 /** Where a volunteer listens when no --listen is given. */
 export const DEFAULT_LISTEN = '/ip4/127.0.0.1/tcp/0';
 
+/** The backstop deadline of a `microbatch` handler (see HANDLER_TIMEOUT_MS). */
+export const MICROBATCH_HANDLER_TIMEOUT_MS = 4 * 60 * 60_000;
+
 /** How long a handler may take before its signal aborts (a job still queued is then dropped): the
  *  requester's own timeout for that kind of request, so nothing is dropped that could still be answered. */
 export const HANDLER_TIMEOUT_MS = {
   weights: BLOB_TIMEOUT_MS,
   heartbeat: HEARTBEAT_TIMEOUT_MS,
-  forward: COMPUTE_TIMEOUT_MS,
-  backward: COMPUTE_TIMEOUT_MS,
+  // one micro-batch attempt: the stage's waits for its hop inputs have their own deadlines (the
+  // control message's jobTimeoutMs per compute job waited on), so this only bounds a handler whose
+  // requester vanished without closing the stream
+  microbatch: MICROBATCH_HANDLER_TIMEOUT_MS,
   commit: CONTROL_TIMEOUT_MS,
   aggregate: COMPUTE_TIMEOUT_MS,
   adapter: CONTROL_TIMEOUT_MS,

@@ -10,8 +10,9 @@ import type { VolunteerSession } from './session.ts';
 
 export type HandlerTable = { readonly [P in VolunteerProto]: Handler<P> };
 
-/** Every message a volunteer answers. Stage traffic, heartbeats and finish come only from the
- *  coordinator; verified blobs go to whoever the run allows. */
+/** Every message a volunteer answers. Stage control, heartbeats and finish come only from the
+ *  coordinator; hop streams (not in this table: protocol/hop.ts, registered by the session) only
+ *  from the peers the coordinator's current route names; verified blobs go to whoever the run allows. */
 export function volunteerHandlers(session: VolunteerSession, blobs: BlobStore): HandlerTable {
   return {
     weights: async (req, ctx) => {
@@ -22,13 +23,9 @@ export function volunteerHandlers(session: VolunteerSession, blobs: BlobStore): 
       session.checkCoordinator('heartbeat', ctx.peerId);
       return session.heartbeat();
     },
-    forward: async (req, ctx) => {
-      session.checkCoordinator('forward', ctx.peerId);
-      return session.stageHost().forward(req, { signal: ctx.signal });
-    },
-    backward: async (req, ctx) => {
-      session.checkCoordinator('backward', ctx.peerId);
-      return session.stageHost().backward(req, { signal: ctx.signal });
+    microbatch: async (req, ctx) => {
+      session.checkCoordinator('microbatch', ctx.peerId);
+      return session.microBatch(req, { signal: ctx.signal });
     },
     commit: async (req, ctx) => {
       session.checkCoordinator('commit', ctx.peerId);

@@ -5,13 +5,15 @@ import type { Backend } from '../engine/backend.ts';
 import { request } from '../protocol/net.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import type { BlobStore } from '../protocol/blobs.ts';
-import type { Assignment, Capabilities, FinishRequest, HeartbeatResponse, JoinResponse } from '../protocol/messages.ts';
+import type { Assignment, Capabilities, FinishRequest, HeartbeatResponse, JoinResponse, MicroBatchRequest, MicroBatchResponse } from '../protocol/messages.ts';
+import { HopInbox } from '../protocol/hop.ts';
 import { AuthError, StaleError, SwarmError } from '../protocol/errors.ts';
 import { silentLogger } from '../protocol/log.ts';
 import type { Logger } from '../protocol/log.ts';
 import type { StageHost, KeptOffer } from './stage-host.ts';
 import type { OptimizerFactory } from './optimizer.ts';
 import { loadAssignedStage } from './assignment.ts';
+import { runMicroBatch } from './pipeline.ts';
 import type { VolunteerConfig } from './config.ts';
 import { reportProgress } from './events.ts';
 import type { VolunteerEvents } from './events.ts';
@@ -102,6 +104,8 @@ export class VolunteerSession {
   /** when the coordinator was first lost (rejoins retry within a window from then) */
   private lostSinceMs: number | null = null;
   private rss = { bytes: process.memoryUsage.rss(), atMs: Date.now() };
+  /** where this peer's hop inputs arrive (registered on the node by hopsOn) */
+  readonly hops: HopInbox;
 
   /** `signal`: the process's stop (Ctrl-C, a test's crash), whose reason is a LeavingError. */
   constructor(config: VolunteerConfig, components: SessionComponents, opts: { signal?: AbortSignal } = {}) {
@@ -112,6 +116,7 @@ export class VolunteerSession {
     this.rpcLog = log.child('rpc');
     this.stageLog = log.child('stage');
     this.coordinatorId = config.coordinatorId;
+    this.hops = new HopInbox({ log: this.rpcLog });
     const stop = opts.signal;
     if (stop !== undefined) {
       const onStop = () => this.leave(stop.reason instanceof LeavingError ? stop.reason : new LeavingError(EXIT_FAILED, String(stop.reason)));
@@ -167,6 +172,16 @@ export class VolunteerSession {
   stageHost(): StageHost {
     if (this.state.name !== 'serving') throw new StaleError('this peer has no stage loaded yet');
     return this.state.host;
+  }
+
+  /** One micro-batch attempt at the serving stage (node/pipeline.ts). */
+  microBatch(req: MicroBatchRequest, opts: { signal: AbortSignal }): Promise<MicroBatchResponse> {
+    const host = this.stageHost();
+    if (this.coordinatorId === null) throw new StaleError('microbatch: the coordinator is not known yet');
+    return runMicroBatch({
+      node: this.c.node, inbox: this.hops, host, log: this.rpcLog,
+      coordinator: { addrs: [this.config.coordinatorAddr], peerId: this.coordinatorId },
+    }, req, opts);
   }
 
   /** A coordinator heartbeat: it is alive; say how this peer is doing. */

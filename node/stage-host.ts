@@ -3,8 +3,8 @@
 // optimizer step, and keeps the state from before it for a restarted coordinator (step-snapshot.ts).
 import type { Stage } from '../engine/types.ts';
 import type {
-  AggregateRequest, AggregateResponse, AdapterRequest, AdapterResponse, Assignment, BackwardRequest,
-  BackwardResponse, CommitRequest, ForwardRequest, ForwardResponse, JoinRequest, OptimizerRequest, WeightsResponse,
+  AggregateRequest, AggregateResponse, AdapterRequest, AdapterResponse, Assignment, CommitRequest, JoinRequest,
+  MicroBatchRequest, OptimizerRequest, WeightsResponse,
 } from '../protocol/messages.ts';
 import { decodeFloat, decodeInt, encodeTensor } from '../protocol/tensor.ts';
 import type { FloatCodec } from '../protocol/tensor.ts';
@@ -20,8 +20,9 @@ import { JobQueue } from './job-queue.ts';
 import type { JobPriority } from './job-queue.ts';
 import type { ShardOptimizer } from './optimizer.ts';
 import { SNAPSHOT_RESIDENT_BYTES } from './constants.ts';
-import { poisoned, testAids } from './test-aids.ts';
+import { testAids } from './test-aids.ts';
 import type { TestAids } from './test-aids.ts';
+import { OutputScreen } from '../protocol/screen.ts';
 
 /** What a host that lost its coordinator offers the restarted one (join.kept). */
 export type KeptOffer = NonNullable<JoinRequest['kept']>;
@@ -38,11 +39,22 @@ export interface JobOptions { signal?: AbortSignal }
 
 type StageInput = Parameters<Stage['forward']>[0];
 
+/** A forward of one micro-batch attempt: the control message's fields, with the activation from the
+ *  previous stage (received over a hop and screened) on stages after the first. */
+export type ForwardCall = Pick<MicroBatchRequest, 'runId' | 'step' | 'mb' | 'attempt' | 'stageIndex' | 'batch' | 'seqLen' | 'ids' | 'labels' | 'dropoutSeed' | 'train'>
+  & { hidden?: Float32Array };
+export interface ForwardResult { hidden?: Float32Array; lossSum?: number; tokens?: number }
+/** A backward: the activation gradient from the next stage, or the loss scale on the last stage. */
+export interface BackwardCall { runId: string; step: number; mb: number; attempt: number; stageIndex: number; gradOut?: Float32Array; lossScale?: number }
+
 export class StageHost {
   readonly stage: Stage;
   readonly runId: string;
   readonly stageIndex: number;
+  readonly numStages: number;
   readonly wireCodec: FloatCodec;
+  /** the RMS screens of what this stage receives on hops (per kind and sending stage) */
+  readonly screen = new OutputScreen();
   /** optimizer steps applied so far = the step currently being trained */
   step: number;
   private readonly optimizer: ShardOptimizer;
@@ -67,6 +79,7 @@ export class StageHost {
     this.stage = stage;
     this.runId = a.runId;
     this.stageIndex = a.stageIndex;
+    this.numStages = a.numStages;
     this.wireCodec = a.wireCodec;
     this.step = a.step;
     this.optimizer = optimizer;
@@ -80,13 +93,16 @@ export class StageHost {
   get previousStep(): number | null { return this.previous?.step ?? null; }
 
   get inflight(): number { return this.gradients.inflight; }
+  /** the bad-peer testing aid: this stage poisons every activation and gradient it sends */
+  get poisonsOutput(): boolean { return this.aids.badOutput === 'nan'; }
   get busy(): boolean { return this.queue.busy; }
   get tokensPerSecond(): number { return this.computeMs > 0 ? this.computeTokens / (this.computeMs / 1000) : 0; }
 
   /** Resolves once no job runs or waits (after detach, the jobs queued before it drain quickly). */
   idle(): Promise<void> { return this.queue.idle(); }
 
-  private check(req: { runId: string; step: number; stageIndex?: number }, what: string): void {
+  /** A request must be for this run, its current step and (if it names one) this stage. */
+  check(req: { runId: string; step: number; stageIndex?: number }, what: string): void {
     if (req.runId !== this.runId) throw new StaleError(`${what}: run ${req.runId} is not this peer's run ${this.runId}`);
     if (req.step !== this.step) throw new StaleError(`${what}: step ${req.step} is not the current step ${this.step}`);
     if (req.stageIndex !== undefined && req.stageIndex !== this.stageIndex) {
@@ -110,7 +126,7 @@ export class StageHost {
   }
 
   /** The stage's input for a forward, every tensor checked against the stage's shapes and vocabulary. */
-  private forwardInput(req: ForwardRequest, key: string): StageInput {
+  private forwardInput(req: ForwardCall, key: string): StageInput {
     const C = this.stage.config.hiddenSize;
     const V = this.stage.config.vocabSize;
     const T = req.batch * req.seqLen;
@@ -121,7 +137,8 @@ export class StageHost {
       for (let i = 0; i < T; i++) if (input.ids[i]! < 0 || input.ids[i]! >= V) throw new TensorError(`forward.ids: token ${input.ids[i]} at ${i} is outside the vocabulary [0, ${V})`);
     } else {
       if (req.hidden === undefined) throw new SchemaError(`forward: stage ${this.stageIndex} needs hidden states`);
-      input.hidden = decodeFloat(req.hidden, 'forward.hidden', [T, C]);
+      if (req.hidden.length !== T * C) throw new TensorError(`forward.hidden: ${req.hidden.length} elements, [${T}, ${C}] needs ${T * C}`);
+      input.hidden = req.hidden;
     }
     if (this.stage.isLast) {
       if (req.labels === undefined) throw new SchemaError('forward: the last stage needs labels');
@@ -134,7 +151,7 @@ export class StageHost {
     return input;
   }
 
-  async forward(req: ForwardRequest, opts: JobOptions = {}): Promise<ForwardResponse> {
+  async forward(req: ForwardCall, opts: JobOptions = {}): Promise<ForwardResult> {
     this.check(req, 'forward');
     const C = this.stage.config.hiddenSize;
     const T = req.batch * req.seqLen;
@@ -167,11 +184,11 @@ export class StageHost {
     if (!req.train) this.stage.release(key);
     if (this.stage.isLast) return { lossSum: out.lossSum ?? 0, tokens: out.tokens ?? 0 };
     if (out.hidden === undefined) throw new Error(`stage ${this.stageIndex} forward returned no hidden state`);
-    const hidden = encodeTensor(out.hidden, [T, C], this.wireCodec, 'forward.hidden');
-    return { hidden: this.aids.badOutput === 'nan' ? poisoned(hidden) : hidden };
+    if (out.hidden.length !== T * C) throw new Error(`stage ${this.stageIndex} forward returned ${out.hidden.length} elements, not [${T}, ${C}]`);
+    return { hidden: out.hidden };
   }
 
-  async backward(req: BackwardRequest, opts: JobOptions = {}): Promise<BackwardResponse> {
+  async backward(req: BackwardCall, opts: JobOptions = {}): Promise<{ gradIn?: Float32Array }> {
     this.check(req, 'backward');
     const key = attemptKey(req.step, req.mb, req.attempt);
     const a = this.gradients.get(key);
@@ -185,7 +202,8 @@ export class StageHost {
       args.lossScale = req.lossScale;
     } else {
       if (req.gradOut === undefined) throw new SchemaError(`backward: stage ${this.stageIndex} needs gradOut`);
-      args.gradOut = decodeFloat(req.gradOut, 'backward.gradOut', [T, C]);
+      if (req.gradOut.length !== T * C) throw new TensorError(`backward.gradOut: ${req.gradOut.length} elements, [${T}, ${C}] needs ${T * C}`);
+      args.gradOut = req.gradOut;
     }
     // a separate gradient per attempt: it only joins the step sum when the coordinator commits it
     const grads = this.stage.newGrads();
@@ -203,8 +221,7 @@ export class StageHost {
     }
     if (this.stage.isFirst) return {};
     if (gradIn === undefined) throw new Error(`stage ${this.stageIndex} backward returned no input gradient`);
-    const g = encodeTensor(gradIn, [T, C], this.wireCodec, 'backward.gradIn');
-    return { gradIn: this.aids.badOutput === 'nan' ? poisoned(g) : g };
+    return { gradIn };
   }
 
   commit(req: CommitRequest): void {

@@ -1,8 +1,8 @@
 // Testing aids for resilience tests (not for production use; unset, each costs one lookup):
 //   SWARMTUNE_TEST_DELAY_MS=<ms>        sleep this long inside every forward and backward job of this
 //                                        volunteer (counted in its measured tokens/s): a slow peer
-//   SWARMTUNE_TEST_BAD_OUTPUT=nan       send NaN in every activation (forward.hidden) and activation
-//                                        gradient (backward.gradIn) this volunteer returns: a bad peer
+//   SWARMTUNE_TEST_BAD_OUTPUT=nan       send NaN in every activation and activation gradient this
+//                                        volunteer sends on a hop (every chunk): a bad peer
 // Both come from engine/env.ts's knobs(), validated when the volunteer's config is built (a typo
 // fails the join); DELAY_MS's range is checked there, BAD_OUTPUT's syntax here.
 import type { WireTensor } from '../protocol/tensor.ts';

@@ -75,6 +75,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     // a fetch cut short by leaving is no provider's failure
     blobs.onEvent = (e) => { if (!session.signal.aborted) events.blob(e); };
     await serveTable(node, volunteerHandlers(session, blobs), { timeoutsMs: config.handlerTimeoutMs, log: log.child('rpc'), signal: session.signal });
+    await session.hops.register(node);
     const caps = await probeCapabilities(backend, { device: config.device, maxMemoryBytes: config.maxMemoryBytes });
     events.say('probe', { capabilities: caps }, `${caps.deviceName}, ${caps.cores} cores, offering ${(caps.memoryBytes / 2 ** 30).toFixed(2)} GiB, ${caps.gemmGflops.toFixed(1)} GFLOP/s`);
     return await session.run(caps);

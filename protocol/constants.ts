@@ -7,12 +7,13 @@ function pid(name: string): string {
   return `/swarmtune/${name}/${PROTOCOL_VERSION}`;
 }
 
-/** One protocol id per stream kind; every stream is one request frame and one response frame. */
+/** One protocol id per stream kind; every stream is one request frame and one response frame,
+ *  except `hop` (protocol/hop.ts: a header, then chunks under credit, then the receiver's verdict). */
 export const PROTOCOLS = {
   join: pid('join'),
   weights: pid('weights'),
-  forward: pid('forward'),
-  backward: pid('backward'),
+  microbatch: pid('microbatch'),
+  hop: pid('hop'),
   commit: pid('commit'),
   aggregate: pid('aggregate'),
   adapter: pid('adapter'),
@@ -23,8 +24,9 @@ export const PROTOCOLS = {
 } as const;
 export type ProtocolName = keyof typeof PROTOCOLS;
 
-/** Hard cap on one frame. Activations of a 4096-hidden model at 8 x 512 tokens are 64 MiB in f32,
- *  so 128 MiB leaves room for headers while still bounding what a hostile peer can make us buffer. */
+/** Hard cap on one frame: bounds what a hostile peer can make us buffer. The largest messages are
+ *  pages of LoRA tensors (PAGE_BYTES) and byte chunks (CHUNK_BYTES); activations never travel in one
+ *  frame (hop chunks, HOP_CHUNK_ELEMENTS). */
 export const MAX_FRAME_BYTES = 128 * 1024 * 1024;
 /** Byte ranges (blobs, optimizer state) travel in chunks far below the frame cap so a slow link
  *  still makes visible progress (protocol/pager.ts). */
@@ -38,6 +40,36 @@ export const PAGE_TENSORS = 64;
 /** Tensors are bounded by element count as well, so a small frame cannot claim a huge shape. */
 export const MAX_TENSOR_ELEMENTS = 32 * 1024 * 1024;
 export const MAX_TENSOR_RANK = 4;
+/** A hop (stage-to-stage tensor stream, protocol/hop.ts) moves its tensor in chunks of at most this
+ *  many elements (4 MiB in f32; a multiple of INT8_BLOCK so int8 blocks never straddle chunks):
+ *  neither the frame cap nor the element cap limits a micro-batch's activation. */
+export const HOP_CHUNK_ELEMENTS = 1 << 20;
+/** Chunks a hop sender may have unacknowledged: the receiver buffers at most this many frames
+ *  (16 MiB in f32) besides the tensor it assembles, whatever the link or the sender does. */
+export const HOP_CREDIT = 4;
+/** The largest frame on a hop stream: one chunk in f32 plus msgpack headers. */
+export const HOP_FRAME_BYTES = HOP_CHUNK_ELEMENTS * 4 + 64 * 1024;
+/** A hop tensor holds at most this many elements (2^31: 4 × 4096 tokens at hidden 131072; the
+ *  receiver allocates exactly the shape the coordinator's control message named, never what a
+ *  sender claims). */
+export const MAX_HOP_ELEMENTS = 2 ** 31 - 1;
+/** A hop stream that reaches a stage before the coordinator's control message for that attempt
+ *  waits this long for it (unread: credit is granted only once the sender is known to be the one
+ *  the route names), then is refused. */
+export const HOP_EXPECT_WAIT_MS = 30_000;
+/** After the first failure of a micro-batch attempt the coordinator waits this long for the other
+ *  stages' reports before cancelling them (a receiver's bad-tensor report outranks the sender's
+ *  "refused" and the hop failures it causes). */
+export const REPORT_GRACE_MS = 2000;
+
+/** Screens of activations and activation gradients (protocol/screen.ts), applied by whoever
+ *  receives one: an RMS over this multiple of the median of recent accepted ones is refused … */
+export const SCREEN_FACTOR = 50;
+/** … the recent RMS values kept per (kind, sending stage) … */
+export const OUTPUT_HISTORY = 64;
+/** … and how many must be seen before the RMS screen judges (a median of fewer says little). */
+export const OUTPUT_HISTORY_MIN = 8;
+
 /** Elements per absmax block of the int8 wire codec. */
 export const INT8_BLOCK = 64;
 export const MAX_STRING_LENGTH = 4096;

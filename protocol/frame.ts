@@ -36,6 +36,8 @@ export class FrameReader {
   private readonly it: AsyncIterator<Chunk>;
   private readonly maxBytes: number;
   private buf: Uint8Array = new Uint8Array(0);
+  /** bytes of the frames returned so far (length prefixes included) */
+  consumedBytes = 0;
 
   constructor(source: AsyncIterable<Chunk>, maxBytes = MAX_FRAME_BYTES) {
     this.it = source[Symbol.asyncIterator]();
@@ -72,6 +74,7 @@ export class FrameReader {
     if (!(await this.fill(4 + len))) throw new DecodeError(`stream ended inside a frame: got ${this.buf.length - 4} of ${len} bytes`);
     const body = this.buf.subarray(4, 4 + len);
     this.buf = this.buf.subarray(4 + len);
+    this.consumedBytes += 4 + len;
     return decodeBody(body);
   }
 }

@@ -140,7 +140,8 @@ export const weightsResponse = obj({
 });
 export type WeightsResponse = ReturnType<typeof weightsResponse>;
 
-// ---- forward / backward / commit: coordinator → stage peer, one micro-batch attempt each
+// ---- microbatch: coordinator → every stage peer of a route, one micro-batch attempt (control only:
+// activations and their gradients go stage to stage over hop streams, see protocol/hop.ts)
 
 const mbKey = {
   runId: runIdStr,
@@ -149,38 +150,70 @@ const mbKey = {
   attempt: int(0, I32),
 };
 
-export const forwardRequest = obj({
+export const microBatchRequest = obj({
   ...mbKey,
   stageIndex: int(0, 4096),
-  /** one peer id per stage: the route this attempt takes */
+  /** one peer id per stage: the route this attempt takes; the only peers this stage accepts the
+   *  attempt's activation (route[s-1]) and activation gradient (route[s+1]) from, and sends to */
   route: arr(peerIdStr, 4096),
   batch: int(1, 1 << 20),
   seqLen: int(1, 1 << 20),
+  /** token ids, i32 [B·S] (stage 0 only) */
   ids: opt(wireTensor),
-  hidden: opt(wireTensor),
+  /** labels, i32 [B·S] (last stage only) */
   labels: opt(wireTensor),
+  /** 1 / (label tokens of the step) (last stage only: it starts backward right after its forward) */
+  lossScale: opt(num()),
   dropoutSeed: int(0, I32),
+  /** false: a forward only (evaluation; nothing kept, no gradient flows back) */
   train: bool,
+  /** how long this stage waits for a hop input per compute job it waits on (the activation from
+   *  stage s-1 waits on s jobs, the gradient from s+1 on 2·(S-1-s) after this stage sent its own) */
+  jobTimeoutMs: int(1, I32),
+  /** where this stage sends its activation (route[s+1]'s addresses, /p2p/ id included) and its
+   *  activation gradient (route[s-1]'s); the sender checks that Noise authenticated that id */
+  nextAddrs: opt(arr(multiaddrStr, 32)),
+  prevAddrs: opt(arr(multiaddrStr, 32)),
+  /** a referee attempt (the coordinator checks a reported tensor itself): this stage sends its output
+   *  of this kind to the coordinator instead of its route neighbour */
+  referee: opt(oneOf(['act', 'grad'] as const)),
 });
-export type ForwardRequest = ReturnType<typeof forwardRequest>;
-export const forwardResponse = obj({
-  hidden: opt(wireTensor),
+export type MicroBatchRequest = ReturnType<typeof microBatchRequest>;
+export const microBatchResponse = obj({
+  /** last stage: the summed token losses and label tokens of the micro-batch */
   lossSum: opt(num()),
   tokens: opt(int(0, I32)),
+  /** RMS of the activation (from stage s-1) and activation gradient (from s+1) this stage accepted */
+  actRms: opt(num({ min: 0 })),
+  gradRms: opt(num({ min: 0 })),
+  /** the attempt failed at this stage because of another peer: a tensor it refused (bad-tensor), a
+   *  hop that broke (hop) or never came (timeout) */
+  failure: opt(obj({
+    peerId: peerIdStr,
+    kind: oneOf(['bad-tensor', 'hop', 'timeout'] as const),
+    message: str({ max: MAX_STRING_LENGTH }),
+  })),
 });
-export type ForwardResponse = ReturnType<typeof forwardResponse>;
+export type MicroBatchResponse = ReturnType<typeof microBatchResponse>;
 
-export const backwardRequest = obj({
+// ---- hop: stage peer → stage peer (or → the coordinator as referee), one tensor per stream:
+// header, then chunks as the receiver grants credit, then the receiver's verdict
+
+export const hopHeader = obj({
   ...mbKey,
-  stageIndex: int(0, 4096),
-  gradOut: opt(wireTensor),
-  lossScale: opt(num()),
+  /** an activation (to stage s+1) or an activation gradient (to stage s-1) */
+  kind: oneOf(['act', 'grad'] as const),
+  /** [B·S, C]; the receiver requires exactly the shape it expects */
+  shape: arr(int(1, 2 ** 31 - 1), 2),
+  codec: oneOf(FLOAT_CODECS),
 });
-export type BackwardRequest = ReturnType<typeof backwardRequest>;
-export const backwardResponse = obj({
-  gradIn: opt(wireTensor),
-});
-export type BackwardResponse = ReturnType<typeof backwardResponse>;
+export type HopHeader = ReturnType<typeof hopHeader>;
+/** elements [offset, offset + tensor's length) of the flattened tensor, in order */
+export const hopChunk = obj({ offset: int(0, SAFE), tensor: wireTensor });
+export type HopChunk = ReturnType<typeof hopChunk>;
+/** receiver → sender: more credit (chunks it may send), or the verdict once every chunk is in */
+export const hopReply = obj({ credit: opt(int(1, 1 << 16)), ok: opt(bool) });
+export type HopReply = ReturnType<typeof hopReply>;
 
 export const commitRequest = obj({
   ...mbKey,
@@ -335,8 +368,7 @@ export const errorFrame = obj({ error: obj({ name: str({ max: 64 }), message: st
 export const SCHEMAS = {
   join: { req: joinRequest, res: joinResponse },
   weights: { req: weightsRequest, res: weightsResponse },
-  forward: { req: forwardRequest, res: forwardResponse },
-  backward: { req: backwardRequest, res: backwardResponse },
+  microbatch: { req: microBatchRequest, res: microBatchResponse },
   commit: { req: commitRequest, res: ackResponse },
   aggregate: { req: aggregateRequest, res: aggregateResponse },
   adapter: { req: adapterRequest, res: adapterResponse },

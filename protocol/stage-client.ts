@@ -1,7 +1,7 @@
 // The typed client of a stage peer: every request the coordinator makes of a volunteer, with timeouts from one config and pages through the pager.
 import { request } from './net.ts';
 import type { DialTarget, ProtoName, SwarmNode } from './net.ts';
-import type { BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse, HeartbeatResponse, Req, Res } from './messages.ts';
+import type { HeartbeatResponse, MicroBatchRequest, MicroBatchResponse, Req, Res } from './messages.ts';
 import type { WireTensor } from './tensor.ts';
 import { planPages, readChunks, readPages } from './pager.ts';
 import { PAGE_TENSORS } from './constants.ts';
@@ -10,7 +10,8 @@ import type { Logger } from './log.ts';
 
 /** How long each kind of request may take. */
 export interface StageClientTimeouts {
-  /** compute-class requests: forward, backward, gradient collect and apply, optimizer state */
+  /** compute-class requests: one compute job (a micro-batch's per-job hop deadline), gradient collect
+   *  and apply, optimizer state */
   computeTimeoutMs: number;
   /** commits and adapter uploads */
   controlTimeoutMs: number;
@@ -53,6 +54,8 @@ export class StagePeerClient {
     this.log = init.log ?? silentLogger;
   }
 
+  get runId(): string { return this.init.runId; }
+
   /** The same client writing its request lines to another logger (one namespace per component). */
   withLog(log: Logger): StagePeerClient {
     return new StagePeerClient({ ...this.init, log });
@@ -67,12 +70,12 @@ export class StagePeerClient {
     }
   }
 
-  forward(peer: DialTarget, req: Omit<ForwardRequest, 'runId'>, opts: CallOptions = {}): Promise<ForwardResponse> {
-    return this.call(peer, 'forward', { runId: this.init.runId, ...req }, this.init.timeouts.computeTimeoutMs, opts);
-  }
-
-  backward(peer: DialTarget, req: Omit<BackwardRequest, 'runId'>, opts: CallOptions = {}): Promise<BackwardResponse> {
-    return this.call(peer, 'backward', { runId: this.init.runId, ...req }, this.init.timeouts.computeTimeoutMs, opts);
+  /** One micro-batch attempt at one stage of its route: control only (the tensors go stage to stage).
+   *  The stage waits at most jobTimeoutMs per compute job for each hop input; this request's own
+   *  deadline is the backstop for a route of S stages (2·S jobs and the hops between them). */
+  microBatch(peer: DialTarget, req: Omit<MicroBatchRequest, 'runId' | 'jobTimeoutMs'>, numStages: number, opts: CallOptions = {}): Promise<MicroBatchResponse> {
+    const job = this.init.timeouts.computeTimeoutMs;
+    return this.call(peer, 'microbatch', { runId: this.init.runId, ...req, jobTimeoutMs: job }, job * (2 * numStages + 1), opts);
   }
 
   /** The attempt is done on every stage: the peer folds its LoRA gradient into the step sum. */

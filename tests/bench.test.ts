@@ -9,6 +9,7 @@ import { parseArgs, BenchUsageError } from '../bench/run.ts';
 import { BENCH_DOC, docWithDoubleQuantTables, docWithTables, doubleQuantSourceOf, renderDoubleQuantTables, renderTables, sourceOf, ReportError } from '../bench/report.ts';
 import { traceSwarm } from '../bench/swarm-trace.ts';
 import { benchNet } from '../bench/net.ts';
+import { benchSwarmBytes } from '../bench/swarm-bytes.ts';
 import { tinyLlamaConfig } from '../engine/model/random-model.ts';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
@@ -57,22 +58,21 @@ test('swarm trace: every micro-batch is accounted for and the wire bytes per tok
     assert.equal(r.wire_dtype, codec);
     const w = r.wire_bytes_per_token as Record<string, number>;
     assert.equal(w.theory_tensor_only, perToken);
-    // the frame holds the tensor plus a small msgpack envelope (shape, codec, field names)
-    for (const k of ['forward_activation_frame', 'backward_gradient_frame'] as const) {
+    // the hop's chunk frames hold the tensor plus a small msgpack envelope (offset, shape, codec, field names)
+    for (const k of ['forward_activation_hop', 'backward_gradient_hop'] as const) {
       assert.ok(w[k]! >= perToken && w[k]! < perToken + 200 / T, `${codec} ${k}: ${w[k]} B/token, tensor alone ${perToken}`);
     }
     const b = r.breakdown_ms as Record<string, number>;
-    assert.ok(b.compute! > 0 && b.step_tail! > 0 && b.transfer_and_relay! >= 0);
+    assert.ok(b.compute! > 0 && b.step_tail! > 0 && b.transfer! >= 0);
     // the parts are measured separately; summed over micro-batches they cover the whole step (within
     // the clock reads in between) and exceed it by exactly the pipeline overlap
-    const parts = b.compute! + b.serialization_tensor_codec! + b.stage_queue_wait! + b.transfer_and_relay! + b.serialization_frames! + b.step_start! + b.step_tail!;
+    const parts = b.compute! + b.serialization_tensor_codec! + b.stage_queue_wait! + b.transfer! + b.serialization_frames! + b.step_start! + b.step_tail!;
     assert.ok(parts >= 0.95 * Number(r.step_ms) - 5, `parts ${parts} ms cover less than the step ${r.step_ms} ms`);
     assert.ok(Math.abs(parts - b.pipeline_overlap! + b.unaccounted! - Number(r.step_ms)) <= 0.5, 'overlap and unaccounted reconcile the parts with the step');
     const frames = r.frames as Record<string, { bytes: number }>;
-    assert.deepEqual(Object.keys(frames).sort(), ['backward_s0_request', 'backward_s0_response', 'backward_s1_request', 'backward_s1_response',
-      'forward_s0_request', 'forward_s0_response', 'forward_s1_request', 'forward_s1_response']);
-    // the last stage's forward request carries the activations and the labels
-    assert.ok(frames.forward_s1_request!.bytes > frames.forward_s0_response!.bytes + 4 * T - 1);
+    // one hop each way at the stage boundary; the coordinator relays nothing
+    assert.deepEqual(Object.keys(frames).sort(), ['hop_activation', 'hop_gradient']);
+    assert.equal(frames.hop_activation!.bytes, frames.hop_gradient!.bytes, 'activation and gradient have the same shape and codec');
   }
 });
 
@@ -84,4 +84,19 @@ test('network bench: exact byte counts at the receiver, libp2p framing counted o
   assert.ok(ov.stream_wire_bytes > ov.stream_payload_bytes, 'the proxy saw the stream');
   assert.ok(ov.overhead_pct > 0.01 && ov.overhead_pct < 1, `overhead ${ov.overhead_pct}%`);
   assert.ok(ov.connection_setup_and_1_byte_stream_bytes.to_receiver > 100, 'handshake bytes counted');
+});
+
+test('swarm bytes: the coordinator\'s bytes per micro-batch do not grow with the hidden size; the volunteers carry the activations', async () => {
+  const perMb: number[] = [];
+  for (const hiddenSize of [64, 256]) {
+    const llama = tinyLlamaConfig({ hiddenSize, intermediateSize: 2 * hiddenSize, numHiddenLayers: 2, numAttentionHeads: 4, numKeyValueHeads: 2, vocabSize: 97 });
+    const r = await benchSwarmBytes({ llama, codec: 'f32', steps: 2, microBatches: 2, batch: 2, seqLen: 32 });
+    const boundary = Number(r.boundary_tensor_bytes_per_micro_batch_theory);
+    assert.equal(boundary, 2 * 2 * 32 * hiddenSize * 4, 'an activation and its gradient per micro-batch');
+    perMb.push(Number(r.coordinator_micro_batch_phase_per_micro_batch_bytes));
+    // every boundary tensor crossed between the volunteers: each sent at least its share of them
+    for (const v of r.volunteers_per_step as Array<{ in_bytes: number; out_bytes: number }>) assert.ok(v.out_bytes >= 2 * boundary / 2 && v.in_bytes >= 2 * boundary / 2, JSON.stringify(v));
+  }
+  // control only: token ids, labels, reports and commits (the activations grew 4x)
+  assert.ok(Math.abs(perMb[1]! - perMb[0]!) <= 0.1 * perMb[0]!, `coordinator bytes per micro-batch ${perMb.join(' -> ')}`);
 });

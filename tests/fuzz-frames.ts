@@ -379,17 +379,13 @@ export function validRequest(rng: Rng, proto: ProtoName, c: TemplateContext): un
     case 'heartbeat': return { runId: c.runId, step: c.step, sentAtMs: Date.now() };
     case 'finish': return { runId: c.runId, reason: 'fuzz' };
     case 'optimizer': return { runId: c.runId, step: c.step, offset: rng.int(1024), length: 1 + rng.int(4096) };
-    case 'forward': {
-      const req: Obj = { ...mbKey, stageIndex: c.stageIndex, route: c.route, batch: c.batch, seqLen: c.seqLen, dropoutSeed: rng.int(1000), train: rng.int(4) !== 0 };
-      if (c.stageIndex === 0) req.ids = i32Tensor(rng, T, c.vocab);
-      else req.hidden = f32Tensor(rng, [T, c.hidden]);
-      if (rng.int(2) === 0) req.labels = i32Tensor(rng, T, c.vocab, true);
-      return req;
-    }
-    case 'backward': {
-      const req: Obj = { ...mbKey, stageIndex: c.stageIndex };
-      if (rng.int(2) === 0) req.gradOut = f32Tensor(rng, [T, c.hidden]);
-      else req.lossScale = 1 / (1 + rng.int(1000));
+    case 'microbatch': {
+      const S = c.route.length, s = c.stageIndex;
+      const req: Obj = { ...mbKey, stageIndex: s, route: c.route, batch: c.batch, seqLen: c.seqLen, dropoutSeed: rng.int(1000), train: rng.int(4) !== 0, jobTimeoutMs: 1000 };
+      if (s === 0) req.ids = i32Tensor(rng, T, c.vocab);
+      if (s === S - 1 || rng.int(4) === 0) { req.labels = i32Tensor(rng, T, c.vocab, true); req.lossScale = 1 / (1 + rng.int(1000)); }
+      if (s + 1 < S) req.nextAddrs = [`/ip4/127.0.0.1/tcp/1/p2p/${c.route[s + 1]}`];
+      if (s > 0) req.prevAddrs = [`/ip4/127.0.0.1/tcp/1/p2p/${c.route[s - 1]}`];
       return req;
     }
     case 'commit': return { ...mbKey, commit: rng.int(2) === 0 };

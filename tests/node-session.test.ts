@@ -34,7 +34,7 @@ const ctx = (peerId: string): HandlerContext => ({ peerId, connection: {} as nev
 test('the handler table: an unknown message is a SchemaError; stage traffic only from the coordinator, and only while serving', async () => {
   const s = session();
   const table = volunteerHandlers(s, {} as never);
-  assert.deepEqual(Object.keys(table), ['weights', 'heartbeat', 'forward', 'backward', 'commit', 'aggregate', 'adapter', 'optimizer', 'finish']);
+  assert.deepEqual(Object.keys(table), ['weights', 'heartbeat', 'microbatch', 'commit', 'aggregate', 'adapter', 'optimizer', 'finish']);
   await assert.rejects(dispatch(table, 'status', {}, ctx(COORD)), { name: 'SchemaError', message: /unknown message status/ });
   await assert.rejects(dispatch(table, 'toString', {}, ctx(COORD)), { name: 'SchemaError' });
   const hb = { runId: 'r', step: 0, sentAtMs: 0 };
@@ -42,7 +42,7 @@ test('the handler table: an unknown message is a SchemaError; stage traffic only
   const res = await dispatch(table, 'heartbeat', hb, ctx(COORD)) as Record<string, unknown>;
   assert.deepEqual({ ...res, memoryRssBytes: 0 }, { runId: null, ready: false, step: 0, tokensPerSecond: 0, inflight: 0, busy: false, memoryRssBytes: 0 });
   assert.equal(s.stateName, 'starting');
-  for (const proto of ['forward', 'backward', 'commit', 'aggregate', 'adapter', 'optimizer']) {
+  for (const proto of ['microbatch', 'commit', 'aggregate', 'adapter', 'optimizer']) {
     await assert.rejects(dispatch(table, proto, {}, ctx('12D3KooWother')), { name: 'AuthError' });
     await assert.rejects(dispatch(table, proto, {}, ctx(COORD)), { name: 'StaleError', message: 'this peer has no stage loaded yet' });
   }
@@ -65,12 +65,12 @@ test('leaving is an abort of the session signal; the first reason wins', () => {
 test('the config: validated once, knobs from engine/env.ts, compute deadlines follow SWARMTUNE_COMPUTE_TIMEOUT_MS', () => {
   const c = resolveVolunteerConfig(opts, readKnobs({}));
   assert.equal(c.coordinatorId, COORD);
-  assert.equal(c.handlerTimeoutMs.forward, COMPUTE_TIMEOUT_MS);
+  assert.equal(c.handlerTimeoutMs.aggregate, COMPUTE_TIMEOUT_MS);
   assert.equal(c.listen, '/ip4/127.0.0.1/tcp/0');
   assert.deepEqual(c.aids, { delayMs: 0, badOutput: null });
   assert.equal(resolveVolunteerConfig({ ...opts, coordinator: '/ip4/127.0.0.1/tcp/4001' }, readKnobs({})).coordinatorId, null);
   const k = resolveVolunteerConfig(opts, readKnobs({ SWARMTUNE_COMPUTE_TIMEOUT_MS: '1500', SWARMTUNE_TEST_DELAY_MS: '20', SWARMTUNE_TEST_BAD_OUTPUT: 'nan' }));
-  assert.equal(k.handlerTimeoutMs.backward, 1500);
+  assert.equal(k.handlerTimeoutMs.aggregate, 1500);
   assert.deepEqual(k.aids, { delayMs: 20, badOutput: 'nan' });
   assert.throws(() => resolveVolunteerConfig({ ...opts, device: 'gpu' }, readKnobs({})), { message: '--device must be auto, cpu, ref or cuda:N, got "gpu"' });
   assert.throws(() => testAids(readKnobs({ SWARMTUNE_TEST_BAD_OUTPUT: 'inf' })), { name: 'SwarmError', message: 'SWARMTUNE_TEST_BAD_OUTPUT must be "nan", got "inf"' });
@@ -124,7 +124,7 @@ test('stage host: pages of adapter tensors and step sums come from the pager, a 
   const T = 2 * 4;
   const ids = new Int32Array(T).map((_, i) => i % 97);
   const fwd = (mb: number, signal?: AbortSignal) => host.forward({
-    runId: 'r', step: 0, mb, attempt: 0, stageIndex: 0, route: [], batch: 2, seqLen: 4,
+    runId: 'r', step: 0, mb, attempt: 0, stageIndex: 0, batch: 2, seqLen: 4,
     ids: encodeTensor(ids, [T], 'i32'), labels: encodeTensor(ids, [T], 'i32'), dropoutSeed: 0, train: true,
   }, { signal });
   const gone = new AbortController();

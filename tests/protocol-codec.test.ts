@@ -135,5 +135,5 @@ test('shape, dtype and byte length mismatches are TensorErrors naming the tensor
   assert.throws(() => encodeTensor(new Float32Array(5), [2, 3], 'f32'), { name: 'TensorError' });
   assert.throws(() => decodeFloat({ ...t, shape: [1 << 20, 1 << 20] }, 'g'), { name: 'TensorError', message: /exceeds the cap/ });
   // the structural validator bounds rank before any decoding
-  assert.throws(() => SCHEMAS.backward.res({ gradIn: { ...t, shape: [1, 1, 1, 1, 6] } }, 'b'), { name: 'SchemaError' });
+  assert.throws(() => SCHEMAS.microbatch.req({ runId: 'r', step: 0, mb: 0, attempt: 0, stageIndex: 0, route: [], batch: 1, seqLen: 6, ids: { ...t, shape: [1, 1, 1, 1, 6] }, dropoutSeed: 0, train: true, jobTimeoutMs: 1 }, 'b'), { name: 'SchemaError' });
 });

@@ -7,7 +7,7 @@ import { decodeFloat, encodeTensor, expectedByteLength, FLOAT_CODECS, isFloatCod
 import type { FloatCodec } from '../protocol/tensor.ts';
 import { NF4_LEVELS } from '../protocol/codecs/blockwise.ts';
 import { NF4_CODE, quantizeNF4Value } from '../engine/formats/nf4.ts';
-import { SCHEMAS } from '../protocol/messages.ts';
+import { hopChunk, hopHeader } from '../protocol/messages.ts';
 
 function rand(n: number, seed: number, scale = 1): Float32Array {
   let s = seed >>> 0 || 1;
@@ -118,9 +118,12 @@ test('byte length and codec name are checked before decoding; the schema knows e
   for (const codec of ['int4', 'nf4', 'int2', 'lowrank8'] as const) {
     const t = encodeTensor(rand(6 * 8, 2), [6, 8], codec);
     assert.throws(() => decodeFloat({ ...t, bytes: t.bytes.subarray(1) }, 'g'), { name: 'TensorError', message: new RegExp(`codec ${codec} with shape \\[6,8\\] needs ${t.bytes.length} bytes`) });
-    assert.deepEqual(SCHEMAS.backward.res({ gradIn: t }, "b").gradIn?.codec, codec);
+    assert.deepEqual(hopChunk({ offset: 0, tensor: t }, 'b').tensor.codec, codec);
   }
-  assert.throws(() => SCHEMAS.backward.res({ gradIn: { dtype: 'f32', shape: [1], codec: 'int3', bytes: new Uint8Array(4) } }, 'b'), { name: 'SchemaError' });
+  assert.throws(() => hopChunk({ offset: 0, tensor: { dtype: 'f32', shape: [1], codec: 'int3', bytes: new Uint8Array(4) } }, 'b'), { name: 'SchemaError' });
+  // a hop header takes every float codec, and nothing else
+  for (const codec of FLOAT_CODECS) assert.equal(hopHeader({ runId: 'r', step: 0, mb: 0, attempt: 0, kind: 'act', shape: [2, 8], codec }, 'h').codec, codec);
+  assert.throws(() => hopHeader({ runId: 'r', step: 0, mb: 0, attempt: 0, kind: 'act', shape: [2, 8], codec: 'i32' }, 'h'), { name: 'SchemaError' });
   assert.deepEqual(FLOAT_CODECS.filter(isFloatCodec), [...FLOAT_CODECS]);
   assert.equal(isFloatCodec('i32'), false);
 });

@@ -18,7 +18,7 @@ import { loadStage } from '../engine/model/load.ts';
 import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
 import { FrameReader, decodeBody } from '../protocol/frame.ts';
 import { PROTOCOLS } from '../protocol/constants.ts';
-import { SCHEMAS } from '../protocol/messages.ts';
+import { SCHEMAS, hopChunk, hopHeader, hopReply } from '../protocol/messages.ts';
 import type { Assignment } from '../protocol/messages.ts';
 import { decodeTensor } from '../protocol/tensor.ts';
 import type { WireTensor } from '../protocol/tensor.ts';
@@ -26,6 +26,10 @@ import { SwarmError } from '../protocol/errors.ts';
 import { adapterDigest } from '../protocol/adapter-digest.ts';
 import type { ProtoName } from '../protocol/net.ts';
 import { StageHost } from '../node/stage-host.ts';
+import { runMicroBatch } from '../node/pipeline.ts';
+import { HopError } from '../protocol/hop.ts';
+import type { HopInbox } from '../protocol/hop.ts';
+import { silentLogger } from '../protocol/log.ts';
 import { createShardOptimizer } from '../node/optimizer.ts';
 import { Rng, mutate, validRequest, TYPED_ERRORS, pack, frameOf } from './fuzz-frames.ts';
 import type { TemplateContext } from './fuzz-frames.ts';
@@ -46,7 +50,8 @@ async function* chunked(rng: Rng, b: Uint8Array): AsyncGenerator<Uint8Array> {
   while (o < b.length) { const n = 1 + rng.int(Math.max(1, Math.min(b.length - o, rng.int(3) === 0 ? 7 : 65536))); yield b.subarray(o, o + n); o += n; }
 }
 
-const ALL = Object.keys(PROTOCOLS) as ProtoName[];
+// every request/response protocol; hop streams (several frames each) are fuzzed below, frame by frame
+const ALL = Object.keys(PROTOCOLS).filter((p) => p !== 'hop') as ProtoName[];
 
 test('frames of every protocol, mutated 1000 ways each: the reader and the schemas answer only typed errors', async () => {
   const rng = new Rng(SEED);
@@ -66,6 +71,29 @@ test('frames of every protocol, mutated 1000 ways each: the reader and the schem
         for (const g of (req.grads as WireTensor[] | undefined) ?? []) decodeTensor(g, 'grads');
       } catch (e) {
         name = assertTyped(e, `${proto} ${m.kind}`);
+      } finally {
+        outcomes.set(name, (outcomes.get(name) ?? 0) + 1);
+      }
+    }
+  }
+  // the frames of a hop stream: header, chunks and the receiver's replies
+  const hopFrames: Array<[string, unknown, (x: unknown, w: string) => unknown]> = [
+    ['hop header', { runId: 'run-1', step: 3, mb: 1, attempt: 0, kind: 'act', shape: [8, 16], codec: 'bf16' }, hopHeader],
+    ['hop chunk', { offset: 64, tensor: { dtype: 'f32', shape: [64], codec: 'f32', bytes: new Uint8Array(256) } }, hopChunk],
+    ['hop reply', { credit: 4 }, hopReply],
+  ];
+  for (const [what, valid, schema] of hopFrames) {
+    for (let i = 0; i < 1000; i++) {
+      const m = mutate(rng, valid);
+      frames++;
+      let name = 'accepted';
+      try {
+        const raw = await new FrameReader(chunked(rng, m.bytes)).read();
+        if (raw === undefined) { name = 'empty'; continue; }
+        const x = schema(raw, what) as Record<string, unknown>;
+        if (x.tensor !== undefined) decodeTensor(x.tensor as WireTensor, 'chunk');
+      } catch (e) {
+        name = assertTyped(e, `${what} ${m.kind}`);
       } finally {
         outcomes.set(name, (outcomes.get(name) ?? 0) + 1);
       }
@@ -98,20 +126,37 @@ async function makeHost(stageIndex: number, dir: string): Promise<StageHost> {
   const [layerStart, layerEnd] = stageIndex === 0 ? [0, 2] : [2, 4];
   const stage = await loadStage(weights, new RefBackend(), { layerStart, layerEnd, lora, seed: 11 });
   const a = {
-    runId: RUN, stageIndex, wireCodec: 'f32', step: 0,
+    runId: RUN, stageIndex, numStages: 2, wireCodec: 'f32', step: 0,
     optim: { optim: 'adamw_torch', adamBeta1: 0.9, adamBeta2: 0.999, adamEpsilon: 1e-8, weightDecay: 0, residentBytes: 0 },
   } as unknown as Assignment;
   const optimizer = await createShardOptimizer(a.optim, stage.params, { spillDir: path.join(dir, 'optim'), state: null });
   return new StageHost(stage, a, optimizer, { dir: path.join(dir, 'restore') });
 }
 
-type HostProto = 'forward' | 'backward' | 'commit' | 'aggregate' | 'adapter' | 'optimizer';
-const HOST_PROTOS: HostProto[] = ['forward', 'backward', 'commit', 'aggregate', 'adapter', 'optimizer'];
+type HostProto = 'microbatch' | 'commit' | 'aggregate' | 'adapter' | 'optimizer';
+const HOST_PROTOS: HostProto[] = ['microbatch', 'commit', 'aggregate', 'adapter', 'optimizer'];
+/** the two stages' peer ids on the fuzzed route */
+const ROUTE = ['QmStageA', 'QmStageB'];
+
+/** The hops around the host, made deterministic: the activation from stage 0 is always the same
+ *  tensor, a gradient never comes, and no send reaches anyone (each reported as a broken hop). */
+function stubHops(stageIndex: number) {
+  const hidden = new Float32Array(T * 64).map((_, i) => Math.sin(i) * 0.5);
+  const inbox = {
+    receive: async (key: { kind: string }) => {
+      if (key.kind === 'act') return { data: hidden.slice(), rms: 0.5 };
+      throw new HopError(ROUTE[1]!, 'no gradient in this test');
+    },
+  } as unknown as HopInbox;
+  const node = { peerId: { toString: () => ROUTE[stageIndex]! }, dial: async () => { throw new Error('no network in this test'); } };
+  return { inbox, node: node as never, coordinator: { addrs: [], peerId: 'QmCoordinator' }, log: silentLogger };
+}
 
 async function call(h: StageHost, proto: HostProto, req: unknown): Promise<unknown> {
   switch (proto) {
-    case 'forward': return h.forward(req as never);
-    case 'backward': return h.backward(req as never);
+    // the per-job deadline is the coordinator's; a job past it fails the attempt (a timeout, which the
+    // coordinator then discards), so it is held fixed here
+    case 'microbatch': return runMicroBatch({ ...stubHops(h.stageIndex), host: h }, { ...(req as object), jobTimeoutMs: 60_000 } as never, { signal: new AbortController().signal });
     case 'commit': h.commit(req as never); return { ok: true };
     case 'aggregate': return h.aggregate(req as never);
     case 'adapter': return h.adapter(req as never);
@@ -137,19 +182,19 @@ function digest(h: StageHost): string {
   });
 }
 
-/** A legit micro-batch through one host, with fixed inputs (the same on both twins). */
-function legitForward(stageIndex: number, mb: number, attempt: number, rng: Rng): Record<string, unknown> {
+/** A legit forward through one host, with fixed inputs (the same on both twins). */
+function legitForward(stageIndex: number, mb: number, attempt: number, rng: Rng): Parameters<StageHost['forward']>[0] {
   const ids = new Int32Array(T), labels = new Int32Array(T), hidden = new Float32Array(T * 64);
   for (let i = 0; i < T; i++) { ids[i] = rng.int(97); labels[i] = i % S === S - 1 ? -100 : rng.int(97); }
   for (let i = 0; i < hidden.length; i++) hidden[i] = rng.next() - 0.5;
-  const t = (a: Int32Array | Float32Array, shape: number[]) => ({ dtype: a instanceof Int32Array ? 'i32' : 'f32', shape, codec: a instanceof Int32Array ? 'i32' : 'f32', bytes: new Uint8Array(a.slice().buffer) });
-  const req: Record<string, unknown> = { runId: RUN, step: 0, mb, attempt, stageIndex, route: [], batch: B, seqLen: S, dropoutSeed: 0, train: true };
-  if (stageIndex === 0) req.ids = t(ids, [T]); else { req.hidden = t(hidden, [T, 64]); req.labels = t(labels, [T]); }
+  const t = (a: Int32Array, shape: number[]): WireTensor => ({ dtype: 'i32', shape, codec: 'i32', bytes: new Uint8Array(a.slice().buffer) });
+  const req: Parameters<StageHost['forward']>[0] = { runId: RUN, step: 0, mb, attempt, stageIndex, batch: B, seqLen: S, dropoutSeed: 0, train: true };
+  if (stageIndex === 0) req.ids = t(ids, [T]); else { req.hidden = hidden; req.labels = t(labels, [T]); }
   return req;
 }
 
 for (const stageIndex of [0, 1]) {
-  test(`stage ${stageIndex} host: 6000 mutated forward/backward/commit/aggregate/adapter/optimizer requests are refused with typed errors and change nothing`, async () => {
+  test(`stage ${stageIndex} host: 6000 mutated microbatch/commit/aggregate/adapter/optimizer requests are refused with typed errors and change nothing`, async () => {
     const dir = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-fuzz-host-'));
     try {
       const A = await makeHost(stageIndex, path.join(dir, 'a'));
@@ -158,9 +203,9 @@ for (const stageIndex of [0, 1]) {
       // a state with something to lose: micro-batch 0 committed, 1 through backward, 2 forwarded
       const setup = async (h: StageHost) => {
         const r = new Rng(99);
-        const back = (mb: number) => ({ runId: RUN, step: 0, mb, attempt: 0, stageIndex, ...(stageIndex === 0 ? { gradOut: { dtype: 'f32', shape: [T, 64], codec: 'f32', bytes: new Uint8Array(new Float32Array(T * 64).fill(1e-3).buffer) } } : { lossScale: 1 / 64 }) });
-        for (const mb of [0, 1, 2]) await h.forward(legitForward(stageIndex, mb, 0, r) as never);
-        for (const mb of [0, 1]) await h.backward(back(mb) as never);
+        const back = (mb: number) => ({ runId: RUN, step: 0, mb, attempt: 0, stageIndex, ...(stageIndex === 0 ? { gradOut: new Float32Array(T * 64).fill(1e-3) } : { lossScale: 1 / 64 }) });
+        for (const mb of [0, 1, 2]) await h.forward(legitForward(stageIndex, mb, 0, r));
+        for (const mb of [0, 1]) await h.backward(back(mb));
         h.commit({ runId: RUN, step: 0, mb: 0, attempt: 0, commit: true });
       };
       await setup(A); await setup(Bh);
@@ -172,7 +217,7 @@ for (const stageIndex of [0, 1]) {
       let accepted = 0;
       for (let i = 0; i < 6000; i++) {
         const proto = HOST_PROTOS[i % HOST_PROTOS.length]!;
-        const ctx: TemplateContext = { runId: RUN, step: A.step, stageIndex, hidden: 64, batch: B, seqLen: S, vocab: 97, sha256: '00'.repeat(32), route: [], paramShapes: shapes };
+        const ctx: TemplateContext = { runId: RUN, step: A.step, stageIndex, hidden: 64, batch: B, seqLen: S, vocab: 97, sha256: '00'.repeat(32), route: ROUTE, paramShapes: shapes };
         const m = mutate(rng, validRequest(rng, proto, ctx));
         let req: unknown;
         try {

@@ -16,6 +16,9 @@ import { createSwarmNode, request, serve } from '../protocol/net.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import { encodeTensor } from '../protocol/tensor.ts';
 import { StageHost } from '../node/stage-host.ts';
+import { runMicroBatch } from '../node/pipeline.ts';
+import { HopInbox } from '../protocol/hop.ts';
+import { silentLogger } from '../protocol/log.ts';
 import { createShardOptimizer } from '../node/optimizer.ts';
 import { HEARTBEAT_REPLY_MS } from '../protocol/constants.ts';
 import { registerBuiltinBackends } from '../bin/backends.ts';
@@ -50,8 +53,8 @@ test(`heartbeats are answered within ${HEARTBEAT_REPLY_MS} ms while the stage ru
   // the volunteer's handlers, as node/handlers.ts serves them
   const rss = process.memoryUsage.rss(); // sampled once, as the volunteer does at most once a second
   await serve(vol, 'heartbeat', async () => ({ runId: 'hb', ready: true, step: host.step, tokensPerSecond: host.tokensPerSecond, inflight: host.inflight, busy: host.busy, memoryRssBytes: rss }));
-  await serve(vol, 'forward', (req) => host.forward(req));
-  await serve(vol, 'backward', (req) => host.backward(req));
+  const deps = { node: vol, inbox: new HopInbox(), host, coordinator: { addrs: coord.getMultiaddrs(), peerId: coord.peerId.toString() }, log: silentLogger };
+  await serve(vol, 'microbatch', (req, ctx) => runMicroBatch(deps, req, { signal: ctx.signal }));
   const addr = vol.getMultiaddrs();
 
   const B = 4, S = 256, T = B * S;
@@ -73,11 +76,13 @@ test(`heartbeats are answered within ${HEARTBEAT_REPLY_MS} ms while the stage ru
   const eld = monitorEventLoopDelay({ resolution: 5 });
   eld.enable();
   const t0 = performance.now();
-  await request(coord, addr, 'forward', {
-    runId: 'hb', step: 0, mb: 0, attempt: 0, stageIndex: 0, route: ['x'], batch: B, seqLen: S,
-    ids: encodeTensor(ids, [T], 'i32'), labels: encodeTensor(labels, [T], 'i32'), dropoutSeed: 0, train: true,
+  // a one-stage route: forward and backward in one micro-batch request
+  const res = await request(coord, addr, 'microbatch', {
+    runId: 'hb', step: 0, mb: 0, attempt: 0, stageIndex: 0, route: [vol.peerId.toString()], batch: B, seqLen: S,
+    ids: encodeTensor(ids, [T], 'i32'), labels: encodeTensor(labels, [T], 'i32'), lossScale: 1 / T, dropoutSeed: 0, train: true, jobTimeoutMs: 120_000,
   }, { timeoutMs: 120_000 });
-  await request(coord, addr, 'backward', { runId: 'hb', step: 0, mb: 0, attempt: 0, stageIndex: 0, lossScale: 1 / T }, { timeoutMs: 120_000 });
+  assert.equal(res.failure, undefined);
+  assert.ok(Number.isFinite(res.lossSum));
   const computeMs = performance.now() - t0;
   computing = false;
   eld.disable();

@@ -78,7 +78,12 @@ async function localRun(): Promise<{ init: Map<string, Float32Array>; final: Map
 interface Busy { host: number; stage: number; step: number; mb: number; t0: number; t1: number }
 interface SwarmResult { busy: Busy[]; poisoner: () => number; coordinatorId: string; volunteerEvents: Array<Array<Record<string, unknown>>>; adapter: Map<string, Float32Array>; events: RunEvent[]; addr: string; stop(): Promise<void>; codes: Array<number | number[]>; retries: number }
 
-async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean; lateJoiner?: boolean; poisonStage?: number } = {}): Promise<SwarmResult> {
+/** A volunteer of `stage` killed in the middle of a hop of step 1: right after its forward of a
+ *  micro-batch (stage 0: while it sends the activation) or right after its backward (stage 1: while it
+ *  sends the gradient, with stage 0 waiting to receive it). */
+interface MidHopKill { stage: number; after: 'forward' | 'backward' }
+
+async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean; lateJoiner?: boolean; poisonStage?: number; killMidHop?: MidHopKill } = {}): Promise<SwarmResult> {
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-inproc-'));
   dirs.push(tmp);
   const node = await createSwarmNode({ dataDir: path.join(tmp, 'coord') });
@@ -132,6 +137,18 @@ async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean;
       };
     }
   };
+  let midHopKilled = false;
+  const killMidHop = (h: StageHost, i: number) => {
+    const k = opts.killMidHop;
+    if (k === undefined || h.stageIndex !== k.stage) return;
+    const orig = (h[k.after] as (r: { step: number }, o?: unknown) => Promise<unknown>).bind(h);
+    (h as unknown as Record<string, unknown>)[k.after] = async (req: { step: number }, o?: unknown) => {
+      const res = await orig(req, o);
+      // the hop starts as soon as this returns: abort the process while it is on the wire
+      if (req.step === 1 && !midHopKilled) { midHopKilled = true; setImmediate(() => aborts[i]!.abort()); }
+      return res;
+    };
+  };
   const volunteerEvents: Array<Array<Record<string, unknown>>> = [[], [], [], []];
   const vols = [0, 1, 2, 3].map(async (i) => {
     const dataDir = path.join(tmp, `v${i}`);
@@ -140,7 +157,7 @@ async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean;
     await n.stop();
     if (opts.lateJoiner === true && i === 3) await afterStepOne; // joins a run that is already training
     const volunteer = (signal: AbortSignal) => runVolunteer({ coordinator: addr, token: null, device: 'ref', maxMemoryBytes: 2 ** 30, dataDir, json: true, listen: '/ip4/127.0.0.1/tcp/0' },
-      { backend: new RefBackend(), abort: signal, onEvent: (e) => volunteerEvents[i]!.push(e), onHost: (h) => { poison(h, i); traceHost(h, i); } });
+      { backend: new RefBackend(), abort: signal, onEvent: (e) => volunteerEvents[i]!.push(e), onHost: (h) => { poison(h, i); traceHost(h, i); killMidHop(h, i); } });
     const code = await volunteer(aborts[i]!.signal);
     // the crashed volunteer comes back on the same data dir (same peer id) while the run goes on
     if (opts.restartKilled === true && aborts[i]!.signal.aborted) return [code, await volunteer(new AbortController().signal)];
@@ -223,6 +240,24 @@ test('a replica crashing after step 1: its micro-batches are retried elsewhere a
     await r.stop();
   }
 });
+
+for (const k of [{ stage: 0, after: 'forward' }, { stage: 1, after: 'backward' }] as const) {
+  test(`a stage ${k.stage} peer killed while it sends a hop (stage ${1 - k.stage} receiving): retried elsewhere, counted once`, async () => {
+    const ref = await reference;
+    const r = await swarmRun({ killMidHop: k });
+    try {
+      assert.equal(r.events.find((e) => e.event === 'error'), undefined, JSON.stringify(r.events.filter((e) => e.event === 'error')));
+      assert.ok(r.events.some((e) => e.event === 'peer_dropped'), 'the killed peer is dropped from routes');
+      assert.equal(r.events.find((e) => e.event === 'peer_banned'), undefined, 'a broken hop bans nobody');
+      assert.deepEqual(r.events.filter((e) => e.event === 'step').map((e) => e.step), [1, 2, 3]);
+      const { rel } = relDiff(ref.init, r.adapter, ref.final);
+      assert.ok(rel <= 1e-5, `relative update difference ${rel} after a peer killed mid-hop`);
+      assert.deepEqual([...r.codes].sort(), [0, 0, 0, 1], 'the killed volunteer exits 1, the others 0');
+    } finally {
+      await r.stop();
+    }
+  });
+}
 
 test('a peer joining mid-run is placed at a step boundary with the stage state; results unchanged', async () => {
   const ref = await reference;
@@ -328,7 +363,7 @@ test('stage host: stale steps, superseded attempts, double commits; uncommitted 
   const m = microBatch(5);
   const T = m.batch * m.seqLen;
   const fwd = (mb: number, attempt: number, step = 0) => host.forward({
-    runId: 'r', step, mb, attempt, stageIndex: 0, route: ['x'], batch: m.batch, seqLen: m.seqLen,
+    runId: 'r', step, mb, attempt, stageIndex: 0, batch: m.batch, seqLen: m.seqLen,
     ids: encodeTensor(m.ids, [T], 'i32'), labels: encodeTensor(m.labels, [T], 'i32'), dropoutSeed: 0, train: true,
   });
   const bwd = (mb: number, attempt: number) => host.backward({ runId: 'r', step: 0, mb, attempt, stageIndex: 0, lossScale: 1 });
@@ -336,7 +371,7 @@ test('stage host: stale steps, superseded attempts, double commits; uncommitted 
   const collect = async () => (await host.aggregate({ runId: 'r', step: 0, phase: 'collect', from: 0, count: 1000 })).grads!;
 
   await assert.rejects(fwd(0, 0, 1), { name: 'StaleError', message: /step 1 is not the current step 0/ });
-  await assert.rejects(host.forward({ runId: 'other', step: 0, mb: 0, attempt: 0, stageIndex: 0, route: [], batch: 1, seqLen: 1, dropoutSeed: 0, train: true }), { name: 'StaleError' });
+  await assert.rejects(host.forward({ runId: 'other', step: 0, mb: 0, attempt: 0, stageIndex: 0, batch: 1, seqLen: 1, dropoutSeed: 0, train: true }), { name: 'StaleError' });
   // attempt 0 of mb 0 runs fully but its route fails before commit; attempt 1 commits
   await fwd(0, 0); await bwd(0, 0);
   await fwd(0, 1); await bwd(0, 1);

@@ -185,7 +185,7 @@ test('stage host: a resume at the current step keeps the state; a forward starte
     await apply(host, stage, 1);
     const at1 = snapshotOf(stage);
     const S = 8, ids = Int32Array.from({ length: 2 * S }, (_, i) => (i * 5) % 97);
-    const fwd = (mb: number) => host.forward({ runId: 'r', step: 1, mb, attempt: 0, stageIndex: 0, route: ['x'], batch: 2, seqLen: S, ids: encodeTensor(ids, [2 * S], 'i32'), labels: encodeTensor(ids, [2 * S], 'i32'), dropoutSeed: 0, train: true });
+    const fwd = (mb: number) => host.forward({ runId: 'r', step: 1, mb, attempt: 0, stageIndex: 0, batch: 2, seqLen: S, ids: encodeTensor(ids, [2 * S], 'i32'), labels: encodeTensor(ids, [2 * S], 'i32'), dropoutSeed: 0, train: true });
     const running = fwd(0), queued = fwd(1);
     const offer = await host.detach();
     await running; // was computing when the coordinator was lost: finishes, its input is released by detach

@@ -1,0 +1,342 @@
+// Stage-to-stage tensor streams (/swarmtune/hop/1.0.0): one activation or activation gradient per
+// stream, in bounded chunks under credit-based back-pressure, taken only from the peer the
+// coordinator's control message named for it, and screened by the receiver as it arrives.
+//
+//   sender → receiver   header {runId, step, mb, attempt, kind, shape [T, C], codec}
+//   receiver → sender   {credit: HOP_CREDIT}      once the sender is the peer the route names
+//   sender → receiver   chunk {offset, tensor}    whole rows [offset, offset + n) as [rows, C], n ≤ HOP_CHUNK_ELEMENTS
+//   receiver → sender   {credit: 1}               after decoding each chunk but the last
+//   receiver → sender   {ok: true} | error frame  the verdict, after the RMS screen
+//
+// The receiver never has more than HOP_CREDIT chunk frames in flight besides the tensor it
+// assembles (which it allocates at the shape it expected, not one the sender claims), so neither the
+// frame cap nor the tensor element cap bounds a micro-batch, and a slow receiver slows the sender.
+import type { Connection, Stream } from '@libp2p/interface';
+import type { Multiaddr } from '@multiformats/multiaddr';
+import { HOP_CHUNK_ELEMENTS, HOP_CREDIT, HOP_EXPECT_WAIT_MS, HOP_FRAME_BYTES, MAX_HOP_ELEMENTS, PROTOCOLS } from './constants.ts';
+import { encodeFrame, FrameReader } from './frame.ts';
+import { errorFrame, hopChunk, hopHeader, hopReply } from './messages.ts';
+import type { HopHeader, HopReply } from './messages.ts';
+import { decodeFloat, encodeTensor } from './tensor.ts';
+import type { FloatCodec, WireTensor } from './tensor.ts';
+import { AuthError, errorFromWire, SchemaError, StaleError, SwarmError, TimeoutError } from './errors.ts';
+import { BadOutputError, rmsOf } from './screen.ts';
+import { silentLogger } from './log.ts';
+import type { Logger } from './log.ts';
+import type { SwarmNode } from './net.ts';
+
+export type HopKind = 'act' | 'grad';
+export type HopKey = Omit<HopHeader, 'shape' | 'codec'>;
+
+const keyOf = (k: HopKey): string => `${k.runId}/${k.step}/${k.mb}/${k.attempt}/${k.kind}`;
+const describe = (k: HopKey): string => `the ${k.kind === 'act' ? 'activation' : 'activation gradient'} of step ${k.step} micro-batch ${k.mb} attempt ${k.attempt}`;
+
+/** A hop broke in transport (reset, closed early, refused, timed out); `peerId` is the other end. */
+export class HopError extends SwarmError {
+  override name = 'HopError';
+  readonly peerId: string;
+  constructor(peerId: string, message: string) {
+    super(message);
+    this.peerId = peerId;
+  }
+}
+
+/** What a receiver expects: the tensor of one attempt, from one peer, of one shape. */
+export interface HopExpectation {
+  /** the Noise-authenticated peer id the route names as the sender */
+  from: string;
+  /** [B·S, C] */
+  shape: [number, number];
+  /** the RMS screen (throws BadOutputError); shape, dtype and finiteness are checked per chunk */
+  judge?: (rms: number) => void;
+}
+
+export interface HopReceived {
+  data: Float32Array;
+  rms: number;
+}
+
+/** What one receive held: tests and the bench read it (onReceived). */
+export interface HopStats {
+  key: string;
+  from: string;
+  /** hop bytes that arrived (frames included) */
+  bytesIn: number;
+  /** the most bytes that had arrived but were not yet decoded, at any moment */
+  maxBufferedBytes: number;
+  chunks: number;
+}
+
+interface Pending {
+  key: HopKey;
+  e: HopExpectation;
+  claimed: boolean;
+  settled: boolean;
+  resolve: (r: HopReceived) => void;
+  reject: (e: Error) => void;
+  abortStream?: (e: Error) => void;
+}
+
+export interface HopInboxInit {
+  log?: Logger;
+  /** how long a hop stream that arrives before its expectation waits for it */
+  expectWaitMs?: number;
+  /** called after every completed receive */
+  onReceived?: (s: HopStats) => void;
+}
+
+/** A truncated stream reads as a DecodeError from FrameReader: that is transport, not a bad tensor. */
+function truncated(e: Error): boolean {
+  return e.name === 'DecodeError' && e.message.startsWith('stream ended');
+}
+
+async function sendFrame(stream: Stream, msg: unknown, maxBytes?: number): Promise<void> {
+  if (!stream.send(encodeFrame(msg, maxBytes))) await stream.onDrain();
+}
+
+/** The receiving side: expectations registered by the stage's micro-batch handler, and the protocol
+ *  handler that matches incoming hop streams to them. */
+export class HopInbox {
+  private readonly pending = new Map<string, Pending>();
+  /** hop streams waiting for their expectation */
+  private readonly early = new Map<string, Array<() => void>>();
+  private readonly log: Logger;
+  private readonly expectWaitMs: number;
+  private readonly onReceived?: (s: HopStats) => void;
+
+  constructor(init: HopInboxInit = {}) {
+    this.log = init.log ?? silentLogger;
+    this.expectWaitMs = init.expectWaitMs ?? HOP_EXPECT_WAIT_MS;
+    this.onReceived = init.onReceived;
+  }
+
+  /** Register on a node (the handler reads only streams it can match to an expectation). */
+  async register(node: SwarmNode): Promise<void> {
+    await node.handle(PROTOCOLS.hop, (stream, connection) => this.handle(stream, connection), { maxInboundStreams: 256, maxOutboundStreams: 256 });
+  }
+
+  /** Expect `key` from `e.from`: resolves with the assembled, screened tensor; rejects with
+   *  BadOutputError (the sender's tensor failed a screen), HopError (the stream broke),
+   *  TimeoutError (nothing complete within `timeoutMs`) or the signal's reason. */
+  receive(key: HopKey, e: HopExpectation, opts: { signal: AbortSignal; timeoutMs: number }): Promise<HopReceived> {
+    const k = keyOf(key);
+    if (this.pending.has(k)) return Promise.reject(new StaleError(`${describe(key)} is already expected`));
+    return new Promise<HopReceived>((resolve, reject) => {
+      const p: Pending = { key, e, claimed: false, settled: false, resolve: () => {}, reject: () => {} };
+      const settle = () => {
+        p.settled = true;
+        clearTimeout(timer);
+        opts.signal.removeEventListener('abort', onAbort);
+        if (this.pending.get(k) === p) this.pending.delete(k);
+      };
+      p.resolve = (r) => { if (p.settled) return; settle(); resolve(r); };
+      p.reject = (err) => { if (p.settled) return; settle(); p.abortStream?.(err); reject(err); };
+      const onAbort = () => p.reject(opts.signal.reason as Error);
+      const timer = setTimeout(() => p.reject(new TimeoutError(`no complete ${describe(key)} from ${e.from} within ${opts.timeoutMs} ms`)), opts.timeoutMs);
+      if (opts.signal.aborted) { onAbort(); return; }
+      opts.signal.addEventListener('abort', onAbort, { once: true });
+      this.pending.set(k, p);
+      for (const wake of this.early.get(k) ?? []) wake();
+      this.early.delete(k);
+    });
+  }
+
+  /** The expectation for `k` from `peer`, waiting up to expectWaitMs for it to be registered. */
+  private async claim(key: HopKey, peer: string, signal: AbortSignal): Promise<Pending> {
+    const k = keyOf(key);
+    if (!this.pending.has(k)) {
+      await new Promise<void>((resolve) => {
+        const wakers = this.early.get(k) ?? [];
+        const done = () => { clearTimeout(t); signal.removeEventListener('abort', done); const i = wakers.indexOf(done); if (i >= 0) wakers.splice(i, 1); resolve(); };
+        const t = setTimeout(done, this.expectWaitMs);
+        signal.addEventListener('abort', done, { once: true });
+        wakers.push(done);
+        this.early.set(k, wakers);
+      });
+    }
+    const p = this.pending.get(k);
+    if (p === undefined) throw new StaleError(`hop: ${describe(key)} is not expected here (no current route names it)`);
+    if (p.e.from !== peer) throw new AuthError(`hop: ${describe(key)} is expected from ${p.e.from}, not from ${peer}`);
+    if (p.claimed) throw new StaleError(`hop: ${describe(key)} is already being received`);
+    p.claimed = true;
+    return p;
+  }
+
+  private async handle(stream: Stream, connection: Connection): Promise<void> {
+    const peer = connection.remotePeer.toString();
+    const closed = new AbortController();
+    const onClose = () => closed.abort(new HopError(peer, 'the hop stream closed'));
+    stream.addEventListener('close', onClose, { once: true });
+    const stats: HopStats = { key: '', from: peer, bytesIn: 0, maxBufferedBytes: 0, chunks: 0 };
+    let decoded = 0;
+    const onMessage = (ev: Event) => {
+      const d = (ev as unknown as { data: { byteLength: number } }).data;
+      stats.bytesIn += d.byteLength;
+      stats.maxBufferedBytes = Math.max(stats.maxBufferedBytes, stats.bytesIn - decoded);
+    };
+    stream.addEventListener('message', onMessage);
+    let p: Pending | null = null;
+    try {
+      const reader = new FrameReader(stream, HOP_FRAME_BYTES);
+      const raw = await reader.read();
+      if (raw === undefined) throw new SchemaError('hop: empty stream');
+      const h = hopHeader(raw, 'hop header');
+      stats.key = keyOf(h);
+      p = await this.claim(h, peer, closed.signal);
+      const pend = p;
+      pend.abortStream = (err) => { try { stream.abort(err); } catch { /* already gone */ } };
+      const [T, C] = pend.e.shape;
+      const what = `${describe(h)} from ${peer}`;
+      if (h.shape.length !== 2 || h.shape[0] !== T || h.shape[1] !== C) throw new BadOutputError(`${what}: shape [${h.shape}], expected [${T}, ${C}]`);
+      const n = T * C;
+      if (n > MAX_HOP_ELEMENTS) throw new BadOutputError(`${what}: ${n} elements exceeds the hop cap ${MAX_HOP_ELEMENTS}`);
+      const out = new Float32Array(n);
+      decoded = reader.consumedBytes;
+      await sendFrame(stream, { credit: HOP_CREDIT } satisfies HopReply);
+      let off = 0, ss = 0;
+      while (off < n) {
+        let c;
+        try {
+          const rc = await reader.read();
+          if (rc === undefined) throw new HopError(peer, `${what}: the stream ended after ${off} of ${n} elements`);
+          c = hopChunk(rc, 'hop chunk');
+        } catch (e) {
+          if (truncated(e as Error)) throw new HopError(peer, `${what}: ${(e as Error).message}`);
+          if ((e as Error).name === 'HopError') throw e;
+          throw new BadOutputError(`${what}: ${(e as Error).message}`);
+        }
+        const len = Math.min(chunkRows(C) * C, n - off);
+        if (c.offset !== off) throw new BadOutputError(`${what}: chunk at element ${c.offset}, expected ${off}`);
+        let x: Float32Array;
+        try {
+          x = decodeFloat(c.tensor, `${what}, elements [${off}, ${off + len})`, [len / C, C]);
+        } catch (e) {
+          throw new BadOutputError((e as Error).message);
+        }
+        out.set(x, off);
+        for (let i = 0; i < x.length; i++) ss += x[i]! * x[i]!;
+        off += len;
+        stats.chunks++;
+        // the frames read so far are decoded; what arrived after them still counts as buffered
+        decoded = reader.consumedBytes;
+        if (off < n) await sendFrame(stream, { credit: 1 } satisfies HopReply);
+      }
+      const rms = rmsOf(ss, n);
+      pend.e.judge?.(rms);
+      await sendFrame(stream, { ok: true } satisfies HopReply);
+      await stream.close();
+      this.onReceived?.(stats);
+      pend.resolve({ data: out, rms });
+    } catch (e) {
+      const err = e as Error;
+      this.log('hop <- %s %s: %s: %s', peer, stats.key, err.name, err.message);
+      if (p !== null) {
+        // this handler answers the sender itself (an error frame names what was wrong)
+        p.abortStream = undefined;
+        p.reject(err.name === 'BadOutputError' || err.name === 'HopError' ? err : new HopError(peer, `${err.name}: ${err.message}`));
+      }
+      try {
+        await sendFrame(stream, { error: { name: err.name, message: err.message.slice(0, 4000) } });
+        await stream.close();
+      } catch {
+        stream.abort(err);
+      }
+    } finally {
+      stream.removeEventListener('close', onClose);
+      stream.removeEventListener('message', onMessage);
+    }
+  }
+}
+
+export interface SendHopOptions {
+  signal: AbortSignal;
+  /** the whole transfer's deadline */
+  timeoutMs: number;
+  codec: FloatCodec;
+  /** the peer id the addresses must authenticate as (Noise) */
+  expectPeer: string;
+  /** testing aid: what a bad peer does to each chunk it sends */
+  mutate?: (t: WireTensor) => WireTensor;
+  log?: Logger;
+}
+
+/** Send `data` (the flattened [T, C] tensor) to the peer at `addrs` as hop `key`. Resolves once
+ *  the receiver accepted it; a refusal, a broken stream or the deadline is a HopError naming the
+ *  receiver. A value this peer cannot encode (non-finite: its own fault) is a TensorError. */
+/** Rows of a [T, C] tensor per chunk: whole rows, so that every codec (blockwise and low-rank
+ *  alike) encodes a chunk as a [rows, C] matrix of its own; at most HOP_CHUNK_ELEMENTS elements. */
+export function chunkRows(C: number): number {
+  return Math.max(1, Math.floor(HOP_CHUNK_ELEMENTS / C));
+}
+
+export async function sendHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, shape: [number, number], data: Float32Array, opts: SendHopOptions): Promise<{ bytes: number }> {
+  const to = opts.expectPeer;
+  const what = `${describe(key)} to ${to}`;
+  const n = shape[0] * shape[1];
+  if (data.length !== n) throw new SchemaError(`${what}: ${data.length} elements, shape [${shape}] needs ${n}`);
+  const deadline = AbortSignal.timeout(opts.timeoutMs);
+  const signal = AbortSignal.any([opts.signal, deadline]);
+  let stream: Stream | undefined;
+  const onAbort = () => stream?.abort(new TimeoutError(`${what}: not accepted within ${opts.timeoutMs} ms`));
+  signal.addEventListener('abort', onAbort, { once: true });
+  const log = opts.log ?? silentLogger;
+  let bytes = 0;
+  const net = async <T>(fn: () => Promise<T>): Promise<T> => {
+    try {
+      return await fn();
+    } catch (e) {
+      if (opts.signal.aborted) throw opts.signal.reason;
+      if (deadline.aborted) throw new HopError(to, `${what}: not accepted within ${opts.timeoutMs} ms`);
+      if (e instanceof HopError) throw e;
+      throw new HopError(to, `${what}: ${(e as Error).name}: ${(e as Error).message}`);
+    }
+  };
+  try {
+    const conn = await net(() => node.dial(addrs, { signal }));
+    // Noise authenticated the remote; it must be the peer the route names
+    if (conn.remotePeer.toString() !== to) throw new HopError(to, `${what}: the address reached ${conn.remotePeer.toString()}`);
+    stream = await net(() => conn.newStream(PROTOCOLS.hop, { signal }));
+    const s = stream;
+    const reader = new FrameReader(s, 64 * 1024);
+    const next = async (): Promise<HopReply> => {
+      const raw = await reader.read();
+      if (raw === undefined) throw new HopError(to, `${what}: the receiver closed the stream`);
+      if (raw !== null && typeof raw === 'object' && 'error' in raw) {
+        const er = errorFrame(raw, 'hop error');
+        const re = errorFromWire(er.error.name, er.error.message);
+        throw new HopError(to, `${what}: refused: ${re.message}`);
+      }
+      return hopReply(raw, 'hop reply');
+    };
+    const header: HopHeader = { ...key, shape: [...shape], codec: opts.codec };
+    await net(() => sendFrame(s, header));
+    let credit = 0, off = 0;
+    while (off < n) {
+      while (credit === 0) {
+        const r = await net(next);
+        if (r.credit === undefined) throw new HopError(to, `${what}: a verdict before every chunk was sent`);
+        credit += r.credit;
+      }
+      const len = Math.min(chunkRows(shape[1]) * shape[1], n - off);
+      const t = encodeTensor(data.subarray(off, off + len), [len / shape[1], shape[1]], opts.codec, `${what}, elements [${off}, ${off + len})`);
+      const frame = encodeFrame({ offset: off, tensor: opts.mutate !== undefined ? opts.mutate(t) : t }, HOP_FRAME_BYTES);
+      bytes += frame.length;
+      await net(async () => { if (!s.send(frame)) await s.onDrain({ signal }); });
+      credit--;
+      off += len;
+    }
+    for (;;) {
+      const r = await net(next);
+      if (r.ok === true) break;
+    }
+    await net(() => s.close({ signal }));
+    log('hop -> %s %s: ok (%d bytes)', to, keyOf(key), bytes);
+    return { bytes };
+  } catch (e) {
+    log('hop -> %s %s: %s: %s', to, keyOf(key), (e as Error).name, (e as Error).message);
+    throw e;
+  } finally {
+    signal.removeEventListener('abort', onAbort);
+    if (stream !== undefined && stream.status === 'open') stream.abort(new Error('hop done'));
+  }
+}
