@@ -194,14 +194,17 @@ test('train with eval: eval events equal the eval task on each checkpoint and a 
 
 test('best-model tracking is HF\'s: strict improvement, greater_is_better, a resumed state; rotation keeps the best', () => {
   const m = (v: number): EvalMetrics => ({ eval_loss: v, eval_runtime: 0, eval_samples_per_second: 0, eval_steps_per_second: 0, eval_tokens: 1, eval_samples: 1 });
-  const t = new BestModelTracker({ metric_for_best_model: null, greater_is_better: null });
+  const off = new BestModelTracker({ metric_for_best_model: null, greater_is_better: null, load_best_model_at_end: false });
+  assert.equal(off.offer(1, m(3), 'c1'), false);
+  assert.equal(off.state.best_metric, null);
+  const t = new BestModelTracker({ metric_for_best_model: null, greater_is_better: null, load_best_model_at_end: true });
   assert.equal(t.metric, 'eval_loss');
   assert.equal(t.offer(1, m(3), 'c1'), true);
   assert.equal(t.offer(2, m(2), 'c2'), true);
   assert.equal(t.offer(3, m(2), 'c3'), false); // a tie is not better
   assert.equal(t.offer(4, m(2.5), 'c4'), false);
   assert.deepEqual(t.state, { best_metric: 2, best_global_step: 2, best_model_checkpoint: 'c2' });
-  const g = new BestModelTracker({ metric_for_best_model: 'eval_loss', greater_is_better: true }, { best_metric: 2, best_global_step: 2, best_model_checkpoint: 'c2' });
+  const g = new BestModelTracker({ metric_for_best_model: 'eval_loss', greater_is_better: true, load_best_model_at_end: false }, { best_metric: 2, best_global_step: 2, best_model_checkpoint: 'c2' });
   assert.equal(g.offer(3, m(1), 'c3'), false);
   assert.equal(g.offer(4, m(5), 'c4'), true);
   const all = ['c1', 'c2', 'c3', 'c4', 'c5'];

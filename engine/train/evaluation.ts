@@ -98,13 +98,16 @@ export interface BestModelState {
 
 /** HF's _determine_best_metric: after each evaluation, the metric (metric_for_best_model, default loss,
  *  "eval_" prefixed) is compared strictly with the best so far (greater_is_better, default false for a
- *  loss), and a better one makes this step's checkpoint the best. */
+ *  loss), and a better one makes this step's checkpoint the best. As in HF, nothing is tracked unless
+ *  load_best_model_at_end or metric_for_best_model is set (best_* stay null). */
 export class BestModelTracker {
   readonly metric: keyof EvalMetrics;
   readonly greaterIsBetter: boolean;
+  readonly enabled: boolean;
   state: BestModelState = { best_metric: null, best_global_step: null, best_model_checkpoint: null };
 
-  constructor(cfg: Pick<TrainConfig, 'metric_for_best_model' | 'greater_is_better'>, restored?: Partial<BestModelState>) {
+  constructor(cfg: Pick<TrainConfig, 'metric_for_best_model' | 'greater_is_better' | 'load_best_model_at_end'>, restored?: Partial<BestModelState>) {
+    this.enabled = cfg.load_best_model_at_end || cfg.metric_for_best_model !== null;
     const name = cfg.metric_for_best_model ?? 'loss';
     this.metric = (name.startsWith('eval_') ? name : `eval_${name}`) as keyof EvalMetrics;
     this.greaterIsBetter = cfg.greater_is_better ?? !name.endsWith('loss');
@@ -113,6 +116,7 @@ export class BestModelTracker {
 
   /** Offer an evaluation of step `step` whose checkpoint is (or will be) `checkpointDir`; true if it is the new best. */
   offer(step: number, m: EvalMetrics, checkpointDir: string): boolean {
+    if (!this.enabled) return false;
     const v = m[this.metric];
     const best = this.state.best_metric;
     if (best !== null && this.state.best_model_checkpoint !== null && !(this.greaterIsBetter ? v > best : v < best)) return false;
