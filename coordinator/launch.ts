@@ -24,6 +24,7 @@ import { startDashboard } from './dashboard/server.ts';
 import { buildRunData, stageMemoryFn } from './spec.ts';
 import { coordinatorConfig } from './config.ts';
 import { RunEvaluator } from './eval.ts';
+import { checkEvalPlan } from '../engine/train/evaluation.ts';
 import { dataOptionsOf, loadDataset } from '../engine/train/data.ts';
 import { TensorBoardWriter, defaultLoggingDir } from '../engine/logging/tensorboard.ts';
 import { knobs } from '../engine/env.ts';
@@ -165,6 +166,10 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
     initAdapter = new Map(a.tensors.map((t) => [t.name, t]));
   }
   const data = await buildRunData(train, model);
+  // eval_data goes through the run's own data pipeline (the coordinator evaluates: coordinator/eval.ts),
+  // checked with the eval plan before anything is written
+  const evalData = train.eval_data !== null && train.eval_strategy !== 'no' ? loadDataset(train.eval_data, model.tokenizer!, dataOptionsOf(train)) : null;
+  checkEvalPlan(train, data.totalSteps);
   const want = await askedFingerprint(train, model.dir, wireCodec);
   if (store === null) await openStore();
   const runStore = store!;
@@ -209,14 +214,8 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
   const args = trainingArgs(train);
   log(`data: ${data.examples} examples from ${train.data}${data.skipped > 0 ? `, ${data.skipped} bad lines skipped` : ''}${data.truncated > 0 ? `, ${data.truncated} truncated at ${train.max_seq_length} tokens` : ''}`);
   log(`${data.totalSteps} optimizer steps of ${data.microBatchesPerStep} micro-batch(es) × ${train.per_device_train_batch_size} sequences (${data.stepsPerEpoch} steps per epoch)`);
-  // eval_data goes through the run's own data pipeline; the coordinator evaluates (coordinator/eval.ts)
-  let evalExamples = null;
   if (train.eval_data !== null && train.eval_strategy === 'no') log(`note: eval_data ${train.eval_data} is not evaluated during training: eval_strategy is "no" (set steps or epoch)`);
-  if (train.eval_data !== null && train.eval_strategy !== 'no') {
-    const eds = loadDataset(train.eval_data, model.tokenizer!, dataOptionsOf(train));
-    evalExamples = eds.examples;
-    log(`eval data: ${eds.examples.length} examples from ${train.eval_data}${eds.skipped.length > 0 ? `, ${eds.skipped.length} bad lines skipped` : ''}${eds.truncated > 0 ? `, ${eds.truncated} truncated at ${train.max_seq_length} tokens` : ''}`);
-  }
+  if (evalData !== null) log(`eval data: ${evalData.examples.length} examples from ${train.eval_data}${evalData.skipped.length > 0 ? `, ${evalData.skipped.length} bad lines skipped` : ''}${evalData.truncated > 0 ? `, ${evalData.truncated} truncated at ${train.max_seq_length} tokens` : ''}`);
   let tb: TensorBoardWriter | null = null;
   if (train.report_to.includes('tensorboard') && !finished) {
     const tbw = tb = new TensorBoardWriter(train.logging_dir ?? defaultLoggingDir(outputDir));
@@ -229,7 +228,6 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
   let coordinator: Coordinator | null = null;
   let trainingStarted: { ms: number; step: number } | null = null;
   const emit = (e: RunEvent) => {
-    // without --json: what `swarmtune train` prints, a progress line per logged step
     if (e.event === 'step' && tb !== null) {
       const step = Number(e.step);
       tbWindow.push(Number(e.loss));
@@ -239,6 +237,7 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
       }
     }
     if (json) { process.stdout.write(JSON.stringify(e) + '\n'); return; }
+    // without --json: what `swarmtune train` prints, a progress line per logged step
     if (e.event === 'training') trainingStarted = { ms: performance.now(), step: Number(e.step) };
     if (e.event === 'step') {
       const step = Number(e.step), total = Number(e.total_steps);
@@ -248,6 +247,14 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
         peers: coordinator?.livePeers() ?? 0, elapsedMs: performance.now() - t0.ms, stepsDone: step - t0.step }));
     }
   };
+
+  // released after the coordinator stopped (releases run in reverse), so no evaluation is cut short
+  const evaluator: RunEvaluator = new RunEvaluator({
+    train, llama: model.config, weights: model.weights, lora, examples: evalData?.examples ?? null, padId: model.tokenizer!.padTokenId ?? model.tokenizer!.eosTokenId ?? 0,
+    totalSteps: data.totalSteps, stepsPerEpoch: data.stepsPerEpoch, outputDir, adapter: (): NamedTensor[] => c.currentAdapter(), tensorboard: tb, emit, log,
+  });
+  releases.push(async () => { evaluator.close(); });
+  if (resume !== null) await evaluator.restore(resume.step);
 
   const node = await createSwarmNode({ dataDir, listen: [o.listen] });
   releases.push(async () => { await node.stop(); });
@@ -271,12 +278,6 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
     trainingArgs: args, adapter: (): NamedTensor[] => c.currentAdapter(), pruneBlobsBefore: (step) => c.pruneBlobsBefore(step), log,
     protect: () => (train.load_best_model_at_end ? evaluator.best.state.best_model_checkpoint : null),
   });
-  const evaluator: RunEvaluator = new RunEvaluator({
-    train, llama: model.config, weights: model.weights, lora, examples: evalExamples, padId: model.tokenizer!.padTokenId ?? model.tokenizer!.eosTokenId ?? 0,
-    totalSteps: data.totalSteps, stepsPerEpoch: data.stepsPerEpoch, outputDir, adapter: (): NamedTensor[] => c.currentAdapter(), tensorboard: tb, emit, log,
-  });
-  releases.push(async () => { evaluator.close(); });
-  if (resume !== null) await evaluator.restore(resume.step);
   if (!finished) {
     // the weights' content hash is known once they are quantized into shard blobs (cached across launches)
     const weights = await c.publishShards({ file: path.join(dataDir, 'shards.json'), key: `${await modelFilesKey(model.dir)}:nf4-dq=${model.doubleQuant}` });
