@@ -215,3 +215,19 @@ test('best-model tracking is HF\'s: strict improvement, greater_is_better, a res
   assert.deepEqual(checkpointsToDelete(all, 1, 'c2'), ['c1', 'c3', 'c4']); // HF keeps two when the best is not the newest
   assert.deepEqual(checkpointsToDelete(all, 1, 'c5'), ['c1', 'c2', 'c3', 'c4']);
 });
+
+test('a resumed run keeps its best: best_* come back from trainer_state.json and the final adapter is read from the best checkpoint dir', async () => {
+  const out = join(root, 'resumed');
+  const o = { output_dir: out, learning_rate: 2e-2, load_best_model_at_end: true, save_total_limit: 2 };
+  const first = await train(cfgOf({ ...o, max_steps: 4 }));
+  assert.equal(first.best.best_global_step, 3, `eval losses ${first.evals.map((e) => e.eval_loss).join(', ')}`);
+  const second = await train(cfgOf({ ...o, max_steps: 8, resume_from_checkpoint: 'latest' }));
+  assert.deepEqual(second.evals.map((e) => e.step), [5, 6, 7, 8]);
+  // steps 5-8 do not beat step 3 (the same trajectory as the 8-step run above: resume is bit-identical)
+  assert.equal(second.best.best_global_step, 3);
+  assert.equal(second.best.best_model_checkpoint, join(out, 'checkpoint-3'));
+  assert.ok(existsSync(join(out, 'checkpoint-3')), 'kept under save_total_limit across the resume');
+  const final = await readAdapter(out, { config: md.config });
+  const best = await readAdapter(join(out, 'checkpoint-3'), { config: md.config });
+  final.tensors.forEach((t, i) => assert.deepEqual(t.data, best.tensors[i]!.data, t.name));
+});
