@@ -41,7 +41,7 @@ export class ShardBlobs {
         const m = JSON.parse(await readFile(cache.file, 'utf8')) as { key: string; refs: Record<string, ShardRef> };
         if (m.key === cache.key && names.every((n) => m.refs[n] !== undefined)) {
           let ok = true;
-          for (const n of names) ok &&= (await this.o.blobs.readCached({ name: n, sha256: m.refs[n]!.sha256 })) !== null;
+          for (const n of names) ok &&= (await this.o.blobs.cachedFile({ name: n, sha256: m.refs[n]!.sha256 })) !== null;
           if (ok) {
             for (const n of names) this.refs.set(n, m.refs[n]!);
             this.o.log(`reusing ${names.length} verified shard blobs quantized earlier from the same model files`);
@@ -70,10 +70,15 @@ export class ShardBlobs {
 
   private blobRef(name: string, ref: ShardRef, extraProviders: string[] = []): BlobRef {
     const own = this.o.node.getMultiaddrs().map((m) => m.toString());
-    return { name, sha256: ref.sha256, sizeBytes: ref.sizeBytes, providers: [...extraProviders, ...own].slice(-this.o.maxProviders) };
+    // the coordinator's own addresses always stay listed (the provider of last resort); holders fill the rest
+    const holders = extraProviders.slice(0, Math.max(0, this.o.maxProviders - own.length));
+    // every chunk's hash, so a fetcher checks chunks from several peers as they arrive (protocol/blobs.ts)
+    const chunkSha256 = this.o.blobs.chunkHashes(ref.sha256);
+    return { name, sha256: ref.sha256, sizeBytes: ref.sizeBytes, providers: [...holders, ...own].slice(0, this.o.maxProviders), ...(chunkSha256 !== undefined ? { chunkSha256 } : {}) };
   }
 
-  /** The frozen shard blobs of a stage; `holders` (peers already serving them) are listed first. */
+  /** The frozen shard blobs of a stage; `holders` (addresses of peers already serving them) are listed
+   *  first, and a joiner fetches chunks from all of them at once. */
   stageBlobs(st: StageRange, holders: string[]): BlobRef[] {
     return stageShardNames(this.o.llama, st.layerStart, st.layerEnd).map((n) => this.blobRef(n, this.refs.get(n)!, holders));
   }
