@@ -74,7 +74,10 @@ export class ShardBlobs {
     const holders = extraProviders.slice(0, Math.max(0, this.o.maxProviders - own.length));
     // every chunk's hash, so a fetcher checks chunks from several peers as they arrive (protocol/blobs.ts)
     const chunkSha256 = this.o.blobs.chunkHashes(ref.sha256);
-    return { name, sha256: ref.sha256, sizeBytes: ref.sizeBytes, providers: [...holders, ...own].slice(0, this.o.maxProviders), ...(chunkSha256 !== undefined ? { chunkSha256 } : {}) };
+    return {
+      name, sha256: ref.sha256, sizeBytes: ref.sizeBytes, providers: [...holders, ...own].slice(0, this.o.maxProviders),
+      ...(chunkSha256 !== undefined ? { chunkBytes: this.o.blobs.chunkBytes, chunkSha256 } : {}),
+    };
   }
 
   /** The frozen shard blobs of a stage; `holders` (addresses of peers already serving them) are listed

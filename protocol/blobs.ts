@@ -1,6 +1,7 @@
 // Content-addressed blob store: sha256-verified files on disk, fetched in parallel chunks from several providers, served by range.
 //
-// A blob is cut into CHUNK_BYTES chunks (the last one shorter). A reference may list each chunk's sha256
+// A blob is cut into chunks of the publisher's size (its reference's `chunkBytes`, CHUNK_BYTES by default; the
+// last one shorter). A reference may list each chunk's sha256
 // (`chunkSha256`, made by the publisher): then every chunk is checked the moment it arrives, a provider that
 // sends a bad chunk (or fails) is dropped and that chunk is fetched again from another provider. The whole
 // blob's sha256 is checked in every case, by one streaming pass over the file before it is renamed into
@@ -97,10 +98,22 @@ function providerKey(addr: string): string {
   return i >= 0 ? addr.slice(i + 5) : addr;
 }
 
-function chunkCount(sizeBytes: number): number { return Math.ceil(sizeBytes / CHUNK_BYTES); }
+/** How many chunks of `chunkBytes` a blob of `sizeBytes` has, and where chunk i lies (plain float
+ *  arithmetic on integers below 2^53, so offsets past 2 GiB and 4 GiB are exact). */
+export function chunkCount(sizeBytes: number, chunkBytes = CHUNK_BYTES): number { return Math.ceil(sizeBytes / chunkBytes); }
+export function chunkRange(i: number, sizeBytes: number, chunkBytes = CHUNK_BYTES): { offset: number; length: number } {
+  const offset = i * chunkBytes;
+  return { offset, length: Math.min(chunkBytes, sizeBytes - offset) };
+}
 
 export interface BlobFetchOptions {
   signal?: AbortSignal;
+}
+
+export interface BlobStoreInit {
+  /** the chunk size this store cuts the blobs it publishes into (default CHUNK_BYTES, at most that);
+   *  blobs it fetches follow the chunk size their reference names */
+  chunkBytes?: number;
 }
 
 export class BlobStore {
@@ -113,8 +126,15 @@ export class BlobStore {
   /** a private run's join token, sent with every weights request this store makes */
   token: string | null = null;
 
-  constructor(dataDir: string) {
+  /** the chunk size of the blobs this store publishes (chunkHashes) */
+  readonly chunkBytes: number;
+
+  constructor(dataDir: string, init: BlobStoreInit = {}) {
     this.dir = path.join(dataDir, 'blobs');
+    this.chunkBytes = init.chunkBytes ?? CHUNK_BYTES;
+    if (!Number.isSafeInteger(this.chunkBytes) || this.chunkBytes < 1024 || this.chunkBytes > CHUNK_BYTES) {
+      throw new SwarmError(`blob chunk size ${this.chunkBytes}: must be an integer from 1024 to ${CHUNK_BYTES} bytes`);
+    }
   }
 
   private file(sha: string): string {
@@ -124,7 +144,7 @@ export class BlobStore {
 
   /** Store bytes under their own hash (the coordinator publishing shards); durable before it returns. */
   async put(bytes: Uint8Array): Promise<string> {
-    const h = hashBlob(bytes);
+    const h = hashBlob(bytes, this.chunkBytes);
     await mkdir(this.dir, { recursive: true });
     const f = this.file(h.sha256);
     const tmp = `${f}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
@@ -148,7 +168,7 @@ export class BlobStore {
     await rm(f, { force: true });
   }
 
-  /** The chunk hashes of a blob verified here (for the references a publisher hands out). */
+  /** The chunk hashes (by this store's chunkBytes) of a blob verified here, for the references a publisher hands out. */
   chunkHashes(sha256: string): string[] | undefined {
     return this.verified.get(sha256)?.chunkSha256;
   }
@@ -161,7 +181,7 @@ export class BlobStore {
     const f = this.file(ref.sha256);
     let h: Awaited<ReturnType<typeof hashFile>>;
     try {
-      h = await hashFile(f);
+      h = await hashFile(f, this.chunkBytes);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') return null;
       throw e;
@@ -203,8 +223,9 @@ export class BlobStore {
   }
 
   private async download(node: SwarmNode, ref: BlobRef, signal?: AbortSignal): Promise<string> {
-    if (ref.chunkSha256 !== undefined && ref.chunkSha256.length !== chunkCount(ref.sizeBytes)) {
-      throw new IntegrityError(`blob ${ref.name}: its reference lists ${ref.chunkSha256.length} chunk hashes, a ${ref.sizeBytes}-byte blob has ${chunkCount(ref.sizeBytes)} chunks of ${CHUNK_BYTES} bytes`);
+    const cb = ref.chunkBytes ?? CHUNK_BYTES;
+    if (ref.chunkSha256 !== undefined && ref.chunkSha256.length !== chunkCount(ref.sizeBytes, cb)) {
+      throw new IntegrityError(`blob ${ref.name}: its reference lists ${ref.chunkSha256.length} chunk hashes, a ${ref.sizeBytes}-byte blob has ${chunkCount(ref.sizeBytes, cb)} chunks of ${cb} bytes`);
     }
     // providers by peer, in the reference's order (peers already serving the stage come first)
     const byPeer = new Map<string, string[]>();
@@ -222,7 +243,7 @@ export class BlobStore {
       const tmp = `${final}.part-${process.pid}-${randomBytes(4).toString('hex')}`;
       try {
         const chunksFrom = await this.fetchChunks(node, ref, group, tmp, errors, signal);
-        const h = await hashFile(tmp);
+        const h = await hashFile(tmp, this.chunkBytes);
         if (h.sha256 !== ref.sha256 || h.sizeBytes !== ref.sizeBytes) {
           const who = Object.keys(chunksFrom);
           const msg = `blob ${ref.name} hashes to ${h.sha256} (${h.sizeBytes} bytes), expected ${ref.sha256} (${ref.sizeBytes} bytes)`;
@@ -257,7 +278,8 @@ export class BlobStore {
    *  that fails or sends a bad chunk is dropped and its chunk goes back in the queue for the others.
    *  Returns how many chunks each provider delivered. */
   private async fetchChunks(node: SwarmNode, ref: BlobRef, peers: { key: string; addrs: string[] }[], tmp: string, errors: string[], signal?: AbortSignal): Promise<Record<string, number>> {
-    const n = chunkCount(ref.sizeBytes);
+    const cb = ref.chunkBytes ?? CHUNK_BYTES;
+    const n = chunkCount(ref.sizeBytes, cb);
     const queue = Array.from({ length: n }, (_, i) => i);
     const chunksFrom: Record<string, number> = {};
     const bad = new Set<string>();
@@ -269,7 +291,7 @@ export class BlobStore {
         while (queue.length > 0 && !bad.has(p.key)) {
           signal?.throwIfAborted();
           const i = queue.shift()!;
-          const offset = i * CHUNK_BYTES, length = Math.min(CHUNK_BYTES, ref.sizeBytes - offset);
+          const { offset, length } = chunkRange(i, ref.sizeBytes, cb);
           try {
             const res = await request(node, target, 'weights', { sha256: ref.sha256, offset, length, ...token }, { timeoutMs: BLOB_TIMEOUT_MS, signal });
             if (res.sizeBytes !== ref.sizeBytes) throw new IntegrityError(`the provider says the blob has ${res.sizeBytes} bytes, the reference ${ref.sizeBytes}`);

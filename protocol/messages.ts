@@ -58,8 +58,11 @@ export const blobRef = obj({
   sizeBytes: int(0, SAFE),
   /** multiaddrs (with /p2p/ id) of peers that serve this blob: peers already serving it first, the coordinator last */
   providers: arr(multiaddrStr, 64),
-  /** sha256 of each CHUNK_BYTES chunk (the last one shorter), so a fetcher checks every chunk as it
-   *  arrives and knows which provider sent a bad one (absent: only the whole blob's sha256 is checked) */
+  /** the chunk size the publisher cut the blob into (absent: CHUNK_BYTES); every chunk is fetched,
+   *  checked and served by this size */
+  chunkBytes: opt(int(1024, CHUNK_BYTES)),
+  /** sha256 of each chunk (the last one shorter), so a fetcher checks every chunk as it arrives and
+   *  knows which provider sent a bad one (absent: only the whole blob's sha256 is checked) */
   chunkSha256: opt(arr(sha256Hex, 1 << 16)),
 });
 export type BlobRef = ReturnType<typeof blobRef>;

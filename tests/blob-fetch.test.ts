@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import { mkdir, mkdtemp, open, readdir, readFile, rename, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { BlobStore, hashBlob, hashFile, type BlobEvent } from '../protocol/blobs.ts';
+import { BlobStore, chunkCount, chunkRange, hashBlob, hashFile, type BlobEvent } from '../protocol/blobs.ts';
 import { createSwarmNode, serve, dialableAddrs, type SwarmNode } from '../protocol/net.ts';
 import { CHUNK_BYTES } from '../protocol/constants.ts';
 import type { BlobRef, WeightsResponse } from '../protocol/messages.ts';
@@ -212,4 +212,35 @@ test('a blob over 2 GiB: hashed in one streaming pass, verified from the cache, 
   const res = await store.serveChunk({ sha256: want, offset: size - 7, length: 100 });
   assert.equal(res.sizeBytes, size);
   assert.deepEqual([...res.bytes], [0, 0, 1, 2, 3, 4, 5]);
+});
+
+test('a publisher\'s small chunk size: the reference names it, 3 providers share 200+ chunks by range, each checked; range arithmetic past 2 and 4 GiB is exact', { timeout: 60_000 }, async () => {
+  const cb = 4096;
+  const bytes = blobBytes().subarray(0, 200 * cb + 123);
+  const holders = await Promise.all([peer(), peer(), peer()]);
+  const publisher = new BlobStore(await tmp(), { chunkBytes: cb });
+  await publisher.put(bytes);
+  for (const h of holders) await h.store.put(bytes);
+  const chunkSha256: string[] = [];
+  for (let off = 0; off < bytes.length; off += cb) chunkSha256.push(sha(bytes.subarray(off, off + cb)));
+  assert.deepEqual(publisher.chunkHashes(sha(bytes)), chunkSha256, 'the publisher hashes by its own chunk size');
+  const joiner = await peer();
+  const events: BlobEvent[] = [];
+  joiner.store.onEvent = (e) => events.push(e);
+  const ref: BlobRef = { name: 'embed', sha256: sha(bytes), sizeBytes: bytes.length, providers: holders.map((h) => h.addr), chunkBytes: cb, chunkSha256 };
+  assert.equal(sha(await joiner.store.get(joiner.node, ref)), sha(bytes));
+  const fetched = events.find((e) => e.kind === 'fetched');
+  assert.ok(fetched?.kind === 'fetched');
+  assert.equal(Object.values(fetched.chunksFrom).reduce((a, b) => a + b, 0), 201);
+  assert.equal(Object.keys(fetched.chunksFrom).length, 3, `every provider served: ${JSON.stringify(fetched.chunksFrom)}`);
+  assert.equal(holders.reduce((a, h) => a + h.served, 0), 201, 'each chunk asked once');
+  // a chunk list made for another chunk size is refused before anything is fetched
+  await assert.rejects(joiner.store.get(joiner.node, { ...ref, sha256: sha(bytes.subarray(1)), chunkBytes: 8192 }), { name: 'IntegrityError', message: /lists 201 chunk hashes, a 819323-byte blob has 101 chunks of 8192 bytes/ });
+  // a 5 GiB + 3 byte blob in 8 MiB chunks: 641 chunks, the last one 3 bytes at exactly 5 GiB
+  const big = 5 * 1024 ** 3 + 3;
+  assert.equal(chunkCount(big), 641);
+  assert.deepEqual(chunkRange(640, big), { offset: 5 * 1024 ** 3, length: 3 });
+  assert.deepEqual(chunkRange(256, big), { offset: 2 ** 31, length: CHUNK_BYTES }, 'the chunk at 2 GiB');
+  assert.deepEqual(chunkRange(512, big), { offset: 2 ** 32, length: CHUNK_BYTES }, 'the chunk at 4 GiB');
+  assert.throws(() => new BlobStore(dirs[0]!, { chunkBytes: 100 }), { name: 'SwarmError', message: /blob chunk size 100: must be an integer from 1024 to 8388608 bytes/ });
 });
