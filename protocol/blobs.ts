@@ -92,6 +92,18 @@ async function fsyncDir(dir: string): Promise<void> {
   try { await fh.sync(); } finally { await fh.close(); }
 }
 
+/** One line for whatever a failed request threw: `Name: message` for an Error (a blank message says so),
+ *  else the value itself, never `undefined: undefined`. */
+export function errorLine(e: unknown): string {
+  if (e instanceof Error) return `${e.name || 'Error'}: ${e.message || 'no message given'}`.replace(/\s*\n\s*/g, ' ');
+  if (e !== null && typeof e === 'object') {
+    const o = e as { name?: unknown; message?: unknown; code?: unknown };
+    const name = typeof o.name === 'string' && o.name !== '' ? o.name : typeof o.code === 'string' ? o.code : 'Error';
+    return `${name}: ${typeof o.message === 'string' && o.message !== '' ? o.message : JSON.stringify(e)?.slice(0, 200) ?? String(e)}`;
+  }
+  return e === undefined || e === null ? `the request failed with no error value (${String(e)})` : `thrown ${typeof e}: ${String(e)}`;
+}
+
 /** The peer a provider multiaddr names (its /p2p/ id), so several addresses of one peer count once. */
 function providerKey(addr: string): string {
   const i = addr.lastIndexOf('/p2p/');
@@ -309,7 +321,7 @@ export class BlobStore {
             if (signal?.aborted === true) throw signal.reason ?? e;
             if (!bad.has(p.key)) {
               bad.add(p.key);
-              const msg = `${(e as Error).name}: ${(e as Error).message}`;
+              const msg = errorLine(e);
               errors.push(`${p.key}: ${msg}`);
               this.onEvent({ kind: 'provider-failed', sha256: ref.sha256, name: ref.name, from: p.key, error: msg });
             }
@@ -326,7 +338,7 @@ export class BlobStore {
             break;
           } catch (e) {
             if (signal?.aborted === true) throw signal.reason ?? e;
-            errors.push(`${p.key}: ${(e as Error).name}: ${(e as Error).message}`);
+            errors.push(`${p.key}: ${errorLine(e)}`);
           }
         }
       }

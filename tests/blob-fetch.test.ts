@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import { mkdir, mkdtemp, open, readdir, readFile, rename, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { BlobStore, chunkCount, chunkRange, hashBlob, hashFile, type BlobEvent } from '../protocol/blobs.ts';
+import { BlobStore, chunkCount, chunkRange, errorLine, hashBlob, hashFile, type BlobEvent } from '../protocol/blobs.ts';
 import { createSwarmNode, serve, dialableAddrs, type SwarmNode } from '../protocol/net.ts';
 import { CHUNK_BYTES } from '../protocol/constants.ts';
 import type { BlobRef, WeightsResponse } from '../protocol/messages.ts';
@@ -243,4 +243,14 @@ test('a publisher\'s small chunk size: the reference names it, 3 providers share
   assert.deepEqual(chunkRange(256, big), { offset: 2 ** 31, length: CHUNK_BYTES }, 'the chunk at 2 GiB');
   assert.deepEqual(chunkRange(512, big), { offset: 2 ** 32, length: CHUNK_BYTES }, 'the chunk at 4 GiB');
   assert.throws(() => new BlobStore(dirs[0]!, { chunkBytes: 100 }), { name: 'SwarmError', message: /blob chunk size 100: must be an integer from 1024 to 8388608 bytes/ });
+});
+
+test('a provider failure is one line naming what was thrown, never "undefined: undefined"', () => {
+  assert.equal(errorLine(new TypeError('bad')), 'TypeError: bad');
+  assert.equal(errorLine(new Error('')), 'Error: no message given');
+  assert.equal(errorLine(new Error('two\n  lines')), 'Error: two lines');
+  assert.equal(errorLine({ code: 'ERR_STREAM_RESET' }), 'ERR_STREAM_RESET: {"code":"ERR_STREAM_RESET"}');
+  assert.equal(errorLine({ name: 'AbortError', message: 'aborted' }), 'AbortError: aborted');
+  assert.equal(errorLine(undefined), 'the request failed with no error value (undefined)');
+  assert.equal(errorLine('reset'), 'thrown string: reset');
 });
