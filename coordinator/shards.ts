@@ -5,7 +5,7 @@ import type { LlamaConfig, WeightSource } from '../engine/types.ts';
 import type { BlobStore } from '../protocol/blobs.ts';
 import type { BlobRef } from '../protocol/messages.ts';
 import type { SwarmNode } from '../protocol/net.ts';
-import { encodeShard, shardKindOf, shardTensorNames, stageShardNames } from '../engine/formats/shard.ts';
+import { shardKindOf, shardTensorNames, stageShardNames, writeShardFile } from '../engine/formats/shard.ts';
 import type { ShardTensors } from '../engine/formats/shard.ts';
 import type { StageRange } from './planner.ts';
 
@@ -60,9 +60,8 @@ export class ShardBlobs {
         const data = await this.o.weights.getFloat(n);
         t.float.set(n, { shape: [data.length], data });
       }
-      const bytes = encodeShard(t);
-      const sha256 = await this.o.blobs.put(bytes);
-      this.refs.set(name, { sha256, sizeBytes: bytes.length });
+      // written to disk tensor by tensor: a blob over 2 GiB (an 8B or 70B embedding) is never one buffer
+      this.refs.set(name, await this.o.blobs.putFile((file) => writeShardFile(t, file)));
     }
     this.o.log(`published ${names.length} shard blobs`);
     if (cache !== undefined) await writeFile(cache.file, JSON.stringify({ key: cache.key, refs: Object.fromEntries(this.refs) }));

@@ -173,6 +173,27 @@ export class BlobStore {
     return h.sha256;
   }
 
+  /** Store a blob that `write` puts into a file (given its path) without holding it in memory: the file is
+   *  fsynced, hashed in one streaming pass, renamed under its hash and the directory fsynced before this
+   *  returns; a failed write leaves nothing. */
+  async putFile(write: (file: string) => Promise<void>): Promise<{ sha256: string; sizeBytes: number }> {
+    await mkdir(this.dir, { recursive: true });
+    const tmp = path.join(this.dir, `put.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
+    try {
+      await write(tmp);
+      const fh = await open(tmp, 'r+');
+      try { await fh.sync(); } finally { await fh.close(); }
+      const h = await hashFile(tmp, this.chunkBytes);
+      const f = this.file(h.sha256);
+      await rename(tmp, f);
+      await fsyncDir(this.dir);
+      this.verified.set(h.sha256, { file: f, sizeBytes: h.sizeBytes, chunkSha256: h.chunkSha256 });
+      return { sha256: h.sha256, sizeBytes: h.sizeBytes };
+    } finally {
+      await rm(tmp, { force: true });
+    }
+  }
+
   /** Drop a blob from the cache (no longer served from here); a missing one is no error. */
   async remove(sha: string): Promise<void> {
     const f = this.file(sha);

@@ -254,3 +254,20 @@ test('a provider failure is one line naming what was thrown, never "undefined: u
   assert.equal(errorLine(undefined), 'the request failed with no error value (undefined)');
   assert.equal(errorLine('reset'), 'thrown string: reset');
 });
+
+test('putFile stores what a writer put in a file under its sha256 (as put does for bytes); a failed write leaves nothing', async () => {
+  const bytes = blobBytes().subarray(0, CHUNK_BYTES + 999);
+  const store = new BlobStore(await tmp(), { chunkBytes: 64 << 10 });
+  const got = await store.putFile(async (file) => {
+    const fh = await open(file, 'w');
+    await fh.write(bytes, 0, 1000, 0);                 // in two pieces, as a tensor-by-tensor writer does
+    await fh.write(bytes, 1000, bytes.length - 1000, 1000);
+    await fh.close();
+  });
+  assert.deepEqual(got, { sha256: sha(bytes), sizeBytes: bytes.length });
+  assert.equal(sha(new Uint8Array(await readFile(path.join(store.dir, sha(bytes))))), sha(bytes));
+  assert.equal(store.chunkHashes(sha(bytes))!.length, Math.ceil(bytes.length / (64 << 10)));
+  assert.deepEqual(await readdir(store.dir), [sha(bytes)], 'no temporary file left');
+  await assert.rejects(store.putFile(async (file) => { await (await open(file, 'w')).close(); throw new Error('disk full'); }), /disk full/);
+  assert.deepEqual(await readdir(store.dir), [sha(bytes)], 'a failed write leaves nothing');
+});

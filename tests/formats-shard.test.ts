@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { decodeShard, decodeShardFile, encodeShard, shardKindOf, shardTensorNames, stageShardNames } from '../engine/formats/shard.ts';
+import { decodeShard, decodeShardFile, encodeShard, writeShardFile, shardKindOf, shardTensorNames, stageShardNames } from '../engine/formats/shard.ts';
 import type { ShardTensors } from '../engine/formats/shard.ts';
 import { writeSafetensors } from '../engine/formats/safetensors/write.ts';
 import { parseSafetensorsBytes } from '../engine/formats/safetensors/header.ts';
@@ -36,7 +36,7 @@ test('shard: decode(encode(t)) = t, and re-encoding gives the same bytes', () =>
   assert.deepEqual(encodeShard(back), blob);
 });
 
-test('shard: decoding from the file by range gives what decoding the bytes gives (plain and double-quantized); a cut file is refused', async () => {
+test('shard: written to a file tensor by tensor and decoded from it by range, it gives what decoding the bytes gives (plain and double-quantized); a cut file is refused', async () => {
   const dir = await mkdtemp(join(tmpdir(), 'shard-file-'));
   try {
     const t = sample();
@@ -44,7 +44,8 @@ test('shard: decoding from the file by range gives what decoding the bytes gives
     t.nf4.set('model.layers.0.mlp.down_proj.weight', dq);
     const blob = encodeShard(t);
     const f = join(dir, 'blob');
-    await writeFile(f, blob);
+    await writeShardFile(t, f);
+    assert.deepEqual(new Uint8Array(await readFile(f)), blob, 'written tensor by tensor: the same bytes as encodeShard');
     const fromFile = await decodeShardFile(f, 'blob');
     assert.deepEqual(fromFile, t);
     assert.deepEqual(fromFile, decodeShard(blob, 'blob'));

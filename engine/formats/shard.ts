@@ -16,7 +16,7 @@ import { baseModuleName } from '../model/lora.ts';
 import { layerFloatName, layerFloatTensors } from '../model/arch.ts';
 import { parseSafetensorsBytes } from './safetensors/header.ts';
 import { SafetensorsFile } from './safetensors/read.ts';
-import { encodeSafetensors } from './safetensors/write.ts';
+import { encodeSafetensors, writeSafetensors } from './safetensors/write.ts';
 import type { TensorData } from './safetensors/write.ts';
 
 /** A shard blob that is valid safetensors but not a shard: an NF4 tensor without its parts, a dtype
@@ -34,7 +34,8 @@ const NF4_META_KEY = 'swarmtune.nf4';
 /** [rows, cols, blocksize] (float32 absmax) or [rows, cols, blocksize, nestedBlocksize, offset] (double quant) */
 type NF4Meta = [number, number, number] | [number, number, number, number, number];
 
-export function encodeShard(t: ShardTensors): Uint8Array {
+/** The safetensors tensors and metadata a shard is written as (one layout for memory and file). */
+function shardLayout(t: ShardTensors): { tensors: TensorData[]; metadata: Record<string, string> } {
   const tensors: TensorData[] = [];
   const nf4Meta: Record<string, NF4Meta> = {};
   for (const [name, w] of t.nf4) {
@@ -53,7 +54,19 @@ export function encodeShard(t: ShardTensors): Uint8Array {
   for (const [name, f] of t.float) tensors.push({ name, dtype: 'F32', shape: f.shape, data: f.data });
   const sortedMeta: Record<string, NF4Meta> = {};
   for (const k of Object.keys(nf4Meta).sort()) sortedMeta[k] = nf4Meta[k]!;
-  return encodeSafetensors(tensors, { format: 'pt', [NF4_META_KEY]: JSON.stringify(sortedMeta) }, 'shard');
+  return { tensors, metadata: { format: 'pt', [NF4_META_KEY]: JSON.stringify(sortedMeta) } };
+}
+
+export function encodeShard(t: ShardTensors): Uint8Array {
+  const { tensors, metadata } = shardLayout(t);
+  return encodeSafetensors(tensors, metadata, 'shard');
+}
+
+/** Write a shard straight to a file, tensor by tensor (the same bytes as encodeShard): a shard over 2 GiB
+ *  is never assembled in one buffer. */
+export async function writeShardFile(t: ShardTensors, file: string): Promise<void> {
+  const { tensors, metadata } = shardLayout(t);
+  await writeSafetensors(file, tensors, metadata);
 }
 
 /** Parse a shard blob held in memory. The caller has already checked its sha256; the layout is validated anyway
