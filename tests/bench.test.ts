@@ -119,6 +119,6 @@ test('blob bench: every provider serves its share through its rate limit, the jo
   assert.ok(source !== null, 'docs/benchmarks.md names no blob results file (node bench/report.ts FILE --part=blobs --write)');
   const results = JSON.parse(readFileSync(path.join(ROOT, source), 'utf8'));
   assert.equal(doc, docWithBlobTables(doc, renderBlobTables(results, source)), `stale: run \`node bench/report.ts ${source} --part=blobs --write\``);
-  assert.deepEqual(results.blobs.runs.map((x: { providers: number }) => x.providers), [1, 4, 8]);
+  for (const c of results.blobs.configs.slice(0, 2)) assert.deepEqual(c.runs.map((x: { providers: number }) => x.providers), [1, 4, 8]);
   assert.throws(() => renderBlobTables({ ...results, blobs: 3 }, source), { name: 'ReportError', message: /blobs must be an object/ });
 });
