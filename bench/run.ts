@@ -1,11 +1,12 @@
 // `npm run bench`: every benchmark, one JSON object on stdout (progress on stderr), also written to
 // bench/results/latest.json. Render docs/benchmarks.md from it with `node bench/report.ts --write`.
 //
-//   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence] [--quick] [--out FILE]
+//   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence,blobs] [--quick] [--out FILE]
 //
 // Sections: machine (always), kernels, memory (a loaded stage's NF4 bytes per parameter and RSS against plan),
 // model (+ the PyTorch baseline), swarm (+ the store's disk per step), net, store (the cost of a synced step
-// commit), convergence (eval loss per wire codec, bench/convergence.ts). Heavy parts run in
+// commit), convergence (eval loss per wire codec, bench/convergence.ts), blobs (a joiner's time to a verified
+// blob from 1, 4 and 8 rate-limited providers, bench/blob-fetch.ts). Heavy parts run in
 // child processes (the model bench for its own peak RSS, the swarm trace per wire codec, the CLI runs).
 // Other processes on the machine lower every figure: the load average is recorded before and after
 // each section.
@@ -18,12 +19,13 @@ import { benchKernels } from './kernels.ts';
 import { benchMemory } from './memory.ts';
 import { benchMachine } from './machine.ts';
 import { benchNet } from './net.ts';
+import { benchBlobSection } from './blob-fetch.ts';
 import { benchCommitCost } from './commit-cost.ts';
 import { benchSwarmCli } from './swarm-cli.ts';
 import { ensureBenchModelDir, writeLongTextData } from './fixtures.ts';
 import { NODE, ROOT, runJsonScript } from './procs.ts';
 
-const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence'] as const;
+const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs'] as const;
 type Section = typeof SECTIONS[number];
 
 export class BenchUsageError extends Error {
@@ -165,6 +167,9 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
   }
   if (args.only.includes('net')) {
     result.net = await section('net', () => benchNet({ bytes: (args.quick ? 32 : 128) * 1024 * 1024, reps: args.quick ? 2 : 3, log: (s) => log(s) }));
+  }
+  if (args.only.includes('blobs')) {
+    result.blobs = await section('blobs', () => benchBlobSection(args.quick, (s) => log(s)));
   }
   if (args.only.includes('store')) {
     result.store = await section('store', () => benchCommitCost({ reps: args.quick ? 5 : 20 }));

@@ -45,8 +45,9 @@ export class Assignments {
     const st = stages[s]!;
     const t = this.o.train;
     const step = this.o.status.step;
-    // peers that already serve this stage's blobs go first, so a late joiner does not load the coordinator
-    const holders = peers.replicasOf(s).filter((id) => id !== peerId && peers.get(id)?.ready === true && peers.get(id)?.health !== 'dead')
+    // peers that already serve this stage's blobs go first: a joiner fetches chunks from all of them (and
+    // the coordinator) at once, so a late joiner does not load the coordinator alone
+    const holders = peers.replicasOf(s).filter((id) => id !== peerId && peers.get(id)?.ready === true && !['dead', 'banned'].includes(peers.get(id)?.health ?? 'dead'))
       .flatMap((id) => peers.addrs(id).map((x) => x.toString()));
     const blobs = this.o.shards.stageBlobs(st, holders);
     // the stage's slice of the current adapter (init adapter or resumed step), as a blob

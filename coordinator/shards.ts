@@ -5,7 +5,7 @@ import type { LlamaConfig, WeightSource } from '../engine/types.ts';
 import type { BlobStore } from '../protocol/blobs.ts';
 import type { BlobRef } from '../protocol/messages.ts';
 import type { SwarmNode } from '../protocol/net.ts';
-import { encodeShard, shardKindOf, shardTensorNames, stageShardNames } from '../engine/formats/shard.ts';
+import { shardKindOf, shardTensorNames, stageShardNames, writeShardFile } from '../engine/formats/shard.ts';
 import type { ShardTensors } from '../engine/formats/shard.ts';
 import type { StageRange } from './planner.ts';
 
@@ -41,7 +41,7 @@ export class ShardBlobs {
         const m = JSON.parse(await readFile(cache.file, 'utf8')) as { key: string; refs: Record<string, ShardRef> };
         if (m.key === cache.key && names.every((n) => m.refs[n] !== undefined)) {
           let ok = true;
-          for (const n of names) ok &&= (await this.o.blobs.readCached({ name: n, sha256: m.refs[n]!.sha256 })) !== null;
+          for (const n of names) ok &&= (await this.o.blobs.cachedFile({ name: n, sha256: m.refs[n]!.sha256 })) !== null;
           if (ok) {
             for (const n of names) this.refs.set(n, m.refs[n]!);
             this.o.log(`reusing ${names.length} verified shard blobs quantized earlier from the same model files`);
@@ -60,9 +60,8 @@ export class ShardBlobs {
         const data = await this.o.weights.getFloat(n);
         t.float.set(n, { shape: [data.length], data });
       }
-      const bytes = encodeShard(t);
-      const sha256 = await this.o.blobs.put(bytes);
-      this.refs.set(name, { sha256, sizeBytes: bytes.length });
+      // written to disk tensor by tensor: a blob over 2 GiB (an 8B or 70B embedding) is never one buffer
+      this.refs.set(name, await this.o.blobs.putFile((file) => writeShardFile(t, file)));
     }
     this.o.log(`published ${names.length} shard blobs`);
     if (cache !== undefined) await writeFile(cache.file, JSON.stringify({ key: cache.key, refs: Object.fromEntries(this.refs) }));
@@ -70,10 +69,18 @@ export class ShardBlobs {
 
   private blobRef(name: string, ref: ShardRef, extraProviders: string[] = []): BlobRef {
     const own = this.o.node.getMultiaddrs().map((m) => m.toString());
-    return { name, sha256: ref.sha256, sizeBytes: ref.sizeBytes, providers: [...extraProviders, ...own].slice(-this.o.maxProviders) };
+    // the coordinator's own addresses always stay listed (the provider of last resort); holders fill the rest
+    const holders = extraProviders.slice(0, Math.max(0, this.o.maxProviders - own.length));
+    // every chunk's hash, so a fetcher checks chunks from several peers as they arrive (protocol/blobs.ts)
+    const chunkSha256 = this.o.blobs.chunkHashes(ref.sha256);
+    return {
+      name, sha256: ref.sha256, sizeBytes: ref.sizeBytes, providers: [...holders, ...own].slice(0, this.o.maxProviders),
+      ...(chunkSha256 !== undefined ? { chunkBytes: this.o.blobs.chunkBytes, chunkSha256 } : {}),
+    };
   }
 
-  /** The frozen shard blobs of a stage; `holders` (peers already serving them) are listed first. */
+  /** The frozen shard blobs of a stage; `holders` (addresses of peers already serving them) are listed
+   *  first, and a joiner fetches chunks from all of them at once. */
   stageBlobs(st: StageRange, holders: string[]): BlobRef[] {
     return stageShardNames(this.o.llama, st.layerStart, st.layerEnd).map((n) => this.blobRef(n, this.refs.get(n)!, holders));
   }

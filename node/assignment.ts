@@ -8,7 +8,7 @@ import { parseLlamaConfig } from '../engine/formats/config.ts';
 import type { LoraConfig } from '../engine/types.ts';
 import type { BlobStore } from '../protocol/blobs.ts';
 import type { SwarmNode } from '../protocol/net.ts';
-import { decodeShard } from '../engine/formats/shard.ts';
+import { decodeShardFile } from '../engine/formats/shard.ts';
 import type { Assignment } from '../protocol/messages.ts';
 import { SwarmError } from '../protocol/errors.ts';
 import type { Logger } from '../protocol/log.ts';
@@ -49,7 +49,8 @@ export async function loadAssignedStage(a: Assignment, c: StageComponents, o: Lo
   const signal = o.signal;
   const config = parseLlamaConfig(JSON.parse(a.modelConfigJson), `run ${a.runId} model config`);
   const shards = [];
-  for (const ref of a.blobs) shards.push(decodeShard(await blobs.get(node, ref, { signal }), `shard ${ref.name}`));
+  // decoded from the verified file tensor by tensor: a shard blob over 2 GiB is never read into one buffer
+  for (const ref of a.blobs) shards.push(await decodeShardFile(await blobs.fetch(node, ref, { signal }), `shard ${ref.name}`));
   const source = new BlobWeightSource(config, shards);
   const stage = await loadStage(source, backend, {
     layerStart: a.layerStart, layerEnd: a.layerEnd, lora: loraOf(a), seed: a.seed, gradientCheckpointing: a.gradientCheckpointing,
@@ -57,7 +58,7 @@ export async function loadAssignedStage(a: Assignment, c: StageComponents, o: Lo
   source.clear();
   try {
     if (a.adapterBlob !== null) {
-      const t = decodeShard(await blobs.get(node, a.adapterBlob, { signal }), `adapter ${a.adapterBlob.name}`);
+      const t = await decodeShardFile(await blobs.fetch(node, a.adapterBlob, { signal }), `adapter ${a.adapterBlob.name}`);
       for (const p of stage.params) {
         const x = t.float.get(p.name);
         if (x === undefined) throw new SwarmError(`adapter blob ${a.adapterBlob.name} lacks ${p.name}`);

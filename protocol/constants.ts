@@ -85,3 +85,7 @@ export const DIAL_TIMEOUT_MS = 10_000;
 export const COMPUTE_TIMEOUT_MS = 600_000;
 export const CONTROL_TIMEOUT_MS = 30_000;
 export const BLOB_TIMEOUT_MS = 120_000;
+/** A blob fetch asks at most this many providers at once (protocol/blobs.ts)... */
+export const BLOB_MAX_PEERS = 8;
+/** ...with this many chunk requests in flight to each, so a provider's link never idles for a round trip. */
+export const BLOB_PEER_PARALLEL = 2;

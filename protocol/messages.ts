@@ -56,8 +56,14 @@ export const blobRef = obj({
   name: str({ max: 256 }),
   sha256: sha256Hex,
   sizeBytes: int(0, SAFE),
-  /** multiaddrs (with /p2p/ id) of peers that serve this blob, coordinator first */
+  /** multiaddrs (with /p2p/ id) of peers that serve this blob: peers already serving it first, the coordinator last */
   providers: arr(multiaddrStr, 64),
+  /** the chunk size the publisher cut the blob into (absent: CHUNK_BYTES); every chunk is fetched,
+   *  checked and served by this size */
+  chunkBytes: opt(int(1024, CHUNK_BYTES)),
+  /** sha256 of each chunk (the last one shorter), so a fetcher checks every chunk as it arrives and
+   *  knows which provider sent a bad one (absent: only the whole blob's sha256 is checked) */
+  chunkSha256: opt(arr(sha256Hex, 1 << 16)),
 });
 export type BlobRef = ReturnType<typeof blobRef>;
 

@@ -6,9 +6,10 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, BenchUsageError } from '../bench/run.ts';
-import { BENCH_DOC, docWithDoubleQuantTables, docWithTables, doubleQuantSourceOf, renderDoubleQuantTables, renderTables, sourceOf, ReportError } from '../bench/report.ts';
+import { BENCH_DOC, blobSourceOf, docWithBlobTables, renderBlobTables, docWithDoubleQuantTables, docWithTables, doubleQuantSourceOf, renderDoubleQuantTables, renderTables, sourceOf, ReportError } from '../bench/report.ts';
 import { traceSwarm } from '../bench/swarm-trace.ts';
 import { benchNet } from '../bench/net.ts';
+import { benchBlobFetch } from '../bench/blob-fetch.ts';
 import { benchSwarmBytes } from '../bench/swarm-bytes.ts';
 import { tinyLlamaConfig } from '../engine/model/random-model.ts';
 
@@ -17,7 +18,7 @@ const ROOT = path.resolve(import.meta.dirname, '..');
 test('bench arguments: sections, --quick, and clear errors for bad input', () => {
   assert.deepEqual(parseArgs(['--only', 'kernels,net', '--quick']).only, ['kernels', 'net']);
   assert.equal(parseArgs(['--only=model']).quick, false);
-  assert.deepEqual(parseArgs([]).only, ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence']);
+  assert.deepEqual(parseArgs([]).only, ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs']);
   assert.deepEqual(parseArgs(['--only', 'memory']).only, ['memory']);
   assert.throws(() => parseArgs(['--only', 'kernels,gpu']), (e: Error) => e instanceof BenchUsageError && /unknown section "gpu"/.test(e.message));
   assert.throws(() => parseArgs(['--only']), { name: 'BenchUsageError', message: /--only needs a value/ });
@@ -99,4 +100,25 @@ test('swarm bytes: the coordinator\'s bytes per micro-batch do not grow with the
   }
   // control only: token ids, labels, reports and commits (the activations grew 4x)
   assert.ok(Math.abs(perMb[1]! - perMb[0]!) <= 0.1 * perMb[0]!, `coordinator bytes per micro-batch ${perMb.join(' -> ')}`);
+});
+
+test('blob bench: every provider serves its share through its rate limit, the joiner gets every byte once; the doc\'s table comes from the file it names', async () => {
+  const r = await benchBlobFetch({ sizeBytes: 1 << 20, chunkBytes: 64 << 10, rateMBps: 50, providerCounts: [1, 4], reps: 1 });
+  assert.equal(r.chunks, 16);
+  const runs = r.runs as Array<{ providers: number; served_bytes_per_provider: number[]; ready_ms: number; speedup_vs_1: number }>;
+  assert.deepEqual(runs.map((x) => x.providers), [1, 4]);
+  for (const x of runs) {
+    assert.equal(x.served_bytes_per_provider.length, x.providers);
+    assert.equal(x.served_bytes_per_provider.reduce((a, b) => a + b, 0), 1 << 20, 'each byte served once');
+    assert.ok(x.served_bytes_per_provider.every((b) => b > 0), `every provider served: ${x.served_bytes_per_provider}`);
+    assert.ok(x.ready_ms > 0);
+  }
+  assert.equal(runs[0]!.speedup_vs_1, 1);
+  const doc = readFileSync(BENCH_DOC, 'utf8');
+  const source = blobSourceOf(doc);
+  assert.ok(source !== null, 'docs/benchmarks.md names no blob results file (node bench/report.ts FILE --part=blobs --write)');
+  const results = JSON.parse(readFileSync(path.join(ROOT, source), 'utf8'));
+  assert.equal(doc, docWithBlobTables(doc, renderBlobTables(results, source)), `stale: run \`node bench/report.ts ${source} --part=blobs --write\``);
+  for (const c of results.blobs.configs.slice(0, 2)) assert.deepEqual(c.runs.map((x: { providers: number }) => x.providers), [1, 4, 8]);
+  assert.throws(() => renderBlobTables({ ...results, blobs: 3 }, source), { name: 'ReportError', message: /blobs must be an object/ });
 });

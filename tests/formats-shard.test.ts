@@ -2,10 +2,10 @@
 // addressed by sha256, so the encoding must never drift), and malformed blobs rejected by name.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { decodeShard, encodeShard, shardKindOf, shardTensorNames, stageShardNames } from '../engine/formats/shard.ts';
+import { decodeShard, decodeShardFile, encodeShard, writeShardFile, shardKindOf, shardTensorNames, stageShardNames } from '../engine/formats/shard.ts';
 import type { ShardTensors } from '../engine/formats/shard.ts';
 import { writeSafetensors } from '../engine/formats/safetensors/write.ts';
 import { parseSafetensorsBytes } from '../engine/formats/safetensors/header.ts';
@@ -34,6 +34,26 @@ test('shard: decode(encode(t)) = t, and re-encoding gives the same bytes', () =>
   assert.deepEqual([...back.float.keys()].sort(), [...t.float.keys()].sort());
   for (const [name, f] of t.float) assert.deepEqual(back.float.get(name), f);
   assert.deepEqual(encodeShard(back), blob);
+});
+
+test('shard: written to a file tensor by tensor and decoded from it by range, it gives what decoding the bytes gives (plain and double-quantized); a cut file is refused', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'shard-file-'));
+  try {
+    const t = sample();
+    const dq = withDoubleQuant(quantizeNF4(Float32Array.from({ length: 64 * 8 }, (_, i) => Math.cos(i) * 0.2), 64, 8, 64));
+    t.nf4.set('model.layers.0.mlp.down_proj.weight', dq);
+    const blob = encodeShard(t);
+    const f = join(dir, 'blob');
+    await writeShardFile(t, f);
+    assert.deepEqual(new Uint8Array(await readFile(f)), blob, 'written tensor by tensor: the same bytes as encodeShard');
+    const fromFile = await decodeShardFile(f, 'blob');
+    assert.deepEqual(fromFile, t);
+    assert.deepEqual(fromFile, decodeShard(blob, 'blob'));
+    await writeFile(f, blob.subarray(0, blob.length - 1));
+    await assert.rejects(decodeShardFile(f, 'cut'), { name: 'SafetensorsError' });
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 });
 
 test('shard: the bytes are what the safetensors file writer writes, and their sha256 is pinned', async () => {

@@ -15,7 +15,8 @@ import { LORA_TARGETS } from '../types.ts';
 import { baseModuleName } from '../model/lora.ts';
 import { layerFloatName, layerFloatTensors } from '../model/arch.ts';
 import { parseSafetensorsBytes } from './safetensors/header.ts';
-import { encodeSafetensors } from './safetensors/write.ts';
+import { SafetensorsFile } from './safetensors/read.ts';
+import { encodeSafetensors, writeSafetensors } from './safetensors/write.ts';
 import type { TensorData } from './safetensors/write.ts';
 
 /** A shard blob that is valid safetensors but not a shard: an NF4 tensor without its parts, a dtype
@@ -33,7 +34,8 @@ const NF4_META_KEY = 'swarmtune.nf4';
 /** [rows, cols, blocksize] (float32 absmax) or [rows, cols, blocksize, nestedBlocksize, offset] (double quant) */
 type NF4Meta = [number, number, number] | [number, number, number, number, number];
 
-export function encodeShard(t: ShardTensors): Uint8Array {
+/** The safetensors tensors and metadata a shard is written as (one layout for memory and file). */
+function shardLayout(t: ShardTensors): { tensors: TensorData[]; metadata: Record<string, string> } {
   const tensors: TensorData[] = [];
   const nf4Meta: Record<string, NF4Meta> = {};
   for (const [name, w] of t.nf4) {
@@ -52,14 +54,53 @@ export function encodeShard(t: ShardTensors): Uint8Array {
   for (const [name, f] of t.float) tensors.push({ name, dtype: 'F32', shape: f.shape, data: f.data });
   const sortedMeta: Record<string, NF4Meta> = {};
   for (const k of Object.keys(nf4Meta).sort()) sortedMeta[k] = nf4Meta[k]!;
-  return encodeSafetensors(tensors, { format: 'pt', [NF4_META_KEY]: JSON.stringify(sortedMeta) }, 'shard');
+  return { tensors, metadata: { format: 'pt', [NF4_META_KEY]: JSON.stringify(sortedMeta) } };
 }
 
-/** Parse a shard blob. The caller has already checked its sha256; the layout is validated anyway
+export function encodeShard(t: ShardTensors): Uint8Array {
+  const { tensors, metadata } = shardLayout(t);
+  return encodeSafetensors(tensors, metadata, 'shard');
+}
+
+/** Write a shard straight to a file, tensor by tensor (the same bytes as encodeShard): a shard over 2 GiB
+ *  is never assembled in one buffer. */
+export async function writeShardFile(t: ShardTensors, file: string): Promise<void> {
+  const { tensors, metadata } = shardLayout(t);
+  await writeSafetensors(file, tensors, metadata);
+}
+
+/** Parse a shard blob held in memory. The caller has already checked its sha256; the layout is validated anyway
  *  (SafetensorsError, ShardError) because a bug upstream must fail here with a clear message rather
  *  than in a kernel. */
 export function decodeShard(blob: Uint8Array, what: string): ShardTensors {
   const { metadata, tensors, dataStart } = parseSafetensorsBytes(blob, what);
+  const raw: RawTensors = new Map();
+  // copied so typed-array views are aligned and own their buffer (a Node Buffer's slice is a view)
+  for (const t of tensors) raw.set(t.name, { dtype: t.dtype, shape: t.shape, bytes: new Uint8Array(blob.subarray(dataStart + t.dataOffsets[0], dataStart + t.dataOffsets[1])) });
+  return shardFromRaw(metadata, raw, what);
+}
+
+/** Parse a shard blob from its file, each tensor read by range into its own buffer: the blob is never
+ *  held whole, so a blob over 2 GiB (an 8B or 70B embedding in F32) decodes with no buffer larger than
+ *  its largest tensor, and the peak memory is the tensors, not tensors plus blob. */
+export async function decodeShardFile(file: string, what: string): Promise<ShardTensors> {
+  const f = await SafetensorsFile.open(file);
+  try {
+    const raw: RawTensors = new Map();
+    for (const name of f.names()) {
+      const t = f.info(name);
+      raw.set(name, { dtype: t.dtype, shape: t.shape, bytes: await f.readRaw(name) });
+    }
+    return shardFromRaw(f.metadata, raw, what);
+  } finally {
+    await f.close();
+  }
+}
+
+type RawTensors = Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }>;
+
+/** The shard's NF4 linears and float tensors from its raw tensors (each in its own aligned buffer). */
+function shardFromRaw(metadata: Record<string, string> | null, raw: RawTensors, what: string): ShardTensors {
   let nf4Meta: Record<string, unknown>;
   try {
     nf4Meta = JSON.parse(metadata?.[NF4_META_KEY] ?? '{}') as Record<string, unknown>;
@@ -67,12 +108,6 @@ export function decodeShard(blob: Uint8Array, what: string): ShardTensors {
     throw new ShardError(`${what}: metadata "${NF4_META_KEY}" is not JSON (${(e as Error).message})`);
   }
   if (typeof nf4Meta !== 'object' || nf4Meta === null || Array.isArray(nf4Meta)) throw new ShardError(`${what}: metadata "${NF4_META_KEY}" must be a JSON object`);
-  const raw = new Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }>();
-  for (const t of tensors) {
-    // copied so typed-array views are aligned and own their buffer (a Node Buffer's slice is a view)
-    const bytes = new Uint8Array(blob.subarray(dataStart + t.dataOffsets[0], dataStart + t.dataOffsets[1]));
-    raw.set(t.name, { dtype: t.dtype, shape: t.shape, bytes });
-  }
   const out: ShardTensors = { nf4: new Map(), float: new Map() };
   const take = (name: string, dtype: string, what2: string): Uint8Array => {
     const r = raw.get(name);
