@@ -1,5 +1,5 @@
 // The families beyond Llama through a 2-stage swarm in-process (real libp2p nodes on 127.0.0.1, RefBackend):
-// the shard blobs carry each family's extra tensors (Qwen3's q_norm / k_norm), the volunteers rebuild the
+// the shard blobs carry each family's own tensors (Qwen3's q_norm / k_norm, Phi-3's fused linears), the volunteers rebuild the
 // model from the config JSON on the wire, and the adapter after training equals a local loop over one
 // whole-model stage. Small model, 2 steps of 2 micro-batches: a few seconds.
 import { test, after } from 'node:test';
@@ -40,14 +40,21 @@ const FAMILIES: Record<string, Record<string, unknown>> = {
     num_attention_heads: 4, num_key_value_heads: 2, rms_norm_eps: 1e-6, rope_theta: 1000000, max_position_embeddings: 256,
     tie_word_embeddings: true, use_sliding_window: false,
   },
+  // fused qkv_proj / gate_up_proj in the shard blobs, LoRA on the fused modules, longrope past the original context
+  phi3: {
+    model_type: 'phi3', vocab_size: 61, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 4, num_attention_heads: 4,
+    num_key_value_heads: 2, rms_norm_eps: 1e-5, rope_theta: 10000, max_position_embeddings: 256, original_max_position_embeddings: 4,
+    rope_scaling: { type: 'longrope', short_factor: [1, 1.5, 2, 3], long_factor: [1.2, 2.5, 6, 11] }, tie_word_embeddings: false,
+  },
 };
+const TARGETS: Record<string, string> = { phi3: 'qkv_proj,o_proj,gate_up_proj' };
 
 for (const [family, HF] of Object.entries(FAMILIES)) {
   test(`${family}: a 2-stage swarm equals the local loop`, async () => {
     const cfg = parseLlamaConfig(HF);
     const weights = randomWeightSource(cfg, 1);
     const train = resolveTrainConfig({ flags: {
-      max_steps: STEPS, learning_rate: 1e-2, lora_r: 4, lora_alpha: 8, target_modules: 'q_proj,k_proj,o_proj,down_proj',
+      max_steps: STEPS, learning_rate: 1e-2, lora_r: 4, lora_alpha: 8, target_modules: TARGETS[family] ?? 'q_proj,k_proj,o_proj,down_proj',
       per_device_train_batch_size: 2, gradient_accumulation_steps: MBS, device: 'ref', max_grad_norm: 0.3, warmup_steps: 0,
     } });
     const lora = loraConfigOf(train);

@@ -1,4 +1,4 @@
-// One Llama decoder layer (HF LlamaDecoderLayer) on NF4 linears with LoRA: its forward/backward pair.
+// One Llama decoder layer (HF LlamaDecoderLayer; Phi3DecoderLayer's fused linears in parts) on NF4 linears with LoRA: its forward/backward pair.
 //
 //   h1 = rmsnorm(x); q,k,v = proj(h1); [Qwen3: q,k = rmsnorm per head]; rope(q,k); att = attention(q,k,v)
 //   x2 = x + o_proj(att); h2 = rmsnorm(x2); out = x2 + down(silu(gate(h2)) * up(h2))
@@ -8,7 +8,7 @@
 // (host arrays on CPU, device memory on a GPU); T = tokens, C = hidden, H/KV = query/key-value heads,
 // D = head dim, I = intermediate size.
 import type { TensorBackend } from '../backend.ts';
-import type { LlamaConfig, LoraTarget } from '../types.ts';
+import type { LayerLinear, LlamaConfig } from '../types.ts';
 import { freeLinearSaved } from './lora.ts';
 import type { LinearContext, LinearSaved, LoraLinear, PassParams } from './lora.ts';
 import type { RopeCache } from './rope.ts';
@@ -42,7 +42,7 @@ export interface LayerActs<Buf> {
   gate: Buf;   // (T, I)
   up: Buf;     // (T, I)
   act: Buf;    // (T, I) silu(gate)*up
-  lin: Record<LoraTarget, LinearSaved<Buf>>;
+  lin: Record<LayerLinear, LinearSaved<Buf>>;
 }
 
 /** One layer's view of a decoding sequence's KV cache (engine/model/decode.ts keeps it on the host). */
@@ -55,7 +55,8 @@ export interface LayerCache {
   attend(out: Float32Array, q: Float32Array, T: number): void;
 }
 
-/** The frozen weights of one layer: its norms and seven linears (each with its LoRA adapter, if targeted). */
+/** The frozen weights of one layer: its norms and seven linears (each with its LoRA adapter, if targeted; for
+ *  Phi-3, q/k/v are the row parts of qkv_proj and gate/up those of gate_up_proj, lora.ts LoraLinear). */
 export interface LayerWeights {
   inputNorm: Float32Array;  // (C)
   postNorm: Float32Array;   // (C)

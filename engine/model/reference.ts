@@ -3,7 +3,7 @@
 // Deliberately shares no compute code with stage.ts or any backend: only the rope inverse frequencies
 // (tested on their own) and the WeightSource. Slow: meant for models with a few thousand parameters per layer.
 import type { NF4Weight } from '../formats/nf4.ts';
-import type { LoraTarget, NamedTensor, WeightSource } from '../types.ts';
+import type { LayerLinear, LoraTarget, NamedTensor, WeightSource } from '../types.ts';
 import { ropeInvFreq } from './rope.ts';
 
 // bitsandbytes NF4 code table (facts §1), index = 4-bit code
@@ -301,7 +301,7 @@ export async function referenceLossGrads(source: WeightSource, ids: Int32Array, 
   }
   interface LayerSaved {
     xIn: Float64Array; x2: Float64Array; q: Float64Array; k: Float64Array; v: Float64Array; P: Float64Array[];
-    g: Float64Array; u: Float64Array; saved: Record<LoraTarget, ProjSaved>;
+    g: Float64Array; u: Float64Array; saved: Record<LayerLinear, ProjSaved>;
   }
   const layers: LayerSaved[] = [];
   for (let l = 0; l < cfg.numHiddenLayers; l++) {

@@ -4,7 +4,7 @@
 // Fields keep their Hugging Face snake_case names on purpose: the JSON key, the flag and the field are the
 // same word, so users and the coordinator's run spec never need a translation table.
 import { readFileSync } from 'node:fs';
-import { LORA_TARGETS } from '../types.ts';
+import { ALL_TARGETS, LORA_TARGETS } from '../types.ts';
 import type { LoraConfig, LoraTarget } from '../types.ts';
 import { OPTIM_NAMES } from '../optimizer.ts';
 import type { OptimName } from '../optimizer.ts';
@@ -153,7 +153,7 @@ export const TRAIN_CONFIG_KEYS: readonly ConfigKeySpec[] = [
   { key: 'lora_r', kind: 'int', min: 1, help: 'LoRA rank' },
   { key: 'lora_alpha', kind: 'float', min: 0, minExclusive: true, help: 'LoRA alpha (scaling = alpha / r)' },
   { key: 'lora_dropout', kind: 'float', min: 0, max: 1, help: 'dropout on the LoRA branch input' },
-  { key: 'target_modules', kind: 'targets', help: `comma list of ${LORA_TARGETS.join(',')} or "all-linear"` },
+  { key: 'target_modules', kind: 'targets', help: `comma list of ${LORA_TARGETS.join(',')} (Phi-3: qkv_proj,o_proj,gate_up_proj,down_proj) or "all-linear"` },
   { key: 'use_rslora', kind: 'bool', help: 'scaling = alpha / sqrt(r)' },
   { key: 'init_lora_weights', kind: 'init', help: 'true (kaiming-uniform A, zero B) or "gaussian"' },
   { key: 'bnb_4bit_use_double_quant', kind: 'bool', help: 'hold the NF4 absmax double-quantized as bitsandbytes does (8-bit codes + a float32 absmax per 256 blocks: ~0.127 instead of 0.5 bits per parameter) when a full-precision model is quantized on load; a prequantized checkpoint keeps its own form' },
@@ -202,13 +202,13 @@ export function parseTargetModules(value: unknown, what: string): LoraTarget[] {
   if (names.length === 0) throw new ConfigError(`${what}: empty target module list`);
   const out: LoraTarget[] = [];
   for (const n of names) {
-    if (!(LORA_TARGETS as readonly string[]).includes(n)) {
-      throw new ConfigError(`${what}: unknown target module "${n}"; expected ${LORA_TARGETS.join(', ')} or all-linear`);
+    if (!(ALL_TARGETS as readonly string[]).includes(n)) {
+      throw new ConfigError(`${what}: unknown target module "${n}"; expected ${ALL_TARGETS.join(', ')} or all-linear`);
     }
     if (!out.includes(n as LoraTarget)) out.push(n as LoraTarget);
   }
   // fixed order so parameter order never depends on how the user listed them
-  return LORA_TARGETS.filter((t) => out.includes(t));
+  return ALL_TARGETS.filter((t) => out.includes(t));
 }
 
 /** The source name of flags: their errors name the flag as typed (`--learning-rate`), not the key. */

@@ -7,6 +7,7 @@ import { join, resolve } from 'node:path';
 import type { Backend } from '../backend.ts';
 import type { LlamaConfig, LoraConfig, NamedTensor, Stage, WeightSource } from '../types.ts';
 import { loadStage } from '../model/load.ts';
+import { resolveTargets } from '../model/arch.ts';
 import { readAdapter, writeAdapter } from '../formats/peft.ts';
 import { SafetensorsFile } from '../formats/safetensors/read.ts';
 import { writeSafetensors } from '../formats/safetensors/write.ts';
@@ -189,7 +190,10 @@ export class Trainer {
     const outputDir = resolve(cfg.output_dir);
     mkdirSync(outputDir, { recursive: true });
 
-    const { lora, initTensors } = await resolveLora(cfg);
+    const resolved = await resolveLora(cfg);
+    const initTensors = resolved.initTensors;
+    // "all-linear" names the family's own linears (Phi-3's fused ones) in the adapter written at the end
+    const lora = { ...resolved.lora, targetModules: resolveTargets(this.inputs.modelConfig, resolved.lora.targetModules) };
     this.lora = lora;
     const stage = await loadStage(this.inputs.weights, this.inputs.backend, {
       layerStart: 0, layerEnd: this.inputs.modelConfig.numHiddenLayers, lora,
