@@ -100,6 +100,9 @@ export interface StageInput {
   labels?: Int32Array;
   /** seed for LoRA dropout masks of this micro-batch (same seed ⇒ same masks in recompute) */
   dropoutSeed?: number;
+  /** packing (TRL padding_free): batch 1 and the lengths of the examples concatenated in the row, summing to
+   *  seqLen; positions restart and attention stays inside each example */
+  segments?: Int32Array;
 }
 
 export interface StageForwardResult {

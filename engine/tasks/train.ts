@@ -6,6 +6,7 @@ import type { BackendKind } from '../backends/registry.ts';
 import { ConfigError } from '../train/config.ts';
 import type { TrainConfig } from '../train/config.ts';
 import { dataOptionsOf, loadDataset } from '../train/data.ts';
+import { packExamples } from '../train/packing.ts';
 import { Trainer } from '../train/trainer.ts';
 import type { StepEvent } from '../train/trainer.ts';
 
@@ -66,7 +67,7 @@ export async function runTrain(cfg: TrainConfig): Promise<number> {
     let firstStep = -1;
     try {
       const trainer = new Trainer({
-        config: cfg, modelConfig: md.config, weights: md.weights, backend, examples: ds.examples, padId, baseModelName: model,
+        config: cfg, modelConfig: md.config, weights: md.weights, backend, examples: cfg.packing ? packExamples(ds.examples, cfg.max_seq_length) : ds.examples, padId, baseModelName: model,
       });
       const result = await trainer.run({
         info,

@@ -58,6 +58,8 @@ export interface TrainConfig {
   completion_only_loss: boolean;
   assistant_only_loss: boolean;
   skip_bad_lines: boolean;
+  /** TRL SFTConfig packing (bfd, padding-free): engine/train/packing.ts */
+  packing: boolean;
   json: boolean;
 }
 
@@ -122,6 +124,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   completion_only_loss: true,
   assistant_only_loss: false,
   skip_bad_lines: false,
+  packing: false,
   json: false,
 }) as TrainConfig;
 
@@ -167,6 +170,7 @@ export const TRAIN_CONFIG_KEYS: readonly ConfigKeySpec[] = [
   { key: 'completion_only_loss', kind: 'bool', help: 'prompt/completion and question/answer records: train only on the tokens past the prompt (TRL completion_only_loss)' },
   { key: 'assistant_only_loss', kind: 'bool', help: 'conversational records: train only on assistant turns (TRL assistant_only_loss; off trains every token)' },
   { key: 'skip_bad_lines', kind: 'bool', help: 'skip (and count) malformed JSONL lines instead of failing' },
+  { key: 'packing', kind: 'bool', help: 'TRL packing: examples best-fit into rows of max_seq_length, each micro-batch one row without padding, attention kept inside each example' },
   { key: 'json', kind: 'bool', help: 'print one JSON object per line for step events' },
 ];
 

@@ -355,6 +355,7 @@ export async function accumulateStep(stage: Stage, mbs: readonly CollatedMicroBa
     const key = `${o.step}:${k}:0`;
     const r = await stage.forward({
       key, batch: mb.batch, seqLen: mb.seqLen, ids: mb.ids, labels: mb.labels, dropoutSeed: dropoutSeedFor(o.seed, o.step, k),
+      ...(mb.segments ? { segments: mb.segments } : {}),
     }, { train: true });
     lossSum += r.lossSum ?? 0;
     inputTokens += mb.inputTokens;
