@@ -109,7 +109,7 @@ export function renderPackingTables(r: J, source: string): string {
     `(${num(p.threads)} native threads). Load average (1/5/15 min) at the start ${la(r.loadavg_start)}, at the end ${la(r.loadavg_end)}. ` +
     `Model: ${num(md.layers)} layers, hidden ${num(md.hidden)}, intermediate ${num(md.intermediate)}, vocab ${num(md.vocab)}, NF4, LoRA r=${num(md.lora_r)} on all 7 linears; ` +
     `data: ${num(d.examples)} examples (${num(d.real_tokens)} tokens), lengths ${String(d.lengths)}, max_seq_length ${num(d.max_seq_length)}, per_device_train_batch_size ${num(d.per_device_train_batch_size)}; one epoch each way, forward + backward per micro-batch.`, '',
-  table(['micro-batches', 'rows', 'micro-batches', 'token positions', 'padding', 's', 'real tokens/s', 'mean token loss'], [row(obj(p.padded, 'packing.padded'), 'padded (longest in batch)'), row(obj(p.packed, 'packing.packed'), 'packed (bfd, padding-free)')]),
+  table(['collation', 'rows', 'micro-batches', 'token positions', 'padding', 's', 'real tokens/s', 'mean token loss'], [row(obj(p.padded, 'packing.padded'), 'padded (longest in batch)'), row(obj(p.packed, 'packing.packed'), 'packed (bfd, padding-free)')]),
   '', `Packed over padded, real tokens/s: ${num(p.speedup)}×.`, '', PACK_END].join('\n');
 }
 

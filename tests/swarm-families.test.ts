@@ -26,7 +26,15 @@ const STEPS = 2, MBS = 2;
 const dirs: string[] = [];
 after(async () => { for (const d of dirs) await rm(d, { recursive: true, force: true }); });
 
-function microBatch(seed: number, V: number): MicroBatch {
+/** packed: one row of two examples (6 and 5 + seed % 2 tokens) with their segment lengths, as collate makes it */
+function microBatch(seed: number, V: number, packed = false): MicroBatch {
+  if (packed) {
+    const a = microBatch(seed, V);
+    const S0 = a.seqLen, S1 = 5 + (seed % 2);
+    const ids = new Int32Array([...a.ids.subarray(0, S0), ...a.ids.subarray(S0, S0 + S1)]);
+    const labels = new Int32Array([...a.labels.subarray(0, S0), ...a.labels.subarray(S0, S0 + S1 - 1), -100]);
+    return { ids, labels, batch: 1, seqLen: S0 + S1, segments: Int32Array.from([S0, S1]) };
+  }
   const B = 2, S = 6 + (seed % 2);
   const ids = new Int32Array(B * S), labels = new Int32Array(B * S);
   for (let i = 0; i < B * S; i++) ids[i] = (seed * 31 + i * 7 + (i * i) % 13) % V;
@@ -47,7 +55,8 @@ const FAMILIES: Record<string, Record<string, unknown>> = {
     rope_scaling: { type: 'longrope', short_factor: [1, 1.5, 2, 3], long_factor: [1.2, 2.5, 6, 11] }, tie_word_embeddings: false,
   },
 };
-const TARGETS: Record<string, string> = { phi3: 'qkv_proj,o_proj,gate_up_proj' };
+FAMILIES['phi3 packed'] = FAMILIES.phi3!;
+const TARGETS: Record<string, string> = { phi3: 'qkv_proj,o_proj,gate_up_proj', 'phi3 packed': 'qkv_proj,o_proj,gate_up_proj' };
 
 for (const [family, HF] of Object.entries(FAMILIES)) {
   test(`${family}: a 2-stage swarm equals the local loop`, async () => {
@@ -58,7 +67,8 @@ for (const [family, HF] of Object.entries(FAMILIES)) {
       per_device_train_batch_size: 2, gradient_accumulation_steps: MBS, device: 'ref', max_grad_norm: 0.3, warmup_steps: 0,
     } });
     const lora = loraConfigOf(train);
-    const batchesFor = (s: number) => Array.from({ length: MBS }, (_, k) => microBatch(s * MBS + k, cfg.vocabSize));
+    // packing: the segment lengths go to every stage (attention per example, positions restarting)
+    const batchesFor = (s: number) => Array.from({ length: MBS }, (_, k) => microBatch(s * MBS + k, cfg.vocabSize, family.endsWith('packed')));
 
     // the local loop: one whole-model stage
     const stage = await loadStage(weights, new RefBackend(), { layerStart: 0, layerEnd: 4, lora, seed: train.seed });
@@ -71,21 +81,21 @@ for (const [family, HF] of Object.entries(FAMILIES)) {
       const N = mbs.reduce((n, m) => n + m.labels.filter((l) => l !== -100).length, 0);
       const grads = stage.newGrads();
       for (const [k, m] of mbs.entries()) {
-        await stage.forward({ key: `k${k}`, batch: m.batch, seqLen: m.seqLen, ids: m.ids, labels: m.labels, dropoutSeed: 0 });
+        await stage.forward({ key: `k${k}`, batch: m.batch, seqLen: m.seqLen, ids: m.ids, labels: m.labels, dropoutSeed: 0, ...(m.segments ? { segments: m.segments } : {}) });
         await stage.backward(`k${k}`, grads, { lossScale: 1 / N });
       }
       clipGradNorm(grads, train.max_grad_norm);
       adam.update(stage.params.map((p) => p.data), grads, learningRateAt(train.learning_rate, train.lr_scheduler_type, s, warm, STEPS));
     }
 
-    const tmp = await mkdtemp(path.join(os.tmpdir(), `swarmtune-${family}-`));
+    const tmp = await mkdtemp(path.join(os.tmpdir(), `swarmtune-${family.replace(' ', '-')}-`));
     dirs.push(tmp);
     const node = await createSwarmNode({ dataDir: path.join(tmp, 'coord') });
     const store = await RunStore.open(path.join(tmp, 'coord', 'db'));
-    await store.putMeta({ runId: family, model: 'random', totalSteps: STEPS, createdMs: 0, config: {}, numStages: 0, stages: [] });
+    await store.putMeta({ runId: family.replace(' ', '-'), model: 'random', totalSteps: STEPS, createdMs: 0, config: {}, numStages: 0, stages: [] });
     const events: RunEvent[] = [];
     const coord = new Coordinator({
-      node, store, blobs: new BlobStore(path.join(tmp, 'coord')), runId: family, modelName: 'random', llama: cfg,
+      node, store, blobs: new BlobStore(path.join(tmp, 'coord')), runId: family.replace(' ', '-'), modelName: 'random', llama: cfg,
       modelConfigJson: JSON.stringify(HF), weights, train, lora,
       data: { totalSteps: STEPS, microBatchesForStep: async (s) => batchesFor(s), cursorAfter: (s) => s * MBS },
       memory: () => 1, minPeers: 2, pipelineStages: 2, wireCodec: 'f32', token: null, initAdapter: null, resume: null,
