@@ -87,10 +87,19 @@ function rope(x: Float64Array, T: number, S: number, nH: number, D: number, inv:
   }
 }
 
+/** This reference models the Llama linears and rope tables without longrope's cos/sin scale: Phi-3 is
+ *  checked against tests/hf-reference.ts instead. */
+function refuseUnmodelled(cfg: WeightSource['config']): void {
+  if (cfg.modelType === 'phi3' || cfg.ropeScaling?.ropeType === 'longrope') {
+    throw new Error(`reference: ${cfg.modelType} (fused linears / longrope) is not modelled by engine/model/reference.ts`);
+  }
+}
+
 /** Logits [B*S, V] in float64 of the whole model, LoRA applied without dropout. */
 export async function referenceLogits(source: WeightSource, ids: Int32Array, B: number, S: number,
   lora?: ReferenceLora): Promise<Float64Array> {
   const cfg = source.config;
+  refuseUnmodelled(cfg);
   const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;
   const V = cfg.vocabSize, eps = cfg.rmsNormEps;
   const T = B * S;
@@ -247,6 +256,7 @@ export async function referenceLossGrads(source: WeightSource, ids: Int32Array, 
   const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;
   const V = cfg.vocabSize, eps = cfg.rmsNormEps, I = cfg.intermediateSize;
   const T = B * S, group = H / KV;
+  refuseUnmodelled(cfg);
   if (ids.length !== T || labels.length !== T) throw new RangeError(`referenceLossGrads: ids/labels must have B*S = ${T} entries`);
   const inv = ropeInvFreq(cfg);
   const params = new Map(lora.params.map((p) => [p.name, p.data]));
