@@ -50,6 +50,8 @@ export async function runTrain(cfg: TrainConfig): Promise<number> {
       else process.stdout.write(line + '\n');
     };
     info(`data: ${ds.examples.length} examples from ${data}${ds.skipped.length ? `, ${ds.skipped.length} bad lines skipped` : ''}${ds.truncated ? `, ${ds.truncated} truncated at ${cfg.max_seq_length} tokens` : ''}`);
+    const examples = cfg.packing ? packExamples(ds.examples, cfg.max_seq_length) : ds.examples;
+    if (cfg.packing) info(`packing: ${ds.examples.length} examples into ${examples.length} rows of up to ${cfg.max_seq_length} tokens`);
     const padId = tok.padTokenId ?? md.config.padTokenId ?? tok.eosTokenId;
     if (padId === null) throw new ConfigError(`${model}: tokenizer has neither a pad nor an eos token to pad micro-batches with`);
     const backend = await createBackend(cfg.device as BackendKind);
@@ -67,7 +69,7 @@ export async function runTrain(cfg: TrainConfig): Promise<number> {
     let firstStep = -1;
     try {
       const trainer = new Trainer({
-        config: cfg, modelConfig: md.config, weights: md.weights, backend, examples: cfg.packing ? packExamples(ds.examples, cfg.max_seq_length) : ds.examples, padId, baseModelName: model,
+        config: cfg, modelConfig: md.config, weights: md.weights, backend, examples, padId, baseModelName: model,
       });
       const result = await trainer.run({
         info,
