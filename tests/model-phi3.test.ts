@@ -27,7 +27,7 @@ import { logits } from '../engine/model/decode.ts';
 import { randomWeightSource } from '../engine/model/random-model.ts';
 import { resolveTargets } from '../engine/model/arch.ts';
 import { Rng } from '../engine/model/rng.ts';
-import { baseParamCount, loraParamCount } from '../engine/train/plan.ts';
+import { baseParamCount, loraParamCount, stageMemoryBytes } from '../engine/train/plan.ts';
 import { parseTargetModules } from '../engine/train/config.ts';
 import type { Backend } from '../engine/backend.ts';
 import type { LoraConfig, Stage, WeightSource } from '../engine/types.ts';
@@ -196,6 +196,11 @@ test('Phi-3 target modules: all-linear is the four fused linears; a Llama name i
     num_key_value_heads: 32, vocab_size: 32064 }));
   assert.equal(baseParamCount(mini), 3_821_079_552);
   assert.equal(loraParamCount(mini, { r: 16, targetModules: parseTargetModules('all-linear', 'x') }), 25_165_824);
+  const m = stageMemoryBytes(mini, { layerStart: 0, layerEnd: 32, lora: { r: 16, targetModules: parseTargetModules('all-linear', 'x') }, microBatch: 1, seqLen: 512, optim: 'paged_adamw_8bit' });
+  assert.equal(m.trainableParams, 25_165_824);
+  assert.equal(m.nf4WeightsBytes, 32 * 113_246_208 / 2, 'NF4 at 0.5 B per linear parameter');
+  assert.equal(m.workspaceBytes, 8192 * 3072 * 2, 'the largest part (gate or up of gate_up_proj, or down_proj) in bf16, not the fused gate_up');
+  assert.equal(m.lmHeadBytes, 32064 * 3072 * 2, 'untied lm_head');
 });
 
 test('config: Phi-3 settings this engine cannot reproduce are refused naming the key', () => {

@@ -2,7 +2,7 @@
 // coordinator's planner calls per candidate stage. Assumptions are written in docs/plan.md.
 import type { LlamaConfig, LoraTarget } from '../types.ts';
 import { linearShape } from '../model/lora.ts';
-import { layerFloatTensors, linearModules, resolveTargets } from '../model/arch.ts';
+import { fusedParts, layerFloatTensors, linearModules, resolveTargets } from '../model/arch.ts';
 import type { OptimName } from '../optimizer.ts';
 import { MIN_8BIT_SIZE, OPTIM8_BLOCKSIZE } from './optim.ts';
 
@@ -126,7 +126,9 @@ export function stageMemoryBytes(cfg: LlamaConfig, o: StageMemoryOptions): Stage
     const b = nf4LinearBytes(out * inF, bs, dq);
     packed += b.packed * layers;
     constants += b.constants * layers;
-    largestLinear = Math.max(largestLinear, out * inF);
+    // a fused linear (Phi-3) is computed part by part (engine/model/load.ts)
+    const parts = fusedParts(cfg, t);
+    largestLinear = Math.max(largestLinear, (parts.length ? Math.max(...parts) : out) * inF);
   }
   const embeddingsBytes = isFirst ? V * C * fb : 0;
   // a tied head reuses the embedding; a last stage that is not also first must hold its own copy
