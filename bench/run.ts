@@ -1,12 +1,13 @@
 // `npm run bench`: every benchmark, one JSON object on stdout (progress on stderr), also written to
 // bench/results/latest.json. Render docs/benchmarks.md from it with `node bench/report.ts --write`.
 //
-//   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence,blobs] [--quick] [--out FILE]
+//   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence,blobs,packing] [--quick] [--out FILE]
 //
 // Sections: machine (always), kernels, memory (a loaded stage's NF4 bytes per parameter and RSS against plan),
 // model (+ the PyTorch baseline), swarm (+ the store's disk per step), net, store (the cost of a synced step
 // commit), convergence (eval loss per wire codec, bench/convergence.ts), blobs (a joiner's time to a verified
-// blob from 1, 4 and 8 rate-limited providers, bench/blob-fetch.ts). Heavy parts run in
+// blob from 1, 4 and 8 rate-limited providers, bench/blob-fetch.ts), packing (tokens/s and padding with
+// and without TRL packing on mixed lengths, bench/packing.ts). Heavy parts run in
 // child processes (the model bench for its own peak RSS, the swarm trace per wire codec, the CLI runs).
 // Other processes on the machine lower every figure: the load average is recorded before and after
 // each section.
@@ -25,7 +26,7 @@ import { benchSwarmCli } from './swarm-cli.ts';
 import { ensureBenchModelDir, writeLongTextData } from './fixtures.ts';
 import { NODE, ROOT, runJsonScript } from './procs.ts';
 
-const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs'] as const;
+const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing'] as const;
 type Section = typeof SECTIONS[number];
 
 export class BenchUsageError extends Error {
@@ -176,6 +177,9 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
   }
   if (args.only.includes('convergence')) {
     result.convergence = await section('convergence', () => runJsonScript(NODE, [path.join(ROOT, 'bench', 'convergence.ts'), ...(args.quick ? ['--quick'] : [])], 'bench/convergence.ts', 3_600_000));
+  }
+  if (args.only.includes('packing')) {
+    result.packing = await section('packing', () => runJsonScript(NODE, [path.join(ROOT, 'bench', 'packing.ts'), ...(args.quick ? ['--quick'] : [])], 'bench/packing.ts', 1_800_000));
   }
   result.loadavg_end = load();
   result.total_seconds = Number(((performance.now() - t0) / 1000).toFixed(1));

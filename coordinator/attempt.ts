@@ -63,6 +63,7 @@ function requestFor(ctx: AttemptContext, a: AttemptSpec, s: number, referee?: Ho
     ...a.key, stageIndex: s, route: a.route, batch: a.m.batch, seqLen: a.m.seqLen,
     ids: s === 0 ? encodeTensor(a.m.ids, [T], 'i32', 'ids') : undefined,
     labels: s === S - 1 ? encodeTensor(a.m.labels, [T], 'i32', 'labels') : undefined,
+    segments: a.m.segments ? encodeTensor(a.m.segments, [a.m.segments.length], 'i32', 'segments') : undefined,
     lossScale: s === S - 1 ? a.lossScale : undefined,
     dropoutSeed: a.dropoutSeed, train: true,
     nextAddrs: s < S - 1 && referee !== 'act' ? addrs(a.route[s + 1]) : undefined,

@@ -16,7 +16,7 @@ export const RESULT_KEYS = [
   'learning_rate', 'lr_scheduler_type', 'warmup_ratio', 'warmup_steps', 'max_grad_norm', 'weight_decay',
   'adam_beta1', 'adam_beta2', 'adam_epsilon', 'seed', 'shuffle', 'lora_r', 'lora_alpha', 'lora_dropout',
   'target_modules', 'use_rslora', 'init_lora_weights', 'optim', 'max_seq_length', 'system_prompt',
-  'completion_only_loss', 'assistant_only_loss', 'skip_bad_lines', 'bnb_4bit_use_double_quant',
+  'completion_only_loss', 'assistant_only_loss', 'skip_bad_lines', 'bnb_4bit_use_double_quant', 'packing',
 ] as const satisfies ReadonlyArray<keyof TrainConfig>;
 
 /** What defines a run, stored in its meta when it is created. */

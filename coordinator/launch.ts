@@ -4,6 +4,7 @@ import { mkdir, readdir, stat, writeFile } from 'node:fs/promises';
 import { createHash, randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
+import { resolveTargets } from '../engine/model/arch.ts';
 import type { TrainConfig } from '../engine/train/config.ts';
 import { openModelDir } from '../engine/formats/model-dir.ts';
 import { ADAPTER_WEIGHTS_FILE, readAdapter, writeAdapter } from '../engine/formats/peft.ts';
@@ -165,6 +166,8 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
     lora = a.lora; // the adapter's r, alpha and targets apply, as in `swarmtune train --init-adapter`
     initAdapter = new Map(a.tensors.map((t) => [t.name, t]));
   }
+  // the family's own linears (Phi-3's fused qkv_proj, gate_up_proj): what assignments and the adapter name
+  lora = { ...lora, targetModules: resolveTargets(model.config, lora.targetModules) };
   const data = await buildRunData(train, model);
   // eval_data goes through the run's own data pipeline (the coordinator evaluates: coordinator/eval.ts),
   // checked with the eval plan before anything is written

@@ -1,6 +1,7 @@
 // The run spec's bindings to the trainer: its data pipeline (the same micro-batches `swarmtune train`
 // sees) and its memory model (what a stage needs on a peer).
 import { DataLoader, dataOptionsOf, loadDataset, planSteps } from '../engine/train/data.ts';
+import { packExamples } from '../engine/train/packing.ts';
 import type { SftTokenizer } from '../engine/train/data.ts';
 import { stageMemoryBytes } from '../engine/train/plan.ts';
 import type { TrainConfig } from '../engine/train/config.ts';
@@ -25,11 +26,12 @@ export async function buildRunData(train: TrainConfig, model: ModelDir): Promise
   const tok: SftTokenizer = model.tokenizer;
   const ds = loadDataset(train.data, tok, dataOptionsOf(train));
   const padId = tok.padTokenId ?? tok.eosTokenId ?? 0;
-  const loader = new DataLoader(ds.examples, {
+  const examples = train.packing ? packExamples(ds.examples, train.max_seq_length) : ds.examples;
+  const loader = new DataLoader(examples, {
     batchSize: train.per_device_train_batch_size, accumulation: train.gradient_accumulation_steps,
     seed: train.seed, shuffle: train.shuffle, padId,
   });
-  const plan = planSteps(ds.examples.length, train.per_device_train_batch_size, train.gradient_accumulation_steps, train.num_train_epochs, train.max_steps);
+  const plan = planSteps(examples.length, train.per_device_train_batch_size, train.gradient_accumulation_steps, train.num_train_epochs, train.max_steps);
   return {
     examples: ds.examples.length, skipped: ds.skipped.length, truncated: ds.truncated,
     stepsPerEpoch: loader.stepsPerEpoch, microBatchesPerStep: train.gradient_accumulation_steps,

@@ -18,6 +18,9 @@ export interface LlamaConfig {
   ropeScaling: null | {
     ropeType: string; factor: number;
     lowFreqFactor?: number; highFreqFactor?: number; originalMaxPositionEmbeddings?: number;
+    /** longrope (Phi-3): per-frequency divisors of inv_freq within / beyond original_max_position_embeddings,
+     *  and the cos/sin scale (attention_factor) */
+    shortFactor?: number[]; longFactor?: number[]; attentionFactor?: number;
   };
   maxPositionEmbeddings: number;
   tieWordEmbeddings: boolean;
@@ -31,8 +34,14 @@ export interface LlamaConfig {
   raw: Record<string, unknown>;
 }
 
+/** The seven linears of a Llama-family layer ("all-linear" before the model is known). */
 export const LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
-export type LoraTarget = typeof LORA_TARGETS[number];
+/** Every linear module name a family may have: the Llama seven, then Phi-3's fused qkv_proj and gate_up_proj
+ *  (engine/model/arch.ts linearModules says which a model has). The index keys LoRA init and dropout streams. */
+export const ALL_TARGETS = [...LORA_TARGETS, 'qkv_proj', 'gate_up_proj'] as const;
+export type LoraTarget = typeof ALL_TARGETS[number];
+/** A role in the decoder layer's math (a fused module's parts play the roles of the Llama linears they hold). */
+export type LayerLinear = typeof LORA_TARGETS[number];
 
 /** PEFT LoraConfig semantics (facts §4). */
 export interface LoraConfig {
@@ -91,6 +100,9 @@ export interface StageInput {
   labels?: Int32Array;
   /** seed for LoRA dropout masks of this micro-batch (same seed ⇒ same masks in recompute) */
   dropoutSeed?: number;
+  /** packing (TRL padding_free): batch 1 and the lengths of the examples concatenated in the row, summing to
+   *  seqLen; positions restart and attention stays inside each example */
+  segments?: Int32Array;
 }
 
 export interface StageForwardResult {

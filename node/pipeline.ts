@@ -119,7 +119,7 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
     hidden = r.data;
     res.actRms = r.rms;
   }
-  const out = await own('forward', (o) => host.forward({ ...base, stageIndex: s, batch: req.batch, seqLen: req.seqLen, ids: req.ids, labels: req.labels, dropoutSeed: req.dropoutSeed, train: req.train, hidden }, o));
+  const out = await own('forward', (o) => host.forward({ ...base, stageIndex: s, batch: req.batch, seqLen: req.seqLen, ids: req.ids, labels: req.labels, dropoutSeed: req.dropoutSeed, train: req.train, segments: req.segments, hidden }, o));
   let gradIn: Float32Array | undefined;
   if (s === S - 1) {
     res.lossSum = out.lossSum;

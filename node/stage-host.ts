@@ -41,7 +41,7 @@ type StageInput = Parameters<Stage['forward']>[0];
 
 /** A forward of one micro-batch attempt: the control message's fields, with the activation from the
  *  previous stage (received over a hop and screened) on stages after the first. */
-export type ForwardCall = Pick<MicroBatchRequest, 'runId' | 'step' | 'mb' | 'attempt' | 'stageIndex' | 'batch' | 'seqLen' | 'ids' | 'labels' | 'dropoutSeed' | 'train'>
+export type ForwardCall = Pick<MicroBatchRequest, 'runId' | 'step' | 'mb' | 'attempt' | 'stageIndex' | 'batch' | 'seqLen' | 'ids' | 'labels' | 'dropoutSeed' | 'train' | 'segments'>
   & { hidden?: Float32Array };
 export interface ForwardResult { hidden?: Float32Array; lossSum?: number; tokens?: number }
 /** A backward: the activation gradient from the next stage, or the loss scale on the last stage. */
@@ -131,6 +131,13 @@ export class StageHost {
     const V = this.stage.config.vocabSize;
     const T = req.batch * req.seqLen;
     const input: StageInput = { key, batch: req.batch, seqLen: req.seqLen, dropoutSeed: req.dropoutSeed };
+    if (req.segments !== undefined) {
+      const seg = decodeInt(req.segments, 'forward.segments');
+      let sum = 0;
+      for (const n of seg) sum += n > 0 ? n : NaN;
+      if (req.batch !== 1 || sum !== req.seqLen) throw new TensorError(`forward.segments: packed example lengths must be positive and sum to seqLen ${req.seqLen} in one row (batch ${req.batch})`);
+      input.segments = seg;
+    }
     if (this.stage.isFirst) {
       if (req.ids === undefined) throw new SchemaError('forward: the first stage needs token ids');
       input.ids = decodeInt(req.ids, 'forward.ids', [T]);

@@ -168,6 +168,9 @@ export const microBatchRequest = obj({
   ids: opt(wireTensor),
   /** labels, i32 [B·S] (last stage only) */
   labels: opt(wireTensor),
+  /** packing: i32 lengths of the examples in the one row (B = 1), summing to S; every stage (attention stays
+   *  inside each example, positions restart) */
+  segments: opt(wireTensor),
   /** 1 / (label tokens of the step) (last stage only: it starts backward right after its forward) */
   lossScale: opt(num()),
   dropoutSeed: int(0, I32),

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, BenchUsageError } from '../bench/run.ts';
-import { BENCH_DOC, blobSourceOf, docWithBlobTables, renderBlobTables, docWithDoubleQuantTables, docWithTables, doubleQuantSourceOf, renderDoubleQuantTables, renderTables, sourceOf, ReportError } from '../bench/report.ts';
+import { BENCH_DOC, blobSourceOf, docWithBlobTables, renderBlobTables, docWithDoubleQuantTables, docWithPackingTables, docWithTables, doubleQuantSourceOf, packingSourceOf, renderDoubleQuantTables, renderPackingTables, renderTables, sourceOf, ReportError } from '../bench/report.ts';
 import { traceSwarm } from '../bench/swarm-trace.ts';
 import { benchNet } from '../bench/net.ts';
 import { benchBlobFetch } from '../bench/blob-fetch.ts';
@@ -18,7 +18,7 @@ const ROOT = path.resolve(import.meta.dirname, '..');
 test('bench arguments: sections, --quick, and clear errors for bad input', () => {
   assert.deepEqual(parseArgs(['--only', 'kernels,net', '--quick']).only, ['kernels', 'net']);
   assert.equal(parseArgs(['--only=model']).quick, false);
-  assert.deepEqual(parseArgs([]).only, ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs']);
+  assert.deepEqual(parseArgs([]).only, ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing']);
   assert.deepEqual(parseArgs(['--only', 'memory']).only, ['memory']);
   assert.throws(() => parseArgs(['--only', 'kernels,gpu']), (e: Error) => e instanceof BenchUsageError && /unknown section "gpu"/.test(e.message));
   assert.throws(() => parseArgs(['--only']), { name: 'BenchUsageError', message: /--only needs a value/ });
@@ -49,6 +49,22 @@ test('docs/benchmarks.md double-quantization section is generated from the resul
     assert.ok(Math.abs(r.array_buffers_over_plan - 1) < 0.01, `${r.config}: ArrayBuffers ${r.array_buffers_over_plan}× plan`);
   }
   assert.throws(() => renderDoubleQuantTables({ ...results, memory: 3 }, source), { name: 'ReportError', message: /memory must be an object/ });
+});
+
+test('docs/benchmarks.md packing section is generated from the results file it names', () => {
+  const doc = readFileSync(BENCH_DOC, 'utf8');
+  const source = packingSourceOf(doc);
+  assert.ok(source !== null, 'docs/benchmarks.md names no packing results file (node bench/report.ts FILE --part=packing --write)');
+  assert.ok(existsSync(path.join(ROOT, source)), `${source} is not in the repository`);
+  const results = JSON.parse(readFileSync(path.join(ROOT, source), 'utf8'));
+  assert.equal(doc, docWithPackingTables(doc, renderPackingTables(results, source)), `stale: run \`node bench/report.ts ${source} --part=packing --write\``);
+  // what the section claims: the same tokens both ways, no padding when packed, the same mean token loss
+  const { padded, packed, data } = results.packing;
+  assert.equal(packed.token_positions, data.real_tokens);
+  assert.equal(packed.padding_fraction, 0);
+  assert.ok(padded.token_positions > data.real_tokens && padded.padding_fraction > 0);
+  assert.ok(Math.abs(packed.mean_token_loss - padded.mean_token_loss) <= 1e-5 * padded.mean_token_loss, `${packed.mean_token_loss} vs ${padded.mean_token_loss}`);
+  assert.throws(() => renderPackingTables({ ...results, packing: 3 }, source), { name: 'ReportError', message: /packing must be an object/ });
 });
 
 test('swarm trace: every micro-batch is accounted for and the wire bytes per token match the codec', async () => {

@@ -1,5 +1,5 @@
 // An independent float64 forward of the decoder families, written from the Hugging Face modeling equations
-// (transformers' modeling_llama.py and modeling_qwen3.py), for tests to hold the engine against.
+// (transformers' modeling_llama.py, modeling_qwen3.py and modeling_phi3.py), for tests to hold the engine against.
 //
 // It reads the raw config.json keys itself and shares no code with engine/: its own NF4 decode (the
 // bitsandbytes table), its own rope, norms, attention and loss. Slow plain loops; for models of a few
@@ -11,6 +11,10 @@
 //     Qwen3: q = q_norm(q.view(.., heads, head_dim)), k = k_norm(k.view(.., kv_heads, head_dim))
 //     q, k = apply_rotary_pos_emb(q, k, cos, sin) (rotate_half over head_dim); attention = softmax(q·kᵀ/√head_dim + causal)·v
 //     x = x + o_proj(attention); h = post_attention_layernorm(x); x = x + down_proj(silu(gate_proj(h)) * up_proj(h))
+//     Phi-3: qkv = qkv_proj(h); q = qkv[..., :heads·head_dim], k = the next kv_heads·head_dim, v = the rest;
+//     gate, up = gate_up_proj(h).chunk(2, dim=-1); mlp = down_proj(up * silu(gate)); longrope: inv_freq =
+//     1 / (ext_factors · theta^(2i/D)), ext = long_factor when max(position)+1 > original_max_position_embeddings
+//     else short_factor, cos and sin times attention_factor (default √(1 + ln(max/original) / ln(original)))
 //   logits = lm_head(norm(x)) (lm_head = embed_tokens when tied)
 //   RMSNorm(x) = w * x / sqrt(mean(x²) + eps)
 import type { NF4Weight } from '../engine/formats/nf4.ts';
@@ -54,6 +58,8 @@ export interface RefInput {
   fromLayer?: number;
   B: number;
   S: number;
+  /** position ids [B*S] (default: t mod S; a packed row restarts them per example) */
+  positions?: Int32Array;
 }
 
 function matmulT(x: Float64Array, T: number, W: ArrayLike<number>, out: number, inF: number): Float64Array {
@@ -83,7 +89,7 @@ function rmsNorm(x: Float64Array, rows: number, n: number, w: ArrayLike<number>,
 export async function hfLogits(src: WeightSource, input: RefInput, lora?: RefLora): Promise<Float64Array> {
   const raw = src.config.raw;
   const type = String(raw.model_type);
-  if (type !== 'llama' && type !== 'qwen3' && type !== 'qwen2' && type !== 'mistral') throw new Error(`hf-reference: no equations for ${type}`);
+  if (type !== 'llama' && type !== 'qwen3' && type !== 'qwen2' && type !== 'mistral' && type !== 'phi3') throw new Error(`hf-reference: no equations for ${type}`);
   const C = num(raw, 'hidden_size'), H = num(raw, 'num_attention_heads'), KV = num(raw, 'num_key_value_heads', H);
   const D = num(raw, 'head_dim', C / H), I = num(raw, 'intermediate_size'), V = num(raw, 'vocab_size');
   const L = num(raw, 'num_hidden_layers'), eps = num(raw, 'rms_norm_eps'), theta = num(raw, 'rope_theta', 10000);
@@ -108,16 +114,26 @@ export async function hfLogits(src: WeightSource, input: RefInput, lora?: RefLor
     return y;
   };
   // rotate_half with emb = cat(freqs, freqs): pairs (i, i + D/2); inv_freq = 1 / theta^(2i/D)
+  const positions = input.positions ?? Int32Array.from({ length: T }, (_, t) => t % S);
+  const rs = (raw.rope_scaling ?? null) as Raw | null;
+  const rsType = rs ? rs.rope_type ?? rs.type : null;
+  let ext: number[] | null = null, ropeScale = 1;
+  if (rs && (rsType === 'longrope' || rsType === 'su')) {
+    const maxPos = num(raw, 'max_position_embeddings'), orig = num(raw, 'original_max_position_embeddings', maxPos);
+    ext = (Math.max(...positions) + 1 > orig ? rs.long_factor : rs.short_factor) as number[];
+    ropeScale = maxPos / orig <= 1 ? 1 : Math.sqrt(1 + Math.log(maxPos / orig) / Math.log(orig));
+  } else if (rs && rsType !== 'default') throw new Error(`hf-reference: no rope equations for ${String(rsType)}`);
   const rope = (x: Float64Array, nH: number) => {
     for (let t = 0; t < T; t++) {
-      const p = t % S;
+      const p = positions[t];
       for (let h = 0; h < nH; h++) {
         const o = (t * nH + h) * D;
         for (let i = 0; i < D / 2; i++) {
-          const a = p / theta ** ((2 * i) / D);
+          const a = p / ((ext ? ext[i] : 1) * theta ** ((2 * i) / D));
+          const c = Math.cos(a) * ropeScale, sn = Math.sin(a) * ropeScale;
           const x1 = x[o + i], x2 = x[o + i + D / 2];
-          x[o + i] = x1 * Math.cos(a) - x2 * Math.sin(a);
-          x[o + i + D / 2] = x2 * Math.cos(a) + x1 * Math.sin(a);
+          x[o + i] = x1 * c - x2 * sn;
+          x[o + i + D / 2] = x2 * c + x1 * sn;
         }
       }
     }
@@ -135,9 +151,21 @@ export async function hfLogits(src: WeightSource, input: RefInput, lora?: RefLor
   for (let l = from; l < L; l++) {
     const p = `model.layers.${l}`;
     const h = rmsNorm(x, T, C, await f(`${p}.input_layernorm.weight`), eps);
-    let q = await linear(h, `${p}.self_attn.q_proj`, H * D, C);
-    let k = await linear(h, `${p}.self_attn.k_proj`, KV * D, C);
-    const v = await linear(h, `${p}.self_attn.v_proj`, KV * D, C);
+    let q: Float64Array, k: Float64Array, v: Float64Array;
+    if (type === 'phi3') {
+      const F = (H + 2 * KV) * D;
+      const qkv = await linear(h, `${p}.self_attn.qkv_proj`, F, C);
+      const cols = (c0: number, n: number) => {
+        const y = new Float64Array(T * n);
+        for (let t = 0; t < T; t++) for (let j = 0; j < n; j++) y[t * n + j] = qkv[t * F + c0 + j];
+        return y;
+      };
+      q = cols(0, H * D); k = cols(H * D, KV * D); v = cols(H * D + KV * D, KV * D);
+    } else {
+      q = await linear(h, `${p}.self_attn.q_proj`, H * D, C);
+      k = await linear(h, `${p}.self_attn.k_proj`, KV * D, C);
+      v = await linear(h, `${p}.self_attn.v_proj`, KV * D, C);
+    }
     if (type === 'qwen3') {
       q = rmsNorm(q, T * H, D, await f(`${p}.self_attn.q_norm.weight`), eps);
       k = rmsNorm(k, T * KV, D, await f(`${p}.self_attn.k_norm.weight`), eps);
@@ -168,7 +196,14 @@ export async function hfLogits(src: WeightSource, input: RefInput, lora?: RefLor
     const o = await linear(att, `${p}.self_attn.o_proj`, C, H * D);
     for (let i = 0; i < x.length; i++) x[i] += o[i];
     const h2 = rmsNorm(x, T, C, await f(`${p}.post_attention_layernorm.weight`), eps);
-    const g = await linear(h2, `${p}.mlp.gate_proj`, I, C), u = await linear(h2, `${p}.mlp.up_proj`, I, C);
+    let g: Float64Array, u: Float64Array;
+    if (type === 'phi3') {
+      const gu = await linear(h2, `${p}.mlp.gate_up_proj`, 2 * I, C);
+      g = new Float64Array(T * I); u = new Float64Array(T * I);
+      for (let t = 0; t < T; t++) for (let j = 0; j < I; j++) { g[t * I + j] = gu[t * 2 * I + j]; u[t * I + j] = gu[t * 2 * I + I + j]; }
+    } else {
+      g = await linear(h2, `${p}.mlp.gate_proj`, I, C); u = await linear(h2, `${p}.mlp.up_proj`, I, C);
+    }
     const a = g.map((gi, i) => (gi / (1 + Math.exp(-gi))) * u[i]);
     const dn = await linear(a, `${p}.mlp.down_proj`, C, I);
     for (let i = 0; i < x.length; i++) x[i] += dn[i];

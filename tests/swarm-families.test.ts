@@ -1,5 +1,5 @@
 // The families beyond Llama through a 2-stage swarm in-process (real libp2p nodes on 127.0.0.1, RefBackend):
-// the shard blobs carry each family's extra tensors (Qwen3's q_norm / k_norm), the volunteers rebuild the
+// the shard blobs carry each family's own tensors (Qwen3's q_norm / k_norm, Phi-3's fused linears), the volunteers rebuild the
 // model from the config JSON on the wire, and the adapter after training equals a local loop over one
 // whole-model stage. Small model, 2 steps of 2 micro-batches: a few seconds.
 import { test, after } from 'node:test';
@@ -26,7 +26,15 @@ const STEPS = 2, MBS = 2;
 const dirs: string[] = [];
 after(async () => { for (const d of dirs) await rm(d, { recursive: true, force: true }); });
 
-function microBatch(seed: number, V: number): MicroBatch {
+/** packed: one row of two examples (6 and 5 + seed % 2 tokens) with their segment lengths, as collate makes it */
+function microBatch(seed: number, V: number, packed = false): MicroBatch {
+  if (packed) {
+    const a = microBatch(seed, V);
+    const S0 = a.seqLen, S1 = 5 + (seed % 2);
+    const ids = new Int32Array([...a.ids.subarray(0, S0), ...a.ids.subarray(S0, S0 + S1)]);
+    const labels = new Int32Array([...a.labels.subarray(0, S0), ...a.labels.subarray(S0, S0 + S1 - 1), -100]);
+    return { ids, labels, batch: 1, seqLen: S0 + S1, segments: Int32Array.from([S0, S1]) };
+  }
   const B = 2, S = 6 + (seed % 2);
   const ids = new Int32Array(B * S), labels = new Int32Array(B * S);
   for (let i = 0; i < B * S; i++) ids[i] = (seed * 31 + i * 7 + (i * i) % 13) % V;
@@ -40,18 +48,27 @@ const FAMILIES: Record<string, Record<string, unknown>> = {
     num_attention_heads: 4, num_key_value_heads: 2, rms_norm_eps: 1e-6, rope_theta: 1000000, max_position_embeddings: 256,
     tie_word_embeddings: true, use_sliding_window: false,
   },
+  // fused qkv_proj / gate_up_proj in the shard blobs, LoRA on the fused modules, longrope past the original context
+  phi3: {
+    model_type: 'phi3', vocab_size: 61, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 4, num_attention_heads: 4,
+    num_key_value_heads: 2, rms_norm_eps: 1e-5, rope_theta: 10000, max_position_embeddings: 256, original_max_position_embeddings: 4,
+    rope_scaling: { type: 'longrope', short_factor: [1, 1.5, 2, 3], long_factor: [1.2, 2.5, 6, 11] }, tie_word_embeddings: false,
+  },
 };
+FAMILIES['phi3 packed'] = FAMILIES.phi3!;
+const TARGETS: Record<string, string> = { phi3: 'qkv_proj,o_proj,gate_up_proj', 'phi3 packed': 'qkv_proj,o_proj,gate_up_proj' };
 
 for (const [family, HF] of Object.entries(FAMILIES)) {
   test(`${family}: a 2-stage swarm equals the local loop`, async () => {
     const cfg = parseLlamaConfig(HF);
     const weights = randomWeightSource(cfg, 1);
     const train = resolveTrainConfig({ flags: {
-      max_steps: STEPS, learning_rate: 1e-2, lora_r: 4, lora_alpha: 8, target_modules: 'q_proj,k_proj,o_proj,down_proj',
+      max_steps: STEPS, learning_rate: 1e-2, lora_r: 4, lora_alpha: 8, target_modules: TARGETS[family] ?? 'q_proj,k_proj,o_proj,down_proj',
       per_device_train_batch_size: 2, gradient_accumulation_steps: MBS, device: 'ref', max_grad_norm: 0.3, warmup_steps: 0,
     } });
     const lora = loraConfigOf(train);
-    const batchesFor = (s: number) => Array.from({ length: MBS }, (_, k) => microBatch(s * MBS + k, cfg.vocabSize));
+    // packing: the segment lengths go to every stage (attention per example, positions restarting)
+    const batchesFor = (s: number) => Array.from({ length: MBS }, (_, k) => microBatch(s * MBS + k, cfg.vocabSize, family.endsWith('packed')));
 
     // the local loop: one whole-model stage
     const stage = await loadStage(weights, new RefBackend(), { layerStart: 0, layerEnd: 4, lora, seed: train.seed });
@@ -64,21 +81,21 @@ for (const [family, HF] of Object.entries(FAMILIES)) {
       const N = mbs.reduce((n, m) => n + m.labels.filter((l) => l !== -100).length, 0);
       const grads = stage.newGrads();
       for (const [k, m] of mbs.entries()) {
-        await stage.forward({ key: `k${k}`, batch: m.batch, seqLen: m.seqLen, ids: m.ids, labels: m.labels, dropoutSeed: 0 });
+        await stage.forward({ key: `k${k}`, batch: m.batch, seqLen: m.seqLen, ids: m.ids, labels: m.labels, dropoutSeed: 0, ...(m.segments ? { segments: m.segments } : {}) });
         await stage.backward(`k${k}`, grads, { lossScale: 1 / N });
       }
       clipGradNorm(grads, train.max_grad_norm);
       adam.update(stage.params.map((p) => p.data), grads, learningRateAt(train.learning_rate, train.lr_scheduler_type, s, warm, STEPS));
     }
 
-    const tmp = await mkdtemp(path.join(os.tmpdir(), `swarmtune-${family}-`));
+    const tmp = await mkdtemp(path.join(os.tmpdir(), `swarmtune-${family.replace(' ', '-')}-`));
     dirs.push(tmp);
     const node = await createSwarmNode({ dataDir: path.join(tmp, 'coord') });
     const store = await RunStore.open(path.join(tmp, 'coord', 'db'));
-    await store.putMeta({ runId: family, model: 'random', totalSteps: STEPS, createdMs: 0, config: {}, numStages: 0, stages: [] });
+    await store.putMeta({ runId: family.replace(' ', '-'), model: 'random', totalSteps: STEPS, createdMs: 0, config: {}, numStages: 0, stages: [] });
     const events: RunEvent[] = [];
     const coord = new Coordinator({
-      node, store, blobs: new BlobStore(path.join(tmp, 'coord')), runId: family, modelName: 'random', llama: cfg,
+      node, store, blobs: new BlobStore(path.join(tmp, 'coord')), runId: family.replace(' ', '-'), modelName: 'random', llama: cfg,
       modelConfigJson: JSON.stringify(HF), weights, train, lora,
       data: { totalSteps: STEPS, microBatchesForStep: async (s) => batchesFor(s), cursorAfter: (s) => s * MBS },
       memory: () => 1, minPeers: 2, pipelineStages: 2, wireCodec: 'f32', token: null, initAdapter: null, resume: null,

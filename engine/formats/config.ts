@@ -1,4 +1,4 @@
-// Hugging Face config.json → LlamaConfig (Llama 2/3/3.1/3.2, TinyLlama, Mistral, Qwen2, Qwen3), and writing config.json back.
+// Hugging Face config.json → LlamaConfig (Llama 2/3/3.1/3.2, TinyLlama, Mistral, Qwen2, Qwen3, Phi-3), and writing config.json back.
 import { readFile, writeFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { LlamaConfig } from '../types.ts';
@@ -9,13 +9,13 @@ export class ConfigError extends Error {
   override readonly name = 'ConfigError';
 }
 
-const SUPPORTED_MODEL_TYPES = new Set(['llama', 'mistral', 'qwen2', 'qwen3']);
+const SUPPORTED_MODEL_TYPES = new Set(['llama', 'mistral', 'qwen2', 'qwen3', 'phi3']);
 
 /** Families transformers has that this engine does not implement yet, with what differs (so the refusal says why). */
 const REFUSED_MODEL_TYPES: Record<string, string> = {
-  gemma: 'Gemma', gemma2: 'Gemma-2', gemma3: 'Gemma-3 (multimodal)', gemma3_text: 'Gemma-3', phi3: 'Phi-3',
+  gemma: 'Gemma', gemma2: 'Gemma-2', gemma3: 'Gemma-3 (multimodal)', gemma3_text: 'Gemma-3',
 };
-const SUPPORTED_ROPE_TYPES = new Set(['default', 'llama3', 'linear', 'dynamic']);
+const SUPPORTED_ROPE_TYPES = new Set(['default', 'llama3', 'linear', 'dynamic', 'longrope']);
 
 /** Per-architecture defaults of transformers' config classes, used when a key is absent. */
 const DEFAULTS: Record<string, { rmsNormEps: number; ropeTheta: number; maxPositionEmbeddings: number; tieWordEmbeddings: boolean }> = {
@@ -23,6 +23,7 @@ const DEFAULTS: Record<string, { rmsNormEps: number; ropeTheta: number; maxPosit
   mistral: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPositionEmbeddings: 4096 * 32, tieWordEmbeddings: false },
   qwen2: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPositionEmbeddings: 32768, tieWordEmbeddings: false },
   qwen3: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPositionEmbeddings: 32768, tieWordEmbeddings: false },
+  phi3: { rmsNormEps: 1e-5, ropeTheta: 10000, maxPositionEmbeddings: 4096, tieWordEmbeddings: false },
 };
 
 /** Parse and validate an HF config.json object. `source` (a path) prefixes every error message. */
@@ -99,6 +100,8 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
   const attentionBias = modelType === 'qwen2' ? true : bool('attention_bias', false);
   const mlpBias = bool('mlp_bias', false);
 
+  if (modelType === 'phi3') checkPhi3(raw, source);
+
   // Sliding-window attention: Qwen2 only applies it when use_sliding_window is true (then per layer, which
   // this engine's full causal attention does not reproduce); Mistral applies it to every layer.
   if ((modelType === 'qwen2' || modelType === 'qwen3') && raw.use_sliding_window === true) {
@@ -137,11 +140,14 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
   }
   let ropeScaling: LlamaConfig['ropeScaling'] = null;
   if (scalingObj) {
-    const ropeType = scalingObj.rope_type ?? scalingObj.type ?? 'default';
+    let ropeType = scalingObj.rope_type ?? scalingObj.type ?? 'default';
+    if (ropeType === 'su') ropeType = 'longrope'; // transformers' old name for Phi-3's longrope
     if (typeof ropeType !== 'string' || !SUPPORTED_ROPE_TYPES.has(ropeType)) {
       throw new ConfigError(`${source}: "${scalingKey}.rope_type" ${JSON.stringify(ropeType)} is not supported (expected one of ${[...SUPPORTED_ROPE_TYPES].join(', ')})`);
     }
-    if (ropeType !== 'default') {
+    if (ropeType === 'longrope') {
+      ropeScaling = longropeScaling(raw, scalingObj, scalingKey, headDim, maxPositionEmbeddings, source);
+    } else if (ropeType !== 'default') {
       const factor = posNum('factor', NaN, scalingObj, `${scalingKey}.factor`);
       ropeScaling = { ropeType, factor };
       if (ropeType === 'llama3') {
@@ -173,6 +179,57 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
     headDim, rmsNormEps, ropeTheta, ropeScaling, maxPositionEmbeddings, tieWordEmbeddings, attentionBias, mlpBias,
     bosTokenId: optId('bos_token_id'), eosTokenId, padTokenId: optId('pad_token_id'), raw,
   };
+}
+
+/** Phi-3 settings whose math this engine does not reproduce: refused with the key named. */
+function checkPhi3(raw: Record<string, unknown>, source: string): void {
+  const prf = raw.partial_rotary_factor;
+  if (prf !== undefined && prf !== null && prf !== 1) {
+    throw new ConfigError(`${source}: "partial_rotary_factor" ${JSON.stringify(prf)} is not supported (rotary embedding over the whole head_dim only, 1.0)`);
+  }
+  for (const k of ['resid_pdrop', 'embd_pdrop', 'attention_dropout']) {
+    const v = raw[k];
+    if (v !== undefined && v !== null && v !== 0) {
+      throw new ConfigError(`${source}: "${k}" ${JSON.stringify(v)} is not supported (base-model dropout in training); set it to 0.0`);
+    }
+  }
+}
+
+/** transformers' _compute_longrope_parameters inputs: factor = max_position_embeddings / original_max_position_embeddings
+ *  when the config has original_max_position_embeddings (Phi-3 keeps it top level), the default attention factor
+ *  sqrt(1 + ln(factor) / ln(original)), and short/long factors of head_dim / 2 entries each. */
+function longropeScaling(raw: Record<string, unknown>, sc: Record<string, unknown>, key: string, headDim: number,
+  maxPos: number, source: string): NonNullable<LlamaConfig['ropeScaling']> {
+  const factors = (k: string): number[] => {
+    const v = sc[k];
+    if (!Array.isArray(v) || v.length !== headDim / 2 || !v.every((x) => typeof x === 'number' && Number.isFinite(x) && x > 0)) {
+      throw new ConfigError(`${source}: "${key}.${k}" must be a list of ${headDim / 2} positive numbers (head_dim / 2), got ${JSON.stringify(v)?.slice(0, 80)}`);
+    }
+    return v as number[];
+  };
+  const shortFactor = factors('short_factor'), longFactor = factors('long_factor');
+  const omp = raw.original_max_position_embeddings ?? sc.original_max_position_embeddings;
+  let original = maxPos, factor: number;
+  if (omp !== undefined && omp !== null) {
+    if (typeof omp !== 'number' || !Number.isSafeInteger(omp) || omp <= 0) {
+      throw new ConfigError(`${source}: "original_max_position_embeddings" must be a positive integer, got ${JSON.stringify(omp)}`);
+    }
+    original = omp;
+    factor = maxPos / omp;
+  } else {
+    const f = sc.factor ?? 1;
+    if (typeof f !== 'number' || !(f > 0)) throw new ConfigError(`${source}: "${key}.factor" must be a positive number, got ${JSON.stringify(f)}`);
+    factor = f;
+  }
+  let attentionFactor: number;
+  const af = sc.attention_factor;
+  if (af !== undefined && af !== null) {
+    if (typeof af !== 'number' || !(af > 0)) throw new ConfigError(`${source}: "${key}.attention_factor" must be a positive number, got ${JSON.stringify(af)}`);
+    attentionFactor = af;
+  } else {
+    attentionFactor = factor <= 1 ? 1 : Math.sqrt(1 + Math.log(factor) / Math.log(original));
+  }
+  return { ropeType: 'longrope', factor, originalMaxPositionEmbeddings: original, shortFactor, longFactor, attentionFactor };
 }
 
 /** Things about a config the engine handles approximately, to print to the user. */

@@ -1,7 +1,6 @@
 // Opens a HF model directory (full precision or bitsandbytes 4-bit) as config + WeightSource + tokenizer.
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { LORA_TARGETS } from '../types.ts';
 import type { LlamaConfig, WeightSource } from '../types.ts';
 import type { NF4Weight } from './nf4.ts';
 import { readConfig, configNotes } from './config.ts';
@@ -13,7 +12,8 @@ import { quantizeNF4, dequantizeNF4 } from './nf4.ts';
 import { isBnbQuantized, isBnbAuxiliary, readBnbNF4 } from './bnb.ts';
 import { UnsupportedQuantizationError, checkFloatWeightDtype, checkQuantizedTensorName } from './quant-config.ts';
 import { Tokenizer } from './tokenizer.ts';
-import { MODEL_CLASS, layerFloatName, layerFloatTensors } from '../model/arch.ts';
+import { MODEL_CLASS, layerFloatName, layerFloatTensors, linearModules } from '../model/arch.ts';
+import { baseModuleName } from '../model/lora.ts';
 
 export class ModelDirError extends Error {
   override readonly name = 'ModelDirError';
@@ -76,7 +76,6 @@ export class SafetensorsWeightSource implements WeightSource {
   }
 }
 
-const MLP_TARGETS: ReadonlySet<string> = new Set(['gate_proj', 'up_proj', 'down_proj']);
 
 /** The checkpoint tensors the engine reads for `config` (transformers' model keys for the Llama family):
  *  every linear's bias is optional, lm_head only when untied. */
@@ -85,8 +84,8 @@ function modelTensorNames(config: LlamaConfig): Set<string> {
   if (!config.tieWordEmbeddings) names.add('lm_head.weight');
   for (let l = 0; l < config.numHiddenLayers; l++) {
     for (const n of layerFloatTensors(config)) names.add(layerFloatName(l, n));
-    for (const t of LORA_TARGETS) {
-      const m = `model.layers.${l}.${MLP_TARGETS.has(t) ? 'mlp' : 'self_attn'}.${t}`;
+    for (const t of linearModules(config)) {
+      const m = baseModuleName(l, t);
       names.add(`${m}.weight`);
       names.add(`${m}.bias`);
     }

@@ -252,3 +252,25 @@ export function nf4ConstantsBytes(W: NF4Weight): number {
   if (!isDoubleQuant(a)) return 4 * a.length;
   return a.codes.length + 4 * a.nestedAbsmax.length + 4 * a.code.length + 4;
 }
+
+/** Rows [r0, r1) of W as an NF4 weight of their own, with exactly the values W decodes to there (a fused
+ *  linear such as Phi-3's qkv_proj computed part by part). The rows must start and end on a block boundary
+ *  (true for every real model: a block is 64 elements, a row thousands). The double-quantized form stays so
+ *  when the rows start on a nested block; otherwise their absmax is decoded to float32 (the same values). */
+export function nf4Rows(W: NF4Weight, r0: number, r1: number): NF4Weight {
+  const e0 = r0 * W.cols, e1 = r1 * W.cols, n = W.rows * W.cols;
+  if (!(r0 >= 0 && r1 > r0 && r1 <= W.rows)) throw new RangeError(`nf4Rows: rows [${r0}, ${r1}) are not inside [0, ${W.rows})`);
+  if (e0 % W.blocksize !== 0 || (e1 % W.blocksize !== 0 && e1 !== n) || e0 % 2 !== 0) {
+    throw new RangeError(`nf4Rows: rows [${r0}, ${r1}) of a [${W.rows}, ${W.cols}] weight do not start and end on a block of ${W.blocksize} elements`);
+  }
+  const b0 = e0 / W.blocksize, b1 = Math.ceil(e1 / W.blocksize);
+  const packed = W.packed.slice(e0 >> 1, (e1 + 1) >> 1);
+  const a = W.absmax;
+  let absmax: NF4Absmax;
+  if (!isDoubleQuant(a)) absmax = a.slice(b0, b1);
+  else if (b0 % a.nestedBlocksize === 0) {
+    const nb = a.nestedBlocksize;
+    absmax = { ...a, codes: a.codes.slice(b0, b1), nestedAbsmax: a.nestedAbsmax.slice(b0 / nb, Math.ceil(b1 / nb)) };
+  } else absmax = decodeAbsmax(a).slice(b0, b1);
+  return { packed, absmax, rows: r1 - r0, cols: W.cols, blocksize: W.blocksize };
+}

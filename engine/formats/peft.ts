@@ -3,8 +3,8 @@ import { readFile, writeFile, mkdir } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import type { LlamaConfig, LoraConfig, LoraTarget, NamedTensor } from '../types.ts';
-import { LORA_TARGETS } from '../types.ts';
-import { linearShape, loraParamName, moduleGroup } from '../model/lora.ts';
+import { ALL_TARGETS, LORA_TARGETS } from '../types.ts';
+import { linearShape, loraParamName, moduleGroup, moduleRank } from '../model/lora.ts';
 import { pyJsonDumps } from './pyjson.ts';
 import { numelOf } from './safetensors/header.ts';
 import { SafetensorsFile } from './safetensors/read.ts';
@@ -17,7 +17,7 @@ export class AdapterError extends Error {
 export const ADAPTER_CONFIG_FILE = 'adapter_config.json';
 export const ADAPTER_WEIGHTS_FILE = 'adapter_model.safetensors';
 
-const KEY_RE = new RegExp(`^base_model\\.model\\.model\\.layers\\.(\\d+)\\.(self_attn|mlp)\\.(${LORA_TARGETS.join('|')})\\.lora_(A|B)\\.weight$`);
+const KEY_RE = new RegExp(`^base_model\\.model\\.model\\.layers\\.(\\d+)\\.(self_attn|mlp)\\.(${ALL_TARGETS.join('|')})\\.lora_(A|B)\\.weight$`);
 
 /** Parse a PEFT LoRA key (engine/model/lora.ts loraParamName writes them); null when it is not one. */
 export function parseLoraKey(name: string): { layer: number; module: LoraTarget; which: 'A' | 'B' } | null {
@@ -78,11 +78,11 @@ export function parseAdapterConfig(json: unknown, source = ADAPTER_CONFIG_FILE):
   if (tm === 'all-linear') targets = [...LORA_TARGETS];
   else if (Array.isArray(tm) && tm.length > 0) {
     for (const t of tm) {
-      if (!(LORA_TARGETS as readonly string[]).includes(t as string)) {
-        throw new AdapterError(`${source}: "target_modules" entry ${JSON.stringify(t)} is not one of ${LORA_TARGETS.join(', ')}`);
+      if (!(ALL_TARGETS as readonly string[]).includes(t as string)) {
+        throw new AdapterError(`${source}: "target_modules" entry ${JSON.stringify(t)} is not one of ${ALL_TARGETS.join(', ')}`);
       }
     }
-    targets = LORA_TARGETS.filter((t) => (tm as string[]).includes(t));
+    targets = ALL_TARGETS.filter((t) => (tm as string[]).includes(t));
   } else {
     bad('target_modules', 'must be a non-empty list of module names (regex strings are not supported)');
   }
@@ -107,7 +107,7 @@ export function parseAdapterConfig(json: unknown, source = ADAPTER_CONFIG_FILE):
 }
 
 /** Check names, shapes ([r, in] / [out, r]), data lengths and A/B pairing; returns tensors in Stage order
- *  (layer, module in LORA_TARGETS order, A then B). */
+ *  (layer, module in moduleRank order, A then B). */
 export function validateAdapterTensors(tensors: readonly NamedTensor[], lora: LoraConfig, source: string, config?: LlamaConfig): NamedTensor[] {
   const byKey = new Map<string, { t: NamedTensor; layer: number; module: LoraTarget; which: 'A' | 'B' }>();
   for (const t of tensors) {
@@ -132,7 +132,7 @@ export function validateAdapterTensors(tensors: readonly NamedTensor[], lora: Lo
     const o = byKey.get(other);
     if (!o) throw new AdapterError(`${source}: ${v.t.name} has no matching ${other}`);
   }
-  const order = (m: LoraTarget) => LORA_TARGETS.indexOf(m);
+  const order = moduleRank;
   return [...byKey.values()]
     .sort((a, b) => a.layer - b.layer || order(a.module) - order(b.module) || (a.which < b.which ? -1 : a.which > b.which ? 1 : 0))
     .map((v) => v.t);

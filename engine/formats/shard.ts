@@ -11,9 +11,8 @@
 import type { NF4Weight } from './nf4.ts';
 import { checkNF4Absmax, internDoubleQuant, isDoubleQuant } from './nf4.ts';
 import type { LlamaConfig } from '../types.ts';
-import { LORA_TARGETS } from '../types.ts';
 import { baseModuleName } from '../model/lora.ts';
-import { layerFloatName, layerFloatTensors } from '../model/arch.ts';
+import { layerFloatName, layerFloatTensors, linearModules } from '../model/arch.ts';
 import { parseSafetensorsBytes } from './safetensors/header.ts';
 import { SafetensorsFile } from './safetensors/read.ts';
 import { encodeSafetensors, writeSafetensors } from './safetensors/write.ts';
@@ -163,8 +162,8 @@ export function shardTensorNames(config: LlamaConfig, shard: ShardKind): { nf4: 
   }
   const l = shard.layer;
   const float = layerFloatTensors(config).map((t) => layerFloatName(l, t));
-  const nf4 = LORA_TARGETS.map((m) => `${baseModuleName(l, m)}.weight`);
-  const optionalFloat = LORA_TARGETS.map((m) => `${baseModuleName(l, m)}.bias`);
+  const nf4 = linearModules(config).map((m) => `${baseModuleName(l, m)}.weight`);
+  const optionalFloat = linearModules(config).map((m) => `${baseModuleName(l, m)}.bias`);
   return { nf4, float, optionalFloat };
 }
 

@@ -1,4 +1,4 @@
-// One Llama decoder layer (HF LlamaDecoderLayer) on NF4 linears with LoRA: its forward/backward pair.
+// One Llama decoder layer (HF LlamaDecoderLayer; Phi3DecoderLayer's fused linears in parts) on NF4 linears with LoRA: its forward/backward pair.
 //
 //   h1 = rmsnorm(x); q,k,v = proj(h1); [Qwen3: q,k = rmsnorm per head]; rope(q,k); att = attention(q,k,v)
 //   x2 = x + o_proj(att); h2 = rmsnorm(x2); out = x2 + down(silu(gate(h2)) * up(h2))
@@ -8,7 +8,7 @@
 // (host arrays on CPU, device memory on a GPU); T = tokens, C = hidden, H/KV = query/key-value heads,
 // D = head dim, I = intermediate size.
 import type { TensorBackend } from '../backend.ts';
-import type { LlamaConfig, LoraTarget } from '../types.ts';
+import type { LayerLinear, LlamaConfig } from '../types.ts';
 import { freeLinearSaved } from './lora.ts';
 import type { LinearContext, LinearSaved, LoraLinear, PassParams } from './lora.ts';
 import type { RopeCache } from './rope.ts';
@@ -19,6 +19,8 @@ export interface PassContext extends LinearContext {
   S: number;
   T: number;
   positions: Int32Array; // (T)
+  /** packed row (B = 1): lengths of its examples; attention runs per example (no attention across them) */
+  segments?: Int32Array;
 }
 
 /** Everything a layer's backward needs, produced by one layer forward. */
@@ -42,7 +44,7 @@ export interface LayerActs<Buf> {
   gate: Buf;   // (T, I)
   up: Buf;     // (T, I)
   act: Buf;    // (T, I) silu(gate)*up
-  lin: Record<LoraTarget, LinearSaved<Buf>>;
+  lin: Record<LayerLinear, LinearSaved<Buf>>;
 }
 
 /** One layer's view of a decoding sequence's KV cache (engine/model/decode.ts keeps it on the host). */
@@ -55,7 +57,8 @@ export interface LayerCache {
   attend(out: Float32Array, q: Float32Array, T: number): void;
 }
 
-/** The frozen weights of one layer: its norms and seven linears (each with its LoRA adapter, if targeted). */
+/** The frozen weights of one layer: its norms and seven linears (each with its LoRA adapter, if targeted; for
+ *  Phi-3, q/k/v are the row parts of qkv_proj and gate/up those of gate_up_proj, lora.ts LoraLinear). */
 export interface LayerWeights {
   inputNorm: Float32Array;  // (C)
   postNorm: Float32Array;   // (C)
@@ -74,6 +77,29 @@ export function slidingWindowOf(cfg: LlamaConfig): number | null {
   if (cfg.raw.use_sliding_window === false) return null;
   if ((cfg.modelType === 'qwen2' || cfg.modelType === 'qwen3') && cfg.raw.use_sliding_window !== true) return null;
   return sw;
+}
+
+/** positions of a packed row: each example's restart at 0 (TRL's position_ids for padding-free packing) */
+export function packedPositions(segments: Int32Array, S: number): Int32Array {
+  const p = new Int32Array(S);
+  let t = 0;
+  for (const len of segments) for (let s = 0; s < len; s++) p[t++] = s;
+  if (t !== S) throw new RangeError(`packed segments sum to ${t}, the row has ${S} tokens`);
+  return p;
+}
+
+/** Attention of a pass, forward or backward: over its B sequences, or in a packed row example by example on
+ *  slices (tokens are rows of q/k/v, so an example is a contiguous slice; its lse is the (H, len) block at
+ *  offset a·H): every backend's causal kernels serve packing, nothing crosses an example's boundary. */
+async function attend<Buf>(t: TensorBackend<Buf>, ctx: PassContext, H: number, KV: number, D: number,
+  run: (sl: (b: Buf, width: number) => Buf, lse: (b: Buf) => Buf, B: number, S: number) => Promise<void>): Promise<void> {
+  if (!ctx.segments) return run((b) => b, (b) => b, ctx.B, ctx.S);
+  let a = 0;
+  for (const len of ctx.segments) {
+    const at = a;
+    await run((b, width) => t.slice(b, at * width, (at + len) * width), (b) => t.slice(b, at * H, (at + len) * H), 1, len);
+    a += len;
+  }
 }
 
 /** position of token t within its right-padded sequence */
@@ -142,7 +168,7 @@ export class DecoderLayer {
     let lse: Buf; // (B, H, S)
     if (kv === null || kv.pos === 0) {
       lse = t.alloc(B * H * S);
-      await t.attentionForward(att, lse, qr, kr, v.y, B, S, H, KV, D);
+      await attend(t, ctx, H, KV, D, (sl, ls, b, s) => t.attentionForward(sl(att, H * D), ls(lse), sl(qr, H * D), sl(kr, KV * D), sl(v.y, KV * D), b, s, H, KV, D));
     } else {
       lse = t.alloc(0);
     }
@@ -210,7 +236,8 @@ export class DecoderLayer {
     await L.o.backward(t, dx2, a.lin.o_proj, T, dparams, datt, false, params);
     let dq = t.alloc(T * H * D), dk = t.alloc(T * KV * D); // (T, H*D), (T, KV*D)
     const dv = t.alloc(T * KV * D); // (T, KV*D)
-    await t.attentionBackward(dq, dk, dv, datt, a.q, a.k, a.v, a.att, a.lse, B, S, H, KV, D);
+    await attend(t, ctx, H, KV, D, (sl, ls, b, s) => t.attentionBackward(sl(dq, H * D), sl(dk, KV * D), sl(dv, KV * D), sl(datt, H * D),
+      sl(a.q, H * D), sl(a.k, KV * D), sl(a.v, KV * D), sl(a.att, H * D), ls(a.lse), b, s, H, KV, D));
     t.free(datt);
     const rope = this.rope.get(maxPosition(ctx) + 1);
     const cos = await t.constant(rope.cos), sin = await t.constant(rope.sin);

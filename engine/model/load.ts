@@ -4,12 +4,13 @@ import type { Backend } from '../backend.ts';
 import { tensorsOf } from '../backend.ts';
 import type { NF4Weight } from '../formats/nf4.ts';
 import { checkNF4Absmax } from '../formats/nf4.ts';
-import type { LoraTarget, NamedTensor, Stage, StageOptions, WeightSource } from '../types.ts';
-import { LORA_TARGETS } from '../types.ts';
+import type { NF4Weight as NF4W } from '../formats/nf4.ts';
+import { nf4Rows } from '../formats/nf4.ts';
+import type { LayerLinear, LoraTarget, NamedTensor, Stage, StageOptions, WeightSource } from '../types.ts';
 import type { Decodable } from './decode.ts';
 import { StageDecoding } from './decode.ts';
 import { LossHead } from './head.ts';
-import { hasQkNorm } from './arch.ts';
+import { fusedParts, hasQkNorm, linearModules, resolveTargets } from './arch.ts';
 import { DecoderLayer, slidingWindowOf } from './layer.ts';
 import type { LayerWeights } from './layer.ts';
 import { LoraLinear, baseModuleName, initLoraA, linearShape, loraParamName, loraScaling, orderedTargets, validateLoraConfig } from './lora.ts';
@@ -45,14 +46,31 @@ async function getFloatChecked(source: WeightSource, name: string, length: numbe
 /** Llama-shaped checkpoints whose math differs in ways this stage would silently get wrong. */
 function checkArchitecture(source: WeightSource, layer: number): void {
   const t = source.config.modelType;
-  if (/^(gemma|phi|falcon|gpt|olmo|cohere|deepseek_v)/i.test(t)) {
-    throw new Error(`model_type "${t}" is not a Llama-family architecture this engine implements (llama, mistral, qwen2, qwen3)`);
+  if (/^(gemma|phi(?!3$)|falcon|gpt|olmo|cohere|deepseek_v)/i.test(t)) {
+    throw new Error(`model_type "${t}" is not a Llama-family architecture this engine implements (llama, mistral, qwen2, qwen3, phi3)`);
   }
   if (hasQkNorm(source.config)) return;
   for (const n of ['q_norm', 'k_norm']) {
     const name = `model.layers.${layer}.self_attn.${n}.weight`;
     if (source.has(name)) throw new Error(`${name}: per-head q/k RMSNorm (Qwen3-style, model_type "${t}") is not supported`);
   }
+}
+
+/** The layer roles a linear module plays: itself, or for a fused one (Phi-3) its row parts, q/k/v of qkv_proj
+ *  and gate/up of gate_up_proj, sharing the module's adapter. */
+function linearRoles(cfg: Stage['config'], l: number, m: LoraTarget, w: NF4W, bias: Float32Array | null,
+  slot: LoraAdapterSlot | null): Partial<Record<LayerLinear, LoraLinear>> {
+  const parts = fusedParts(cfg, m);
+  if (parts.length === 0) return { [m]: new LoraLinear(l, m, w, bias, slot) };
+  const roles: LayerLinear[] = m === 'qkv_proj' ? ['q_proj', 'k_proj', 'v_proj'] : ['gate_proj', 'up_proj'];
+  const out: Partial<Record<LayerLinear, LoraLinear>> = {};
+  let row = 0;
+  parts.forEach((rows, i) => {
+    const part = nf4Rows(w, row, row + rows);
+    out[roles[i]] = new LoraLinear(l, m, part, bias ? bias.slice(row, row + rows) : null, slot, row);
+    row += rows;
+  });
+  return out;
 }
 
 /** Load layers [layerStart, layerEnd) of the source's model and create this stage's LoRA params. Whole-model
@@ -73,15 +91,15 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
   if (!Number.isInteger(lossChunk) || lossChunk <= 0) throw new RangeError(`loadStage: lossChunk must be a positive integer, got ${lossChunk}`);
   const seed = opts.seed ?? DEFAULT_SEED;
   const C = cfg.hiddenSize, V = cfg.vocabSize;
-  const targets = new Set(orderedTargets(opts.lora));
+  const targets = new Set(resolveTargets(cfg, orderedTargets(opts.lora)));
   const r = opts.lora.r;
   const scaling = loraScaling(opts.lora);
   const params: NamedTensor[] = [];
   const weights: LayerWeights[] = [];
   const qkNorm = hasQkNorm(cfg);
   for (let l = layerStart; l < layerEnd; l++) {
-    const lin = {} as Record<LoraTarget, LoraLinear>;
-    for (const m of LORA_TARGETS) {
+    const lin = {} as Record<LayerLinear, LoraLinear>;
+    for (const m of linearModules(cfg)) {
       const [out, inF] = linearShape(cfg, m);
       const name = baseModuleName(l, m);
       if (!source.has(`${name}.weight`)) throw new Error(`weights: missing tensor ${name}.weight`);
@@ -95,7 +113,7 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
         slot = { A, B, aIndex: params.length, bIndex: params.length + 1, r, scaling, dropout: opts.lora.loraDropout };
         params.push(A, B);
       }
-      lin[m] = new LoraLinear(l, m, w, bias, slot);
+      Object.assign(lin, linearRoles(cfg, l, m, w, bias, slot));
     }
     weights.push({
       inputNorm: await getFloatChecked(source, `model.layers.${l}.input_layernorm.weight`, C),

@@ -5,12 +5,12 @@
 import type { TensorBackend } from '../backend.ts';
 import type { NF4Weight } from '../formats/nf4.ts';
 import type { LlamaConfig, LoraConfig, LoraTarget, NamedTensor } from '../types.ts';
-import { LORA_TARGETS } from '../types.ts';
+import { ALL_TARGETS } from '../types.ts';
 import { Rng } from './rng.ts';
 
 /** attention projections live under self_attn, the MLP ones under mlp (HF Llama module tree) */
 export function moduleGroup(module: LoraTarget): 'self_attn' | 'mlp' {
-  return module === 'gate_proj' || module === 'up_proj' || module === 'down_proj' ? 'mlp' : 'self_attn';
+  return module === 'gate_proj' || module === 'up_proj' || module === 'down_proj' || module === 'gate_up_proj' ? 'mlp' : 'self_attn';
 }
 
 /** HF base weight name prefix, e.g. "model.layers.3.self_attn.q_proj" */
@@ -30,6 +30,8 @@ export function linearShape(cfg: LlamaConfig, module: LoraTarget): [number, numb
     case 'gate_proj': return [I, C];
     case 'up_proj': return [I, C];
     case 'down_proj': return [C, I];
+    case 'qkv_proj': return [qDim + 2 * kvDim, C];
+    case 'gate_up_proj': return [2 * I, C];
   }
 }
 
@@ -60,18 +62,24 @@ export function validateLoraConfig(cfg: LoraConfig): void {
  *  outside the engine (a run's assignment on the wire) are checked here, where they are used. */
 export function loraTargets(names: readonly string[]): LoraTarget[] {
   for (const m of names) {
-    if (!(LORA_TARGETS as readonly string[]).includes(m)) {
-      throw new RangeError(`lora: unknown target module "${m}" (expected one of ${LORA_TARGETS.join(', ')})`);
+    if (!(ALL_TARGETS as readonly string[]).includes(m)) {
+      throw new RangeError(`lora: unknown target module "${m}" (expected one of ${ALL_TARGETS.join(', ')})`);
     }
   }
   return [...names] as LoraTarget[];
 }
 
-/** Targets in the fixed canonical order (LORA_TARGETS), independent of the user's list order, so every
+/** A module's place in a layer's checkpoint order, the same for every family: q, k, v (or the fused qkv), o,
+ *  gate, up (or gate_up), down. Stage params and adapter files list a layer's tensors in this order. */
+export function moduleRank(m: LoraTarget): number {
+  return m === 'qkv_proj' ? 2.5 : m === 'gate_up_proj' ? 5.5 : ALL_TARGETS.indexOf(m);
+}
+
+/** Targets in the fixed canonical order (ALL_TARGETS), independent of the user's list order, so every
  *  replica orders params identically. */
 export function orderedTargets(cfg: LoraConfig): LoraTarget[] {
   const set = new Set(cfg.targetModules);
-  return LORA_TARGETS.filter((m) => set.has(m));
+  return ALL_TARGETS.filter((m) => set.has(m));
 }
 
 /** PEFT init of lora_A [r, in] keyed by (seed, layer, module) so any stage split inits identically.
@@ -79,7 +87,7 @@ export function orderedTargets(cfg: LoraConfig): LoraTarget[] {
 export function initLoraA(out: Float32Array, r: number, inFeatures: number, init: true | 'gaussian', seed: number,
   layer: number, module: LoraTarget): void {
   if (out.length !== r * inFeatures) throw new RangeError(`initLoraA: buffer length ${out.length} != r*in = ${r * inFeatures}`);
-  const rng = new Rng(seed, 0x4c6f5241 /* "LoRA" */, layer, LORA_TARGETS.indexOf(module));
+  const rng = new Rng(seed, 0x4c6f5241 /* "LoRA" */, layer, ALL_TARGETS.indexOf(module));
   if (init === 'gaussian') rng.fillNormal(out, 0, 1 / r);
   else {
     const bound = 1 / Math.sqrt(inFeatures);
@@ -95,7 +103,7 @@ const MASK_YIELD_ELEMENTS = 1 << 19;
  *  backward regenerates the very same mask. Each 32-bit draw gives two 16-bit uniforms; an element is
  *  dropped when its uniform is below round(p·65536), i.e. p is honoured to 1/65536. */
 export async function dropoutMask(n: number, p: number, dropoutSeed: number, layer: number, module: LoraTarget): Promise<Uint8Array> {
-  const rng = new Rng(dropoutSeed, 0x44726f70 /* "Drop" */, layer, LORA_TARGETS.indexOf(module));
+  const rng = new Rng(dropoutSeed, 0x44726f70 /* "Drop" */, layer, ALL_TARGETS.indexOf(module));
   const threshold = Math.round(p * 65536);
   const mask = new Uint8Array(n);
   const words = new Uint32Array(MASK_YIELD_ELEMENTS / 2);
@@ -184,7 +192,10 @@ export interface LoraAdapterSlot {
   dropout: number;
 }
 
-/** One frozen NF4 linear of layer `layer`, with an optional LoRA adapter and optional frozen bias. */
+/** One frozen NF4 linear of layer `layer`, with an optional LoRA adapter and optional frozen bias. A part of
+ *  a fused linear (Phi-3's q of qkv_proj) holds the fused weight's rows [rowOffset, rowOffset + out) and the
+ *  fused adapter: lora_A whole, lora_B's same rows, the dropout mask of the fused module; the parts' dA and
+ *  dX sum to the fused module's, so the adapter is exactly PEFT's on the fused linear. */
 export class LoraLinear {
   readonly layer: number;
   readonly module: LoraTarget;
@@ -193,18 +204,27 @@ export class LoraLinear {
   readonly lora: LoraAdapterSlot | null;
   readonly inFeatures: number;
   readonly outFeatures: number;
+  /** first row of this part in the fused module (0 for a plain linear) */
+  readonly rowOffset: number;
 
-  constructor(layer: number, module: LoraTarget, weight: NF4Weight, bias: Float32Array | null, lora: LoraAdapterSlot | null) {
+  constructor(layer: number, module: LoraTarget, weight: NF4Weight, bias: Float32Array | null, lora: LoraAdapterSlot | null, rowOffset = 0) {
     this.layer = layer;
     this.module = module;
     this.weight = weight;
     this.bias = bias;
     this.lora = lora;
+    this.rowOffset = rowOffset;
     this.inFeatures = weight.cols;
     this.outFeatures = weight.rows;
     if (bias && bias.length !== weight.rows) {
       throw new RangeError(`${baseModuleName(layer, module)}.bias: expected length ${weight.rows}, got ${bias.length}`);
     }
+  }
+
+  /** this part's rows of a lora_B-shaped buffer [fused out, r] (the buffer itself for a plain linear) */
+  private rowsOfB<Buf>(t: TensorBackend<Buf>, b: Buf, r: number): Buf {
+    if (this.lora !== null && this.outFeatures * r === this.lora.B.data.length) return b;
+    return t.slice(b, this.rowOffset * r, (this.rowOffset + this.outFeatures) * r);
   }
 
   /** y[T, out] = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ. Reads the LoRA tensors' .data at call time. */
@@ -224,7 +244,7 @@ export class LoraLinear {
       xd = t.alloc(T * inF);
       await t.maskScale(xd, x, mask, 1 / (1 - lora.dropout), T * inF, false);
     }
-    const A = await params.get(lora.A.data), B = await params.get(lora.B.data);
+    const A = await params.get(lora.A.data), B = this.rowsOfB(t, await params.get(lora.B.data), r);
     const ax = t.alloc(T * r); // (T, r)
     await t.gemm(false, true, T, r, inF, 1, xd, A, 0, ax);
     await t.gemm(false, true, T, out, r, scaling, ax, B, 1, y);
@@ -245,9 +265,10 @@ export class LoraLinear {
     if (lora === null) return;
     if (!saved.xd || !saved.ax) throw new Error(`${baseModuleName(this.layer, this.module)}: backward without saved LoRA activations`);
     const { r, scaling } = lora;
-    const dA = grads[lora.aIndex], dB = grads[lora.bIndex];
-    if (!dA || !dB) throw new RangeError(`grads[${lora.aIndex}], grads[${lora.bIndex}] (${lora.A.name}, ${lora.B.name}): missing`);
-    const A = await params.get(lora.A.data), B = await params.get(lora.B.data);
+    const dA = grads[lora.aIndex], dBAll = grads[lora.bIndex];
+    if (!dA || !dBAll) throw new RangeError(`grads[${lora.aIndex}], grads[${lora.bIndex}] (${lora.A.name}, ${lora.B.name}): missing`);
+    const dB = this.rowsOfB(t, dBAll, r);
+    const A = await params.get(lora.A.data), B = this.rowsOfB(t, await params.get(lora.B.data), r);
     const dax = t.alloc(T * r);
     try {
       // dB[out, r] += s · dYᵀ · ax

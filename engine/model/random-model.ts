@@ -2,8 +2,7 @@
 import type { NF4Weight, NF4WeightDQ, NF4WeightF32 } from '../formats/nf4.ts';
 import { withDoubleQuant } from '../formats/nf4.ts';
 import type { LlamaConfig, WeightSource } from '../types.ts';
-import { LORA_TARGETS } from '../types.ts';
-import { layerFloatName, layerFloatTensors } from './arch.ts';
+import { layerFloatName, layerFloatTensors, linearModules } from './arch.ts';
 import { baseModuleName, linearShape } from './lora.ts';
 import { Rng } from './rng.ts';
 
@@ -64,7 +63,7 @@ export function randomWeightSource(cfg: LlamaConfig, seed = 0, opts: { doubleQua
   floats.set('model.embed_tokens.weight', rng.fillNormal(new Float32Array(V * C), 0, 1));
   for (let l = 0; l < cfg.numHiddenLayers; l++) {
     for (const n of layerFloatTensors(cfg)) floats.set(layerFloatName(l, n), rng.fillUniform(new Float32Array(n.length), 0.8, 1.2));
-    for (const m of LORA_TARGETS) {
+    for (const m of linearModules(cfg)) {
       const [out, inF] = linearShape(cfg, m);
       const name = baseModuleName(l, m);
       // ~unit-variance outputs for unit-variance inputs: the NF4 code table has mean square ≈ 0.3

@@ -3,7 +3,7 @@
 // Deliberately shares no compute code with stage.ts or any backend: only the rope inverse frequencies
 // (tested on their own) and the WeightSource. Slow: meant for models with a few thousand parameters per layer.
 import type { NF4Weight } from '../formats/nf4.ts';
-import type { LoraTarget, NamedTensor, WeightSource } from '../types.ts';
+import type { LayerLinear, LoraTarget, NamedTensor, WeightSource } from '../types.ts';
 import { ropeInvFreq } from './rope.ts';
 
 // bitsandbytes NF4 code table (facts §1), index = 4-bit code
@@ -87,10 +87,19 @@ function rope(x: Float64Array, T: number, S: number, nH: number, D: number, inv:
   }
 }
 
+/** This reference models the Llama linears and rope tables without longrope's cos/sin scale: Phi-3 is
+ *  checked against tests/hf-reference.ts instead. */
+function refuseUnmodelled(cfg: WeightSource['config']): void {
+  if (cfg.modelType === 'phi3' || cfg.ropeScaling?.ropeType === 'longrope') {
+    throw new Error(`reference: ${cfg.modelType} (fused linears / longrope) is not modelled by engine/model/reference.ts`);
+  }
+}
+
 /** Logits [B*S, V] in float64 of the whole model, LoRA applied without dropout. */
 export async function referenceLogits(source: WeightSource, ids: Int32Array, B: number, S: number,
   lora?: ReferenceLora): Promise<Float64Array> {
   const cfg = source.config;
+  refuseUnmodelled(cfg);
   const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;
   const V = cfg.vocabSize, eps = cfg.rmsNormEps;
   const T = B * S;
@@ -247,6 +256,7 @@ export async function referenceLossGrads(source: WeightSource, ids: Int32Array, 
   const C = cfg.hiddenSize, H = cfg.numAttentionHeads, KV = cfg.numKeyValueHeads, D = cfg.headDim;
   const V = cfg.vocabSize, eps = cfg.rmsNormEps, I = cfg.intermediateSize;
   const T = B * S, group = H / KV;
+  refuseUnmodelled(cfg);
   if (ids.length !== T || labels.length !== T) throw new RangeError(`referenceLossGrads: ids/labels must have B*S = ${T} entries`);
   const inv = ropeInvFreq(cfg);
   const params = new Map(lora.params.map((p) => [p.name, p.data]));
@@ -301,7 +311,7 @@ export async function referenceLossGrads(source: WeightSource, ids: Int32Array, 
   }
   interface LayerSaved {
     xIn: Float64Array; x2: Float64Array; q: Float64Array; k: Float64Array; v: Float64Array; P: Float64Array[];
-    g: Float64Array; u: Float64Array; saved: Record<LoraTarget, ProjSaved>;
+    g: Float64Array; u: Float64Array; saved: Record<LayerLinear, ProjSaved>;
   }
   const layers: LayerSaved[] = [];
   for (let l = 0; l < cfg.numHiddenLayers; l++) {

@@ -8,7 +8,7 @@ import type { Backend, TensorBackend } from '../backend.ts';
 import type { LlamaConfig, NamedTensor, Stage, StageForwardResult, StageInput } from '../types.ts';
 import type { Decodable, Decoder, StageDecoding } from './decode.ts';
 import type { LossHead } from './head.ts';
-import { freeLayerActs, trainingPositions } from './layer.ts';
+import { freeLayerActs, packedPositions, trainingPositions } from './layer.ts';
 import type { DecoderLayer, LayerActs, PassContext } from './layer.ts';
 import { PassParams } from './lora.ts';
 import type { VocabMatrix } from './vocab-matrix.ts';
@@ -83,6 +83,7 @@ export class LlamaStage<Buf = Float32Array> implements Stage, Decodable {
     }
     if (train && (this.kept.has(key) || this.pending.has(key))) throw new Error(`stage.forward: micro-batch key "${key}" is already in flight`);
     const T = B * S;
+    if (input.segments) checkSegments(input.segments, B, S, key);
     const labels = this.checkLabels(input, T, train);
     if (!train) return this.forwardPass(input, labels, false);
     this.pending.add(key);
@@ -99,8 +100,10 @@ export class LlamaStage<Buf = Float32Array> implements Stage, Decodable {
     const { key, batch: B, seqLen: S } = input;
     const T = B * S;
     const C = this.config.hiddenSize;
+    const seg = input.segments;
     const ctx: PassContext = {
-      B, S, T, positions: trainingPositions(B, S), train, dropoutSeed: input.dropoutSeed ?? 0,
+      B, S, T, positions: seg ? packedPositions(seg, S) : trainingPositions(B, S), train, dropoutSeed: input.dropoutSeed ?? 0,
+      ...(seg ? { segments: seg } : {}),
     };
     let x: Buf = await this.stageInput(input, T, C); // (T, C)
     const ckpt = this.gradientCheckpointing;
@@ -298,4 +301,15 @@ export class LlamaStage<Buf = Float32Array> implements Stage, Decodable {
     // (a device upload is that copy already)
     return t.upload(t.resident === 'host' ? new Float32Array(h) : h);
   }
+}
+
+/** a packed row's example lengths: batch 1, positive lengths summing to seqLen */
+function checkSegments(seg: Int32Array, B: number, S: number, key: string): void {
+  if (B !== 1) throw new RangeError(`stage.forward(${key}): a packed micro-batch is one row, got batch ${B}`);
+  let sum = 0;
+  for (const n of seg) {
+    if (!(n > 0)) throw new RangeError(`stage.forward(${key}): packed example lengths must be positive, got ${n}`);
+    sum += n;
+  }
+  if (sum !== S) throw new RangeError(`stage.forward(${key}): packed example lengths sum to ${sum}, seqLen is ${S}`);
 }

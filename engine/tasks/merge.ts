@@ -10,7 +10,6 @@ import type { Backend } from '../backend.ts';
 import { createBackend } from '../backends/registry.ts';
 import type { BackendKind } from '../backends/registry.ts';
 import type { LlamaConfig, LoraTarget, NamedTensor, WeightSource } from '../types.ts';
-import { LORA_TARGETS } from '../types.ts';
 import { openModelDir } from '../formats/model-dir.ts';
 import { readAdapter } from '../formats/peft.ts';
 import { ShardedSafetensorsWriter } from '../formats/safetensors/write.ts';
@@ -19,7 +18,7 @@ import type { TensorSpec } from '../formats/safetensors/write.ts';
 import { writeConfig } from '../formats/config.ts';
 import { baseModuleName, loraParamName, loraScaling } from '../model/lora.ts';
 import { linearShape } from '../model/lora.ts';
-import { layerFloatName, layerFloatTensors } from '../model/arch.ts';
+import { layerFloatName, layerFloatTensors, linearModules } from '../model/arch.ts';
 
 export class MergeError extends Error {
   override readonly name = 'MergeError';
@@ -46,7 +45,7 @@ export function mergedTensorSpecs(cfg: LlamaConfig, src: WeightSource, dtype: 'B
   const specs: TensorSpec[] = [{ name: 'model.embed_tokens.weight', dtype, shape: [V, C] }];
   for (let l = 0; l < cfg.numHiddenLayers; l++) {
     for (const n of layerFloatTensors(cfg)) specs.push({ name: layerFloatName(l, n), dtype, shape: [n.length] });
-    for (const t of LORA_TARGETS) {
+    for (const t of linearModules(cfg)) {
       const [out, inF] = linearShape(cfg, t);
       const base = baseModuleName(l, t);
       specs.push({ name: `${base}.weight`, dtype, shape: [out, inF] });

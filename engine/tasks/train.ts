@@ -6,6 +6,7 @@ import type { BackendKind } from '../backends/registry.ts';
 import { ConfigError } from '../train/config.ts';
 import type { TrainConfig } from '../train/config.ts';
 import { dataOptionsOf, loadDataset } from '../train/data.ts';
+import { packExamples } from '../train/packing.ts';
 import { Trainer } from '../train/trainer.ts';
 import type { StepEvent } from '../train/trainer.ts';
 import type { TokenizedExample } from '../train/data.ts';
@@ -52,6 +53,8 @@ export async function runTrain(cfg: TrainConfig): Promise<number> {
       else process.stdout.write(line + '\n');
     };
     info(`data: ${ds.examples.length} examples from ${data}${ds.skipped.length ? `, ${ds.skipped.length} bad lines skipped` : ''}${ds.truncated ? `, ${ds.truncated} truncated at ${cfg.max_seq_length} tokens` : ''}`);
+    const examples = cfg.packing ? packExamples(ds.examples, cfg.max_seq_length) : ds.examples;
+    if (cfg.packing) info(`packing: ${ds.examples.length} examples into ${examples.length} rows of up to ${cfg.max_seq_length} tokens`);
     let evalExamples: TokenizedExample[] | undefined;
     if (evalData !== null && cfg.eval_strategy === 'no') info(`note: eval_data ${evalData} is not evaluated during training: eval_strategy is "no" (set steps or epoch)`);
     if (evalData !== null && cfg.eval_strategy !== 'no') {
@@ -77,7 +80,7 @@ export async function runTrain(cfg: TrainConfig): Promise<number> {
     let firstStep = -1;
     try {
       const trainer = new Trainer({
-        config: cfg, modelConfig: md.config, weights: md.weights, backend, examples: ds.examples, evalExamples, padId, baseModelName: model,
+        config: cfg, modelConfig: md.config, weights: md.weights, backend, examples, evalExamples, padId, baseModelName: model,
       });
       const result = await trainer.run({
         info,

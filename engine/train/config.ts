@@ -4,7 +4,7 @@
 // Fields keep their Hugging Face snake_case names on purpose: the JSON key, the flag and the field are the
 // same word, so users and the coordinator's run spec never need a translation table.
 import { readFileSync } from 'node:fs';
-import { LORA_TARGETS } from '../types.ts';
+import { ALL_TARGETS, LORA_TARGETS } from '../types.ts';
 import type { LoraConfig, LoraTarget } from '../types.ts';
 import { OPTIM_NAMES } from '../optimizer.ts';
 import type { OptimName } from '../optimizer.ts';
@@ -75,6 +75,8 @@ export interface TrainConfig {
   completion_only_loss: boolean;
   assistant_only_loss: boolean;
   skip_bad_lines: boolean;
+  /** TRL SFTConfig packing (bfd, padding-free): engine/train/packing.ts */
+  packing: boolean;
   json: boolean;
 }
 
@@ -149,6 +151,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   completion_only_loss: true,
   assistant_only_loss: false,
   skip_bad_lines: false,
+  packing: false,
   json: false,
 }) as TrainConfig;
 
@@ -189,7 +192,7 @@ export const TRAIN_CONFIG_KEYS: readonly ConfigKeySpec[] = [
   { key: 'lora_r', kind: 'int', min: 1, help: 'LoRA rank' },
   { key: 'lora_alpha', kind: 'float', min: 0, minExclusive: true, help: 'LoRA alpha (scaling = alpha / r)' },
   { key: 'lora_dropout', kind: 'float', min: 0, max: 1, help: 'dropout on the LoRA branch input' },
-  { key: 'target_modules', kind: 'targets', help: `comma list of ${LORA_TARGETS.join(',')} or "all-linear"` },
+  { key: 'target_modules', kind: 'targets', help: `comma list of ${LORA_TARGETS.join(',')} (Phi-3: qkv_proj,o_proj,gate_up_proj,down_proj) or "all-linear"` },
   { key: 'use_rslora', kind: 'bool', help: 'scaling = alpha / sqrt(r)' },
   { key: 'init_lora_weights', kind: 'init', help: 'true (kaiming-uniform A, zero B) or "gaussian"' },
   { key: 'bnb_4bit_use_double_quant', kind: 'bool', help: 'hold the NF4 absmax double-quantized as bitsandbytes does (8-bit codes + a float32 absmax per 256 blocks: ~0.127 instead of 0.5 bits per parameter) when a full-precision model is quantized on load; a prequantized checkpoint keeps its own form' },
@@ -203,6 +206,7 @@ export const TRAIN_CONFIG_KEYS: readonly ConfigKeySpec[] = [
   { key: 'completion_only_loss', kind: 'bool', help: 'prompt/completion and question/answer records: train only on the tokens past the prompt (TRL completion_only_loss)' },
   { key: 'assistant_only_loss', kind: 'bool', help: 'conversational records: train only on assistant turns (TRL assistant_only_loss; off trains every token)' },
   { key: 'skip_bad_lines', kind: 'bool', help: 'skip (and count) malformed JSONL lines instead of failing' },
+  { key: 'packing', kind: 'bool', help: 'TRL packing: examples best-fit into rows of max_seq_length, each micro-batch one row without padding, attention kept inside each example' },
   { key: 'json', kind: 'bool', help: 'print one JSON object per line for step events' },
 ];
 
@@ -238,13 +242,13 @@ export function parseTargetModules(value: unknown, what: string): LoraTarget[] {
   if (names.length === 0) throw new ConfigError(`${what}: empty target module list`);
   const out: LoraTarget[] = [];
   for (const n of names) {
-    if (!(LORA_TARGETS as readonly string[]).includes(n)) {
-      throw new ConfigError(`${what}: unknown target module "${n}"; expected ${LORA_TARGETS.join(', ')} or all-linear`);
+    if (!(ALL_TARGETS as readonly string[]).includes(n)) {
+      throw new ConfigError(`${what}: unknown target module "${n}"; expected ${ALL_TARGETS.join(', ')} or all-linear`);
     }
     if (!out.includes(n as LoraTarget)) out.push(n as LoraTarget);
   }
   // fixed order so parameter order never depends on how the user listed them
-  return LORA_TARGETS.filter((t) => out.includes(t));
+  return ALL_TARGETS.filter((t) => out.includes(t));
 }
 
 /** The source name of flags: their errors name the flag as typed (`--learning-rate`), not the key. */

@@ -9,6 +9,7 @@ import type { TrainConfig } from './config.ts';
 import { isDict, parsePyJson, toPy, typeName } from '../formats/jinja-values.ts';
 import { IGNORE_INDEX } from './step-plan.ts';
 import type { MicroBatch } from './step-plan.ts';
+import { concatExamples } from './packing.ts';
 
 /** What the pipeline needs from a tokenizer (engine/formats' Tokenizer provides it). */
 export interface SftTokenizer extends ChatRenderer {
@@ -334,9 +335,15 @@ export interface CollatedMicroBatch extends MicroBatch {
   inputTokens: number;
 }
 
-/** Pad to the longest example of the micro-batch (HF DataCollator with padding=longest, right side). */
+/** Pad to the longest example of the micro-batch (HF DataCollator with padding=longest, right side). Packed rows
+ *  (engine/train/packing.ts) are flattened into one row without padding instead, their examples' lengths kept
+ *  as segments (TRL's padding-free collation). */
 export function collate(examples: readonly TokenizedExample[], padId: number): CollatedMicroBatch {
   if (examples.length === 0) throw new DataError('collate: empty micro-batch');
+  if (examples.some((e) => (e as { segments?: Int32Array }).segments !== undefined)) {
+    const row = concatExamples(examples);
+    return { batch: 1, seqLen: row.ids.length, ids: row.ids, labels: row.labels, segments: row.segments, labelTokens: row.labelTokens, inputTokens: row.ids.length };
+  }
   const B = examples.length;
   const S = Math.max(...examples.map((e) => e.ids.length));
   const ids = new Int32Array(B * S).fill(padId);

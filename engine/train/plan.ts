@@ -1,16 +1,15 @@
 // Memory and parameter model of QLoRA training for a layer range: what `swarmtune plan` prints and what the
 // coordinator's planner calls per candidate stage. Assumptions are written in docs/plan.md.
 import type { LlamaConfig, LoraTarget } from '../types.ts';
-import { LORA_TARGETS } from '../types.ts';
 import { linearShape } from '../model/lora.ts';
-import { layerFloatTensors } from '../model/arch.ts';
+import { fusedParts, layerFloatTensors, linearModules, resolveTargets } from '../model/arch.ts';
 import type { OptimName } from '../optimizer.ts';
 import { MIN_8BIT_SIZE, OPTIM8_BLOCKSIZE } from './optim.ts';
 
 /** Trainable LoRA parameters of layers [layerStart, layerEnd): Σ r·(in + out) over targets. */
 export function loraParamCount(cfg: LlamaConfig, lora: { r: number; targetModules: readonly LoraTarget[] }, layerStart = 0, layerEnd = cfg.numHiddenLayers): number {
   let perLayer = 0;
-  for (const t of lora.targetModules) {
+  for (const t of resolveTargets(cfg, lora.targetModules)) {
     const [out, inF] = linearShape(cfg, t);
     perLayer += lora.r * (inF + out);
   }
@@ -20,7 +19,7 @@ export function loraParamCount(cfg: LlamaConfig, lora: { r: number; targetModule
 /** LoRA tensor sizes (A then B per target per layer), used for 8-bit eligibility (min_8bit_size). */
 function loraTensorSizes(cfg: LlamaConfig, lora: { r: number; targetModules: readonly LoraTarget[] }, layers: number): number[] {
   const out: number[] = [];
-  for (const t of lora.targetModules) {
+  for (const t of resolveTargets(cfg, lora.targetModules)) {
     const [o, i] = linearShape(cfg, t);
     for (let l = 0; l < layers; l++) out.push(lora.r * i, o * lora.r);
   }
@@ -31,7 +30,7 @@ function loraTensorSizes(cfg: LlamaConfig, lora: { r: number; targetModules: rea
 export function baseParamCount(cfg: LlamaConfig): number {
   const C = cfg.hiddenSize, V = cfg.vocabSize;
   let linear = 0;
-  for (const t of LORA_TARGETS) {
+  for (const t of linearModules(cfg)) {
     const [o, i] = linearShape(cfg, t);
     linear += o * i;
   }
@@ -122,12 +121,14 @@ export function stageMemoryBytes(cfg: LlamaConfig, o: StageMemoryOptions): Stage
   const qDim = cfg.numAttentionHeads * cfg.headDim, kvDim = cfg.numKeyValueHeads * cfg.headDim;
 
   let packed = 0, constants = 0, largestLinear = 0;
-  for (const t of LORA_TARGETS) {
+  for (const t of linearModules(cfg)) {
     const [out, inF] = linearShape(cfg, t);
     const b = nf4LinearBytes(out * inF, bs, dq);
     packed += b.packed * layers;
     constants += b.constants * layers;
-    largestLinear = Math.max(largestLinear, out * inF);
+    // a fused linear (Phi-3) is computed part by part (engine/model/load.ts)
+    const parts = fusedParts(cfg, t);
+    largestLinear = Math.max(largestLinear, (parts.length ? Math.max(...parts) : out) * inF);
   }
   const embeddingsBytes = isFirst ? V * C * fb : 0;
   // a tied head reuses the embedding; a last stage that is not also first must hold its own copy
@@ -149,7 +150,7 @@ export function stageMemoryBytes(cfg: LlamaConfig, o: StageMemoryOptions): Stage
   const T = o.microBatch * o.seqLen;
   const inFlight = o.inFlightMicroBatches ?? 1;
   const ckpt = o.gradientCheckpointing ?? true;
-  const r = o.lora.r, nTargets = o.lora.targetModules.length;
+  const r = o.lora.r, nTargets = resolveTargets(cfg, o.lora.targetModules).length;
   // one layer's forward activations: x, h1, q, att, x2, h2 (C or H·D wide), k, v, gate, up, act, the LoRA
   // rank-r intermediates, and the attention log-sum-exp (memory-efficient attention: no S×S scores)
   const layerActs = T * fb * (4 * C + 2 * qDim + 2 * kvDim + 3 * I + r * nTargets) + 4 * T * cfg.numAttentionHeads;

@@ -11,6 +11,8 @@ export interface MicroBatch {
   ids: Int32Array;
   /** (batch * seqLen) shifted targets, IGNORE_INDEX on padding and untrained positions */
   labels: Int32Array;
+  /** packing: batch 1, the lengths of the examples in the row (engine/train/packing.ts) */
+  segments?: Int32Array;
 }
 
 /** The micro-batches of optimizer step `step` (0-based) and what every one of them is scaled by. */

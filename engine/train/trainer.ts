@@ -7,6 +7,7 @@ import { join, resolve } from 'node:path';
 import type { Backend } from '../backend.ts';
 import type { LlamaConfig, LoraConfig, NamedTensor, Stage, WeightSource } from '../types.ts';
 import { loadStage } from '../model/load.ts';
+import { resolveTargets } from '../model/arch.ts';
 import { readAdapter, writeAdapter } from '../formats/peft.ts';
 import { SafetensorsFile } from '../formats/safetensors/read.ts';
 import { writeSafetensors } from '../formats/safetensors/write.ts';
@@ -203,7 +204,10 @@ export class Trainer {
     const outputDir = resolve(cfg.output_dir);
     mkdirSync(outputDir, { recursive: true });
 
-    const { lora, initTensors } = await resolveLora(cfg);
+    const resolved = await resolveLora(cfg);
+    const initTensors = resolved.initTensors;
+    // "all-linear" names the family's own linears (Phi-3's fused ones) in the adapter written at the end
+    const lora = { ...resolved.lora, targetModules: resolveTargets(this.inputs.modelConfig, resolved.lora.targetModules) };
     this.lora = lora;
     const stage = await loadStage(this.inputs.weights, this.inputs.backend, {
       layerStart: 0, layerEnd: this.inputs.modelConfig.numHiddenLayers, lora,
@@ -414,6 +418,7 @@ export async function accumulateStep(stage: Stage, mbs: readonly CollatedMicroBa
     const key = `${o.step}:${k}:0`;
     const r = await stage.forward({
       key, batch: mb.batch, seqLen: mb.seqLen, ids: mb.ids, labels: mb.labels, dropoutSeed: dropoutSeedFor(o.seed, o.step, k),
+      ...(mb.segments ? { segments: mb.segments } : {}),
     }, { train: true });
     lossSum += r.lossSum ?? 0;
     inputTokens += mb.inputTokens;
