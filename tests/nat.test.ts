@@ -1,0 +1,110 @@
+// NAT traversal with libp2p's own parts (protocol/nat.ts): circuit relay v2 through the coordinator for run
+// members only, DCUtR hole punching, and each connection's path; hops (protocol/hop.ts) over each path.
+//
+// 1. loopback: no reservation and no relayed connection for a peer the coordinator did not admit; a hop of
+//    512 KiB (over the 128 KiB default relay limit) goes through the relay between members, bit-exact.
+// 2. netlab (root, nftables): a public namespace with the coordinator, two volunteers each behind its own
+//    cone NAT and one behind a strict NAT. The cone volunteers end on a hole-punched connection and a hop
+//    goes over it; the strict volunteer's hop goes relayed through the coordinator.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { createInterface } from 'node:readline';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createLab, labSupport, type Lab } from './netlab/lab.ts';
+
+const PEER = fileURLToPath(new URL('./netlab/nat-peer.ts', import.meta.url));
+const STEP_MS = 30_000;
+
+interface Peer {
+  peerId: string;
+  addrs: string[];
+  call(cmd: Record<string, unknown>): Promise<Record<string, any>>;
+  child: ChildProcess;
+}
+
+/** Starts nat-peer.ts (through `spawnIt`, e.g. inside a namespace) and waits for its ready line. */
+async function startPeer(spawnIt: (args: string[]) => ChildProcess, args: Record<string, unknown>): Promise<Peer> {
+  const child = spawnIt([PEER, JSON.stringify(args)]);
+  let stderr = '';
+  child.stderr!.on('data', (d) => { stderr = (stderr + d).slice(-4000); });
+  const pending = new Map<number, (m: Record<string, any>) => void>();
+  let ready: ((m: Record<string, any>) => void) | undefined;
+  createInterface({ input: child.stdout! }).on('line', (line) => {
+    let m: Record<string, any>;
+    try { m = JSON.parse(line); } catch { return; }
+    if (m.event === 'ready') ready?.(m);
+    else if (typeof m.id === 'number') { pending.get(m.id)?.(m); pending.delete(m.id); }
+  });
+  const exited = new Promise<never>((_, rej) => child.once('exit', (code, sig) => rej(new Error(`nat-peer exited (${sig ?? code}): ${stderr.trim()}`))));
+  exited.catch(() => {});
+  const within = <T>(p: Promise<T>, what: string): Promise<T> => {
+    let timer: NodeJS.Timeout | undefined;
+    return Promise.race([p, exited, new Promise<never>((_, rej) => { timer = setTimeout(() => rej(new Error(`nat-peer: ${what} took over ${STEP_MS} ms; stderr: ${stderr.trim()}`)), STEP_MS); })])
+      .finally(() => clearTimeout(timer));
+  };
+  const r = await within(new Promise<Record<string, any>>((res) => { ready = res; }), 'start');
+  let next = 0;
+  return {
+    peerId: r.peerId, addrs: r.addrs, child,
+    call: (cmd) => {
+      const id = next++;
+      const p = new Promise<Record<string, any>>((res) => pending.set(id, res));
+      child.stdin!.write(JSON.stringify({ id, ...cmd }) + '\n');
+      return within(p, String(cmd.cmd));
+    },
+  };
+}
+
+const ok = (r: Record<string, any>, what: string): Record<string, any> => { assert.equal(r.ok, true, `${what}: ${String(r.error)}`); return r; };
+const key = (mb: number) => ({ runId: 'nat', step: 0, mb, attempt: 0, kind: 'act' as const });
+
+async function stopAll(children: ChildProcess[]): Promise<void> {
+  await Promise.all(children.map((c) => new Promise<void>((res) => {
+    if (c.exitCode !== null || c.signalCode !== null) { res(); return; }
+    const t = setTimeout(() => { c.kill('SIGKILL'); }, 3000);
+    c.once('exit', () => { clearTimeout(t); res(); });
+    c.stdin?.end();
+    c.kill('SIGTERM');
+  })));
+}
+
+test('loopback: the relay serves admitted peers only, and a relayed hop carries more than the default 128 KiB', { timeout: 120_000 }, async () => {
+  const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-nat-'));
+  const children: ChildProcess[] = [];
+  const local = (args: string[]) => { const c = spawn(process.execPath, args, { stdio: 'pipe' }); children.push(c); return c; };
+  try {
+    const listen = ['/ip4/127.0.0.1/tcp/0'];
+    const c = await startPeer(local, { role: 'coordinator', dataDir: path.join(tmp, 'c'), listen });
+    const [a, b, x] = await Promise.all(['a', 'b', 'x'].map((n) => startPeer(local, { role: 'volunteer', dataDir: path.join(tmp, n), listen })));
+    const relay = c.addrs[0]!;
+    ok(await c.call({ cmd: 'admit', peerId: a.peerId }), 'admit a');
+    // a stranger (not admitted) gets no reservation
+    const refused = await x.call({ cmd: 'reserve', relay });
+    assert.equal(refused.ok, false, 'the relay gave a reservation to a peer it did not admit');
+    assert.match(String(refused.error), /RelayRefusedError/);
+    const got = ok(await a.call({ cmd: 'reserve', relay }), 'a reserves');
+    const circuitA = `${relay}/p2p-circuit/p2p/${a.peerId}`;
+    assert.ok(got.addrs.some((s: string) => s === circuitA), `a listens on ${circuitA}: ${JSON.stringify(got.addrs)}`);
+    assert.deepEqual(ok(await c.call({ cmd: 'reservations' }), 'reservations').peers, [a.peerId]);
+    // b is not a member yet: the relay will not connect it to a
+    const stranger = await b.call({ cmd: 'dial', addr: circuitA });
+    assert.equal(stranger.ok, false, 'the relay connected a non-member');
+    ok(await c.call({ cmd: 'admit', peerId: b.peerId }), 'admit b');
+    // 256 × 512 f32 = 512 KiB: four times the relay's default data limit, which is lifted for members
+    const shape = [256, 512];
+    const recv = a.call({ cmd: 'expect', key: key(0), from: b.peerId, shape, seed: 7 });
+    const sent = ok(await b.call({ cmd: 'send', addrs: [circuitA], key: key(0), to: a.peerId, shape, seed: 7 }), 'b sends over the relay');
+    const r = ok(await recv, 'a receives');
+    assert.equal(r.same, true, 'the relayed hop arrived changed');
+    assert.ok(sent.bytes > 4 * 131072, `hop bytes ${sent.bytes}`);
+    assert.equal(sent.path, 'relayed');
+    assert.equal(r.path, 'relayed');
+  } finally {
+    await stopAll(children);
+    await rm(tmp, { recursive: true, force: true });
+  }
+});
