@@ -17,7 +17,7 @@ import { fileURLToPath } from 'node:url';
 import { createLab, labSupport, type Lab } from './netlab/lab.ts';
 
 const PEER = fileURLToPath(new URL('./netlab/nat-peer.ts', import.meta.url));
-const STEP_MS = 30_000;
+const STEP_MS = 60_000;
 
 interface Peer {
   peerId: string;
@@ -107,4 +107,82 @@ test('loopback: the relay serves admitted peers only, and a relayed hop carries 
     await stopAll(children);
     await rm(tmp, { recursive: true, force: true });
   }
+});
+
+const why = labSupport({ nat: true });
+const PORT = 4001, DIAL_PORT = 4002;
+
+/** The lab: c (the coordinator) on the "internet" (44.77.x.y: a global-looking range that exists only in these
+ *  namespaces; libp2p drops observed private addresses and DCUtR will not punch to them), a and b each behind
+ *  its own cone NAT, s behind a strict NAT; the coordinator admitted a, b and s, each holds a reservation on it;
+ *  x (in b's home, never admitted) asked for one too. */
+async function natLab(fn: (l: { lab: Lab; c: Peer; a: Peer; b: Peer; s: Peer; x: Peer; circuit: (p: Peer) => string; refused: Record<string, any> }) => Promise<void>): Promise<void> {
+  const lab: Lab = await createLab({
+    hosts: ['c', 'a', 'b', 's'], routers: ['net', 'ra', 'rb', 'rs'], publicPrefix: '44.77',
+    links: [
+      { a: 'c', b: 'net' }, { a: 'ra', b: 'net' }, { a: 'rb', b: 'net' }, { a: 'rs', b: 'net' },
+      { a: 'a', b: 'ra', natKind: 'cone' }, { a: 'b', b: 'rb', natKind: 'cone' }, { a: 's', b: 'rs', natKind: 'strict' },
+    ],
+  });
+  const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-nat-'));
+  const children: ChildProcess[] = [];
+  const inNs = (host: string) => (args: string[]) => { const ch = lab.spawn(host, process.execPath, args); children.push(ch); return ch; };
+  try {
+    const c = await startPeer(inNs('c'), { role: 'coordinator', dataDir: path.join(tmp, 'c'), listen: [`/ip4/${lab.addr('c')}/tcp/${PORT}`] });
+    // a cone NAT keeps the source port: a volunteer dials everything from DIAL_PORT and announces <NAT>:DIAL_PORT
+    const cone = (h: 'a' | 'b', router: string) => startPeer(inNs(h), {
+      role: 'volunteer', dataDir: path.join(tmp, h), listen: [`/ip4/${lab.addr(h)}/tcp/${PORT}`],
+      dialPort: DIAL_PORT, holePunchTimeoutMs: 15_000, announce: [`/ip4/${lab.addr(router)}/tcp/${DIAL_PORT}`],
+    });
+    const [a, b] = await Promise.all([cone('a', 'ra'), cone('b', 'rb')]);
+    // behind the strict NAT nothing is announced: a random port per connection, nothing unsolicited let in
+    const s = await startPeer(inNs('s'), { role: 'volunteer', dataDir: path.join(tmp, 's'), listen: [`/ip4/${lab.addr('s')}/tcp/${PORT}`] });
+    const x = await startPeer(inNs('b'), { role: 'volunteer', dataDir: path.join(tmp, 'x'), listen: [`/ip4/${lab.addr('b')}/tcp/${PORT + 10}`] });
+    const relay = `/ip4/${lab.addr('c')}/tcp/${PORT}/p2p/${c.peerId}`;
+    for (const p of [a, b, s]) ok(await c.call({ cmd: 'admit', peerId: p.peerId }), 'admit');
+    for (const p of [a, b, s]) ok(await p.call({ cmd: 'reserve', relay }), 'reserve');
+    const refused = await x.call({ cmd: 'reserve', relay });
+    await fn({ lab, c, a, b, s, x, refused, circuit: (p: Peer) => `${relay}/p2p-circuit/p2p/${p.peerId}` });
+  } finally {
+    await stopAll(children);
+    await lab.teardown();
+    await rm(tmp, { recursive: true, force: true });
+  }
+}
+
+test('netlab: volunteers behind cone and strict NATs reserve on the coordinator (a stranger does not), and a strict-NAT volunteer hops relayed', { timeout: 180_000, skip: why ?? false }, async () => {
+  await natLab(async ({ c, a, b, s, refused, circuit }) => {
+    assert.equal(refused.ok, false, 'the relay gave a reservation to a peer it did not admit');
+    assert.match(String(refused.error), /RelayRefusedError/);
+    assert.deepEqual(ok(await c.call({ cmd: 'reservations' }), 'reservations').peers.sort(), [a, b, s].map((p) => p.peerId).sort());
+    // s → a: the strict NAT refuses every unsolicited packet, so the hop goes relayed through the coordinator
+    const shape = [64, 512];
+    const recv = a.call({ cmd: 'expect', key: key(2), from: s.peerId, shape, seed: 12 });
+    const sent = ok(await s.call({ cmd: 'send', addrs: [circuit(a)], key: key(2), to: a.peerId, shape, seed: 12 }), 's sends to a');
+    const r = ok(await recv, 'a receives from s');
+    assert.equal(r.same, true, 'the relayed hop arrived changed');
+    assert.equal(sent.path, 'relayed');
+    assert.equal(r.path, 'relayed');
+  });
+});
+
+// TODO (docs/swarm.md "NAT strategy"): DCUtR's TCP dials through the lab's cone NATs time out (measured
+// 2026-12-02: its unilateral dial, then 3 punch attempts of 15 s each, all relayed in the end); the assertions stay as
+// they should be, the test runs and reports without failing the suite until hole punching works.
+test('netlab: two cone-NAT volunteers end on a hole-punched connection and a hop goes over it', { timeout: 180_000, skip: why ?? false, todo: 'DCUtR over TCP does not punch through the lab cone NAT yet' }, async () => {
+  await natLab(async ({ lab, a, b, circuit }) => {
+    // a → b: through the relay first, then DCUtR punches through both cone NATs
+    ok(await a.call({ cmd: 'dial', addr: circuit(b) }), 'a dials b through the relay');
+    const punchedA = ok(await a.call({ cmd: 'waitPath', peer: b.peerId, path: 'hole-punched', timeoutMs: 55_000 }), 'a: hole-punched to b');
+    ok(await b.call({ cmd: 'waitPath', peer: a.peerId, path: 'hole-punched', timeoutMs: 55_000 }), 'b: hole-punched to a');
+    const direct = punchedA.connections.find((k: any) => k.peer === b.peerId && k.path === 'hole-punched');
+    assert.ok(direct.addr.startsWith(`/ip4/${lab.addr('rb')}/tcp/${DIAL_PORT}`), `a reaches b at b's NAT: ${direct.addr}`);
+    const shape = [64, 512];
+    const recv = b.call({ cmd: 'expect', key: key(1), from: a.peerId, shape, seed: 11 });
+    const sent = ok(await a.call({ cmd: 'send', addrs: [circuit(b)], key: key(1), to: b.peerId, shape, seed: 11 }), 'a sends to b');
+    const r = ok(await recv, 'b receives');
+    assert.equal(r.same, true);
+    assert.equal(sent.path, 'hole-punched');
+    assert.equal(r.path, 'hole-punched');
+  });
 });

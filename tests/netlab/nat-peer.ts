@@ -14,12 +14,12 @@ import { HopInbox, sendHop } from '../../protocol/hop.ts';
 import type { HopKey } from '../../protocol/hop.ts';
 import { multiaddr } from '@multiformats/multiaddr';
 
-interface PeerArgs { role: NatRole; dataDir: string; listen: string[]; announce?: string[]; dialPort?: number; relayServer?: boolean }
+interface PeerArgs { role: NatRole; dataDir: string; listen: string[]; announce?: string[]; dialPort?: number; relayServer?: boolean; holePunchTimeoutMs?: number }
 const args = JSON.parse(process.argv[2] ?? '{}') as PeerArgs;
 const members = new Set<string>();
 const node = await createSwarmNode({
   dataDir: args.dataDir, listen: args.listen,
-  nat: { role: args.role, announce: args.announce, dialPort: args.dialPort, relayServer: args.relayServer, isMember: (p) => members.has(p) },
+  nat: { role: args.role, announce: args.announce, dialPort: args.dialPort, relayServer: args.relayServer, holePunchTimeoutMs: args.holePunchTimeoutMs, isMember: (p) => members.has(p) },
 });
 const paths = new PathBook(node);
 const inbox = new HopInbox();
@@ -47,7 +47,7 @@ async function handle(m: Record<string, any>): Promise<Record<string, unknown>> 
     case 'paths': return { connections: pathList() };
     case 'waitPath': {
       // bounded: until the best connection to the peer has the path, or the deadline
-      for (let i = 0; i < 400 && !signal.aborted; i++) {
+      for (let i = 0; i < 1200 && !signal.aborted; i++) {
         if (paths.pathTo(String(m.peer)) === m.path) return { connections: pathList() };
         await new Promise((r) => setTimeout(r, 50));
       }
@@ -77,6 +77,6 @@ lines.on('line', (line) => {
   try { m = JSON.parse(line) as Record<string, any>; } catch { out({ ok: false, error: `not JSON: ${line.slice(0, 200)}` }); return; }
   handle(m).then((r) => out({ id: m.id, ok: true, ...r }), (e: Error) => out({ id: m.id, ok: false, error: `${e.name}: ${e.message}` }));
 });
-const quit = async (): Promise<void> => { stop.abort(); lines.close(); paths.stop(); await node.stop().catch(() => {}); process.exit(0); };
+const quit = async (): Promise<void> => { stop.abort(); lines.close(); paths.stop(); await Promise.resolve(node.stop()).catch(() => {}); process.exit(0); };
 lines.on('close', () => { void quit(); });
 process.once('SIGTERM', () => { void quit(); });
