@@ -18,6 +18,7 @@ import type { CircuitRelayService } from '@libp2p/circuit-relay-v2';
 import { dcutr } from '@libp2p/dcutr';
 import type { Connection, ConnectionGater, PeerId } from '@libp2p/interface';
 import { multiaddr } from '@multiformats/multiaddr';
+import type { Multiaddr } from '@multiformats/multiaddr';
 import type { Libp2p } from 'libp2p';
 import { SchemaError, SwarmError } from './errors.ts';
 
@@ -74,10 +75,17 @@ export function natConfig(init: NatInit) {
     });
   }
   if (init.role === 'volunteer') services.dcutr = dcutr({ timeout: init.holePunchTimeoutMs });
+  const relayIds = new Set(relays.map((r) => r.slice(r.lastIndexOf('/p2p/') + 5)));
   const gater: ConnectionGater = {
     // only members reserve a slot, and only members are relayed to each other
     denyInboundRelayReservation: (peer: PeerId) => !isMember(peer.toString()),
     denyOutboundRelayedConnection: (src: PeerId, dst: PeerId) => !isMember(src.toString()) || !isMember(dst.toString()),
+    // A punching volunteer keeps no direct address of other peers in its peer store (its relays' excepted):
+    // otherwise DCUtR first tries a "unilateral" direct dial to the other side's announced NAT address, from
+    // dialPort; the other NAT drops it, but it leaves a mapping on this side's NAT that turns the real punch's
+    // inbound SYN into a reset (measured in tests/nat.test.ts's lab: every punch failed after it). Hops dial
+    // the addresses the route gives, not the peer store.
+    ...(init.dialPort !== undefined ? { filterMultiaddrForPeer: (peer: PeerId, ma: Multiaddr) => relayIds.has(peer.toString()) || ma.toString().includes('/p2p-circuit') } : {}),
   };
   return {
     services,
@@ -169,4 +177,41 @@ async function raceSignal<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
 /** A relay refused this peer a reservation (not admitted, or full), or could not be reached. */
 export class RelayRefusedError extends SwarmError {
   override name = 'RelayRefusedError';
+}
+
+const hostPort = (ma: { toString(): string }): string => {
+  const s = ma.toString();
+  const i = s.indexOf('/p2p/');
+  return i >= 0 ? s.slice(0, i) : s;
+};
+
+/** js-libp2p 3.3's dial queue drops the `initiator: false` that DCUtR passes for its hole-punching dial
+ *  (connection-manager/dial-queue.js builds the job's options from peerId, priority, multiaddrs, signal and
+ *  onProgress only), so after a TCP simultaneous open both ends upgrade as the initiator and Noise fails
+ *  ("handshake stage 1 validation fail"); and the muxer takes its side from the raw connection's direction, not
+ *  the upgrader's. This carries the flag around the queue: openConnection notes the addresses of a dial that
+ *  must not initiate, and the upgrader takes such a connection as the responder, muxer included. */
+export function carryPassiveDials(node: Libp2p): void {
+  const c = (node as unknown as { components?: { connectionManager?: any; upgrader?: any } }).components;
+  const cm = c?.connectionManager, up = c?.upgrader;
+  if (cm === undefined || up === undefined || typeof cm.openConnection !== 'function' || typeof up.upgradeOutbound !== 'function') {
+    throw new SwarmError('carryPassiveDials: this libp2p has no connection manager or upgrader to patch');
+  }
+  const passive = new Map<string, number>();
+  const openConnection = cm.openConnection.bind(cm);
+  cm.openConnection = async (target: unknown, options: { initiator?: boolean } = {}) => {
+    if (options.initiator !== false) return openConnection(target, options);
+    const keys = (Array.isArray(target) ? target : [target]).map(hostPort);
+    for (const k of keys) passive.set(k, (passive.get(k) ?? 0) + 1);
+    try { return await openConnection(target, options); } finally {
+      for (const k of keys) { const n = (passive.get(k) ?? 1) - 1; if (n <= 0) passive.delete(k); else passive.set(k, n); }
+    }
+  };
+  const upgradeOutbound = up.upgradeOutbound.bind(up);
+  up.upgradeOutbound = (maConn: { remoteAddr: unknown; direction: string }, opts: Record<string, unknown>) => {
+    if (!passive.has(hostPort(maConn.remoteAddr as object))) return upgradeOutbound(maConn, opts);
+    // the muxer takes its side from the raw connection's direction (yamux: "Both endpoints are clients" otherwise)
+    maConn.direction = 'inbound';
+    return upgradeOutbound(maConn, { ...opts, initiator: false });
+  };
 }

@@ -18,7 +18,7 @@ import type { Req, Res, Schemas } from './messages.ts';
 import { errorFromWire, FrameTooLargeError, SchemaError, SwarmError, TimeoutError } from './errors.ts';
 import { silentLogger } from './log.ts';
 import type { Logger } from './log.ts';
-import { natConfig } from './nat.ts';
+import { carryPassiveDials, natConfig } from './nat.ts';
 import type { NatInit } from './nat.ts';
 
 export type SwarmNode = Libp2p;
@@ -84,6 +84,8 @@ export async function createSwarmNode(init: SwarmNodeInit): Promise<SwarmNode> {
     connectionManager: { maxConnections: 1024 },
     ...(nat !== undefined ? { services: nat.services, connectionGater: nat.connectionGater } : {}),
   });
+  // DCUtR's hole-punching dial needs it (a volunteer with NAT traversal)
+  if (init.nat?.role === 'volunteer') carryPassiveDials(node);
   await node.start();
   return node;
 }

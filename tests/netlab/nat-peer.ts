@@ -14,12 +14,12 @@ import { HopInbox, sendHop } from '../../protocol/hop.ts';
 import type { HopKey } from '../../protocol/hop.ts';
 import { multiaddr } from '@multiformats/multiaddr';
 
-interface PeerArgs { role: NatRole; dataDir: string; listen: string[]; announce?: string[]; dialPort?: number; relayServer?: boolean; holePunchTimeoutMs?: number }
+interface PeerArgs { role: NatRole; dataDir: string; listen: string[]; relays?: string[]; announce?: string[]; dialPort?: number; relayServer?: boolean; holePunchTimeoutMs?: number }
 const args = JSON.parse(process.argv[2] ?? '{}') as PeerArgs;
 const members = new Set<string>();
 const node = await createSwarmNode({
   dataDir: args.dataDir, listen: args.listen,
-  nat: { role: args.role, announce: args.announce, dialPort: args.dialPort, relayServer: args.relayServer, holePunchTimeoutMs: args.holePunchTimeoutMs, isMember: (p) => members.has(p) },
+  nat: { role: args.role, relays: args.relays, announce: args.announce, dialPort: args.dialPort, relayServer: args.relayServer, holePunchTimeoutMs: args.holePunchTimeoutMs, isMember: (p) => members.has(p) },
 });
 const paths = new PathBook(node);
 const inbox = new HopInbox();
