@@ -132,6 +132,12 @@ export class PathBook {
     return paths.find((p) => p === 'direct') ?? paths.find((p) => p === 'hole-punched') ?? paths.find((p) => p === 'relayed') ?? null;
   }
 
+  /** The best path to every peer with an open connection but those in `except` (at most `max`), sorted by peer id. */
+  peers(except: ReadonlySet<string>, max: number): { peerId: string; path: ConnectionPath }[] {
+    const ids = [...new Set(this.node.getConnections().map((c) => c.remotePeer.toString()))].filter((id) => !except.has(id)).sort().slice(0, max);
+    return ids.flatMap((peerId) => { const path = this.pathTo(peerId); return path === null ? [] : [{ peerId, path }]; });
+  }
+
   stop(): void { this.node.removeEventListener('connection:open', this.onOpen); }
 }
 
@@ -214,4 +220,29 @@ export function carryPassiveDials(node: Libp2p): void {
     maConn.direction = 'inbound';
     return upgradeOutbound(maConn, { ...opts, initiator: false });
   };
+}
+
+/** Peer statuses with each one's reachability as this node's relay sees it (unchanged when it serves none). */
+export function withReachability<P extends { peerId: string }>(node: Libp2p, peers: P[]): (P & { reachability?: Reachability })[] {
+  const r = relayReservations(node);
+  if (r === null) return peers;
+  return peers.map((p) => ({ ...p, reachability: r.has(p.peerId) ? 'relay' as const : 'public' as const }));
+}
+
+const PRIVATE_V4: [number, number][] = [[0x0a000000, 8], [0xac100000, 12], [0xc0a80000, 16], [0x7f000000, 8], [0x64400000, 10], [0xa9fe0000, 16], [0, 8]];
+/** An /ip4/ address outside the private, loopback, shared (CGNAT), link-local and "this network" ranges. */
+export function isPublicIp4(addr: string): boolean {
+  const m = /^\/ip4\/(\d+)\.(\d+)\.(\d+)\.(\d+)\//.exec(addr);
+  if (m === null) return false;
+  const v = ((Number(m[1]) << 24) | (Number(m[2]) << 16) | (Number(m[3]) << 8) | Number(m[4])) >>> 0;
+  return !PRIVATE_V4.some(([net, bits]) => (v >>> (32 - bits)) === (net >>> (32 - bits)));
+}
+
+/** The addresses a NAT-traversing volunteer gives the coordinator for routes: its public listen addresses
+ *  and its circuit address through the coordinator's relay. Not its private ones (unreachable from other
+ *  homes: a dial there hangs before the circuit is tried) nor the announced NAT address it punches from (a
+ *  NAT drops unsolicited SYNs to it; DCUtR learns it through identify). */
+export function routeAddrs(own: readonly string[], announce: readonly string[], circuit: string): string[] {
+  const skip = new Set(announce);
+  return [...new Set([...own.filter((a) => isPublicIp4(a) && !skip.has(a.replace(/\/p2p\/[^/]+$/, '')) && !a.includes('/p2p-circuit')), circuit])];
 }
