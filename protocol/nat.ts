@@ -57,9 +57,12 @@ function checkAddrs(what: string, addrs: readonly string[] | undefined): string[
 }
 
 /** What createSwarmNode adds to its libp2p configuration for a role. */
-export function natConfig(init: NatInit) {
+export function natConfig(init: NatInit, listen: readonly string[] = []) {
   const relays = checkAddrs('nat.relays', init.relays);
-  const announce = checkAddrs('nat.announce', init.announce);
+  // With AutoNAT on, libp2p 3 reports a public listen address only once AutoNAT confirmed it; the coordinator's
+  // is the address volunteers are told to join, so it announces its concrete (non-wildcard) listen addresses.
+  const own = init.role === 'coordinator' ? listen.filter((a) => /^\/ip[46]\/[^/]+\/tcp\/[1-9]\d*$/.test(a) && !/^\/ip4\/0\.0\.0\.0\/|^\/ip6\/::\//.test(a)) : [];
+  const announce = [...checkAddrs('nat.announce', init.announce), ...own];
   if (init.role === 'volunteer' && relays.some((r) => !r.includes('/p2p/'))) throw new SchemaError('nat.relays: every relay address needs its /p2p/<peer id>');
   if (init.dialPort !== undefined && (!Number.isInteger(init.dialPort) || init.dialPort < 1 || init.dialPort > 65535)) throw new SchemaError(`nat.dialPort must be a port in [1, 65535], got ${init.dialPort}`);
   const serveRelay = init.role === 'coordinator' || init.relayServer === true;

@@ -73,10 +73,11 @@ export interface SwarmNodeInit {
 
 export async function createSwarmNode(init: SwarmNodeInit): Promise<SwarmNode> {
   const privateKey = await loadIdentity(init.dataDir);
-  const nat = init.nat !== undefined ? natConfig(init.nat) : undefined;
+  const listen = init.listen ?? ['/ip4/127.0.0.1/tcp/0'];
+  const nat = init.nat !== undefined ? natConfig(init.nat, listen) : undefined;
   const node = await createLibp2p({
     privateKey,
-    addresses: { listen: init.listen ?? ['/ip4/127.0.0.1/tcp/0'], appendAnnounce: nat?.appendAnnounce },
+    addresses: { listen, appendAnnounce: nat?.appendAnnounce },
     transports: [tcp(nat?.dialOpts !== undefined ? { dialOpts: nat.dialOpts as Record<string, unknown> } : {}), ...(nat?.transports ?? [])],
     connectionEncrypters: [noise()],
     streamMuxers: [yamux()],

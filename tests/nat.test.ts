@@ -15,6 +15,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createLab, labSupport, type Lab } from './netlab/lab.ts';
+import { adapterMap, followCli, relUpdateDiff, spawnCli, type CliProc } from './swarm-procs.ts';
+import { ensureTinyModel } from '../engine/tiny/index.ts';
+import { TINY_DATASET_PATH } from '../engine/tiny/files.ts';
 
 const PEER = fileURLToPath(new URL('./netlab/nat-peer.ts', import.meta.url));
 const STEP_MS = 40_000;
@@ -182,4 +185,99 @@ test('netlab: two cone-NAT volunteers end on a hole-punched connection and a hop
     assert.equal(sent.path, 'hole-punched');
     assert.equal(r.path, 'hole-punched');
   });
+});
+
+// ---- a real swarm run across the NATs: `swarmtune launch --nat` + 3 `join --nat`, the tiny model, 2 stages
+
+const ROOT = path.resolve(import.meta.dirname, '..');
+const NODE = path.join(ROOT, 'node_modules/.bin/node');
+const CLI = path.join(ROOT, 'bin/swarmtune.ts');
+const TRAIN_FLAGS = [
+  '--max-steps', '2', '--per-device-train-batch-size', '2', '--gradient-accumulation-steps', '2',
+  '--learning-rate', '1e-3', '--no-shuffle', '--lora-dropout', '0', '--max-seq-length', '64',
+  '--lora-r', '4', '--lora-alpha', '8', '--target-modules', 'q_proj,v_proj,down_proj', '--seed', '7',
+];
+
+/** `swarmtune ARGS` inside a lab host, its JSON events as they arrive. */
+function cliIn(lab: Lab, host: string, args: string[]): CliProc {
+  const child = lab.spawn(host, NODE, [CLI, ...args], { cwd: ROOT });
+  return followCli(child);
+}
+
+async function waitFor(p: CliProc, pred: (e: Record<string, unknown>) => boolean, what: string, timeoutMs = 240_000): Promise<Record<string, unknown>> {
+  const t0 = Date.now();
+  for (;;) {
+    const e = p.events.find(pred);
+    if (e !== undefined) return e;
+    if (p.child.exitCode !== null) throw new Error(`process exited (${p.child.exitCode}) before ${what}; stderr:\n${p.stderr.join('').slice(-3000)}`);
+    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}; stderr:\n${p.stderr.join('').slice(-3000)}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+test('netlab swarm run: launch --nat on the internet, joins behind two cone NATs and a strict one; the adapter equals `swarmtune train`; hops hole-punched between the cone peers, relayed with the strict one', { timeout: 600_000, skip: why ?? false }, async () => {
+  const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-nat-run-'));
+  const lab: Lab = await createLab({
+    hosts: ['c', 'a', 'b', 's'], routers: ['net', 'ra', 'rb', 'rs'], publicPrefix: '44.77',
+    links: [
+      { a: 'c', b: 'net' }, { a: 'ra', b: 'net' }, { a: 'rb', b: 'net' }, { a: 'rs', b: 'net' },
+      { a: 'a', b: 'ra', natKind: 'cone' }, { a: 'b', b: 'rb', natKind: 'cone' }, { a: 's', b: 'rs', natKind: 'strict' },
+    ],
+  });
+  const locals: CliProc[] = [];
+  try {
+    const modelDir = await ensureTinyModel(path.join(tmp, 'model'));
+    const initDir = path.join(tmp, 'init'), localDir = path.join(tmp, 'local'), swarmDir = path.join(tmp, 'swarm');
+    const local = (args: string[]) => { const p = spawnCli(args); locals.push(p); return p.exit.then((code) => ({ code, stderr: p.stderr.join('') })); };
+    const init = await local(['train', '--model', modelDir, '--data', TINY_DATASET_PATH, ...TRAIN_FLAGS, '--max-steps', '1', '--learning-rate', '1e-2', '--output-dir', initDir, '--device', 'cpu']);
+    assert.equal(init.code, 0, init.stderr);
+    const localRun = local(['train', '--model', modelDir, '--data', TINY_DATASET_PATH, ...TRAIN_FLAGS, '--init-adapter', initDir, '--output-dir', localDir, '--device', 'cpu']);
+
+    const coord = cliIn(lab, 'c', ['launch', '--model', modelDir, '--data', TINY_DATASET_PATH, ...TRAIN_FLAGS, '--init-adapter', initDir, '--nat',
+      '--listen', `/ip4/${lab.addr('c')}/tcp/${PORT}`, '--min-peers', '3', '--pipeline-stages', '2', '--wire-dtype', 'f32', '--json', '--output-dir', swarmDir]);
+    const addr = String((await waitFor(coord, (e) => e.event === 'listening', 'listening')).multiaddr);
+    assert.ok(addr.startsWith(`/ip4/${lab.addr('c')}/tcp/${PORT}/p2p/`), `${addr}: ${JSON.stringify(coord.events.find((e) => e.event === 'listening'))}`);
+    const join = (h: string, extra: string[]) => cliIn(lab, h, ['join', addr, '--device', 'cpu', '--json', '--nat', '--listen', `/ip4/${lab.addr(h)}/tcp/${PORT}`, '--data-dir', path.join(tmp, h), ...extra]);
+    const cone = (h: string, router: string) => join(h, ['--dial-port', String(DIAL_PORT), '--announce', `/ip4/${lab.addr(router)}/tcp/${DIAL_PORT}`]);
+    const vols = new Map([['a', cone('a', 'ra')], ['b', cone('b', 'rb')], ['s', join('s', [])]]);
+    const ids = new Map<string, string>();
+    for (const [h, v] of vols) {
+      ids.set(String((await waitFor(v, (e) => e.event === 'joining', `${h} joining`)).peer_id), h);
+      await waitFor(v, (e) => e.event === 'relay', `${h}'s relay reservation`);
+    }
+    await waitFor(coord, (e) => e.event === 'finished', 'finished', 480_000);
+    const codes = await Promise.all([...vols.values()].map((v) => v.exit));
+    assert.deepEqual(codes, [0, 0, 0], 'volunteers exit 0 when the run ends');
+
+    // status: every peer behind a NAT holds a reservation; each hop's path by the pair of homes it joins
+    const st = cliIn(lab, 'c', ['status', addr, '--json']);
+    assert.equal(await st.exit, 0, st.stderr.join(''));
+    const status = JSON.parse(st.lines.join('\n'));
+    const hostOf = (id: string) => ids.get(id) ?? `?${id}`;
+    const seen: string[] = [];
+    for (const p of status.peers) {
+      assert.equal(p.reachability, 'relay', `${hostOf(p.peerId)} is behind a NAT: it holds a reservation`);
+      for (const hp of p.hopPaths ?? []) {
+        const pair = [hostOf(p.peerId), hostOf(hp.peerId)].sort().join('-');
+        seen.push(`${hostOf(p.peerId)}→${hostOf(hp.peerId)} ${hp.path}`);
+        assert.equal(hp.path, pair === 'a-b' ? 'hole-punched' : 'relayed', `${pair}: ${JSON.stringify(status.peers.map((q: any) => [hostOf(q.peerId), q.stageIndex, q.hopPaths]))}`);
+      }
+    }
+    console.log(`# hop paths: ${seen.join(', ')}; stages: ${status.peers.map((q: any) => `${hostOf(q.peerId)}=${q.stageIndex}`).join(' ')}`);
+    // s is alone on its stage or shares it with one cone peer: either way it hops with someone, relayed
+    assert.ok(seen.some((x) => x.includes('s') && x.endsWith('relayed')), `the strict-NAT peer's hops are relayed: ${seen.join(', ')}`);
+
+    const l = await localRun;
+    assert.equal(l.code, 0, l.stderr);
+    const { rel, norm } = relUpdateDiff(await adapterMap(initDir), await adapterMap(swarmDir), await adapterMap(localDir));
+    console.log(`# swarm across NATs vs train: relative update difference ${rel.toExponential(2)}, update norm ${norm.toExponential(2)}`);
+    assert.ok(norm > 1e-4, `the update must be non-trivial (norm ${norm})`);
+    assert.ok(rel <= 1e-5, `swarm vs local update relative difference ${rel} > 1e-5`);
+    coord.child.kill('SIGINT');
+    await coord.exit;
+  } finally {
+    for (const p of locals) if (p.child.exitCode === null && p.child.signalCode === null) { try { process.kill(-p.child.pid!, 'SIGKILL'); } catch { /* gone */ } }
+    await lab.teardown();
+    await rm(tmp, { recursive: true, force: true });
+  }
 });
