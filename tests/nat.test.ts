@@ -3,9 +3,13 @@
 //
 // 1. loopback: no reservation and no relayed connection for a peer the coordinator did not admit; a hop of
 //    512 KiB (over the 128 KiB default relay limit) goes through the relay between members, bit-exact.
-// 2. netlab (root, nftables): a public namespace with the coordinator, two volunteers each behind its own
-//    cone NAT and one behind a strict NAT. The cone volunteers end on a hole-punched connection and a hop
-//    goes over it; the strict volunteer's hop goes relayed through the coordinator.
+// 2. netlab (root, nftables; skipped otherwise): a public namespace with the coordinator, two volunteers each
+//    behind its own cone NAT and one behind a strict NAT. Reservations only for admitted peers; the strict
+//    volunteer's hop goes relayed through the coordinator; the cone volunteers end on a hole-punched
+//    connection after DCUtR and a hop goes over it.
+// 3. the same lab with a real run: `swarmtune launch --nat` + 3 `join --nat` (tiny model, 2 stages, f32): the
+//    adapter equals `swarmtune train`; status shows every peer reachable through the relay, and each hop's
+//    path by the homes it joins (cone–cone hole-punched, anything with the strict peer relayed).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
