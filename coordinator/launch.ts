@@ -54,6 +54,8 @@ export interface LaunchOptions {
   signal?: AbortSignal;
   /** continue the run the data dir holds with its stored config, ignoring the training flags */
   resume?: boolean;
+  /** NAT traversal (docs/swarm.md "NAT strategy"): serve circuit relay v2 and AutoNAT to admitted peers only */
+  nat?: boolean;
 }
 
 /** Identifies the model's files (names, sizes, mtimes): unchanged files need no re-quantization. */
@@ -259,7 +261,11 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
   releases.push(async () => { evaluator.close(); });
   if (resume !== null) await evaluator.restore(resume.step);
 
-  const node = await createSwarmNode({ dataDir, listen: [o.listen] });
+  const node = await createSwarmNode({
+    dataDir, listen: [o.listen],
+    // no open relay: a reservation, and a relayed connection, only for peers this run admitted
+    nat: o.nat === true ? { role: 'coordinator', isMember: (id) => coordinator?.isMember(id) ?? false } : undefined,
+  });
   releases.push(async () => { await node.stop(); });
   const blobs = new BlobStore(dataDir);
   const c: Coordinator = coordinator = new Coordinator({

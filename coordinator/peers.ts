@@ -1,5 +1,5 @@
 // The peer registry: who joined, which stage each replica serves, heartbeats, health after failures, bans with backoff.
-import type { Capabilities, PeerStatus } from '../protocol/messages.ts';
+import type { Capabilities, HopPath, PeerStatus } from '../protocol/messages.ts';
 import type { Multiaddr } from '../protocol/net.ts';
 import type { StagePeerClient } from '../protocol/stage-client.ts';
 import type { PeerHealth } from './dashboard/state.ts';
@@ -39,6 +39,8 @@ export interface PeerState {
   slowUntilMs?: number;
   /** placements after the plan (late join, lost stage, rebalance) */
   reassignments?: number;
+  /** its connections' paths to other peers, from its last heartbeat (NAT traversal on) */
+  hopPaths?: HopPath[];
 }
 
 /** errors that mean the peer broke the protocol (they count against it), not that it is slow or gone */
@@ -166,6 +168,7 @@ export class PeerRegistry {
         p.lastSeenMs = Date.now();
         p.ready = r.ready;
         p.tokensPerSecond = r.tokensPerSecond;
+        if (r.hopPaths !== undefined) p.hopPaths = r.hopPaths;
         if (p.health === 'slow' && (p.slowUntilMs ?? 0) <= Date.now()) p.health = 'ok';
       } catch (e) {
         if (signal.aborted) return;
@@ -268,6 +271,7 @@ export class PeerRegistry {
       retries: p.retries ?? 0, timeouts: p.timeouts ?? 0, bans: this.banList.get(p.peerId)?.count ?? 0,
       banRemainingMs: this.banList.remainingMs(p.peerId), banReason: this.banList.get(p.peerId)?.reason ?? null,
       reassignments: p.reassignments ?? 0,
+      ...(p.hopPaths !== undefined ? { hopPaths: p.hopPaths } : {}),
     }));
   }
 }

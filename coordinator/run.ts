@@ -30,6 +30,7 @@ import { OptimizerStep } from './step.ts';
 import type { RunData, StepContext } from './step.ts';
 import { serveRun } from './serving.ts';
 import { CoordinatorStoppedError } from './wait.ts';
+import { withReachability } from '../protocol/nat.ts';
 
 export type { MicroBatch } from '../engine/train/step-plan.ts';
 export type { RunEvent } from './status.ts';
@@ -145,6 +146,9 @@ export class Coordinator {
   pruneBlobsBefore(step: number): Promise<number> { return this.shards.pruneStepBlobs(step); }
 
   /** peers serving a stage now (for the progress line) */
+  /** An admitted peer, not banned: who may hold a reservation on this coordinator's relay (NAT traversal). */
+  isMember(peerId: string): boolean { const p = this.peers.get(peerId); return p !== undefined && p.health !== 'banned'; }
+
   livePeers(): number { return this.peers.all().filter((p) => p.stageIndex !== null && p.health !== 'dead' && p.health !== 'banned').length; }
 
   /** The stage-peer client whose request lines go to swarmtune:coordinator:<component>. */
@@ -256,7 +260,7 @@ export class Coordinator {
 
   private view(): RunView {
     const stages = this.placement.stages ?? [];
-    return { stages, replicas: this.peers.allReplicas(), peers: this.peers.statuses(stages) };
+    return { stages, replicas: this.peers.allReplicas(), peers: withReachability(this.o.node, this.peers.statuses(stages)) };
   }
 
   dashboardState(): DashboardState {

@@ -30,6 +30,8 @@ export interface VolunteerOptions {
   progressIntervalMs?: number;
   /** the volunteer's logger, namespace swarmtune:node (children :session, :stage, :rpc); default silent */
   log?: Logger;
+  /** NAT traversal (docs/swarm.md "NAT strategy"); absent: off */
+  nat?: { announce: string[]; dialPort?: number };
 }
 
 export interface VolunteerConfig {
@@ -57,6 +59,8 @@ export interface VolunteerConfig {
   /** each handler's deadline; compute ones follow SWARMTUNE_COMPUTE_TIMEOUT_MS like the coordinator's requests */
   handlerTimeoutMs: Readonly<Record<VolunteerProto, number>>;
   aids: TestAids;
+  /** NAT traversal on: addresses to announce and the dial port; null: off */
+  nat: { announce: string[]; dialPort?: number } | null;
 }
 
 function backendKind(device: string): BackendKind {
@@ -68,6 +72,9 @@ function backendKind(device: string): BackendKind {
 /** Resolve and validate the volunteer's config (a bad value fails here, before anything starts). */
 export function resolveVolunteerConfig(opts: VolunteerOptions, env: Knobs = knobs()): VolunteerConfig {
   const coordinatorAddr = parseMultiaddr(opts.coordinator);
+  // the relay reservation and the circuit address this peer announces name the coordinator's peer id
+  if (opts.nat !== undefined && !opts.coordinator.includes('/p2p/')) throw new SwarmError(`--nat needs the coordinator's address with its /p2p/<peer id> (the relay's id), got "${opts.coordinator}"`);
+  for (const a of opts.nat?.announce ?? []) parseMultiaddr(a);
   const compute = env.computeTimeoutMs;
   const handlerTimeoutMs: Record<VolunteerProto, number> = { ...HANDLER_TIMEOUT_MS };
   if (compute !== undefined) for (const p of ['aggregate', 'optimizer'] as const) handlerTimeoutMs[p] = compute;
@@ -90,5 +97,6 @@ export function resolveVolunteerConfig(opts: VolunteerOptions, env: Knobs = knob
     snapshotResidentBytes: SNAPSHOT_RESIDENT_BYTES,
     handlerTimeoutMs,
     aids: testAids(env),
+    nat: opts.nat !== undefined ? { announce: [...opts.nat.announce], dialPort: opts.nat.dialPort } : null,
   };
 }

@@ -18,6 +18,9 @@ import type { VolunteerConfig } from './config.ts';
 import { reportProgress } from './events.ts';
 import type { VolunteerEvents } from './events.ts';
 import { EXIT_FAILED, EXIT_OK, EXIT_REJECTED } from './constants.ts';
+import { listenOnRelay, routeAddrs } from '../protocol/nat.ts';
+import type { PathBook } from '../protocol/nat.ts';
+import { MAX_HOP_PATHS } from '../protocol/messages.ts';
 
 /** The reason of the session's abort: the volunteer leaves with `exitCode`. */
 export class LeavingError extends SwarmError {
@@ -59,6 +62,8 @@ const TRANSITIONS: Readonly<Record<SessionStateName, readonly SessionStateName[]
 
 export interface SessionComponents {
   node: SwarmNode;
+  /** NAT traversal on: each connection's path (heartbeats report them); null or absent: off */
+  paths?: PathBook | null;
   blobs: BlobStore;
   backend: Backend;
   createOptimizer: OptimizerFactory;
@@ -184,6 +189,20 @@ export class VolunteerSession {
     }, req, opts);
   }
 
+  /** NAT traversal: a reservation on the coordinator's relay, now that it admitted this peer. Without one this
+   *  peer is reachable only where it is reachable directly (a public peer needs none). */
+  private async reserve(circuit: string): Promise<void> {
+    const { node, events } = this.c;
+    if (node.getMultiaddrs().some((m) => m.toString() === circuit)) return;
+    try {
+      await listenOnRelay(node, this.config.coordinator, { signal: AbortSignal.any([this.signal, AbortSignal.timeout(this.config.joinTimeoutMs)]) });
+      events.say('relay', { address: circuit }, `reachable through the coordinator's relay at ${circuit}`);
+    } catch (e) {
+      if (this.signal.aborted) return;
+      events.say('relay_refused', { reason: (e as Error).message }, `no reservation on the coordinator's relay (reachable only directly): ${(e as Error).message}`);
+    }
+  }
+
   /** A coordinator heartbeat: it is alive; say how this peer is doing. */
   heartbeat(): HeartbeatResponse {
     this.lastCoordinatorMs = Date.now();
@@ -192,6 +211,7 @@ export class VolunteerSession {
     return {
       runId: this.runId, ready: host !== null, step: host?.step ?? 0, tokensPerSecond: host?.tokensPerSecond ?? 0,
       inflight: host?.inflight ?? 0, busy: host?.busy ?? false, memoryRssBytes: this.rss.bytes,
+      ...(this.c.paths != null ? { hopPaths: this.c.paths.peers(new Set(this.coordinatorId !== null ? [this.coordinatorId] : []), MAX_HOP_PATHS) } : {}),
     };
   }
 
@@ -251,7 +271,10 @@ export class VolunteerSession {
   private async join(s: Extract<SessionState, { name: 'joining' }>, caps: Capabilities): Promise<SessionState | number> {
     const { node, events } = this.c;
     const cfg = this.config;
-    const listenAddrs = node.getMultiaddrs().map((m) => m.toString());
+    // NAT traversal: the circuit address through the coordinator's relay too (the reservation follows admission)
+    const circuit = this.c.paths != null ? `${cfg.coordinator}/p2p-circuit/p2p/${node.peerId.toString()}` : null;
+    const own = node.getMultiaddrs().map((m) => m.toString());
+    const listenAddrs = circuit !== null ? routeAddrs(own, cfg.nat?.announce ?? [], circuit) : own;
     for (;;) {
       events.say('joining', { coordinator: cfg.coordinator, peer_id: node.peerId.toString() }, `joining ${cfg.coordinator} as ${node.peerId.toString()}`);
       let res: JoinResponse;
@@ -275,6 +298,7 @@ export class VolunteerSession {
         return EXIT_REJECTED;
       }
       const a = res.assignment;
+      if (circuit !== null) await this.reserve(circuit);
       this.allowPeers = a.allowPeers !== undefined ? new Set(a.allowPeers) : null;
       this.previousRunId = a.runId;
       this.lastCoordinatorMs = Date.now();

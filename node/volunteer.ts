@@ -5,6 +5,7 @@ import { rm } from 'node:fs/promises';
 import type { Backend } from '../engine/backend.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { createSwarmNode, lockDataDir } from '../protocol/net.ts';
+import { PathBook } from '../protocol/nat.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
 import { silentLogger } from '../protocol/log.ts';
@@ -58,6 +59,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
   deps.abort?.addEventListener('abort', () => stop.abort(new LeavingError(EXIT_FAILED, 'aborted')), { once: true });
   let backend: Backend | null = deps.backend ?? null;
   let node: SwarmNode | null = null;
+  let paths: PathBook | null = null;
   let unlock: (() => Promise<void>) | null = null;
   try {
     const config = resolveVolunteerConfig(opts);
@@ -65,12 +67,16 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     unlock = await lockDataDir(config.dataDir);
     // step snapshots spilled by an earlier process of this data dir are of no use to this one
     await rm(path.join(config.dataDir, 'restore'), { recursive: true, force: true });
-    node = await createSwarmNode({ dataDir: config.dataDir, listen: [config.listen] });
+    node = await createSwarmNode({
+      dataDir: config.dataDir, listen: [config.listen],
+      nat: config.nat !== null ? { role: 'volunteer', relays: [config.coordinator], announce: config.nat.announce, dialPort: config.nat.dialPort } : undefined,
+    });
+    paths = config.nat !== null ? new PathBook(node) : null;
     const blobs = new BlobStore(config.dataDir);
     // blobs of a private run go only to its token holders, allowlisted peers and the coordinator
     blobs.token = config.token;
     const session = new VolunteerSession(config, {
-      node, blobs, backend, createOptimizer: deps.createOptimizer ?? createShardOptimizer, events, log, onHost: deps.onHost,
+      node, paths, blobs, backend, createOptimizer: deps.createOptimizer ?? createShardOptimizer, events, log, onHost: deps.onHost,
     }, { signal: stop.signal });
     // a fetch cut short by leaving is no provider's failure
     blobs.onEvent = (e) => { if (!session.signal.aborted) events.blob(e); };
@@ -87,6 +93,7 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
+    paths?.stop();
     if (node !== null) { try { await node.stop(); } catch { /* already stopped */ } }
     if (deps.backend === undefined) backend?.dispose();
     await unlock?.();

@@ -282,6 +282,13 @@ export type AdapterResponse = ReturnType<typeof adapterResponse>;
 
 // ---- status: anyone → coordinator
 
+/** How a volunteer's connection to another peer goes (protocol/nat.ts): dialed directly, upgraded from a
+ *  relayed one by DCUtR, or through a circuit relay. */
+export const hopPath = obj({ peerId: peerIdStr, path: oneOf(['direct', 'hole-punched', 'relayed'] as const) });
+export type HopPath = ReturnType<typeof hopPath>;
+/** at most this many peers' paths in one report (a stage peer talks to its route neighbours) */
+export const MAX_HOP_PATHS = 256;
+
 export const peerStatus = obj({
   peerId: peerIdStr,
   stageIndex: nullable(int(0, 4096)),
@@ -306,6 +313,10 @@ export const peerStatus = obj({
   banReason: opt(nullable(str({ max: MAX_STRING_LENGTH }))),
   /** times this peer was placed on a stage after the plan (late join, lost stage, rebalance) */
   reassignments: opt(int(0, SAFE)),
+  /** NAT traversal on: 'relay' when the peer holds a reservation on the coordinator's relay (behind a NAT) */
+  reachability: opt(oneOf(['public', 'relay'] as const)),
+  /** the path of this peer's connection to each peer it exchanges hops with, from its last heartbeat */
+  hopPaths: opt(arr(hopPath, MAX_HOP_PATHS)),
 });
 export type PeerStatus = ReturnType<typeof peerStatus>;
 
@@ -346,6 +357,8 @@ export const heartbeatResponse = obj({
   inflight: int(0, I32),
   busy: bool,
   memoryRssBytes: int(0, SAFE),
+  /** NAT traversal on: the path of each open connection to another peer (the coordinator's excluded) */
+  hopPaths: opt(arr(hopPath, MAX_HOP_PATHS)),
 });
 export type HeartbeatResponse = ReturnType<typeof heartbeatResponse>;
 

@@ -18,6 +18,8 @@ import type { Req, Res, Schemas } from './messages.ts';
 import { errorFromWire, FrameTooLargeError, SchemaError, SwarmError, TimeoutError } from './errors.ts';
 import { silentLogger } from './log.ts';
 import type { Logger } from './log.ts';
+import { carryPassiveDials, natConfig } from './nat.ts';
+import type { NatInit } from './nat.ts';
 
 export type SwarmNode = Libp2p;
 export type { Multiaddr, PeerId };
@@ -64,19 +66,27 @@ export interface SwarmNodeInit {
   dataDir: string;
   /** listen multiaddrs, default /ip4/127.0.0.1/tcp/0 */
   listen?: string[];
+  /** NAT traversal (protocol/nat.ts): identify, AutoNAT v2, circuit relay v2 for members only, DCUtR.
+   *  Absent: a plain TCP node, as on a LAN or loopback. */
+  nat?: NatInit;
 }
 
 export async function createSwarmNode(init: SwarmNodeInit): Promise<SwarmNode> {
   const privateKey = await loadIdentity(init.dataDir);
+  const listen = init.listen ?? ['/ip4/127.0.0.1/tcp/0'];
+  const nat = init.nat !== undefined ? natConfig(init.nat, listen) : undefined;
   const node = await createLibp2p({
     privateKey,
-    addresses: { listen: init.listen ?? ['/ip4/127.0.0.1/tcp/0'] },
-    transports: [tcp()],
+    addresses: { listen, appendAnnounce: nat?.appendAnnounce },
+    transports: [tcp(nat?.dialOpts !== undefined ? { dialOpts: nat.dialOpts as Record<string, unknown> } : {}), ...(nat?.transports ?? [])],
     connectionEncrypters: [noise()],
     streamMuxers: [yamux()],
     // the swarm's own heartbeats decide liveness; no discovery or DHT traffic on a training run
     connectionManager: { maxConnections: 1024 },
+    ...(nat !== undefined ? { services: nat.services, connectionGater: nat.connectionGater } : {}),
   });
+  // DCUtR's hole-punching dial needs it (a volunteer with NAT traversal)
+  if (init.nat?.role === 'volunteer') carryPassiveDials(node);
   await node.start();
   return node;
 }

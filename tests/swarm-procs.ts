@@ -19,7 +19,11 @@ export interface Proc extends CliProc { name: string }
 /** `swarmtune ARGS` in its own process group (so a test can SIGKILL it and its children), stdout split into
  *  lines and parsed JSON events as they arrive. Shared by every real-process test. */
 export function spawnCli(args: string[], env: Record<string, string> = {}): CliProc {
-  const child = spawn(NODE, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: { ...process.env, ...env } });
+  return followCli(spawn(NODE, [CLI, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: { ...process.env, ...env } }));
+}
+
+/** Follow a started swarmtune process (e.g. one inside a netlab namespace): stdout lines, JSON events, stderr, exit code. */
+export function followCli(child: ChildProcess): CliProc {
   // a signal-killed process exits 128 + the signal's number, as shells report it (SIGKILL: 137)
   const p: CliProc = { child, lines: [], events: [], stderr: [], exit: new Promise((r) => child.on('exit', (code, sig) => r(code ?? (sig !== null ? 128 + (os.constants.signals[sig] ?? 0) : 1)))) };
   let buf = '';

@@ -5,7 +5,7 @@ import { InvalidArgumentError } from 'commander';
 import { parseBytes } from '../../node/probe.ts';
 import { rootLogger } from '../log.ts';
 import { multiaddrArg } from '../args.ts';
-import { action, describeError } from '../errors.ts';
+import { action, describeError, UsageError } from '../errors.ts';
 
 function sizeArg(v: string): number {
   try {
@@ -32,8 +32,17 @@ export function registerJoin(program: Command): void {
     .option('--listen <multiaddr>', 'listen address for peers fetching blobs', '/ip4/0.0.0.0/tcp/0')
     .option('--progress-interval <seconds>', 'a progress line (stage, step, micro-batches served, tokens/s) at most this often while serving; 0: none', secondsArg, 10)
     .option('--json', 'print one JSON object per line for events')
-    .action(action('join', async (addr: string, opts: { token?: string; device: string; maxMemory?: number; dataDir: string; listen: string; progressInterval: number; json?: boolean }) => {
+    .option('--nat', 'NAT traversal: a reservation on the coordinator\'s relay after admission, DCUtR hole punching, AutoNAT (the coordinator needs --nat)')
+    .option('--announce <multiaddr>', 'with --nat: an address others can reach this peer at, e.g. the NAT\'s /ip4/<public>/tcp/<dial port> (repeatable)', (v: string, prev: string[] = []) => [...prev, v])
+    .option('--dial-port <port>', 'with --nat: dial every connection from this local port (a port-preserving NAT keeps it: TCP hole punching)', (v: string) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 1 || n > 65535) throw new InvalidArgumentError(`--dial-port must be a port in [1, 65535], got "${v}"`);
+      return n;
+    })
+    .action(action('join', async (addr: string, opts: { token?: string; device: string; maxMemory?: number; dataDir: string; listen: string; progressInterval: number; json?: boolean; nat?: boolean; announce?: string[]; dialPort?: number }) => {
       const coordinator = await multiaddrArg(addr);
+      if (opts.nat !== true && (opts.announce !== undefined || opts.dialPort !== undefined)) throw new UsageError('--announce and --dial-port need --nat');
+      for (const a of opts.announce ?? []) await multiaddrArg(a);
       const { runVolunteer } = await import('../../node/volunteer.ts');
       return runVolunteer({
         coordinator,
@@ -44,6 +53,7 @@ export function registerJoin(program: Command): void {
         listen: opts.listen,
         json: opts.json === true,
         progressIntervalMs: opts.progressInterval * 1000,
+        ...(opts.nat === true ? { nat: { announce: opts.announce ?? [], dialPort: opts.dialPort } } : {}),
         log: rootLogger().child('node'),
       }, { describeError: (e) => describeError(e, { address: addr }) });
     }, (addr) => ({ address: addr })));

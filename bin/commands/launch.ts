@@ -31,7 +31,8 @@ export function registerLaunch(program: Command): void {
     .option('--exit-on-finish', 'exit when training ends instead of serving pulls')
     .option('--dashboard <port>', 'serve the live dashboard on this port', nonNegativeInt('--dashboard'))
     .option('--data-dir <dir>', 'coordinator state (identity, LevelDB, blobs); default <output-dir>/coordinator')
-    .option('--resume', 'continue the run the data dir holds with its stored config (the training flags and --config are ignored)');
+    .option('--resume', 'continue the run the data dir holds with its stored config (the training flags and --config are ignored)')
+    .option('--nat', 'NAT traversal: serve circuit relay v2 (admitted peers only, no data or time limit) and AutoNAT (docs/swarm.md "NAT strategy")');
   addTrainFlags(launch, 'launch');
   launch.action(action('launch', async (opts: Record<string, unknown>) => {
     const flags = trainFlagValues(opts);
@@ -68,6 +69,7 @@ export function registerLaunch(program: Command): void {
       dashboardPort: opts.dashboard as number | undefined,
       dataDir: (opts.dataDir as string | undefined) ?? null,
       resume: opts.resume === true,
+      nat: opts.nat === true,
       logger: rootLogger().child('coordinator'),
     });
   }));

@@ -77,7 +77,7 @@ export const DASHBOARD_HTML = String.raw`<!doctype html>
   <section class="panel w12" style="overflow-x:auto">
     <h2>Peers</h2>
     <table>
-      <thead><tr><th>peer</th><th>stage</th><th>layers</th><th>device</th><th class="num">memory</th><th class="num">GFLOP/s</th><th class="num">tokens/s</th><th>health</th><th class="num">last seen</th></tr></thead>
+      <thead><tr><th>peer</th><th>stage</th><th>layers</th><th>device</th><th class="num">memory</th><th class="num">GFLOP/s</th><th class="num">tokens/s</th><th>health</th><th class="num">last seen</th><th>network</th></tr></thead>
       <tbody id="peers-body"></tbody>
     </table>
   </section>
@@ -205,7 +205,7 @@ function renderPeers(state) {
   const body = $('peers-body');
   const rows = (state.peers || []).slice().sort((a, b) => (a.stageIndex ?? 1e9) - (b.stageIndex ?? 1e9) || a.peerId.localeCompare(b.peerId));
   body.replaceChildren();
-  if (rows.length === 0) { const tr = el('tr'); tr.appendChild(el('td', { colspan: 9, class: 'empty' }, 'no peers yet')); body.appendChild(tr); return; }
+  if (rows.length === 0) { const tr = el('tr'); tr.appendChild(el('td', { colspan: 10, class: 'empty' }, 'no peers yet')); body.appendChild(tr); return; }
   for (const p of rows) {
     const tr = el('tr', { 'data-peer': p.peerId });
     const id = el('td', { class: 'mono', title: p.peerId }, shortId(p.peerId));
@@ -217,7 +217,9 @@ function renderPeers(state) {
       el('td', { class: 'num' }, fmtNum(p.gemmGflops, 1)),
       el('td', { class: 'num' }, fmtNum(p.tokensPerSecond, 0)),
       el('td', { class: 'h-' + p.health }, p.health),
-      el('td', { class: 'num' }, ago(p.lastSeenMs)));
+      el('td', { class: 'num' }, ago(p.lastSeenMs)),
+      // reachability, then each hop's path ("relay; 12D3Ko…abcdef hole-punched")
+      el('td', { title: 'reachability; path to each peer it hops with' }, [p.reachability || '–', ...(p.hopPaths || []).map((h) => shortId(h.peerId) + ' ' + h.path)].join('; ')));
     body.appendChild(tr);
   }
 }

@@ -15,6 +15,10 @@ export interface DashboardPeer {
   health: PeerHealth;
   /** ms since the epoch of the last answered heartbeat */
   lastSeenMs: number;
+  /** NAT traversal on: 'relay' when the peer holds a reservation on the coordinator's relay */
+  reachability?: 'public' | 'relay';
+  /** NAT traversal on: the path of its connection to each peer it exchanges hops with */
+  hopPaths?: { peerId: string; path: 'direct' | 'hole-punched' | 'relayed' }[];
 }
 
 export interface DashboardStage {

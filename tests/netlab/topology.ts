@@ -32,6 +32,11 @@ export interface LabSpec {
   hosts: string[];
   routers?: string[];
   links: LinkSpec[];
+  /** first two octets of the links outside every NAT (default '10.77'; NAT insides are always 10.77.i.0/24).
+   *  libp2p treats every non-global range as private (it drops such observed addresses and DCUtR will not
+   *  punch to them), so a NAT test puts its "internet" in a global-looking range: it exists only inside the
+   *  lab's namespaces, which have no route out. */
+  publicPrefix?: string;
 }
 
 export class NetlabSpecError extends Error {
@@ -49,7 +54,7 @@ export interface PlannedLink {
   index: number;
   a: string;
   b: string;
-  subnet: string;            // 10.77.i.0/24
+  subnet: string;            // 10.77.i.0/24 (outside NATs: <publicPrefix>.i.0/24)
   addrA: string;
   addrB: string;
   ifA: string;               // interface names inside a's and b's namespaces
@@ -102,6 +107,9 @@ export function planLab(spec: LabSpec, prefix: string): Plan {
       nodes.set(name, { name, kind, ns: `${prefix}-${name}`, links: [], routes: [] });
     }
   }
+  const publicPrefix = spec.publicPrefix ?? '10.77';
+  if (typeof publicPrefix !== 'string' || !/^(25[0-5]|2[0-4]\d|1?\d?\d)\.(25[0-5]|2[0-4]\d|1?\d?\d)$/.test(publicPrefix) || /^(127|0|22[4-9]|2[3-5]\d)\./.test(publicPrefix))
+    throw new NetlabSpecError(`lab spec: publicPrefix must be two octets "a.b" of a unicast range, got "${String(publicPrefix)}"`);
   const links: PlannedLink[] = spec.links.map((l, index) => {
     const where = `lab spec: links[${index}] (${String(l?.a)}–${String(l?.b)})`;
     const na = nodes.get(l?.a), nb = nodes.get(l?.b);
@@ -123,7 +131,7 @@ export function planLab(spec: LabSpec, prefix: string): Plan {
     na.links.push(index);
     nb.links.push(index);
     return {
-      index, a: na.name, b: nb.name, subnet: `10.77.${index}.0/24`, addrA: `10.77.${index}.1`, addrB: `10.77.${index}.2`,
+      index, a: na.name, b: nb.name, ...((net) => ({ subnet: `${net}.0/24`, addrA: `${net}.1`, addrB: `${net}.2` }))(`${l.natKind ? '10.77' : publicPrefix}.${index}`),
       ifA: `${tag}a`, ifB: `${tag}b`, macA: mac(index, 1), macB: mac(index, 2), rateAB, rateBA,
       delayABus: Math.round(delayAB * 1000), delayBAus: Math.round(delayBA * 1000), queueBytes,
       wire: shaped ? { ns: `${prefix}-w${index}`, wireA: `${tag}x`, wireB: `${tag}y`, bridge: `${tag}w` } : undefined,
