@@ -160,6 +160,10 @@ export class PeerRegistry {
     }
   }
 
+  /** One heartbeat round now (the run's end: status keeps each peer's last report, hop paths included,
+   *  even of a run shorter than a heartbeat interval). */
+  heartbeatNow(): Promise<void> { return this.heartbeatAll(); }
+
   private async heartbeatAll(): Promise<void> {
     const signal = this.o.signal;
     await Promise.all(this.all().filter((p) => p.stageIndex !== null && p.health !== 'dead' && p.health !== 'banned').map(async (p) => {

@@ -240,6 +240,7 @@ export class Coordinator {
     this.status.state = 'finished';
     this.admission.rejectAll('the run finished before this peer could be placed', 'late');
     this.status.event('finish', `run finished after ${this.status.step} steps`);
+    await this.peers.heartbeatNow();
     const client = this.clientFor('peers');
     await Promise.allSettled(this.peers.all().filter((p) => p.stageIndex !== null && p.health !== 'dead').map((p) =>
       client.finish(p.addrs, 'the run finished', undefined, { signal })));
