@@ -10,7 +10,8 @@
 // the context's stream; the host waits only where it reads: downloads, host-array ops). Ops with host
 // arrays run on libuv worker threads. Library failures reject with CudaError (CudaAsyncError when an
 // earlier op's kernel failed); argument mistakes throw CudaArgumentError before anything reaches the device.
-import type { Backend } from '../engine/backend.ts';
+import type { AttentionOptions, Backend } from '../engine/backend.ts';
+import { attentionOptions } from '../engine/backend.ts';
 import type { NF4Weight } from '../engine/formats/nf4.ts';
 import { isDoubleQuant } from '../engine/formats/nf4.ts';
 import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/optimizer.ts';
@@ -26,6 +27,15 @@ import { CudaTensor, CudaTensors, type TensorDevice } from './tensors.ts';
 /** A float buffer as CudaBackend's ops take it: a host array or a device tensor (cuda/tensors.ts). */
 export type F32 = Float32Array | CudaTensor;
 const d = (x: F32): DevArg => (x instanceof Float32Array ? x : x.addr);
+
+/** Gemma's ops (GeGLU, soft-capping, sliding-window attention) are not on the GPU yet. */
+function gemmaOnly(op: string): never {
+  throw new CudaArgumentError(`CudaBackend.${op}: not implemented on CUDA yet (Gemma-2/Gemma-3 run on --device cpu)`);
+}
+function defaultAttentionOnly(op: string, D: number, opts?: AttentionOptions): void {
+  const o = attentionOptions(D, opts);
+  if (o.softcap > 0 || o.window > 0 || o.scale !== 1 / Math.sqrt(D)) gemmaOnly(`${op} (scale, softcap or sliding window)`);
+}
 
 /** cudaErrorMemoryAllocation */
 const CUDA_ERROR_MEMORY_ALLOCATION = 2;
@@ -329,8 +339,9 @@ export class CudaBackend implements Backend {
   }
 
   async attentionForward(out: F32, lse: F32, q: F32, k: F32,
-    v: F32, B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    v: F32, B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
     this.#checkAttention('attentionForward', B, S, H, KV, D);
+    defaultAttentionOnly('attentionForward', D, opts);
     const T = B * S;
     need('attentionForward', 'out', out, T * H * D); need('attentionForward', 'q', q, T * H * D);
     need('attentionForward', 'k', k, T * KV * D); need('attentionForward', 'v', v, T * KV * D);
@@ -341,8 +352,9 @@ export class CudaBackend implements Backend {
 
   async attentionBackward(dq: F32, dk: F32, dv: F32, dout: F32,
     q: F32, k: F32, v: F32, out: F32, lse: F32,
-    B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
     this.#checkAttention('attentionBackward', B, S, H, KV, D);
+    defaultAttentionOnly('attentionBackward', D, opts);
     const T = B * S;
     for (const [name, a, n] of [['dq', dq, T * H * D], ['dout', dout, T * H * D], ['q', q, T * H * D],
       ['out', out, T * H * D], ['dk', dk, T * KV * D], ['dv', dv, T * KV * D], ['k', k, T * KV * D],
@@ -367,6 +379,12 @@ export class CudaBackend implements Backend {
     if (n === 0) return;
     await this.#run('swigluBackward', (nat, c) => nat.swigluBackward(c, d(dgate), d(dup), d(dout), d(gate), d(up), n));
   }
+
+  // Gemma's ops have no CUDA kernels yet: a Gemma model is refused on this backend with this message
+  async gegluForward(_out: F32, _gate: F32, _up: F32, _n: number): Promise<void> { gemmaOnly('gegluForward'); }
+  async gegluBackward(_dgate: F32, _dup: F32, _dout: F32, _gate: F32, _up: F32, _n: number): Promise<void> { gemmaOnly('gegluBackward'); }
+  async softcapForward(_y: F32, _x: F32, _cap: number, _n: number): Promise<void> { gemmaOnly('softcapForward'); }
+  async softcapBackward(_dx: F32, _dy: F32, _x: F32, _cap: number, _n: number): Promise<void> { gemmaOnly('softcapBackward'); }
 
   async embeddingForward(out: F32, ids: Int32Array, table: F32, T: number, C: number,
     V: number): Promise<void> {
