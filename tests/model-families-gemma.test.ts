@@ -281,9 +281,11 @@ test('Gemma-3 model dir (real keys, real tokenizer and chat template): opens wit
     await writeAdapter(join(dir, 'a'), { lora: lora({ r: 2, targetModules: ['q_proj', 'down_proj'] }), tensors: stage.params, baseModel: 'gemma3' });
     await md.close();
     await mergeAdapter({ model: join(dir, 'm'), adapter: join(dir, 'a'), out: join(dir, 'merged'), dtype: 'f32', backend: native });
-    const inKeys = [...(await SafetensorsFile.open(join(dir, 'm', 'model.safetensors'))).names()].sort();
+    const inFile = await SafetensorsFile.open(join(dir, 'm', 'model.safetensors'));
     const merged = await SafetensorsFile.open(join(dir, 'merged', 'model.safetensors'));
-    assert.deepEqual([...merged.names()].sort(), inKeys);
+    assert.deepEqual([...merged.names()].sort(), [...inFile.names()].sort());
+    await inFile.close();
+    await merged.close();
     assert.equal(JSON.parse(await readFile(join(dir, 'merged', 'config.json'), 'utf8')).model_type, 'gemma3_text');
     // the merged checkpoint stores the norms as Gemma does (w, not 1 + w) and the merged linears
     const md2 = await openModelDir(join(dir, 'merged'), { warn });
