@@ -87,6 +87,15 @@ export function defaultThreadCount(): number {
   }
 }
 
+/** attention options with defaults, or a rejected NativeOpError naming the op */
+function nativeAttentionOptions(op: string, D: number, opts?: AttentionOptions): ReturnType<typeof attentionOptions> | Promise<void> {
+  try {
+    return attentionOptions(D, opts);
+  } catch (e) {
+    return Promise.reject(new NativeOpError(`${op}: ${(e as Error).message}`));
+  }
+}
+
 async function call(p: Promise<void>): Promise<void> {
   try {
     await p;
@@ -138,13 +147,15 @@ export class NativeBackend implements Backend {
   }
   attentionForward(out: Float32Array, lse: Float32Array, q: Float32Array, k: Float32Array,
     v: Float32Array, B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
-    const o = attentionOptions(D, opts);
+    const o = nativeAttentionOptions('attentionForward', D, opts);
+    if (o instanceof Promise) return o;
     return call(this.engine.attentionForward(out, lse, q, k, v, B, S, H, KV, D, o.scale, o.softcap, o.window));
   }
   attentionBackward(dq: Float32Array, dk: Float32Array, dv: Float32Array, dout: Float32Array,
     q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array,
     B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
-    const o = attentionOptions(D, opts);
+    const o = nativeAttentionOptions('attentionBackward', D, opts);
+    if (o instanceof Promise) return o;
     return call(this.engine.attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D, o.scale, o.softcap, o.window));
   }
   swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): Promise<void> {
