@@ -320,6 +320,11 @@ test('plan: Gemma-2-2B has 2,614,341,888 parameters and Gemma-3-1B 999,885,952 (
   const g2 = parseLlamaConfig(gemma2Json({ hidden_size: 2304, intermediate_size: 9216, num_hidden_layers: 26, num_attention_heads: 8, num_key_value_heads: 4, head_dim: 256, vocab_size: 256000, sliding_window: 4096, query_pre_attn_scalar: 256 }));
   // 26 × (77,856,768 linear + 4·2304 norm) + 256,000·2304 embedding + 2304 final norm
   assert.equal(baseParamCount(g2), 2_614_341_888);
+  // activations: a layer being recomputed in backward keeps o_proj's and down_proj's outputs before their norms (bf16,
+  // twice for the working set), and the soft-capped loss chunk sits beside the raw one (float32)
+  const opts = { layerStart: 0, layerEnd: 26, lora: { r: 16, targetModules: ALL }, microBatch: 1, seqLen: 512, optim: 'adamw_torch' } as const;
+  const asLlama = stageMemoryBytes({ ...g2, modelType: 'llama' }, opts).activationsBytes;
+  assert.equal(stageMemoryBytes(g2, opts).activationsBytes - asLlama, 2 * 512 * 2 * (2 * 2304) + 512 * 4096 * 4);
   const g3 = parseLlamaConfig(gemma3Json({ hidden_size: 1152, intermediate_size: 6912, num_hidden_layers: 26, num_attention_heads: 4, num_key_value_heads: 1, head_dim: 256, vocab_size: 262144, sliding_window: 512, sliding_window_pattern: 6, query_pre_attn_scalar: 256 }));
   assert.equal(baseParamCount(g3), 999_885_952);
   const m = stageMemoryBytes(g3, { layerStart: 0, layerEnd: 26, lora: { r: 16, targetModules: ALL }, microBatch: 1, seqLen: 512, optim: 'adamw_torch' });
