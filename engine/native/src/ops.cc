@@ -273,7 +273,9 @@ std::string geglu_forward(ThreadPool& pool, float* out, const float* gate, const
   parallel_rows(pool, n, 32768, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; i++) {
       float g = gate[i];
-      out[i] = 0.5f * g * (1.0f + std::tanh(kGeluC * (g + 0.044715f * g * g * g))) * up[i];
+      // 0.5·(1 + tanh(u)) = σ(2u), without the cancellation of 1 + tanh(u) near −1
+      const float u = kGeluC * (g + 0.044715f * g * g * g);
+      out[i] = g * (1.0f / (1.0f + std::exp(-2.0f * u))) * up[i];
     }
   });
   return "";
@@ -285,10 +287,12 @@ std::string geglu_backward(ThreadPool& pool, float* dgate, float* dup, const flo
   parallel_rows(pool, n, 32768, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; i++) {
       float g = gate[i], d = dout[i];
-      float th = std::tanh(kGeluC * (g + 0.044715f * g * g * g));
-      float dgelu = 0.5f * (1.0f + th) + 0.5f * g * (1.0f - th * th) * kGeluC * (1.0f + 3.0f * 0.044715f * g * g);
+      // with sp = σ(2u) = (1 + th)/2 and sn = σ(−2u) = (1 − th)/2: 1 − th² = 4·sp·sn, no cancellation near ±1
+      float u = kGeluC * (g + 0.044715f * g * g * g);
+      float sp = 1.0f / (1.0f + std::exp(-2.0f * u)), sn = 1.0f / (1.0f + std::exp(2.0f * u));
+      float dgelu = sp + 2.0f * g * sp * sn * kGeluC * (1.0f + 3.0f * 0.044715f * g * g);
       dgate[i] = d * up[i] * dgelu;
-      dup[i] = d * 0.5f * g * (1.0f + th);
+      dup[i] = d * g * sp;
     }
   });
   return "";
