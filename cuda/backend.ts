@@ -10,7 +10,8 @@
 // the context's stream; the host waits only where it reads: downloads, host-array ops). Ops with host
 // arrays run on libuv worker threads. Library failures reject with CudaError (CudaAsyncError when an
 // earlier op's kernel failed); argument mistakes throw CudaArgumentError before anything reaches the device.
-import type { Backend } from '../engine/backend.ts';
+import type { AttentionOptions, Backend } from '../engine/backend.ts';
+import { attentionOptions } from '../engine/backend.ts';
 import type { NF4Weight } from '../engine/formats/nf4.ts';
 import { isDoubleQuant } from '../engine/formats/nf4.ts';
 import type { AdamWOptions, Optimizer, ParamSpec } from '../engine/optimizer.ts';
@@ -26,6 +27,15 @@ import { CudaTensor, CudaTensors, type TensorDevice } from './tensors.ts';
 /** A float buffer as CudaBackend's ops take it: a host array or a device tensor (cuda/tensors.ts). */
 export type F32 = Float32Array | CudaTensor;
 const d = (x: F32): DevArg => (x instanceof Float32Array ? x : x.addr);
+
+/** attention's scale, soft-cap and window with their defaults; a bad one is an argument error */
+function cudaAttentionOptions(op: string, D: number, opts?: AttentionOptions): ReturnType<typeof attentionOptions> {
+  try {
+    return attentionOptions(D, opts);
+  } catch (e) {
+    throw new CudaArgumentError(`CudaBackend.${op}: ${(e as Error).message}`);
+  }
+}
 
 /** cudaErrorMemoryAllocation */
 const CUDA_ERROR_MEMORY_ALLOCATION = 2;
@@ -329,26 +339,28 @@ export class CudaBackend implements Backend {
   }
 
   async attentionForward(out: F32, lse: F32, q: F32, k: F32,
-    v: F32, B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    v: F32, B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
     this.#checkAttention('attentionForward', B, S, H, KV, D);
+    const o = cudaAttentionOptions('attentionForward', D, opts);
     const T = B * S;
     need('attentionForward', 'out', out, T * H * D); need('attentionForward', 'q', q, T * H * D);
     need('attentionForward', 'k', k, T * KV * D); need('attentionForward', 'v', v, T * KV * D);
     need('attentionForward', 'lse', lse, B * H * S);
     if (T === 0) return;
-    await this.#run('attentionForward', (n, c) => n.attentionForward(c, d(out), d(lse), d(q), d(k), d(v), B, S, H, KV, D));
+    await this.#run('attentionForward', (n, c) => n.attentionForward(c, d(out), d(lse), d(q), d(k), d(v), B, S, H, KV, D, o.scale, o.softcap, o.window));
   }
 
   async attentionBackward(dq: F32, dk: F32, dv: F32, dout: F32,
     q: F32, k: F32, v: F32, out: F32, lse: F32,
-    B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
     this.#checkAttention('attentionBackward', B, S, H, KV, D);
+    const o = cudaAttentionOptions('attentionBackward', D, opts);
     const T = B * S;
     for (const [name, a, n] of [['dq', dq, T * H * D], ['dout', dout, T * H * D], ['q', q, T * H * D],
       ['out', out, T * H * D], ['dk', dk, T * KV * D], ['dv', dv, T * KV * D], ['k', k, T * KV * D],
       ['v', v, T * KV * D], ['lse', lse, B * H * S]] as const) need('attentionBackward', name, a, n);
     if (T === 0) return;
-    await this.#run('attentionBackward', (n, c) => n.attentionBackward(c, d(dq), d(dk), d(dv), d(dout), d(q), d(k), d(v), d(out), d(lse), B, S, H, KV, D));
+    await this.#run('attentionBackward', (n, c) => n.attentionBackward(c, d(dq), d(dk), d(dv), d(dout), d(q), d(k), d(v), d(out), d(lse), B, S, H, KV, D, o.scale, o.softcap, o.window));
   }
 
   async swigluForward(out: F32, gate: F32, up: F32, n: number): Promise<void> {
@@ -366,6 +378,38 @@ export class CudaBackend implements Backend {
     }
     if (n === 0) return;
     await this.#run('swigluBackward', (nat, c) => nat.swigluBackward(c, d(dgate), d(dup), d(dout), d(gate), d(up), n));
+  }
+
+  async gegluForward(out: F32, gate: F32, up: F32, n: number): Promise<void> {
+    dims('gegluForward', { n });
+    need('gegluForward', 'out', out, n); need('gegluForward', 'gate', gate, n); need('gegluForward', 'up', up, n);
+    if (n === 0) return;
+    await this.#run('gegluForward', (nat, c) => nat.gegluForward(c, d(out), d(gate), d(up), n));
+  }
+
+  async gegluBackward(dgate: F32, dup: F32, dout: F32, gate: F32, up: F32, n: number): Promise<void> {
+    dims('gegluBackward', { n });
+    for (const [name, a] of [['dgate', dgate], ['dup', dup], ['dout', dout], ['gate', gate], ['up', up]] as const) {
+      need('gegluBackward', name, a, n);
+    }
+    if (n === 0) return;
+    await this.#run('gegluBackward', (nat, c) => nat.gegluBackward(c, d(dgate), d(dup), d(dout), d(gate), d(up), n));
+  }
+
+  async softcapForward(y: F32, x: F32, cap: number, n: number): Promise<void> {
+    dims('softcapForward', { n });
+    need('softcapForward', 'y', y, n); need('softcapForward', 'x', x, n);
+    if (!(cap > 0)) throw new CudaArgumentError(`CudaBackend.softcapForward: cap must be > 0, got ${cap}`);
+    if (n === 0) return;
+    await this.#run('softcapForward', (nat, c) => nat.softcapForward(c, d(y), d(x), cap, n));
+  }
+
+  async softcapBackward(dx: F32, dy: F32, x: F32, cap: number, n: number): Promise<void> {
+    dims('softcapBackward', { n });
+    need('softcapBackward', 'dx', dx, n); need('softcapBackward', 'dy', dy, n); need('softcapBackward', 'x', x, n);
+    if (!(cap > 0)) throw new CudaArgumentError(`CudaBackend.softcapBackward: cap must be > 0, got ${cap}`);
+    if (n === 0) return;
+    await this.#run('softcapBackward', (nat, c) => nat.softcapBackward(c, d(dx), d(dy), d(x), cap, n));
   }
 
   async embeddingForward(out: F32, ids: Int32Array, table: F32, T: number, C: number,

@@ -59,10 +59,16 @@ export interface NativeCuda {
   rope(ctx: Ctx, x: DevArg, cos: DevArg, sin: DevArg, maxPos: number, positions: Int32Array,
     T: number, nHeads: number, D: number, inverse: boolean): Promise<void>;
   attentionForward(ctx: Ctx, out: DevArg, lse: DevArg, q: DevArg, k: DevArg,
-    v: DevArg, B: number, S: number, H: number, KV: number, D: number): Promise<void>;
+    v: DevArg, B: number, S: number, H: number, KV: number, D: number, scale: number, softcap: number,
+    window: number): Promise<void>;
   attentionBackward(ctx: Ctx, dq: DevArg, dk: DevArg, dv: DevArg, dout: DevArg,
     q: DevArg, k: DevArg, v: DevArg, out: DevArg, lse: DevArg, B: number, S: number,
-    H: number, KV: number, D: number): Promise<void>;
+    H: number, KV: number, D: number, scale: number, softcap: number, window: number): Promise<void>;
+  gegluForward(ctx: Ctx, out: DevArg, gate: DevArg, up: DevArg, n: number): Promise<void>;
+  gegluBackward(ctx: Ctx, dgate: DevArg, dup: DevArg, dout: DevArg, gate: DevArg,
+    up: DevArg, n: number): Promise<void>;
+  softcapForward(ctx: Ctx, y: DevArg, x: DevArg, cap: number, n: number): Promise<void>;
+  softcapBackward(ctx: Ctx, dx: DevArg, dy: DevArg, x: DevArg, cap: number, n: number): Promise<void>;
   swigluForward(ctx: Ctx, out: DevArg, gate: DevArg, up: DevArg, n: number): Promise<void>;
   swigluBackward(ctx: Ctx, dgate: DevArg, dup: DevArg, dout: DevArg, gate: DevArg,
     up: DevArg, n: number): Promise<void>;

@@ -13,7 +13,7 @@
 // - a tensor freed while an op still uses it is released only when that op completes;
 // - a tensor dropped without free() is released when it is garbage collected (a backstop, counted in stats);
 // - dispose() releases every tensor and constant still alive; tensors used afterwards throw.
-import type { Ops, TensorBackend } from '../engine/backend.ts';
+import type { AttentionOptions, Ops, TensorBackend } from '../engine/backend.ts';
 import type { NF4Weight } from '../engine/formats/nf4.ts';
 import { CudaArgumentError } from './errors.ts';
 
@@ -328,13 +328,26 @@ export class CudaTensors implements TensorBackend<CudaTensor> {
     return this.#use('rope', { x, cos, sin }, () => this.#ops.rope(x, cos, sin, positions, T, nHeads, D, inverse));
   }
   attentionForward(out: CudaTensor, lse: CudaTensor, q: CudaTensor, k: CudaTensor, v: CudaTensor, B: number, S: number,
-    H: number, KV: number, D: number): Promise<void> {
-    return this.#use('attentionForward', { out, lse, q, k, v }, () => this.#ops.attentionForward(out, lse, q, k, v, B, S, H, KV, D));
+    H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
+    return this.#use('attentionForward', { out, lse, q, k, v }, () => this.#ops.attentionForward(out, lse, q, k, v, B, S, H, KV, D, opts));
   }
   attentionBackward(dq: CudaTensor, dk: CudaTensor, dv: CudaTensor, dout: CudaTensor, q: CudaTensor, k: CudaTensor,
-    v: CudaTensor, out: CudaTensor, lse: CudaTensor, B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    v: CudaTensor, out: CudaTensor, lse: CudaTensor, B: number, S: number, H: number, KV: number, D: number,
+    opts?: AttentionOptions): Promise<void> {
     return this.#use('attentionBackward', { dq, dk, dv, dout, q, k, v, out, lse },
-      () => this.#ops.attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D));
+      () => this.#ops.attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D, opts));
+  }
+  gegluForward(out: CudaTensor, gate: CudaTensor, up: CudaTensor, n: number): Promise<void> {
+    return this.#use('gegluForward', { out, gate, up }, () => this.#ops.gegluForward(out, gate, up, n));
+  }
+  gegluBackward(dgate: CudaTensor, dup: CudaTensor, dout: CudaTensor, gate: CudaTensor, up: CudaTensor, n: number): Promise<void> {
+    return this.#use('gegluBackward', { dgate, dup, dout, gate, up }, () => this.#ops.gegluBackward(dgate, dup, dout, gate, up, n));
+  }
+  softcapForward(y: CudaTensor, x: CudaTensor, cap: number, n: number): Promise<void> {
+    return this.#use('softcapForward', { y, x }, () => this.#ops.softcapForward(y, x, cap, n));
+  }
+  softcapBackward(dx: CudaTensor, dy: CudaTensor, x: CudaTensor, cap: number, n: number): Promise<void> {
+    return this.#use('softcapBackward', { dx, dy, x }, () => this.#ops.softcapBackward(dx, dy, x, cap, n));
   }
   swigluForward(out: CudaTensor, gate: CudaTensor, up: CudaTensor, n: number): Promise<void> {
     return this.#use('swigluForward', { out, gate, up }, () => this.#ops.swigluForward(out, gate, up, n));

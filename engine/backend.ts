@@ -43,20 +43,34 @@ export interface Ops<Buf> {
     T: number, nHeads: number, D: number, inverse: boolean): Promise<void>;
 
   /** Causal GQA attention over B sequences of length S (T = B*S).
-   *  q[T,H,D], k,v[T,KV,D] → out[T,H,D]; lse[B,H,S] (log-sum-exp of scaled scores) saved.
-   *  scale = 1/sqrt(D). Query head h uses kv head floor(h / (H/KV)). */
+   *  q[T,H,D], k,v[T,KV,D] → out[T,H,D]; lse[B,H,S] (log-sum-exp of the final scores) saved.
+   *  Scores s_ij = q_i·k_j · scale (scale = 1/sqrt(D) unless opts.scale), soft-capped to
+   *  softcap·tanh(s/softcap) when opts.softcap > 0 (Gemma-2), over keys j ≤ i with i − j < window when
+   *  opts.window > 0 (sliding-window layers). Query head h uses kv head floor(h / (H/KV)). */
   attentionForward(out: Buf, lse: Buf, q: Buf, k: Buf,
-    v: Buf, B: number, S: number, H: number, KV: number, D: number): Promise<void>;
-  /** dq, dk, dv assigned. */
+    v: Buf, B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void>;
+  /** dq, dk, dv assigned (the same opts as the forward). */
   attentionBackward(dq: Buf, dk: Buf, dv: Buf, dout: Buf,
     q: Buf, k: Buf, v: Buf, out: Buf, lse: Buf,
-    B: number, S: number, H: number, KV: number, D: number): Promise<void>;
+    B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void>;
 
   /** out[n] = silu(gate) * up */
   swigluForward(out: Buf, gate: Buf, up: Buf, n: number): Promise<void>;
   /** dgate, dup assigned */
   swigluBackward(dgate: Buf, dup: Buf, dout: Buf, gate: Buf,
     up: Buf, n: number): Promise<void>;
+
+  /** out[n] = gelu_tanh(gate) * up (Gemma's GeGLU, gelu_pytorch_tanh:
+   *  0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³)))) */
+  gegluForward(out: Buf, gate: Buf, up: Buf, n: number): Promise<void>;
+  /** dgate, dup assigned */
+  gegluBackward(dgate: Buf, dup: Buf, dout: Buf, gate: Buf,
+    up: Buf, n: number): Promise<void>;
+
+  /** y[n] = cap · tanh(x / cap) (final-logit soft-capping); y may be x (in place) */
+  softcapForward(y: Buf, x: Buf, cap: number, n: number): Promise<void>;
+  /** dx[n] = dy · (1 − tanh²(x / cap)) assigned, x the input of the forward; dx may be x or dy (in place) */
+  softcapBackward(dx: Buf, dy: Buf, x: Buf, cap: number, n: number): Promise<void>;
 
   /** out[T,C] = table[ids[t], :]  (table [V,C] float32; ids checked < V) */
   embeddingForward(out: Buf, ids: Int32Array, table: Buf, T: number, C: number,
@@ -72,6 +86,25 @@ export interface Ops<Buf> {
    *  label < 0 become 0. */
   crossEntropyChunkBackward(logits: Buf, labels: Int32Array, v0: number, T: number,
     Vc: number, lse: Buf, scale: Buf): Promise<void>;
+}
+
+/** Attention variants beyond Llama's (Gemma): absent or 0 fields mean the default. */
+export interface AttentionOptions {
+  /** score scale (default 1/sqrt(D); Gemma: query_pre_attn_scalar^-0.5) */
+  scale?: number;
+  /** > 0: scores become softcap·tanh(score/softcap) before the softmax (attn_logit_softcapping) */
+  softcap?: number;
+  /** > 0: query i sees keys j with i − window < j ≤ i (sliding_window) */
+  window?: number;
+}
+
+/** The attention options with their defaults filled in (softcap and window 0 = off). */
+export function attentionOptions(D: number, opts?: AttentionOptions): { scale: number; softcap: number; window: number } {
+  const scale = opts?.scale ?? 1 / Math.sqrt(D), softcap = opts?.softcap ?? 0, window = opts?.window ?? 0;
+  if (!(scale > 0) || !Number.isFinite(scale)) throw new RangeError(`attention: scale must be a positive finite number, got ${scale}`);
+  if (!(softcap >= 0) || !Number.isFinite(softcap)) throw new RangeError(`attention: softcap must be >= 0, got ${softcap}`);
+  if (!Number.isSafeInteger(window) || window < 0) throw new RangeError(`attention: window must be a non-negative integer, got ${window}`);
+  return { scale, softcap, window };
 }
 
 export interface Backend extends Ops<Float32Array> {
@@ -174,6 +207,10 @@ export function hostTensors(be: Backend): TensorBackend<Float32Array> {
     attentionBackward: (...a) => be.attentionBackward(...a),
     swigluForward: (...a) => be.swigluForward(...a),
     swigluBackward: (...a) => be.swigluBackward(...a),
+    gegluForward: (...a) => be.gegluForward(...a),
+    gegluBackward: (...a) => be.gegluBackward(...a),
+    softcapForward: (...a) => be.softcapForward(...a),
+    softcapBackward: (...a) => be.softcapBackward(...a),
     embeddingForward: (...a) => be.embeddingForward(...a),
     crossEntropyChunkForward: (...a) => be.crossEntropyChunkForward(...a),
     crossEntropyChunkBackward: (...a) => be.crossEntropyChunkBackward(...a),

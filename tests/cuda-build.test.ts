@@ -45,7 +45,8 @@ test('api.h declares the ops the Backend interface needs', () => {
   const api = new Set(declaredApi());
   for (const sym of ['stc_gemm', 'stc_gemm_nf4', 'stc_gemm_nf4t', 'stc_dequant_nf4', 'stc_rmsnorm_forward',
     'stc_rmsnorm_backward', 'stc_rope', 'stc_attention_forward', 'stc_attention_backward', 'stc_swiglu_forward',
-    'stc_swiglu_backward', 'stc_embedding_forward', 'stc_cross_entropy_chunk_forward',
+    'stc_swiglu_backward', 'stc_geglu_forward', 'stc_geglu_backward', 'stc_softcap_forward', 'stc_softcap_backward',
+    'stc_embedding_forward', 'stc_cross_entropy_chunk_forward',
     'stc_cross_entropy_chunk_backward', 'stc_adamw32', 'stc_adamw8bit', 'stc_paged_step', 'stc_probe',
     // device-resident NF4 weights and the NF4 benchmark
     'stc_nf4_upload', 'stc_nf4_free', 'stc_nf4_resident_bytes', 'stc_nf4_stats', 'stc_gemm_nf4_resident',

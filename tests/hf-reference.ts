@@ -42,12 +42,14 @@ export function nf4ToF64(w: NF4Weight): Float64Array {
   return out;
 }
 
-type Raw = Record<string, unknown>;
 const num = (raw: Raw, k: string, d?: number): number => {
   const v = raw[k] ?? d;
   if (typeof v !== 'number') throw new Error(`hf-reference: config has no number "${k}"`);
   return v;
 };
+
+export type Raw = Record<string, unknown>;
+export const rawNum = (raw: Raw, k: string, d?: number): number => num(raw, k, d);
 
 export interface RefLora { params: NamedTensor[]; scaling: number }
 
@@ -62,7 +64,7 @@ export interface RefInput {
   positions?: Int32Array;
 }
 
-function matmulT(x: Float64Array, T: number, W: ArrayLike<number>, out: number, inF: number): Float64Array {
+export function matmulT(x: Float64Array, T: number, W: ArrayLike<number>, out: number, inF: number): Float64Array {
   const y = new Float64Array(T * out);
   for (let t = 0; t < T; t++) {
     for (let j = 0; j < out; j++) {
@@ -74,7 +76,7 @@ function matmulT(x: Float64Array, T: number, W: ArrayLike<number>, out: number, 
   return y;
 }
 
-function rmsNorm(x: Float64Array, rows: number, n: number, w: ArrayLike<number>, eps: number): Float64Array {
+export function rmsNorm(x: Float64Array, rows: number, n: number, w: ArrayLike<number>, eps: number): Float64Array {
   const y = new Float64Array(rows * n);
   for (let r = 0; r < rows; r++) {
     let ss = 0;

@@ -304,8 +304,8 @@ test('clear errors for bad inputs', async () => {
   await assert.rejects(loadStage(wrongShape, backend, { layerStart: 0, layerEnd: 2, lora: loraCfg() }), /k_proj\.weight: expected NF4 weight \[16, 32\], got \[32, 32\]/);
   const qk: WeightSource = { ...src, config: src.config, has: (n) => n === 'model.layers.0.self_attn.q_norm.weight' || src.has(n), getFloat: src.getFloat, getNF4: src.getNF4 };
   await assert.rejects(loadStage(qk, backend, { layerStart: 0, layerEnd: 2, lora: loraCfg() }), /q_norm\.weight: per-head q\/k RMSNorm/);
-  const gemma: WeightSource = { ...src, config: { ...cfg, modelType: 'gemma2' }, has: src.has, getFloat: src.getFloat, getNF4: src.getNF4 };
-  await assert.rejects(loadStage(gemma, backend, { layerStart: 0, layerEnd: 2, lora: loraCfg() }), /model_type "gemma2"/);
+  const gemma: WeightSource = { ...src, config: { ...cfg, modelType: 'gemma' }, has: src.has, getFloat: src.getFloat, getNF4: src.getNF4 };
+  await assert.rejects(loadStage(gemma, backend, { layerStart: 0, layerEnd: 2, lora: loraCfg() }), /model_type "gemma"/);
   const st = await loadStage(src, backend, { layerStart: 0, layerEnd: 2, lora: loraCfg() });
   await assert.rejects(st.forward({ key: 'x', batch: 1, seqLen: 3, ids: new Int32Array(3) }), /needs labels/);
   // Mistral-style sliding window: fully causal attention is exact only within the window

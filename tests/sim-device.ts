@@ -6,7 +6,7 @@
 //   op that touches it throws);
 // - an op never gets the same memory as an input and an output, except where the op is in place;
 // - download copies, upload copies: host arrays never alias device buffers.
-import type { Backend, TensorBackend } from '../engine/backend.ts';
+import type { AttentionOptions, Backend, TensorBackend } from '../engine/backend.ts';
 import type { NF4Weight } from '../engine/formats/nf4.ts';
 import { hostTensors } from '../engine/backend.ts';
 
@@ -160,13 +160,31 @@ export class SimDevice implements TensorBackend<SimBuf> {
     // in place on x
     return this.run('rope', [x], [cos, sin], (o, i) => this.host.rope(o[0]!, i[0]!, i[1]!, positions, T, nHeads, D, inverse));
   }
-  attentionForward(out: SimBuf, lse: SimBuf, q: SimBuf, k: SimBuf, v: SimBuf, B: number, S: number, H: number, KV: number, D: number): Promise<void> {
-    return this.run('attentionForward', [out, lse], [q, k, v], (o, i) => this.host.attentionForward(o[0]!, o[1]!, i[0]!, i[1]!, i[2]!, B, S, H, KV, D));
+  attentionForward(out: SimBuf, lse: SimBuf, q: SimBuf, k: SimBuf, v: SimBuf, B: number, S: number, H: number, KV: number, D: number,
+    opts?: AttentionOptions): Promise<void> {
+    return this.run('attentionForward', [out, lse], [q, k, v], (o, i) => this.host.attentionForward(o[0]!, o[1]!, i[0]!, i[1]!, i[2]!, B, S, H, KV, D, opts));
   }
   attentionBackward(dq: SimBuf, dk: SimBuf, dv: SimBuf, dout: SimBuf, q: SimBuf, k: SimBuf, v: SimBuf, out: SimBuf, lse: SimBuf,
-    B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
     return this.run('attentionBackward', [dq, dk, dv], [dout, q, k, v, out, lse],
-      (o, i) => this.host.attentionBackward(o[0]!, o[1]!, o[2]!, i[0]!, i[1]!, i[2]!, i[3]!, i[4]!, i[5]!, B, S, H, KV, D));
+      (o, i) => this.host.attentionBackward(o[0]!, o[1]!, o[2]!, i[0]!, i[1]!, i[2]!, i[3]!, i[4]!, i[5]!, B, S, H, KV, D, opts));
+  }
+  gegluForward(out: SimBuf, gate: SimBuf, up: SimBuf, n: number): Promise<void> {
+    return this.run('gegluForward', [out], [gate, up], (o, i) => this.host.gegluForward(o[0]!, i[0]!, i[1]!, n));
+  }
+  gegluBackward(dgate: SimBuf, dup: SimBuf, dout: SimBuf, gate: SimBuf, up: SimBuf, n: number): Promise<void> {
+    return this.run('gegluBackward', [dgate, dup], [dout, gate, up], (o, i) => this.host.gegluBackward(o[0]!, o[1]!, i[0]!, i[1]!, i[2]!, n));
+  }
+  /** in place when y is x (the only aliasing the op allows) */
+  softcapForward(y: SimBuf, x: SimBuf, cap: number, n: number): Promise<void> {
+    if (y === x) return this.run('softcapForward', [y], [], (o) => this.host.softcapForward(o[0]!, o[0]!, cap, n));
+    return this.run('softcapForward', [y], [x], (o, i) => this.host.softcapForward(o[0]!, i[0]!, cap, n));
+  }
+  /** in place when dx is x or dy */
+  softcapBackward(dx: SimBuf, dy: SimBuf, x: SimBuf, cap: number, n: number): Promise<void> {
+    if (dx === x) return this.run('softcapBackward', [dx], [dy], (o, i) => this.host.softcapBackward(o[0]!, i[0]!, o[0]!, cap, n));
+    if (dx === dy) return this.run('softcapBackward', [dx], [x], (o, i) => this.host.softcapBackward(o[0]!, o[0]!, i[0]!, cap, n));
+    return this.run('softcapBackward', [dx], [dy, x], (o, i) => this.host.softcapBackward(o[0]!, i[0]!, i[1]!, cap, n));
   }
   swigluForward(out: SimBuf, gate: SimBuf, up: SimBuf, n: number): Promise<void> {
     return this.run('swigluForward', [out], [gate, up], (o, i) => this.host.swigluForward(o[0]!, i[0]!, i[1]!, n));

@@ -1,5 +1,5 @@
 // The families beyond Llama through a 2-stage swarm in-process (real libp2p nodes on 127.0.0.1, RefBackend):
-// the shard blobs carry each family's own tensors (Qwen3's q_norm / k_norm, Phi-3's fused linears), the volunteers rebuild the
+// the shard blobs carry each family's own tensors (Qwen3's q_norm / k_norm, Phi-3's fused linears, Gemma's four norms), the volunteers rebuild the
 // model from the config JSON on the wire, and the adapter after training equals a local loop over one
 // whole-model stage. Small model, 2 steps of 2 micro-batches: a few seconds.
 import { test, after } from 'node:test';
@@ -53,6 +53,19 @@ const FAMILIES: Record<string, Record<string, unknown>> = {
     model_type: 'phi3', vocab_size: 61, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 4, num_attention_heads: 4,
     num_key_value_heads: 2, rms_norm_eps: 1e-5, rope_theta: 10000, max_position_embeddings: 256, original_max_position_embeddings: 4,
     rope_scaling: { type: 'longrope', short_factor: [1, 1.5, 2, 3], long_factor: [1.2, 2.5, 6, 11] }, tie_word_embeddings: false,
+  },
+  // Gemma: sliding layers (window 3 < the 6-7 token rows) on both stages, soft-caps that bite, 4 norms per layer in the shards
+  gemma2: {
+    model_type: 'gemma2', vocab_size: 61, hidden_size: 32, head_dim: 16, intermediate_size: 48, num_hidden_layers: 4,
+    num_attention_heads: 4, num_key_value_heads: 2, rms_norm_eps: 1e-6, rope_theta: 10000.0, max_position_embeddings: 256,
+    hidden_activation: 'gelu_pytorch_tanh', query_pre_attn_scalar: 24, sliding_window: 3, attn_logit_softcapping: 2.0,
+    final_logit_softcapping: 5.0,
+  },
+  gemma3_text: {
+    model_type: 'gemma3_text', vocab_size: 61, hidden_size: 32, head_dim: 16, intermediate_size: 48, num_hidden_layers: 4,
+    num_attention_heads: 4, num_key_value_heads: 1, rms_norm_eps: 1e-6, rope_theta: 1000000, rope_local_base_freq: 10000,
+    max_position_embeddings: 256, hidden_activation: 'gelu_pytorch_tanh', query_pre_attn_scalar: 24, sliding_window: 3,
+    sliding_window_pattern: 2, rope_scaling: { rope_type: 'linear', factor: 8.0 },
   },
 };
 FAMILIES['phi3 packed'] = FAMILIES.phi3!;

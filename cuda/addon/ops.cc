@@ -83,7 +83,9 @@ Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
   float *out = a.f32(1), *lse = a.f32(2);
   const float *q = a.f32(3), *k = a.f32(4), *v = a.f32(5);
   int B = a.i32(6), S = a.i32(7), H = a.i32(8), KV = a.i32(9), D = a.i32(10);
-  return a.run([=] { return stc_attention_forward(c, out, lse, q, k, v, B, S, H, KV, D); });
+  float scale = (float)a.num(11), softcap = (float)a.num(12);
+  int window = a.i32(13);
+  return a.run([=] { return stc_attention_forward(c, out, lse, q, k, v, B, S, H, KV, D, scale, softcap, window); });
 }
 
 Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
@@ -92,7 +94,49 @@ Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
   float *dq = a.f32(1), *dk = a.f32(2), *dv = a.f32(3);
   const float *dout = a.f32(4), *q = a.f32(5), *k = a.f32(6), *v = a.f32(7), *out = a.f32(8), *lse = a.f32(9);
   int B = a.i32(10), S = a.i32(11), H = a.i32(12), KV = a.i32(13), D = a.i32(14);
-  return a.run([=] { return stc_attention_backward(c, dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D); });
+  float scale = (float)a.num(15), softcap = (float)a.num(16);
+  int window = a.i32(17);
+  return a.run([=] {
+    return stc_attention_backward(c, dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D, scale, softcap, window);
+  });
+}
+
+Napi::Value GegluForward(const Napi::CallbackInfo& info) {
+  Args a(info, "gegluForward");
+  stc_ctx* c = a.ctx(0);
+  float* out = a.f32(1);
+  const float *g = a.f32(2), *u = a.f32(3);
+  int64_t n = a.i64(4);
+  return a.run([=] { return stc_geglu_forward(c, out, g, u, n); });
+}
+
+Napi::Value GegluBackward(const Napi::CallbackInfo& info) {
+  Args a(info, "gegluBackward");
+  stc_ctx* c = a.ctx(0);
+  float *dg = a.f32(1), *du = a.f32(2);
+  const float *dout = a.f32(3), *g = a.f32(4), *u = a.f32(5);
+  int64_t n = a.i64(6);
+  return a.run([=] { return stc_geglu_backward(c, dg, du, dout, g, u, n); });
+}
+
+Napi::Value SoftcapForward(const Napi::CallbackInfo& info) {
+  Args a(info, "softcapForward");
+  stc_ctx* c = a.ctx(0);
+  float* y = a.f32(1);
+  const float* x = a.f32(2);
+  float cap = (float)a.num(3);
+  int64_t n = a.i64(4);
+  return a.run([=] { return stc_softcap_forward(c, y, x, cap, n); });
+}
+
+Napi::Value SoftcapBackward(const Napi::CallbackInfo& info) {
+  Args a(info, "softcapBackward");
+  stc_ctx* c = a.ctx(0);
+  float* dx = a.f32(1);
+  const float *dy = a.f32(2), *x = a.f32(3);
+  float cap = (float)a.num(4);
+  int64_t n = a.i64(5);
+  return a.run([=] { return stc_softcap_backward(c, dx, dy, x, cap, n); });
 }
 
 Napi::Value SwigluForward(const Napi::CallbackInfo& info) {
@@ -179,7 +223,8 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
       {"gemm", Gemm}, {"gemmNF4", GemmNF4}, {"gemmNF4T", GemmNF4T}, {"dequantNF4", DequantNF4},
       {"rmsnormForward", RmsnormForward}, {"rmsnormBackward", RmsnormBackward}, {"rope", Rope},
       {"attentionForward", AttentionForward}, {"attentionBackward", AttentionBackward},
-      {"swigluForward", SwigluForward}, {"swigluBackward", SwigluBackward}, {"embeddingForward", EmbeddingForward},
+      {"swigluForward", SwigluForward}, {"swigluBackward", SwigluBackward}, {"gegluForward", GegluForward},
+      {"gegluBackward", GegluBackward}, {"softcapForward", SoftcapForward}, {"softcapBackward", SoftcapBackward}, {"embeddingForward", EmbeddingForward},
       {"crossEntropyChunkForward", CeForward}, {"crossEntropyChunkBackward", CeBackward}, {"gemmGrid", GemmGrid},
       {"attentionGrid", AttentionGrid},
   };

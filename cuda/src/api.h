@@ -123,10 +123,17 @@ STC_API int stc_rmsnorm_backward(stc_ctx* ctx, float* dx, float* dw /* nullable 
 STC_API int stc_rope(stc_ctx* ctx, float* x, const float* cos_t, const float* sin_t, int max_pos,
                      const int32_t* positions, int T, int n_heads, int D, int inverse);
 STC_API int stc_attention_forward(stc_ctx* ctx, float* out, float* lse, const float* q, const float* k,
-                                  const float* v, int B, int S, int H, int KV, int D);
+                                  const float* v, int B, int S, int H, int KV, int D, float scale, float softcap,
+                                  int window);
 STC_API int stc_attention_backward(stc_ctx* ctx, float* dq, float* dk, float* dv, const float* dout,
                                    const float* q, const float* k, const float* v, const float* out,
-                                   const float* lse, int B, int S, int H, int KV, int D);
+                                   const float* lse, int B, int S, int H, int KV, int D, float scale,
+                                   float softcap, int window);
+STC_API int stc_geglu_forward(stc_ctx* ctx, float* out, const float* gate, const float* up, int64_t n);
+STC_API int stc_geglu_backward(stc_ctx* ctx, float* dgate, float* dup, const float* dout, const float* gate,
+                               const float* up, int64_t n);
+STC_API int stc_softcap_forward(stc_ctx* ctx, float* y, const float* x, float cap, int64_t n);
+STC_API int stc_softcap_backward(stc_ctx* ctx, float* dx, const float* dy, const float* x, float cap, int64_t n);
 STC_API int stc_swiglu_forward(stc_ctx* ctx, float* out, const float* gate, const float* up, int64_t n);
 STC_API int stc_swiglu_backward(stc_ctx* ctx, float* dgate, float* dup, const float* dout, const float* gate,
                                 const float* up, int64_t n);

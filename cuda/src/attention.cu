@@ -1,6 +1,9 @@
 // Causal GQA attention, flash-attention style: K/V (or Q/dO) tiles stream through shared memory and
 // the softmax is computed online, so memory stays linear in sequence length. fp32 SIMT arithmetic.
 //
+// Gemma: `scale` multiplies q·k (Llama 1/sqrt(D)), softcap > 0 caps the scores to softcap·tanh(s/softcap) before the
+// softmax, window > 0 limits query i to keys (i − window, i].
+//
 // Layout: 4 lanes cooperate on one row; lane r of a group owns head dims d = 4*i + r (interleaved
 // so the 8 groups of a warp read shared memory as 4 distinct broadcast addresses, no bank conflicts).
 #include "common.cuh"
@@ -10,6 +13,20 @@ namespace stc {
 constexpr int AT_ROWS = 32;            // query (or key) rows per block
 constexpr int AT_THREADS = AT_ROWS * 4;
 constexpr int AT_BC = 32;              // rows per streamed tile
+
+// the soft-capped score, and 1 − tanh² (the cap's derivative) in *fac
+__device__ __forceinline__ float capped(float sd, float softcap, float* fac) {
+  if (softcap > 0.0f) {
+    const float t = tanhf(sd / softcap);
+    *fac = 1.0f - t * t;
+    return softcap * t;
+  }
+  *fac = 1.0f;
+  return sd;
+}
+
+// key j visible from query i: causal and inside the window
+__device__ __forceinline__ bool visible(int i, int j, int window) { return j <= i && (window <= 0 || j > i - window); }
 
 __device__ __forceinline__ float group4_sum(float v, unsigned mask) {
   v += __shfl_xor_sync(mask, v, 1);
@@ -21,7 +38,8 @@ __device__ __forceinline__ float group4_sum(float v, unsigned mask) {
 template <int DPT>
 __global__ void __launch_bounds__(AT_THREADS)
 attn_fwd_kernel(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ q,
-                const float* __restrict__ k, const float* __restrict__ v, int S, int H, int KV, int D, float scale) {
+                const float* __restrict__ k, const float* __restrict__ v, int S, int H, int KV, int D, float scale,
+                float softcap, int window) {
   constexpr int DP = 4 * DPT;
   extern __shared__ float smem[];
   float* Ks = smem;            // (BC, DP)
@@ -65,23 +83,26 @@ attn_fwd_kernel(float* __restrict__ out, float* __restrict__ lse, const float* _
 #pragma unroll
         for (int i = 0; i < DPT; i++) sd = fmaf(qr[i], kr[4 * i + r], sd);
         sd = group4_sum(sd, gmask);
-        sc[jj] = jj < jmax ? sd : -INFINITY;
+        float fac;
+        sc[jj] = jj < jmax && visible(sq, j0 + jj, window) ? capped(sd, softcap, &fac) : -INFINITY;
         tmax = fmaxf(tmax, sc[jj]);
       }
       const float mnew = fmaxf(mrow, tmax);
-      const float corr = expf(mrow - mnew);  // 0 on the first tile (mrow = -inf)
-      l *= corr;
+      if (mnew > -INFINITY) {  // else every key of this tile lies before the row's window
+        const float corr = expf(mrow - mnew);  // 0 on the first tile (mrow = -inf)
+        l *= corr;
 #pragma unroll
-      for (int i = 0; i < DPT; i++) o[i] *= corr;
+        for (int i = 0; i < DPT; i++) o[i] *= corr;
 #pragma unroll
-      for (int jj = 0; jj < AT_BC; jj++) {
-        const float p = expf(sc[jj] - mnew);
-        l += p;
-        const float* vr = Vs + jj * DP;
+        for (int jj = 0; jj < AT_BC; jj++) {
+          const float p = expf(sc[jj] - mnew);
+          l += p;
+          const float* vr = Vs + jj * DP;
 #pragma unroll
-        for (int i = 0; i < DPT; i++) o[i] = fmaf(p, vr[4 * i + r], o[i]);
+          for (int i = 0; i < DPT; i++) o[i] = fmaf(p, vr[4 * i + r], o[i]);
+        }
+        mrow = mnew;
       }
-      mrow = mnew;
     }
     __syncthreads();
   }
@@ -117,7 +138,8 @@ template <int DPT>
 __global__ void __launch_bounds__(AT_THREADS)
 attn_bwd_dq_kernel(float* __restrict__ dq, const float* __restrict__ dout, const float* __restrict__ q,
                    const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse,
-                   const float* __restrict__ delta, int S, int H, int KV, int D, float scale) {
+                   const float* __restrict__ delta, int S, int H, int KV, int D, float scale, float softcap,
+                   int window) {
   constexpr int DP = 4 * DPT;
   extern __shared__ float smem[];
   float* Ks = smem;
@@ -167,8 +189,10 @@ attn_bwd_dq_kernel(float* __restrict__ dq, const float* __restrict__ dout, const
         }
         sd = group4_sum(sd, gmask);
         dp = group4_sum(dp, gmask);
-        const float p = jj < jmax ? expf(sd - lse_i) : 0.0f;
-        const float ds = p * (dp - delta_i);
+        float fac;
+        const float sc = capped(sd, softcap, &fac);
+        const float p = jj < jmax && visible(sq, j0 + jj, window) ? expf(sc - lse_i) : 0.0f;
+        const float ds = p * (dp - delta_i) * fac;
 #pragma unroll
         for (int i = 0; i < DPT; i++) acc[i] = fmaf(ds, kr[4 * i + r], acc[i]);
       }
@@ -191,7 +215,7 @@ __global__ void __launch_bounds__(AT_THREADS)
 attn_bwd_dkdv_kernel(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ dout,
                      const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                      const float* __restrict__ lse, const float* __restrict__ delta, int S, int H, int KV, int D,
-                     float scale) {
+                     float scale, float softcap, int window) {
   constexpr int DP = 4 * DPT;
   extern __shared__ float smem[];
   float* Qs = smem;             // (BC, DP), pre-scaled
@@ -249,9 +273,11 @@ attn_bwd_dkdv_kernel(float* __restrict__ dk, float* __restrict__ dv, const float
           }
           sd = group4_sum(sd, gmask);
           dp = group4_sum(dp, gmask);
-          const bool live = ii >= imin && ii < iend;
-          const float p = live ? expf(sd - lse_s[ii]) : 0.0f;
-          const float ds = p * (dp - delta_s[ii]);
+          const bool live = ii >= imin && ii < iend && visible(i0 + ii, sj, window);
+          float fac;
+          const float sc = capped(sd, softcap, &fac);
+          const float p = live ? expf(sc - lse_s[ii]) : 0.0f;
+          const float ds = p * (dp - delta_s[ii]) * fac;
 #pragma unroll
           for (int i = 0; i < DPT; i++) {
             dva[i] = fmaf(p, orow[4 * i + r], dva[i]);
@@ -290,11 +316,11 @@ static int prepare_smem(Kern kern, size_t bytes) {
 
 template <int DPT>
 static int attn_forward_dev(stc_ctx* ctx, float* out, float* lse, const float* q, const float* k, const float* v,
-                            int B, int S, int H, int KV, int D) {
+                            int B, int S, int H, int KV, int D, float scale, float softcap, int window) {
   const size_t smem = sizeof(float) * 2 * AT_BC * 4 * DPT;
   STC_TRY(prepare_smem(attn_fwd_kernel<DPT>, smem));
   dim3 grid((S + AT_ROWS - 1) / AT_ROWS, H, B);
-  attn_fwd_kernel<DPT><<<grid, AT_THREADS, smem, ctx->stream>>>(out, lse, q, k, v, S, H, KV, D, 1.0f / sqrtf((float)D));
+  attn_fwd_kernel<DPT><<<grid, AT_THREADS, smem, ctx->stream>>>(out, lse, q, k, v, S, H, KV, D, scale, softcap, window);
   STC_LAUNCHED(ctx->stream);
   return 0;
 }
@@ -302,17 +328,16 @@ static int attn_forward_dev(stc_ctx* ctx, float* out, float* lse, const float* q
 template <int DPT>
 static int attn_backward_dev(stc_ctx* ctx, float* dq, float* dk, float* dv, const float* dout, const float* q,
                              const float* k, const float* v, const float* lse, const float* delta, int B, int S,
-                             int H, int KV, int D) {
+                             int H, int KV, int D, float scale, float softcap, int window) {
   const size_t smem = sizeof(float) * 2 * AT_BC * 4 * DPT;
-  const float scale = 1.0f / sqrtf((float)D);
   STC_TRY(prepare_smem(attn_bwd_dq_kernel<DPT>, smem));
   STC_TRY(prepare_smem(attn_bwd_dkdv_kernel<DPT>, smem));
   const int tiles = (S + AT_ROWS - 1) / AT_ROWS;
   attn_bwd_dq_kernel<DPT><<<dim3(tiles, H, B), AT_THREADS, smem, ctx->stream>>>(dq, dout, q, k, v, lse, delta, S, H,
-                                                                                KV, D, scale);
+                                                                                KV, D, scale, softcap, window);
   STC_LAUNCHED(ctx->stream);
   attn_bwd_dkdv_kernel<DPT><<<dim3(tiles, KV, B), AT_THREADS, smem, ctx->stream>>>(dk, dv, dout, q, k, v, lse, delta,
-                                                                                   S, H, KV, D, scale);
+                                                                                   S, H, KV, D, scale, softcap, window);
   STC_LAUNCHED(ctx->stream);
   return 0;
 }
@@ -342,10 +367,11 @@ int stc_attention_grid(int B, int S, int H, int* grid_x, int* grid_y, int* grid_
 }
 
 int stc_attention_forward(stc_ctx* ctx, float* out, float* lse, const float* q, const float* k, const float* v, int B,
-                          int S, int H, int KV, int D) {
+                          int S, int H, int KV, int D, float scale, float softcap, int window) {
   ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   STC_TRY(check_attn_args("attentionForward", B, S, H, KV, D));
+  STC_REQUIRE(scale > 0 && softcap >= 0 && window >= 0, "attentionForward: bad scale=%g softcap=%g window=%d", scale, softcap, window);
   if (B == 0 || S == 0) return 0;
   const int64_t T = (int64_t)B * S;
   const size_t qb = sizeof(float) * (size_t)T * H * D, kb = sizeof(float) * (size_t)T * KV * D;
@@ -359,10 +385,10 @@ int stc_attention_forward(stc_ctx* ctx, float* out, float* lse, const float* q, 
   float *o = dO.as<float>(), *l = dL.as<float>();
   const float *qq = dQ.as<float>(), *kk = dK.as<float>(), *vv = dV.as<float>();
   switch (dims_per_thread(D)) {
-    case 8: STC_TRY(attn_forward_dev<8>(ctx, o, l, qq, kk, vv, B, S, H, KV, D)); break;
-    case 16: STC_TRY(attn_forward_dev<16>(ctx, o, l, qq, kk, vv, B, S, H, KV, D)); break;
-    case 32: STC_TRY(attn_forward_dev<32>(ctx, o, l, qq, kk, vv, B, S, H, KV, D)); break;
-    default: STC_TRY(attn_forward_dev<64>(ctx, o, l, qq, kk, vv, B, S, H, KV, D)); break;
+    case 8: STC_TRY(attn_forward_dev<8>(ctx, o, l, qq, kk, vv, B, S, H, KV, D, scale, softcap, window)); break;
+    case 16: STC_TRY(attn_forward_dev<16>(ctx, o, l, qq, kk, vv, B, S, H, KV, D, scale, softcap, window)); break;
+    case 32: STC_TRY(attn_forward_dev<32>(ctx, o, l, qq, kk, vv, B, S, H, KV, D, scale, softcap, window)); break;
+    default: STC_TRY(attn_forward_dev<64>(ctx, o, l, qq, kk, vv, B, S, H, KV, D, scale, softcap, window)); break;
   }
   STC_TRY(dO.download(out, qb));
   return dL.download(lse, lb);
@@ -370,10 +396,11 @@ int stc_attention_forward(stc_ctx* ctx, float* out, float* lse, const float* q, 
 
 int stc_attention_backward(stc_ctx* ctx, float* dq, float* dk, float* dv, const float* dout, const float* q,
                            const float* k, const float* v, const float* out, const float* lse, int B, int S, int H,
-                           int KV, int D) {
+                           int KV, int D, float scale, float softcap, int window) {
   ::stc::OpGuard stc_op_(ctx, __func__);
   STC_TRY(enter(ctx));
   STC_TRY(check_attn_args("attentionBackward", B, S, H, KV, D));
+  STC_REQUIRE(scale > 0 && softcap >= 0 && window >= 0, "attentionBackward: bad scale=%g softcap=%g window=%d", scale, softcap, window);
   if (B == 0 || S == 0) return 0;
   const int64_t T = (int64_t)B * S;
   const size_t qb = sizeof(float) * (size_t)T * H * D, kb = sizeof(float) * (size_t)T * KV * D;
@@ -397,10 +424,10 @@ int stc_attention_backward(stc_ctx* ctx, float* dq, float* dk, float* dv, const 
   const float *go = dDO.as<float>(), *qq = dQ.as<float>(), *kk = dK.as<float>(), *vv = dV.as<float>();
   const float *ll = dL.as<float>(), *de = dDelta.as<float>();
   switch (dims_per_thread(D)) {
-    case 8: STC_TRY(attn_backward_dev<8>(ctx, gq, gk, gv, go, qq, kk, vv, ll, de, B, S, H, KV, D)); break;
-    case 16: STC_TRY(attn_backward_dev<16>(ctx, gq, gk, gv, go, qq, kk, vv, ll, de, B, S, H, KV, D)); break;
-    case 32: STC_TRY(attn_backward_dev<32>(ctx, gq, gk, gv, go, qq, kk, vv, ll, de, B, S, H, KV, D)); break;
-    default: STC_TRY(attn_backward_dev<64>(ctx, gq, gk, gv, go, qq, kk, vv, ll, de, B, S, H, KV, D)); break;
+    case 8: STC_TRY(attn_backward_dev<8>(ctx, gq, gk, gv, go, qq, kk, vv, ll, de, B, S, H, KV, D, scale, softcap, window)); break;
+    case 16: STC_TRY(attn_backward_dev<16>(ctx, gq, gk, gv, go, qq, kk, vv, ll, de, B, S, H, KV, D, scale, softcap, window)); break;
+    case 32: STC_TRY(attn_backward_dev<32>(ctx, gq, gk, gv, go, qq, kk, vv, ll, de, B, S, H, KV, D, scale, softcap, window)); break;
+    default: STC_TRY(attn_backward_dev<64>(ctx, gq, gk, gv, go, qq, kk, vv, ll, de, B, S, H, KV, D, scale, softcap, window)); break;
   }
   STC_TRY(dDQ.download(dq, qb));
   STC_TRY(dDK.download(dk, kb));

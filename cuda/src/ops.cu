@@ -119,6 +119,46 @@ __global__ void swiglu_backward_kernel(float* __restrict__ dgate, float* __restr
   }
 }
 
+// Gemma's GeGLU: gelu_tanh(g) = 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))) (torch gelu(approximate="tanh"))
+constexpr float kGeluC = 0.7978845608028654f;
+
+__global__ void geglu_forward_kernel(float* __restrict__ out, const float* __restrict__ gate,
+                                     const float* __restrict__ up, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const float g = gate[i];
+    // 0.5·(1 + tanh(u)) = σ(2u), without the cancellation of 1 + tanh(u) near −1
+      const float u = kGeluC * (g + 0.044715f * g * g * g);
+      out[i] = g * (1.0f / (1.0f + expf(-2.0f * u))) * up[i];
+  }
+}
+
+__global__ void geglu_backward_kernel(float* __restrict__ dgate, float* __restrict__ dup,
+                                      const float* __restrict__ dout, const float* __restrict__ gate,
+                                      const float* __restrict__ up, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const float g = gate[i], dy = dout[i];
+    // with sp = σ(2u) = (1 + th)/2 and sn = σ(−2u) = (1 − th)/2: 1 − th² = 4·sp·sn, no cancellation near ±1
+    const float u = kGeluC * (g + 0.044715f * g * g * g);
+    const float sp = 1.0f / (1.0f + expf(-2.0f * u)), sn = 1.0f / (1.0f + expf(2.0f * u));
+    const float dgelu = sp + 2.0f * g * sp * sn * kGeluC * (1.0f + 3.0f * 0.044715f * g * g);
+    dgate[i] = dy * up[i] * dgelu;
+    dup[i] = dy * g * sp;
+  }
+}
+
+// y = cap·tanh(x/cap) (y may be x); dx = dy·(1 − tanh²(x/cap)) (dx may be x or dy)
+__global__ void softcap_forward_kernel(float* y, const float* x, float cap, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    y[i] = cap * tanhf(x[i] / cap);
+}
+
+__global__ void softcap_backward_kernel(float* dx, const float* dy, const float* x, float cap, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const float t = tanhf(x[i] / cap);
+    dx[i] = dy[i] * (1.0f - t * t);
+  }
+}
+
 // out (T, C) = table[ids[t]]; ids were range-checked on the host
 __global__ void embedding_kernel(float* __restrict__ out, const int32_t* __restrict__ ids,
                                  const float* __restrict__ table, int T, int C) {
@@ -248,6 +288,71 @@ int stc_swiglu_forward(stc_ctx* ctx, float* out, const float* gate, const float*
   swiglu_forward_kernel<<<grid1d(n), 256, 0, ctx->stream>>>(dO.as<float>(), dG.as<float>(), dU.as<float>(), n);
   STC_LAUNCHED(ctx->stream);
   return dO.download(out, b);
+}
+
+int stc_geglu_forward(stc_ctx* ctx, float* out, const float* gate, const float* up, int64_t n) {
+  OP_ENTER();
+  STC_REQUIRE(n >= 0, "gegluForward: negative n=%lld", (long long)n);
+  if (n == 0) return 0;
+  const size_t b = sizeof(float) * (size_t)n;
+  DevBuf dO, dG, dU;
+  STC_TRY(dG.upload(ctx, gate, b));
+  STC_TRY(dU.upload(ctx, up, b));
+  STC_TRY(dO.out(ctx, out, b));
+  geglu_forward_kernel<<<grid1d(n), 256, 0, ctx->stream>>>(dO.as<float>(), dG.as<float>(), dU.as<float>(), n);
+  STC_LAUNCHED(ctx->stream);
+  return dO.download(out, b);
+}
+
+int stc_geglu_backward(stc_ctx* ctx, float* dgate, float* dup, const float* dout, const float* gate, const float* up,
+                       int64_t n) {
+  OP_ENTER();
+  STC_REQUIRE(n >= 0, "gegluBackward: negative n=%lld", (long long)n);
+  if (n == 0) return 0;
+  const size_t b = sizeof(float) * (size_t)n;
+  DevBuf dDG, dDU, dDO, dG, dU;
+  STC_TRY(dDO.upload(ctx, dout, b));
+  STC_TRY(dG.upload(ctx, gate, b));
+  STC_TRY(dU.upload(ctx, up, b));
+  STC_TRY(dDG.out(ctx, dgate, b));
+  STC_TRY(dDU.out(ctx, dup, b));
+  geglu_backward_kernel<<<grid1d(n), 256, 0, ctx->stream>>>(dDG.as<float>(), dDU.as<float>(), dDO.as<float>(),
+                                                           dG.as<float>(), dU.as<float>(), n);
+  STC_LAUNCHED(ctx->stream);
+  STC_TRY(dDG.download(dgate, b));
+  return dDU.download(dup, b);
+}
+
+// in place where the caller passes the same buffer (device tensors) or the same host array
+int stc_softcap_forward(stc_ctx* ctx, float* y, const float* x, float cap, int64_t n) {
+  OP_ENTER();
+  STC_REQUIRE(n >= 0 && cap > 0, "softcapForward: bad n=%lld cap=%g", (long long)n, cap);
+  if (n == 0) return 0;
+  const size_t b = sizeof(float) * (size_t)n;
+  DevBuf dY, dX;
+  STC_TRY(dX.upload(ctx, x, b));
+  float* yy = dX.as<float>();
+  if (y != x) {
+    STC_TRY(dY.out(ctx, y, b));
+    yy = dY.as<float>();
+  }
+  softcap_forward_kernel<<<grid1d(n), 256, 0, ctx->stream>>>(yy, dX.as<float>(), cap, n);
+  STC_LAUNCHED(ctx->stream);
+  return y != x ? dY.download(y, b) : dX.download(y, b);
+}
+
+int stc_softcap_backward(stc_ctx* ctx, float* dx, const float* dy, const float* x, float cap, int64_t n) {
+  OP_ENTER();
+  STC_REQUIRE(n >= 0 && cap > 0, "softcapBackward: bad n=%lld cap=%g", (long long)n, cap);
+  if (n == 0) return 0;
+  const size_t b = sizeof(float) * (size_t)n;
+  DevBuf dDX, dDY, dX;
+  STC_TRY(dDY.upload(ctx, dy, b));
+  STC_TRY(dX.upload(ctx, x, b));
+  STC_TRY(dDX.out(ctx, dx, b));
+  softcap_backward_kernel<<<grid1d(n), 256, 0, ctx->stream>>>(dDX.as<float>(), dDY.as<float>(), dX.as<float>(), cap, n);
+  STC_LAUNCHED(ctx->stream);
+  return dDX.download(dx, b);
 }
 
 int stc_swiglu_backward(stc_ctx* ctx, float* dgate, float* dup, const float* dout, const float* gate, const float* up,

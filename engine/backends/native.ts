@@ -2,7 +2,8 @@
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
-import type { Backend } from '../backend.ts';
+import type { AttentionOptions, Backend } from '../backend.ts';
+import { attentionOptions } from '../backend.ts';
 import type { NF4Weight } from '../formats/nf4.ts';
 import { knobs } from '../env.ts';
 
@@ -30,6 +31,7 @@ interface NativeEngine {
   rmsnormForward: Op; rmsnormBackward: Op; rope: Op;
   attentionForward: Op; attentionBackward: Op;
   swigluForward: Op; swigluBackward: Op; embeddingForward: Op;
+  gegluForward: Op; gegluBackward: Op; softcapForward: Op; softcapBackward: Op;
   crossEntropyChunkForward: Op; crossEntropyChunkBackward: Op;
   dispose(): void;
 }
@@ -85,6 +87,15 @@ export function defaultThreadCount(): number {
   }
 }
 
+/** attention options with defaults, or a rejected NativeOpError naming the op */
+function nativeAttentionOptions(op: string, D: number, opts?: AttentionOptions): ReturnType<typeof attentionOptions> | Promise<void> {
+  try {
+    return attentionOptions(D, opts);
+  } catch (e) {
+    return Promise.reject(new NativeOpError(`${op}: ${(e as Error).message}`));
+  }
+}
+
 async function call(p: Promise<void>): Promise<void> {
   try {
     await p;
@@ -135,13 +146,17 @@ export class NativeBackend implements Backend {
     return call(this.engine.rope(x, cos, sin, positions, T, nHeads, D, inverse));
   }
   attentionForward(out: Float32Array, lse: Float32Array, q: Float32Array, k: Float32Array,
-    v: Float32Array, B: number, S: number, H: number, KV: number, D: number): Promise<void> {
-    return call(this.engine.attentionForward(out, lse, q, k, v, B, S, H, KV, D));
+    v: Float32Array, B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
+    const o = nativeAttentionOptions('attentionForward', D, opts);
+    if (o instanceof Promise) return o;
+    return call(this.engine.attentionForward(out, lse, q, k, v, B, S, H, KV, D, o.scale, o.softcap, o.window));
   }
   attentionBackward(dq: Float32Array, dk: Float32Array, dv: Float32Array, dout: Float32Array,
     q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array,
-    B: number, S: number, H: number, KV: number, D: number): Promise<void> {
-    return call(this.engine.attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D));
+    B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
+    const o = nativeAttentionOptions('attentionBackward', D, opts);
+    if (o instanceof Promise) return o;
+    return call(this.engine.attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D, o.scale, o.softcap, o.window));
   }
   swigluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): Promise<void> {
     return call(this.engine.swigluForward(out, gate, up, n));
@@ -149,6 +164,19 @@ export class NativeBackend implements Backend {
   swigluBackward(dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array,
     up: Float32Array, n: number): Promise<void> {
     return call(this.engine.swigluBackward(dgate, dup, dout, gate, up, n));
+  }
+  gegluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): Promise<void> {
+    return call(this.engine.gegluForward(out, gate, up, n));
+  }
+  gegluBackward(dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array,
+    up: Float32Array, n: number): Promise<void> {
+    return call(this.engine.gegluBackward(dgate, dup, dout, gate, up, n));
+  }
+  softcapForward(y: Float32Array, x: Float32Array, cap: number, n: number): Promise<void> {
+    return call(this.engine.softcapForward(y, x, cap, n));
+  }
+  softcapBackward(dx: Float32Array, dy: Float32Array, x: Float32Array, cap: number, n: number): Promise<void> {
+    return call(this.engine.softcapBackward(dx, dy, x, cap, n));
   }
   embeddingForward(out: Float32Array, ids: Int32Array, table: Float32Array, T: number, C: number,
     V: number): Promise<void> {

@@ -3,7 +3,8 @@
 // Every op accumulates in float64 and writes float32 outputs once at the end, so its own rounding error
 // is at most half an ulp of float32 per output. Speed is irrelevant here; readability is the point.
 // Buffers may be longer than the op needs (callers reuse scratch buffers); shorter is an error.
-import type { Backend } from '../backend.ts';
+import type { AttentionOptions, Backend } from '../backend.ts';
+import { attentionOptions } from '../backend.ts';
 import type { NF4Weight } from '../formats/nf4.ts';
 import { checkNF4Absmax, isDoubleQuant } from '../formats/nf4.ts';
 
@@ -15,6 +16,9 @@ export const NF4_CODES: readonly number[] = Object.freeze([
   0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
   0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ]);
+
+/** √(2/π), the constant of the tanh-approximated GELU (torch gelu(approximate="tanh")) */
+const GELU_C = Math.sqrt(2 / Math.PI);
 
 /** An op was called with arguments that do not fit its contract (lengths vs dims, ids, blocksize). */
 export class RefOpError extends Error {
@@ -100,27 +104,40 @@ export function gemmRef(transA: boolean, transB: boolean, M: number, N: number, 
 
 /** Causal GQA attention forward in float64 for one (b, h): fills P (S×S, lower triangle) and returns
  *  per-row lse; shared by forward and backward so both use the same probabilities. */
-function attentionProbs(P: Float64Array, lse: Float64Array, q: Float32Array, k: Float32Array,
-  b: number, h: number, S: number, H: number, KV: number, D: number): void {
-  const scale = 1 / Math.sqrt(D);
+/** P (S, S): row i the softmax over keys [lo_i, i] of one (b, h) (0 elsewhere), lse its log-sum-exp; F (S, S)
+ *  the soft-cap's derivative 1 − tanh²(s/cap) per score (1 without a cap), all float64. */
+function attentionProbs(P: Float64Array, lse: Float64Array, F: Float64Array, q: Float32Array, k: Float32Array,
+  b: number, h: number, S: number, H: number, KV: number, D: number, o: AttnOpts): void {
   const kvh = Math.floor(h / (H / KV));
+  P.fill(0);
   for (let i = 0; i < S; i++) {
     const qo = ((b * S + i) * H + h) * D;
+    const lo = o.window > 0 ? Math.max(0, i - o.window + 1) : 0;
     let max = -Infinity;
-    for (let j = 0; j <= i; j++) {
+    for (let j = lo; j <= i; j++) {
       const ko = ((b * S + j) * KV + kvh) * D;
       let dot = 0;
       for (let d = 0; d < D; d++) dot += q[qo + d] * k[ko + d];
-      P[i * S + j] = dot * scale;
-      if (P[i * S + j] > max) max = P[i * S + j];
+      let sc = dot * o.scale;
+      if (o.softcap > 0) {
+        const th = Math.tanh(sc / o.softcap);
+        sc = o.softcap * th;
+        F[i * S + j] = 1 - th * th;
+      } else {
+        F[i * S + j] = 1;
+      }
+      P[i * S + j] = sc;
+      if (sc > max) max = sc;
     }
     let sum = 0;
-    for (let j = 0; j <= i; j++) sum += Math.exp(P[i * S + j] - max);
+    for (let j = lo; j <= i; j++) sum += Math.exp(P[i * S + j] - max);
     const l = max + Math.log(sum);
     lse[i] = l;
-    for (let j = 0; j <= i; j++) P[i * S + j] = Math.exp(P[i * S + j] - l);
+    for (let j = lo; j <= i; j++) P[i * S + j] = Math.exp(P[i * S + j] - l);
   }
 }
+
+type AttnOpts = ReturnType<typeof attentionOptions>;
 
 export class RefBackend implements Backend {
   readonly name = 'ref';
@@ -226,8 +243,10 @@ export class RefBackend implements Backend {
   }
 
   async attentionForward(out: Float32Array, lse: Float32Array, q: Float32Array, k: Float32Array,
-    v: Float32Array, B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    v: Float32Array, B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
     this.checkAttention('attentionForward', B, S, H, KV, D);
+    const o = attentionOptions(D, opts);
+    const F = new Float64Array(S * S);
     const T = B * S;
     need('attentionForward', 'out', out, T * H * D); need('attentionForward', 'q', q, T * H * D);
     need('attentionForward', 'k', k, T * KV * D); need('attentionForward', 'v', v, T * KV * D);
@@ -237,7 +256,7 @@ export class RefBackend implements Backend {
     const kvGroup = H / KV;
     for (let b = 0; b < B; b++) {
       for (let h = 0; h < H; h++) {
-        attentionProbs(P, rowLse, q, k, b, h, S, H, KV, D);
+        attentionProbs(P, rowLse, F, q, k, b, h, S, H, KV, D, o);
         const kvh = Math.floor(h / kvGroup);
         for (let i = 0; i < S; i++) {
           const oo = ((b * S + i) * H + h) * D;
@@ -256,13 +275,15 @@ export class RefBackend implements Backend {
    *  and `lse` are only length-checked, so the reference does not inherit a fast backend's rounding. */
   async attentionBackward(dq: Float32Array, dk: Float32Array, dv: Float32Array, dout: Float32Array,
     q: Float32Array, k: Float32Array, v: Float32Array, out: Float32Array, lse: Float32Array,
-    B: number, S: number, H: number, KV: number, D: number): Promise<void> {
+    B: number, S: number, H: number, KV: number, D: number, opts?: AttentionOptions): Promise<void> {
     this.checkAttention('attentionBackward', B, S, H, KV, D);
+    const o = attentionOptions(D, opts);
+    const F = new Float64Array(S * S);
     const T = B * S;
     for (const [name, a, n] of [['dq', dq, T * H * D], ['dout', dout, T * H * D], ['q', q, T * H * D],
       ['out', out, T * H * D], ['dk', dk, T * KV * D], ['dv', dv, T * KV * D], ['k', k, T * KV * D],
       ['v', v, T * KV * D], ['lse', lse, B * H * S]] as const) need('attentionBackward', name, a, n);
-    const scale = 1 / Math.sqrt(D);
+    const scale = o.scale;
     const kvGroup = H / KV;
     const P = new Float64Array(S * S);
     const rowLse = new Float64Array(S);
@@ -272,23 +293,24 @@ export class RefBackend implements Backend {
     const dvAcc = new Float64Array(T * KV * D);
     for (let b = 0; b < B; b++) {
       for (let h = 0; h < H; h++) {
-        attentionProbs(P, rowLse, q, k, b, h, S, H, KV, D);
+        attentionProbs(P, rowLse, F, q, k, b, h, S, H, KV, D, o);
         const kvh = Math.floor(h / kvGroup);
         for (let i = 0; i < S; i++) {
           const qo = ((b * S + i) * H + h) * D;
-          // dP_ij = dout_i·v_j;  dS_ij = P_ij (dP_ij − Σ_l P_il dP_il)
+          // dP_ij = dout_i·v_j;  dS_ij = P_ij (dP_ij − Σ_l P_il dP_il), times the cap's derivative F_ij
+          const lo = o.window > 0 ? Math.max(0, i - o.window + 1) : 0;
           let rowDot = 0;
-          for (let j = 0; j <= i; j++) {
+          for (let j = lo; j <= i; j++) {
             const vo = ((b * S + j) * KV + kvh) * D;
             let acc = 0;
             for (let d = 0; d < D; d++) acc += dout[qo + d] * v[vo + d];
             dP[j] = acc;
             rowDot += P[i * S + j] * acc;
           }
-          for (let j = 0; j <= i; j++) {
+          for (let j = lo; j <= i; j++) {
             const ko = ((b * S + j) * KV + kvh) * D;
             const p = P[i * S + j];
-            const dS = p * (dP[j] - rowDot) * scale;
+            const dS = p * (dP[j] - rowDot) * F[i * S + j] * scale;
             for (let d = 0; d < D; d++) {
               dqAcc[qo + d] += dS * k[ko + d];
               dkAcc[ko + d] += dS * q[qo + d];
@@ -322,6 +344,48 @@ export class RefBackend implements Backend {
       // d silu/dg = σ(g)·(1 + g·(1 − σ(g)))
       dgate[i] = dout[i] * up[i] * sig * (1 + g * (1 - sig));
       dup[i] = dout[i] * g * sig;
+    }
+  }
+
+  async gegluForward(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): Promise<void> {
+    dims('gegluForward', { n });
+    need('gegluForward', 'out', out, n); need('gegluForward', 'gate', gate, n); need('gegluForward', 'up', up, n);
+    for (let i = 0; i < n; i++) {
+      const g = gate[i];
+      out[i] = 0.5 * g * (1 + Math.tanh(GELU_C * (g + 0.044715 * g * g * g))) * up[i];
+    }
+  }
+
+  async gegluBackward(dgate: Float32Array, dup: Float32Array, dout: Float32Array, gate: Float32Array,
+    up: Float32Array, n: number): Promise<void> {
+    dims('gegluBackward', { n });
+    for (const [name, a] of [['dgate', dgate], ['dup', dup], ['dout', dout], ['gate', gate], ['up', up]] as const) {
+      need('gegluBackward', name, a, n);
+    }
+    for (let i = 0; i < n; i++) {
+      const g = gate[i];
+      const th = Math.tanh(GELU_C * (g + 0.044715 * g * g * g));
+      // d/dg 0.5·g·(1 + th) = 0.5·(1 + th) + 0.5·g·(1 − th²)·c·(1 + 3·0.044715·g²)
+      const dgelu = 0.5 * (1 + th) + 0.5 * g * (1 - th * th) * GELU_C * (1 + 3 * 0.044715 * g * g);
+      dgate[i] = dout[i] * up[i] * dgelu;
+      dup[i] = dout[i] * 0.5 * g * (1 + th);
+    }
+  }
+
+  async softcapForward(y: Float32Array, x: Float32Array, cap: number, n: number): Promise<void> {
+    dims('softcapForward', { n });
+    need('softcapForward', 'y', y, n); need('softcapForward', 'x', x, n);
+    if (!(cap > 0)) throw new RefOpError(`RefBackend.softcapForward: cap must be > 0, got ${cap}`);
+    for (let i = 0; i < n; i++) y[i] = cap * Math.tanh(x[i] / cap);
+  }
+
+  async softcapBackward(dx: Float32Array, dy: Float32Array, x: Float32Array, cap: number, n: number): Promise<void> {
+    dims('softcapBackward', { n });
+    need('softcapBackward', 'dx', dx, n); need('softcapBackward', 'dy', dy, n); need('softcapBackward', 'x', x, n);
+    if (!(cap > 0)) throw new RefOpError(`RefBackend.softcapBackward: cap must be > 0, got ${cap}`);
+    for (let i = 0; i < n; i++) {
+      const th = Math.tanh(x[i] / cap);
+      dx[i] = dy[i] * (1 - th * th);
     }
   }
 

@@ -1,7 +1,8 @@
-// Hugging Face config.json → LlamaConfig (Llama 2/3/3.1/3.2, TinyLlama, Mistral, Qwen2, Qwen3, Phi-3), and writing config.json back.
+// Hugging Face config.json → LlamaConfig (Llama 2/3/3.1/3.2, TinyLlama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3 text), and writing config.json back.
 import { readFile, writeFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { LlamaConfig } from '../types.ts';
+import { gemmaSpec } from '../model/gemma.ts';
 import { pyJsonDumps } from './pyjson.ts';
 import { checkQuantizationConfig, checkQuantConfigFiles } from './quant-config.ts';
 
@@ -9,11 +10,12 @@ export class ConfigError extends Error {
   override readonly name = 'ConfigError';
 }
 
-const SUPPORTED_MODEL_TYPES = new Set(['llama', 'mistral', 'qwen2', 'qwen3', 'phi3']);
+const SUPPORTED_MODEL_TYPES = new Set(['llama', 'mistral', 'qwen2', 'qwen3', 'phi3', 'gemma2', 'gemma3_text']);
+const GEMMA_TYPES = new Set(['gemma2', 'gemma3_text']);
 
 /** Families transformers has that this engine does not implement yet, with what differs (so the refusal says why). */
 const REFUSED_MODEL_TYPES: Record<string, string> = {
-  gemma: 'Gemma', gemma2: 'Gemma-2', gemma3: 'Gemma-3 (multimodal)', gemma3_text: 'Gemma-3',
+  gemma: 'Gemma', gemma3: 'Gemma-3 (multimodal)',
 };
 const SUPPORTED_ROPE_TYPES = new Set(['default', 'llama3', 'linear', 'dynamic', 'longrope']);
 
@@ -24,6 +26,8 @@ const DEFAULTS: Record<string, { rmsNormEps: number; ropeTheta: number; maxPosit
   qwen2: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPositionEmbeddings: 32768, tieWordEmbeddings: false },
   qwen3: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPositionEmbeddings: 32768, tieWordEmbeddings: false },
   phi3: { rmsNormEps: 1e-5, ropeTheta: 10000, maxPositionEmbeddings: 4096, tieWordEmbeddings: false },
+  gemma2: { rmsNormEps: 1e-6, ropeTheta: 10000, maxPositionEmbeddings: 8192, tieWordEmbeddings: true },
+  gemma3_text: { rmsNormEps: 1e-6, ropeTheta: 1_000_000, maxPositionEmbeddings: 131072, tieWordEmbeddings: true },
 };
 
 /** Parse and validate an HF config.json object. `source` (a path) prefixes every error message. */
@@ -68,8 +72,15 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
   }
   const d = DEFAULTS[modelType];
 
-  const hiddenAct = raw.hidden_act ?? 'silu';
-  if (hiddenAct !== 'silu') bad('hidden_act', '"silu" (SwiGLU MLP)', hiddenAct);
+  const gemma = GEMMA_TYPES.has(modelType);
+  if (gemma) {
+    // Gemma's MLP reads hidden_activation (GeGLU); its configs also carry hidden_act, which modeling ignores
+    const act = raw.hidden_activation ?? 'gelu_pytorch_tanh';
+    if (act !== 'gelu_pytorch_tanh') bad('hidden_activation', '"gelu_pytorch_tanh" (GeGLU with the tanh GELU)', act);
+  } else {
+    const hiddenAct = raw.hidden_act ?? 'silu';
+    if (hiddenAct !== 'silu') bad('hidden_act', '"silu" (SwiGLU MLP)', hiddenAct);
+  }
 
   const vocabSize = posInt('vocab_size');
   const hiddenSize = posInt('hidden_size');
@@ -85,6 +96,8 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
     headDim = posInt('head_dim');
   } else if (modelType === 'qwen3') {
     headDim = 128; // Qwen3Config's default: head_dim is explicit, not hidden_size / heads
+  } else if (gemma) {
+    headDim = 256; // Gemma2Config / Gemma3TextConfig default
   } else {
     if (hiddenSize % numAttentionHeads !== 0) {
       throw new ConfigError(`${source}: "hidden_size" (${hiddenSize}) is not divisible by "num_attention_heads" (${numAttentionHeads}) and no "head_dim" is given`);
@@ -108,7 +121,13 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
     throw new ConfigError(`${source}: "use_sliding_window": true is not supported (attention is full causal); set it to false`);
   }
   const layerTypes = raw.layer_types;
-  if (Array.isArray(layerTypes) && layerTypes.some((t) => t !== 'full_attention')) {
+  if (gemma) {
+    if (layerTypes !== undefined && layerTypes !== null) {
+      if (!Array.isArray(layerTypes) || layerTypes.length !== numHiddenLayers || layerTypes.some((t) => t !== 'full_attention' && t !== 'sliding_attention')) {
+        bad('layer_types', `a list of ${numHiddenLayers} "full_attention" / "sliding_attention" entries`, layerTypes);
+      }
+    }
+  } else if (Array.isArray(layerTypes) && layerTypes.some((t) => t !== 'full_attention')) {
     throw new ConfigError(`${source}: "layer_types" has ${JSON.stringify([...new Set(layerTypes.filter((t) => t !== 'full_attention'))])} layers; only full_attention is supported`);
   }
 
@@ -121,9 +140,10 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
   if (rp !== undefined && rp !== null) {
     if (typeof rp !== 'object' || Array.isArray(rp)) bad('rope_parameters', 'an object');
     let params = rp as Record<string, unknown>;
-    // per-layer-type form {"full_attention": {...}}: all our layers are full attention
+    // per-layer-type form {"full_attention": {...}}: all our layers are full attention (Gemma also has
+    // "sliding_attention", its local rope, read by engine/model/gemma.ts)
     if (params.rope_type === undefined && params.rope_theta === undefined && typeof params.full_attention === 'object' && params.full_attention !== null) {
-      const other = Object.keys(params).filter((k) => k !== 'full_attention');
+      const other = Object.keys(params).filter((k) => k !== 'full_attention' && !(gemma && k === 'sliding_attention'));
       if (other.length) throw new ConfigError(`${source}: "rope_parameters" has layer types ${JSON.stringify(other)}; only full_attention is supported`);
       params = params.full_attention as Record<string, unknown>;
     }
@@ -174,11 +194,19 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
     eosTokenId = optId('eos_token_id');
   }
 
-  return {
+  const config: LlamaConfig = {
     modelType, vocabSize, hiddenSize, intermediateSize, numHiddenLayers, numAttentionHeads, numKeyValueHeads,
     headDim, rmsNormEps, ropeTheta, ropeScaling, maxPositionEmbeddings, tieWordEmbeddings, attentionBias, mlpBias,
     bosTokenId: optId('bos_token_id'), eosTokenId, padTokenId: optId('pad_token_id'), raw,
   };
+  if (gemma) {
+    try {
+      gemmaSpec(config, source);
+    } catch (e) {
+      throw new ConfigError((e as Error).message);
+    }
+  }
+  return config;
 }
 
 /** Phi-3 settings whose math this engine does not reproduce: refused with the key named. */
@@ -274,6 +302,7 @@ export function ropeInvFreq(cfg: LlamaConfig): Float64Array {
 export const CONFIG_FLOAT_KEYS: ReadonlySet<string> = new Set([
   'rms_norm_eps', 'rope_theta', 'initializer_range', 'attention_dropout', 'factor', 'low_freq_factor',
   'high_freq_factor', 'llm_int8_threshold', 'partial_rotary_factor', 'mlp_dropout', 'hidden_dropout',
+  'final_logit_softcapping', 'attn_logit_softcapping', 'rope_local_base_freq',
 ]);
 
 /** config.json text as transformers writes it (indent 2, sorted keys, trailing newline). */

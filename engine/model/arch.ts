@@ -10,9 +10,14 @@ export interface LayerFloatTensor {
   length: number;
 }
 
-/** Qwen3: RMSNorm over each head's head_dim on q and k, after the projection and before RoPE. */
+/** Qwen3 (and Gemma-3, with (1 + w)): RMSNorm over each head's head_dim on q and k, after the projection and before RoPE. */
 export function hasQkNorm(cfg: Pick<LlamaConfig, 'modelType'>): boolean {
-  return cfg.modelType === 'qwen3';
+  return cfg.modelType === 'qwen3' || cfg.modelType === 'gemma3_text';
+}
+
+/** Gemma-2/3: a norm after attention and one before and after the MLP (4 per layer) */
+export function hasGemmaNorms(cfg: Pick<LlamaConfig, 'modelType'>): boolean {
+  return cfg.modelType === 'gemma2' || cfg.modelType === 'gemma3_text';
 }
 
 /** Phi-3: q, k, v in one qkv_proj and gate, up in one gate_up_proj (PEFT targets the fused modules). */
@@ -60,6 +65,7 @@ export function layerFloatTensors(cfg: LlamaConfig): LayerFloatTensor[] {
     { suffix: 'input_layernorm', length: C },
     { suffix: 'post_attention_layernorm', length: C },
   ];
+  if (hasGemmaNorms(cfg)) out.push({ suffix: 'pre_feedforward_layernorm', length: C }, { suffix: 'post_feedforward_layernorm', length: C });
   if (hasQkNorm(cfg)) out.push({ suffix: 'self_attn.q_norm', length: D }, { suffix: 'self_attn.k_norm', length: D });
   return out;
 }
@@ -73,4 +79,5 @@ export function layerFloatName(layer: number, t: LayerFloatTensor): string {
 export const MODEL_CLASS: Readonly<Record<string, string>> = {
   llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM', qwen3: 'Qwen3ForCausalLM',
   phi3: 'Phi3ForCausalLM',
+  gemma2: 'Gemma2ForCausalLM', gemma3_text: 'Gemma3ForCausalLM',
 };

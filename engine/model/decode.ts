@@ -1,6 +1,7 @@
 // Inference over a stage that holds the whole model: full logits (eval, tests) and KV-cache decoding
 // (generate), on the stage's own weights and TensorBackend.
-import type { Backend, TensorBackend } from '../backend.ts';
+import type { AttentionOptions, Backend, TensorBackend } from '../backend.ts';
+import { attentionOptions } from '../backend.ts';
 import type { LlamaConfig, NamedTensor } from '../types.ts';
 import type { LossHead } from './head.ts';
 import { freeLayerActs, trainingPositions } from './layer.ts';
@@ -55,38 +56,41 @@ class KVCache {
           k.set(kNew, cache.pos * kvDim);
           v.set(vNew, cache.pos * kvDim);
         },
-        attend(out, q, T) { cachedAttention(out, q, k, v, cache.pos, T, H, KV, D); },
+        attend(out, q, T, opts) { cachedAttention(out, q, k, v, cache.pos, T, H, KV, D, opts); },
       };
     });
   }
 }
 
-/** Decode attention for T new tokens at cache positions [pos, pos+T) against cache rows [0, pos+t].
+/** Decode attention for T new tokens at cache positions [pos, pos+T) against cache rows [0, pos+t] (the last
+ *  `window` of them with a sliding window), scores scaled and soft-capped as the layer's options say.
  *  out (T, H*D) assigned; q (T, H*D) post-rope; caches (maxLen, KV*D). */
 function cachedAttention(out: Float32Array, q: Float32Array, kc: Float32Array, vc: Float32Array, pos: number,
-  T: number, H: number, KV: number, D: number): void {
-  const scale = 1 / Math.sqrt(D);
+  T: number, H: number, KV: number, D: number, opts?: AttentionOptions): void {
+  const { scale, softcap, window } = attentionOptions(D, opts);
   const group = H / KV;
   const kvDim = KV * D;
   const scores = new Float64Array(pos + T);
   const acc = new Float64Array(D);
   for (let t = 0; t < T; t++) {
     const n = pos + t + 1;
+    const lo = window > 0 ? Math.max(0, n - window) : 0;
     for (let h = 0; h < H; h++) {
       const kvh = Math.floor(h / group);
       const qo = (t * H + h) * D;
       let mx = -Infinity;
-      for (let j = 0; j < n; j++) {
+      for (let j = lo; j < n; j++) {
         const ko = j * kvDim + kvh * D;
         let d = 0;
         for (let e = 0; e < D; e++) d += q[qo + e] * kc[ko + e];
         d *= scale;
+        if (softcap > 0) d = softcap * Math.tanh(d / softcap);
         scores[j] = d;
         if (d > mx) mx = d;
       }
       let sum = 0;
       acc.fill(0);
-      for (let j = 0; j < n; j++) {
+      for (let j = lo; j < n; j++) {
         const w = Math.exp(scores[j] - mx);
         sum += w;
         const vo = j * kvDim + kvh * D;

@@ -10,12 +10,15 @@ export class LossHead {
   private readonly lmHead: VocabMatrix;     // (V, C)
   /** vocabulary rows per cross-entropy chunk */
   private readonly lossChunk: number;
+  /** Gemma's final_logit_softcapping: logits become cap·tanh(logits/cap); 0 = none */
+  private readonly softcap: number;
 
-  constructor(config: LlamaConfig, finalNorm: Float32Array, lmHead: VocabMatrix, lossChunk: number) {
+  constructor(config: LlamaConfig, finalNorm: Float32Array, lmHead: VocabMatrix, lossChunk: number, softcap = 0) {
     this.config = config;
     this.finalNorm = finalNorm;
     this.lmHead = lmHead;
     this.lossChunk = lossChunk;
+    this.softcap = softcap;
   }
 
   /** Sum of token cross-entropies of x (T, C) against labels (T) (label < 0 ignored) and their count;
@@ -31,6 +34,7 @@ export class LossHead {
     let m: Float32Array, s: Float32Array, picked: Float32Array;
     try {
       for await (const { v0, Vc, lc } of this.chunks(t, x, h, rstd, logits, T)) {
+        if (this.softcap > 0) await t.softcapForward(lc, lc, this.softcap, T * Vc);
         await t.crossEntropyChunkForward(lc, labels, v0, T, Vc, mB, sB, pickedB);
       }
       m = await t.download(mB);
@@ -63,10 +67,18 @@ export class LossHead {
     const scale = await t.upload(scaleH), lseB = await t.upload(lse); // (T), (T)
     const dh = t.alloc(T * C); // (T, C)
     const logits = t.alloc(T * chunk); // (T, chunk), overwritten by its gradient
+    const capped = this.softcap > 0 ? t.alloc(T * chunk) : null; // (T, chunk) soft-capped logits, then their gradient
     const dx = t.alloc(T * C); // (T, C)
     try {
       for await (const { v0, Vc, lc, W } of this.chunks(t, x, h, rstd, logits, T)) {
-        await t.crossEntropyChunkBackward(lc, labels, v0, T, Vc, lseB, scale);
+        if (capped) {
+          const cc = t.slice(capped, 0, T * Vc);
+          await t.softcapForward(cc, lc, this.softcap, T * Vc);
+          await t.crossEntropyChunkBackward(cc, labels, v0, T, Vc, lseB, scale);
+          await t.softcapBackward(lc, cc, lc, this.softcap, T * Vc);
+        } else {
+          await t.crossEntropyChunkBackward(lc, labels, v0, T, Vc, lseB, scale);
+        }
         await t.gemm(false, false, T, C, Vc, 1, lc, W, 1, dh);
       }
       await t.rmsnormBackward(dx, null, dh, x, await t.constant(this.finalNorm), rstd, T, C);
@@ -75,7 +87,7 @@ export class LossHead {
       t.free(dx);
       throw e;
     } finally {
-      for (const b of [h, rstd, scale, lseB, dh, logits]) t.free(b);
+      for (const b of [h, rstd, scale, lseB, dh, logits, capped]) t.free(b);
     }
   }
 
@@ -88,6 +100,7 @@ export class LossHead {
     try {
       await t.rmsnormForward(h, rstd, x, await t.constant(this.finalNorm), T, C, this.config.rmsNormEps);
       await t.gemm(false, true, T, V, C, 1, h, await t.constant(this.lmHead.allF32()), 0, logits);
+      if (this.softcap > 0) await t.softcapForward(logits, logits, this.softcap, T * V);
       return await t.download(logits);
     } finally {
       t.free(h);

@@ -2,12 +2,14 @@
 //
 //   h1 = rmsnorm(x); q,k,v = proj(h1); [Qwen3: q,k = rmsnorm per head]; rope(q,k); att = attention(q,k,v)
 //   x2 = x + o_proj(att); h2 = rmsnorm(x2); out = x2 + down(silu(gate(h2)) * up(h2))
+//   Gemma (engine/model/gemma.ts): x2 = x + rmsnorm(o_proj(att)); out = x2 + rmsnorm(down(gelu_tanh(gate(h2)) * up(h2))),
+//   attention with its scale, soft-cap and sliding window; its (1 + w) norm weights arrive as plain weights
 //
 // Forward is the one function used both by the first forward and by the checkpoint recompute in backward,
 // so gradients are bit-identical with checkpointing on or off. Buffers belong to the stage's TensorBackend
 // (host arrays on CPU, device memory on a GPU); T = tokens, C = hidden, H/KV = query/key-value heads,
 // D = head dim, I = intermediate size.
-import type { TensorBackend } from '../backend.ts';
+import type { AttentionOptions, TensorBackend } from '../backend.ts';
 import type { LayerLinear, LlamaConfig } from '../types.ts';
 import { freeLinearSaved } from './lora.ts';
 import type { LinearContext, LinearSaved, LoraLinear, PassParams } from './lora.ts';
@@ -39,11 +41,17 @@ export interface LayerActs<Buf> {
   att: Buf;    // (T, H*D)
   lse: Buf;    // (B, H, S)
   x2: Buf;     // (T, C)
+  /** Gemma: o_proj's output before post_attention_layernorm and that norm's rstd; null elsewhere */
+  attnOut: Buf | null; // (T, C)
+  rstdA: Buf | null;   // (T)
+  /** Gemma: down_proj's output before post_feedforward_layernorm and that norm's rstd; null elsewhere */
+  mlpOut: Buf | null;  // (T, C)
+  rstdF: Buf | null;   // (T)
   h2: Buf;     // (T, C)
   rstd2: Buf;  // (T)
   gate: Buf;   // (T, I)
   up: Buf;     // (T, I)
-  act: Buf;    // (T, I) silu(gate)*up
+  act: Buf;    // (T, I) silu(gate)*up (Gemma: gelu_tanh(gate)*up)
   lin: Record<LayerLinear, LinearSaved<Buf>>;
 }
 
@@ -53,15 +61,20 @@ export interface LayerCache {
   readonly pos: number;
   /** keep this pass's post-rope k and v (T, KV*D) as cache rows [pos, pos + T) */
   store(k: Float32Array, v: Float32Array): void;
-  /** out (T, H*D) assigned: attention of this pass's post-rope q (T, H*D), token t over cache rows [0, pos + t] */
-  attend(out: Float32Array, q: Float32Array, T: number): void;
+  /** out (T, H*D) assigned: attention of this pass's post-rope q (T, H*D), token t over cache rows [0, pos + t]
+   *  (the last `window` of them with a sliding window), with the layer's scale and soft-cap */
+  attend(out: Float32Array, q: Float32Array, T: number, opts?: AttentionOptions): void;
 }
 
 /** The frozen weights of one layer: its norms and seven linears (each with its LoRA adapter, if targeted; for
  *  Phi-3, q/k/v are the row parts of qkv_proj and gate/up those of gate_up_proj, lora.ts LoraLinear). */
 export interface LayerWeights {
   inputNorm: Float32Array;  // (C)
+  /** the norm before the MLP: Llama's post_attention_layernorm, Gemma's pre_feedforward_layernorm */
   postNorm: Float32Array;   // (C)
+  /** Gemma: post_attention_layernorm (on the attention output) and post_feedforward_layernorm; null elsewhere */
+  postAttnNorm?: Float32Array | null; // (C)
+  postFfnNorm?: Float32Array | null;  // (C)
   /** Qwen3's per-head RMSNorm weights on q and k (D each), null for families without them */
   qNorm: Float32Array | null;
   kNorm: Float32Array | null;
@@ -119,7 +132,7 @@ function maxPosition(ctx: PassContext): number {
 export function freeLayerActs<Buf>(t: TensorBackend<Buf>, a: LayerActs<Buf>, includeX: boolean): void {
   if (includeX) t.free(a.x);
   for (const b of [a.h1, a.rstd1, a.q, a.k, a.v, a.att, a.lse, a.x2, a.h2, a.rstd2, a.gate, a.up, a.act]) t.free(b);
-  for (const b of [a.qPre, a.kPre, a.rstdQ, a.rstdK]) t.free(b);
+  for (const b of [a.qPre, a.kPre, a.rstdQ, a.rstdK, a.attnOut, a.rstdA, a.mlpOut, a.rstdF]) t.free(b);
   for (const saved of Object.values(a.lin)) freeLinearSaved(t, saved);
 }
 
@@ -130,12 +143,19 @@ export class DecoderLayer {
   private readonly rope: RopeCache;
   /** the attention kernels are fully causal: longer sequences than a sliding window would differ from HF */
   private readonly slidingWindow: number | null;
+  /** Gemma's attention scale, soft-cap and sliding window; undefined = Llama's */
+  private readonly attn: AttentionOptions | undefined;
+  /** Gemma's GeGLU (tanh GELU) instead of SwiGLU */
+  private readonly geglu: boolean;
 
-  constructor(w: LayerWeights, config: LlamaConfig, rope: RopeCache, slidingWindow: number | null) {
+  constructor(w: LayerWeights, config: LlamaConfig, rope: RopeCache, slidingWindow: number | null,
+    variant: { attention?: AttentionOptions; geglu?: boolean } = {}) {
     this.w = w;
     this.config = config;
     this.rope = rope;
     this.slidingWindow = slidingWindow;
+    this.attn = variant.attention;
+    this.geglu = variant.geglu ?? false;
   }
 
   /** out (T, C) = layer(x (T, C)); acts keeps what backward needs (x included, not copied). With a KV cache
@@ -168,7 +188,7 @@ export class DecoderLayer {
     let lse: Buf; // (B, H, S)
     if (kv === null || kv.pos === 0) {
       lse = t.alloc(B * H * S);
-      await attend(t, ctx, H, KV, D, (sl, ls, b, s) => t.attentionForward(sl(att, H * D), ls(lse), sl(qr, H * D), sl(kr, KV * D), sl(v.y, KV * D), b, s, H, KV, D));
+      await attend(t, ctx, H, KV, D, (sl, ls, b, s) => t.attentionForward(sl(att, H * D), ls(lse), sl(qr, H * D), sl(kr, KV * D), sl(v.y, KV * D), b, s, H, KV, D, this.attn));
     } else {
       lse = t.alloc(0);
     }
@@ -177,28 +197,33 @@ export class DecoderLayer {
       kv.store(await t.download(kr), await t.download(v.y));
       if (kv.pos > 0) {
         const out = new Float32Array(T * H * D);
-        kv.attend(out, await t.download(qr), T);
+        kv.attend(out, await t.download(qr), T, this.attn);
         t.free(att);
         att = await t.upload(out);
       }
     }
     const o = await L.o.forward(t, att, T, ctx, params);
-    const x2 = o.y; // (T, C) x2 = x + o, in place on the fresh o buffer
+    // x2 = x + o, in place on the fresh o buffer (Gemma: x + rmsnorm(o), o kept for backward)
+    const post = L.postAttnNorm ? await this.rowNorm(t, o.y, L.postAttnNorm, T) : null;
+    const x2 = post ? post.y : o.y; // (T, C)
     await t.add(x2, x, T * C);
     const h2 = t.alloc(T * C), rstd2 = t.alloc(T); // (T, C), (T)
     await t.rmsnormForward(h2, rstd2, x2, await t.constant(L.postNorm), T, C, eps);
     const gate = await L.gate.forward(t, h2, T, ctx, params); // (T, I)
     const up = await L.up.forward(t, h2, T, ctx, params); // (T, I)
     const act = t.alloc(T * I); // (T, I)
-    await t.swigluForward(act, gate.y, up.y, T * I);
+    if (this.geglu) await t.gegluForward(act, gate.y, up.y, T * I);
+    else await t.swigluForward(act, gate.y, up.y, T * I);
     const down = await L.down.forward(t, act, T, ctx, params);
-    const out = down.y; // (T, C) out = x2 + down, in place
+    const postF = L.postFfnNorm ? await this.rowNorm(t, down.y, L.postFfnNorm, T) : null;
+    const out = postF ? postF.y : down.y; // (T, C) out = x2 + down (Gemma: x2 + rmsnorm(down)), in place
     await t.add(out, x2, T * C);
     return {
       out,
       acts: {
         x, h1, rstd1, q: qr, k: kr, v: v.y, att, lse,
-        qPre: qn ? q.y : null, kPre: kn ? k.y : null, rstdQ: qn ? qn.rstd : null, rstdK: kn ? kn.rstd : null, x2, h2, rstd2, gate: gate.y, up: up.y, act,
+        qPre: qn ? q.y : null, kPre: kn ? k.y : null, rstdQ: qn ? qn.rstd : null, rstdK: kn ? kn.rstd : null, x2,
+        attnOut: post ? o.y : null, rstdA: post ? post.rstd : null, mlpOut: postF ? down.y : null, rstdF: postF ? postF.rstd : null, h2, rstd2, gate: gate.y, up: up.y, act,
         lin: {
           q_proj: q.saved, k_proj: k.saved, v_proj: v.saved, o_proj: o.saved,
           gate_proj: gate.saved, up_proj: up.saved, down_proj: down.saved,
@@ -218,9 +243,12 @@ export class DecoderLayer {
     const I = cfg.intermediateSize;
     // MLP branch
     const dact = t.alloc(T * I); // (T, I)
-    await L.down.backward(t, dout, a.lin.down_proj, T, dparams, dact, false, params);
+    const dDown = L.postFfnNorm ? await this.rowNormBackward(t, dout, a.mlpOut!, L.postFfnNorm, a.rstdF!, T) : dout; // (T, C)
+    await L.down.backward(t, dDown, a.lin.down_proj, T, dparams, dact, false, params);
+    if (dDown !== dout) t.free(dDown);
     const dgate = t.alloc(T * I), dup = t.alloc(T * I); // (T, I)
-    await t.swigluBackward(dgate, dup, dact, a.gate, a.up, T * I);
+    if (this.geglu) await t.gegluBackward(dgate, dup, dact, a.gate, a.up, T * I);
+    else await t.swigluBackward(dgate, dup, dact, a.gate, a.up, T * I);
     t.free(dact);
     const dh2 = t.alloc(T * C); // (T, C)
     await L.gate.backward(t, dgate, a.lin.gate_proj, T, dparams, dh2, false, params);
@@ -233,11 +261,13 @@ export class DecoderLayer {
     await t.add(dx2, dout, T * C);
     // attention branch
     const datt = t.alloc(T * H * D); // (T, H*D)
-    await L.o.backward(t, dx2, a.lin.o_proj, T, dparams, datt, false, params);
+    const dO = L.postAttnNorm ? await this.rowNormBackward(t, dx2, a.attnOut!, L.postAttnNorm, a.rstdA!, T) : dx2; // (T, C)
+    await L.o.backward(t, dO, a.lin.o_proj, T, dparams, datt, false, params);
+    if (dO !== dx2) t.free(dO);
     let dq = t.alloc(T * H * D), dk = t.alloc(T * KV * D); // (T, H*D), (T, KV*D)
     const dv = t.alloc(T * KV * D); // (T, KV*D)
     await attend(t, ctx, H, KV, D, (sl, ls, b, s) => t.attentionBackward(sl(dq, H * D), sl(dk, KV * D), sl(dv, KV * D), sl(datt, H * D),
-      sl(a.q, H * D), sl(a.k, KV * D), sl(a.v, KV * D), sl(a.att, H * D), ls(a.lse), b, s, H, KV, D));
+      sl(a.q, H * D), sl(a.k, KV * D), sl(a.v, KV * D), sl(a.att, H * D), ls(a.lse), b, s, H, KV, D, this.attn));
     t.free(datt);
     const rope = this.rope.get(maxPosition(ctx) + 1);
     const cos = await t.constant(rope.cos), sin = await t.constant(rope.sin);
@@ -261,6 +291,22 @@ export class DecoderLayer {
     t.free(dh1);
     await t.add(dx, dx2, T * C);
     t.free(dx2);
+    return dx;
+  }
+
+  /** y (T, C) = rmsnorm of x (T, C) with the frozen weight w (C) (Gemma's post-attention / post-feedforward norms) */
+  private async rowNorm<Buf>(t: TensorBackend<Buf>, x: Buf, w: Float32Array, T: number): Promise<{ y: Buf; rstd: Buf }> {
+    const C = this.config.hiddenSize;
+    const y = t.alloc(T * C), rstd = t.alloc(T);
+    await t.rmsnormForward(y, rstd, x, await t.constant(w), T, C, this.config.rmsNormEps);
+    return { y, rstd };
+  }
+
+  /** the gradient (T, C) of rowNorm's input from dy (T, C), which the caller keeps */
+  private async rowNormBackward<Buf>(t: TensorBackend<Buf>, dy: Buf, x: Buf, w: Float32Array, rstd: Buf, T: number): Promise<Buf> {
+    const C = this.config.hiddenSize;
+    const dx = t.alloc(T * C);
+    await t.rmsnormBackward(dx, null, dy, x, await t.constant(w), rstd, T, C);
     return dx;
   }
 

@@ -11,6 +11,8 @@ import type { Decodable } from './decode.ts';
 import { StageDecoding } from './decode.ts';
 import { LossHead } from './head.ts';
 import { fusedParts, hasQkNorm, linearModules, resolveTargets } from './arch.ts';
+import { hasGemmaNorms } from './arch.ts';
+import { gemmaSpec, isGemma, plusOne } from './gemma.ts';
 import { DecoderLayer, slidingWindowOf } from './layer.ts';
 import type { LayerWeights } from './layer.ts';
 import { LoraLinear, baseModuleName, initLoraA, linearShape, loraParamName, loraScaling, orderedTargets, validateLoraConfig } from './lora.ts';
@@ -46,8 +48,8 @@ async function getFloatChecked(source: WeightSource, name: string, length: numbe
 /** Llama-shaped checkpoints whose math differs in ways this stage would silently get wrong. */
 function checkArchitecture(source: WeightSource, layer: number): void {
   const t = source.config.modelType;
-  if (/^(gemma|phi(?!3$)|falcon|gpt|olmo|cohere|deepseek_v)/i.test(t)) {
-    throw new Error(`model_type "${t}" is not a Llama-family architecture this engine implements (llama, mistral, qwen2, qwen3, phi3)`);
+  if (!isGemma(source.config) && /^(gemma|phi(?!3$)|falcon|gpt|olmo|cohere|deepseek_v)/i.test(t)) {
+    throw new Error(`model_type "${t}" is not a Llama-family architecture this engine implements (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text)`);
   }
   if (hasQkNorm(source.config)) return;
   for (const n of ['q_norm', 'k_norm']) {
@@ -97,6 +99,13 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
   const params: NamedTensor[] = [];
   const weights: LayerWeights[] = [];
   const qkNorm = hasQkNorm(cfg);
+  const gemma = isGemma(cfg) ? gemmaSpec(cfg) : null;
+  // Gemma's RMSNorm multiplies by (1 + w) in float32: the op gets that weight
+  const norm = async (name: string, n: number) => {
+    const w = await getFloatChecked(source, name, n);
+    return gemma ? plusOne(w) : w;
+  };
+  const fourNorms = hasGemmaNorms(cfg);
   for (let l = layerStart; l < layerEnd; l++) {
     const lin = {} as Record<LayerLinear, LoraLinear>;
     for (const m of linearModules(cfg)) {
@@ -115,11 +124,15 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
       }
       Object.assign(lin, linearRoles(cfg, l, m, w, bias, slot));
     }
+    const p = `model.layers.${l}`;
     weights.push({
-      inputNorm: await getFloatChecked(source, `model.layers.${l}.input_layernorm.weight`, C),
-      postNorm: await getFloatChecked(source, `model.layers.${l}.post_attention_layernorm.weight`, C),
-      qNorm: qkNorm ? await getFloatChecked(source, `model.layers.${l}.self_attn.q_norm.weight`, cfg.headDim) : null,
-      kNorm: qkNorm ? await getFloatChecked(source, `model.layers.${l}.self_attn.k_norm.weight`, cfg.headDim) : null,
+      inputNorm: await norm(`${p}.input_layernorm.weight`, C),
+      // Gemma's post_attention_layernorm normalizes the attention output; its pre-MLP norm is pre_feedforward_layernorm
+      postNorm: await norm(`${p}.${fourNorms ? 'pre_feedforward_layernorm' : 'post_attention_layernorm'}.weight`, C),
+      postAttnNorm: fourNorms ? await norm(`${p}.post_attention_layernorm.weight`, C) : null,
+      postFfnNorm: fourNorms ? await norm(`${p}.post_feedforward_layernorm.weight`, C) : null,
+      qNorm: qkNorm ? await norm(`${p}.self_attn.q_norm.weight`, cfg.headDim) : null,
+      kNorm: qkNorm ? await norm(`${p}.self_attn.k_norm.weight`, cfg.headDim) : null,
       q: lin.q_proj, k: lin.k_proj, v: lin.v_proj, o: lin.o_proj,
       gate: lin.gate_proj, up: lin.up_proj, down: lin.down_proj,
     });
@@ -127,16 +140,22 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
   const isFirst = layerStart === 0, isLast = layerEnd === nL;
   const embedName = 'model.embed_tokens.weight';
   let embed: VocabMatrix | null = null;
-  if (isFirst || (isLast && cfg.tieWordEmbeddings)) embed = new VocabMatrix(await getFloatChecked(source, embedName, V * C), V, C);
+  if (isFirst || (isLast && cfg.tieWordEmbeddings)) embed = new VocabMatrix(await getFloatChecked(source, embedName, V * C), V, C, gemma?.embedScale ?? 1);
   let head: LossHead | null = null;
   if (isLast) {
-    const finalNorm = await getFloatChecked(source, 'model.norm.weight', C);
+    const finalNorm = await norm('model.norm.weight', C);
     const lmHead = cfg.tieWordEmbeddings ? embed! : new VocabMatrix(await getFloatChecked(source, 'lm_head.weight', V * C), V, C);
-    head = new LossHead(cfg, finalNorm, lmHead, lossChunk);
+    head = new LossHead(cfg, finalNorm, lmHead, lossChunk, gemma?.finalSoftcap ?? 0);
   }
   const rope = new RopeCache(cfg);
-  const slidingWindow = slidingWindowOf(cfg);
-  const layers = weights.map((w) => new DecoderLayer(w, cfg, rope, slidingWindow));
+  // Gemma: sliding-window layers are computed as such (attention's window); Gemma-3's use the local rope
+  const localRope = gemma?.localRopeConfig ? new RopeCache(gemma.localRopeConfig) : null;
+  const slidingWindow = gemma ? null : slidingWindowOf(cfg);
+  const layers = weights.map((w, i) => {
+    const l = layerStart + i;
+    if (!gemma) return new DecoderLayer(w, cfg, rope, slidingWindow);
+    return new DecoderLayer(w, cfg, gemma.localRope[l] ? localRope! : rope, null, { attention: gemma.attention[l], geglu: true });
+  });
   const tensors = tensorsOf(backend);
   const parts = { config: cfg, layerStart, layerEnd, params, backend, tensors, layers, embed: isFirst ? embed : null, head };
   return new LlamaStage<unknown>({

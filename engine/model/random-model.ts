@@ -3,6 +3,7 @@ import type { NF4Weight, NF4WeightDQ, NF4WeightF32 } from '../formats/nf4.ts';
 import { withDoubleQuant } from '../formats/nf4.ts';
 import type { LlamaConfig, WeightSource } from '../types.ts';
 import { layerFloatName, layerFloatTensors, linearModules } from './arch.ts';
+import { isGemma } from './gemma.ts';
 import { baseModuleName, linearShape } from './lora.ts';
 import { Rng } from './rng.ts';
 
@@ -61,8 +62,10 @@ export function randomWeightSource(cfg: LlamaConfig, seed = 0, opts: { doubleQua
   const nf4 = new Map<string, NF4Weight>();
   const qkvBias = cfg.attentionBias || cfg.modelType === 'qwen2';
   floats.set('model.embed_tokens.weight', rng.fillNormal(new Float32Array(V * C), 0, 1));
+  // Gemma's norms multiply by (1 + w): its stored weights sit around 0
+  const [nLo, nHi] = isGemma(cfg) ? [-0.2, 0.2] : [0.8, 1.2];
   for (let l = 0; l < cfg.numHiddenLayers; l++) {
-    for (const n of layerFloatTensors(cfg)) floats.set(layerFloatName(l, n), rng.fillUniform(new Float32Array(n.length), 0.8, 1.2));
+    for (const n of layerFloatTensors(cfg)) floats.set(layerFloatName(l, n), rng.fillUniform(new Float32Array(n.length), nLo, nHi));
     for (const m of linearModules(cfg)) {
       const [out, inF] = linearShape(cfg, m);
       const name = baseModuleName(l, m);
@@ -73,7 +76,7 @@ export function randomWeightSource(cfg: LlamaConfig, seed = 0, opts: { doubleQua
       }
     }
   }
-  floats.set('model.norm.weight', rng.fillUniform(new Float32Array(C), 0.8, 1.2));
+  floats.set('model.norm.weight', rng.fillUniform(new Float32Array(C), nLo, nHi));
   if (!cfg.tieWordEmbeddings) floats.set('lm_head.weight', rng.fillNormal(new Float32Array(V * C), 0, 1 / Math.sqrt(C)));
   return {
     config: cfg,

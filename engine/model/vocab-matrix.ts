@@ -9,11 +9,14 @@ export class VocabMatrix {
   readonly cols: number;
   private readonly f32: Float32Array | null;
   private readonly bf16: Uint16Array | null;
+  /** multiplies the embedded rows (Gemma's sqrt(hidden) normalizer, a float32 value); 1 elsewhere */
+  readonly embedScale: number;
 
-  constructor(data: Float32Array, rows: number, cols: number) {
+  constructor(data: Float32Array, rows: number, cols: number, embedScale = 1) {
     if (data.length !== rows * cols) throw new RangeError(`VocabMatrix: ${data.length} values for [${rows}, ${cols}]`);
     this.rows = rows;
     this.cols = cols;
+    this.embedScale = embedScale;
     const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
     let lossless = true;
     for (let i = 0; i < bits.length; i++) if ((bits[i] & 0xffff) !== 0) { lossless = false; break; }
@@ -59,6 +62,9 @@ export class VocabMatrix {
   async embed<Buf>(backend: Backend, t: TensorBackend<Buf>, ids: Int32Array, T: number): Promise<Buf> {
     const x = new Float32Array(T * this.cols);
     await this.gather(backend, x, ids, T);
+    // the float32 product, as torch multiplies a float32 embedding by a float32 normalizer
+    const s = this.embedScale;
+    if (s !== 1) for (let i = 0; i < x.length; i++) x[i] = Math.fround(x[i] * s);
     return t.upload(x);
   }
 

@@ -2,7 +2,8 @@
 // coordinator's planner calls per candidate stage. Assumptions are written in docs/plan.md.
 import type { LlamaConfig, LoraTarget } from '../types.ts';
 import { linearShape } from '../model/lora.ts';
-import { fusedParts, layerFloatTensors, linearModules, resolveTargets } from '../model/arch.ts';
+import { fusedParts, hasGemmaNorms, layerFloatTensors, linearModules, resolveTargets } from '../model/arch.ts';
+import { gemmaSpec, isGemma } from '../model/gemma.ts';
 import type { OptimName } from '../optimizer.ts';
 import { MIN_8BIT_SIZE, OPTIM8_BLOCKSIZE } from './optim.ts';
 
@@ -153,12 +154,16 @@ export function stageMemoryBytes(cfg: LlamaConfig, o: StageMemoryOptions): Stage
   const r = o.lora.r, nTargets = resolveTargets(cfg, o.lora.targetModules).length;
   // one layer's forward activations: x, h1, q, att, x2, h2 (C or H·D wide), k, v, gate, up, act, the LoRA
   // rank-r intermediates, and the attention log-sum-exp (memory-efficient attention: no S×S scores)
-  const layerActs = T * fb * (4 * C + 2 * qDim + 2 * kvDim + 3 * I + r * nTargets) + 4 * T * cfg.numAttentionHeads;
+  // (Gemma also keeps o_proj's and down_proj's outputs before its post-attention / post-feedforward norms)
+  const gemmaActs = hasGemmaNorms(cfg) ? 2 * C : 0;
+  const layerActs = T * fb * (4 * C + gemmaActs + 2 * qDim + 2 * kvDim + 3 * I + r * nTargets) + 4 * T * cfg.numAttentionHeads;
   // backward of a layer holds its recomputed activations plus gradients of the same order
   const layerWorking = 2 * layerActs;
   const keptPerMicroBatch = ckpt ? layers * T * C * fb : layers * layerActs;
   const lossChunk = Math.min(V, o.lossChunk ?? 4096);
-  const lossBytes = isLast ? T * lossChunk * 4 + T * C * 4 : 0;
+  // final-logit soft-capping (Gemma-2) keeps the capped chunk beside the raw one in backward
+  const capChunks = isGemma(cfg) && gemmaSpec(cfg).finalSoftcap > 0 ? 2 : 1;
+  const lossBytes = isLast ? capChunks * T * lossChunk * 4 + T * C * 4 : 0;
   const activationsBytes = inFlight * keptPerMicroBatch + layerWorking + lossBytes;
   // the largest linear dequantized to the compute dtype for its matmul
   const workspaceBytes = largestLinear * fb;

@@ -133,6 +133,21 @@ test('every Backend op on device tensors equals the same op on host arrays, bit 
       (b) => be.swigluForward(b.out, b.gate, b.up, n));
     await sameOnDevice(be, 'swigluBackward', { dgate: randn(r, n), dup: randn(r, n), dout: randn(r, n), gate: randn(r, n, 4), up: randn(r, n) },
       off, (b) => be.swigluBackward(b.dgate, b.dup, b.dout, b.gate, b.up, n));
+    // Gemma: attention with a scale, soft-cap and window; GeGLU; soft-cap separate and in place
+    const ga = { scale: 0.09, softcap: 3.0, window: 17 };
+    await be.attentionForward(o, lse, q, k, v, B, S, H, KV, Da, ga);
+    await sameOnDevice(be, 'attentionForward (gemma)', { out: randn(r, Ta * H * Da), lse: randn(r, B * H * S), q, k, v }, off,
+      (b) => be.attentionForward(b.out, b.lse, b.q, b.k, b.v, B, S, H, KV, Da, ga));
+    await sameOnDevice(be, 'attentionBackward (gemma)', { dq: randn(r, Ta * H * Da), dk: randn(r, Ta * KV * Da), dv: randn(r, Ta * KV * Da),
+      dout: randn(r, Ta * H * Da), q, k, v, out: o, lse }, off,
+      (b) => be.attentionBackward(b.dq, b.dk, b.dv, b.dout, b.q, b.k, b.v, b.out, b.lse, B, S, H, KV, Da, ga));
+    await sameOnDevice(be, 'gegluForward', { out: randn(r, n), gate: randn(r, n, 4), up: randn(r, n) }, off,
+      (b) => be.gegluForward(b.out, b.gate, b.up, n));
+    await sameOnDevice(be, 'gegluBackward', { dgate: randn(r, n), dup: randn(r, n), dout: randn(r, n), gate: randn(r, n, 4), up: randn(r, n) },
+      off, (b) => be.gegluBackward(b.dgate, b.dup, b.dout, b.gate, b.up, n));
+    await sameOnDevice(be, 'softcapForward', { y: randn(r, n), x: randn(r, n, 40) }, off, (b) => be.softcapForward(b.y, b.x, 30, n));
+    await sameOnDevice(be, 'softcapForward in place', { x: randn(r, n, 40) }, off, (b) => be.softcapForward(b.x, b.x, 30, n));
+    await sameOnDevice(be, 'softcapBackward in place', { dy: randn(r, n), x: randn(r, n, 40) }, off, (b) => be.softcapBackward(b.dy, b.dy, b.x, 30, n));
     const V = 97, Ce = 40, Te = 30;
     const ids = Int32Array.from({ length: Te }, () => Math.floor(r.nextFloat() * V));
     await sameOnDevice(be, 'embeddingForward', { out: randn(r, Te * Ce), table: randn(r, V * Ce) }, off,

@@ -225,6 +225,10 @@ class Engine : public Napi::ObjectWrap<Engine> {
                            InstanceMethod("attentionBackward", &Engine::AttentionBackward),
                            InstanceMethod("swigluForward", &Engine::SwigluForward),
                            InstanceMethod("swigluBackward", &Engine::SwigluBackward),
+                           InstanceMethod("gegluForward", &Engine::GegluForward),
+                           InstanceMethod("gegluBackward", &Engine::GegluBackward),
+                           InstanceMethod("softcapForward", &Engine::SoftcapForward),
+                           InstanceMethod("softcapBackward", &Engine::SoftcapBackward),
                            InstanceMethod("embeddingForward", &Engine::EmbeddingForward),
                            InstanceMethod("crossEntropyChunkForward", &Engine::CeForward),
                            InstanceMethod("crossEntropyChunkBackward", &Engine::CeBackward),
@@ -348,10 +352,21 @@ class Engine : public Napi::ObjectWrap<Engine> {
     if (a.ok() && (KV == 0 || H % KV != 0))
       a.fail("H=" + std::to_string(H) + " must be a positive multiple of KV=" + std::to_string(KV));
   }
-  // attentionForward(out, lse, q, k, v, B, S, H, KV, D)
+  // scale, softcap, window of attention (Gemma); the TS side fills in the defaults
+  static void attention_opts(Args& a, size_t i, float& scale, float& softcap, int64_t& window) {
+    scale = (float)a.number(i, "scale");
+    softcap = (float)a.number(i + 1, "softcap");
+    window = a.dim(i + 2, "window");
+    if (a.ok() && !(scale > 0)) a.fail("scale must be > 0");
+    if (a.ok() && !(softcap >= 0)) a.fail("softcap must be >= 0");
+  }
+  // attentionForward(out, lse, q, k, v, B, S, H, KV, D, scale, softcap, window)
   Napi::Value AttentionForward(const Napi::CallbackInfo& info) {
     Args a(info, "attentionForward");
     int64_t B = a.dim(5, "B"), S = a.dim(6, "S"), H = a.dim(7, "H"), KV = a.dim(8, "KV"), D = a.dim(9, "D");
+    float scale, softcap;
+    int64_t window;
+    attention_opts(a, 10, scale, softcap, window);
     check_heads(a, H, KV);
     double T = (double)B * S;
     float* out = a.f32(0, "out", T * H * D);
@@ -359,12 +374,17 @@ class Engine : public Napi::ObjectWrap<Engine> {
     const float* q = a.f32(2, "q", T * H * D);
     const float* k = a.f32(3, "k", T * KV * D);
     const float* v = a.f32(4, "v", T * KV * D);
-    return a.submit(pool_, [=](ThreadPool& p) { return attention_forward(p, out, lse, q, k, v, B, S, H, KV, D); });
+    return a.submit(pool_, [=](ThreadPool& p) {
+      return attention_forward(p, out, lse, q, k, v, B, S, H, KV, D, scale, softcap, window);
+    });
   }
-  // attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D)
+  // attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D, scale, softcap, window)
   Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
     Args a(info, "attentionBackward");
     int64_t B = a.dim(9, "B"), S = a.dim(10, "S"), H = a.dim(11, "H"), KV = a.dim(12, "KV"), D = a.dim(13, "D");
+    float scale, softcap;
+    int64_t window;
+    attention_opts(a, 14, scale, softcap, window);
     check_heads(a, H, KV);
     double T = (double)B * S;
     float* dq = a.f32(0, "dq", T * H * D);
@@ -377,7 +397,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
     const float* out = a.f32(7, "out", T * H * D);
     const float* lse = a.f32(8, "lse", (double)B * H * S);
     return a.submit(pool_, [=](ThreadPool& p) {
-      return attention_backward(p, dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D);
+      return attention_backward(p, dq, dk, dv, dout, q, k, v, out, lse, B, S, H, KV, D, scale, softcap, window);
     });
   }
   // swigluForward(out, gate, up, n)
@@ -399,6 +419,45 @@ class Engine : public Napi::ObjectWrap<Engine> {
     const float* g = a.f32(3, "gate", (double)n);
     const float* u = a.f32(4, "up", (double)n);
     return a.submit(pool_, [=](ThreadPool& p) { return swiglu_backward(p, dg, du, d, g, u, n); });
+  }
+  // gegluForward(out, gate, up, n)
+  Napi::Value GegluForward(const Napi::CallbackInfo& info) {
+    Args a(info, "gegluForward");
+    int64_t n = a.dim(3, "n");
+    float* out = a.f32(0, "out", (double)n);
+    const float* g = a.f32(1, "gate", (double)n);
+    const float* u = a.f32(2, "up", (double)n);
+    return a.submit(pool_, [=](ThreadPool& p) { return geglu_forward(p, out, g, u, n); });
+  }
+  // gegluBackward(dgate, dup, dout, gate, up, n)
+  Napi::Value GegluBackward(const Napi::CallbackInfo& info) {
+    Args a(info, "gegluBackward");
+    int64_t n = a.dim(5, "n");
+    float* dg = a.f32(0, "dgate", (double)n);
+    float* du = a.f32(1, "dup", (double)n);
+    const float* d = a.f32(2, "dout", (double)n);
+    const float* g = a.f32(3, "gate", (double)n);
+    const float* u = a.f32(4, "up", (double)n);
+    return a.submit(pool_, [=](ThreadPool& p) { return geglu_backward(p, dg, du, d, g, u, n); });
+  }
+  // softcapForward(y, x, cap, n)
+  Napi::Value SoftcapForward(const Napi::CallbackInfo& info) {
+    Args a(info, "softcapForward");
+    int64_t n = a.dim(3, "n");
+    float cap = (float)a.number(2, "cap");
+    float* y = a.f32(0, "y", (double)n);
+    const float* x = a.f32(1, "x", (double)n);
+    return a.submit(pool_, [=](ThreadPool& p) { return softcap_forward(p, y, x, cap, n); });
+  }
+  // softcapBackward(dx, dy, x, cap, n)
+  Napi::Value SoftcapBackward(const Napi::CallbackInfo& info) {
+    Args a(info, "softcapBackward");
+    int64_t n = a.dim(4, "n");
+    float cap = (float)a.number(3, "cap");
+    float* dx = a.f32(0, "dx", (double)n);
+    const float* dy = a.f32(1, "dy", (double)n);
+    const float* x = a.f32(2, "x", (double)n);
+    return a.submit(pool_, [=](ThreadPool& p) { return softcap_backward(p, dx, dy, x, cap, n); });
   }
   // embeddingForward(out, ids, table, T, C, V)
   Napi::Value EmbeddingForward(const Napi::CallbackInfo& info) {

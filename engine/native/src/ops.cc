@@ -125,9 +125,11 @@ void gather_rows(float* dst, const float* src, int64_t b, int64_t S, int64_t hea
 }
 }  // namespace
 
+// Gemma variants: `scale` multiplies q·k (Llama: 1/sqrt(D)); softcap > 0 caps the scores to softcap·tanh(s/softcap)
+// (Gemma-2); window > 0 limits query i to keys (i − window, i] (sliding-window layers).
 std::string attention_forward(ThreadPool& pool, float* out, float* lse, const float* q, const float* k, const float* v,
-                              int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D) {
-  const float scale = 1.0f / std::sqrt((float)D);
+                              int64_t B, int64_t S, int64_t H, int64_t KV, int64_t D, float scale, float softcap,
+                              int64_t window) {
   const int64_t group = H / KV;
   const int64_t nblk = (S + kAttnBlock - 1) / kAttnBlock;
   pool.run(B * H * nblk, [&](int64_t task) {
@@ -144,10 +146,14 @@ std::string attention_forward(ThreadPool& pool, float* out, float* lse, const fl
     for (int64_t r = 0; r < bq; r++) {
       float* row = sc.data() + r * nk;
       int64_t n = i0 + r + 1;  // causal: keys 0..i
-      float mx = simd::max_of(row, n);
-      double sum = simd::exp_sub_sum(row, row, mx, n);
+      int64_t lo = window > 0 ? std::max<int64_t>(0, n - window) : 0;  // sliding window: keys lo..i
+      if (softcap > 0)
+        for (int64_t j = lo; j < n; j++) row[j] = softcap * std::tanh(row[j] / softcap);
+      float mx = simd::max_of(row + lo, n - lo);
+      double sum = simd::exp_sub_sum(row + lo, row + lo, mx, n - lo);
       float inv = (float)(1.0 / sum);
-      for (int64_t j = 0; j < n; j++) row[j] *= inv;
+      for (int64_t j = 0; j < lo; j++) row[j] = 0.0f;
+      for (int64_t j = lo; j < n; j++) row[j] *= inv;
       for (int64_t j = n; j < nk; j++) row[j] = 0.0f;
       lse[(b * H + h) * S + i0 + r] = mx + (float)std::log(sum);
     }
@@ -161,14 +167,15 @@ std::string attention_forward(ThreadPool& pool, float* out, float* lse, const fl
 // there without races; dq rows are written exactly once.
 std::string attention_backward(ThreadPool& pool, float* dq, float* dk, float* dv, const float* dout, const float* q,
                                const float* k, const float* v, const float* out, const float* lse, int64_t B,
-                               int64_t S, int64_t H, int64_t KV, int64_t D) {
-  const float scale = 1.0f / std::sqrt((float)D);
+                               int64_t S, int64_t H, int64_t KV, int64_t D, float scale, float softcap,
+                               int64_t window) {
   const int64_t group = H / KV;
   pool.run(B * KV, [&](int64_t task) {
     int64_t b = task / KV, kvh = task % KV;
     std::vector<float> kc((size_t)(S * D)), vc((size_t)(S * D)), dkc((size_t)(S * D), 0.0f), dvc((size_t)(S * D), 0.0f);
     std::vector<float> qc((size_t)(kAttnBlock * D)), gc((size_t)(kAttnBlock * D)), dqc((size_t)(kAttnBlock * D));
     std::vector<float> p((size_t)(kAttnBlock * S)), dp((size_t)(kAttnBlock * S)), di((size_t)kAttnBlock);
+    std::vector<float> fac(softcap > 0 ? (size_t)S : 0);  // the cap's derivative 1 − tanh² of one row
     gather_rows(kc.data(), k, b, S, KV, kvh, D, 0, S);
     gather_rows(vc.data(), v, b, S, KV, kvh, D, 0, S);
     for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
@@ -187,8 +194,19 @@ std::string attention_backward(ThreadPool& pool, float* dq, float* dk, float* dv
           float* pr = p.data() + r * nk;
           float* dpr = dp.data() + r * nk;
           int64_t n = i0 + r + 1;
-          simd::exp_sub_sum(pr, pr, lse[(b * H + h) * S + i0 + r], n);  // P from the saved lse
-          for (int64_t j = 0; j < n; j++) dpr[j] = pr[j] * (dpr[j] - di[r]) * scale;  // dS
+          int64_t lo = window > 0 ? std::max<int64_t>(0, n - window) : 0;
+          if (softcap > 0)
+            for (int64_t j = lo; j < n; j++) {
+              float t = std::tanh(pr[j] / softcap);
+              pr[j] = softcap * t;
+              fac[j] = 1.0f - t * t;
+            }
+          simd::exp_sub_sum(pr + lo, pr + lo, lse[(b * H + h) * S + i0 + r], n - lo);  // P from the saved lse
+          if (softcap > 0)
+            for (int64_t j = lo; j < n; j++) dpr[j] = pr[j] * (dpr[j] - di[r]) * fac[j] * scale;  // dS
+          else
+            for (int64_t j = lo; j < n; j++) dpr[j] = pr[j] * (dpr[j] - di[r]) * scale;
+          for (int64_t j = 0; j < lo; j++) pr[j] = dpr[j] = 0.0f;
           for (int64_t j = n; j < nk; j++) pr[j] = dpr[j] = 0.0f;
         }
         // dS carries the scale (dS = P∘(dP − D)·scale): dQ = dS·K and dK = dSᵀ·Q = dSᵀ·qc / scale (qc is scale·Q)
@@ -242,6 +260,58 @@ std::string swiglu_backward(ThreadPool& pool, float* dgate, float* dup, const fl
       float g = gate[i], sg = sigmoidf(g), d = dout[i];
       dgate[i] = d * up[i] * sg * (1.0f + g * (1.0f - sg));
       dup[i] = d * g * sg;
+    }
+  });
+  return "";
+}
+
+namespace {
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2/pi), torch gelu(approximate="tanh")
+}
+
+std::string geglu_forward(ThreadPool& pool, float* out, const float* gate, const float* up, int64_t n) {
+  parallel_rows(pool, n, 32768, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; i++) {
+      float g = gate[i];
+      // 0.5·(1 + tanh(u)) = σ(2u), without the cancellation of 1 + tanh(u) near −1
+      const float u = kGeluC * (g + 0.044715f * g * g * g);
+      out[i] = g * (1.0f / (1.0f + std::exp(-2.0f * u))) * up[i];
+    }
+  });
+  return "";
+}
+
+std::string geglu_backward(ThreadPool& pool, float* dgate, float* dup, const float* dout, const float* gate,
+                           const float* up, int64_t n) {
+  // d/dg 0.5·g·(1 + th) = 0.5·(1 + th) + 0.5·g·(1 − th²)·c·(1 + 3·0.044715·g²)
+  parallel_rows(pool, n, 32768, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; i++) {
+      float g = gate[i], d = dout[i];
+      // with sp = σ(2u) = (1 + th)/2 and sn = σ(−2u) = (1 − th)/2: 1 − th² = 4·sp·sn, no cancellation near ±1
+      float u = kGeluC * (g + 0.044715f * g * g * g);
+      float sp = 1.0f / (1.0f + std::exp(-2.0f * u)), sn = 1.0f / (1.0f + std::exp(2.0f * u));
+      float dgelu = sp + 2.0f * g * sp * sn * kGeluC * (1.0f + 3.0f * 0.044715f * g * g);
+      dgate[i] = d * up[i] * dgelu;
+      dup[i] = d * g * sp;
+    }
+  });
+  return "";
+}
+
+std::string softcap_forward(ThreadPool& pool, float* y, const float* x, float cap, int64_t n) {
+  if (!(cap > 0)) return "cap must be > 0";
+  parallel_rows(pool, n, 32768, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; i++) y[i] = cap * std::tanh(x[i] / cap);
+  });
+  return "";
+}
+
+std::string softcap_backward(ThreadPool& pool, float* dx, const float* dy, const float* x, float cap, int64_t n) {
+  if (!(cap > 0)) return "cap must be > 0";
+  parallel_rows(pool, n, 32768, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; i++) {
+      float t = std::tanh(x[i] / cap);
+      dx[i] = dy[i] * (1.0f - t * t);
     }
   });
   return "";
