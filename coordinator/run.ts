@@ -101,7 +101,7 @@ export class Coordinator {
     const peers = this.peers = new PeerRegistry({
       runId: o.runId, client: this.clientFor('peers'), config, status, store: o.store, signal: this.abort.signal,
     });
-    const adapter = this.adapter = new AdapterState(o.resume !== null ? o.resume.adapter : o.initAdapter);
+    const adapter = this.adapter = new AdapterState(o.resume !== null ? o.resume.adapter : o.initAdapter, { llama: o.llama, lora: o.lora, seed: o.train.seed });
     const shards = this.shards = new ShardBlobs({ node: o.node, blobs: o.blobs, weights: o.weights, llama: o.llama, maxProviders: config.maxProviders, log: o.log });
     const states = this.states = new StageStates({
       client: this.clientFor('placement'), peers, store: o.store, status, adapter, train: o.train, totalSteps: o.data.totalSteps,

@@ -23,8 +23,9 @@ export interface ScreenLimits {
   normHistory: number;
 }
 
-/** One replica's step gradient as collected, for the gradient screen. */
-export interface ReplicaGradient { id: string; grads: Float32Array[]; microBatches: number }
+/** One replica's step gradient as collected, for the gradient screen. `labelTokens`: trained
+ *  positions of the micro-batches it folded in, when the step knows them (0: a zero gradient is right). */
+export interface ReplicaGradient { id: string; grads: Float32Array[]; microBatches: number; labelTokens?: number }
 
 /** Per stage, what its peers sent recently: the reference a new output or step gradient is judged by. */
 export class Screens {
@@ -39,9 +40,11 @@ export class Screens {
   }
 
   /** Decode an activation (gradient) a peer of stage s returned, before it is relayed: non-finite,
-   *  misshapen, or with an RMS over screenFactor× the median of the stage's recent ones, it is refused
-   *  (BadOutputError: the peer is banned and the micro-batch runs elsewhere). */
-  output(t: WireTensor, shape: number[], s: number, kind: 'act' | 'grad', what: string): void {
+   *  misshapen, or with an RMS over screenFactor× (or under 1/screenFactor of) the median of the
+   *  stage's recent ones, it is refused (BadOutputError: the peer is banned and the micro-batch runs
+   *  elsewhere). `signal: false` (an activation gradient of a micro-batch without trained positions,
+   *  which is zero by right) skips the lower bound and stays out of the history. */
+  output(t: WireTensor, shape: number[], s: number, kind: 'act' | 'grad', what: string, opts: { signal?: boolean } = {}): void {
     let x: Float32Array;
     try {
       x = decodeFloat(t, what, shape);
@@ -58,13 +61,29 @@ export class Screens {
     if (ref !== null && ref > 0 && rms > factor * ref) {
       throw new BadOutputError(`${what}: RMS ${rms.toExponential(2)} is over ${factor}x the median ${ref.toExponential(2)} of recent ones`);
     }
+    if (opts.signal === false) return;
+    // a lazy or zeroing peer: near-zero where the run's history says otherwise
+    if (ref !== null && ref > 0 && !(rms * factor >= ref)) {
+      throw new BadOutputError(`${what}: RMS ${rms.toExponential(2)} is under 1/${factor} of the median ${ref.toExponential(2)} of recent ones`);
+    }
     hist.push(rms);
     if (hist.length > this.limits.outputHistory) hist.shift();
     this.outputRms.set(key, hist);
   }
 
-  /** The replicas of stage s whose step gradient is non-finite or over screenFactor× the median of
-   *  the other replicas of this step and the stage's recent accepted steps, with the reason. */
+  /** Decode a replica's step gradient: non-finite or misshapen is a BadOutputError (its sender is
+   *  banned, not dropped: coordinator/peers.ts). */
+  stepGradient(t: WireTensor, what: string, shape: number[] | undefined): Float32Array {
+    try {
+      return decodeFloat(t, what, shape);
+    } catch (e) {
+      throw new BadOutputError((e as Error).message);
+    }
+  }
+
+  /** The replicas of stage s whose step gradient is non-finite, over screenFactor× or under
+   *  1/screenFactor of the median of the other replicas of this step and the stage's recent accepted
+   *  steps (the lower bound only for a replica whose micro-batches had trained positions), with the reason. */
   gradients(s: number, step: number, replicas: readonly ReplicaGradient[]): Array<{ id: string; reason: string }> {
     const perMb = replicas.map((r) => globalGradNorm([r.grads]) / Math.max(1, r.microBatches));
     const hist = this.normHistory[s] ?? [];
@@ -72,8 +91,12 @@ export class Screens {
     const bad: Array<{ id: string; reason: string }> = [];
     replicas.forEach((r, i) => {
       const ref = median([...perMb.filter((_, j) => j !== i), ...hist]);
-      if (!Number.isFinite(perMb[i]!) || (ref !== null && ref > 0 && perMb[i]! > factor * ref)) {
-        bad.push({ id: r.id, reason: `its step ${step} gradient (${perMb[i]!.toExponential(2)} per micro-batch) is over ${factor}x the median ${ref?.toExponential(2)}` });
+      if (!Number.isFinite(perMb[i]!)) {
+        bad.push({ id: r.id, reason: `its step ${step} gradient is non-finite` });
+      } else if (ref !== null && ref > 0 && perMb[i]! > factor * ref) {
+        bad.push({ id: r.id, reason: `its step ${step} gradient (${perMb[i]!.toExponential(2)} per micro-batch) is over ${factor}x the median ${ref.toExponential(2)}` });
+      } else if (ref !== null && ref > 0 && r.microBatches > 0 && r.labelTokens !== 0 && !(perMb[i]! * factor >= ref)) {
+        bad.push({ id: r.id, reason: `its step ${step} gradient (${perMb[i]!.toExponential(2)} per micro-batch) is under 1/${factor} of the median ${ref.toExponential(2)}` });
       }
     });
     return bad;
@@ -83,7 +106,7 @@ export class Screens {
   accept(collected: readonly (readonly ReplicaGradient[])[]): void {
     for (let s = 0; s < collected.length; s++) {
       const hist = (this.normHistory[s] ??= []);
-      for (const r of collected[s]!) if (r.microBatches > 0) hist.push(globalGradNorm([r.grads]) / r.microBatches);
+      for (const r of collected[s]!) if (r.microBatches > 0 && r.labelTokens !== 0) hist.push(globalGradNorm([r.grads]) / r.microBatches);
       while (hist.length > this.limits.normHistory) hist.shift();
     }
   }

@@ -1,9 +1,9 @@
 // One optimizer step through the swarm as an object: routes and micro-batches, commits, collect, screens, clip, apply, commit to the store.
 import { dropoutSeedFor } from '../engine/train/data.ts';
-import { planStep, stepLoss } from '../engine/train/step-plan.ts';
+import { labelTokensOf, planStep, stepLoss } from '../engine/train/step-plan.ts';
 import type { MicroBatch, StepPlan } from '../engine/train/step-plan.ts';
 import type { StagePeerClient } from '../protocol/stage-client.ts';
-import { decodeFloat, encodeTensor } from '../protocol/tensor.ts';
+import { encodeTensor } from '../protocol/tensor.ts';
 import type { WireTensor } from '../protocol/tensor.ts';
 import { SwarmError } from '../protocol/errors.ts';
 import { clipInPlace, globalGradNorm, sumReplicas } from './aggregate.ts';
@@ -140,7 +140,7 @@ export class OptimizerStep {
       let banned = false;
       for (let s = 0; s < this.S; s++) {
         for (const bad of screens.gradients(s, this.step, collected[s]!)) {
-          peers.ban(peers.get(bad.id)!, bad.reason);
+          peers.ban(peers.get(bad.id)!, bad.reason, 'bad-tensor');
           banned = true;
         }
       }
@@ -273,7 +273,7 @@ export class OptimizerStep {
         grad = res.gradIn;
         if (s > 0) {
           if (grad === undefined) throw new SwarmError(`stage ${s} peer ${at} returned no activation gradient`);
-          screens.output(grad, [T, C], s, 'grad', `the stage ${s} activation gradient of step ${step} micro-batch ${mb}`);
+          screens.output(grad, [T, C], s, 'grad', `the stage ${s} activation gradient of step ${step} micro-batch ${mb}`, { signal: this.plan.lossScale > 0 && labelTokensOf(m) > 0 });
         }
       }
       for (const id of route) {
@@ -299,7 +299,8 @@ export class OptimizerStep {
       for (const id of peers.liveReplicas(s)) {
         try {
           const got = await client.collect(peers.addrs(id), step, { signal: this.signal });
-          rs.push({ id, grads: got.grads.map((g, i) => decodeFloat(g, `step ${step} stage ${s} grad ${i} from ${id}`, adapter.shapeOf(s, i))), microBatches: got.microBatches });
+          const labelTokens = this.committedRoute.reduce((n, r, mb) => n + (r?.[s] === id ? labelTokensOf(this.plan.microBatches[mb]!) : 0), 0);
+          rs.push({ id, grads: got.grads.map((g, i) => this.ctx.screens.stepGradient(g, `step ${step} stage ${s} grad ${i} from ${id}`, adapter.shapeOf(s, i))), microBatches: got.microBatches, labelTokens });
         } catch (e) {
           if (this.signal.aborted) throw this.signal.reason;
           status.event('retry', `step ${step}: collecting stage ${s}'s gradient from peer ${id} failed (${(e as Error).name}: ${(e as Error).message})`);

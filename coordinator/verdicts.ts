@@ -9,6 +9,7 @@
 // - an accusation by a receiving peer is no proof: it asks for a confirmation (the accused's input
 //   re-run on another replica), and the confirmation is judged as a disagreement. A wrong accusation
 //   counts against the accuser (a strike), never against the sender.
+import { ERROR_STREAK_BAN } from './constants.ts';
 
 /** Who lost a verdict, and the evidence in words (the `peer_banned` event names it). */
 export interface Ban { peerId: string; evidence: EvidenceKind; reason: string }
@@ -52,9 +53,7 @@ export interface JudgeLimits {
   errorStreakBan: number;
 }
 
-/** error answers in a row that ban: under MAX_ATTEMPTS (4), so a single-replica stage's peer is banned
- *  (and its stage covered by another volunteer) before its micro-batch exhausts its attempts */
-export const ERROR_STREAK_BAN = 3;
+export { ERROR_STREAK_BAN };
 
 const DEFAULT_LIMITS: JudgeLimits = { errorStreakBan: ERROR_STREAK_BAN };
 

@@ -1,6 +1,7 @@
 // The shard host: the RPC-facing side of one stage. It checks each request against the run, step and
 // stage, queues the compute, keeps gradients by attempt (step-gradients.ts), applies the aggregated
 // optimizer step, and keeps the state from before it for a restarted coordinator (step-snapshot.ts).
+import { createHash } from 'node:crypto';
 import type { Stage } from '../engine/types.ts';
 import type {
   AggregateRequest, AggregateResponse, AdapterRequest, AdapterResponse, Assignment, BackwardRequest,
@@ -20,7 +21,7 @@ import { JobQueue } from './job-queue.ts';
 import type { JobPriority } from './job-queue.ts';
 import type { ShardOptimizer } from './optimizer.ts';
 import { SNAPSHOT_RESIDENT_BYTES } from './constants.ts';
-import { poisoned, testAids } from './test-aids.ts';
+import { tamperAdapter, tamperOutput, testAids } from './test-aids.ts';
 import type { TestAids } from './test-aids.ts';
 
 /** What a host that lost its coordinator offers the restarted one (join.kept). */
@@ -165,8 +166,7 @@ export class StageHost {
     if (!req.train) this.stage.release(key);
     if (this.stage.isLast) return { lossSum: out.lossSum ?? 0, tokens: out.tokens ?? 0 };
     if (out.hidden === undefined) throw new Error(`stage ${this.stageIndex} forward returned no hidden state`);
-    const hidden = encodeTensor(out.hidden, [T, C], this.wireCodec, 'forward.hidden');
-    return { hidden: this.aids.badOutput === 'nan' ? poisoned(hidden) : hidden };
+    return { hidden: tamperOutput(this.aids, out.hidden, (x) => encodeTensor(x, [T, C], this.wireCodec, 'forward.hidden')) };
   }
 
   async backward(req: BackwardRequest, opts: JobOptions = {}): Promise<BackwardResponse> {
@@ -201,8 +201,7 @@ export class StageHost {
     }
     if (this.stage.isFirst) return {};
     if (gradIn === undefined) throw new Error(`stage ${this.stageIndex} backward returned no input gradient`);
-    const g = encodeTensor(gradIn, [T, C], this.wireCodec, 'backward.gradIn');
-    return { gradIn: this.aids.badOutput === 'nan' ? poisoned(g) : g };
+    return { gradIn: tamperOutput(this.aids, gradIn, (x) => encodeTensor(x, [T, C], this.wireCodec, 'backward.gradIn')) };
   }
 
   commit(req: CommitRequest): void {
@@ -241,12 +240,13 @@ export class StageHost {
     }
     const g = this.gradients.putFinalPage(req.from, page);
     // once the last page is in, the update runs whatever the requester does: half an apply is worse
-    if (req.last === true) await this.queue.run(0, () => this.applyStep(g, req.lr!));
-    return { total };
+    if (req.last !== true) return { total };
+    return { total, ...await this.queue.run(0, () => this.applyStep(g, req.lr!)) };
   }
 
-  /** The optimizer step with the final gradient, after keeping the state from before it. */
-  private async applyStep(grads: Float32Array[], lr: number): Promise<void> {
+  /** The optimizer step with the final gradient, after keeping the state from before it; the
+   *  digests every replica of the stage must share after it (the coordinator compares them). */
+  private async applyStep(grads: Float32Array[], lr: number): Promise<{ adapterSha256: string; optimizerSha256: string }> {
     // keep the state of this step: the coordinator may die before it commits the update
     const snap = await StepSnapshot.take(this.step, this.stage.params, await this.optimizer.saveState(), this.snapshotOptions);
     await this.previous?.dispose();
@@ -254,6 +254,10 @@ export class StageHost {
     await this.optimizer.step(grads, lr);
     this.resetStep();
     this.step += 1;
+    // the state's bytes are hashed once and kept: a checkpoint fetch of this step serves the same bytes
+    const bytes = await this.optimizer.saveState();
+    this.optimSnapshot = { step: this.step, bytes };
+    return { adapterSha256: adapterDigest(this.stage.params), optimizerSha256: createHash('sha256').update(bytes).digest('hex') };
   }
 
   /** Drop everything of the step in flight: attempts, committed micro-batches, partial final gradient. */
@@ -327,6 +331,7 @@ export class StageHost {
     for (let i = page.from; i < page.from + page.count; i++) {
       tensors.push({ name: params[i]!.name, tensor: encodeTensor(params[i]!.data, params[i]!.shape, 'f32', params[i]!.name) });
     }
-    return { step: this.step, total: params.length, adapterSpecJson: null, tensors };
+    const s = this.stage;
+    return { step: this.step, total: params.length, adapterSpecJson: null, tensors: tamperAdapter(this.aids, tensors, page.from, { layerStart: s.layerStart, layerEnd: s.layerEnd, isLast: s.isLast }) };
   }
 }

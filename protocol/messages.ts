@@ -213,6 +213,11 @@ export const aggregateResponse = obj({
   grads: opt(arr(wireTensor, 1 << 16)),
   /** number of committed micro-batches folded in (collect) */
   microBatches: opt(int(0, I32)),
+  /** the last apply page: after its optimizer step, the digest of the stage's LoRA tensors
+   *  (protocol/adapter-digest.ts) and the sha256 of its optimizer state bytes, which every replica of
+   *  the stage must share */
+  adapterSha256: opt(sha256Hex),
+  optimizerSha256: opt(sha256Hex),
 });
 export type AggregateResponse = ReturnType<typeof aggregateResponse>;
 
