@@ -9,8 +9,9 @@ import type { RunStore } from './store.ts';
 import type { RunStatus } from './status.ts';
 import type { CoordinatorConfig } from './config.ts';
 import { BanList, inWords } from './bans.ts';
-import { judge } from './verdicts.ts';
-import type { EvidenceKind, JudgeLimits, Verdict } from './verdicts.ts';
+import { judge, judgeDigests } from './verdicts.ts';
+import type { DigestReport, EvidenceKind, JudgeLimits, Verdict } from './verdicts.ts';
+import { SwarmError } from '../protocol/errors.ts';
 import { sleep } from './wait.ts';
 
 export interface PeerState {
@@ -251,6 +252,20 @@ export class PeerRegistry {
     if (kind === undefined) return false;
     this.applyVerdict(judge(kind === 'bad-tensor' ? { kind, peerId: id, what: cause.message } : { kind: 'bad-upload', peerId: id, what: cause.message }));
     return true;
+  }
+
+  /** Stage s's replicas reported their digests after applying step `step`'s update: a minority is
+   *  banned; replicas that disagree without a majority (1 vs 1) are all dropped (nobody can be blamed,
+   *  none may be trusted: the stage is covered again from the committed adapter). The digests the
+   *  stage now holds, or null. */
+  async settleDigests(s: number, step: number, reports: readonly DigestReport[], signal: AbortSignal): Promise<{ adapterSha256: string; optimizerSha256: string } | null> {
+    const what = `stage ${s}'s weights and optimizer state after the update of step ${step}`;
+    const { verdict, agreed } = judgeDigests(what, reports);
+    if (verdict.kind === 'unresolved') {
+      this.o.status.event('ban', `${what}: replicas ${verdict.peers.join(', ')} disagree and no majority decides; all of them leave the stage`);
+      for (const id of verdict.peers) await this.dropAfterFailure(id, new SwarmError('its weights disagree with another replica\'s'), `${what} disagree`, signal);
+    } else this.applyVerdict(verdict);
+    return agreed;
   }
 
   // ---- bans

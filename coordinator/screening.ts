@@ -81,22 +81,26 @@ export class Screens {
     }
   }
 
-  /** The replicas of stage s whose step gradient is non-finite, over screenFactor× or under
-   *  1/screenFactor of the median of the other replicas of this step and the stage's recent accepted
-   *  steps (the lower bound only for a replica whose micro-batches had trained positions), with the reason. */
+  /** The replicas of stage s whose step gradient is non-finite, over screenFactor× the median of the
+   *  other replicas of this step and the stage's recent accepted steps, or under 1/screenFactor of
+   *  the median of the recent accepted steps (only for a replica whose micro-batches had trained
+   *  positions), with the reason. */
   gradients(s: number, step: number, replicas: readonly ReplicaGradient[]): Array<{ id: string; reason: string }> {
     const perMb = replicas.map((r) => globalGradNorm([r.grads]) / Math.max(1, r.microBatches));
     const hist = this.normHistory[s] ?? [];
     const factor = this.limits.screenFactor;
     const bad: Array<{ id: string; reason: string }> = [];
+    // the lower bound from accepted steps only: against this step's other replicas it would be
+    // symmetric, and one outsized replica would make its honest partner look lazy
+    const low = median(hist);
     replicas.forEach((r, i) => {
       const ref = median([...perMb.filter((_, j) => j !== i), ...hist]);
       if (!Number.isFinite(perMb[i]!)) {
         bad.push({ id: r.id, reason: `its step ${step} gradient is non-finite` });
       } else if (ref !== null && ref > 0 && perMb[i]! > factor * ref) {
         bad.push({ id: r.id, reason: `its step ${step} gradient (${perMb[i]!.toExponential(2)} per micro-batch) is over ${factor}x the median ${ref.toExponential(2)}` });
-      } else if (ref !== null && ref > 0 && r.microBatches > 0 && r.labelTokens !== 0 && !(perMb[i]! * factor >= ref)) {
-        bad.push({ id: r.id, reason: `its step ${step} gradient (${perMb[i]!.toExponential(2)} per micro-batch) is under 1/${factor} of the median ${ref.toExponential(2)}` });
+      } else if (low !== null && low > 0 && r.microBatches > 0 && r.labelTokens !== 0 && !(perMb[i]! * factor >= low)) {
+        bad.push({ id: r.id, reason: `its step ${step} gradient (${perMb[i]!.toExponential(2)} per micro-batch) is under 1/${factor} of the median ${low.toExponential(2)} of recent accepted steps` });
       }
     });
     return bad;

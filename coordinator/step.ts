@@ -2,7 +2,7 @@
 import { dropoutSeedFor } from '../engine/train/data.ts';
 import { labelTokensOf, planStep, stepLoss } from '../engine/train/step-plan.ts';
 import type { MicroBatch, StepPlan } from '../engine/train/step-plan.ts';
-import type { StagePeerClient } from '../protocol/stage-client.ts';
+import type { AppliedDigests, StagePeerClient } from '../protocol/stage-client.ts';
 import { encodeTensor } from '../protocol/tensor.ts';
 import type { WireTensor } from '../protocol/tensor.ts';
 import { SwarmError } from '../protocol/errors.ts';
@@ -15,6 +15,8 @@ import type { StageRange } from './planner.ts';
 import { pipelineDepth, routeFor, routeQuotas, routeRate } from './routes.ts';
 import type { Route } from './routes.ts';
 import type { ReplicaGradient, Screens } from './screening.ts';
+import { VerifyError, answerOf } from './verify.ts';
+import type { StageAnswer, StageCall, Verifier } from './verify.ts';
 import type { CheckpointPlan, StageStates } from './stage-states.ts';
 import type { RunStatus } from './status.ts';
 import type { RunStore, StepRecord } from './store.ts';
@@ -47,6 +49,8 @@ export interface StepContext {
   stages: readonly StageRange[];
   /** give every stage a live replica before micro-batches are routed (placement) */
   cover: (signal: AbortSignal) => Promise<void>;
+  /** spot checks of stage computations (coordinator/verify.ts); absent: none */
+  verifier?: Verifier;
 }
 
 /** A micro-batch attempt that failed at one peer of its route. */
@@ -238,20 +242,25 @@ export class OptimizerStep {
     const C = this.ctx.hiddenSize;
     const key = { step, mb, attempt: this.attempts[mb]! };
     const reached: string[] = [];
+    // what each stage was given and answered, for a spot check (verify.ts)
+    const calls: StageCall[] = [], fwds: Array<{ hidden?: WireTensor; lossSum?: number }> = [];
     let at = route[0]!;
     try {
       let hidden: WireTensor | undefined;
       for (let s = 0; s < S; s++) {
         at = route[s]!;
         reached.push(at);
-        const res = await client.forward(peers.addrs(at), {
+        const fwd = {
           ...key, stageIndex: s, route, batch: m.batch, seqLen: m.seqLen,
           ids: s === 0 ? encodeTensor(m.ids, [T], 'i32', 'ids') : undefined,
           hidden: s > 0 ? hidden : undefined,
           labels: s === S - 1 ? encodeTensor(m.labels, [T], 'i32', 'labels') : undefined,
           dropoutSeed: dropoutSeedFor(this.ctx.seed, step, mb),
           train: true,
-        }, { signal });
+        };
+        const res = await client.forward(peers.addrs(at), fwd, { signal });
+        calls[s] = { ...fwd };
+        fwds[s] = res;
         if (s === S - 1) {
           if (res.lossSum === undefined) throw new SwarmError(`last stage peer ${at} returned no loss`);
           this.lossSums[mb] = res.lossSum;
@@ -270,12 +279,15 @@ export class OptimizerStep {
           gradOut: s < S - 1 ? grad : undefined,
           lossScale: s === S - 1 ? this.plan.lossScale : undefined,
         }, { signal });
+        if (s < S - 1) calls[s]!.gradOut = grad;
+        else calls[s]!.lossScale = this.plan.lossScale;
         grad = res.gradIn;
         if (s > 0) {
           if (grad === undefined) throw new SwarmError(`stage ${s} peer ${at} returned no activation gradient`);
           screens.output(grad, [T, C], s, 'grad', `the stage ${s} activation gradient of step ${step} micro-batch ${mb}`, { signal: this.plan.lossScale > 0 && labelTokensOf(m) > 0 });
         }
       }
+      await this.verify(mb, route, calls, fwds.map((f, s) => answerOf(f, s > 0 ? calls[s - 1]!.gradOut : undefined)));
       for (const id of route) {
         at = id;
         await client.commit(peers.addrs(id), key, { signal });
@@ -285,7 +297,20 @@ export class OptimizerStep {
     } catch (e) {
       if (signal.aborted) throw signal.reason;
       await Promise.allSettled(reached.map((id) => client.discard(peers.addrs(id), key, { signal })));
-      throw new RouteFailure(at, e as Error);
+      throw new RouteFailure(e instanceof VerifyError && e.peerId !== undefined ? e.peerId : at, e as Error);
+    }
+  }
+
+  /** A spot check of micro-batch mb, when the verifier picks it: every stage's answer recomputed and
+   *  compared; losers banned; an answer that may not count fails the attempt (it runs again, without
+   *  a banned peer). */
+  private async verify(mb: number, route: Route, calls: StageCall[], answers: StageAnswer[]): Promise<void> {
+    const { verifier, peers, status } = this.ctx;
+    if (verifier === undefined || !verifier.selected(this.step, mb)) return;
+    for (let s = 0; s < this.S; s++) {
+      const v = await verifier.check(s, calls[s]!, answers[s]!, { primary: route[s]!, replicas: peers.liveReplicas(s) }, { signal: this.signal });
+      peers.applyVerdict({ kind: 'ban', bans: v.bans, strikes: v.strikes });
+      if (!v.counts) { status.event('retry', v.detail); throw new VerifyError(v.detail, route[s]!); }
     }
   }
 
@@ -322,6 +347,9 @@ export class OptimizerStep {
     const wire = stageGrads.map((gs, s) => gs.map((g, i) => encodeTensor(g, adapter.shapeOf(s, i) ?? [g.length], 'f32', adapter.namesOf(s)[i]!)));
     const plan = states.plan(step, this.ctx.stages);
     const applied = new Set<string>();
+    // what each replica reports after its update, and what each stage's replicas agreed on (verdicts.ts)
+    const digests = new Map<string, AppliedDigests>();
+    const agreed: Array<{ adapterSha256: string; optimizerSha256: string } | null> = [];
     for (let pass = 0; ; pass++) {
       if (pass > 0) await this.ctx.cover(signal);
       for (let s = 0; s < this.S; s++) {
@@ -329,22 +357,23 @@ export class OptimizerStep {
         const res = await Promise.allSettled(todoPeers.map((id) => client.apply(peers.addrs(id), step, wire[s]!, this.lr, { signal })));
         for (let i = 0; i < res.length; i++) {
           const r = res[i]!;
-          if (r.status === 'fulfilled') applied.add(todoPeers[i]!);
+          if (r.status === 'fulfilled') { applied.add(todoPeers[i]!); digests.set(todoPeers[i]!, r.value); }
           else await peers.dropAfterFailure(todoPeers[i]!, r.reason as Error, `it failed to apply the update of step ${next}`, signal);
         }
         if (s === 0 && pass === 0) crashPoint(config.crash, 'mid-apply', next);
+        agreed[s] = await peers.settleDigests(s, next, peers.liveReplicas(s).filter((id) => applied.has(id)).map((id) => ({ peerId: id, ...digests.get(id) })), signal);
       }
       let uploaded = true;
       for (let s = 0; s < this.S && uploaded; s++) {
         uploaded = false;
         for (const id of peers.liveReplicas(s).filter((x) => applied.has(x))) {
-          try { await adapter.upload(client, id, peers.addrs(id), s, { signal }); uploaded = true; break; } catch (e) {
+          try { await adapter.upload(client, id, peers.addrs(id), s, { signal, digest: agreed[s]?.adapterSha256 }); uploaded = true; break; } catch (e) {
             await peers.dropAfterFailure(id, e as Error, `it failed to upload its adapter of step ${next}`, signal);
           }
         }
       }
       if (!uploaded) continue;
-      return { plan, bytes: plan.fetch ? await states.fetch(next, this.S, applied, signal) : null };
+      return { plan, bytes: plan.fetch ? await states.fetch(next, this.S, applied, signal, agreed.map((a) => a?.optimizerSha256)) : null };
     }
   }
 

@@ -115,3 +115,19 @@ export function judge(e: Evidence, limits: JudgeLimits = DEFAULT_LIMITS): Verdic
     }
   }
 }
+
+/** What one replica reported after applying a step's update (absent fields: it did not report). */
+export interface DigestReport { peerId: string; adapterSha256?: string; optimizerSha256?: string }
+
+/** The replicas of one stage after one apply: they must hold identical LoRA weights and optimizer
+ *  state. The verdict over their digests (a strict majority wins; 1 vs 1 is unresolved) and the
+ *  digests the winners share (null when unresolved, or when the winners reported none). */
+export function judgeDigests(what: string, reports: readonly DigestReport[]): { verdict: Verdict; agreed: { adapterSha256: string; optimizerSha256: string } | null } {
+  const key = (r: DigestReport): string => `${r.adapterSha256 ?? '-'}/${r.optimizerSha256 ?? '-'}`;
+  const verdict = judge({ kind: 'disagreement', what, results: reports.map((r) => ({ peerId: r.peerId, value: key(r) })) });
+  if (verdict.kind === 'unresolved' || verdict.kind === 'confirm') return { verdict, agreed: null };
+  const banned = new Set(verdict.kind === 'ban' ? verdict.bans.map((b) => b.peerId) : []);
+  const w = reports.find((r) => !banned.has(r.peerId));
+  const agreed = w?.adapterSha256 !== undefined && w.optimizerSha256 !== undefined ? { adapterSha256: w.adapterSha256, optimizerSha256: w.optimizerSha256 } : null;
+  return { verdict, agreed };
+}

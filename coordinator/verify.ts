@@ -11,7 +11,8 @@
 // itself); a mismatch is refereed by a third replica or the coordinator. Only answers the verdict
 // lets count may be committed.
 import { createHash } from 'node:crypto';
-import type { FloatCodec } from '../protocol/tensor.ts';
+import { decodeFloat } from '../protocol/tensor.ts';
+import type { FloatCodec, WireTensor } from '../protocol/tensor.ts';
 import { SwarmError } from '../protocol/errors.ts';
 import { judge } from './verdicts.ts';
 import type { Ban, Result, Verdict } from './verdicts.ts';
@@ -19,7 +20,8 @@ import type { Ban, Result, Verdict } from './verdicts.ts';
 /** The coordinator as the place a call is recomputed (not a peer id: peer ids are base58). */
 export const COORDINATOR = 'coordinator';
 
-/** What one stage peer was given for one micro-batch attempt. */
+/** What one stage peer was given for one micro-batch attempt, exactly as it went on the wire (a
+ *  recomputation gets the same bytes). */
 export interface StageCall {
   step: number;
   mb: number;
@@ -27,14 +29,14 @@ export interface StageCall {
   batch: number;
   seqLen: number;
   /** stage 0: token ids (batch·seqLen) */
-  ids?: Int32Array;
+  ids?: WireTensor;
   /** stages > 0: the hidden state it received (batch·seqLen, hidden) */
-  hidden?: Float32Array;
+  hidden?: WireTensor;
   /** last stage: shifted labels */
-  labels?: Int32Array;
+  labels?: WireTensor;
   dropoutSeed: number;
   /** stages before the last: the activation gradient it received in backward */
-  gradOut?: Float32Array;
+  gradOut?: WireTensor;
   /** last stage: the step's loss scale */
   lossScale?: number;
 }
@@ -44,6 +46,16 @@ export interface StageAnswer {
   hidden?: Float32Array;
   lossSum?: number;
   gradIn?: Float32Array;
+}
+
+/** A stage peer's answer from its forward response (hidden or loss sum) and backward response
+ *  (input gradient), decoded (the step screened them already). */
+export function answerOf(fwd: { hidden?: WireTensor; lossSum?: number }, gradIn: WireTensor | undefined): StageAnswer {
+  const a: StageAnswer = {};
+  if (fwd.hidden !== undefined) a.hidden = decodeFloat(fwd.hidden, 'the checked hidden state');
+  if (fwd.lossSum !== undefined) a.lossSum = fwd.lossSum;
+  if (gradIn !== undefined) a.gradIn = decodeFloat(gradIn, 'the checked input gradient');
+  return a;
 }
 
 /** Run a call again, on a replica (its peer id) or on the coordinator (COORDINATOR). */
@@ -139,9 +151,14 @@ export function isSelected(seed: number, step: number, mb: number, fraction: num
   return h.readUInt32LE(0) / 2 ** 32 < fraction;
 }
 
-/** A verifier without a replica or coordinator that can recompute: the check cannot be made. */
+/** A check that failed: the answer of `peerId` may not count (or the verifier is misconfigured). */
 export class VerifyError extends SwarmError {
   override name = 'VerifyError';
+  readonly peerId: string | undefined;
+  constructor(message: string, peerId?: string) {
+    super(message);
+    this.peerId = peerId;
+  }
 }
 
 /** What the checks cost and found so far (bench and status). */

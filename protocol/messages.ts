@@ -32,6 +32,13 @@ export const capabilities = obj({
 });
 export type Capabilities = ReturnType<typeof capabilities>;
 
+/** A CPU volunteer's deviceName: its backend (native `cpu` or the float64 `ref`) and CPU model, so
+ *  spot checks compare bit for bit only between the same CPU backend on the same CPU
+ *  (coordinator/verify.ts); the coordinator names its own referee the same way. */
+export function cpuDeviceName(backendName: string, cpuModel: string): string {
+  return `${backendName === 'ref' ? 'ref' : 'cpu'}: ${cpuModel}`.slice(0, 256);
+}
+
 export const joinRequest = obj({
   token: nullable(str({ max: 256 })),
   capabilities,

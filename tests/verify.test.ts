@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { judge, ERROR_STREAK_BAN } from '../coordinator/verdicts.ts';
 import { COORDINATOR, CODEC_RTOL, CROSS_BACKEND_RTOL, Verifier, isSelected, sameAnswer, toleranceFor } from '../coordinator/verify.ts';
 import type { StageAnswer, StageCall, VerifierInit } from '../coordinator/verify.ts';
+import { encodeTensor } from '../protocol/tensor.ts';
 
 test('verdicts: direct evidence bans; error answers ban only at the streak; disagreements go to the majority or the trusted reference', () => {
   assert.deepEqual(judge({ kind: 'bad-tensor', peerId: 'P', what: 'NaN in its step gradient' }),
@@ -74,7 +75,7 @@ test('verify: seeded selection hits the fraction; tolerances: bit for bit on one
   assert.equal(sameAnswer({ lossSum: 1.5, gradIn: x }, { lossSum: 1.5, gradIn: x.slice() }, 0), true);
 });
 
-const call: StageCall = { step: 2, mb: 5, attempt: 0, batch: 1, seqLen: 3, hidden: new Float32Array(3), dropoutSeed: 1, gradOut: new Float32Array(3) };
+const call: StageCall = { step: 2, mb: 5, attempt: 0, batch: 1, seqLen: 3, hidden: encodeTensor(new Float32Array(3), [3, 1], 'f32', 'h'), dropoutSeed: 1, gradOut: encodeTensor(new Float32Array(3), [3, 1], 'f32', 'g') };
 const honest: StageAnswer = { hidden: new Float32Array([0.5, 1, -1]), gradIn: new Float32Array([0.1, 0.2, 0.3]) };
 const tampered: StageAnswer = { hidden: honest.hidden!.map((v) => v * 1.02), gradIn: honest.gradIn!.map((v) => v * 1.02) };
 
