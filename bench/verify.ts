@@ -79,8 +79,10 @@ export async function benchVerify(o: { quick: boolean; log?: (s: string) => void
       });
     }
     const detected = runs.filter((x) => x.detected);
-    // the cheater serves about half of its stage's micro-batches (2 replicas), every step
-    const served = steps * mbPerStep / 2;
+    // a check of a micro-batch involves the cheater when it is the primary (1/R of its stage's
+    // micro-batches) or the checker of an honest primary (1/R too): with R = 2 replicas, every check
+    const replicas = 2, involved = Math.min(1, 2 / replicas);
+    const perStep = 1 - (1 - fraction * involved) ** mbPerStep;
     return {
       how: 'real processes on 127.0.0.1: launch + 4 join (--device cpu), 2 stages x 2 replicas, the embedded tiny model, 4 micro-batches of 2 x 64 tokens per step, fp32 wire; tokens/s: median of the steps after the first as launch reports them',
       cost,
@@ -88,8 +90,9 @@ export async function benchVerify(o: { quick: boolean; log?: (s: string) => void
         cheat: 'SWARMTUNE_TEST_BAD_OUTPUT=scale:1.02 on one volunteer of four', verify_fraction: fraction, max_steps: steps, runs,
         detection_rate: r3(detected.length / runs.length),
         steps_until_ban_median: detected.length > 0 ? median(detected.map((x) => Number(x.steps_until_ban))) : null,
-        predicted_p_undetected_over_run: r3((1 - fraction) ** served),
-        predicted_expected_micro_batches_served_until_check: r3(1 / fraction),
+        predicted_p_detected_per_step: r3(perStep),
+        predicted_median_steps_until_ban: Math.ceil(Math.log(0.5) / Math.log(1 - perStep)) - 1,
+        predicted_p_undetected_over_run: Number(((1 - fraction * involved) ** (steps * mbPerStep)).toExponential(2)),
       },
     };
   } finally {
