@@ -16,10 +16,11 @@ import { benchKernels } from './kernels.ts';
 import { benchMachine } from './machine.ts';
 import { benchNet } from './net.ts';
 import { benchSwarmCli } from './swarm-cli.ts';
+import { benchVerify } from './verify.ts';
 import { ensureBenchModelDir, writeLongTextData } from './fixtures.ts';
 import { NODE, ROOT, runJsonScript } from './procs.ts';
 
-const SECTIONS = ['kernels', 'model', 'swarm', 'net'] as const;
+const SECTIONS = ['kernels', 'model', 'swarm', 'net', 'verify'] as const;
 type Section = typeof SECTIONS[number];
 
 export class BenchUsageError extends Error {
@@ -146,6 +147,10 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
   }
   if (args.only.includes('net')) {
     result.net = await section('net', () => benchNet({ bytes: (args.quick ? 32 : 128) * 1024 * 1024, reps: args.quick ? 2 : 3, log: (s) => log(s) }));
+  }
+  if (args.only.includes('verify')) {
+    // spot checks: tokens/s at --verify-fraction 0, 0.05, 1 and detection of a scale:1.02 cheater (docs/security.md)
+    result.verify = await section('verify', () => benchVerify({ quick: args.quick, log: (s) => log(s) }));
   }
   result.loadavg_end = load();
   result.total_seconds = Number(((performance.now() - t0) / 1000).toFixed(1));
