@@ -20,10 +20,11 @@ import { benchMachine } from './machine.ts';
 import { benchNet } from './net.ts';
 import { benchCommitCost } from './commit-cost.ts';
 import { benchSwarmCli } from './swarm-cli.ts';
+import { benchVerify } from './verify.ts';
 import { ensureBenchModelDir, writeLongTextData } from './fixtures.ts';
 import { NODE, ROOT, runJsonScript } from './procs.ts';
 
-const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence'] as const;
+const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'verify'] as const;
 type Section = typeof SECTIONS[number];
 
 export class BenchUsageError extends Error {
@@ -171,6 +172,10 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
   }
   if (args.only.includes('convergence')) {
     result.convergence = await section('convergence', () => runJsonScript(NODE, [path.join(ROOT, 'bench', 'convergence.ts'), ...(args.quick ? ['--quick'] : [])], 'bench/convergence.ts', 3_600_000));
+  }
+  if (args.only.includes('verify')) {
+    // spot checks: tokens/s at --verify-fraction 0, 0.05, 1 and detection of a scale:1.02 cheater (docs/security.md)
+    result.verify = await section('verify', () => benchVerify({ quick: args.quick, log: (s) => log(s) }));
   }
   result.loadavg_end = load();
   result.total_seconds = Number(((performance.now() - t0) / 1000).toFixed(1));

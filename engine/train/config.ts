@@ -58,6 +58,8 @@ export interface TrainConfig {
   completion_only_loss: boolean;
   assistant_only_loss: boolean;
   skip_bad_lines: boolean;
+  /** swarm only: fraction of micro-batches whose stage computations are recomputed and compared */
+  verify_fraction: number;
   json: boolean;
 }
 
@@ -122,6 +124,8 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   completion_only_loss: true,
   assistant_only_loss: false,
   skip_bad_lines: false,
+  // swarmtune's own: 5% catches a cheater that tampers every micro-batch within ~60 of them at 95% (docs/security.md)
+  verify_fraction: 0.05,
   json: false,
 }) as TrainConfig;
 
@@ -167,6 +171,7 @@ export const TRAIN_CONFIG_KEYS: readonly ConfigKeySpec[] = [
   { key: 'completion_only_loss', kind: 'bool', help: 'prompt/completion and question/answer records: train only on the tokens past the prompt (TRL completion_only_loss)' },
   { key: 'assistant_only_loss', kind: 'bool', help: 'conversational records: train only on assistant turns (TRL assistant_only_loss; off trains every token)' },
   { key: 'skip_bad_lines', kind: 'bool', help: 'skip (and count) malformed JSONL lines instead of failing' },
+  { key: 'verify_fraction', kind: 'float', min: 0, max: 1, help: 'swarm (launch): fraction of micro-batches a second peer or the coordinator recomputes and compares, banning a peer that computed wrong (docs/security.md); train ignores it' },
   { key: 'json', kind: 'bool', help: 'print one JSON object per line for step events' },
 ];
 
