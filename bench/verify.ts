@@ -2,6 +2,8 @@
 // --verify-fraction in swarm tokens/s (honest swarm, 2 stages x 2 replicas, the embedded tiny model),
 // and with one volunteer of four scaling its outputs by 1.02, the steps and micro-batches until it is
 // banned over seeded runs at a low fraction, against the prediction P(undetected after n) = (1-f)^n.
+// The checked micro-batches follow the coordinator's secret (random per launch), not the seed: the
+// seed fixes the data order, so the runs differ in where their checks fall.
 //   node bench/verify.ts [--quick]    → one JSON object on stdout
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
@@ -61,8 +63,8 @@ export async function benchVerify(o: { quick: boolean; log?: (s: string) => void
     }
     const base = Number(cost[0]?.tokens_per_s_median);
     for (const c of cost) c.ratio_to_unverified = r3(Number(c.tokens_per_s_median) / base);
-    // detection: one cheater at scale:1.02, a low fraction, several seeds (seed = the run's seed: the
-    // checked micro-batches and the data order follow it)
+    // detection: one cheater at scale:1.02, a low fraction, several runs (seed = the run's seed: the
+    // data order follows it; which micro-batches are checked is the coordinator's secret)
     const fraction = 0.05, steps = o.quick ? 20 : 40, mbPerStep = 4;
     const only = process.argv.find((x) => x.startsWith('--seeds='));
     const seeds = only !== undefined ? only.slice(8).split(',').map(Number) : o.quick ? [1, 2] : [1, 2, 3, 4];
