@@ -91,7 +91,7 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
     const addrs = referee || peer === d.coordinator.peerId ? d.coordinator.addrs : kind === 'act' ? nextAddrs : prevAddrs;
     try {
       const sent = await sendHop(node, addrs, { ...base, kind }, [T, C], host.tamper(data), {
-        signal, timeoutMs: job, codec: host.wireCodec, expectPeer: peer, log: d.log, mutate: host.poisonsOutput ? poisoned : undefined,
+        signal, timeoutMs: job, codec: host.wireCodec, expectPeer: peer, log: d.log, mutate: host.poisonsOutput ? poisoned : undefined, digest: true,
       });
       if (sent.sha256 !== null) res[kind === 'act' ? 'sentActSha256' : 'sentGradSha256'] = sent.sha256;
       return null;
