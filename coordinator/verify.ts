@@ -6,10 +6,11 @@
 // The step calls one method per stage of a checked micro-batch:
 //   verifier.check(stage, call, answer, { primary, replicas }, { signal }) → CheckVerdict
 // where `call` is what the stage peer was given (its input, labels, dropout seed, the gradient it
-// got back) and `answer` what it returned (hidden state or loss sum, input gradient). The check
-// re-runs the call on a second replica of the stage (or on the coordinator, which can load a stage
-// itself); a mismatch is refereed by a third replica or the coordinator. Only answers the verdict
-// lets count may be committed.
+// got back) and `answer` what it returned (hidden state or loss sum, input gradient), both rebuilt
+// from the tensors its neighbours received (coordinator/spot-check.ts recalls them). The check
+// re-runs the call on a second replica of the stage (`opts.recompute`: spot-check.ts's one-stage
+// route) or on the coordinator, which can load a stage itself; a mismatch is refereed by a third
+// replica or the coordinator. Only answers the verdict lets count may be committed.
 import { createHash } from 'node:crypto';
 import { decodeFloat } from '../protocol/tensor.ts';
 import type { FloatCodec, WireTensor } from '../protocol/tensor.ts';
