@@ -1,9 +1,11 @@
 // Trust no stage, as units (no processes): the screens' history floors, adapter and optimizer-state
 // upload checks against the layout the coordinator derives itself, and bans that stick in the peer
-// registry (error-answer streaks, direct evidence, digest disagreements).
+// registry (error-answer streaks, direct evidence, digest disagreements), and a spot check's digest rules.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Screens } from '../coordinator/screening.ts';
+import { spotCheck } from '../coordinator/spot-check.ts';
+import { floatSha256 } from '../protocol/hop.ts';
 import { AdapterState, expectedStageParams } from '../coordinator/adapter.ts';
 import { checkOptimizerState } from '../coordinator/stage-states.ts';
 import { PeerRegistry } from '../coordinator/peers.ts';
@@ -174,4 +176,56 @@ test('peer registry: a bad step gradient or upload bans (not drops); replica dig
   assert.deepEqual([tie.reg.get('A')!.health, tie.reg.get('B')!.health], ['dead', 'dead']);
   assert.equal(tie.events.filter((e) => e.event === 'peer_banned').length, 0);
   assert.deepEqual(await tie.reg.settleDigests(0, 1, [{ peerId: 'C', ...d('c') }], signal), d('c'), 'one replica: its own digests, checked against its upload');
+});
+
+test('spot check: recalled tensors held to both hop digests (a receiver contradicting its own report is banned, a sender/receiver dispute counts nothing and bans nobody); the calls rebuilt from them', async () => {
+  const T = 2, C = 3, route = ['P0', 'P1'];
+  const act = new Float32Array([1, 2, 3, 4, 5, 6]), grad = new Float32Array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]);
+  const m = { ids: new Int32Array([5, 6]), labels: new Int32Array([6, -100]), batch: 1, seqLen: 2 };
+  const a = { m, route, key: { step: 3, mb: 1, attempt: 0 }, lossScale: 0.5, dropoutSeed: 9 };
+  const run = async (o: { uploaded?: Float32Array; sentAct?: string }) => {
+    const checks: Array<{ s: number; call: any; answer: any }> = [];
+    const held: Record<string, Float32Array> = { 'P1:act': o.uploaded ?? act, 'P0:grad': grad };
+    let pending: Record<string, (d: Float32Array) => void> = {};
+    const ctx = {
+      runId: 'r', hiddenSize: C, computeTimeoutMs: 1000, coordinatorId: 'C',
+      hops: { receive: (k: { kind: string }, e: { from: string }) => new Promise((res) => { pending[`${e.from}:${k.kind}`] = (d) => res({ data: d, rms: 1 }); }) },
+      client: { recall: async (_addrs: unknown, _key: unknown, kind: string) => {
+        const id = kind === 'act' ? 'P1' : 'P0';
+        await new Promise((r) => setImmediate(r));
+        pending[`${id}:${kind}`]!(held[`${id}:${kind}`]!);
+        return floatSha256(held[`${id}:${kind}`]!);
+      } },
+      peers: { addrs: () => [], liveReplicas: (s: number) => [route[s]!, `R${s}`] },
+      verifier: { check: async (s: number, call: any, answer: any) => { checks.push({ s, call, answer }); return { counts: true, bans: [], strikes: [], checkedBy: [`R${s}`], detail: 'agrees' }; } },
+    } as never;
+    const responses = [
+      { sentActSha256: o.sentAct ?? floatSha256(act), gradSha256: floatSha256(grad) },
+      { actSha256: floatSha256(act), sentGradSha256: floatSha256(grad), lossSum: 2.5 },
+    ];
+    const r = await spotCheck(ctx, a as never, responses, () => 1, new AbortController().signal);
+    pending = {};
+    return { r, checks };
+  };
+  const ok = await run({});
+  assert.equal(ok.r.counts, true);
+  assert.deepEqual(ok.checks.map((c) => c.s), [0, 1]);
+  // stage 0: ids in, the gradient it received; its answer is what stage 1 received
+  assert.deepEqual(ok.checks[0]!.answer, { hidden: act });
+  assert.equal(ok.checks[0]!.call.hidden, undefined);
+  assert.ok(ok.checks[0]!.call.ids !== undefined && ok.checks[0]!.call.gradOut !== undefined);
+  // stage 1: the activation it received in, labels and loss scale; its answer is what stage 0 received and its loss
+  assert.deepEqual(ok.checks[1]!.answer, { gradIn: grad, lossSum: 2.5 });
+  assert.equal(ok.checks[1]!.call.lossScale, 0.5);
+  assert.deepEqual(new Float32Array(ok.checks[1]!.call.hidden.bytes.slice().buffer), act);
+  const lied = await run({ uploaded: act.map((x) => x * 1.02) });
+  assert.equal(lied.r.counts, false);
+  assert.deepEqual(lied.r.bans.map((b) => [b.peerId, b.evidence]), [['P1', 'bad-upload']]);
+  assert.match(lied.r.bans[0]!.reason, /its recalled copy of the activation of stage 0 in step 3 micro-batch 1 attempt 0 does not hash to the digest it reported/);
+  assert.equal(lied.checks.length, 0, 'nothing is recomputed on contradicted evidence');
+  const disputed = await run({ sentAct: floatSha256(act.map((x) => x * 2)) });
+  assert.equal(disputed.r.counts, false);
+  assert.deepEqual(disputed.r.bans, []);
+  assert.deepEqual(disputed.r.strikes, ['P0', 'P1']);
+  assert.match(disputed.r.detail, /P0 and P1 report different digests of the activation of stage 0/);
 });
