@@ -38,7 +38,7 @@ const BY_NAME: Record<string, number> = {
   UsageError: EXIT.usage, InvalidArgumentError: EXIT.usage, CommanderError: EXIT.usage, EnvKnobError: EXIT.usage,
   ConfigError: EXIT.usage, DataError: EXIT.usage, ModelDirError: EXIT.usage, SafetensorsError: EXIT.usage,
   UnsupportedQuantizationError: EXIT.usage, BnbFormatError: EXIT.usage, TokenizerError: EXIT.usage,
-  TemplateError: EXIT.usage, ChatSpanError: EXIT.usage, AdapterError: EXIT.usage, MergeError: EXIT.usage,
+  TemplateError: EXIT.usage, ChatSpanError: EXIT.usage, AdapterError: EXIT.usage, MergeError: EXIT.usage, GenerationConfigError: EXIT.usage,
   BackendUnavailableError: EXIT.usage,
   AuthError: EXIT.refused, CapacityError: EXIT.refused, JoinRejectedError: EXIT.refused,
   RunMismatchError: EXIT.refused, ResumeError: EXIT.refused,

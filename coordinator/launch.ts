@@ -23,6 +23,10 @@ import { progressLine } from './progress.ts';
 import { startDashboard } from './dashboard/server.ts';
 import { buildRunData, stageMemoryFn } from './spec.ts';
 import { coordinatorConfig } from './config.ts';
+import { RunEvaluator } from './eval.ts';
+import { checkEvalPlan } from '../engine/train/evaluation.ts';
+import { dataOptionsOf, loadDataset } from '../engine/train/data.ts';
+import { TensorBoardWriter, defaultLoggingDir } from '../engine/logging/tensorboard.ts';
 import { knobs } from '../engine/env.ts';
 import { createLogger } from '../protocol/log.ts';
 import type { Logger } from '../protocol/log.ts';
@@ -162,6 +166,10 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
     initAdapter = new Map(a.tensors.map((t) => [t.name, t]));
   }
   const data = await buildRunData(train, model);
+  // eval_data goes through the run's own data pipeline (the coordinator evaluates: coordinator/eval.ts),
+  // checked with the eval plan before anything is written
+  const evalData = train.eval_data !== null && train.eval_strategy !== 'no' ? loadDataset(train.eval_data, model.tokenizer!, dataOptionsOf(train)) : null;
+  checkEvalPlan(train, data.totalSteps);
   const want = await askedFingerprint(train, model.dir, wireCodec);
   if (store === null) await openStore();
   const runStore = store!;
@@ -206,10 +214,28 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
   const args = trainingArgs(train);
   log(`data: ${data.examples} examples from ${train.data}${data.skipped > 0 ? `, ${data.skipped} bad lines skipped` : ''}${data.truncated > 0 ? `, ${data.truncated} truncated at ${train.max_seq_length} tokens` : ''}`);
   log(`${data.totalSteps} optimizer steps of ${data.microBatchesPerStep} micro-batch(es) × ${train.per_device_train_batch_size} sequences (${data.stepsPerEpoch} steps per epoch)`);
+  if (train.eval_data !== null && train.eval_strategy === 'no') log(`note: eval_data ${train.eval_data} is not evaluated during training: eval_strategy is "no" (set steps or epoch)`);
+  if (evalData !== null) log(`eval data: ${evalData.examples.length} examples from ${train.eval_data}${evalData.skipped.length > 0 ? `, ${evalData.skipped.length} bad lines skipped` : ''}${evalData.truncated > 0 ? `, ${evalData.truncated} truncated at ${train.max_seq_length} tokens` : ''}`);
+  let tb: TensorBoardWriter | null = null;
+  if (train.report_to.includes('tensorboard') && !finished) {
+    const tbw = tb = new TensorBoardWriter(train.logging_dir ?? defaultLoggingDir(outputDir));
+    releases.push(async () => { tbw.close(); });
+    log(`tensorboard: ${tbw.path} (tensorboard --logdir ${train.logging_dir ?? path.join(outputDir, 'runs')})`);
+  }
+  // HF logs the mean loss since the previous log line every logging_steps
+  let tbWindow: number[] = [];
 
   let coordinator: Coordinator | null = null;
   let trainingStarted: { ms: number; step: number } | null = null;
   const emit = (e: RunEvent) => {
+    if (e.event === 'step' && tb !== null) {
+      const step = Number(e.step);
+      tbWindow.push(Number(e.loss));
+      if (step % train.logging_steps === 0 || step === Number(e.total_steps)) {
+        tb.add(step, { loss: tbWindow.reduce((a, b) => a + b, 0) / tbWindow.length, grad_norm: Number(e.grad_norm), learning_rate: Number(e.lr), epoch: step / data.stepsPerEpoch });
+        tbWindow = [];
+      }
+    }
     if (json) { process.stdout.write(JSON.stringify(e) + '\n'); return; }
     // without --json: what `swarmtune train` prints, a progress line per logged step
     if (e.event === 'training') trainingStarted = { ms: performance.now(), step: Number(e.step) };
@@ -222,6 +248,14 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
     }
   };
 
+  // released after the coordinator stopped (releases run in reverse), so no evaluation is cut short
+  const evaluator: RunEvaluator = new RunEvaluator({
+    train, llama: model.config, weights: model.weights, lora, examples: evalData?.examples ?? null, padId: model.tokenizer!.padTokenId ?? model.tokenizer!.eosTokenId ?? 0,
+    totalSteps: data.totalSteps, stepsPerEpoch: data.stepsPerEpoch, outputDir, adapter: (): NamedTensor[] => c.currentAdapter(), tensorboard: tb, emit, log,
+  });
+  releases.push(async () => { evaluator.close(); });
+  if (resume !== null) await evaluator.restore(resume.step);
+
   const node = await createSwarmNode({ dataDir, listen: [o.listen] });
   releases.push(async () => { await node.stop(); });
   const blobs = new BlobStore(dataDir);
@@ -232,12 +266,17 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
     wireCodec, token, allowPeers, publicPull, initAdapter, resume, emit, log, config, logger,
     history: existing !== null ? await runStore.history() : [], alreadyFinished: finished,
     runConfig: describeRun(fingerprint),
-    afterCommit: (step: number): Promise<void> => retention.afterCommit(step),
+    afterCommit: async (step: number, signal: AbortSignal): Promise<void> => {
+      // HF evaluates a step before it saves it, so the checkpoint policy knows the best
+      await evaluator.afterCommit(step, signal);
+      await retention.afterCommit(step);
+    },
   });
   releases.push(() => c.stop());
   const retention: Retention = new Retention({
     store: runStore, train, totalSteps: data.totalSteps, stepsPerEpoch: data.stepsPerEpoch, outputDir, lora, baseModel: train.model,
     trainingArgs: args, adapter: (): NamedTensor[] => c.currentAdapter(), pruneBlobsBefore: (step) => c.pruneBlobsBefore(step), log,
+    protect: () => (train.load_best_model_at_end ? evaluator.best.state.best_model_checkpoint : null),
   });
   if (!finished) {
     // the weights' content hash is known once they are quantized into shard blobs (cached across launches)
@@ -267,7 +306,7 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
 
   let dashboard: { url: string; close(): Promise<void> } | null = null;
   if (o.dashboardPort !== undefined) {
-    const d = await startDashboard({ port: o.dashboardPort, getState: () => c.dashboardState() });
+    const d = await startDashboard({ port: o.dashboardPort, getState: () => ({ ...c.dashboardState(), evals: evaluator.evals.map((e) => ({ step: e.step, evalLoss: e.eval_loss })) }) });
     dashboard = d;
     releases.push(async () => { await d.close(); });
     emit({ event: 'dashboard', url: d.url });
@@ -288,7 +327,7 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
   });
   await Promise.race([c.finished, stopped]);
   if (c.runState === 'finished') {
-    const tensors = c.currentAdapter();
+    const tensors = await evaluator.finalAdapter(c.currentAdapter());
     await writeAdapter(outputDir, { lora, baseModel: train.model, tensors });
     await writeFile(path.join(outputDir, TRAINING_ARGS_FILE), JSON.stringify(args, null, 2) + '\n');
     emit({ event: 'finished', step: c.committedStep, output_dir: outputDir, ...(finished ? { already: true } : {}) });

@@ -4,6 +4,7 @@ import { mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { writeAdapter } from '../engine/formats/peft.ts';
 import { listCheckpoints } from '../engine/train/trainer.ts';
+import { checkpointsToDelete } from '../engine/train/evaluation.ts';
 import type { TrainConfig } from '../engine/train/config.ts';
 import type { LoraConfig, NamedTensor } from '../engine/types.ts';
 import type { RunStore } from './store.ts';
@@ -25,6 +26,8 @@ export interface RetentionInit {
   /** delete the assignment blobs of steps before this one; resolves with how many went */
   pruneBlobsBefore: (step: number) => Promise<number>;
   log: (msg: string) => void;
+  /** a checkpoint dir save_total_limit must not delete (load_best_model_at_end's best, as HF keeps it) */
+  protect?: () => string | null;
 }
 
 /** A PEFT adapter dir plus training_args.json, written under a temporary name and renamed last, so a
@@ -73,7 +76,7 @@ export class Retention {
       const limit = this.o.train.save_total_limit;
       if (limit !== null) {
         const all = listCheckpoints(outputDir);
-        for (const old of all.slice(0, Math.max(0, all.length - limit))) await rm(old, { recursive: true, force: true });
+        for (const old of checkpointsToDelete(all, limit, this.o.protect?.() ?? null)) await rm(old, { recursive: true, force: true });
       }
     }
     await this.o.pruneBlobsBefore(step);

@@ -86,6 +86,9 @@ export interface HopInboxInit {
   onReceived?: (s: HopStats) => void;
 }
 
+/** Errors that mean the bytes the sender wrote are malformed (a frame or chunk that does not parse). */
+const MALFORMED = new Set(['DecodeError', 'SchemaError', 'FrameTooLargeError', 'TensorError']);
+
 /** A truncated stream reads as a DecodeError from FrameReader: that is transport, not a bad tensor. */
 function truncated(e: Error): boolean {
   return e.name === 'DecodeError' && e.message.startsWith('stream ended');
@@ -202,9 +205,11 @@ export class HopInbox {
           if (rc === undefined) throw new HopError(peer, `${what}: the stream ended after ${off} of ${n} elements`);
           c = hopChunk(rc, 'hop chunk');
         } catch (e) {
-          if (truncated(e as Error)) throw new HopError(peer, `${what}: ${(e as Error).message}`);
           if ((e as Error).name === 'HopError') throw e;
-          throw new BadOutputError(`${what}: ${(e as Error).message}`);
+          // only what the sender wrote can be a bad tensor: a malformed frame or chunk; a stream that
+          // ended, was reset, aborted or timed out is transport (the attempt fails, nobody is accused)
+          if (!truncated(e as Error) && MALFORMED.has((e as Error).name)) throw new BadOutputError(`${what}: ${(e as Error).message}`);
+          throw new HopError(peer, `${what}: ${(e as Error).name}: ${(e as Error).message}`);
         }
         const len = Math.min(chunkRows(C) * C, n - off);
         if (c.offset !== off) throw new BadOutputError(`${what}: chunk at element ${c.offset}, expected ${off}`);

@@ -11,7 +11,7 @@ export const ORGANIZER_DOC = fileURLToPath(new URL('../docs/organizer.md', impor
 
 function fmtDefault(v: unknown): string {
   if (v === null) return '—';
-  if (Array.isArray(v)) return `\`${v.join(',')}\``;
+  if (Array.isArray(v)) return `\`${v.length > 0 ? v.join(',') : 'none'}\``;
   return `\`${typeof v === 'string' ? v : JSON.stringify(v)}\``;
 }
 

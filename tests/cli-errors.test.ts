@@ -80,6 +80,11 @@ test('launch refuses bad input in one line with the table\'s code and leaves no 
     ['missing --model', ['--data', f('good.jsonl')], EXIT.usage, /--model is required/],
     ['missing --data', ['--model', model], EXIT.usage, /--data is required/],
     ['unknown flag (commander)', ['--model', model, '--data', f('good.jsonl'), '--lerning-rate', '1'], EXIT.usage, /unknown option '--lerning-rate' \(did you mean --learning-rate\?\)$/],
+    ['missing eval data', ['--model', model, '--data', f('good.jsonl'), '--eval-strategy', 'steps', '--eval-data', f('nothing.jsonl')], EXIT.notFound, /--eval-data \S*nothing\.jsonl: no such file/],
+    ['malformed eval JSONL', ['--model', model, '--data', f('good.jsonl'), '--eval-strategy', 'epoch', '--eval-data', f('bad.jsonl')], EXIT.usage, /bad\.jsonl:1: invalid JSON/],
+    ['eval without eval data', ['--model', model, '--data', f('good.jsonl'), '--eval-strategy', 'steps'], EXIT.usage, /eval_strategy steps needs eval_data \(--eval-data FILE\)/],
+    ['best model, strategies differ', ['--model', model, '--data', f('good.jsonl'), '--eval-strategy', 'epoch', '--eval-data', f('good.jsonl'), '--load-best-model-at-end'], EXIT.usage, /requires the save and eval strategy to match/],
+    ['--report-to wandb', ['--model', model, '--data', f('good.jsonl'), '--report-to', 'wandb'], EXIT.usage, /--report-to: "wandb" is not supported/],
     // `tiny` resolves as in train: the error is then about the data, not the model
     ['--model tiny', ['--model', 'tiny', '--data', f('bad.jsonl')], EXIT.usage, /bad\.jsonl:1: invalid JSON/],
   ];
@@ -95,6 +100,8 @@ test('train, eval, plan, quantize, join and pull take the same path; --model tin
   oneLine(await cli(['train', '--model', model, '--data', f('bad.jsonl'), '--output-dir', f('t-out')]), 'train', EXIT.usage, /bad\.jsonl:1: invalid JSON/, 'train bad JSONL');
   assert.equal(existsSync(f('t-out')), false);
   oneLine(await cli(['train', '--model', model, '--data', f('good.jsonl'), '--max-steps', 'x']), 'train', EXIT.usage, /--max-steps: expected a number, got "x"/, 'train bad flag');
+  oneLine(await cli(['train', '--model', model, '--data', f('good.jsonl'), '--eval-strategy', 'steps', '--eval-data', f('nothing.jsonl'), '--output-dir', f('t-out')]), 'train', EXIT.notFound, /--eval-data \S*nothing\.jsonl: no such file/, 'train missing eval data');
+  assert.equal(existsSync(f('t-out')), false);
   oneLine(await cli(['eval', '--model', 'tiny', '--data', f('schema.jsonl'), '--device', 'ref']), 'eval', EXIT.usage, /no known fields/, 'eval --model tiny, bad data');
   oneLine(await cli(['eval', '--data', f('good.jsonl')]), 'eval', EXIT.usage, /required option '--model <dir>' not specified/, 'eval without --model');
   oneLine(await cli(['plan', '--model', f('nope')]), 'plan', EXIT.notFound, /--model \S*nope: no such directory/, 'plan missing model');

@@ -52,6 +52,8 @@ class FakeRun {
         { index: 1, layerStart: 2, layerEnd: 4, replicas: ['12D3KooWCharliePeer33333333333333333333'] },
       ],
       history: this.steps,
+      // an evaluation every 10 steps (eval_strategy steps)
+      evals: this.steps.filter((x) => x.step % 10 === 0).map((x) => ({ step: x.step, evalLoss: x.loss + 0.3 })),
       totals: { retries: 2, reassignments: 1, bans: 0, tokens: this.steps.length * 4096 },
       events: [
         { timeMs: this.t0, kind: 'plan', message: '2 stages: layers 0–1, 2–3' },
@@ -146,6 +148,9 @@ test('dashboard page in headless Chromium shows peers, pipeline and live-updatin
     assert.equal(after.split(' ').length, 35);
     assert.notEqual(after, before);
     assert.equal(await page.$eval('#lr-chart', (s) => s.getAttribute('data-n')), '35');
+    // the eval_loss series: one vertex per evaluation (steps 10, 20, 30)
+    const evalPoints = await page.$eval('#loss-chart polyline[data-series="eval_loss"]', (p) => p.getAttribute('points') ?? '');
+    assert.equal(evalPoints.split(' ').length, 3);
     assert.equal(await page.textContent('#step-text'), '35 / 60');
     // fake steps are 2 s apart: 25 steps left ⇒ 50 s
     assert.equal(await page.textContent('#eta'), ' · ETA 50 s');

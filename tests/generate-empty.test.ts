@@ -17,21 +17,22 @@ test('generate --max-new-tokens 0 on the tiny model: empty output, exit 0, no er
 test('generation_config.json gives generate its defaults as transformers reads them', async () => {
   const { mkdtempSync, writeFileSync, rmSync } = await import('node:fs');
   const { tmpdir } = await import('node:os');
-  const { readGenerationConfig } = await import('../engine/tasks/generate.ts');
+  const { readGenerationConfig, HF_GENERATION_DEFAULTS } = await import('../engine/formats/generation-config.ts');
   const dir = mkdtempSync(path.join(tmpdir(), 'gencfg-'));
+  const pick = async () => { const g = await readGenerationConfig(dir); return { doSample: g.doSample, temperature: g.temperature, topP: g.topP, maxNewTokens: g.maxNewTokens, eos: g.eosTokenIds }; };
   try {
-    assert.deepEqual(readGenerationConfig(dir), { temperature: 0, topP: 1, maxNewTokens: null, eos: [] });
+    assert.deepEqual(await readGenerationConfig(dir), { ...HF_GENERATION_DEFAULTS, notes: [] });
     writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify({ do_sample: true, temperature: 0.6, top_p: 0.9, eos_token_id: [128001, 128009] }));
-    assert.deepEqual(readGenerationConfig(dir), { temperature: 0.6, topP: 0.9, maxNewTokens: null, eos: [128001, 128009] });
-    // without do_sample, transformers decodes greedily whatever temperature says
+    assert.deepEqual(await pick(), { doSample: true, temperature: 0.6, topP: 0.9, maxNewTokens: null, eos: [128001, 128009] });
+    // without do_sample, transformers decodes greedily whatever temperature says (generate passes temperature 0)
     writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify({ temperature: 0.6, top_p: 0.9, eos_token_id: 2, max_new_tokens: 7 }));
-    assert.deepEqual(readGenerationConfig(dir), { temperature: 0, topP: 1, maxNewTokens: 7, eos: [2] });
+    assert.deepEqual(await pick(), { doSample: false, temperature: 0.6, topP: 0.9, maxNewTokens: 7, eos: [2] });
     writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify({ do_sample: true }));
-    assert.deepEqual(readGenerationConfig(dir), { temperature: 1, topP: 1, maxNewTokens: null, eos: [] });
+    assert.deepEqual(await pick(), { doSample: true, temperature: 1, topP: 1, maxNewTokens: null, eos: null });
     writeFileSync(path.join(dir, 'generation_config.json'), '{ "do_sample": tru');
-    assert.throws(() => readGenerationConfig(dir), /generation_config\.json: not valid JSON/);
+    await assert.rejects(readGenerationConfig(dir), /generation_config\.json: not valid JSON/);
     writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify({ do_sample: true, temperature: 'hot' }));
-    assert.throws(() => readGenerationConfig(dir), /temperature must be a number, got "hot"/);
+    await assert.rejects(readGenerationConfig(dir), /"temperature" must be a number > 0, got "hot"/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

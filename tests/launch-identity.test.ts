@@ -56,8 +56,8 @@ const stderrOf = (p: Proc) => p.stderr.join('');
 const sameTensors = (a: PulledAdapter['tensors'], b: PulledAdapter['tensors']) => a.length === b.length &&
   a.every((t) => { const u = b.find((x) => x.name === t.name); return u !== undefined && Buffer.compare(Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength), Buffer.from(u.data.buffer, u.data.byteOffset, u.data.byteLength)) === 0; });
 
-function join(addr: string, name: string): Proc {
-  return procs.start(name, ['join', addr, '--device', 'cpu', '--json', '--listen', '/ip4/127.0.0.1/tcp/0', '--data-dir', path.join(tmp, name)]);
+function join(addr: string, name: string, env: Record<string, string> = {}): Proc {
+  return procs.start(name, ['join', addr, '--device', 'cpu', '--json', '--listen', '/ip4/127.0.0.1/tcp/0', '--data-dir', path.join(tmp, name)], env);
 }
 
 test('Retention: checkpoint steps as train saves them; the store keeps the latest step and the last K checkpoints with their optimizer state, and a restart still resumes', async () => {
@@ -153,7 +153,9 @@ test('save_total_limit prunes the store and the checkpoint dirs while pulls run;
     '--listen', `/ip4/127.0.0.1/tcp/${port}`, '--min-peers', '1', '--output-dir', outDir];
   const coord = procs.start('launch', ['launch', ...base, '--json']);
   const addr = String((await waitEvent(coord, (e) => e.event === 'listening', 'listening')).multiaddr);
-  join(addr, 'v0');
+  // each compute job is slowed (node/test-aids.ts) so the six steps outlast several pulls even on a
+  // loaded machine, where one pull (a new libp2p client) can take seconds
+  join(addr, 'v0', { SWARMTUNE_TEST_DELAY_MS: '250' });
 
   // pulls of the latest and of named steps keep running while steps commit and older ones are pruned:
   // each either succeeds with the whole adapter of the step it names or fails with a StaleError

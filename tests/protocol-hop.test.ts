@@ -160,8 +160,16 @@ test('a stranger cannot feed a stage; a bad chunk is refused naming its sender; 
     assert.rejects(loud, (e: Error) => e.name === 'BadOutputError' && /over 50x the median/.test(e.message)),
   ]);
 
-  // the sender dies after a few chunks of a large tensor: the receiver sees a broken hop
+  // the sender gives up after a few chunks (its stream is reset, the connection lives on): a broken
+  // hop, not a bad tensor, so nobody is accused of sending garbage
   const big = activations(8 * 2 ** 20, 2);
+  key = keyFor();
+  const reset = inbox.receive(key, { from: a.peerId.toString(), shape: [2 ** 13, 2 ** 10] }, { signal, timeoutMs: 20_000 });
+  let sent = 0;
+  const giving = sendHop(a, addrsOf(b), key, [2 ** 13, 2 ** 10], big, { ...opts(a), mutate: (t) => { if (++sent === 3) throw new Error('the sender gives up'); return t; } });
+  await Promise.all([assert.rejects(giving, /the sender gives up/), assert.rejects(reset, (e: Error) => e.name === 'HopError' && e.message.includes(a.peerId.toString()))]);
+
+  // the sender dies after a few chunks of a large tensor: the receiver sees a broken hop
   key = keyFor();
   const broken = inbox.receive(key, { from: a.peerId.toString(), shape: [2 ** 13, 2 ** 10] }, { signal, timeoutMs: 20_000 });
   let chunks = 0;

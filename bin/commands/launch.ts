@@ -49,6 +49,7 @@ export function registerLaunch(program: Command): void {
       if (train.data === null) throw new UsageError('--data is required (a JSONL file, or "tiny" for the bundled QA set)');
       flags.model = await modelDirArg(from('model'), train.model);
       flags.data = await dataFileArg(from('data'), train.data);
+      if (train.eval_data !== null) flags.eval_data = await dataFileArg(flags.eval_data !== undefined ? '--eval-data' : `config ${configFile}: eval_data`, train.eval_data);
     }
 
     await checkListenFree('--listen', String(opts.listen));

@@ -14,7 +14,7 @@ export function addTrainFlags(cmd: Command, help: 'train' | 'launch'): void {
   for (const spec of TRAIN_CONFIG_KEYS) {
     const flag = kebab(spec.key);
     const def = DEFAULT_TRAIN_CONFIG[spec.key];
-    const defText = Array.isArray(def) ? def.join(',') : String(def);
+    const defText = Array.isArray(def) ? (def.length > 0 ? def.join(',') : 'none') : String(def);
     if (spec.kind === 'bool') {
       cmd.option(`--${flag}`, help === 'train' ? `${spec.help} (default ${defText})` : spec.help);
       cmd.option(`--no-${flag}`, help === 'train' ? `disable --${flag}` : `disable ${flag}`);

@@ -258,6 +258,7 @@ function render(state) {
   lineChart($('loss-chart'), [
     { points: steps.map((x, i) => [x, loss[i]]), color: '#5cc8ff', width: 1.2, opacity: 0.55, label: 'loss' },
     { points: steps.map((x, i) => [x, smooth[i]]), color: '#4cc38a', width: 2.2, label: 'smoothed' },
+    ...((state.evals || []).length ? [{ points: state.evals.map((e) => [e.step, e.evalLoss]), color: '#ffcb6b', width: 2, label: 'eval_loss' }] : []),
   ], { digits: 2 });
   lineChart($('lr-chart'), [{ points: h.map((s) => [s.step, s.lr]), color: '#c792ea', width: 2, label: 'lr' }], { digits: 5, zeroBase: true });
   lineChart($('tps-chart'), [{ points: h.map((s) => [s.step, s.tokensPerSecond]), color: '#f78c6c', width: 2, label: 'tokens/s' }], { digits: 0, zeroBase: true });

@@ -55,4 +55,6 @@ export interface DashboardState {
   totals: { retries: number; reassignments: number; bans: number; tokens: number };
   /** most recent last, bounded */
   events: DashboardEvent[];
+  /** evaluations (eval_strategy), oldest first */
+  evals?: Array<{ step: number; evalLoss: number }>;
 }

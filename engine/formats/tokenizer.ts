@@ -169,6 +169,8 @@ export class Tokenizer {
   }
 
   decode(ids: ArrayLike<number>, skipSpecial = false): string {
+    // no tokens decode to no text, as in transformers (the JS library throws on an empty list)
+    if (ids.length === 0) return '';
     return this.tok.decode(Array.from(ids), { skip_special_tokens: skipSpecial });
   }
 

@@ -19,6 +19,8 @@ export interface EvalOptions {
   /** injected backend (tests); otherwise from device */
   backend?: Backend;
   onProgress?: (done: number, total: number) => void;
+  /** batch the examples in file order (as Trainer.evaluate's SequentialSampler) instead of by length */
+  fileOrder?: boolean;
 }
 
 export interface EvalResult {
@@ -29,6 +31,8 @@ export interface EvalResult {
   examples: number;
   skipped: number;
   truncated: number;
+  /** each forward pass: its examples, summed token loss and scored tokens (in the order run) */
+  batches: Array<{ examples: number; lossSum: number; tokens: number }>;
 }
 
 /** Same data pipeline and loss semantics as training: labels shifted, -100 ignored, micro-batches padded
@@ -51,18 +55,21 @@ export async function evaluate(opts: EvalOptions): Promise<EvalResult> {
     if (!Number.isInteger(batchSize) || batchSize <= 0) throw new RangeError(`--batch-size must be a positive integer, got ${batchSize}`);
     const padId = tok.padTokenId ?? tok.eosTokenId ?? 0;
     // batching similar lengths together wastes less compute on padding; the order does not change the sum
-    const order = ds.examples.map((_, i) => i).sort((a, b) => ds.examples[a].ids.length - ds.examples[b].ids.length);
+    const order = ds.examples.map((_, i) => i);
+    if (opts.fileOrder !== true) order.sort((a, b) => ds.examples[a].ids.length - ds.examples[b].ids.length);
     let lossSum = 0, tokens = 0;
+    const batches: EvalResult['batches'] = [];
     for (let i = 0; i < order.length; i += batchSize) {
       const mb = collate(order.slice(i, i + batchSize).map((j) => ds.examples[j]), padId);
       const r = await model.stage.forward({ key: `eval:${i}`, batch: mb.batch, seqLen: mb.seqLen, ids: mb.ids, labels: mb.labels }, { train: false });
       lossSum += r.lossSum!;
       tokens += r.tokens!;
+      batches.push({ examples: mb.batch, lossSum: r.lossSum!, tokens: r.tokens! });
       opts.onProgress?.(Math.min(i + batchSize, order.length), order.length);
     }
     if (tokens === 0) throw new Error(`${opts.data}: no scored tokens (every label is masked)`);
     const loss = lossSum / tokens;
-    return { loss, perplexity: Math.exp(loss), tokens, examples: ds.examples.length, skipped: ds.skipped.length, truncated: ds.truncated };
+    return { loss, perplexity: Math.exp(loss), tokens, examples: ds.examples.length, skipped: ds.skipped.length, truncated: ds.truncated, batches };
   } finally {
     await model.close();
     if (!opts.backend) backend.dispose();

@@ -1,41 +1,9 @@
-// The generate task: text generation from a model (+ optional PEFT adapter) with a KV cache.
+// The generate task: text generation from a model (+ optional PEFT adapter) with a KV cache. The decoding
+// defaults come from the model's generation_config.json as transformers reads it; options override them.
 import { openForInference, backendForDevice } from '../model/inference.ts';
 import { generate } from '../model/generate.ts';
+import { readGenerationConfig } from '../formats/generation-config.ts';
 import type { Backend } from '../backend.ts';
-import { readFileSync, existsSync } from 'node:fs';
-import { join } from 'node:path';
-
-/** The defaults transformers' generate() takes from a model dir's generation_config.json: sampling only
- *  when do_sample is true (then temperature and top_p, HF's defaults 1.0), max_new_tokens, and eos ids. */
-export interface GenerationDefaults { temperature: number; topP: number; maxNewTokens: number | null; eos: number[] }
-
-export function readGenerationConfig(modelDir: string): GenerationDefaults {
-  const file = join(modelDir, 'generation_config.json');
-  const none: GenerationDefaults = { temperature: 0, topP: 1, maxNewTokens: null, eos: [] };
-  if (!existsSync(file)) return none;
-  let g: Record<string, unknown>;
-  try {
-    g = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>;
-  } catch (e) {
-    throw new Error(`${file}: not valid JSON (${(e as Error).message})`);
-  }
-  const num = (k: string, d: number): number => {
-    const v = g[k];
-    if (v === undefined || v === null) return d;
-    if (typeof v !== 'number' || !Number.isFinite(v)) throw new Error(`${file}: ${k} must be a number, got ${JSON.stringify(v)}`);
-    return v;
-  };
-  const sample = g.do_sample === true;
-  const eosRaw = g.eos_token_id;
-  const eos = typeof eosRaw === 'number' ? [eosRaw] : Array.isArray(eosRaw) ? eosRaw.filter((x): x is number => Number.isInteger(x)) : [];
-  const maxNew = g.max_new_tokens;
-  return {
-    temperature: sample ? num('temperature', 1) : 0,
-    topP: sample ? num('top_p', 1) : 1,
-    maxNewTokens: typeof maxNew === 'number' && Number.isInteger(maxNew) && maxNew >= 0 ? maxNew : null,
-    eos,
-  };
-}
 
 export interface GenerateTextOptions {
   model: string;
@@ -44,21 +12,44 @@ export interface GenerateTextOptions {
   /** render the prompt as a user message through the tokenizer's chat template (+ generation prompt) */
   chat?: boolean;
   system?: string;
+  /** default: generation_config.json's max_new_tokens, else 128 */
   maxNewTokens?: number;
+  /** sample (true) or greedy (false); default: generation_config.json's do_sample (transformers: false). A
+   *  temperature given without doSample decides it: > 0 samples, 0 is greedy. */
+  doSample?: boolean;
   temperature?: number;
   topP?: number;
+  /** 0 = off */
+  topK?: number;
+  repetitionPenalty?: number;
   seed?: number;
   device?: string;
   backend?: Backend;
   /** called with the text of each new token as it is produced */
   onText?: (text: string) => void;
+  /** generation_config.json keys that are not applied, one line each (default: dropped) */
+  onNote?: (line: string) => void;
+}
+
+/** The decoding settings a run used, after generation_config.json and the options. */
+export interface GenerationSettings {
+  doSample: boolean;
+  temperature: number;
+  topK: number;
+  topP: number;
+  repetitionPenalty: number;
+  maxNewTokens: number;
+  eosTokenIds: number[];
 }
 
 export interface GenerateTextResult {
   text: string;
   promptIds: number[];
   ids: number[];
+  settings: GenerationSettings;
 }
+
+const DEFAULT_MAX_NEW_TOKENS = 128;
 
 function eosIds(configEos: number | number[] | null, tokEos: number | null): number[] {
   const s = new Set<number>();
@@ -69,6 +60,9 @@ function eosIds(configEos: number | number[] | null, tokEos: number | null): num
 }
 
 export async function generateText(opts: GenerateTextOptions): Promise<GenerateTextResult> {
+  // read (and check) generation_config.json before anything heavy is loaded
+  const gc = await readGenerationConfig(opts.model);
+  for (const n of gc.notes) opts.onNote?.(n);
   const backend = opts.backend ?? await backendForDevice(opts.device ?? 'auto');
   const model = await openForInference(opts.model, opts.adapter, backend);
   try {
@@ -83,34 +77,38 @@ export async function generateText(opts: GenerateTextOptions): Promise<GenerateT
       promptIds = tok.encode(opts.prompt, { addSpecialTokens: true });
     }
     if (promptIds.length === 0) throw new Error('generate: the prompt encodes to no tokens');
-    // flags override generation_config.json, which overrides the library defaults (greedy, 128 tokens)
-    const gen = readGenerationConfig(opts.model);
-    const maxNew = opts.maxNewTokens ?? gen.maxNewTokens ?? 128;
-    const eos = [...new Set([...eosIds(model.config.eosTokenId, tok.eosTokenId), ...gen.eos])];
+    const doSample = opts.doSample ?? (opts.temperature !== undefined ? opts.temperature > 0 : gc.doSample);
+    const settings: GenerationSettings = {
+      doSample,
+      temperature: opts.temperature ?? gc.temperature,
+      topK: opts.topK ?? gc.topK,
+      topP: opts.topP ?? gc.topP,
+      repetitionPenalty: opts.repetitionPenalty ?? gc.repetitionPenalty,
+      maxNewTokens: opts.maxNewTokens ?? gc.maxNewTokens ?? DEFAULT_MAX_NEW_TOKENS,
+      // transformers stops on generation_config's eos list; without one, on config.json's and the tokenizer's eos
+      eosTokenIds: gc.eosTokenIds ?? eosIds(model.config.eosTokenId, tok.eosTokenId),
+    };
+    const eos = settings.eosTokenIds;
     const ids: number[] = [];
     let emitted = '';
-    // an answer that is only EOS (or --max-new-tokens 0) is the empty answer, not an error of the decoder
-    const decodeText = (xs: readonly number[]): string => {
-      const kept = xs.filter((i) => !eos.includes(i));
-      return kept.length === 0 ? '' : tok.decode(kept, true);
-    };
     const out = await generate(model.stage, promptIds, {
-      maxNewTokens: maxNew, temperature: opts.temperature ?? gen.temperature, topP: opts.topP ?? gen.topP, seed: opts.seed ?? 0,
-      eosTokenIds: eos,
+      maxNewTokens: settings.maxNewTokens, temperature: doSample ? settings.temperature : 0, topP: settings.topP,
+      topK: settings.topK, repetitionPenalty: settings.repetitionPenalty, seed: opts.seed ?? 0, eosTokenIds: eos,
       onToken: (id) => {
         ids.push(id);
         if (!opts.onText) return;
         // decode the whole continuation each time: byte-level BPE tokens may split a UTF-8 character
-        const text = decodeText(ids);
+        const text = tok.decode(ids.filter((i) => !eos.includes(i)), true);
         if (text.startsWith(emitted) && !text.endsWith('\uFFFD')) {
-          opts.onText(text.slice(emitted.length));
+          if (text.length > emitted.length) opts.onText(text.slice(emitted.length));
           emitted = text;
         }
       },
     });
-    const text = decodeText(out);
+    // an empty answer (eos first, or max_new_tokens 0) is a normal answer: the text is ''
+    const text = tok.decode(out.filter((i) => !eos.includes(i)), true);
     if (opts.onText && text.length > emitted.length && text.startsWith(emitted)) opts.onText(text.slice(emitted.length));
-    return { text, promptIds, ids: out };
+    return { text, promptIds, ids: out, settings };
   } finally {
     await model.close();
     if (!opts.backend) backend.dispose();

@@ -13,6 +13,13 @@ import type { LrSchedulerType } from './schedule.ts';
 
 export const SAVE_STRATEGIES = ['no', 'steps', 'epoch'] as const;
 export type SaveStrategy = typeof SAVE_STRATEGIES[number];
+export const EVAL_STRATEGIES = ['no', 'steps', 'epoch'] as const;
+export type EvalStrategy = typeof EVAL_STRATEGIES[number];
+/** report_to integrations swarmtune writes ("all" means these; the JSONL log is always written) */
+export const REPORT_INTEGRATIONS = ['tensorboard'] as const;
+export type ReportIntegration = typeof REPORT_INTEGRATIONS[number];
+/** metric_for_best_model values: HF prefixes "eval_" to a name that lacks it; eval loss is the metric we compute */
+export const BEST_MODEL_METRICS = ['loss', 'eval_loss'] as const;
 export const DEVICES = ['auto', 'cpu', 'ref', 'cuda'] as const;
 export type TrainDevice = typeof DEVICES[number];
 
@@ -39,6 +46,16 @@ export interface TrainConfig {
   save_strategy: SaveStrategy;
   save_steps: number;
   save_total_limit: number | null;
+  eval_data: string | null;
+  eval_strategy: EvalStrategy;
+  /** an integer number of steps, or a fraction (< 1) of the total steps; null = logging_steps (HF) */
+  eval_steps: number | null;
+  per_device_eval_batch_size: number;
+  load_best_model_at_end: boolean;
+  metric_for_best_model: string | null;
+  greater_is_better: boolean | null;
+  report_to: ReportIntegration[];
+  logging_dir: string | null;
   resume_from_checkpoint: string | null;
   init_adapter: string | null;
   lora_r: number;
@@ -63,7 +80,7 @@ export interface TrainConfig {
   json: boolean;
 }
 
-type Kind = 'int' | 'float' | 'bool' | 'string' | 'path' | 'enum' | 'targets' | 'bytes' | 'init';
+type Kind = 'int' | 'float' | 'bool' | 'string' | 'path' | 'enum' | 'targets' | 'bytes' | 'init' | 'steps' | 'report';
 
 export interface ConfigKeySpec {
   key: keyof TrainConfig;
@@ -103,6 +120,16 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   save_strategy: 'steps',
   save_steps: 500,
   save_total_limit: null,
+  eval_data: null,
+  eval_strategy: 'no',
+  eval_steps: null,
+  per_device_eval_batch_size: 8,
+  load_best_model_at_end: false,
+  metric_for_best_model: null,
+  greater_is_better: null,
+  // transformers 5 defaults to "none" (4.x reported to every installed integration); the JSONL log is always on
+  report_to: [],
+  logging_dir: null,
   resume_from_checkpoint: null,
   init_adapter: null,
   lora_r: 8,
@@ -152,6 +179,15 @@ export const TRAIN_CONFIG_KEYS: readonly ConfigKeySpec[] = [
   { key: 'save_strategy', kind: 'enum', values: SAVE_STRATEGIES, help: 'when to write checkpoint-N dirs' },
   { key: 'save_steps', kind: 'int', min: 1, help: 'checkpoint every N steps (save_strategy steps)' },
   { key: 'save_total_limit', kind: 'int', min: 1, nullable: true, help: 'keep at most N checkpoints (oldest deleted)' },
+  { key: 'eval_data', kind: 'path', nullable: true, help: 'evaluation data, JSONL in the formats of --data (HF eval_dataset)' },
+  { key: 'eval_strategy', kind: 'enum', values: EVAL_STRATEGIES, help: 'when to compute eval_loss on eval_data during training' },
+  { key: 'eval_steps', kind: 'steps', nullable: true, help: 'evaluate every N steps (eval_strategy steps); a float < 1 is a fraction of the total steps; default logging_steps' },
+  { key: 'per_device_eval_batch_size', kind: 'int', min: 1, help: 'sequences per evaluation batch' },
+  { key: 'load_best_model_at_end', kind: 'bool', help: 'the adapter written at the end is the best evaluated checkpoint\'s (save and eval strategies must match)' },
+  { key: 'metric_for_best_model', kind: 'enum', values: BEST_MODEL_METRICS, nullable: true, help: 'metric that picks the best checkpoint (default loss when load_best_model_at_end)' },
+  { key: 'greater_is_better', kind: 'bool', nullable: true, help: 'a larger metric is better (default: false for a loss)' },
+  { key: 'report_to', kind: 'report', help: 'where logs go besides training_log.jsonl: none, tensorboard or all (a comma list)' },
+  { key: 'logging_dir', kind: 'path', nullable: true, help: 'TensorBoard event files dir (default <output_dir>/runs/<date>_<host>, as HF)' },
   { key: 'resume_from_checkpoint', kind: 'path', nullable: true, help: 'checkpoint dir to resume from, or "latest" in output_dir' },
   { key: 'init_adapter', kind: 'path', nullable: true, help: 'start from this PEFT adapter dir (its r, alpha, targets apply)' },
   { key: 'lora_r', kind: 'int', min: 1, help: 'LoRA rank' },
@@ -255,11 +291,39 @@ function parseValue(spec: ConfigKeySpec, raw: unknown, source: string): unknown 
       if (spec.min !== undefined && b < spec.min) throw new ConfigError(`${what}: must be >= ${spec.min} bytes, got ${b}`);
       return b;
     }
+    case 'steps': {
+      const n = typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : raw;
+      if (typeof n !== 'number' || !Number.isFinite(n) || n <= 0) throw new ConfigError(`${what}: expected a positive number of steps or a fraction < 1 of the total, got ${JSON.stringify(raw)}`);
+      if (n >= 1 && !Number.isInteger(n)) throw new ConfigError(`${what}: a value >= 1 is a number of steps and must be an integer, got ${n}`);
+      return n;
+    }
+    case 'report':
+      return parseReportTo(raw, what);
     case 'init':
       if (raw === true || raw === 'true') return true;
       if (raw === 'gaussian') return 'gaussian';
       throw new ConfigError(`${what}: expected true or "gaussian", got ${JSON.stringify(raw)}`);
   }
+}
+
+/** HF report_to: "none", "all", one integration or a list of them. Integrations swarmtune does not write
+ *  (wandb, mlflow, …) are refused rather than silently dropped. */
+export function parseReportTo(value: unknown, what: string): ReportIntegration[] {
+  let names: string[];
+  if (typeof value === 'string') names = value.split(',').map((x) => x.trim()).filter((x) => x !== '');
+  else if (Array.isArray(value) && value.every((v) => typeof v === 'string')) names = value as string[];
+  else throw new ConfigError(`${what}: expected "none", "all", "tensorboard" or a list of them, got ${JSON.stringify(value)}`);
+  const out = new Set<ReportIntegration>();
+  for (const n of names) {
+    if (n === 'none') continue;
+    if (n === 'all') { for (const r of REPORT_INTEGRATIONS) out.add(r); continue; }
+    if (!(REPORT_INTEGRATIONS as readonly string[]).includes(n)) {
+      throw new ConfigError(`${what}: "${n}" is not supported; swarmtune writes ${REPORT_INTEGRATIONS.join(', ')} (and always training_log.jsonl); use none, all or tensorboard`);
+    }
+    out.add(n as ReportIntegration);
+  }
+  if (names.includes('none') && out.size > 0) throw new ConfigError(`${what}: "none" cannot be combined with ${[...out].join(', ')}`);
+  return [...out];
 }
 
 const SPEC_BY_KEY = new Map(TRAIN_CONFIG_KEYS.map((s) => [s.key as string, s]));
@@ -286,6 +350,20 @@ export function validateTrainConfig(cfg: TrainConfig): TrainConfig {
   if (cfg.lora_dropout >= 1) throw new ConfigError(`lora_dropout must be < 1, got ${cfg.lora_dropout}`);
   if (cfg.optim_resident_bytes !== null && !cfg.optim.startsWith('paged_')) {
     throw new ConfigError(`optim_resident_bytes applies to paged optimizers only (paged_adamw_32bit, paged_adamw_8bit); optim is ${cfg.optim}`);
+  }
+  if (cfg.eval_strategy !== 'no' && cfg.eval_data === null) {
+    throw new ConfigError(`eval_strategy ${cfg.eval_strategy} needs eval_data (--eval-data FILE): there is nothing to evaluate on`);
+  }
+  if (cfg.load_best_model_at_end) {
+    if (cfg.eval_strategy === 'no') throw new ConfigError('load_best_model_at_end needs an eval_strategy (steps or epoch) and eval_data: without evaluations there is no best checkpoint');
+    // transformers TrainingArguments' own constraint: the best evaluated step must have a checkpoint
+    if (cfg.save_strategy !== cfg.eval_strategy) {
+      throw new ConfigError(`load_best_model_at_end requires the save and eval strategy to match, but found eval_strategy ${cfg.eval_strategy} and save_strategy ${cfg.save_strategy}`);
+    }
+    const evalSteps = cfg.eval_steps ?? cfg.logging_steps;
+    if (cfg.eval_strategy === 'steps' && evalSteps >= 1 && cfg.save_steps % evalSteps !== 0) {
+      throw new ConfigError(`load_best_model_at_end requires the saving steps to be a round multiple of the evaluation steps, but found save_steps ${cfg.save_steps}, which is not a round multiple of eval_steps ${evalSteps}`);
+    }
   }
   return cfg;
 }

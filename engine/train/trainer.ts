@@ -21,6 +21,9 @@ import type { Optimizer } from '../optimizer.ts';
 import type { OptimizerState, StateTensor } from '../optimizer.ts';
 import { baseParamCount, trainableParamsLine } from './plan.ts';
 import { learningRateAt, warmupStepsFor } from './schedule.ts';
+import { BestModelTracker, checkEvalPlan, checkpointsToDelete, evaluateLoss, shouldEvaluate } from './evaluation.ts';
+import type { BestModelState, EvalEvent } from './evaluation.ts';
+import { TensorBoardWriter, defaultLoggingDir } from '../logging/tensorboard.ts';
 
 export const TRAINER_STATE_FILE = 'trainer_state.json';
 export const OPTIMIZER_FILE = 'optimizer.safetensors';
@@ -41,8 +44,8 @@ export interface StepEvent {
   label_tokens: number;
 }
 
-/** What checkpoint-N/trainer_state.json holds. */
-export interface TrainerState {
+/** What checkpoint-N/trainer_state.json holds (best_* as HF's TrainerState: set by evaluations). */
+export interface TrainerState extends Partial<BestModelState> {
   version: 1;
   global_step: number;
   total_steps: number;
@@ -54,7 +57,8 @@ export interface TrainerState {
   schedule: { lr_scheduler_type: string; learning_rate: number; warmup_steps: number; total_steps: number; next_lr: number };
   dataset: { examples: number; sha256: string };
   optim: string;
-  log_history: StepEvent[];
+  /** step events and, with evaluation, eval events, in order */
+  log_history: Array<StepEvent | EvalEvent>;
   args: Partial<TrainConfig>;
 }
 
@@ -63,6 +67,8 @@ export interface TrainerHooks {
   info?: (line: string) => void;
   /** every optimizer step */
   onStep?: (e: StepEvent, progress: { step: number; totalSteps: number; elapsedMs: number }) => void;
+  /** after each evaluation (eval_strategy) */
+  onEval?: (e: EvalEvent) => void;
   /** set to stop after the current step with a checkpoint (Ctrl-C) */
   signal?: AbortSignal;
 }
@@ -74,8 +80,14 @@ export interface TrainResult {
   lastLoss: number;
   checkpoints: string[];
   adapterDir: string;
-  /** the trained LoRA tensors (copies) */
+  /** the LoRA tensors written as the adapter (copies): the best checkpoint's with load_best_model_at_end */
   params: NamedTensor[];
+  /** the evaluations of this process, in order */
+  evals: EvalEvent[];
+  /** HF's best_* fields (null without evaluation) */
+  best: BestModelState;
+  /** the TensorBoard event file (report_to tensorboard) */
+  tensorboardFile: string | null;
 }
 
 export interface TrainInputs {
@@ -84,6 +96,8 @@ export interface TrainInputs {
   weights: WeightSource;
   backend: Backend;
   examples: TokenizedExample[];
+  /** eval_data, tokenized (needed when eval_strategy is not "no") */
+  evalExamples?: TokenizedExample[];
   padId: number;
   /** base_model_name_or_path written into the adapter config */
   baseModelName: string;
@@ -197,7 +211,7 @@ export class Trainer {
     });
     this.stage = stage;
     let optimizer: Optimizer | null = null;
-    let setup: { loader: DataLoader; totalSteps: number; warmup: number; dataSha: string; startStep: number; history: StepEvent[] };
+    let setup: { loader: DataLoader; totalSteps: number; warmup: number; dataSha: string; startStep: number; history: Array<StepEvent | EvalEvent>; best: BestModelTracker };
     try {
       if (initTensors) copyTensorsInto(stage.params, initTensors, `init adapter ${cfg.init_adapter}`);
 
@@ -208,6 +222,11 @@ export class Trainer {
       const totalSteps = cfg.max_steps > 0 ? cfg.max_steps : Math.ceil(cfg.num_train_epochs * loader.stepsPerEpoch);
       const warmup = warmupStepsFor(totalSteps, cfg.warmup_steps, cfg.warmup_ratio);
       const dataSha = datasetHash(this.inputs.examples);
+      checkEvalPlan(cfg, totalSteps);
+      if (cfg.eval_strategy !== 'no' && (this.inputs.evalExamples === undefined || this.inputs.evalExamples.length === 0)) {
+        throw new TrainerError(`eval_strategy ${cfg.eval_strategy}: no eval examples (eval_data ${cfg.eval_data})`);
+      }
+      let best = new BestModelTracker(cfg);
 
       optimizer = createOptimizer(this.inputs.backend, stage.params.map((p) => ({ name: p.name, numel: p.data.length })), {
         optim: cfg.optim, beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weightDecay: cfg.weight_decay,
@@ -217,7 +236,7 @@ export class Trainer {
       this.optimizer = optimizer;
 
       let startStep = 0;
-      let history: StepEvent[] = [];
+      let history: Array<StepEvent | EvalEvent> = [];
       if (cfg.resume_from_checkpoint) {
         const dir = cfg.resume_from_checkpoint === 'latest' ? listCheckpoints(outputDir).at(-1) : cfg.resume_from_checkpoint;
         if (!dir) throw new TrainerError(`resume_from_checkpoint latest: no checkpoint-N directory in ${outputDir}`);
@@ -231,12 +250,13 @@ export class Trainer {
         if (optimizer.step !== st.global_step) throw new TrainerError(`${dir}: optimizer step ${optimizer.step} != trainer global_step ${st.global_step}`);
         startStep = st.global_step;
         history = st.log_history;
+        best = new BestModelTracker(cfg, st);
         info(`resumed from ${dir} at step ${startStep}/${totalSteps}`);
       }
 
       const trainable = stage.params.reduce((s, p) => s + p.data.length, 0);
       info(trainableParamsLine(trainable, baseParamCount(this.inputs.modelConfig) + trainable));
-      setup = { loader, totalSteps, warmup, dataSha, startStep, history };
+      setup = { loader, totalSteps, warmup, dataSha, startStep, history, best };
     } catch (e) {
       // setup failed (bad init adapter, refused resume, ...): release what was loaded
       (optimizer as Optimizer | null)?.dispose();
@@ -246,6 +266,11 @@ export class Trainer {
     const { loader, totalSteps, warmup, dataSha } = setup;
     const history = setup.history;
     const startStep = setup.startStep;
+    const best = setup.best;
+    const evals: EvalEvent[] = [];
+    let bestParams: NamedTensor[] | null = null;
+    const tb = cfg.report_to.includes('tensorboard') ? new TensorBoardWriter(cfg.logging_dir ?? defaultLoggingDir(outputDir)) : null;
+    if (tb) info(`tensorboard: ${tb.path} (tensorboard --logdir ${cfg.logging_dir ?? join(outputDir, 'runs')})`);
     const opt = optimizer!;
     const logPath = join(outputDir, TRAINING_LOG_FILE);
     const checkpoints: string[] = [];
@@ -284,32 +309,68 @@ export class Trainer {
           // HF logs the mean loss since the previous log line
           const mean = window.reduce((s, e) => s + e.loss, 0) / window.length;
           await appendFile(logPath, JSON.stringify({ ...event, loss: mean }) + '\n');
+          tb?.add(event.step, { loss: mean, grad_norm: gradNormValue, learning_rate: lr, epoch: event.epoch });
           window = [];
         }
         const done = step + 1;
+        if (shouldEvaluate(cfg, done, totalSteps, loader.stepsPerEpoch)) {
+          // HF evaluates before it saves the same step, so the checkpoint's trainer_state knows the best
+          const m = await evaluateLoss(async (input) => {
+            const r = await stage.forward(input, { train: false });
+            return { lossSum: r.lossSum ?? 0, tokens: r.tokens ?? 0 };
+          }, this.inputs.evalExamples!, { batchSize: cfg.per_device_eval_batch_size, padId: this.inputs.padId });
+          const ev: EvalEvent = { event: 'eval', step: done, epoch: done / loader.stepsPerEpoch, ...m };
+          history.push(ev);
+          evals.push(ev);
+          await appendFile(logPath, JSON.stringify(ev) + '\n');
+          tb?.add(done, { eval_loss: m.eval_loss, eval_runtime: m.eval_runtime, eval_samples_per_second: m.eval_samples_per_second, eval_steps_per_second: m.eval_steps_per_second, epoch: ev.epoch });
+          if (best.offer(done, m, join(outputDir, `checkpoint-${done}`)) && cfg.load_best_model_at_end) bestParams = stage.params.map(cloneTensor);
+          hooks.onEval?.(ev);
+        }
         const save = (cfg.save_strategy === 'steps' && done % cfg.save_steps === 0)
           || (cfg.save_strategy === 'epoch' && done % loader.stepsPerEpoch === 0);
         if (save && done < totalSteps) {
-          checkpoints.push(await this.saveCheckpoint(outputDir, done, totalSteps, warmup, loader, dataSha, history));
+          checkpoints.push(await this.saveCheckpoint(outputDir, done, totalSteps, warmup, loader, dataSha, history, best.state));
         }
       }
       if (interrupted || step === totalSteps) {
         // a final checkpoint makes an interrupted or finished run resumable / extendable
         if (interrupted || cfg.save_strategy !== 'no') {
-          checkpoints.push(await this.saveCheckpoint(outputDir, step, totalSteps, warmup, loader, dataSha, history));
+          checkpoints.push(await this.saveCheckpoint(outputDir, step, totalSteps, warmup, loader, dataSha, history, best.state));
         }
       }
-      if (!interrupted) await writeAdapter(outputDir, { lora, baseModel: this.inputs.baseModelName, tensors: stage.params.map(cloneTensor) });
       params = stage.params.map(cloneTensor);
+      if (!interrupted && cfg.load_best_model_at_end && best.state.best_model_checkpoint !== null) {
+        params = bestParams ?? await this.bestFromDisk(best.state, params, info);
+        info(`loading best model from ${best.state.best_model_checkpoint} (score: ${best.state.best_metric})`);
+      }
+      if (!interrupted) await writeAdapter(outputDir, { lora, baseModel: this.inputs.baseModelName, tensors: params });
     } finally {
+      tb?.close();
       opt.dispose();
       stage.dispose();
     }
-    return { globalStep: step, totalSteps, interrupted, lastLoss, checkpoints, adapterDir: outputDir, params };
+    return { globalStep: step, totalSteps, interrupted, lastLoss, checkpoints, adapterDir: outputDir, params, evals, best: best.state, tensorboardFile: tb?.path ?? null };
+  }
+
+  /** After a resume the best step's tensors are no longer in memory: its checkpoint dir has them (the save
+   *  and eval strategies match); a best step without one (eval more often than save) keeps the final ones. */
+  private async bestFromDisk(b: BestModelState, final: NamedTensor[], info: (line: string) => void): Promise<NamedTensor[]> {
+    if (b.best_model_checkpoint === null || !existsSync(join(b.best_model_checkpoint, 'adapter_model.safetensors'))) {
+      info(`warning: could not locate the best model at ${b.best_model_checkpoint}; the adapter is the last step's`);
+      return final;
+    }
+    const a = await readAdapter(b.best_model_checkpoint, { config: this.inputs.modelConfig });
+    const byName = new Map(a.tensors.map((t) => [t.name, t]));
+    return final.map((p) => {
+      const t = byName.get(p.name);
+      if (!t || t.data.length !== p.data.length) throw new TrainerError(`best checkpoint ${b.best_model_checkpoint}: ${p.name} is missing or has another shape`);
+      return { name: p.name, shape: [...p.shape], data: Float32Array.from(t.data) };
+    });
   }
 
   private async saveCheckpoint(outputDir: string, globalStep: number, totalSteps: number, warmup: number,
-    loader: DataLoader, dataSha: string, history: StepEvent[]): Promise<string> {
+    loader: DataLoader, dataSha: string, history: Array<StepEvent | EvalEvent>, best: BestModelState): Promise<string> {
     const cfg = this.cfg;
     const dir = join(outputDir, `checkpoint-${globalStep}`);
     const tmp = `${dir}.tmp-${process.pid}`;
@@ -325,6 +386,7 @@ export class Trainer {
         next_lr: learningRateAt(cfg.learning_rate, cfg.lr_scheduler_type, globalStep, warmup, totalSteps),
       },
       dataset: { examples: loader.examples.length, sha256: dataSha }, optim: cfg.optim, log_history: history,
+      ...best,
       args: { ...cfg },
     };
     await writeFile(join(tmp, TRAINER_STATE_FILE), JSON.stringify(state, null, 2) + '\n');
@@ -333,7 +395,8 @@ export class Trainer {
     renameSync(tmp, dir);
     if (cfg.save_total_limit !== null) {
       const all = listCheckpoints(outputDir);
-      for (const old of all.slice(0, Math.max(0, all.length - cfg.save_total_limit))) rmSync(old, { recursive: true, force: true });
+      const keepBest = cfg.load_best_model_at_end ? best.best_model_checkpoint : null;
+      for (const old of checkpointsToDelete(all, cfg.save_total_limit, keepBest)) rmSync(old, { recursive: true, force: true });
     }
     return dir;
   }
