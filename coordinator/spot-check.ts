@@ -36,6 +36,17 @@ export interface SpotCheckResult {
 const sentField = { act: 'sentActSha256', grad: 'sentGradSha256' } as const;
 const recvField = { act: 'actSha256', grad: 'gradSha256' } as const;
 
+/** A recall that failed (the peer is gone, refused, or its hop broke): the attempt cannot be checked,
+ *  and the failure is that peer's, as any failed request of an attempt. */
+export class RecallError extends SwarmError {
+  override name = 'RecallError';
+  readonly peerId: string;
+  constructor(peerId: string, message: string) {
+    super(message);
+    this.peerId = peerId;
+  }
+}
+
 /** The tensor of `kind` that route[s] received in attempt a, sent to the coordinator by a hop. */
 async function recall(ctx: SpotCheckContext, a: AttemptSpec, s: number, kind: HopKind, signal: AbortSignal): Promise<{ data: Float32Array; claimed: string }> {
   const id = a.route[s]!;
@@ -50,7 +61,8 @@ async function recall(ctx: SpotCheckContext, a: AttemptSpec, s: number, kind: Ho
   } catch (e) {
     stop.abort(e);
     await Promise.allSettled([got, claimed]);
-    throw e;
+    if (signal.aborted) throw signal.reason;
+    throw new RecallError(id, `recalling the ${kind} it received in step ${a.key.step} micro-batch ${a.key.mb} attempt ${a.key.attempt}: ${(e as Error).name}: ${(e as Error).message}`);
   }
 }
 

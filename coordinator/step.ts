@@ -9,7 +9,7 @@ import type { HopInbox } from '../protocol/hop.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import { BadOutputError } from '../protocol/screen.ts';
 import { FalseReportError, referee, runAttempt } from './attempt.ts';
-import { spotCheck } from './spot-check.ts';
+import { RecallError, spotCheck } from './spot-check.ts';
 import { VerifyError } from './verify.ts';
 import type { Verifier } from './verify.ts';
 import type { AttemptContext, AttemptSpec } from './attempt.ts';
@@ -284,7 +284,14 @@ export class OptimizerStep {
     const verifier = this.ctx.verifier;
     if (verifier !== undefined && verifier.selected(this.step, mb)) {
       // checked after the compute and before the commit; the selection is the coordinator's secret
-      const v = await spotCheck({ ...actx, verifier, node: this.ctx.node }, a, out.responses, () => ++this.attempts[mb]!, signal);
+      let v;
+      try {
+        v = await spotCheck({ ...actx, verifier, node: this.ctx.node }, a, out.responses, () => ++this.attempts[mb]!, signal);
+      } catch (e) {
+        if (signal.aborted || !(e instanceof RecallError)) throw e;
+        await discard(a.key);
+        throw new RouteFailure(e.peerId, e);
+      }
       peers.applyVerdict({ kind: 'ban', bans: v.bans, strikes: v.strikes });
       if (!v.counts) {
         await discard(a.key);
