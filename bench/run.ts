@@ -23,10 +23,11 @@ import { benchNet } from './net.ts';
 import { benchBlobSection } from './blob-fetch.ts';
 import { benchCommitCost } from './commit-cost.ts';
 import { benchSwarmCli } from './swarm-cli.ts';
+import { benchVerify } from './verify.ts';
 import { ensureBenchModelDir, writeLongTextData } from './fixtures.ts';
 import { NODE, ROOT, runJsonScript } from './procs.ts';
 
-const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing'] as const;
+const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing', 'verify'] as const;
 type Section = typeof SECTIONS[number];
 
 export class BenchUsageError extends Error {
@@ -180,6 +181,10 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
   }
   if (args.only.includes('packing')) {
     result.packing = await section('packing', () => runJsonScript(NODE, [path.join(ROOT, 'bench', 'packing.ts'), ...(args.quick ? ['--quick'] : [])], 'bench/packing.ts', 1_800_000));
+  }
+  if (args.only.includes('verify')) {
+    // spot checks: tokens/s at --verify-fraction 0, 0.05, 1 and detection of a scale:1.02 cheater (docs/security.md)
+    result.verify = await section('verify', () => benchVerify({ quick: args.quick, log: (s) => log(s) }));
   }
   result.loadavg_end = load();
   result.total_seconds = Number(((performance.now() - t0) / 1000).toFixed(1));

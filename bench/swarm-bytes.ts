@@ -59,6 +59,9 @@ export async function benchSwarmBytes(o: BytesOptions): Promise<Record<string, u
   const train = resolveTrainConfig({ flags: {
     max_steps: o.steps, per_device_train_batch_size: o.batch, gradient_accumulation_steps: o.microBatches, learning_rate: 1e-4,
     lora_r: 16, lora_alpha: 16, target_modules: 'all-linear', lora_dropout: 0, device: 'cpu', seed: 3,
+    // the data plane alone: a spot check (bench/verify.ts measures them) brings the boundary tensors
+    // through the coordinator, on micro-batches its random secret picks
+    verify_fraction: 0,
   } });
   const mbFor = (seed: number): MicroBatch => {
     const T = o.batch * o.seqLen;

@@ -9,6 +9,7 @@ import type { HopInbox, HopKind } from '../protocol/hop.ts';
 import type { MicroBatchRequest, MicroBatchResponse } from '../protocol/messages.ts';
 import type { AttemptKey, StagePeerClient } from '../protocol/stage-client.ts';
 import { encodeTensor } from '../protocol/tensor.ts';
+import { labelTokensOf } from '../engine/train/step-plan.ts';
 import type { MicroBatch } from '../engine/train/step-plan.ts';
 import type { PeerRegistry } from './peers.ts';
 import type { Route } from './routes.ts';
@@ -25,7 +26,7 @@ export interface Accusation {
 }
 
 export type AttemptOutcome =
-  | { ok: true; lossSum: number }
+  | { ok: true; lossSum: number; responses: MicroBatchResponse[] }
   | { ok: false; blame: string; cause: Error; accusation?: Accusation };
 
 /** A receiver reported a tensor the referee then found within every bound. */
@@ -55,6 +56,12 @@ export interface AttemptSpec {
 
 type Settled = { s: number; res?: MicroBatchResponse; err?: Error };
 
+/** Whether the micro-batch has trained positions: its activation gradients must not be near zero
+ *  (the screens' lower bound, protocol/screen.ts). */
+export function trainedOf(a: AttemptSpec): boolean {
+  return labelTokensOf(a.m) > 0 && a.lossScale > 0;
+}
+
 /** The control message for stage s. */
 function requestFor(ctx: AttemptContext, a: AttemptSpec, s: number, referee?: HopKind): Omit<MicroBatchRequest, 'runId' | 'jobTimeoutMs'> {
   const S = a.route.length, T = a.m.batch * a.m.seqLen;
@@ -68,7 +75,7 @@ function requestFor(ctx: AttemptContext, a: AttemptSpec, s: number, referee?: Ho
     dropoutSeed: a.dropoutSeed, train: true,
     nextAddrs: s < S - 1 && referee !== 'act' ? addrs(a.route[s + 1]) : undefined,
     prevAddrs: s > 0 && referee !== 'grad' ? addrs(a.route[s - 1]) : undefined,
-    referee,
+    referee, trained: trainedOf(a),
   };
 }
 
@@ -134,15 +141,19 @@ export async function runAttempt(ctx: AttemptContext, a: AttemptSpec, signal: Ab
   const blame = blameOf(a, settled, cancelled);
   if (blame !== null) return blame;
   let lossSum: number | undefined;
+  const responses: MicroBatchResponse[] = [];
+  const trained = trainedOf(a);
   for (const x of settled) {
     const r = x.res!;
+    responses[x.s] = r;
     if (x.s === S - 1) lossSum = r.lossSum;
-    // the receivers' view of what they accepted: the referee's reference
+    // the receivers' view of what they accepted: the referee's reference (gradients only where the
+    // lower bound applies, as on the receivers)
     if (r.actRms !== undefined) ctx.screens.outputs.accept(`act:${x.s - 1}`, r.actRms);
-    if (r.gradRms !== undefined) ctx.screens.outputs.accept(`grad:${x.s + 1}`, r.gradRms);
+    if (r.gradRms !== undefined && trained) ctx.screens.outputs.accept(`grad:${x.s + 1}`, r.gradRms);
   }
   if (lossSum === undefined) return { ok: false, blame: a.route[S - 1]!, cause: new SwarmError('the last stage reported no loss') };
-  return { ok: true, lossSum };
+  return { ok: true, lossSum, responses };
 }
 
 export type Verdict =
@@ -163,7 +174,7 @@ export async function referee(ctx: AttemptContext, a: AttemptSpec, acc: Accusati
   // tensor came, none will: stop waiting then
   const noTensor = new AbortController();
   const got = ctx.hops.receive({ runId: ctx.runId, ...a.key, kind: acc.kind }, {
-    from: acc.accused, shape: [T, ctx.hiddenSize], judge: (rms) => ctx.screens.outputs.judge(screenKey, rms, `${what} from ${acc.accused}`),
+    from: acc.accused, shape: [T, ctx.hiddenSize], judge: (rms) => ctx.screens.outputs.judge(screenKey, rms, `${what} from ${acc.accused}`, { floor: acc.kind === 'act' || trainedOf(a) }),
   }, { signal: AbortSignal.any([signal, noTensor.signal]), timeoutMs: ctx.computeTimeoutMs * jobs + REPORT_GRACE_MS });
   const verdict: Promise<Verdict | Error> = got.then(() => ({ bad: false }) as Verdict, (e: Error) => (e.name === 'BadOutputError' ? { bad: true, message: e.message } : e));
   const { settled, cancelled } = await fanOut(ctx, a, upTo, signal, { stage: acc.stage, kind: acc.kind }, verdict);

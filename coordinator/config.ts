@@ -3,7 +3,7 @@ import { knobs, readKnobs } from '../engine/env.ts';
 import { COMPUTE_TIMEOUT_MS, CONTROL_TIMEOUT_MS, HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS } from '../protocol/constants.ts';
 import type { StageClientTimeouts } from '../protocol/stage-client.ts';
 import {
-  BAN_BASE_MS, BAN_MAX_MS, CHECKPOINT_EVERY_STEP_MAX_BYTES, COVER_POLL_MS, EVENT_HISTORY, LOAD_DEADLINE_MS, LOAD_POLL_MS, MAX_ATTEMPTS,
+  BAN_BASE_MS, BAN_MAX_MS, ERROR_STREAK_BAN, CHECKPOINT_EVERY_STEP_MAX_BYTES, COVER_POLL_MS, EVENT_HISTORY, LOAD_DEADLINE_MS, LOAD_POLL_MS, MAX_ATTEMPTS,
   MAX_PROVIDERS, NORM_HISTORY, NOTICE_TIMEOUT_MS, OUTPUT_HISTORY, OUTPUT_HISTORY_MIN, PROBE_TIMEOUT_MS, READY_DEADLINE_MS,
   READY_POLL_MS, REJOIN_DEADLINE_MS, RETRY_BACKOFF_MS, SCREEN_FACTOR, SLOW_AFTER_TIMEOUTS, SLOW_PENALTY_MS,
 } from './constants.ts';
@@ -18,6 +18,8 @@ export interface CoordinatorConfig extends StageClientTimeouts {
   slowPenaltyMs: number;
   banBaseMs: number;
   banMaxMs: number;
+  /** error answers in a row that ban a peer (coordinator/verdicts.ts) */
+  errorStreakBan: number;
   screenFactor: number;
   outputHistory: number;
   outputHistoryMin: number;
@@ -54,6 +56,7 @@ export function coordinatorConfig(overrides: Partial<CoordinatorConfig> = {}, en
     slowPenaltyMs: SLOW_PENALTY_MS,
     banBaseMs: k.banBaseMs ?? BAN_BASE_MS,
     banMaxMs: BAN_MAX_MS,
+    errorStreakBan: ERROR_STREAK_BAN,
     screenFactor: SCREEN_FACTOR,
     outputHistory: OUTPUT_HISTORY,
     outputHistoryMin: OUTPUT_HISTORY_MIN,

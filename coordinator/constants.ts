@@ -15,6 +15,11 @@ export const PROBE_TIMEOUT_MS = 1500;
 /** best-effort notices to a peer: discarding an attempt, finish, release, ban */
 export const NOTICE_TIMEOUT_MS = 5000;
 
+/** error answers in a row (no committed micro-batch between) from a peer that stays up, before the
+ *  verdict bans it: under MAX_ATTEMPTS, so a single-replica stage's peer is banned (and its stage
+ *  covered by another volunteer) before its micro-batch exhausts its attempts */
+export const ERROR_STREAK_BAN = 3;
+
 /** The first ban lasts this long; each further ban of the same peer id doubles it, up to BAN_MAX_MS. */
 export const BAN_BASE_MS = 30_000;
 export const BAN_MAX_MS = 60 * 60_000;

@@ -9,6 +9,9 @@ import type { RunStore } from './store.ts';
 import type { RunStatus } from './status.ts';
 import type { CoordinatorConfig } from './config.ts';
 import { BanList, inWords } from './bans.ts';
+import { judge, judgeDigests } from './verdicts.ts';
+import type { DigestReport, EvidenceKind, JudgeLimits, Verdict } from './verdicts.ts';
+import { SwarmError } from '../protocol/errors.ts';
 import { sleep } from './wait.ts';
 
 /** An error in words for a drop or a note: never empty (an aborted stream can carry no message). */
@@ -27,7 +30,11 @@ export interface PeerState {
   ready: boolean;
   lastSeenMs: number;
   tokensPerSecond: number;
+  /** error answers and protocol violations since this peer's last committed micro-batch (the
+   *  verdict bans it at ERROR_STREAK_BAN in a row, coordinator/verdicts.ts) */
   failures: number;
+  /** microBatches when `failures` last counted: a committed micro-batch since then resets it */
+  failuresMark?: number;
   microBatches: number;
   /** the stage state this peer kept from before a coordinator restart (join.kept) */
   kept?: KeptOffer;
@@ -45,6 +52,8 @@ export interface PeerState {
 
 /** errors that mean the peer broke the protocol (they count against it), not that it is slow or gone */
 const VIOLATIONS = ['SchemaError', 'TensorError', 'DecodeError', 'FrameTooLargeError'];
+/** what the coordinator found wrong itself in what a peer sent: proof enough for a ban */
+const DIRECT: Readonly<Record<string, EvidenceKind>> = { BadOutputError: 'bad-tensor', BadUploadError: 'bad-upload' };
 
 export interface PeerRegistryInit {
   runId: string;
@@ -64,10 +73,12 @@ export class PeerRegistry {
   private readonly banList: BanList;
   private banWrite: Promise<void> = Promise.resolve();
   private readonly o: PeerRegistryInit;
+  private readonly limits: JudgeLimits;
 
   constructor(o: PeerRegistryInit) {
     this.o = o;
     this.banList = new BanList(o.config.banBaseMs, o.config.banMaxMs);
+    this.limits = { errorStreakBan: o.config.errorStreakBan };
   }
 
   get(id: string): PeerState | undefined { return this.peers.get(id); }
@@ -142,8 +153,25 @@ export class PeerRegistry {
   countViolation(peerId: string, proto: string, err: Error): void {
     if (!VIOLATIONS.includes(err.name)) return;
     const p = this.peers.get(peerId);
-    if (p !== undefined) p.failures++;
     this.o.status.note(`peer ${peerId} sent a bad ${proto} request: ${err.name}: ${err.message}`);
+    if (p !== undefined) this.countError(p, err);
+  }
+
+  /** An error answer (or violation) of a peer that is still up counts against it; the verdict bans
+   *  it after ERROR_STREAK_BAN in a row without a committed micro-batch between. */
+  private countError(p: PeerState, cause: Error): void {
+    if (p.health === 'banned') return;
+    if (p.microBatches !== p.failuresMark) { p.failures = 0; p.failuresMark = p.microBatches; }
+    p.failures++;
+    this.applyVerdict(judge({ kind: 'error-answers', peerId: p.peerId, streak: p.failures, last: `${cause.name}: ${cause.message}` }, this.limits));
+  }
+
+  /** Carry out a verdict of coordinator/verdicts.ts: its bans, and its strikes as error answers. */
+  applyVerdict(v: Verdict): void {
+    if (v.kind === 'ban') for (const b of v.bans) { const p = this.peers.get(b.peerId); if (p !== undefined) this.ban(p, b.reason, b.evidence); }
+    if (v.kind === 'clear' || v.kind === 'ban') {
+      for (const id of v.strikes ?? []) { const p = this.peers.get(id); if (p !== undefined) this.countError(p, new Error('a wrong accusation')); }
+    }
   }
 
   /** Heartbeats every interval, each round on its own so one silent peer never delays the others'. */
@@ -188,13 +216,14 @@ export class PeerRegistry {
    *  answered with a protocol violation has it counted against it. */
   private async probe(peerId: string, cause: Error, signal: AbortSignal): Promise<void> {
     const p = this.peers.get(peerId);
-    if (p === undefined || p.health === 'dead') return;
-    if (VIOLATIONS.includes(cause.name)) p.failures++;
+    if (p === undefined || p.health === 'dead' || p.health === 'banned') return;
     try {
       const hb = await this.o.client.heartbeat(p.addrs, this.o.status.step, { signal, probe: true });
       p.lastSeenMs = Date.now();
       // alive but without its stage (a restarted process): as good as gone for this run's routes
       if (!hb.ready || hb.runId !== this.o.runId) this.markDead(p, 'it answers but no longer holds its stage');
+      // up and serving, yet it failed the request: an error answer (a timeout is slowness, counted apart)
+      else if (cause.name !== 'TimeoutError') this.countError(p, cause);
     } catch (e) {
       if (signal.aborted) throw signal.reason;
       this.markDead(p, `failed a request (${reasonOf(cause)}) and then a heartbeat (${reasonOf(e)})`);
@@ -207,7 +236,7 @@ export class PeerRegistry {
   async afterFailure(id: string, cause: Error, signal: AbortSignal): Promise<void> {
     const p = this.peers.get(id);
     if (p === undefined) return;
-    if (cause.name === 'BadOutputError') { this.ban(p, `it sent a bad tensor: ${cause.message}`); return; }
+    if (this.direct(id, cause)) return;
     if (cause.name === 'TimeoutError') {
       const c = this.o.config;
       p.timeouts = (p.timeouts ?? 0) + 1;
@@ -225,9 +254,32 @@ export class PeerRegistry {
    *  holds for this step is now unknown, so it leaves the routes even if it still answers heartbeats. */
   async dropAfterFailure(id: string, cause: Error, why: string, signal: AbortSignal): Promise<void> {
     if (signal.aborted) throw signal.reason;
+    if (this.direct(id, cause)) return;
     await this.probe(id, cause, signal);
     const p = this.peers.get(id);
     if (p !== undefined && !this.gone(id)) this.markDead(p, `${why} (${cause.name}: ${reasonOf(cause)})`);
+  }
+
+  /** A failure that is itself proof (the coordinator found the peer's tensor or upload bad): banned. */
+  private direct(id: string, cause: Error): boolean {
+    const kind = DIRECT[cause.name];
+    if (kind === undefined) return false;
+    this.applyVerdict(judge(kind === 'bad-tensor' ? { kind, peerId: id, what: cause.message } : { kind: 'bad-upload', peerId: id, what: cause.message }));
+    return true;
+  }
+
+  /** Stage s's replicas reported their digests after applying step `step`'s update: a minority is
+   *  banned; replicas that disagree without a majority (1 vs 1) are all dropped (nobody can be blamed,
+   *  none may be trusted: the stage is covered again from the committed adapter). The digests the
+   *  stage now holds, or null. */
+  async settleDigests(s: number, step: number, reports: readonly DigestReport[], signal: AbortSignal): Promise<{ adapterSha256: string; optimizerSha256: string } | null> {
+    const what = `stage ${s}'s weights and optimizer state after the update of step ${step}`;
+    const { verdict, agreed } = judgeDigests(what, reports);
+    if (verdict.kind === 'unresolved') {
+      this.o.status.event('ban', `${what}: replicas ${verdict.peers.join(', ')} disagree and no majority decides; all of them leave the stage`);
+      for (const id of verdict.peers) await this.dropAfterFailure(id, new SwarmError('its weights disagree with another replica\'s'), `${what} disagree`, signal);
+    } else this.applyVerdict(verdict);
+    return agreed;
   }
 
   // ---- bans
@@ -243,7 +295,7 @@ export class PeerRegistry {
 
   /** Ban a peer with backoff (coordinator/bans.ts): out of every route now, its stage released; it
    *  is told to join again when the ban ends, and a join before then is refused. */
-  ban(p: PeerState, why: string): void {
+  ban(p: PeerState, why: string, evidence: EvidenceKind | 'operator' = 'operator'): void {
     if (p.health === 'banned') return;
     const rec = this.banList.ban(p.peerId, why);
     // durable, so a restarted coordinator still refuses the peer (and doubles its next ban)
@@ -256,7 +308,7 @@ export class PeerRegistry {
     this.removeFromStages(p.peerId);
     p.stageIndex = null;
     this.o.status.event('ban', `peer ${p.peerId} (stage ${stage}) banned from the run for ${inWords(rec.durationMs)} (ban ${rec.count}): ${why}`);
-    this.o.status.emit({ event: 'peer_banned', peer_id: p.peerId, stage, reason: why, ban: rec.count, duration_ms: rec.durationMs });
+    this.o.status.emit({ event: 'peer_banned', peer_id: p.peerId, stage, reason: why, evidence, ban: rec.count, duration_ms: rec.durationMs });
     void this.o.client.finish(p.addrs, `banned for ${inWords(rec.durationMs)}: ${why}`.slice(0, 4000), rec.durationMs, { signal: this.o.signal })
       .catch(() => { /* it may be gone already */ });
   }

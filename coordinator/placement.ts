@@ -73,7 +73,7 @@ export class Placement {
     // from here on, joiners are late joiners
     this.planned = plan.stages;
     peers.setReplicas(plan.replicas);
-    this.o.adapter.resetStages(plan.stages.length);
+    this.o.adapter.resetStages(plan.stages);
     const resumed = this.o.resume !== null ? this.placeResumed(plan) : null;
     for (const j of joined) {
       const reason = plan.rejected.get(j.peerId);

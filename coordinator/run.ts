@@ -1,4 +1,5 @@
 // The run: the Coordinator wires admission, placement, the peer registry and serving together, and runs the step loop.
+import { randomBytes } from 'node:crypto';
 import type { LlamaConfig, LoraConfig, NamedTensor, WeightSource } from '../engine/types.ts';
 import type { TrainConfig } from '../engine/train/config.ts';
 import { learningRateAt, warmupStepsFor } from '../engine/train/schedule.ts';
@@ -27,6 +28,11 @@ import type { AccessRules, PendingJoin } from './admission.ts';
 import { Placement } from './placement.ts';
 import { Screens } from './screening.ts';
 import { OptimizerStep } from './step.ts';
+import { CoordinatorReferee, stageVerifier } from './referee.ts';
+import type { Verifier } from './verify.ts';
+import type { StageRange } from './planner.ts';
+import { createBackend } from '../engine/backends/registry.ts';
+import type { Backend } from '../engine/backend.ts';
 import type { RunData, StepContext } from './step.ts';
 import { serveRun } from './serving.ts';
 import { CoordinatorStoppedError } from './wait.ts';
@@ -78,6 +84,9 @@ export interface CoordinatorOptions {
   runConfig?: string;
   /** after each committed step (checkpoint dirs, pruning under save_total_limit); a failure fails the run */
   afterCommit?: (step: number, signal: AbortSignal) => Promise<void>;
+  /** the backend the coordinator referees spot checks on (default: the native CPU backend, if
+   *  registered; null: it does not referee) */
+  refereeBackend?: () => Promise<Backend | null>;
 }
 
 export class Coordinator {
@@ -98,6 +107,7 @@ export class Coordinator {
   /** the referee's end of hop streams (a receiver's bad-tensor report is checked here) */
   private readonly hops: HopInbox;
   private loop: Promise<void> | null = null;
+  private referee: CoordinatorReferee | null = null;
   private finishedResolve!: () => void;
   readonly finished: Promise<void> = new Promise((r) => { this.finishedResolve = r; });
 
@@ -115,7 +125,7 @@ export class Coordinator {
     const peers = this.peers = new PeerRegistry({
       runId: o.runId, client: this.clientFor('peers'), config, status, store: o.store, signal: this.abort.signal,
     });
-    const adapter = this.adapter = new AdapterState(o.resume !== null ? o.resume.adapter : o.initAdapter);
+    const adapter = this.adapter = new AdapterState(o.resume !== null ? o.resume.adapter : o.initAdapter, { llama: o.llama, lora: o.lora, seed: o.train.seed });
     const shards = this.shards = new ShardBlobs({ node: o.node, blobs: o.blobs, weights: o.weights, llama: o.llama, maxProviders: config.maxProviders, log: o.log });
     const states = this.states = new StageStates({
       client: this.clientFor('placement'), peers, store: o.store, status, adapter, train: o.train, totalSteps: o.data.totalSteps,
@@ -186,6 +196,7 @@ export class Coordinator {
     this.admission.rejectAll('the coordinator is shutting down');
     await this.loop;
     await this.peers.flushBans();
+    this.referee?.dispose();
   }
 
   /** The registry's ban path, reachable on the coordinator itself because tests/swarm-private.test.ts
@@ -208,11 +219,12 @@ export class Coordinator {
     this.status.state = 'training';
     o.emit({ event: 'training', step: this.status.step, total_steps: total });
     const warmup = warmupStepsFor(total, t.warmup_steps, t.warmup_ratio);
+    const verifier = await this.verifier(stages);
     const ctx: StepContext = {
       hiddenSize: o.llama.hiddenSize, seed: t.seed, maxGradNorm: t.max_grad_norm, config: this.config,
       client: this.clientFor('step'), peers: this.peers, screens: new Screens(this.config), adapter: this.adapter, states: this.states,
       store: o.store, status: this.status, data: o.data, stages, cover: (s) => this.placement.coverLostStages(s),
-      hops: this.hops, coordinatorId: o.node.peerId.toString(),
+      hops: this.hops, coordinatorId: o.node.peerId.toString(), node: o.node, verifier,
     };
     while (this.status.step < total) {
       // at a step boundary: a stage that lost every replica is covered first, then late joiners placed
@@ -225,13 +237,34 @@ export class Coordinator {
     await this.finish(signal);
   }
 
+  /** The spot checks of verify_fraction (none at 0): replicas recompute, and the coordinator referees
+   *  with a stage of its own on the CPU backend when it has one. */
+  private async verifier(stages: readonly StageRange[]): Promise<Verifier | undefined> {
+    const o = this.o, t = o.train;
+    if (!(t.verify_fraction > 0)) return undefined;
+    const referee = this.referee ??= new CoordinatorReferee({
+      weights: o.weights, llama: o.llama, lora: o.lora, seed: t.seed, gradientCheckpointing: t.gradient_checkpointing,
+      adapter: this.adapter, codec: o.wireCodec, backend: o.refereeBackend ?? (() => createBackend('cpu', { note: () => undefined })),
+    });
+    const ready = await referee.available();
+    this.status.event('plan', `verifying ${(t.verify_fraction * 100).toFixed(1)}% of micro-batches (recomputed by another replica; ${ready ? 'the coordinator referees on its CPU backend' : 'the coordinator has no backend to referee: a 1-vs-1 disagreement runs the micro-batch again'})`);
+    return stageVerifier({ fraction: t.verify_fraction, secret: randomBytes(16).toString('hex'), codec: o.wireCodec, peers: this.peers, stages, referee, refereeReady: ready });
+  }
+
   /** Ask one replica per stage for its initial LoRA tensors so step 0 is pullable and the
    *  coordinator knows each stage's parameter order. */
   private async captureInitialAdapter(signal: AbortSignal): Promise<void> {
     const client = this.clientFor('placement');
     for (let s = 0; s < this.placement.stages!.length; s++) {
-      const id = this.peers.liveReplicas(s)[0]!;
-      await this.adapter.upload(client, id, this.peers.addrs(id), s, { signal });
+      // the upload must be the stage's own tensors and hash to the adapter the stage was loaded with
+      // (the held one, else the seeded init); a replica whose upload is refused is banned
+      for (;;) {
+        await this.placement.coverLostStages(signal);
+        const id = this.peers.liveReplicas(s)[0]!;
+        try { await this.adapter.upload(client, id, this.peers.addrs(id), s, { signal, digest: this.adapter.initialDigest(s) ?? undefined }); break; } catch (e) {
+          await this.peers.dropAfterFailure(id, e as Error, 'it failed to upload its initial adapter', signal);
+        }
+      }
     }
     if (this.status.step === 0) await this.o.store.putInitialAdapter(this.adapter.bytes());
   }

@@ -1,13 +1,17 @@
 // One optimizer step through the swarm as an object: routes and micro-batches, commits, collect, screens, clip, apply, commit to the store.
 import { dropoutSeedFor } from '../engine/train/data.ts';
-import { planStep, stepLoss } from '../engine/train/step-plan.ts';
+import { labelTokensOf, planStep, stepLoss } from '../engine/train/step-plan.ts';
 import type { MicroBatch, StepPlan } from '../engine/train/step-plan.ts';
-import type { StagePeerClient } from '../protocol/stage-client.ts';
-import { decodeFloat, encodeTensor } from '../protocol/tensor.ts';
+import type { AppliedDigests, StagePeerClient } from '../protocol/stage-client.ts';
+import { encodeTensor } from '../protocol/tensor.ts';
 import { SwarmError } from '../protocol/errors.ts';
 import type { HopInbox } from '../protocol/hop.ts';
+import type { SwarmNode } from '../protocol/net.ts';
 import { BadOutputError } from '../protocol/screen.ts';
 import { FalseReportError, referee, runAttempt } from './attempt.ts';
+import { RecallError, spotCheck } from './spot-check.ts';
+import { VerifyError } from './verify.ts';
+import type { Verifier } from './verify.ts';
 import type { AttemptContext, AttemptSpec } from './attempt.ts';
 import { clipInPlace, globalGradNorm, sumReplicas } from './aggregate.ts';
 import type { AdapterState } from './adapter.ts';
@@ -53,6 +57,10 @@ export interface StepContext {
   /** the coordinator's end of hop streams, for referee attempts */
   hops: HopInbox;
   coordinatorId: string;
+  /** the coordinator's node (a spot check sends a checker its inputs by hop) */
+  node: SwarmNode;
+  /** spot checks of stage computations (coordinator/verify.ts, spot-check.ts); absent: none */
+  verifier?: Verifier;
 }
 
 /** A micro-batch attempt that failed at one peer of its route. */
@@ -83,8 +91,10 @@ export class OptimizerStep {
   private readonly attempts: Int32Array;
   /** per micro-batch: failures at peers that stayed up (bounded by maxAttempts) */
   private readonly strikes: Int32Array;
-  /** per micro-batch: the route whose attempt committed */
+  /** per micro-batch: the route whose attempt committed, and that attempt's number (a spot check
+   *  numbers its checkers' attempts after it) */
   private readonly committedRoute: Array<Route | null>;
+  private readonly committedAttempt: Int32Array;
   /** micro-batches not yet committed, taken off in order by the route workers */
   private readonly todo: number[];
   private quota: number[] = [];
@@ -102,6 +112,7 @@ export class OptimizerStep {
     this.attempts = new Int32Array(n);
     this.strikes = new Int32Array(n);
     this.committedRoute = plan.microBatches.map(() => null);
+    this.committedAttempt = new Int32Array(n);
     this.todo = plan.microBatches.map((_, i) => i);
   }
 
@@ -146,7 +157,7 @@ export class OptimizerStep {
       let banned = false;
       for (let s = 0; s < this.S; s++) {
         for (const bad of screens.gradients(s, this.step, collected[s]!)) {
-          peers.ban(peers.get(bad.id)!, bad.reason);
+          peers.ban(peers.get(bad.id)!, bad.reason, 'bad-tensor');
           banned = true;
         }
       }
@@ -191,7 +202,7 @@ export class OptimizerStep {
       for (const mb of lost) {
         const route = this.committedRoute[mb]!;
         await Promise.allSettled(route.filter((id, s) => peers.liveReplicas(s).includes(id)).map((id) =>
-          client.discard(peers.addrs(id), { step: this.step, mb, attempt: this.attempts[mb]! }, { signal: this.signal })));
+          client.discard(peers.addrs(id), { step: this.step, mb, attempt: this.committedAttempt[mb]! }, { signal: this.signal })));
         this.committedRoute[mb] = null;
         this.attempts[mb]! += 1;
         status.totals.retries++;
@@ -270,6 +281,24 @@ export class OptimizerStep {
       if (v.failure !== undefined) throw new RouteFailure(v.failure.blame, v.failure.cause);
       throw new RouteFailure(acc.accuser, new FalseReportError(`it reported a bad tensor from ${acc.accused} (${acc.message}), which the coordinator found within every bound`));
     }
+    const verifier = this.ctx.verifier;
+    if (verifier !== undefined && verifier.selected(this.step, mb)) {
+      // checked after the compute and before the commit; the selection is the coordinator's secret
+      let v;
+      try {
+        v = await spotCheck({ ...actx, verifier, node: this.ctx.node }, a, out.responses, () => ++this.attempts[mb]!, signal);
+      } catch (e) {
+        if (signal.aborted || !(e instanceof RecallError)) throw e;
+        await discard(a.key);
+        throw new RouteFailure(e.peerId, e);
+      }
+      peers.applyVerdict({ kind: 'ban', bans: v.bans, strikes: v.strikes });
+      if (!v.counts) {
+        await discard(a.key);
+        this.ctx.status.event('retry', v.detail);
+        throw new RouteFailure(v.loser ?? route[0]!, new VerifyError(v.detail, v.loser));
+      }
+    }
     const commits = await Promise.allSettled(route.map((id) => client.commit(peers.addrs(id), a.key, { signal })));
     const failed = commits.findIndex((c) => c.status === 'rejected');
     if (failed >= 0) {
@@ -279,6 +308,7 @@ export class OptimizerStep {
     }
     this.lossSums[mb] = out.lossSum;
     this.committedRoute[mb] = route;
+    this.committedAttempt[mb] = a.key.attempt;
     for (const id of route) peers.get(id)!.microBatches++;
   }
 
@@ -292,7 +322,8 @@ export class OptimizerStep {
       for (const id of peers.liveReplicas(s)) {
         try {
           const got = await client.collect(peers.addrs(id), step, { signal: this.signal });
-          rs.push({ id, grads: got.grads.map((g, i) => decodeFloat(g, `step ${step} stage ${s} grad ${i} from ${id}`, adapter.shapeOf(s, i))), microBatches: got.microBatches });
+          const labelTokens = this.committedRoute.reduce((n, r, mb) => n + (r?.[s] === id ? labelTokensOf(this.plan.microBatches[mb]!) : 0), 0);
+          rs.push({ id, grads: got.grads.map((g, i) => this.ctx.screens.stepGradient(g, `step ${step} stage ${s} grad ${i} from ${id}`, adapter.shapeOf(s, i))), microBatches: got.microBatches, labelTokens });
         } catch (e) {
           if (this.signal.aborted) throw this.signal.reason;
           status.event('retry', `step ${step}: collecting stage ${s}'s gradient from peer ${id} failed (${(e as Error).name}: ${(e as Error).message})`);
@@ -314,6 +345,9 @@ export class OptimizerStep {
     const wire = stageGrads.map((gs, s) => gs.map((g, i) => encodeTensor(g, adapter.shapeOf(s, i) ?? [g.length], 'f32', adapter.namesOf(s)[i]!)));
     const plan = states.plan(step, this.ctx.stages);
     const applied = new Set<string>();
+    // what each replica reports after its update, and what each stage's replicas agreed on (verdicts.ts)
+    const digests = new Map<string, AppliedDigests>();
+    const agreed: Array<{ adapterSha256: string; optimizerSha256: string } | null> = [];
     for (let pass = 0; ; pass++) {
       if (pass > 0) await this.ctx.cover(signal);
       for (let s = 0; s < this.S; s++) {
@@ -321,22 +355,23 @@ export class OptimizerStep {
         const res = await Promise.allSettled(todoPeers.map((id) => client.apply(peers.addrs(id), step, wire[s]!, this.lr, { signal })));
         for (let i = 0; i < res.length; i++) {
           const r = res[i]!;
-          if (r.status === 'fulfilled') applied.add(todoPeers[i]!);
+          if (r.status === 'fulfilled') { applied.add(todoPeers[i]!); digests.set(todoPeers[i]!, r.value); }
           else await peers.dropAfterFailure(todoPeers[i]!, r.reason as Error, `it failed to apply the update of step ${next}`, signal);
         }
         if (s === 0 && pass === 0) crashPoint(config.crash, 'mid-apply', next);
+        agreed[s] = await peers.settleDigests(s, next, peers.liveReplicas(s).filter((id) => applied.has(id)).map((id) => ({ peerId: id, ...digests.get(id) })), signal);
       }
       let uploaded = true;
       for (let s = 0; s < this.S && uploaded; s++) {
         uploaded = false;
         for (const id of peers.liveReplicas(s).filter((x) => applied.has(x))) {
-          try { await adapter.upload(client, id, peers.addrs(id), s, { signal }); uploaded = true; break; } catch (e) {
+          try { await adapter.upload(client, id, peers.addrs(id), s, { signal, digest: agreed[s]?.adapterSha256 }); uploaded = true; break; } catch (e) {
             await peers.dropAfterFailure(id, e as Error, `it failed to upload its adapter of step ${next}`, signal);
           }
         }
       }
       if (!uploaded) continue;
-      return { plan, bytes: plan.fetch ? await states.fetch(next, this.S, applied, signal) : null };
+      return { plan, bytes: plan.fetch ? await states.fetch(next, this.S, applied, signal, agreed.map((a) => a?.optimizerSha256)) : null };
     }
   }
 

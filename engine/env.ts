@@ -21,9 +21,10 @@ export interface Knobs {
   computeTimeoutMs: number | undefined;
   /** SWARMTUNE_BAN_BASE_MS: the first ban's length (tests use a few seconds) */
   banBaseMs: number | undefined;
-  /** test aids, parsed by the modules that use them: SWARMTUNE_TEST_DELAY_MS, _BAD_OUTPUT, _CRASH */
+  /** test aids, parsed by the modules that use them: SWARMTUNE_TEST_DELAY_MS, _BAD_OUTPUT, _BAD_ADAPTER, _CRASH */
   testDelayMs: number;
   testBadOutput: string | undefined;
+  testBadAdapter: string | undefined;
   testCrash: string | undefined;
 }
 
@@ -31,7 +32,7 @@ export interface Knobs {
 export const KNOB_NAMES = [
   'DEBUG', 'SWARMTUNE_NO_CUDA', 'SWARMTUNE_NATIVE_ADDON', 'SWARMTUNE_CUDA_ADDON', 'SWARMTUNE_CUDA_EMU', 'SWARMTUNE_CUDA_SYNC',
   'SWARMTUNE_CACHE_DIR', 'XDG_CACHE_HOME', 'SWARMTUNE_COMPUTE_TIMEOUT_MS', 'SWARMTUNE_BAN_BASE_MS',
-  'SWARMTUNE_TEST_DELAY_MS', 'SWARMTUNE_TEST_BAD_OUTPUT', 'SWARMTUNE_TEST_CRASH',
+  'SWARMTUNE_TEST_DELAY_MS', 'SWARMTUNE_TEST_BAD_OUTPUT', 'SWARMTUNE_TEST_BAD_ADAPTER', 'SWARMTUNE_TEST_CRASH',
 ] as const;
 
 /** A knob with a bad value; the message names the variable and what it must be. */
@@ -69,6 +70,7 @@ export function readKnobs(env: Env = process.env): Knobs {
     banBaseMs: intMs(env, 'SWARMTUNE_BAN_BASE_MS', 1, 60 * 60_000),
     testDelayMs: intMs(env, 'SWARMTUNE_TEST_DELAY_MS', 0, 3_600_000) ?? 0,
     testBadOutput: set(env, 'SWARMTUNE_TEST_BAD_OUTPUT'),
+    testBadAdapter: set(env, 'SWARMTUNE_TEST_BAD_ADAPTER'),
     testCrash: set(env, 'SWARMTUNE_TEST_CRASH'),
   };
 }

@@ -32,6 +32,8 @@ export const HANDLER_TIMEOUT_MS = {
   // requester vanished without closing the stream
   microbatch: MICROBATCH_HANDLER_TIMEOUT_MS,
   commit: CONTROL_TIMEOUT_MS,
+  // a kept tensor sent back to the coordinator by a hop (a spot check)
+  recall: COMPUTE_TIMEOUT_MS,
   aggregate: COMPUTE_TIMEOUT_MS,
   adapter: CONTROL_TIMEOUT_MS,
   optimizer: COMPUTE_TIMEOUT_MS,

@@ -32,6 +32,10 @@ export function volunteerHandlers(session: VolunteerSession, blobs: BlobStore): 
       session.stageHost().commit(req);
       return { ok: true };
     },
+    recall: async (req, ctx) => {
+      session.checkCoordinator('recall', ctx.peerId);
+      return session.recall(req, { signal: ctx.signal });
+    },
     aggregate: async (req, ctx) => {
       session.checkCoordinator('aggregate', ctx.peerId);
       return session.stageHost().aggregate(req, { signal: ctx.signal });

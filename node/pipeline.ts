@@ -5,9 +5,9 @@
 import type { Multiaddr } from '@multiformats/multiaddr';
 import { parseMultiaddr } from '../protocol/net.ts';
 import type { SwarmNode } from '../protocol/net.ts';
-import { sendHop } from '../protocol/hop.ts';
+import { floatSha256, sendHop } from '../protocol/hop.ts';
 import type { HopInbox, HopKind, HopReceived } from '../protocol/hop.ts';
-import type { MicroBatchRequest, MicroBatchResponse } from '../protocol/messages.ts';
+import type { MicroBatchRequest, MicroBatchResponse, RecallRequest, RecallResponse } from '../protocol/messages.ts';
 import { SchemaError, TimeoutError } from '../protocol/errors.ts';
 import type { Logger } from '../protocol/log.ts';
 import type { StageHost } from './stage-host.ts';
@@ -32,12 +32,14 @@ function failureOf(e: Error, peerId: string): Failure | null {
 
 /** Check a control message against this stage: its route must put this peer at its stage and name
  *  the neighbours' addresses it will send to. */
-function checkRoute(req: MicroBatchRequest, host: StageHost, self: string): void {
+function checkRoute(req: MicroBatchRequest, host: StageHost, self: string, coordinator: string): void {
   const s = req.stageIndex, S = host.numStages;
+  // a spot check's one-stage route names the coordinator as both neighbours (its address is known)
+  const toCoordinator = (i: number) => req.route[i] === coordinator;
   if (req.route.length !== S) throw new SchemaError(`microbatch: a route of ${req.route.length} peers for ${S} stages`);
   if (req.route[s] !== self) throw new SchemaError(`microbatch: the route puts ${req.route[s]} at stage ${s}, not this peer`);
-  if (s < S - 1 && req.referee !== 'act' && (req.nextAddrs ?? []).length === 0) throw new SchemaError('microbatch: no address for the next stage');
-  if (s > 0 && req.referee !== 'grad' && (req.prevAddrs ?? []).length === 0) throw new SchemaError('microbatch: no address for the previous stage');
+  if (s < S - 1 && req.referee !== 'act' && !toCoordinator(s + 1) && (req.nextAddrs ?? []).length === 0) throw new SchemaError('microbatch: no address for the next stage');
+  if (s > 0 && req.referee !== 'grad' && !toCoordinator(s - 1) && (req.prevAddrs ?? []).length === 0) throw new SchemaError('microbatch: no address for the previous stage');
   if (s === 0 && req.ids === undefined) throw new SchemaError('microbatch: the first stage needs token ids');
   if (s === S - 1 && (req.labels === undefined || req.lossScale === undefined)) throw new SchemaError('microbatch: the last stage needs labels and lossScale');
   if (req.referee !== undefined && ((req.referee === 'act' && s === S - 1) || (req.referee === 'grad' && s === 0))) {
@@ -52,7 +54,7 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
   const signal = opts.signal;
   host.check(req, 'microbatch');
   const self = node.peerId.toString();
-  checkRoute(req, host, self);
+  checkRoute(req, host, self, d.coordinator.peerId);
   // parsed before anything runs: a refused request leaves no trace
   const nextAddrs = (req.nextAddrs ?? []).map(parseMultiaddr), prevAddrs = (req.prevAddrs ?? []).map(parseMultiaddr);
   const s = req.stageIndex, S = host.numStages;
@@ -67,9 +69,13 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
     const peer = req.route[from]!;
     const key = `${kind}:${from}`;
     try {
-      const r = await inbox.receive({ ...base, kind }, { from: peer, shape: [T, C], judge: (rms) => host.screen.judge(key, rms, `${what(kind, from)} from ${peer}`) },
+      // the lower bound: on activations always, on activation gradients only of trained micro-batches
+      const floor = kind === 'act' || req.trained === true;
+      const r = await inbox.receive({ ...base, kind }, { from: peer, shape: [T, C], judge: (rms) => host.screen.judge(key, rms, `${what(kind, from)} from ${peer}`, { floor }) },
         { signal, timeoutMs: job * Math.max(1, jobs) });
-      host.screen.accept(key, r.rms);
+      if (floor) host.screen.accept(key, r.rms);
+      host.keepReceived(req, kind, r.data);
+      res[kind === 'act' ? 'actSha256' : 'gradSha256'] = floatSha256(r.data);
       return r;
     } catch (e) {
       if (signal.aborted) throw signal.reason;
@@ -82,11 +88,12 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
   const send = async (kind: HopKind, to: number, data: Float32Array): Promise<Failure | null> => {
     const referee = req.referee === kind;
     const peer = referee ? d.coordinator.peerId : req.route[to]!;
-    const addrs = referee ? d.coordinator.addrs : kind === 'act' ? nextAddrs : prevAddrs;
+    const addrs = referee || peer === d.coordinator.peerId ? d.coordinator.addrs : kind === 'act' ? nextAddrs : prevAddrs;
     try {
-      await sendHop(node, addrs, { ...base, kind }, [T, C], data, {
-        signal, timeoutMs: job, codec: host.wireCodec, expectPeer: peer, log: d.log, mutate: host.poisonsOutput ? poisoned : undefined,
+      const sent = await sendHop(node, addrs, { ...base, kind }, [T, C], host.tamper(data), {
+        signal, timeoutMs: job, codec: host.wireCodec, expectPeer: peer, log: d.log, mutate: host.poisonsOutput ? poisoned : undefined, digest: true,
       });
+      if (sent.sha256 !== null) res[kind === 'act' ? 'sentActSha256' : 'sentGradSha256'] = sent.sha256;
       return null;
     } catch (e) {
       if (signal.aborted) throw signal.reason;
@@ -141,4 +148,15 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
     if (f !== null) return { ...res, failure: f };
   }
   return res;
+}
+
+/** A spot check's recall: send the tensor of `kind` that attempt `req` received here to the
+ *  coordinator (f32, so it arrives bit for bit), answering with its digest. */
+export async function recallTensor(d: PipelineDeps, req: RecallRequest, opts: { signal: AbortSignal; timeoutMs: number }): Promise<RecallResponse> {
+  const data = d.host.received(req);
+  const C = d.host.stage.config.hiddenSize;
+  await sendHop(d.node, d.coordinator.addrs, { runId: req.runId, step: req.step, mb: req.mb, attempt: req.attempt, kind: req.kind }, [data.length / C, C], data, {
+    signal: opts.signal, timeoutMs: opts.timeoutMs, codec: 'f32', expectPeer: d.coordinator.peerId, log: d.log,
+  });
+  return { sha256: floatSha256(data) };
 }

@@ -2,6 +2,7 @@
 import os from 'node:os';
 import type { Backend } from '../engine/backend.ts';
 import { probeDevice } from '../engine/backends/index.ts';
+import { cpuDeviceName } from '../protocol/messages.ts';
 import type { Capabilities } from '../protocol/messages.ts';
 import { SOFTWARE_VERSION } from '../protocol/constants.ts';
 
@@ -64,7 +65,7 @@ export async function probeCapabilities(backend: Backend, opts: ProbeOptions): P
   const offered = opts.maxMemoryBytes ?? Math.floor(free * 0.8);
   return {
     backend: opts.device.startsWith('cuda') ? 'cuda' : 'cpu',
-    deviceName: opts.device.startsWith('cuda') ? opts.device : `cpu: ${os.cpus()[0]?.model ?? 'unknown'}`.slice(0, 256),
+    deviceName: opts.device.startsWith('cuda') ? opts.device : cpuDeviceName(backend.name, os.cpus()[0]?.model ?? 'unknown'),
     memoryBytes: offered,
     memoryTotalBytes: total,
     memoryFreeBytes: free,

@@ -5,7 +5,7 @@ import type { Backend } from '../engine/backend.ts';
 import { request } from '../protocol/net.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import type { BlobStore } from '../protocol/blobs.ts';
-import type { Assignment, Capabilities, FinishRequest, HeartbeatResponse, JoinResponse, MicroBatchRequest, MicroBatchResponse } from '../protocol/messages.ts';
+import type { Assignment, Capabilities, FinishRequest, HeartbeatResponse, JoinResponse, MicroBatchRequest, MicroBatchResponse, RecallRequest, RecallResponse } from '../protocol/messages.ts';
 import { HopInbox } from '../protocol/hop.ts';
 import { AuthError, StaleError, SwarmError } from '../protocol/errors.ts';
 import { silentLogger } from '../protocol/log.ts';
@@ -13,7 +13,8 @@ import type { Logger } from '../protocol/log.ts';
 import type { StageHost, KeptOffer } from './stage-host.ts';
 import type { OptimizerFactory } from './optimizer.ts';
 import { loadAssignedStage } from './assignment.ts';
-import { runMicroBatch } from './pipeline.ts';
+import { recallTensor, runMicroBatch } from './pipeline.ts';
+import type { PipelineDeps } from './pipeline.ts';
 import type { VolunteerConfig } from './config.ts';
 import { reportProgress } from './events.ts';
 import type { VolunteerEvents } from './events.ts';
@@ -181,12 +182,21 @@ export class VolunteerSession {
 
   /** One micro-batch attempt at the serving stage (node/pipeline.ts). */
   microBatch(req: MicroBatchRequest, opts: { signal: AbortSignal }): Promise<MicroBatchResponse> {
+    return runMicroBatch(this.pipelineDeps('microbatch'), req, opts);
+  }
+
+  /** A spot check's recall of a tensor an attempt received (node/pipeline.ts). */
+  recall(req: RecallRequest, opts: { signal: AbortSignal }): Promise<RecallResponse> {
+    return recallTensor(this.pipelineDeps('recall'), req, { signal: opts.signal, timeoutMs: this.config.handlerTimeoutMs.recall });
+  }
+
+  private pipelineDeps(what: string): PipelineDeps {
     const host = this.stageHost();
-    if (this.coordinatorId === null) throw new StaleError('microbatch: the coordinator is not known yet');
-    return runMicroBatch({
+    if (this.coordinatorId === null) throw new StaleError(`${what}: the coordinator is not known yet`);
+    return {
       node: this.c.node, inbox: this.hops, host, log: this.rpcLog,
       coordinator: { addrs: [this.config.coordinatorAddr], peerId: this.coordinatorId },
-    }, req, opts);
+    };
   }
 
   /** NAT traversal: a reservation on the coordinator's relay, now that it admitted this peer. Without one this

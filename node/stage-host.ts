@@ -1,6 +1,7 @@
 // The shard host: the RPC-facing side of one stage. It checks each request against the run, step and
 // stage, queues the compute, keeps gradients by attempt (step-gradients.ts), applies the aggregated
 // optimizer step, and keeps the state from before it for a restarted coordinator (step-snapshot.ts).
+import { createHash } from 'node:crypto';
 import type { Stage } from '../engine/types.ts';
 import type {
   AggregateRequest, AggregateResponse, AdapterRequest, AdapterResponse, Assignment, CommitRequest, JoinRequest,
@@ -20,7 +21,7 @@ import { JobQueue } from './job-queue.ts';
 import type { JobPriority } from './job-queue.ts';
 import type { ShardOptimizer } from './optimizer.ts';
 import { SNAPSHOT_RESIDENT_BYTES } from './constants.ts';
-import { testAids } from './test-aids.ts';
+import { tamperAdapter, tamperOutput, testAids } from './test-aids.ts';
 import type { TestAids } from './test-aids.ts';
 import { OutputScreen } from '../protocol/screen.ts';
 
@@ -74,6 +75,9 @@ export class StageHost {
   private generation = 0;
   private readonly aids: TestAids;
   private readonly log: Logger;
+  /** the tensors each uncommitted attempt received on hops (its input activation, the activation
+   *  gradient it got), kept until the attempt is committed or discarded: a spot check recalls them */
+  private readonly receivedTensors = new Map<string, { step: number; data: Float32Array }>();
 
   constructor(stage: Stage, a: Assignment, optimizer: ShardOptimizer, init: StageHostInit = {}) {
     this.stage = stage;
@@ -94,7 +98,9 @@ export class StageHost {
 
   get inflight(): number { return this.gradients.inflight; }
   /** the bad-peer testing aid: this stage poisons every activation and gradient it sends */
-  get poisonsOutput(): boolean { return this.aids.badOutput === 'nan'; }
+  get poisonsOutput(): boolean { return this.aids.badOutput?.kind === 'nan'; }
+  /** the cheating-peer testing aids (scale, noise, zero): what this stage sends instead of `x` */
+  tamper(x: Float32Array): Float32Array { return tamperOutput(this.aids, x); }
   get busy(): boolean { return this.queue.busy; }
   get tokensPerSecond(): number { return this.computeMs > 0 ? this.computeTokens / (this.computeMs / 1000) : 0; }
 
@@ -231,8 +237,24 @@ export class StageHost {
     return { gradIn };
   }
 
+  /** Keep what attempt (step, mb, attempt) received of `kind` (node/pipeline.ts); tensors of
+   *  earlier steps are dropped. */
+  keepReceived(key: { step: number; mb: number; attempt: number }, kind: 'act' | 'grad', data: Float32Array): void {
+    for (const [k, v] of this.receivedTensors) if (v.step < this.step) this.receivedTensors.delete(k);
+    this.receivedTensors.set(`${attemptKey(key.step, key.mb, key.attempt)}:${kind}`, { step: key.step, data });
+  }
+
+  /** What the attempt received of `kind`, for a recall (StaleError when nothing is kept). */
+  received(req: { runId: string; step: number; mb: number; attempt: number; kind: 'act' | 'grad' }): Float32Array {
+    this.check(req, 'recall');
+    const t = this.receivedTensors.get(`${attemptKey(req.step, req.mb, req.attempt)}:${req.kind}`);
+    if (t === undefined) throw new StaleError(`recall: no ${req.kind} kept for micro-batch ${req.mb} attempt ${req.attempt} of step ${req.step}`);
+    return t.data;
+  }
+
   commit(req: CommitRequest): void {
     this.check(req, 'commit');
+    for (const kind of ['act', 'grad']) this.receivedTensors.delete(`${attemptKey(req.step, req.mb, req.attempt)}:${kind}`);
     if (req.commit) {
       this.gradients.commit(req.step, req.mb, req.attempt);
       this.microBatchesServed++;
@@ -269,12 +291,13 @@ export class StageHost {
     }
     const g = this.gradients.putFinalPage(req.from, page);
     // once the last page is in, the update runs whatever the requester does: half an apply is worse
-    if (req.last === true) await this.queue.run(0, () => this.applyStep(g, req.lr!));
-    return { total };
+    if (req.last !== true) return { total };
+    return { total, ...await this.queue.run(0, () => this.applyStep(g, req.lr!)) };
   }
 
-  /** The optimizer step with the final gradient, after keeping the state from before it. */
-  private async applyStep(grads: Float32Array[], lr: number): Promise<void> {
+  /** The optimizer step with the final gradient, after keeping the state from before it; the
+   *  digests every replica of the stage must share after it (the coordinator compares them). */
+  private async applyStep(grads: Float32Array[], lr: number): Promise<{ adapterSha256: string; optimizerSha256: string }> {
     // keep the state of this step: the coordinator may die before it commits the update
     const snap = await StepSnapshot.take(this.step, this.stage.params, await this.optimizer.saveState(), this.snapshotOptions);
     await this.previous?.dispose();
@@ -282,6 +305,10 @@ export class StageHost {
     await this.optimizer.step(grads, lr);
     this.resetStep();
     this.step += 1;
+    // the state's bytes are hashed once and kept: a checkpoint fetch of this step serves the same bytes
+    const bytes = await this.optimizer.saveState();
+    this.optimSnapshot = { step: this.step, bytes };
+    return { adapterSha256: adapterDigest(this.stage.params), optimizerSha256: createHash('sha256').update(bytes).digest('hex') };
   }
 
   /** Drop everything of the step in flight: attempts, committed micro-batches, partial final gradient. */
@@ -355,6 +382,7 @@ export class StageHost {
     for (let i = page.from; i < page.from + page.count; i++) {
       tensors.push({ name: params[i]!.name, tensor: encodeTensor(params[i]!.data, params[i]!.shape, 'f32', params[i]!.name) });
     }
-    return { step: this.step, total: params.length, adapterSpecJson: null, tensors };
+    const s = this.stage;
+    return { step: this.step, total: params.length, adapterSpecJson: null, tensors: tamperAdapter(this.aids, tensors, page.from, { layerStart: s.layerStart, layerEnd: s.layerEnd, isLast: s.isLast }) };
   }
 }

@@ -15,6 +15,7 @@ export const PROTOCOLS = {
   microbatch: pid('microbatch'),
   hop: pid('hop'),
   commit: pid('commit'),
+  recall: pid('recall'),
   aggregate: pid('aggregate'),
   adapter: pid('adapter'),
   status: pid('status'),

@@ -11,6 +11,7 @@
 // The receiver never has more than HOP_CREDIT chunk frames in flight besides the tensor it
 // assembles (which it allocates at the shape it expected, not one the sender claims), so neither the
 // frame cap nor the tensor element cap bounds a micro-batch, and a slow receiver slows the sender.
+import { createHash } from 'node:crypto';
 import type { Connection, Stream } from '@libp2p/interface';
 import type { Multiaddr } from '@multiformats/multiaddr';
 import { HOP_CHUNK_ELEMENTS, HOP_CREDIT, HOP_EXPECT_WAIT_MS, HOP_FRAME_BYTES, MAX_HOP_ELEMENTS, PROTOCOLS } from './constants.ts';
@@ -262,6 +263,10 @@ export interface SendHopOptions {
   expectPeer: string;
   /** testing aid: what a bad peer does to each chunk it sends */
   mutate?: (t: WireTensor) => WireTensor;
+  /** also compute the sha256 of the tensor as the receiver decodes it (each chunk as sent, decoded
+   *  again here: free in f32, one more decode per chunk in a lossy codec); a spot check holds
+   *  the receiver's copy to it (docs/security.md) */
+  digest?: boolean;
   log?: Logger;
 }
 
@@ -274,7 +279,13 @@ export function chunkRows(C: number): number {
   return Math.max(1, Math.floor(HOP_CHUNK_ELEMENTS / C));
 }
 
-export async function sendHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, shape: [number, number], data: Float32Array, opts: SendHopOptions): Promise<{ bytes: number }> {
+/** sha256 (hex) of a float32 tensor's bytes: the digest a hop's sender and receiver report (each
+ *  of the tensor as the receiver decodes it) and a recalled tensor is held to. */
+export function floatSha256(x: Float32Array): string {
+  return createHash('sha256').update(new Uint8Array(x.buffer, x.byteOffset, x.byteLength)).digest('hex');
+}
+
+export async function sendHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, shape: [number, number], data: Float32Array, opts: SendHopOptions): Promise<{ bytes: number; sha256: string | null }> {
   const to = opts.expectPeer;
   const what = `${describe(key)} to ${to}`;
   const n = shape[0] * shape[1];
@@ -286,6 +297,10 @@ export async function sendHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, 
   signal.addEventListener('abort', onAbort, { once: true });
   const log = opts.log ?? silentLogger;
   let bytes = 0;
+  // the digest of what the receiver decodes: each chunk as sent, decoded here again (null when a
+  // chunk cannot be decoded: the bad-peer aid's NaN)
+  const digest = createHash('sha256');
+  let digestOk = opts.digest === true;
   const net = async <T>(fn: () => Promise<T>): Promise<T> => {
     try {
       return await fn();
@@ -324,7 +339,14 @@ export async function sendHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, 
       }
       const len = Math.min(chunkRows(shape[1]) * shape[1], n - off);
       const t = encodeTensor(data.subarray(off, off + len), [len / shape[1], shape[1]], opts.codec, `${what}, elements [${off}, ${off + len})`);
-      const frame = encodeFrame({ offset: off, tensor: opts.mutate !== undefined ? opts.mutate(t) : t }, HOP_FRAME_BYTES);
+      const sent = opts.mutate !== undefined ? opts.mutate(t) : t;
+      if (digestOk) {
+        try {
+          const d = sent === t && opts.codec === 'f32' ? data.subarray(off, off + len) : decodeFloat(sent, what, [len / shape[1], shape[1]]);
+          digest.update(new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
+        } catch { digestOk = false; }
+      }
+      const frame = encodeFrame({ offset: off, tensor: sent }, HOP_FRAME_BYTES);
       bytes += frame.length;
       await net(async () => { if (!s.send(frame)) await s.onDrain({ signal }); });
       credit--;
@@ -336,7 +358,7 @@ export async function sendHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, 
     }
     await net(() => s.close({ signal }));
     log('hop -> %s %s: ok (%d bytes)', to, keyOf(key), bytes);
-    return { bytes };
+    return { bytes, sha256: digestOk ? digest.digest('hex') : null };
   } catch (e) {
     log('hop -> %s %s: %s: %s', to, keyOf(key), (e as Error).name, (e as Error).message);
     throw e;

@@ -32,6 +32,13 @@ export const capabilities = obj({
 });
 export type Capabilities = ReturnType<typeof capabilities>;
 
+/** A CPU volunteer's deviceName: its backend (native `cpu` or the float64 `ref`) and CPU model, so
+ *  spot checks compare bit for bit only between the same CPU backend on the same CPU
+ *  (coordinator/verify.ts); the coordinator names its own referee the same way. */
+export function cpuDeviceName(backendName: string, cpuModel: string): string {
+  return `${backendName === 'ref' ? 'ref' : 'cpu'}: ${cpuModel}`.slice(0, 256);
+}
+
 export const joinRequest = obj({
   token: nullable(str({ max: 256 })),
   capabilities,
@@ -186,6 +193,9 @@ export const microBatchRequest = obj({
   /** a referee attempt (the coordinator checks a reported tensor itself): this stage sends its output
    *  of this kind to the coordinator instead of its route neighbour */
   referee: opt(oneOf(['act', 'grad'] as const)),
+  /** the micro-batch has trained positions (label tokens and a positive loss scale): its activation
+   *  gradients must not be near zero (the screen's lower bound); absent: no lower bound on them */
+  trained: opt(bool),
 });
 export type MicroBatchRequest = ReturnType<typeof microBatchRequest>;
 export const microBatchResponse = obj({
@@ -195,6 +205,13 @@ export const microBatchResponse = obj({
   /** RMS of the activation (from stage s-1) and activation gradient (from s+1) this stage accepted */
   actRms: opt(num({ min: 0 })),
   gradRms: opt(num({ min: 0 })),
+  /** sha256 of the float32 bytes (as decoded) of the activation and activation gradient this stage
+   *  received, and of those it sent (each as its receiver decodes them): the digests a spot check
+   *  holds a recalled tensor to (docs/security.md) */
+  actSha256: opt(sha256Hex),
+  gradSha256: opt(sha256Hex),
+  sentActSha256: opt(sha256Hex),
+  sentGradSha256: opt(sha256Hex),
   /** the attempt failed at this stage because of another peer: a tensor it refused (bad-tensor), a
    *  hop that broke (hop) or never came (timeout) */
   failure: opt(obj({
@@ -230,6 +247,14 @@ export const commitRequest = obj({
   commit: bool,
 });
 export type CommitRequest = ReturnType<typeof commitRequest>;
+
+// ---- recall: coordinator → stage peer, for a spot check: send the activation (kind act) or
+// activation gradient (grad) this stage received in attempt (step, mb, attempt) to the coordinator,
+// by a hop with the same key in f32; answered once the coordinator accepted it
+export const recallRequest = obj({ ...mbKey, kind: oneOf(['act', 'grad'] as const) });
+export type RecallRequest = ReturnType<typeof recallRequest>;
+export const recallResponse = obj({ sha256: sha256Hex });
+export type RecallResponse = ReturnType<typeof recallResponse>;
 export const ackResponse = obj({ ok: bool });
 export type AckResponse = ReturnType<typeof ackResponse>;
 
@@ -255,6 +280,11 @@ export const aggregateResponse = obj({
   grads: opt(arr(wireTensor, 1 << 16)),
   /** number of committed micro-batches folded in (collect) */
   microBatches: opt(int(0, I32)),
+  /** the last apply page: after its optimizer step, the digest of the stage's LoRA tensors
+   *  (protocol/adapter-digest.ts) and the sha256 of its optimizer state bytes, which every replica of
+   *  the stage must share */
+  adapterSha256: opt(sha256Hex),
+  optimizerSha256: opt(sha256Hex),
 });
 export type AggregateResponse = ReturnType<typeof aggregateResponse>;
 
@@ -392,6 +422,7 @@ export const SCHEMAS = {
   weights: { req: weightsRequest, res: weightsResponse },
   microbatch: { req: microBatchRequest, res: microBatchResponse },
   commit: { req: commitRequest, res: ackResponse },
+  recall: { req: recallRequest, res: recallResponse },
   aggregate: { req: aggregateRequest, res: aggregateResponse },
   adapter: { req: adapterRequest, res: adapterResponse },
   status: { req: statusRequest, res: statusResponse },

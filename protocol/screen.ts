@@ -34,14 +34,20 @@ export class OutputScreen {
   }
 
   /** Throws BadOutputError when `rms` is over screenFactor× the median of the key's recent ones
-   *  (once there are outputHistoryMin of them); nothing is recorded. */
-  judge(key: string, rms: number, what: string): void {
+   *  (once there are outputHistoryMin of them), or — with `floor` (the default) — under 1/screenFactor
+   *  of it: a lazy or zeroing peer, near zero where the run's history says otherwise. `floor: false`
+   *  is for an activation gradient of a micro-batch without trained positions (zero by right), which
+   *  must then stay out of the history too. Nothing is recorded. */
+  judge(key: string, rms: number, what: string, opts: { floor?: boolean } = {}): void {
     if (!Number.isFinite(rms)) throw new BadOutputError(`${what}: RMS ${rms} is not finite`);
     const hist = this.history.get(key) ?? [];
     const ref = hist.length >= this.limits.outputHistoryMin ? median(hist) : null;
     const factor = this.limits.screenFactor;
     if (ref !== null && ref > 0 && rms > factor * ref) {
       throw new BadOutputError(`${what}: RMS ${rms.toExponential(2)} is over ${factor}x the median ${ref.toExponential(2)} of recent ones`);
+    }
+    if (opts.floor !== false && ref !== null && ref > 0 && !(rms * factor >= ref)) {
+      throw new BadOutputError(`${what}: RMS ${rms.toExponential(2)} is under 1/${factor} of the median ${ref.toExponential(2)} of recent ones`);
     }
   }
 

@@ -43,6 +43,9 @@ export interface CollectedGradient {
   microBatches: number;
 }
 
+/** What a replica reports after its optimizer step (absent from a peer that does not report them). */
+export interface AppliedDigests { adapterSha256?: string; optimizerSha256?: string }
+
 /** A request cancelled through the caller's signal rejects with the signal's reason, never as a
  *  timeout, so a stopping caller can tell its own abort from a peer's failure. */
 export class StagePeerClient {
@@ -88,6 +91,13 @@ export class StagePeerClient {
     await this.call(peer, 'commit', { runId: this.init.runId, ...key, commit: false }, this.init.timeouts.noticeTimeoutMs, opts);
   }
 
+  /** Spot check: the peer sends the tensor of `kind` it received in attempt `key` to the coordinator
+   *  by a hop (receive it on the coordinator's HopInbox); resolves to the sha256 it claims for it. */
+  async recall(peer: DialTarget, key: AttemptKey, kind: 'act' | 'grad', opts: CallOptions = {}): Promise<string> {
+    const res = await this.call(peer, 'recall', { runId: this.init.runId, ...key, kind }, this.init.timeouts.computeTimeoutMs, opts);
+    return res.sha256;
+  }
+
   /** The stage's summed gradient of `step`, every page of it. */
   async collect(peer: DialTarget, step: number, opts: CallOptions = {}): Promise<CollectedGradient> {
     let microBatches = 0;
@@ -101,16 +111,18 @@ export class StagePeerClient {
   }
 
   /** Send the step's final gradient (one tensor per parameter, stage order) in pages; the last page
-   *  makes the peer run its optimizer step with `lr`. */
-  async apply(peer: DialTarget, step: number, grads: readonly WireTensor[], lr: number, opts: CallOptions = {}): Promise<void> {
+   *  makes the peer run its optimizer step with `lr`. Resolves to the digests the peer reports after it. */
+  async apply(peer: DialTarget, step: number, grads: readonly WireTensor[], lr: number, opts: CallOptions = {}): Promise<AppliedDigests> {
     const pages = planPages(grads.map((g) => g.bytes.length));
+    let last: Res<'aggregate'> | null = null;
     for (let i = 0; i < pages.length; i++) {
       opts.signal?.throwIfAborted();
       const { from, count } = pages[i]!;
-      await this.call(peer, 'aggregate', {
+      last = await this.call(peer, 'aggregate', {
         runId: this.init.runId, step, phase: 'apply', from, count, grads: grads.slice(from, from + count), lr, last: i === pages.length - 1,
       }, this.init.timeouts.computeTimeoutMs, opts);
     }
+    return { adapterSha256: last?.adapterSha256, optimizerSha256: last?.optimizerSha256 };
   }
 
   /** The peer's LoRA tensors of its stage at its current step, every page. */

@@ -18,7 +18,7 @@ const ROOT = path.resolve(import.meta.dirname, '..');
 test('bench arguments: sections, --quick, and clear errors for bad input', () => {
   assert.deepEqual(parseArgs(['--only', 'kernels,net', '--quick']).only, ['kernels', 'net']);
   assert.equal(parseArgs(['--only=model']).quick, false);
-  assert.deepEqual(parseArgs([]).only, ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing']);
+  assert.deepEqual(parseArgs([]).only, ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing', 'verify']);
   assert.deepEqual(parseArgs(['--only', 'memory']).only, ['memory']);
   assert.throws(() => parseArgs(['--only', 'kernels,gpu']), (e: Error) => e instanceof BenchUsageError && /unknown section "gpu"/.test(e.message));
   assert.throws(() => parseArgs(['--only']), { name: 'BenchUsageError', message: /--only needs a value/ });

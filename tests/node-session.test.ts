@@ -34,7 +34,7 @@ const ctx = (peerId: string): HandlerContext => ({ peerId, connection: {} as nev
 test('the handler table: an unknown message is a SchemaError; stage traffic only from the coordinator, and only while serving', async () => {
   const s = session();
   const table = volunteerHandlers(s, {} as never);
-  assert.deepEqual(Object.keys(table), ['weights', 'heartbeat', 'microbatch', 'commit', 'aggregate', 'adapter', 'optimizer', 'finish']);
+  assert.deepEqual(Object.keys(table), ['weights', 'heartbeat', 'microbatch', 'commit', 'recall', 'aggregate', 'adapter', 'optimizer', 'finish']);
   await assert.rejects(dispatch(table, 'status', {}, ctx(COORD)), { name: 'SchemaError', message: /unknown message status/ });
   await assert.rejects(dispatch(table, 'toString', {}, ctx(COORD)), { name: 'SchemaError' });
   const hb = { runId: 'r', step: 0, sentAtMs: 0 };
@@ -42,7 +42,7 @@ test('the handler table: an unknown message is a SchemaError; stage traffic only
   const res = await dispatch(table, 'heartbeat', hb, ctx(COORD)) as Record<string, unknown>;
   assert.deepEqual({ ...res, memoryRssBytes: 0 }, { runId: null, ready: false, step: 0, tokensPerSecond: 0, inflight: 0, busy: false, memoryRssBytes: 0 });
   assert.equal(s.stateName, 'starting');
-  for (const proto of ['microbatch', 'commit', 'aggregate', 'adapter', 'optimizer']) {
+  for (const proto of ['microbatch', 'commit', 'recall', 'aggregate', 'adapter', 'optimizer']) {
     await assert.rejects(dispatch(table, proto, {}, ctx('12D3KooWother')), { name: 'AuthError' });
     await assert.rejects(dispatch(table, proto, {}, ctx(COORD)), { name: 'StaleError', message: 'this peer has no stage loaded yet' });
   }
@@ -67,13 +67,20 @@ test('the config: validated once, knobs from engine/env.ts, compute deadlines fo
   assert.equal(c.coordinatorId, COORD);
   assert.equal(c.handlerTimeoutMs.aggregate, COMPUTE_TIMEOUT_MS);
   assert.equal(c.listen, '/ip4/127.0.0.1/tcp/0');
-  assert.deepEqual(c.aids, { delayMs: 0, badOutput: null });
+  assert.deepEqual(c.aids, { delayMs: 0, badOutput: null, badAdapter: null });
   assert.equal(resolveVolunteerConfig({ ...opts, coordinator: '/ip4/127.0.0.1/tcp/4001' }, readKnobs({})).coordinatorId, null);
   const k = resolveVolunteerConfig(opts, readKnobs({ SWARMTUNE_COMPUTE_TIMEOUT_MS: '1500', SWARMTUNE_TEST_DELAY_MS: '20', SWARMTUNE_TEST_BAD_OUTPUT: 'nan' }));
   assert.equal(k.handlerTimeoutMs.aggregate, 1500);
-  assert.deepEqual(k.aids, { delayMs: 20, badOutput: 'nan' });
+  assert.deepEqual(k.aids, { delayMs: 20, badOutput: { kind: 'nan' }, badAdapter: null });
+  assert.deepEqual(testAids(readKnobs({ SWARMTUNE_TEST_BAD_OUTPUT: 'scale:1.02', SWARMTUNE_TEST_BAD_ADAPTER: 'foreign' })), { delayMs: 0, badOutput: { kind: 'scale', factor: 1.02 }, badAdapter: 'foreign' });
+  assert.deepEqual(testAids(readKnobs({ SWARMTUNE_TEST_BAD_OUTPUT: 'noise:0.01' })).badOutput, { kind: 'noise', rel: 0.01 });
+  assert.deepEqual(testAids(readKnobs({ SWARMTUNE_TEST_BAD_OUTPUT: 'zero' })).badOutput, { kind: 'zero' });
+  for (const bad of ['scale:', 'scale:x', 'noise:-1', 'scale:1e999', 'zeros']) {
+    assert.throws(() => resolveVolunteerConfig(opts, readKnobs({ SWARMTUNE_TEST_BAD_OUTPUT: bad })), { name: 'SwarmError', message: `SWARMTUNE_TEST_BAD_OUTPUT must be "nan", "zero", "scale:<factor>" or "noise:<relative std>" (a finite number), got "${bad}"` });
+  }
+  assert.throws(() => resolveVolunteerConfig(opts, readKnobs({ SWARMTUNE_TEST_BAD_ADAPTER: 'foriegn' })), { name: 'SwarmError', message: 'SWARMTUNE_TEST_BAD_ADAPTER must be "foreign", "shape" or "nan", got "foriegn"' });
   assert.throws(() => resolveVolunteerConfig({ ...opts, device: 'gpu' }, readKnobs({})), { message: '--device must be auto, cpu, ref or cuda:N, got "gpu"' });
-  assert.throws(() => testAids(readKnobs({ SWARMTUNE_TEST_BAD_OUTPUT: 'inf' })), { name: 'SwarmError', message: 'SWARMTUNE_TEST_BAD_OUTPUT must be "nan", got "inf"' });
+  assert.throws(() => testAids(readKnobs({ SWARMTUNE_TEST_BAD_OUTPUT: 'inf' })), { name: 'SwarmError', message: 'SWARMTUNE_TEST_BAD_OUTPUT must be "nan", "zero", "scale:<factor>" or "noise:<relative std>" (a finite number), got "inf"' });
   assert.throws(() => readKnobs({ SWARMTUNE_TEST_DELAY_MS: '-5' }), { message: 'SWARMTUNE_TEST_DELAY_MS must be an integer number of ms in [0, 3600000], got "-5"' });
 });
 
@@ -106,7 +113,7 @@ test('stage host: pages of adapter tensors and step sums come from the pager, a 
   const stage = await loadStage(randomWeightSource(cfg, 5), new RefBackend(), { layerStart: 0, layerEnd: 12, lora, seed: 1 });
   const spec = { optim: 'adamw_torch' as const, adamBeta1: 0.9, adamBeta2: 0.999, adamEpsilon: 1e-8, weightDecay: 0, residentBytes: 0 };
   const a = { runId: 'r', stageIndex: 0, wireCodec: 'f32', step: 0, optim: spec } as unknown as Assignment;
-  const host = new StageHost(stage, a, await createShardOptimizer(spec, stage.params, { spillDir: os.tmpdir(), state: null }), { aids: { delayMs: 0, badOutput: null } });
+  const host = new StageHost(stage, a, await createShardOptimizer(spec, stage.params, { spillDir: os.tmpdir(), state: null }), { aids: { delayMs: 0, badOutput: null, badAdapter: null } });
   const total = stage.params.length;
   assert.equal(total, 72);
   const page = host.adapter({ runId: 'r', from: 0, count: 1000 });

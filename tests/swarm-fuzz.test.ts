@@ -48,7 +48,7 @@ async function freePort(): Promise<number> {
 }
 
 const COORD_PROTOS: ProtoName[] = ['join', 'weights', 'status', 'adapter'];
-const VOL_PROTOS: ProtoName[] = ['weights', 'heartbeat', 'microbatch', 'commit', 'aggregate', 'adapter', 'optimizer', 'finish'];
+const VOL_PROTOS: ProtoName[] = ['weights', 'heartbeat', 'microbatch', 'commit', 'recall', 'aggregate', 'adapter', 'optimizer', 'finish'];
 
 interface Target { name: string; addr: DialTarget; protos: ProtoName[]; ctx: () => TemplateContext; proc: Proc }
 

@@ -83,7 +83,11 @@ interface SwarmResult { busy: Busy[]; poisoner: () => number; coordinatorId: str
  *  sends the gradient, with stage 0 waiting to receive it). */
 interface MidHopKill { stage: number; after: 'forward' | 'backward' }
 
-async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean; lateJoiner?: boolean; poisonStage?: number; killMidHop?: MidHopKill } = {}): Promise<SwarmResult> {
+/** A volunteer of `stage` that answers a spot check's recall with its received tensor scaled by 1.02
+ *  (its microbatch reports carry the true digests) — at verify_fraction 1. */
+interface RecallLie { stage: number }
+
+async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean; lateJoiner?: boolean; poisonStage?: number; killMidHop?: MidHopKill; lieInRecall?: RecallLie } = {}): Promise<SwarmResult> {
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-inproc-'));
   dirs.push(tmp);
   const node = await createSwarmNode({ dataDir: path.join(tmp, 'coord') });
@@ -96,7 +100,8 @@ async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean;
   let coord!: Coordinator;
   coord = new Coordinator({
     node, store, blobs: new BlobStore(path.join(tmp, 'coord')), runId: 'inproc', modelName: 'random', llama,
-    modelConfigJson: JSON.stringify(HF), weights, train, lora,
+    modelConfigJson: JSON.stringify(HF), weights, train: opts.lieInRecall !== undefined ? { ...train, verify_fraction: 1 } : train, lora,
+    refereeBackend: async () => new RefBackend(),
     data: { totalSteps: STEPS, microBatchesForStep: async (s) => batchesFor(s), cursorAfter: (s) => s * MBS },
     memory: () => 1, minPeers: opts.lateJoiner === true ? 3 : 4, pipelineStages: 2, wireCodec: 'f32', token: null, initAdapter: null, resume: null,
     emit: (e) => {
@@ -137,6 +142,13 @@ async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean;
       };
     }
   };
+  let liar = -1;
+  const lie = (h: StageHost, i: number) => {
+    if (opts.lieInRecall === undefined || h.stageIndex !== opts.lieInRecall.stage || liar >= 0) return;
+    liar = i;
+    const orig = h.received.bind(h);
+    h.received = (req) => orig(req).map((x) => x * 1.02);
+  };
   let midHopKilled = false;
   const killMidHop = (h: StageHost, i: number) => {
     const k = opts.killMidHop;
@@ -157,7 +169,7 @@ async function swarmRun(opts: { killAfterStep?: number; restartKilled?: boolean;
     await n.stop();
     if (opts.lateJoiner === true && i === 3) await afterStepOne; // joins a run that is already training
     const volunteer = (signal: AbortSignal) => runVolunteer({ coordinator: addr, token: null, device: 'ref', maxMemoryBytes: 2 ** 30, dataDir, json: true, listen: '/ip4/127.0.0.1/tcp/0' },
-      { backend: new RefBackend(), abort: signal, onEvent: (e) => volunteerEvents[i]!.push(e), onHost: (h) => { poison(h, i); traceHost(h, i); killMidHop(h, i); } });
+      { backend: new RefBackend(), abort: signal, onEvent: (e) => volunteerEvents[i]!.push(e), onHost: (h) => { poison(h, i); traceHost(h, i); killMidHop(h, i); lie(h, i); } });
     const code = await volunteer(aborts[i]!.signal);
     // the crashed volunteer comes back on the same data dir (same peer id) while the run goes on
     if (opts.restartKilled === true && aborts[i]!.signal.aborted) return [code, await volunteer(new AbortController().signal)];
@@ -297,6 +309,25 @@ test('a replica sending an outsized gradient is banned and its micro-batches re-
     assert.ok(rel <= 1e-5, `relative update difference ${rel} after banning a poisoner`);
     const st = await fetchStatus(r.addr);
     assert.equal(st.peers.find((p) => p.peerId === banned[0]!.peer_id)!.health, 'banned');
+  } finally {
+    await r.stop();
+  }
+});
+
+test('verify_fraction 1: a volunteer whose recalled tensor contradicts the digest it reported is banned on that evidence; nobody else; results unchanged', async () => {
+  const ref = await reference;
+  const r = await swarmRun({ lieInRecall: { stage: 0 } });
+  try {
+    assert.equal(r.events.find((e) => e.event === 'error'), undefined);
+    const banned = r.events.filter((e) => e.event === 'peer_banned');
+    assert.equal(banned.length, 1, JSON.stringify(banned));
+    assert.equal(banned[0]!.evidence, 'bad-upload');
+    assert.match(String(banned[0]!.reason), /its recalled copy of the activation gradient of stage 1 in step \d+ micro-batch \d+ attempt \d+ does not hash to the digest it reported/);
+    const st = await fetchStatus(r.addr);
+    assert.equal(st.peers.find((p) => p.peerId === banned[0]!.peer_id)!.health, 'banned');
+    assert.equal(st.peers.filter((p) => p.health === 'banned').length, 1);
+    const { rel } = relDiff(ref.init, r.adapter, ref.final);
+    assert.ok(rel <= 1e-5, `relative update difference ${rel} after banning a liar`);
   } finally {
     await r.stop();
   }

@@ -77,6 +77,8 @@ export interface TrainConfig {
   skip_bad_lines: boolean;
   /** TRL SFTConfig packing (bfd, padding-free): engine/train/packing.ts */
   packing: boolean;
+  /** swarm only: fraction of micro-batches whose stage computations are recomputed and compared */
+  verify_fraction: number;
   json: boolean;
 }
 
@@ -152,6 +154,8 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   assistant_only_loss: false,
   skip_bad_lines: false,
   packing: false,
+  // swarmtune's own: 5% catches a cheater that tampers every micro-batch within ~60 of them at 95% (docs/security.md)
+  verify_fraction: 0.05,
   json: false,
 }) as TrainConfig;
 
@@ -207,6 +211,7 @@ export const TRAIN_CONFIG_KEYS: readonly ConfigKeySpec[] = [
   { key: 'assistant_only_loss', kind: 'bool', help: 'conversational records: train only on assistant turns (TRL assistant_only_loss; off trains every token)' },
   { key: 'skip_bad_lines', kind: 'bool', help: 'skip (and count) malformed JSONL lines instead of failing' },
   { key: 'packing', kind: 'bool', help: 'TRL packing: examples best-fit into rows of max_seq_length, each micro-batch one row without padding, attention kept inside each example' },
+  { key: 'verify_fraction', kind: 'float', min: 0, max: 1, help: 'swarm (launch): fraction of micro-batches a second peer or the coordinator recomputes and compares, banning a peer that computed wrong (docs/security.md); train ignores it' },
   { key: 'json', kind: 'bool', help: 'print one JSON object per line for step events' },
 ];
 
