@@ -64,7 +64,21 @@ export interface SwarmNodeInit {
   dataDir: string;
   /** listen multiaddrs, default /ip4/127.0.0.1/tcp/0 */
   listen?: string[];
+  /** yamux per-stream windows, default STREAM_WINDOW_BYTES / MAX_STREAM_WINDOW_BYTES (bench/wan-rpc.ts
+   *  compares them with the library's 256 KiB / 16 MiB) */
+  streamWindow?: { initialBytes: number; maxBytes: number };
 }
+
+/** Yamux's initial per-stream receive window. The library default (256 KiB, the yamux spec's) makes a
+ *  fresh stream wait a round trip per window: a 2 MiB response needed ~3 extra RTTs at 100 Mbit/s 50 ms
+ *  (BDP 625 KB). 4 MiB covers the bandwidth-delay product up to 100 Mbit/s × 330 ms or 1 Gbit/s × 33 ms,
+ *  so a page, a chunk or a hop frame goes in one flight. Every peer of a run runs this code: this library
+ *  assumes the remote's initial window equals its own, so a peer with a smaller setting would see
+ *  ReceiveWindowExceededError. Memory stays bounded by the readers (frame caps, hop credit), which drain
+ *  a stream as it arrives. */
+export const STREAM_WINDOW_BYTES = 4 * 1024 * 1024;
+/** The most a stream's window grows to (the library doubles it while the reader keeps up): the library's 16 MiB. */
+export const MAX_STREAM_WINDOW_BYTES = 16 * 1024 * 1024;
 
 export async function createSwarmNode(init: SwarmNodeInit): Promise<SwarmNode> {
   const privateKey = await loadIdentity(init.dataDir);
@@ -73,7 +87,10 @@ export async function createSwarmNode(init: SwarmNodeInit): Promise<SwarmNode> {
     addresses: { listen: init.listen ?? ['/ip4/127.0.0.1/tcp/0'] },
     transports: [tcp()],
     connectionEncrypters: [noise()],
-    streamMuxers: [yamux()],
+    streamMuxers: [yamux({ streamOptions: {
+      initialStreamWindowSize: init.streamWindow?.initialBytes ?? STREAM_WINDOW_BYTES,
+      maxStreamWindowSize: init.streamWindow?.maxBytes ?? MAX_STREAM_WINDOW_BYTES,
+    } })],
     // the swarm's own heartbeats decide liveness; no discovery or DHT traffic on a training run
     connectionManager: { maxConnections: 1024 },
   });
