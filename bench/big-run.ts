@@ -234,7 +234,7 @@ export async function bigRun(o: { dtype: 'BF16' | 'F32'; steps: number; seq: num
       const trainSteps = (train?.steps ?? []) as Array<{ loss: number }>;
       return {
         dtype: o.dtype, layers: o.layers, seq_len: o.seq, steps: o.steps, model_dir_write_s: Number(writeS.toFixed(1)),
-        train, swarm: { steps: swarm, tokens_per_s_median: Number(median(swarm.slice(1).map((s) => s.tokens_per_s)).toFixed(1)) },
+        train, swarm: { steps: swarm, tokens_per_s_median: Number(median((swarm.length > 1 ? swarm.slice(1) : swarm).map((s) => s.tokens_per_s)).toFixed(1)) },
         loss_abs_diff: trainSteps.length === swarm.length ? swarm.map((s, i) => Number(Math.abs(s.loss - trainSteps[i]!.loss).toExponential(2))) : null,
         heartbeats: heartbeatFigures(lines, trainingAt, finishedAt),
         volunteers: rss.map((r, i) => {

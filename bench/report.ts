@@ -125,7 +125,9 @@ export function renderWanTables(r: J, source: string): string {
     const b = WAN_BEFORE[String(x.link)]?.[String(x.codec)];
     return x.stages === 2 && b !== undefined && typeof x.tokens_per_s === 'number' ? `${(x.tokens_per_s / b).toFixed(2)}× (${b})` : '–';
   };
-  const out = [WAN_BEGIN, '', `Source: \`${source}\`. \`npm run bench -- --only wan\` from ${String(r.date)} on ${String(m.cpu_model)}; load average (1/5/15 min) at the start ${la(r.loadavg_start)}, at the end ${la(r.loadavg_end)}. ` +
+  const mx = obj(w.matrix, 'wan.matrix');
+  const out = [WAN_BEGIN, '', `Source: \`${source}\` (${String(r.command ?? 'npm run bench -- --only wan')}), ${String(r.date)} on ${String(m.cpu_model)}; load average (1/5/15 min) at the start ${la(r.loadavg_start)}, at the end ${la(r.loadavg_end)}. ` +
+    `Matrix: stages ${(mx.stages as number[]).join(', ')}; links ${(mx.links as string[]).join(', ')}; codecs ${(mx.codecs as string[]).join(', ')}. ` +
     `Bench model, ${num(st.accumulation)} micro-batches of ${num(st.micro_batch)}×${num(st.seq_len)} tokens per step, ${num(st.steps)} steps (the first not measured), 1 replica per stage. ` +
     'Link = rate (Mbit/s, both ways, every host) / RTT (ms, host to host). *tail* = the step tail\'s share of the step (gradient collect, apply, adapter upload, optimizer state), from the coordinator\'s request log.', '',
   table(['stages', 'link', 'codec', 'tokens/s', 'vs loopback', 'vs before (before)', 'wire bytes / token', 'step s', 'micro-batch phase s', 'step tail s', 'tail', 'final loss'], runs.map((x) => [

@@ -51,6 +51,8 @@ export interface WanOptions {
   /** per run, startup included */
   runTimeoutMs: number;
   log?: (s: string) => void;
+  /** each run as it finishes (the command line prints it as a JSON line, so a stopped bench keeps what it measured) */
+  onRun?: (r: Omit<WanRun, 'vs_loopback'>) => void;
 }
 
 export interface WanRun {
@@ -284,6 +286,7 @@ export async function benchWan(o: WanOptions): Promise<Record<string, unknown>> 
           const r = await oneRun(o, stages, link, codec, files, why === null);
           log(`wan: ${stages} stages, ${link.name}, ${codec}: ${r.tokens_per_s} tok/s, ${r.bytes_per_token_on_wire ?? '-'} B/token, step ${r.step_s} s (tail ${r.step_tail_s} s), loss ${r.final_loss}`);
           runs.push({ ...r, vs_loopback: null });
+          o.onRun?.(r);
         } catch (e) {
           log(`wan: ${stages} stages, ${link.name}, ${codec} failed: ${(e as Error).message.slice(0, 600)}`);
           failed.push({ stages, link: link.name, codec, error: (e as Error).message.slice(0, 1500) });
@@ -297,7 +300,7 @@ export async function benchWan(o: WanOptions): Promise<Record<string, unknown>> 
   }
   return {
     how: 'bench model through `swarmtune launch` + one `swarmtune join` per stage (1 replica), each a real process in its own netlab namespace on a star of access lines (each line: the rate both ways, RTT/4 one way, so host-to-host RTT = the link RTT); tokens/s: median of the steps after the first as the coordinator reports them; bytes on the wire: every host\'s interface tx bytes (L2 frames) between the first and last step event per token of those steps; micro-batch phase vs step tail: from the coordinator\'s request log',
-    netlab: why ?? 'ok', settings: { steps: o.steps, micro_batch: o.microBatch, accumulation: o.accumulation, seq_len: o.seqLen, tokens_per_step: o.microBatch * o.accumulation * o.seqLen },
+    netlab: why ?? 'ok', matrix: { stages: o.stages, links: links.map((l) => l.name), codecs: o.codecs }, settings: { steps: o.steps, micro_batch: o.microBatch, accumulation: o.accumulation, seq_len: o.seqLen, tokens_per_step: o.microBatch * o.accumulation * o.seqLen },
     runs, failed,
   };
 }
@@ -310,6 +313,6 @@ if (import.meta.main) {
     process.stderr.write(`${(e as Error).message}\n`);
     process.exit(2);
   }
-  const r = await benchWan({ ...opts, log: (s) => process.stderr.write(`[bench] ${s}\n`) });
+  const r = await benchWan({ ...opts, log: (s) => process.stderr.write(`[bench] ${s}\n`), onRun: (x) => process.stdout.write(JSON.stringify({ wan_run: x }) + '\n') });
   console.log(JSON.stringify({ wan: r }));
 }
