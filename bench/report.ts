@@ -136,17 +136,20 @@ export function renderWanTables(r: J, source: string): string {
   ]))];
   const failed = w.failed === undefined ? [] : arr(w.failed, 'wan.failed');
   if (failed.length > 0) out.push('', `Failed runs: ${failed.map((f) => `${num(f.stages)} stages ${String(f.link)} ${String(f.codec)}: ${String(f.error).slice(0, 200)}`).join('; ')}`);
-  if (w.rpc !== undefined) {
-    const rpc = obj(w.rpc, 'wan.rpc');
-    if (rpc.skipped !== undefined) out.push('', `Request round trips: skipped (${String(rpc.skipped)}).`);
-    else {
-      const lib = obj(rpc.library_window, 'wan.rpc.library_window'), tuned = obj(rpc.tuned_window, 'wan.rpc.tuned_window');
-      out.push('', `One \`request()\` of a ${num(Number(rpc.response_bytes) / 2 ** 20)} MiB response at ${num(rpc.rate_mbit)} Mbit/s, ${num(rpc.rtt_ms)} ms RTT on a long-lived connection (bench/wan-rpc.ts; ${num(rpc.transfer_ms_at_rate)} ms of it is bytes / rate):`, '',
-        table(['yamux stream window', 'median ms', 'RTTs beyond bytes / rate'], [
-          [`library: ${num(Number(lib.initial_bytes) / 1024)} KiB initial`, num(lib.ms_median), num(lib.rtts_needed)],
-          [`protocol/net.ts: ${num(Number(tuned.initial_bytes) / 2 ** 20)} MiB initial`, num(tuned.ms_median), num(tuned.rtts_needed)],
-        ]));
-    }
+  const rpcs = (['rpc', 'rpc_under_load'] as const).filter((k) => w[k] !== undefined).map((k) => obj(w[k], `wan.${k}`));
+  const done = rpcs.filter((x) => x.skipped === undefined);
+  for (const x of rpcs) if (x.skipped !== undefined) out.push('', `Request round trips: skipped (${String(x.skipped)}).`);
+  if (done.length > 0) {
+    const f = done[0]!;
+    out.push('', `One \`request()\` of a ${num(Number(f.response_bytes) / 2 ** 20)} MiB response at ${num(f.rate_mbit)} Mbit/s, ${num(f.rtt_ms)} ms RTT on a long-lived connection (bench/wan-rpc.ts; ${num(f.transfer_ms_at_rate)} ms of it is bytes / rate), median of 5:`, '',
+      table(['measured', 'yamux stream window', 'median ms', 'RTTs beyond bytes / rate'], done.flatMap((x) => {
+        const lib = obj(x.library_window, 'library_window'), tuned = obj(x.tuned_window, 'tuned_window');
+        const when = String(x.measured_at ?? '–');
+        return [
+          [when, `protocol/net.ts (the library's): ${num(Number(lib.initial_bytes) / 1024)} KiB initial`, num(lib.ms_median), num(lib.rtts_needed)],
+          [when, `${num(Number(tuned.initial_bytes) / 2 ** 20)} MiB initial`, num(tuned.ms_median), num(tuned.rtts_needed)],
+        ];
+      })));
   }
   out.push('', WAN_END);
   return out.join('\n');

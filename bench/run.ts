@@ -179,7 +179,7 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
   if (args.only.includes('wan')) {
     result.wan = await section('wan', async () => {
       const wan = await runJsonScript(NODE, [path.join(ROOT, 'bench', 'wan.ts'), ...(args.quick ? ['--quick'] : [])], 'bench/wan.ts', 3_600_000);
-      log('wan/rpc: round trips of a 2 MiB response at 100 Mbit/s, 50 ms RTT, yamux windows of the library and of protocol/net.ts');
+      log('wan/rpc: round trips of a 2 MiB response at 100 Mbit/s, 50 ms RTT, yamux windows of protocol/net.ts (256 KiB) and 4 MiB');
       const rpc = await runJsonScript(NODE, [path.join(ROOT, 'bench', 'wan-rpc.ts'), `--reps=${args.quick ? 2 : 5}`], 'bench/wan-rpc.ts', 600_000);
       return { ...(wan.wan as Record<string, unknown>), rpc };
     });

@@ -1,7 +1,7 @@
 // Round trips a request costs over a WAN link: one `request()` (protocol/net.ts: a new yamux stream,
 // protocol negotiation, one request frame, one response frame) of a 2 MiB `weights` response between two
-// libp2p nodes in two netlab namespaces, on one long-lived connection, with yamux's library windows
-// (256 KiB initial) and with swarmtune's (STREAM_WINDOW_BYTES). Prints one JSON object on its last stdout line.
+// libp2p nodes in two netlab namespaces, on one long-lived connection, with protocol/net.ts's yamux windows
+// (the library's 256 KiB initial) and with a 4 MiB initial window. Prints one JSON object on its last stdout line.
 //
 //   node bench/wan-rpc.ts [--rate=100] [--rtt=50] [--bytes=2097152] [--reps=5] [--idle-ms=300] [--keep-cwnd]
 //
@@ -21,8 +21,9 @@ import { runOverLink } from '../tests/netlab/bench.ts';
 import { labSupport } from '../tests/netlab/lab.ts';
 import { NODE } from './procs.ts';
 
-const LIBRARY = { initialBytes: 256 * 1024, maxBytes: 16 * 1024 * 1024 };
-const TUNED = { initialBytes: STREAM_WINDOW_BYTES, maxBytes: MAX_STREAM_WINDOW_BYTES };
+/** protocol/net.ts's windows (the library's defaults) and a window of 4 MiB, which holds 100 Mbit/s × 330 ms in flight */
+const LIBRARY = { initialBytes: STREAM_WINDOW_BYTES, maxBytes: MAX_STREAM_WINDOW_BYTES };
+const TUNED = { initialBytes: 4 * 1024 * 1024, maxBytes: MAX_STREAM_WINDOW_BYTES };
 const SHA = 'a'.repeat(64);
 const median = (xs: number[]): number => { const v = [...xs].sort((a, b) => a - b); const m = v.length >> 1; return v.length % 2 ? v[m]! : (v[m - 1]! + v[m]!) / 2; };
 const arg = (name: string, dflt: number): number => { const a = process.argv.find((x) => x.startsWith(`--${name}=`)); return a === undefined ? dflt : Number(a.slice(name.length + 3)); };

@@ -8,7 +8,7 @@ import { parseLlamaConfig } from '../engine/formats/config.ts';
 import type { LoraConfig } from '../engine/types.ts';
 import type { BlobStore } from '../protocol/blobs.ts';
 import type { SwarmNode } from '../protocol/net.ts';
-import { decodeShard } from '../engine/formats/shard.ts';
+import { decodeShard, decodeShardAsync } from '../engine/formats/shard.ts';
 import type { Assignment } from '../protocol/messages.ts';
 import { SwarmError } from '../protocol/errors.ts';
 import type { Logger } from '../protocol/log.ts';
@@ -49,7 +49,7 @@ export async function loadAssignedStage(a: Assignment, c: StageComponents, o: Lo
   const signal = o.signal;
   const config = parseLlamaConfig(JSON.parse(a.modelConfigJson), `run ${a.runId} model config`);
   const shards = [];
-  for (const ref of a.blobs) shards.push(decodeShard(await blobs.get(node, ref, { signal }), `shard ${ref.name}`));
+  for (const ref of a.blobs) shards.push(await decodeShardAsync(await blobs.get(node, ref, { signal }), `shard ${ref.name}`, { signal }));
   const source = new BlobWeightSource(config, shards);
   const stage = await loadStage(source, backend, {
     layerStart: a.layerStart, layerEnd: a.layerEnd, lora: loraOf(a), seed: a.seed, gradientCheckpointing: a.gradientCheckpointing,

@@ -65,18 +65,18 @@ export interface SwarmNodeInit {
   /** listen multiaddrs, default /ip4/127.0.0.1/tcp/0 */
   listen?: string[];
   /** yamux per-stream windows, default STREAM_WINDOW_BYTES / MAX_STREAM_WINDOW_BYTES (bench/wan-rpc.ts
-   *  compares them with the library's 256 KiB / 16 MiB) */
+   *  compares them with a 4 MiB initial window) */
   streamWindow?: { initialBytes: number; maxBytes: number };
 }
 
-/** Yamux's initial per-stream receive window. The library default (256 KiB, the yamux spec's) makes a
- *  fresh stream wait a round trip per window: a 2 MiB response needed ~3 extra RTTs at 100 Mbit/s 50 ms
- *  (BDP 625 KB). 4 MiB covers the bandwidth-delay product up to 100 Mbit/s × 330 ms or 1 Gbit/s × 33 ms,
- *  so a page, a chunk or a hop frame goes in one flight. Every peer of a run runs this code: this library
- *  assumes the remote's initial window equals its own, so a peer with a smaller setting would see
- *  ReceiveWindowExceededError. Memory stays bounded by the readers (frame caps, hop credit), which drain
- *  a stream as it arrives. */
-export const STREAM_WINDOW_BYTES = 4 * 1024 * 1024;
+/** Yamux's initial per-stream receive window: the library's (and the yamux spec's) 256 KiB. A 4 MiB window
+ *  saves ~0.6 RTT on a 2 MiB response at 100 Mbit/s 50 ms (bench/wan-rpc.ts), but it lets each bulk stream
+ *  (blob chunks, pages) put 4 MiB ahead of every other stream's frames on the one TCP connection between
+ *  two peers: at 20 Mbit/s a few parallel blob fetches then hold a heartbeat back for seconds (the
+ *  bench's 20 Mbit/s runs lost a volunteer to "no heartbeat" while it fetched weights). A larger window
+ *  needs control traffic kept apart from bulk first (its own connection or stream priorities). Every peer
+ *  of a run must use the same value: this library assumes the remote's initial window equals its own. */
+export const STREAM_WINDOW_BYTES = 256 * 1024;
 /** The most a stream's window grows to (the library doubles it while the reader keeps up): the library's 16 MiB. */
 export const MAX_STREAM_WINDOW_BYTES = 16 * 1024 * 1024;
 

@@ -60,6 +60,35 @@ export function encodeShard(t: ShardTensors): Uint8Array {
  *  than in a kernel. */
 export function decodeShard(blob: Uint8Array, what: string): ShardTensors {
   const { metadata, tensors, dataStart } = parseSafetensorsBytes(blob, what);
+  const raw = new Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }>();
+  for (const t of tensors) {
+    // copied so typed-array views are aligned and own their buffer (a Node Buffer's slice is a view)
+    const bytes = new Uint8Array(blob.subarray(dataStart + t.dataOffsets[0], dataStart + t.dataOffsets[1]));
+    raw.set(t.name, { dtype: t.dtype, shape: t.shape, bytes });
+  }
+  return assembleShard(metadata, raw, what);
+}
+
+/** decodeShard with the tensor copies made in slices of `sliceBytes` that yield to the event loop between
+ *  them: an 8B model's embedding blob is 2.1 GB, seconds of copying (page faults included) that would
+ *  otherwise stop a volunteer's heartbeats while its stage loads. */
+export async function decodeShardAsync(blob: Uint8Array, what: string, opts: { signal?: AbortSignal; sliceBytes?: number } = {}): Promise<ShardTensors> {
+  const { metadata, tensors, dataStart } = parseSafetensorsBytes(blob, what);
+  const slice = opts.sliceBytes ?? 32 << 20;
+  const raw = new Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }>();
+  for (const t of tensors) {
+    const src = blob.subarray(dataStart + t.dataOffsets[0], dataStart + t.dataOffsets[1]);
+    const bytes = new Uint8Array(src.length);
+    for (let a = 0; a < src.length; a += slice) {
+      bytes.set(src.subarray(a, Math.min(src.length, a + slice)), a);
+      if (src.length > slice) { await new Promise<void>((r) => setImmediate(r)); opts.signal?.throwIfAborted(); }
+    }
+    raw.set(t.name, { dtype: t.dtype, shape: t.shape, bytes });
+  }
+  return assembleShard(metadata, raw, what);
+}
+
+function assembleShard(metadata: Record<string, string> | null | undefined, raw: Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }>, what: string): ShardTensors {
   let nf4Meta: Record<string, unknown>;
   try {
     nf4Meta = JSON.parse(metadata?.[NF4_META_KEY] ?? '{}') as Record<string, unknown>;
@@ -67,12 +96,6 @@ export function decodeShard(blob: Uint8Array, what: string): ShardTensors {
     throw new ShardError(`${what}: metadata "${NF4_META_KEY}" is not JSON (${(e as Error).message})`);
   }
   if (typeof nf4Meta !== 'object' || nf4Meta === null || Array.isArray(nf4Meta)) throw new ShardError(`${what}: metadata "${NF4_META_KEY}" must be a JSON object`);
-  const raw = new Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }>();
-  for (const t of tensors) {
-    // copied so typed-array views are aligned and own their buffer (a Node Buffer's slice is a view)
-    const bytes = new Uint8Array(blob.subarray(dataStart + t.dataOffsets[0], dataStart + t.dataOffsets[1]));
-    raw.set(t.name, { dtype: t.dtype, shape: t.shape, bytes });
-  }
   const out: ShardTensors = { nf4: new Map(), float: new Map() };
   const take = (name: string, dtype: string, what2: string): Uint8Array => {
     const r = raw.get(name);
