@@ -135,7 +135,7 @@ export function renderWanTables(r: J, source: string): string {
     fx(x.step_s, 2), fx(x.micro_batch_phase_s, 2), fx(x.step_tail_s, 2), pct(x.tail_share), num(x.final_loss),
   ]))];
   const failed = w.failed === undefined ? [] : arr(w.failed, 'wan.failed');
-  if (failed.length > 0) out.push('', `Failed runs: ${failed.map((f) => `${num(f.stages)} stages ${String(f.link)} ${String(f.codec)}: ${String(f.error).slice(0, 200)}`).join('; ')}`);
+  if (failed.length > 0) out.push('', `Failed runs: ${failed.map((f) => `${num(f.stages)} stages ${String(f.link)} ${String(f.codec)}: …${String(f.error).slice(-260)}`).join('; ')}`);
   const rpcs = (['rpc', 'rpc_under_load'] as const).filter((k) => w[k] !== undefined).map((k) => obj(w[k], `wan.${k}`));
   const done = rpcs.filter((x) => x.skipped === undefined);
   for (const x of rpcs) if (x.skipped !== undefined) out.push('', `Request round trips: skipped (${String(x.skipped)}).`);
