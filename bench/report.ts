@@ -126,12 +126,17 @@ export function renderWanTables(r: J, source: string): string {
     return x.stages === 2 && b !== undefined && typeof x.tokens_per_s === 'number' ? `${(x.tokens_per_s / b).toFixed(2)}× (${b})` : '–';
   };
   const mx = obj(w.matrix, 'wan.matrix');
+  // runs of one results file may come from rounds with different yamux windows: then each row names its window,
+  // and vs loopback compares with the loopback run of the same round
+  const windows = runs.some((x) => x.yamux_window_kib !== undefined);
+  const base = (x: J): J | undefined => runs.find((b) => b.stages === x.stages && b.codec === x.codec && b.rate_mbit === null && b.yamux_window_kib === x.yamux_window_kib);
+  const vsLoop = (x: J): string => { const b = base(x); return b !== undefined && typeof x.tokens_per_s === 'number' && typeof b.tokens_per_s === 'number' ? num(Number((x.tokens_per_s / b.tokens_per_s).toFixed(3))) : '–'; };
   const out = [WAN_BEGIN, '', `Source: \`${source}\` (${String(r.command ?? 'npm run bench -- --only wan')}), ${String(r.date)} on ${String(m.cpu_model)}; load average (1/5/15 min) at the start ${la(r.loadavg_start)}, at the end ${la(r.loadavg_end)}. ` +
     `Matrix: stages ${(mx.stages as number[]).join(', ')}; links ${(mx.links as string[]).join(', ')}; codecs ${(mx.codecs as string[]).join(', ')}. ` +
     `Bench model, ${num(st.accumulation)} micro-batches of ${num(st.micro_batch)}×${num(st.seq_len)} tokens per step, ${num(st.steps)} steps (the first not measured), 1 replica per stage. ` +
     'Link = rate (Mbit/s, both ways, every host) / RTT (ms, host to host). *tail* = the step tail\'s share of the step (gradient collect, apply, adapter upload, optimizer state), from the coordinator\'s request log.', '',
-  table(['stages', 'link', 'codec', 'tokens/s', 'vs loopback', 'vs before (before)', 'wire bytes / token', 'step s', 'micro-batch phase s', 'step tail s', 'tail', 'final loss'], runs.map((x) => [
-    num(x.stages), String(x.link), String(x.codec), `**${num(x.tokens_per_s)}**`, num(x.vs_loopback), before(x), num(x.bytes_per_token_on_wire),
+  table(['stages', 'link', 'codec', ...(windows ? ['yamux window KiB'] : []), 'tokens/s', 'vs loopback', 'vs before (before)', 'wire bytes / token', 'step s', 'micro-batch phase s', 'step tail s', 'tail', 'final loss'], runs.map((x) => [
+    num(x.stages), String(x.link), String(x.codec), ...(windows ? [num(x.yamux_window_kib)] : []), `**${num(x.tokens_per_s)}**`, vsLoop(x), before(x), num(x.bytes_per_token_on_wire),
     fx(x.step_s, 2), fx(x.micro_batch_phase_s, 2), fx(x.step_tail_s, 2), pct(x.tail_share), num(x.final_loss),
   ]))];
   const failed = w.failed === undefined ? [] : arr(w.failed, 'wan.failed');
