@@ -1,13 +1,15 @@
 // `npm run bench`: every benchmark, one JSON object on stdout (progress on stderr), also written to
 // bench/results/latest.json. Render docs/benchmarks.md from it with `node bench/report.ts --write`.
 //
-//   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence,blobs,packing] [--quick] [--out FILE]
+//   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence,blobs,packing,verify,wan] [--quick] [--out FILE]
 //
 // Sections: machine (always), kernels, memory (a loaded stage's NF4 bytes per parameter and RSS against plan),
 // model (+ the PyTorch baseline), swarm (+ the store's disk per step), net, store (the cost of a synced step
 // commit), convergence (eval loss per wire codec, bench/convergence.ts), blobs (a joiner's time to a verified
 // blob from 1, 4 and 8 rate-limited providers, bench/blob-fetch.ts), packing (tokens/s and padding with
-// and without TRL packing on mixed lengths, bench/packing.ts). Heavy parts run in
+// and without TRL packing on mixed lengths, bench/packing.ts), verify (the cost and detection of spot
+// checks, bench/verify.ts), wan (only with --only: the swarm over emulated links in network namespaces,
+// bench/wan.ts, and the round trips of a 2 MiB request, bench/wan-rpc.ts; root, ~20 minutes). Heavy parts run in
 // child processes (the model bench for its own peak RSS, the swarm trace per wire codec, the CLI runs).
 // Other processes on the machine lower every figure: the load average is recorded before and after
 // each section.
@@ -27,7 +29,9 @@ import { benchVerify } from './verify.ts';
 import { ensureBenchModelDir, writeLongTextData } from './fixtures.ts';
 import { NODE, ROOT, runJsonScript } from './procs.ts';
 
-const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing', 'verify'] as const;
+const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing', 'verify', 'wan'] as const;
+/** Sections a plain `npm run bench` runs (wan needs root for its namespaces and ~20 minutes: ask for it with --only wan) */
+const DEFAULT_SECTIONS: readonly Section[] = SECTIONS.filter((s) => s !== 'wan');
 type Section = typeof SECTIONS[number];
 
 export class BenchUsageError extends Error {
@@ -37,7 +41,7 @@ export class BenchUsageError extends Error {
 export interface BenchArgs { only: Section[]; quick: boolean; out: string }
 
 export function parseArgs(argv: string[]): BenchArgs {
-  let only: Section[] = [...SECTIONS];
+  let only: Section[] = [...DEFAULT_SECTIONS];
   let quick = false;
   let out = path.join(ROOT, 'bench', 'results', 'latest.json');
   for (let i = 0; i < argv.length; i++) {
@@ -185,6 +189,14 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
   if (args.only.includes('verify')) {
     // spot checks: tokens/s at --verify-fraction 0, 0.05, 1 and detection of a scale:1.02 cheater (docs/security.md)
     result.verify = await section('verify', () => benchVerify({ quick: args.quick, log: (s) => log(s) }));
+  }
+  if (args.only.includes('wan')) {
+    result.wan = await section('wan', async () => {
+      const wan = await runJsonScript(NODE, [path.join(ROOT, 'bench', 'wan.ts'), ...(args.quick ? ['--quick'] : [])], 'bench/wan.ts', 3_600_000);
+      log('wan/rpc: round trips of a 2 MiB response at 100 Mbit/s, 50 ms RTT, yamux windows of protocol/net.ts (256 KiB) and 4 MiB');
+      const rpc = await runJsonScript(NODE, [path.join(ROOT, 'bench', 'wan-rpc.ts'), `--reps=${args.quick ? 2 : 5}`], 'bench/wan-rpc.ts', 600_000);
+      return { ...(wan.wan as Record<string, unknown>), rpc };
+    });
   }
   result.loadavg_end = load();
   result.total_seconds = Number(((performance.now() - t0) / 1000).toFixed(1));

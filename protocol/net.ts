@@ -69,7 +69,21 @@ export interface SwarmNodeInit {
   /** NAT traversal (protocol/nat.ts): identify, AutoNAT v2, circuit relay v2 for members only, DCUtR.
    *  Absent: a plain TCP node, as on a LAN or loopback. */
   nat?: NatInit;
+  /** yamux per-stream windows, default STREAM_WINDOW_BYTES / MAX_STREAM_WINDOW_BYTES (bench/wan-rpc.ts
+   *  compares them with a 4 MiB initial window) */
+  streamWindow?: { initialBytes: number; maxBytes: number };
 }
+
+/** Yamux's initial per-stream receive window: the library's (and the yamux spec's) 256 KiB. A 4 MiB window
+ *  saves ~0.6 RTT on a 2 MiB response at 100 Mbit/s 50 ms (bench/wan-rpc.ts), but it lets each bulk stream
+ *  (blob chunks, pages) put 4 MiB ahead of every other stream's frames on the one TCP connection between
+ *  two peers: at 20 Mbit/s a few parallel blob fetches then hold a heartbeat back for seconds (the
+ *  bench's 20 Mbit/s runs lost a volunteer to "no heartbeat" while it fetched weights). A larger window
+ *  needs control traffic kept apart from bulk first (its own connection or stream priorities). Every peer
+ *  of a run must use the same value: this library assumes the remote's initial window equals its own. */
+export const STREAM_WINDOW_BYTES = 256 * 1024;
+/** The most a stream's window grows to (the library doubles it while the reader keeps up): the library's 16 MiB. */
+export const MAX_STREAM_WINDOW_BYTES = 16 * 1024 * 1024;
 
 export async function createSwarmNode(init: SwarmNodeInit): Promise<SwarmNode> {
   const privateKey = await loadIdentity(init.dataDir);
@@ -80,7 +94,10 @@ export async function createSwarmNode(init: SwarmNodeInit): Promise<SwarmNode> {
     addresses: { listen, appendAnnounce: nat?.appendAnnounce },
     transports: [tcp(nat?.dialOpts !== undefined ? { dialOpts: nat.dialOpts as Record<string, unknown> } : {}), ...(nat?.transports ?? [])],
     connectionEncrypters: [noise()],
-    streamMuxers: [yamux()],
+    streamMuxers: [yamux({ streamOptions: {
+      initialStreamWindowSize: init.streamWindow?.initialBytes ?? STREAM_WINDOW_BYTES,
+      maxStreamWindowSize: init.streamWindow?.maxBytes ?? MAX_STREAM_WINDOW_BYTES,
+    } })],
     // the swarm's own heartbeats decide liveness; no discovery or DHT traffic on a training run
     connectionManager: { maxConnections: 1024 },
     ...(nat !== undefined ? { services: nat.services, connectionGater: nat.connectionGater } : {}),

@@ -6,7 +6,9 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, BenchUsageError } from '../bench/run.ts';
-import { BENCH_DOC, blobSourceOf, docWithBlobTables, renderBlobTables, docWithDoubleQuantTables, docWithPackingTables, docWithTables, doubleQuantSourceOf, packingSourceOf, renderDoubleQuantTables, renderPackingTables, renderTables, sourceOf, ReportError } from '../bench/report.ts';
+import { BENCH_DOC, blobSourceOf, docWithBlobTables, renderBlobTables, docWithDoubleQuantTables, docWithPackingTables, docWithTables, docWithWanTables, doubleQuantSourceOf, packingSourceOf, renderDoubleQuantTables, renderPackingTables, renderTables, renderWanTables, sourceOf, wanSourceOf, ReportError } from '../bench/report.ts';
+import { benchWan, LINKS, parseRequestLines, parseWanArgs, stepBreakdown, WanUsageError } from '../bench/wan.ts';
+import { labSupport } from './netlab/lab.ts';
 import { traceSwarm } from '../bench/swarm-trace.ts';
 import { benchNet } from '../bench/net.ts';
 import { benchBlobFetch } from '../bench/blob-fetch.ts';
@@ -137,4 +139,68 @@ test('blob bench: every provider serves its share through its rate limit, the jo
   assert.equal(doc, docWithBlobTables(doc, renderBlobTables(results, source)), `stale: run \`node bench/report.ts ${source} --part=blobs --write\``);
   for (const c of results.blobs.configs.slice(0, 2)) assert.deepEqual(c.runs.map((x: { providers: number }) => x.providers), [1, 4, 8]);
   assert.throws(() => renderBlobTables({ ...results, blobs: 3 }, source), { name: 'ReportError', message: /blobs must be an object/ });
+});
+
+test('wan bench arguments and the coordinator request log it reads', () => {
+  const q = parseWanArgs(['--quick']);
+  assert.deepEqual([q.stages, q.links.map((l) => l.name), q.codecs, q.steps], [[2], ['loopback', '100/50'], ['f32', 'int8'], 2]);
+  const f = parseWanArgs(['--stages', '2,4', '--links=20/100', '--codecs', 'lowrank8']);
+  assert.deepEqual(f.links.map((l) => [l.name, l.rateMbit, l.rttMs]), [['loopback', null, 0], ['20/100', 20, 100]], 'every ratio needs its loopback run');
+  assert.deepEqual(f.stages, [2, 4]);
+  assert.equal(LINKS.length, 4);
+  assert.throws(() => parseWanArgs(['--codecs', 'f16']), (e: Error) => e instanceof WanUsageError && /unknown wire codec "f16"/.test(e.message));
+  assert.throws(() => parseWanArgs(['--links', 'fast']), { name: 'WanUsageError', message: /"fast" is neither loopback nor RATE_MBIT\/RTT_MS/ });
+  assert.throws(() => parseWanArgs(['--steps', '1']), { name: 'WanUsageError', message: /≥ 2/ });
+  assert.throws(() => parseWanArgs(['--stage', '2']), { name: 'WanUsageError', message: /unknown argument "--stage"/ });
+  // the lines as protocol/net.ts request() writes them; the tail requests (adapter, optimizer) do not all name the step
+  const at = (ms: number) => new Date(Date.UTC(2026, 0, 1) + ms).toISOString();
+  const lines = [
+    `${at(1000)} swarmtune:coordinator:step microbatch -> P1 step=0 mb=0 attempt=0 stage=1: ok (900 ms)`,
+    `${at(1200)} swarmtune:coordinator:step microbatch -> P0 step=0 mb=0 attempt=0 stage=0: ok (1100 ms)`,
+    `${at(1300)} swarmtune:coordinator:step aggregate -> P0 step=0 phase=collect from=0: ok (50 ms)`,
+    `${at(1500)} swarmtune:coordinator:step adapter -> P0 from=0: ok (100 ms)`,
+    `${at(1700)} swarmtune:coordinator:placement optimizer -> P0 step=1 offset=0: ok (100 ms)`,
+    `${at(1750)} swarmtune:coordinator:peers heartbeat -> P0 : ok (3 ms)`,
+    `${at(2500)} swarmtune:coordinator:step microbatch -> P0 step=1 mb=0 attempt=0 stage=0: ok (600 ms)`,
+    '[swarmtune launch] run finished after 2 steps',
+  ];
+  const reqs = parseRequestLines(lines);
+  assert.equal(reqs.length, 7);
+  assert.deepEqual(reqs[2], { proto: 'aggregate', step: 0, phase: 'collect', startMs: Date.UTC(2026, 0, 1) + 1250, endMs: Date.UTC(2026, 0, 1) + 1300 });
+  const b = stepBreakdown(reqs);
+  // step 0: micro-batches from 100 ms to the collect at 1250 ms; the tail to the optimizer's end at 1700 ms
+  assert.deepEqual([...b.entries()], [[0, { mbS: 1.15, tailS: 0.45 }]]);
+});
+
+test('wan bench, quick: real launch + join processes; the loss is the same on every link and the wire carries at least the boundary tensors', { timeout: 300_000 }, async () => {
+  const why = labSupport({ delay: true });
+  const links = why === null ? LINKS.filter((l) => l.name === 'loopback' || l.name === '100/50') : LINKS.filter((l) => l.rateMbit === null);
+  if (why !== null) console.log(`# wan bench: loopback only on 127.0.0.1 (${why})`);
+  const r = await benchWan({ stages: [2], links, codecs: ['f32'], steps: 2, microBatch: 1, accumulation: 2, seqLen: 64, runTimeoutMs: 200_000 });
+  const runs = r.runs as Array<Record<string, number | string | null>>;
+  assert.deepEqual(r.failed, []);
+  assert.equal(runs.length, links.length);
+  for (const x of runs) {
+    assert.ok(Number(x.tokens_per_s) > 0, JSON.stringify(x));
+    assert.ok(Number(x.micro_batch_phase_s) > 0 && Number(x.step_tail_s) > 0, `breakdown ${x.micro_batch_phase_s} / ${x.step_tail_s}`);
+    // f32 activations and their gradients cross the stage boundary: 2 × 4 bytes × hidden 512 per token at least
+    if (why === null) assert.ok(Number(x.bytes_per_token_on_wire) >= 2 * 4 * 512, `${x.link}: ${x.bytes_per_token_on_wire} B/token on the wire`);
+  }
+  assert.equal(new Set(runs.map((x) => x.final_loss)).size, 1, `the link changes no number: ${runs.map((x) => `${x.link} ${x.final_loss}`).join(', ')}`);
+  assert.equal(runs.find((x) => x.link === 'loopback')!.vs_loopback, 1);
+});
+
+test('docs/benchmarks.md WAN section is generated from the results file it names', () => {
+  const doc = readFileSync(BENCH_DOC, 'utf8');
+  const source = wanSourceOf(doc);
+  assert.ok(source !== null, 'docs/benchmarks.md names no WAN results file (node bench/report.ts FILE --part=wan --write)');
+  assert.ok(existsSync(path.join(ROOT, source)), `${source} is not in the repository`);
+  const results = JSON.parse(readFileSync(path.join(ROOT, source), 'utf8'));
+  assert.equal(doc, docWithWanTables(doc, renderWanTables(results, source)), `stale: run \`node bench/report.ts ${source} --part=wan --write\``);
+  // the same data and steps under every link and codec of a stage count: the f32 runs' losses agree
+  for (const stages of new Set(results.wan.runs.map((x: { stages: number }) => x.stages))) {
+    const f32 = results.wan.runs.filter((x: { stages: number; codec: string }) => x.stages === stages && x.codec === 'f32');
+    assert.equal(new Set(f32.map((x: { final_loss: number }) => x.final_loss)).size, 1, `${stages} stages, f32: losses ${f32.map((x: { final_loss: number }) => x.final_loss)}`);
+  }
+  assert.throws(() => renderWanTables({ ...results, wan: 3 }, source), { name: 'ReportError', message: /wan must be an object/ });
 });

@@ -96,6 +96,25 @@ export async function decodeShardFile(file: string, what: string): Promise<Shard
   }
 }
 
+/** decodeShard with the tensor copies made in slices of `sliceBytes` that yield to the event loop between
+ *  them: an 8B model's embedding blob is 2.1 GB, seconds of copying (page faults included) that would
+ *  otherwise stop a volunteer's heartbeats while its stage loads. */
+export async function decodeShardAsync(blob: Uint8Array, what: string, opts: { signal?: AbortSignal; sliceBytes?: number } = {}): Promise<ShardTensors> {
+  const { metadata, tensors, dataStart } = parseSafetensorsBytes(blob, what);
+  const slice = opts.sliceBytes ?? 32 << 20;
+  const raw: RawTensors = new Map();
+  for (const t of tensors) {
+    const src = blob.subarray(dataStart + t.dataOffsets[0], dataStart + t.dataOffsets[1]);
+    const bytes = new Uint8Array(src.length);
+    for (let a = 0; a < src.length; a += slice) {
+      bytes.set(src.subarray(a, Math.min(src.length, a + slice)), a);
+      if (src.length > slice) { await new Promise<void>((r) => setImmediate(r)); opts.signal?.throwIfAborted(); }
+    }
+    raw.set(t.name, { dtype: t.dtype, shape: t.shape, bytes });
+  }
+  return shardFromRaw(metadata, raw, what);
+}
+
 type RawTensors = Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }>;
 
 /** The shard's NF4 linears and float tensors from its raw tensors (each in its own aligned buffer). */

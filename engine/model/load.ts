@@ -140,11 +140,11 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
   const isFirst = layerStart === 0, isLast = layerEnd === nL;
   const embedName = 'model.embed_tokens.weight';
   let embed: VocabMatrix | null = null;
-  if (isFirst || (isLast && cfg.tieWordEmbeddings)) embed = new VocabMatrix(await getFloatChecked(source, embedName, V * C), V, C, gemma?.embedScale ?? 1);
+  if (isFirst || (isLast && cfg.tieWordEmbeddings)) embed = await VocabMatrix.create(await getFloatChecked(source, embedName, V * C), V, C, gemma?.embedScale ?? 1);
   let head: LossHead | null = null;
   if (isLast) {
     const finalNorm = await norm('model.norm.weight', C);
-    const lmHead = cfg.tieWordEmbeddings ? embed! : new VocabMatrix(await getFloatChecked(source, 'lm_head.weight', V * C), V, C);
+    const lmHead = cfg.tieWordEmbeddings ? embed! : await VocabMatrix.create(await getFloatChecked(source, 'lm_head.weight', V * C), V, C);
     head = new LossHead(cfg, finalNorm, lmHead, lossChunk, gemma?.finalSoftcap ?? 0);
   }
   const rope = new RopeCache(cfg);

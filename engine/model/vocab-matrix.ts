@@ -12,11 +12,18 @@ export class VocabMatrix {
   /** multiplies the embedded rows (Gemma's sqrt(hidden) normalizer, a float32 value); 1 elsewhere */
   readonly embedScale: number;
 
-  constructor(data: Float32Array, rows: number, cols: number, embedScale = 1) {
+  /** `packed`: the bf16 form create() already made (null: keep float32); absent: decided here, synchronously. */
+  constructor(data: Float32Array, rows: number, cols: number, embedScale = 1, packed?: Uint16Array | null) {
     if (data.length !== rows * cols) throw new RangeError(`VocabMatrix: ${data.length} values for [${rows}, ${cols}]`);
     this.rows = rows;
     this.cols = cols;
     this.embedScale = embedScale;
+    if (packed !== undefined) {
+      if (packed !== null && packed.length !== data.length) throw new RangeError(`VocabMatrix: ${packed.length} bf16 values for [${rows}, ${cols}]`);
+      this.bf16 = packed;
+      this.f32 = packed === null ? data : null;
+      return;
+    }
     const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
     let lossless = true;
     for (let i = 0; i < bits.length; i++) if ((bits[i] & 0xffff) !== 0) { lossless = false; break; }
@@ -29,6 +36,26 @@ export class VocabMatrix {
       this.f32 = data;
       this.bf16 = null;
     }
+  }
+
+  /** The same matrix, with the lossless check and the bf16 packing done in slices of `sliceElements` that
+   *  yield to the event loop between them: a Llama-3 vocabulary (128256 × 4096) is 525M elements, seconds
+   *  of work that would otherwise stop a volunteer's heartbeats while its stage loads. */
+  static async create(data: Float32Array, rows: number, cols: number, embedScale = 1, opts: { signal?: AbortSignal; sliceElements?: number } = {}): Promise<VocabMatrix> {
+    if (data.length !== rows * cols) throw new RangeError(`VocabMatrix: ${data.length} values for [${rows}, ${cols}]`);
+    const slice = opts.sliceElements ?? 1 << 22;
+    const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
+    const pause = async (): Promise<void> => { await new Promise<void>((r) => setImmediate(r)); opts.signal?.throwIfAborted(); };
+    for (let a = 0; a < bits.length; a += slice) {
+      for (let i = a, e = Math.min(bits.length, a + slice); i < e; i++) if ((bits[i]! & 0xffff) !== 0) return new VocabMatrix(data, rows, cols, embedScale, null);
+      await pause();
+    }
+    const h = new Uint16Array(data.length);
+    for (let a = 0; a < bits.length; a += slice) {
+      for (let i = a, e = Math.min(bits.length, a + slice); i < e; i++) h[i] = bits[i]! >>> 16;
+      await pause();
+    }
+    return new VocabMatrix(data, rows, cols, embedScale, h);
   }
 
   private full: Float32Array | null = null;
