@@ -9,6 +9,7 @@ import type { RunStore } from './store.ts';
 import type { RunStatus } from './status.ts';
 import type { CoordinatorConfig } from './config.ts';
 import { BanList, inWords } from './bans.ts';
+import { heartbeatVerdict } from './decide.ts';
 import { sleep } from './wait.ts';
 
 /** An error in words for a drop or a note: never empty (an aborted stream can carry no message). */
@@ -170,7 +171,7 @@ export class PeerRegistry {
       } catch (e) {
         if (signal.aborted) return;
         const silentMs = Date.now() - p.lastSeenMs;
-        if (silentMs > this.o.config.heartbeatTimeoutMs) this.markDead(p, `no heartbeat for ${silentMs} ms`);
+        if (heartbeatVerdict(silentMs, this.o.config.heartbeatTimeoutMs) === 'dead') this.markDead(p, `no heartbeat for ${silentMs} ms`);
         else { if (p.health === 'ok') this.o.status.note(`peer ${p.peerId} missed a heartbeat: ${reasonOf(e)}`); p.health = 'slow'; }
       }
     }));
