@@ -54,9 +54,14 @@ export interface Scenario {
   /** how the step tail aggregates: 'coordinator' (as built: every replica's gradient to the coordinator)
    *  or 'stage-allreduce' (the design of docs/scale.md: replicas of a stage reduce among themselves) */
   tail: 'coordinator' | 'stage-allreduce';
+  /** how routes pair replicas: 'as-built' (routeFor: replica k of every stage, in peer-id order) or
+   *  'speed-matched' (the design of docs/scale.md: the k-th fastest of every stage) */
+  routes: 'as-built' | 'speed-matched';
   /** how late joiners are placed: 'as-built' (the step loop waits until the joiner has loaded its stage)
    *  or 'background' (the design of docs/scale.md: it loads while steps go on, added at the next boundary) */
   lateJoin: 'as-built' | 'background';
+  /** simulated hours after which the run stops (the figures say how many steps it made) */
+  maxHours: number;
   /** where each number comes from, carried into the report */
   sources: Record<string, string>;
 }
@@ -148,7 +153,9 @@ export function parseScenario(json: unknown, overrides: { steps?: number; peers?
       controlBytesPerStage: num(c, 'control_bytes_per_stage', 'scenario.coordinator', 0, 1e9), heartbeatBytes: num(c, 'heartbeat_bytes', 'scenario.coordinator', 0, 1e9),
     },
     tail: oneOf(o, 'tail', 'scenario', ['coordinator', 'stage-allreduce'] as const, 'coordinator'),
+    routes: oneOf(o, 'routes', 'scenario', ['as-built', 'speed-matched'] as const, 'as-built'),
     lateJoin: oneOf(o, 'late_join', 'scenario', ['as-built', 'background'] as const, 'as-built'),
+    maxHours: num(o, 'max_hours', 'scenario', 0.001, 1e6, 24 * 30),
     sources: sources as Record<string, string>,
   };
 }

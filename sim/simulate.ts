@@ -21,78 +21,13 @@ import type { StagePeerClient } from '../protocol/stage-client.ts';
 import type { RunStore } from '../coordinator/store.ts';
 import { SimClock } from './clock.ts';
 import { drawPeer, hopBytes, hopPath, layerTrainFlopsPerToken, headTrainFlopsPerToken, rng, stageCosts } from './cost.ts';
-import type { SimPeerSpec, StageCosts } from './cost.ts';
+import type { StageCosts } from './cost.ts';
+import { PeerGoneError, SimPeer } from './peer.ts';
+import { avg, q, r3 } from './result.ts';
+import type { SimResult } from './result.ts';
+
+export type { SimResult } from './result.ts';
 import type { Scenario } from './scenario.ts';
-
-/** A request to a peer that left (its connection resets one round trip later). */
-class PeerGoneError extends Error {
-  override name = 'PeerGoneError';
-  readonly peerId: string;
-  constructor(peerId: string) { super(`peer ${peerId} left`); this.peerId = peerId; }
-}
-
-/** The simulated volunteer: one compute job at a time (backward before forward, as node/job-queue.ts),
- *  a link with a FIFO each way. */
-class SimPeer {
-  readonly spec: SimPeerSpec;
-  left = false;
-  joinedAtMs: number;
-  firstMicroBatchMs: number | null = null;
-  late: boolean;
-  /** serving (a live replica) since, for utilization and the ideal */
-  servingSinceMs: number | null = null;
-  servingMs = 0;
-  busyMs = 0;
-  computeMs = 0;
-  computeTokens = 0;
-  upFreeMs = 0;
-  downFreeMs = 0;
-  private running = false;
-  private readonly queue: Array<{ backward: boolean; ms: number; ok: () => void; fail: (e: Error) => void }> = [];
-  private readonly waiting = new Set<(e: Error) => void>();
-  constructor(spec: SimPeerSpec, nowMs: number, late: boolean) { this.spec = spec; this.joinedAtMs = nowMs; this.late = late; }
-
-  get id(): string { return this.spec.id; }
-}
-
-export interface SimResult {
-  scenario: string;
-  peers: number;
-  peers_used: number;
-  peers_rejected: number;
-  stages: Array<{ layers: [number, number]; replicas_at_start: number; utilization: number; bubble: number }>;
-  steps: number;
-  micro_batches_per_step: number;
-  tokens_per_step: number;
-  simulated_s: number;
-  startup_s: number;
-  tokens_per_s: number;
-  ideal_tokens_per_s: number;
-  ideal_fraction: number;
-  ideal_all_peers_tokens_per_s: number;
-  step_s: { mean: number; p50: number; p95: number };
-  steps_per_hour: number;
-  lost_steps: number;
-  repeated_steps: number;
-  micro_batch_retries: number;
-  joins: number;
-  leaves: number;
-  join_to_first_microbatch_s: { p50: number | null; p95: number | null; n: number };
-  coordinator: { cpu_fraction: number; bytes_per_step: number; link_fraction: number; relayed_bytes_per_step: number; requests_per_s: number };
-  hops: { direct: number; punched: number; relayed: number };
-  planner_ms: number;
-  sim_wall_s: number;
-  events: number;
-  tail: Scenario['tail'];
-  late_join: Scenario['lateJoin'];
-}
-
-const q = (xs: number[], p: number): number | null => {
-  if (xs.length === 0) return null;
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor(p * s.length))]!;
-};
-const r3 = (x: number) => Number(x.toFixed(3));
 
 export class Simulation {
   private readonly sc: Scenario;
@@ -126,7 +61,10 @@ export class Simulation {
   private plannerMs = 0;
   private stageBusyMs: number[] = [];
   private readonly stepTimes: number[] = [];
+  private readonly computePhaseMs: number[] = [];
+  private readonly tailMs: number[] = [];
   private done = false;
+  private capped = false;
 
   constructor(sc: Scenario) {
     this.sc = sc;
@@ -178,8 +116,8 @@ export class Simulation {
     const st = this.peers.get(p.id);
     const wasServing = st !== undefined && st.stageIndex !== null && !this.peers.gone(p.id);
     this.stopServing(p);
-    for (const fail of p['waiting']) this.clock.at(p.spec.rttMs, () => fail(new PeerGoneError(p.id)));
-    p['waiting'].clear();
+    for (const fail of p.waiting) this.clock.at(p.spec.rttMs, () => fail(new PeerGoneError(p.id)));
+    p.waiting.clear();
     const wi = this.waitingJoins.indexOf(p);
     if (wi >= 0) this.waitingJoins.splice(wi, 1);
     const li = this.loadedJoins.indexOf(p);
@@ -194,7 +132,6 @@ export class Simulation {
         if (s !== undefined && !this.peers.gone(p.id) && heartbeatVerdict(this.now - left, this.config.heartbeatTimeoutMs) === 'dead') this.peers.markDead(s, 'no heartbeat');
       });
     }
-    if (this.sc.churn !== null && this.sc.churn.leavePerHour > 0 && this.stages.length === 0) { /* before the plan: it simply is not there */ }
   }
 
   /** Fails with PeerGoneError one round trip after the peer left. */
@@ -203,8 +140,8 @@ export class Simulation {
     return new Promise<T>((resolve, reject) => {
       let settled = false;
       const fail = (e: Error) => { if (!settled) { settled = true; reject(e); } };
-      p['waiting'].add(fail);
-      run((v) => { if (!settled) { settled = true; p['waiting'].delete(fail); resolve(v); } });
+      p.waiting.add(fail);
+      run((v) => { if (!settled) { settled = true; p.waiting.delete(fail); resolve(v); } });
     });
   }
 
@@ -212,20 +149,20 @@ export class Simulation {
   private job(p: SimPeer, backward: boolean, flops: number, stage: number): Promise<void> {
     const ms = 1000 * flops / p.spec.flops;
     return this.guard<void>(p, (ok) => {
-      p['queue'].push({ backward, ms, ok: () => ok(undefined), fail: () => {} });
+      p.queue.push({ backward, ms, ok: () => ok(undefined), fail: () => {} });
       this.pump(p, stage);
     });
   }
 
   private pump(p: SimPeer, stage: number): void {
-    const qq = p['queue'];
-    if (p['running'] || qq.length === 0 || p.left) return;
+    const qq = p.queue;
+    if (p.running || qq.length === 0 || p.left) return;
     let i = qq.findIndex((j) => j.backward);
     if (i < 0) i = 0;
     const j = qq.splice(i, 1)[0]!;
-    p['running'] = true;
+    p.running = true;
     this.clock.at(j.ms, () => {
-      p['running'] = false;
+      p.running = false;
       if (p.left) return;
       p.busyMs += j.ms;
       this.stageBusyMs[stage]! += j.ms;
@@ -245,7 +182,6 @@ export class Simulation {
     const path = hopPath(a.spec.nat, b.spec.nat);
     this.hopPaths[path]++;
     return this.guard<void>(a, (ok) => {
-      if (b.left) { this.clock.at(b.spec.rttMs, () => { /* the receiver is gone */ }); }
       let bps = Math.min(a.spec.bytesPerSecond, b.spec.bytesPerSecond);
       let start = Math.max(this.now, a.upFreeMs, b.downFreeMs);
       let latency = a.spec.rttMs / 2 + b.spec.rttMs / 2;
@@ -287,7 +223,26 @@ export class Simulation {
 
   // ---- placement (coordinator/placement.ts)
 
-  private routable(): string[][] { return this.stages.map((_, s) => this.peers.routable(s)); }
+  /** tokens/s of a peer at stage s counting its link: compute and its hops' transfer one after the other */
+  private effectiveRate(id: string, s: number): number {
+    const p = this.sim.get(id)!;
+    const T = this.sc.microBatch * this.sc.seqLen;
+    const c = this.costs[s]!;
+    const computeS = (c.forwardFlops + c.backwardFlops) / p.spec.flops;
+    const hops = (s > 0 ? 2 : 0) + (s < this.stages.length - 1 ? 2 : 0);
+    const linkS = hops * this.hop / 2 / p.spec.bytesPerSecond; // sent and received at once (full duplex)
+    return T / (computeS + linkS);
+  }
+
+  /** each stage's routable replicas (PeerRegistry.routable); under the 'speed-matched' design the
+   *  fastest first, so route k pairs the k-th fastest replica of every stage */
+  private routable(): string[][] {
+    const r = this.stages.map((_, s) => this.peers.routable(s));
+    if (this.sc.routes === 'speed-matched') {
+      r.forEach((ids, s) => ids.sort((a, b) => this.effectiveRate(b, s) - this.effectiveRate(a, s) || (a < b ? -1 : 1)));
+    }
+    return r;
+  }
 
   private async plan(): Promise<void> {
     const { sc } = this;
@@ -397,8 +352,7 @@ export class Simulation {
   // ---- the step (coordinator/step.ts)
 
   private async step(step: number): Promise<void> {
-    const { sc } = this;
-    const M = sc.accumulation;
+    const { sc } = this, M = sc.accumulation;
     const S = this.stages.length;
     const attempts = new Int32Array(M), strikes = new Int32Array(M);
     const committedRoute: Array<Route | null> = Array.from({ length: M }, () => null);
@@ -467,7 +421,10 @@ export class Simulation {
         const R = Math.max(...routable.map((r) => r.length));
         const depth = pipelineDepth(S);
         const routes = Array.from({ length: R }, (_, r) => routeFor(r, routable));
-        quota = routeQuotas(todo.length, routes.map((_, r) => routeRate(routes, r, (id) => this.peers.get(id)?.tokensPerSecond ?? 0)));
+        const rate = this.sc.routes === 'speed-matched'
+          ? (id: string) => (this.state(id).tokensPerSecond > 0 ? this.effectiveRate(id, this.state(id).stageIndex ?? 0) : 0)
+          : (id: string) => this.peers.get(id)?.tokensPerSecond ?? 0;
+        quota = routeQuotas(todo.length, routes.map((_, r) => routeRate(routes, r, rate)));
         taken = quota.map(() => 0);
         await Promise.all(Array.from({ length: R * depth }, (_, k) => worker(k, R)));
         if (todo.length > 0) continue;
@@ -477,14 +434,19 @@ export class Simulation {
       }
     };
 
+    const t0 = this.now;
+    let tailStart = t0;
     for (;;) {
       await computeAll();
+      tailStart = this.now;
       if (!(await this.tail())) continue;
       if (committedRoute.some((r) => r === null || broken(r))) continue;
       break;
     }
     // apply, upload, optimizer state, store commit
     await this.applyAndCommit();
+    this.computePhaseMs.push(tailStart - t0);
+    this.tailMs.push(this.now - tailStart);
     if (committedRoute.some((r) => r === null)) this.lostSteps++;
     this.commits.set(step, (this.commits.get(step) ?? 0) + 1);
   }
@@ -567,6 +529,8 @@ export class Simulation {
       next();
     }
     for (let step = 0; step < sc.steps; step++) {
+      // a scenario that cannot finish (joins backed up behind blocking loads, a stage nobody can hold) stops at its time cap
+      if (this.now > sc.maxHours * 3_600_000) { this.capped = true; break; }
       await this.cover();
       await this.admitLateJoiners();
       const t0 = this.now;
@@ -583,8 +547,7 @@ export class Simulation {
     const startupMs = await this.clock.drive(this.train());
     for (const p of this.sim.values()) this.stopServing(p);
     const { sc } = this;
-    const T = sc.microBatch * sc.seqLen;
-    const tokensPerStep = T * sc.accumulation;
+    const tokensPerStep = sc.microBatch * sc.seqLen * sc.accumulation;
     const trainS = (this.now - startupMs) / 1000;
     // the ideal: every serving peer's achieved FLOP/s for the time it served, spent on the model's
     // training FLOPs alone (no bubble, no transfer, no tail, perfect balance across stages)
@@ -601,8 +564,7 @@ export class Simulation {
     const hbRequests = [...this.sim.values()].reduce((a, p) => a + p.servingMs, 0) / this.config.heartbeatIntervalMs;
     this.coordCpu(hbRequests, hbRequests * sc.coordinator.heartbeatBytes);
     this.coordBytes += hbRequests * sc.coordinator.heartbeatBytes;
-    const wallS = this.now / 1000;
-    const mean = this.stepTimes.reduce((a, b) => a + b, 0) / Math.max(1, steps);
+    const wallS = this.now / 1000, mean = this.stepTimes.reduce((a, b) => a + b, 0) / Math.max(1, steps);
     const tokensPerS = steps * tokensPerStep / wallS;
     return {
       scenario: sc.name, peers: sc.peers.count, peers_used: this.stages.reduce((a, _, s) => a + this.peers.replicasOf(s).length, 0),
@@ -616,8 +578,10 @@ export class Simulation {
       tokens_per_s: r3(tokensPerS), ideal_tokens_per_s: r3(ideal), ideal_fraction: r3(tokensPerS / ideal),
       ideal_all_peers_tokens_per_s: r3(allFlops / flopsPerToken),
       step_s: { mean: r3(mean), p50: r3(q(this.stepTimes, 0.5) ?? 0), p95: r3(q(this.stepTimes, 0.95) ?? 0) },
+      micro_batch_phase_s: r3(avg(this.computePhaseMs) / 1000), tail_s: r3(avg(this.tailMs) / 1000),
       steps_per_hour: r3(steps / (trainS / 3600)),
-      lost_steps: this.lostSteps + (sc.steps - steps), repeated_steps: [...this.commits.values()].filter((n) => n > 1).length,
+      steps_target: sc.steps, stopped_at_time_cap: this.capped,
+      lost_steps: this.lostSteps, repeated_steps: [...this.commits.values()].filter((n) => n > 1).length,
       micro_batch_retries: this.retries, joins: this.joins - sc.peers.count, leaves: this.leaves,
       join_to_first_microbatch_s: { p50: q(this.joinDelays, 0.5), p95: q(this.joinDelays, 0.95), n: this.joinDelays.length },
       coordinator: {
@@ -626,7 +590,7 @@ export class Simulation {
         requests_per_s: r3(this.coordRequests / wallS),
       },
       hops: { ...this.hopPaths }, planner_ms: r3(this.plannerMs), sim_wall_s: r3((performance.now() - wall0) / 1000), events: this.clock.events,
-      tail: sc.tail, late_join: sc.lateJoin,
+      tail: sc.tail, routes: sc.routes, late_join: sc.lateJoin,
     };
   }
 }
