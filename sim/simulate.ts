@@ -357,6 +357,8 @@ export class Simulation {
     const attempts = new Int32Array(M), strikes = new Int32Array(M);
     const committedRoute: Array<Route | null> = Array.from({ length: M }, () => null);
     const todo = Array.from({ length: M }, (_, i) => i);
+    /** per micro-batch: gradients of it that count (committed and not taken back); must be 1 each at the commit */
+    const counted = new Int32Array(M);
     const isLive = (s: number, id: string) => this.peers.liveReplicas(s).includes(id);
     const broken = (r: Route) => r.some((id, s) => !isLive(s, id));
     let quota: number[] = [], taken: number[] = [];
@@ -384,6 +386,7 @@ export class Simulation {
       const failed = commits.findIndex((c) => c.status === 'rejected');
       if (failed >= 0) throw Object.assign(new Error('route failure'), { peerId: route[failed] });
       committedRoute[mb] = route;
+      counted[mb]! += 1;
       for (const p of ps) { if (p.firstMicroBatchMs === null) { p.firstMicroBatchMs = this.now; if (p.late) this.joinDelays.push((this.now - p.joinedAtMs) / 1000); } }
     };
 
@@ -430,7 +433,7 @@ export class Simulation {
         if (todo.length > 0) continue;
         const lost = brokenMicroBatches(committedRoute, isLive);
         if (lost.length === 0) return;
-        for (const mb of lost) { committedRoute[mb] = null; attempts[mb]! += 1; this.retries++; todo.push(mb); }
+        for (const mb of lost) { committedRoute[mb] = null; counted[mb]! -= 1; attempts[mb]! += 1; this.retries++; todo.push(mb); }
       }
     };
 
@@ -447,7 +450,8 @@ export class Simulation {
     await this.applyAndCommit();
     this.computePhaseMs.push(tailStart - t0);
     this.tailMs.push(this.now - tailStart);
-    if (committedRoute.some((r) => r === null)) this.lostSteps++;
+    // a step whose sum misses a micro-batch, counts one twice, or holds one from a dropped peer is lost
+    if (counted.some((n) => n !== 1) || committedRoute.some((r) => r === null || broken(r))) this.lostSteps++;
     this.commits.set(step, (this.commits.get(step) ?? 0) + 1);
   }
 
