@@ -80,7 +80,6 @@ export class Simulation {
   }
 
   private get now(): number { return this.clock.now; }
-
   // ---- peers
 
   private addPeer(late: boolean): SimPeer {
@@ -101,7 +100,6 @@ export class Simulation {
   }
 
   private state(id: string): PeerState { return this.peers.get(id)!; }
-
   private startServing(p: SimPeer): void { if (p.servingSinceMs === null) p.servingSinceMs = this.now; }
   private stopServing(p: SimPeer): void {
     if (p.servingSinceMs !== null) { p.servingMs += this.now - p.servingSinceMs; p.servingSinceMs = null; }
@@ -297,8 +295,7 @@ export class Simulation {
       }
     } catch { this.peers.markDead(st, 'left while loading'); return false; }
     st.ready = true;
-    this.peers.addReplica(s, p.id);
-    this.startServing(p);
+    this.peers.addReplica(s, p.id); this.startServing(p);
     return true;
   }
 
@@ -311,8 +308,7 @@ export class Simulation {
       const s = this.sc.lateJoin === 'as-built'
         ? stageForLateJoiner(p.spec.memoryBytes, this.need, (x) => this.peers.liveReplicas(x).length, speed)
         : (p as unknown as { stageChosen: number }).stageChosen;
-      if (s === null) { this.rejected++; this.peers.forget(p.id); continue; }
-      await this.placeOn(p, s);
+      if (s === null) { this.rejected++; this.peers.forget(p.id); } else await this.placeOn(p, s);
     }
   }
 
