@@ -30,6 +30,8 @@ export interface RealRun {
   /** mean compute per micro-batch, forward + backward, per stage (ms) */
   computeMsPerStage: number[];
   storeCommitMs: number;
+  /** median from stage 0's backward end to its commit: a small request's round trip in this run */
+  rttMs: number;
 }
 
 export async function realRun(o: RealRunOptions): Promise<RealRun> {
@@ -48,6 +50,7 @@ export async function realRun(o: RealRunOptions): Promise<RealRun> {
     return { ids, labels, batch: o.batch, seqLen: o.seqLen };
   };
   const compute: Array<{ stage: number; ms: number }> = [];
+  const hosts: Array<{ bwdEnds: number[]; commits: number[] }> = [];
   const commits: number[] = [];
   const stepTimes: number[] = [];
   const errors: string[] = [];
@@ -77,13 +80,24 @@ export async function realRun(o: RealRunOptions): Promise<RealRun> {
     const addr = node.getMultiaddrs()[0]!.toString();
     const instrument = (h: StageHost) => {
       const st = h.stage as unknown as Record<'forward' | 'backward', (...a: unknown[]) => Promise<unknown>>;
+      const mine = { bwdEnds: [] as number[], commits: [] as number[] };
+      hosts.push(mine);
       for (const name of ['forward', 'backward'] as const) {
         const orig = st[name].bind(st);
         st[name] = async (...a: unknown[]) => {
           const t0 = performance.now();
-          try { return await orig(...a); } finally { if (stepTimes.length >= 2) compute.push({ stage: h.stageIndex, ms: performance.now() - t0 }); }
+          try { return await orig(...a); } finally {
+            const t1 = performance.now();
+            if (stepTimes.length >= 2) compute.push({ stage: h.stageIndex, ms: t1 - t0 });
+            if (name === 'backward' && h.stageIndex === 0) mine.bwdEnds.push(t1);
+          }
         };
       }
+      // stage 0 finishes a micro-batch last: from its backward's end, its report reaches the coordinator and
+      // the commit comes back — one round trip of a small request, on this machine under its load now
+      const hh = h as unknown as Record<'commit', (...a: unknown[]) => unknown>;
+      const commit = hh.commit.bind(h);
+      hh.commit = (...a: unknown[]) => { if (h.stageIndex === 0) mine.commits.push(performance.now()); return commit(...a); };
     };
     const vols = backends.map((b, i) => runVolunteer({ coordinator: addr, token: null, device: 'cpu', maxMemoryBytes: 2 ** 32, dataDir: path.join(tmp, `v${i}`), json: false, listen: '/ip4/127.0.0.1/tcp/0' },
       { backend: b, onHost: instrument, onEvent: () => {} }));
@@ -101,7 +115,9 @@ export async function realRun(o: RealRunOptions): Promise<RealRun> {
   const stepMs = stepTimes.slice(2).map((t, i) => t - stepTimes[i + 1]!);
   const measuredMbs = (o.steps - 1) * o.microBatches;
   const computeMsPerStage = [0, 1].map((s) => compute.filter((c) => c.stage === s).reduce((a, c) => a + c.ms, 0) / measuredMbs);
-  return { stepMs, computeMsPerStage, storeCommitMs: commits.slice(1).reduce((a, b) => a + b, 0) / Math.max(1, commits.length - 1) };
+  const gaps = hosts.flatMap((h) => h.commits.map((c, k) => c - (h.bwdEnds[k] ?? c)).filter((g) => g > 0)).sort((a, b) => a - b);
+  const rttMs = gaps.length > 0 ? gaps[Math.floor(gaps.length / 2)]! : LOOPBACK.rttMs;
+  return { stepMs, computeMsPerStage, rttMs, storeCommitMs: commits.slice(1).reduce((a, b) => a + b, 0) / Math.max(1, commits.length - 1) };
 }
 
 /** Loopback link figures from the committed bench (docs/benchmarks.md, bench/results/2026-11-29.json): one-frame
@@ -118,7 +134,7 @@ export function scenarioOfRealRun(o: RealRunOptions, r: RealRun): Scenario {
   return {
     name: 'real-4-volunteers', seed: 1, model: cfg, modelName: 'bench model', steps: o.steps, microBatch: o.batch, seqLen: o.seqLen,
     accumulation: o.microBatches, loraR: 16, wireBytesPerElement: 4, pipelineStages: 2,
-    peers: { count: 4, classes: [{ name: 'this-machine', share: 1, memoryGiB: 64, peakTflops: rate / 1e12, efficiency: 1 }], linkMbit: [LOOPBACK.mbit, LOOPBACK.mbit], rttMs: [LOOPBACK.rttMs, LOOPBACK.rttMs], natShare: 0, coneShare: 0 },
+    peers: { count: 4, classes: [{ name: 'this-machine', share: 1, memoryGiB: 64, peakTflops: rate / 1e12, efficiency: 1 }], linkMbit: [LOOPBACK.mbit, LOOPBACK.mbit], rttMs: [r.rttMs, r.rttMs], natShare: 0, coneShare: 0 },
     churn: null,
     coordinator: { linkMbit: LOOPBACK.mbit, cpuMsPerRequest: 1.41, cpuNsPerByte: 3.9, storeCommitMs: r.storeCommitMs, controlBytesPerStage: 2854, heartbeatBytes: 600 },
     tail: 'coordinator', routes: 'as-built', lateJoin: 'as-built', maxHours: 1000, sources: {},
@@ -126,13 +142,13 @@ export function scenarioOfRealRun(o: RealRunOptions, r: RealRun): Scenario {
 }
 
 /** Real and simulated step time (ms, mean of the steps after the first) and their ratio. */
-export async function compareWithReal(o: RealRunOptions): Promise<{ real_step_ms: number; simulated_step_ms: number; ratio: number; compute_ms_per_stage: number[]; store_commit_ms: number }> {
+export async function compareWithReal(o: RealRunOptions): Promise<{ real_step_ms: number; simulated_step_ms: number; ratio: number; compute_ms_per_stage: number[]; store_commit_ms: number; rtt_ms: number }> {
   const r = await realRun(o);
   const sim = await simulate(scenarioOfRealRun(o, r));
   const real = r.stepMs.reduce((a, b) => a + b, 0) / r.stepMs.length;
   // the simulator's first step also splits evenly (no throughput known yet); compare the later ones
   const simulated = sim.step_s.mean * 1000;
-  return { real_step_ms: Number(real.toFixed(1)), simulated_step_ms: Number(simulated.toFixed(1)), ratio: Number((simulated / real).toFixed(3)), compute_ms_per_stage: r.computeMsPerStage.map((x) => Number(x.toFixed(1))), store_commit_ms: Number(r.storeCommitMs.toFixed(1)) };
+  return { real_step_ms: Number(real.toFixed(1)), simulated_step_ms: Number(simulated.toFixed(1)), ratio: Number((simulated / real).toFixed(3)), compute_ms_per_stage: r.computeMsPerStage.map((x) => Number(x.toFixed(1))), store_commit_ms: Number(r.storeCommitMs.toFixed(1)), rtt_ms: Number(r.rttMs.toFixed(2)) };
 }
 
 if (import.meta.main) {
