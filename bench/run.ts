@@ -1,11 +1,11 @@
 // `npm run bench`: every benchmark, one JSON object on stdout (progress on stderr), also written to
 // bench/results/latest.json. Render docs/benchmarks.md from it with `node bench/report.ts --write`.
 //
-//   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence] [--quick] [--out FILE]
+//   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence,scale] [--quick] [--out FILE]
 //
 // Sections: machine (always), kernels, memory (a loaded stage's NF4 bytes per parameter and RSS against plan),
 // model (+ the PyTorch baseline), swarm (+ the store's disk per step), net, store (the cost of a synced step
-// commit), convergence (eval loss per wire codec, bench/convergence.ts). Heavy parts run in
+// commit), convergence (eval loss per wire codec, bench/convergence.ts), scale (the simulator's scenarios, bench/scale.ts). Heavy parts run in
 // child processes (the model bench for its own peak RSS, the swarm trace per wire codec, the CLI runs).
 // Other processes on the machine lower every figure: the load average is recorded before and after
 // each section.
@@ -22,8 +22,9 @@ import { benchCommitCost } from './commit-cost.ts';
 import { benchSwarmCli } from './swarm-cli.ts';
 import { ensureBenchModelDir, writeLongTextData } from './fixtures.ts';
 import { NODE, ROOT, runJsonScript } from './procs.ts';
+import { benchScale } from './scale.ts';
 
-const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence'] as const;
+const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'scale'] as const;
 type Section = typeof SECTIONS[number];
 
 export class BenchUsageError extends Error {
@@ -171,6 +172,9 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
   }
   if (args.only.includes('convergence')) {
     result.convergence = await section('convergence', () => runJsonScript(NODE, [path.join(ROOT, 'bench', 'convergence.ts'), ...(args.quick ? ['--quick'] : [])], 'bench/convergence.ts', 3_600_000));
+  }
+  if (args.only.includes('scale')) {
+    result.scale = await section('scale', () => benchScale({ quick: args.quick, log: (s) => log(s) }));
   }
   result.loadavg_end = load();
   result.total_seconds = Number(((performance.now() - t0) / 1000).toFixed(1));

@@ -29,6 +29,11 @@ import type { SimResult } from './result.ts';
 export type { SimResult } from './result.ts';
 import type { Scenario } from './scenario.ts';
 
+/** The scenario's max_hours passed (a run that cannot go on: joins backed up behind blocking loads). */
+class TimeCapError extends Error {
+  override name = 'TimeCapError';
+}
+
 export class Simulation {
   private readonly sc: Scenario;
   private readonly clock = new SimClock();
@@ -37,34 +42,22 @@ export class Simulation {
   private readonly peers: PeerRegistry;
   private readonly sim = new Map<string, SimPeer>();
   private readonly rand: () => number;
-  private nextPeer = 0;
-  private stages: StageRange[] = [];
-  private costs: StageCosts[] = [];
-  private need: number[] = [];
+  private nextPeer = 0; private stages: StageRange[] = [];
+  private costs: StageCosts[] = []; private need: number[] = [];
   private readonly hop: number;
   private readonly coordBps: number;
-  private coordUpFreeMs = 0;
-  private coordDownFreeMs = 0;
-  private coordBytes = 0;
-  private relayedBytes = 0;
-  private coordRequests = 0;
+  private coordUpFreeMs = 0; private coordDownFreeMs = 0;
+  private coordBytes = 0; private relayedBytes = 0; private coordRequests = 0;
   private readonly hopPaths = { direct: 0, punched: 0, relayed: 0 };
-  private readonly waitingJoins: SimPeer[] = [];
-  private readonly loadedJoins: SimPeer[] = [];
+  private readonly waitingJoins: SimPeer[] = []; private readonly loadedJoins: SimPeer[] = [];
   private readonly joinDelays: number[] = [];
-  private retries = 0;
-  private joins = 0;
-  private leaves = 0;
-  private rejected = 0;
+  private retries = 0; private joins = 0; private leaves = 0; private rejected = 0;
   private readonly commits = new Map<number, number>();
-  private lostSteps = 0;
-  private plannerMs = 0;
+  private lostSteps = 0; private plannerMs = 0;
   private stageBusyMs: number[] = [];
   private readonly stepTimes: number[] = [];
-  private readonly computePhaseMs: number[] = [];
-  private readonly tailMs: number[] = [];
-  private done = false;
-  private capped = false;
+  private readonly computePhaseMs: number[] = []; private readonly tailMs: number[] = [];
+  private done = false; private capped = false;
 
   constructor(sc: Scenario) {
     this.sc = sc;
@@ -80,6 +73,7 @@ export class Simulation {
   }
 
   private get now(): number { return this.clock.now; }
+  private pastCap(): boolean { return this.now > this.sc.maxHours * 3_600_000; }
   // ---- peers
 
   private addPeer(late: boolean): SimPeer {
@@ -304,6 +298,7 @@ export class Simulation {
     const list = this.sc.lateJoin === 'as-built' ? this.waitingJoins.splice(0) : this.loadedJoins.splice(0);
     for (const p of list) {
       if (p.left) continue;
+      if (this.pastCap()) throw new TimeCapError();
       const speed = (s: number) => this.peers.liveReplicas(s).reduce((a, id) => a + this.state(id).tokensPerSecond, 0);
       const s = this.sc.lateJoin === 'as-built'
         ? stageForLateJoiner(p.spec.memoryBytes, this.need, (x) => this.peers.liveReplicas(x).length, speed)
@@ -341,6 +336,7 @@ export class Simulation {
         await this.placeOn(p, s);
         continue;
       }
+      if (this.pastCap()) throw new TimeCapError();
       await this.clock.sleep(this.config.coverPollMs);
     }
   }
@@ -353,7 +349,7 @@ export class Simulation {
     const attempts = new Int32Array(M), strikes = new Int32Array(M);
     const committedRoute: Array<Route | null> = Array.from({ length: M }, () => null);
     const todo = Array.from({ length: M }, (_, i) => i);
-    /** per micro-batch: gradients of it that count (committed and not taken back); must be 1 each at the commit */
+    // per micro-batch: gradients of it that count (committed, not taken back); 1 each at the commit
     const counted = new Int32Array(M);
     const isLive = (s: number, id: string) => this.peers.liveReplicas(s).includes(id);
     const broken = (r: Route) => r.some((id, s) => !isLive(s, id));
@@ -394,6 +390,7 @@ export class Simulation {
         if (mb === undefined) return;
         taken[home]! += 1;
         for (;;) {
+          if (this.pastCap()) throw new TimeCapError();
           const route = routeFor(k + attempts[mb]!, this.routable());
           if (route === null) { todo.unshift(mb); taken[home]! -= 1; return; }
           try { await runMicroBatch(mb, route); break; } catch (e) {
@@ -415,6 +412,7 @@ export class Simulation {
 
     const computeAll = async (): Promise<void> => {
       for (;;) {
+        if (this.pastCap()) throw new TimeCapError();
         await this.cover();
         const routable = this.routable();
         const R = Math.max(...routable.map((r) => r.length));
@@ -530,11 +528,13 @@ export class Simulation {
     }
     for (let step = 0; step < sc.steps; step++) {
       // a scenario that cannot finish (joins backed up behind blocking loads, a stage nobody can hold) stops at its time cap
-      if (this.now > sc.maxHours * 3_600_000) { this.capped = true; break; }
-      await this.cover();
-      await this.admitLateJoiners();
+      try {
+        if (this.pastCap()) throw new TimeCapError();
+        await this.cover();
+        await this.admitLateJoiners();
+      } catch (e) { if (!(e instanceof TimeCapError)) throw e; this.capped = true; break; }
       const t0 = this.now;
-      await this.step(step);
+      try { await this.step(step); } catch (e) { if (!(e instanceof TimeCapError)) throw e; this.capped = true; break; }
       this.stepTimes.push((this.now - t0) / 1000);
       this.status.step = step + 1;
     }
