@@ -440,12 +440,11 @@ export class Simulation {
       if (committedRoute.some((r) => r === null || broken(r))) continue;
       break;
     }
-    // apply, upload, optimizer state, store commit
+    // the gradients are collected: a sum that misses a micro-batch, counts one twice or holds one from a dropped peer is a lost step
+    if (counted.some((n) => n !== 1) || committedRoute.some((r) => r === null || broken(r))) this.lostSteps++;
     await this.applyAndCommit();
     this.computePhaseMs.push(tailStart - t0);
     this.tailMs.push(this.now - tailStart);
-    // a step whose sum misses a micro-batch, counts one twice, or holds one from a dropped peer is lost
-    if (counted.some((n) => n !== 1) || committedRoute.some((r) => r === null || broken(r))) this.lostSteps++;
     this.commits.set(step, (this.commits.get(step) ?? 0) + 1);
   }
 
