@@ -405,6 +405,8 @@ export function renderTables(r: J, source: string): string {
     }
   }
 
+  if (r.scale !== undefined) out.push('', ...renderScale(obj(r.scale, 'scale')));
+
   if (r.net !== undefined) {
     const n = obj(r.net, 'net');
     const ov = obj(n.wire_overhead, 'net.wire_overhead');
@@ -424,6 +426,26 @@ export function renderTables(r: J, source: string): string {
   }
   if (r.blobs !== undefined) out.push('', '### Weights from peers: a joiner\'s blob from 1, 4 and 8 providers', '', ...blobTable(obj(r.blobs, 'blobs')));
   return [BEGIN, '', '### Headline', '', table(['figure', 'value'], headline), '', ...out, '', END].join('\n');
+}
+
+/** The scale section (bench/scale.ts): each scenario and design variant of docs/scale.md through the simulator. */
+export function renderScale(sc: J): string[] {
+  const runs = arr(sc.runs, 'scale.runs');
+  const f1 = (x: unknown) => (typeof x === 'number' && Number.isFinite(x) ? x.toFixed(1) : '–');
+  const rows = runs.map((x) => {
+    const res = obj(x.result, 'scale.runs[].result');
+    const c = obj(res.coordinator, 'coordinator'), j = obj(res.join_to_first_microbatch_s, 'join');
+    return [String(x.scenario), String(x.variant), `${num(res.steps)}`, f1(res.tokens_per_s), `${f1(res.ideal_tokens_per_s)} (${pct(res.ideal_fraction)})`,
+      f1(obj(res.step_s, 'step_s').mean), `${num(res.lost_steps)} / ${num(res.repeated_steps)}`, j.n === 0 ? '–' : `${f1(j.p50)} / ${f1(j.p95)}`,
+      pct(c.cpu_fraction), `${f1(Number(c.bytes_per_step) / 1e9)} GB (${pct(c.link_fraction)})`, f1(res.planner_ms)];
+  });
+  const out = ['### Scale: the simulator\'s scenarios (bench/scale.ts, docs/scale.md)', '',
+    table(['scenario', 'design', 'steps', 'tokens/s', 'ideal (share)', 'step (s)', 'lost / repeated steps', 'join → first micro-batch p50 / p95 (s)', 'coordinator CPU (of a core)', 'coordinator bytes per step (of its link)', 'planner (ms)'], rows)];
+  if (sc.real !== null && sc.real !== undefined) {
+    const re = obj(sc.real, 'scale.real');
+    out.push('', `Against a real run (4 volunteers, 2 stages × 2 replicas, in one process): real ${f1(re.real_step_ms)} ms per step, simulated ${f1(re.simulated_step_ms)} ms (ratio ${num(re.ratio)}).`);
+  }
+  return out;
 }
 
 /** The results file a doc's generated section names as its source (null when there is none). */

@@ -1,7 +1,7 @@
 // `npm run bench`: every benchmark, one JSON object on stdout (progress on stderr), also written to
 // bench/results/latest.json. Render docs/benchmarks.md from it with `node bench/report.ts --write`.
 //
-//   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence,blobs,packing,verify,wan] [--quick] [--out FILE]
+//   node bench/run.ts [--only kernels,memory,model,swarm,net,store,convergence,blobs,packing,verify,scale,wan] [--quick] [--out FILE]
 //
 // Sections: machine (always), kernels, memory (a loaded stage's NF4 bytes per parameter and RSS against plan),
 // model (+ the PyTorch baseline), swarm (+ the store's disk per step), net, store (the cost of a synced step
@@ -9,7 +9,7 @@
 // blob from 1, 4 and 8 rate-limited providers, bench/blob-fetch.ts), packing (tokens/s and padding with
 // and without TRL packing on mixed lengths, bench/packing.ts), verify (the cost and detection of spot
 // checks, bench/verify.ts), wan (only with --only: the swarm over emulated links in network namespaces,
-// bench/wan.ts, and the round trips of a 2 MiB request, bench/wan-rpc.ts; root, ~20 minutes). Heavy parts run in
+// bench/wan.ts, and the round trips of a 2 MiB request, bench/wan-rpc.ts; root, ~20 minutes), scale (the simulator's scenarios, bench/scale.ts). Heavy parts run in
 // child processes (the model bench for its own peak RSS, the swarm trace per wire codec, the CLI runs).
 // Other processes on the machine lower every figure: the load average is recorded before and after
 // each section.
@@ -28,8 +28,9 @@ import { benchSwarmCli } from './swarm-cli.ts';
 import { benchVerify } from './verify.ts';
 import { ensureBenchModelDir, writeLongTextData } from './fixtures.ts';
 import { NODE, ROOT, runJsonScript } from './procs.ts';
+import { benchScale } from './scale.ts';
 
-const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing', 'verify', 'wan'] as const;
+const SECTIONS = ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing', 'verify', 'scale', 'wan'] as const;
 /** Sections a plain `npm run bench` runs (wan needs root for its namespaces and ~20 minutes: ask for it with --only wan) */
 const DEFAULT_SECTIONS: readonly Section[] = SECTIONS.filter((s) => s !== 'wan');
 type Section = typeof SECTIONS[number];
@@ -197,6 +198,9 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
       const rpc = await runJsonScript(NODE, [path.join(ROOT, 'bench', 'wan-rpc.ts'), `--reps=${args.quick ? 2 : 5}`], 'bench/wan-rpc.ts', 600_000);
       return { ...(wan.wan as Record<string, unknown>), rpc };
     });
+  }
+  if (args.only.includes('scale')) {
+    result.scale = await section('scale', () => benchScale({ quick: args.quick, log: (s) => log(s) }));
   }
   result.loadavg_end = load();
   result.total_seconds = Number(((performance.now() - t0) / 1000).toFixed(1));

@@ -13,6 +13,7 @@ import { registerLaunch } from './commands/launch.ts';
 import { registerStatus } from './commands/status.ts';
 import { registerPull } from './commands/pull.ts';
 import { registerDemo } from './commands/demo.ts';
+import { registerSimulate } from './commands/simulate.ts';
 import { configureUsageErrors, prefixUsageErrors } from './errors.ts';
 
 registerBuiltinBackends();
@@ -34,5 +35,6 @@ registerLaunch(program);
 registerStatus(program);
 registerPull(program);
 registerDemo(program);
+registerSimulate(program);
 prefixUsageErrors(program);
 await program.parseAsync(process.argv);

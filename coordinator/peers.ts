@@ -12,6 +12,7 @@ import { BanList, inWords } from './bans.ts';
 import { judge, judgeDigests } from './verdicts.ts';
 import type { DigestReport, EvidenceKind, JudgeLimits, Verdict } from './verdicts.ts';
 import { SwarmError } from '../protocol/errors.ts';
+import { heartbeatVerdict } from './decide.ts';
 import { sleep } from './wait.ts';
 
 /** An error in words for a drop or a note: never empty (an aborted stream can carry no message). */
@@ -205,7 +206,7 @@ export class PeerRegistry {
       } catch (e) {
         if (signal.aborted) return;
         const silentMs = Date.now() - p.lastSeenMs;
-        if (silentMs > this.o.config.heartbeatTimeoutMs) this.markDead(p, `no heartbeat for ${silentMs} ms`);
+        if (heartbeatVerdict(silentMs, this.o.config.heartbeatTimeoutMs) === 'dead') this.markDead(p, `no heartbeat for ${silentMs} ms`);
         else { if (p.health === 'ok') this.o.status.note(`peer ${p.peerId} missed a heartbeat: ${reasonOf(e)}`); p.health = 'slow'; }
       }
     }));

@@ -5,6 +5,7 @@ import type { PeerHealth } from './dashboard/state.ts';
 import { planStages } from './planner.ts';
 import type { Plan, StageMemoryFn, StageRange } from './planner.ts';
 import { placeResumed } from './resume.ts';
+import { donorForEmptyStage, stageForLateJoiner } from './decide.ts';
 import type { AdapterState } from './adapter.ts';
 import type { Admission, PendingJoin } from './admission.ts';
 import type { Assignments } from './assignments.ts';
@@ -154,16 +155,15 @@ export class Placement {
       const p = peers.get(j.peerId);
       if (p === undefined) continue;
       const need = stages.map((st) => this.o.memory(st.layerStart, st.layerEnd));
-      const fits = stages.map((_, s) => s).filter((s) => need[s]! <= p.caps.memoryBytes && peers.liveReplicas(s).length > 0);
-      if (fits.length === 0) {
+      const speed = (s: number) => peers.liveReplicas(s).reduce((a, id) => a + (peers.get(id)?.tokensPerSecond ?? 0), 0);
+      const s = stageForLateJoiner(p.caps.memoryBytes, need, (x) => peers.liveReplicas(x).length, speed);
+      if (s === null) {
         const reason = `this peer offers ${gib(p.caps.memoryBytes)} GiB but the smallest stage of this run needs ${gib(Math.min(...need))} GiB`;
         j.resolve({ status: 'rejected', reason, assignment: null });
         peers.forget(j.peerId);
         status.event('plan', `late peer ${j.peerId} rejected: ${reason}`);
         continue;
       }
-      const speed = (s: number) => peers.liveReplicas(s).reduce((a, id) => a + (peers.get(id)?.tokensPerSecond ?? 0), 0);
-      const s = fits.reduce((best, x) => (speed(x) < speed(best) || (speed(x) === speed(best) && peers.liveReplicas(x).length < peers.liveReplicas(best).length) ? x : best));
       await this.placeOn(j, s, 'late', signal);
     }
   }
@@ -219,16 +219,10 @@ export class Placement {
         continue;
       }
       // a replica of the stage with the most replicas (the slowest of them), when it fits
-      let donor: string | null = null, donorStage = -1;
-      for (let t = 0; t < stages.length; t++) {
-        const live = peers.liveReplicas(t);
-        if (live.length < 2 || (donorStage >= 0 && live.length <= peers.liveReplicas(donorStage).length)) continue;
-        const fit = live.filter((id) => peers.get(id)!.caps.memoryBytes >= need)
-          .sort((a, b) => peers.get(a)!.tokensPerSecond - peers.get(b)!.tokensPerSecond);
-        if (fit.length > 0) { donor = fit[0]!; donorStage = t; }
-      }
+      const donor = donorForEmptyStage(stages.map((_, t) => peers.liveReplicas(t)), need,
+        (id) => peers.get(id)!.caps.memoryBytes, (id) => peers.get(id)!.tokensPerSecond);
       if (donor !== null) {
-        await this.moveReplica(donor, donorStage, s, signal);
+        await this.moveReplica(donor.id, donor.stage, s, signal);
         continue;
       }
       const st = stages[s]!;

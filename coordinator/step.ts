@@ -20,6 +20,7 @@ import { crashPoint } from './crash.ts';
 import type { PeerRegistry } from './peers.ts';
 import type { StageRange } from './planner.ts';
 import { pipelineDepth, routeFor, routeQuotas, routeRate } from './routes.ts';
+import { brokenMicroBatches } from './decide.ts';
 import type { Route } from './routes.ts';
 import type { ReplicaGradient, Screens } from './screening.ts';
 import type { CheckpointPlan, StageStates } from './stage-states.ts';
@@ -197,7 +198,7 @@ export class OptimizerStep {
       if (this.todo.length > 0) continue; // a stage lost its last replica mid-step
       // a replica lost (or banned, or moved) after some micro-batches committed on it took their
       // gradient with it: take those micro-batches back from the other peers of their route, run them again
-      const lost = this.committedRoute.flatMap((r, mb) => (r !== null && this.routeBroken(r) ? [mb] : []));
+      const lost = brokenMicroBatches(this.committedRoute, (s, id) => peers.liveReplicas(s).includes(id));
       if (lost.length === 0) return;
       for (const mb of lost) {
         const route = this.committedRoute[mb]!;

@@ -16,8 +16,9 @@ const ALLOWED: Record<string, ReadonlySet<string>> = {
   cuda: new Set(['cuda', 'engine']),
   node: new Set(['node', 'protocol', 'engine']),
   coordinator: new Set(['coordinator', 'protocol', 'engine']),
-  scripts: new Set(['scripts', 'protocol', 'engine', 'cuda', 'node', 'coordinator', 'bin']),
-  bin: new Set(['bin', 'protocol', 'engine', 'cuda', 'node', 'coordinator']),
+  scripts: new Set(['scripts', 'protocol', 'engine', 'cuda', 'node', 'coordinator', 'bin', 'sim']),
+  bin: new Set(['bin', 'protocol', 'engine', 'cuda', 'node', 'coordinator', 'sim']),
+  sim: new Set(['sim', 'coordinator', 'protocol', 'engine']),
 };
 /** npm packages only some areas may import */
 const PACKAGE_HOMES: Record<string, ReadonlySet<string>> = { commander: new Set(['bin']) };

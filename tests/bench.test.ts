@@ -20,7 +20,7 @@ const ROOT = path.resolve(import.meta.dirname, '..');
 test('bench arguments: sections, --quick, and clear errors for bad input', () => {
   assert.deepEqual(parseArgs(['--only', 'kernels,net', '--quick']).only, ['kernels', 'net']);
   assert.equal(parseArgs(['--only=model']).quick, false);
-  assert.deepEqual(parseArgs([]).only, ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing', 'verify']);
+  assert.deepEqual(parseArgs([]).only, ['kernels', 'memory', 'model', 'swarm', 'net', 'store', 'convergence', 'blobs', 'packing', 'verify', 'scale']);
   assert.deepEqual(parseArgs(['--only', 'memory']).only, ['memory']);
   assert.throws(() => parseArgs(['--only', 'kernels,gpu']), (e: Error) => e instanceof BenchUsageError && /unknown section "gpu"/.test(e.message));
   assert.throws(() => parseArgs(['--only']), { name: 'BenchUsageError', message: /--only needs a value/ });
@@ -203,4 +203,21 @@ test('docs/benchmarks.md WAN section is generated from the results file it names
     assert.equal(new Set(f32.map((x: { final_loss: number }) => x.final_loss)).size, 1, `${stages} stages, f32: losses ${f32.map((x: { final_loss: number }) => x.final_loss)}`);
   }
   assert.throws(() => renderWanTables({ ...results, wan: 3 }, source), { name: 'ReportError', message: /wan must be an object/ });
+});
+
+test('scale section (quick): every scenario and design variant simulated, no step lost or repeated, the figures it reports present', async () => {
+  const { benchScale, SCENARIOS, VARIANTS } = await import('../bench/scale.ts');
+  const r = await benchScale({ quick: true, real: false }) as { runs: Array<{ scenario: string; variant: string; result: Record<string, any> }> };
+  assert.equal(r.runs.length, SCENARIOS.length * Object.keys(VARIANTS).length);
+  for (const { scenario, variant, result } of r.runs) {
+    const what = `${scenario} (${variant})`;
+    // a run that cannot go on (joins backed up behind blocking loads, a step re-run by every leave) stops at the
+    // scenario's max_hours and says so
+    assert.ok(result.steps === 2 || (result.stopped_at_time_cap === true && result.steps < 2), `${what}: ${result.steps} steps`);
+    assert.equal(result.lost_steps, 0, what);
+    assert.equal(result.repeated_steps, 0, what);
+    if (result.steps > 0) assert.ok(result.tokens_per_s > 0 && result.tokens_per_s <= result.ideal_tokens_per_s, `${what}: ${result.tokens_per_s} tokens/s, ideal ${result.ideal_tokens_per_s}`);
+    assert.ok(result.coordinator.bytes_per_step > 0 && result.coordinator.cpu_fraction > 0, what);
+  }
+  assert.equal(r.runs.find((x) => x.scenario === '1000-70b')!.result.peers, 1000);
 });

@@ -88,3 +88,16 @@ test('the repository itself keeps the rules', () => {
   const v = checkLayout(path.join(import.meta.dirname, '..'));
   assert.deepEqual(v.map((x) => `${x.file}: ${x.rule}: ${x.detail}`), []);
 });
+
+test('sim/ may import coordinator, protocol and engine; only bin (and tests, bench) may import sim', () => {
+  const v = rulesOf({
+    'sim/s.ts': "import '../coordinator/c.ts';\nimport '../protocol/p.ts';\nimport '../engine/e.ts';\nimport '../node/n.ts';\n",
+    'coordinator/c.ts': "import '../sim/t.ts';\n",
+    'protocol/p.ts': "export {};\n", 'engine/e.ts': "export {};\n", 'node/n.ts': "export {};\n", 'sim/t.ts': "export {};\n",
+    'bin/b.ts': "import '../sim/t.ts';\n",
+  });
+  assert.deepEqual(v.sort(), [
+    'coordinator/c.ts: dependency: coordinator/ must not import sim/ (../sim/t.ts)',
+    'sim/s.ts: dependency: sim/ must not import node/ (../node/n.ts)',
+  ]);
+});

@@ -1,0 +1,36 @@
+// The coordinator's placement and recovery decisions as pure functions: the real coordinator
+// (placement.ts, step.ts, peers.ts) calls them, and so does the simulator (sim/), so both decide alike.
+import type { Route } from './routes.ts';
+
+/** The stage a late joiner takes: among the stages that fit its memory and still have a live replica,
+ *  the one with the lowest summed throughput (ties: fewer live replicas, then the lower index); null
+ *  when none fits. */
+export function stageForLateJoiner(memoryBytes: number, need: readonly number[], liveCount: (s: number) => number, speed: (s: number) => number): number | null {
+  const fits = need.map((_, s) => s).filter((s) => need[s]! <= memoryBytes && liveCount(s) > 0);
+  if (fits.length === 0) return null;
+  return fits.reduce((best, x) => (speed(x) < speed(best) || (speed(x) === speed(best) && liveCount(x) < liveCount(best)) ? x : best));
+}
+
+/** A replica to move onto an empty stage that needs `need` bytes: from the stage with the most live
+ *  replicas (at least two), its slowest replica that fits; null when no stage can spare one. */
+export function donorForEmptyStage(live: readonly (readonly string[])[], need: number, memoryOf: (id: string) => number, speedOf: (id: string) => number): { id: string; stage: number } | null {
+  let donor: string | null = null, donorStage = -1;
+  for (let t = 0; t < live.length; t++) {
+    const l = live[t]!;
+    if (l.length < 2 || (donorStage >= 0 && l.length <= live[donorStage]!.length)) continue;
+    const fit = l.filter((id) => memoryOf(id) >= need).sort((a, b) => speedOf(a) - speedOf(b));
+    if (fit.length > 0) { donor = fit[0]!; donorStage = t; }
+  }
+  return donor === null ? null : { id: donor, stage: donorStage };
+}
+
+/** Micro-batches whose committed route has a peer that is no longer a live replica of its stage:
+ *  their gradient went with it, so they run again. */
+export function brokenMicroBatches(committedRoute: ReadonlyArray<Route | null>, isLive: (s: number, id: string) => boolean): number[] {
+  return committedRoute.flatMap((r, mb) => (r !== null && r.some((id, s) => !isLive(s, id)) ? [mb] : []));
+}
+
+/** A heartbeat went unanswered: after `timeoutMs` of silence the peer is dropped, before that it is slow. */
+export function heartbeatVerdict(silentMs: number, timeoutMs: number): 'dead' | 'slow' {
+  return silentMs > timeoutMs ? 'dead' : 'slow';
+}
