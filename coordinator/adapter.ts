@@ -2,6 +2,7 @@
 import type { LlamaConfig, LoraConfig, NamedTensor } from '../engine/types.ts';
 import { encodeShard } from '../engine/formats/shard.ts';
 import { initLoraA, linearShape, loraParamName, orderedTargets } from '../engine/model/lora.ts';
+import { linearModules, resolveTargets } from '../engine/model/arch.ts';
 import { decodeFloat } from '../protocol/tensor.ts';
 import { SwarmError } from '../protocol/errors.ts';
 import { adapterDigest } from '../protocol/adapter-digest.ts';
@@ -25,8 +26,11 @@ export interface AdapterLayout { llama: LlamaConfig; lora: LoraConfig; seed: num
 export function expectedStageParams(layout: AdapterLayout, st: StageRange): NamedTensor[] {
   const { llama, lora, seed } = layout;
   const out: NamedTensor[] = [];
+  // the family's linears in the order loadStage walks them (Phi-3: its fused qkv_proj, gate_up_proj)
+  const targets = new Set(resolveTargets(llama, orderedTargets(lora)));
+  const modules = linearModules(llama).filter((m) => targets.has(m));
   for (let l = st.layerStart; l < st.layerEnd; l++) {
-    for (const m of orderedTargets(lora)) {
+    for (const m of modules) {
       const [o, inF] = linearShape(llama, m);
       const A: NamedTensor = { name: loraParamName(l, m, 'A'), shape: [lora.r, inF], data: new Float32Array(lora.r * inF) };
       initLoraA(A.data, lora.r, inF, lora.initLoraWeights, seed, l, m);
