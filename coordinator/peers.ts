@@ -65,6 +65,9 @@ export interface PeerRegistryInit {
   store: RunStore;
   /** the run's signal: heartbeats and notices end when it aborts */
   signal: AbortSignal;
+  /** NAT traversal on: whether a peer is publicly reachable or behind a NAT (holds a reservation on the
+   *  coordinator's relay); absent or undefined: unknown */
+  reachability?: (peerId: string) => 'public' | 'relay' | undefined;
 }
 
 export class PeerRegistry {
@@ -129,6 +132,18 @@ export class PeerRegistry {
   gone(id: string): boolean {
     const h = this.peers.get(id)?.health;
     return h === 'dead' || h === 'banned';
+  }
+
+  /** What a hop between peers a and b is expected to cost (coordinator/routes.ts preferDirectHops):
+   *  0 direct — a reported direct or hole-punched connection, or an end that is publicly reachable
+   *  (the other dials it); 2 a connection reported relayed; 1 unknown (both behind NATs, never hopped).
+   *  Without NAT traversal every hop is direct. */
+  hopCost(a: string, b: string): number {
+    const reported = this.peers.get(a)?.hopPaths?.find((h) => h.peerId === b)?.path ?? this.peers.get(b)?.hopPaths?.find((h) => h.peerId === a)?.path;
+    if (reported !== undefined) return reported === 'relayed' ? 2 : 0;
+    const reach = this.o.reachability;
+    if (reach === undefined) return 0;
+    return reach(a) === 'relay' && reach(b) === 'relay' ? 1 : 0;
   }
 
   /** replicas of stage s that routes should use: the live ones, without deprioritised slow peers

@@ -29,6 +29,27 @@ export function routeQuotas(n: number, throughputs: number[]): number[] {
   return q;
 }
 
+/** The stages' routable replicas reordered so that route k's neighbours (replica k of stage s and of
+ *  s+1) hop over the cheapest paths: stage by stage, each position takes the not yet placed replica of
+ *  the next stage with the lowest `cost` to the previous stage's replica at that position (ties keep
+ *  the registry's order, so with no path information — every cost equal — nothing moves). `cost`:
+ *  0 for a hop known or expected direct (a publicly reachable end, or a direct or hole-punched
+ *  connection reported), 1 unknown (both ends behind NATs), 2 known relayed. */
+export function preferDirectHops(routable: readonly (readonly string[])[], cost: (a: string, b: string) => number): string[][] {
+  const out: string[][] = routable.length > 0 ? [[...routable[0]!]] : [];
+  for (let s = 1; s < routable.length; s++) {
+    const prev = out[s - 1]!, left = [...routable[s]!], mine: string[] = [];
+    for (let k = 0; left.length > 0; k++) {
+      const a = prev.length > 0 ? prev[k % prev.length]! : null;
+      let best = 0;
+      if (a !== null) for (let i = 1; i < left.length; i++) if (cost(a, left[i]!) < cost(a, left[best]!)) best = i;
+      mine.push(left.splice(best, 1)[0]!);
+    }
+    out.push(mine);
+  }
+  return out;
+}
+
 /** Route k over the stages' routable replicas (route k takes replica k mod n of each stage); null
  *  while a stage has none (it gets one first). */
 export function routeFor(k: number, routable: readonly (readonly string[])[]): Route | null {

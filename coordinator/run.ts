@@ -36,7 +36,7 @@ import type { Backend } from '../engine/backend.ts';
 import type { RunData, StepContext } from './step.ts';
 import { serveRun } from './serving.ts';
 import { CoordinatorStoppedError } from './wait.ts';
-import { withReachability } from '../protocol/nat.ts';
+import { reachabilityOf, withReachability } from '../protocol/nat.ts';
 
 export type { MicroBatch } from '../engine/train/step-plan.ts';
 export type { RunEvent } from './status.ts';
@@ -124,6 +124,7 @@ export class Coordinator {
     this.hops = new HopInbox({ log: this.logger.child('referee') });
     const peers = this.peers = new PeerRegistry({
       runId: o.runId, client: this.clientFor('peers'), config, status, store: o.store, signal: this.abort.signal,
+      reachability: (id) => reachabilityOf(o.node, id),
     });
     const adapter = this.adapter = new AdapterState(o.resume !== null ? o.resume.adapter : o.initAdapter, { llama: o.llama, lora: o.lora, seed: o.train.seed });
     const shards = this.shards = new ShardBlobs({ node: o.node, blobs: o.blobs, weights: o.weights, llama: o.llama, maxProviders: config.maxProviders, log: o.log });

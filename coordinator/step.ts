@@ -19,7 +19,7 @@ import type { CoordinatorConfig } from './config.ts';
 import { crashPoint } from './crash.ts';
 import type { PeerRegistry } from './peers.ts';
 import type { StageRange } from './planner.ts';
-import { pipelineDepth, routeFor, routeQuotas, routeRate } from './routes.ts';
+import { pipelineDepth, preferDirectHops, routeFor, routeQuotas, routeRate } from './routes.ts';
 import { brokenMicroBatches } from './decide.ts';
 import type { Route } from './routes.ts';
 import type { ReplicaGradient, Screens } from './screening.ts';
@@ -176,7 +176,9 @@ export class OptimizerStep {
   }
 
   private routeFor(k: number): Route | null {
-    return routeFor(k, this.ctx.stages.map((_, s) => this.ctx.peers.routable(s)));
+    const { peers } = this.ctx;
+    // routes pair replicas over direct (or hole-punched) hops where the paths allow it
+    return routeFor(k, preferDirectHops(this.ctx.stages.map((_, s) => peers.routable(s)), (a, b) => peers.hopCost(a, b)));
   }
 
   /** Run every micro-batch not yet committed to its commit. */
