@@ -19,7 +19,8 @@ const skip = existsSync(file) ? false : `no ${path.relative(process.cwd(), file)
 
 /** spills accepted, with the reason (kernel name pattern → architectures) */
 const ALLOWED_SPILLS: { name: RegExp; archs: RegExp; why: string }[] = [
-  { name: /^attn_(bwd_dkdv|bwd_dq)_kernel<64>$/, archs: /^sm_\d+$/, why: 'head dim 256: the dK/dV and dQ register tiles exceed 255 registers (documented in docs/cuda.md)' },
+  { name: /^attn_(bwd_dkdv_kernel<64,(true|false)>|bwd_dq_kernel<64>)$/, archs: /^sm_\d+$/, why: 'head dim 256: the dK/dV and dQ register tiles exceed 255 registers (documented in docs/cuda.md)' },
+  { name: /^attn_bwd_dkdv_kernel<32,true>$/, archs: /^sm_(86|89)$/, why: 'head dim 128 with Gemma\'s soft-cap or sliding window on sm_86/sm_89: 28 bytes; the plain causal variant <32,false> does not spill (docs/cuda.md)' },
   { name: /^attn_fwd_kernel<8>$/, archs: /^sm_90$/, why: 'head dim 32 on sm_90: ptxas keeps 36 bytes of the online-softmax state on the stack' },
 ];
 
@@ -47,8 +48,10 @@ test('ptxas resources: every kernel on every target, registers and shared memory
     }
   }
   assert.deepEqual(problems, []);
-  // the hot kernels: the tensor-core GEMM with the fused NF4 loader and the head-dim-64/128 attention do not spill
-  for (const k of all.filter((x) => x.arch === 'sm_90' && /^(gemm_tc_kernel|attn_\w+<(16|32)>)/.test(x.name))) {
+  // the hot kernels: the tensor-core GEMM with the fused NF4 loader and the head-dim-64/128 attention do not spill,
+  // and the plain causal dK/dV kernel (no soft-cap, no window: every Llama-family model) spills on no target
+  for (const k of all.filter((x) => /^attn_bwd_dkdv_kernel<(8|16|32),false>$/.test(x.name))) assert.equal(k.spillStoreBytes, 0, `${k.arch} ${k.name} spills`);
+  for (const k of all.filter((x) => x.arch === 'sm_90' && /^(gemm_tc_kernel|attn_\w+<(16|32)(,false)?>)/.test(x.name))) {
     assert.equal(k.spillStoreBytes, 0, `${k.arch} ${k.name} spills`);
   }
 });

@@ -209,8 +209,10 @@ attn_bwd_dq_kernel(float* __restrict__ dq, const float* __restrict__ dout, const
 }
 
 // dk, dv (T,KV,D) assigned. Rows = keys of one kv head; streams the Q/dO tiles of every query head
-// in its group, so each dk/dv row has exactly one writer (deterministic, no atomics).
-template <int DPT>
+// in its group, so each dk/dv row has exactly one writer (deterministic, no atomics). OPT: soft-cap or
+// sliding window in use (Gemma); without them the plain causal kernel keeps its registers (head dim 128
+// on sm_86/sm_89 spilled 28 bytes once the options were evaluated at run time).
+template <int DPT, bool OPT>
 __global__ void __launch_bounds__(AT_THREADS)
 attn_bwd_dkdv_kernel(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ dout,
                      const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
@@ -273,9 +275,9 @@ attn_bwd_dkdv_kernel(float* __restrict__ dk, float* __restrict__ dv, const float
           }
           sd = group4_sum(sd, gmask);
           dp = group4_sum(dp, gmask);
-          const bool live = ii >= imin && ii < iend && visible(i0 + ii, sj, window);
-          float fac;
-          const float sc = capped(sd, softcap, &fac);
+          const bool live = ii >= imin && ii < iend && (!OPT || visible(i0 + ii, sj, window));
+          float fac = 1.0f;
+          const float sc = OPT ? capped(sd, softcap, &fac) : sd;
           const float p = live ? expf(sc - lse_s[ii]) : 0.0f;
           const float ds = p * (dp - delta_s[ii]) * fac;
 #pragma unroll
@@ -331,13 +333,18 @@ static int attn_backward_dev(stc_ctx* ctx, float* dq, float* dk, float* dv, cons
                              int H, int KV, int D, float scale, float softcap, int window) {
   const size_t smem = sizeof(float) * 2 * AT_BC * 4 * DPT;
   STC_TRY(prepare_smem(attn_bwd_dq_kernel<DPT>, smem));
-  STC_TRY(prepare_smem(attn_bwd_dkdv_kernel<DPT>, smem));
+  STC_TRY(prepare_smem(attn_bwd_dkdv_kernel<DPT, false>, smem));
+  STC_TRY(prepare_smem(attn_bwd_dkdv_kernel<DPT, true>, smem));
   const int tiles = (S + AT_ROWS - 1) / AT_ROWS;
   attn_bwd_dq_kernel<DPT><<<dim3(tiles, H, B), AT_THREADS, smem, ctx->stream>>>(dq, dout, q, k, v, lse, delta, S, H,
                                                                                 KV, D, scale, softcap, window);
   STC_LAUNCHED(ctx->stream);
-  attn_bwd_dkdv_kernel<DPT><<<dim3(tiles, KV, B), AT_THREADS, smem, ctx->stream>>>(dk, dv, dout, q, k, v, lse, delta,
-                                                                                   S, H, KV, D, scale, softcap, window);
+  if (softcap > 0.0f || window > 0)
+    attn_bwd_dkdv_kernel<DPT, true><<<dim3(tiles, KV, B), AT_THREADS, smem, ctx->stream>>>(dk, dv, dout, q, k, v, lse,
+                                                                                        delta, S, H, KV, D, scale, softcap, window);
+  else
+    attn_bwd_dkdv_kernel<DPT, false><<<dim3(tiles, KV, B), AT_THREADS, smem, ctx->stream>>>(dk, dv, dout, q, k, v, lse,
+                                                                                         delta, S, H, KV, D, scale, 0.0f, 0);
   STC_LAUNCHED(ctx->stream);
   return 0;
 }
