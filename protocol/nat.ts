@@ -65,8 +65,9 @@ function checkAddrs(what: string, addrs: readonly string[] | undefined): string[
 export function natConfig(init: NatInit, listen: readonly string[] = []) {
   const relays = checkAddrs('nat.relays', init.relays);
   // With AutoNAT on, libp2p 3 reports a public listen address only once AutoNAT confirmed it; the coordinator's
-  // is the address volunteers are told to join, so it announces its concrete (non-wildcard) listen addresses.
-  const own = init.role === 'coordinator' ? listen.filter((a) => /^\/ip[46]\/[^/]+\/tcp\/[1-9]\d*$/.test(a) && !/^\/ip4\/0\.0\.0\.0\/|^\/ip6\/::\//.test(a)) : [];
+  // is the address volunteers are told to join, and a volunteer relay's the one NAT'd peers reserve on (its
+  // operator says it is reachable), so both announce their concrete (non-wildcard) listen addresses.
+  const own = init.role === 'coordinator' || init.relayServer === true ? listen.filter((a) => /^\/ip[46]\/[^/]+\/tcp\/[1-9]\d*$/.test(a) && !/^\/ip4\/0\.0\.0\.0\/|^\/ip6\/::\//.test(a)) : [];
   const announce = [...checkAddrs('nat.announce', init.announce), ...own];
   if (init.role === 'volunteer' && relays.some((r) => !r.includes('/p2p/'))) throw new SchemaError('nat.relays: every relay address needs its /p2p/<peer id>');
   if (init.dialPort !== undefined && (!Number.isInteger(init.dialPort) || init.dialPort < 1 || init.dialPort > 65535)) throw new SchemaError(`nat.dialPort must be a port in [1, 65535], got ${init.dialPort}`);
@@ -199,7 +200,9 @@ export async function listenOnRelay(node: Libp2p, relay: string, opts: { signal:
     await raceSignal(tm.listen([ma]), opts.signal);
   } catch (e) {
     if (opts.signal.aborted) throw opts.signal.reason;
-    throw new RelayRefusedError(`relay ${relay} gave no reservation: ${(e as Error).message.split('\n').map((l) => l.trim()).filter(Boolean).slice(-1)[0] ?? (e as Error).name}`);
+    // the first line that is not a stack frame (libp2p's messages carry the relay's status, e.g. PERMISSION_DENIED)
+    const line = (e as Error).message.split('\n').map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('at ')).slice(-1)[0];
+    throw new RelayRefusedError(`relay ${relay} gave no reservation: ${(e as Error).name}${line !== undefined ? `: ${line}` : ''}`);
   }
   return node.getMultiaddrs().map((m) => m.toString()).filter((a) => a.includes('/p2p-circuit'));
 }
