@@ -220,7 +220,9 @@ export class VolunteerSession {
     while (Date.now() < deadline && !this.signal.aborted) {
       for (const relay of cands) {
         try {
-          const circuits = await listenOnRelay(node, relay, { signal: AbortSignal.any([this.signal, AbortSignal.timeout(Math.max(1, deadline - Date.now()))]) });
+          // a rejoin keeps the reservation it holds (listening again would add a second listener)
+          const held = node.getMultiaddrs().map(String).filter((a) => a.startsWith(`${relay}/p2p-circuit`));
+          const circuits = held.length > 0 ? held : await listenOnRelay(node, relay, { signal: AbortSignal.any([this.signal, AbortSignal.timeout(Math.max(1, deadline - Date.now()))]) });
           const mine = circuits.filter((a) => a.startsWith(`${relay}/p2p-circuit`));
           if (mine.length === 0) { last = `no circuit address through ${relay}`; continue; }
           const own = node.getMultiaddrs().map((m) => m.toString()).filter((a) => !a.includes('/p2p-circuit'));

@@ -284,7 +284,7 @@ export function routeAddrs(own: readonly string[], announce: readonly string[], 
 
 /** A volunteer relay's view of the run's members (the coordinator sends the list with heartbeats, each with a
  *  version): `has` is its relay's isMember. A newer list replaces the older one; a peer that left it (banned)
- *  loses its reservation and relayed connections at once (the relay hangs up on it). */
+ *  loses its reservation and its connections, relayed ones included, at once (the relay hangs up on it). */
 export class RelayMembers {
   private members = new Set<string>();
   private version = -1;
@@ -299,10 +299,12 @@ export class RelayMembers {
     const dropped = [...this.members].filter((p) => !next.has(p));
     this.members = next;
     this.version = version;
-    if (node !== undefined) {
-      for (const id of dropped) {
-        for (const c of node.getConnections().filter((k) => k.remotePeer.toString() === id)) await c.close().catch(() => c.abort(new Error('no longer a member of the run')));
-      }
+    if (node !== undefined && dropped.length > 0) {
+      const gone = new Set(dropped);
+      // the relay keeps a reservation until its TTL (2 h) even after the connection closed: drop it now
+      const relay = (node.services as Record<string, unknown>).relay as CircuitRelayService | undefined;
+      for (const k of [...(relay?.reservations.keys() ?? [])]) if (gone.has(k.toString())) relay!.reservations.delete(k);
+      for (const c of node.getConnections().filter((k) => gone.has(k.remotePeer.toString()))) await c.close().catch(() => c.abort(new Error('no longer a member of the run')));
     }
     return dropped;
   }

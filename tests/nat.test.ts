@@ -2,7 +2,9 @@
 // members only, DCUtR hole punching, and each connection's path; hops (protocol/hop.ts) over each path.
 //
 // 1. loopback: no reservation and no relayed connection for a peer the coordinator did not admit; a hop of
-//    512 KiB (over the 128 KiB default relay limit) goes through the relay between members, bit-exact.
+//    512 KiB (over the 128 KiB default relay limit) goes through the relay between members, bit-exact; a
+//    volunteer relay (relayServer with RelayMembers) serves a member, not a stranger, and a member dropped
+//    from its list (a ban) loses its reservation and gets no new one.
 // 2. netlab (root, nftables; skipped otherwise): a public namespace with the coordinator, two volunteers each
 //    behind its own cone NAT and one behind a strict NAT. Reservations only for admitted peers; the strict
 //    volunteer's hop goes relayed through the coordinator; the cone volunteers end on a hole-punched
@@ -89,6 +91,7 @@ test('loopback: the relay serves admitted peers only, and a relayed hop carries 
     const listen = ['/ip4/127.0.0.1/tcp/0'];
     const c = await startPeer(local, { role: 'coordinator', dataDir: path.join(tmp, 'c'), listen });
     const [a, b, x] = await Promise.all(['a', 'b', 'x'].map((n) => startPeer(local, { role: 'volunteer', dataDir: path.join(tmp, n), listen })));
+    const v = await startPeer(local, { role: 'volunteer', dataDir: path.join(tmp, 'v'), listen, relayServer: true });
     const relay = c.addrs[0]!;
     ok(await c.call({ cmd: 'admit', peerId: a.peerId }), 'admit a');
     // a stranger (not admitted) gets no reservation
@@ -112,6 +115,20 @@ test('loopback: the relay serves admitted peers only, and a relayed hop carries 
     assert.ok(sent.bytes > 4 * 131072, `hop bytes ${sent.bytes}`);
     assert.equal(sent.path, 'relayed');
     assert.equal(r.path, 'relayed');
+    // the volunteer relay: a member reserves, a stranger does not; dropped from the list, the member is cut off
+    const vRelay = v.addrs[0]!;
+    ok(await v.call({ cmd: 'admit', peerId: a.peerId }), 'v admits a');
+    const onV = ok(await a.call({ cmd: 'reserve', relay: vRelay }), 'a reserves on the volunteer relay');
+    assert.ok(onV.addrs.includes(`${vRelay}/p2p-circuit/p2p/${a.peerId}`), JSON.stringify(onV.addrs));
+    const strangerOnV = await x.call({ cmd: 'reserve', relay: vRelay });
+    assert.equal(strangerOnV.ok, false, 'the volunteer relay gave a reservation to a non-member');
+    assert.match(String(strangerOnV.error), /RelayRefusedError.*PERMISSION_DENIED/);
+    assert.deepEqual(ok(await v.call({ cmd: 'reservations' }), 'v reservations').peers, [a.peerId]);
+    assert.deepEqual(ok(await v.call({ cmd: 'expel', peerId: a.peerId }), 'v expels a').dropped, [a.peerId]);
+    for (let i = 0; i < 100 && ok(await v.call({ cmd: 'reservations' }), 'v reservations').peers.length > 0; i++) await new Promise((res) => setTimeout(res, 50));
+    assert.deepEqual(ok(await v.call({ cmd: 'reservations' }), 'v reservations').peers, [], 'the dropped member keeps its reservation');
+    const again = await a.call({ cmd: 'reserve', relay: vRelay });
+    assert.equal(again.ok, false, 'a peer dropped from the members got a reservation again');
   } finally {
     await stopAll(children);
     await rm(tmp, { recursive: true, force: true });
@@ -256,9 +273,9 @@ test('netlab swarm run: launch --nat on the internet, joins behind two cone NATs
     // largest as its second replica): a and p share an end stage, s the other end, b the middle; so the strict
     // peer s hops only with b, a NAT'd peer, and the cone peers a and b hop with each other
     const p = join('p', ['--max-memory', '4GiB', '--relay']);
+    const vols = new Map([['p', p], ['a', cone('a', 'ra', '1GiB')], ['b', cone('b', 'rb', '3GiB')], ['s', join('s', ['--max-memory', '2GiB'])]]);
     const pId = String((await waitFor(p, (e) => e.event === 'joining', 'p joining')).peer_id);
     lap('p joining');
-    const vols = new Map([['p', p], ['a', cone('a', 'ra', '1GiB')], ['b', cone('b', 'rb', '3GiB')], ['s', join('s', ['--max-memory', '2GiB'])]]);
     const ids = new Map<string, string>([[pId, 'p']]);
     const pRelay = `/ip4/${lab.addr('p')}/tcp/${PORT}/p2p/${pId}`;
     for (const [h, v] of vols) {
