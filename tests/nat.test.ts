@@ -127,8 +127,12 @@ test('loopback: the relay serves admitted peers only, and a relayed hop carries 
     assert.deepEqual(ok(await v.call({ cmd: 'expel', peerId: a.peerId }), 'v expels a').dropped, [a.peerId]);
     for (let i = 0; i < 100 && ok(await v.call({ cmd: 'reservations' }), 'v reservations').peers.length > 0; i++) await new Promise((res) => setTimeout(res, 50));
     assert.deepEqual(ok(await v.call({ cmd: 'reservations' }), 'v reservations').peers, [], 'the dropped member keeps its reservation');
+    // once a has seen the relay hang up (bounded wait), it asks again: refused, and the relay holds nothing for it
+    for (let i = 0; i < 100 && ok(await a.call({ cmd: 'paths' }), 'a paths').connections.some((k: any) => k.peer === v.peerId); i++) await new Promise((res) => setTimeout(res, 50));
     const again = await a.call({ cmd: 'reserve', relay: vRelay });
     assert.equal(again.ok, false, 'a peer dropped from the members got a reservation again');
+    assert.match(String(again.error), /PERMISSION_DENIED/);
+    assert.deepEqual(ok(await v.call({ cmd: 'reservations' }), 'v reservations').peers, []);
   } finally {
     await stopAll(children);
     await rm(tmp, { recursive: true, force: true });
