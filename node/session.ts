@@ -255,11 +255,13 @@ export class VolunteerSession {
 
   /** A coordinator heartbeat: it is alive; say how this peer is doing. A volunteer relay takes the run's
    *  members from it (a newer list: a peer dropped from it is hung up on). */
-  async heartbeat(req?: HeartbeatRequest): Promise<HeartbeatResponse> {
+  heartbeat(req?: HeartbeatRequest): HeartbeatResponse {
     this.lastCoordinatorMs = Date.now();
     if (req?.members !== undefined && this.c.members != null) {
-      const dropped = await this.c.members.update(req.members.version, req.members.peers, this.c.node);
-      if (dropped.length > 0) this.log('relay: %d peer(s) no longer members, hung up: %s', dropped.length, dropped.join(', '));
+      // the list applies at once; the hang-ups finish after the answer (it has a 200 ms budget)
+      void this.c.members.update(req.members.version, req.members.peers, this.c.node).then((dropped) => {
+        if (dropped.length > 0) this.log('relay: %d peer(s) no longer members, hung up: %s', dropped.length, dropped.join(', '));
+      }, (e: Error) => this.log('relay: hanging up on former members failed: %s', e.message));
     }
     if (this.lastCoordinatorMs - this.rss.atMs > this.config.rssSampleMs) this.rss = { bytes: process.memoryUsage.rss(), atMs: this.lastCoordinatorMs };
     const host = this.state.name === 'serving' ? this.state.host : null;

@@ -292,7 +292,8 @@ export class RelayMembers {
   has(peerId: string): boolean { return this.members.has(peerId); }
   get current(): number { return this.version; }
 
-  /** Apply a list; returns the peers dropped from it (hung up on when `node` is given). */
+  /** Apply a list (at once, before the first await); resolves with the peers dropped from it, hung up on when
+   *  `node` is given. */
   async update(version: number, peers: readonly string[], node?: Libp2p): Promise<string[]> {
     if (version <= this.version) return [];
     const next = new Set(peers);

@@ -5,6 +5,8 @@
 //    512 KiB (over the 128 KiB default relay limit) goes through the relay between members, bit-exact; a
 //    volunteer relay (relayServer with RelayMembers) serves a member, not a stranger, and a member dropped
 //    from its list (a ban) loses its reservation and gets no new one.
+// 1b. the coordinator's side of volunteer relays: the member list with heartbeats, a ban a new version; the
+//    route addresses a peer reports with heartbeats (its volunteer relay's circuit first) replace its own.
 // 2. netlab (root, nftables; skipped otherwise): a public namespace with the coordinator, two volunteers each
 //    behind its own cone NAT and one behind a strict NAT. Reservations only for admitted peers; the strict
 //    volunteer's hop goes relayed through the coordinator; the cone volunteers end on a hole-punched
@@ -26,6 +28,12 @@ import { createLab, labSupport, type Lab } from './netlab/lab.ts';
 import { adapterMap, followCli, relUpdateDiff, spawnCli, type CliProc } from './swarm-procs.ts';
 import { ensureTinyModel } from '../engine/tiny/index.ts';
 import { TINY_DATASET_PATH } from '../engine/tiny/files.ts';
+import { PeerRegistry } from '../coordinator/peers.ts';
+import { coordinatorConfig } from '../coordinator/config.ts';
+import { RunStatus } from '../coordinator/status.ts';
+import type { RunStore } from '../coordinator/store.ts';
+import type { StagePeerClient } from '../protocol/stage-client.ts';
+import type { Capabilities, HeartbeatResponse } from '../protocol/messages.ts';
 
 const PEER = fileURLToPath(new URL('./netlab/nat-peer.ts', import.meta.url));
 const STEP_MS = 40_000;
@@ -137,6 +145,42 @@ test('loopback: the relay serves admitted peers only, and a relayed hop carries 
     await stopAll(children);
     await rm(tmp, { recursive: true, force: true });
   }
+});
+
+test('the coordinator tells volunteer relays the members with heartbeats: a new version when they change (a ban drops one), once per version; route addresses a peer reports replace its own only', async () => {
+  const sent: { to: string; members?: { version: number; peers: string[] } }[] = [];
+  const circuits = new Map<string, string[]>();
+  const client = {
+    heartbeat: async (addrs: { toString(): string }[], _step: number, opts: { members?: { version: number; peers: string[] } }): Promise<HeartbeatResponse> => {
+      const to = addrs[0]!.toString().split('/p2p/').pop()!;
+      sent.push({ to, ...(opts.members !== undefined ? { members: opts.members } : {}) });
+      const listenAddrs = circuits.get(to);
+      return { runId: 'r', ready: true, step: 0, tokensPerSecond: 0, inflight: 0, busy: false, memoryRssBytes: 0, ...(listenAddrs !== undefined ? { listenAddrs } : {}) };
+    },
+    finish: async () => {},
+  } as unknown as StagePeerClient;
+  const status = new RunStatus({ runId: 'r', modelName: 'm', totalSteps: 1, minPeers: 1, step: 0, eventHistory: 50, emit: () => {}, log: () => {} });
+  const store = { putBans: async () => {} } as unknown as RunStore;
+  const reg = new PeerRegistry({ runId: 'r', client, config: coordinatorConfig({}, {}), status, store, signal: new AbortController().signal });
+  const ids = ['12D3KooWQ1Ct3nVdAZmpvBzgRSwcmViDY7CaX4NKv9sp54ZhzMu5', '12D3KooWA45aHnMWMUGDMyg9BYoMz8FJGqEvqvNyP143dNS8Ymp4', '12D3KooWExYi9yRtPuigtYQwbVHVZArStyTHj37bTbpPxAbGzpwA'];
+  for (const id of ids) {
+    reg.join(id, { backend: 'cpu', deviceName: 'x' } as Capabilities, [`/ip4/44.77.0.9/tcp/4001/p2p/${id}`].map((a) => ({ toString: () => a }) as never), undefined, false);
+    reg.get(id)!.stageIndex = 0;
+  }
+  const [relay, alice, bob] = ids as [string, string, string];
+  const round = async () => { sent.length = 0; await reg.heartbeatNow(); return sent.filter((x) => x.members !== undefined); };
+  assert.deepEqual(await round(), [], 'no volunteer relay: no member list goes out');
+  reg.get(relay)!.relay = true;
+  assert.deepEqual(await round(), [{ to: relay, members: { version: 1, peers: [...ids].sort() } }], 'only the relay gets the list');
+  assert.deepEqual(await round(), [], 'a version the relay answered is not sent again');
+  reg.ban(reg.get(bob)!, 'a test ban');
+  assert.deepEqual(await round(), [{ to: relay, members: { version: 2, peers: [alice, relay].sort() } }], 'a ban is a new version without the peer');
+  // alice now holds a reservation on the relay: its reported route addresses replace the ones it joined with,
+  // but only those ending in its own peer id
+  const viaRelay = `/ip4/44.77.0.9/tcp/4001/p2p/${relay}/p2p-circuit/p2p/${alice}`;
+  circuits.set(alice, [viaRelay, `/ip4/6.6.6.6/tcp/1/p2p/${bob}`]);
+  await round();
+  assert.deepEqual(reg.addrs(alice).map(String), [viaRelay]);
 });
 
 const why = labSupport({ nat: true });
