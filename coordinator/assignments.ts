@@ -45,10 +45,13 @@ export class Assignments {
   }
 
   /** NAT traversal: the volunteer relays (join --relay) a peer also reserves on, in join order, at most
-   *  MAX_VOLUNTEER_RELAYS, each by its direct addresses (its circuit ones are of no use for a reservation). */
+   *  MAX_VOLUNTEER_RELAYS, each by its direct addresses (its circuit ones are of no use for a reservation). Only
+   *  relays the plan put on a stage: heartbeats, which carry their member lists, go to those (a rejected one
+   *  leaves). */
   private relaysFor(peerId: string): { relays?: string[] } {
     const { peers } = this.o;
-    const relays = peers.all().filter((p) => p.relay === true && p.peerId !== peerId && !peers.gone(p.peerId)).slice(0, MAX_VOLUNTEER_RELAYS)
+    const staged = new Set(peers.allReplicas().flat());
+    const relays = peers.all().filter((p) => p.relay === true && p.peerId !== peerId && staged.has(p.peerId) && !peers.gone(p.peerId)).slice(0, MAX_VOLUNTEER_RELAYS)
       .flatMap((p) => {
         const direct = p.addrs.map(String).filter((a) => !a.includes('/p2p-circuit'));
         return (direct.some(isPublicIp4) ? direct.filter(isPublicIp4) : direct).slice(0, 1);
