@@ -55,6 +55,8 @@ export class Admission {
     }
     const addrs = req.listenAddrs.map((a) => parseMultiaddr(a.includes('/p2p/') ? a : `${a}/p2p/${peerId}`));
     peers.join(peerId, req.capabilities, addrs, req.kept, this.o.planned());
+    // a volunteer relay (join --relay) is sent the member list with its next heartbeat, also after a restart
+    Object.assign(peers.get(peerId)!, { relay: req.relay === true, membersSent: undefined });
     if (this.o.planned()) {
       // a late joiner: placed at the next step boundary where throughput is lowest
       status.event('join', `late peer ${peerId} joined: ${req.capabilities.deviceName}, ${(req.capabilities.memoryBytes / 2 ** 30).toFixed(2)} GiB offered; placing it at the next step boundary`);

@@ -4,12 +4,16 @@ import type { TrainConfig } from '../engine/train/config.ts';
 import { encodeShard } from '../engine/formats/shard.ts';
 import type { Assignment, BlobRef } from '../protocol/messages.ts';
 import type { FloatCodec } from '../protocol/tensor.ts';
+import { isPublicIp4 } from '../protocol/nat.ts';
 import type { AdapterState } from './adapter.ts';
 import type { PeerRegistry } from './peers.ts';
 import type { StageRange } from './planner.ts';
 import type { ShardBlobs } from './shards.ts';
 import type { StageStates } from './stage-states.ts';
 import type { RunStatus } from './status.ts';
+
+/** volunteer relays named in one assignment */
+const MAX_VOLUNTEER_RELAYS = 2;
 
 export interface AssignmentsInit {
   runId: string;
@@ -38,6 +42,21 @@ export class Assignments {
 
   constructor(o: AssignmentsInit) {
     this.o = o;
+  }
+
+  /** NAT traversal: the volunteer relays (join --relay) a peer also reserves on, in join order, at most
+   *  MAX_VOLUNTEER_RELAYS, each by its direct addresses (its circuit ones are of no use for a reservation). Only
+   *  relays the plan put on a stage: heartbeats, which carry their member lists, go to those (a rejected one
+   *  leaves). */
+  private relaysFor(peerId: string): { relays?: string[] } {
+    const { peers } = this.o;
+    const staged = new Set(peers.allReplicas().flat());
+    const relays = peers.all().filter((p) => p.relay === true && p.peerId !== peerId && staged.has(p.peerId) && !peers.gone(p.peerId)).slice(0, MAX_VOLUNTEER_RELAYS)
+      .flatMap((p) => {
+        const direct = p.addrs.map(String).filter((a) => !a.includes('/p2p-circuit'));
+        return (direct.some(isPublicIp4) ? direct.filter(isPublicIp4) : direct).slice(0, 1);
+      });
+    return relays.length > 0 ? { relays } : {};
   }
 
   async forStage(peerId: string, stages: readonly StageRange[], s: number, a: AssignOptions = {}): Promise<Assignment> {
@@ -77,6 +96,7 @@ export class Assignments {
       step, totalSteps: this.o.totalSteps,
       ...(a.keep !== undefined ? { keep: { adapterSha256: a.keep } } : {}),
       ...(this.o.allowPeers !== null ? { allowPeers: [...this.o.allowPeers] } : {}),
+      ...this.relaysFor(peerId),
     };
   }
 }

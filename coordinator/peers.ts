@@ -1,5 +1,6 @@
 // The peer registry: who joined, which stage each replica serves, heartbeats, health after failures, bans with backoff.
 import type { Capabilities, HopPath, PeerStatus } from '../protocol/messages.ts';
+import { parseMultiaddr } from '../protocol/net.ts';
 import type { Multiaddr } from '../protocol/net.ts';
 import type { StagePeerClient } from '../protocol/stage-client.ts';
 import type { PeerHealth } from './dashboard/state.ts';
@@ -49,6 +50,10 @@ export interface PeerState {
   reassignments?: number;
   /** its connections' paths to other peers, from its last heartbeat (NAT traversal on) */
   hopPaths?: HopPath[];
+  /** NAT traversal: it serves circuit relay v2 to the run's members (join --relay) */
+  relay?: boolean;
+  /** the members version this relay last took with a heartbeat */
+  membersSent?: number;
 }
 
 /** errors that mean the peer broke the protocol (they count against it), not that it is slow or gone */
@@ -78,6 +83,8 @@ export class PeerRegistry {
   private banWrite: Promise<void> = Promise.resolve();
   private readonly o: PeerRegistryInit;
   private readonly limits: JudgeLimits;
+  /** the run's members as volunteer relays are told them: admitted and not banned, with a version */
+  private members = { key: '', version: 0, peers: [] as string[] };
 
   constructor(o: PeerRegistryInit) {
     this.o = o;
@@ -208,15 +215,31 @@ export class PeerRegistry {
    *  even of a run shorter than a heartbeat interval). */
   heartbeatNow(): Promise<void> { return this.heartbeatAll(); }
 
+  /** Admitted, unbanned peers: whom volunteer relays serve (a new version whenever the list changes). */
+  private currentMembers(): { version: number; peers: string[] } {
+    const peers = this.all().filter((p) => p.health !== 'banned').map((p) => p.peerId).sort();
+    const key = peers.join(',');
+    if (key !== this.members.key) this.members = { key, version: this.members.version + 1, peers };
+    return this.members;
+  }
+
   private async heartbeatAll(): Promise<void> {
     const signal = this.o.signal;
+    const members = this.all().some((p) => p.relay === true) ? this.currentMembers() : null;
     await Promise.all(this.all().filter((p) => p.stageIndex !== null && p.health !== 'dead' && p.health !== 'banned').map(async (p) => {
       try {
-        const r = await this.o.client.heartbeat(p.addrs, this.o.status.step, { signal });
+        const send = members !== null && p.relay === true && p.membersSent !== members.version ? { version: members.version, peers: members.peers } : undefined;
+        const r = await this.o.client.heartbeat(p.addrs, this.o.status.step, { signal, members: send });
+        if (send !== undefined) p.membersSent = send.version;
         p.lastSeenMs = Date.now();
         p.ready = r.ready;
         p.tokensPerSecond = r.tokensPerSecond;
         if (r.hopPaths !== undefined) p.hopPaths = r.hopPaths;
+        // NAT traversal: a reservation on a volunteer relay puts that circuit first (only this peer's own addresses)
+        if (r.listenAddrs !== undefined) {
+          const mine = r.listenAddrs.filter((a) => a.endsWith(`/p2p/${p.peerId}`)).map((a) => parseMultiaddr(a));
+          if (mine.length > 0 && mine.map(String).join(' ') !== p.addrs.map(String).join(' ')) p.addrs = mine;
+        }
         if (p.health === 'slow' && (p.slowUntilMs ?? 0) <= Date.now()) p.health = 'ok';
       } catch (e) {
         if (signal.aborted) return;

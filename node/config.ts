@@ -30,8 +30,9 @@ export interface VolunteerOptions {
   progressIntervalMs?: number;
   /** the volunteer's logger, namespace swarmtune:node (children :session, :stage, :rpc); default silent */
   log?: Logger;
-  /** NAT traversal (docs/swarm.md "NAT strategy"); absent: off */
-  nat?: { announce: string[]; dialPort?: number };
+  /** NAT traversal (docs/swarm.md "NAT strategy"); absent: off. `relay`: this peer is publicly reachable and
+   *  serves circuit relay v2 to the run's members (`join --relay`) */
+  nat?: { announce: string[]; dialPort?: number; relay?: boolean };
 }
 
 export interface VolunteerConfig {
@@ -59,8 +60,8 @@ export interface VolunteerConfig {
   /** each handler's deadline; compute ones follow SWARMTUNE_COMPUTE_TIMEOUT_MS like the coordinator's requests */
   handlerTimeoutMs: Readonly<Record<VolunteerProto, number>>;
   aids: TestAids;
-  /** NAT traversal on: addresses to announce and the dial port; null: off */
-  nat: { announce: string[]; dialPort?: number } | null;
+  /** NAT traversal on: addresses to announce, the dial port, whether this peer serves relay; null: off */
+  nat: { announce: string[]; dialPort?: number; relay: boolean } | null;
 }
 
 function backendKind(device: string): BackendKind {
@@ -97,6 +98,6 @@ export function resolveVolunteerConfig(opts: VolunteerOptions, env: Knobs = knob
     snapshotResidentBytes: SNAPSHOT_RESIDENT_BYTES,
     handlerTimeoutMs,
     aids: testAids(env),
-    nat: opts.nat !== undefined ? { announce: [...opts.nat.announce], dialPort: opts.nat.dialPort } : null,
+    nat: opts.nat !== undefined ? { announce: [...opts.nat.announce], dialPort: opts.nat.dialPort, relay: opts.nat.relay === true } : null,
   };
 }

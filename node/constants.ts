@@ -50,3 +50,8 @@ export const EXIT_FAILED = 1;
 export const EXIT_REJECTED = 3;
 /** How often (at most) a serving volunteer prints a progress line when none is asked for. */
 export const PROGRESS_INTERVAL_MS = 10_000;
+/** NAT traversal: a volunteer relay learns a new member with its next heartbeat (every second), so a peer it
+ *  refuses right after admission asks again this often, for at most this long, before it makes do with the
+ *  coordinator's relay */
+export const VOLUNTEER_RELAY_RETRY_MS = 300;
+export const VOLUNTEER_RELAY_WINDOW_MS = 15_000;

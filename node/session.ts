@@ -5,7 +5,7 @@ import type { Backend } from '../engine/backend.ts';
 import { request } from '../protocol/net.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import type { BlobStore } from '../protocol/blobs.ts';
-import type { Assignment, Capabilities, FinishRequest, HeartbeatResponse, JoinResponse, MicroBatchRequest, MicroBatchResponse, RecallRequest, RecallResponse } from '../protocol/messages.ts';
+import type { Assignment, Capabilities, FinishRequest, HeartbeatRequest, HeartbeatResponse, JoinResponse, MicroBatchRequest, MicroBatchResponse, RecallRequest, RecallResponse } from '../protocol/messages.ts';
 import { HopInbox } from '../protocol/hop.ts';
 import { AuthError, StaleError, SwarmError } from '../protocol/errors.ts';
 import { silentLogger } from '../protocol/log.ts';
@@ -18,9 +18,9 @@ import type { PipelineDeps } from './pipeline.ts';
 import type { VolunteerConfig } from './config.ts';
 import { reportProgress } from './events.ts';
 import type { VolunteerEvents } from './events.ts';
-import { EXIT_FAILED, EXIT_OK, EXIT_REJECTED } from './constants.ts';
-import { listenOnRelay, routeAddrs } from '../protocol/nat.ts';
-import type { PathBook } from '../protocol/nat.ts';
+import { EXIT_FAILED, EXIT_OK, EXIT_REJECTED, VOLUNTEER_RELAY_RETRY_MS, VOLUNTEER_RELAY_WINDOW_MS } from './constants.ts';
+import { listenOnRelay, relayIdOf, routeAddrs } from '../protocol/nat.ts';
+import type { PathBook, RelayMembers } from '../protocol/nat.ts';
 import { MAX_HOP_PATHS } from '../protocol/messages.ts';
 
 /** The reason of the session's abort: the volunteer leaves with `exitCode`. */
@@ -65,6 +65,10 @@ export interface SessionComponents {
   node: SwarmNode;
   /** NAT traversal on: each connection's path (heartbeats report them); null or absent: off */
   paths?: PathBook | null;
+  /** a volunteer relay (join --relay): the members its relay serves, as the coordinator lists them */
+  members?: RelayMembers | null;
+  /** the volunteer relays this peer reserves on (their direct addresses stay in the peer store) */
+  relayIds?: Set<string>;
   blobs: BlobStore;
   backend: Backend;
   createOptimizer: OptimizerFactory;
@@ -112,6 +116,9 @@ export class VolunteerSession {
   private rss = { bytes: process.memoryUsage.rss(), atMs: Date.now() };
   /** where this peer's hop inputs arrive (registered on the node by hopsOn) */
   readonly hops: HopInbox;
+  /** NAT traversal: this peer's route addresses once it holds a reservation on a volunteer relay (that
+   *  circuit first), sent with heartbeats; null: the ones it joined with stand */
+  private routeAddrsNow: string[] | null = null;
 
   /** `signal`: the process's stop (Ctrl-C, a test's crash), whose reason is a LeavingError. */
   constructor(config: VolunteerConfig, components: SessionComponents, opts: { signal?: AbortSignal } = {}) {
@@ -199,6 +206,39 @@ export class VolunteerSession {
     };
   }
 
+  /** NAT traversal: a reservation on the first volunteer relay of the assignment that gives one (it learns of
+   *  this peer's admission with its next heartbeat: refusals are retried for a while), so routes name its
+   *  circuit before the coordinator's. Bounded; without one the coordinator's relay serves alone. */
+  private async reserveOnVolunteer(relays: readonly string[], coordinatorCircuit: string): Promise<void> {
+    const { node, events } = this.c;
+    const me = node.peerId.toString();
+    const cands = relays.filter((r) => { const id = /\/p2p\/([^/]+)$/.exec(r)?.[1]; return id !== undefined && id !== me; });
+    if (cands.length === 0) return;
+    for (const r of cands) this.c.relayIds?.add(r.slice(r.lastIndexOf('/p2p/') + 5));
+    const deadline = Date.now() + VOLUNTEER_RELAY_WINDOW_MS;
+    let last = '';
+    while (Date.now() < deadline && !this.signal.aborted) {
+      for (const relay of cands) {
+        try {
+          // a rejoin keeps the reservation it holds (listening again would add a second listener)
+          const held = node.getMultiaddrs().map(String).filter((a) => a.startsWith(`${relay}/p2p-circuit`));
+          const circuits = held.length > 0 ? held : await listenOnRelay(node, relay, { signal: AbortSignal.any([this.signal, AbortSignal.timeout(Math.max(1, deadline - Date.now()))]) });
+          const mine = circuits.filter((a) => a.startsWith(`${relay}/p2p-circuit`));
+          if (mine.length === 0) { last = `no circuit address through ${relay}`; continue; }
+          const own = node.getMultiaddrs().map((m) => m.toString()).filter((a) => !a.includes('/p2p-circuit'));
+          this.routeAddrsNow = routeAddrs(own, this.config.nat?.announce ?? [], [mine[0]!, coordinatorCircuit]);
+          events.say('relay', { address: mine[0], relay: relayIdOf(mine[0]!) ?? null, volunteer: true }, `reachable through the volunteer relay at ${mine[0]}`);
+          return;
+        } catch (e) {
+          if (this.signal.aborted) return;
+          last = (e as Error).message;
+        }
+      }
+      if (!(await sleep(VOLUNTEER_RELAY_RETRY_MS, this.signal))) return;
+    }
+    events.say('relay_refused', { reason: last, volunteer: true }, `no reservation on a volunteer relay (the coordinator's relay serves): ${last}`);
+  }
+
   /** NAT traversal: a reservation on the coordinator's relay, now that it admitted this peer. Without one this
    *  peer is reachable only where it is reachable directly (a public peer needs none). */
   private async reserve(circuit: string): Promise<void> {
@@ -213,15 +253,23 @@ export class VolunteerSession {
     }
   }
 
-  /** A coordinator heartbeat: it is alive; say how this peer is doing. */
-  heartbeat(): HeartbeatResponse {
+  /** A coordinator heartbeat: it is alive; say how this peer is doing. A volunteer relay takes the run's
+   *  members from it (a newer list: a peer dropped from it is hung up on). */
+  heartbeat(req?: HeartbeatRequest): HeartbeatResponse {
     this.lastCoordinatorMs = Date.now();
+    if (req?.members !== undefined && this.c.members != null) {
+      // the list applies at once; the hang-ups finish after the answer (it has a 200 ms budget)
+      void this.c.members.update(req.members.version, req.members.peers, this.c.node).then((dropped) => {
+        if (dropped.length > 0) this.log('relay: %d peer(s) no longer members, hung up: %s', dropped.length, dropped.join(', '));
+      }, (e: Error) => this.log('relay: hanging up on former members failed: %s', e.message));
+    }
     if (this.lastCoordinatorMs - this.rss.atMs > this.config.rssSampleMs) this.rss = { bytes: process.memoryUsage.rss(), atMs: this.lastCoordinatorMs };
     const host = this.state.name === 'serving' ? this.state.host : null;
     return {
       runId: this.runId, ready: host !== null, step: host?.step ?? 0, tokensPerSecond: host?.tokensPerSecond ?? 0,
       inflight: host?.inflight ?? 0, busy: host?.busy ?? false, memoryRssBytes: this.rss.bytes,
       ...(this.c.paths != null ? { hopPaths: this.c.paths.peers(new Set(this.coordinatorId !== null ? [this.coordinatorId] : []), MAX_HOP_PATHS) } : {}),
+      ...(this.routeAddrsNow !== null ? { listenAddrs: this.routeAddrsNow } : {}),
     };
   }
 
@@ -281,16 +329,19 @@ export class VolunteerSession {
   private async join(s: Extract<SessionState, { name: 'joining' }>, caps: Capabilities): Promise<SessionState | number> {
     const { node, events } = this.c;
     const cfg = this.config;
-    // NAT traversal: the circuit address through the coordinator's relay too (the reservation follows admission)
-    const circuit = this.c.paths != null ? `${cfg.coordinator}/p2p-circuit/p2p/${node.peerId.toString()}` : null;
+    // NAT traversal: the circuit address through the coordinator's relay too (the reservation follows admission);
+    // a volunteer relay is publicly reachable (the operator's word): its own addresses, no reservation
+    const relay = cfg.nat?.relay === true;
+    const circuit = this.c.paths != null && !relay ? `${cfg.coordinator}/p2p-circuit/p2p/${node.peerId.toString()}` : null;
     const own = node.getMultiaddrs().map((m) => m.toString());
     const listenAddrs = circuit !== null ? routeAddrs(own, cfg.nat?.announce ?? [], circuit) : own;
+    this.routeAddrsNow = null;
     for (;;) {
       events.say('joining', { coordinator: cfg.coordinator, peer_id: node.peerId.toString() }, `joining ${cfg.coordinator} as ${node.peerId.toString()}`);
       let res: JoinResponse;
       try {
         res = await request(node, cfg.coordinatorAddr, 'join', {
-          token: cfg.token, capabilities: caps, listenAddrs, previousRunId: this.previousRunId, ...(s.kept !== null ? { kept: s.kept.offer } : {}),
+          token: cfg.token, capabilities: caps, listenAddrs, previousRunId: this.previousRunId, ...(s.kept !== null ? { kept: s.kept.offer } : {}), ...(relay ? { relay: true } : {}),
         }, { timeoutMs: cfg.joinTimeoutMs, signal: this.signal, log: this.rpcLog });
       } catch (e) {
         if (this.signal.aborted) return this.exitCode;
@@ -308,7 +359,11 @@ export class VolunteerSession {
         return EXIT_REJECTED;
       }
       const a = res.assignment;
-      if (circuit !== null) await this.reserve(circuit);
+      if (circuit !== null) {
+        await this.reserve(circuit);
+        // before loading: the heartbeat that reports the stage ready carries the volunteer relay's circuit
+        await this.reserveOnVolunteer(a.relays ?? [], circuit);
+      }
       this.allowPeers = a.allowPeers !== undefined ? new Set(a.allowPeers) : null;
       this.previousRunId = a.runId;
       this.lastCoordinatorMs = Date.now();

@@ -5,7 +5,7 @@ import { rm } from 'node:fs/promises';
 import type { Backend } from '../engine/backend.ts';
 import { RefBackend } from '../engine/backends/ref.ts';
 import { createSwarmNode, lockDataDir } from '../protocol/net.ts';
-import { PathBook } from '../protocol/nat.ts';
+import { PathBook, RelayMembers } from '../protocol/nat.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import { BlobStore } from '../protocol/blobs.ts';
 import { silentLogger } from '../protocol/log.ts';
@@ -67,16 +67,23 @@ export async function runVolunteer(opts: VolunteerOptions, deps: VolunteerDeps =
     unlock = await lockDataDir(config.dataDir);
     // step snapshots spilled by an earlier process of this data dir are of no use to this one
     await rm(path.join(config.dataDir, 'restore'), { recursive: true, force: true });
+    // NAT traversal: a volunteer relay (--relay) serves the members the coordinator lists; volunteer relays this
+    // peer reserves on are added to `relayIds` as the coordinator names them
+    const members = config.nat?.relay === true ? new RelayMembers() : null;
+    const relayIds = new Set<string>();
     node = await createSwarmNode({
       dataDir: config.dataDir, listen: [config.listen],
-      nat: config.nat !== null ? { role: 'volunteer', relays: [config.coordinator], announce: config.nat.announce, dialPort: config.nat.dialPort } : undefined,
+      nat: config.nat !== null ? {
+        role: 'volunteer', relays: [config.coordinator], announce: config.nat.announce, dialPort: config.nat.dialPort,
+        relayServer: members !== null, isMember: members !== null ? (id) => members.has(id) : undefined, isRelay: (id) => relayIds.has(id),
+      } : undefined,
     });
     paths = config.nat !== null ? new PathBook(node) : null;
     const blobs = new BlobStore(config.dataDir);
     // blobs of a private run go only to its token holders, allowlisted peers and the coordinator
     blobs.token = config.token;
     const session = new VolunteerSession(config, {
-      node, paths, blobs, backend, createOptimizer: deps.createOptimizer ?? createShardOptimizer, events, log, onHost: deps.onHost,
+      node, paths, members, relayIds, blobs, backend, createOptimizer: deps.createOptimizer ?? createShardOptimizer, events, log, onHost: deps.onHost,
     }, { signal: stop.signal });
     // a fetch cut short by leaving is no provider's failure
     blobs.onEvent = (e) => { if (!session.signal.aborted) events.blob(e); };

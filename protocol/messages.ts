@@ -44,6 +44,9 @@ export const joinRequest = obj({
   capabilities,
   /** addresses other peers can fetch blobs from */
   listenAddrs: arr(multiaddrStr, 32),
+  /** NAT traversal: this peer is publicly reachable and serves circuit relay v2 to the run's members
+   *  (`join --nat --relay`); the coordinator names it in NAT'd peers' assignments (`relays`) */
+  relay: opt(bool),
   /** the run this peer was part of before a restart, so it can resume its stage */
   previousRunId: nullable(runIdStr),
   /** the stage state this peer kept after losing its coordinator: the steps it can restore (its
@@ -126,6 +129,9 @@ export const assignment = obj({
   keep: opt(obj({ adapterSha256: sha256Hex })),
   /** private runs with a peer-id allowlist: who may fetch this peer's blobs (besides token holders) */
   allowPeers: opt(arr(peerIdStr, 4096)),
+  /** NAT traversal: relays of volunteers (`join --relay`, with /p2p/) this peer also takes a reservation on,
+   *  first one that accepts; the coordinator's relay stays the fallback */
+  relays: opt(arr(multiaddrStr, 8)),
 });
 export type Assignment = ReturnType<typeof assignment>;
 
@@ -314,7 +320,12 @@ export type AdapterResponse = ReturnType<typeof adapterResponse>;
 
 /** How a volunteer's connection to another peer goes (protocol/nat.ts): dialed directly, upgraded from a
  *  relayed one by DCUtR, or through a circuit relay. */
-export const hopPath = obj({ peerId: peerIdStr, path: oneOf(['direct', 'hole-punched', 'relayed'] as const) });
+export const hopPath = obj({
+  peerId: peerIdStr,
+  path: oneOf(['direct', 'hole-punched', 'relayed'] as const),
+  /** relayed: the peer id of the relay the connection goes through (the coordinator or a volunteer relay) */
+  via: opt(peerIdStr),
+});
 export type HopPath = ReturnType<typeof hopPath>;
 /** at most this many peers' paths in one report (a stage peer talks to its route neighbours) */
 export const MAX_HOP_PATHS = 256;
@@ -375,7 +386,12 @@ export type StatusResponse = ReturnType<typeof statusResponse>;
 
 // ---- heartbeat: coordinator → peer
 
-export const heartbeatRequest = obj({ runId: runIdStr, step: int(0, I32), sentAtMs: int(0, SAFE) });
+export const heartbeatRequest = obj({
+  runId: runIdStr, step: int(0, I32), sentAtMs: int(0, SAFE),
+  /** to a volunteer relay (`join --relay`), when the run's members changed since it last answered: the admitted,
+   *  unbanned peers, the only ones its relay serves; a higher version replaces a lower one */
+  members: opt(obj({ version: int(0, SAFE), peers: arr(peerIdStr, 4096) })),
+});
 export type HeartbeatRequest = ReturnType<typeof heartbeatRequest>;
 export const heartbeatResponse = obj({
   runId: nullable(runIdStr),
@@ -389,6 +405,9 @@ export const heartbeatResponse = obj({
   memoryRssBytes: int(0, SAFE),
   /** NAT traversal on: the path of each open connection to another peer (the coordinator's excluded) */
   hopPaths: opt(arr(hopPath, MAX_HOP_PATHS)),
+  /** NAT traversal on, once this peer holds a reservation on a volunteer relay: its addresses for routes
+   *  (that relay's circuit address first, the coordinator's last), replacing those it joined with */
+  listenAddrs: opt(arr(multiaddrStr, 32)),
 });
 export type HeartbeatResponse = ReturnType<typeof heartbeatResponse>;
 

@@ -7,7 +7,9 @@
 //     for all of them (`applyDefaultLimit: false`): a relayed hop carries a pipeline's activations.
 //   volunteer: relay client (after admission, listenOnRelay takes a reservation and listens on <relay>/p2p-circuit),
 //     DCUtR (a relayed connection is upgraded to a direct, hole-punched one where both NATs allow it),
-//     AutoNAT client; a publicly reachable volunteer may also serve relay for members (`relayServer`).
+//     AutoNAT client. A publicly reachable volunteer (`join --nat --relay`: the operator's word) also serves relay
+//     to members (`relayServer`): the same gater and lifted limits, with the member list the coordinator sends it
+//     (RelayMembers, with heartbeats); NAT'd volunteers reserve on it too, the coordinator's relay the fallback.
 // TCP hole punching needs each side to dial from the port the other dials (simultaneous open), so a volunteer
 // behind a NAT dials everything from one fixed local port (`dialPort`) and announces the NAT's public address
 // with that port (`announce`); a cone NAT keeps the port, a strict NAT does not (there only the relay works).
@@ -45,6 +47,9 @@ export interface NatInit {
   maxReservations?: number;
   /** DCUtR: ms per hole-punching attempt (default 5000, libp2p's) */
   holePunchTimeoutMs?: number;
+  /** with dialPort: relays besides `relays` whose direct addresses the peer store keeps (volunteer relays
+   *  learned after start) */
+  isRelay?: (peerId: string) => boolean;
 }
 
 const DEFAULT_MAX_RESERVATIONS = 1024;
@@ -60,8 +65,9 @@ function checkAddrs(what: string, addrs: readonly string[] | undefined): string[
 export function natConfig(init: NatInit, listen: readonly string[] = []) {
   const relays = checkAddrs('nat.relays', init.relays);
   // With AutoNAT on, libp2p 3 reports a public listen address only once AutoNAT confirmed it; the coordinator's
-  // is the address volunteers are told to join, so it announces its concrete (non-wildcard) listen addresses.
-  const own = init.role === 'coordinator' ? listen.filter((a) => /^\/ip[46]\/[^/]+\/tcp\/[1-9]\d*$/.test(a) && !/^\/ip4\/0\.0\.0\.0\/|^\/ip6\/::\//.test(a)) : [];
+  // is the address volunteers are told to join, and a volunteer relay's the one NAT'd peers reserve on (its
+  // operator says it is reachable), so both announce their concrete (non-wildcard) listen addresses.
+  const own = init.role === 'coordinator' || init.relayServer === true ? listen.filter((a) => /^\/ip[46]\/[^/]+\/tcp\/[1-9]\d*$/.test(a) && !/^\/ip4\/0\.0\.0\.0\/|^\/ip6\/::\//.test(a)) : [];
   const announce = [...checkAddrs('nat.announce', init.announce), ...own];
   if (init.role === 'volunteer' && relays.some((r) => !r.includes('/p2p/'))) throw new SchemaError('nat.relays: every relay address needs its /p2p/<peer id>');
   if (init.dialPort !== undefined && (!Number.isInteger(init.dialPort) || init.dialPort < 1 || init.dialPort > 65535)) throw new SchemaError(`nat.dialPort must be a port in [1, 65535], got ${init.dialPort}`);
@@ -88,7 +94,7 @@ export function natConfig(init: NatInit, listen: readonly string[] = []) {
     // dialPort; the other NAT drops it, but it leaves a mapping on this side's NAT that turns the real punch's
     // inbound SYN into a reset (measured in tests/nat.test.ts's lab: every punch failed after it). Hops dial
     // the addresses the route gives, not the peer store.
-    ...(init.dialPort !== undefined ? { filterMultiaddrForPeer: (peer: PeerId, ma: Multiaddr) => relayIds.has(peer.toString()) || ma.toString().includes('/p2p-circuit') } : {}),
+    ...(init.dialPort !== undefined ? { filterMultiaddrForPeer: (peer: PeerId, ma: Multiaddr) => relayIds.has(peer.toString()) || init.isRelay?.(peer.toString()) === true || ma.toString().includes('/p2p-circuit') } : {}),
   };
   return {
     services,
@@ -101,6 +107,16 @@ export function natConfig(init: NatInit, listen: readonly string[] = []) {
 }
 
 const isRelayed = (c: Connection): boolean => c.remoteAddr.toString().includes('/p2p-circuit');
+
+/** The relay's peer id in a circuit address (<relay>/p2p/<relay id>/p2p-circuit/...), or undefined. */
+export function relayIdOf(addr: string): string | undefined {
+  const i = addr.indexOf('/p2p-circuit');
+  if (i < 0) return undefined;
+  return /\/p2p\/([^/]+)$/.exec(addr.slice(0, i))?.[1];
+}
+
+/** A path to a peer, and for a relayed one the relay it goes through. */
+export interface PeerPath { peerId: string; path: ConnectionPath; via?: string }
 
 /** The path of every connection, recorded as it opens: relayed (a /p2p-circuit address), hole-punched (a
  *  direct connection opened while a relayed one to the same peer was up: DCUtR's upgrade), or direct. */
@@ -135,10 +151,23 @@ export class PathBook {
     return paths.find((p) => p === 'direct') ?? paths.find((p) => p === 'hole-punched') ?? paths.find((p) => p === 'relayed') ?? null;
   }
 
-  /** The best path to every peer with an open connection but those in `except` (at most `max`), sorted by peer id. */
-  peers(except: ReadonlySet<string>, max: number): { peerId: string; path: ConnectionPath }[] {
+  /** The relay the open relayed connection to a peer goes through (its peer id), or undefined. */
+  relayTo(peer: PeerId | string): string | undefined {
+    const id = peer.toString();
+    const c = this.node.getConnections().find((k) => k.remotePeer.toString() === id && k.status === 'open' && isRelayed(k));
+    return c !== undefined ? relayIdOf(c.remoteAddr.toString()) : undefined;
+  }
+
+  /** The best path to every peer with an open connection but those in `except` (at most `max`), sorted by peer
+   *  id; a relayed one names its relay (`via`). */
+  peers(except: ReadonlySet<string>, max: number): PeerPath[] {
     const ids = [...new Set(this.node.getConnections().map((c) => c.remotePeer.toString()))].filter((id) => !except.has(id)).sort().slice(0, max);
-    return ids.flatMap((peerId) => { const path = this.pathTo(peerId); return path === null ? [] : [{ peerId, path }]; });
+    return ids.flatMap((peerId) => {
+      const path = this.pathTo(peerId);
+      if (path === null) return [];
+      const via = path === 'relayed' ? this.relayTo(peerId) : undefined;
+      return [via !== undefined ? { peerId, path, via } : { peerId, path }];
+    });
   }
 
   stop(): void { this.node.removeEventListener('connection:open', this.onOpen); }
@@ -171,7 +200,9 @@ export async function listenOnRelay(node: Libp2p, relay: string, opts: { signal:
     await raceSignal(tm.listen([ma]), opts.signal);
   } catch (e) {
     if (opts.signal.aborted) throw opts.signal.reason;
-    throw new RelayRefusedError(`relay ${relay} gave no reservation: ${(e as Error).message.split('\n').map((l) => l.trim()).filter(Boolean).slice(-1)[0] ?? (e as Error).name}`);
+    // the first line that is not a stack frame (libp2p's messages carry the relay's status, e.g. PERMISSION_DENIED)
+    const line = (e as Error).message.split('\n').map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('at ')).slice(-1)[0];
+    throw new RelayRefusedError(`relay ${relay} gave no reservation: ${(e as Error).name}${line !== undefined ? `: ${line}` : ''}`);
   }
   return node.getMultiaddrs().map((m) => m.toString()).filter((a) => a.includes('/p2p-circuit'));
 }
@@ -242,10 +273,40 @@ export function isPublicIp4(addr: string): boolean {
 }
 
 /** The addresses a NAT-traversing volunteer gives the coordinator for routes: its public listen addresses
- *  and its circuit address through the coordinator's relay. Not its private ones (unreachable from other
- *  homes: a dial there hangs before the circuit is tried) nor the announced NAT address it punches from (a
- *  NAT drops unsolicited SYNs to it; DCUtR learns it through identify). */
-export function routeAddrs(own: readonly string[], announce: readonly string[], circuit: string): string[] {
+ *  and its circuit addresses, in the order given (a volunteer relay's first, the coordinator's last: a dialer
+ *  tries circuits in this order). Not its private ones (unreachable from other homes: a dial there hangs
+ *  before the circuit is tried) nor the announced NAT address it punches from (a NAT drops unsolicited SYNs
+ *  to it; DCUtR learns it through identify). */
+export function routeAddrs(own: readonly string[], announce: readonly string[], circuits: string | readonly string[]): string[] {
   const skip = new Set(announce);
-  return [...new Set([...own.filter((a) => isPublicIp4(a) && !skip.has(a.replace(/\/p2p\/[^/]+$/, '')) && !a.includes('/p2p-circuit')), circuit])];
+  return [...new Set([...own.filter((a) => isPublicIp4(a) && !skip.has(a.replace(/\/p2p\/[^/]+$/, '')) && !a.includes('/p2p-circuit')), ...(typeof circuits === 'string' ? [circuits] : circuits)])];
+}
+
+/** A volunteer relay's view of the run's members (the coordinator sends the list with heartbeats, each with a
+ *  version): `has` is its relay's isMember. A newer list replaces the older one; a peer that left it (banned)
+ *  loses its reservation and its connections, relayed ones included, at once (the relay hangs up on it). */
+export class RelayMembers {
+  private members = new Set<string>();
+  private version = -1;
+
+  has(peerId: string): boolean { return this.members.has(peerId); }
+  get current(): number { return this.version; }
+
+  /** Apply a list (at once, before the first await); resolves with the peers dropped from it, hung up on when
+   *  `node` is given. */
+  async update(version: number, peers: readonly string[], node?: Libp2p): Promise<string[]> {
+    if (version <= this.version) return [];
+    const next = new Set(peers);
+    const dropped = [...this.members].filter((p) => !next.has(p));
+    this.members = next;
+    this.version = version;
+    if (node !== undefined && dropped.length > 0) {
+      const gone = new Set(dropped);
+      // the relay keeps a reservation until its TTL (2 h) even after the connection closed: drop it now
+      const relay = (node.services as Record<string, unknown>).relay as CircuitRelayService | undefined;
+      for (const k of [...(relay?.reservations.keys() ?? [])]) if (gone.has(k.toString())) relay!.reservations.delete(k);
+      for (const c of node.getConnections().filter((k) => gone.has(k.remotePeer.toString()))) await c.close().catch(() => c.abort(new Error('no longer a member of the run')));
+    }
+    return dropped;
+  }
 }

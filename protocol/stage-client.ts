@@ -139,10 +139,11 @@ export class StagePeerClient {
       this.init.timeouts.computeTimeoutMs, { signal }), `step ${step} optimizer state`, opts);
   }
 
-  /** `probe`: the short heartbeat right after a failed request. */
-  heartbeat(peer: DialTarget, step: number, opts: CallOptions & { probe?: boolean } = {}): Promise<HeartbeatResponse> {
+  /** `probe`: the short heartbeat right after a failed request; `members`: the run's members, to a volunteer relay. */
+  heartbeat(peer: DialTarget, step: number, opts: CallOptions & { probe?: boolean; members?: { version: number; peers: string[] } } = {}): Promise<HeartbeatResponse> {
     const t = this.init.timeouts;
-    return this.call(peer, 'heartbeat', { runId: this.init.runId, step, sentAtMs: Date.now() }, opts.probe === true ? t.probeTimeoutMs : t.heartbeatTimeoutMs, opts);
+    return this.call(peer, 'heartbeat', { runId: this.init.runId, step, sentAtMs: Date.now(), ...(opts.members !== undefined ? { members: opts.members } : {}) },
+      opts.probe === true ? t.probeTimeoutMs : t.heartbeatTimeoutMs, opts);
   }
 
   /** The run is over for this peer; with `rejoinAfterMs` it is only released from its stage and joins

@@ -106,6 +106,7 @@ test('train, eval, plan, quantize, join and pull take the same path; --model tin
   oneLine(await cli(['eval', '--data', f('good.jsonl')]), 'eval', EXIT.usage, /required option '--model <dir>' not specified/, 'eval without --model');
   oneLine(await cli(['plan', '--model', f('nope')]), 'plan', EXIT.notFound, /--model \S*nope: no such directory/, 'plan missing model');
   oneLine(await cli(['join', '/ip4/127.0.0.1/tcp/9', '--max-memory', 'lots']), 'join', EXIT.usage, /--max-memory: cannot parse "lots" as a size/, 'join --max-memory lots');
+  oneLine(await cli(['join', '/ip4/127.0.0.1/tcp/9', '--relay']), 'join', EXIT.usage, /--relay need --nat/, 'join --relay without --nat');
   oneLine(await cli(['pull', 'garbage', '--out', f('p0')]), 'pull', EXIT.usage, /not a multiaddr: "garbage"/, 'pull bad address');
   oneLine(await cli(['generate', '--model', f('gpt2'), '--prompt', 'hi']), 'generate', EXIT.usage, /"model_type" "gpt2" is not supported/, 'generate unsupported');
   const plan = await cli(['plan', '--model', 'tiny', '--json']);

@@ -2,14 +2,20 @@
 // members only, DCUtR hole punching, and each connection's path; hops (protocol/hop.ts) over each path.
 //
 // 1. loopback: no reservation and no relayed connection for a peer the coordinator did not admit; a hop of
-//    512 KiB (over the 128 KiB default relay limit) goes through the relay between members, bit-exact.
+//    512 KiB (over the 128 KiB default relay limit) goes through the relay between members, bit-exact; a
+//    volunteer relay (relayServer with RelayMembers) serves a member, not a stranger, and a member dropped
+//    from its list (a ban) loses its reservation and gets no new one.
+// 1b. the coordinator's side of volunteer relays: the member list with heartbeats, a ban a new version; the
+//    route addresses a peer reports with heartbeats (its volunteer relay's circuit first) replace its own.
 // 2. netlab (root, nftables; skipped otherwise): a public namespace with the coordinator, two volunteers each
 //    behind its own cone NAT and one behind a strict NAT. Reservations only for admitted peers; the strict
 //    volunteer's hop goes relayed through the coordinator; the cone volunteers end on a hole-punched
 //    connection after DCUtR and a hop goes over it.
-// 3. the same lab with a real run: `swarmtune launch --nat` + 3 `join --nat` (tiny model, 2 stages, f32): the
-//    adapter equals `swarmtune train`; status shows every peer reachable through the relay, and each hop's
-//    path by the homes it joins (cone–cone hole-punched, anything with the strict peer relayed).
+// 3. the same lab with a real run: `swarmtune launch --nat` + 3 `join --nat` behind the NATs and a publicly
+//    reachable `join --nat --relay` (tiny model, 3 stages, f32): the adapter equals `swarmtune train`; a stranger
+//    gets no reservation on the volunteer relay; status shows each NAT'd peer holding a reservation, the relay
+//    volunteer public, and each hop's path by the homes it joins (cone–cone hole-punched, anything with the
+//    public relay volunteer direct, the strict peer's other hops relayed through the volunteer relay).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -22,6 +28,12 @@ import { createLab, labSupport, type Lab } from './netlab/lab.ts';
 import { adapterMap, followCli, relUpdateDiff, spawnCli, type CliProc } from './swarm-procs.ts';
 import { ensureTinyModel } from '../engine/tiny/index.ts';
 import { TINY_DATASET_PATH } from '../engine/tiny/files.ts';
+import { PeerRegistry } from '../coordinator/peers.ts';
+import { coordinatorConfig } from '../coordinator/config.ts';
+import { RunStatus } from '../coordinator/status.ts';
+import type { RunStore } from '../coordinator/store.ts';
+import type { StagePeerClient } from '../protocol/stage-client.ts';
+import type { Capabilities, HeartbeatResponse } from '../protocol/messages.ts';
 
 const PEER = fileURLToPath(new URL('./netlab/nat-peer.ts', import.meta.url));
 const STEP_MS = 40_000;
@@ -87,6 +99,7 @@ test('loopback: the relay serves admitted peers only, and a relayed hop carries 
     const listen = ['/ip4/127.0.0.1/tcp/0'];
     const c = await startPeer(local, { role: 'coordinator', dataDir: path.join(tmp, 'c'), listen });
     const [a, b, x] = await Promise.all(['a', 'b', 'x'].map((n) => startPeer(local, { role: 'volunteer', dataDir: path.join(tmp, n), listen })));
+    const v = await startPeer(local, { role: 'volunteer', dataDir: path.join(tmp, 'v'), listen, relayServer: true });
     const relay = c.addrs[0]!;
     ok(await c.call({ cmd: 'admit', peerId: a.peerId }), 'admit a');
     // a stranger (not admitted) gets no reservation
@@ -110,10 +123,64 @@ test('loopback: the relay serves admitted peers only, and a relayed hop carries 
     assert.ok(sent.bytes > 4 * 131072, `hop bytes ${sent.bytes}`);
     assert.equal(sent.path, 'relayed');
     assert.equal(r.path, 'relayed');
+    // the volunteer relay: a member reserves, a stranger does not; dropped from the list, the member is cut off
+    const vRelay = v.addrs[0]!;
+    ok(await v.call({ cmd: 'admit', peerId: a.peerId }), 'v admits a');
+    const onV = ok(await a.call({ cmd: 'reserve', relay: vRelay }), 'a reserves on the volunteer relay');
+    assert.ok(onV.addrs.includes(`${vRelay}/p2p-circuit/p2p/${a.peerId}`), JSON.stringify(onV.addrs));
+    const strangerOnV = await x.call({ cmd: 'reserve', relay: vRelay });
+    assert.equal(strangerOnV.ok, false, 'the volunteer relay gave a reservation to a non-member');
+    assert.match(String(strangerOnV.error), /RelayRefusedError.*PERMISSION_DENIED/);
+    assert.deepEqual(ok(await v.call({ cmd: 'reservations' }), 'v reservations').peers, [a.peerId]);
+    assert.deepEqual(ok(await v.call({ cmd: 'expel', peerId: a.peerId }), 'v expels a').dropped, [a.peerId]);
+    for (let i = 0; i < 100 && ok(await v.call({ cmd: 'reservations' }), 'v reservations').peers.length > 0; i++) await new Promise((res) => setTimeout(res, 50));
+    assert.deepEqual(ok(await v.call({ cmd: 'reservations' }), 'v reservations').peers, [], 'the dropped member keeps its reservation');
+    // once a has seen the relay hang up (bounded wait), it asks again: refused, and the relay holds nothing for it
+    for (let i = 0; i < 100 && ok(await a.call({ cmd: 'paths' }), 'a paths').connections.some((k: any) => k.peer === v.peerId); i++) await new Promise((res) => setTimeout(res, 50));
+    const again = await a.call({ cmd: 'reserve', relay: vRelay });
+    assert.equal(again.ok, false, 'a peer dropped from the members got a reservation again');
+    assert.match(String(again.error), /PERMISSION_DENIED/);
+    assert.deepEqual(ok(await v.call({ cmd: 'reservations' }), 'v reservations').peers, []);
   } finally {
     await stopAll(children);
     await rm(tmp, { recursive: true, force: true });
   }
+});
+
+test('the coordinator tells volunteer relays the members with heartbeats: a new version when they change (a ban drops one), once per version; route addresses a peer reports replace its own only', async () => {
+  const sent: { to: string; members?: { version: number; peers: string[] } }[] = [];
+  const circuits = new Map<string, string[]>();
+  const client = {
+    heartbeat: async (addrs: { toString(): string }[], _step: number, opts: { members?: { version: number; peers: string[] } }): Promise<HeartbeatResponse> => {
+      const to = addrs[0]!.toString().split('/p2p/').pop()!;
+      sent.push({ to, ...(opts.members !== undefined ? { members: opts.members } : {}) });
+      const listenAddrs = circuits.get(to);
+      return { runId: 'r', ready: true, step: 0, tokensPerSecond: 0, inflight: 0, busy: false, memoryRssBytes: 0, ...(listenAddrs !== undefined ? { listenAddrs } : {}) };
+    },
+    finish: async () => {},
+  } as unknown as StagePeerClient;
+  const status = new RunStatus({ runId: 'r', modelName: 'm', totalSteps: 1, minPeers: 1, step: 0, eventHistory: 50, emit: () => {}, log: () => {} });
+  const store = { putBans: async () => {} } as unknown as RunStore;
+  const reg = new PeerRegistry({ runId: 'r', client, config: coordinatorConfig({}, {}), status, store, signal: new AbortController().signal });
+  const ids = ['12D3KooWQ1Ct3nVdAZmpvBzgRSwcmViDY7CaX4NKv9sp54ZhzMu5', '12D3KooWA45aHnMWMUGDMyg9BYoMz8FJGqEvqvNyP143dNS8Ymp4', '12D3KooWExYi9yRtPuigtYQwbVHVZArStyTHj37bTbpPxAbGzpwA'];
+  for (const id of ids) {
+    reg.join(id, { backend: 'cpu', deviceName: 'x' } as Capabilities, [`/ip4/44.77.0.9/tcp/4001/p2p/${id}`].map((a) => ({ toString: () => a }) as never), undefined, false);
+    reg.get(id)!.stageIndex = 0;
+  }
+  const [relay, alice, bob] = ids as [string, string, string];
+  const round = async () => { sent.length = 0; await reg.heartbeatNow(); return sent.filter((x) => x.members !== undefined); };
+  assert.deepEqual(await round(), [], 'no volunteer relay: no member list goes out');
+  reg.get(relay)!.relay = true;
+  assert.deepEqual(await round(), [{ to: relay, members: { version: 1, peers: [...ids].sort() } }], 'only the relay gets the list');
+  assert.deepEqual(await round(), [], 'a version the relay answered is not sent again');
+  reg.ban(reg.get(bob)!, 'a test ban');
+  assert.deepEqual(await round(), [{ to: relay, members: { version: 2, peers: [alice, relay].sort() } }], 'a ban is a new version without the peer');
+  // alice now holds a reservation on the relay: its reported route addresses replace the ones it joined with,
+  // but only those ending in its own peer id
+  const viaRelay = `/ip4/44.77.0.9/tcp/4001/p2p/${relay}/p2p-circuit/p2p/${alice}`;
+  circuits.set(alice, [viaRelay, `/ip4/6.6.6.6/tcp/1/p2p/${bob}`]);
+  await round();
+  assert.deepEqual(reg.addrs(alice).map(String), [viaRelay]);
 });
 
 const why = labSupport({ nat: true });
@@ -213,23 +280,29 @@ async function waitFor(p: CliProc, pred: (e: Record<string, unknown>) => boolean
   for (;;) {
     const e = p.events.find(pred);
     if (e !== undefined) return e;
-    if (p.child.exitCode !== null) throw new Error(`process exited (${p.child.exitCode}) before ${what}; stderr:\n${p.stderr.join('').slice(-3000)}`);
+    if (p.child.exitCode !== null) throw new Error(`process exited (${p.child.exitCode}) before ${what}; events: ${JSON.stringify(p.events.filter((x) => !['blob', 'progress', 'probe'].includes(String(x.event))))}; stderr:\n${p.stderr.join('').slice(-3000)}`);
     if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}; stderr:\n${p.stderr.join('').slice(-3000)}`);
     await new Promise((r) => setTimeout(r, 100));
   }
 }
 
-test('netlab swarm run: launch --nat on the internet, joins behind two cone NATs and a strict one; the adapter equals `swarmtune train`; hops hole-punched between the cone peers, relayed with the strict one', { timeout: 600_000, skip: why ?? false }, async () => {
+test('netlab swarm run: launch --nat on the internet, joins behind two cone NATs and a strict one and a public volunteer relay; the adapter equals `swarmtune train`; hops hole-punched between the cone peers, relayed through the volunteer relay with the strict one; no reservation there for a stranger', { timeout: 600_000, skip: why ?? false }, async () => {
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'swarmtune-nat-run-'));
   const lab: Lab = await createLab({
-    hosts: ['c', 'a', 'b', 's'], routers: ['net', 'ra', 'rb', 'rs'], publicPrefix: '44.77',
+    hosts: ['c', 'p', 'a', 'b', 's'], routers: ['net', 'ra', 'rb', 'rs'], publicPrefix: '44.77',
     links: [
-      { a: 'c', b: 'net' }, { a: 'ra', b: 'net' }, { a: 'rb', b: 'net' }, { a: 'rs', b: 'net' },
+      { a: 'c', b: 'net' }, { a: 'p', b: 'net' }, { a: 'ra', b: 'net' }, { a: 'rb', b: 'net' }, { a: 'rs', b: 'net' },
       { a: 'a', b: 'ra', natKind: 'cone' }, { a: 'b', b: 'rb', natKind: 'cone' }, { a: 's', b: 'rs', natKind: 'strict' },
     ],
   });
   const locals: CliProc[] = [];
+  const children: ChildProcess[] = [];
+  const t0 = Date.now();
+  const lap = (what: string) => console.log(`# ${what} at ${((Date.now() - t0) / 1000).toFixed(1)} s`);
   try {
+    // a stranger in b's home (never admitted) that will ask the volunteer relay for a reservation
+    const x = await startPeer((args) => { const ch = lab.spawn('b', process.execPath, args); children.push(ch); return ch; },
+      { role: 'volunteer', dataDir: path.join(tmp, 'x'), listen: [`/ip4/${lab.addr('b')}/tcp/${PORT + 10}`] });
     const modelDir = await ensureTinyModel(path.join(tmp, 'model'));
     const initDir = path.join(tmp, 'init'), localDir = path.join(tmp, 'local'), swarmDir = path.join(tmp, 'swarm');
     const local = (args: string[]) => { const p = spawnCli(args); locals.push(p); return p.exit.then((code) => ({ code, stderr: p.stderr.join('') })); };
@@ -238,38 +311,62 @@ test('netlab swarm run: launch --nat on the internet, joins behind two cone NATs
     const localRun = local(['train', '--model', modelDir, '--data', TINY_DATASET_PATH, ...TRAIN_FLAGS, '--init-adapter', initDir, '--output-dir', localDir, '--device', 'cpu']);
 
     const coord = cliIn(lab, 'c', ['launch', '--model', modelDir, '--data', TINY_DATASET_PATH, ...TRAIN_FLAGS, '--init-adapter', initDir, '--nat',
-      '--listen', `/ip4/${lab.addr('c')}/tcp/${PORT}`, '--min-peers', '3', '--pipeline-stages', '2', '--wire-dtype', 'f32', '--json', '--output-dir', swarmDir]);
+      '--listen', `/ip4/${lab.addr('c')}/tcp/${PORT}`, '--min-peers', '4', '--pipeline-stages', '3', '--wire-dtype', 'f32', '--json', '--output-dir', swarmDir]);
     const addr = String((await waitFor(coord, (e) => e.event === 'listening', 'listening')).multiaddr);
+    lap('coordinator listening');
     assert.ok(addr.startsWith(`/ip4/${lab.addr('c')}/tcp/${PORT}/p2p/`), `${addr}: ${JSON.stringify(coord.events.find((e) => e.event === 'listening'))}`);
     const join = (h: string, extra: string[]) => cliIn(lab, h, ['join', addr, '--device', 'cpu', '--json', '--nat', '--listen', `/ip4/${lab.addr(h)}/tcp/${PORT}`, '--data-dir', path.join(tmp, h), ...extra]);
-    const cone = (h: string, router: string) => join(h, ['--dial-port', String(DIAL_PORT), '--announce', `/ip4/${lab.addr(router)}/tcp/${DIAL_PORT}`]);
-    const vols = new Map([['a', cone('a', 'ra')], ['b', cone('b', 'rb')], ['s', join('s', [])]]);
-    const ids = new Map<string, string>();
+    const cone = (h: string, router: string, mem: string) => join(h, ['--max-memory', mem, '--dial-port', String(DIAL_PORT), '--announce', `/ip4/${lab.addr(router)}/tcp/${DIAL_PORT}`]);
+    // the offered memory places them (coordinator/planner.ts: the hardest stage takes the smallest peer, and the
+    // largest as its second replica): a and p share an end stage, s the other end, b the middle; so the strict
+    // peer s hops only with b, a NAT'd peer, and the cone peers a and b hop with each other
+    const p = join('p', ['--max-memory', '4GiB', '--relay']);
+    const vols = new Map([['p', p], ['a', cone('a', 'ra', '1GiB')], ['b', cone('b', 'rb', '3GiB')], ['s', join('s', ['--max-memory', '2GiB'])]]);
+    const pId = String((await waitFor(p, (e) => e.event === 'joining', 'p joining')).peer_id);
+    lap('p joining');
+    const ids = new Map<string, string>([[pId, 'p']]);
+    const pRelay = `/ip4/${lab.addr('p')}/tcp/${PORT}/p2p/${pId}`;
     for (const [h, v] of vols) {
+      if (h === 'p') continue;
       ids.set(String((await waitFor(v, (e) => e.event === 'joining', `${h} joining`)).peer_id), h);
-      await waitFor(v, (e) => e.event === 'relay', `${h}'s relay reservation`);
+      await waitFor(v, (e) => e.event === 'relay' && e.volunteer !== true, `${h}'s reservation on the coordinator's relay`);
+      const onP = await waitFor(v, (e) => (e.event === 'relay' || e.event === 'relay_refused') && e.volunteer === true, `${h}'s reservation on the volunteer relay`);
+      assert.equal(onP.event, 'relay', `${h} got no reservation on the volunteer relay: ${JSON.stringify(onP)}`);
+      assert.equal(onP.address, `${pRelay}/p2p-circuit/p2p/${[...ids].find(([, n]) => n === h)![0]}`);
     }
+    lap('every NAT\'d peer reserved on the volunteer relay');
+    // the volunteer relay knows the members now (it admitted them); a stranger still gets no reservation
+    const refused = await x.call({ cmd: 'reserve', relay: pRelay });
+    assert.equal(refused.ok, false, 'the volunteer relay gave a reservation to a peer the run did not admit');
+    assert.match(String(refused.error), /RelayRefusedError.*PERMISSION_DENIED/i);
     await waitFor(coord, (e) => e.event === 'finished', 'finished', 480_000);
+    lap('finished');
     const codes = await Promise.all([...vols.values()].map((v) => v.exit));
-    assert.deepEqual(codes, [0, 0, 0], 'volunteers exit 0 when the run ends');
+    assert.deepEqual(codes, [0, 0, 0, 0], 'volunteers exit 0 when the run ends');
 
-    // status: every peer behind a NAT holds a reservation; each hop's path by the pair of homes it joins
+    // status: every peer behind a NAT holds a reservation, the relay volunteer is public; each hop's path by
+    // the pair of homes it joins, a relayed one through the volunteer relay
     const st = cliIn(lab, 'c', ['status', addr, '--json']);
     assert.equal(await st.exit, 0, st.stderr.join(''));
     const status = JSON.parse(st.lines.join('\n'));
     const hostOf = (id: string) => ids.get(id) ?? `?${id}`;
     const seen: string[] = [];
-    for (const p of status.peers) {
-      assert.equal(p.reachability, 'relay', `${hostOf(p.peerId)} is behind a NAT: it holds a reservation`);
-      for (const hp of p.hopPaths ?? []) {
-        const pair = [hostOf(p.peerId), hostOf(hp.peerId)].sort().join('-');
-        seen.push(`${hostOf(p.peerId)}→${hostOf(hp.peerId)} ${hp.path}`);
-        assert.equal(hp.path, pair === 'a-b' ? 'hole-punched' : 'relayed', `${pair}: ${JSON.stringify(status.peers.map((q: any) => [hostOf(q.peerId), q.stageIndex, q.hopPaths]))}`);
+    const all = () => JSON.stringify(status.peers.map((q: any) => [hostOf(q.peerId), q.stageIndex, q.hopPaths]));
+    for (const q of status.peers) {
+      assert.equal(q.reachability, hostOf(q.peerId) === 'p' ? 'public' : 'relay', `${hostOf(q.peerId)}'s reachability`);
+      for (const hp of q.hopPaths ?? []) {
+        const pair = [hostOf(q.peerId), hostOf(hp.peerId)].sort().join('-');
+        seen.push(`${hostOf(q.peerId)}→${hostOf(hp.peerId)} ${hp.path}${hp.via !== undefined ? ` via ${hostOf(hp.via)}` : ''}`);
+        const want = pair.includes('p') ? 'direct' : pair === 'a-b' ? 'hole-punched' : 'relayed';
+        assert.equal(hp.path, want, `${pair}: ${all()}`);
+        if (want === 'relayed') assert.equal(hp.via, pId, `${pair} goes through the volunteer relay: ${all()}`);
       }
     }
-    console.log(`# hop paths: ${seen.join(', ')}; stages: ${status.peers.map((q: any) => `${hostOf(q.peerId)}=${q.stageIndex}`).join(' ')}`);
-    // s is alone on its stage or shares it with one cone peer: either way it hops with someone, relayed
-    assert.ok(seen.some((x) => x.includes('s') && x.endsWith('relayed')), `the strict-NAT peer's hops are relayed: ${seen.join(', ')}`);
+    const stages = new Map(status.peers.map((q: any) => [hostOf(q.peerId), q.stageIndex]));
+    console.log(`# hop paths: ${seen.join(', ')}; stages: ${[...stages].map(([h, i]) => `${h}=${i}`).join(' ')}`);
+    assert.ok(stages.get('a') === stages.get('p') && stages.get('b') === 1 && stages.get('s') !== 1, `placement by offered memory: ${all()}`);
+    assert.ok(seen.includes(`s→b relayed via p`) && seen.includes(`b→s relayed via p`), `the strict-NAT peer's hops go through the volunteer relay: ${seen.join(', ')}`);
+    assert.ok(seen.includes('a→b hole-punched'), `the cone peers hole-punched: ${seen.join(', ')}`);
 
     const l = await localRun;
     assert.equal(l.code, 0, l.stderr);
@@ -281,6 +378,7 @@ test('netlab swarm run: launch --nat on the internet, joins behind two cone NATs
     await coord.exit;
   } finally {
     for (const p of locals) if (p.child.exitCode === null && p.child.signalCode === null) { try { process.kill(-p.child.pid!, 'SIGKILL'); } catch { /* gone */ } }
+    await stopAll(children);
     await lab.teardown();
     await rm(tmp, { recursive: true, force: true });
   }

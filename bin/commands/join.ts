@@ -39,9 +39,10 @@ export function registerJoin(program: Command): void {
       if (!Number.isInteger(n) || n < 1 || n > 65535) throw new InvalidArgumentError(`--dial-port must be a port in [1, 65535], got "${v}"`);
       return n;
     })
-    .action(action('join', async (addr: string, opts: { token?: string; device: string; maxMemory?: number; dataDir: string; listen: string; progressInterval: number; json?: boolean; nat?: boolean; announce?: string[]; dialPort?: number }) => {
+    .option('--relay', 'with --nat: this peer is publicly reachable (the operator says so); serve circuit relay v2 to the run\'s admitted members only, and NAT\'d peers reserve on it besides the coordinator')
+    .action(action('join', async (addr: string, opts: { token?: string; device: string; maxMemory?: number; dataDir: string; listen: string; progressInterval: number; json?: boolean; nat?: boolean; announce?: string[]; dialPort?: number; relay?: boolean }) => {
       const coordinator = await multiaddrArg(addr);
-      if (opts.nat !== true && (opts.announce !== undefined || opts.dialPort !== undefined)) throw new UsageError('--announce and --dial-port need --nat');
+      if (opts.nat !== true && (opts.announce !== undefined || opts.dialPort !== undefined || opts.relay === true)) throw new UsageError('--announce, --dial-port and --relay need --nat');
       for (const a of opts.announce ?? []) await multiaddrArg(a);
       const { runVolunteer } = await import('../../node/volunteer.ts');
       return runVolunteer({
@@ -53,7 +54,7 @@ export function registerJoin(program: Command): void {
         listen: opts.listen,
         json: opts.json === true,
         progressIntervalMs: opts.progressInterval * 1000,
-        ...(opts.nat === true ? { nat: { announce: opts.announce ?? [], dialPort: opts.dialPort } } : {}),
+        ...(opts.nat === true ? { nat: { announce: opts.announce ?? [], dialPort: opts.dialPort, relay: opts.relay === true } } : {}),
         log: rootLogger().child('node'),
       }, { describeError: (e) => describeError(e, { address: addr }) });
     }, (addr) => ({ address: addr })));

@@ -218,8 +218,8 @@ function renderPeers(state) {
       el('td', { class: 'num' }, fmtNum(p.tokensPerSecond, 0)),
       el('td', { class: 'h-' + p.health }, p.health),
       el('td', { class: 'num' }, ago(p.lastSeenMs)),
-      // reachability, then each hop's path ("relay; 12D3Ko…abcdef hole-punched")
-      el('td', { title: 'reachability; path to each peer it hops with' }, [p.reachability || '–', ...(p.hopPaths || []).map((h) => shortId(h.peerId) + ' ' + h.path)].join('; ')));
+      // reachability, then each hop's path ("relay; 12D3Ko…abcdef hole-punched; 12D3Ko…123456 relayed via 12D3Ko…fedcba")
+      el('td', { title: 'reachability; path to each peer it hops with (a relayed one: through which relay)' }, [p.reachability || '–', ...(p.hopPaths || []).map((h) => shortId(h.peerId) + ' ' + h.path + (h.via ? ' via ' + shortId(h.via) : ''))].join('; ')));
     body.appendChild(tr);
   }
 }

@@ -18,7 +18,7 @@ export interface DashboardPeer {
   /** NAT traversal on: 'relay' when the peer holds a reservation on the coordinator's relay */
   reachability?: 'public' | 'relay';
   /** NAT traversal on: the path of its connection to each peer it exchanges hops with */
-  hopPaths?: { peerId: string; path: 'direct' | 'hole-punched' | 'relayed' }[];
+  hopPaths?: { peerId: string; path: 'direct' | 'hole-punched' | 'relayed'; via?: string }[];
 }
 
 export interface DashboardStage {

@@ -2,13 +2,13 @@
 // one JSON object a line each way. tests/nat.test.ts starts one per host.
 //
 //   argv[2]: JSON { role, dataDir, listen, announce?, dialPort?, relayServer? }
-//   in:  {id, cmd: 'admit', peerId} | {id, cmd: 'reserve', relay} | {id, cmd: 'dial', addr} | {id, cmd: 'paths'}
+//   in:  {id, cmd: 'admit', peerId} | {id, cmd: 'expel', peerId} | {id, cmd: 'reserve', relay} | {id, cmd: 'dial', addr} | {id, cmd: 'paths'}
 //        {id, cmd: 'expect', key, from, shape, timeoutMs} | {id, cmd: 'send', addrs, key, to, shape, seed, timeoutMs}
 //        {id, cmd: 'reservations'} | {id, cmd: 'waitPath', peer, path, timeoutMs}
 //   out: {event: 'ready', peerId, addrs} first, then {id, ok: true, ...} or {id, ok: false, error} per command
 import { createInterface } from 'node:readline';
 import { createSwarmNode } from '../../protocol/net.ts';
-import { listenOnRelay, PathBook, relayReservations } from '../../protocol/nat.ts';
+import { listenOnRelay, PathBook, RelayMembers, relayReservations } from '../../protocol/nat.ts';
 import type { NatRole } from '../../protocol/nat.ts';
 import { HopInbox, sendHop } from '../../protocol/hop.ts';
 import type { HopKey } from '../../protocol/hop.ts';
@@ -16,7 +16,9 @@ import { multiaddr } from '@multiformats/multiaddr';
 
 interface PeerArgs { role: NatRole; dataDir: string; listen: string[]; relays?: string[]; announce?: string[]; dialPort?: number; relayServer?: boolean; holePunchTimeoutMs?: number }
 const args = JSON.parse(process.argv[2] ?? '{}') as PeerArgs;
-const members = new Set<string>();
+// the relay's members as a volunteer relay holds them (RelayMembers: a new version per change; one dropped is hung up on)
+const members = new RelayMembers();
+const admitted = new Set<string>();
 const node = await createSwarmNode({
   dataDir: args.dataDir, listen: args.listen,
   nat: { role: args.role, relays: args.relays, announce: args.announce, dialPort: args.dialPort, relayServer: args.relayServer, holePunchTimeoutMs: args.holePunchTimeoutMs, isMember: (p) => members.has(p) },
@@ -40,7 +42,8 @@ const pathList = () => node.getConnections().filter((c) => c.status === 'open').
 async function handle(m: Record<string, any>): Promise<Record<string, unknown>> {
   const signal = AbortSignal.any([stop.signal, AbortSignal.timeout(Math.min(Number(m.timeoutMs ?? 20_000), 60_000))]);
   switch (m.cmd) {
-    case 'admit': members.add(String(m.peerId)); return {};
+    case 'admit': admitted.add(String(m.peerId)); await members.update(members.current + 1, [...admitted], node); return {};
+    case 'expel': admitted.delete(String(m.peerId)); return { dropped: await members.update(members.current + 1, [...admitted], node) };
     case 'reserve': return { addrs: await listenOnRelay(node, String(m.relay), { signal }) };
     case 'reservations': return { peers: [...(relayReservations(node) ?? [])] };
     case 'dial': { const c = await node.dial(multiaddr(String(m.addr)), { signal }); return { peer: c.remotePeer.toString(), path: paths.pathOf(c) }; }
