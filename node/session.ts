@@ -19,7 +19,7 @@ import type { VolunteerConfig } from './config.ts';
 import { reportProgress } from './events.ts';
 import type { VolunteerEvents } from './events.ts';
 import { EXIT_FAILED, EXIT_OK, EXIT_REJECTED, VOLUNTEER_RELAY_RETRY_MS, VOLUNTEER_RELAY_WINDOW_MS } from './constants.ts';
-import { listenOnRelay, relayIdOf, routeAddrs } from '../protocol/nat.ts';
+import { listenOnRelay, peerIdOf, relayIdOf, routeAddrs } from '../protocol/nat.ts';
 import type { PathBook, RelayMembers } from '../protocol/nat.ts';
 import { MAX_HOP_PATHS } from '../protocol/messages.ts';
 
@@ -212,9 +212,9 @@ export class VolunteerSession {
   private async reserveOnVolunteer(relays: readonly string[], coordinatorCircuit: string): Promise<void> {
     const { node, events } = this.c;
     const me = node.peerId.toString();
-    const cands = relays.filter((r) => { const id = /\/p2p\/([^/]+)$/.exec(r)?.[1]; return id !== undefined && id !== me; });
+    const cands = relays.filter((r) => { const id = peerIdOf(r); return id !== undefined && id !== me; });
     if (cands.length === 0) return;
-    for (const r of cands) this.c.relayIds?.add(r.slice(r.lastIndexOf('/p2p/') + 5));
+    for (const r of cands) this.c.relayIds?.add(peerIdOf(r)!);
     const deadline = Date.now() + VOLUNTEER_RELAY_WINDOW_MS;
     let last = '';
     while (Date.now() < deadline && !this.signal.aborted) {

@@ -108,11 +108,15 @@ export function natConfig(init: NatInit, listen: readonly string[] = []) {
 
 const isRelayed = (c: Connection): boolean => c.remoteAddr.toString().includes('/p2p-circuit');
 
+/** The peer id an address ends in (…/p2p/<id>), or undefined. */
+export function peerIdOf(addr: string): string | undefined {
+  return /\/p2p\/([^/]+)$/.exec(addr)?.[1];
+}
+
 /** The relay's peer id in a circuit address (<relay>/p2p/<relay id>/p2p-circuit/...), or undefined. */
 export function relayIdOf(addr: string): string | undefined {
   const i = addr.indexOf('/p2p-circuit');
-  if (i < 0) return undefined;
-  return /\/p2p\/([^/]+)$/.exec(addr.slice(0, i))?.[1];
+  return i < 0 ? undefined : peerIdOf(addr.slice(0, i));
 }
 
 /** A path to a peer, and for a relayed one the relay it goes through. */
