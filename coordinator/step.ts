@@ -64,6 +64,13 @@ export interface StepContext {
   verifier?: Verifier;
 }
 
+/** A replica's reduce cancelled because another replica of the round failed first (not its fault). */
+class CancelledReduce extends SwarmError {
+  override name = 'CancelledReduce';
+  override readonly cause: Error;
+  constructor(cause: Error) { super(cause.message); this.cause = cause; }
+}
+
 /** A micro-batch attempt that failed at one peer of its route. */
 class RouteFailure extends SwarmError {
   override name = 'RouteFailure';
@@ -330,13 +337,20 @@ export class OptimizerStep {
     const step = this.step, signal = this.signal;
     const rosters = this.ctx.stages.map((_, s) => peers.liveReplicas(s));
     const jobs = rosters.flatMap((ids, s) => ids.map((id) => ({ s, id })));
+    // the first failure gives the round up: the other replicas' reduces (and the pulls they wait on) are cancelled
+    const round = new AbortController();
+    const roundSignal = AbortSignal.any([signal, round.signal]);
     const res = await Promise.allSettled(jobs.map(({ s, id }) =>
-      client.reduce(peers.addrs(id), step, rosters[s]!.map((peerId) => ({ peerId, addrs: peers.addrs(peerId).map((x) => x.toString()) })), { signal })));
+      client.reduce(peers.addrs(id), step, rosters[s]!.map((peerId) => ({ peerId, addrs: peers.addrs(peerId).map((x) => x.toString()) })), { signal: roundSignal })
+        .then((v) => { if (v.failed !== undefined) round.abort(new SwarmError(`step ${step}: the reduce round is given up`)); return v; },
+          (e: unknown) => { if (!round.signal.aborted) { round.abort(new SwarmError(`step ${step}: the reduce round is given up`)); throw e; } throw new CancelledReduce(e as Error); })));
     if (signal.aborted) throw signal.reason;
     let ok = true;
     for (let k = 0; k < jobs.length; k++) {
       const r = res[k]!, { s, id } = jobs[k]!;
-      if (r.status === 'rejected') {
+      if (r.status === 'rejected' && r.reason instanceof CancelledReduce) {
+        ok = false; // given up because another replica failed first: nothing is known about this one
+      } else if (r.status === 'rejected') {
         const e = r.reason as Error;
         status.event('retry', `step ${step}: stage ${s}'s reduce at peer ${id} failed (${e.name}: ${e.message})`);
         await peers.dropAfterFailure(id, e, `it failed to reduce its step ${step} gradient`, signal);

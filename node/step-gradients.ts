@@ -14,6 +14,11 @@ export function attemptKey(step: number, mb: number, attempt: number): string {
   return `${step}:${mb}:${attempt}`;
 }
 
+/** How long a partner's pull waits for this peer's own reduce request of the step (the coordinator
+ *  sends every replica's at once): past it, this peer's reduce is not coming (it failed, or the
+ *  coordinator gave the round up) and the pull is refused. */
+export const ROSTER_WAIT_MS = 30_000;
+
 export class StepGradients {
   private readonly stage: GradientStage;
   private readonly attempts = new Map<string, Attempt>();
@@ -132,14 +137,22 @@ export class StepGradients {
 
   /** A partner replica may pull this peer's step sum of `step` only once this peer's own reduce of
    *  that step named it (its reduce request may still be on its way: wait for it, up to `signal`). */
-  async allowPull(peerId: string, step: number, signal: AbortSignal): Promise<void> {
-    while (this.roster?.step !== step) {
-      signal.throwIfAborted();
-      await new Promise<void>((resolve, reject) => {
-        const onAbort = () => reject(signal.reason as Error);
-        this.rosterWaiters.push(() => { signal.removeEventListener('abort', onAbort); resolve(); });
-        signal.addEventListener('abort', onAbort, { once: true });
-      });
+  async allowPull(peerId: string, step: number, signal: AbortSignal, waitMs = ROSTER_WAIT_MS): Promise<void> {
+    const late = new AbortController();
+    const timer = setTimeout(() => late.abort(new StaleError(`aggregate collect: this peer's own reduce of step ${step} did not come within ${waitMs} ms`)), waitMs);
+    timer.unref();
+    const sig = AbortSignal.any([signal, late.signal]);
+    try {
+      while (this.roster?.step !== step) {
+        sig.throwIfAborted();
+        await new Promise<void>((resolve, reject) => {
+          const onAbort = () => reject(sig.reason as Error);
+          this.rosterWaiters.push(() => { sig.removeEventListener('abort', onAbort); resolve(); });
+          sig.addEventListener('abort', onAbort, { once: true });
+        });
+      }
+    } finally {
+      clearTimeout(timer);
     }
     if (!this.roster.ids.has(peerId)) throw new AuthError(`aggregate collect: peer ${peerId} is not a replica the coordinator named for step ${step}'s reduce`);
   }

@@ -68,4 +68,6 @@ test('a partner pulls a replica\'s step sum only once the replica\'s reduce name
   book.reset();
   assert.throws(() => book.reducedOf(3), { name: 'StaleError' });
   await assert.rejects(book.allowPull('B', 3, AbortSignal.timeout(50)), { name: 'TimeoutError' });
+  // a reduce that never comes: the pull is refused after the roster wait, with a line saying so
+  await assert.rejects(book.allowPull('B', 5, AbortSignal.timeout(5000), 30), { name: 'StaleError', message: /own reduce of step 5 did not come within 30 ms/ });
 });
