@@ -39,7 +39,7 @@ export function volunteerHandlers(session: VolunteerSession, blobs: BlobStore): 
     aggregate: async (req, ctx) => {
       // the light tail: a partner replica pulls this peer's step gradient for its reduce, once this
       // peer's own reduce of the step named it; everything else only from the coordinator
-      if (req.phase === 'collect' && !session.isCoordinator(ctx.peerId)) await session.stageHost().allowPull(ctx.peerId, req.step, ctx.signal);
+      if (req.phase === 'collect' && !session.isCoordinator(ctx.peerId)) session.stageHost().allowPull(req, ctx.peerId);
       else session.checkCoordinator('aggregate', ctx.peerId);
       if (req.phase === 'reduce') return session.reduce(req, { signal: ctx.signal });
       return session.stageHost().aggregate(req, { signal: ctx.signal });

@@ -15,6 +15,7 @@ import type { Logger } from '../protocol/log.ts';
 import type { StageHost, KeptOffer } from './stage-host.ts';
 import type { OptimizerFactory } from './optimizer.ts';
 import { loadAssignedStage } from './assignment.ts';
+import { pullWhenNamed } from './step-gradients.ts';
 import { recallTensor, runMicroBatch } from './pipeline.ts';
 import type { PipelineDeps } from './pipeline.ts';
 import type { VolunteerConfig } from './config.ts';
@@ -173,7 +174,8 @@ export class VolunteerSession {
       computeTimeoutMs: COMPUTE_TIMEOUT_MS, controlTimeoutMs: CONTROL_TIMEOUT_MS, heartbeatTimeoutMs: HEARTBEAT_TIMEOUT_MS,
       probeTimeoutMs: HEARTBEAT_TIMEOUT_MS, noticeTimeoutMs: CONTROL_TIMEOUT_MS,
     } });
-    return host.reduce(req, this.c.node.peerId.toString(), (peer, signal) => client.collect(peer.addrs.map(parseMultiaddr), req.step, { signal }), opts);
+    return host.reduce(req, this.c.node.peerId.toString(),
+      (peer, signal) => pullWhenNamed(() => client.collect(peer.addrs.map(parseMultiaddr), req.step, { signal }), signal), opts);
   }
 
   checkCoordinator(proto: string, peerId: string): void {

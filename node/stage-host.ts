@@ -301,9 +301,11 @@ export class StageHost {
     return { total, ...await this.queue.run(0, () => this.applyStep(g, req.lr!)) };
   }
 
-  /** Partner replicas may pull this peer's step sum of `step` only once its own reduce named them. */
-  allowPull(peerId: string, step: number, signal: AbortSignal): Promise<void> {
-    return this.gradients.allowPull(peerId, step, signal);
+  /** Partner replicas may pull this peer's step sum of `step` only once its own reduce named them
+   *  (a stale run or step is refused first, as from anyone). */
+  allowPull(req: AggregateRequest, peerId: string): void {
+    this.check(req, 'aggregate collect');
+    this.gradients.allowPull(peerId, req.step);
   }
 
   /** The light tail's reduce: the step gradients of the coordinator's replicas, in its (peer-id)

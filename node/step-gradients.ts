@@ -14,10 +14,28 @@ export function attemptKey(step: number, mb: number, attempt: number): string {
   return `${step}:${mb}:${attempt}`;
 }
 
-/** How long a partner's pull waits for this peer's own reduce request of the step (the coordinator
- *  sends every replica's at once): past it, this peer's reduce is not coming (it failed, or the
- *  coordinator gave the round up) and the pull is refused. */
+/** How long a replica keeps asking a partner that has not had its own reduce request of the step yet
+ *  (the coordinator sends every replica's at once): past it, the partner's reduce is not coming (it
+ *  failed, or the coordinator gave the round up). */
 export const ROSTER_WAIT_MS = 30_000;
+/** The words of the refusal a pull gets before the partner's own reduce arrived (its partner retries). */
+export const NOT_YET_REDUCED = 'this peer has had no reduce request of step';
+
+/** Pull a partner's step sum, asking again (20 ms, growing to 250 ms apart) while the partner answers
+ *  that its own reduce of the step has not arrived yet, for at most `waitMs`. */
+export async function pullWhenNamed<T>(pull: () => Promise<T>, signal: AbortSignal | undefined, waitMs = ROSTER_WAIT_MS): Promise<T> {
+  const until = Date.now() + waitMs;
+  for (let delay = 20; ; delay = Math.min(250, delay * 2)) {
+    try {
+      return await pull();
+    } catch (e) {
+      const err = e as Error;
+      if (err.name !== 'StaleError' || !err.message.includes(NOT_YET_REDUCED) || Date.now() + delay > until) throw e;
+    }
+    signal?.throwIfAborted();
+    await new Promise((r) => setTimeout(r, delay));
+  }
+}
 
 export class StepGradients {
   private readonly stage: GradientStage;
@@ -31,7 +49,6 @@ export class StepGradients {
   /** the light tail: the replicas the coordinator named for this step's reduce (who may pull this
    *  peer's step sum), and the reduced gradient the step's apply runs on */
   private roster: { step: number; ids: ReadonlySet<string> } | null = null;
-  private rosterWaiters: Array<() => void> = [];
   private reduced: { step: number; grads: Float32Array[] } | null = null;
 
   constructor(stage: GradientStage) {
@@ -132,28 +149,14 @@ export class StepGradients {
   /** The coordinator named these replicas (peer ids) for step `step`'s reduce. */
   setRoster(step: number, ids: Iterable<string>): void {
     this.roster = { step, ids: new Set(ids) };
-    for (const w of this.rosterWaiters.splice(0)) w();
   }
 
   /** A partner replica may pull this peer's step sum of `step` only once this peer's own reduce of
-   *  that step named it (its reduce request may still be on its way: wait for it, up to `signal`). */
-  async allowPull(peerId: string, step: number, signal: AbortSignal, waitMs = ROSTER_WAIT_MS): Promise<void> {
-    const late = new AbortController();
-    const timer = setTimeout(() => late.abort(new StaleError(`aggregate collect: this peer's own reduce of step ${step} did not come within ${waitMs} ms`)), waitMs);
-    timer.unref();
-    const sig = AbortSignal.any([signal, late.signal]);
-    try {
-      while (this.roster?.step !== step) {
-        sig.throwIfAborted();
-        await new Promise<void>((resolve, reject) => {
-          const onAbort = () => reject(sig.reason as Error);
-          this.rosterWaiters.push(() => { sig.removeEventListener('abort', onAbort); resolve(); });
-          sig.addEventListener('abort', onAbort, { once: true });
-        });
-      }
-    } finally {
-      clearTimeout(timer);
-    }
+   *  that step named it. Nothing waits here (a stranger cannot hold a handler): a pull that comes before
+   *  this peer's reduce request is refused with NOT_YET_REDUCED and the partner asks again
+   *  (pullWhenNamed). */
+  allowPull(peerId: string, step: number): void {
+    if (this.roster?.step !== step) throw new StaleError(`aggregate collect: ${NOT_YET_REDUCED} ${step} yet`);
     if (!this.roster.ids.has(peerId)) throw new AuthError(`aggregate collect: peer ${peerId} is not a replica the coordinator named for step ${step}'s reduce`);
   }
 
