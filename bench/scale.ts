@@ -17,6 +17,8 @@ const DIR = path.join(import.meta.dirname, 'scenarios');
 /** the designs of docs/scale.md, one knob each on top of the scenario as built */
 export const VARIANTS: Record<string, Partial<Scenario>> = {
   'as-built': {},
+  // the tail before the light one (every replica's gradient through the coordinator, stage by stage)
+  'coordinator-tail': { tail: 'coordinator' },
   'stage-allreduce': { tail: 'stage-allreduce' },
   'all-designs': { tail: 'stage-allreduce', routes: 'speed-matched', lateJoin: 'background' },
 };

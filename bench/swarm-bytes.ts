@@ -5,10 +5,12 @@
 // The coordinator runs in this process (the bench model with random weights, 2 stages × 1 replica,
 // as bench/swarm-trace.ts); each volunteer is `node bench/swarm-bytes.ts --volunteer ADDR DIR`, which
 // prints its counters as a JSON line whenever it gets SIGUSR2. The coordinator's counters are read at
-// the `training` event, at each step's first gradient collect (the end of its micro-batches) and at
+// the `training` event, at each step's first reduce (the end of its micro-batches) and at
 // each `step` event, so its bytes split into the micro-batch phase (control messages and reports:
-// O(tokens)) and the step tail (gradient collect, final gradient, adapter upload: O(LoRA parameters),
-// independent of the micro-batch size). The volunteers' counters are read at `training` and after the
+// O(tokens)) and the step tail (the light tail's reduce and apply rounds, O(stages × replicas), plus
+// the adapter upload and the optimizer state at their cadence: O(LoRA parameters), independent of
+// the micro-batch size). `--replicas=2` runs 2 stages × 2 replicas (the reduce moves gradients
+// between the replicas of a stage, not through the coordinator). The volunteers' counters are read at `training` and after the
 // last step; their difference over the steps is what each moved per step.
 import dc from 'node:diagnostics_channel';
 import type { Socket } from 'node:net';
@@ -50,7 +52,9 @@ function countSockets(): () => Counts {
 const sub = (a: Counts, b: Counts): Counts => ({ bytesIn: a.bytesIn - b.bytesIn, bytesOut: a.bytesOut - b.bytesOut });
 const perStep = (c: Counts, n: number) => ({ in_bytes: Math.round(c.bytesIn / n), out_bytes: Math.round(c.bytesOut / n) });
 
-export interface BytesOptions { llama?: LlamaConfig; codec: FloatCodec; steps: number; microBatches: number; batch: number; seqLen: number; log?: (s: string) => void }
+export interface BytesOptions { llama?: LlamaConfig; codec: FloatCodec; steps: number; microBatches: number; batch: number; seqLen: number; log?: (s: string) => void;
+  /** replicas per stage (default 1): with 2, the replicas of a stage reduce their gradients peer to peer */
+  replicas?: number }
 
 export async function benchSwarmBytes(o: BytesOptions): Promise<Record<string, unknown>> {
   const counts = countSockets();
@@ -75,15 +79,17 @@ export async function benchSwarmBytes(o: BytesOptions): Promise<Record<string, u
   const store = await RunStore.open(path.join(tmp, 'coord', 'db'));
   await store.putMeta({ runId: 'bytes', model: 'bench', totalSteps: o.steps, createdMs: 0, config: {}, numStages: 0, stages: [] });
   const vols: Proc[] = [];
+  const R = o.replicas ?? 1;
   // the coordinator's counters at: training, then per step [first collect, step event]
   let atTraining: Counts | null = null;
   const phase: Array<{ mbEnd?: Counts; end?: Counts }> = [];
   let stepNo = 0;
-  const origCollect = StagePeerClient.prototype.collect;
-  StagePeerClient.prototype.collect = function (...a: Parameters<StagePeerClient['collect']>) {
+  // the end of a step's micro-batches: its first reduce (the light tail; a collect in older versions)
+  const origReduce = StagePeerClient.prototype.reduce;
+  StagePeerClient.prototype.reduce = function (...a: Parameters<StagePeerClient['reduce']>) {
     const p = (phase[stepNo] ??= {});
     p.mbEnd ??= counts();
-    return origCollect.apply(this, a);
+    return origReduce.apply(this, a);
   };
   const volunteerCounts = (): Promise<Counts[]> => Promise.all(vols.map(async (v) => {
     const before = v.events.filter((e) => e.event === 'bytes').length;
@@ -102,7 +108,7 @@ export async function benchSwarmBytes(o: BytesOptions): Promise<Record<string, u
       node, store, blobs: new BlobStore(path.join(tmp, 'coord')), runId: 'bytes', modelName: 'bench', llama: cfg,
       modelConfigJson: JSON.stringify(hfConfigOf(cfg)), weights: randomWeightSource(cfg, 1), train, lora: loraConfigOf(train),
       data: { totalSteps: o.steps, microBatchesForStep: async (s) => Array.from({ length: o.microBatches }, (_, k) => mbFor(s * o.microBatches + k)), cursorAfter: (s) => s * o.microBatches },
-      memory: () => 1, minPeers: 2, pipelineStages: 2, wireCodec: o.codec, token: null, initAdapter: null, resume: null,
+      memory: () => 1, minPeers: 2 * R, pipelineStages: 2, wireCodec: o.codec, token: null, initAdapter: null, resume: null,
       emit: (e: RunEvent) => {
         if (e.event === 'training') { atTraining = counts(); volAtTraining = volunteerCounts(); }
         if (e.event === 'step') {
@@ -117,7 +123,7 @@ export async function benchSwarmBytes(o: BytesOptions): Promise<Record<string, u
     await coord.publishShards();
     await coord.start();
     const addr = node.getMultiaddrs()[0]!.toString();
-    for (let i = 0; i < 2; i++) vols.push(startProc(NODE, [import.meta.filename, '--volunteer', addr, path.join(tmp, `v${i}`)]));
+    for (let i = 0; i < 2 * R; i++) vols.push(startProc(NODE, [import.meta.filename, '--volunteer', addr, path.join(tmp, `v${i}`)]));
     await coord.finished;
     const codes = await Promise.all(vols.map((v) => v.exit));
     await coord.stop();
@@ -138,7 +144,7 @@ export async function benchSwarmBytes(o: BytesOptions): Promise<Record<string, u
     const coordSum = (coordTotal.bytesIn + coordTotal.bytesOut) / n;
     return {
       wire_dtype: o.codec,
-      settings: { steps: n, micro_batches: o.microBatches, batch: o.batch, seq_len: o.seqLen, hidden: C, stages: 2, replicas: 1, tokens_per_micro_batch: T },
+      settings: { steps: n, micro_batches: o.microBatches, batch: o.batch, seq_len: o.seqLen, hidden: C, stages: 2, replicas: R, tokens_per_micro_batch: T },
       coordinator_per_step: perStep(coordTotal, n),
       coordinator_micro_batch_phase_per_step: perStep(mbPhase, n),
       coordinator_micro_batch_phase_per_micro_batch_bytes: Math.round((mbPhase.bytesIn + mbPhase.bytesOut) / (n * o.microBatches)),
@@ -149,7 +155,7 @@ export async function benchSwarmBytes(o: BytesOptions): Promise<Record<string, u
       boundary_tensor_bytes_per_micro_batch_theory: 2 * expectedByteLength(o.codec, T * C),
     };
   } finally {
-    StagePeerClient.prototype.collect = origCollect;
+    StagePeerClient.prototype.reduce = origReduce;
     for (const v of vols) kill(v);
     try { await node.stop(); } catch { /* stopped */ }
     try { await store.close(); } catch { /* closed */ }
@@ -176,7 +182,8 @@ if (import.meta.main) {
   } else {
     const codec = (process.argv.find((a) => a.startsWith('--codec='))?.slice(8) ?? 'f32') as FloatCodec;
     const quick = process.argv.includes('--quick');
-    const r = await benchSwarmBytes({ codec, steps: quick ? 2 : 3, microBatches: quick ? 2 : 4, batch: 4, seqLen: 256 });
+    const replicas = Number(process.argv.find((a) => a.startsWith('--replicas='))?.slice(11) ?? 1);
+    const r = await benchSwarmBytes({ codec, steps: quick ? 2 : 3, microBatches: quick ? 2 : 4, batch: 4, seqLen: 256, replicas });
     console.log(JSON.stringify(r));
   }
 }

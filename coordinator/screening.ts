@@ -15,7 +15,12 @@ export interface ScreenLimits {
 
 /** One replica's step gradient as collected, for the gradient screen. `labelTokens`: trained
  *  positions of the micro-batches it folded in, when the step knows them (0: a zero gradient is right). */
-export interface ReplicaGradient { id: string; grads: Float32Array[]; microBatches: number; labelTokens?: number }
+export interface ReplicaGradient { id: string; grads?: Float32Array[]; sumSq?: number; microBatches: number; labelTokens?: number }
+
+/** A replica's step-gradient norm: from the Σ g² it reported (the light tail), else from its tensors. */
+function normOf(r: ReplicaGradient): number {
+  return r.sumSq !== undefined ? Math.sqrt(r.sumSq) : globalGradNorm([r.grads ?? []]);
+}
 
 /** Per stage, what its peers sent recently: the reference a new output or step gradient is judged by. */
 export class Screens {
@@ -47,7 +52,7 @@ export class Screens {
    *  the median of the recent accepted steps (only for a replica whose micro-batches had trained
    *  positions), with the reason. */
   gradients(s: number, step: number, replicas: readonly ReplicaGradient[]): Array<{ id: string; reason: string }> {
-    const perMb = replicas.map((r) => globalGradNorm([r.grads]) / Math.max(1, r.microBatches));
+    const perMb = replicas.map((r) => normOf(r) / Math.max(1, r.microBatches));
     const hist = this.normHistory[s] ?? [];
     const factor = this.limits.screenFactor;
     const bad: Array<{ id: string; reason: string }> = [];
@@ -71,7 +76,7 @@ export class Screens {
   accept(collected: readonly (readonly ReplicaGradient[])[]): void {
     for (let s = 0; s < collected.length; s++) {
       const hist = (this.normHistory[s] ??= []);
-      for (const r of collected[s]!) if (r.microBatches > 0 && r.labelTokens !== 0) hist.push(globalGradNorm([r.grads]) / r.microBatches);
+      for (const r of collected[s]!) if (r.microBatches > 0 && r.labelTokens !== 0) hist.push(normOf(r) / r.microBatches);
       while (hist.length > this.limits.normHistory) hist.shift();
     }
   }

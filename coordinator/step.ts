@@ -1,9 +1,9 @@
-// One optimizer step through the swarm as an object: routes and micro-batches, commits, collect, screens, clip, apply, commit to the store.
+// One optimizer step through the swarm as an object: routes and micro-batches, commits, the light
+// tail (peer-to-peer reduce, norm, clip, parallel apply), screens, commit to the store.
 import { dropoutSeedFor } from '../engine/train/data.ts';
 import { labelTokensOf, planStep, stepLoss } from '../engine/train/step-plan.ts';
 import type { MicroBatch, StepPlan } from '../engine/train/step-plan.ts';
-import type { AppliedDigests, StagePeerClient } from '../protocol/stage-client.ts';
-import { encodeTensor } from '../protocol/tensor.ts';
+import type { AppliedDigests, ReducedGradient, StagePeerClient } from '../protocol/stage-client.ts';
 import { SwarmError } from '../protocol/errors.ts';
 import type { HopInbox } from '../protocol/hop.ts';
 import type { SwarmNode } from '../protocol/net.ts';
@@ -13,7 +13,7 @@ import { RecallError, spotCheck } from './spot-check.ts';
 import { VerifyError } from './verify.ts';
 import type { Verifier } from './verify.ts';
 import type { AttemptContext, AttemptSpec } from './attempt.ts';
-import { clipInPlace, globalGradNorm, sumReplicas } from './aggregate.ts';
+import { clipScaleFor, majorityOf, normFromStageSums } from './aggregate.ts';
 import type { AdapterState } from './adapter.ts';
 import type { CoordinatorConfig } from './config.ts';
 import { crashPoint } from './crash.ts';
@@ -64,6 +64,13 @@ export interface StepContext {
   verifier?: Verifier;
 }
 
+/** A replica's reduce cancelled because another replica of the round failed first (not its fault). */
+class CancelledReduce extends SwarmError {
+  override name = 'CancelledReduce';
+  override readonly cause: Error;
+  constructor(cause: Error) { super(cause.message); this.cause = cause; }
+}
+
 /** A micro-batch attempt that failed at one peer of its route. */
 class RouteFailure extends SwarmError {
   override name = 'RouteFailure';
@@ -99,6 +106,8 @@ export class OptimizerStep {
   /** micro-batches not yet committed, taken off in order by the route workers */
   private readonly todo: number[];
   private quota: number[] = [];
+  /** per stage: the replicas whose reduce of this step counted (they apply it) */
+  private reducedBy: string[][] = [];
   private taken: number[] = [];
 
   private constructor(ctx: StepContext, plan: StepPlan, lr: number, startedMs: number, signal: AbortSignal) {
@@ -140,33 +149,37 @@ export class OptimizerStep {
   private get step(): number { return this.plan.step; }
 
   private async execute(): Promise<StepRecord> {
-    const stageGrads = await this.gradients();
-    const norm = globalGradNorm(stageGrads);
-    clipInPlace(stageGrads, norm, this.ctx.maxGradNorm);
+    // the light tail (docs/swarm.md "One optimizer step"): replicas reduce peer to peer, the
+    // coordinator gets each stage's Σ g², computes the norm and the clip coefficient, and every stage
+    // applies in parallel; nothing LoRA-sized comes here except the adapter (and state) at its cadence
+    const stageSumSq = await this.reduced();
+    const norm = normFromStageSums(stageSumSq);
+    const clip = clipScaleFor(norm, this.ctx.maxGradNorm);
     crashPoint(this.ctx.config.crash, 'before-apply', this.step + 1);
-    const states = await this.apply(stageGrads);
+    const states = await this.apply(clip);
     return this.commit(norm, states.plan, states.bytes);
   }
 
-  /** Every micro-batch committed, the replicas' gradients collected and screened, summed per stage. */
-  private async gradients(): Promise<Float32Array[][]> {
+  /** Every micro-batch committed, every stage's replicas reduced peer to peer and screened: each
+   *  stage's Σ g² of its reduced gradient (float64), in stage order. */
+  private async reduced(): Promise<number[]> {
     const { peers, screens } = this.ctx;
     for (;;) {
       await this.computeAll();
-      const collected = await this.collectAll();
-      if (collected === null) continue; // its micro-batches run again elsewhere
+      const got = await this.reduceAll();
+      if (got === null) continue; // its micro-batches run again elsewhere
       let banned = false;
       for (let s = 0; s < this.S; s++) {
-        for (const bad of screens.gradients(s, this.step, collected[s]!)) {
+        for (const bad of screens.gradients(s, this.step, got.replicas[s]!)) {
           peers.ban(peers.get(bad.id)!, bad.reason, 'bad-tensor');
           banned = true;
         }
       }
       if (banned) continue;
       if (this.committedRoute.some((r) => r === null || this.routeBroken(r))) continue; // a peer went away meanwhile
-      screens.accept(collected);
-      // replicas summed in replica (peer id) order
-      return collected.map((rs) => sumReplicas(rs.map((r) => r.grads)));
+      screens.accept(got.replicas);
+      this.reducedBy = got.replicas.map((rs) => rs.map((r) => r.id));
+      return got.sumSq;
     }
   }
 
@@ -315,67 +328,107 @@ export class OptimizerStep {
     for (const id of route) peers.get(id)!.microBatches++;
   }
 
-  /** Every live replica's step gradient, decoded; null when one failed to send it (it is dropped). */
-  private async collectAll(): Promise<ReplicaGradient[][] | null> {
-    const { peers, status, client, adapter } = this.ctx;
-    const step = this.step;
-    const collected: ReplicaGradient[][] = [];
-    for (let s = 0; s < this.S; s++) {
-      const rs: ReplicaGradient[] = [];
-      for (const id of peers.liveReplicas(s)) {
-        try {
-          const got = await client.collect(peers.addrs(id), step, { signal: this.signal });
-          const labelTokens = this.committedRoute.reduce((n, r, mb) => n + (r?.[s] === id ? labelTokensOf(this.plan.microBatches[mb]!) : 0), 0);
-          rs.push({ id, grads: got.grads.map((g, i) => this.ctx.screens.stepGradient(g, `step ${step} stage ${s} grad ${i} from ${id}`, adapter.shapeOf(s, i))), microBatches: got.microBatches, labelTokens });
-        } catch (e) {
-          if (this.signal.aborted) throw this.signal.reason;
-          status.event('retry', `step ${step}: collecting stage ${s}'s gradient from peer ${id} failed (${(e as Error).name}: ${(e as Error).message})`);
-          await peers.dropAfterFailure(id, e as Error, `it failed to send its step ${step} gradient`, this.signal);
-          return null;
+  /** One reduce round, every stage and replica at once: each live replica of stage s sums the step
+   *  gradients of the stage's live replicas in peer-id order (the order the coordinator summed them
+   *  in before), pulling its partners' from them. Null when a replica or a partner failed (dropped, or
+   *  banned for a bad gradient; its micro-batches run again). */
+  private async reduceAll(): Promise<{ replicas: ReplicaGradient[][]; sumSq: number[] } | null> {
+    const { peers, status, client } = this.ctx;
+    const step = this.step, signal = this.signal;
+    const rosters = this.ctx.stages.map((_, s) => peers.liveReplicas(s));
+    const jobs = rosters.flatMap((ids, s) => ids.map((id) => ({ s, id })));
+    // the first failure gives the round up: the other replicas' reduces (and the pulls they wait on) are cancelled
+    const round = new AbortController();
+    const roundSignal = AbortSignal.any([signal, round.signal]);
+    const res = await Promise.allSettled(jobs.map(({ s, id }) =>
+      client.reduce(peers.addrs(id), step, rosters[s]!.map((peerId) => ({ peerId, addrs: peers.addrs(peerId).map((x) => x.toString()) })), { signal: roundSignal })
+        .then((v) => { if (v.failed !== undefined) round.abort(new SwarmError(`step ${step}: the reduce round is given up`)); return v; },
+          (e: unknown) => { if (!round.signal.aborted) { round.abort(new SwarmError(`step ${step}: the reduce round is given up`)); throw e; } throw new CancelledReduce(e as Error); })));
+    if (signal.aborted) throw signal.reason;
+    let ok = true;
+    for (let k = 0; k < jobs.length; k++) {
+      const r = res[k]!, { s, id } = jobs[k]!;
+      if (r.status === 'rejected' && r.reason instanceof CancelledReduce) {
+        ok = false; // given up because another replica failed first: nothing is known about this one
+      } else if (r.status === 'rejected') {
+        const e = r.reason as Error;
+        status.event('retry', `step ${step}: stage ${s}'s reduce at peer ${id} failed (${e.name}: ${e.message})`);
+        await peers.dropAfterFailure(id, e, `it failed to reduce its step ${step} gradient`, signal);
+        ok = false;
+      } else if (r.value.failed !== undefined) {
+        const f = r.value.failed;
+        status.event('retry', `step ${step}: peer ${id} could not take stage ${s}'s step gradient from ${f.peerId} (${f.message})`);
+        if (!peers.gone(f.peerId)) {
+          await peers.dropAfterFailure(f.peerId, f.bad ? new BadOutputError(`its step ${step} gradient as peer ${id} received it: ${f.message}`) : new SwarmError(f.message),
+            `it failed to send its step ${step} gradient to its partner ${id}`, signal);
         }
+        ok = false;
       }
-      collected.push(rs);
     }
-    return collected;
+    if (!ok) return null;
+    const replicas: ReplicaGradient[][] = rosters.map(() => []);
+    const sums: Array<Array<number | undefined>> = rosters.map(() => []);
+    const values = (k: number) => (res[k] as PromiseFulfilledResult<ReducedGradient>).value;
+    for (let k = 0; k < jobs.length; k++) {
+      const { s, id } = jobs[k]!, v = values(k);
+      const labelTokens = this.committedRoute.reduce((n, r, mb) => n + (r?.[s] === id ? labelTokensOf(this.plan.microBatches[mb]!) : 0), 0);
+      // what the screen judges of replica j: the largest Σ g² of its gradient that any replica of the
+      // stage summed (its own report, and what each partner received from it)
+      const j = rosters[s]!.indexOf(id);
+      const seen = jobs.flatMap((x, kk) => (x.s === s ? [kk === k ? v.ownSumSq : values(kk).partsSumSq[j] ?? Number.NaN] : []));
+      const sumSq = seen.some((x) => !Number.isFinite(x)) ? Number.NaN : Math.max(...seen);
+      replicas[s]!.push({ id, sumSq, microBatches: v.microBatches, labelTokens });
+      sums[s]!.push(v.sumSq);
+    }
+    // the replicas of a stage hold the same reduced bits; one that reports another sum is caught by
+    // the digests after its apply (docs/security.md)
+    return { replicas, sumSq: sums.map((xs) => majorityOf(xs) ?? Number.NaN) };
   }
 
-  /** Every live replica applies the same final gradient; a replica placed meanwhile (its stage lost
-   *  every peer during apply) loads the adapter of `step` and applies it too. Then v_{t+1} comes from
-   *  one replica per stage, and the optimizer state from one as the checkpoint policy asks. */
-  private async apply(stageGrads: Float32Array[][]): Promise<{ plan: CheckpointPlan; bytes: Uint8Array[] | null }> {
+  /** Every replica that reduced applies its reduced gradient, clipped by the one coefficient, all
+   *  stages in parallel (stage 0 first when the mid-apply crash point is armed); the replicas of a
+   *  stage must agree on their digests (verdicts.ts). Then v_{t+1} comes from one replica per stage,
+   *  and the optimizer state from one as the checkpoint policy asks. A stage left with no replica that
+   *  applied (every one dropped or outvoted) fails the step: its reduced gradient lived only there. */
+  private async apply(clip: { clip: boolean; clipScale: number }): Promise<{ plan: CheckpointPlan; bytes: Uint8Array[] | null }> {
     const { peers, client, adapter, states, config } = this.ctx;
     const step = this.step, next = step + 1, signal = this.signal;
-    const wire = stageGrads.map((gs, s) => gs.map((g, i) => encodeTensor(g, adapter.shapeOf(s, i) ?? [g.length], 'f32', adapter.namesOf(s)[i]!)));
     const plan = states.plan(step, this.ctx.stages);
     const applied = new Set<string>();
-    // what each replica reports after its update, and what each stage's replicas agreed on (verdicts.ts)
     const digests = new Map<string, AppliedDigests>();
+    const applyStage = async (s: number): Promise<void> => {
+      const ids = this.reducedBy[s]!.filter((id) => !peers.gone(id));
+      const res = await Promise.allSettled(ids.map((id) => client.step(peers.addrs(id), step, clip, this.lr, { signal })));
+      for (let i = 0; i < res.length; i++) {
+        const r = res[i]!;
+        if (r.status === 'fulfilled') { applied.add(ids[i]!); digests.set(ids[i]!, r.value); }
+        else await peers.dropAfterFailure(ids[i]!, r.reason as Error, `it failed to apply the update of step ${next}`, signal);
+      }
+    };
+    const crash = config.crash;
+    const stages = this.ctx.stages.map((_, s) => s);
+    if (crash !== null && crash.point === 'mid-apply' && crash.step === next) {
+      await applyStage(0);
+      crashPoint(crash, 'mid-apply', next);
+      await Promise.all(stages.slice(1).map(applyStage));
+    } else await Promise.all(stages.map(applyStage));
     const agreed: Array<{ adapterSha256: string; optimizerSha256: string } | null> = [];
-    for (let pass = 0; ; pass++) {
-      if (pass > 0) await this.ctx.cover(signal);
-      for (let s = 0; s < this.S; s++) {
-        const todoPeers = peers.liveReplicas(s).filter((id) => !applied.has(id));
-        const res = await Promise.allSettled(todoPeers.map((id) => client.apply(peers.addrs(id), step, wire[s]!, this.lr, { signal })));
-        for (let i = 0; i < res.length; i++) {
-          const r = res[i]!;
-          if (r.status === 'fulfilled') { applied.add(todoPeers[i]!); digests.set(todoPeers[i]!, r.value); }
-          else await peers.dropAfterFailure(todoPeers[i]!, r.reason as Error, `it failed to apply the update of step ${next}`, signal);
-        }
-        if (s === 0 && pass === 0) crashPoint(config.crash, 'mid-apply', next);
-        agreed[s] = await peers.settleDigests(s, next, peers.liveReplicas(s).filter((id) => applied.has(id)).map((id) => ({ peerId: id, ...digests.get(id) })), signal);
+    for (let s = 0; s < this.S; s++) {
+      agreed[s] = await peers.settleDigests(s, next, peers.liveReplicas(s).filter((id) => applied.has(id)).map((id) => ({ peerId: id, ...digests.get(id) })), signal);
+      if (!peers.liveReplicas(s).some((id) => applied.has(id))) {
+        throw new SwarmError(`step ${step}: stage ${s} has no replica left that applied the update of step ${next} (its reduced gradient lived only on its replicas)`);
       }
-      let uploaded = true;
-      for (let s = 0; s < this.S && uploaded; s++) {
-        uploaded = false;
-        for (const id of peers.liveReplicas(s).filter((x) => applied.has(x))) {
-          try { await adapter.upload(client, id, peers.addrs(id), s, { signal, digest: agreed[s]?.adapterSha256 }); uploaded = true; break; } catch (e) {
-            await peers.dropAfterFailure(id, e as Error, `it failed to upload its adapter of step ${next}`, signal);
-          }
-        }
-      }
-      if (!uploaded) continue;
-      return { plan, bytes: plan.fetch ? await states.fetch(next, this.S, applied, signal, agreed.map((a) => a?.optimizerSha256)) : null };
     }
+    // the adapter of step + 1 from one replica per stage, stages in parallel
+    await Promise.all(stages.map(async (s) => {
+      for (const id of peers.liveReplicas(s).filter((x) => applied.has(x))) {
+        try { await adapter.upload(client, id, peers.addrs(id), s, { signal, digest: agreed[s]?.adapterSha256 }); return; } catch (e) {
+          await peers.dropAfterFailure(id, e as Error, `it failed to upload its adapter of step ${next}`, signal);
+        }
+      }
+      throw new SwarmError(`step ${step}: no replica of stage ${s} could upload its adapter of step ${next}`);
+    }));
+    return { plan, bytes: plan.fetch ? await states.fetch(next, this.S, applied, signal, agreed.map((a) => a?.optimizerSha256)) : null };
   }
 
   /** Durable before announced: the adapter of step + 1, the cursor (and at checkpoints every stage's

@@ -37,7 +37,11 @@ export function volunteerHandlers(session: VolunteerSession, blobs: BlobStore): 
       return session.recall(req, { signal: ctx.signal });
     },
     aggregate: async (req, ctx) => {
-      session.checkCoordinator('aggregate', ctx.peerId);
+      // the light tail: a partner replica pulls this peer's step gradient for its reduce, once this
+      // peer's own reduce of the step named it; everything else only from the coordinator
+      if (req.phase === 'collect' && !session.isCoordinator(ctx.peerId)) session.stageHost().allowPull(req, ctx.peerId);
+      else session.checkCoordinator('aggregate', ctx.peerId);
+      if (req.phase === 'reduce') return session.reduce(req, { signal: ctx.signal });
       return session.stageHost().aggregate(req, { signal: ctx.signal });
     },
     adapter: async (req, ctx) => {

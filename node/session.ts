@@ -2,10 +2,12 @@
 // (fetching the shard's weights) → serving → lost (rejoin, keeping the stage) | released (rejoin
 // later) → joining …, or left. Leaving is an abort of the session's own signal.
 import type { Backend } from '../engine/backend.ts';
-import { request } from '../protocol/net.ts';
+import { parseMultiaddr, request } from '../protocol/net.ts';
+import { StagePeerClient } from '../protocol/stage-client.ts';
+import { COMPUTE_TIMEOUT_MS, CONTROL_TIMEOUT_MS, HEARTBEAT_TIMEOUT_MS } from '../protocol/constants.ts';
 import type { SwarmNode } from '../protocol/net.ts';
 import type { BlobStore } from '../protocol/blobs.ts';
-import type { Assignment, Capabilities, FinishRequest, HeartbeatRequest, HeartbeatResponse, JoinResponse, MicroBatchRequest, MicroBatchResponse, RecallRequest, RecallResponse } from '../protocol/messages.ts';
+import type { AggregateRequest, AggregateResponse, Assignment, Capabilities, FinishRequest, HeartbeatRequest, HeartbeatResponse, JoinResponse, MicroBatchRequest, MicroBatchResponse, RecallRequest, RecallResponse } from '../protocol/messages.ts';
 import { HopInbox } from '../protocol/hop.ts';
 import { AuthError, StaleError, SwarmError } from '../protocol/errors.ts';
 import { silentLogger } from '../protocol/log.ts';
@@ -13,6 +15,7 @@ import type { Logger } from '../protocol/log.ts';
 import type { StageHost, KeptOffer } from './stage-host.ts';
 import type { OptimizerFactory } from './optimizer.ts';
 import { loadAssignedStage } from './assignment.ts';
+import { pullWhenNamed } from './step-gradients.ts';
 import { recallTensor, runMicroBatch } from './pipeline.ts';
 import type { PipelineDeps } from './pipeline.ts';
 import type { VolunteerConfig } from './config.ts';
@@ -168,6 +171,20 @@ export class VolunteerSession {
   // ---- what the handlers ask
 
   /** Only the coordinator may drive the stage, heartbeat or end this peer. */
+  isCoordinator(peerId: string): boolean { return peerId === this.coordinatorId; }
+
+  /** The light tail's reduce at the serving stage: the partners' step gradients pulled from them
+   *  (aggregate collect, paged, f32), summed in the coordinator's order (StageHost.reduce). */
+  reduce(req: AggregateRequest, opts: { signal: AbortSignal }): Promise<AggregateResponse> {
+    const host = this.stageHost();
+    const client = new StagePeerClient({ node: this.c.node, runId: host.runId, log: this.rpcLog, timeouts: {
+      computeTimeoutMs: COMPUTE_TIMEOUT_MS, controlTimeoutMs: CONTROL_TIMEOUT_MS, heartbeatTimeoutMs: HEARTBEAT_TIMEOUT_MS,
+      probeTimeoutMs: HEARTBEAT_TIMEOUT_MS, noticeTimeoutMs: CONTROL_TIMEOUT_MS,
+    } });
+    return host.reduce(req, this.c.node.peerId.toString(),
+      (peer, signal) => pullWhenNamed(() => client.collect(peer.addrs.map(parseMultiaddr), req.step, { signal }), signal), opts);
+  }
+
   checkCoordinator(proto: string, peerId: string): void {
     if (peerId !== this.coordinatorId) throw new AuthError(`${proto}: only the coordinator ${this.coordinatorId ?? '(not yet known)'} may send this, not ${peerId}`);
   }

@@ -8,7 +8,7 @@ import type {
   MicroBatchRequest, OptimizerRequest, WeightsResponse,
 } from '../protocol/messages.ts';
 import { decodeFloat, decodeInt, encodeTensor } from '../protocol/tensor.ts';
-import type { FloatCodec } from '../protocol/tensor.ts';
+import type { FloatCodec, WireTensor } from '../protocol/tensor.ts';
 import { IntegrityError, SchemaError, StaleError, TensorError } from '../protocol/errors.ts';
 import { adapterDigest } from '../protocol/adapter-digest.ts';
 import { serveChunk, servePage } from '../protocol/pager.ts';
@@ -16,7 +16,8 @@ import { silentLogger } from '../protocol/log.ts';
 import type { Logger } from '../protocol/log.ts';
 import { StepSnapshot } from './step-snapshot.ts';
 import type { SnapshotOptions } from './step-snapshot.ts';
-import { StepGradients, attemptKey } from './step-gradients.ts';
+import { StepGradients, attemptKey, sumInOrder } from './step-gradients.ts';
+import { gradSquaredSum, scaleGrads } from '../engine/train/clip.ts';
 import { JobQueue } from './job-queue.ts';
 import type { JobPriority } from './job-queue.ts';
 import type { ShardOptimizer } from './optimizer.ts';
@@ -37,6 +38,9 @@ export interface StageHostInit extends Partial<SnapshotOptions> {
 
 /** Only `signal`: a request whose requester gives up while its job waits is dropped from the queue. */
 export interface JobOptions { signal?: AbortSignal }
+
+/** A partner replica's step gradient, pulled by `aggregate collect` (protocol/stage-client.ts collect). */
+export type PullGradient = (peer: { peerId: string; addrs: string[] }, signal: AbortSignal | undefined) => Promise<{ grads: WireTensor[] }>;
 
 type StageInput = Parameters<Stage['forward']>[0];
 
@@ -273,6 +277,8 @@ export class StageHost {
       for (let i = page.from; i < page.from + page.count; i++) grads.push(encodeTensor(sum[i]!, params[i]!.shape, 'f32', `grad ${params[i]!.name}`));
       return { total, grads, microBatches: this.gradients.committedCount };
     }
+    if (req.phase === 'reduce') throw new SchemaError('aggregate reduce: served by the session (it pulls from the partner replicas)');
+    if (req.phase === 'step') return this.stepReduced(req);
     if (req.from + req.count > total) throw new SchemaError(`aggregate apply: params [${req.from}, ${req.from + req.count}) outside [0, ${total})`);
     if (req.grads === undefined || req.grads.length !== req.count) throw new SchemaError(`aggregate apply: expected ${req.count} gradients, got ${req.grads?.length ?? 0}`);
     // pages arrive in order (a page may be sent again); the last one needs every param covered
@@ -293,6 +299,63 @@ export class StageHost {
     // once the last page is in, the update runs whatever the requester does: half an apply is worse
     if (req.last !== true) return { total };
     return { total, ...await this.queue.run(0, () => this.applyStep(g, req.lr!)) };
+  }
+
+  /** Partner replicas may pull this peer's step sum of `step` only once its own reduce named them
+   *  (a stale run or step is refused first, as from anyone). */
+  allowPull(req: AggregateRequest, peerId: string): void {
+    this.check(req, 'aggregate collect');
+    this.gradients.allowPull(peerId, req.step);
+  }
+
+  /** The light tail's reduce: the step gradients of the coordinator's replicas, in its (peer-id)
+   *  order, this peer's own among them, summed here (sumInOrder: the coordinator's sumReplicas
+   *  operations, so every replica gets the same bits); answers the float64 sums of squares the
+   *  coordinator needs for the global norm and the gradient screen. A partner whose pull fails, or
+   *  whose gradient is misshapen or non-finite, is named in `failed` (nothing is kept). */
+  async reduce(req: AggregateRequest, selfId: string, pull: PullGradient, opts: JobOptions = {}): Promise<AggregateResponse> {
+    this.check(req, 'aggregate reduce');
+    const params = this.stage.params;
+    const replicas = req.replicas ?? [];
+    if (!replicas.some((r) => r.peerId === selfId)) throw new SchemaError(`aggregate reduce: this peer ${selfId} is not among the step's replicas`);
+    if (new Set(replicas.map((r) => r.peerId)).size !== replicas.length) throw new SchemaError('aggregate reduce: a replica is named twice');
+    const own = await this.gradients.stepSumOf(opts);
+    this.gradients.setRoster(req.step, replicas.map((r) => r.peerId).filter((id) => id !== selfId));
+    const ownSumSq = gradSquaredSum(own);
+    const base = { total: params.length, microBatches: this.gradients.committedCount };
+    if (!Number.isFinite(ownSumSq)) return { ...base, ownFinite: false };
+    const parts: Float32Array[][] = [];
+    for (const r of replicas) {
+      if (r.peerId === selfId) { parts.push(own); continue; }
+      let got: { grads: WireTensor[] };
+      try { got = await pull(r, opts.signal); } catch (e) {
+        if (opts.signal?.aborted === true) throw opts.signal.reason;
+        return { ...base, ownSumSq, ownFinite: true, failed: { peerId: r.peerId, message: `${(e as Error).name}: ${(e as Error).message}`.slice(0, 4000), bad: false } };
+      }
+      try {
+        if (got.grads.length !== params.length) throw new TensorError(`${got.grads.length} tensors, the stage has ${params.length}`);
+        parts.push(got.grads.map((t, i) => decodeFloat(t, `step ${req.step} grad ${params[i]!.name} from ${r.peerId}`, params[i]!.shape)));
+      } catch (e) {
+        return { ...base, ownSumSq, ownFinite: true, failed: { peerId: r.peerId, message: (e as Error).message.slice(0, 4000), bad: true } };
+      }
+    }
+    const reduced = parts.length === 1 ? own.map((g) => Float32Array.from(g)) : sumInOrder(parts);
+    this.gradients.setReduced(req.step, reduced);
+    const sumSq = gradSquaredSum(reduced);
+    const partsSumSq = parts.map((g) => (g === own ? ownSumSq : gradSquaredSum(g)));
+    return { ...base, ownSumSq, ownFinite: true, ...(partsSumSq.every(Number.isFinite) ? { partsSumSq } : {}), ...(Number.isFinite(sumSq) ? { sumSq } : {}) };
+  }
+
+  /** The light tail's apply: the reduced gradient, clipped by the coordinator's coefficient with the
+   *  same float32 operation it used to apply itself (engine clip.ts scaleGrads), through the optimizer. */
+  private async stepReduced(req: AggregateRequest): Promise<AggregateResponse> {
+    if (req.lr === undefined) throw new SchemaError('aggregate step: needs lr');
+    if (req.clip === true && req.clipScale === undefined) throw new SchemaError('aggregate step: clip without clipScale');
+    const g = this.gradients.reducedOf(req.step);
+    return { total: this.stage.params.length, ...await this.queue.run(0, async () => {
+      if (req.clip === true) scaleGrads(g, req.clipScale!);
+      return this.applyStep(g, req.lr!);
+    }) };
   }
 
   /** The optimizer step with the final gradient, after keeping the state from before it; the

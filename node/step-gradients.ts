@@ -1,7 +1,7 @@
 // The step's LoRA gradients on one stage, kept by attempt: each uncommitted attempt's gradient apart,
 // committed micro-batches folded into the step sum in micro-batch order, the final gradient as its pages arrive.
 import type { Stage } from '../engine/types.ts';
-import { StaleError } from '../protocol/errors.ts';
+import { AuthError, StaleError } from '../protocol/errors.ts';
 
 /** One micro-batch attempt this stage ran forward (and maybe backward) for. */
 export interface Attempt { mb: number; attempt: number; forwardDone: boolean; grads: Float32Array[] | null; batch: number; seqLen: number }
@@ -14,6 +14,29 @@ export function attemptKey(step: number, mb: number, attempt: number): string {
   return `${step}:${mb}:${attempt}`;
 }
 
+/** How long a replica keeps asking a partner that has not had its own reduce request of the step yet
+ *  (the coordinator sends every replica's at once): past it, the partner's reduce is not coming (it
+ *  failed, or the coordinator gave the round up). */
+export const ROSTER_WAIT_MS = 30_000;
+/** The words of the refusal a pull gets before the partner's own reduce arrived (its partner retries). */
+export const NOT_YET_REDUCED = 'this peer has had no reduce request of step';
+
+/** Pull a partner's step sum, asking again (20 ms, growing to 250 ms apart) while the partner answers
+ *  that its own reduce of the step has not arrived yet, for at most `waitMs`. */
+export async function pullWhenNamed<T>(pull: () => Promise<T>, signal: AbortSignal | undefined, waitMs = ROSTER_WAIT_MS): Promise<T> {
+  const until = Date.now() + waitMs;
+  for (let delay = 20; ; delay = Math.min(250, delay * 2)) {
+    try {
+      return await pull();
+    } catch (e) {
+      const err = e as Error;
+      if (err.name !== 'StaleError' || !err.message.includes(NOT_YET_REDUCED) || Date.now() + delay > until) throw e;
+    }
+    signal?.throwIfAborted();
+    await new Promise((r) => setTimeout(r, delay));
+  }
+}
+
 export class StepGradients {
   private readonly stage: GradientStage;
   private readonly attempts = new Map<string, Attempt>();
@@ -23,6 +46,10 @@ export class StepGradients {
   private finalGrads: Float32Array[] | null = null;
   /** params [0, covered) of finalGrads hold this step's final gradient (meaningful while finalGrads is set) */
   private covered = 0;
+  /** the light tail: the replicas the coordinator named for this step's reduce (who may pull this
+   *  peer's step sum), and the reduced gradient the step's apply runs on */
+  private roster: { step: number; ids: ReadonlySet<string> } | null = null;
+  private reduced: { step: number; grads: Float32Array[] } | null = null;
 
   constructor(stage: GradientStage) {
     this.stage = stage;
@@ -119,13 +146,55 @@ export class StepGradients {
     return this.finalGrads;
   }
 
+  /** The coordinator named these replicas (peer ids) for step `step`'s reduce. */
+  setRoster(step: number, ids: Iterable<string>): void {
+    this.roster = { step, ids: new Set(ids) };
+  }
+
+  /** A partner replica may pull this peer's step sum of `step` only once this peer's own reduce of
+   *  that step named it. Nothing waits here (a stranger cannot hold a handler): a pull that comes before
+   *  this peer's reduce request is refused with NOT_YET_REDUCED and the partner asks again
+   *  (pullWhenNamed). */
+  allowPull(peerId: string, step: number): void {
+    if (this.roster?.step !== step) throw new StaleError(`aggregate collect: ${NOT_YET_REDUCED} ${step} yet`);
+    if (!this.roster.ids.has(peerId)) throw new AuthError(`aggregate collect: peer ${peerId} is not a replica the coordinator named for step ${step}'s reduce`);
+  }
+
+  /** The step's reduced gradient (replicas summed in the coordinator's order), for its apply. */
+  setReduced(step: number, grads: Float32Array[]): void { this.reduced = { step, grads }; }
+  reducedOf(step: number): Float32Array[] {
+    if (this.reduced?.step !== step) throw new StaleError(`aggregate step: no reduced gradient of step ${step} here (reduce first)`);
+    return this.reduced.grads;
+  }
+
   /** Drop everything of the step in flight: attempts (and their kept inputs), committed micro-batches,
-   *  the step sum, a partial final gradient. */
+   *  the step sum, a partial final gradient, the reduce's roster and result. */
   reset(): void {
+    this.reduced = null;
+    this.roster = null;
     this.finalGrads = null;
     this.stepSum = null;
     this.committed.clear();
     for (const k of this.attempts.keys()) this.stage.release(k);
     this.attempts.clear();
   }
+}
+
+/** The replicas' step gradients summed in the given order, into fresh arrays (the inputs are left as
+ *  they are: a partner may still be pulling this peer's own): the first copied, each next one added
+ *  element by element in float32, the same operations as the coordinator's sumReplicas, so every
+ *  replica of a stage gets the same bits. */
+export function sumInOrder(replicas: readonly (readonly Float32Array[])[]): Float32Array[] {
+  if (replicas.length === 0) throw new Error('sumInOrder: no replicas');
+  const out = replicas[0]!.map((g) => Float32Array.from(g));
+  for (let r = 1; r < replicas.length; r++) {
+    const rg = replicas[r]!;
+    if (rg.length !== out.length) throw new Error(`sumInOrder: replica ${r} has ${rg.length} tensors, replica 0 has ${out.length}`);
+    for (let i = 0; i < out.length; i++) {
+      const o = out[i]!, g = rg[i]!;
+      if (g.length !== o.length) throw new Error(`sumInOrder: tensor ${i} of replica ${r} has ${g.length} elements, expected ${o.length}`);
+      for (let j = 0; j < o.length; j++) o[j]! += g[j]!;
+    }
+  }
+  return out;
 }

@@ -269,23 +269,44 @@ export type AckResponse = ReturnType<typeof ackResponse>;
 export const aggregateRequest = obj({
   runId: runIdStr,
   step: int(0, I32),
-  /** collect: send the step's summed gradient for params [from, from+count);
+  /** collect: send the step's summed gradient for params [from, from+count) (to the coordinator, or
+   *  to a replica of the same stage that this peer's `reduce` of the step names);
    *  apply: take the final (normalized, clipped) gradient for those params and, on the last page,
-   *  run the optimizer step with `lr` */
-  phase: oneOf(['collect', 'apply'] as const),
+   *  run the optimizer step with `lr` (the heavy tail, kept for a replica placed during apply);
+   *  reduce: sum the step gradients of `replicas` (this peer among them) in their order, pulling the
+   *  others' by `collect` from them, and answer the float64 sums of squares (the light tail);
+   *  step: clip the reduced gradient by `clipScale` (when `clip`) and run the optimizer step with `lr` */
+  phase: oneOf(['collect', 'apply', 'reduce', 'step'] as const),
   from: int(0, 1 << 20),
   count: int(0, 1 << 20),
   grads: opt(arr(wireTensor, 1 << 16)),
   lr: opt(num({ min: 0 })),
   last: opt(bool),
+  /** reduce: the stage's replicas for this step in peer-id order, each with its addresses (/p2p/ id
+   *  included); the only peers this peer pulls from and serves its step gradient to */
+  replicas: opt(arr(obj({ peerId: peerIdStr, addrs: arr(multiaddrStr, 32) }), 4096)),
+  /** step: the clip coefficient min(1, max_norm / (norm + 1e-6)) the coordinator computed from every
+   *  stage's sum of squares; `clip` false (max_grad_norm 0): no clipping */
+  clipScale: opt(num({ min: 0 })),
+  clip: opt(bool),
 });
 export type AggregateRequest = ReturnType<typeof aggregateRequest>;
 export const aggregateResponse = obj({
   /** total number of params of the stage */
   total: int(0, 1 << 20),
   grads: opt(arr(wireTensor, 1 << 16)),
-  /** number of committed micro-batches folded in (collect) */
+  /** number of committed micro-batches folded in (collect, reduce: this peer's own) */
   microBatches: opt(int(0, I32)),
+  /** reduce: Σ g² (float64) of the reduced gradient, and of this peer's own step gradient (for the
+   *  coordinator's gradient screen); `ownFinite` false: its own step gradient is not finite */
+  sumSq: opt(num({ min: 0 })),
+  ownSumSq: opt(num({ min: 0 })),
+  ownFinite: opt(bool),
+  /** reduce: Σ g² of each replica's step gradient as this peer used it (its own, and what each
+   *  partner sent it), in the request's replica order: the gradient screen judges what partners received */
+  partsSumSq: opt(arr(num({ min: 0 }), 4096)),
+  /** reduce: pulling a partner's step gradient failed; `bad`: what it sent was misshapen or non-finite */
+  failed: opt(obj({ peerId: peerIdStr, message: str({ max: MAX_STRING_LENGTH }), bad: bool })),
   /** the last apply page: after its optimizer step, the digest of the stage's LoRA tensors
    *  (protocol/adapter-digest.ts) and the sha256 of its optimizer state bytes, which every replica of
    *  the stage must share */

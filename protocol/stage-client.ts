@@ -43,6 +43,17 @@ export interface CollectedGradient {
   microBatches: number;
 }
 
+/** What a replica answers to `reduce`: Σ g² of the reduced gradient (absent: not finite) and of its
+ *  own step gradient (NaN: not finite), or the partner whose gradient it could not take. */
+export interface ReducedGradient {
+  microBatches: number;
+  sumSq?: number;
+  ownSumSq: number;
+  /** Σ g² of each replica's gradient as this peer summed it (request order; NaN: not finite) */
+  partsSumSq: number[];
+  failed?: { peerId: string; message: string; bad: boolean };
+}
+
 /** What a replica reports after its optimizer step (absent from a peer that does not report them). */
 export interface AppliedDigests { adapterSha256?: string; optimizerSha256?: string }
 
@@ -123,6 +134,26 @@ export class StagePeerClient {
       }, this.init.timeouts.computeTimeoutMs, opts);
     }
     return { adapterSha256: last?.adapterSha256, optimizerSha256: last?.optimizerSha256 };
+  }
+
+  /** The light tail's first round: the peer sums the step gradients of `replicas` (peer-id order,
+   *  itself among them) pulling the others' from them, and answers the float64 sums of squares. */
+  async reduce(peer: DialTarget, step: number, replicas: ReadonlyArray<{ peerId: string; addrs: string[] }>, opts: CallOptions = {}): Promise<ReducedGradient> {
+    const res = await this.call(peer, 'aggregate', { runId: this.init.runId, step, phase: 'reduce', from: 0, count: 0, replicas: [...replicas] },
+      // its own pulls are compute-class requests, one per partner (each paged)
+      this.init.timeouts.computeTimeoutMs * Math.max(2, replicas.length), opts);
+    return {
+      microBatches: res.microBatches ?? 0, sumSq: res.sumSq, ownSumSq: res.ownFinite === false ? Number.NaN : res.ownSumSq ?? Number.NaN,
+      partsSumSq: res.partsSumSq ?? replicas.map(() => Number.NaN), failed: res.failed,
+    };
+  }
+
+  /** The light tail's apply: the peer clips its reduced gradient by `clipScale` (when `clip`) and runs
+   *  its optimizer step with `lr`; resolves to the digests it reports after it. */
+  async step(peer: DialTarget, step: number, clip: { clip: boolean; clipScale: number }, lr: number, opts: CallOptions = {}): Promise<AppliedDigests> {
+    const res = await this.call(peer, 'aggregate', { runId: this.init.runId, step, phase: 'step', from: 0, count: 0, lr, ...clip },
+      this.init.timeouts.computeTimeoutMs, opts);
+    return { adapterSha256: res.adapterSha256, optimizerSha256: res.optimizerSha256 };
   }
 
   /** The peer's LoRA tensors of its stage at its current step, every page. */

@@ -51,9 +51,12 @@ export interface Scenario {
     controlBytesPerStage: number;
     heartbeatBytes: number;
   };
-  /** how the step tail aggregates: 'coordinator' (as built: every replica's gradient to the coordinator)
-   *  or 'stage-allreduce' (the design of docs/scale.md: replicas of a stage reduce among themselves) */
-  tail: 'coordinator' | 'stage-allreduce';
+  /** how the step tail aggregates: 'light' (as built, coordinator/step.ts: every replica of a stage
+   *  pulls its partners' step gradients and sums them, all stages at once; the coordinator gets each
+   *  stage's Σ g², every stage applies in parallel, one adapter upload per stage), 'coordinator' (the
+   *  tail before it: every replica's gradient to the coordinator and the final one back, stage after
+   *  stage) or 'stage-allreduce' (recursive halving/doubling among a stage's replicas, docs/scale.md) */
+  tail: 'light' | 'coordinator' | 'stage-allreduce';
   /** how routes pair replicas: 'as-built' (routeFor: replica k of every stage, in peer-id order) or
    *  'speed-matched' (the design of docs/scale.md: the k-th fastest of every stage) */
   routes: 'as-built' | 'speed-matched';
@@ -152,7 +155,7 @@ export function parseScenario(json: unknown, overrides: { steps?: number; peers?
       cpuNsPerByte: num(c, 'cpu_ns_per_byte', 'scenario.coordinator', 0, 1e6), storeCommitMs: num(c, 'store_commit_ms', 'scenario.coordinator', 0, 1e6),
       controlBytesPerStage: num(c, 'control_bytes_per_stage', 'scenario.coordinator', 0, 1e9), heartbeatBytes: num(c, 'heartbeat_bytes', 'scenario.coordinator', 0, 1e9),
     },
-    tail: oneOf(o, 'tail', 'scenario', ['coordinator', 'stage-allreduce'] as const, 'coordinator'),
+    tail: oneOf(o, 'tail', 'scenario', ['light', 'coordinator', 'stage-allreduce'] as const, 'light'),
     routes: oneOf(o, 'routes', 'scenario', ['as-built', 'speed-matched'] as const, 'as-built'),
     lateJoin: oneOf(o, 'late_join', 'scenario', ['as-built', 'background'] as const, 'as-built'),
     maxHours: num(o, 'max_hours', 'scenario', 0.001, 1e6, 24 * 30),

@@ -22,6 +22,7 @@ import type { RunStore } from '../coordinator/store.ts';
 import { SimClock } from './clock.ts';
 import { drawPeer, hopBytes, hopPath, layerTrainFlopsPerToken, headTrainFlopsPerToken, rng, stageCosts } from './cost.ts';
 import type { StageCosts } from './cost.ts';
+import { allreduceMs, pullReduceMs } from './tail-cost.ts';
 import { PeerGoneError, SimPeer } from './peer.ts';
 import { avg, q, r3 } from './result.ts';
 import type { SimResult } from './result.ts';
@@ -448,22 +449,28 @@ export class Simulation {
     this.commits.set(step, (this.commits.get(step) ?? 0) + 1);
   }
 
-  /** collect every live replica's step gradient (stage by stage, replica by replica, as collectAll); false
-   *  when one failed (it is dropped, the step's broken micro-batches run again) */
+  /** the light tail (coordinator/step.ts reduceAll: all stages at once, each replica pulls its partners'
+   *  gradients in turn, sim/tail-cost.ts), collect (every replica's gradient, stage by stage) or
+   *  stage-allreduce and one upload; false when one failed (dropped; broken micro-batches run again) */
   private async tail(): Promise<boolean> {
-    for (let s = 0; s < this.stages.length; s++) {
-      const bytes = 4 * this.costs[s]!.loraParams;
-      const live = this.peers.liveReplicas(s);
-      if (this.sc.tail === 'stage-allreduce') {
-        try { await this.allreduce(live.map((id) => this.sim.get(id)!), bytes); } catch (e) { return this.dropped(e); }
-        try { await this.request(this.sim.get(live[0]!)!, 100, bytes); } catch (e) { return this.dropped(e); }
-        continue;
+    const waitOn = (ps: SimPeer[], ms: number) => Promise.all(ps.map((p) => this.guard<void>(p, (ok) => this.clock.at(ms, () => ok(undefined)))));
+    try {
+      if (this.sc.tail === 'light') {
+        const jobs = this.stages.flatMap((_, s) => this.peers.liveReplicas(s).map((id, _i, ids) => {
+          const p = this.sim.get(id)!, qs = ids.filter((x) => x !== id).map((x) => this.sim.get(x)!);
+          return waitOn(qs, pullReduceMs(p.spec, qs.map((q) => q.spec), 4 * this.costs[s]!.loraParams)).then(() => this.request(p, 100, 100));
+        }));
+        for (const r of await Promise.allSettled(jobs)) if (r.status === 'rejected') throw r.reason;
+        return true;
       }
-      for (const id of live) {
-        try { await this.request(this.sim.get(id)!, 100, bytes); } catch (e) { return this.dropped(e); }
+      for (let s = 0; s < this.stages.length; s++) {
+        const bytes = 4 * this.costs[s]!.loraParams, live = this.peers.liveReplicas(s).map((id) => this.sim.get(id)!);
+        if (this.sc.tail !== 'stage-allreduce') { for (const p of live) await this.request(p, 100, bytes); continue; }
+        if (live.length > 1) await waitOn(live, allreduceMs(live.map((p) => p.spec), bytes));
+        await this.request(live[0]!, 100, bytes);
       }
-    }
-    return true;
+      return true;
+    } catch (e) { return this.dropped(e); }
   }
 
   private async dropped(e: unknown): Promise<boolean> {
@@ -474,22 +481,18 @@ export class Simulation {
     return false;
   }
 
-  /** the design's reduction among a stage's replicas: recursive halving/doubling, 2·log2(n) rounds of the
-   *  slowest member's latency and twice the gradient over the slowest link */
-  private allreduce(ps: SimPeer[], bytes: number): Promise<void> {
-    if (ps.length <= 1) return Promise.resolve();
-    const rounds = 2 * Math.ceil(Math.log2(ps.length));
-    const slow = Math.min(...ps.map((p) => p.spec.bytesPerSecond));
-    const lat = Math.max(...ps.map((p) => p.spec.rttMs));
-    const ms = rounds * lat + 1000 * 2 * bytes * (ps.length - 1) / ps.length / slow;
-    return Promise.all(ps.map((p) => this.guard<void>(p, (ok) => this.clock.at(ms, () => ok(undefined))))).then(() => {});
-  }
-
   private async applyAndCommit(): Promise<void> {
-    const S = this.stages.length;
-    for (let s = 0; s < S; s++) {
-      const bytes = 4 * this.costs[s]!.loraParams;
-      const live = this.peers.liveReplicas(s);
+    const S = this.stages.length, light = this.sc.tail === 'light';
+    const one = async (s: number, bytes: number) => {
+      for (const id of this.peers.liveReplicas(s)) try { await this.request(this.sim.get(id)!, 100, bytes); return; } catch { /* next replica */ }
+    };
+    if (light) {
+      // all stages apply at once; then one adapter upload per stage (in parallel), the small states one by one
+      await Promise.allSettled(this.stages.flatMap((_, s) => this.peers.liveReplicas(s)).map((id) => this.request(this.sim.get(id)!, 100, 100)));
+      await Promise.all(this.stages.map((_, s) => one(s, 4 * this.costs[s]!.loraParams)));
+    }
+    for (let s = 0; s < S && !light; s++) {
+      const bytes = 4 * this.costs[s]!.loraParams, live = this.peers.liveReplicas(s);
       if (this.sc.tail === 'stage-allreduce') {
         // the replicas already hold the sum: the coordinator sends the clip factor and the step's lr
         await Promise.allSettled(live.map((id) => this.request(this.sim.get(id)!, 100, 100)));
@@ -499,11 +502,9 @@ export class Simulation {
       }
     }
     for (let s = 0; s < S; s++) {
-      const c = this.costs[s]!;
-      for (const id of this.peers.liveReplicas(s)) {
-        const extra = c.optimizerBytes <= CHECKPOINT_EVERY_STEP_MAX_BYTES ? c.optimizerBytes : 0;
-        try { await this.request(this.sim.get(id)!, 100, 4 * c.loraParams + extra); break; } catch { /* next replica */ }
-      }
+      const c = this.costs[s]!, small = c.optimizerBytes <= CHECKPOINT_EVERY_STEP_MAX_BYTES;
+      if (!light) await one(s, 4 * c.loraParams + (small ? c.optimizerBytes : 0));
+      else if (small) await one(s, c.optimizerBytes);
     }
     await this.clock.sleep(this.sc.coordinator.storeCommitMs);
   }

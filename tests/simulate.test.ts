@@ -84,7 +84,7 @@ test('scenario errors name the field; the committed scenarios parse', () => {
   bad((o) => { o.peers.classes[0].share = 0.9; }, /shares must sum to 1/);
   bad((o) => { o.peers.link_mbit = [1000, 20]; }, /scenario\.peers\.link_mbit must be \[low, high\]/);
   bad((o) => { delete o.train.seq_len; }, /scenario\.train\.seq_len is missing/);
-  bad((o) => { o.tail = 'p2p'; }, /scenario\.tail must be one of coordinator, stage-allreduce/);
+  bad((o) => { o.tail = 'p2p'; }, /scenario\.tail must be one of light, coordinator, stage-allreduce/);
   bad((o) => { o.churn.leave_per_hour = -1; }, /scenario\.churn\.leave_per_hour must be a number in \[0, 10\]/);
   for (const n of ['64-heterogeneous', '64-churn', '1000-70b']) {
     const sc = readScenario(scenarioFile(n));
