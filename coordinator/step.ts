@@ -122,9 +122,6 @@ export class OptimizerStep {
     this.slots = new PeerSlots(inFlightPerPeer(n));
   }
 
-  /** the most micro-batches any peer held in flight during this step (tests read it) */
-  get maxInFlightPerPeer(): number { return this.slots.maxHeld; }
-
   /** Run step `step` with learning rate `lr` to its commit. */
   static async run(ctx: StepContext, step: number, lr: number, opts: { signal: AbortSignal }): Promise<StepRecord> {
     const startedMs = performance.now();
@@ -285,7 +282,7 @@ export class OptimizerStep {
    *  activations and their gradients go stage to stage) while the route holds a slot on each of its
    *  peers; then, after any spot check, one commit round to every stage of the route in parallel (its
    *  gradients count now, exactly once), which runs behind the route's window: the worker takes its
-   *  next micro-batch meanwhile and settleCommits waits for the round before the step's tail. A
+   *  next micro-batch meanwhile and computeAll settles the round before the step's tail. A
    *  receiver's report of a bad tensor is refereed before anyone is banned. */
   private async runMicroBatch(mb: number, route: Route): Promise<void> {
     const { client, peers } = this.ctx;
