@@ -9,7 +9,7 @@
 // blob from 1, 4 and 8 rate-limited providers, bench/blob-fetch.ts), packing (tokens/s and padding with
 // and without TRL packing on mixed lengths, bench/packing.ts), verify (the cost and detection of spot
 // checks, bench/verify.ts), wan (only with --only: the swarm over emulated links in network namespaces,
-// bench/wan.ts, and the round trips of a 2 MiB request, bench/wan-rpc.ts; root, ~20 minutes), scale (the simulator's scenarios, bench/scale.ts). Heavy parts run in
+// bench/wan.ts, the round trips of a 2 MiB request, bench/wan-rpc.ts, and what an opened-ahead hop saves, bench/wan-hop.ts; root, ~20 minutes), scale (the simulator's scenarios, bench/scale.ts). Heavy parts run in
 // child processes (the model bench for its own peak RSS, the swarm trace per wire codec, the CLI runs).
 // Other processes on the machine lower every figure: the load average is recorded before and after
 // each section.
@@ -196,7 +196,9 @@ export async function runBench(args: BenchArgs): Promise<Record<string, unknown>
       const wan = await runJsonScript(NODE, [path.join(ROOT, 'bench', 'wan.ts'), ...(args.quick ? ['--quick'] : [])], 'bench/wan.ts', 3_600_000);
       log('wan/rpc: round trips of a 2 MiB response at 100 Mbit/s, 50 ms RTT, yamux windows of protocol/net.ts (256 KiB) and 4 MiB');
       const rpc = await runJsonScript(NODE, [path.join(ROOT, 'bench', 'wan-rpc.ts'), `--reps=${args.quick ? 2 : 5}`], 'bench/wan-rpc.ts', 600_000);
-      return { ...(wan.wan as Record<string, unknown>), rpc };
+      log('wan/hop: one activation hop at 100 Mbit/s, 50 ms RTT, sent as its tensor is ready and opened ahead (protocol/hop.ts openHop)');
+      const hop = await runJsonScript(NODE, [path.join(ROOT, 'bench', 'wan-hop.ts'), `--reps=${args.quick ? 2 : 5}`], 'bench/wan-hop.ts', 600_000);
+      return { ...(wan.wan as Record<string, unknown>), rpc, hop };
     });
   }
   if (args.only.includes('scale')) {

@@ -17,8 +17,9 @@ export interface Plan {
   rejected: Map<string, string>;
 }
 
-/** Most micro-batches a route keeps in flight (coordinator/routes.ts pipelineDepth); each holds its
- *  checkpointed layer inputs on every stage it has passed until its backward. */
+/** Most micro-batches in flight on one peer (coordinator/routes.ts inFlightPerPeer, PeerSlots), and so
+ *  in one route's window; each holds its checkpointed layer inputs on every stage it has passed until
+ *  its backward. */
 export const MAX_IN_FLIGHT_PER_ROUTE = 4;
 
 /** bytes a stage [a, b) needs on a peer (the trainer's memory model, bound to the run's settings) */

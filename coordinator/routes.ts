@@ -1,14 +1,83 @@
-// Micro-batch scheduling over routes (one peer per stage): how many routes, how deep each pipeline runs, each route's share of a step.
+// Micro-batch scheduling over routes (one peer per stage): how many routes, how many micro-batches each
+// keeps in flight and how many a peer may hold, each route's share of a step.
 import { MAX_IN_FLIGHT_PER_ROUTE } from './planner.ts';
 
 /** One peer id per stage: the path a micro-batch attempt takes forward and back. */
 export type Route = string[];
 
 /** Micro-batches in flight per route: one per stage, so every stage of a pipeline has work (GPipe/1F1B
- *  fill), at most MAX_IN_FLIGHT_PER_ROUTE — the figure the stage memory model (coordinator/spec.ts)
- *  budgets activations for. */
+ *  fill), at most MAX_IN_FLIGHT_PER_ROUTE. A route's commit rounds run behind its window (they hold no
+ *  slot), and PeerSlots keeps every peer within inFlightPerPeer however many routes share it. */
 export function pipelineDepth(numStages: number): number {
   return Math.max(1, Math.min(numStages, MAX_IN_FLIGHT_PER_ROUTE));
+}
+
+/** Micro-batches in flight per peer: what the stage memory model (coordinator/spec.ts) budgets
+ *  activations for on every peer, min(MAX_IN_FLIGHT_PER_ROUTE, micro-batches per step); PeerSlots holds
+ *  every peer to it however many routes share the peer (R routes × pipelineDepth may exceed it). */
+export function inFlightPerPeer(microBatchesPerStep: number): number {
+  return Math.max(1, Math.min(MAX_IN_FLIGHT_PER_ROUTE, microBatchesPerStep));
+}
+
+/** Micro-batch attempts in flight on each peer (from the control messages out to the last report,
+ *  a superset of the time a stage keeps the attempt's activations), at most `limit` per peer. A route
+ *  takes one slot on every one of its peers at once or waits (all or none: routes that share peers
+ *  never hold part of what another needs, so they cannot deadlock). */
+export class PeerSlots {
+  readonly limit: number;
+  private readonly held = new Map<string, number>();
+  private waiters: Array<() => void> = [];
+  /** the most slots any one peer held at once (tests and the bench read it) */
+  maxHeld = 0;
+
+  constructor(limit: number) {
+    if (!Number.isInteger(limit) || limit < 1) throw new RangeError(`PeerSlots: limit ${limit} is not a positive integer`);
+    this.limit = limit;
+  }
+
+  heldBy(id: string): number { return this.held.get(id) ?? 0; }
+
+  /** Take a slot on every peer of `route` if each has one free. */
+  tryTake(route: readonly string[]): boolean {
+    if (route.some((id) => this.heldBy(id) >= this.limit)) return false;
+    for (const id of route) {
+      const n = this.heldBy(id) + 1;
+      this.held.set(id, n);
+      if (n > this.maxHeld) this.maxHeld = n;
+    }
+    return true;
+  }
+
+  /** Take a slot on every peer of `route`, waiting until each has one free; rejects with the
+   *  signal's reason when it aborts first. */
+  async take(route: readonly string[], signal: AbortSignal): Promise<void> {
+    while (!this.tryTake(route)) {
+      signal.throwIfAborted();
+      await new Promise<void>((resolve) => {
+        const wake = () => { signal.removeEventListener('abort', wake); this.waiters = this.waiters.filter((w) => w !== wake); resolve(); };
+        signal.addEventListener('abort', wake, { once: true });
+        this.waiters.push(wake);
+      });
+    }
+  }
+
+  /** Run `fn` holding a slot on every peer of `route`. */
+  async during<T>(route: readonly string[], signal: AbortSignal, fn: () => Promise<T>): Promise<T> {
+    await this.take(route, signal);
+    try { return await fn(); } finally { this.release(route); }
+  }
+
+  /** Give back the slots `route` took. */
+  release(route: readonly string[]): void {
+    for (const id of route) {
+      const n = this.heldBy(id) - 1;
+      if (n < 0) throw new RangeError(`PeerSlots: ${id} released more slots than it took`);
+      if (n === 0) this.held.delete(id); else this.held.set(id, n);
+    }
+    const w = this.waiters;
+    this.waiters = [];
+    for (const wake of w) wake();
+  }
 }
 
 /** Micro-batches per route for one step, proportional to each route's measured throughput (largest
@@ -66,4 +135,42 @@ export function routeRate(routes: ReadonlyArray<Route | null>, r: number, tokens
   const rt = routes[r];
   if (rt === null || rt === undefined) return 0;
   return Math.min(...rt.map((id, s) => tokensPerSecond(id) / routes.filter((o) => o?.[s] === id).length));
+}
+
+/** Work that runs behind the routes' windows (the commit rounds): started as each micro-batch reports,
+ *  every one settled before the step's tail. A round resolves to null (done) or a failure to retry. */
+export class BehindWindow<F> {
+  private pending: Array<Promise<F | null>> = [];
+
+  get size(): number { return this.pending.length; }
+
+  /** Track `p` (its rejection is kept for settle, never unhandled meanwhile). */
+  add(p: Promise<F | null>): void {
+    p.catch(() => undefined);
+    this.pending.push(p);
+  }
+
+  /** Wait for every round, those added meanwhile too; each failure goes to `onFailure` in the order
+   *  the rounds started. A rejected round (the step was cancelled) rejects, after all have settled. */
+  async settle(onFailure: (f: F) => void | Promise<void>): Promise<void> {
+    while (this.pending.length > 0) {
+      const batch = this.pending;
+      this.pending = [];
+      const settled = await Promise.allSettled(batch);
+      for (const r of settled) if (r.status === 'rejected') throw r.reason;
+      for (const r of settled) {
+        const f = (r as PromiseFulfilledResult<F | null>).value;
+        if (f !== null) await onFailure(f);
+      }
+    }
+  }
+
+  /** Wait for every round, whatever its outcome (the step failed: none outlives it). */
+  async drain(): Promise<void> {
+    while (this.pending.length > 0) {
+      const batch = this.pending;
+      this.pending = [];
+      await Promise.allSettled(batch);
+    }
+  }
 }

@@ -9,7 +9,7 @@ import type { LlamaConfig, LoraConfig } from '../engine/types.ts';
 import type { ModelDir } from '../engine/formats/model-dir.ts';
 import type { RunData } from './run.ts';
 import type { StageMemoryFn } from './planner.ts';
-import { MAX_IN_FLIGHT_PER_ROUTE } from './planner.ts';
+import { inFlightPerPeer } from './routes.ts';
 
 /** The run's data pipeline and what the organizer is told about it at start. */
 export interface RunDataInfo extends RunData {
@@ -46,11 +46,11 @@ export async function buildRunData(train: TrainConfig, model: ModelDir): Promise
 }
 
 /** Bytes a stage [a, b) needs on a volunteer under this run's settings. The engine keeps embeddings,
- *  the head and activations in float32 on CPU volunteers, hence floatBytes 4. A route keeps up to
- *  MAX_IN_FLIGHT_PER_ROUTE micro-batches in flight (never more than a step has), each holding its
- *  checkpointed layer inputs on the stage until its backward. */
+ *  the head and activations in float32 on CPU volunteers, hence floatBytes 4. A peer holds at most
+ *  inFlightPerPeer(accumulation) micro-batches in flight (coordinator/routes.ts PeerSlots, however
+ *  many routes share it), each holding its checkpointed layer inputs on the stage until its backward. */
 export function stageMemoryFn(config: LlamaConfig, train: TrainConfig, lora: LoraConfig, doubleQuant = train.bnb_4bit_use_double_quant): StageMemoryFn {
-  const inFlightMicroBatches = Math.min(MAX_IN_FLIGHT_PER_ROUTE, train.gradient_accumulation_steps);
+  const inFlightMicroBatches = inFlightPerPeer(train.gradient_accumulation_steps);
   return (layerStart, layerEnd) => stageMemoryBytes(config, {
     inFlightMicroBatches, doubleQuant,
     layerStart, layerEnd, lora: { r: lora.r, targetModules: lora.targetModules },

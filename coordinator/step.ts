@@ -19,7 +19,7 @@ import type { CoordinatorConfig } from './config.ts';
 import { crashPoint } from './crash.ts';
 import type { PeerRegistry } from './peers.ts';
 import type { StageRange } from './planner.ts';
-import { pipelineDepth, preferDirectHops, routeFor, routeQuotas, routeRate } from './routes.ts';
+import { BehindWindow, inFlightPerPeer, PeerSlots, pipelineDepth, preferDirectHops, routeFor, routeQuotas, routeRate } from './routes.ts';
 import { brokenMicroBatches } from './decide.ts';
 import type { Route } from './routes.ts';
 import type { ReplicaGradient, Screens } from './screening.ts';
@@ -109,6 +109,10 @@ export class OptimizerStep {
   /** per stage: the replicas whose reduce of this step counted (they apply it) */
   private reducedBy: string[][] = [];
   private taken: number[] = [];
+  /** micro-batches in flight per peer, at most what the planner budgets activations for */
+  private readonly slots: PeerSlots;
+  /** commit rounds under way (off the routes' critical path): each settles to null or the failure to retry */
+  private readonly commits = new BehindWindow<{ mb: number; failure: RouteFailure }>();
 
   private constructor(ctx: StepContext, plan: StepPlan, lr: number, startedMs: number, signal: AbortSignal) {
     this.ctx = ctx;
@@ -124,6 +128,7 @@ export class OptimizerStep {
     this.committedRoute = plan.microBatches.map(() => null);
     this.committedAttempt = new Int32Array(n);
     this.todo = plan.microBatches.map((_, i) => i);
+    this.slots = new PeerSlots(inFlightPerPeer(n));
   }
 
   /** Run step `step` with learning rate `lr` to its commit. */
@@ -200,17 +205,28 @@ export class OptimizerStep {
     for (;;) {
       // a stage that lost every replica gets one first (or the run waits for a volunteer)
       await this.ctx.cover(this.signal);
-      // R routes, each with up to `depth` micro-batches in flight: while stage 1 works on one
-      // micro-batch, stage 0 already runs the next (the stage hosts queue backward before forward,
-      // so a route settles into one-forward-one-backward). Results do not depend on the order:
-      // every stage folds its committed micro-batches in micro-batch order.
+      // R routes, each with a window of up to `depth` micro-batches in flight, and every peer holding
+      // at most what the planner budgets activations for however many routes share it (PeerSlots):
+      // while stage 1 works on one micro-batch, stage 0 already runs the next, and the hops and
+      // reports of one overlap the compute of others (the stage hosts queue backward before forward,
+      // so a route settles into one-forward-one-backward). Commit rounds run behind the window.
+      // Results do not depend on the order: every stage folds its committed micro-batches in
+      // micro-batch order.
       const R = Math.max(...this.ctx.stages.map((_, s) => peers.routable(s).length));
       const depth = pipelineDepth(this.S);
       const routes = Array.from({ length: R }, (_, r) => this.routeFor(r));
       this.quota = routeQuotas(this.todo.length, routes.map((_, r) => routeRate(routes, r, (id) => peers.get(id)?.tokensPerSecond ?? 0)));
       this.taken = this.quota.map(() => 0);
-      await Promise.all(Array.from({ length: R * depth }, (_, k) => this.worker(k, R)));
-      if (this.todo.length > 0) continue; // a stage lost its last replica mid-step
+      try {
+        await Promise.all(Array.from({ length: R * depth }, (_, k) => this.worker(k, R)));
+      } catch (e) {
+        await this.commits.drain(); // no commit round outlives the step's failure
+        throw e;
+      }
+      // every micro-batch's commit round is done before the tail; one that failed (its attempt was
+      // discarded on its route) runs its micro-batch again with a fresh attempt number
+      await this.commits.settle(async (x) => { await this.failedAttempt(x.mb, x.failure); this.todo.push(x.mb); });
+      if (this.todo.length > 0) continue; // a stage lost its last replica mid-step, or a commit failed
       // a replica lost (or banned, or moved) after some micro-batches committed on it took their
       // gradient with it: take those micro-batches back from the other peers of their route, run them again
       const lost = brokenMicroBatches(this.committedRoute, (s, id) => peers.liveReplicas(s).includes(id));
@@ -246,19 +262,25 @@ export class OptimizerStep {
           break;
         } catch (e) {
           if (!(e instanceof RouteFailure)) throw e;
-          const f = e;
-          this.attempts[mb]! += 1;
-          status.totals.retries++;
-          const p = peers.get(f.peerId);
-          if (p !== undefined) p.retries = (p.retries ?? 0) + 1;
-          status.event('retry', `step ${this.step} micro-batch ${mb} attempt ${this.attempts[mb]! - 1} failed at peer ${f.peerId} (${f.cause.name}: ${f.cause.message}); retrying with attempt ${this.attempts[mb]}`);
-          await peers.afterFailure(f.peerId, f.cause, this.signal);
-          if (!peers.gone(f.peerId)) this.strikes[mb]! += 1;
-          if (this.strikes[mb]! >= config.maxAttempts) throw new SwarmError(`step ${this.step} micro-batch ${mb} failed ${config.maxAttempts} times at peers that stayed up; last: ${f.cause.message}`);
+          await this.failedAttempt(mb, e);
           await sleep(config.retryBackoffMs * Math.min(this.attempts[mb]!, 5), this.signal);
         }
       }
     }
+  }
+
+  /** Attempt `attempts[mb]` of micro-batch mb failed at f.peerId (already discarded on its route):
+   *  the next attempt gets a fresh number; a peer that stayed up gets a strike toward maxAttempts. */
+  private async failedAttempt(mb: number, f: RouteFailure): Promise<void> {
+    const { peers, status, config } = this.ctx;
+    this.attempts[mb]! += 1;
+    status.totals.retries++;
+    const p = peers.get(f.peerId);
+    if (p !== undefined) p.retries = (p.retries ?? 0) + 1;
+    status.event('retry', `step ${this.step} micro-batch ${mb} attempt ${this.attempts[mb]! - 1} failed at peer ${f.peerId} (${f.cause.name}: ${f.cause.message}); retrying with attempt ${this.attempts[mb]}`);
+    await peers.afterFailure(f.peerId, f.cause, this.signal);
+    if (!peers.gone(f.peerId)) this.strikes[mb]! += 1;
+    if (this.strikes[mb]! >= config.maxAttempts) throw new SwarmError(`step ${this.step} micro-batch ${mb} failed ${config.maxAttempts} times at peers that stayed up; last: ${f.cause.message}`);
   }
 
   private attemptContext(): AttemptContext {
@@ -270,9 +292,11 @@ export class OptimizerStep {
   }
 
   /** One attempt of micro-batch mb along `route`: every stage gets its control message at once (the
-   *  activations and their gradients go stage to stage), then one commit round to every stage of the
-   *  route in parallel (its gradients count now, exactly once). A receiver's report of a bad tensor
-   *  is refereed before anyone is banned. */
+   *  activations and their gradients go stage to stage) while the route holds a slot on each of its
+   *  peers; then, after any spot check, one commit round to every stage of the route in parallel (its
+   *  gradients count now, exactly once), which runs behind the route's window: the worker takes its
+   *  next micro-batch meanwhile and computeAll settles the round before the step's tail. A
+   *  receiver's report of a bad tensor is refereed before anyone is banned. */
   private async runMicroBatch(mb: number, route: Route): Promise<void> {
     const { client, peers } = this.ctx;
     const signal = this.signal;
@@ -283,20 +307,24 @@ export class OptimizerStep {
     const a = spec(this.attempts[mb]!);
     const discard = (key: AttemptSpec['key']) => Promise.allSettled(route.map((id) => client.discard(peers.addrs(id), key, { signal })));
     const actx = this.attemptContext();
-    const out = await runAttempt(actx, a, signal);
-    if (!out.ok) {
-      await discard(a.key);
-      const acc = out.accusation;
-      if (acc === undefined) throw new RouteFailure(out.blame, out.cause);
-      // a fresh attempt number: the referee's run never commits
-      const r = spec(++this.attempts[mb]!);
-      this.ctx.status.event('retry', `step ${this.step} micro-batch ${mb}: peer ${acc.accuser} reports a bad tensor from ${acc.accused} (${acc.message}); the coordinator checks it (attempt ${r.key.attempt})`);
-      const v = await referee(actx, r, acc, signal);
-      await discard(r.key);
-      if (v.bad) throw new RouteFailure(acc.accused, new BadOutputError(v.message));
-      if (v.failure !== undefined) throw new RouteFailure(v.failure.blame, v.failure.cause);
-      throw new RouteFailure(acc.accuser, new FalseReportError(`it reported a bad tensor from ${acc.accused} (${acc.message}), which the coordinator found within every bound`));
-    }
+    // every stage of the route has reported when this ends: none keeps the attempt's activations
+    const out = await this.slots.during(route, signal, async () => {
+      const out = await runAttempt(actx, a, signal);
+      if (!out.ok) {
+        await discard(a.key);
+        const acc = out.accusation;
+        if (acc === undefined) throw new RouteFailure(out.blame, out.cause);
+        // a fresh attempt number: the referee's run never commits
+        const r = spec(++this.attempts[mb]!);
+        this.ctx.status.event('retry', `step ${this.step} micro-batch ${mb}: peer ${acc.accuser} reports a bad tensor from ${acc.accused} (${acc.message}); the coordinator checks it (attempt ${r.key.attempt})`);
+        const v = await referee(actx, r, acc, signal);
+        await discard(r.key);
+        if (v.bad) throw new RouteFailure(acc.accused, new BadOutputError(v.message));
+        if (v.failure !== undefined) throw new RouteFailure(v.failure.blame, v.failure.cause);
+        throw new RouteFailure(acc.accuser, new FalseReportError(`it reported a bad tensor from ${acc.accused} (${acc.message}), which the coordinator found within every bound`));
+      }
+      return out;
+    });
     const verifier = this.ctx.verifier;
     if (verifier !== undefined && verifier.selected(this.step, mb)) {
       // checked after the compute and before the commit; the selection is the coordinator's secret
@@ -315,17 +343,21 @@ export class OptimizerStep {
         throw new RouteFailure(v.loser ?? route[0]!, new VerifyError(v.detail, v.loser));
       }
     }
-    const commits = await Promise.allSettled(route.map((id) => client.commit(peers.addrs(id), a.key, { signal })));
-    const failed = commits.findIndex((c) => c.status === 'rejected');
-    if (failed >= 0) {
-      if (signal.aborted) throw signal.reason;
-      await discard(a.key);
-      throw new RouteFailure(route[failed]!, (commits[failed] as PromiseRejectedResult).reason as Error);
-    }
-    this.lossSums[mb] = out.lossSum;
-    this.committedRoute[mb] = route;
-    this.committedAttempt[mb] = a.key.attempt;
-    for (const id of route) peers.get(id)!.microBatches++;
+    const lossSum = out.lossSum;
+    this.commits.add((async (): Promise<{ mb: number; failure: RouteFailure } | null> => {
+      const commits = await Promise.allSettled(route.map((id) => client.commit(peers.addrs(id), a.key, { signal })));
+      const failed = commits.findIndex((c) => c.status === 'rejected');
+      if (failed >= 0) {
+        if (signal.aborted) throw signal.reason;
+        await discard(a.key);
+        return { mb, failure: new RouteFailure(route[failed]!, (commits[failed] as PromiseRejectedResult).reason as Error) };
+      }
+      this.lossSums[mb] = lossSum;
+      this.committedRoute[mb] = route;
+      this.committedAttempt[mb] = a.key.attempt;
+      for (const id of route) { const p = peers.get(id); if (p !== undefined) p.microBatches++; }
+      return null;
+    })());
   }
 
   /** One reduce round, every stage and replica at once: each live replica of stage s sums the step

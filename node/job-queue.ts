@@ -1,5 +1,6 @@
 // The stage's compute queue: one job at a time, backward before forward (a backward frees a kept
-// input, a forward adds one); a job whose requester gave up while it waited is dropped, not run.
+// input, a forward adds one), a finished job's follow-up (its backward) queued before the next is
+// picked; a job whose requester gave up while it waited is dropped, not run.
 import { SwarmError } from '../protocol/errors.ts';
 
 /** 0 runs before 1. */
@@ -57,6 +58,11 @@ export class JobQueue {
         const job = this.queues[0]!.shift() ?? this.queues[1]!.shift();
         if (job === undefined) break;
         await job();
+        // with jobs waiting, let the finished job's requester queue its follow-up first: the last
+        // stage's backward of a micro-batch comes right after its forward, and must not lose its turn
+        // to a forward queued behind (1F1B: with several micro-batches in flight, a backward is never
+        // overtaken); with none waiting, the queue is idle at once and the next job starts when run
+        if (this.queued > 0) await new Promise<void>((resolve) => setImmediate(resolve));
       }
     } finally {
       this.running = false;

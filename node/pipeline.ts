@@ -5,8 +5,8 @@
 import type { Multiaddr } from '@multiformats/multiaddr';
 import { parseMultiaddr } from '../protocol/net.ts';
 import type { SwarmNode } from '../protocol/net.ts';
-import { floatSha256, sendHop } from '../protocol/hop.ts';
-import type { HopInbox, HopKind, HopReceived } from '../protocol/hop.ts';
+import { floatSha256, openHop, sendHop } from '../protocol/hop.ts';
+import type { HopInbox, HopKind, HopReceived, HopSender } from '../protocol/hop.ts';
 import type { MicroBatchRequest, MicroBatchResponse, RecallRequest, RecallResponse } from '../protocol/messages.ts';
 import { SchemaError, TimeoutError } from '../protocol/errors.ts';
 import type { Logger } from '../protocol/log.ts';
@@ -84,20 +84,27 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
       return f;
     }
   };
-  /** send `data` to the route's stage `to` (or the referee) */
-  const send = async (kind: HopKind, to: number, data: Float32Array): Promise<Failure | null> => {
+  /** open the hop of `kind` to the route's stage `to` (or the referee) now, while this stage still
+   *  computes its tensor: the dial, the stream's negotiation and the receiver's first credit (about two
+   *  round trips) overlap the compute instead of following it */
+  const open = (kind: HopKind, to: number): { hop: HopSender; peer: string } => {
     const referee = req.referee === kind;
     const peer = referee ? d.coordinator.peerId : req.route[to]!;
     const addrs = referee || peer === d.coordinator.peerId ? d.coordinator.addrs : kind === 'act' ? nextAddrs : prevAddrs;
+    const hop = openHop(node, addrs, { ...base, kind }, [T, C], {
+      signal, timeoutMs: job, codec: host.wireCodec, expectPeer: peer, log: d.log, mutate: host.poisonsOutput ? poisoned : undefined, digest: true,
+    });
+    return { hop, peer };
+  };
+  /** send `data` on the opened hop of `kind` */
+  const send = async (kind: HopKind, h: { hop: HopSender; peer: string }, data: Float32Array): Promise<Failure | null> => {
     try {
-      const sent = await sendHop(node, addrs, { ...base, kind }, [T, C], host.tamper(data), {
-        signal, timeoutMs: job, codec: host.wireCodec, expectPeer: peer, log: d.log, mutate: host.poisonsOutput ? poisoned : undefined, digest: true,
-      });
+      const sent = await h.hop.send(host.tamper(data));
       if (sent.sha256 !== null) res[kind === 'act' ? 'sentActSha256' : 'sentGradSha256'] = sent.sha256;
       return null;
     } catch (e) {
       if (signal.aborted) throw signal.reason;
-      const f = failureOf(e as Error, peer);
+      const f = failureOf(e as Error, h.peer);
       if (f === null) throw e; // this stage's own fault (e.g. a non-finite value it made)
       return f;
     }
@@ -118,36 +125,49 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
     }
   };
 
-  let hidden: Float32Array | undefined;
-  if (s > 0) {
-    // the activation comes after the forward of stages 0..s-1
-    const r = await receive('act', s - 1, s);
-    if (!('data' in r)) return { failure: r };
-    hidden = r.data;
-    res.actRms = r.rms;
+  // hops not yet sent when this stage fails on its own are aborted (the receiver sees a broken hop
+  // from this peer at once); when the attempt fails because of another peer they are left to the
+  // receiver, which drops them when the coordinator cancels the attempt, as before they were opened
+  let actHop: { hop: HopSender; peer: string } | undefined, gradHop: { hop: HopSender; peer: string } | undefined;
+  try {
+    if (s < S - 1) actHop = open('act', s + 1);
+    let hidden: Float32Array | undefined;
+    if (s > 0) {
+      // the activation comes after the forward of stages 0..s-1
+      const r = await receive('act', s - 1, s);
+      if (!('data' in r)) return { failure: r };
+      hidden = r.data;
+      res.actRms = r.rms;
+      // the previous stage expects the gradient once it has sent this activation
+      if (req.train && req.referee !== 'act') gradHop = open('grad', s - 1);
+    }
+    const out = await own('forward', (o) => host.forward({ ...base, stageIndex: s, batch: req.batch, seqLen: req.seqLen, ids: req.ids, labels: req.labels, dropoutSeed: req.dropoutSeed, train: req.train, segments: req.segments, hidden }, o));
+    let gradIn: Float32Array | undefined;
+    if (s === S - 1) {
+      res.lossSum = out.lossSum;
+      res.tokens = out.tokens;
+      if (!req.train) return res; // an evaluation forward keeps nothing to run backward on
+      ({ gradIn } = await own('backward', (o) => host.backward({ ...base, stageIndex: s, lossScale: req.lossScale }, o)));
+    } else {
+      const f = await send('act', actHop!, out.hidden!);
+      if (f !== null) return { ...res, failure: f };
+      if (req.referee === 'act' || !req.train) return res;
+      // the gradient comes after the forward and backward of stages s+1..S-1
+      const r = await receive('grad', s + 1, 2 * (S - 1 - s));
+      if (!('data' in r)) return { ...res, failure: r };
+      res.gradRms = r.rms;
+      ({ gradIn } = await own('backward', (o) => host.backward({ ...base, stageIndex: s, gradOut: r.data }, o)));
+    }
+    if (s > 0) {
+      const f = await send('grad', gradHop!, gradIn!);
+      if (f !== null) return { ...res, failure: f };
+    }
+    return res;
+  } catch (e) {
+    actHop?.hop.cancel(e as Error);
+    gradHop?.hop.cancel(e as Error);
+    throw e;
   }
-  const out = await own('forward', (o) => host.forward({ ...base, stageIndex: s, batch: req.batch, seqLen: req.seqLen, ids: req.ids, labels: req.labels, dropoutSeed: req.dropoutSeed, train: req.train, segments: req.segments, hidden }, o));
-  let gradIn: Float32Array | undefined;
-  if (s === S - 1) {
-    res.lossSum = out.lossSum;
-    res.tokens = out.tokens;
-    if (!req.train) return res; // an evaluation forward keeps nothing to run backward on
-    ({ gradIn } = await own('backward', (o) => host.backward({ ...base, stageIndex: s, lossScale: req.lossScale }, o)));
-  } else {
-    const f = await send('act', s + 1, out.hidden!);
-    if (f !== null) return { ...res, failure: f };
-    if (req.referee === 'act' || !req.train) return res;
-    // the gradient comes after the forward and backward of stages s+1..S-1
-    const r = await receive('grad', s + 1, 2 * (S - 1 - s));
-    if (!('data' in r)) return { ...res, failure: r };
-    res.gradRms = r.rms;
-    ({ gradIn } = await own('backward', (o) => host.backward({ ...base, stageIndex: s, gradOut: r.data }, o)));
-  }
-  if (s > 0) {
-    const f = await send('grad', s - 1, gradIn!);
-    if (f !== null) return { ...res, failure: f };
-  }
-  return res;
 }
 
 /** A spot check's recall: send the tensor of `kind` that attempt `req` received here to the

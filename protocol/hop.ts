@@ -270,9 +270,6 @@ export interface SendHopOptions {
   log?: Logger;
 }
 
-/** Send `data` (the flattened [T, C] tensor) to the peer at `addrs` as hop `key`. Resolves once
- *  the receiver accepted it; a refusal, a broken stream or the deadline is a HopError naming the
- *  receiver. A value this peer cannot encode (non-finite: its own fault) is a TensorError. */
 /** Rows of a [T, C] tensor per chunk: whole rows, so that every codec (blockwise and low-rank
  *  alike) encodes a chunk as a [rows, C] matrix of its own; at most HOP_CHUNK_ELEMENTS elements. */
 export function chunkRows(C: number): number {
@@ -285,85 +282,157 @@ export function floatSha256(x: Float32Array): string {
   return createHash('sha256').update(new Uint8Array(x.buffer, x.byteOffset, x.byteLength)).digest('hex');
 }
 
-export async function sendHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, shape: [number, number], data: Float32Array, opts: SendHopOptions): Promise<{ bytes: number; sha256: string | null }> {
+export interface HopSent { bytes: number; sha256: string | null }
+
+/** A hop stream opened ahead of its tensor (openHop): the stream is negotiated, the header sent and
+ *  the receiver's first credit in while the sender still computes what it will send. */
+export interface HopSender {
+  /** resolves once the receiver granted the first credit (it knows this sender is the one the route
+   *  names); rejects as the opening failed. For tests and logs: send() waits for it itself. */
+  readonly ready: Promise<void>;
+  /** Stream `data` (the flattened [T, C] tensor) under a deadline of its own (`timeoutMs` from
+   *  now); resolves once the receiver accepted it. Rejects as sendHop does, and with the opening's
+   *  HopError when the stream never opened. At most once. */
+  send(data: Float32Array): Promise<HopSent>;
+  /** The tensor will never come (the sender's own job failed): the stream is aborted, so the
+   *  receiver sees a broken hop at once instead of waiting out its deadline. No-op after send. */
+  cancel(reason: Error): void;
+}
+
+/** Open hop `key` to the peer at `addrs` now (dial, protocol negotiation, header, the first credit:
+ *  about two round trips) and send its tensor later, when it is computed. The opening runs under
+ *  `opts.timeoutMs`; a failure there is kept and comes back from `send` (never unhandled). */
+export function openHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, shape: [number, number], opts: SendHopOptions): HopSender {
   const to = opts.expectPeer;
   const what = `${describe(key)} to ${to}`;
   const n = shape[0] * shape[1];
-  if (data.length !== n) throw new SchemaError(`${what}: ${data.length} elements, shape [${shape}] needs ${n}`);
-  const deadline = AbortSignal.timeout(opts.timeoutMs);
-  const signal = AbortSignal.any([opts.signal, deadline]);
-  let stream: Stream | undefined;
-  const onAbort = () => stream?.abort(new TimeoutError(`${what}: not accepted within ${opts.timeoutMs} ms`));
-  signal.addEventListener('abort', onAbort, { once: true });
   const log = opts.log ?? silentLogger;
-  let bytes = 0;
-  // the digest of what the receiver decodes: each chunk as sent, decoded here again (null when a
-  // chunk cannot be decoded: the bad-peer aid's NaN)
-  const digest = createHash('sha256');
-  let digestOk = opts.digest === true;
-  const net = async <T>(fn: () => Promise<T>): Promise<T> => {
+  const cancelled = new AbortController();
+  let stream: Stream | undefined;
+  let reader: FrameReader | undefined;
+  let credit = 0;
+  let used = false;
+  let deadline = AbortSignal.timeout(opts.timeoutMs);
+  const abortStream = (e: Error) => { if (stream !== undefined && stream.status === 'open') stream.abort(e); };
+  /** run `fn` under the current phase's signal, naming a transport failure as this hop's */
+  const net = async <T>(signal: AbortSignal, fn: () => Promise<T>): Promise<T> => {
+    const onAbort = () => abortStream(cancelled.signal.aborted ? cancelled.signal.reason as Error : new TimeoutError(`${what}: not accepted within ${opts.timeoutMs} ms`));
+    signal.addEventListener('abort', onAbort, { once: true });
     try {
+      if (signal.aborted) onAbort();
       return await fn();
     } catch (e) {
       if (opts.signal.aborted) throw opts.signal.reason;
+      if (cancelled.signal.aborted) throw cancelled.signal.reason;
       if (deadline.aborted) throw new HopError(to, `${what}: not accepted within ${opts.timeoutMs} ms`);
       if (e instanceof HopError) throw e;
       throw new HopError(to, `${what}: ${(e as Error).name}: ${(e as Error).message}`);
+    } finally {
+      signal.removeEventListener('abort', onAbort);
     }
   };
-  try {
-    const conn = await net(() => node.dial(addrs, { signal }));
+  const next = async (): Promise<HopReply> => {
+    const raw = await reader!.read();
+    if (raw === undefined) throw new HopError(to, `${what}: the receiver closed the stream`);
+    if (raw !== null && typeof raw === 'object' && 'error' in raw) {
+      const er = errorFrame(raw, 'hop error');
+      const re = errorFromWire(er.error.name, er.error.message);
+      throw new HopError(to, `${what}: refused: ${re.message}`);
+    }
+    return hopReply(raw, 'hop reply');
+  };
+  // the caller giving up aborts the stream also while it is idle (opened, its tensor not yet ready)
+  const onCallerAbort = () => abortStream(opts.signal.reason instanceof Error ? opts.signal.reason : new SwarmError('hop: the sender gave up'));
+  opts.signal.addEventListener('abort', onCallerAbort, { once: true });
+  const openSignal = AbortSignal.any([opts.signal, deadline, cancelled.signal]);
+  const opened = (async (): Promise<void> => {
+    const conn = await net(openSignal, () => node.dial(addrs, { signal: openSignal }));
     // Noise authenticated the remote; it must be the peer the route names
     if (conn.remotePeer.toString() !== to) throw new HopError(to, `${what}: the address reached ${conn.remotePeer.toString()}`);
-    stream = await net(() => conn.newStream(PROTOCOLS.hop, { signal }));
-    const s = stream;
-    const reader = new FrameReader(s, 64 * 1024);
-    const next = async (): Promise<HopReply> => {
-      const raw = await reader.read();
-      if (raw === undefined) throw new HopError(to, `${what}: the receiver closed the stream`);
-      if (raw !== null && typeof raw === 'object' && 'error' in raw) {
-        const er = errorFrame(raw, 'hop error');
-        const re = errorFromWire(er.error.name, er.error.message);
-        throw new HopError(to, `${what}: refused: ${re.message}`);
-      }
-      return hopReply(raw, 'hop reply');
-    };
+    stream = await net(openSignal, () => conn.newStream(PROTOCOLS.hop, { signal: openSignal }));
+    if (cancelled.signal.aborted) { abortStream(cancelled.signal.reason as Error); throw cancelled.signal.reason; }
+    reader = new FrameReader(stream, 64 * 1024);
     const header: HopHeader = { ...key, shape: [...shape], codec: opts.codec };
-    await net(() => sendFrame(s, header));
-    let credit = 0, off = 0;
-    while (off < n) {
-      while (credit === 0) {
-        const r = await net(next);
-        if (r.credit === undefined) throw new HopError(to, `${what}: a verdict before every chunk was sent`);
-        credit += r.credit;
-      }
-      const len = Math.min(chunkRows(shape[1]) * shape[1], n - off);
-      const t = encodeTensor(data.subarray(off, off + len), [len / shape[1], shape[1]], opts.codec, `${what}, elements [${off}, ${off + len})`);
-      const sent = opts.mutate !== undefined ? opts.mutate(t) : t;
-      if (digestOk) {
-        try {
-          const d = sent === t && opts.codec === 'f32' ? data.subarray(off, off + len) : decodeFloat(sent, what, [len / shape[1], shape[1]]);
-          digest.update(new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
-        } catch { digestOk = false; }
-      }
-      const frame = encodeFrame({ offset: off, tensor: sent }, HOP_FRAME_BYTES);
-      bytes += frame.length;
-      await net(async () => { if (!s.send(frame)) await s.onDrain({ signal }); });
-      credit--;
-      off += len;
+    await net(openSignal, () => sendFrame(stream!, header));
+    while (credit === 0) {
+      const r = await net(openSignal, next);
+      if (r.credit === undefined) throw new HopError(to, `${what}: a verdict before every chunk was sent`);
+      credit += r.credit;
     }
-    for (;;) {
-      const r = await net(next);
-      if (r.ok === true) break;
+  })();
+  // kept for send(); a failed opening must not surface as an unhandled rejection meanwhile
+  opened.catch((e: Error) => { log('hop -> %s %s: opening failed: %s: %s', to, keyOf(key), e.name, e.message); abortStream(e); });
+
+  const send = async (data: Float32Array): Promise<HopSent> => {
+    if (used) throw new SwarmError(`${what}: sent twice`);
+    used = true;
+    if (data.length !== n) { abortStream(new SchemaError('hop: wrong size')); throw new SchemaError(`${what}: ${data.length} elements, shape [${shape}] needs ${n}`); }
+    let bytes = 0;
+    // the digest of what the receiver decodes: each chunk as sent, decoded here again (null when a
+    // chunk cannot be decoded: the bad-peer aid's NaN)
+    const digest = createHash('sha256');
+    let digestOk = opts.digest === true;
+    try {
+      await opened;
+      // the transfer's own deadline, from the moment its tensor is ready
+      deadline = AbortSignal.timeout(opts.timeoutMs);
+      const signal = AbortSignal.any([opts.signal, deadline, cancelled.signal]);
+      const s = stream!;
+      let off = 0;
+      while (off < n) {
+        while (credit === 0) {
+          const r = await net(signal, next);
+          if (r.credit === undefined) throw new HopError(to, `${what}: a verdict before every chunk was sent`);
+          credit += r.credit;
+        }
+        const len = Math.min(chunkRows(shape[1]) * shape[1], n - off);
+        const t = encodeTensor(data.subarray(off, off + len), [len / shape[1], shape[1]], opts.codec, `${what}, elements [${off}, ${off + len})`);
+        const sent = opts.mutate !== undefined ? opts.mutate(t) : t;
+        if (digestOk) {
+          try {
+            const d = sent === t && opts.codec === 'f32' ? data.subarray(off, off + len) : decodeFloat(sent, what, [len / shape[1], shape[1]]);
+            digest.update(new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
+          } catch { digestOk = false; }
+        }
+        const frame = encodeFrame({ offset: off, tensor: sent }, HOP_FRAME_BYTES);
+        bytes += frame.length;
+        await net(signal, async () => { if (!s.send(frame)) await s.onDrain({ signal }); });
+        credit--;
+        off += len;
+      }
+      for (;;) {
+        const r = await net(signal, next);
+        if (r.ok === true) break;
+      }
+      await net(signal, () => s.close({ signal }));
+      log('hop -> %s %s: ok (%d bytes)', to, keyOf(key), bytes);
+      return { bytes, sha256: digestOk ? digest.digest('hex') : null };
+    } catch (e) {
+      log('hop -> %s %s: %s: %s', to, keyOf(key), (e as Error).name, (e as Error).message);
+      throw e;
+    } finally {
+      opts.signal.removeEventListener('abort', onCallerAbort);
+      abortStream(new Error('hop done'));
     }
-    await net(() => s.close({ signal }));
-    log('hop -> %s %s: ok (%d bytes)', to, keyOf(key), bytes);
-    return { bytes, sha256: digestOk ? digest.digest('hex') : null };
-  } catch (e) {
-    log('hop -> %s %s: %s: %s', to, keyOf(key), (e as Error).name, (e as Error).message);
-    throw e;
-  } finally {
-    signal.removeEventListener('abort', onAbort);
-    if (stream !== undefined && stream.status === 'open') stream.abort(new Error('hop done'));
-  }
+  };
+  return {
+    ready: opened,
+    send,
+    cancel: (reason) => {
+      if (used) return;
+      used = true;
+      cancelled.abort(reason);
+      opts.signal.removeEventListener('abort', onCallerAbort);
+      abortStream(reason);
+    },
+  };
+}
+
+/** Send `data` (the flattened [T, C] tensor) to the peer at `addrs` as hop `key`. Resolves once
+ *  the receiver accepted it; a refusal, a broken stream or the deadline is a HopError naming the
+ *  receiver. A value this peer cannot encode (non-finite: its own fault) is a TensorError. */
+export async function sendHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, shape: [number, number], data: Float32Array, opts: SendHopOptions): Promise<HopSent> {
+  const n = shape[0] * shape[1];
+  if (data.length !== n) throw new SchemaError(`${describe(key)} to ${opts.expectPeer}: ${data.length} elements, shape [${shape}] needs ${n}`);
+  return openHop(node, addrs, key, shape, opts).send(data);
 }

@@ -1,5 +1,5 @@
 // A run at scale in simulated time: simulated volunteers and links, the coordinator's real decisions.
-// The planner (planStages), the routes and quotas (routeFor, routeQuotas, routeRate, pipelineDepth), the
+// The planner (planStages), the routes, windows and quotas (routeFor, pipelineDepth, PeerSlots, routeQuotas), the
 // late-joiner and lost-stage choices and the re-run rule (coordinator/decide.ts), the heartbeat verdict and
 // the peer registry itself (PeerRegistry: replicas, liveness, routable peers) are the coordinator's own code;
 // the step below follows OptimizerStep (coordinator/step.ts) call for call, with each request replaced by
@@ -8,10 +8,8 @@ import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
 import { coordinatorConfig } from '../coordinator/config.ts';
 import type { CoordinatorConfig } from '../coordinator/config.ts';
 import { CHECKPOINT_EVERY_STEP_MAX_BYTES } from '../coordinator/constants.ts';
-import { planStages } from '../coordinator/planner.ts';
-import type { StageRange } from '../coordinator/planner.ts';
-import { pipelineDepth, routeFor, routeQuotas, routeRate } from '../coordinator/routes.ts';
-import type { Route } from '../coordinator/routes.ts';
+import { planStages, type StageRange } from '../coordinator/planner.ts';
+import { BehindWindow, inFlightPerPeer, PeerSlots, pipelineDepth, routeFor, routeQuotas, routeRate, type Route } from '../coordinator/routes.ts';
 import { brokenMicroBatches, donorForEmptyStage, heartbeatVerdict, stageForLateJoiner } from '../coordinator/decide.ts';
 import { PeerRegistry } from '../coordinator/peers.ts';
 import type { PeerState } from '../coordinator/peers.ts';
@@ -26,7 +24,6 @@ import { allreduceMs, pullReduceMs } from './tail-cost.ts';
 import { PeerGoneError, SimPeer } from './peer.ts';
 import { avg, q, r3 } from './result.ts';
 import type { SimResult } from './result.ts';
-
 export type { SimResult } from './result.ts';
 import type { Scenario } from './scenario.ts';
 
@@ -355,6 +352,7 @@ export class Simulation {
     const isLive = (s: number, id: string) => this.peers.liveReplicas(s).includes(id);
     const broken = (r: Route) => r.some((id, s) => !isLive(s, id));
     let quota: number[] = [], taken: number[] = [];
+    const slots = new PeerSlots(inFlightPerPeer(M)), rounds = new BehindWindow<{ mb: number }>(); // as OptimizerStep: per-peer bound, commits behind
 
     const runMicroBatch = async (mb: number, route: Route): Promise<void> => {
       const ps = route.map((id) => this.sim.get(id)!);
@@ -373,14 +371,15 @@ export class Simulation {
         if (s > 0) await at(s, () => this.transfer(ps[s]!, ps[s - 1]!, this.hop));
       }
       await at(0, () => this.guard<void>(ps[0]!, (ok) => this.clock.at(ps[0]!.spec.rttMs / 2, () => ok(undefined))));
-      // one commit round to every peer of the route in parallel
+      // one commit round to every peer of the route in parallel, behind the route's window
       this.coordBytes += S * sc.coordinator.controlBytesPerStage / 3;
-      const commits = await Promise.allSettled(ps.map((p) => this.request(p, 0, 0)));
-      const failed = commits.findIndex((c) => c.status === 'rejected');
-      if (failed >= 0) throw Object.assign(new Error('route failure'), { peerId: route[failed] });
-      committedRoute[mb] = route;
-      counted[mb]! += 1;
-      for (const p of ps) { if (p.firstMicroBatchMs === null) { p.firstMicroBatchMs = this.now; if (p.late) this.joinDelays.push((this.now - p.joinedAtMs) / 1000); } }
+      rounds.add((async () => {
+        const commits = await Promise.allSettled(ps.map((p) => this.request(p, 0, 0)));
+        if (commits.some((c) => c.status === 'rejected')) return { mb };
+        committedRoute[mb] = route; counted[mb]! += 1;
+        for (const p of ps) { if (p.firstMicroBatchMs === null) { p.firstMicroBatchMs = this.now; if (p.late) this.joinDelays.push((this.now - p.joinedAtMs) / 1000); } }
+        return null;
+      })());
     };
 
     const worker = async (k: number, R: number): Promise<void> => {
@@ -394,7 +393,7 @@ export class Simulation {
           if (this.pastCap()) throw new TimeCapError();
           const route = routeFor(k + attempts[mb]!, this.routable());
           if (route === null) { todo.unshift(mb); taken[home]! -= 1; return; }
-          try { await runMicroBatch(mb, route); break; } catch (e) {
+          try { await slots.during(route, new AbortController().signal, () => runMicroBatch(mb, route)); break; } catch (e) {
             const id = (e as { peerId?: string }).peerId;
             if (id === undefined) throw e;
             attempts[mb]! += 1;
@@ -424,7 +423,8 @@ export class Simulation {
           : (id: string) => this.peers.get(id)?.tokensPerSecond ?? 0;
         quota = routeQuotas(todo.length, routes.map((_, r) => routeRate(routes, r, rate)));
         taken = quota.map(() => 0);
-        await Promise.all(Array.from({ length: R * depth }, (_, k) => worker(k, R)));
+        try { await Promise.all(Array.from({ length: R * depth }, (_, k) => worker(k, R))); } catch (e) { await rounds.drain(); throw e; }
+        await rounds.settle((r) => { attempts[r.mb]! += 1; this.retries++; todo.push(r.mb); }); // a failed commit round: run it again
         if (todo.length > 0) continue;
         const lost = brokenMicroBatches(committedRoute, isLive);
         if (lost.length === 0) return;

@@ -106,6 +106,20 @@ test('job queue: backward before forward, a job aborted while it waits is droppe
   await assert.rejects(q.run(0, async () => 1, { signal: AbortSignal.abort(new Error('already')) }), { message: 'already' });
 });
 
+test('job queue under a deep window: the last stage\'s backward of a micro-batch, queued right after its forward, runs before the forwards queued behind (1F1B)', async () => {
+  const q = new JobQueue();
+  const ran: string[] = [];
+  const work = (name: string) => async () => { ran.push(name); await new Promise((r) => setTimeout(r, 2)); };
+  // as node/pipeline.ts on the last stage: forward, then (a few awaits later) its backward
+  const handler = async (k: number) => {
+    await q.run(1, work(`f${k}`));
+    await Promise.resolve();
+    await q.run(0, work(`b${k}`));
+  };
+  await Promise.all([0, 1, 2, 3].map(handler));
+  assert.deepEqual(ran, ['f0', 'b0', 'f1', 'b1', 'f2', 'b2', 'f3', 'b3']);
+});
+
 test('stage host: pages of adapter tensors and step sums come from the pager, a dropped forward leaves no attempt', async () => {
   // 12 layers x 3 targets x (A, B) = 72 LoRA tensors: more than one page
   const cfg = tinyLlamaConfig({ numHiddenLayers: 12, hiddenSize: 32, intermediateSize: 64 });

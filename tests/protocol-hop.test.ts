@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { createSwarmNode, dialableAddrs, parseMultiaddr } from '../protocol/net.ts';
 import type { SwarmNode } from '../protocol/net.ts';
-import { chunkRows, HopInbox, sendHop } from '../protocol/hop.ts';
+import { chunkRows, HopInbox, openHop, sendHop } from '../protocol/hop.ts';
 import type { HopKey, HopStats } from '../protocol/hop.ts';
 import { HOP_CREDIT, HOP_FRAME_BYTES, INT8_BLOCK, MAX_FRAME_BYTES, MAX_TENSOR_ELEMENTS } from '../protocol/constants.ts';
 import { OutputScreen } from '../protocol/screen.ts';
@@ -175,6 +175,42 @@ test('a stranger cannot feed a stage; a bad chunk is refused naming its sender; 
   let chunks = 0;
   const sending = sendHop(a, addrsOf(b), key, [2 ** 13, 2 ** 10], big, { ...opts(a), mutate: (t) => { if (++chunks === 3) void a.stop(); return t; } });
   await Promise.all([assert.rejects(sending), assert.rejects(broken, (e: Error) => e.name === 'HopError')]);
+});
+
+test('a hop opened before its tensor is ready: credited once the receiver expects it, the tensor follows on the same stream; a cancelled one is a broken hop; an unexpected one fails at send', { timeout: 60_000 }, async () => {
+  const a = await node(), b = await node();
+  const inbox = new HopInbox({ expectWaitMs: 2000 });
+  await inbox.register(b);
+  const signal = new AbortController().signal;
+  const T = 64, C = 128, data = activations(T * C, 3);
+  const opts = { signal, timeoutMs: 20_000, codec: 'f32' as const, expectPeer: b.peerId.toString() };
+  // opened first: the stream waits for the expectation, and only then is it credited
+  let key = keyFor();
+  const h = openHop(a, addrsOf(b), key, [T, C], opts);
+  let ready = false;
+  void h.ready.then(() => { ready = true; });
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(ready, false, 'credited before the receiver expected the hop');
+  const got = inbox.receive(key, { from: a.peerId.toString(), shape: [T, C] }, { signal, timeoutMs: 20_000 });
+  await h.ready;
+  const sent = await h.send(data);
+  assert.ok(sent.bytes > data.byteLength);
+  assert.deepEqual((await got).data, data);
+  await assert.rejects(h.send(data), /sent twice/);
+  // the sender's own job failed: the receiver learns at once (a broken hop naming the sender), long
+  // before its own deadline
+  key = keyFor();
+  const waiting = inbox.receive(key, { from: a.peerId.toString(), shape: [T, C] }, { signal, timeoutMs: 20_000 });
+  const c = openHop(a, addrsOf(b), key, [T, C], opts);
+  await c.ready;
+  const t0 = performance.now();
+  c.cancel(new Error('the forward failed'));
+  await assert.rejects(waiting, (e: Error) => e.name === 'HopError' && e.message.includes(a.peerId.toString()));
+  assert.ok(performance.now() - t0 < 5000);
+  // nobody expects it: the opening is refused after the wait and send() says so (no unhandled rejection)
+  const u = openHop(a, addrsOf(b), keyFor(), [T, C], opts);
+  await new Promise((r) => setTimeout(r, 2500));
+  await assert.rejects(u.send(data), (e: Error) => e.name === 'HopError' && /not expected here/.test(e.message));
 });
 
 test('a receive that nothing completes times out, and an abort cancels it', async () => {
