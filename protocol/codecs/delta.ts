@@ -152,3 +152,19 @@ export function parseDeltaSpec(s: string): DeltaSpec {
   const act = parseParams(a!, `delta codec spec "${s}"`);
   return { act, grad: g === undefined ? act : parseParams(g, `delta codec spec "${s}"`) };
 }
+
+/** The delta codecs a run may pick with --wire-dtype (docs/benchmarks.md, "Wire codecs"): cold codec, delta codec
+ *  and skip threshold for activations / activation gradients. */
+export const DELTA_PRESETS = {
+  aq4: 'aq:int4:int2:0.1',
+  aq2: 'aq:int2:int2:0.1',
+} as const;
+export type DeltaCodecName = keyof typeof DELTA_PRESETS;
+export const DELTA_SPECS: Readonly<Record<DeltaCodecName, DeltaSpec>> = Object.fromEntries(
+  Object.entries(DELTA_PRESETS).map(([k, v]) => [k, parseDeltaSpec(v)]),
+) as Record<DeltaCodecName, DeltaSpec>;
+
+/** Bytes of a cold (stateless, every position FULL) delta-coded [T, C] tensor. */
+export function coldDeltaByteLength(p: DeltaParams, T: number, C: number): number {
+  return deltaByteLength(p, C, T, { delta: 0, full: T });
+}
