@@ -11,7 +11,11 @@
 // The demo memorizes unrelated facts, so its held-out loss RISES as it learns (f32 ends highest): it is
 // judged by train_set_loss, the loss on its training records in f32 at the end; markov by eval_loss.
 //
-//   node bench/convergence.ts [--task demo|markov] [--codecs f32,int2,...] [--steps N] [--quick]
+// `markov3`: the same chain with 1072 training sequences, so 400 steps are 2.99 epochs (SFT's usual 2-3):
+// the delta codecs (aq4, aq2) pay their cold first visit over fewer epochs there.
+//
+//   node bench/convergence.ts [--task demo|markov|markov3] [--codecs f32,int2,aq2,aq:COLD:DELTA:TAU[:BLOCK],...]
+//                             [--steps N] [--quick] [--ref EVAL,TRAIN (f32 losses of an earlier run: skip f32)]
 import os from 'node:os';
 import path from 'node:path';
 import { NativeBackend, defaultThreadCount } from '../engine/backends/native.ts';
@@ -30,9 +34,9 @@ import { createOptimizer } from '../engine/train/optim.ts';
 import { learningRateAt, warmupStepsFor } from '../engine/train/schedule.ts';
 import { planStep, stepLoss } from '../engine/train/step-plan.ts';
 import type { LlamaConfig, Stage, WeightSource } from '../engine/types.ts';
-import { decodeFloat, encodeTensor, expectedByteLength, FLOAT_CODECS, isFloatCodec } from '../protocol/tensor.ts';
+import { decodeFloat, encodeTensor, expectedByteLength, FLOAT_CODECS, isDeltaCodec, isFloatCodec } from '../protocol/tensor.ts';
 import type { FloatCodec } from '../protocol/tensor.ts';
-import { decodeDelta, encodeDelta, parseDeltaSpec } from '../protocol/codecs/delta.ts';
+import { decodeDelta, DELTA_SPECS, encodeDelta, parseDeltaSpec } from '../protocol/codecs/delta.ts';
 import type { DeltaParams } from '../protocol/codecs/delta.ts';
 import { DeltaCache } from '../protocol/codecs/delta-cache.ts';
 
@@ -160,7 +164,8 @@ export async function runCodec(task: ConvergenceTask, codec: FloatCodec | string
     const total = cfg.max_steps;
     const warmup = warmupStepsFor(total, cfg.warmup_steps, cfg.warmup_ratio);
     let fwdBytes = 0, bwdBytes = 0, positions = 0, codecMs = 0;
-    const dp = isFloatCodec(codec) ? undefined : parseDeltaSpec(codec);
+    // a delta codec runs with its state, as on a swarm hop (encodeTensor alone would code it cold)
+    const dp = isDeltaCodec(codec) ? DELTA_SPECS[codec] : isFloatCodec(codec) ? undefined : parseDeltaSpec(codec);
     const hops = dp === undefined ? undefined : { act: new DeltaHop(dp.act), grad: new DeltaHop(dp.grad) };
     const losses: number[] = [];
     for (let step = 0; step < total; step++) {
@@ -227,17 +232,19 @@ export async function runCodec(task: ConvergenceTask, codec: FloatCodec | string
   }
 }
 
-export async function benchConvergence(o: { tasks?: string[]; codecs?: string[]; steps?: Record<string, number>; threads?: number; log?: (s: string) => void } = {}): Promise<Record<string, unknown>> {
+export async function benchConvergence(o: { tasks?: string[]; codecs?: string[]; steps?: Record<string, number>; threads?: number; log?: (s: string) => void; reference?: { eval: number; train: number } } = {}): Promise<Record<string, unknown>> {
   const log = o.log ?? (() => {});
   const codecs = o.codecs ?? [...FLOAT_CODECS];
-  if (codecs[0] !== 'f32') codecs.unshift('f32'); // the reference runs first
+  if (codecs[0] !== 'f32' && o.reference === undefined) codecs.unshift('f32'); // the reference runs first
   const backend = new NativeBackend({ threads: o.threads ?? defaultThreadCount() });
   const runs: CodecRun[] = [];
   try {
-    for (const name of o.tasks ?? ['demo', 'markov']) {
+    for (const name of o.tasks ?? ['demo', 'markov', 'markov3']) {
       const steps = o.steps?.[name] ?? (name === 'demo' ? 160 : 400);
-      const task = name === 'demo' ? await demoTask(steps) : markovTask(steps);
-      let ref: number | null = null, refTrain: number | null = null;
+      if (!['demo', 'markov', 'markov3'].includes(name)) throw new Error(`convergence: unknown task ${name}`);
+      // markov: 512 sequences, 400 steps of 8 = 6.25 epochs; markov3: 1072 sequences, 2.99 epochs (SFT's usual 2-3)
+      const task = name === 'demo' ? await demoTask(steps) : name === 'markov3' ? { ...markovTask(steps, { trainSeqs: 1072 }), name } : markovTask(steps);
+      let ref: number | null = o.reference?.eval ?? null, refTrain: number | null = o.reference?.train ?? null;
       for (const codec of codecs) {
         log(`convergence: ${name}, ${codec}, ${steps} steps`);
         const r = await runCodec(task, codec, backend, log);
@@ -246,7 +253,7 @@ export async function benchConvergence(o: { tasks?: string[]; codecs?: string[];
           ...r, eval_loss_regression_vs_f32: ref === null ? null : Number(((r.eval_loss - ref) / ref).toFixed(5)),
           train_set_loss_regression_vs_f32: refTrain === null ? null : Number(((r.train_set_loss - refTrain) / refTrain).toFixed(5)),
         });
-        log(`convergence: ${name} ${codec}: eval ${r.eval_loss}, ${r.bf16_over_codec}x fewer bytes than bf16`);
+        log(`convergence: ${name} ${codec}: eval ${r.eval_loss}, train set ${r.train_set_loss}, ${r.bf16_over_codec}x fewer bytes than bf16 (${r.bits_per_element} bits per element)`);
       }
     }
   } finally {
@@ -266,9 +273,12 @@ if (import.meta.main) {
   const codecs = val('--codecs')?.split(',');
   for (const c of codecs ?? []) if (!isFloatCodec(c) && !c.startsWith('aq:')) { process.stderr.write(`convergence: unknown codec "${c}" (known: ${FLOAT_CODECS.join(', ')})\n`); process.exit(2); }
   const task = val('--task');
-  if (task !== undefined && task !== 'demo' && task !== 'markov') { process.stderr.write(`convergence: --task must be demo or markov, got "${task}"\n`); process.exit(2); }
+  if (task !== undefined && !['demo', 'markov', 'markov3'].includes(task)) { process.stderr.write(`convergence: --task must be demo, markov or markov3, got "${task}"\n`); process.exit(2); }
   const steps = val('--steps');
-  const stepMap = steps !== undefined ? { demo: Number(steps), markov: Number(steps) } : quick ? { demo: 40, markov: 60 } : undefined;
-  const r = await benchConvergence({ tasks: task === undefined ? undefined : [task], codecs, steps: stepMap, log: (s) => process.stderr.write(`[convergence] ${s}\n`) });
+  const stepMap = steps !== undefined ? { demo: Number(steps), markov: Number(steps), markov3: Number(steps) } : quick ? { demo: 40, markov: 60, markov3: 60 } : undefined;
+  // --ref EVAL,TRAIN: the f32 losses of an earlier run with the same task and steps (skips re-running f32)
+  const refArg = val('--ref')?.split(',').map(Number);
+  const reference = refArg === undefined ? undefined : { eval: refArg[0]!, train: refArg[1]! };
+  const r = await benchConvergence({ reference, tasks: task === undefined ? undefined : [task], codecs, steps: stepMap, log: (s) => process.stderr.write(`[convergence] ${s}\n`) });
   process.stdout.write(JSON.stringify(r, null, 2) + '\n');
 }

@@ -10,7 +10,7 @@ import type { DeltaParams } from '../protocol/codecs/delta.ts';
 import { DeltaCache } from '../protocol/codecs/delta-cache.ts';
 import { Rng } from '../engine/model/rng.ts';
 
-const P: DeltaParams = { cold: 'int4', delta: 'int2', tau: 0.05 };
+const P: DeltaParams = { cold: 'int4', delta: 'int2', tau: 0.05, block: 64 };
 const C = 96, S = 5;
 
 function randn(n: number, seed: number, scale = 1): Float32Array {
@@ -124,4 +124,24 @@ test('delta codec: bad bytes are one clear error; the cache stays within its bou
   for (const k of ['p', 'q', 'r', 's']) { cache.stage(k, [k], S, C, randn(S * C, k.charCodeAt(0))); cache.commit(k); }
   assert.equal(cache.bytes, 3 * one);
   assert.deepEqual(['p', 'q', 'r', 's'].map((k) => cache.has(k)), [false, true, true, true]);
+});
+
+test('int1 (the differences\' 1-bit codec): sign times the block\'s mean |x|, on blocks of any length', () => {
+  const x = randn(300, 9);
+  for (const block of [64, 128]) {
+    const got = decodeBlockwise('int1', encodeBlockwise('int1', x, block), x.length, 'int1', block);
+    for (let lo = 0; lo < x.length; lo += block) {
+      const hi = Math.min(x.length, lo + block);
+      let m = 0;
+      for (let i = lo; i < hi; i++) m += Math.abs(x[i]!);
+      m = Math.fround(m / (hi - lo));
+      for (let i = lo; i < hi; i++) assert.equal(got[i], x[i]! >= 0 ? m : -m, `block ${block} element ${i}`);
+    }
+  }
+  // a delta codec with 128-element int1 scales costs 1.25 bits per element of a DELTA position
+  const p = parseDeltaSpec('aq:int2:int1:0.5:128');
+  assert.deepEqual(p.act, { cold: 'int2', delta: 'int1', tau: 0.5, block: 128 });
+  const ref = randn(256, 10), x2 = Float32Array.from(ref, (v, i) => v + (i % 3 === 0 ? 0.5 : -0.4));
+  const bytes = encodeDelta(p.act, x2, 1, 256, [ref], Uint8Array.from([1, 2, 3, 4, 5, 6, 7, 8]));
+  assert.equal(bytes.length, DIGEST_BYTES + 1 + 2 * 4 + 256 / 8);
 });

@@ -16,6 +16,9 @@ import { createHash } from 'node:crypto';
 import { DIGEST_BYTES } from './delta.ts';
 import type { DeltaRefs } from './delta.ts';
 
+/** staged attempts kept at most (a step's micro-batches in flight are far fewer) */
+export const MAX_PENDING = 256;
+
 interface Entry {
   data: Float32Array;
   C: number;
@@ -67,6 +70,8 @@ export class DeltaCache {
     const list: { key: string; data: Float32Array; C: number }[] = [];
     keys.forEach((key, b) => { if (key !== undefined) list.push({ key, C, data: x.slice(b * S * C, (b + 1) * S * C) }); });
     this.pending.set(attempt, list);
+    // attempts never settled (a coordinator that died before committing) are dropped, oldest first
+    for (const [k] of this.pending) { if (this.pending.size <= MAX_PENDING) break; this.pending.delete(k); }
   }
 
   /** Apply attempt's staged reconstructions (idempotent: a second commit, or one never staged, does nothing). */

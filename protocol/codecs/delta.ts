@@ -27,6 +27,8 @@ export interface DeltaParams {
   delta: BlockCodec;
   /** relative rms of the difference below which a position is not sent (SAME) */
   tau: number;
+  /** elements per scale of the difference's codec (the cold codec keeps the wire's 64) */
+  block: number;
 }
 
 export const DIGEST_BYTES = 8;
@@ -43,7 +45,7 @@ function rms(x: Float32Array): number {
 
 /** Byte length of a delta-coded tensor with these modes counts. */
 export function deltaByteLength(p: DeltaParams, C: number, T: number, counts: { delta: number; full: number }): number {
-  return DIGEST_BYTES + Math.ceil(T / 4) + counts.full * blockByteLength(p.cold, C) + counts.delta * blockByteLength(p.delta, C);
+  return DIGEST_BYTES + Math.ceil(T / 4) + counts.full * blockByteLength(p.cold, C) + counts.delta * blockByteLength(p.delta, C, p.block);
 }
 
 /** Encode finite x [T, C]; `digest` names the references (zero bytes when refs are all undefined). */
@@ -63,12 +65,12 @@ export function encodeDelta(p: DeltaParams, x: Float32Array, T: number, C: numbe
       const rd = rms(d), rr = rms(ref);
       mode = rd <= p.tau * rr ? SAME : DELTA;
       // a difference as large as the value itself is cheaper and as exact sent whole
-      if (mode === DELTA && rd > rr && blockByteLength(p.cold, C) <= blockByteLength(p.delta, C)) mode = FULL;
+      if (mode === DELTA && rd > rr && blockByteLength(p.cold, C) <= blockByteLength(p.delta, C, p.block)) mode = FULL;
       any = true;
     }
     modes[t >> 2]! |= mode << (6 - 2 * (t & 3));
     if (mode === FULL) parts.push(encodeBlockwise(p.cold, row));
-    else if (mode === DELTA) parts.push(encodeBlockwise(p.delta, d));
+    else if (mode === DELTA) parts.push(encodeBlockwise(p.delta, d, p.block));
   }
   const head = any ? digest : new Uint8Array(DIGEST_BYTES);
   const out = new Uint8Array(DIGEST_BYTES + modes.length + parts.reduce((a, b) => a + b.length, 0));
@@ -99,7 +101,7 @@ export function decodeDelta(p: DeltaParams, bytes: Uint8Array, T: number, C: num
   const modes = bytes.subarray(DIGEST_BYTES, DIGEST_BYTES + ml);
   if (T % 4 !== 0 && (modes[ml - 1]! & ((1 << (8 - 2 * (T % 4))) - 1)) !== 0) throw new TensorError(`${what}: delta codec mode padding bits are not zero`);
   const out = new Float32Array(T * C);
-  const fl = blockByteLength(p.cold, C), dl = blockByteLength(p.delta, C);
+  const fl = blockByteLength(p.cold, C), dl = blockByteLength(p.delta, C, p.block);
   let o = DIGEST_BYTES + ml;
   for (let t = 0; t < T; t++) {
     const mode = (modes[t >> 2]! >> (6 - 2 * (t & 3))) & 3;
@@ -114,7 +116,7 @@ export function decodeDelta(p: DeltaParams, bytes: Uint8Array, T: number, C: num
     if (!warm || ref === undefined || ref.length !== C) throw new TensorError(`${what}: delta codec position ${t} is coded against a reference the receiver does not have`);
     if (mode === SAME) { out.set(ref, t * C); continue; }
     if (o + dl > bytes.length) throw new TensorError(`${what}: delta codec bytes end inside position ${t}`);
-    const dd = decodeBlockwise(p.delta, bytes.subarray(o, o + dl), C, `${what}, position ${t}`);
+    const dd = decodeBlockwise(p.delta, bytes.subarray(o, o + dl), C, `${what}, position ${t}`, p.block);
     for (let i = 0; i < C; i++) out[t * C + i] = ref[i]! + dd[i]!;
     o += dl;
   }
@@ -133,15 +135,17 @@ export interface DeltaSpec {
   grad: DeltaParams;
 }
 
-const BLOCK_NAMES: readonly string[] = ['int8', 'int4', 'nf4', 'int2'];
+const BLOCK_NAMES: readonly string[] = ['int8', 'int4', 'nf4', 'int2', 'int1'];
 
 function parseParams(s: string, what: string): DeltaParams {
-  const [cold, delta, tau, extra] = s.split(':');
-  if (extra !== undefined || cold === undefined || delta === undefined || tau === undefined) throw new TensorError(`${what}: expected cold:delta:tau, got "${s}"`);
+  const [cold, delta, tau, block, extra] = s.split(':');
+  if (extra !== undefined || cold === undefined || delta === undefined || tau === undefined) throw new TensorError(`${what}: expected cold:delta:tau[:block], got "${s}"`);
+  const bl = block === undefined ? 64 : Number(block);
+  if (!Number.isInteger(bl) || bl < 1 || bl > 1 << 16) throw new TensorError(`${what}: block must be an integer in [1, 65536], got "${block}"`);
   if (!BLOCK_NAMES.includes(cold) || !BLOCK_NAMES.includes(delta)) throw new TensorError(`${what}: codecs must be one of ${BLOCK_NAMES.join(', ')}, got "${s}"`);
   const t = Number(tau);
   if (!(t >= 0 && t < 10)) throw new TensorError(`${what}: tau must be a number in [0, 10), got "${tau}"`);
-  return { cold: cold as BlockCodec, delta: delta as BlockCodec, tau: t };
+  return { cold: cold as BlockCodec, delta: delta as BlockCodec, tau: t, block: bl };
 }
 
 /** "aq:COLD:DELTA:TAU" (both directions) or "aq:COLD:DELTA:TAU/COLD:DELTA:TAU" (activations / gradients). */
@@ -156,13 +160,17 @@ export function parseDeltaSpec(s: string): DeltaSpec {
 /** The delta codecs a run may pick with --wire-dtype (docs/benchmarks.md, "Wire codecs"): cold codec, delta codec
  *  and skip threshold for activations / activation gradients. */
 export const DELTA_PRESETS = {
-  aq4: 'aq:int4:int2:0.1',
-  aq2: 'aq:int2:int2:0.1',
+  // int4 first visits, int4 differences, activations skipped within 30%, gradients within 10%
+  aq4: 'aq:int4:int4:0.3/int4:int4:0.1',
+  // int2 first visits and differences, both directions skipped within 60%
+  aq2: 'aq:int2:int2:0.6',
 } as const;
 export type DeltaCodecName = keyof typeof DELTA_PRESETS;
 export const DELTA_SPECS: Readonly<Record<DeltaCodecName, DeltaSpec>> = Object.fromEntries(
   Object.entries(DELTA_PRESETS).map(([k, v]) => [k, parseDeltaSpec(v)]),
 ) as Record<DeltaCodecName, DeltaSpec>;
+// without references a delta codec is its cold codec whatever the direction (encodeTensor, the referee)
+for (const [k, s] of Object.entries(DELTA_SPECS)) if (s.act.cold !== s.grad.cold) throw new Error(`delta codec ${k}: the cold codec must be the same both ways`);
 
 /** Bytes of a cold (stateless, every position FULL) delta-coded [T, C] tensor. */
 export function coldDeltaByteLength(p: DeltaParams, T: number, C: number): number {
