@@ -1,6 +1,7 @@
 // A 2-stage in-process swarm (real libp2p nodes on 127.0.0.1, RefBackend, a random 4-layer model)
 // trained with the delta wire codec aq2 over several epochs of a tiny data set: it still trains (the
-// loss goes down) and the hops run warm (both ends hold the same references for every sample).
+// loss goes down), the hops run warm (both ends hold the same references for every sample), and spot
+// checks of every micro-batch (the coordinator recomputes cold what the receivers got warm) accuse nobody.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -31,6 +32,8 @@ const STEPS = 6, MBS = 2, B = 2, S = 12;
 const train = resolveTrainConfig({ flags: {
   max_steps: STEPS, learning_rate: 2e-2, lora_r: 4, lora_alpha: 8, target_modules: 'q_proj,v_proj,down_proj',
   per_device_train_batch_size: B, gradient_accumulation_steps: MBS, device: 'ref', warmup_steps: 0,
+  // every micro-batch spot-checked: the coordinator recomputes it cold, the answer it checks is warm
+  verify_fraction: 1,
 } });
 const lora = loraConfigOf(train);
 
@@ -61,12 +64,13 @@ async function run(codec: FloatCodec): Promise<{ losses: number[]; hosts: StageH
   const store = await RunStore.open(path.join(tmp, 'coord', 'db'));
   await store.putMeta({ runId: 'delta', model: 'random', totalSteps: STEPS, createdMs: 0, config: {}, numStages: 0, stages: [] });
   const events: RunEvent[] = [];
+  const logs: string[] = [];
   const coord = new Coordinator({
     node, store, blobs: new BlobStore(path.join(tmp, 'coord')), runId: 'delta', modelName: 'random', llama,
     modelConfigJson: JSON.stringify(HF), weights, train, lora, refereeBackend: async () => new RefBackend(),
     data: { totalSteps: STEPS, microBatchesForStep: async (s) => batchesFor(s), cursorAfter: (s) => s * MBS },
     memory: () => 1, minPeers: 2, pipelineStages: 2, wireCodec: codec, token: null, initAdapter: null, resume: null,
-    emit: (e) => { events.push(e); }, log: () => {},
+    emit: (e) => { events.push(e); }, log: (m) => { logs.push(m); },
   });
   await coord.publishShards();
   await coord.start();
@@ -81,9 +85,10 @@ async function run(codec: FloatCodec): Promise<{ losses: number[]; hosts: StageH
     await coord.finished;
     assert.deepEqual(codes, [0, 0]);
     assert.equal(events.find((e) => e.event === 'error'), undefined);
+    assert.deepEqual(events.filter((e) => e.event === 'peer_banned'), [], 'no honest peer is accused');
     const plan = events.find((e) => e.event === 'plan')!.stages as Array<{ replicas: string[] }>;
     ids.push(plan[0]!.replicas[0]!, plan[1]!.replicas[0]!);
-    return { losses: events.filter((e) => e.event === 'step').map((e) => e.loss as number), hosts, ids, retries: events.filter((e) => e.event === 'retry').length };
+    return { losses: events.filter((e) => e.event === 'step').map((e) => e.loss as number), hosts, ids, retries: logs.filter((m) => /retry|re-running|checks it|disagree/.test(m)).length };
   } finally {
     await coord.stop(); await node.stop(); await store.close();
   }
