@@ -19,6 +19,8 @@ import { RunStore } from '../coordinator/store.ts';
 import { runVolunteer } from '../node/volunteer.ts';
 import type { StageHost } from '../node/stage-host.ts';
 import type { FloatCodec } from '../protocol/tensor.ts';
+import { DataLoader } from '../engine/train/data.ts';
+import { withSamples } from '../coordinator/spec.ts';
 
 const HF = {
   model_type: 'llama', vocab_size: 61, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 4,
@@ -115,4 +117,26 @@ test('a 2-stage swarm trains with the delta codec aq2, warm on both ends', { tim
   }
   // stage 0 holds act (send) and grad (recv) references for 4 samples, stage 1 the same the other way
   for (const h of [h0!, h1!]) assert.equal(h.codecState.bytes, 2 * 4 * S * 64 * 4);
+});
+
+test('the coordinator keys every row by its example index, the same on every epoch (withSamples)', () => {
+  const examples = Array.from({ length: 7 }, (_, i) => {
+    const n = 3 + (i % 3);
+    return { ids: Int32Array.from({ length: n }, (_, t) => 100 * i + t), labels: new Int32Array(n).fill(-100), labelTokens: 0, line: i + 1 };
+  });
+  const loader = new DataLoader(examples, { batchSize: 2, accumulation: 2, seed: 5, shuffle: true, padId: 0 });
+  const seen = new Map<number, number>();
+  for (let step = 0; step < 3 * loader.stepsPerEpoch; step++) {
+    for (const m of withSamples(loader, step, false)) {
+      assert.equal(m.samples!.length, m.batch);
+      m.samples!.forEach((i, b) => {
+        // the row holds example i's tokens, whatever the epoch's order
+        assert.deepEqual(m.ids.subarray(b * m.seqLen, b * m.seqLen + examples[i]!.ids.length), examples[i]!.ids);
+        seen.set(i, (seen.get(i) ?? 0) + 1);
+      });
+    }
+  }
+  assert.deepEqual([...seen.keys()].sort(), [0, 1, 2, 3, 4, 5, 6]);
+  assert.ok([...seen.values()].every((n) => n === 3), 'each example once per epoch');
+  assert.equal(withSamples(loader, 0, true)[0]!.samples, undefined, 'packed rows carry no keys');
 });
