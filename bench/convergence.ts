@@ -11,7 +11,11 @@
 // The demo memorizes unrelated facts, so its held-out loss RISES as it learns (f32 ends highest): it is
 // judged by train_set_loss, the loss on its training records in f32 at the end; markov by eval_loss.
 //
-//   node bench/convergence.ts [--task demo|markov] [--codecs f32,int2,...] [--steps N] [--quick]
+// `markov3`: the same chain with 1072 training sequences, so 400 steps are 2.99 epochs (SFT's usual 2-3):
+// the delta codecs (aq4, aq2) pay their cold first visit over fewer epochs there.
+//
+//   node bench/convergence.ts [--task demo|markov|markov3] [--codecs f32,int2,aq2,aq:COLD:DELTA:TAU[:BLOCK],...]
+//                             [--steps N] [--quick] [--ref EVAL,TRAIN (f32 losses of an earlier run: skip f32)]
 import os from 'node:os';
 import path from 'node:path';
 import { NativeBackend, defaultThreadCount } from '../engine/backends/native.ts';
@@ -23,15 +27,43 @@ import { openModelDir } from '../engine/formats/model-dir.ts';
 import { ensureTinyModel, TINY_DATASET_PATH } from '../engine/tiny/index.ts';
 import { DEFAULT_TRAIN_CONFIG, loraConfigOf } from '../engine/train/config.ts';
 import type { TrainConfig } from '../engine/train/config.ts';
-import { collate, dataOptionsOf, DataLoader, dropoutSeedFor, loadDataset } from '../engine/train/data.ts';
+import { collate, dataOptionsOf, DataLoader, dropoutSeedFor, epochOrder, loadDataset } from '../engine/train/data.ts';
 import type { TokenizedExample } from '../engine/train/data.ts';
 import { clipGradNorm } from '../engine/train/clip.ts';
 import { createOptimizer } from '../engine/train/optim.ts';
 import { learningRateAt, warmupStepsFor } from '../engine/train/schedule.ts';
 import { planStep, stepLoss } from '../engine/train/step-plan.ts';
 import type { LlamaConfig, Stage, WeightSource } from '../engine/types.ts';
-import { decodeFloat, encodeTensor, expectedByteLength, FLOAT_CODECS, isFloatCodec } from '../protocol/tensor.ts';
+import { decodeFloat, encodeTensor, expectedByteLength, FLOAT_CODECS, isDeltaCodec, isFloatCodec } from '../protocol/tensor.ts';
 import type { FloatCodec } from '../protocol/tensor.ts';
+import { decodeDelta, DELTA_SPECS, encodeDelta, parseDeltaSpec } from '../protocol/codecs/delta.ts';
+import type { DeltaParams } from '../protocol/codecs/delta.ts';
+import { DeltaCache } from '../protocol/codecs/delta-cache.ts';
+
+/** One hop direction with the delta codec: the sender's and the receiver's caches, kept apart as in the swarm. */
+class DeltaHop {
+  readonly send = new DeltaCache(1 << 30);
+  readonly recv = new DeltaCache(1 << 30);
+  readonly p: DeltaParams;
+  /** positions sent SAME, DELTA, FULL */
+  readonly modes = [0, 0, 0, 0];
+  constructor(p: DeltaParams) { this.p = p; }
+  /** encode on the sender, decode on the receiver; both stage their reconstruction under `attempt` */
+  pass(attempt: string, x: Float32Array, keys: string[], S: number, C: number, what: string): { bytes: number; out: Float32Array } {
+    const T = keys.length * S;
+    const s = this.send.lookup(keys, S, C);
+    const bytes = encodeDelta(this.p, x, T, C, s.refs, s.digest);
+    const mine = decodeDelta(this.p, bytes, T, C, s.refs, s.digest, what);
+    const r = this.recv.lookup(keys, S, C);
+    const out = decodeDelta(this.p, bytes, T, C, r.refs, r.digest, what);
+    for (let i = 0; i < out.length; i++) if (out[i] !== mine[i]) throw new Error(`${what}: sender and receiver reconstructions differ at ${i}`);
+    for (let t = 0; t < T; t++) this.modes[(bytes[8 + (t >> 2)]! >> (6 - 2 * (t & 3))) & 3]!++;
+    this.send.stage(attempt, keys, S, C, mine);
+    this.recv.stage(attempt, keys, S, C, out);
+    return { bytes: bytes.length, out };
+  }
+  commit(attempt: string): void { this.send.commit(attempt); this.recv.commit(attempt); }
+}
 
 export interface ConvergenceTask {
   name: string;
@@ -46,10 +78,12 @@ export interface ConvergenceTask {
 }
 
 export interface CodecRun {
-  task: string; codec: FloatCodec; steps: number;
+  task: string; codec: FloatCodec | string; steps: number;
   /** tensor bytes per token position crossing the boundary, forward and backward */
   bytes_per_token_forward: number; bytes_per_token_backward: number;
   bf16_over_codec: number;
+  /** forward and backward together, averaged over the whole run (first epoch included) */
+  bits_per_element: number;
   final_train_loss: number; eval_loss: number; eval_loss_regression_vs_f32: number | null;
   /** the training records themselves, f32, at the end: the demo's own goal is to memorize them */
   train_set_loss: number; train_set_loss_regression_vs_f32: number | null;
@@ -113,7 +147,7 @@ async function evalLoss(stages: Stage[], examples: readonly TokenizedExample[], 
 }
 
 /** Train `task` for its steps with `codec` on the boundary; eval loss on the held-out data at the end. */
-export async function runCodec(task: ConvergenceTask, codec: FloatCodec, backend: Backend, log: (s: string) => void = () => {}): Promise<Omit<CodecRun, 'eval_loss_regression_vs_f32' | 'train_set_loss_regression_vs_f32'>> {
+export async function runCodec(task: ConvergenceTask, codec: FloatCodec | string, backend: Backend, log: (s: string) => void = () => {}): Promise<Omit<CodecRun, 'eval_loss_regression_vs_f32' | 'train_set_loss_regression_vs_f32'>> {
   const t0 = performance.now();
   const { cfg, llama } = task;
   const lora = loraConfigOf(cfg);
@@ -130,6 +164,9 @@ export async function runCodec(task: ConvergenceTask, codec: FloatCodec, backend
     const total = cfg.max_steps;
     const warmup = warmupStepsFor(total, cfg.warmup_steps, cfg.warmup_ratio);
     let fwdBytes = 0, bwdBytes = 0, positions = 0, codecMs = 0;
+    // a delta codec runs with its state, as on a swarm hop (encodeTensor alone would code it cold)
+    const dp = isDeltaCodec(codec) ? DELTA_SPECS[codec] : isFloatCodec(codec) ? undefined : parseDeltaSpec(codec);
+    const hops = dp === undefined ? undefined : { act: new DeltaHop(dp.act), grad: new DeltaHop(dp.grad) };
     const losses: number[] = [];
     for (let step = 0; step < total; step++) {
       const plan = planStep(step, loader.stepMicroBatches(step));
@@ -140,21 +177,35 @@ export async function runCodec(task: ConvergenceTask, codec: FloatCodec, backend
         const T = mb.batch * mb.seqLen;
         const key = `${step}:${k}:0`;
         const dropoutSeed = dropoutSeedFor(cfg.seed, step, k);
+        const { epoch, microBatch } = loader.cursorAt(step);
+        const order = epochOrder(task.train.length, cfg.seed, epoch, cfg.shuffle);
+        const start = (microBatch + k) * cfg.per_device_train_batch_size;
+        const keys = Array.from(order.subarray(start, start + mb.batch), (i) => `ex${i}`);
         const h = await stages[0]!.forward({ key, batch: mb.batch, seqLen: mb.seqLen, ids: mb.ids, dropoutSeed }, { train: true });
         let t = performance.now();
-        const hw = encodeTensor(h.hidden!, [T, C], codec, 'forward.hidden');
-        const hidden = decodeFloat(hw, 'forward.hidden', [T, C]);
+        let hidden: Float32Array, hwBytes: number;
+        if (hops === undefined) {
+          const hw = encodeTensor(h.hidden!, [T, C], codec as FloatCodec, 'forward.hidden');
+          hidden = decodeFloat(hw, 'forward.hidden', [T, C]);
+          hwBytes = hw.bytes.length;
+        } else ({ out: hidden, bytes: hwBytes } = hops.act.pass(key, h.hidden!, keys, mb.seqLen, C, 'forward.hidden'));
         codecMs += performance.now() - t;
         const r = await stages[1]!.forward({ key, batch: mb.batch, seqLen: mb.seqLen, hidden, labels: mb.labels, dropoutSeed }, { train: true });
         lossSum += r.lossSum ?? 0;
         const { gradIn } = await stages[1]!.backward(key, grads[1]!, { lossScale: plan.lossScale });
         t = performance.now();
-        const gw = encodeTensor(gradIn!, [T, C], codec, 'backward.gradIn');
-        const gradOut = decodeFloat(gw, 'backward.gradOut', [T, C]);
+        let gradOut: Float32Array, gwBytes: number;
+        if (hops === undefined) {
+          const gw = encodeTensor(gradIn!, [T, C], codec as FloatCodec, 'backward.gradIn');
+          gradOut = decodeFloat(gw, 'backward.gradOut', [T, C]);
+          gwBytes = gw.bytes.length;
+        } else ({ out: gradOut, bytes: gwBytes } = hops.grad.pass(key, gradIn!, keys, mb.seqLen, C, 'backward.gradOut'));
         codecMs += performance.now() - t;
         await stages[0]!.backward(key, grads[0]!, { gradOut });
-        fwdBytes += hw.bytes.length; bwdBytes += gw.bytes.length; positions += T;
+        fwdBytes += hwBytes; bwdBytes += gwBytes; positions += T;
       }
+      // every attempt of the step counted: its reconstructions become the references
+      for (let k = 0; k < plan.microBatches.length && hops !== undefined; k++) { hops.act.commit(`${step}:${k}:0`); hops.grad.commit(`${step}:${k}:0`); }
       const all = [...grads[0]!, ...grads[1]!];
       clipGradNorm(all, cfg.max_grad_norm);
       const lr = learningRateAt(cfg.learning_rate, cfg.lr_scheduler_type, step, warmup, total);
@@ -162,6 +213,7 @@ export async function runCodec(task: ConvergenceTask, codec: FloatCodec, backend
       losses.push(stepLoss(plan, lossSum));
       if ((step + 1) % 50 === 0) log(`${task.name} ${codec}: step ${step + 1}/${total} loss ${losses.at(-1)!.toFixed(4)}`);
     }
+    if (hops !== undefined) log(`${task.name} ${codec}: modes same/delta/full act ${hops.act.modes.slice(0, 3)} grad ${hops.grad.modes.slice(0, 3)}`);
     const evalL = await evalLoss(stages, task.heldOut, task.padId);
     const trainL = await evalLoss(stages, task.train, task.padId);
     const tail = losses.slice(-Math.min(10, losses.length));
@@ -170,7 +222,7 @@ export async function runCodec(task: ConvergenceTask, codec: FloatCodec, backend
     return {
       task: task.name, codec, steps: total,
       bytes_per_token_forward: Number((fwdBytes / positions).toFixed(2)), bytes_per_token_backward: Number((bwdBytes / positions).toFixed(2)),
-      bf16_over_codec: Number((bf16 / perTok).toFixed(2)),
+      bf16_over_codec: Number((bf16 / perTok).toFixed(2)), bits_per_element: Number((perTok * 8 / (2 * C)).toFixed(3)),
       final_train_loss: Number((tail.reduce((a, b) => a + b, 0) / tail.length).toFixed(5)), eval_loss: Number(evalL.toFixed(5)), train_set_loss: Number(trainL.toFixed(5)),
       codec_ms_per_step: Number((codecMs / total).toFixed(2)), seconds: Number(((performance.now() - t0) / 1000).toFixed(1)),
     };
@@ -180,17 +232,19 @@ export async function runCodec(task: ConvergenceTask, codec: FloatCodec, backend
   }
 }
 
-export async function benchConvergence(o: { tasks?: string[]; codecs?: FloatCodec[]; steps?: Record<string, number>; threads?: number; log?: (s: string) => void } = {}): Promise<Record<string, unknown>> {
+export async function benchConvergence(o: { tasks?: string[]; codecs?: string[]; steps?: Record<string, number>; threads?: number; log?: (s: string) => void; reference?: { eval: number; train: number } } = {}): Promise<Record<string, unknown>> {
   const log = o.log ?? (() => {});
   const codecs = o.codecs ?? [...FLOAT_CODECS];
-  if (codecs[0] !== 'f32') codecs.unshift('f32'); // the reference runs first
+  if (codecs[0] !== 'f32' && o.reference === undefined) codecs.unshift('f32'); // the reference runs first
   const backend = new NativeBackend({ threads: o.threads ?? defaultThreadCount() });
   const runs: CodecRun[] = [];
   try {
-    for (const name of o.tasks ?? ['demo', 'markov']) {
+    for (const name of o.tasks ?? ['demo', 'markov', 'markov3']) {
       const steps = o.steps?.[name] ?? (name === 'demo' ? 160 : 400);
-      const task = name === 'demo' ? await demoTask(steps) : markovTask(steps);
-      let ref: number | null = null, refTrain: number | null = null;
+      if (!['demo', 'markov', 'markov3'].includes(name)) throw new Error(`convergence: unknown task ${name}`);
+      // markov: 512 sequences, 400 steps of 8 = 6.25 epochs; markov3: 1072 sequences, 2.99 epochs (SFT's usual 2-3)
+      const task = name === 'demo' ? await demoTask(steps) : name === 'markov3' ? { ...markovTask(steps, { trainSeqs: 1072 }), name } : markovTask(steps);
+      let ref: number | null = o.reference?.eval ?? null, refTrain: number | null = o.reference?.train ?? null;
       for (const codec of codecs) {
         log(`convergence: ${name}, ${codec}, ${steps} steps`);
         const r = await runCodec(task, codec, backend, log);
@@ -199,7 +253,7 @@ export async function benchConvergence(o: { tasks?: string[]; codecs?: FloatCode
           ...r, eval_loss_regression_vs_f32: ref === null ? null : Number(((r.eval_loss - ref) / ref).toFixed(5)),
           train_set_loss_regression_vs_f32: refTrain === null ? null : Number(((r.train_set_loss - refTrain) / refTrain).toFixed(5)),
         });
-        log(`convergence: ${name} ${codec}: eval ${r.eval_loss}, ${r.bf16_over_codec}x fewer bytes than bf16`);
+        log(`convergence: ${name} ${codec}: eval ${r.eval_loss}, train set ${r.train_set_loss}, ${r.bf16_over_codec}x fewer bytes than bf16 (${r.bits_per_element} bits per element)`);
       }
     }
   } finally {
@@ -217,11 +271,14 @@ if (import.meta.main) {
   const val = (name: string) => { const i = argv.indexOf(name); return i < 0 ? undefined : argv[i + 1]; };
   const quick = argv.includes('--quick');
   const codecs = val('--codecs')?.split(',');
-  for (const c of codecs ?? []) if (!isFloatCodec(c)) { process.stderr.write(`convergence: unknown codec "${c}" (known: ${FLOAT_CODECS.join(', ')})\n`); process.exit(2); }
+  for (const c of codecs ?? []) if (!isFloatCodec(c) && !c.startsWith('aq:')) { process.stderr.write(`convergence: unknown codec "${c}" (known: ${FLOAT_CODECS.join(', ')})\n`); process.exit(2); }
   const task = val('--task');
-  if (task !== undefined && task !== 'demo' && task !== 'markov') { process.stderr.write(`convergence: --task must be demo or markov, got "${task}"\n`); process.exit(2); }
+  if (task !== undefined && !['demo', 'markov', 'markov3'].includes(task)) { process.stderr.write(`convergence: --task must be demo, markov or markov3, got "${task}"\n`); process.exit(2); }
   const steps = val('--steps');
-  const stepMap = steps !== undefined ? { demo: Number(steps), markov: Number(steps) } : quick ? { demo: 40, markov: 60 } : undefined;
-  const r = await benchConvergence({ tasks: task === undefined ? undefined : [task], codecs: codecs as FloatCodec[] | undefined, steps: stepMap, log: (s) => process.stderr.write(`[convergence] ${s}\n`) });
+  const stepMap = steps !== undefined ? { demo: Number(steps), markov: Number(steps), markov3: Number(steps) } : quick ? { demo: 40, markov: 60, markov3: 60 } : undefined;
+  // --ref EVAL,TRAIN: the f32 losses of an earlier run with the same task and steps (skips re-running f32)
+  const refArg = val('--ref')?.split(',').map(Number);
+  const reference = refArg === undefined ? undefined : { eval: refArg[0]!, train: refArg[1]! };
+  const r = await benchConvergence({ reference, tasks: task === undefined ? undefined : [task], codecs, steps: stepMap, log: (s) => process.stderr.write(`[convergence] ${s}\n`) });
   process.stdout.write(JSON.stringify(r, null, 2) + '\n');
 }

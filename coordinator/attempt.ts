@@ -75,7 +75,7 @@ function requestFor(ctx: AttemptContext, a: AttemptSpec, s: number, referee?: Ho
     dropoutSeed: a.dropoutSeed, train: true,
     nextAddrs: s < S - 1 && referee !== 'act' ? addrs(a.route[s + 1]) : undefined,
     prevAddrs: s > 0 && referee !== 'grad' ? addrs(a.route[s - 1]) : undefined,
-    referee, trained: trainedOf(a),
+    referee, trained: trainedOf(a), samples: a.m.samples !== undefined ? [...a.m.samples] : undefined,
   };
 }
 

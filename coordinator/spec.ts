@@ -1,6 +1,7 @@
 // The run spec's bindings to the trainer: its data pipeline (the same micro-batches `swarmtune train`
 // sees) and its memory model (what a stage needs on a peer).
-import { DataLoader, dataOptionsOf, loadDataset, planSteps } from '../engine/train/data.ts';
+import { DataLoader, dataOptionsOf, epochOrder, loadDataset, planSteps } from '../engine/train/data.ts';
+import type { MicroBatch } from '../engine/train/step-plan.ts';
 import { packExamples } from '../engine/train/packing.ts';
 import type { SftTokenizer } from '../engine/train/data.ts';
 import { stageMemoryBytes } from '../engine/train/plan.ts';
@@ -36,7 +37,7 @@ export async function buildRunData(train: TrainConfig, model: ModelDir): Promise
     examples: ds.examples.length, skipped: ds.skipped.length, truncated: ds.truncated,
     stepsPerEpoch: loader.stepsPerEpoch, microBatchesPerStep: train.gradient_accumulation_steps,
     totalSteps: plan.totalSteps,
-    microBatchesForStep: async (step) => loader.stepMicroBatches(step),
+    microBatchesForStep: async (step) => withSamples(loader, step, train.packing),
     // micro-batches consumed after `step` optimizer steps, counted across epochs
     cursorAfter: (step) => {
       const c = loader.cursorAt(step);
@@ -57,4 +58,17 @@ export function stageMemoryFn(config: LlamaConfig, train: TrainConfig, lora: Lor
     microBatch: train.per_device_train_batch_size, seqLen: train.max_seq_length, optim: train.optim,
     gradientCheckpointing: train.gradient_checkpointing, floatBytes: 4,
   }).totalBytes;
+}
+
+/** The step's micro-batches with each row's example index (MicroBatch.samples): what a delta wire codec
+ *  keys its references by. Packed rows (several examples per row, regrouped every epoch) carry none. */
+export function withSamples(loader: DataLoader, step: number, packing: boolean): MicroBatch[] {
+  const mbs = loader.stepMicroBatches(step);
+  if (packing) return mbs;
+  const { epoch, microBatch } = loader.cursorAt(step);
+  const order = epochOrder(loader.examples.length, loader.seed, epoch, loader.shuffle);
+  return mbs.map((m, k) => {
+    const start = (microBatch + k) * loader.batchSize;
+    return { ...m, samples: Array.from(order.subarray(start, start + m.batch)) };
+  });
 }

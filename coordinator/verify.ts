@@ -12,7 +12,7 @@
 // route) or on the coordinator, which can load a stage itself; a mismatch is refereed by a third
 // replica or the coordinator. Only answers the verdict lets count may be committed.
 import { createHash } from 'node:crypto';
-import { decodeFloat } from '../protocol/tensor.ts';
+import { decodeFloat, isDeltaCodec } from '../protocol/tensor.ts';
 import type { FloatCodec, WireTensor } from '../protocol/tensor.ts';
 import { SwarmError } from '../protocol/errors.ts';
 import { judge } from './verdicts.ts';
@@ -113,13 +113,23 @@ export const CROSS_BACKEND_RTOL = 1e-3;
  *  backend every codec compares bit for bit: the codecs are deterministic. */
 export const CODEC_RTOL: Readonly<Record<FloatCodec, number>> = {
   f32: 0, bf16: 2 * 2 ** -9, int8: 2 / 254, int4: 2 / 14, nf4: 2 * 0.1519, int2: 2 / 3, lowrank32: 1, lowrank8: 1,
+  // the delta codecs: the checked answer is the receiver's warm reconstruction (a SAME row is last
+  // visit's value, up to τ·rms off), the recomputation reaches the coordinator cold; no elementwise
+  // bound relates the two, so, as lowrank, within twice the tensor's magnitude: gross errors only
+  aq4: 2, aq2: 2,
 };
 
 /** 0 (bit for bit) when both run the same CPU backend build; else the cross-backend tolerance plus
  *  the codec's rounding. An unknown device is never exact. */
 export function toleranceFor(a: DeviceOf | undefined, b: DeviceOf | undefined, codec: FloatCodec): number {
+  // a delta codec's answers are never bit-comparable, even on one backend (see CODEC_RTOL)
+  if (isDeltaCodec(codec)) return (sameCpu(a, b) ? 0 : CROSS_BACKEND_RTOL) + CODEC_RTOL[codec];
   if (a !== undefined && b !== undefined && a.backend === 'cpu' && b.backend === 'cpu' && a.deviceName === b.deviceName) return 0;
   return CROSS_BACKEND_RTOL + CODEC_RTOL[codec];
+}
+
+function sameCpu(a: DeviceOf | undefined, b: DeviceOf | undefined): boolean {
+  return a !== undefined && b !== undefined && a.backend === 'cpu' && b.backend === 'cpu' && a.deviceName === b.deviceName;
 }
 
 function sameArray(a: Float32Array, b: Float32Array, rtol: number): boolean {

@@ -71,7 +71,8 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
     try {
       // the lower bound: on activations always, on activation gradients only of trained micro-batches
       const floor = kind === 'act' || req.trained === true;
-      const r = await inbox.receive({ ...base, kind }, { from: peer, shape: [T, C], judge: (rms) => host.screen.judge(key, rms, `${what(kind, from)} from ${peer}`, { floor }) },
+      const delta = host.codecState.hop('recv', kind, peer, req, d.coordinator.peerId);
+      const r = await inbox.receive({ ...base, kind }, { from: peer, shape: [T, C], delta, judge: (rms) => host.screen.judge(key, rms, `${what(kind, from)} from ${peer}`, { floor }) },
         { signal, timeoutMs: job * Math.max(1, jobs) });
       if (floor) host.screen.accept(key, r.rms);
       host.keepReceived(req, kind, r.data);
@@ -93,6 +94,7 @@ export async function runMicroBatch(d: PipelineDeps, req: MicroBatchRequest, opt
     const addrs = referee || peer === d.coordinator.peerId ? d.coordinator.addrs : kind === 'act' ? nextAddrs : prevAddrs;
     const hop = openHop(node, addrs, { ...base, kind }, [T, C], {
       signal, timeoutMs: job, codec: host.wireCodec, expectPeer: peer, log: d.log, mutate: host.poisonsOutput ? poisoned : undefined, digest: true,
+      delta: referee ? undefined : host.codecState.hop('send', kind, peer, req, d.coordinator.peerId),
     });
     return { hop, peer };
   };

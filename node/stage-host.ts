@@ -9,6 +9,7 @@ import type {
 } from '../protocol/messages.ts';
 import { decodeFloat, decodeInt, encodeTensor } from '../protocol/tensor.ts';
 import type { FloatCodec, WireTensor } from '../protocol/tensor.ts';
+import { CodecState } from './codec-state.ts';
 import { IntegrityError, SchemaError, StaleError, TensorError } from '../protocol/errors.ts';
 import { adapterDigest } from '../protocol/adapter-digest.ts';
 import { serveChunk, servePage } from '../protocol/pager.ts';
@@ -58,6 +59,8 @@ export class StageHost {
   readonly stageIndex: number;
   readonly numStages: number;
   readonly wireCodec: FloatCodec;
+  /** the delta wire codec's references (node/codec-state.ts); empty for a stateless codec */
+  readonly codecState: CodecState;
   /** the RMS screens of what this stage receives on hops (per kind and sending stage) */
   readonly screen = new OutputScreen();
   /** optimizer steps applied so far = the step currently being trained */
@@ -89,6 +92,7 @@ export class StageHost {
     this.stageIndex = a.stageIndex;
     this.numStages = a.numStages;
     this.wireCodec = a.wireCodec;
+    this.codecState = new CodecState(a.wireCodec);
     this.step = a.step;
     this.optimizer = optimizer;
     this.gradients = new StepGradients(stage);
@@ -259,6 +263,7 @@ export class StageHost {
   commit(req: CommitRequest): void {
     this.check(req, 'commit');
     for (const kind of ['act', 'grad']) this.receivedTensors.delete(`${attemptKey(req.step, req.mb, req.attempt)}:${kind}`);
+    this.codecState.settle(req, req.commit);
     if (req.commit) {
       this.gradients.commit(req.step, req.mb, req.attempt);
       this.microBatchesServed++;

@@ -3,7 +3,8 @@
 // coordinator's control message named for it, and screened by the receiver as it arrives.
 //
 //   sender → receiver   header {runId, step, mb, attempt, kind, shape [T, C], codec}
-//   receiver → sender   {credit: HOP_CREDIT}      once the sender is the peer the route names
+//   receiver → sender   {credit: HOP_CREDIT, cold?} once the sender is the peer the route names; cold:
+//                                                 a delta codec's references (header.ref) do not match here
 //   sender → receiver   chunk {offset, tensor}    whole rows [offset, offset + n) as [rows, C], n ≤ HOP_CHUNK_ELEMENTS
 //   receiver → sender   {credit: 1}               after decoding each chunk but the last
 //   receiver → sender   {ok: true} | error frame  the verdict, after the RMS screen
@@ -18,9 +19,12 @@ import { HOP_CHUNK_ELEMENTS, HOP_CREDIT, HOP_EXPECT_WAIT_MS, HOP_FRAME_BYTES, MA
 import { encodeFrame, FrameReader } from './frame.ts';
 import { errorFrame, hopChunk, hopHeader, hopReply } from './messages.ts';
 import type { HopHeader, HopReply } from './messages.ts';
-import { decodeFloat, encodeTensor } from './tensor.ts';
+import { decodeFloat, encodeTensor, expectedByteLength, isDeltaCodec } from './tensor.ts';
 import type { FloatCodec, WireTensor } from './tensor.ts';
-import { AuthError, errorFromWire, SchemaError, StaleError, SwarmError, TimeoutError } from './errors.ts';
+import { decodeDelta, DELTA_SPECS, DIGEST_BYTES, encodeDelta } from './codecs/delta.ts';
+import type { DeltaParams, DeltaRefs } from './codecs/delta.ts';
+import type { DeltaCache } from './codecs/delta-cache.ts';
+import { AuthError, errorFromWire, SchemaError, StaleError, SwarmError, TensorError, TimeoutError } from './errors.ts';
 import { BadOutputError, rmsOf } from './screen.ts';
 import { silentLogger } from './log.ts';
 import type { Logger } from './log.ts';
@@ -50,7 +54,25 @@ export interface HopExpectation {
   shape: [number, number];
   /** the RMS screen (throws BadOutputError); shape, dtype and finiteness are checked per chunk */
   judge?: (rms: number) => void;
+  /** the delta codec's state on this end (absent: a delta-coded tensor must come cold) */
+  delta?: HopDelta;
 }
+
+/** One end's delta-codec state for one hop (the codecs aq4, aq2; node/codec-state.ts keeps them): its
+ *  cache for this neighbour and direction, the rows' sample keys, the attempt its reconstruction is
+ *  staged under (applied when the coordinator commits the attempt). Without it a delta codec is cold. */
+export interface HopDelta {
+  cache: DeltaCache;
+  /** per row (B) of the [B·S, C] tensor; undefined: that row is never coded against a reference */
+  keys: ReadonlyArray<string | undefined>;
+  seqLen: number;
+  attempt: string;
+}
+
+const ZERO_DIGEST = new Uint8Array(DIGEST_BYTES);
+const sameBytes = (a: Uint8Array, b: Uint8Array): boolean => a.length === b.length && a.every((x, i) => x === b[i]);
+export const deltaParamsOf = (codec: FloatCodec, kind: HopKind): DeltaParams | undefined =>
+  isDeltaCodec(codec) ? DELTA_SPECS[codec][kind] : undefined;
 
 export interface HopReceived {
   data: Float32Array;
@@ -196,7 +218,11 @@ export class HopInbox {
       if (n > MAX_HOP_ELEMENTS) throw new BadOutputError(`${what}: ${n} elements exceeds the hop cap ${MAX_HOP_ELEMENTS}`);
       const out = new Float32Array(n);
       decoded = reader.consumedBytes;
-      await sendFrame(stream, { credit: HOP_CREDIT } satisfies HopReply);
+      // a delta codec: decode against this end's references when they are the ones the sender names
+      const dp = deltaParamsOf(h.codec, h.kind);
+      const dl = dp !== undefined && pend.e.delta !== undefined && h.ref !== undefined ? pend.e.delta.cache.lookup(pend.e.delta.keys, pend.e.delta.seqLen, C) : undefined;
+      const warm = dl !== undefined && sameBytes(h.ref!, dl.digest);
+      await sendFrame(stream, (h.ref !== undefined && !warm ? { credit: HOP_CREDIT, cold: true } : { credit: HOP_CREDIT }) satisfies HopReply);
       let off = 0, ss = 0;
       while (off < n) {
         let c;
@@ -215,7 +241,14 @@ export class HopInbox {
         if (c.offset !== off) throw new BadOutputError(`${what}: chunk at element ${c.offset}, expected ${off}`);
         let x: Float32Array;
         try {
-          x = decodeFloat(c.tensor, `${what}, elements [${off}, ${off + len})`, [len / C, C]);
+          const cw = `${what}, elements [${off}, ${off + len})`;
+          if (dp !== undefined && isDeltaCodec(c.tensor.codec)) {
+            const t = c.tensor;
+            if (t.codec !== h.codec || t.dtype !== 'f32' || t.shape.length !== 2 || t.shape[0] !== len / C || t.shape[1] !== C) throw new BadOutputError(`${cw}: a ${t.codec} chunk of shape [${t.shape}] in a ${h.codec} hop, expected [${len / C}, ${C}]`);
+            if (t.bytes.length > expectedByteLength(t.codec, [len / C, C])) throw new BadOutputError(`${cw}: ${t.bytes.length} bytes is more than a cold ${t.codec} chunk takes`);
+            const r0 = off / C;
+            x = decodeDelta(dp, t.bytes, len / C, C, warm ? dl!.refs.slice(r0, r0 + len / C) : [], warm ? dl!.digest : ZERO_DIGEST, cw);
+          } else x = decodeFloat(c.tensor, cw, [len / C, C]);
         } catch (e) {
           throw new BadOutputError((e as Error).message);
         }
@@ -229,6 +262,8 @@ export class HopInbox {
       }
       const rms = rmsOf(ss, n);
       pend.e.judge?.(rms);
+      const de = pend.e.delta;
+      if (dp !== undefined && de !== undefined) de.cache.stage(de.attempt, de.keys, de.seqLen, C, out);
       await sendFrame(stream, { ok: true } satisfies HopReply);
       await stream.close();
       this.onReceived?.(stats);
@@ -267,6 +302,8 @@ export interface SendHopOptions {
    *  again here: free in f32, one more decode per chunk in a lossy codec); a spot check holds
    *  the receiver's copy to it (docs/security.md) */
   digest?: boolean;
+  /** the delta codec's state on this end (absent: a delta codec sends every row cold) */
+  delta?: HopDelta;
   log?: Logger;
 }
 
@@ -344,6 +381,13 @@ export function openHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, shape:
   // the caller giving up aborts the stream also while it is idle (opened, its tensor not yet ready)
   const onCallerAbort = () => abortStream(opts.signal.reason instanceof Error ? opts.signal.reason : new SwarmError('hop: the sender gave up'));
   opts.signal.addEventListener('abort', onCallerAbort, { once: true });
+  // a delta codec's references (the cached reconstructions of these samples, docs/protocol.md): looked
+  // up now, named by digest in the header; a cold receiver's first credit says to send without them
+  const C = shape[1];
+  const dp = deltaParamsOf(opts.codec, key.kind);
+  const de = dp !== undefined ? opts.delta : undefined;
+  const dl = de !== undefined ? de.cache.lookup(de.keys, de.seqLen, C) : undefined;
+  let refs: DeltaRefs = dl !== undefined && dl.warm > 0 ? dl.refs : [];
   const openSignal = AbortSignal.any([opts.signal, deadline, cancelled.signal]);
   const opened = (async (): Promise<void> => {
     const conn = await net(openSignal, () => node.dial(addrs, { signal: openSignal }));
@@ -352,11 +396,15 @@ export function openHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, shape:
     stream = await net(openSignal, () => conn.newStream(PROTOCOLS.hop, { signal: openSignal }));
     if (cancelled.signal.aborted) { abortStream(cancelled.signal.reason as Error); throw cancelled.signal.reason; }
     reader = new FrameReader(stream, 64 * 1024);
-    const header: HopHeader = { ...key, shape: [...shape], codec: opts.codec };
+    const header: HopHeader = { ...key, shape: [...shape], codec: opts.codec, ...(refs.length > 0 ? { ref: dl!.digest } : {}) };
     await net(openSignal, () => sendFrame(stream!, header));
     while (credit === 0) {
       const r = await net(openSignal, next);
       if (r.credit === undefined) throw new HopError(to, `${what}: a verdict before every chunk was sent`);
+      if (r.cold === true) {
+        if (refs.length > 0) log('hop -> %s %s: the receiver lacks the references, sending cold', to, keyOf(key));
+        refs = [];
+      }
       credit += r.credit;
     }
   })();
@@ -378,6 +426,8 @@ export function openHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, shape:
       deadline = AbortSignal.timeout(opts.timeoutMs);
       const signal = AbortSignal.any([opts.signal, deadline, cancelled.signal]);
       const s = stream!;
+      // what the receiver reconstructs: this end's next references
+      const recon = de !== undefined ? new Float32Array(n) : undefined;
       let off = 0;
       while (off < n) {
         while (credit === 0) {
@@ -385,12 +435,21 @@ export function openHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, shape:
           if (r.credit === undefined) throw new HopError(to, `${what}: a verdict before every chunk was sent`);
           credit += r.credit;
         }
-        const len = Math.min(chunkRows(shape[1]) * shape[1], n - off);
-        const t = encodeTensor(data.subarray(off, off + len), [len / shape[1], shape[1]], opts.codec, `${what}, elements [${off}, ${off + len})`);
+        const len = Math.min(chunkRows(C) * C, n - off);
+        const cw = `${what}, elements [${off}, ${off + len})`;
+        let t: WireTensor, mine: Float32Array | undefined;
+        if (dp !== undefined) {
+          const r0 = off / C, rs = refs.slice(r0, r0 + len / C), dg = refs.length > 0 ? dl!.digest : ZERO_DIGEST;
+          for (let i = off; i < off + len; i++) if (!Number.isFinite(data[i]!)) throw new TensorError(`${cw}: non-finite value ${data[i]} at element ${i}`);
+          const b = encodeDelta(dp, data.subarray(off, off + len), len / C, C, rs, dg);
+          t = { dtype: 'f32', shape: [len / C, C], codec: opts.codec, bytes: b };
+          mine = decodeDelta(dp, b, len / C, C, rs, dg, cw);
+          recon?.set(mine, off);
+        } else t = encodeTensor(data.subarray(off, off + len), [len / C, C], opts.codec, cw);
         const sent = opts.mutate !== undefined ? opts.mutate(t) : t;
         if (digestOk) {
           try {
-            const d = sent === t && opts.codec === 'f32' ? data.subarray(off, off + len) : decodeFloat(sent, what, [len / shape[1], shape[1]]);
+            const d = sent === t && opts.codec === 'f32' ? data.subarray(off, off + len) : sent === t && mine !== undefined ? mine : decodeFloat(sent, what, [len / C, C]);
             digest.update(new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
           } catch { digestOk = false; }
         }
@@ -405,6 +464,7 @@ export function openHop(node: SwarmNode, addrs: Multiaddr[], key: HopKey, shape:
         if (r.ok === true) break;
       }
       await net(signal, () => s.close({ signal }));
+      if (de !== undefined) de.cache.stage(de.attempt, de.keys, de.seqLen, C, recon!);
       log('hop -> %s %s: ok (%d bytes)', to, keyOf(key), bytes);
       return { bytes, sha256: digestOk ? digest.digest('hex') : null };
     } catch (e) {

@@ -202,6 +202,10 @@ export const microBatchRequest = obj({
   /** the micro-batch has trained positions (label tokens and a positive loss scale): its activation
    *  gradients must not be near zero (the screen's lower bound); absent: no lower bound on them */
   trained: opt(bool),
+  /** one key per row (B): the step plan's example index of the row's sample, the same on every
+   *  visit; present in a run with a delta wire codec (aq4, aq2), whose hops code against each
+   *  sample's reference (protocol/codecs/delta-cache.ts); absent (or a packed row): every row cold */
+  samples: opt(arr(int(0, I32), 1 << 20)),
 });
 export type MicroBatchRequest = ReturnType<typeof microBatchRequest>;
 export const microBatchResponse = obj({
@@ -238,13 +242,20 @@ export const hopHeader = obj({
   /** [B·S, C]; the receiver requires exactly the shape it expects */
   shape: arr(int(1, 2 ** 31 - 1), 2),
   codec: oneOf(FLOAT_CODECS),
+  /** a delta codec's reference digest (DeltaCache.lookup) when the sender holds references for some
+   *  rows; the receiver answers its first credit with cold: true when its own digest differs */
+  ref: opt(bytes(8)),
 });
 export type HopHeader = ReturnType<typeof hopHeader>;
 /** elements [offset, offset + tensor's length) of the flattened tensor, in order */
 export const hopChunk = obj({ offset: int(0, SAFE), tensor: wireTensor });
 export type HopChunk = ReturnType<typeof hopChunk>;
 /** receiver → sender: more credit (chunks it may send), or the verdict once every chunk is in */
-export const hopReply = obj({ credit: opt(int(1, 1 << 16)), ok: opt(bool) });
+export const hopReply = obj({
+  credit: opt(int(1, 1 << 16)), ok: opt(bool),
+  /** with the first credit: the receiver lacks the references the header's digest names; send every row cold */
+  cold: opt(bool),
+});
 export type HopReply = ReturnType<typeof hopReply>;
 
 export const commitRequest = obj({

@@ -1,12 +1,14 @@
 // Tensor wire format {dtype, shape, codec, bytes}: codecs f32 (exact), bf16, the blockwise absmax family
 // int8 / int4 / nf4 / int2 (protocol/codecs/blockwise.ts) and low-rank factors lowrank8 / lowrank32
-// (protocol/codecs/lowrank.ts). Every float codec is stateless: the bytes depend on the tensor alone.
+// (protocol/codecs/lowrank.ts), and the delta codecs aq4 / aq2 (protocol/codecs/delta.ts), stateful on a
+// stage-to-stage hop only (protocol/hop.ts): here, with no references, they code every position cold.
 //
 // Byte layouts (little-endian; the host is assumed little-endian like every platform Node ships for):
 //   f32  : n x float32
 //   bf16 : n x uint16, the top half of the float32 rounded to nearest even
 //   int8, int4, nf4, int2 : ceil(n/64) x float32 absmax, then the codes (see codecs/blockwise.ts)
 //   lowrankK : int8 factors U [rows, k] and V [cols, k], k = min(K, rows, cols) (see codecs/lowrank.ts)
+//   aq4, aq2 : 8-byte reference digest, 2-bit mode per row, then per row its codes (see codecs/delta.ts)
 //   i32  : n x int32 (token ids and labels; dtype i32 only)
 // Error bounds: bf16 |x - x'| <= 2^-8 |x| (relative, half an ulp of an 8-bit mantissa);
 // int8 |x - x'| <= absmax_block / 254 (half a quantization step), int4 absmax/14, nf4 0.1519 absmax,
@@ -15,12 +17,14 @@ import { INT8_BLOCK, MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK } from './constants.ts
 import { BLOCK, blockByteLength, decodeBlockwise, encodeBlockwise } from './codecs/blockwise.ts';
 import type { BlockCodec } from './codecs/blockwise.ts';
 import { decodeLowRank, encodeLowRank, lowRankByteLength } from './codecs/lowrank.ts';
+import { coldDeltaByteLength, decodeDelta, DELTA_SPECS, DIGEST_BYTES, encodeDelta } from './codecs/delta.ts';
+import type { DeltaCodecName } from './codecs/delta.ts';
 import { TensorError } from './errors.ts';
 import { arr, bytes, int, obj, oneOf } from './schema.ts';
 import type { Validator } from './schema.ts';
 
 /** The codecs a float tensor may use on the wire (the run's --wire-dtype picks one), cheapest last. */
-export const FLOAT_CODECS = ['f32', 'bf16', 'int8', 'int4', 'nf4', 'int2', 'lowrank32', 'lowrank8'] as const;
+export const FLOAT_CODECS = ['f32', 'bf16', 'int8', 'int4', 'nf4', 'int2', 'lowrank32', 'lowrank8', 'aq4', 'aq2'] as const;
 export type FloatCodec = typeof FLOAT_CODECS[number];
 export function isFloatCodec(s: string): s is FloatCodec {
   return (FLOAT_CODECS as readonly string[]).includes(s);
@@ -31,6 +35,15 @@ export type WireDtype = 'f32' | 'i32';
 
 const BLOCK_CODECS: readonly string[] = ['int8', 'int4', 'nf4', 'int2'] satisfies BlockCodec[];
 const LOW_RANK: Readonly<Record<string, number>> = { lowrank8: 8, lowrank32: 32 };
+/** The delta codecs (protocol/codecs/delta.ts): stateful on a hop (protocol/hop.ts), stateless (every
+ *  position in the cold codec) everywhere else. The activation parameters code a tensor here. */
+export function isDeltaCodec(c: string): c is DeltaCodecName {
+  return Object.hasOwn(DELTA_SPECS, c);
+}
+const rowsCols = (dims: readonly number[]): [number, number] => {
+  const C = dims.length === 0 ? 1 : dims[dims.length - 1]!;
+  return [C === 0 ? 0 : dims.reduce((a, b) => a * b, 1) / C, C];
+};
 if (BLOCK !== INT8_BLOCK) throw new Error(`protocol/codecs/blockwise.ts BLOCK ${BLOCK} != INT8_BLOCK ${INT8_BLOCK}`);
 
 export interface WireTensor {
@@ -67,6 +80,7 @@ export function expectedByteLength(codec: TensorCodec, shape: readonly number[] 
   if (codec === 'f32' || codec === 'i32') return 4 * n;
   if (codec === 'bf16') return 2 * n;
   if (BLOCK_CODECS.includes(codec)) return blockByteLength(codec as BlockCodec, n);
+  if (isDeltaCodec(codec)) { const [T, C] = rowsCols(dims); return coldDeltaByteLength(DELTA_SPECS[codec].act, T, C); }
   return lowRankByteLength(dims, LOW_RANK[codec]!);
 }
 
@@ -94,6 +108,10 @@ export function encodeTensor(data: Float32Array | Int32Array, shape: number[], c
     const out = new Uint16Array(n);
     for (let i = 0; i < n; i++) out[i] = f32ToBf16Bits(u, i);
     return { dtype: 'f32', shape: [...shape], codec, bytes: new Uint8Array(out.buffer) };
+  }
+  if (isDeltaCodec(codec)) {
+    const [T, C] = rowsCols(shape);
+    return { dtype: 'f32', shape: [...shape], codec, bytes: encodeDelta(DELTA_SPECS[codec].act, data, T, C, [], new Uint8Array(DIGEST_BYTES)) };
   }
   const bytes = BLOCK_CODECS.includes(codec) ? encodeBlockwise(codec as BlockCodec, data) : encodeLowRank(data, shape, LOW_RANK[codec]!, what);
   return { dtype: 'f32', shape: [...shape], codec, bytes };
@@ -124,6 +142,12 @@ export function decodeTensor(t: WireTensor, what: string, expect: DecodeExpect =
   }
   if ((t.dtype === 'i32') !== (t.codec === 'i32')) throw new TensorError(`${what}: dtype ${t.dtype} cannot use codec ${t.codec}`);
   const want = expectedByteLength(t.codec, t.shape);
+  if (isDeltaCodec(t.codec)) {
+    // a warm tensor is shorter than a cold one; without references only a cold one decodes
+    if (t.bytes.length > want) throw new TensorError(`${what}: codec ${t.codec} with shape [${t.shape}] takes at most ${want} bytes, got ${t.bytes.length}`);
+    const [T, C] = rowsCols(t.shape);
+    return { shape: [...t.shape], data: decodeDelta(DELTA_SPECS[t.codec].act, t.bytes, T, C, [], new Uint8Array(DIGEST_BYTES), what) };
+  }
   if (t.bytes.length !== want) throw new TensorError(`${what}: codec ${t.codec} with shape [${t.shape}] needs ${want} bytes, got ${t.bytes.length}`);
   const shape = [...t.shape];
   if (t.codec === 'i32') return { shape, data: new Int32Array(aligned(t.bytes)) };

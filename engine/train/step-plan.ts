@@ -13,6 +13,9 @@ export interface MicroBatch {
   labels: Int32Array;
   /** packing: batch 1, the lengths of the examples in the row (engine/train/packing.ts) */
   segments?: Int32Array;
+  /** the example index of each row (B), the same on every epoch's visit: a delta wire codec keys its
+   *  cached activations by it (protocol/codecs/delta-cache.ts); absent for packed rows */
+  samples?: readonly number[];
 }
 
 /** The micro-batches of optimizer step `step` (0-based) and what every one of them is scaled by. */

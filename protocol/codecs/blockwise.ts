@@ -12,13 +12,16 @@
 //         midpoints, a tie goes to the lower code as in bitsandbytes' dQuantizeNF4).
 //   int2: ceil(n/4) bytes, element 4j in bits 7..6, 4j+1 in 5..4, 4j+2 in 3..2, 4j+3 in 1..0;
 //         levels (-1, -1/3, 1/3, 1), nearest (thresholds -2/3, 0, 2/3; x/absmax = 0 goes to -1/3).
+//   int1: ceil(n/8) bytes, element 8j in bit 7 ... 8j+7 in bit 0; bit 1 = +, 0 = −; the block's float is
+//         not its absmax but its mean |x| (the scale that minimizes the squared error of sign·scale), and
+//         a value decodes as ±scale. Used for the delta codec's differences (codecs/delta.ts), not alone.
 // Unused trailing bits of the last byte must be zero. Error bounds per element, with a = the block's
 // absmax: int8 a/254, int4 a/14, nf4 a * 0.1519 (half the widest gap, between -1 and -0.6962), int2 a/3.
 import { TensorError } from '../errors.ts';
 
 export const BLOCK = 64;
 
-export type BlockCodec = 'int8' | 'int4' | 'nf4' | 'int2';
+export type BlockCodec = 'int8' | 'int4' | 'nf4' | 'int2' | 'int1';
 
 /** bitsandbytes' NF4 levels (functional.py get_4bit_type("nf4")), index = code */
 export const NF4_LEVELS = Float32Array.from([
@@ -29,10 +32,11 @@ export const NF4_LEVELS = Float32Array.from([
 const NF4_MID = Float32Array.from({ length: 15 }, (_, i) => (NF4_LEVELS[i]! + NF4_LEVELS[i + 1]!) / 2);
 const INT2_LEVELS = [-1, -1 / 3, 1 / 3, 1];
 
-const BITS: Record<BlockCodec, number> = { int8: 8, int4: 4, nf4: 4, int2: 2 };
+const BITS: Record<BlockCodec, number> = { int8: 8, int4: 4, nf4: 4, int2: 2, int1: 1 };
 
-export function blockByteLength(codec: BlockCodec, n: number): number {
-  return 4 * Math.ceil(n / BLOCK) + Math.ceil(n * BITS[codec] / 8);
+/** `block`: elements per scale (BLOCK on the wire's own codecs; the delta codec may use longer ones) */
+export function blockByteLength(codec: BlockCodec, n: number, block = BLOCK): number {
+  return 4 * Math.ceil(n / block) + Math.ceil(n * BITS[codec] / 8);
 }
 
 function nf4Code(xn: number): number {
@@ -43,17 +47,23 @@ function nf4Code(xn: number): number {
 }
 
 /** Encode finite float data (the caller checked finiteness) into the codec's bytes. */
-export function encodeBlockwise(codec: BlockCodec, data: Float32Array): Uint8Array {
+export function encodeBlockwise(codec: BlockCodec, data: Float32Array, block = BLOCK): Uint8Array {
   const n = data.length;
-  const nb = Math.ceil(n / BLOCK);
-  const out = new Uint8Array(blockByteLength(codec, n));
+  const nb = Math.ceil(n / block);
+  const out = new Uint8Array(blockByteLength(codec, n, block));
   const absmax = new Float32Array(out.buffer, 0, nb);
   const codes = out.subarray(4 * nb);
   const q8 = new Int8Array(out.buffer, 4 * nb);
   for (let b = 0; b < nb; b++) {
-    const lo = b * BLOCK;
-    const hi = Math.min(n, lo + BLOCK);
+    const lo = b * block;
+    const hi = Math.min(n, lo + block);
     let m = 0;
+    if (codec === 'int1') {
+      let sum = 0;
+      for (let i = lo; i < hi; i++) { sum += Math.abs(data[i]!); if (data[i]! >= 0) codes[i >> 3]! |= 1 << (7 - (i & 7)); }
+      absmax[b] = sum / (hi - lo);
+      continue;
+    }
     for (let i = lo; i < hi; i++) { const a = Math.abs(data[i]!); if (a > m) m = a; }
     absmax[b] = m;
     const inv = m > 0 ? 1 / m : 0;
@@ -79,8 +89,8 @@ export function encodeBlockwise(codec: BlockCodec, data: Float32Array): Uint8Arr
 }
 
 /** Decode the codec's bytes (length already checked) for n elements; bad absmax, codes or padding are TensorErrors. */
-export function decodeBlockwise(codec: BlockCodec, bytes: Uint8Array, n: number, what: string): Float32Array {
-  const nb = Math.ceil(n / BLOCK);
+export function decodeBlockwise(codec: BlockCodec, bytes: Uint8Array, n: number, what: string, block = BLOCK): Float32Array {
+  const nb = Math.ceil(n / block);
   const buf = new ArrayBuffer(bytes.length);
   const all = new Uint8Array(buf);
   all.set(bytes);
@@ -91,8 +101,8 @@ export function decodeBlockwise(codec: BlockCodec, bytes: Uint8Array, n: number,
   for (let b = 0; b < nb; b++) {
     const m = absmax[b]!;
     if (!Number.isFinite(m) || m < 0) throw new TensorError(`${what}: ${codec} block ${b} has bad absmax ${m}`);
-    const hi = Math.min(n, (b + 1) * BLOCK);
-    for (let i = b * BLOCK; i < hi; i++) {
+    const hi = Math.min(n, (b + 1) * block);
+    for (let i = b * block; i < hi; i++) {
       switch (codec) {
         case 'int8': {
           const q = q8[i]!;
@@ -109,9 +119,10 @@ export function decodeBlockwise(codec: BlockCodec, bytes: Uint8Array, n: number,
           break;
         }
         case 'int2': out[i] = INT2_LEVELS[(codes[i >> 2]! >> (6 - 2 * (i & 3))) & 3]! * m; break;
+        case 'int1': out[i] = ((codes[i >> 3]! >> (7 - (i & 7))) & 1) === 1 ? m : -m; break;
       }
     }
-    if (m === 0) out.fill(0, b * BLOCK, hi); // +0, not the -0 of a negative level times 0
+    if (m === 0) out.fill(0, b * block, hi); // +0, not the -0 of a negative level times 0
   }
   const used = n * BITS[codec];
   if (used % 8 !== 0 && (codes[codes.length - 1]! & ((1 << (8 - used % 8)) - 1)) !== 0) {
