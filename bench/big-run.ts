@@ -12,7 +12,7 @@
 // from /proc) against the planner's bytes for its stage (coordinator/spec.ts stageMemoryFn: what `launch`
 // admits peers by), as peak RSS − the RSS when it reported its assignment. Needs ~3 GB (bf16) or ~6 GB (f32) of disk
 // for the model dir (cached under os.tmpdir()/swarmtune-bench-big) and about 12 GB of RAM (f32).
-import { open, mkdir, readFile, writeFile, rm, mkdtemp } from 'node:fs/promises';
+import { open, mkdir, readFile, writeFile, rm, mkdtemp, readdir, lstat } from 'node:fs/promises';
 import { existsSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -27,6 +27,7 @@ import { stageMemoryFn } from '../coordinator/spec.ts';
 import { evenRanges } from '../coordinator/planner.ts';
 import { CLI, NODE, ROOT, startCli, startProc, waitEvent, kill } from './procs.ts';
 import { blame } from './loop-blame.ts';
+import { SafetensorsFile } from '../engine/formats/safetensors/read.ts';
 import type { Proc } from './procs.ts';
 
 export const LLAMA_8B = { hidden: 4096, heads: 32, kvHeads: 8, headDim: 128, intermediate: 14336, vocab: 128256 } as const;
@@ -172,6 +173,41 @@ export function heartbeatFigures(lines: readonly string[], fromMs: number, toMs:
   return out;
 }
 
+/** The largest |swarm − train| over the adapters both runs wrote (adapter_model.safetensors at the top of
+ *  each output dir), and the largest |train| for scale; null when either is missing. */
+async function adapterDiff(a: string, b: string): Promise<{ tensors: number; max_abs_diff: number; max_abs: number } | null> {
+  const fa = path.join(a, 'adapter_model.safetensors'), fb = path.join(b, 'adapter_model.safetensors');
+  if (!existsSync(fa) || !existsSync(fb)) return null;
+  const [x, y] = [await SafetensorsFile.open(fa), await SafetensorsFile.open(fb)];
+  try {
+    let d = 0, m = 0;
+    const names = x.names();
+    if (names.length !== y.names().length) throw new Error(`adapters: ${names.length} tensors vs ${y.names().length}`);
+    for (const n of names) {
+      const [u, v] = [await x.readFloat32(n), await y.readFloat32(n)];
+      if (u.length !== v.length) throw new Error(`adapters: ${n} has ${u.length} vs ${v.length} values`);
+      for (let i = 0; i < u.length; i++) { d = Math.max(d, Math.abs(u[i]! - v[i]!)); m = Math.max(m, Math.abs(v[i]!)); }
+    }
+    return { tensors: names.length, max_abs_diff: Number(d.toExponential(2)), max_abs: Number(m.toExponential(2)) };
+  } finally {
+    await x.close();
+    await y.close();
+  }
+}
+
+/** Bytes of the files under dir (0 when it is missing). */
+async function duBytes(dir: string): Promise<number> {
+  let n = 0;
+  let entries;
+  try { entries = await readdir(dir, { withFileTypes: true }); } catch { return 0; }
+  for (const e of entries) {
+    const f = path.join(dir, e.name);
+    if (e.isDirectory()) n += await duBytes(f);
+    else if (e.isFile()) n += (await lstat(f)).size;
+  }
+  return n;
+}
+
 async function finish(p: Proc, what: string, timeoutMs: number): Promise<void> {
   const t = setTimeout(() => kill(p), timeoutMs);
   const code = await p.exit;
@@ -260,7 +296,8 @@ export async function bigRun(o: { dtype: 'BF16' | 'F32'; steps: number; seq: num
       const lines = coord.stderr.join('').split('\n');
       const cfg = parseLlamaConfig(JSON.parse(await readFile(path.join(modelDir, 'config.json'), 'utf8')));
       const tc = resolveTrainConfig({ flags: { max_steps: o.steps, per_device_train_batch_size: 1, gradient_accumulation_steps: 1, max_seq_length: o.seq, lora_r: 16, lora_alpha: 16, target_modules: 'all-linear', lora_dropout: 0 } });
-      const need = stageMemoryFn(cfg, tc, loraConfigOf(tc));
+      // what launch admits by: the vocab matrices at 2 bytes per value from a BF16 dir (held as bf16)
+      const need = stageMemoryFn(cfg, tc, loraConfigOf(tc), tc.bnb_4bit_use_double_quant, o.dtype === 'BF16' ? 2 : 4);
       const plan = evenRanges(cfg.numHiddenLayers, 2).map((s) => need(s.layerStart, s.layerEnd));
       // which volunteer got which stage: the joins' assignment events name it
       const stageOf = vols.map((v) => Number(v.events.find((e) => e.event === 'assigned')?.stage ?? NaN));
@@ -276,6 +313,7 @@ export async function bigRun(o: { dtype: 'BF16' | 'F32'; steps: number; seq: num
         dtype: o.dtype, layers: o.layers, seq_len: o.seq, steps: o.steps, model_dir_write_s: Number(writeS.toFixed(1)),
         train, swarm: { steps: swarm, tokens_per_s_median: Number(median((swarm.length > 1 ? swarm.slice(1) : swarm).map((s) => s.tokens_per_s)).toFixed(1)) },
         loss_abs_diff: trainSteps.length === swarm.length ? swarm.map((s, i) => Number(Math.abs(s.loss - trainSteps[i]!.loss).toExponential(2))) : null,
+        adapter_vs_train: train === null ? null : await adapterDiff(path.join(tmp, 'swarm'), path.join(tmp, 'train')),
         heartbeats: beats,
         coordinator_loop: loop('coordinator'),
         volunteers: rss.map((r, i) => {
@@ -290,6 +328,10 @@ export async function bigRun(o: { dtype: 'BF16' | 'F32'; steps: number; seq: num
         }),
         plan_per_stage_mib: plan.map((b) => Math.round(b / MiB)),
         coordinator_peak_rss_mib: Math.round(coordPeak / MiB),
+        disk_mib: {
+          model_dir: Math.round((await duBytes(modelDir)) / MiB), volunteer_data_dirs: await Promise.all([0, 1].map(async (i) => Math.round((await duBytes(path.join(tmp, `v${i}`))) / MiB))),
+          coordinator_output_dir: Math.round((await duBytes(path.join(tmp, 'swarm'))) / MiB),
+        },
         machine: { ram_gib: Number((os.totalmem() / 2 ** 30).toFixed(1)), free_gib_at_end: Number((os.freemem() / 2 ** 30).toFixed(1)), cpus: os.cpus().length, loadavg: os.loadavg().map((x) => Number(x.toFixed(2))) },
       };
     } finally {
