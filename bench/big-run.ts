@@ -3,7 +3,7 @@
 // `swarmtune train` and through a 2-stage swarm (`swarmtune launch` + 2 `swarmtune join`, real processes on
 // 127.0.0.1, --wire-dtype f32) with 1×2048-token micro-batches. Prints one JSON object on its last stdout line.
 //
-//   node bench/big-run.ts [--dtype bf16|f32|both] [--steps 2] [--seq 2048] [--layers 2] [--no-train]
+//   node bench/big-run.ts [--dtype=bf16|f32|both] [--steps=2] [--seq=2048] [--layers=2] [--no-train] [--no-swarm] [--profile]
 //
 // Figures per dtype: tokens/s of both; the losses of both (the swarm with f32 wire equals `train` within
 // float tolerance); heartbeat answers per volunteer as the coordinator saw them (DEBUG=swarmtune:coordinator:peers:
@@ -12,7 +12,7 @@
 // from /proc) against the planner's bytes for its stage (coordinator/spec.ts stageMemoryFn: what `launch`
 // admits peers by), as peak RSS − the RSS when it reported its assignment. Needs ~3 GB (bf16) or ~6 GB (f32) of disk
 // for the model dir (cached under os.tmpdir()/swarmtune-bench-big) and about 12 GB of RAM (f32).
-import { open, mkdir, readFile, writeFile, rm, mkdtemp } from 'node:fs/promises';
+import { open, mkdir, readFile, writeFile, rm, mkdtemp, readdir, lstat } from 'node:fs/promises';
 import { existsSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -25,7 +25,9 @@ import { TINY_DATA_DIR } from '../engine/tiny/files.ts';
 import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
 import { stageMemoryFn } from '../coordinator/spec.ts';
 import { evenRanges } from '../coordinator/planner.ts';
-import { CLI, NODE, startCli, startProc, waitEvent, kill } from './procs.ts';
+import { CLI, NODE, ROOT, startCli, startProc, waitEvent, kill } from './procs.ts';
+import { blame } from './loop-blame.ts';
+import { SafetensorsFile } from '../engine/formats/safetensors/read.ts';
 import type { Proc } from './procs.ts';
 
 export const LLAMA_8B = { hidden: 4096, heads: 32, kvHeads: 8, headDim: 128, intermediate: 14336, vocab: 128256 } as const;
@@ -171,6 +173,41 @@ export function heartbeatFigures(lines: readonly string[], fromMs: number, toMs:
   return out;
 }
 
+/** The largest |swarm − train| over the adapters both runs wrote (adapter_model.safetensors at the top of
+ *  each output dir), and the largest |train| for scale; null when either is missing. */
+async function adapterDiff(a: string, b: string): Promise<{ tensors: number; max_abs_diff: number; max_abs: number } | null> {
+  const fa = path.join(a, 'adapter_model.safetensors'), fb = path.join(b, 'adapter_model.safetensors');
+  if (!existsSync(fa) || !existsSync(fb)) return null;
+  const [x, y] = [await SafetensorsFile.open(fa), await SafetensorsFile.open(fb)];
+  try {
+    let d = 0, m = 0;
+    const names = x.names();
+    if (names.length !== y.names().length) throw new Error(`adapters: ${names.length} tensors vs ${y.names().length}`);
+    for (const n of names) {
+      const [u, v] = [await x.readFloat32(n), await y.readFloat32(n)];
+      if (u.length !== v.length) throw new Error(`adapters: ${n} has ${u.length} vs ${v.length} values`);
+      for (let i = 0; i < u.length; i++) { d = Math.max(d, Math.abs(u[i]! - v[i]!)); m = Math.max(m, Math.abs(v[i]!)); }
+    }
+    return { tensors: names.length, max_abs_diff: Number(d.toExponential(2)), max_abs: Number(m.toExponential(2)) };
+  } finally {
+    await x.close();
+    await y.close();
+  }
+}
+
+/** Bytes of the files under dir (0 when it is missing). */
+async function duBytes(dir: string): Promise<number> {
+  let n = 0;
+  let entries;
+  try { entries = await readdir(dir, { withFileTypes: true }); } catch { return 0; }
+  for (const e of entries) {
+    const f = path.join(dir, e.name);
+    if (e.isDirectory()) n += await duBytes(f);
+    else if (e.isFile()) n += (await lstat(f)).size;
+  }
+  return n;
+}
+
 async function finish(p: Proc, what: string, timeoutMs: number): Promise<void> {
   const t = setTimeout(() => kill(p), timeoutMs);
   const code = await p.exit;
@@ -178,7 +215,29 @@ async function finish(p: Proc, what: string, timeoutMs: number): Promise<void> {
   if (code !== 0) throw new Error(`${what} exited ${code}: ${p.stderr.join('').slice(-2000)}`);
 }
 
-export async function bigRun(o: { dtype: 'BF16' | 'F32'; steps: number; seq: number; layers: number; train: boolean; log: (s: string) => void }): Promise<Record<string, unknown>> {
+/** A process's event-loop stalls from its loop log (bench/loop-watch.ts): the longest over the whole run and
+ *  within [fromMs, toMs], how many passed 500 ms, and (given its --cpu-prof profile) what ran in those. */
+export function loopFigures(logText: string, fromMs: number, toMs: number, profile: string | null): Record<string, unknown> {
+  const blocks = logText.split('\n').map((l) => /^block (\d+) (\d+) (\d+) (\d+)$/.exec(l)).filter((m) => m !== null).map((m) => ({ endMs: Number(m![2]), ms: Number(m![3]), cpu: Number(m![4]) }));
+  const inRun = blocks.filter((b) => b.endMs >= fromMs && b.endMs - b.ms <= toMs);
+  const max = /^max (\d+)/m.exec(logText);
+  // a stall's main-thread CPU time: what the process itself held the loop for (the rest is waiting for a core)
+  const out: Record<string, unknown> = {
+    max_stall_ms: max ? Number(max[1]) : Math.max(0, ...blocks.map((b) => b.ms)),
+    max_stall_cpu_ms: Math.max(0, ...blocks.map((b) => b.cpu)),
+    max_stall_ms_training: Math.max(0, ...inRun.map((b) => b.ms)),
+    max_stall_cpu_ms_training: Math.max(0, ...inRun.map((b) => b.cpu)),
+    stalls_over_500ms: blocks.filter((b) => b.ms > 500).length,
+    stalls_over_500ms_training: inRun.filter((b) => b.ms > 500).length,
+    cpu_stalls_over_500ms_training: inRun.filter((b) => b.cpu > 500).length,
+  };
+  if (profile !== null && existsSync(profile)) {
+    out.blame_over_500ms = blame(logText, JSON.parse(readFileSync(profile, 'utf8')), 500).map((b) => `${b.ms} ms: ${b.top.map(([k, p]) => `${p}% ${k}`).join(' | ')}`);
+  }
+  return out;
+}
+
+export async function bigRun(o: { dtype: 'BF16' | 'F32'; steps: number; seq: number; layers: number; train: boolean; swarm?: boolean; profile?: boolean; log: (s: string) => void }): Promise<Record<string, unknown>> {
   const base = path.join(os.tmpdir(), 'swarmtune-bench-big');
   o.log(`big: model dir (${o.dtype}, ${o.layers} layers of Llama-3.1-8B shape) in ${base}`);
   const t0 = performance.now();
@@ -198,12 +257,23 @@ export async function bigRun(o: { dtype: 'BF16' | 'F32'; steps: number; seq: num
       await finish(tr, 'swarmtune train', 3_600_000).finally(() => clearInterval(poll));
       train = { steps: stepsOf(tr), peak_rss_mib: Math.round(peak / MiB) };
     }
+    if (o.swarm === false) return { dtype: o.dtype, layers: o.layers, seq_len: o.seq, steps: o.steps, model_dir_write_s: Number(writeS.toFixed(1)), train };
     o.log('big: swarmtune launch + 2 x swarmtune join (127.0.0.1, --wire-dtype f32)');
-    const env = { ...process.env, DEBUG: 'swarmtune:coordinator:peers' };
-    const coord = startProc(NODE, [CLI, 'launch', ...f, '--output-dir', path.join(tmp, 'swarm'), '--listen', '/ip4/127.0.0.1/tcp/0', '--min-peers', '2',
+    // every process logs its event-loop stalls (bench/loop-watch.ts); --profile adds a CPU profile each,
+    // kept (with the logs) under <base>/logs-<dtype> for bench/loop-blame.ts
+    const logs = path.join(base, `logs-${o.dtype.toLowerCase()}`);
+    await rm(logs, { recursive: true, force: true });
+    await mkdir(logs, { recursive: true });
+    const watched = (name: string): { env: NodeJS.ProcessEnv; node: string[] } => ({
+      env: { ...process.env, NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --import=${path.join(ROOT, 'bench/loop-watch.ts')}`.trim(), SWARMTUNE_LOOP_LOG: path.join(logs, `${name}.loop.log`) },
+      node: o.profile === true ? ['--cpu-prof', '--cpu-prof-interval', '2000', '--cpu-prof-dir', logs, '--cpu-prof-name', `${name}.cpuprofile`] : [],
+    });
+    const cw = watched('coordinator');
+    const env = { ...cw.env, DEBUG: 'swarmtune:coordinator:peers' };
+    const coord = startProc(NODE, [...cw.node, CLI, 'launch', ...f, '--output-dir', path.join(tmp, 'swarm'), '--listen', '/ip4/127.0.0.1/tcp/0', '--min-peers', '2',
       '--pipeline-stages', '2', '--wire-dtype', 'f32', '--exit-on-finish'], { env });
     const listening = await waitEvent(coord, (e) => e.event === 'listening', 'listening', 1_800_000);
-    const vols = [0, 1].map((i) => startCli(['join', String(listening.multiaddr), '--device', 'cpu', '--json', '--listen', '/ip4/127.0.0.1/tcp/0', '--data-dir', path.join(tmp, `v${i}`)]));
+    const vols = [0, 1].map((i) => startProc(NODE, [...watched(`v${i}`).node, CLI, 'join', String(listening.multiaddr), '--device', 'cpu', '--json', '--listen', '/ip4/127.0.0.1/tcp/0', '--data-dir', path.join(tmp, `v${i}`)], { env: watched(`v${i}`).env }));
     // baseline: the RSS when the volunteer reports its assignment (before its weights arrive and load)
     const rss = vols.map((v) => ({ first: 0, peak: 0, v }));
     let coordPeak = 0;
@@ -226,28 +296,42 @@ export async function bigRun(o: { dtype: 'BF16' | 'F32'; steps: number; seq: num
       const lines = coord.stderr.join('').split('\n');
       const cfg = parseLlamaConfig(JSON.parse(await readFile(path.join(modelDir, 'config.json'), 'utf8')));
       const tc = resolveTrainConfig({ flags: { max_steps: o.steps, per_device_train_batch_size: 1, gradient_accumulation_steps: 1, max_seq_length: o.seq, lora_r: 16, lora_alpha: 16, target_modules: 'all-linear', lora_dropout: 0 } });
-      const need = stageMemoryFn(cfg, tc, loraConfigOf(tc));
+      // what launch admits by: the vocab matrices at 2 bytes per value from a BF16 dir (held as bf16)
+      const need = stageMemoryFn(cfg, tc, loraConfigOf(tc), tc.bnb_4bit_use_double_quant, o.dtype === 'BF16' ? 2 : 4);
       const plan = evenRanges(cfg.numHiddenLayers, 2).map((s) => need(s.layerStart, s.layerEnd));
       // which volunteer got which stage: the joins' assignment events name it
       const stageOf = vols.map((v) => Number(v.events.find((e) => e.event === 'assigned')?.stage ?? NaN));
+      const peerOf = vols.map((v) => String(v.events.find((e) => e.event === 'joining')?.peer_id ?? '').slice(-8));
+      const beats = heartbeatFigures(lines, trainingAt, finishedAt);
+      const loop = (name: string): Record<string, unknown> => {
+        const f = path.join(logs, `${name}.loop.log`);
+        return loopFigures(existsSync(f) ? readFileSync(f, 'utf8') : '', trainingAt, finishedAt, o.profile === true ? path.join(logs, `${name}.cpuprofile`) : null);
+      };
       const swarm = stepsOf(coord);
       const trainSteps = (train?.steps ?? []) as Array<{ loss: number }>;
       return {
         dtype: o.dtype, layers: o.layers, seq_len: o.seq, steps: o.steps, model_dir_write_s: Number(writeS.toFixed(1)),
         train, swarm: { steps: swarm, tokens_per_s_median: Number(median((swarm.length > 1 ? swarm.slice(1) : swarm).map((s) => s.tokens_per_s)).toFixed(1)) },
         loss_abs_diff: trainSteps.length === swarm.length ? swarm.map((s, i) => Number(Math.abs(s.loss - trainSteps[i]!.loss).toExponential(2))) : null,
-        heartbeats: heartbeatFigures(lines, trainingAt, finishedAt),
+        adapter_vs_train: train === null ? null : await adapterDiff(path.join(tmp, 'swarm'), path.join(tmp, 'train')),
+        heartbeats: beats,
+        coordinator_loop: loop('coordinator'),
         volunteers: rss.map((r, i) => {
           const st = stageOf[i]!;
           const planned = Number.isInteger(st) ? plan[st]! : null;
           return {
-            stage: Number.isInteger(st) ? st : null, rss_at_assignment_mib: Math.round(r.first / MiB), peak_rss_mib: Math.round(r.peak / MiB),
+            stage: Number.isInteger(st) ? st : null, peer: peerOf[i], heartbeats: beats[peerOf[i]!] ?? null, loop: loop(`v${i}`),
+            rss_at_assignment_mib: Math.round(r.first / MiB), peak_rss_mib: Math.round(r.peak / MiB),
             plan_mib: planned === null ? null : Math.round(planned / MiB),
             rss_over_plan: planned === null ? null : Number(((r.peak - r.first) / planned).toFixed(3)),
           };
         }),
         plan_per_stage_mib: plan.map((b) => Math.round(b / MiB)),
         coordinator_peak_rss_mib: Math.round(coordPeak / MiB),
+        disk_mib: {
+          model_dir: Math.round((await duBytes(modelDir)) / MiB), volunteer_data_dirs: await Promise.all([0, 1].map(async (i) => Math.round((await duBytes(path.join(tmp, `v${i}`))) / MiB))),
+          coordinator_output_dir: Math.round((await duBytes(path.join(tmp, 'swarm'))) / MiB),
+        },
         machine: { ram_gib: Number((os.totalmem() / 2 ** 30).toFixed(1)), free_gib_at_end: Number((os.freemem() / 2 ** 30).toFixed(1)), cpus: os.cpus().length, loadavg: os.loadavg().map((x) => Number(x.toFixed(2))) },
       };
     } finally {
@@ -269,7 +353,7 @@ if (import.meta.main) {
     for (const [k, v] of [['steps', steps], ['seq', seq], ['layers', layers]] as const) if (!Number.isInteger(v) || v < 1) throw new BigRunUsageError(`--${k}: must be a positive integer`);
     const out: Record<string, unknown>[] = [];
     for (const dtype of d === 'both' ? ['BF16', 'F32'] as const : [d === 'bf16' ? 'BF16' as const : 'F32' as const]) {
-      out.push(await bigRun({ dtype, steps, seq, layers, train: !process.argv.includes('--no-train'), log: (s) => process.stderr.write(`[bench] ${s}\n`) }));
+      out.push(await bigRun({ dtype, steps, seq, layers, train: !process.argv.includes('--no-train'), swarm: !process.argv.includes('--no-swarm'), profile: process.argv.includes('--profile'), log: (s) => process.stderr.write(`[bench] ${s}\n`) }));
     }
     console.log(JSON.stringify({ big: { runs: out } }));
   } catch (e) {

@@ -271,7 +271,7 @@ async function launchIn(o: LaunchOptions, asked: TrainConfig, dataDir: string,
   const c: Coordinator = coordinator = new Coordinator({
     node, store: runStore, blobs, runId, modelName: train.model, llama: model.config,
     modelConfigJson: JSON.stringify(model.config.raw), weights: model.weights, train, lora, data,
-    memory: stageMemoryFn(model.config, train, lora, model.doubleQuant), minPeers: o.minPeers, pipelineStages,
+    memory: stageMemoryFn(model.config, train, lora, model.doubleQuant, model.vocabBf16 ? 2 : 4), minPeers: o.minPeers, pipelineStages,
     wireCodec, token, allowPeers, publicPull, initAdapter, resume, emit, log, config, logger,
     history: existing !== null ? await runStore.history() : [], alreadyFinished: finished,
     runConfig: describeRun(fingerprint),

@@ -47,16 +47,17 @@ export async function buildRunData(train: TrainConfig, model: ModelDir): Promise
 }
 
 /** Bytes a stage [a, b) needs on a volunteer under this run's settings. The engine keeps embeddings,
- *  the head and activations in float32 on CPU volunteers, hence floatBytes 4. A peer holds at most
- *  inFlightPerPeer(accumulation) micro-batches in flight (coordinator/routes.ts PeerSlots, however
- *  many routes share it), each holding its checkpointed layer inputs on the stage until its backward. */
-export function stageMemoryFn(config: LlamaConfig, train: TrainConfig, lora: LoraConfig, doubleQuant = train.bnb_4bit_use_double_quant): StageMemoryFn {
+  *  the head and activations in float32 on CPU volunteers, hence floatBytes 4 — except an embedding and
+  *  lm_head whose values are all bf16-exact (a BF16 checkpoint: `vocabBytes` 2), held as bf16. A peer holds at most
+  *  inFlightPerPeer(accumulation) micro-batches in flight (coordinator/routes.ts PeerSlots, however
+  *  many routes share it), each holding its checkpointed layer inputs on the stage until its backward. */
+export function stageMemoryFn(config: LlamaConfig, train: TrainConfig, lora: LoraConfig, doubleQuant = train.bnb_4bit_use_double_quant, vocabBytes = 4): StageMemoryFn {
   const inFlightMicroBatches = inFlightPerPeer(train.gradient_accumulation_steps);
   return (layerStart, layerEnd) => stageMemoryBytes(config, {
     inFlightMicroBatches, doubleQuant,
     layerStart, layerEnd, lora: { r: lora.r, targetModules: lora.targetModules },
     microBatch: train.per_device_train_batch_size, seqLen: train.max_seq_length, optim: train.optim,
-    gradientCheckpointing: train.gradient_checkpointing, floatBytes: 4,
+    gradientCheckpointing: train.gradient_checkpointing, floatBytes: 4, vocabBytes,
   }).totalBytes;
 }
 

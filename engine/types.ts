@@ -64,6 +64,15 @@ export interface WeightSource {
   getFloat(name: string): Promise<Float32Array>;
   /** a linear weight as NF4; a full-precision source quantizes it on the fly (blocksize 64) */
   getNF4(name: string): Promise<NF4Weight>;
+  /** a float32 tensor left on disk, read by element range (`out.length` values from element `start`): the
+   *  loader streams an embedding or lm_head through it into bf16 without ever holding it whole in float32;
+   *  undefined / null: use getFloat */
+  floatReader?(name: string): FloatReader | null;
+}
+
+export interface FloatReader {
+  elements: number;
+  read(start: number, out: Float32Array): Promise<void>;
 }
 
 /** One trainable LoRA tensor, named with its PEFT key, e.g.

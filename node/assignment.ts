@@ -8,7 +8,7 @@ import { parseLlamaConfig } from '../engine/formats/config.ts';
 import type { LoraConfig } from '../engine/types.ts';
 import type { BlobStore } from '../protocol/blobs.ts';
 import type { SwarmNode } from '../protocol/net.ts';
-import { decodeShardFile } from '../engine/formats/shard.ts';
+import { decodeShardFile, openShardFile } from '../engine/formats/shard.ts';
 import type { Assignment } from '../protocol/messages.ts';
 import { SwarmError } from '../protocol/errors.ts';
 import type { Logger } from '../protocol/log.ts';
@@ -35,6 +35,11 @@ export interface LoadOptions {
   signal?: AbortSignal;
 }
 
+/** Shard float tensors this large or larger are streamed from their file at load (openShardFile): an
+ *  embedding or lm_head of any real model, and of the embedded tiny model (960 × 128 × 4 = 480 KiB) too, so
+ *  every swarm test loads through this path; norms and biases are read whole. */
+const LAZY_FLOAT_BYTES = 256 << 10;
+
 function loraOf(a: Assignment): LoraConfig {
   return {
     r: a.lora.r, loraAlpha: a.lora.loraAlpha, loraDropout: a.lora.loraDropout, targetModules: loraTargets(a.lora.targetModules),
@@ -48,14 +53,21 @@ export async function loadAssignedStage(a: Assignment, c: StageComponents, o: Lo
   const { node, blobs, backend } = c;
   const signal = o.signal;
   const config = parseLlamaConfig(JSON.parse(a.modelConfigJson), `run ${a.runId} model config`);
-  const shards = [];
-  // decoded from the verified file tensor by tensor: a shard blob over 2 GiB is never read into one buffer
-  for (const ref of a.blobs) shards.push(await decodeShardFile(await blobs.fetch(node, ref, { signal }), `shard ${ref.name}`));
-  const source = new BlobWeightSource(config, shards);
-  const stage = await loadStage(source, backend, {
-    layerStart: a.layerStart, layerEnd: a.layerEnd, lora: loraOf(a), seed: a.seed, gradientCheckpointing: a.gradientCheckpointing,
-  });
-  source.clear();
+  // decoded from the verified file tensor by tensor: a shard blob over 2 GiB is never read into one buffer;
+  // float tensors of LAZY_FLOAT_BYTES or more (embedding, lm_head) stay in the file and stream into the
+  // stage (bf16 where exact), never whole in float32 beside their packed form
+  const opened: Awaited<ReturnType<typeof openShardFile>>[] = [];
+  let stage;
+  try {
+    for (const ref of a.blobs) opened.push(await openShardFile(await blobs.fetch(node, ref, { signal }), `shard ${ref.name}`, LAZY_FLOAT_BYTES));
+    const source = new BlobWeightSource(config, opened.map((o) => o.tensors), opened.map((o) => o.lazy));
+    stage = await loadStage(source, backend, {
+      layerStart: a.layerStart, layerEnd: a.layerEnd, lora: loraOf(a), seed: a.seed, gradientCheckpointing: a.gradientCheckpointing,
+    });
+    source.clear();
+  } finally {
+    for (const o of opened) await o.close();
+  }
   try {
     if (a.adapterBlob !== null) {
       const t = await decodeShardFile(await blobs.fetch(node, a.adapterBlob, { signal }), `adapter ${a.adapterBlob.name}`);

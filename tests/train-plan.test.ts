@@ -85,3 +85,15 @@ test('planReport (swarmtune plan) reads a config.json and suggests micro-batch Ã
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('vocabBytes: a float32 CPU stage with a bf16-exact embedding and head counts them at 2 bytes per value, everything else at floatBytes', () => {
+  const base = { lora: all7, microBatch: 1, seqLen: 2048, optim: 'adamw_torch' as const, floatBytes: 4 };
+  for (const [a, b] of [[0, 16], [16, 32]] as const) {
+    const f32 = stageMemoryBytes(LLAMA31_8B, { ...base, layerStart: a, layerEnd: b });
+    const bf16 = stageMemoryBytes(LLAMA31_8B, { ...base, layerStart: a, layerEnd: b, vocabBytes: 2 });
+    assert.equal(f32.embeddingsBytes + f32.lmHeadBytes, 128256 * 4096 * 4);
+    assert.equal(bf16.embeddingsBytes + bf16.lmHeadBytes, 128256 * 4096 * 2);
+    assert.equal(f32.totalBytes - bf16.totalBytes, 128256 * 4096 * 2);
+    assert.equal(bf16.activationsBytes, f32.activationsBytes);
+  }
+});

@@ -29,6 +29,9 @@ export interface ModelDir {
   /** true when getNF4 gives double-quantized absmax: the stored form of a prequantized checkpoint, else the
    *  doubleQuant option (bnb_4bit_use_double_quant) */
   doubleQuant: boolean;
+  /** true when the embedding (and an untied lm_head) are stored BF16: every value is bf16-exact, so a stage
+   *  holds them as bf16 (engine/model/vocab-matrix.ts), 2 bytes per value, and the planner counts so */
+  vocabBf16: boolean;
   /** things the engine handles approximately (e.g. Mistral's sliding_window), to show the user */
   notes: string[];
   /** checkpoint tensors the model never reads (already reported through the warn callback) */
@@ -167,8 +170,9 @@ export async function openModelDir(dir: string, opts: OpenModelDirOptions = {}):
     const prequantized = tensors.has(q0) && isBnbQuantized(tensors, q0);
     const doubleQuant = prequantized ? tensors.has(`${q0}.nested_absmax`) : opts.doubleQuant ?? true;
     const tokenizer = await Tokenizer.fromDir(dir);
+    const vocabBf16 = [embed, ...(config.tieWordEmbeddings ? [] : ['lm_head.weight'])].every((n) => tensors.has(n) && tensors.info(n).dtype === 'BF16');
     return {
-      dir, config, tokenizer, prequantized, doubleQuant, notes: configNotes(config), unusedTensors,
+      dir, config, tokenizer, prequantized, doubleQuant, vocabBf16, notes: configNotes(config), unusedTensors,
       weights: new SafetensorsWeightSource(config, tensors, dir, 64, opts.doubleQuant ?? true),
       close: () => tensors.close(),
     };

@@ -96,6 +96,44 @@ export async function decodeShardFile(file: string, what: string): Promise<Shard
   }
 }
 
+/** A float tensor of a shard file left on disk (engine/types.ts FloatReader): read by element range. */
+export interface LazyFloatTensor { shape: number[]; elements: number; read(start: number, out: Float32Array): Promise<void> }
+
+/** decodeShardFile, except that F32 tensors of at least `lazyBytes` (an embedding, an lm_head) are not read:
+ *  they come back in `lazy`, read by range on demand from the still open file (the loader streams them
+ *  into bf16, so a 2.1 GB float32 embedding never sits in memory beside its 1 GB bf16 form). `close()`
+ *  when the stage has loaded. Layout checks as decodeShardFile (a lazy tensor is F32, not an NF4 part). */
+export async function openShardFile(file: string, what: string, lazyBytes: number): Promise<{ tensors: ShardTensors; lazy: Map<string, LazyFloatTensor>; close(): Promise<void> }> {
+  const f = await SafetensorsFile.open(file);
+  try {
+    let meta: unknown = null;
+    try { meta = JSON.parse(f.metadata?.[NF4_META_KEY] ?? '{}'); } catch { /* shardFromRaw names it */ }
+    const nf4Names = new Set<string>();
+    if (meta !== null && typeof meta === 'object') for (const n of Object.keys(meta)) for (const x of ['', '.absmax', '.nested_absmax', '.nested_quant_map']) nf4Names.add(n + x);
+    const raw: RawTensors = new Map();
+    const lazy = new Map<string, LazyFloatTensor>();
+    for (const name of f.names()) {
+      const t = f.info(name);
+      const bytes = t.dataOffsets[1] - t.dataOffsets[0];
+      if (t.dtype === 'F32' && bytes >= lazyBytes && !nf4Names.has(name)) {
+        const elements = bytes / 4;
+        const at = f.dataStart + t.dataOffsets[0];
+        lazy.set(name, {
+          shape: t.shape, elements,
+          read: async (start, out) => {
+            if (!(Number.isInteger(start) && start >= 0 && start + out.length <= elements)) throw new RangeError(`${what}: ${name} has ${elements} values, read of ${out.length} from ${start}`);
+            await f.readInto(new Uint8Array(out.buffer, out.byteOffset, out.byteLength), at + 4 * start);
+          },
+        });
+      } else raw.set(name, { dtype: t.dtype, shape: t.shape, bytes: await f.readRaw(name) });
+    }
+    return { tensors: shardFromRaw(f.metadata, raw, what), lazy, close: () => f.close() };
+  } catch (e) {
+    await f.close();
+    throw e;
+  }
+}
+
 /** decodeShard with the tensor copies made in slices of `sliceBytes` that yield to the event loop between
  *  them: an 8B model's embedding blob is 2.1 GB, seconds of copying (page faults included) that would
  *  otherwise stop a volunteer's heartbeats while its stage loads. */

@@ -45,6 +45,16 @@ async function getFloatChecked(source: WeightSource, name: string, length: numbe
   return t;
 }
 
+/** An embedding or lm_head [V, C]: streamed from the source into bf16 where it can (no float32 copy of the
+ *  whole matrix at any time), else read whole and packed. */
+async function vocabMatrixOf(source: WeightSource, name: string, V: number, C: number, embedScale = 1): Promise<VocabMatrix> {
+  if (!source.has(name)) throw new Error(`weights: missing tensor ${name}`);
+  const r = source.floatReader?.(name) ?? null;
+  if (r === null) return VocabMatrix.create(await getFloatChecked(source, name, V * C), V, C, embedScale);
+  if (r.elements !== V * C) throw new RangeError(`${name}: expected ${V * C} float values, got ${r.elements}`);
+  return VocabMatrix.fromReader((start, out) => r.read(start, out), V, C, embedScale);
+}
+
 /** Llama-shaped checkpoints whose math differs in ways this stage would silently get wrong. */
 function checkArchitecture(source: WeightSource, layer: number): void {
   const t = source.config.modelType;
@@ -140,11 +150,11 @@ export async function loadStage(source: WeightSource, backend: Backend, opts: St
   const isFirst = layerStart === 0, isLast = layerEnd === nL;
   const embedName = 'model.embed_tokens.weight';
   let embed: VocabMatrix | null = null;
-  if (isFirst || (isLast && cfg.tieWordEmbeddings)) embed = await VocabMatrix.create(await getFloatChecked(source, embedName, V * C), V, C, gemma?.embedScale ?? 1);
+  if (isFirst || (isLast && cfg.tieWordEmbeddings)) embed = await vocabMatrixOf(source, embedName, V, C, gemma?.embedScale ?? 1);
   let head: LossHead | null = null;
   if (isLast) {
     const finalNorm = await norm('model.norm.weight', C);
-    const lmHead = cfg.tieWordEmbeddings ? embed! : await VocabMatrix.create(await getFloatChecked(source, 'lm_head.weight', V * C), V, C);
+    const lmHead = cfg.tieWordEmbeddings ? embed! : await vocabMatrixOf(source, 'lm_head.weight', V, C);
     head = new LossHead(cfg, finalNorm, lmHead, lossChunk, gemma?.finalSoftcap ?? 0);
   }
   const rope = new RopeCache(cfg);

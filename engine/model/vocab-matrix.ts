@@ -12,18 +12,21 @@ export class VocabMatrix {
   /** multiplies the embedded rows (Gemma's sqrt(hidden) normalizer, a float32 value); 1 elsewhere */
   readonly embedScale: number;
 
-  /** `packed`: the bf16 form create() already made (null: keep float32); absent: decided here, synchronously. */
-  constructor(data: Float32Array, rows: number, cols: number, embedScale = 1, packed?: Uint16Array | null) {
-    if (data.length !== rows * cols) throw new RangeError(`VocabMatrix: ${data.length} values for [${rows}, ${cols}]`);
+  /** `packed`: the bf16 form create() already made (null: keep float32); absent: decided here, synchronously.
+   *  `data` may be null only with a bf16 `packed`. */
+  constructor(data: Float32Array | null, rows: number, cols: number, embedScale = 1, packed?: Uint16Array | null) {
+    if (data !== null && data.length !== rows * cols) throw new RangeError(`VocabMatrix: ${data.length} values for [${rows}, ${cols}]`);
     this.rows = rows;
     this.cols = cols;
     this.embedScale = embedScale;
     if (packed !== undefined) {
-      if (packed !== null && packed.length !== data.length) throw new RangeError(`VocabMatrix: ${packed.length} bf16 values for [${rows}, ${cols}]`);
+      if (packed !== null && packed.length !== rows * cols) throw new RangeError(`VocabMatrix: ${packed.length} bf16 values for [${rows}, ${cols}]`);
+      if (packed === null && data === null) throw new RangeError('VocabMatrix: neither float32 nor bf16 values');
       this.bf16 = packed;
       this.f32 = packed === null ? data : null;
       return;
     }
+    if (data === null) throw new RangeError('VocabMatrix: no values to decide bf16 or float32 from');
     const bits = new Uint32Array(data.buffer, data.byteOffset, data.length);
     let lossless = true;
     for (let i = 0; i < bits.length; i++) if ((bits[i] & 0xffff) !== 0) { lossless = false; break; }
@@ -56,6 +59,43 @@ export class VocabMatrix {
       await pause();
     }
     return new VocabMatrix(data, rows, cols, embedScale, h);
+  }
+
+  /** The same matrix as create(), read slice by slice through `read` (out.length values from element
+   *  `start`): while every value so far is bf16-exact only the bf16 form grows (half the bytes of float32,
+   *  no whole float32 copy ever); at the first value that is not, the bf16 prefix is widened into a float32
+   *  matrix and the rest read straight into it. Yields to the event loop between slices. */
+  static async fromReader(read: (start: number, out: Float32Array) => Promise<void>, rows: number, cols: number, embedScale = 1,
+    opts: { signal?: AbortSignal; sliceElements?: number } = {}): Promise<VocabMatrix> {
+    const n = rows * cols;
+    const slice = opts.sliceElements ?? 1 << 22;
+    const pause = async (): Promise<void> => { await new Promise<void>((r) => setImmediate(r)); opts.signal?.throwIfAborted(); };
+    const scratch = new Float32Array(Math.min(slice, n));
+    const sbits = new Uint32Array(scratch.buffer);
+    const h = new Uint16Array(n);
+    let f: Float32Array | null = null;
+    for (let a = 0; a < n; a += slice) {
+      const len = Math.min(slice, n - a);
+      if (f !== null) { await read(a, f.subarray(a, a + len)); await pause(); continue; }
+      const s = scratch.subarray(0, len);
+      await read(a, s);
+      let exact = true;
+      for (let i = 0; i < len; i++) if ((sbits[i]! & 0xffff) !== 0) { exact = false; break; }
+      if (exact) {
+        for (let i = 0; i < len; i++) h[a + i] = sbits[i]! >>> 16;
+      } else {
+        f = new Float32Array(n);
+        const fbits = new Uint32Array(f.buffer);
+        for (let b = 0; b < a; b += slice) {
+          for (let i = b, e = Math.min(a, b + slice); i < e; i++) fbits[i] = h[i]! << 16;
+          await pause();
+        }
+        f.set(s, a);
+      }
+      await pause();
+    }
+    // (h, written only while every value was exact, is dropped with this frame when f took over)
+    return f !== null ? new VocabMatrix(f, rows, cols, embedScale, null) : new VocabMatrix(null, rows, cols, embedScale, h);
   }
 
   private full: Float32Array | null = null;

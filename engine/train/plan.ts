@@ -67,6 +67,9 @@ export interface StageMemoryOptions {
   blocksize?: number;
   /** bytes of the compute/storage dtype of embeddings, head and activations (bf16 = 2, default) */
   floatBytes?: number;
+  /** bytes per value of the embedding and lm_head as held (2 when bf16-exact, engine/model/vocab-matrix.ts);
+   *  default floatBytes */
+  vocabBytes?: number;
   /** default true */
   gradientCheckpointing?: boolean;
   /** vocabulary columns of logits alive at once (chunked cross-entropy); default min(vocab, 4096) */
@@ -131,9 +134,10 @@ export function stageMemoryBytes(cfg: LlamaConfig, o: StageMemoryOptions): Stage
     const parts = fusedParts(cfg, t);
     largestLinear = Math.max(largestLinear, (parts.length ? Math.max(...parts) : out) * inF);
   }
-  const embeddingsBytes = isFirst ? V * C * fb : 0;
+  const vb = o.vocabBytes ?? fb;
+  const embeddingsBytes = isFirst ? V * C * vb : 0;
   // a tied head reuses the embedding; a last stage that is not also first must hold its own copy
-  const lmHeadBytes = isLast && (!cfg.tieWordEmbeddings || !isFirst) ? V * C * fb : 0;
+  const lmHeadBytes = isLast && (!cfg.tieWordEmbeddings || !isFirst) ? V * C * vb : 0;
   // prepare_model_for_kbit_training casts norms to fp32 (Qwen3's q/k norms included)
   const layerNorms = layerFloatTensors(cfg).reduce((n, t) => n + t.length, 0);
   const normsBytes = 4 * (layerNorms * layers + (isLast ? C : 0));

@@ -87,6 +87,16 @@ export class SafetensorsFile implements TensorSource {
     return readAt(this.fh, this.dataStart + t.dataOffsets[0], t.dataOffsets[1] - t.dataOffsets[0], this.path);
   }
 
+  /** out.length bytes from absolute file offset `position` into out (a range of a tensor read in place). */
+  async readInto(out: Uint8Array, position: number): Promise<void> {
+    if (!this.fh) throw new SafetensorsError(`${this.path}: file is closed (reading ${out.length} bytes at ${position})`);
+    for (let done = 0; done < out.length;) {
+      const { bytesRead } = await this.fh.read(out, done, Math.min(IO_CHUNK_BYTES, out.length - done), position + done);
+      if (bytesRead === 0) throw new SafetensorsError(`${this.path}: unexpected end of file at byte ${position + done} (wanted ${out.length} bytes from ${position})`);
+      done += bytesRead;
+    }
+  }
+
   async readFloat32(name: string): Promise<Float32Array> {
     const t = this.info(name);
     return decodeToFloat32(t.dtype, await this.readRaw(name), `${this.path}: tensor ${JSON.stringify(name)}`);
