@@ -11,6 +11,18 @@ export function stageForLateJoiner(memoryBytes: number, need: readonly number[],
   return fits.reduce((best, x) => (speed(x) < speed(best) || (speed(x) === speed(best) && liveCount(x) < liveCount(best)) ? x : best));
 }
 
+/** A stage's throughput for stageForLateJoiner: the sum of its live replicas' tokens/s, where a replica
+ *  that has not reported one yet (0: a joiner just placed) counts as the stage's mean known replica.
+ *  Counting it as 0 sent every joiner of one step boundary to the same stage (the sum did not move
+ *  as they were added): in the simulated 64-churn run a stage reached 70 replicas while the others
+ *  had one. */
+export function stageThroughput(tokensPerSecond: readonly number[]): number {
+  const known = tokensPerSecond.filter((t) => Number.isFinite(t) && t > 0);
+  if (known.length === 0) return 0;
+  const mean = known.reduce((a, b) => a + b, 0) / known.length;
+  return mean * tokensPerSecond.length;
+}
+
 /** A replica to move onto an empty stage that needs `need` bytes: from the stage with the most live
  *  replicas (at least two), its slowest replica that fits; null when no stage can spare one. */
 export function donorForEmptyStage(live: readonly (readonly string[])[], need: number, memoryOf: (id: string) => number, speedOf: (id: string) => number): { id: string; stage: number } | null {

@@ -12,7 +12,7 @@ import { planStages } from '../coordinator/planner.ts';
 import type { StageRange } from '../coordinator/planner.ts';
 import { pipelineDepth, routeFor, routeQuotas, routeRate } from '../coordinator/routes.ts';
 import type { Route } from '../coordinator/routes.ts';
-import { brokenMicroBatches, donorForEmptyStage, heartbeatVerdict, stageForLateJoiner } from '../coordinator/decide.ts';
+import { brokenMicroBatches, donorForEmptyStage, heartbeatVerdict, stageForLateJoiner, stageThroughput } from '../coordinator/decide.ts';
 import { PeerRegistry } from '../coordinator/peers.ts';
 import type { PeerState } from '../coordinator/peers.ts';
 import { RunStatus } from '../coordinator/status.ts';
@@ -126,14 +126,17 @@ export class Simulation {
     }
   }
 
-  /** Fails with PeerGoneError one round trip after the peer left. */
-  private guard<T>(p: SimPeer, run: (ok: (v: T) => void) => void): Promise<T> {
-    if (p.left) return new Promise((_, rej) => this.clock.at(p.spec.rttMs, () => rej(new PeerGoneError(p.id))));
+  /** Fails with PeerGoneError one round trip after the peer left — any of `also` too (a hop fails when
+   *  either end leaves: the other end's connection resets). */
+  private guard<T>(p: SimPeer, run: (ok: (v: T) => void) => void, also: SimPeer[] = []): Promise<T> {
+    const ends = [p, ...also];
+    const gone = ends.find((x) => x.left);
+    if (gone !== undefined) return new Promise((_, rej) => this.clock.at(gone.spec.rttMs, () => rej(new PeerGoneError(gone.id))));
     return new Promise<T>((resolve, reject) => {
       let settled = false;
-      const fail = (e: Error) => { if (!settled) { settled = true; reject(e); } };
-      p.waiting.add(fail);
-      run((v) => { if (!settled) { settled = true; p.waiting.delete(fail); resolve(v); } });
+      const fail = (e: Error) => { if (!settled) { settled = true; for (const x of ends) x.waiting.delete(fail); reject(e); } };
+      for (const x of ends) x.waiting.add(fail);
+      run((v) => { if (!settled) { settled = true; for (const x of ends) x.waiting.delete(fail); resolve(v); } });
     });
   }
 
@@ -188,11 +191,8 @@ export class Simulation {
       const end = start + 1000 * bytes / bps;
       a.upFreeMs = end; b.downFreeMs = end;
       if (path === 'relayed') { this.coordUpFreeMs = end; this.coordDownFreeMs = end; }
-      this.clock.at(end + latency - this.now, () => {
-        if (b.left) return; // the guard on a fails it; b's failure shows at its next job
-        ok(undefined);
-      });
-    }).then(() => { if (b.left) throw new PeerGoneError(b.id); });
+      this.clock.at(end + latency - this.now, () => ok(undefined));
+    }, [b]);
   }
 
   private coordCpuMs = 0;
@@ -299,7 +299,7 @@ export class Simulation {
     for (const p of list) {
       if (p.left) continue;
       if (this.pastCap()) throw new TimeCapError();
-      const speed = (s: number) => this.peers.liveReplicas(s).reduce((a, id) => a + this.state(id).tokensPerSecond, 0);
+      const speed = (s: number) => stageThroughput(this.peers.liveReplicas(s).map((id) => this.state(id).tokensPerSecond));
       const s = this.sc.lateJoin === 'as-built'
         ? stageForLateJoiner(p.spec.memoryBytes, this.need, (x) => this.peers.liveReplicas(x).length, speed)
         : (p as unknown as { stageChosen: number }).stageChosen;
@@ -309,7 +309,7 @@ export class Simulation {
 
   /** 'background' late joins: the stage is chosen at arrival, the shard loads while steps go on */
   private arriveInBackground(p: SimPeer): void {
-    const speed = (s: number) => this.peers.liveReplicas(s).reduce((a, id) => a + this.state(id).tokensPerSecond, 0);
+    const speed = (s: number) => stageThroughput(this.peers.liveReplicas(s).map((id) => this.state(id).tokensPerSecond));
     const s = stageForLateJoiner(p.spec.memoryBytes, this.need, (x) => this.peers.liveReplicas(x).length, speed);
     if (s === null) { this.rejected++; this.peers.forget(p.id); return; }
     (p as unknown as { stageChosen: number }).stageChosen = s;
