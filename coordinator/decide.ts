@@ -42,6 +42,20 @@ export function brokenMicroBatches(committedRoute: ReadonlyArray<Route | null>, 
   return committedRoute.flatMap((r, mb) => (r !== null && r.some((id, s) => !isLive(s, id)) ? [mb] : []));
 }
 
+/** The heartbeat period at n beaten peers: the base interval until n beats per interval would pass
+ *  maxPerSecond, then n / maxPerSecond seconds, so the coordinator's heartbeat rate (its CPU and bytes)
+ *  stays bounded at any swarm size. Each base tick sends the beats that are due, oldest first. */
+export function heartbeatPeriodMs(n: number, baseMs: number, maxPerSecond: number): number {
+  return Math.max(baseMs, Math.ceil((1000 * n) / maxPerSecond));
+}
+
+/** How long a peer may stay silent before it is dropped: the configured timeout, and at least two
+ *  periods (one lost beat never drops a peer). An idle peer that left is found within silence + one
+ *  period (+ the request timeout when its machine vanished without a reset). */
+export function heartbeatSilenceMs(periodMs: number, timeoutMs: number): number {
+  return Math.max(timeoutMs, 2 * periodMs);
+}
+
 /** A heartbeat went unanswered: after `timeoutMs` of silence the peer is dropped, before that it is slow. */
 export function heartbeatVerdict(silentMs: number, timeoutMs: number): 'dead' | 'slow' {
   return silentMs > timeoutMs ? 'dead' : 'slow';

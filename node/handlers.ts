@@ -19,9 +19,9 @@ export function volunteerHandlers(session: VolunteerSession, blobs: BlobStore): 
       session.checkBlobAccess(ctx.peerId, req.token);
       return blobs.serveChunk(req);
     },
-    heartbeat: async (_req, ctx) => {
+    heartbeat: async (req, ctx) => {
       session.checkCoordinator('heartbeat', ctx.peerId);
-      return session.heartbeat();
+      return session.heartbeat(req.periodMs);
     },
     microbatch: async (req, ctx) => {
       session.checkCoordinator('microbatch', ctx.peerId);

@@ -22,6 +22,7 @@ import { EXIT_FAILED, EXIT_OK, EXIT_REJECTED } from './constants.ts';
 import { listenOnRelay, routeAddrs } from '../protocol/nat.ts';
 import type { PathBook } from '../protocol/nat.ts';
 import { MAX_HOP_PATHS } from '../protocol/messages.ts';
+import { HEARTBEAT_INTERVAL_MS } from '../protocol/constants.ts';
 
 /** The reason of the session's abort: the volunteer leaves with `exitCode`. */
 export class LeavingError extends SwarmError {
@@ -107,6 +108,8 @@ export class VolunteerSession {
   private allowPeers: Set<string> | null = null;
   private previousRunId: string | null = null;
   private lastCoordinatorMs = Date.now();
+  /** the coordinator's heartbeat period, as its last heartbeat said */
+  private coordinatorPeriodMs = HEARTBEAT_INTERVAL_MS;
   /** when the coordinator was first lost (rejoins retry within a window from then) */
   private lostSinceMs: number | null = null;
   private rss = { bytes: process.memoryUsage.rss(), atMs: Date.now() };
@@ -214,8 +217,10 @@ export class VolunteerSession {
   }
 
   /** A coordinator heartbeat: it is alive; say how this peer is doing. */
-  heartbeat(): HeartbeatResponse {
+  /** `periodMs`: the coordinator's heartbeat period, when it grew past the base interval (a large swarm) */
+  heartbeat(periodMs?: number): HeartbeatResponse {
     this.lastCoordinatorMs = Date.now();
+    this.coordinatorPeriodMs = periodMs ?? HEARTBEAT_INTERVAL_MS;
     if (this.lastCoordinatorMs - this.rss.atMs > this.config.rssSampleMs) this.rss = { bytes: process.memoryUsage.rss(), atMs: this.lastCoordinatorMs };
     const host = this.state.name === 'serving' ? this.state.host : null;
     return {
@@ -362,16 +367,22 @@ export class VolunteerSession {
     return end.why === 'released' ? { name: 'released', host: s.host, rejoinAfterMs: end.rejoinAfterMs } : { name: 'lost', host: s.host };
   }
 
-  /** Ends the stage's serving with 'lost' once the coordinator is silent for coordinatorLostMs. */
+  /** Silence after which the coordinator is lost: coordinatorLostMs, plus what its heartbeat period grew
+   *  by past the base interval (a large swarm beats each peer less often, coordinator/decide.ts). */
+  coordinatorLostAfterMs(): number {
+    return this.config.coordinatorLostMs + Math.max(0, this.coordinatorPeriodMs - HEARTBEAT_INTERVAL_MS);
+  }
+
+  /** Ends the stage's serving with 'lost' once the coordinator is silent for coordinatorLostMs(). */
   private watchCoordinator(ended: AbortController): () => void {
-    const lostMs = this.config.coordinatorLostMs;
     let timer: NodeJS.Timeout;
     const check = () => {
+      const lostMs = this.coordinatorLostAfterMs();
       const silentMs = Date.now() - this.lastCoordinatorMs;
       if (silentMs > lostMs) ended.abort({ why: 'lost' } satisfies StageEnd);
       else timer = setTimeout(check, lostMs - silentMs + 1);
     };
-    timer = setTimeout(check, Math.max(0, lostMs - (Date.now() - this.lastCoordinatorMs) + 1));
+    timer = setTimeout(check, Math.max(0, this.coordinatorLostAfterMs() - (Date.now() - this.lastCoordinatorMs) + 1));
     return () => clearTimeout(timer);
   }
 
@@ -381,7 +392,7 @@ export class VolunteerSession {
     const cfg = this.config;
     const steps = offer.states.map((x) => x.step);
     this.c.events.say('coordinator_lost', { kept_steps: steps },
-      `no heartbeat from the coordinator for ${cfg.coordinatorLostMs / 1000} s; keeping stage ${offer.stageIndex} (restorable at step ${steps.join(' or ')}) and rejoining (for up to ${cfg.rejoinWindowMs / 60_000} min)`);
+      `no heartbeat from the coordinator for ${this.coordinatorLostAfterMs() / 1000} s; keeping stage ${offer.stageIndex} (restorable at step ${steps.join(' or ')}) and rejoining (for up to ${cfg.rejoinWindowMs / 60_000} min)`);
     this.lostSinceMs = Date.now();
     return { name: 'joining', kept: { host: s.host, offer } };
   }

@@ -375,7 +375,12 @@ export type StatusResponse = ReturnType<typeof statusResponse>;
 
 // ---- heartbeat: coordinator → peer
 
-export const heartbeatRequest = obj({ runId: runIdStr, step: int(0, I32), sentAtMs: int(0, SAFE) });
+export const heartbeatRequest = obj({
+  runId: runIdStr, step: int(0, I32), sentAtMs: int(0, SAFE),
+  /** the coordinator's heartbeat period now (it grows with the peer count, coordinator/decide.ts
+   *  heartbeatPeriodMs): the volunteer waits that much longer before it calls the coordinator lost */
+  periodMs: opt(int(0, SAFE)),
+});
 export type HeartbeatRequest = ReturnType<typeof heartbeatRequest>;
 export const heartbeatResponse = obj({
   runId: nullable(runIdStr),

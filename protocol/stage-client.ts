@@ -140,9 +140,10 @@ export class StagePeerClient {
   }
 
   /** `probe`: the short heartbeat right after a failed request. */
-  heartbeat(peer: DialTarget, step: number, opts: CallOptions & { probe?: boolean } = {}): Promise<HeartbeatResponse> {
+  heartbeat(peer: DialTarget, step: number, opts: CallOptions & { probe?: boolean; periodMs?: number } = {}): Promise<HeartbeatResponse> {
     const t = this.init.timeouts;
-    return this.call(peer, 'heartbeat', { runId: this.init.runId, step, sentAtMs: Date.now() }, opts.probe === true ? t.probeTimeoutMs : t.heartbeatTimeoutMs, opts);
+    const req = { runId: this.init.runId, step, sentAtMs: Date.now(), ...(opts.periodMs !== undefined ? { periodMs: opts.periodMs } : {}) };
+    return this.call(peer, 'heartbeat', req, opts.probe === true ? t.probeTimeoutMs : t.heartbeatTimeoutMs, opts);
   }
 
   /** The run is over for this peer; with `rejoinAfterMs` it is only released from its stage and joins
