@@ -18,7 +18,7 @@ import { heartbeatPeriodMs, heartbeatSilenceMs } from '../coordinator/decide.ts'
 const nodes: SwarmNode[] = [];
 let dir = '';
 after(async () => {
-  for (const n of nodes) await n.stop().catch(() => {});
+  for (const n of nodes) { try { await n.stop(); } catch { /* stopped in the test */ } }
   if (dir !== '') await rm(dir, { recursive: true, force: true });
 });
 
