@@ -38,6 +38,11 @@ export interface SimResult {
   tail: Scenario['tail'];
   routes: Scenario['routes'];
   late_join: Scenario['lateJoin'];
+  heartbeats: Scenario['heartbeats'];
+  schedule: Scenario['schedule'];
+  /** the heartbeat period at the run's mean serving peer count, and how long an idle peer that left stays
+   *  in routes (mean over the leaves) */
+  heartbeat: { period_s: number; silence_s: number; detect_idle_leave_s: number | null; cpu_fraction: number; requests_per_s: number };
 }
 
 export const q = (xs: number[], p: number): number | null => {

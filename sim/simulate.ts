@@ -10,9 +10,9 @@ import type { CoordinatorConfig } from '../coordinator/config.ts';
 import { CHECKPOINT_EVERY_STEP_MAX_BYTES } from '../coordinator/constants.ts';
 import { planStages } from '../coordinator/planner.ts';
 import type { StageRange } from '../coordinator/planner.ts';
-import { pipelineDepth, routeFor, routeQuotas, routeRate } from '../coordinator/routes.ts';
+import { pipelineDepth, preferDirectHops, routeFor, routeQuotas, routeRate } from '../coordinator/routes.ts';
 import type { Route } from '../coordinator/routes.ts';
-import { brokenMicroBatches, donorForEmptyStage, heartbeatVerdict, stageForLateJoiner, stageThroughput } from '../coordinator/decide.ts';
+import { brokenMicroBatches, donorForEmptyStage, heartbeatPeriodMs, heartbeatSilenceMs, heartbeatVerdict, stageForLateJoiner, stageThroughput } from '../coordinator/decide.ts';
 import { PeerRegistry } from '../coordinator/peers.ts';
 import type { PeerState } from '../coordinator/peers.ts';
 import { RunStatus } from '../coordinator/status.ts';
@@ -20,9 +20,10 @@ import { stageMemoryFn } from '../coordinator/spec.ts';
 import type { StagePeerClient } from '../protocol/stage-client.ts';
 import type { RunStore } from '../coordinator/store.ts';
 import { SimClock } from './clock.ts';
-import { drawPeer, hopBytes, hopPath, layerTrainFlopsPerToken, headTrainFlopsPerToken, rng, stageCosts } from './cost.ts';
+import { drawPeer, hopBytes, layerTrainFlopsPerToken, headTrainFlopsPerToken, rng, stageCosts } from './cost.ts';
 import type { StageCosts } from './cost.ts';
 import { PeerGoneError, SimPeer } from './peer.ts';
+import { SimLinks } from './links.ts';
 import { avg, q, r3 } from './result.ts';
 import type { SimResult } from './result.ts';
 
@@ -37,6 +38,7 @@ class TimeCapError extends Error {
 export class Simulation {
   private readonly sc: Scenario;
   private readonly clock = new SimClock();
+  private readonly net: SimLinks;
   private readonly config: CoordinatorConfig = coordinatorConfig({});
   private readonly status: RunStatus;
   private readonly peers: PeerRegistry;
@@ -45,10 +47,6 @@ export class Simulation {
   private nextPeer = 0; private stages: StageRange[] = [];
   private costs: StageCosts[] = []; private need: number[] = [];
   private readonly hop: number;
-  private readonly coordBps: number;
-  private coordUpFreeMs = 0; private coordDownFreeMs = 0;
-  private coordBytes = 0; private relayedBytes = 0; private coordRequests = 0;
-  private readonly hopPaths = { direct: 0, punched: 0, relayed: 0 };
   private readonly waitingJoins: SimPeer[] = []; private readonly loadedJoins: SimPeer[] = [];
   private readonly joinDelays: number[] = [];
   private retries = 0; private joins = 0; private leaves = 0; private rejected = 0;
@@ -63,13 +61,31 @@ export class Simulation {
     this.sc = sc;
     this.rand = rng(sc.seed);
     this.hop = hopBytes(sc);
-    this.coordBps = sc.coordinator.linkMbit * 1e6 / 8;
+    this.net = new SimLinks({
+      clock: this.clock, sc,
+      onComputed: (p, stage, ms, backward) => {
+        this.stageBusyMs[stage]! += ms;
+        // the volunteer's tokens/s, as its heartbeat reports it (node/stage-host.ts)
+        if (backward) this.state(p.id).tokensPerSecond = p.computeTokens / (p.computeMs / 1000);
+      },
+      onHop: (a, b, path) => {
+        // the sender reports the path in its next heartbeat (node/: hopPaths); routes use it from then on
+        const st = this.peers.get(a.id);
+        if (st !== undefined && st.hopPaths?.some((h) => h.peerId === b.id) !== true) {
+          (st.hopPaths ??= []).push({ peerId: b.id, path: path === 'punched' ? 'hole-punched' : path });
+          this.hopReports++;
+        }
+      },
+    });
     const silent = () => {};
     this.status = new RunStatus({ runId: 'sim', modelName: sc.modelName, totalSteps: sc.steps, minPeers: sc.peers.count, step: 0, eventHistory: 1, emit: silent, log: silent });
     // the registry's own requests (heartbeat rounds, probes, ban notices) are not used: the simulation
     // times them itself; a ban's store write goes nowhere
     const store = { putBans: async () => {} } as unknown as RunStore;
-    this.peers = new PeerRegistry({ runId: 'sim', client: {} as StagePeerClient, config: this.config, status: this.status, store, signal: new AbortController().signal });
+    // reachability as the relay knows it (a NATed peer holds a reservation): routes pair replicas with
+    // preferDirectHops over PeerRegistry.hopCost, from it and the hop paths peers report (transfer below)
+    this.peers = new PeerRegistry({ runId: 'sim', client: {} as StagePeerClient, config: this.config, status: this.status, store, signal: new AbortController().signal,
+      reachability: (id) => (this.sim.get(id)?.spec.nat === 'public' ? 'public' : 'relay') });
   }
 
   private get now(): number { return this.clock.now; }
@@ -115,102 +131,35 @@ export class Simulation {
     const li = this.loadedJoins.indexOf(p);
     if (li >= 0) this.loadedJoins.splice(li, 1);
     if (wasServing) {
-      // heartbeats every interval; after the timeout of silence the verdict is dead (unless a failed request found it first)
-      const interval = this.config.heartbeatIntervalMs;
-      const checkAt = (Math.floor((this.now + this.config.heartbeatTimeoutMs) / interval) + 1) * interval;
-      const left = this.now;
-      this.clock.at(checkAt - this.now, () => {
+      // its beats come once a period (at its own phase); once the silence since its last answered beat
+      // passes the limit, the next failed beat drops it (unless a failed request found it first)
+      const { periodMs, silenceMs, extraMs } = this.heartbeatTiming();
+      const sinceLastBeat = periodMs * p.phase;
+      const k = Math.floor(silenceMs / periodMs) + 1;
+      const delay = k * periodMs - sinceLastBeat + p.spec.rttMs + extraMs;
+      this.detectIdleMs.push(delay);
+      const lastSeen = this.now - sinceLastBeat;
+      this.clock.at(delay, () => {
         const s = this.peers.get(p.id);
-        if (s !== undefined && !this.peers.gone(p.id) && heartbeatVerdict(this.now - left, this.config.heartbeatTimeoutMs) === 'dead') this.peers.markDead(s, 'no heartbeat');
+        if (s !== undefined && !this.peers.gone(p.id) && heartbeatVerdict(this.now - lastSeen, silenceMs) === 'dead') this.peers.markDead(s, 'no heartbeat');
       });
     }
   }
 
-  /** Fails with PeerGoneError one round trip after the peer left — any of `also` too (a hop fails when
-   *  either end leaves: the other end's connection resets). */
-  private guard<T>(p: SimPeer, run: (ok: (v: T) => void) => void, also: SimPeer[] = []): Promise<T> {
-    const ends = [p, ...also];
-    const gone = ends.find((x) => x.left);
-    if (gone !== undefined) return new Promise((_, rej) => this.clock.at(gone.spec.rttMs, () => rej(new PeerGoneError(gone.id))));
-    return new Promise<T>((resolve, reject) => {
-      let settled = false;
-      const fail = (e: Error) => { if (!settled) { settled = true; for (const x of ends) x.waiting.delete(fail); reject(e); } };
-      for (const x of ends) x.waiting.add(fail);
-      run((v) => { if (!settled) { settled = true; for (const x of ends) x.waiting.delete(fail); resolve(v); } });
-    });
-  }
+  private readonly detectIdleMs: number[] = [];
 
-  /** One compute job on p (backward first). */
-  private job(p: SimPeer, backward: boolean, flops: number, stage: number): Promise<void> {
-    const ms = 1000 * flops / p.spec.flops;
-    return this.guard<void>(p, (ok) => {
-      p.queue.push({ backward, ms, ok: () => ok(undefined), fail: () => {} });
-      this.pump(p, stage);
-    });
-  }
+  /** serving replicas now (the peers heartbeats go to) */
+  private serving(): number { return this.stages.reduce((a, _, s) => a + this.peers.liveReplicas(s).length, 0); }
 
-  private pump(p: SimPeer, stage: number): void {
-    const qq = p.queue;
-    if (p.running || qq.length === 0 || p.left) return;
-    let i = qq.findIndex((j) => j.backward);
-    if (i < 0) i = 0;
-    const j = qq.splice(i, 1)[0]!;
-    p.running = true;
-    this.clock.at(j.ms, () => {
-      p.running = false;
-      if (p.left) return;
-      p.busyMs += j.ms;
-      this.stageBusyMs[stage]! += j.ms;
-      p.computeMs += j.ms;
-      if (j.backward) {
-        p.computeTokens += this.sc.microBatch * this.sc.seqLen;
-        // the volunteer's tokens/s, as its heartbeat reports it (node/stage-host.ts)
-        this.state(p.id).tokensPerSecond = p.computeTokens / (p.computeMs / 1000);
-      }
-      j.ok();
-      this.pump(p, stage);
-    });
-  }
-
-  /** `bytes` from a to b over their links (FIFO per direction); a relayed hop crosses the coordinator's link both ways. */
-  private transfer(a: SimPeer, b: SimPeer, bytes: number): Promise<void> {
-    const path = hopPath(a.spec.nat, b.spec.nat);
-    this.hopPaths[path]++;
-    return this.guard<void>(a, (ok) => {
-      let bps = Math.min(a.spec.bytesPerSecond, b.spec.bytesPerSecond);
-      let start = Math.max(this.now, a.upFreeMs, b.downFreeMs);
-      let latency = a.spec.rttMs / 2 + b.spec.rttMs / 2;
-      if (path === 'relayed') {
-        bps = Math.min(bps, this.coordBps);
-        start = Math.max(start, this.coordUpFreeMs, this.coordDownFreeMs);
-        latency = a.spec.rttMs / 2 + b.spec.rttMs / 2 + 1; // via the coordinator (its own RTT to the core taken as ~2 ms)
-        this.coordBytes += 2 * bytes;
-        this.relayedBytes += 2 * bytes;
-        this.coordCpu(0, 2 * bytes);
-      }
-      const end = start + 1000 * bytes / bps;
-      a.upFreeMs = end; b.downFreeMs = end;
-      if (path === 'relayed') { this.coordUpFreeMs = end; this.coordDownFreeMs = end; }
-      this.clock.at(end + latency - this.now, () => ok(undefined));
-    }, [b]);
-  }
-
-  private coordCpuMs = 0;
-  private coordCpu(requests: number, bytes: number): void {
-    this.coordRequests += requests;
-    this.coordCpuMs += requests * this.sc.coordinator.cpuMsPerRequest + bytes * this.sc.coordinator.cpuNsPerByte / 1e6;
-  }
-
-  /** A request from the coordinator to p carrying `out` bytes and answered with `back` bytes. */
-  private request(p: SimPeer, out: number, back: number): Promise<void> {
-    this.coordBytes += out + back;
-    this.coordCpu(1, out + back);
-    return this.guard<void>(p, (ok) => {
-      let t = this.now;
-      if (out > 1e5) { const s = Math.max(t, this.coordUpFreeMs, p.downFreeMs); t = s + 1000 * out / Math.min(this.coordBps, p.spec.bytesPerSecond); this.coordUpFreeMs = t; p.downFreeMs = t; }
-      if (back > 1e5) { const s = Math.max(t, this.coordDownFreeMs, p.upFreeMs); t = s + 1000 * back / Math.min(this.coordBps, p.spec.bytesPerSecond); this.coordDownFreeMs = t; p.upFreeMs = t; }
-      this.clock.at(t - this.now + p.spec.rttMs, () => ok(undefined));
-    });
+  /** The heartbeat period and the silence that drops a peer, by the scenario's heartbeat design; extraMs:
+   *  what the drop takes to reach the coordinator after its verdict (hierarchical: the leader's next beat). */
+  private heartbeatTiming(n = this.serving()): { periodMs: number; silenceMs: number; extraMs: number } {
+    const c = this.config;
+    if (this.sc.heartbeats === 'bounded') {
+      const periodMs = heartbeatPeriodMs(n, c.heartbeatIntervalMs, c.heartbeatMaxPerSecond);
+      return { periodMs, silenceMs: heartbeatSilenceMs(periodMs, c.heartbeatTimeoutMs), extraMs: 0 };
+    }
+    return { periodMs: c.heartbeatIntervalMs, silenceMs: c.heartbeatTimeoutMs, extraMs: this.sc.heartbeats === 'hierarchical' ? c.heartbeatIntervalMs : 0 };
   }
 
   // ---- placement (coordinator/placement.ts)
@@ -232,9 +181,15 @@ export class Simulation {
     const r = this.stages.map((_, s) => this.peers.routable(s));
     if (this.sc.routes === 'speed-matched') {
       r.forEach((ids, s) => ids.sort((a, b) => this.effectiveRate(b, s) - this.effectiveRate(a, s) || (a < b ? -1 : 1)));
+      return r;
     }
-    return r;
+    // as the real coordinator (step.ts routeFor): replicas paired over the cheapest expected hops; the
+    // same registry state gives the same pairing, so it is kept until a replica or a hop report changes
+    const key = `${this.hopReports}|${r.map((ids) => ids.join(',')).join(';')}`;
+    if (key !== this.routableKey) { this.routableKey = key; this.routableCache = preferDirectHops(r, (a, b) => this.peers.hopCost(a, b)); }
+    return this.routableCache;
   }
+  private hopReports = 0; private routableKey = ''; private routableCache: string[][] = [];
 
   private async plan(): Promise<void> {
     const { sc } = this;
@@ -265,15 +220,15 @@ export class Simulation {
   /** The stage's shard from peers (at the joiner's link speed) and its adapter + optimizer state. */
   private download(p: SimPeer, s: number): Promise<void> {
     const c = this.costs[s]!;
-    return this.guard<void>(p, (ok) => this.clock.at(2 * p.spec.rttMs + 1000 * c.shardBytes / p.spec.bytesPerSecond, () => ok(undefined)));
+    return this.net.guard<void>(p, (ok) => this.clock.at(2 * p.spec.rttMs + 1000 * c.shardBytes / p.spec.bytesPerSecond, () => ok(undefined)));
   }
 
   /** optimizer state and adapter for a new replica, through the coordinator (stage-states.forNewReplica) */
   private async stageState(p: SimPeer, s: number): Promise<void> {
     const c = this.costs[s]!;
     const donor = this.peers.liveReplicas(s)[0];
-    if (donor !== undefined) await this.request(this.sim.get(donor)!, 200, c.optimizerBytes).catch(() => {});
-    await this.request(p, c.optimizerBytes + 4 * c.loraParams, 200);
+    if (donor !== undefined) await this.net.request(this.sim.get(donor)!, 200, c.optimizerBytes).catch(() => {});
+    await this.net.request(p, c.optimizerBytes + 4 * c.loraParams, 200);
   }
 
   private async placeOn(p: SimPeer, s: number): Promise<boolean> {
@@ -332,7 +287,7 @@ export class Simulation {
         this.peers.removeFromStages(donor.id);
         this.stopServing(p);
         (p as unknown as Record<string, boolean>).loadedStage = false;
-        await this.request(p, 500, 100).catch(() => {});
+        await this.net.request(p, 500, 100).catch(() => {});
         await this.placeOn(p, s);
         continue;
       }
@@ -359,24 +314,28 @@ export class Simulation {
       const ps = route.map((id) => this.sim.get(id)!);
       const T = sc.microBatch * sc.seqLen;
       // one control message per stage (ids to stage 0, labels to the last), answered by its report
-      for (let s = 0; s < S; s++) this.coordCpu(2, sc.coordinator.controlBytesPerStage / 2 + (s === 0 ? 4 * T : 0) + (s === S - 1 ? 4 * T : 0));
-      this.coordBytes += S * sc.coordinator.controlBytesPerStage * 2 / 3 + 8 * T;
+      for (let s = 0; s < S; s++) this.net.coordCpu(2, sc.coordinator.controlBytesPerStage / 2 + (s === 0 ? 4 * T : 0) + (s === S - 1 ? 4 * T : 0));
+      this.net.coordBytes += S * sc.coordinator.controlBytesPerStage * 2 / 3 + 8 * T;
       const at = async (s: number, f: () => Promise<void>) => { try { await f(); } catch (e) { throw Object.assign(new Error('route failure'), { peerId: (e as PeerGoneError).peerId ?? route[s] }); } };
-      await at(0, () => this.guard<void>(ps[0]!, (ok) => this.clock.at(ps[0]!.spec.rttMs / 2, () => ok(undefined))));
+      await at(0, () => this.net.guard<void>(ps[0]!, (ok) => this.clock.at(ps[0]!.spec.rttMs / 2, () => ok(undefined))));
       for (let s = 0; s < S; s++) {
-        await at(s, () => this.job(ps[s]!, false, this.costs[s]!.forwardFlops, s));
-        if (s < S - 1) await at(s, () => this.transfer(ps[s]!, ps[s + 1]!, this.hop));
+        await at(s, () => this.net.job(ps[s]!, false, this.costs[s]!.forwardFlops, s));
+        if (s < S - 1) await at(s, () => this.net.transfer(ps[s]!, ps[s + 1]!, this.hop));
       }
       for (let s = S - 1; s >= 0; s--) {
-        await at(s, () => this.job(ps[s]!, true, this.costs[s]!.backwardFlops, s));
-        if (s > 0) await at(s, () => this.transfer(ps[s]!, ps[s - 1]!, this.hop));
+        await at(s, () => this.net.job(ps[s]!, true, this.costs[s]!.backwardFlops, s));
+        if (s > 0) await at(s, () => this.net.transfer(ps[s]!, ps[s - 1]!, this.hop));
       }
-      await at(0, () => this.guard<void>(ps[0]!, (ok) => this.clock.at(ps[0]!.spec.rttMs / 2, () => ok(undefined))));
-      // one commit round to every peer of the route in parallel
-      this.coordBytes += S * sc.coordinator.controlBytesPerStage / 3;
-      const commits = await Promise.allSettled(ps.map((p) => this.request(p, 0, 0)));
-      const failed = commits.findIndex((c) => c.status === 'rejected');
-      if (failed >= 0) throw Object.assign(new Error('route failure'), { peerId: route[failed] });
+      await at(0, () => this.net.guard<void>(ps[0]!, (ok) => this.clock.at(ps[0]!.spec.rttMs / 2, () => ok(undefined))));
+      this.net.coordBytes += S * sc.coordinator.controlBytesPerStage / 3;
+      if (sc.schedule === 'as-built') {
+        // one commit round to every peer of the route in parallel
+        const commits = await Promise.allSettled(ps.map((p) => this.net.request(p, 0, 0)));
+        const failed = commits.findIndex((c) => c.status === 'rejected');
+        if (failed >= 0) throw Object.assign(new Error('route failure'), { peerId: route[failed] });
+      }
+      // '1f1b': the commit rides the route's next control message (no round of its own); a peer that
+      // left before it holds a gradient that brokenMicroBatches finds at the step's end
       committedRoute[mb] = route;
       counted[mb]! += 1;
       for (const p of ps) { if (p.firstMicroBatchMs === null) { p.firstMicroBatchMs = this.now; if (p.late) this.joinDelays.push((this.now - p.joinedAtMs) / 1000); } }
@@ -398,7 +357,7 @@ export class Simulation {
             if (id === undefined) throw e;
             attempts[mb]! += 1;
             this.retries++;
-            this.coordCpu(S, 0); // discards
+            this.net.coordCpu(S, 0); // discards
             // afterFailure → probe: a peer that left fails the short heartbeat and is dropped
             const p = this.sim.get(id)!;
             if (p.left) { await this.clock.sleep(Math.min(this.config.probeTimeoutMs, p.spec.rttMs)); if (!this.peers.gone(id)) this.peers.markDead(this.state(id), 'failed a request and then a heartbeat'); }
@@ -416,7 +375,7 @@ export class Simulation {
         await this.cover();
         const routable = this.routable();
         const R = Math.max(...routable.map((r) => r.length));
-        const depth = pipelineDepth(S);
+        const depth = sc.schedule === '1f1b' ? S : pipelineDepth(S);
         const routes = Array.from({ length: R }, (_, r) => routeFor(r, routable));
         const rate = this.sc.routes === 'speed-matched'
           ? (id: string) => (this.state(id).tokensPerSecond > 0 ? this.effectiveRate(id, this.state(id).stageIndex ?? 0) : 0)
@@ -456,11 +415,11 @@ export class Simulation {
       const live = this.peers.liveReplicas(s);
       if (this.sc.tail === 'stage-allreduce') {
         try { await this.allreduce(live.map((id) => this.sim.get(id)!), bytes); } catch (e) { return this.dropped(e); }
-        try { await this.request(this.sim.get(live[0]!)!, 100, bytes); } catch (e) { return this.dropped(e); }
+        try { await this.net.request(this.sim.get(live[0]!)!, 100, bytes); } catch (e) { return this.dropped(e); }
         continue;
       }
       for (const id of live) {
-        try { await this.request(this.sim.get(id)!, 100, bytes); } catch (e) { return this.dropped(e); }
+        try { await this.net.request(this.sim.get(id)!, 100, bytes); } catch (e) { return this.dropped(e); }
       }
     }
     return true;
@@ -482,7 +441,7 @@ export class Simulation {
     const slow = Math.min(...ps.map((p) => p.spec.bytesPerSecond));
     const lat = Math.max(...ps.map((p) => p.spec.rttMs));
     const ms = rounds * lat + 1000 * 2 * bytes * (ps.length - 1) / ps.length / slow;
-    return Promise.all(ps.map((p) => this.guard<void>(p, (ok) => this.clock.at(ms, () => ok(undefined))))).then(() => {});
+    return Promise.all(ps.map((p) => this.net.guard<void>(p, (ok) => this.clock.at(ms, () => ok(undefined))))).then(() => {});
   }
 
   private async applyAndCommit(): Promise<void> {
@@ -492,9 +451,9 @@ export class Simulation {
       const live = this.peers.liveReplicas(s);
       if (this.sc.tail === 'stage-allreduce') {
         // the replicas already hold the sum: the coordinator sends the clip factor and the step's lr
-        await Promise.allSettled(live.map((id) => this.request(this.sim.get(id)!, 100, 100)));
+        await Promise.allSettled(live.map((id) => this.net.request(this.sim.get(id)!, 100, 100)));
       } else {
-        const res = await Promise.allSettled(live.map((id) => this.request(this.sim.get(id)!, bytes, 100)));
+        const res = await Promise.allSettled(live.map((id) => this.net.request(this.sim.get(id)!, bytes, 100)));
         res.forEach((r, i) => { if (r.status === 'rejected' && !this.peers.gone(live[i]!)) this.peers.markDead(this.state(live[i]!), 'failed to apply'); });
       }
     }
@@ -502,7 +461,7 @@ export class Simulation {
       const c = this.costs[s]!;
       for (const id of this.peers.liveReplicas(s)) {
         const extra = c.optimizerBytes <= CHECKPOINT_EVERY_STEP_MAX_BYTES ? c.optimizerBytes : 0;
-        try { await this.request(this.sim.get(id)!, 100, 4 * c.loraParams + extra); break; } catch { /* next replica */ }
+        try { await this.net.request(this.sim.get(id)!, 100, 4 * c.loraParams + extra); break; } catch { /* next replica */ }
       }
     }
     await this.clock.sleep(this.sc.coordinator.storeCommitMs);
@@ -546,6 +505,7 @@ export class Simulation {
     const startupMs = await this.clock.drive(this.train());
     for (const p of this.sim.values()) this.stopServing(p);
     const { sc } = this;
+    const S0 = this.stages.length;
     const tokensPerStep = sc.microBatch * sc.seqLen * sc.accumulation;
     const trainS = (this.now - startupMs) / 1000;
     // the ideal: every serving peer's achieved FLOP/s for the time it served, spent on the model's
@@ -560,9 +520,18 @@ export class Simulation {
       if (st?.stageIndex !== null && st?.stageIndex !== undefined) servingByStage[st.stageIndex]! += p.servingMs;
     }
     const steps = this.stepTimes.length;
-    const hbRequests = [...this.sim.values()].reduce((a, p) => a + p.servingMs, 0) / this.config.heartbeatIntervalMs;
-    this.coordCpu(hbRequests, hbRequests * sc.coordinator.heartbeatBytes);
-    this.coordBytes += hbRequests * sc.coordinator.heartbeatBytes;
+    // heartbeats over the run, at the mean serving peer count
+    const servingMsAll = [...this.sim.values()].reduce((a, p) => a + p.servingMs, 0);
+    const meanServing = servingMsAll / Math.max(1, this.now);
+    const hb = this.heartbeatTiming(Math.round(meanServing));
+    const hbRequests = sc.heartbeats === 'hierarchical' ? S0 * this.now / this.config.heartbeatIntervalMs : servingMsAll / hb.periodMs;
+    // hierarchical: a leader's answer carries its stage's members (id, health, tokens/s: ~64 B each)
+    const hbBytes = hbRequests * (sc.coordinator.heartbeatBytes + (sc.heartbeats === 'hierarchical' ? 64 * meanServing / Math.max(1, S0) : 0));
+    const cpuBefore = this.net.coordCpuMs;
+    this.net.coordRequests += hbRequests;
+    this.net.coordCpuMs += hbRequests * sc.coordinator.heartbeatCpuMs + hbBytes * sc.coordinator.cpuNsPerByte / 1e6;
+    const hbCpu = this.net.coordCpuMs - cpuBefore;
+    this.net.coordBytes += hbBytes;
     const wallS = this.now / 1000, mean = this.stepTimes.reduce((a, b) => a + b, 0) / Math.max(1, steps);
     const tokensPerS = steps * tokensPerStep / wallS;
     return {
@@ -584,12 +553,17 @@ export class Simulation {
       micro_batch_retries: this.retries, joins: this.joins - sc.peers.count, leaves: this.leaves,
       join_to_first_microbatch_s: { p50: q(this.joinDelays, 0.5), p95: q(this.joinDelays, 0.95), n: this.joinDelays.length },
       coordinator: {
-        cpu_fraction: r3(this.coordCpuMs / this.now), bytes_per_step: Math.round(this.coordBytes / Math.max(1, steps)),
-        link_fraction: r3(this.coordBytes / wallS / this.coordBps), relayed_bytes_per_step: Math.round(this.relayedBytes / Math.max(1, steps)),
-        requests_per_s: r3(this.coordRequests / wallS),
+        cpu_fraction: r3(this.net.coordCpuMs / this.now), bytes_per_step: Math.round(this.net.coordBytes / Math.max(1, steps)),
+        link_fraction: r3(this.net.coordBytes / wallS / this.net.coordBps), relayed_bytes_per_step: Math.round(this.net.relayedBytes / Math.max(1, steps)),
+        requests_per_s: r3(this.net.coordRequests / wallS),
       },
-      hops: { ...this.hopPaths }, planner_ms: r3(this.plannerMs), sim_wall_s: r3((performance.now() - wall0) / 1000), events: this.clock.events,
-      tail: sc.tail, routes: sc.routes, late_join: sc.lateJoin,
+      hops: { ...this.net.hopPaths }, planner_ms: r3(this.plannerMs), sim_wall_s: r3((performance.now() - wall0) / 1000), events: this.clock.events,
+      tail: sc.tail, routes: sc.routes, late_join: sc.lateJoin, heartbeats: sc.heartbeats, schedule: sc.schedule,
+      heartbeat: {
+        period_s: r3(hb.periodMs / 1000), silence_s: r3(hb.silenceMs / 1000),
+        detect_idle_leave_s: this.detectIdleMs.length > 0 ? r3(avg(this.detectIdleMs) / 1000) : null,
+        cpu_fraction: r3(hbCpu / this.now), requests_per_s: r3(hbRequests / (this.now / 1000)),
+      },
     };
   }
 }
