@@ -60,8 +60,10 @@ export interface Scenario {
    *  'speed-matched' (the design of docs/scale.md: the k-th fastest of every stage) */
   routes: 'as-built' | 'speed-matched';
   /** how late joiners are placed: 'as-built' (the step loop waits until the joiner has loaded its stage)
-   *  or 'background' (the design of docs/scale.md: it loads while steps go on, added at the next boundary) */
-  lateJoin: 'as-built' | 'background';
+   *  or 'background' (the design of docs/scale.md: it loads while steps go on, added at the next boundary)
+   *  or 'mid-step' (loads while steps go on; once loaded it fetches the step's adapter and optimizer
+   *  state and joins the routes at the next micro-batch: the adapter does not change within a step) */
+  lateJoin: 'as-built' | 'background' | 'mid-step';
   /** the coordinator's heartbeats: 'bounded' (as built: the period grows with the peer count above
    *  HEARTBEAT_MAX_PER_SECOND, coordinator/decide.ts), 'per-peer' (every peer every second, as first
    *  built) or 'hierarchical' (the design of docs/scale.md: a leader per stage beats its replicas and the
@@ -166,7 +168,7 @@ export function parseScenario(json: unknown, overrides: { steps?: number; peers?
     },
     tail: oneOf(o, 'tail', 'scenario', ['coordinator', 'stage-allreduce'] as const, 'coordinator'),
     routes: oneOf(o, 'routes', 'scenario', ['as-built', 'speed-matched'] as const, 'as-built'),
-    lateJoin: oneOf(o, 'late_join', 'scenario', ['as-built', 'background'] as const, 'as-built'),
+    lateJoin: oneOf(o, 'late_join', 'scenario', ['as-built', 'background', 'mid-step'] as const, 'as-built'),
     heartbeats: oneOf(o, 'heartbeats', 'scenario', ['bounded', 'per-peer', 'hierarchical'] as const, 'bounded'),
     schedule: oneOf(o, 'schedule', 'scenario', ['as-built', '1f1b'] as const, 'as-built'),
     maxHours: num(o, 'max_hours', 'scenario', 0.001, 1e6, 24 * 30),

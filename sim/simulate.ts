@@ -49,6 +49,8 @@ export class Simulation {
   private readonly hop: number;
   private readonly waitingJoins: SimPeer[] = []; private readonly loadedJoins: SimPeer[] = [];
   private readonly joinDelays: number[] = [];
+  /** background joins: arrival to loaded (the shard at the joiner's link) */
+  private readonly joinLoads: number[] = [];
   private retries = 0; private joins = 0; private leaves = 0; private rejected = 0;
   private readonly commits = new Map<number, number>();
   private lostSteps = 0; private plannerMs = 0;
@@ -56,6 +58,9 @@ export class Simulation {
   private readonly stepTimes: number[] = [];
   private readonly computePhaseMs: number[] = []; private readonly tailMs: number[] = [];
   private done = false; private capped = false;
+  /** between a step's start and its tail: a 'mid-step' joiner that loaded enters the routes now */
+  private inComputePhase = false;
+  private onEntered: ((id: string, s: number) => void) | null = null;
 
   constructor(sc: Scenario) {
     this.sc = sc;
@@ -268,7 +273,12 @@ export class Simulation {
     const s = stageForLateJoiner(p.spec.memoryBytes, this.need, (x) => this.peers.liveReplicas(x).length, speed);
     if (s === null) { this.rejected++; this.peers.forget(p.id); return; }
     (p as unknown as { stageChosen: number }).stageChosen = s;
-    this.download(p, s).then(() => { (p as unknown as Record<string, boolean>).loadedStage = true; this.loadedJoins.push(p); }, () => {});
+    this.download(p, s).then(() => {
+      (p as unknown as Record<string, boolean>).loadedStage = true;
+      this.joinLoads.push((this.now - p.joinedAtMs) / 1000);
+      if (this.sc.lateJoin === 'mid-step' && this.inComputePhase && !this.done) void this.placeOn(p, s).then((ok) => { if (ok) this.onEntered?.(p.id, s); });
+      else this.loadedJoins.push(p);
+    }, () => {});
   }
 
   /** coverLostStages: a waiting joiner, else a donor replica, else wait for a volunteer */
@@ -382,7 +392,25 @@ export class Simulation {
           : (id: string) => this.peers.get(id)?.tokensPerSecond ?? 0;
         quota = routeQuotas(todo.length, routes.map((_, r) => routeRate(routes, r, rate)));
         taken = quota.map(() => 0);
+        // 'mid-step': a replica that entered now gets work at once, its own route (it and replica k of the
+        // other stages, k its position), depth micro-batches in flight, from what is left of this step
+        const extras: Array<Promise<void>> = [];
+        this.onEntered = (id, s) => {
+          const k = this.routable()[s]!.indexOf(id);
+          if (k < 0) return;
+          for (let d = 0; d < depth; d++) extras.push((async () => {
+            for (;;) {
+              const mb = todo.shift();
+              if (mb === undefined) return;
+              const route = routeFor(k, this.routable());
+              if (route === null || route[s] !== id) { todo.unshift(mb); return; }
+              try { await runMicroBatch(mb, route); } catch { attempts[mb]! += 1; this.retries++; todo.push(mb); return; }
+            }
+          })());
+        };
         await Promise.all(Array.from({ length: R * depth }, (_, k) => worker(k, R)));
+        this.onEntered = null;
+        await Promise.all(extras);
         if (todo.length > 0) continue;
         const lost = brokenMicroBatches(committedRoute, isLive);
         if (lost.length === 0) return;
@@ -393,7 +421,9 @@ export class Simulation {
     const t0 = this.now;
     let tailStart = t0;
     for (;;) {
+      this.inComputePhase = true;
       await computeAll();
+      this.inComputePhase = false;
       tailStart = this.now;
       if (!(await this.tail())) continue;
       if (committedRoute.some((r) => r === null || broken(r))) continue;
@@ -552,6 +582,7 @@ export class Simulation {
       lost_steps: this.lostSteps, repeated_steps: [...this.commits.values()].filter((n) => n > 1).length,
       micro_batch_retries: this.retries, joins: this.joins - sc.peers.count, leaves: this.leaves,
       join_to_first_microbatch_s: { p50: q(this.joinDelays, 0.5), p95: q(this.joinDelays, 0.95), n: this.joinDelays.length },
+      join_to_loaded_s: { p50: q(this.joinLoads, 0.5), p95: q(this.joinLoads, 0.95), n: this.joinLoads.length },
       coordinator: {
         cpu_fraction: r3(this.net.coordCpuMs / this.now), bytes_per_step: Math.round(this.net.coordBytes / Math.max(1, steps)),
         link_fraction: r3(this.net.coordBytes / wallS / this.net.coordBps), relayed_bytes_per_step: Math.round(this.net.relayedBytes / Math.max(1, steps)),
