@@ -87,6 +87,17 @@ test('a volunteer that leaves fails the hops to it one round trip later: churn d
   assert.ok(r.step_s.p95 < 5 * calm.step_s.p95, `p95 step ${r.step_s.p95} s under churn against ${calm.step_s.p95} s without`);
 });
 
+test('mid-step joins: a joiner loads while steps run and takes micro-batches of the running step; still no step lost or repeated', async () => {
+  const blocking = await simulate(parseScenario(churny(7)));
+  const mid = await simulate(parseScenario({ ...churny(7), late_join: 'mid-step' }));
+  assert.equal(mid.lost_steps, 0);
+  assert.equal(mid.repeated_steps, 0);
+  assert.ok(mid.join_to_loaded_s.n > 0 && mid.join_to_first_microbatch_s.n > 0, 'no joiner loaded and computed');
+  // its first micro-batch comes sooner than behind the step boundary and a blocking load
+  assert.ok(mid.join_to_first_microbatch_s.p50! < 0.6 * blocking.join_to_first_microbatch_s.p50!, `join p50 ${mid.join_to_first_microbatch_s.p50} s mid-step, ${blocking.join_to_first_microbatch_s.p50} s as built`);
+  assert.ok(mid.tokens_per_s > blocking.tokens_per_s, `${mid.tokens_per_s} against ${blocking.tokens_per_s} tokens/s`);
+});
+
 test('one scenario and seed give one run; another seed another', async () => {
   const strip = (x: Record<string, unknown>) => { const { sim_wall_s: _w, planner_ms: _p, ...rest } = x; return rest; };
   const a = await simulate(parseScenario(churny(11)));
@@ -107,6 +118,7 @@ test('scenario errors name the field; the committed scenarios parse', () => {
   bad((o) => { o.peers.link_mbit = [1000, 20]; }, /scenario\.peers\.link_mbit must be \[low, high\]/);
   bad((o) => { delete o.train.seq_len; }, /scenario\.train\.seq_len is missing/);
   bad((o) => { o.tail = 'p2p'; }, /scenario\.tail must be one of coordinator, stage-allreduce/);
+  bad((o) => { o.heartbeats = 'gossip'; }, /scenario\.heartbeats must be one of bounded, per-peer, hierarchical/);
   bad((o) => { o.churn.leave_per_hour = -1; }, /scenario\.churn\.leave_per_hour must be a number in \[0, 10\]/);
   for (const n of ['64-heterogeneous', '64-churn', '1000-70b']) {
     const sc = readScenario(scenarioFile(n));
