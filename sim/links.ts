@@ -6,6 +6,21 @@ import { hopPath } from './cost.ts';
 import { PeerGoneError } from './peer.ts';
 import type { SimPeer } from './peer.ts';
 import type { Scenario } from './scenario.ts';
+import type { CoordinatorConfig } from '../coordinator/config.ts';
+import { heartbeatPeriodMs, heartbeatSilenceMs } from '../coordinator/decide.ts';
+
+export interface HeartbeatTiming { periodMs: number; silenceMs: number; extraMs: number }
+
+/** The heartbeat period and the silence that drops a peer at n beaten peers, by the scenario's heartbeat
+ *  design; extraMs: what the drop takes to reach the coordinator after its verdict (hierarchical: the
+ *  leader's next beat). 'bounded' is the coordinator's own schedule (coordinator/decide.ts). */
+export function heartbeatTiming(sc: Scenario, c: CoordinatorConfig, n: number): HeartbeatTiming {
+  if (sc.heartbeats === 'bounded') {
+    const periodMs = heartbeatPeriodMs(n, c.heartbeatIntervalMs, c.heartbeatMaxPerSecond);
+    return { periodMs, silenceMs: heartbeatSilenceMs(periodMs, c.heartbeatTimeoutMs), extraMs: 0 };
+  }
+  return { periodMs: c.heartbeatIntervalMs, silenceMs: c.heartbeatTimeoutMs, extraMs: sc.heartbeats === 'hierarchical' ? c.heartbeatIntervalMs : 0 };
+}
 
 export interface SimLinksInit {
   clock: SimClock;

@@ -12,7 +12,7 @@ import { planStages } from '../coordinator/planner.ts';
 import type { StageRange } from '../coordinator/planner.ts';
 import { pipelineDepth, preferDirectHops, routeFor, routeQuotas, routeRate } from '../coordinator/routes.ts';
 import type { Route } from '../coordinator/routes.ts';
-import { brokenMicroBatches, donorForEmptyStage, heartbeatPeriodMs, heartbeatSilenceMs, heartbeatVerdict, stageForLateJoiner, stageThroughput } from '../coordinator/decide.ts';
+import { brokenMicroBatches, donorForEmptyStage, heartbeatVerdict, stageForLateJoiner, stageThroughput } from '../coordinator/decide.ts';
 import { PeerRegistry } from '../coordinator/peers.ts';
 import type { PeerState } from '../coordinator/peers.ts';
 import { RunStatus } from '../coordinator/status.ts';
@@ -23,7 +23,8 @@ import { SimClock } from './clock.ts';
 import { drawPeer, hopBytes, layerTrainFlopsPerToken, headTrainFlopsPerToken, rng, stageCosts } from './cost.ts';
 import type { StageCosts } from './cost.ts';
 import { PeerGoneError, SimPeer } from './peer.ts';
-import { SimLinks } from './links.ts';
+import { SimLinks, heartbeatTiming } from './links.ts';
+import type { HeartbeatTiming } from './links.ts';
 import { avg, q, r3 } from './result.ts';
 import type { SimResult } from './result.ts';
 
@@ -156,16 +157,8 @@ export class Simulation {
   /** serving replicas now (the peers heartbeats go to) */
   private serving(): number { return this.stages.reduce((a, _, s) => a + this.peers.liveReplicas(s).length, 0); }
 
-  /** The heartbeat period and the silence that drops a peer, by the scenario's heartbeat design; extraMs:
-   *  what the drop takes to reach the coordinator after its verdict (hierarchical: the leader's next beat). */
-  private heartbeatTiming(n = this.serving()): { periodMs: number; silenceMs: number; extraMs: number } {
-    const c = this.config;
-    if (this.sc.heartbeats === 'bounded') {
-      const periodMs = heartbeatPeriodMs(n, c.heartbeatIntervalMs, c.heartbeatMaxPerSecond);
-      return { periodMs, silenceMs: heartbeatSilenceMs(periodMs, c.heartbeatTimeoutMs), extraMs: 0 };
-    }
-    return { periodMs: c.heartbeatIntervalMs, silenceMs: c.heartbeatTimeoutMs, extraMs: this.sc.heartbeats === 'hierarchical' ? c.heartbeatIntervalMs : 0 };
-  }
+  private heartbeatTiming(n = this.serving()): HeartbeatTiming { return heartbeatTiming(this.sc, this.config, n); }
+
 
   // ---- placement (coordinator/placement.ts)
 
