@@ -445,6 +445,10 @@ export function renderScale(sc: J): string[] {
     const re = obj(sc.real, 'scale.real');
     out.push('', `Against a real run (4 volunteers, 2 stages × 2 replicas, in one process): real ${f1(re.real_step_ms)} ms per step, simulated ${f1(re.simulated_step_ms)} ms (ratio ${num(re.ratio)}).`);
   }
+  if (sc.heartbeat !== null && sc.heartbeat !== undefined) {
+    const hb = obj(sc.heartbeat, 'scale.heartbeat');
+    out.push('', `The coordinator's CPU per heartbeat over real libp2p (bench/scale-heartbeat.ts, ${num(hb.beats)} beats to ${num(hb.peers)} peers in another process): ${num(hb.cpu_ms_per_heartbeat_concurrent)} ms sent a round at once, ${num(hb.cpu_ms_per_heartbeat)} ms one at a time.`);
+  }
   return out;
 }
 

@@ -136,8 +136,8 @@ export function scenarioOfRealRun(o: RealRunOptions, r: RealRun): Scenario {
     accumulation: o.microBatches, loraR: 16, wireBytesPerElement: 4, pipelineStages: 2,
     peers: { count: 4, classes: [{ name: 'this-machine', share: 1, memoryGiB: 64, peakTflops: rate / 1e12, efficiency: 1 }], linkMbit: [LOOPBACK.mbit, LOOPBACK.mbit], rttMs: [r.rttMs, r.rttMs], natShare: 0, coneShare: 0 },
     churn: null,
-    coordinator: { linkMbit: LOOPBACK.mbit, cpuMsPerRequest: 1.41, cpuNsPerByte: 3.9, storeCommitMs: r.storeCommitMs, controlBytesPerStage: 2854, heartbeatBytes: 600 },
-    tail: 'coordinator', routes: 'as-built', lateJoin: 'as-built', maxHours: 1000, sources: {},
+    coordinator: { linkMbit: LOOPBACK.mbit, cpuMsPerRequest: 1.41, cpuNsPerByte: 3.9, storeCommitMs: r.storeCommitMs, controlBytesPerStage: 2854, heartbeatBytes: 600, heartbeatCpuMs: 1.41 },
+    tail: 'coordinator', routes: 'as-built', lateJoin: 'as-built', heartbeats: 'bounded', schedule: 'as-built', maxHours: 1000, sources: {},
   };
 }
 

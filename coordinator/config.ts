@@ -3,7 +3,7 @@ import { knobs, readKnobs } from '../engine/env.ts';
 import { COMPUTE_TIMEOUT_MS, CONTROL_TIMEOUT_MS, HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS } from '../protocol/constants.ts';
 import type { StageClientTimeouts } from '../protocol/stage-client.ts';
 import {
-  BAN_BASE_MS, BAN_MAX_MS, ERROR_STREAK_BAN, CHECKPOINT_EVERY_STEP_MAX_BYTES, COVER_POLL_MS, EVENT_HISTORY, LOAD_DEADLINE_MS, LOAD_POLL_MS, MAX_ATTEMPTS,
+  BAN_BASE_MS, BAN_MAX_MS, HEARTBEAT_MAX_PER_SECOND, ERROR_STREAK_BAN, CHECKPOINT_EVERY_STEP_MAX_BYTES, COVER_POLL_MS, EVENT_HISTORY, LOAD_DEADLINE_MS, LOAD_POLL_MS, MAX_ATTEMPTS,
   MAX_PROVIDERS, NORM_HISTORY, NOTICE_TIMEOUT_MS, OUTPUT_HISTORY, OUTPUT_HISTORY_MIN, PROBE_TIMEOUT_MS, READY_DEADLINE_MS,
   READY_POLL_MS, REJOIN_DEADLINE_MS, RETRY_BACKOFF_MS, SCREEN_FACTOR, SLOW_AFTER_TIMEOUTS, SLOW_PENALTY_MS,
 } from './constants.ts';
@@ -12,6 +12,8 @@ import type { CrashTarget } from './crash.ts';
 
 export interface CoordinatorConfig extends StageClientTimeouts {
   heartbeatIntervalMs: number;
+  /** heartbeats a second at most (the period grows with the peer count above it) */
+  heartbeatMaxPerSecond: number;
   maxAttempts: number;
   retryBackoffMs: number;
   slowAfterTimeouts: number;
@@ -50,6 +52,7 @@ export function coordinatorConfig(overrides: Partial<CoordinatorConfig> = {}, en
     probeTimeoutMs: PROBE_TIMEOUT_MS,
     noticeTimeoutMs: NOTICE_TIMEOUT_MS,
     heartbeatIntervalMs: HEARTBEAT_INTERVAL_MS,
+    heartbeatMaxPerSecond: HEARTBEAT_MAX_PER_SECOND,
     maxAttempts: MAX_ATTEMPTS,
     retryBackoffMs: RETRY_BACKOFF_MS,
     slowAfterTimeouts: SLOW_AFTER_TIMEOUTS,

@@ -12,6 +12,10 @@ export const SLOW_PENALTY_MS = 5 * 60_000;
 /** the short heartbeat that checks a peer right after a failed request (waiting for the heartbeat
  *  timeout would burn the micro-batch's retries) */
 export const PROBE_TIMEOUT_MS = 1500;
+/** The most heartbeats a second the coordinator sends: above that many peers the period grows
+ *  (decide.heartbeatPeriodMs). A heartbeat costs the coordinator 1.2–1.9 ms of CPU (measured,
+ *  bench/scale-heartbeat.ts), so this holds heartbeats to about 0.12–0.19 of a core. */
+export const HEARTBEAT_MAX_PER_SECOND = 100;
 /** best-effort notices to a peer: discarding an attempt, finish, release, ban */
 export const NOTICE_TIMEOUT_MS = 5000;
 

@@ -11,6 +11,18 @@ export function stageForLateJoiner(memoryBytes: number, need: readonly number[],
   return fits.reduce((best, x) => (speed(x) < speed(best) || (speed(x) === speed(best) && liveCount(x) < liveCount(best)) ? x : best));
 }
 
+/** A stage's throughput for stageForLateJoiner: the sum of its live replicas' tokens/s, where a replica
+ *  that has not reported one yet (0: a joiner just placed) counts as the stage's mean known replica.
+ *  Counting it as 0 sent every joiner of one step boundary to the same stage (the sum did not move
+ *  as they were added): in the simulated 64-churn run a stage reached 70 replicas while the others
+ *  had one. */
+export function stageThroughput(tokensPerSecond: readonly number[]): number {
+  const known = tokensPerSecond.filter((t) => Number.isFinite(t) && t > 0);
+  if (known.length === 0) return 0;
+  const mean = known.reduce((a, b) => a + b, 0) / known.length;
+  return mean * tokensPerSecond.length;
+}
+
 /** A replica to move onto an empty stage that needs `need` bytes: from the stage with the most live
  *  replicas (at least two), its slowest replica that fits; null when no stage can spare one. */
 export function donorForEmptyStage(live: readonly (readonly string[])[], need: number, memoryOf: (id: string) => number, speedOf: (id: string) => number): { id: string; stage: number } | null {
@@ -28,6 +40,20 @@ export function donorForEmptyStage(live: readonly (readonly string[])[], need: n
  *  their gradient went with it, so they run again. */
 export function brokenMicroBatches(committedRoute: ReadonlyArray<Route | null>, isLive: (s: number, id: string) => boolean): number[] {
   return committedRoute.flatMap((r, mb) => (r !== null && r.some((id, s) => !isLive(s, id)) ? [mb] : []));
+}
+
+/** The heartbeat period at n beaten peers: the base interval until n beats per interval would pass
+ *  maxPerSecond, then n / maxPerSecond seconds, so the coordinator's heartbeat rate (its CPU and bytes)
+ *  stays bounded at any swarm size. Each base tick sends the beats that are due, oldest first. */
+export function heartbeatPeriodMs(n: number, baseMs: number, maxPerSecond: number): number {
+  return Math.max(baseMs, Math.ceil((1000 * n) / maxPerSecond));
+}
+
+/** How long a peer may stay silent before it is dropped: the configured timeout, and at least two
+ *  periods (one lost beat never drops a peer). An idle peer that left is found within silence + one
+ *  period (+ the request timeout when its machine vanished without a reset). */
+export function heartbeatSilenceMs(periodMs: number, timeoutMs: number): number {
+  return Math.max(timeoutMs, 2 * periodMs);
 }
 
 /** A heartbeat went unanswered: after `timeoutMs` of silence the peer is dropped, before that it is slow. */

@@ -13,7 +13,7 @@ import { BanList, inWords } from './bans.ts';
 import { judge, judgeDigests } from './verdicts.ts';
 import type { DigestReport, EvidenceKind, JudgeLimits, Verdict } from './verdicts.ts';
 import { SwarmError } from '../protocol/errors.ts';
-import { heartbeatVerdict } from './decide.ts';
+import { heartbeatPeriodMs, heartbeatSilenceMs, heartbeatVerdict } from './decide.ts';
 import { sleep } from './wait.ts';
 
 /** An error in words for a drop or a note: never empty (an aborted stream can carry no message). */
@@ -54,6 +54,8 @@ export interface PeerState {
   relay?: boolean;
   /** the members version this relay last took with a heartbeat */
   membersSent?: number;
+  /** when the last heartbeat to it went out (the heartbeat schedule: each is due a period later) */
+  beatSentMs?: number;
 }
 
 /** errors that mean the peer broke the protocol (they count against it), not that it is slow or gone */
@@ -197,23 +199,27 @@ export class PeerRegistry {
     }
   }
 
-  /** Heartbeats every interval, each round on its own so one silent peer never delays the others'. */
+  /** Heartbeats: every base interval, the beats that are due go out, each on its own so one silent peer
+   *  never delays the others'. Up to heartbeatMaxPerSecond × interval peers every peer is beaten every
+   *  interval; above that the period grows with the peer count (decide.heartbeatPeriodMs), each tick
+   *  sends the share that is due (oldest first), so the coordinator's heartbeat rate stays bounded and
+   *  even, and a peer is dropped after heartbeatSilenceMs of silence. */
   async runHeartbeats(active: () => boolean): Promise<void> {
     const signal = this.o.signal;
     try {
       for (;;) {
         await sleep(this.o.config.heartbeatIntervalMs, signal, { ref: false });
         // a finished run has released its peers: their last health stays what it was
-        if (active()) void this.heartbeatAll();
+        if (active()) void this.heartbeatDue(Date.now());
       }
     } catch (e) {
       if (!signal.aborted) throw e;
     }
   }
 
-  /** One heartbeat round now (the run's end: status keeps each peer's last report, hop paths included,
-   *  even of a run shorter than a heartbeat interval). */
-  heartbeatNow(): Promise<void> { return this.heartbeatAll(); }
+  /** One heartbeat round to every peer now (the run's end: status keeps each peer's last report, hop paths
+   *  included, even of a run shorter than a heartbeat interval). */
+  heartbeatNow(): Promise<void> { return this.heartbeatAll(this.beatable()); }
 
   /** Admitted, unbanned peers: whom volunteer relays serve (a new version whenever the list changes). */
   private currentMembers(): { version: number; peers: string[] } {
@@ -223,13 +229,42 @@ export class PeerRegistry {
     return this.members;
   }
 
-  private async heartbeatAll(): Promise<void> {
+  /** the peers heartbeats go to: placed on a stage and neither dropped nor banned */
+  private beatable(): PeerState[] {
+    return this.all().filter((p) => p.stageIndex !== null && p.health !== 'dead' && p.health !== 'banned');
+  }
+
+  /** The heartbeat period now (the volunteers are told it, so they wait as long for the next beat). */
+  heartbeatPeriodMs(): number {
+    const c = this.o.config;
+    return heartbeatPeriodMs(this.beatable().length, c.heartbeatIntervalMs, c.heartbeatMaxPerSecond);
+  }
+
+  /** The peers whose beat is due at `now` (half a tick early counts: timers drift), oldest first, at
+   *  most the share of one tick. */
+  dueForHeartbeat(now: number): PeerState[] {
+    const c = this.o.config;
+    const all = this.beatable();
+    const period = heartbeatPeriodMs(all.length, c.heartbeatIntervalMs, c.heartbeatMaxPerSecond);
+    const share = Math.ceil((all.length * c.heartbeatIntervalMs) / period);
+    const due = all.filter((p) => (p.beatSentMs ?? -Infinity) + period <= now + c.heartbeatIntervalMs / 2);
+    due.sort((a, b) => (a.beatSentMs ?? -Infinity) - (b.beatSentMs ?? -Infinity));
+    return due.slice(0, share);
+  }
+
+  private heartbeatDue(now: number): Promise<void> { return this.heartbeatAll(this.dueForHeartbeat(now)); }
+
+  private async heartbeatAll(list: PeerState[]): Promise<void> {
     const signal = this.o.signal;
+    const c = this.o.config;
+    const periodMs = this.heartbeatPeriodMs();
+    const silenceMs = heartbeatSilenceMs(periodMs, c.heartbeatTimeoutMs);
     const members = this.all().some((p) => p.relay === true) ? this.currentMembers() : null;
-    await Promise.all(this.all().filter((p) => p.stageIndex !== null && p.health !== 'dead' && p.health !== 'banned').map(async (p) => {
+    await Promise.all(list.map(async (p) => {
+      p.beatSentMs = Date.now();
       try {
         const send = members !== null && p.relay === true && p.membersSent !== members.version ? { version: members.version, peers: members.peers } : undefined;
-        const r = await this.o.client.heartbeat(p.addrs, this.o.status.step, { signal, members: send });
+        const r = await this.o.client.heartbeat(p.addrs, this.o.status.step, { signal, members: send, ...(periodMs > c.heartbeatIntervalMs ? { periodMs } : {}) });
         if (send !== undefined) p.membersSent = send.version;
         p.lastSeenMs = Date.now();
         p.ready = r.ready;
@@ -244,7 +279,7 @@ export class PeerRegistry {
       } catch (e) {
         if (signal.aborted) return;
         const silentMs = Date.now() - p.lastSeenMs;
-        if (heartbeatVerdict(silentMs, this.o.config.heartbeatTimeoutMs) === 'dead') this.markDead(p, `no heartbeat for ${silentMs} ms`);
+        if (heartbeatVerdict(silentMs, silenceMs) === 'dead') this.markDead(p, `no heartbeat for ${silentMs} ms`);
         else { if (p.health === 'ok') this.o.status.note(`peer ${p.peerId} missed a heartbeat: ${reasonOf(e)}`); p.health = 'slow'; }
       }
     }));

@@ -5,7 +5,7 @@ import type { PeerHealth } from './dashboard/state.ts';
 import { planStages } from './planner.ts';
 import type { Plan, StageMemoryFn, StageRange } from './planner.ts';
 import { placeResumed } from './resume.ts';
-import { donorForEmptyStage, stageForLateJoiner } from './decide.ts';
+import { donorForEmptyStage, stageForLateJoiner, stageThroughput } from './decide.ts';
 import type { AdapterState } from './adapter.ts';
 import type { Admission, PendingJoin } from './admission.ts';
 import type { Assignments } from './assignments.ts';
@@ -155,7 +155,7 @@ export class Placement {
       const p = peers.get(j.peerId);
       if (p === undefined) continue;
       const need = stages.map((st) => this.o.memory(st.layerStart, st.layerEnd));
-      const speed = (s: number) => peers.liveReplicas(s).reduce((a, id) => a + (peers.get(id)?.tokensPerSecond ?? 0), 0);
+      const speed = (s: number) => stageThroughput(peers.liveReplicas(s).map((id) => peers.get(id)?.tokensPerSecond ?? 0));
       const s = stageForLateJoiner(p.caps.memoryBytes, need, (x) => peers.liveReplicas(x).length, speed);
       if (s === null) {
         const reason = `this peer offers ${gib(p.caps.memoryBytes)} GiB but the smallest stage of this run needs ${gib(Math.min(...need))} GiB`;

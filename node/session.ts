@@ -25,6 +25,7 @@ import { EXIT_FAILED, EXIT_OK, EXIT_REJECTED, VOLUNTEER_RELAY_RETRY_MS, VOLUNTEE
 import { listenOnRelay, peerIdOf, relayIdOf, routeAddrs } from '../protocol/nat.ts';
 import type { PathBook, RelayMembers } from '../protocol/nat.ts';
 import { MAX_HOP_PATHS } from '../protocol/messages.ts';
+import { HEARTBEAT_INTERVAL_MS } from '../protocol/constants.ts';
 
 /** The reason of the session's abort: the volunteer leaves with `exitCode`. */
 export class LeavingError extends SwarmError {
@@ -114,6 +115,8 @@ export class VolunteerSession {
   private allowPeers: Set<string> | null = null;
   private previousRunId: string | null = null;
   private lastCoordinatorMs = Date.now();
+  /** the coordinator's heartbeat period, as its last heartbeat said */
+  private coordinatorPeriodMs = HEARTBEAT_INTERVAL_MS;
   /** when the coordinator was first lost (rejoins retry within a window from then) */
   private lostSinceMs: number | null = null;
   private rss = { bytes: process.memoryUsage.rss(), atMs: Date.now() };
@@ -271,9 +274,11 @@ export class VolunteerSession {
   }
 
   /** A coordinator heartbeat: it is alive; say how this peer is doing. A volunteer relay takes the run's
-   *  members from it (a newer list: a peer dropped from it is hung up on). */
+   *  members from it (a newer list: a peer dropped from it is hung up on). `periodMs`: the coordinator's
+   *  heartbeat period, when it grew past the base interval (a large swarm). */
   heartbeat(req?: HeartbeatRequest): HeartbeatResponse {
     this.lastCoordinatorMs = Date.now();
+    this.coordinatorPeriodMs = req?.periodMs ?? HEARTBEAT_INTERVAL_MS;
     if (req?.members !== undefined && this.c.members != null) {
       // the list applies at once; the hang-ups finish after the answer (it has a 200 ms budget)
       void this.c.members.update(req.members.version, req.members.peers, this.c.node).then((dropped) => {
@@ -434,16 +439,22 @@ export class VolunteerSession {
     return end.why === 'released' ? { name: 'released', host: s.host, rejoinAfterMs: end.rejoinAfterMs } : { name: 'lost', host: s.host };
   }
 
-  /** Ends the stage's serving with 'lost' once the coordinator is silent for coordinatorLostMs. */
+  /** Silence after which the coordinator is lost: coordinatorLostMs, plus what its heartbeat period grew
+   *  by past the base interval (a large swarm beats each peer less often, coordinator/decide.ts). */
+  coordinatorLostAfterMs(): number {
+    return this.config.coordinatorLostMs + Math.max(0, this.coordinatorPeriodMs - HEARTBEAT_INTERVAL_MS);
+  }
+
+  /** Ends the stage's serving with 'lost' once the coordinator is silent for coordinatorLostMs(). */
   private watchCoordinator(ended: AbortController): () => void {
-    const lostMs = this.config.coordinatorLostMs;
     let timer: NodeJS.Timeout;
     const check = () => {
+      const lostMs = this.coordinatorLostAfterMs();
       const silentMs = Date.now() - this.lastCoordinatorMs;
       if (silentMs > lostMs) ended.abort({ why: 'lost' } satisfies StageEnd);
       else timer = setTimeout(check, lostMs - silentMs + 1);
     };
-    timer = setTimeout(check, Math.max(0, lostMs - (Date.now() - this.lastCoordinatorMs) + 1));
+    timer = setTimeout(check, Math.max(0, this.coordinatorLostAfterMs() - (Date.now() - this.lastCoordinatorMs) + 1));
     return () => clearTimeout(timer);
   }
 
@@ -453,7 +464,7 @@ export class VolunteerSession {
     const cfg = this.config;
     const steps = offer.states.map((x) => x.step);
     this.c.events.say('coordinator_lost', { kept_steps: steps },
-      `no heartbeat from the coordinator for ${cfg.coordinatorLostMs / 1000} s; keeping stage ${offer.stageIndex} (restorable at step ${steps.join(' or ')}) and rejoining (for up to ${cfg.rejoinWindowMs / 60_000} min)`);
+      `no heartbeat from the coordinator for ${this.coordinatorLostAfterMs() / 1000} s; keeping stage ${offer.stageIndex} (restorable at step ${steps.join(' or ')}) and rejoining (for up to ${cfg.rejoinWindowMs / 60_000} min)`);
     this.lostSinceMs = Date.now();
     return { name: 'joining', kept: { host: s.host, offer } };
   }

@@ -423,6 +423,9 @@ export const heartbeatRequest = obj({
   /** to a volunteer relay (`join --relay`), when the run's members changed since it last answered: the admitted,
    *  unbanned peers, the only ones its relay serves; a higher version replaces a lower one */
   members: opt(obj({ version: int(0, SAFE), peers: arr(peerIdStr, 4096) })),
+  /** the coordinator's heartbeat period now (it grows with the peer count, coordinator/decide.ts
+   *  heartbeatPeriodMs): the volunteer waits that much longer before it calls the coordinator lost */
+  periodMs: opt(int(0, SAFE)),
 });
 export type HeartbeatRequest = ReturnType<typeof heartbeatRequest>;
 export const heartbeatResponse = obj({

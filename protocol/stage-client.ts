@@ -170,11 +170,12 @@ export class StagePeerClient {
       this.init.timeouts.computeTimeoutMs, { signal }), `step ${step} optimizer state`, opts);
   }
 
-  /** `probe`: the short heartbeat right after a failed request; `members`: the run's members, to a volunteer relay. */
-  heartbeat(peer: DialTarget, step: number, opts: CallOptions & { probe?: boolean; members?: { version: number; peers: string[] } } = {}): Promise<HeartbeatResponse> {
+  /** `probe`: the short heartbeat right after a failed request; `members`: the run's members, to a volunteer relay;
+   *  `periodMs`: the coordinator's heartbeat period when it grew past the base interval. */
+  heartbeat(peer: DialTarget, step: number, opts: CallOptions & { probe?: boolean; members?: { version: number; peers: string[] }; periodMs?: number } = {}): Promise<HeartbeatResponse> {
     const t = this.init.timeouts;
-    return this.call(peer, 'heartbeat', { runId: this.init.runId, step, sentAtMs: Date.now(), ...(opts.members !== undefined ? { members: opts.members } : {}) },
-      opts.probe === true ? t.probeTimeoutMs : t.heartbeatTimeoutMs, opts);
+    const req = { runId: this.init.runId, step, sentAtMs: Date.now(), ...(opts.members !== undefined ? { members: opts.members } : {}), ...(opts.periodMs !== undefined ? { periodMs: opts.periodMs } : {}) };
+    return this.call(peer, 'heartbeat', req, opts.probe === true ? t.probeTimeoutMs : t.heartbeatTimeoutMs, opts);
   }
 
   /** The run is over for this peer; with `rejoinAfterMs` it is only released from its stage and joins

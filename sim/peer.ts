@@ -27,6 +27,8 @@ export class SimPeer {
   running = false;
   readonly queue: Array<{ backward: boolean; ms: number; ok: () => void; fail: (e: Error) => void }> = [];
   readonly waiting = new Set<(e: Error) => void>();
+  /** where in the heartbeat period its beats fall, in [0, 1) (deterministic in the peer's index) */
+  get phase(): number { return (Number(this.spec.id.slice(1)) * 0.6180339887) % 1; }
   constructor(spec: SimPeerSpec, nowMs: number, late: boolean) { this.spec = spec; this.joinedAtMs = nowMs; this.late = late; }
 
   get id(): string { return this.spec.id; }

@@ -30,6 +30,8 @@ export interface SimResult {
   joins: number;
   leaves: number;
   join_to_first_microbatch_s: { p50: number | null; p95: number | null; n: number };
+  /** background and mid-step joins: arrival until the shard is loaded (at the joiner's link) */
+  join_to_loaded_s: { p50: number | null; p95: number | null; n: number };
   coordinator: { cpu_fraction: number; bytes_per_step: number; link_fraction: number; relayed_bytes_per_step: number; requests_per_s: number };
   hops: { direct: number; punched: number; relayed: number };
   planner_ms: number;
@@ -38,6 +40,11 @@ export interface SimResult {
   tail: Scenario['tail'];
   routes: Scenario['routes'];
   late_join: Scenario['lateJoin'];
+  heartbeats: Scenario['heartbeats'];
+  schedule: Scenario['schedule'];
+  /** the heartbeat period at the run's mean serving peer count, and how long an idle peer that left stays
+   *  in routes (mean over the leaves) */
+  heartbeat: { period_s: number; silence_s: number; detect_idle_leave_s: number | null; cpu_fraction: number; requests_per_s: number };
 }
 
 export const q = (xs: number[], p: number): number | null => {

@@ -50,6 +50,8 @@ export interface Scenario {
     /** bytes per stage per micro-batch of control (message, report, commit) beyond token ids and labels */
     controlBytesPerStage: number;
     heartbeatBytes: number;
+    /** CPU milliseconds per heartbeat (measured, bench/scale-heartbeat.ts); default cpuMsPerRequest */
+    heartbeatCpuMs: number;
   };
   /** how the step tail aggregates: 'light' (as built, coordinator/step.ts: every replica of a stage
    *  pulls its partners' step gradients and sums them, all stages at once; the coordinator gets each
@@ -61,8 +63,19 @@ export interface Scenario {
    *  'speed-matched' (the design of docs/scale.md: the k-th fastest of every stage) */
   routes: 'as-built' | 'speed-matched';
   /** how late joiners are placed: 'as-built' (the step loop waits until the joiner has loaded its stage)
-   *  or 'background' (the design of docs/scale.md: it loads while steps go on, added at the next boundary) */
-  lateJoin: 'as-built' | 'background';
+   *  or 'background' (the design of docs/scale.md: it loads while steps go on, added at the next boundary)
+   *  or 'mid-step' (loads while steps go on; once loaded it fetches the step's adapter and optimizer
+   *  state and joins the routes at the next micro-batch: the adapter does not change within a step) */
+  lateJoin: 'as-built' | 'background' | 'mid-step';
+  /** the coordinator's heartbeats: 'bounded' (as built: the period grows with the peer count above
+   *  HEARTBEAT_MAX_PER_SECOND, coordinator/decide.ts), 'per-peer' (every peer every second, as first
+   *  built) or 'hierarchical' (the design of docs/scale.md: a leader per stage beats its replicas and the
+   *  coordinator beats the leaders) */
+  heartbeats: 'bounded' | 'per-peer' | 'hierarchical';
+  /** the micro-batch schedule: 'as-built' (pipelineDepth in flight per route, a commit round after each
+   *  micro-batch) or '1f1b' (the design being built: 2 × stages in flight per route, one forward one
+   *  backward alternating, the commit folded into the route's next control message) */
+  schedule: 'as-built' | '1f1b';
   /** simulated hours after which the run stops (the figures say how many steps it made) */
   maxHours: number;
   /** where each number comes from, carried into the report */
@@ -154,10 +167,13 @@ export function parseScenario(json: unknown, overrides: { steps?: number; peers?
       linkMbit: num(c, 'link_mbit', 'scenario.coordinator', 0.1, 1e6), cpuMsPerRequest: num(c, 'cpu_ms_per_request', 'scenario.coordinator', 0, 1000),
       cpuNsPerByte: num(c, 'cpu_ns_per_byte', 'scenario.coordinator', 0, 1e6), storeCommitMs: num(c, 'store_commit_ms', 'scenario.coordinator', 0, 1e6),
       controlBytesPerStage: num(c, 'control_bytes_per_stage', 'scenario.coordinator', 0, 1e9), heartbeatBytes: num(c, 'heartbeat_bytes', 'scenario.coordinator', 0, 1e9),
+      heartbeatCpuMs: num(c, 'heartbeat_cpu_ms', 'scenario.coordinator', 0, 1000, num(c, 'cpu_ms_per_request', 'scenario.coordinator', 0, 1000)),
     },
     tail: oneOf(o, 'tail', 'scenario', ['light', 'coordinator', 'stage-allreduce'] as const, 'light'),
     routes: oneOf(o, 'routes', 'scenario', ['as-built', 'speed-matched'] as const, 'as-built'),
-    lateJoin: oneOf(o, 'late_join', 'scenario', ['as-built', 'background'] as const, 'as-built'),
+    lateJoin: oneOf(o, 'late_join', 'scenario', ['as-built', 'background', 'mid-step'] as const, 'as-built'),
+    heartbeats: oneOf(o, 'heartbeats', 'scenario', ['bounded', 'per-peer', 'hierarchical'] as const, 'bounded'),
+    schedule: oneOf(o, 'schedule', 'scenario', ['as-built', '1f1b'] as const, 'as-built'),
     maxHours: num(o, 'max_hours', 'scenario', 0.001, 1e6, 24 * 30),
     sources: sources as Record<string, string>,
   };

@@ -9,8 +9,8 @@ import { coordinatorConfig } from '../coordinator/config.ts';
 import type { CoordinatorConfig } from '../coordinator/config.ts';
 import { CHECKPOINT_EVERY_STEP_MAX_BYTES } from '../coordinator/constants.ts';
 import { planStages, type StageRange } from '../coordinator/planner.ts';
-import { BehindWindow, inFlightPerPeer, PeerSlots, pipelineDepth, routeFor, routeQuotas, routeRate, type Route } from '../coordinator/routes.ts';
-import { brokenMicroBatches, donorForEmptyStage, heartbeatVerdict, stageForLateJoiner } from '../coordinator/decide.ts';
+import { BehindWindow, inFlightPerPeer, PeerSlots, pipelineDepth, preferDirectHops, routeFor, routeQuotas, routeRate, type Route } from '../coordinator/routes.ts';
+import { brokenMicroBatches, donorForEmptyStage, heartbeatVerdict, stageForLateJoiner, stageThroughput } from '../coordinator/decide.ts';
 import { PeerRegistry } from '../coordinator/peers.ts';
 import type { PeerState } from '../coordinator/peers.ts';
 import { RunStatus } from '../coordinator/status.ts';
@@ -18,10 +18,12 @@ import { stageMemoryFn } from '../coordinator/spec.ts';
 import type { StagePeerClient } from '../protocol/stage-client.ts';
 import type { RunStore } from '../coordinator/store.ts';
 import { SimClock } from './clock.ts';
-import { drawPeer, hopBytes, hopPath, layerTrainFlopsPerToken, headTrainFlopsPerToken, rng, stageCosts } from './cost.ts';
+import { drawPeer, hopBytes, layerTrainFlopsPerToken, headTrainFlopsPerToken, rng, stageCosts } from './cost.ts';
 import type { StageCosts } from './cost.ts';
 import { allreduceMs, pullReduceMs } from './tail-cost.ts';
 import { PeerGoneError, SimPeer } from './peer.ts';
+import { SimLinks, heartbeatTiming } from './links.ts';
+import type { HeartbeatTiming } from './links.ts';
 import { avg, q, r3 } from './result.ts';
 import type { SimResult } from './result.ts';
 export type { SimResult } from './result.ts';
@@ -35,6 +37,7 @@ class TimeCapError extends Error {
 export class Simulation {
   private readonly sc: Scenario;
   private readonly clock = new SimClock();
+  private readonly net: SimLinks;
   private readonly config: CoordinatorConfig = coordinatorConfig({});
   private readonly status: RunStatus;
   private readonly peers: PeerRegistry;
@@ -43,12 +46,10 @@ export class Simulation {
   private nextPeer = 0; private stages: StageRange[] = [];
   private costs: StageCosts[] = []; private need: number[] = [];
   private readonly hop: number;
-  private readonly coordBps: number;
-  private coordUpFreeMs = 0; private coordDownFreeMs = 0;
-  private coordBytes = 0; private relayedBytes = 0; private coordRequests = 0;
-  private readonly hopPaths = { direct: 0, punched: 0, relayed: 0 };
   private readonly waitingJoins: SimPeer[] = []; private readonly loadedJoins: SimPeer[] = [];
   private readonly joinDelays: number[] = [];
+  /** background joins: arrival to loaded (the shard at the joiner's link) */
+  private readonly joinLoads: number[] = [];
   private retries = 0; private joins = 0; private leaves = 0; private rejected = 0;
   private readonly commits = new Map<number, number>();
   private lostSteps = 0; private plannerMs = 0;
@@ -56,18 +57,39 @@ export class Simulation {
   private readonly stepTimes: number[] = [];
   private readonly computePhaseMs: number[] = []; private readonly tailMs: number[] = [];
   private done = false; private capped = false;
+  /** between a step's start and its tail: a 'mid-step' joiner that loaded enters the routes now */
+  private inComputePhase = false;
+  private onEntered: ((id: string, s: number) => void) | null = null;
 
   constructor(sc: Scenario) {
     this.sc = sc;
     this.rand = rng(sc.seed);
     this.hop = hopBytes(sc);
-    this.coordBps = sc.coordinator.linkMbit * 1e6 / 8;
+    this.net = new SimLinks({
+      clock: this.clock, sc,
+      onComputed: (p, stage, ms, backward) => {
+        this.stageBusyMs[stage]! += ms;
+        // the volunteer's tokens/s, as its heartbeat reports it (node/stage-host.ts)
+        if (backward) this.state(p.id).tokensPerSecond = p.computeTokens / (p.computeMs / 1000);
+      },
+      onHop: (a, b, path) => {
+        // the sender reports the path in its next heartbeat (node/: hopPaths); routes use it from then on
+        const st = this.peers.get(a.id);
+        if (st !== undefined && st.hopPaths?.some((h) => h.peerId === b.id) !== true) {
+          (st.hopPaths ??= []).push({ peerId: b.id, path: path === 'punched' ? 'hole-punched' : path });
+          this.hopReports++;
+        }
+      },
+    });
     const silent = () => {};
     this.status = new RunStatus({ runId: 'sim', modelName: sc.modelName, totalSteps: sc.steps, minPeers: sc.peers.count, step: 0, eventHistory: 1, emit: silent, log: silent });
     // the registry's own requests (heartbeat rounds, probes, ban notices) are not used: the simulation
     // times them itself; a ban's store write goes nowhere
     const store = { putBans: async () => {} } as unknown as RunStore;
-    this.peers = new PeerRegistry({ runId: 'sim', client: {} as StagePeerClient, config: this.config, status: this.status, store, signal: new AbortController().signal });
+    // reachability as the relay knows it (a NATed peer holds a reservation): routes pair replicas with
+    // preferDirectHops over PeerRegistry.hopCost, from it and the hop paths peers report (transfer below)
+    this.peers = new PeerRegistry({ runId: 'sim', client: {} as StagePeerClient, config: this.config, status: this.status, store, signal: new AbortController().signal,
+      reachability: (id) => (this.sim.get(id)?.spec.nat === 'public' ? 'public' : 'relay') });
   }
 
   private get now(): number { return this.clock.now; }
@@ -113,103 +135,28 @@ export class Simulation {
     const li = this.loadedJoins.indexOf(p);
     if (li >= 0) this.loadedJoins.splice(li, 1);
     if (wasServing) {
-      // heartbeats every interval; after the timeout of silence the verdict is dead (unless a failed request found it first)
-      const interval = this.config.heartbeatIntervalMs;
-      const checkAt = (Math.floor((this.now + this.config.heartbeatTimeoutMs) / interval) + 1) * interval;
-      const left = this.now;
-      this.clock.at(checkAt - this.now, () => {
+      // its beats come once a period (at its own phase); once the silence since its last answered beat
+      // passes the limit, the next failed beat drops it (unless a failed request found it first)
+      const { periodMs, silenceMs, extraMs } = this.heartbeatTiming();
+      const sinceLastBeat = periodMs * p.phase;
+      const k = Math.floor(silenceMs / periodMs) + 1;
+      const delay = k * periodMs - sinceLastBeat + p.spec.rttMs + extraMs;
+      this.detectIdleMs.push(delay);
+      const lastSeen = this.now - sinceLastBeat;
+      this.clock.at(delay, () => {
         const s = this.peers.get(p.id);
-        if (s !== undefined && !this.peers.gone(p.id) && heartbeatVerdict(this.now - left, this.config.heartbeatTimeoutMs) === 'dead') this.peers.markDead(s, 'no heartbeat');
+        if (s !== undefined && !this.peers.gone(p.id) && heartbeatVerdict(this.now - lastSeen, silenceMs) === 'dead') this.peers.markDead(s, 'no heartbeat');
       });
     }
   }
 
-  /** Fails with PeerGoneError one round trip after the peer left. */
-  private guard<T>(p: SimPeer, run: (ok: (v: T) => void) => void): Promise<T> {
-    if (p.left) return new Promise((_, rej) => this.clock.at(p.spec.rttMs, () => rej(new PeerGoneError(p.id))));
-    return new Promise<T>((resolve, reject) => {
-      let settled = false;
-      const fail = (e: Error) => { if (!settled) { settled = true; reject(e); } };
-      p.waiting.add(fail);
-      run((v) => { if (!settled) { settled = true; p.waiting.delete(fail); resolve(v); } });
-    });
-  }
+  private readonly detectIdleMs: number[] = [];
 
-  /** One compute job on p (backward first). */
-  private job(p: SimPeer, backward: boolean, flops: number, stage: number): Promise<void> {
-    const ms = 1000 * flops / p.spec.flops;
-    return this.guard<void>(p, (ok) => {
-      p.queue.push({ backward, ms, ok: () => ok(undefined), fail: () => {} });
-      this.pump(p, stage);
-    });
-  }
+  /** serving replicas now (the peers heartbeats go to) */
+  private serving(): number { return this.stages.reduce((a, _, s) => a + this.peers.liveReplicas(s).length, 0); }
 
-  private pump(p: SimPeer, stage: number): void {
-    const qq = p.queue;
-    if (p.running || qq.length === 0 || p.left) return;
-    let i = qq.findIndex((j) => j.backward);
-    if (i < 0) i = 0;
-    const j = qq.splice(i, 1)[0]!;
-    p.running = true;
-    this.clock.at(j.ms, () => {
-      p.running = false;
-      if (p.left) return;
-      p.busyMs += j.ms;
-      this.stageBusyMs[stage]! += j.ms;
-      p.computeMs += j.ms;
-      if (j.backward) {
-        p.computeTokens += this.sc.microBatch * this.sc.seqLen;
-        // the volunteer's tokens/s, as its heartbeat reports it (node/stage-host.ts)
-        this.state(p.id).tokensPerSecond = p.computeTokens / (p.computeMs / 1000);
-      }
-      j.ok();
-      this.pump(p, stage);
-    });
-  }
+  private heartbeatTiming(n = this.serving()): HeartbeatTiming { return heartbeatTiming(this.sc, this.config, n); }
 
-  /** `bytes` from a to b over their links (FIFO per direction); a relayed hop crosses the coordinator's link both ways. */
-  private transfer(a: SimPeer, b: SimPeer, bytes: number): Promise<void> {
-    const path = hopPath(a.spec.nat, b.spec.nat);
-    this.hopPaths[path]++;
-    return this.guard<void>(a, (ok) => {
-      let bps = Math.min(a.spec.bytesPerSecond, b.spec.bytesPerSecond);
-      let start = Math.max(this.now, a.upFreeMs, b.downFreeMs);
-      let latency = a.spec.rttMs / 2 + b.spec.rttMs / 2;
-      if (path === 'relayed') {
-        bps = Math.min(bps, this.coordBps);
-        start = Math.max(start, this.coordUpFreeMs, this.coordDownFreeMs);
-        latency = a.spec.rttMs / 2 + b.spec.rttMs / 2 + 1; // via the coordinator (its own RTT to the core taken as ~2 ms)
-        this.coordBytes += 2 * bytes;
-        this.relayedBytes += 2 * bytes;
-        this.coordCpu(0, 2 * bytes);
-      }
-      const end = start + 1000 * bytes / bps;
-      a.upFreeMs = end; b.downFreeMs = end;
-      if (path === 'relayed') { this.coordUpFreeMs = end; this.coordDownFreeMs = end; }
-      this.clock.at(end + latency - this.now, () => {
-        if (b.left) return; // the guard on a fails it; b's failure shows at its next job
-        ok(undefined);
-      });
-    }).then(() => { if (b.left) throw new PeerGoneError(b.id); });
-  }
-
-  private coordCpuMs = 0;
-  private coordCpu(requests: number, bytes: number): void {
-    this.coordRequests += requests;
-    this.coordCpuMs += requests * this.sc.coordinator.cpuMsPerRequest + bytes * this.sc.coordinator.cpuNsPerByte / 1e6;
-  }
-
-  /** A request from the coordinator to p carrying `out` bytes and answered with `back` bytes. */
-  private request(p: SimPeer, out: number, back: number): Promise<void> {
-    this.coordBytes += out + back;
-    this.coordCpu(1, out + back);
-    return this.guard<void>(p, (ok) => {
-      let t = this.now;
-      if (out > 1e5) { const s = Math.max(t, this.coordUpFreeMs, p.downFreeMs); t = s + 1000 * out / Math.min(this.coordBps, p.spec.bytesPerSecond); this.coordUpFreeMs = t; p.downFreeMs = t; }
-      if (back > 1e5) { const s = Math.max(t, this.coordDownFreeMs, p.upFreeMs); t = s + 1000 * back / Math.min(this.coordBps, p.spec.bytesPerSecond); this.coordDownFreeMs = t; p.upFreeMs = t; }
-      this.clock.at(t - this.now + p.spec.rttMs, () => ok(undefined));
-    });
-  }
 
   // ---- placement (coordinator/placement.ts)
 
@@ -230,9 +177,15 @@ export class Simulation {
     const r = this.stages.map((_, s) => this.peers.routable(s));
     if (this.sc.routes === 'speed-matched') {
       r.forEach((ids, s) => ids.sort((a, b) => this.effectiveRate(b, s) - this.effectiveRate(a, s) || (a < b ? -1 : 1)));
+      return r;
     }
-    return r;
+    // as the real coordinator (step.ts routeFor): replicas paired over the cheapest expected hops; the
+    // same registry state gives the same pairing, so it is kept until a replica or a hop report changes
+    const key = `${this.hopReports}|${r.map((ids) => ids.join(',')).join(';')}`;
+    if (key !== this.routableKey) { this.routableKey = key; this.routableCache = preferDirectHops(r, (a, b) => this.peers.hopCost(a, b)); }
+    return this.routableCache;
   }
+  private hopReports = 0; private routableKey = ''; private routableCache: string[][] = [];
 
   private async plan(): Promise<void> {
     const { sc } = this;
@@ -263,15 +216,15 @@ export class Simulation {
   /** The stage's shard from peers (at the joiner's link speed) and its adapter + optimizer state. */
   private download(p: SimPeer, s: number): Promise<void> {
     const c = this.costs[s]!;
-    return this.guard<void>(p, (ok) => this.clock.at(2 * p.spec.rttMs + 1000 * c.shardBytes / p.spec.bytesPerSecond, () => ok(undefined)));
+    return this.net.guard<void>(p, (ok) => this.clock.at(2 * p.spec.rttMs + 1000 * c.shardBytes / p.spec.bytesPerSecond, () => ok(undefined)));
   }
 
   /** optimizer state and adapter for a new replica, through the coordinator (stage-states.forNewReplica) */
   private async stageState(p: SimPeer, s: number): Promise<void> {
     const c = this.costs[s]!;
     const donor = this.peers.liveReplicas(s)[0];
-    if (donor !== undefined) await this.request(this.sim.get(donor)!, 200, c.optimizerBytes).catch(() => {});
-    await this.request(p, c.optimizerBytes + 4 * c.loraParams, 200);
+    if (donor !== undefined) await this.net.request(this.sim.get(donor)!, 200, c.optimizerBytes).catch(() => {});
+    await this.net.request(p, c.optimizerBytes + 4 * c.loraParams, 200);
   }
 
   private async placeOn(p: SimPeer, s: number): Promise<boolean> {
@@ -297,7 +250,7 @@ export class Simulation {
     for (const p of list) {
       if (p.left) continue;
       if (this.pastCap()) throw new TimeCapError();
-      const speed = (s: number) => this.peers.liveReplicas(s).reduce((a, id) => a + this.state(id).tokensPerSecond, 0);
+      const speed = (s: number) => stageThroughput(this.peers.liveReplicas(s).map((id) => this.state(id).tokensPerSecond));
       const s = this.sc.lateJoin === 'as-built'
         ? stageForLateJoiner(p.spec.memoryBytes, this.need, (x) => this.peers.liveReplicas(x).length, speed)
         : (p as unknown as { stageChosen: number }).stageChosen;
@@ -307,11 +260,16 @@ export class Simulation {
 
   /** 'background' late joins: the stage is chosen at arrival, the shard loads while steps go on */
   private arriveInBackground(p: SimPeer): void {
-    const speed = (s: number) => this.peers.liveReplicas(s).reduce((a, id) => a + this.state(id).tokensPerSecond, 0);
+    const speed = (s: number) => stageThroughput(this.peers.liveReplicas(s).map((id) => this.state(id).tokensPerSecond));
     const s = stageForLateJoiner(p.spec.memoryBytes, this.need, (x) => this.peers.liveReplicas(x).length, speed);
     if (s === null) { this.rejected++; this.peers.forget(p.id); return; }
     (p as unknown as { stageChosen: number }).stageChosen = s;
-    this.download(p, s).then(() => { (p as unknown as Record<string, boolean>).loadedStage = true; this.loadedJoins.push(p); }, () => {});
+    this.download(p, s).then(() => {
+      (p as unknown as Record<string, boolean>).loadedStage = true;
+      this.joinLoads.push((this.now - p.joinedAtMs) / 1000);
+      if (this.sc.lateJoin === 'mid-step' && this.inComputePhase && !this.done) void this.placeOn(p, s).then((ok) => { if (ok) this.onEntered?.(p.id, s); });
+      else this.loadedJoins.push(p);
+    }, () => {});
   }
 
   /** coverLostStages: a waiting joiner, else a donor replica, else wait for a volunteer */
@@ -330,7 +288,7 @@ export class Simulation {
         this.peers.removeFromStages(donor.id);
         this.stopServing(p);
         (p as unknown as Record<string, boolean>).loadedStage = false;
-        await this.request(p, 500, 100).catch(() => {});
+        await this.net.request(p, 500, 100).catch(() => {});
         await this.placeOn(p, s);
         continue;
       }
@@ -358,26 +316,32 @@ export class Simulation {
       const ps = route.map((id) => this.sim.get(id)!);
       const T = sc.microBatch * sc.seqLen;
       // one control message per stage (ids to stage 0, labels to the last), answered by its report
-      for (let s = 0; s < S; s++) this.coordCpu(2, sc.coordinator.controlBytesPerStage / 2 + (s === 0 ? 4 * T : 0) + (s === S - 1 ? 4 * T : 0));
-      this.coordBytes += S * sc.coordinator.controlBytesPerStage * 2 / 3 + 8 * T;
+      for (let s = 0; s < S; s++) this.net.coordCpu(2, sc.coordinator.controlBytesPerStage / 2 + (s === 0 ? 4 * T : 0) + (s === S - 1 ? 4 * T : 0));
+      this.net.coordBytes += S * sc.coordinator.controlBytesPerStage * 2 / 3 + 8 * T;
       const at = async (s: number, f: () => Promise<void>) => { try { await f(); } catch (e) { throw Object.assign(new Error('route failure'), { peerId: (e as PeerGoneError).peerId ?? route[s] }); } };
-      await at(0, () => this.guard<void>(ps[0]!, (ok) => this.clock.at(ps[0]!.spec.rttMs / 2, () => ok(undefined))));
+      await at(0, () => this.net.guard<void>(ps[0]!, (ok) => this.clock.at(ps[0]!.spec.rttMs / 2, () => ok(undefined))));
       for (let s = 0; s < S; s++) {
-        await at(s, () => this.job(ps[s]!, false, this.costs[s]!.forwardFlops, s));
-        if (s < S - 1) await at(s, () => this.transfer(ps[s]!, ps[s + 1]!, this.hop));
+        await at(s, () => this.net.job(ps[s]!, false, this.costs[s]!.forwardFlops, s));
+        if (s < S - 1) await at(s, () => this.net.transfer(ps[s]!, ps[s + 1]!, this.hop));
       }
       for (let s = S - 1; s >= 0; s--) {
-        await at(s, () => this.job(ps[s]!, true, this.costs[s]!.backwardFlops, s));
-        if (s > 0) await at(s, () => this.transfer(ps[s]!, ps[s - 1]!, this.hop));
+        await at(s, () => this.net.job(ps[s]!, true, this.costs[s]!.backwardFlops, s));
+        if (s > 0) await at(s, () => this.net.transfer(ps[s]!, ps[s - 1]!, this.hop));
       }
-      await at(0, () => this.guard<void>(ps[0]!, (ok) => this.clock.at(ps[0]!.spec.rttMs / 2, () => ok(undefined))));
-      // one commit round to every peer of the route in parallel, behind the route's window
-      this.coordBytes += S * sc.coordinator.controlBytesPerStage / 3;
-      rounds.add((async () => {
-        const commits = await Promise.allSettled(ps.map((p) => this.request(p, 0, 0)));
-        if (commits.some((c) => c.status === 'rejected')) return { mb };
+      await at(0, () => this.net.guard<void>(ps[0]!, (ok) => this.clock.at(ps[0]!.spec.rttMs / 2, () => ok(undefined))));
+      this.net.coordBytes += S * sc.coordinator.controlBytesPerStage / 3;
+      const done = () => {
         committedRoute[mb] = route; counted[mb]! += 1;
         for (const p of ps) { if (p.firstMicroBatchMs === null) { p.firstMicroBatchMs = this.now; if (p.late) this.joinDelays.push((this.now - p.joinedAtMs) / 1000); } }
+      };
+      // as built: one commit round to every peer of the route in parallel, behind the route's window;
+      // '1f1b': the commit rides the route's next control message (no round of its own); a peer that
+      // left before it holds a gradient that brokenMicroBatches finds at the step's end
+      if (sc.schedule === '1f1b') done();
+      else rounds.add((async () => {
+        const commits = await Promise.allSettled(ps.map((p) => this.net.request(p, 0, 0)));
+        if (commits.some((c) => c.status === 'rejected')) return { mb };
+        done();
         return null;
       })());
     };
@@ -398,7 +362,7 @@ export class Simulation {
             if (id === undefined) throw e;
             attempts[mb]! += 1;
             this.retries++;
-            this.coordCpu(S, 0); // discards
+            this.net.coordCpu(S, 0); // discards
             // afterFailure → probe: a peer that left fails the short heartbeat and is dropped
             const p = this.sim.get(id)!;
             if (p.left) { await this.clock.sleep(Math.min(this.config.probeTimeoutMs, p.spec.rttMs)); if (!this.peers.gone(id)) this.peers.markDead(this.state(id), 'failed a request and then a heartbeat'); }
@@ -416,14 +380,32 @@ export class Simulation {
         await this.cover();
         const routable = this.routable();
         const R = Math.max(...routable.map((r) => r.length));
-        const depth = pipelineDepth(S);
+        const depth = sc.schedule === '1f1b' ? S : pipelineDepth(S);
         const routes = Array.from({ length: R }, (_, r) => routeFor(r, routable));
         const rate = this.sc.routes === 'speed-matched'
           ? (id: string) => (this.state(id).tokensPerSecond > 0 ? this.effectiveRate(id, this.state(id).stageIndex ?? 0) : 0)
           : (id: string) => this.peers.get(id)?.tokensPerSecond ?? 0;
         quota = routeQuotas(todo.length, routes.map((_, r) => routeRate(routes, r, rate)));
         taken = quota.map(() => 0);
-        try { await Promise.all(Array.from({ length: R * depth }, (_, k) => worker(k, R))); } catch (e) { await rounds.drain(); throw e; }
+        // 'mid-step': a replica that entered now gets work at once, its own route (it and replica k of the
+        // other stages, k its position), depth micro-batches in flight, from what is left of this step
+        const extras: Array<Promise<void>> = [];
+        this.onEntered = (id, s) => {
+          const k = this.routable()[s]!.indexOf(id);
+          if (k < 0) return;
+          for (let d = 0; d < depth; d++) extras.push((async () => {
+            for (;;) {
+              const mb = todo.shift();
+              if (mb === undefined) return;
+              const route = routeFor(k, this.routable());
+              if (route === null || route[s] !== id) { todo.unshift(mb); return; }
+              try { await slots.during(route, new AbortController().signal, () => runMicroBatch(mb, route)); } catch { attempts[mb]! += 1; this.retries++; todo.push(mb); return; }
+            }
+          })());
+        };
+        try { await Promise.all(Array.from({ length: R * depth }, (_, k) => worker(k, R))); } catch (e) { this.onEntered = null; await rounds.drain(); throw e; }
+        this.onEntered = null;
+        await Promise.all(extras);
         await rounds.settle((r) => { attempts[r.mb]! += 1; this.retries++; todo.push(r.mb); }); // a failed commit round: run it again
         if (todo.length > 0) continue;
         const lost = brokenMicroBatches(committedRoute, isLive);
@@ -435,7 +417,9 @@ export class Simulation {
     const t0 = this.now;
     let tailStart = t0;
     for (;;) {
+      this.inComputePhase = true;
       await computeAll();
+      this.inComputePhase = false;
       tailStart = this.now;
       if (!(await this.tail())) continue;
       if (committedRoute.some((r) => r === null || broken(r))) continue;
@@ -453,21 +437,21 @@ export class Simulation {
    *  gradients in turn, sim/tail-cost.ts), collect (every replica's gradient, stage by stage) or
    *  stage-allreduce and one upload; false when one failed (dropped; broken micro-batches run again) */
   private async tail(): Promise<boolean> {
-    const waitOn = (ps: SimPeer[], ms: number) => Promise.all(ps.map((p) => this.guard<void>(p, (ok) => this.clock.at(ms, () => ok(undefined)))));
+    const waitOn = (ps: SimPeer[], ms: number) => Promise.all(ps.map((p) => this.net.guard<void>(p, (ok) => this.clock.at(ms, () => ok(undefined)))));
     try {
       if (this.sc.tail === 'light') {
         const jobs = this.stages.flatMap((_, s) => this.peers.liveReplicas(s).map((id, _i, ids) => {
           const p = this.sim.get(id)!, qs = ids.filter((x) => x !== id).map((x) => this.sim.get(x)!);
-          return waitOn(qs, pullReduceMs(p.spec, qs.map((q) => q.spec), 4 * this.costs[s]!.loraParams)).then(() => this.request(p, 100, 100));
+          return waitOn(qs, pullReduceMs(p.spec, qs.map((q) => q.spec), 4 * this.costs[s]!.loraParams)).then(() => this.net.request(p, 100, 100));
         }));
         for (const r of await Promise.allSettled(jobs)) if (r.status === 'rejected') throw r.reason;
         return true;
       }
       for (let s = 0; s < this.stages.length; s++) {
         const bytes = 4 * this.costs[s]!.loraParams, live = this.peers.liveReplicas(s).map((id) => this.sim.get(id)!);
-        if (this.sc.tail !== 'stage-allreduce') { for (const p of live) await this.request(p, 100, bytes); continue; }
+        if (this.sc.tail !== 'stage-allreduce') { for (const p of live) await this.net.request(p, 100, bytes); continue; }
         if (live.length > 1) await waitOn(live, allreduceMs(live.map((p) => p.spec), bytes));
-        await this.request(live[0]!, 100, bytes);
+        await this.net.request(live[0]!, 100, bytes);
       }
       return true;
     } catch (e) { return this.dropped(e); }
@@ -484,20 +468,20 @@ export class Simulation {
   private async applyAndCommit(): Promise<void> {
     const S = this.stages.length, light = this.sc.tail === 'light';
     const one = async (s: number, bytes: number) => {
-      for (const id of this.peers.liveReplicas(s)) try { await this.request(this.sim.get(id)!, 100, bytes); return; } catch { /* next replica */ }
+      for (const id of this.peers.liveReplicas(s)) try { await this.net.request(this.sim.get(id)!, 100, bytes); return; } catch { /* next replica */ }
     };
     if (light) {
       // all stages apply at once; then one adapter upload per stage (in parallel), the small states one by one
-      await Promise.allSettled(this.stages.flatMap((_, s) => this.peers.liveReplicas(s)).map((id) => this.request(this.sim.get(id)!, 100, 100)));
+      await Promise.allSettled(this.stages.flatMap((_, s) => this.peers.liveReplicas(s)).map((id) => this.net.request(this.sim.get(id)!, 100, 100)));
       await Promise.all(this.stages.map((_, s) => one(s, 4 * this.costs[s]!.loraParams)));
     }
     for (let s = 0; s < S && !light; s++) {
       const bytes = 4 * this.costs[s]!.loraParams, live = this.peers.liveReplicas(s);
       if (this.sc.tail === 'stage-allreduce') {
         // the replicas already hold the sum: the coordinator sends the clip factor and the step's lr
-        await Promise.allSettled(live.map((id) => this.request(this.sim.get(id)!, 100, 100)));
+        await Promise.allSettled(live.map((id) => this.net.request(this.sim.get(id)!, 100, 100)));
       } else {
-        const res = await Promise.allSettled(live.map((id) => this.request(this.sim.get(id)!, bytes, 100)));
+        const res = await Promise.allSettled(live.map((id) => this.net.request(this.sim.get(id)!, bytes, 100)));
         res.forEach((r, i) => { if (r.status === 'rejected' && !this.peers.gone(live[i]!)) this.peers.markDead(this.state(live[i]!), 'failed to apply'); });
       }
     }
@@ -547,6 +531,7 @@ export class Simulation {
     const startupMs = await this.clock.drive(this.train());
     for (const p of this.sim.values()) this.stopServing(p);
     const { sc } = this;
+    const S0 = this.stages.length;
     const tokensPerStep = sc.microBatch * sc.seqLen * sc.accumulation;
     const trainS = (this.now - startupMs) / 1000;
     // the ideal: every serving peer's achieved FLOP/s for the time it served, spent on the model's
@@ -561,9 +546,18 @@ export class Simulation {
       if (st?.stageIndex !== null && st?.stageIndex !== undefined) servingByStage[st.stageIndex]! += p.servingMs;
     }
     const steps = this.stepTimes.length;
-    const hbRequests = [...this.sim.values()].reduce((a, p) => a + p.servingMs, 0) / this.config.heartbeatIntervalMs;
-    this.coordCpu(hbRequests, hbRequests * sc.coordinator.heartbeatBytes);
-    this.coordBytes += hbRequests * sc.coordinator.heartbeatBytes;
+    // heartbeats over the run, at the mean serving peer count
+    const servingMsAll = [...this.sim.values()].reduce((a, p) => a + p.servingMs, 0);
+    const meanServing = servingMsAll / Math.max(1, this.now);
+    const hb = this.heartbeatTiming(Math.round(meanServing));
+    const hbRequests = sc.heartbeats === 'hierarchical' ? S0 * this.now / this.config.heartbeatIntervalMs : servingMsAll / hb.periodMs;
+    // hierarchical: a leader's answer carries its stage's members (id, health, tokens/s: ~64 B each)
+    const hbBytes = hbRequests * (sc.coordinator.heartbeatBytes + (sc.heartbeats === 'hierarchical' ? 64 * meanServing / Math.max(1, S0) : 0));
+    const cpuBefore = this.net.coordCpuMs;
+    this.net.coordRequests += hbRequests;
+    this.net.coordCpuMs += hbRequests * sc.coordinator.heartbeatCpuMs + hbBytes * sc.coordinator.cpuNsPerByte / 1e6;
+    const hbCpu = this.net.coordCpuMs - cpuBefore;
+    this.net.coordBytes += hbBytes;
     const wallS = this.now / 1000, mean = this.stepTimes.reduce((a, b) => a + b, 0) / Math.max(1, steps);
     const tokensPerS = steps * tokensPerStep / wallS;
     return {
@@ -584,13 +578,19 @@ export class Simulation {
       lost_steps: this.lostSteps, repeated_steps: [...this.commits.values()].filter((n) => n > 1).length,
       micro_batch_retries: this.retries, joins: this.joins - sc.peers.count, leaves: this.leaves,
       join_to_first_microbatch_s: { p50: q(this.joinDelays, 0.5), p95: q(this.joinDelays, 0.95), n: this.joinDelays.length },
+      join_to_loaded_s: { p50: q(this.joinLoads, 0.5), p95: q(this.joinLoads, 0.95), n: this.joinLoads.length },
       coordinator: {
-        cpu_fraction: r3(this.coordCpuMs / this.now), bytes_per_step: Math.round(this.coordBytes / Math.max(1, steps)),
-        link_fraction: r3(this.coordBytes / wallS / this.coordBps), relayed_bytes_per_step: Math.round(this.relayedBytes / Math.max(1, steps)),
-        requests_per_s: r3(this.coordRequests / wallS),
+        cpu_fraction: r3(this.net.coordCpuMs / this.now), bytes_per_step: Math.round(this.net.coordBytes / Math.max(1, steps)),
+        link_fraction: r3(this.net.coordBytes / wallS / this.net.coordBps), relayed_bytes_per_step: Math.round(this.net.relayedBytes / Math.max(1, steps)),
+        requests_per_s: r3(this.net.coordRequests / wallS),
       },
-      hops: { ...this.hopPaths }, planner_ms: r3(this.plannerMs), sim_wall_s: r3((performance.now() - wall0) / 1000), events: this.clock.events,
-      tail: sc.tail, routes: sc.routes, late_join: sc.lateJoin,
+      hops: { ...this.net.hopPaths }, planner_ms: r3(this.plannerMs), sim_wall_s: r3((performance.now() - wall0) / 1000), events: this.clock.events,
+      tail: sc.tail, routes: sc.routes, late_join: sc.lateJoin, heartbeats: sc.heartbeats, schedule: sc.schedule,
+      heartbeat: {
+        period_s: r3(hb.periodMs / 1000), silence_s: r3(hb.silenceMs / 1000),
+        detect_idle_leave_s: this.detectIdleMs.length > 0 ? r3(avg(this.detectIdleMs) / 1000) : null,
+        cpu_fraction: r3(hbCpu / this.now), requests_per_s: r3(hbRequests / (this.now / 1000)),
+      },
     };
   }
 }

@@ -42,6 +42,12 @@ test('the handler table: an unknown message is a SchemaError; stage traffic only
   const res = await dispatch(table, 'heartbeat', hb, ctx(COORD)) as Record<string, unknown>;
   assert.deepEqual({ ...res, memoryRssBytes: 0 }, { runId: null, ready: false, step: 0, tokensPerSecond: 0, inflight: 0, busy: false, memoryRssBytes: 0 });
   assert.equal(s.stateName, 'starting');
+  // a large swarm's coordinator beats each peer less often and says so: the volunteer waits that much longer
+  assert.equal(s.coordinatorLostAfterMs(), 8000);
+  await dispatch(table, 'heartbeat', { ...hb, periodMs: 10_000 }, ctx(COORD));
+  assert.equal(s.coordinatorLostAfterMs(), 17_000);
+  await dispatch(table, 'heartbeat', hb, ctx(COORD));
+  assert.equal(s.coordinatorLostAfterMs(), 8000);
   for (const proto of ['microbatch', 'commit', 'recall', 'aggregate', 'adapter', 'optimizer']) {
     await assert.rejects(dispatch(table, proto, {}, ctx('12D3KooWother')), { name: 'AuthError' });
     await assert.rejects(dispatch(table, proto, {}, ctx(COORD)), { name: 'StaleError', message: 'this peer has no stage loaded yet' });

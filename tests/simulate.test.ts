@@ -8,7 +8,7 @@ import path from 'node:path';
 import { parseScenario, readScenario, ScenarioError } from '../sim/scenario.ts';
 import { simulate } from '../sim/simulate.ts';
 import { SimClock, DeadlockError } from '../sim/clock.ts';
-import { brokenMicroBatches, donorForEmptyStage, heartbeatVerdict, stageForLateJoiner } from '../coordinator/decide.ts';
+import { brokenMicroBatches, donorForEmptyStage, heartbeatVerdict, stageForLateJoiner, stageThroughput } from '../coordinator/decide.ts';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const scenarioFile = (n: string) => path.join(ROOT, 'bench', 'scenarios', `${n}.json`);
@@ -46,6 +46,18 @@ test('the coordinator decisions the simulator shares (coordinator/decide.ts)', (
   assert.equal(stageForLateJoiner(10, [8, 12, 8], () => 1, (s) => [5, 1, 3][s]!), 2);
   assert.equal(stageForLateJoiner(10, [8, 8], (s) => (s === 0 ? 0 : 2), () => 0), 1);
   assert.equal(stageForLateJoiner(4, [8, 8], () => 1, () => 0), null);
+  // a replica that has not reported its speed yet counts as its stage's mean, so joiners of one step
+  // boundary spread over the stages instead of all taking the one that was slowest before them
+  assert.equal(stageThroughput([10, 0, 20]), 45);
+  assert.equal(stageThroughput([0, 0]), 0);
+  const stages: number[][] = [[10], [12], [30]];
+  const picks: number[] = [];
+  for (let j = 0; j < 4; j++) {
+    const s = stageForLateJoiner(10, [8, 8, 8], (x) => stages[x]!.length, (x) => stageThroughput(stages[x]!))!;
+    picks.push(s);
+    stages[s]!.push(0);
+  }
+  assert.deepEqual(picks, [0, 1, 0, 1]);
   // the donor comes from the stage with most replicas, its slowest one that fits
   assert.deepEqual(donorForEmptyStage([['a'], ['b', 'c', 'd'], []], 5, (id) => (id === 'b' ? 4 : 8), (id) => ({ c: 3, d: 1 } as Record<string, number>)[id] ?? 0), { id: 'd', stage: 1 });
   assert.equal(donorForEmptyStage([['a'], ['b'], []], 5, () => 8, () => 0), null);
@@ -63,6 +75,27 @@ test('under churn no step is lost or committed twice, and leaves really hit work
   assert.ok(r.micro_batch_retries > 0, 'no micro-batch was retried: no leave hit work in flight');
   assert.ok(r.joins > 0 && r.join_to_first_microbatch_s.n > 0, 'no joiner computed a micro-batch');
   assert.ok(r.tokens_per_s > 0 && r.tokens_per_s < r.ideal_tokens_per_s, `tokens/s ${r.tokens_per_s} against an ideal of ${r.ideal_tokens_per_s}`);
+});
+
+test('a volunteer that leaves fails the hops to it one round trip later: churn does not hold a step until the sender leaves too', async () => {
+  // as first built, a hop to a peer that had left waited until its sender left as well (hours at these
+  // rates): churn made steps 24× longer (64-churn: 61,354 s a step); now a step under churn stays
+  // within a few times the step without it
+  const calm = await simulate(parseScenario({ ...churny(7), churn: null }));
+  const r = await simulate(parseScenario(churny(7)));
+  assert.ok(r.leaves >= 10 && r.micro_batch_retries > 0, `${r.leaves} leaves, ${r.micro_batch_retries} retries`);
+  assert.ok(r.step_s.p95 < 5 * calm.step_s.p95, `p95 step ${r.step_s.p95} s under churn against ${calm.step_s.p95} s without`);
+});
+
+test('mid-step joins: a joiner loads while steps run and takes micro-batches of the running step; still no step lost or repeated', async () => {
+  const blocking = await simulate(parseScenario(churny(7)));
+  const mid = await simulate(parseScenario({ ...churny(7), late_join: 'mid-step' }));
+  assert.equal(mid.lost_steps, 0);
+  assert.equal(mid.repeated_steps, 0);
+  assert.ok(mid.join_to_loaded_s.n > 0 && mid.join_to_first_microbatch_s.n > 0, 'no joiner loaded and computed');
+  // its first micro-batch comes sooner than behind the step boundary and a blocking load
+  assert.ok(mid.join_to_first_microbatch_s.p50! < 0.6 * blocking.join_to_first_microbatch_s.p50!, `join p50 ${mid.join_to_first_microbatch_s.p50} s mid-step, ${blocking.join_to_first_microbatch_s.p50} s as built`);
+  assert.ok(mid.tokens_per_s > blocking.tokens_per_s, `${mid.tokens_per_s} against ${blocking.tokens_per_s} tokens/s`);
 });
 
 test('one scenario and seed give one run; another seed another', async () => {
@@ -85,6 +118,7 @@ test('scenario errors name the field; the committed scenarios parse', () => {
   bad((o) => { o.peers.link_mbit = [1000, 20]; }, /scenario\.peers\.link_mbit must be \[low, high\]/);
   bad((o) => { delete o.train.seq_len; }, /scenario\.train\.seq_len is missing/);
   bad((o) => { o.tail = 'p2p'; }, /scenario\.tail must be one of light, coordinator, stage-allreduce/);
+  bad((o) => { o.heartbeats = 'gossip'; }, /scenario\.heartbeats must be one of bounded, per-peer, hierarchical/);
   bad((o) => { o.churn.leave_per_hour = -1; }, /scenario\.churn\.leave_per_hour must be a number in \[0, 10\]/);
   for (const n of ['64-heterogeneous', '64-churn', '1000-70b']) {
     const sc = readScenario(scenarioFile(n));
