@@ -27,7 +27,10 @@ export const VARIANTS: Record<string, { knobs: Partial<Scenario>; only?: readonl
   'mid-step-join': { knobs: { lateJoin: 'mid-step' }, only: ['64-churn', '1000-70b'] },
   'heartbeats-per-peer': { knobs: { heartbeats: 'per-peer', lateJoin: 'mid-step' }, only: ['1000-70b'] },
   'heartbeats-hierarchical': { knobs: { heartbeats: 'hierarchical', lateJoin: 'mid-step' }, only: ['1000-70b'] },
-  'all-designs': { knobs: { tail: 'stage-allreduce', schedule: '1f1b', lateJoin: 'mid-step' } },
+  'balanced': { knobs: { routes: 'balanced' } },
+  // aq2 (--wire-dtype aq2, issue 16 item 5: 11.2x fewer bytes than bf16 on the convergence bench) on the hops
+  'balanced-aq2': { knobs: { routes: 'balanced', wireBytesPerElement: 0.18 } },
+  'all-designs': { knobs: { tail: 'stage-allreduce', schedule: '1f1b', lateJoin: 'mid-step', routes: 'balanced', wireBytesPerElement: 0.18 } },
 };
 
 /** the variants a scenario runs; quick (the test of the bench's machinery): the 1000-peer scenario only as

@@ -22,8 +22,9 @@ export interface Plan {
  *  its backward. */
 export const MAX_IN_FLIGHT_PER_ROUTE = 4;
 
-/** bytes a stage [a, b) needs on a peer (the trainer's memory model, bound to the run's settings) */
-export type StageMemoryFn = (layerStart: number, layerEnd: number) => number;
+/** bytes a stage [a, b) needs on a peer (the trainer's memory model, bound to the run's settings), with
+ *  `inFlight` micro-batches in flight on it (default: the run's inFlightPerPeer) */
+export type StageMemoryFn = (layerStart: number, layerEnd: number, inFlight?: number) => number;
 
 /** Split [0, L) into n contiguous ranges whose sizes differ by at most one (earlier stages take the
  *  extra layer: the last stage also carries the head and the loss). */

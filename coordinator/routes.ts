@@ -1,6 +1,7 @@
 // Micro-batch scheduling over routes (one peer per stage): how many routes, how many micro-batches each
 // keeps in flight and how many a peer may hold, each route's share of a step.
 import { MAX_IN_FLIGHT_PER_ROUTE } from './planner.ts';
+import type { StageMemoryFn } from './planner.ts';
 
 /** One peer id per stage: the path a micro-batch attempt takes forward and back. */
 export type Route = string[];
@@ -19,27 +20,42 @@ export function inFlightPerPeer(microBatchesPerStep: number): number {
   return Math.max(1, Math.min(MAX_IN_FLIGHT_PER_ROUTE, microBatchesPerStep));
 }
 
+/** Most micro-batches in flight on one peer when its own memory sizes it (inFlightByMemory). */
+export const MAX_IN_FLIGHT_BY_MEMORY = 16;
+
+/** Micro-batches a peer with `memoryBytes` can hold in flight on stage [a, b): the most k ≤ `max`
+ *  (MAX_IN_FLIGHT_BY_MEMORY, and at most the step's micro-batches) whose stage memory (`memory`, the
+ *  planner's model with k in flight) fits, at least 1 (placement already checked the default fits). */
+export function inFlightByMemory(memoryBytes: number, memory: StageMemoryFn, a: number, b: number, max: number): number {
+  let k = 1;
+  while (k < max && memory(a, b, k + 1) <= memoryBytes) k++;
+  return k;
+}
+
 /** Micro-batch attempts in flight on each peer (from the control messages out to the last report,
  *  a superset of the time a stage keeps the attempt's activations), at most `limit` per peer. A route
  *  takes one slot on every one of its peers at once or waits (all or none: routes that share peers
  *  never hold part of what another needs, so they cannot deadlock). */
 export class PeerSlots {
   readonly limit: number;
+  private readonly limitOf: (id: string) => number;
   private readonly held = new Map<string, number>();
   private waiters: Array<() => void> = [];
   /** the most slots any one peer held at once (tests and the bench read it) */
   maxHeld = 0;
 
-  constructor(limit: number) {
+  /** `limitOf`: a peer's own limit (inFlightByMemory), `limit` when absent */
+  constructor(limit: number, limitOf?: (id: string) => number) {
     if (!Number.isInteger(limit) || limit < 1) throw new RangeError(`PeerSlots: limit ${limit} is not a positive integer`);
     this.limit = limit;
+    this.limitOf = limitOf ?? (() => limit);
   }
 
   heldBy(id: string): number { return this.held.get(id) ?? 0; }
 
   /** Take a slot on every peer of `route` if each has one free. */
   tryTake(route: readonly string[]): boolean {
-    if (route.some((id) => this.heldBy(id) >= this.limit)) return false;
+    if (route.some((id) => this.heldBy(id) >= this.limitOf(id))) return false;
     for (const id of route) {
       const n = this.heldBy(id) + 1;
       this.held.set(id, n);
@@ -171,6 +187,56 @@ export class BehindWindow<F> {
       const batch = this.pending;
       this.pending = [];
       await Promise.allSettled(batch);
+    }
+  }
+}
+
+/** Routes wired per micro-batch by load (the `balanced` design of docs/scale.md, after SWARM's
+ *  stochastic wiring): for each stage, the replica whose queue would finish this micro-batch first,
+ *  (micro-batches it holds + 1) × its time per micro-batch, ties to the earlier replica. A slow peer
+ *  gets work only while every faster one has that much queued, so the step's end does not wait on it,
+ *  and a fast peer is never paired with a slow one for a whole step as fixed routes pair them. The
+ *  hop from the previous stage's pick adds `pairMs(prev, id)` (the transfer at the slower of the two
+ *  links, a relayed hop's detour). What a peer holds counts from pick to release (a pick that waits
+ *  for PeerSlots counts too). */
+export class LoadRouter {
+  private readonly held = new Map<string, number>();
+  private readonly msPerMicroBatch: (id: string, stage: number) => number;
+  private readonly pairMs: (prev: string, id: string) => number;
+  /** `msPerMicroBatch(id, stage)`: the peer's time per micro-batch of its stage (compute and its link,
+   *  from its reported speed); NaN, Infinity or ≤ 0 is unknown (a joiner before its first report) and
+   *  counts as its stage's mean of the known ones (decide.stageThroughput's rule), 1 when none is known */
+  constructor(msPerMicroBatch: (id: string, stage: number) => number, pairMs: (prev: string, id: string) => number = () => 0) {
+    this.msPerMicroBatch = msPerMicroBatch;
+    this.pairMs = pairMs;
+  }
+
+  heldBy(id: string): number { return this.held.get(id) ?? 0; }
+
+  /** One replica per stage, or null when a stage has none; counts it held until release. */
+  pick(routable: readonly (readonly string[])[]): Route | null {
+    const route: Route = [];
+    for (let s = 0; s < routable.length; s++) {
+      const live = routable[s]!;
+      if (live.length === 0) return null;
+      const per = live.map((id) => this.msPerMicroBatch(id, s));
+      const known = per.filter((x) => Number.isFinite(x) && x > 0);
+      const mean = known.length > 0 ? known.reduce((a, b) => a + b, 0) / known.length : 1;
+      let best = live[0]!, bestMs = Infinity;
+      live.forEach((id, i) => {
+        const ms = (this.heldBy(id) + 1) * (Number.isFinite(per[i]!) && per[i]! > 0 ? per[i]! : mean) + (s > 0 ? this.pairMs(route[s - 1]!, id) : 0);
+        if (ms < bestMs) { best = id; bestMs = ms; }
+      });
+      route.push(best);
+    }
+    for (const id of route) this.held.set(id, this.heldBy(id) + 1);
+    return route;
+  }
+
+  release(route: readonly string[]): void {
+    for (const id of route) {
+      const n = this.heldBy(id) - 1;
+      if (n <= 0) this.held.delete(id); else this.held.set(id, n);
     }
   }
 }

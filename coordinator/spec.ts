@@ -53,8 +53,8 @@ export async function buildRunData(train: TrainConfig, model: ModelDir): Promise
   *  many routes share it), each holding its checkpointed layer inputs on the stage until its backward. */
 export function stageMemoryFn(config: LlamaConfig, train: TrainConfig, lora: LoraConfig, doubleQuant = train.bnb_4bit_use_double_quant, vocabBytes = 4): StageMemoryFn {
   const inFlightMicroBatches = inFlightPerPeer(train.gradient_accumulation_steps);
-  return (layerStart, layerEnd) => stageMemoryBytes(config, {
-    inFlightMicroBatches, doubleQuant,
+  return (layerStart, layerEnd, inFlight = inFlightMicroBatches) => stageMemoryBytes(config, {
+    inFlightMicroBatches: inFlight, doubleQuant,
     layerStart, layerEnd, lora: { r: lora.r, targetModules: lora.targetModules },
     microBatch: train.per_device_train_batch_size, seqLen: train.max_seq_length, optim: train.optim,
     gradientCheckpointing: train.gradient_checkpointing, floatBytes: 4, vocabBytes,

@@ -59,9 +59,10 @@ export interface Scenario {
    *  tail before it: every replica's gradient to the coordinator and the final one back, stage after
    *  stage) or 'stage-allreduce' (recursive halving/doubling among a stage's replicas, docs/scale.md) */
   tail: 'light' | 'coordinator' | 'stage-allreduce';
-  /** how routes pair replicas: 'as-built' (routeFor: replica k of every stage, in peer-id order) or
-   *  'speed-matched' (the design of docs/scale.md: the k-th fastest of every stage) */
-  routes: 'as-built' | 'speed-matched';
+  /** how routes pair replicas: 'as-built' (routeFor: replica k of every stage, in peer-id order),
+   *  'speed-matched' (the design of docs/scale.md: the k-th fastest of every stage) or 'balanced'
+   *  (coordinator/routes.ts LoadRouter: each micro-batch's replicas picked by queue and speed) */
+  routes: 'as-built' | 'speed-matched' | 'balanced';
   /** how late joiners are placed: 'as-built' (the step loop waits until the joiner has loaded its stage)
    *  or 'background' (the design of docs/scale.md: it loads while steps go on, added at the next boundary)
    *  or 'mid-step' (loads while steps go on; once loaded it fetches the step's adapter and optimizer
@@ -170,7 +171,7 @@ export function parseScenario(json: unknown, overrides: { steps?: number; peers?
       heartbeatCpuMs: num(c, 'heartbeat_cpu_ms', 'scenario.coordinator', 0, 1000, num(c, 'cpu_ms_per_request', 'scenario.coordinator', 0, 1000)),
     },
     tail: oneOf(o, 'tail', 'scenario', ['light', 'coordinator', 'stage-allreduce'] as const, 'light'),
-    routes: oneOf(o, 'routes', 'scenario', ['as-built', 'speed-matched'] as const, 'as-built'),
+    routes: oneOf(o, 'routes', 'scenario', ['as-built', 'speed-matched', 'balanced'] as const, 'as-built'),
     lateJoin: oneOf(o, 'late_join', 'scenario', ['as-built', 'background', 'mid-step'] as const, 'as-built'),
     heartbeats: oneOf(o, 'heartbeats', 'scenario', ['bounded', 'per-peer', 'hierarchical'] as const, 'bounded'),
     schedule: oneOf(o, 'schedule', 'scenario', ['as-built', '1f1b'] as const, 'as-built'),

@@ -8,8 +8,9 @@ import { resolveTrainConfig, loraConfigOf } from '../engine/train/config.ts';
 import { coordinatorConfig } from '../coordinator/config.ts';
 import type { CoordinatorConfig } from '../coordinator/config.ts';
 import { CHECKPOINT_EVERY_STEP_MAX_BYTES } from '../coordinator/constants.ts';
-import { planStages, type StageRange } from '../coordinator/planner.ts';
-import { BehindWindow, inFlightPerPeer, PeerSlots, pipelineDepth, preferDirectHops, routeFor, routeQuotas, routeRate, type Route } from '../coordinator/routes.ts';
+import { planStages, type StageMemoryFn, type StageRange } from '../coordinator/planner.ts';
+import { wiring } from './wiring.ts';
+import { BehindWindow, pipelineDepth, preferDirectHops, routeFor, routeQuotas, routeRate, type Route } from '../coordinator/routes.ts';
 import { brokenMicroBatches, donorForEmptyStage, heartbeatVerdict, stageForLateJoiner, stageThroughput } from '../coordinator/decide.ts';
 import { PeerRegistry } from '../coordinator/peers.ts';
 import type { PeerState } from '../coordinator/peers.ts';
@@ -44,7 +45,7 @@ export class Simulation {
   private readonly sim = new Map<string, SimPeer>();
   private readonly rand: () => number;
   private nextPeer = 0; private stages: StageRange[] = [];
-  private costs: StageCosts[] = []; private need: number[] = [];
+  private costs: StageCosts[] = []; private need: number[] = []; private memory: StageMemoryFn = () => 0;
   private readonly hop: number;
   private readonly waitingJoins: SimPeer[] = []; private readonly loadedJoins: SimPeer[] = [];
   private readonly joinDelays: number[] = [];
@@ -151,12 +152,9 @@ export class Simulation {
   }
 
   private readonly detectIdleMs: number[] = [];
-
   /** serving replicas now (the peers heartbeats go to) */
   private serving(): number { return this.stages.reduce((a, _, s) => a + this.peers.liveReplicas(s).length, 0); }
-
   private heartbeatTiming(n = this.serving()): HeartbeatTiming { return heartbeatTiming(this.sc, this.config, n); }
-
 
   // ---- placement (coordinator/placement.ts)
 
@@ -190,7 +188,7 @@ export class Simulation {
   private async plan(): Promise<void> {
     const { sc } = this;
     const train = resolveTrainConfig({ flags: { per_device_train_batch_size: sc.microBatch, gradient_accumulation_steps: sc.accumulation, max_seq_length: sc.seqLen, lora_r: sc.loraR, target_modules: 'all-linear', max_steps: sc.steps } });
-    const memory = stageMemoryFn(sc.model, train, loraConfigOf(train));
+    const memory = this.memory = stageMemoryFn(sc.model, train, loraConfigOf(train));
     const joined = [...this.sim.values()];
     const t0 = performance.now();
     const plan = planStages(sc.model.numHiddenLayers, joined.map((p) => ({ peerId: p.id, memoryBytes: p.spec.memoryBytes, gemmGflops: p.spec.flops / 1e9 })), memory, sc.pipelineStages);
@@ -310,7 +308,11 @@ export class Simulation {
     const isLive = (s: number, id: string) => this.peers.liveReplicas(s).includes(id);
     const broken = (r: Route) => r.some((id, s) => !isLive(s, id));
     let quota: number[] = [], taken: number[] = [];
-    const slots = new PeerSlots(inFlightPerPeer(M)), rounds = new BehindWindow<{ mb: number }>(); // as OptimizerStep: per-peer bound, commits behind
+    const rounds = new BehindWindow<{ mb: number }>(); // as OptimizerStep: commits behind the window
+    const { slots, balancer, workers } = wiring(sc, this.stages, this.memory, { memoryOf: (id) => this.sim.get(id)!.spec.memoryBytes, stageOf: (id) => this.state(id).stageIndex,
+      measuredMs: (id, s) => this.state(id).tokensPerSecond > 0 ? 1000 * sc.microBatch * sc.seqLen / this.effectiveRate(id, s) : NaN,
+      estimatedMs: (id, s) => 1000 * (this.costs[s]!.forwardFlops + this.costs[s]!.backwardFlops) / (this.state(id).caps.gemmGflops * 1e9),
+      pairMs: (a, b) => (1 + Math.min(1, this.peers.hopCost(a, b))) * 2000 * this.hop / Math.min(this.sim.get(a)!.spec.bytesPerSecond, this.sim.get(b)!.spec.bytesPerSecond) });
 
     const runMicroBatch = async (mb: number, route: Route): Promise<void> => {
       const ps = route.map((id) => this.sim.get(id)!);
@@ -355,9 +357,10 @@ export class Simulation {
         taken[home]! += 1;
         for (;;) {
           if (this.pastCap()) throw new TimeCapError();
-          const route = routeFor(k + attempts[mb]!, this.routable());
+          const route = balancer !== null ? balancer.pick(this.routable()) : routeFor(k + attempts[mb]!, this.routable());
           if (route === null) { todo.unshift(mb); taken[home]! -= 1; return; }
-          try { await slots.during(route, new AbortController().signal, () => runMicroBatch(mb, route)); break; } catch (e) {
+          try { await slots.during(route, new AbortController().signal, () => runMicroBatch(mb, route)); balancer?.release(route); break; } catch (e) {
+            balancer?.release(route);
             const id = (e as { peerId?: string }).peerId;
             if (id === undefined) throw e;
             attempts[mb]! += 1;
@@ -385,7 +388,8 @@ export class Simulation {
         const rate = this.sc.routes === 'speed-matched'
           ? (id: string) => (this.state(id).tokensPerSecond > 0 ? this.effectiveRate(id, this.state(id).stageIndex ?? 0) : 0)
           : (id: string) => this.peers.get(id)?.tokensPerSecond ?? 0;
-        quota = routeQuotas(todo.length, routes.map((_, r) => routeRate(routes, r, rate)));
+        // 'balanced': no fixed routes, so no quotas; each pick weighs a replica's queue by its time per micro-batch
+        quota = balancer !== null ? routes.map(() => todo.length) : routeQuotas(todo.length, routes.map((_, r) => routeRate(routes, r, rate)));
         taken = quota.map(() => 0);
         // 'mid-step': a replica that entered now gets work at once, its own route (it and replica k of the
         // other stages, k its position), depth micro-batches in flight, from what is left of this step
@@ -403,7 +407,7 @@ export class Simulation {
             }
           })());
         };
-        try { await Promise.all(Array.from({ length: R * depth }, (_, k) => worker(k, R))); } catch (e) { this.onEntered = null; await rounds.drain(); throw e; }
+        try { await Promise.all(Array.from({ length: workers(routable, R, depth) }, (_, k) => worker(k, R))); } catch (e) { this.onEntered = null; await rounds.drain(); throw e; }
         this.onEntered = null;
         await Promise.all(extras);
         await rounds.settle((r) => { attempts[r.mb]! += 1; this.retries++; todo.push(r.mb); }); // a failed commit round: run it again
