@@ -25,15 +25,12 @@ import { allreduceMs, pullReduceMs } from './tail-cost.ts';
 import { PeerGoneError, SimPeer } from './peer.ts';
 import { SimLinks, heartbeatTiming } from './links.ts';
 import type { HeartbeatTiming } from './links.ts';
-import { avg, q, r3 } from './result.ts';
-import type { SimResult } from './result.ts';
+import { avg, q, r3, type SimResult } from './result.ts';
 export type { SimResult } from './result.ts';
 import type { Scenario } from './scenario.ts';
 
 /** The scenario's max_hours passed (a run that cannot go on: joins backed up behind blocking loads). */
-class TimeCapError extends Error {
-  override name = 'TimeCapError';
-}
+class TimeCapError extends Error { override name = 'TimeCapError'; }
 
 export class Simulation {
   private readonly sc: Scenario;
@@ -308,11 +305,10 @@ export class Simulation {
     const isLive = (s: number, id: string) => this.peers.liveReplicas(s).includes(id);
     const broken = (r: Route) => r.some((id, s) => !isLive(s, id));
     let quota: number[] = [], taken: number[] = [];
-    const rounds = new BehindWindow<{ mb: number }>(); // as OptimizerStep: commits behind the window
+    const rounds = new BehindWindow<{ mb: number }>(), bps = (id: string) => this.sim.get(id)!.spec.bytesPerSecond; // as OptimizerStep: commits behind the window
     const { slots, balancer, workers } = wiring(sc, this.stages, this.memory, { memoryOf: (id) => this.sim.get(id)!.spec.memoryBytes, stageOf: (id) => this.state(id).stageIndex,
-      measuredMs: (id, s) => this.state(id).tokensPerSecond > 0 ? 1000 * sc.microBatch * sc.seqLen / this.effectiveRate(id, s) : NaN,
-      estimatedMs: (id, s) => 1000 * (this.costs[s]!.forwardFlops + this.costs[s]!.backwardFlops) / (this.state(id).caps.gemmGflops * 1e9),
-      pairMs: (a, b) => (1 + Math.min(1, this.peers.hopCost(a, b))) * 2000 * this.hop / Math.min(this.sim.get(a)!.spec.bytesPerSecond, this.sim.get(b)!.spec.bytesPerSecond) });
+      measuredMs: (id, s) => this.state(id).tokensPerSecond > 0 ? 1000 * sc.microBatch * sc.seqLen / this.effectiveRate(id, s) : NaN, estimatedMs: (id, s) => 1000 * (this.costs[s]!.forwardFlops + this.costs[s]!.backwardFlops) / (this.state(id).caps.gemmGflops * 1e9),
+      pairMs: (a, b) => (1 + Math.min(1, this.peers.hopCost(a, b))) * 2000 * this.hop / Math.min(bps(a), bps(b)) });
 
     const runMicroBatch = async (mb: number, route: Route): Promise<void> => {
       const ps = route.map((id) => this.sim.get(id)!);
@@ -388,7 +384,6 @@ export class Simulation {
         const rate = this.sc.routes === 'speed-matched'
           ? (id: string) => (this.state(id).tokensPerSecond > 0 ? this.effectiveRate(id, this.state(id).stageIndex ?? 0) : 0)
           : (id: string) => this.peers.get(id)?.tokensPerSecond ?? 0;
-        // 'balanced': no fixed routes, so no quotas; each pick weighs a replica's queue by its time per micro-batch
         quota = balancer !== null ? routes.map(() => todo.length) : routeQuotas(todo.length, routes.map((_, r) => routeRate(routes, r, rate)));
         taken = quota.map(() => 0);
         // 'mid-step': a replica that entered now gets work at once, its own route (it and replica k of the
