@@ -3,7 +3,7 @@ import { knobs, readKnobs } from '../engine/env.ts';
 import { COMPUTE_TIMEOUT_MS, CONTROL_TIMEOUT_MS, HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS } from '../protocol/constants.ts';
 import type { StageClientTimeouts } from '../protocol/stage-client.ts';
 import {
-  BAN_BASE_MS, BAN_MAX_MS, HEARTBEAT_MAX_PER_SECOND, ERROR_STREAK_BAN, CHECKPOINT_EVERY_STEP_MAX_BYTES, COVER_POLL_MS, EVENT_HISTORY, LOAD_DEADLINE_MS, LOAD_POLL_MS, MAX_ATTEMPTS,
+  BAN_BASE_MS, BAN_MAX_MS, HEARTBEAT_MAX_PER_SECOND, ERROR_STREAK_BAN, CHECKPOINT_EVERY_STEP_MAX_BYTES, COVER_POLL_MS, EVENT_HISTORY, LOAD_DEADLINE_MS, LOAD_POLL_MS, LOADING_SILENCE_MS, MAX_ATTEMPTS,
   MAX_PROVIDERS, NORM_HISTORY, NOTICE_TIMEOUT_MS, OUTPUT_HISTORY, OUTPUT_HISTORY_MIN, PROBE_TIMEOUT_MS, READY_DEADLINE_MS,
   READY_POLL_MS, REJOIN_DEADLINE_MS, RETRY_BACKOFF_MS, SCREEN_FACTOR, SLOW_AFTER_TIMEOUTS, SLOW_PENALTY_MS,
 } from './constants.ts';
@@ -28,6 +28,8 @@ export interface CoordinatorConfig extends StageClientTimeouts {
   normHistory: number;
   checkpointEveryStepMaxBytes: number;
   readyDeadlineMs: number;
+  /** silence allowed to a peer still loading its stage whose heartbeats time out (decide.silenceAllowedMs) */
+  loadingSilenceMs: number;
   loadDeadlineMs: number;
   rejoinDeadlineMs: number;
   readyPollMs: number;
@@ -66,6 +68,7 @@ export function coordinatorConfig(overrides: Partial<CoordinatorConfig> = {}, en
     normHistory: NORM_HISTORY,
     checkpointEveryStepMaxBytes: CHECKPOINT_EVERY_STEP_MAX_BYTES,
     readyDeadlineMs: READY_DEADLINE_MS,
+    loadingSilenceMs: LOADING_SILENCE_MS,
     loadDeadlineMs: LOAD_DEADLINE_MS,
     rejoinDeadlineMs: REJOIN_DEADLINE_MS,
     readyPollMs: READY_POLL_MS,

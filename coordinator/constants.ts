@@ -40,6 +40,8 @@ export const CHECKPOINT_EVERY_STEP_MAX_BYTES = 64 * 1024 * 1024;
 
 /** planned peers must have loaded their stages within this */
 export const READY_DEADLINE_MS = 30 * 60_000;
+/** silence allowed to a loading peer whose heartbeats time out (decide.silenceAllowedMs) */
+export const LOADING_SILENCE_MS = 60_000;
 /** a peer placed on a stage mid-run must have loaded it within this */
 export const LOAD_DEADLINE_MS = 10 * 60_000;
 /** a replica released to take another stage must have joined again within this */

@@ -56,6 +56,14 @@ export function heartbeatSilenceMs(periodMs: number, timeoutMs: number): number 
   return Math.max(timeoutMs, 2 * periodMs);
 }
 
+/** The silence a peer is allowed. A peer still loading its stage whose heartbeats time out (its shard
+ *  download fills a slow link, and the heartbeat waits behind it: 20 Mbit/s holds 5 s of a 12 MB
+ *  queue) gets `loadingMs`; a loading peer whose beats are refused or reset (its process died) and a
+ *  loaded one get `silenceMs`. */
+export function silenceAllowedMs(silenceMs: number, loading: boolean, timedOut: boolean, loadingMs: number): number {
+  return loading && timedOut ? Math.max(silenceMs, loadingMs) : silenceMs;
+}
+
 /** A heartbeat went unanswered: after `timeoutMs` of silence the peer is dropped, before that it is slow. */
 export function heartbeatVerdict(silentMs: number, timeoutMs: number): 'dead' | 'slow' {
   return silentMs > timeoutMs ? 'dead' : 'slow';

@@ -13,7 +13,7 @@ import { BanList, inWords } from './bans.ts';
 import { judge, judgeDigests } from './verdicts.ts';
 import type { DigestReport, EvidenceKind, JudgeLimits, Verdict } from './verdicts.ts';
 import { SwarmError } from '../protocol/errors.ts';
-import { heartbeatPeriodMs, heartbeatSilenceMs, heartbeatVerdict } from './decide.ts';
+import { heartbeatPeriodMs, heartbeatSilenceMs, heartbeatVerdict, silenceAllowedMs } from './decide.ts';
 import { sleep } from './wait.ts';
 
 /** An error in words for a drop or a note: never empty (an aborted stream can carry no message). */
@@ -279,7 +279,8 @@ export class PeerRegistry {
       } catch (e) {
         if (signal.aborted) return;
         const silentMs = Date.now() - p.lastSeenMs;
-        if (heartbeatVerdict(silentMs, silenceMs) === 'dead') this.markDead(p, `no heartbeat for ${silentMs} ms`);
+        const allowMs = silenceAllowedMs(silenceMs, !p.ready, (e as Error).name === 'TimeoutError', c.loadingSilenceMs);
+        if (heartbeatVerdict(silentMs, allowMs) === 'dead') this.markDead(p, `no heartbeat for ${silentMs} ms${allowMs > silenceMs ? ' while loading its stage' : ''}`);
         else { if (p.health === 'ok') this.o.status.note(`peer ${p.peerId} missed a heartbeat: ${reasonOf(e)}`); p.health = 'slow'; }
       }
     }));

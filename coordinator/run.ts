@@ -1,4 +1,5 @@
 // The run: the Coordinator wires admission, placement, the peer registry and serving together, and runs the step loop.
+import { SwarmError } from '../protocol/errors.ts';
 import { randomBytes } from 'node:crypto';
 import type { LlamaConfig, LoraConfig, NamedTensor, WeightSource } from '../engine/types.ts';
 import type { TrainConfig } from '../engine/train/config.ts';
@@ -261,7 +262,8 @@ export class Coordinator {
       // (the held one, else the seeded init); a replica whose upload is refused is banned
       for (;;) {
         await this.placement.coverLostStages(signal);
-        const id = this.peers.liveReplicas(s)[0]!;
+        const id = this.peers.liveReplicas(s)[0];
+        if (id === undefined) throw new SwarmError(`stage ${s} has no live peer left to upload its initial adapter (its volunteers were dropped and no other peer could take the stage)`);
         try { await this.adapter.upload(client, id, this.peers.addrs(id), s, { signal, digest: this.adapter.initialDigest(s) ?? undefined }); break; } catch (e) {
           await this.peers.dropAfterFailure(id, e as Error, 'it failed to upload its initial adapter', signal);
         }

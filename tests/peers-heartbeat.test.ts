@@ -13,7 +13,8 @@ import { PeerRegistry } from '../coordinator/peers.ts';
 import { coordinatorConfig } from '../coordinator/config.ts';
 import { RunStatus } from '../coordinator/status.ts';
 import type { RunStore } from '../coordinator/store.ts';
-import { heartbeatPeriodMs, heartbeatSilenceMs } from '../coordinator/decide.ts';
+import { heartbeatPeriodMs, heartbeatSilenceMs, silenceAllowedMs } from '../coordinator/decide.ts';
+import { TimeoutError } from '../protocol/errors.ts';
 
 const nodes: SwarmNode[] = [];
 let dir = '';
@@ -28,6 +29,30 @@ test('the heartbeat period and the silence that drops a peer', () => {
   assert.equal(heartbeatPeriodMs(1000, 1000, 100), 10_000);
   assert.equal(heartbeatSilenceMs(1000, 5000), 5000);
   assert.equal(heartbeatSilenceMs(10_000, 5000), 20_000);
+});
+
+test('a peer still loading its stage whose heartbeats time out is kept for the loading silence; a refused or loaded one is dropped', async () => {
+  assert.equal(silenceAllowedMs(5000, true, true, 60_000), 60_000);
+  assert.equal(silenceAllowedMs(5000, true, false, 60_000), 5000);
+  assert.equal(silenceAllowedMs(5000, false, true, 60_000), 5000);
+  const config = coordinatorConfig({ heartbeatIntervalMs: 1000, heartbeatTimeoutMs: 5000, loadingSilenceMs: 60_000 });
+  const status = new RunStatus({ runId: 'hb', modelName: 'm', totalSteps: 1, minPeers: 1, step: 0, eventHistory: 10, log: () => {}, emit: () => {} });
+  // every heartbeat fails: a timeout (a saturated link) or a refusal (the process is gone)
+  const refused = new Set(['loading-gone']);
+  const client = { heartbeat: async (addrs: { toString(): string }[]) => { throw refused.has(String(addrs[0])) ? new Error('ECONNREFUSED') : new TimeoutError('heartbeat request timed out after 5000 ms'); } };
+  const reg = new PeerRegistry({ runId: 'hb', client: client as unknown as StagePeerClient, config, status, store: { putBans: async () => {} } as unknown as RunStore, signal: new AbortController().signal });
+  const ids = ['loaded-slow', 'loading-slow', 'loading-gone'];
+  for (const id of ids) {
+    reg.join(id, { memoryBytes: 1 } as never, [id as never], undefined, false);
+    Object.assign(reg.get(id)!, { stageIndex: 0, health: 'ok', ready: id === 'loaded-slow', lastSeenMs: Date.now() - 6000 });
+  }
+  reg.setReplicas([ids]);
+  await reg.heartbeatNow();
+  assert.deepEqual(ids.map((id) => reg.get(id)!.health), ['dead', 'slow', 'dead']);
+  // past the loading silence it goes too
+  reg.get('loading-slow')!.lastSeenMs = Date.now() - 61_000;
+  await reg.heartbeatNow();
+  assert.equal(reg.get('loading-slow')!.health, 'dead');
 });
 
 test('the schedule: every peer once a period, at most the cap a second, evenly', () => {
