@@ -26,6 +26,7 @@ import { CLI, NODE, ROOT } from './procs.ts';
 import { labSupport } from '../tests/netlab/lab.ts';
 import { createLab, starSpec, type Lab } from '../tests/netlab/bench.ts';
 import { shSync } from '../tests/netlab/sh.ts';
+import { FLOAT_CODECS } from '../protocol/tensor.ts';
 
 export class WanUsageError extends Error {
   override name = 'WanUsageError';
@@ -38,7 +39,8 @@ export const LINKS: readonly LinkSetting[] = [
   { name: '100/50', rateMbit: 100, rttMs: 50 },
   { name: '20/100', rateMbit: 20, rttMs: 100 },
 ];
-export const WAN_CODECS = ['f32', 'bf16', 'int8', 'int4', 'nf4', 'int2', 'lowrank32', 'lowrank8'] as const;
+/** every wire codec (the delta codecs aq4 / aq2 send cold, int4 / int2 codes, until a sample comes round again: the bench data has 8 steps an epoch) */
+export const WAN_CODECS = FLOAT_CODECS;
 
 export interface WanOptions {
   stages: number[];

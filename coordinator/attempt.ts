@@ -54,7 +54,7 @@ export interface AttemptSpec {
   dropoutSeed: number;
 }
 
-type Settled = { s: number; res?: MicroBatchResponse; err?: Error };
+export type Settled = { s: number; res?: MicroBatchResponse; err?: Error };
 
 /** Whether the micro-batch has trained positions: its activation gradients must not be near zero
  *  (the screens' lower bound, protocol/screen.ts). */
@@ -112,7 +112,7 @@ async function fanOut(ctx: AttemptContext, a: AttemptSpec, upTo: number, signal:
 
 /** Who failed the attempt: an accusation first, then the earliest failure — a stage's own (its
  *  request failed) or the peer a stage reported (a hop that broke or never came). */
-function blameOf(a: AttemptSpec, settled: Settled[], cancelled: Error): AttemptOutcome | null {
+export function blameOf(a: AttemptSpec, settled: Settled[], cancelled: Error): AttemptOutcome | null {
   const route = a.route;
   for (const x of settled) {
     const f = x.res?.failure;
@@ -123,12 +123,21 @@ function blameOf(a: AttemptSpec, settled: Settled[], cancelled: Error): AttemptO
     if (stage < 0) return { ok: false, blame: accuser, cause: new FalseReportError(`it reported a bad tensor from ${f.peerId}, which is not its neighbour on the route`) };
     return { ok: false, blame: f.peerId, cause: new SwarmError(f.message), accusation: { accuser, accused: f.peerId, stage, kind: stage < x.s ? 'act' : 'grad', message: f.message } };
   }
+  // a stage whose own job ran past its deadline aborts the hops it had opened, so its neighbour's
+  // report of the broken hop may come first: the peer's own timeout is then the cause (it counts
+  // towards marking the peer slow; a broken hop does not)
+  const ownTimeout = (peer: string): Error | undefined => {
+    const y = settled.find((z) => z.s === route.indexOf(peer));
+    const g = y?.res?.failure;
+    if (g?.kind === 'timeout' && g.peerId === peer) return new TimeoutError(g.message);
+    return y?.err?.name === 'TimeoutError' ? y.err : undefined;
+  };
   for (const x of settled) {
     if (x.err !== undefined && x.err !== cancelled) return { ok: false, blame: route[x.s]!, cause: x.err };
     const f = x.res?.failure;
     if (f !== undefined) {
       if (!route.includes(f.peerId)) return { ok: false, blame: route[x.s]!, cause: new FalseReportError(`it blamed ${f.peerId}, which is not on the route`) };
-      return { ok: false, blame: f.peerId, cause: f.kind === 'timeout' ? new TimeoutError(f.message) : new HopError(f.peerId, f.message) };
+      return { ok: false, blame: f.peerId, cause: f.kind === 'timeout' ? new TimeoutError(f.message) : ownTimeout(f.peerId) ?? new HopError(f.peerId, f.message) };
     }
   }
   return null;
